@@ -1,0 +1,121 @@
+//! The node's command line and configuration: identity, addresses, durability, limits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// What an OK for a write promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    /// OK after the write is fsynced to the WAL; concurrent writers share fsyncs.
+    Sync,
+    /// OK after the write is in the WAL (OS page cache); fsynced every --fsync-interval-ms.
+    Async,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// kvfleet storage node: serves key ranges from RocksDB over gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kvfleet-node", version)]
+pub struct NodeConfig {
+    /// Stable identity of this node (the pod name on Kubernetes). Stored in the data directory;
+    /// a data directory written by another node id is refused.
+    #[arg(long, env = "KVFLEET_NODE_ID")]
+    pub node_id: String,
+
+    /// Where RocksDB keeps data and range descriptors.
+    #[arg(long, env = "KVFLEET_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// gRPC listen address (data, admin, health, reflection).
+    #[arg(long, env = "KVFLEET_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+
+    /// Address other nodes and clients use to reach this node; defaults to --listen.
+    #[arg(long, env = "KVFLEET_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Prometheus metrics listen address (HTTP, path /metrics). Omit to disable.
+    #[arg(long, env = "KVFLEET_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// On a node with no ranges yet, create one range covering the whole key space.
+    #[arg(long, env = "KVFLEET_BOOTSTRAP")]
+    pub bootstrap: bool,
+
+    #[arg(long, value_enum, env = "KVFLEET_DURABILITY", default_value = "sync")]
+    pub durability: Durability,
+
+    /// In async mode, how often the WAL is fsynced in the background.
+    #[arg(long, env = "KVFLEET_FSYNC_INTERVAL_MS", default_value_t = 1000)]
+    pub fsync_interval_ms: u64,
+
+    #[arg(long, env = "KVFLEET_MAX_KEY_BYTES", default_value_t = 4 * 1024)]
+    pub max_key_bytes: usize,
+
+    #[arg(long, env = "KVFLEET_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_value_bytes: usize,
+
+    /// Sum of key and value bytes in one Batch request.
+    #[arg(long, env = "KVFLEET_MAX_BATCH_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_batch_bytes: usize,
+
+    /// Largest page a Scan returns, in pairs.
+    #[arg(long, env = "KVFLEET_MAX_SCAN_LIMIT", default_value_t = 10_000)]
+    pub max_scan_limit: u32,
+
+    /// Per-range load accounting (rates, key samples, hot keys). Off only to measure its cost.
+    #[arg(long, env = "KVFLEET_LOAD_ACCOUNTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub load_accounting: bool,
+
+    /// Sliding window over which load rates are reported.
+    #[arg(long, env = "KVFLEET_LOAD_WINDOW_SECS", default_value_t = 10)]
+    pub load_window_secs: u64,
+
+    #[arg(long, value_enum, env = "KVFLEET_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// How long a graceful shutdown waits for in-flight requests before giving up.
+    #[arg(long, env = "KVFLEET_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl NodeConfig {
+    pub fn advertise_address(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn fsync_interval(&self) -> Duration {
+        Duration::from_millis(self.fsync_interval_ms.max(1))
+    }
+
+    /// The largest gRPC message the node decodes: room for a full batch plus framing, so that
+    /// over-limit requests reach the node's own checks and get its precise error.
+    pub fn max_message_bytes(&self) -> usize {
+        let largest_payload = self.max_batch_bytes.max(self.max_key_bytes + self.max_value_bytes);
+        largest_payload * 2 + (1 << 20)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id.is_empty() || self.node_id.len() > 253 {
+            return Err(format!("--node-id must be 1 to 253 characters, got {}", self.node_id.len()));
+        }
+        if self.max_key_bytes == 0 || self.max_value_bytes == 0 || self.max_batch_bytes == 0 {
+            return Err("--max-key-bytes, --max-value-bytes and --max-batch-bytes must be positive".into());
+        }
+        if self.max_key_bytes > 64 * 1024 {
+            return Err(format!("--max-key-bytes is at most 65536, got {}", self.max_key_bytes));
+        }
+        if self.load_window_secs == 0 || self.load_window_secs > 600 {
+            return Err(format!("--load-window-secs must be 1 to 600, got {}", self.load_window_secs));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,370 @@
+//! The node's core: serving keys only from ranges it owns (limits, ownership, gates, load
+//! accounting around each storage call), metadata-only splits, and load reports.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfleet_proto::RangeBounds;
+use kvfleet_proto::v1::{
+    LoadReportResponse, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport, RequestHeader, ResponseHeader,
+    mutation::Op as MutationOp,
+};
+use parking_lot::RwLock;
+use prost::Message;
+use tokio::sync::OwnedRwLockReadGuard;
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::failpoint;
+use crate::load::RangeLoad;
+use crate::metrics::NodeMetrics;
+use crate::ranges::{
+    NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, SplitPlan, bootstrap_descriptor, decode_descriptor,
+    descriptor_key,
+};
+use crate::storage::{CF_META, Storage, WriteOp};
+
+/// Most bytes one Scan page carries, whatever its pair limit.
+const MAX_SCAN_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// How many times a request re-routes after racing with a split before giving up.
+const MAX_REROUTES: usize = 8;
+
+pub struct Node {
+    pub config: NodeConfig,
+    pub address: String,
+    pub storage: Storage,
+    pub metrics: NodeMetrics,
+    table: RwLock<RangeTable>,
+    started: Instant,
+}
+
+/// A range held for the duration of one request (shared side of its gate).
+pub struct RangeLease {
+    pub range: Arc<OwnedRange>,
+    _guard: OwnedRwLockReadGuard<()>,
+}
+
+impl RangeLease {
+    pub fn response_header(&self, node_id: &str) -> ResponseHeader {
+        ResponseHeader {
+            range_id: self.range.desc.range_id,
+            generation: self.range.desc.generation,
+            node_id: node_id.to_string(),
+        }
+    }
+}
+
+pub struct ScanPage {
+    pub header: ResponseHeader,
+    pub pairs: Vec<(Bytes, Bytes)>,
+    pub resume_key: Option<Bytes>,
+}
+
+impl Node {
+    /// Opens storage, checks the data directory belongs to this node, recovers the persisted
+    /// range descriptors, and bootstraps the first range if asked to and none exist.
+    pub async fn open(config: NodeConfig, metrics: NodeMetrics) -> Result<Self, NodeError> {
+        let address = config.advertise_address();
+        let storage = Storage::open(
+            &config.data_dir,
+            config.durability,
+            config.fsync_interval(),
+            config.max_key_bytes,
+            metrics.storage.clone(),
+        )?;
+        match storage.meta_get(NODE_ID_KEY)? {
+            Some(stored) if stored != config.node_id.as_bytes() => {
+                return Err(NodeError::Invalid(format!(
+                    "data directory {} belongs to node {:?}, not {:?}",
+                    config.data_dir.display(),
+                    String::from_utf8_lossy(&stored),
+                    config.node_id
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let op = WriteOp::Put {
+                    cf: CF_META,
+                    key: Bytes::from_static(NODE_ID_KEY),
+                    value: Bytes::from(config.node_id.clone().into_bytes()),
+                };
+                storage.write_durable(vec![op]).await?;
+            }
+        }
+
+        let mut table = RangeTable::new(config.node_id.clone());
+        let window = config.load_window_secs as usize;
+        let accounting = config.load_accounting;
+        for (key, value) in storage.meta_entries(RANGE_PREFIX)? {
+            let mut desc = decode_descriptor(&key, &value)?;
+            // The advertised address may change between runs; the stored one is only a hint.
+            for replica in &mut desc.replicas {
+                if replica.node_id == config.node_id {
+                    replica.address = address.clone();
+                }
+            }
+            table.install(desc, || Arc::new(RangeLoad::new(accounting, window)))?;
+        }
+        let node = Node { address, storage, metrics, table: RwLock::new(table), started: Instant::now(), config };
+        if node.config.bootstrap && node.table.read().owned_count() == 0 && !node.table.read().knows_id(1) {
+            let desc = bootstrap_descriptor(&node.config.node_id, &node.address);
+            node.persist(&[&desc]).await?;
+            node.table.write().install(desc, || node.new_load())?;
+            tracing::info!("bootstrapped range 1 covering the whole key space");
+        }
+        node.metrics.ranges.set(node.table.read().owned_count() as i64);
+        Ok(node)
+    }
+
+    fn new_load(&self) -> Arc<RangeLoad> {
+        Arc::new(RangeLoad::new(self.config.load_accounting, self.config.load_window_secs as usize))
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn owned_ranges(&self) -> Vec<RangeDescriptor> {
+        self.table.read().owned().map(|r| r.desc.clone()).collect()
+    }
+
+    pub fn routing_hints(&self) -> Vec<RangeDescriptor> {
+        self.table.read().routing_hints().cloned().collect()
+    }
+
+    pub fn set_routing(&self, ranges: Vec<RangeDescriptor>) -> usize {
+        self.table.write().set_routing(ranges)
+    }
+
+    /// Routes `key` and holds its range's gate shared, re-routing if a split replaced the range
+    /// while this request waited.
+    pub async fn lease(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<RangeLease, NodeError> {
+        for _ in 0..MAX_REROUTES {
+            let range = self.table.read().route(key, header).map_err(|detail| {
+                self.metrics.not_owner.inc();
+                NodeError::NotOwner(detail)
+            })?;
+            let guard = range.gate.clone().read_owned().await;
+            if !range.is_replaced() {
+                return Ok(RangeLease { range, _guard: guard });
+            }
+        }
+        Err(NodeError::Invalid("the range map kept changing while routing; retry".into()))
+    }
+
+    pub fn check_key(&self, key: &[u8]) -> Result<(), NodeError> {
+        check_limit("max_key_bytes", key.len(), self.config.max_key_bytes)
+    }
+
+    pub fn check_value(&self, value: &[u8]) -> Result<(), NodeError> {
+        check_limit("max_value_bytes", value.len(), self.config.max_value_bytes)
+    }
+
+    pub async fn get(&self, header: Option<&RequestHeader>, key: &[u8]) -> Result<(ResponseHeader, Option<Bytes>), NodeError> {
+        self.check_key(key)?;
+        let lease = self.lease(key, header).await?;
+        let value = self.storage.get(key)?;
+        lease.range.load.record_read(key, key.len() + value.as_ref().map_or(0, Bytes::len));
+        Ok((lease.response_header(&self.config.node_id), value))
+    }
+
+    pub async fn put(&self, header: Option<&RequestHeader>, key: Bytes, value: Bytes) -> Result<ResponseHeader, NodeError> {
+        self.check_key(&key)?;
+        self.check_value(&value)?;
+        let lease = self.lease(&key, header).await?;
+        lease.range.load.record_write(&key, key.len() + value.len());
+        self.storage.write(vec![WriteOp::put(key, value)]).await?;
+        Ok(lease.response_header(&self.config.node_id))
+    }
+
+    pub async fn delete(&self, header: Option<&RequestHeader>, key: Bytes) -> Result<ResponseHeader, NodeError> {
+        self.check_key(&key)?;
+        let lease = self.lease(&key, header).await?;
+        lease.range.load.record_write(&key, key.len());
+        self.storage.write(vec![WriteOp::delete(key)]).await?;
+        Ok(lease.response_header(&self.config.node_id))
+    }
+
+    /// Applies `mutations` atomically. Every key must be in the range that holds the first.
+    pub async fn batch(&self, header: Option<&RequestHeader>, mutations: &[Mutation]) -> Result<(ResponseHeader, u32), NodeError> {
+        let Some(first) = mutations.first() else {
+            return Err(NodeError::Invalid("a batch needs at least one mutation".into()));
+        };
+        let mut total = 0usize;
+        let mut ops = Vec::with_capacity(mutations.len());
+        for (index, mutation) in mutations.iter().enumerate() {
+            self.check_key(&mutation.key)?;
+            total += mutation.key.len() + mutation.value.len();
+            match mutation.op() {
+                MutationOp::Put => {
+                    self.check_value(&mutation.value)?;
+                    ops.push(WriteOp::put(mutation.key.clone(), mutation.value.clone()));
+                }
+                MutationOp::Delete => ops.push(WriteOp::delete(mutation.key.clone())),
+                MutationOp::Unspecified => {
+                    return Err(NodeError::Invalid(format!("mutation {index} has no op (expected OP_PUT or OP_DELETE)")));
+                }
+            }
+        }
+        check_limit("max_batch_bytes", total, self.config.max_batch_bytes)?;
+        let lease = self.lease(&first.key, header).await?;
+        if let Some(outside) = mutations.iter().find(|m| !lease.range.desc.contains_key(&m.key)) {
+            // Not atomic across ranges: refuse the whole batch, and say where the key lives.
+            let hint = match self.table.read().route(&outside.key, None) {
+                Ok(range) => Some(range.desc.clone()),
+                Err(not_owner) => not_owner.hint,
+            };
+            let reason = format!(
+                "batch spans ranges: key {} is outside range {} {}; a batch is atomic only within one range",
+                kvfleet_proto::display_key(&outside.key),
+                lease.range.desc.range_id,
+                lease.range.desc.span()
+            );
+            return Err(NodeError::NotOwner(Box::new(NotOwner {
+                key: outside.key.clone(),
+                node_id: self.config.node_id.clone(),
+                hint,
+                reason,
+            })));
+        }
+        for mutation in mutations {
+            lease.range.load.record_write(&mutation.key, mutation.key.len() + mutation.value.len());
+        }
+        let applied = ops.len() as u32;
+        self.storage.write(ops).await?;
+        Ok((lease.response_header(&self.config.node_id), applied))
+    }
+
+    /// One page of `[start, end)` from the range holding `start`, from one consistent view.
+    pub async fn scan(
+        &self,
+        header: Option<&RequestHeader>,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+        keys_only: bool,
+    ) -> Result<ScanPage, NodeError> {
+        self.check_key(start)?;
+        self.check_key(end)?;
+        if !end.is_empty() && end <= start {
+            return Err(NodeError::Invalid(format!(
+                "scan end {} is not after start {}",
+                kvfleet_proto::display_key(end),
+                kvfleet_proto::display_key(start)
+            )));
+        }
+        let limit = match limit {
+            0 => self.config.max_scan_limit,
+            n => n.min(self.config.max_scan_limit),
+        } as usize;
+        let lease = self.lease(start, header).await?;
+        let range_end = lease.range.desc.end_key.clone();
+        let range_ends_first = !range_end.is_empty() && (end.is_empty() || range_end.as_ref() < end);
+        let bound = if range_ends_first { range_end.as_ref() } else { end };
+        let (pairs, resume) = self.storage.scan(start, bound, limit, MAX_SCAN_PAGE_BYTES, keys_only)?;
+        let bytes: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        lease.range.load.record_read(start, bytes);
+        let resume_key = resume.or_else(|| range_ends_first.then(|| range_end.clone()));
+        Ok(ScanPage { header: lease.response_header(&self.config.node_id), pairs, resume_key })
+    }
+
+    /// Splits a range in two on this node: new ids, generation + 1, one atomic fsynced write of
+    /// the three descriptors (two halves, the retired parent). No data moves.
+    pub async fn split(
+        &self,
+        range_id: u64,
+        expected_generation: u64,
+        split_key: &[u8],
+        left_id: u64,
+        right_id: u64,
+    ) -> Result<SplitPlan, NodeError> {
+        self.check_key(split_key)?;
+        let (left_id, right_id) = (nonzero_or_random(left_id), nonzero_or_random(right_id));
+        let gate = {
+            let table = self.table.read();
+            table.plan_split(range_id, expected_generation, split_key, left_id, right_id)?;
+            table.by_id(range_id).map(|r| r.gate.clone()).ok_or(NodeError::UnknownRange(range_id))?
+        };
+        // Wait for in-flight requests on the range, then re-validate: it may have changed.
+        let _exclusive = gate.write().await;
+        let plan = self.table.read().plan_split(range_id, expected_generation, split_key, left_id, right_id)?;
+        failpoint::hit("split-before-persist");
+        self.persist(&[&plan.left, &plan.right, &plan.retired]).await?;
+        failpoint::hit("split-after-persist");
+        self.table.write().apply_split(&plan, || self.new_load());
+        self.metrics.ranges.set(self.table.read().owned_count() as i64);
+        tracing::info!(
+            range_id,
+            left = plan.left.range_id,
+            right = plan.right.range_id,
+            split_key = %kvfleet_proto::display_key(split_key),
+            generation = plan.left.generation,
+            "split range"
+        );
+        Ok(plan)
+    }
+
+    /// Writes descriptors to the metadata column family in one fsynced batch.
+    async fn persist(&self, descriptors: &[&RangeDescriptor]) -> Result<(), NodeError> {
+        let ops = descriptors
+            .iter()
+            .map(|d| WriteOp::Put { cf: CF_META, key: descriptor_key(d.range_id), value: d.encode_to_vec().into() })
+            .collect();
+        self.storage.write_durable(ops).await
+    }
+
+    pub fn load_report(&self, sample_keys: usize, hot_keys: usize) -> Result<LoadReportResponse, NodeError> {
+        let ranges: Vec<Arc<OwnedRange>> = self.table.read().owned().cloned().collect();
+        let mut reports = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let rates = range.load.rates();
+            let (approx_size_bytes, approx_keys) =
+                self.storage.approximate_size(&range.desc.start_key, &range.desc.end_key)?;
+            reports.push(RangeLoadReport {
+                range: Some(range.desc.clone()),
+                reads_per_sec: rates.reads,
+                writes_per_sec: rates.writes,
+                read_bytes_per_sec: rates.read_bytes,
+                write_bytes_per_sec: rates.write_bytes,
+                approx_size_bytes,
+                approx_keys,
+                key_samples: range.load.key_samples(sample_keys),
+                hot_keys: range.load.hot_keys(hot_keys),
+            });
+        }
+        Ok(LoadReportResponse {
+            node_id: self.config.node_id.clone(),
+            window_ms: self.config.load_window_secs * 1000,
+            ranges: reports,
+            load_accounting: self.config.load_accounting,
+        })
+    }
+
+    /// Closes one load-accounting tick on every owned range.
+    pub fn tick_load(&self, elapsed: Duration) {
+        let ranges: Vec<Arc<OwnedRange>> = self.table.read().owned().cloned().collect();
+        for range in ranges {
+            range.load.tick(elapsed);
+        }
+    }
+}
+
+fn check_limit(limit: &'static str, size: usize, max: usize) -> Result<(), NodeError> {
+    if size > max {
+        return Err(NodeError::Limit { limit, size: size as u64, max: max as u64 });
+    }
+    Ok(())
+}
+
+fn nonzero_or_random(id: u64) -> u64 {
+    if id != 0 {
+        return id;
+    }
+    loop {
+        let id = rand::random::<u64>() >> 1;
+        if id > 1 {
+            return id;
+        }
+    }
+}

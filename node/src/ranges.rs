@@ -1,0 +1,363 @@
+//! Key -> range on the node: the table of ranges this node owns (and tombstones of those it no
+//! longer owns, and routing hints for the rest), how a key is routed, and the split rules.
+//!
+//! The table is the in-memory image of the descriptors persisted in the `meta` column family;
+//! changes are persisted first (see `node.rs`) and applied here after.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use kvfleet_proto::RangeBounds;
+use kvfleet_proto::display_key;
+use kvfleet_proto::v1::{NotOwner, RangeDescriptor, RangeState, Replica, ReplicaRole, RequestHeader};
+use prost::Message;
+
+use crate::error::NodeError;
+use crate::load::RangeLoad;
+
+/// Metadata key prefix of persisted range descriptors: `range/` + id (big-endian).
+pub const RANGE_PREFIX: &[u8] = b"range/";
+/// Metadata key holding the node id that owns the data directory.
+pub const NODE_ID_KEY: &[u8] = b"node/id";
+
+pub fn descriptor_key(range_id: u64) -> Bytes {
+    let mut key = RANGE_PREFIX.to_vec();
+    key.extend_from_slice(&range_id.to_be_bytes());
+    key.into()
+}
+
+pub fn decode_descriptor(key: &[u8], value: &[u8]) -> Result<RangeDescriptor, NodeError> {
+    RangeDescriptor::decode(value)
+        .map_err(|e| NodeError::Corrupt(format!("range descriptor at {}: {e}", display_key(key))))
+}
+
+/// A range this node owns, with what the request path needs beside its descriptor.
+#[derive(Debug)]
+pub struct OwnedRange {
+    pub desc: RangeDescriptor,
+    /// Requests hold it shared while they run; splits (and later moves) take it exclusively, so
+    /// they wait for in-flight requests and no request runs against a replaced descriptor.
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+    pub load: Arc<RangeLoad>,
+    /// Set when this descriptor is replaced; a request that raced with the change re-routes.
+    pub replaced: AtomicBool,
+}
+
+impl OwnedRange {
+    pub fn new(desc: RangeDescriptor, load: Arc<RangeLoad>) -> Self {
+        OwnedRange { desc, gate: Arc::new(tokio::sync::RwLock::new(())), load, replaced: AtomicBool::new(false) }
+    }
+
+    pub fn is_replaced(&self) -> bool {
+        self.replaced.load(Ordering::Acquire)
+    }
+}
+
+/// The outcome of validating a split: the descriptors to persist, then to install.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitPlan {
+    pub left: RangeDescriptor,
+    pub right: RangeDescriptor,
+    pub retired: RangeDescriptor,
+}
+
+#[derive(Debug, Default)]
+pub struct RangeTable {
+    node_id: String,
+    /// Owned ranges by start key. They never overlap.
+    owned: BTreeMap<Bytes, Arc<OwnedRange>>,
+    /// Descriptors of ranges this node used to own, by id.
+    retired: HashMap<u64, RangeDescriptor>,
+    /// Hints about ranges owned elsewhere, by start key (from PublishRouting).
+    routing: BTreeMap<Bytes, RangeDescriptor>,
+}
+
+impl RangeTable {
+    pub fn new(node_id: impl Into<String>) -> Self {
+        RangeTable { node_id: node_id.into(), ..Default::default() }
+    }
+
+    /// Installs a persisted descriptor (at start-up). Owned ranges must not overlap.
+    pub fn install(&mut self, desc: RangeDescriptor, load: impl FnOnce() -> Arc<RangeLoad>) -> Result<(), NodeError> {
+        if !desc.is_owned_state() {
+            self.retired.insert(desc.range_id, desc);
+            return Ok(());
+        }
+        if let Some(other) = self.owned.values().find(|o| overlaps(&o.desc, &desc)) {
+            return Err(NodeError::Corrupt(format!(
+                "owned ranges overlap: {} {} and {} {}",
+                other.desc.range_id,
+                other.desc.span(),
+                desc.range_id,
+                desc.span()
+            )));
+        }
+        let range = Arc::new(OwnedRange::new(desc, load()));
+        self.owned.insert(range.desc.start_key.clone(), range);
+        Ok(())
+    }
+
+    pub fn owned(&self) -> impl Iterator<Item = &Arc<OwnedRange>> {
+        self.owned.values()
+    }
+
+    pub fn owned_count(&self) -> usize {
+        self.owned.len()
+    }
+
+    pub fn routing_hints(&self) -> impl Iterator<Item = &RangeDescriptor> {
+        self.routing.values()
+    }
+
+    pub fn by_id(&self, range_id: u64) -> Option<&Arc<OwnedRange>> {
+        self.owned.values().find(|o| o.desc.range_id == range_id)
+    }
+
+    /// True when `range_id` names a range this node owns or owned.
+    pub fn knows_id(&self, range_id: u64) -> bool {
+        self.retired.contains_key(&range_id) || self.by_id(range_id).is_some()
+    }
+
+    fn containing(&self, key: &[u8]) -> Option<&Arc<OwnedRange>> {
+        self.owned
+            .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Included(key)))
+            .next_back()
+            .map(|(_, range)| range)
+            .filter(|range| range.desc.contains_key(key))
+    }
+
+    /// Routes `key` to the owned range that holds it, checking the client's cached range and
+    /// generation if it sent them. Otherwise explains why not, with the best hint known.
+    pub fn route(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<Arc<OwnedRange>, Box<NotOwner>> {
+        let expected = header.filter(|h| h.range_id != 0);
+        if let Some(range) = self.containing(key) {
+            match expected {
+                Some(h) if h.range_id != range.desc.range_id || h.generation != range.desc.generation => {
+                    let reason = format!(
+                        "the key is in range {} at generation {}, the request was routed to range {} at generation {}",
+                        range.desc.range_id, range.desc.generation, h.range_id, h.generation
+                    );
+                    return Err(self.not_owner(key, Some(range.desc.clone()), reason));
+                }
+                _ => return Ok(range.clone()),
+            }
+        }
+        let hint = self.hint_for(key, expected.map(|h| h.range_id));
+        let reason = match &hint {
+            Some(h) => format!(
+                "node {} owns no range containing {}; range {} at generation {} is owned by {}",
+                self.node_id,
+                display_key(key),
+                h.range_id,
+                h.generation,
+                h.leader().map_or("an unknown node", |r| r.node_id.as_str())
+            ),
+            None => format!("node {} owns no range containing {} and knows no owner", self.node_id, display_key(key)),
+        };
+        Err(self.not_owner(key, hint, reason))
+    }
+
+    fn not_owner(&self, key: &[u8], hint: Option<RangeDescriptor>, reason: String) -> Box<NotOwner> {
+        Box::new(NotOwner { key: Bytes::copy_from_slice(key), node_id: self.node_id.clone(), hint, reason })
+    }
+
+    /// The best descriptor known for a key this node does not own: a routing hint covering it,
+    /// else the tombstone of the range the client asked for, if it names another owner.
+    fn hint_for(&self, key: &[u8], asked_range: Option<u64>) -> Option<RangeDescriptor> {
+        let from_routing = self
+            .routing
+            .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Included(key)))
+            .next_back()
+            .map(|(_, d)| d)
+            .filter(|d| d.contains_key(key));
+        let from_tombstone = asked_range
+            .and_then(|id| self.retired.get(&id))
+            .filter(|d| d.contains_key(key) && d.leader().is_some_and(|l| l.node_id != self.node_id));
+        match (from_routing, from_tombstone) {
+            (Some(a), Some(b)) => Some(if a.generation >= b.generation { a } else { b }.clone()),
+            (a, b) => a.or(b).cloned(),
+        }
+    }
+
+    /// Validates a split of `range_id` at `split_key` and computes the new descriptors.
+    pub fn plan_split(
+        &self,
+        range_id: u64,
+        expected_generation: u64,
+        split_key: &[u8],
+        left_id: u64,
+        right_id: u64,
+    ) -> Result<SplitPlan, NodeError> {
+        let range = self.by_id(range_id).ok_or(NodeError::UnknownRange(range_id))?;
+        let desc = &range.desc;
+        if expected_generation != 0 && expected_generation != desc.generation {
+            return Err(NodeError::GenerationMismatch {
+                range_id,
+                expected: expected_generation,
+                actual: desc.generation,
+            });
+        }
+        if desc.state() != RangeState::Active {
+            return Err(NodeError::Invalid(format!("range {range_id} is {:?}, only an active range can split", desc.state())));
+        }
+        if !desc.is_interior(split_key) {
+            return Err(NodeError::Invalid(format!(
+                "split key {} is not strictly inside range {range_id} {}",
+                display_key(split_key),
+                desc.span()
+            )));
+        }
+        if left_id == right_id || [left_id, right_id].iter().any(|&id| id == range_id || self.knows_id(id)) {
+            return Err(NodeError::Invalid(format!(
+                "split ids {left_id} and {right_id} must be distinct and new on this node"
+            )));
+        }
+        let generation = desc.generation + 1;
+        let half = |range_id, start_key: &[u8], end_key: &[u8]| RangeDescriptor {
+            range_id,
+            start_key: Bytes::copy_from_slice(start_key),
+            end_key: Bytes::copy_from_slice(end_key),
+            generation,
+            state: RangeState::Active as i32,
+            replicas: desc.replicas.clone(),
+            successors: Vec::new(),
+        };
+        let left = half(left_id, &desc.start_key, split_key);
+        let right = half(right_id, split_key, &desc.end_key);
+        let mut retired = desc.clone();
+        retired.state = RangeState::Retired as i32;
+        retired.generation = generation;
+        retired.successors = vec![left_id, right_id];
+        Ok(SplitPlan { left, right, retired })
+    }
+
+    /// Installs a persisted split. The caller holds the old range's gate exclusively.
+    pub fn apply_split(&mut self, plan: &SplitPlan, load: impl Fn() -> Arc<RangeLoad>) {
+        if let Some(old) = self.owned.remove(&plan.retired.start_key) {
+            old.replaced.store(true, Ordering::Release);
+        }
+        self.retired.insert(plan.retired.range_id, plan.retired.clone());
+        for half in [&plan.left, &plan.right] {
+            let range = Arc::new(OwnedRange::new(half.clone(), load()));
+            self.owned.insert(half.start_key.clone(), range);
+        }
+    }
+
+    /// Replaces the routing hints with the descriptors in `ranges` that name another owner.
+    pub fn set_routing(&mut self, ranges: Vec<RangeDescriptor>) -> usize {
+        self.routing = ranges
+            .into_iter()
+            .filter(|d| d.leader().is_some_and(|l| l.node_id != self.node_id))
+            .map(|d| (d.start_key.clone(), d))
+            .collect();
+        self.routing.len()
+    }
+}
+
+fn overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
+    let a_before_b = !a.end_key.is_empty() && a.end_key <= b.start_key;
+    let b_before_a = !b.end_key.is_empty() && b.end_key <= a.start_key;
+    !(a_before_b || b_before_a)
+}
+
+/// The replica entry for this node as leader.
+pub fn leader_replica(node_id: &str, address: &str) -> Replica {
+    Replica { node_id: node_id.to_string(), address: address.to_string(), role: ReplicaRole::Leader as i32 }
+}
+
+/// The first range of a new cluster: the whole key space, owned by this node.
+pub fn bootstrap_descriptor(node_id: &str, address: &str) -> RangeDescriptor {
+    RangeDescriptor {
+        range_id: 1,
+        start_key: Bytes::new(),
+        end_key: Bytes::new(),
+        generation: 1,
+        state: RangeState::Active as i32,
+        replicas: vec![leader_replica(node_id, address)],
+        successors: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load() -> Arc<RangeLoad> {
+        Arc::new(RangeLoad::new(false, 1))
+    }
+
+    fn table_with_bootstrap() -> RangeTable {
+        let mut table = RangeTable::new("n1");
+        table.install(bootstrap_descriptor("n1", "127.0.0.1:1"), load).unwrap();
+        table
+    }
+
+    fn header(range_id: u64, generation: u64) -> RequestHeader {
+        RequestHeader { range_id, generation, allow_forward: false }
+    }
+
+    #[test]
+    fn bootstrap_range_routes_every_key() {
+        let table = table_with_bootstrap();
+        for key in [&b""[..], b"a", b"\xff\xff"] {
+            assert_eq!(table.route(key, None).unwrap().desc.range_id, 1);
+        }
+    }
+
+    #[test]
+    fn split_tiles_the_parent_and_bumps_generation() {
+        let mut table = table_with_bootstrap();
+        let plan = table.plan_split(1, 1, b"m", 10, 11).unwrap();
+        assert_eq!((plan.left.start_key.as_ref(), plan.left.end_key.as_ref()), (&b""[..], &b"m"[..]));
+        assert_eq!((plan.right.start_key.as_ref(), plan.right.end_key.as_ref()), (&b"m"[..], &b""[..]));
+        assert_eq!(plan.left.generation, 2);
+        table.apply_split(&plan, load);
+        assert_eq!(table.route(b"a", None).unwrap().desc.range_id, 10);
+        assert_eq!(table.route(b"m", None).unwrap().desc.range_id, 11);
+        assert_eq!(table.owned_count(), 2);
+    }
+
+    #[test]
+    fn stale_cache_gets_not_owner_with_current_descriptor() {
+        let mut table = table_with_bootstrap();
+        let plan = table.plan_split(1, 0, b"m", 10, 11).unwrap();
+        table.apply_split(&plan, load);
+        let err = table.route(b"z", Some(&header(1, 1))).unwrap_err();
+        let hint = err.hint.unwrap();
+        assert_eq!((hint.range_id, hint.generation), (11, 2));
+        assert!(table.route(b"z", Some(&header(11, 2))).is_ok());
+    }
+
+    #[test]
+    fn split_rejects_bad_keys_ids_and_generations() {
+        let mut table = table_with_bootstrap();
+        assert!(matches!(table.plan_split(9, 0, b"m", 10, 11), Err(NodeError::UnknownRange(9))));
+        assert!(matches!(table.plan_split(1, 5, b"m", 10, 11), Err(NodeError::GenerationMismatch { .. })));
+        assert!(matches!(table.plan_split(1, 0, b"", 10, 11), Err(NodeError::Invalid(_))));
+        assert!(matches!(table.plan_split(1, 0, b"m", 10, 10), Err(NodeError::Invalid(_))));
+        let plan = table.plan_split(1, 0, b"m", 10, 11).unwrap();
+        table.apply_split(&plan, load);
+        assert!(matches!(table.plan_split(10, 0, b"m", 12, 13), Err(NodeError::Invalid(_))));
+        assert!(matches!(table.plan_split(10, 0, b"c", 1, 13), Err(NodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn keys_owned_elsewhere_get_routing_hints() {
+        let mut table = RangeTable::new("n2");
+        assert!(table.route(b"k", None).unwrap_err().hint.is_none());
+        table.set_routing(vec![bootstrap_descriptor("n1", "127.0.0.1:1")]);
+        let err = table.route(b"k", None).unwrap_err();
+        assert_eq!(err.hint.unwrap().leader().unwrap().node_id, "n1");
+    }
+
+    #[test]
+    fn overlapping_descriptors_are_refused() {
+        let mut table = table_with_bootstrap();
+        let mut other = bootstrap_descriptor("n1", "x");
+        other.range_id = 2;
+        other.start_key = Bytes::from_static(b"q");
+        assert!(matches!(table.install(other, load), Err(NodeError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,151 @@
+//! Wiring: binds the listeners, opens the node, serves the data, admin, health and reflection
+//! services plus metrics, ticks load accounting, and shuts down gracefully on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvfleet_proto::v1::admin_server::AdminServer;
+use kvfleet_proto::v1::kv_server::KvServer;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::metrics::{self, NodeMetrics};
+use crate::node::Node;
+use crate::service::{AdminService, KvService};
+
+/// The line printed on stdout once the node serves, for scripts and tests that start it.
+pub const READY_LINE_PREFIX: &str = "kvfleet-node ready";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds with SO_REUSEADDR so a restarted node gets its port back at once.
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    let bind_error = |source| ServeError::Bind { addr, source };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    socket.listen(1024).map_err(bind_error)
+}
+
+pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    let listener = bind(config.listen)?;
+    // With port 0 the kernel picks the port; advertise the real one.
+    config.listen = listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+
+    let mut registry = Registry::default();
+    let node_metrics = NodeMetrics::new(&mut registry);
+    let node = Arc::new(Node::open(config.clone(), node_metrics).await?);
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(wait_for_signal(shutdown_tx));
+
+    if let Some(addr) = config.metrics_listen {
+        let registry = Arc::new(registry);
+        let shutdown = wait_until_true(shutdown_rx.clone());
+        tokio::spawn(async move {
+            if let Err(error) = metrics::serve(addr, registry, shutdown).await {
+                tracing::error!(%addr, %error, "metrics endpoint failed");
+            }
+        });
+    }
+    tokio::spawn(tick_load(node.clone(), shutdown_rx.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<KvServer<KvService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kvfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max_message = config.max_message_bytes();
+    let kv = KvServer::new(KvService::new(node.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let admin = AdminServer::new(AdminService::new(node.clone()));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    tracing::info!(
+        node_id = %config.node_id,
+        listen = %config.listen,
+        advertise = %node.address,
+        durability = ?config.durability,
+        ranges = node.owned_ranges().len(),
+        "serving"
+    );
+    println!("{READY_LINE_PREFIX} node_id={} address={}", config.node_id, node.address);
+
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let mut drained = shutdown_rx.clone();
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(kv)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, wait_until_true(shutdown_rx));
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        () = async {
+            let _ = drained.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period"),
+    }
+    health.set_not_serving::<KvServer<KvService>>().await;
+    let started = Instant::now();
+    node.storage.shutdown()?;
+    tracing::info!(took = ?started.elapsed(), "stopped: writes flushed and WAL fsynced");
+    Ok(())
+}
+
+async fn wait_for_signal(shutdown: watch::Sender<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; the node stops only when killed");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    let _ = shutdown.send(true);
+}
+
+async fn wait_until_true(mut flag: watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}
+
+/// Closes a load-accounting tick on every range about once a second.
+async fn tick_load(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let now = Instant::now();
+        node.tick_load(now - last);
+        last = now;
+    }
+}

@@ -1,0 +1,268 @@
+//! The gRPC faces of the node: the data API (`Kv`) and the admin API (`Admin`), translating
+//! between protobuf and `Node`, recording request metrics, and forwarding one hop when asked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvfleet_proto::v1::admin_server::Admin;
+use kvfleet_proto::v1::kv_client::KvClient;
+use kvfleet_proto::v1::kv_server::Kv;
+use kvfleet_proto::v1::*;
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::config::Durability as ConfigDurability;
+use crate::error::NodeError;
+use crate::metrics::Op;
+use crate::node::Node;
+
+/// Default number of load-weighted key samples and hot keys per range in a load report.
+const DEFAULT_SAMPLE_KEYS: usize = 64;
+const DEFAULT_HOT_KEYS: usize = 8;
+const MAX_REPORT_ITEMS: usize = 1024;
+
+#[derive(Clone)]
+pub struct KvService {
+    node: Arc<Node>,
+    peers: Arc<Peers>,
+}
+
+impl KvService {
+    pub fn new(node: Arc<Node>) -> Self {
+        KvService { node, peers: Arc::new(Peers::default()) }
+    }
+
+    fn finish<T>(&self, op: Op, started: Instant, result: Result<T, Status>) -> Result<Response<T>, Status> {
+        self.node.metrics.observe(op, started.elapsed(), result.as_ref().err().map(Status::code));
+        result.map(Response::new)
+    }
+
+    /// Where to forward a request the node does not own, if the client allowed it and the node
+    /// knows another owner.
+    fn forward_target(&self, header: Option<&RequestHeader>, error: &NodeError) -> Option<(String, RequestHeader)> {
+        let NodeError::NotOwner(detail) = error else { return None };
+        if !header.is_some_and(|h| h.allow_forward) {
+            return None;
+        }
+        let hint = detail.hint.as_ref()?;
+        let leader = hint.leader()?;
+        if leader.node_id == self.node.config.node_id || leader.address.is_empty() {
+            return None;
+        }
+        self.node.metrics.forwarded.inc();
+        let header = RequestHeader { range_id: 0, generation: 0, allow_forward: false };
+        Some((leader.address.clone(), header))
+    }
+}
+
+/// Lazily connected channels to other nodes, for forwarding.
+#[derive(Default)]
+struct Peers {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Peers {
+    fn kv(&self, address: &str) -> Result<KvClient<Channel>, Status> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(address) {
+            return Ok(KvClient::new(channel.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::internal(format!("bad peer address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10));
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(KvClient::new(channel))
+    }
+}
+
+fn forward_error(address: &str, status: Status) -> Status {
+    // Keep the owner's status (and its details) but say it came through a forward.
+    Status::with_details(
+        status.code(),
+        format!("forwarded to {address}: {}", status.message()),
+        status.details().to_vec().into(),
+    )
+}
+
+/// Data requests carry a routing header; forwarding rewrites it.
+trait Routed {
+    fn header(&self) -> Option<&RequestHeader>;
+    fn set_header(&mut self, header: RequestHeader);
+}
+
+macro_rules! routed {
+    ($($request:ty),*) => {$(
+        impl Routed for $request {
+            fn header(&self) -> Option<&RequestHeader> {
+                self.header.as_ref()
+            }
+            fn set_header(&mut self, header: RequestHeader) {
+                self.header = Some(header);
+            }
+        }
+    )*};
+}
+routed!(GetRequest, PutRequest, DeleteRequest, ScanRequest, BatchRequest);
+
+impl KvService {
+    /// Serves `req` locally; if the node does not own it and the client allowed a forward,
+    /// sends it one hop to the owner the node knows. Records metrics either way.
+    async fn serve<Req: Routed, Resp>(
+        &self,
+        op: Op,
+        mut req: Req,
+        local: impl AsyncFnOnce(&Node, &Req) -> Result<Resp, NodeError>,
+        remote: impl AsyncFnOnce(KvClient<Channel>, Req) -> Result<Response<Resp>, Status>,
+    ) -> Result<Response<Resp>, Status> {
+        let started = Instant::now();
+        let result = match local(&self.node, &req).await {
+            Ok(response) => Ok(response),
+            Err(error) => match self.forward_target(req.header(), &error) {
+                Some((address, header)) => {
+                    req.set_header(header);
+                    match self.peers.kv(&address) {
+                        Ok(peer) => remote(peer, req)
+                            .await
+                            .map(Response::into_inner)
+                            .map_err(|status| forward_error(&address, status)),
+                        Err(status) => Err(status),
+                    }
+                }
+                None => Err(error.into()),
+            },
+        };
+        self.finish(op, started, result)
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let local = async |node: &Node, req: &GetRequest| {
+            let (header, value) = node.get(req.header.as_ref(), &req.key).await?;
+            Ok(GetResponse { header: Some(header), found: value.is_some(), value: value.unwrap_or_default() })
+        };
+        self.serve(Op::Get, request.into_inner(), local, async |mut peer, req| peer.get(req).await).await
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let local = async |node: &Node, req: &PutRequest| {
+            let header = node.put(req.header.as_ref(), req.key.clone(), req.value.clone()).await?;
+            Ok(PutResponse { header: Some(header) })
+        };
+        self.serve(Op::Put, request.into_inner(), local, async |mut peer, req| peer.put(req).await).await
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let local = async |node: &Node, req: &DeleteRequest| {
+            let header = node.delete(req.header.as_ref(), req.key.clone()).await?;
+            Ok(DeleteResponse { header: Some(header) })
+        };
+        self.serve(Op::Delete, request.into_inner(), local, async |mut peer, req| peer.delete(req).await).await
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let local = async |node: &Node, req: &ScanRequest| {
+            let page = node.scan(req.header.as_ref(), &req.start_key, &req.end_key, req.limit, req.keys_only).await?;
+            Ok(ScanResponse {
+                header: Some(page.header),
+                kvs: page.pairs.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),
+                more_remaining: page.resume_key.is_some(),
+                resume_key: page.resume_key.unwrap_or_default(),
+            })
+        };
+        self.serve(Op::Scan, request.into_inner(), local, async |mut peer, req| peer.scan(req).await).await
+    }
+
+    async fn batch(&self, request: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
+        let local = async |node: &Node, req: &BatchRequest| {
+            let (header, applied) = node.batch(req.header.as_ref(), &req.mutations).await?;
+            Ok(BatchResponse { header: Some(header), applied })
+        };
+        self.serve(Op::Batch, request.into_inner(), local, async |mut peer, req| peer.batch(req).await).await
+    }
+}
+
+#[derive(Clone)]
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn node_info(&self, _: Request<NodeInfoRequest>) -> Result<Response<NodeInfoResponse>, Status> {
+        let config = &self.node.config;
+        Ok(Response::new(NodeInfoResponse {
+            node_id: config.node_id.clone(),
+            address: self.node.address.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            durability: match config.durability {
+                ConfigDurability::Sync => Durability::Sync,
+                ConfigDurability::Async => Durability::Async,
+            } as i32,
+            fsync_interval_ms: config.fsync_interval_ms,
+            range_count: self.node.owned_ranges().len() as u32,
+            uptime_seconds: self.node.uptime().as_secs(),
+            limits: Some(Limits {
+                max_key_bytes: config.max_key_bytes as u64,
+                max_value_bytes: config.max_value_bytes as u64,
+                max_batch_bytes: config.max_batch_bytes as u64,
+                max_scan_limit: config.max_scan_limit,
+            }),
+            load_accounting: config.load_accounting,
+        }))
+    }
+
+    async fn list_ranges(&self, _: Request<ListRangesRequest>) -> Result<Response<ListRangesResponse>, Status> {
+        Ok(Response::new(ListRangesResponse {
+            node_id: self.node.config.node_id.clone(),
+            address: self.node.address.clone(),
+            ranges: self.node.owned_ranges(),
+            routing: self.node.routing_hints(),
+        }))
+    }
+
+    async fn split_range(&self, request: Request<SplitRangeRequest>) -> Result<Response<SplitRangeResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let result = self
+            .node
+            .split(req.range_id, req.expected_generation, &req.split_key, req.left_id, req.right_id)
+            .await
+            .map(|plan| SplitRangeResponse { left: Some(plan.left), right: Some(plan.right) })
+            .map_err(Status::from);
+        self.node.metrics.observe(Op::Split, started.elapsed(), result.as_ref().err().map(Status::code));
+        result.map(Response::new)
+    }
+
+    async fn load_report(&self, request: Request<LoadReportRequest>) -> Result<Response<LoadReportResponse>, Status> {
+        let req = request.into_inner();
+        let pick = |asked: u32, default: usize| match asked {
+            0 => default,
+            n => (n as usize).min(MAX_REPORT_ITEMS),
+        };
+        let report = self
+            .node
+            .load_report(pick(req.sample_keys, DEFAULT_SAMPLE_KEYS), pick(req.hot_keys, DEFAULT_HOT_KEYS))?;
+        Ok(Response::new(report))
+    }
+
+    async fn publish_routing(&self, request: Request<PublishRoutingRequest>) -> Result<Response<PublishRoutingResponse>, Status> {
+        let ranges = request.into_inner().ranges;
+        if let Some(bad) = ranges.iter().find(|d| d.leader().is_none()) {
+            return Err(Status::invalid_argument(format!("range {} has no replica to route to", bad.range_id)));
+        }
+        let accepted = self.node.set_routing(ranges) as u32;
+        Ok(Response::new(PublishRoutingResponse { accepted }))
+    }
+}

@@ -1,0 +1,26 @@
+//! kvfleet's wire protocol: the generated gRPC code, plus the helpers every side shares for
+//! ranges (which keys a descriptor covers), typed error details, and printing keys.
+
+pub mod errors;
+pub mod keys;
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("kvfleet.v1");
+}
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod google_rpc {
+    tonic::include_proto!("google.rpc");
+}
+
+/// A wire-compatible subset of etcd's KV API, used only to benchmark etcd with the same harness.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// The encoded descriptors of every kvfleet service, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kvfleet_descriptor");
+
+pub use keys::{RangeBounds, display_key};
