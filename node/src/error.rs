@@ -39,10 +39,9 @@ impl From<NodeError> for Status {
             NodeError::UnknownRange(_) => Status::not_found(error.to_string()),
             NodeError::GenerationMismatch { .. } => Status::failed_precondition(error.to_string()),
             NodeError::ShuttingDown | NodeError::Forward { .. } => Status::unavailable(error.to_string()),
-            NodeError::Storage { .. }
-            | NodeError::Io { .. }
-            | NodeError::Corrupt(_)
-            | NodeError::WriteFailed(_) => Status::internal(error.to_string()),
+            NodeError::Storage { .. } | NodeError::Io { .. } | NodeError::Corrupt(_) | NodeError::WriteFailed(_) => {
+                Status::internal(error.to_string())
+            }
         }
     }
 }

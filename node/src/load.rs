@@ -184,11 +184,7 @@ impl RangeLoad {
             .sketch
             .counters
             .iter()
-            .map(|c| HotKey {
-                key: c.key.clone(),
-                ops_per_sec: c.count * scale,
-                error_ops_per_sec: c.error * scale,
-            })
+            .map(|c| HotKey { key: c.key.clone(), ops_per_sec: c.count * scale, error_ops_per_sec: c.error * scale })
             .collect();
         hot.sort_by(|a, b| b.ops_per_sec.total_cmp(&a.ops_per_sec));
         hot.truncate(limit);
@@ -262,9 +258,7 @@ thread_local! {
 
 fn seed() -> u64 {
     let stack_address = &0u8 as *const u8 as u64;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     (stack_address ^ nanos) | 1
 }
 
@@ -281,7 +275,7 @@ fn next_random() -> u64 {
 }
 
 fn sampled() -> bool {
-    next_random() % SAMPLE_EVERY == 0
+    next_random().is_multiple_of(SAMPLE_EVERY)
 }
 
 #[cfg(test)]

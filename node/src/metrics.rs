@@ -117,10 +117,26 @@ impl NodeMetrics {
             fsyncs: Counter::default(),
             background_fsync_seconds: latency_histogram(),
         };
-        registry.register("kvfleet_commit_group_size", "Writes committed together (one WriteBatch, at most one fsync)", storage.group_size.clone());
-        registry.register("kvfleet_commit_duration_seconds", "Time to commit one group, fsync included", storage.commit_seconds.clone());
-        registry.register("kvfleet_wal_fsyncs", "WAL fsyncs (group commits in sync mode, background syncs in async mode)", storage.fsyncs.clone());
-        registry.register("kvfleet_background_fsync_duration_seconds", "Duration of background WAL fsyncs (async mode)", storage.background_fsync_seconds.clone());
+        registry.register(
+            "kvfleet_commit_group_size",
+            "Writes committed together (one WriteBatch, at most one fsync)",
+            storage.group_size.clone(),
+        );
+        registry.register(
+            "kvfleet_commit_duration_seconds",
+            "Time to commit one group, fsync included",
+            storage.commit_seconds.clone(),
+        );
+        registry.register(
+            "kvfleet_wal_fsyncs",
+            "WAL fsyncs (group commits in sync mode, background syncs in async mode)",
+            storage.fsyncs.clone(),
+        );
+        registry.register(
+            "kvfleet_background_fsync_duration_seconds",
+            "Duration of background WAL fsyncs (async mode)",
+            storage.background_fsync_seconds.clone(),
+        );
 
         NodeMetrics { ops: Arc::new(ops), outcomes, ranges, not_owner, forwarded, storage }
     }
@@ -133,9 +149,7 @@ impl NodeMetrics {
                 handles.ok.inc();
             }
             Some(code) => {
-                self.outcomes
-                    .get_or_create(&OutcomeLabels { op: op.name(), code: format!("{code:?}") })
-                    .inc();
+                self.outcomes.get_or_create(&OutcomeLabels { op: op.name(), code: format!("{code:?}") }).inc();
             }
         }
     }

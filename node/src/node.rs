@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
-    LoadReportResponse, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport, RequestHeader, ResponseHeader,
-    mutation::Op as MutationOp,
+    LoadReportResponse, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport, RequestHeader,
+    ResponseHeader, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
 use prost::Message;
@@ -161,7 +161,11 @@ impl Node {
         check_limit("max_value_bytes", value.len(), self.config.max_value_bytes)
     }
 
-    pub async fn get(&self, header: Option<&RequestHeader>, key: &[u8]) -> Result<(ResponseHeader, Option<Bytes>), NodeError> {
+    pub async fn get(
+        &self,
+        header: Option<&RequestHeader>,
+        key: &[u8],
+    ) -> Result<(ResponseHeader, Option<Bytes>), NodeError> {
         self.check_key(key)?;
         let lease = self.lease(key, header).await?;
         let value = self.storage.get(key)?;
@@ -169,7 +173,12 @@ impl Node {
         Ok((lease.response_header(&self.config.node_id), value))
     }
 
-    pub async fn put(&self, header: Option<&RequestHeader>, key: Bytes, value: Bytes) -> Result<ResponseHeader, NodeError> {
+    pub async fn put(
+        &self,
+        header: Option<&RequestHeader>,
+        key: Bytes,
+        value: Bytes,
+    ) -> Result<ResponseHeader, NodeError> {
         self.check_key(&key)?;
         self.check_value(&value)?;
         let lease = self.lease(&key, header).await?;
@@ -187,7 +196,11 @@ impl Node {
     }
 
     /// Applies `mutations` atomically. Every key must be in the range that holds the first.
-    pub async fn batch(&self, header: Option<&RequestHeader>, mutations: &[Mutation]) -> Result<(ResponseHeader, u32), NodeError> {
+    pub async fn batch(
+        &self,
+        header: Option<&RequestHeader>,
+        mutations: &[Mutation],
+    ) -> Result<(ResponseHeader, u32), NodeError> {
         let Some(first) = mutations.first() else {
             return Err(NodeError::Invalid("a batch needs at least one mutation".into()));
         };
@@ -203,7 +216,9 @@ impl Node {
                 }
                 MutationOp::Delete => ops.push(WriteOp::delete(mutation.key.clone())),
                 MutationOp::Unspecified => {
-                    return Err(NodeError::Invalid(format!("mutation {index} has no op (expected OP_PUT or OP_DELETE)")));
+                    return Err(NodeError::Invalid(format!(
+                        "mutation {index} has no op (expected OP_PUT or OP_DELETE)"
+                    )));
                 }
             }
         }

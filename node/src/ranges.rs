@@ -200,7 +200,10 @@ impl RangeTable {
             });
         }
         if desc.state() != RangeState::Active {
-            return Err(NodeError::Invalid(format!("range {range_id} is {:?}, only an active range can split", desc.state())));
+            return Err(NodeError::Invalid(format!(
+                "range {range_id} is {:?}, only an active range can split",
+                desc.state()
+            )));
         }
         if !desc.is_interior(split_key) {
             return Err(NodeError::Invalid(format!(

@@ -251,13 +251,15 @@ impl Admin for AdminService {
             0 => default,
             n => (n as usize).min(MAX_REPORT_ITEMS),
         };
-        let report = self
-            .node
-            .load_report(pick(req.sample_keys, DEFAULT_SAMPLE_KEYS), pick(req.hot_keys, DEFAULT_HOT_KEYS))?;
+        let report =
+            self.node.load_report(pick(req.sample_keys, DEFAULT_SAMPLE_KEYS), pick(req.hot_keys, DEFAULT_HOT_KEYS))?;
         Ok(Response::new(report))
     }
 
-    async fn publish_routing(&self, request: Request<PublishRoutingRequest>) -> Result<Response<PublishRoutingResponse>, Status> {
+    async fn publish_routing(
+        &self,
+        request: Request<PublishRoutingRequest>,
+    ) -> Result<Response<PublishRoutingResponse>, Status> {
         let ranges = request.into_inner().ranges;
         if let Some(bad) = ranges.iter().find(|d| d.leader().is_none()) {
             return Err(Status::invalid_argument(format!("range {} has no replica to route to", bad.range_id)));

@@ -26,13 +26,29 @@ pub const CF_DATA: &str = "data";
 /// Node metadata: range descriptors and node identity.
 pub const CF_META: &str = "meta";
 
+/// The pairs a scan read, and the key to resume from if it stopped early.
+pub type ScanOutput = (Vec<(Bytes, Bytes)>, Option<Bytes>);
+/// A raw (key, value) of the metadata column family.
+pub type MetaEntry = (Vec<u8>, Vec<u8>);
+
 /// One mutation headed for the committer.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    Put { cf: &'static str, key: Bytes, value: Bytes },
-    Delete { cf: &'static str, key: Bytes },
+    Put {
+        cf: &'static str,
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        cf: &'static str,
+        key: Bytes,
+    },
     /// Deletes `[start, end)`; an empty `end` means the end of the key space.
-    DeleteRange { cf: &'static str, start: Bytes, end: Bytes },
+    DeleteRange {
+        cf: &'static str,
+        start: Bytes,
+        end: Bytes,
+    },
 }
 
 impl WriteOp {
@@ -120,10 +136,7 @@ impl Storage {
                     std::thread::Builder::new()
                         .name("kv-wal-sync".into())
                         .spawn(move || run_wal_syncer(&db, fsync_interval, &stopping, &metrics))
-                        .map_err(|source| NodeError::Io {
-                            context: "spawning the WAL sync thread".into(),
-                            source,
-                        })?,
+                        .map_err(|source| NodeError::Io { context: "spawning the WAL sync thread".into(), source })?,
                 )
             }
         };
@@ -177,7 +190,7 @@ impl Storage {
         limit: usize,
         max_bytes: usize,
         keys_only: bool,
-    ) -> Result<(Vec<(Bytes, Bytes)>, Option<Bytes>), NodeError> {
+    ) -> Result<ScanOutput, NodeError> {
         let cf = self.cf(CF_DATA)?;
         let mut read_opts = ReadOptions::default();
         if !end.is_empty() {
@@ -197,8 +210,7 @@ impl Storage {
             out.push((Bytes::copy_from_slice(key), value));
             iter.next();
         }
-        iter.status()
-            .map_err(|source| NodeError::Storage { context: "scanning".into(), source })?;
+        iter.status().map_err(|source| NodeError::Storage { context: "scanning".into(), source })?;
         Ok((out, None))
     }
 
@@ -207,19 +219,12 @@ impl Storage {
     pub fn approximate_size(&self, start: &[u8], end: &[u8]) -> Result<(u64, u64), NodeError> {
         let cf = self.cf(CF_DATA)?;
         let end = if end.is_empty() { &self.key_space_end[..] } else { end };
-        let size = self
-            .db
-            .get_approximate_sizes_cf(&cf, &[rocksdb::Range::new(start, end)])
-            .first()
-            .copied()
-            .unwrap_or(0);
+        let size =
+            self.db.get_approximate_sizes_cf(&cf, &[rocksdb::Range::new(start, end)]).first().copied().unwrap_or(0);
         let total_keys = self.int_property(CF_DATA, "rocksdb.estimate-num-keys")?;
         let total_bytes = self.int_property(CF_DATA, "rocksdb.total-sst-files-size")?;
-        let keys = if total_bytes == 0 {
-            0
-        } else {
-            ((size as f64 / total_bytes as f64) * total_keys as f64).round() as u64
-        };
+        let keys =
+            if total_bytes == 0 { 0 } else { ((size as f64 / total_bytes as f64) * total_keys as f64).round() as u64 };
         Ok((size, keys))
     }
 
@@ -233,7 +238,7 @@ impl Storage {
     }
 
     /// Every (key, value) of the metadata column family under `prefix`.
-    pub fn meta_entries(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, NodeError> {
+    pub fn meta_entries(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, NodeError> {
         let cf = self.cf(CF_META)?;
         let mut iter = self.db.raw_iterator_cf(&cf);
         iter.seek(prefix);
@@ -246,16 +251,13 @@ impl Storage {
             out.push((key.to_vec(), value.to_vec()));
             iter.next();
         }
-        iter.status()
-            .map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })?;
+        iter.status().map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })?;
         Ok(out)
     }
 
     pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
         let cf = self.cf(CF_META)?;
-        self.db
-            .get_cf(&cf, key)
-            .map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })
+        self.db.get_cf(&cf, key).map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })
     }
 
     /// Stops the write pipeline after the writes already queued, then fsyncs the WAL. Later
@@ -279,12 +281,7 @@ impl Storage {
     }
 }
 
-fn group_commit(
-    db: &DB,
-    group: &[PendingWrite],
-    durability: Durability,
-    key_space_end: &[u8],
-) -> Result<bool, String> {
+fn group_commit(db: &DB, group: &[PendingWrite], durability: Durability, key_space_end: &[u8]) -> Result<bool, String> {
     let mut batch = WriteBatch::default();
     for pending in group {
         for op in &pending.ops {

@@ -15,10 +15,7 @@ fn status_with_detail(code: Code, message: String, type_name: &str, detail: Vec<
     let rich = google_rpc::Status {
         code: code as i32,
         message: message.clone(),
-        details: vec![prost_types::Any {
-            type_url: format!("{TYPE_PREFIX}{type_name}"),
-            value: detail,
-        }],
+        details: vec![prost_types::Any { type_url: format!("{TYPE_PREFIX}{type_name}"), value: detail }],
     };
     Status::with_details(code, message, rich.encode_to_vec().into())
 }

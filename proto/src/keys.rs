@@ -29,10 +29,7 @@ impl RangeBounds for RangeDescriptor {
 impl RangeDescriptor {
     /// The leader replica (today, the one owner), if the descriptor names one.
     pub fn leader(&self) -> Option<&Replica> {
-        self.replicas
-            .iter()
-            .find(|r| r.role() == ReplicaRole::Leader)
-            .or_else(|| self.replicas.first())
+        self.replicas.iter().find(|r| r.role() == ReplicaRole::Leader).or_else(|| self.replicas.first())
     }
 
     pub fn is_owned_state(&self) -> bool {
@@ -41,11 +38,7 @@ impl RangeDescriptor {
 
     /// `[start, end)` for people: keys escaped, the open end shown as `+inf`.
     pub fn span(&self) -> String {
-        let end = if self.end_key.is_empty() {
-            "+inf".to_string()
-        } else {
-            display_key(&self.end_key)
-        };
+        let end = if self.end_key.is_empty() { "+inf".to_string() } else { display_key(&self.end_key) };
         format!("[{}, {})", display_key(&self.start_key), end)
     }
 }
@@ -63,11 +56,7 @@ mod tests {
     use super::*;
 
     fn range(start: &[u8], end: &[u8]) -> RangeDescriptor {
-        RangeDescriptor {
-            start_key: start.to_vec().into(),
-            end_key: end.to_vec().into(),
-            ..Default::default()
-        }
+        RangeDescriptor { start_key: start.to_vec().into(), end_key: end.to_vec().into(), ..Default::default() }
     }
 
     #[test]

@@ -1,0 +1,160 @@
+//! Key -> range -> node on the client: the cached range map, and how it is rebuilt from what the
+//! nodes report and corrected by NotOwner hints.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use kvfleet_proto::RangeBounds;
+use kvfleet_proto::v1::{ListRangesResponse, RangeDescriptor};
+
+/// The client's picture of which node serves which range. Entries never overlap.
+#[derive(Debug, Default, Clone)]
+pub struct RangeCache {
+    by_start: BTreeMap<Bytes, RangeDescriptor>,
+    /// Every node address learned from seeds, responses and hints.
+    nodes: BTreeSet<String>,
+}
+
+impl RangeCache {
+    /// The cached range holding `key`, if any.
+    pub fn lookup(&self, key: &[u8]) -> Option<&RangeDescriptor> {
+        self.by_start
+            .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Included(key)))
+            .next_back()
+            .map(|(_, d)| d)
+            .filter(|d| d.contains_key(key))
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = &RangeDescriptor> {
+        self.by_start.values()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &String> {
+        self.nodes.iter()
+    }
+
+    pub fn add_node(&mut self, address: &str) {
+        if !address.is_empty() {
+            self.nodes.insert(address.to_string());
+        }
+    }
+
+    /// Inserts `desc` unless a cached range overlapping it is newer; drops the older overlaps.
+    /// Returns whether the cache changed.
+    pub fn update(&mut self, desc: RangeDescriptor) -> bool {
+        if desc.leader().is_none_or(|l| l.address.is_empty()) {
+            return false;
+        }
+        let overlapping: Vec<Bytes> = self
+            .by_start
+            .iter()
+            .filter(|(_, cached)| overlaps(cached, &desc))
+            .map(|(start, _)| start.clone())
+            .collect();
+        let newer_exists = overlapping.iter().any(|start| self.by_start[start].generation > desc.generation);
+        let identical = overlapping.len() == 1 && self.by_start[&overlapping[0]] == desc;
+        if newer_exists || identical {
+            return false;
+        }
+        for start in overlapping {
+            self.by_start.remove(&start);
+        }
+        if let Some(leader) = desc.leader() {
+            self.nodes.insert(leader.address.clone());
+        }
+        self.by_start.insert(desc.start_key.clone(), desc);
+        true
+    }
+
+    pub fn remove(&mut self, range_id: u64) {
+        self.by_start.retain(|_, d| d.range_id != range_id);
+    }
+
+    /// Rebuilds the map from what nodes reported: ranges a node owns win over routing hints,
+    /// and among overlapping descriptors the highest generation wins.
+    pub fn rebuild(&mut self, reports: &[ListRangesResponse]) {
+        let mut owned: Vec<RangeDescriptor> = Vec::new();
+        let mut hints: Vec<RangeDescriptor> = Vec::new();
+        for report in reports {
+            self.add_node(&report.address);
+            owned.extend(report.ranges.iter().cloned());
+            hints.extend(report.routing.iter().cloned());
+        }
+        owned.sort_by_key(|d| std::cmp::Reverse(d.generation));
+        hints.sort_by_key(|d| std::cmp::Reverse(d.generation));
+        self.by_start.clear();
+        for desc in owned.into_iter().chain(hints) {
+            if let Some(leader) = desc.leader() {
+                self.add_node(&leader.address);
+            }
+            if !self.by_start.values().any(|cached| overlaps(cached, &desc)) {
+                self.by_start.insert(desc.start_key.clone(), desc);
+            }
+        }
+    }
+}
+
+fn overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
+    let a_before_b = !a.end_key.is_empty() && a.end_key <= b.start_key;
+    let b_before_a = !b.end_key.is_empty() && b.end_key <= a.start_key;
+    !(a_before_b || b_before_a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvfleet_proto::v1::{RangeState, Replica, ReplicaRole};
+
+    fn desc(id: u64, start: &str, end: &str, generation: u64, addr: &str) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: id,
+            start_key: Bytes::from(start.to_string()),
+            end_key: Bytes::from(end.to_string()),
+            generation,
+            state: RangeState::Active as i32,
+            replicas: vec![Replica { node_id: addr.into(), address: addr.into(), role: ReplicaRole::Leader as i32 }],
+            successors: vec![],
+        }
+    }
+
+    #[test]
+    fn newer_split_halves_replace_the_parent() {
+        let mut cache = RangeCache::default();
+        assert!(cache.update(desc(1, "", "", 1, "a:1")));
+        assert!(cache.update(desc(2, "m", "", 2, "a:1")));
+        assert_eq!(cache.lookup(b"z").unwrap().range_id, 2);
+        // The parent is gone: keys before "m" are unknown until the left half arrives.
+        assert!(cache.lookup(b"b").is_none());
+        assert!(cache.update(desc(3, "", "m", 2, "a:1")));
+        assert_eq!(cache.lookup(b"b").unwrap().range_id, 3);
+    }
+
+    #[test]
+    fn older_descriptors_do_not_overwrite_newer() {
+        let mut cache = RangeCache::default();
+        cache.update(desc(2, "m", "", 2, "a:1"));
+        assert!(!cache.update(desc(1, "", "", 1, "a:1")));
+        assert_eq!(cache.lookup(b"z").unwrap().range_id, 2);
+    }
+
+    #[test]
+    fn rebuild_prefers_owners_and_generations() {
+        let mut cache = RangeCache::default();
+        let node_a = ListRangesResponse {
+            node_id: "a".into(),
+            address: "a:1".into(),
+            ranges: vec![desc(3, "", "m", 2, "a:1")],
+            routing: vec![desc(1, "", "", 1, "a:1")],
+        };
+        let node_b = ListRangesResponse {
+            node_id: "b".into(),
+            address: "b:1".into(),
+            ranges: vec![desc(4, "m", "", 3, "b:1")],
+            routing: vec![],
+        };
+        cache.rebuild(&[node_a, node_b]);
+        assert_eq!(cache.lookup(b"a").unwrap().range_id, 3);
+        assert_eq!(cache.lookup(b"q").unwrap().range_id, 4);
+        assert_eq!(cache.nodes().count(), 2);
+    }
+}

@@ -1,0 +1,173 @@
+//! Bad input gets a clear error naming the problem and the limit, never a crash and never a
+//! partial write.
+
+use bytes::Bytes;
+use kvfleet_e2e::NodeProcess;
+use kvfleet_proto::errors::{limit_detail, not_owner_detail};
+use kvfleet_proto::v1::mutation::Op;
+use kvfleet_proto::v1::{BatchRequest, GetRequest, Mutation, PutRequest, ScanRequest, SplitRangeRequest};
+use tonic::Code;
+
+fn put(key: Bytes, value: Bytes) -> Mutation {
+    Mutation { op: Op::Put as i32, key, value }
+}
+
+async fn absent(node: &NodeProcess, key: &[u8]) -> bool {
+    !node.kv().get(GetRequest { header: None, key: Bytes::copy_from_slice(key) }).await.unwrap().into_inner().found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_limit_is_enforced_with_a_named_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(
+        "n1",
+        dir.path(),
+        &["--bootstrap", "--max-key-bytes", "64", "--max-value-bytes", "1024", "--max-batch-bytes", "4096"],
+    );
+    let mut kv = node.kv();
+
+    let long_key = Bytes::from(vec![b'k'; 65]);
+    let status = kv.put(PutRequest { header: None, key: long_key.clone(), value: Bytes::from("v") }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "max_key_bytes exceeded: 65 bytes, the limit is 64 bytes");
+    let detail = limit_detail(&status).expect("typed LimitExceeded");
+    assert_eq!((detail.limit.as_str(), detail.size, detail.max), ("max_key_bytes", 65, 64));
+    assert!(kv.get(GetRequest { header: None, key: long_key }).await.is_err(), "reads check the key limit too");
+
+    let status = kv
+        .put(PutRequest { header: None, key: Bytes::from("big"), value: Bytes::from(vec![0u8; 1025]) })
+        .await
+        .unwrap_err();
+    assert_eq!(status.message(), "max_value_bytes exceeded: 1025 bytes, the limit is 1024 bytes");
+    assert!(absent(&node, b"big").await);
+
+    // A batch over the limit writes none of its mutations.
+    let mutations: Vec<Mutation> =
+        (0..5).map(|i| put(Bytes::from(format!("b{i}")), Bytes::from(vec![1u8; 1000]))).collect();
+    let status = kv.batch(BatchRequest { header: None, mutations }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("max_batch_bytes exceeded: 5010 bytes"), "{}", status.message());
+    assert!(absent(&node, b"b0").await);
+
+    // One bad mutation spoils the batch: nothing from it lands.
+    let mutations =
+        vec![put(Bytes::from("ok1"), Bytes::from("v")), put(Bytes::from("ok2"), Bytes::from(vec![0u8; 2000]))];
+    assert!(kv.batch(BatchRequest { header: None, mutations }).await.is_err());
+    assert!(absent(&node, b"ok1").await);
+
+    // A message far beyond any limit is refused by the transport, with sizes in the message.
+    let huge = Bytes::from(vec![0u8; 32 * 1024 * 1024]);
+    let status = kv.put(PutRequest { header: None, key: Bytes::from("huge"), value: huge }).await.unwrap_err();
+    assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{status:?}");
+    assert!(absent(&node, b"huge").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
+    let mut kv = node.kv();
+
+    let status = kv.batch(BatchRequest { header: None, mutations: vec![] }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("at least one mutation"));
+
+    let no_op = Mutation { op: 0, key: Bytes::from("x"), value: Bytes::new() };
+    let status = kv.batch(BatchRequest { header: None, mutations: vec![no_op] }).await.unwrap_err();
+    assert!(status.message().contains("mutation 0 has no op"), "{}", status.message());
+
+    let status = kv
+        .scan(ScanRequest {
+            header: None,
+            start_key: Bytes::from("m"),
+            end_key: Bytes::from("a"),
+            limit: 10,
+            keys_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("not after start"), "{}", status.message());
+
+    // A batch whose keys straddle a range boundary is refused whole, with a NotOwner detail.
+    node.admin()
+        .split_range(SplitRangeRequest {
+            range_id: 1,
+            split_key: Bytes::from("m"),
+            left_id: 2,
+            right_id: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mutations = vec![put(Bytes::from("a"), Bytes::from("1")), put(Bytes::from("z"), Bytes::from("2"))];
+    let status = kv.batch(BatchRequest { header: None, mutations }).await.unwrap_err();
+    assert!(status.message().contains("batch spans ranges"), "{}", status.message());
+    assert_eq!(not_owner_detail(&status).and_then(|d| d.hint).map(|h| h.range_id), Some(3));
+    assert!(absent(&node, b"a").await);
+
+    // Bytes that are not a protobuf message, straight onto the Put method.
+    let garbage =
+        raw_unary(&node, "/kvfleet.v1.Kv/Put", Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0x01])).await;
+    assert!(matches!(garbage.code(), Code::Internal | Code::InvalidArgument), "{garbage:?}");
+
+    // Junk on the TCP port is not gRPC at all.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(&node.address).await.unwrap();
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01\x02garbage").await;
+    }
+
+    assert!(node.is_running(), "the node survived");
+    kv.put(PutRequest { header: None, key: Bytes::from("alive"), value: Bytes::from("yes") })
+        .await
+        .expect("still serving");
+}
+
+/// Sends `payload` as the body of a unary gRPC call, bypassing protobuf encoding.
+async fn raw_unary(node: &NodeProcess, path: &'static str, payload: Bytes) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(node.channel());
+    grpc.ready().await.expect("channel ready");
+    let result: Result<tonic::Response<Bytes>, tonic::Status> = grpc
+        .unary(tonic::Request::new(payload), tonic::codegen::http::uri::PathAndQuery::from_static(path), RawCodec)
+        .await;
+    result.expect_err("garbage must be refused")
+}
+
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}

@@ -1,0 +1,175 @@
+//! Splits: metadata-only, atomic, and crash-safe at every step (the node is aborted at each
+//! crash point and must come back with either the old range or both halves, never a gap).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use kvfleet_e2e::NodeProcess;
+use kvfleet_proto::RangeBounds;
+use kvfleet_proto::v1::{ListRangesRequest, RangeDescriptor, SplitRangeRequest};
+
+async fn owned_ranges(node: &NodeProcess) -> Vec<RangeDescriptor> {
+    let mut ranges = node.admin().list_ranges(ListRangesRequest {}).await.expect("list ranges").into_inner().ranges;
+    ranges.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    ranges
+}
+
+/// The owned ranges tile the whole key space: no gap, no overlap.
+fn assert_tiles_key_space(ranges: &[RangeDescriptor]) {
+    assert!(!ranges.is_empty());
+    assert!(ranges[0].start_key.is_empty(), "first range starts at {:?}", ranges[0].start_key);
+    for pair in ranges.windows(2) {
+        assert_eq!(
+            pair[0].end_key,
+            pair[1].start_key,
+            "gap or overlap between {} and {}",
+            pair[0].span(),
+            pair[1].span()
+        );
+    }
+    assert!(ranges.last().unwrap().end_key.is_empty());
+}
+
+async fn write_keys(node: &NodeProcess, count: usize) -> Vec<(Bytes, Bytes)> {
+    let client = node.client();
+    let mut written = Vec::new();
+    for i in 0..count {
+        let (key, value) = (Bytes::from(format!("k{i:04}")), Bytes::from(format!("v{i}")));
+        client.put(key.clone(), value.clone()).await.expect("put");
+        written.push((key, value));
+    }
+    written
+}
+
+async fn assert_readable(node: &NodeProcess, written: &[(Bytes, Bytes)]) {
+    let client = node.client();
+    for (key, value) in written {
+        assert_eq!(client.get(key.clone()).await.expect("get").as_ref(), Some(value), "key {key:?}");
+    }
+    let scanned = client.scan(Bytes::new(), Bytes::new(), 100_000, false).await.expect("scan");
+    assert_eq!(scanned.len(), written.len(), "scan across ranges sees every key once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_survives_a_crash_at_every_step() {
+    for (crash_point, expect_split) in [("split-before-persist", false), ("split-after-persist", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node =
+            NodeProcess::start_with_env("n1", dir.path(), &["--bootstrap"], &[("KVFLEET_CRASH_AT", crash_point)]);
+        let written = write_keys(&node, 200).await;
+        let request = SplitRangeRequest {
+            range_id: 1,
+            split_key: Bytes::from("k0100"),
+            left_id: 10,
+            right_id: 11,
+            ..Default::default()
+        };
+        let outcome = node.admin().split_range(request).await;
+        assert!(outcome.is_err(), "{crash_point}: the node should have died mid-split");
+        let status = node.wait_for_exit(Duration::from_secs(10));
+        assert!(!status.success(), "{crash_point}: expected an abort, got {status:?}");
+
+        node.env.clear();
+        node.spawn();
+        let ranges = owned_ranges(&node).await;
+        assert_tiles_key_space(&ranges);
+        let ids: Vec<u64> = ranges.iter().map(|r| r.range_id).collect();
+        if expect_split {
+            assert_eq!(ids, vec![10, 11], "{crash_point}: the persisted split must be there");
+            assert!(ranges.iter().all(|r| r.generation == 2));
+        } else {
+            assert_eq!(ids, vec![1], "{crash_point}: nothing persisted, the old range stays");
+        }
+        assert_readable(&node, &written).await;
+
+        // The node keeps working: the split (or a further one) goes through now.
+        let target = if expect_split { 11 } else { 1 };
+        node.admin()
+            .split_range(SplitRangeRequest {
+                range_id: target,
+                split_key: Bytes::from("k0150"),
+                left_id: 20,
+                right_id: 21,
+                ..Default::default()
+            })
+            .await
+            .expect("split after restart");
+        assert_tiles_key_space(&owned_ranges(&node).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_under_concurrent_writes_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
+    let client = node.client();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut written = Vec::new();
+                for i in 0..300u32 {
+                    let key = Bytes::from(format!("{}{w}-{i:04}", (b'a' + (i % 26) as u8) as char));
+                    client.put(key.clone(), Bytes::from(format!("{w}/{i}"))).await.expect("put during splits");
+                    written.push((key, Bytes::from(format!("{w}/{i}"))));
+                }
+                written
+            })
+        })
+        .collect();
+    // Split repeatedly while the writers run: each split takes the range's gate exclusively.
+    for (n, split_key) in ["m", "f", "t", "c", "p", "x"].iter().enumerate() {
+        let ranges = owned_ranges(&node).await;
+        let range = ranges.iter().find(|r| r.contains_key(split_key.as_bytes())).unwrap();
+        node.admin()
+            .split_range(SplitRangeRequest {
+                range_id: range.range_id,
+                expected_generation: range.generation,
+                split_key: Bytes::from(split_key.to_string()),
+                left_id: 100 + 2 * n as u64,
+                right_id: 101 + 2 * n as u64,
+            })
+            .await
+            .expect("split");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut written = Vec::new();
+    for writer in writers {
+        written.extend(writer.await.unwrap());
+    }
+    let ranges = owned_ranges(&node).await;
+    assert_eq!(ranges.len(), 7);
+    assert_tiles_key_space(&ranges);
+    assert_readable(&node, &written).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_refuses_bad_requests_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
+    let mut admin = node.admin();
+    let unknown = admin
+        .split_range(SplitRangeRequest { range_id: 99, split_key: Bytes::from("m"), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(unknown.message().contains("unknown range 99"), "{}", unknown.message());
+    let stale = admin
+        .split_range(SplitRangeRequest {
+            range_id: 1,
+            expected_generation: 7,
+            split_key: Bytes::from("m"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    assert!(stale.message().contains("generation 1"), "{}", stale.message());
+    let edge = admin
+        .split_range(SplitRangeRequest { range_id: 1, split_key: Bytes::new(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(edge.code(), tonic::Code::InvalidArgument);
+    assert!(edge.message().contains("not strictly inside"), "{}", edge.message());
+    assert_eq!(owned_ranges(&node).await.len(), 1, "failed splits change nothing");
+}

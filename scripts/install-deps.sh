@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the system packages kvfleet needs, skipping those already there (idempotent).
+#   install-deps.sh            build dependencies (libclang for RocksDB's bindgen)
+#   install-deps.sh --bench    plus the servers the benchmarks compare against (Redis, etcd)
+set -euo pipefail
+
+packages=(libclang-dev)
+if [[ "${1:-}" == "--bench" ]]; then
+  packages+=(redis-server etcd-server etcd-client)
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: ${packages[*]} already installed"
+  exit 0
+fi
+
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian starts the servers it installs; the benchmarks start their own instances instead.
+if [[ " ${missing[*]} " == *" redis-server "* ]]; then $sudo service redis-server stop >/dev/null 2>&1 || true; fi
+if [[ " ${missing[*]} " == *" etcd-server "* ]]; then $sudo service etcd stop >/dev/null 2>&1 || true; fi
+echo "install-deps: done"
