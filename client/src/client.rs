@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,6 +29,9 @@ pub struct ClientConfig {
     /// Timeout of one attempt (one RPC).
     pub attempt_timeout: Duration,
     pub connect_timeout: Duration,
+    /// HTTP/2 connections per node; requests are spread over them round-robin. A few
+    /// connections let the node's I/O work on several cores and coalesce fewer frames per read.
+    pub connections_per_node: usize,
 }
 
 impl ClientConfig {
@@ -37,6 +41,7 @@ impl ClientConfig {
             deadline: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
+            connections_per_node: 4,
         }
     }
 }
@@ -55,16 +60,44 @@ pub struct Client {
 struct Inner {
     config: ClientConfig,
     cache: RwLock<RangeCache>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, Arc<ChannelPool>>>,
     /// One refresh at a time; others wait for it and use its result.
     refresh: tokio::sync::Mutex<Instant>,
 }
 
-/// Where one attempt goes.
+/// Lazily connected HTTP/2 connections to one node.
+struct ChannelPool {
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+}
+
+impl ChannelPool {
+    fn connect_lazy(address: &str, config: &ClientConfig) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| ClientError::Config(format!("bad node address {address:?}: {e}")))?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let channels = (0..config.connections_per_node.max(1)).map(|_| endpoint.connect_lazy()).collect();
+        Ok(ChannelPool { channels, next: AtomicUsize::new(0) })
+    }
+
+    fn next(&self) -> Channel {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        self.channels[index].clone()
+    }
+}
+
+/// Where one attempt goes: the cached range (its leader is the address) and the header.
 struct Route {
-    address: String,
+    range: Arc<RangeDescriptor>,
     header: RequestHeader,
-    range: RangeDescriptor,
+}
+
+impl Route {
+    fn address(&self) -> &str {
+        self.range.leader().map_or("", |leader| leader.address.as_str())
+    }
 }
 
 /// What a failed attempt means for the next one.
@@ -114,19 +147,20 @@ impl Client {
         self.inner.cache.read().nodes().cloned().collect()
     }
 
+    /// A channel to `address`, taken round-robin from that node's connection pool.
     pub fn channel(&self, address: &str) -> Result<Channel, ClientError> {
-        let mut channels = self.inner.channels.lock();
-        if let Some(channel) = channels.get(address) {
-            return Ok(channel.clone());
-        }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| ClientError::Config(format!("bad node address {address:?}: {e}")))?
-            .connect_timeout(self.inner.config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_lazy();
-        channels.insert(address.to_string(), channel.clone());
-        Ok(channel)
+        let pool = {
+            let mut pools = self.inner.channels.lock();
+            match pools.get(address) {
+                Some(pool) => pool.clone(),
+                None => {
+                    let pool = Arc::new(ChannelPool::connect_lazy(address, &self.inner.config)?);
+                    pools.insert(address.to_string(), pool.clone());
+                    pool
+                }
+            }
+        };
+        Ok(pool.next())
     }
 
     pub fn admin(&self, address: &str) -> Result<AdminClient<Channel>, ClientError> {
@@ -162,14 +196,10 @@ impl Client {
     }
 
     fn route(&self, key: &[u8]) -> Option<Route> {
-        let cache = self.inner.cache.read();
-        let range = cache.lookup(key)?;
-        let leader = range.leader()?;
-        Some(Route {
-            address: leader.address.clone(),
-            header: RequestHeader { range_id: range.range_id, generation: range.generation, allow_forward: false },
-            range: range.clone(),
-        })
+        let range = self.inner.cache.read().lookup(key)?.clone();
+        range.leader()?;
+        let header = RequestHeader { range_id: range.range_id, generation: range.generation, allow_forward: false };
+        Some(Route { range, header })
     }
 
     fn classify(&self, route: &Route, status: Status) -> Failure {
@@ -206,13 +236,15 @@ impl Client {
             let attempt_started = Instant::now();
             let mut rerouted = false;
             if let Some(route) = self.route(key) {
-                let channel = self.channel(&route.address)?;
+                let channel = self.channel(route.address())?;
                 let call = attempt(channel, route.header, &route.range)?;
                 let timeout = deadline.saturating_duration_since(Instant::now()).min(self.inner.config.attempt_timeout);
                 let status = match tokio::time::timeout(timeout, call).await {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(status)) => status,
-                    Err(_) => Status::deadline_exceeded(format!("no answer from {} within {timeout:?}", route.address)),
+                    Err(_) => {
+                        Status::deadline_exceeded(format!("no answer from {} within {timeout:?}", route.address()))
+                    }
                 };
                 match self.classify(&route, status) {
                     Failure::Fatal(status) => return Err(ClientError::Rejected(status)),

@@ -2,6 +2,7 @@
 //! nodes report and corrected by NotOwner hints.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
@@ -10,14 +11,15 @@ use kvfleet_proto::v1::{ListRangesResponse, RangeDescriptor};
 /// The client's picture of which node serves which range. Entries never overlap.
 #[derive(Debug, Default, Clone)]
 pub struct RangeCache {
-    by_start: BTreeMap<Bytes, RangeDescriptor>,
+    /// Shared so that routing a request clones a pointer, not a descriptor.
+    by_start: BTreeMap<Bytes, Arc<RangeDescriptor>>,
     /// Every node address learned from seeds, responses and hints.
     nodes: BTreeSet<String>,
 }
 
 impl RangeCache {
     /// The cached range holding `key`, if any.
-    pub fn lookup(&self, key: &[u8]) -> Option<&RangeDescriptor> {
+    pub fn lookup(&self, key: &[u8]) -> Option<&Arc<RangeDescriptor>> {
         self.by_start
             .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Included(key)))
             .next_back()
@@ -26,7 +28,7 @@ impl RangeCache {
     }
 
     pub fn ranges(&self) -> impl Iterator<Item = &RangeDescriptor> {
-        self.by_start.values()
+        self.by_start.values().map(|d| d.as_ref())
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &String> {
@@ -52,7 +54,7 @@ impl RangeCache {
             .map(|(start, _)| start.clone())
             .collect();
         let newer_exists = overlapping.iter().any(|start| self.by_start[start].generation > desc.generation);
-        let identical = overlapping.len() == 1 && self.by_start[&overlapping[0]] == desc;
+        let identical = overlapping.len() == 1 && *self.by_start[&overlapping[0]] == desc;
         if newer_exists || identical {
             return false;
         }
@@ -62,7 +64,7 @@ impl RangeCache {
         if let Some(leader) = desc.leader() {
             self.nodes.insert(leader.address.clone());
         }
-        self.by_start.insert(desc.start_key.clone(), desc);
+        self.by_start.insert(desc.start_key.clone(), Arc::new(desc));
         true
     }
 
@@ -88,7 +90,7 @@ impl RangeCache {
                 self.add_node(&leader.address);
             }
             if !self.by_start.values().any(|cached| overlaps(cached, &desc)) {
-                self.by_start.insert(desc.start_key.clone(), desc);
+                self.by_start.insert(desc.start_key.clone(), Arc::new(desc));
             }
         }
     }

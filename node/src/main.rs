@@ -1,6 +1,11 @@
 //! The `kvfleet-node` binary: parse the configuration, set up logging, serve.
 
 use clap::Parser;
+
+/// mimalloc instead of glibc malloc: the gRPC path allocates per request, and profiles showed
+/// glibc's malloc/free at about 15% of CPU under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use kvfleet_node::config::{LogFormat, NodeConfig};
 use tracing_subscriber::EnvFilter;
 

@@ -31,7 +31,7 @@ pub struct BenchArgs {
     /// Concurrent clients, each with one request in flight.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// Connections shared by the clients (default: one per client).
+    /// TCP connections to each server, shared by the clients (default: one per client).
     #[arg(long)]
     pub connections: Option<usize>,
     /// Length of the run phase, in seconds.
@@ -135,10 +135,7 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], deadline: Duration) -> 
     }
     let chooser = Arc::new(KeyChooser::new(args.distribution, args.records)?);
     let connection_count = args.connections.unwrap_or(args.concurrency).clamp(1, args.concurrency);
-    let mut connections = Vec::with_capacity(connection_count);
-    for _ in 0..connection_count {
-        connections.push(Connection::open(&args.target, endpoints, deadline).await?);
-    }
+    let connections = Connection::open_all(&args.target, endpoints, deadline, connection_count).await?;
 
     let (load_seconds, load_ops_per_sec) = if args.skip_load {
         (None, None)
@@ -154,7 +151,7 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], deadline: Duration) -> 
     let stop_at = started + Duration::from_secs(args.duration);
     let mut workers = Vec::with_capacity(args.concurrency);
     for worker in 0..args.concurrency {
-        let connection = connections[worker % connection_count].clone();
+        let connection = connections[worker % connections.len()].clone();
         workers.push(tokio::spawn(run_worker(
             worker,
             connection,

@@ -46,7 +46,7 @@ impl std::fmt::Display for TargetSpec {
     }
 }
 
-/// One connection's worth of a target; workers share connections round-robin.
+/// A handle to a target; workers share handles round-robin.
 #[derive(Clone)]
 pub enum Connection {
     Kvfleet(Client),
@@ -55,13 +55,30 @@ pub enum Connection {
 }
 
 impl Connection {
-    pub async fn open(spec: &TargetSpec, endpoints: &[String], deadline: Duration) -> Result<Self, String> {
+    /// Opens `connections` TCP connections to the target: for kvfleet, one client whose pool
+    /// holds that many connections per node; for Redis and etcd, that many handles.
+    pub async fn open_all(
+        spec: &TargetSpec,
+        endpoints: &[String],
+        deadline: Duration,
+        connections: usize,
+    ) -> Result<Vec<Self>, String> {
+        if *spec == TargetSpec::Kvfleet {
+            let mut config = ClientConfig::new(endpoints.iter().cloned());
+            config.deadline = deadline;
+            config.connections_per_node = connections;
+            return Ok(vec![Connection::Kvfleet(Client::new(config).map_err(|e| e.to_string())?)]);
+        }
+        let mut handles = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            handles.push(Self::open_one(spec).await?);
+        }
+        Ok(handles)
+    }
+
+    async fn open_one(spec: &TargetSpec) -> Result<Self, String> {
         match spec {
-            TargetSpec::Kvfleet => {
-                let mut config = ClientConfig::new(endpoints.iter().cloned());
-                config.deadline = deadline;
-                Ok(Connection::Kvfleet(Client::new(config).map_err(|e| e.to_string())?))
-            }
+            TargetSpec::Kvfleet => Err("kvfleet connections are pooled by the client".into()),
             TargetSpec::Redis(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
                 let connection =
