@@ -159,4 +159,33 @@ mod tests {
         assert_eq!(cache.lookup(b"q").unwrap().range_id, 4);
         assert_eq!(cache.nodes().count(), 2);
     }
+
+    proptest::proptest! {
+        /// Whatever descriptors arrive, in whatever order, cached entries never overlap and a
+        /// lookup never returns a range that does not hold the key.
+        #[test]
+        fn cached_ranges_never_overlap(
+            updates in proptest::collection::vec((0u64..50, 0u8..20, 0u8..20, 1u64..6), 1..60),
+            probes in proptest::collection::vec(0u8..25, 1..30),
+        ) {
+            let mut cache = RangeCache::default();
+            for (id, a, b, generation) in updates {
+                let (start, end) = (a.min(b), a.max(b));
+                let end = if end == start { String::new() } else { format!("{end:02}") };
+                cache.update(desc(id, &format!("{start:02}"), &end, generation, "n:1"));
+                let ranges: Vec<&RangeDescriptor> = cache.ranges().collect();
+                for (i, x) in ranges.iter().enumerate() {
+                    for y in &ranges[i + 1..] {
+                        proptest::prop_assert!(!overlaps(x, y), "{} overlaps {}", x.span(), y.span());
+                    }
+                }
+            }
+            for probe in probes {
+                let key = format!("{probe:02}");
+                if let Some(found) = cache.lookup(key.as_bytes()) {
+                    proptest::prop_assert!(found.contains_key(key.as_bytes()));
+                }
+            }
+        }
+    }
 }

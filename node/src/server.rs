@@ -56,7 +56,6 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     let node = Arc::new(Node::open(config.clone(), node_metrics).await?);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(wait_for_signal(shutdown_tx));
 
     if let Some(addr) = config.metrics_listen {
         let registry = Arc::new(registry);
@@ -72,6 +71,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KvServer<KvService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    tokio::spawn(wait_for_signal(shutdown_tx, health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kvfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -110,14 +110,15 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period"),
     }
-    health.set_not_serving::<KvServer<KvService>>().await;
     let started = Instant::now();
     node.storage.shutdown()?;
     tracing::info!(took = ?started.elapsed(), "stopped: writes flushed and WAL fsynced");
     Ok(())
 }
 
-async fn wait_for_signal(shutdown: watch::Sender<bool>) {
+/// On SIGTERM/SIGINT: report NOT_SERVING (so probes and balancers stop sending), then start the
+/// graceful stop.
+async fn wait_for_signal(shutdown: watch::Sender<bool>, health: tonic_health::server::HealthReporter) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; the node stops only when killed");
@@ -127,6 +128,9 @@ async fn wait_for_signal(shutdown: watch::Sender<bool>) {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
+    health.set_not_serving::<KvServer<KvService>>().await;
+    health.set_not_serving::<AdminServer<AdminService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let _ = shutdown.send(true);
 }
 
