@@ -5,6 +5,7 @@
 #
 #   scripts/bench.sh                 # all scenarios, 20 s each
 #   DURATION=5 scripts/bench.sh      # quicker
+#   PIN=1 scripts/bench.sh           # servers on CPU 0, load generator on CPU 1 (one core each)
 #
 # Everything listens on 127.0.0.1 only and stops at the end.
 set -euo pipefail
@@ -16,6 +17,12 @@ CONCURRENCY="${CONCURRENCY:-64}"
 RECORDS="${RECORDS:-100000}"
 VALUE_SIZE="${VALUE_SIZE:-100}"
 OUT="${OUT:-$PWD/bench-results}"
+PIN="${PIN:-0}"
+server_cpu=() client_cpu=() node_threads=()
+if [[ "$PIN" == 1 ]]; then
+  server_cpu=(taskset -c 0) client_cpu=(taskset -c 1) node_threads=(--worker-threads 1)
+  export GOMAXPROCS=1 TOKIO_WORKER_THREADS=1
+fi
 
 scripts/install-deps.sh --bench
 cargo build --release --workspace --bins --locked
@@ -40,8 +47,8 @@ wait_port() {
 }
 
 start_node() { # name port durability accounting
-  "$bin/kvfleet-node" --node-id "$1" --data-dir "$work/$1" --listen "127.0.0.1:$2" --bootstrap \
-    --durability "$3" --load-accounting "$4" >/dev/null 2>"$work/$1.log" &
+  "${server_cpu[@]}" "$bin/kvfleet-node" --node-id "$1" --data-dir "$work/$1" --listen "127.0.0.1:$2" \
+    --bootstrap --durability "$3" --load-accounting "$4" "${node_threads[@]}" >/dev/null 2>"$work/$1.log" &
   pids+=($!)
   wait_port "$2"
 }
@@ -49,10 +56,10 @@ start_node() { # name port durability accounting
 start_node kv-sync 7801 sync true
 start_node kv-async 7802 async true
 start_node kv-async-noacct 7803 async false
-redis-server --port 6399 --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$work/redis.log" 2>&1 &
+"${server_cpu[@]}" redis-server --port 6399 --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$work/redis.log" 2>&1 &
 pids+=($!)
 wait_port 6399
-etcd --name bench --data-dir "$work/etcd" \
+"${server_cpu[@]}" etcd --name bench --data-dir "$work/etcd" \
   --listen-client-urls http://127.0.0.1:2399 --advertise-client-urls http://127.0.0.1:2399 \
   --listen-peer-urls http://127.0.0.1:2398 --initial-advertise-peer-urls http://127.0.0.1:2398 \
   --initial-cluster bench=http://127.0.0.1:2398 >"$work/etcd.log" 2>&1 &
@@ -63,7 +70,7 @@ run() { # label target endpoints workload extra...
   local label=$1 target=$2 endpoints=$3 workload=$4
   shift 4
   echo "== $label" >&2
-  "$bin/kvctl" --endpoints "$endpoints" --output json bench --quiet --target "$target" \
+  "${client_cpu[@]}" "$bin/kvctl" --endpoints "$endpoints" --output json bench --quiet --target "$target" \
     --workload "$workload" --records "$RECORDS" --value-size "$VALUE_SIZE" \
     --concurrency "$CONCURRENCY" --duration "$DURATION" "$@" >"$OUT/$label.json"
 }

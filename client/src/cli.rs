@@ -284,7 +284,7 @@ async fn status(client: &Client, json: bool) -> Result<(), CliError> {
         return print_json(&nodes);
     }
     let mut node_table =
-        table(&["node", "address", "state", "durability", "ranges", "reads/s", "writes/s", "size", "uptime"]);
+        table(&["node", "address", "state", "durability", "ranges", "reads/s", "writes/s", "size on disk", "uptime"]);
     for node in &nodes {
         let sum = |f: fn(&RangeStatus) -> f64| node.ranges.iter().map(f).sum::<f64>();
         let state = match &node.error {
@@ -305,7 +305,7 @@ async fn status(client: &Client, json: bool) -> Result<(), CliError> {
     }
     println!("{node_table}");
     let mut range_table =
-        table(&["range", "span", "gen", "owner", "reads/s", "writes/s", "bytes/s", "size", "keys", "hot keys"]);
+        table(&["range", "span", "gen", "owner", "reads/s", "writes/s", "bytes/s", "size on disk", "keys", "hot keys"]);
     for node in &nodes {
         for r in &node.ranges {
             let end = if r.range.end.is_empty() { "+inf".to_string() } else { r.range.end.clone() };

@@ -231,6 +231,7 @@ impl Client {
         let mut backoff = Duration::from_millis(5);
         let mut attempts = 0u32;
         let mut last_error: Option<Status> = None;
+        let mut refresh_error: Option<String> = None;
         loop {
             attempts += 1;
             let attempt_started = Instant::now();
@@ -260,10 +261,11 @@ impl Client {
                     key: Bytes::copy_from_slice(key),
                     attempts,
                     elapsed: started.elapsed(),
-                    last_error: last_error.map_or_else(
-                        || "no node reported an owner for the key".to_string(),
-                        |s| format!("{:?}: {}", s.code(), s.message()),
-                    ),
+                    last_error: match (last_error, refresh_error) {
+                        (Some(s), _) => format!("{:?}: {}", s.code(), s.message()),
+                        (None, Some(refresh)) => refresh,
+                        (None, None) => "no node reported an owner for the key".to_string(),
+                    },
                 });
             }
             if rerouted {
@@ -275,8 +277,10 @@ impl Client {
                 tokio::time::sleep(pause).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
-            // Best effort: an unreachable cluster shows up as the deadline error above.
-            let _ = self.refresh(attempt_started).await;
+            // Best effort: an unreachable cluster shows up in the deadline error above.
+            if let Err(error) = self.refresh(attempt_started).await {
+                refresh_error = Some(error.to_string());
+            }
         }
     }
 

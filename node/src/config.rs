@@ -82,6 +82,11 @@ pub struct NodeConfig {
     #[arg(long, value_enum, env = "KVFLEET_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Threads serving requests (the tokio runtime's workers); default: the CPUs this process
+    /// may use (cgroup quotas included).
+    #[arg(long, env = "KVFLEET_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// How long a graceful shutdown waits for in-flight requests before giving up.
     #[arg(long, env = "KVFLEET_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -112,6 +117,9 @@ impl NodeConfig {
         }
         if self.max_key_bytes > 64 * 1024 {
             return Err(format!("--max-key-bytes is at most 65536, got {}", self.max_key_bytes));
+        }
+        if self.worker_threads == Some(0) {
+            return Err("--worker-threads must be at least 1".into());
         }
         if self.load_window_secs == 0 || self.load_window_secs > 600 {
             return Err(format!("--load-window-secs must be 1 to 600, got {}", self.load_window_secs));
