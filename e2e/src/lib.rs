@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use kvfleet_client::{Client, ClientConfig};
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::kv_client::KvClient;
+use kvfleet_proto::v1::{SplitRangeRequest, SplitRangeResponse};
 use tonic::transport::{Channel, Endpoint};
 
 /// The directory holding the workspace's built binaries: `KVFLEET_BIN_DIR`, or the profile
@@ -165,6 +167,21 @@ impl NodeProcess {
 
     pub fn client(&self) -> Client {
         client_for(&[self])
+    }
+
+    /// Splits `range_id` at `key` into ranges `left_id` and `right_id`; panics on failure.
+    pub async fn split(&self, range_id: u64, key: &str, left_id: u64, right_id: u64) -> SplitRangeResponse {
+        self.admin()
+            .split_range(SplitRangeRequest {
+                range_id,
+                expected_generation: 0,
+                split_key: Bytes::from(key.to_string()),
+                left_id,
+                right_id,
+            })
+            .await
+            .unwrap_or_else(|status| panic!("split of range {range_id} at {key:?} failed: {status}"))
+            .into_inner()
     }
 }
 

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use kvfleet_e2e::NodeProcess;
 use kvfleet_proto::errors::{limit_detail, not_owner_detail};
 use kvfleet_proto::v1::mutation::Op;
-use kvfleet_proto::v1::{BatchRequest, GetRequest, Mutation, PutRequest, ScanRequest, SplitRangeRequest};
+use kvfleet_proto::v1::{BatchRequest, GetRequest, Mutation, PutRequest, ScanRequest};
 use tonic::Code;
 
 fn put(key: Bytes, value: Bytes) -> Mutation {
@@ -90,16 +90,7 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     assert!(status.message().contains("not after start"), "{}", status.message());
 
     // A batch whose keys straddle a range boundary is refused whole, with a NotOwner detail.
-    node.admin()
-        .split_range(SplitRangeRequest {
-            range_id: 1,
-            split_key: Bytes::from("m"),
-            left_id: 2,
-            right_id: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    node.split(1, "m", 2, 3).await;
     let mutations = vec![put(Bytes::from("a"), Bytes::from("1")), put(Bytes::from("z"), Bytes::from("2"))];
     let status = kv.batch(BatchRequest { header: None, mutations }).await.unwrap_err();
     assert!(status.message().contains("batch spans ranges"), "{}", status.message());

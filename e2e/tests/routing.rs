@@ -5,9 +5,7 @@
 use bytes::Bytes;
 use kvfleet_e2e::{NodeProcess, client_for};
 use kvfleet_proto::errors::not_owner_detail;
-use kvfleet_proto::v1::{
-    GetRequest, ListRangesRequest, PublishRoutingRequest, PutRequest, RequestHeader, SplitRangeRequest,
-};
+use kvfleet_proto::v1::{GetRequest, ListRangesRequest, PublishRoutingRequest, PutRequest, RequestHeader};
 
 fn header(range_id: u64, generation: u64, allow_forward: bool) -> Option<RequestHeader> {
     Some(RequestHeader { range_id, generation, allow_forward })
@@ -21,16 +19,7 @@ async fn stale_generation_gets_not_owner_with_the_current_descriptor() {
     kv.put(PutRequest { header: header(1, 1, false), key: Bytes::from("z1"), value: Bytes::from("v") })
         .await
         .expect("put at gen 1");
-    node.admin()
-        .split_range(SplitRangeRequest {
-            range_id: 1,
-            split_key: Bytes::from("m"),
-            left_id: 2,
-            right_id: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    node.split(1, "m", 2, 3).await;
 
     let status = kv.get(GetRequest { header: header(1, 1, false), key: Bytes::from("z1") }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
@@ -54,16 +43,7 @@ async fn client_recovers_from_a_stale_cache() {
     client.put(Bytes::from("a"), Bytes::from("1")).await.unwrap();
     client.put(Bytes::from("z"), Bytes::from("2")).await.unwrap();
     assert_eq!(client.cached_ranges().len(), 1);
-    node.admin()
-        .split_range(SplitRangeRequest {
-            range_id: 1,
-            split_key: Bytes::from("m"),
-            left_id: 2,
-            right_id: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    node.split(1, "m", 2, 3).await;
     // The client still routes to range 1 at generation 1; it must learn the split and retry.
     assert_eq!(client.get(Bytes::from("z")).await.unwrap(), Some(Bytes::from("2")));
     assert_eq!(client.get(Bytes::from("a")).await.unwrap(), Some(Bytes::from("1")));

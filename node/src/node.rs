@@ -8,7 +8,7 @@ use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
     LoadReportResponse, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport, RequestHeader,
-    ResponseHeader, mutation::Op as MutationOp,
+    ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
 use prost::Message;
@@ -286,24 +286,19 @@ impl Node {
 
     /// Splits a range in two on this node: new ids, generation + 1, one atomic fsynced write of
     /// the three descriptors (two halves, the retired parent). No data moves.
-    pub async fn split(
-        &self,
-        range_id: u64,
-        expected_generation: u64,
-        split_key: &[u8],
-        left_id: u64,
-        right_id: u64,
-    ) -> Result<SplitPlan, NodeError> {
-        self.check_key(split_key)?;
-        let (left_id, right_id) = (nonzero_or_random(left_id), nonzero_or_random(right_id));
+    pub async fn split(&self, mut request: SplitRangeRequest) -> Result<SplitPlan, NodeError> {
+        self.check_key(&request.split_key)?;
+        request.left_id = nonzero_or_random(request.left_id);
+        request.right_id = nonzero_or_random(request.right_id);
+        let range_id = request.range_id;
         let gate = {
             let table = self.table.read();
-            table.plan_split(range_id, expected_generation, split_key, left_id, right_id)?;
+            table.plan_split(&request)?;
             table.by_id(range_id).map(|r| r.gate.clone()).ok_or(NodeError::UnknownRange(range_id))?
         };
         // Wait for in-flight requests on the range, then re-validate: it may have changed.
         let _exclusive = gate.write().await;
-        let plan = self.table.read().plan_split(range_id, expected_generation, split_key, left_id, right_id)?;
+        let plan = self.table.read().plan_split(&request)?;
         failpoint::hit("split-before-persist");
         self.persist(&[&plan.left, &plan.right, &plan.retired]).await?;
         failpoint::hit("split-after-persist");
@@ -313,7 +308,7 @@ impl Node {
             range_id,
             left = plan.left.range_id,
             right = plan.right.range_id,
-            split_key = %kvfleet_proto::display_key(split_key),
+            split_key = %kvfleet_proto::display_key(&request.split_key),
             generation = plan.left.generation,
             "split range"
         );

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::display_key;
-use kvfleet_proto::v1::{NotOwner, RangeDescriptor, RangeState, Replica, ReplicaRole, RequestHeader};
+use kvfleet_proto::v1::{
+    NotOwner, RangeDescriptor, RangeState, Replica, ReplicaRole, RequestHeader, SplitRangeRequest,
+};
 use prost::Message;
 
 use crate::error::NodeError;
@@ -181,15 +183,9 @@ impl RangeTable {
         }
     }
 
-    /// Validates a split of `range_id` at `split_key` and computes the new descriptors.
-    pub fn plan_split(
-        &self,
-        range_id: u64,
-        expected_generation: u64,
-        split_key: &[u8],
-        left_id: u64,
-        right_id: u64,
-    ) -> Result<SplitPlan, NodeError> {
+    /// Validates a split (the ids must be chosen already) and computes the new descriptors.
+    pub fn plan_split(&self, request: &SplitRangeRequest) -> Result<SplitPlan, NodeError> {
+        let SplitRangeRequest { range_id, expected_generation, ref split_key, left_id, right_id } = *request;
         let range = self.by_id(range_id).ok_or(NodeError::UnknownRange(range_id))?;
         let desc = &range.desc;
         if expected_generation != 0 && expected_generation != desc.generation {
@@ -297,6 +293,10 @@ mod tests {
         table
     }
 
+    fn split(range_id: u64, expected_generation: u64, key: &[u8], left_id: u64, right_id: u64) -> SplitRangeRequest {
+        SplitRangeRequest { range_id, expected_generation, split_key: Bytes::copy_from_slice(key), left_id, right_id }
+    }
+
     fn header(range_id: u64, generation: u64) -> RequestHeader {
         RequestHeader { range_id, generation, allow_forward: false }
     }
@@ -312,7 +312,7 @@ mod tests {
     #[test]
     fn split_tiles_the_parent_and_bumps_generation() {
         let mut table = table_with_bootstrap();
-        let plan = table.plan_split(1, 1, b"m", 10, 11).unwrap();
+        let plan = table.plan_split(&split(1, 1, b"m", 10, 11)).unwrap();
         assert_eq!((plan.left.start_key.as_ref(), plan.left.end_key.as_ref()), (&b""[..], &b"m"[..]));
         assert_eq!((plan.right.start_key.as_ref(), plan.right.end_key.as_ref()), (&b"m"[..], &b""[..]));
         assert_eq!(plan.left.generation, 2);
@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn stale_cache_gets_not_owner_with_current_descriptor() {
         let mut table = table_with_bootstrap();
-        let plan = table.plan_split(1, 0, b"m", 10, 11).unwrap();
+        let plan = table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap();
         table.apply_split(&plan, load);
         let err = table.route(b"z", Some(&header(1, 1))).unwrap_err();
         let hint = err.hint.unwrap();
@@ -336,14 +336,14 @@ mod tests {
     #[test]
     fn split_rejects_bad_keys_ids_and_generations() {
         let mut table = table_with_bootstrap();
-        assert!(matches!(table.plan_split(9, 0, b"m", 10, 11), Err(NodeError::UnknownRange(9))));
-        assert!(matches!(table.plan_split(1, 5, b"m", 10, 11), Err(NodeError::GenerationMismatch { .. })));
-        assert!(matches!(table.plan_split(1, 0, b"", 10, 11), Err(NodeError::Invalid(_))));
-        assert!(matches!(table.plan_split(1, 0, b"m", 10, 10), Err(NodeError::Invalid(_))));
-        let plan = table.plan_split(1, 0, b"m", 10, 11).unwrap();
+        assert!(matches!(table.plan_split(&split(9, 0, b"m", 10, 11)), Err(NodeError::UnknownRange(9))));
+        assert!(matches!(table.plan_split(&split(1, 5, b"m", 10, 11)), Err(NodeError::GenerationMismatch { .. })));
+        assert!(matches!(table.plan_split(&split(1, 0, b"", 10, 11)), Err(NodeError::Invalid(_))));
+        assert!(matches!(table.plan_split(&split(1, 0, b"m", 10, 10)), Err(NodeError::Invalid(_))));
+        let plan = table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap();
         table.apply_split(&plan, load);
-        assert!(matches!(table.plan_split(10, 0, b"m", 12, 13), Err(NodeError::Invalid(_))));
-        assert!(matches!(table.plan_split(10, 0, b"c", 1, 13), Err(NodeError::Invalid(_))));
+        assert!(matches!(table.plan_split(&split(10, 0, b"m", 12, 13)), Err(NodeError::Invalid(_))));
+        assert!(matches!(table.plan_split(&split(10, 0, b"c", 1, 13)), Err(NodeError::Invalid(_))));
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let result = self
             .node
-            .split(req.range_id, req.expected_generation, &req.split_key, req.left_id, req.right_id)
+            .split(req)
             .await
             .map(|plan| SplitRangeResponse { left: Some(plan.left), right: Some(plan.right) })
             .map_err(Status::from);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kvfleet_node::load::RangeLoad;
 use kvfleet_node::ranges::{RangeTable, bootstrap_descriptor};
 use kvfleet_proto::RangeBounds;
-use kvfleet_proto::v1::RangeDescriptor;
+use kvfleet_proto::v1::{RangeDescriptor, SplitRangeRequest};
 use proptest::prelude::*;
 
 fn load() -> Arc<RangeLoad> {
@@ -33,7 +33,14 @@ proptest! {
             let ranges = owned_sorted(&table);
             let target = &ranges[pick % ranges.len()];
             let before = target.generation;
-            match table.plan_split(target.range_id, target.generation, &key, next_id, next_id + 1) {
+            let request = SplitRangeRequest {
+                range_id: target.range_id,
+                expected_generation: target.generation,
+                split_key: key.clone().into(),
+                left_id: next_id,
+                right_id: next_id + 1,
+            };
+            match table.plan_split(&request) {
                 Ok(plan) => {
                     prop_assert!(target.is_interior(&key));
                     prop_assert!(plan.left.generation > before && plan.right.generation > before);
