@@ -7,7 +7,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use kvfleet_proto::display_key;
-use kvfleet_proto::v1::{Durability, LoadReportRequest, NodeInfoRequest, RangeDescriptor, SplitRangeRequest};
+use kvfleet_proto::v1::{
+    Durability, LoadReportRequest, MergeRangesRequest, NodeInfoRequest, RangeDescriptor, SplitRangeRequest,
+};
 use serde::Serialize;
 
 use crate::bench::{self, BenchArgs, BenchReport};
@@ -63,6 +65,8 @@ pub enum Command {
         #[arg(long)]
         expected_generation: Option<u64>,
     },
+    /// Merge the range holding KEY with the range right after it (both on the same node).
+    Merge { key: String },
     /// Nodes, their ranges, load and hot keys.
     Status,
     /// Run a YCSB-style benchmark.
@@ -215,6 +219,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Split { key, expected_generation } => split(&client, key, expected_generation, json).await?,
+        Command::Merge { key } => merge(&client, key, json).await?,
         Command::Status => status(&client, json).await?,
         Command::Bench(args) => {
             let report = bench::run(&args, &cli.endpoints, deadline).await.map_err(CliError::Failed)?;
@@ -269,6 +274,59 @@ async fn split(client: &Client, key: String, expected_generation: Option<u64>, j
                 half.range_id, half.start, end, half.generation, half.owner
             );
         }
+    }
+    Ok(())
+}
+
+async fn merge(client: &Client, key: String, json: bool) -> Result<(), CliError> {
+    client.refresh(std::time::Instant::now()).await?;
+    let ranges = client.cached_ranges();
+    let key = Bytes::from(key);
+    let left = ranges
+        .iter()
+        .find(|r| kvfleet_proto::RangeBounds::contains_key(*r, &key))
+        .ok_or_else(|| CliError::Failed(format!("no node reports a range holding {}", display_key(&key))))?;
+    if left.end_key.is_empty() {
+        return Err(CliError::Failed(format!(
+            "range {} {} is the last range: nothing after it",
+            left.range_id,
+            left.span()
+        )));
+    }
+    let right = ranges
+        .iter()
+        .find(|r| r.start_key == left.end_key)
+        .ok_or_else(|| CliError::Failed(format!("no node reports the range after {}", left.span())))?;
+    let (left_owner, right_owner) =
+        (left.leader().cloned().unwrap_or_default(), right.leader().cloned().unwrap_or_default());
+    if left_owner.node_id != right_owner.node_id {
+        return Err(CliError::Failed(format!(
+            "ranges {} and {} live on different nodes ({} and {}); move one next to the other first",
+            left.range_id, right.range_id, left_owner.node_id, right_owner.node_id
+        )));
+    }
+    let request = MergeRangesRequest {
+        left_id: left.range_id,
+        right_id: right.range_id,
+        expected_left_generation: left.generation,
+        expected_right_generation: right.generation,
+        merged_id: 0,
+    };
+    let address = left_owner.address;
+    let merged = client
+        .admin(&address)?
+        .merge_ranges(request)
+        .await
+        .map_err(|status| CliError::Rpc { address: address.clone(), status })?
+        .into_inner()
+        .merged
+        .unwrap_or_default();
+    let view = RangeView::from(&merged);
+    if json {
+        print_json(&view)?;
+    } else {
+        let end = if view.end.is_empty() { "+inf".to_string() } else { view.end };
+        println!("range {} [{}, {}) generation {} on {}", view.range_id, view.start, end, view.generation, view.owner);
     }
     Ok(())
 }

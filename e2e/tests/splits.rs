@@ -173,3 +173,73 @@ async fn split_refuses_bad_requests_with_clear_errors() {
     assert!(edge.message().contains("not strictly inside"), "{}", edge.message());
     assert_eq!(owned_ranges(&node).await.len(), 1, "failed splits change nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_survives_a_crash_at_every_step() {
+    use kvfleet_proto::v1::MergeRangesRequest;
+    for (crash_point, expect_merged) in [("merge-before-persist", false), ("merge-after-persist", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node =
+            NodeProcess::start_with_env("n1", dir.path(), &["--bootstrap"], &[("KVFLEET_CRASH_AT", crash_point)]);
+        node.split(1, "k0100", 10, 11).await;
+        let written = write_keys(&node, 200).await;
+        let request = MergeRangesRequest { left_id: 10, right_id: 11, merged_id: 12, ..Default::default() };
+        assert!(node.admin().merge_ranges(request).await.is_err(), "{crash_point}: the node should have died");
+        assert!(!node.wait_for_exit(Duration::from_secs(10)).success());
+
+        node.env.clear();
+        node.spawn();
+        let ranges = owned_ranges(&node).await;
+        assert_tiles_key_space(&ranges);
+        let ids: Vec<u64> = ranges.iter().map(|r| r.range_id).collect();
+        if expect_merged {
+            assert_eq!(ids, vec![12], "{crash_point}: the persisted merge must be there");
+            assert_eq!(ranges[0].generation, 3);
+        } else {
+            assert_eq!(ids, vec![10, 11], "{crash_point}: nothing persisted, both ranges stay");
+        }
+        assert_readable(&node, &written).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_under_concurrent_writes_loses_nothing_and_clients_follow() {
+    use kvfleet_proto::v1::MergeRangesRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
+    node.split(1, "m", 10, 11).await;
+    let client = node.client();
+    client.put(Bytes::from("a"), Bytes::from("0")).await.unwrap();
+    assert_eq!(client.cached_ranges().len(), 2);
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut written = Vec::new();
+                for i in 0..200u32 {
+                    let key = Bytes::from(format!("{}{w}-{i:04}", if i % 2 == 0 { 'c' } else { 'x' }));
+                    client.put(key.clone(), Bytes::from(format!("{w}/{i}"))).await.expect("put during merge");
+                    written.push((key, Bytes::from(format!("{w}/{i}"))));
+                }
+                written
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let merged = node
+        .admin()
+        .merge_ranges(MergeRangesRequest { left_id: 10, right_id: 11, merged_id: 12, ..Default::default() })
+        .await
+        .expect("merge")
+        .into_inner()
+        .merged
+        .unwrap();
+    assert_eq!((merged.range_id, merged.generation), (12, 3));
+    let mut written = vec![(Bytes::from("a"), Bytes::from("0"))];
+    for writer in writers {
+        written.extend(writer.await.unwrap());
+    }
+    assert_readable(&node, &written).await;
+    let cached: Vec<u64> = client.cached_ranges().iter().map(|r| r.range_id).collect();
+    assert_eq!(cached, vec![12], "the client learned the merged range");
+}

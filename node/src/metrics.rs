@@ -20,10 +20,11 @@ pub enum Op {
     Scan,
     Batch,
     Split,
+    Merge,
 }
 
 impl Op {
-    const ALL: [Op; 6] = [Op::Get, Op::Put, Op::Delete, Op::Scan, Op::Batch, Op::Split];
+    const ALL: [Op; 7] = [Op::Get, Op::Put, Op::Delete, Op::Scan, Op::Batch, Op::Split, Op::Merge];
 
     fn name(self) -> &'static str {
         match self {
@@ -33,6 +34,7 @@ impl Op {
             Op::Scan => "scan",
             Op::Batch => "batch",
             Op::Split => "split",
+            Op::Merge => "merge",
         }
     }
 }
@@ -57,7 +59,7 @@ struct OpHandles {
 
 #[derive(Clone)]
 pub struct NodeMetrics {
-    ops: Arc<[OpHandles; 6]>,
+    ops: Arc<[OpHandles; 7]>,
     outcomes: Family<OutcomeLabels, Counter>,
     pub ranges: Gauge,
     pub not_owner: Counter,

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
-    LoadReportResponse, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport, RequestHeader,
-    ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
+    LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport,
+    RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
 use prost::Message;
@@ -20,7 +20,7 @@ use crate::failpoint;
 use crate::load::RangeLoad;
 use crate::metrics::NodeMetrics;
 use crate::ranges::{
-    NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, SplitPlan, bootstrap_descriptor, decode_descriptor,
+    MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, SplitPlan, bootstrap_descriptor, decode_descriptor,
     descriptor_key,
 };
 use crate::storage::{CF_META, Storage, WriteOp};
@@ -311,6 +311,38 @@ impl Node {
             split_key = %kvfleet_proto::display_key(&request.split_key),
             generation = plan.left.generation,
             "split range"
+        );
+        Ok(plan)
+    }
+
+    /// Merges two adjacent ranges on this node into one: a new id, a generation above both, one
+    /// atomic fsynced write of the merged descriptor and the two retired ones. No data moves.
+    pub async fn merge(&self, mut request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
+        request.merged_id = nonzero_or_random(request.merged_id);
+        let gates = {
+            let table = self.table.read();
+            let plan = table.plan_merge(&request)?;
+            // Left before right: every merge takes gates in key order, so two cannot deadlock.
+            let gate = |d: &RangeDescriptor| table.by_id(d.range_id).map(|r| r.gate.clone());
+            [gate(&plan.retired[0]), gate(&plan.retired[1])]
+        };
+        let [Some(left_gate), Some(right_gate)] = gates else {
+            return Err(NodeError::UnknownRange(request.left_id));
+        };
+        let _left = left_gate.write().await;
+        let _right = right_gate.write().await;
+        let plan = self.table.read().plan_merge(&request)?;
+        failpoint::hit("merge-before-persist");
+        self.persist(&[&plan.merged, &plan.retired[0], &plan.retired[1]]).await?;
+        failpoint::hit("merge-after-persist");
+        self.table.write().apply_merge(&plan, || self.new_load());
+        self.metrics.ranges.set(self.table.read().owned_count() as i64);
+        tracing::info!(
+            left = request.left_id,
+            right = request.right_id,
+            merged = plan.merged.range_id,
+            generation = plan.merged.generation,
+            "merged ranges"
         );
         Ok(plan)
     }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::{
-    NotOwner, RangeDescriptor, RangeState, Replica, ReplicaRole, RequestHeader, SplitRangeRequest,
+    MergeRangesRequest, NotOwner, RangeDescriptor, RangeState, Replica, ReplicaRole, RequestHeader, SplitRangeRequest,
 };
 use prost::Message;
 
@@ -55,6 +55,13 @@ impl OwnedRange {
     pub fn is_replaced(&self) -> bool {
         self.replaced.load(Ordering::Acquire)
     }
+}
+
+/// The outcome of validating a merge: the merged range and the two it replaces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergePlan {
+    pub merged: RangeDescriptor,
+    pub retired: [RangeDescriptor; 2],
 }
 
 /// The outcome of validating a split: the descriptors to persist, then to install.
@@ -232,6 +239,74 @@ impl RangeTable {
         Ok(SplitPlan { left, right, retired })
     }
 
+    /// Validates a merge of two adjacent owned ranges (the id chosen already) and computes the
+    /// merged descriptor and the two retired ones.
+    pub fn plan_merge(&self, request: &MergeRangesRequest) -> Result<MergePlan, NodeError> {
+        let left = self.by_id(request.left_id).ok_or(NodeError::UnknownRange(request.left_id))?;
+        let right = self.by_id(request.right_id).ok_or(NodeError::UnknownRange(request.right_id))?;
+        for (range, expected) in [(left, request.expected_left_generation), (right, request.expected_right_generation)]
+        {
+            let desc = &range.desc;
+            if expected != 0 && expected != desc.generation {
+                return Err(NodeError::GenerationMismatch {
+                    range_id: desc.range_id,
+                    expected,
+                    actual: desc.generation,
+                });
+            }
+            if desc.state() != RangeState::Active {
+                return Err(NodeError::Invalid(format!(
+                    "range {} is {:?}, only active ranges merge",
+                    desc.range_id,
+                    desc.state()
+                )));
+            }
+        }
+        let (l, r) = (&left.desc, &right.desc);
+        if l.end_key.is_empty() || l.end_key != r.start_key {
+            return Err(NodeError::Invalid(format!(
+                "ranges {} {} and {} {} are not adjacent (left's end must be right's start)",
+                l.range_id,
+                l.span(),
+                r.range_id,
+                r.span()
+            )));
+        }
+        let merged_id = request.merged_id;
+        if merged_id == l.range_id || merged_id == r.range_id || self.knows_id(merged_id) {
+            return Err(NodeError::Invalid(format!("merged id {merged_id} must be new on this node")));
+        }
+        let generation = l.generation.max(r.generation) + 1;
+        let merged = RangeDescriptor {
+            range_id: merged_id,
+            start_key: l.start_key.clone(),
+            end_key: r.end_key.clone(),
+            generation,
+            state: RangeState::Active as i32,
+            replicas: l.replicas.clone(),
+            successors: Vec::new(),
+        };
+        let retire = |d: &RangeDescriptor| RangeDescriptor {
+            state: RangeState::Retired as i32,
+            generation,
+            successors: vec![merged_id],
+            ..d.clone()
+        };
+        Ok(MergePlan { merged, retired: [retire(l), retire(r)] })
+    }
+
+    /// Installs a persisted merge. The caller holds both ranges' gates exclusively.
+    pub fn apply_merge(&mut self, plan: &MergePlan, load: impl Fn() -> Arc<RangeLoad>) {
+        for retired in &plan.retired {
+            if let Some(old) = self.owned.remove(&retired.start_key) {
+                old.replaced.store(true, Ordering::Release);
+            }
+            self.retired.insert(retired.range_id, retired.clone());
+        }
+        let range = Arc::new(OwnedRange::new(plan.merged.clone(), load()));
+        self.owned.insert(plan.merged.start_key.clone(), range);
+    }
+
     /// Installs a persisted split. The caller holds the old range's gate exclusively.
     pub fn apply_split(&mut self, plan: &SplitPlan, load: impl Fn() -> Arc<RangeLoad>) {
         if let Some(old) = self.owned.remove(&plan.retired.start_key) {
@@ -344,6 +419,43 @@ mod tests {
         table.apply_split(&plan, load);
         assert!(matches!(table.plan_split(&split(10, 0, b"m", 12, 13)), Err(NodeError::Invalid(_))));
         assert!(matches!(table.plan_split(&split(10, 0, b"c", 1, 13)), Err(NodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn adjacent_ranges_merge_into_one_with_a_higher_generation() {
+        let mut table = table_with_bootstrap();
+        table.apply_split(&table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap(), load);
+        let request = MergeRangesRequest { left_id: 10, right_id: 11, merged_id: 12, ..Default::default() };
+        let plan = table.plan_merge(&request).unwrap();
+        assert_eq!((plan.merged.start_key.as_ref(), plan.merged.end_key.as_ref()), (&b""[..], &b""[..]));
+        assert_eq!(plan.merged.generation, 3);
+        table.apply_merge(&plan, load);
+        assert_eq!(table.owned_count(), 1);
+        assert_eq!(table.route(b"z", None).unwrap().desc.range_id, 12);
+        // Stale routing to a merged-away range gets the merged descriptor as its hint.
+        let hint = table.route(b"z", Some(&header(11, 2))).unwrap_err().hint.unwrap();
+        assert_eq!((hint.range_id, hint.generation), (12, 3));
+    }
+
+    #[test]
+    fn merge_refuses_non_adjacent_or_unknown_ranges() {
+        let mut table = table_with_bootstrap();
+        table.apply_split(&table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap(), load);
+        table.apply_split(&table.plan_split(&split(11, 0, b"t", 20, 21)).unwrap(), load);
+        let gap = MergeRangesRequest { left_id: 10, right_id: 21, merged_id: 30, ..Default::default() };
+        assert!(matches!(table.plan_merge(&gap), Err(NodeError::Invalid(m)) if m.contains("not adjacent")));
+        let reversed = MergeRangesRequest { left_id: 20, right_id: 10, merged_id: 30, ..Default::default() };
+        assert!(matches!(table.plan_merge(&reversed), Err(NodeError::Invalid(_))));
+        let unknown = MergeRangesRequest { left_id: 10, right_id: 99, merged_id: 30, ..Default::default() };
+        assert!(matches!(table.plan_merge(&unknown), Err(NodeError::UnknownRange(99))));
+        let stale = MergeRangesRequest {
+            left_id: 10,
+            right_id: 20,
+            expected_left_generation: 1,
+            merged_id: 30,
+            ..Default::default()
+        };
+        assert!(matches!(table.plan_merge(&stale), Err(NodeError::GenerationMismatch { .. })));
     }
 
     #[test]

@@ -245,6 +245,21 @@ impl Admin for AdminService {
         result.map(Response::new)
     }
 
+    async fn merge_ranges(
+        &self,
+        request: Request<MergeRangesRequest>,
+    ) -> Result<Response<MergeRangesResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .node
+            .merge(request.into_inner())
+            .await
+            .map(|plan| MergeRangesResponse { merged: Some(plan.merged) })
+            .map_err(Status::from);
+        self.node.metrics.observe(Op::Merge, started.elapsed(), result.as_ref().err().map(Status::code));
+        result.map(Response::new)
+    }
+
     async fn load_report(&self, request: Request<LoadReportRequest>) -> Result<Response<LoadReportResponse>, Status> {
         let req = request.into_inner();
         let pick = |asked: u32, default: usize| match asked {
