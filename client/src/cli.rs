@@ -96,6 +96,23 @@ struct RangeView {
     address: String,
 }
 
+impl RangeView {
+    fn end_or_inf(&self) -> String {
+        if self.end.is_empty() { "+inf".to_string() } else { self.end.clone() }
+    }
+
+    fn print_line(&self) {
+        println!(
+            "range {} [{}, {}) generation {} on {}",
+            self.range_id,
+            self.start,
+            self.end_or_inf(),
+            self.generation,
+            self.owner
+        );
+    }
+}
+
 impl From<&RangeDescriptor> for RangeView {
     fn from(d: &RangeDescriptor) -> Self {
         let leader = d.leader();
@@ -204,7 +221,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 let mut out = table(&["range", "start", "end", "gen", "state", "owner", "address"]);
                 for r in &ranges {
-                    let end = if r.end.is_empty() { "+inf".to_string() } else { r.end.clone() };
+                    let end = r.end_or_inf();
                     out.add_row(vec![
                         r.range_id.to_string(),
                         r.start.clone(),
@@ -241,14 +258,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn split(client: &Client, key: String, expected_generation: Option<u64>, json: bool) -> Result<(), CliError> {
+/// The freshly read range map, and the range in it that holds `key`.
+async fn range_holding(client: &Client, key: &[u8]) -> Result<(Vec<RangeDescriptor>, RangeDescriptor), CliError> {
     client.refresh(std::time::Instant::now()).await?;
     let ranges = client.cached_ranges();
-    let key = Bytes::from(key);
     let range = ranges
         .iter()
-        .find(|r| kvfleet_proto::RangeBounds::contains_key(*r, &key))
-        .ok_or_else(|| CliError::Failed(format!("no node reports a range holding {}", display_key(&key))))?;
+        .find(|r| kvfleet_proto::RangeBounds::contains_key(*r, key))
+        .cloned()
+        .ok_or_else(|| CliError::Failed(format!("no node reports a range holding {}", display_key(key))))?;
+    Ok((ranges, range))
+}
+
+async fn split(client: &Client, key: String, expected_generation: Option<u64>, json: bool) -> Result<(), CliError> {
+    let key = Bytes::from(key);
+    let (_, range) = range_holding(client, &key).await?;
     let address = range.leader().map(|l| l.address.clone()).unwrap_or_default();
     let request = SplitRangeRequest {
         range_id: range.range_id,
@@ -267,25 +291,14 @@ async fn split(client: &Client, key: String, expected_generation: Option<u64>, j
     if json {
         print_json(&halves)?;
     } else {
-        for half in halves {
-            let end = if half.end.is_empty() { "+inf".to_string() } else { half.end };
-            println!(
-                "range {} [{}, {}) generation {} on {}",
-                half.range_id, half.start, end, half.generation, half.owner
-            );
-        }
+        halves.iter().for_each(RangeView::print_line);
     }
     Ok(())
 }
 
 async fn merge(client: &Client, key: String, json: bool) -> Result<(), CliError> {
-    client.refresh(std::time::Instant::now()).await?;
-    let ranges = client.cached_ranges();
-    let key = Bytes::from(key);
-    let left = ranges
-        .iter()
-        .find(|r| kvfleet_proto::RangeBounds::contains_key(*r, &key))
-        .ok_or_else(|| CliError::Failed(format!("no node reports a range holding {}", display_key(&key))))?;
+    let (ranges, left) = range_holding(client, key.as_bytes()).await?;
+    let left = &left;
     if left.end_key.is_empty() {
         return Err(CliError::Failed(format!(
             "range {} {} is the last range: nothing after it",
@@ -325,8 +338,7 @@ async fn merge(client: &Client, key: String, json: bool) -> Result<(), CliError>
     if json {
         print_json(&view)?;
     } else {
-        let end = if view.end.is_empty() { "+inf".to_string() } else { view.end };
-        println!("range {} [{}, {}) generation {} on {}", view.range_id, view.start, end, view.generation, view.owner);
+        view.print_line();
     }
     Ok(())
 }
@@ -366,7 +378,7 @@ async fn status(client: &Client, json: bool) -> Result<(), CliError> {
         table(&["range", "span", "gen", "owner", "reads/s", "writes/s", "bytes/s", "size on disk", "keys", "hot keys"]);
     for node in &nodes {
         for r in &node.ranges {
-            let end = if r.range.end.is_empty() { "+inf".to_string() } else { r.range.end.clone() };
+            let end = r.range.end_or_inf();
             let hot =
                 r.hot_keys.iter().take(3).map(|(k, ops)| format!("{k} ({ops:.0}/s)")).collect::<Vec<_>>().join(", ");
             range_table.add_row(vec![

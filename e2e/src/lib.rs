@@ -113,23 +113,12 @@ impl NodeProcess {
 
     /// SIGTERM, then waits (bounded) for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("node is running");
-        let pid = child.id().to_string();
+        let pid = self.child.as_ref().expect("node is running").id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for node") {
-                return status;
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                panic!("node {} did not exit within 30 s of SIGTERM", self.node_id);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for_exit(Duration::from_secs(30))
     }
 
-    /// Waits (bounded) for a process that is expected to die by itself, e.g. at a crash point.
+    /// Waits (bounded) for the process to exit (after SIGTERM, or at a crash point).
     pub fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("node is running");
         let until = Instant::now() + within;
