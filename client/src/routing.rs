@@ -116,6 +116,7 @@ mod tests {
             state: RangeState::Active as i32,
             replicas: vec![Replica { node_id: addr.into(), address: addr.into(), role: ReplicaRole::Leader as i32 }],
             successors: vec![],
+            move_intent: None,
         }
     }
 

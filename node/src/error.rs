@@ -26,6 +26,10 @@ pub enum NodeError {
     UnknownRange(u64),
     #[error("range {range_id} is at generation {actual}, the request expected {expected}")]
     GenerationMismatch { range_id: u64, expected: u64, actual: u64 },
+    #[error("range {0} is frozen for a move; retry shortly (it will be served by its new owner)")]
+    Frozen(u64),
+    #[error("{0}")]
+    Move(String),
     #[error("forwarding to {address} failed: {message}")]
     Forward { address: String, message: String },
 }
@@ -38,7 +42,10 @@ impl From<NodeError> for Status {
             NodeError::Invalid(_) => Status::invalid_argument(error.to_string()),
             NodeError::UnknownRange(_) => Status::not_found(error.to_string()),
             NodeError::GenerationMismatch { .. } => Status::failed_precondition(error.to_string()),
-            NodeError::ShuttingDown | NodeError::Forward { .. } => Status::unavailable(error.to_string()),
+            NodeError::ShuttingDown | NodeError::Forward { .. } | NodeError::Frozen(_) => {
+                Status::unavailable(error.to_string())
+            }
+            NodeError::Move(_) => Status::failed_precondition(error.to_string()),
             NodeError::Storage { .. } | NodeError::Io { .. } | NodeError::Corrupt(_) | NodeError::WriteFailed(_) => {
                 Status::internal(error.to_string())
             }

@@ -2,7 +2,7 @@
 //!
 //! Where things live: `ranges` (key -> range on this node, split rules), `node` (serving keys
 //! from owned ranges, splits, load reports), `storage` (RocksDB and the group-commit write
-//! pipeline behind the durability modes), `load` (per-range load accounting), `service` (the gRPC
+//! pipeline behind the durability modes), `load` (per-range load accounting), `moves` (online range moves, source and target side), `service` (the gRPC
 //! APIs), `server` (wiring and shutdown), `metrics`, `config`, `error`.
 
 pub mod config;
@@ -10,6 +10,7 @@ pub mod error;
 pub mod failpoint;
 pub mod load;
 pub mod metrics;
+pub mod moves;
 pub mod node;
 pub mod ranges;
 pub mod server;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
     LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport,
-    RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
+    RangeState, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
 use prost::Message;
@@ -27,6 +27,8 @@ use crate::storage::{CF_META, Storage, WriteOp};
 
 /// Most bytes one Scan page carries, whatever its pair limit.
 const MAX_SCAN_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// How long a write waits on a frozen range before answering UNAVAILABLE (the client retries).
+const FROZEN_WRITE_WAIT: Duration = Duration::from_secs(5);
 /// How many times a request re-routes after racing with a split before giving up.
 const MAX_REROUTES: usize = 8;
 
@@ -35,8 +37,10 @@ pub struct Node {
     pub address: String,
     pub storage: Storage,
     pub metrics: NodeMetrics,
-    table: RwLock<RangeTable>,
+    pub(crate) table: RwLock<RangeTable>,
     started: Instant,
+    /// Online moves this node takes part in (in memory; persisted intents cover restarts).
+    pub(crate) moves: crate::moves::MoveSessions,
 }
 
 /// A range held for the duration of one request (shared side of its gate).
@@ -106,7 +110,15 @@ impl Node {
             }
             table.install(desc, || Arc::new(RangeLoad::new(accounting, window)))?;
         }
-        let node = Node { address, storage, metrics, table: RwLock::new(table), started: Instant::now(), config };
+        let node = Node {
+            address,
+            storage,
+            metrics,
+            table: RwLock::new(table),
+            started: Instant::now(),
+            config,
+            moves: Default::default(),
+        };
         if node.config.bootstrap && node.table.read().owned_count() == 0 && !node.table.read().knows_id(1) {
             let desc = bootstrap_descriptor(&node.config.node_id, &node.address);
             node.persist(&[&desc]).await?;
@@ -117,7 +129,7 @@ impl Node {
         Ok(node)
     }
 
-    fn new_load(&self) -> Arc<RangeLoad> {
+    pub(crate) fn new_load(&self) -> Arc<RangeLoad> {
         Arc::new(RangeLoad::new(self.config.load_accounting, self.config.load_window_secs as usize))
     }
 
@@ -153,6 +165,26 @@ impl Node {
         Err(NodeError::Invalid("the range map kept changing while routing; retry".into()))
     }
 
+    /// Like `lease`, for writes: while a range is frozen (the last moments of a move), writes
+    /// wait until it is retired (and NotOwner points at the new owner) or unfrozen.
+    pub async fn write_lease(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<RangeLease, NodeError> {
+        let deadline = tokio::time::Instant::now() + FROZEN_WRITE_WAIT;
+        loop {
+            let lease = self.lease(key, header).await?;
+            if lease.range.desc.state() != RangeState::Frozen {
+                return Ok(lease);
+            }
+            let range = lease.range.clone();
+            drop(lease);
+            let changed = range.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !range.is_replaced() && tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(NodeError::Frozen(range.desc.range_id));
+            }
+        }
+    }
+
     pub fn check_key(&self, key: &[u8]) -> Result<(), NodeError> {
         check_limit("max_key_bytes", key.len(), self.config.max_key_bytes)
     }
@@ -181,7 +213,7 @@ impl Node {
     ) -> Result<ResponseHeader, NodeError> {
         self.check_key(&key)?;
         self.check_value(&value)?;
-        let lease = self.lease(&key, header).await?;
+        let lease = self.write_lease(&key, header).await?;
         lease.range.load.record_write(&key, key.len() + value.len());
         self.storage.write(vec![WriteOp::put(key, value)]).await?;
         Ok(lease.response_header(&self.config.node_id))
@@ -189,7 +221,7 @@ impl Node {
 
     pub async fn delete(&self, header: Option<&RequestHeader>, key: Bytes) -> Result<ResponseHeader, NodeError> {
         self.check_key(&key)?;
-        let lease = self.lease(&key, header).await?;
+        let lease = self.write_lease(&key, header).await?;
         lease.range.load.record_write(&key, key.len());
         self.storage.write(vec![WriteOp::delete(key)]).await?;
         Ok(lease.response_header(&self.config.node_id))
@@ -223,7 +255,7 @@ impl Node {
             }
         }
         check_limit("max_batch_bytes", total, self.config.max_batch_bytes)?;
-        let lease = self.lease(&first.key, header).await?;
+        let lease = self.write_lease(&first.key, header).await?;
         if let Some(outside) = mutations.iter().find(|m| !lease.range.desc.contains_key(&m.key)) {
             // Not atomic across ranges: refuse the whole batch, and say where the key lives.
             let hint = match self.table.read().route(&outside.key, None) {
@@ -348,7 +380,7 @@ impl Node {
     }
 
     /// Writes descriptors to the metadata column family in one fsynced batch.
-    async fn persist(&self, descriptors: &[&RangeDescriptor]) -> Result<(), NodeError> {
+    pub(crate) async fn persist(&self, descriptors: &[&RangeDescriptor]) -> Result<(), NodeError> {
         let ops = descriptors
             .iter()
             .map(|d| WriteOp::Put { cf: CF_META, key: descriptor_key(d.range_id), value: d.encode_to_vec().into() })

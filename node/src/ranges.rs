@@ -45,11 +45,24 @@ pub struct OwnedRange {
     pub load: Arc<RangeLoad>,
     /// Set when this descriptor is replaced; a request that raced with the change re-routes.
     pub replaced: AtomicBool,
+    /// Woken when the descriptor is replaced: writes waiting on a frozen range re-route.
+    pub changed: tokio::sync::Notify,
 }
 
 impl OwnedRange {
     pub fn new(desc: RangeDescriptor, load: Arc<RangeLoad>) -> Self {
-        OwnedRange { desc, gate: Arc::new(tokio::sync::RwLock::new(())), load, replaced: AtomicBool::new(false) }
+        OwnedRange {
+            desc,
+            gate: Arc::new(tokio::sync::RwLock::new(())),
+            load,
+            replaced: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn mark_replaced(&self) {
+        self.replaced.store(true, Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     pub fn is_replaced(&self) -> bool {
@@ -81,6 +94,8 @@ pub struct RangeTable {
     retired: HashMap<u64, RangeDescriptor>,
     /// Hints about ranges owned elsewhere, by start key (from PublishRouting).
     routing: BTreeMap<Bytes, RangeDescriptor>,
+    /// Ranges being copied onto this node by an online move, by id. Not served.
+    importing: HashMap<u64, RangeDescriptor>,
 }
 
 impl RangeTable {
@@ -90,6 +105,10 @@ impl RangeTable {
 
     /// Installs a persisted descriptor (at start-up). Owned ranges must not overlap.
     pub fn install(&mut self, desc: RangeDescriptor, load: impl FnOnce() -> Arc<RangeLoad>) -> Result<(), NodeError> {
+        if desc.state() == RangeState::Importing {
+            self.importing.insert(desc.range_id, desc);
+            return Ok(());
+        }
         if !desc.is_owned_state() {
             self.retired.insert(desc.range_id, desc);
             return Ok(());
@@ -124,9 +143,55 @@ impl RangeTable {
         self.owned.values().find(|o| o.desc.range_id == range_id)
     }
 
-    /// True when `range_id` names a range this node owns or owned.
+    /// True when `range_id` names a range this node owns, owned or is importing.
     pub fn knows_id(&self, range_id: u64) -> bool {
-        self.retired.contains_key(&range_id) || self.by_id(range_id).is_some()
+        self.retired.contains_key(&range_id) || self.importing.contains_key(&range_id) || self.by_id(range_id).is_some()
+    }
+
+    pub fn importing(&self, range_id: u64) -> Option<&RangeDescriptor> {
+        self.importing.get(&range_id)
+    }
+
+    /// An owned range overlapping `[start, end)`, if any.
+    pub fn owned_overlapping(&self, desc: &RangeDescriptor) -> Option<&Arc<OwnedRange>> {
+        self.owned.values().find(|o| overlaps(&o.desc, desc))
+    }
+
+    /// Replaces an owned range's descriptor (freeze, unfreeze), keeping its gate and load.
+    /// The caller holds the range's gate exclusively.
+    pub fn replace_owned(&mut self, desc: RangeDescriptor) {
+        let Some(old) = self.owned.get(&desc.start_key).filter(|o| o.desc.range_id == desc.range_id).cloned() else {
+            return;
+        };
+        let mut range = OwnedRange::new(desc, old.load.clone());
+        range.gate = old.gate.clone();
+        self.owned.insert(range.desc.start_key.clone(), Arc::new(range));
+        old.mark_replaced();
+    }
+
+    /// Records a range handed to another node: no longer owned, retired with the new owner as
+    /// the hint. The caller holds the range's gate exclusively.
+    pub fn retire_moved(&mut self, tombstone: RangeDescriptor) {
+        if let Some(old) = self.owned.remove(&tombstone.start_key) {
+            old.mark_replaced();
+        }
+        self.retired.insert(tombstone.range_id, tombstone);
+    }
+
+    pub fn start_import(&mut self, desc: RangeDescriptor) {
+        self.importing.insert(desc.range_id, desc);
+    }
+
+    pub fn forget_import(&mut self, range_id: u64) -> Option<RangeDescriptor> {
+        self.importing.remove(&range_id)
+    }
+
+    /// An import completed: the range is owned here from now on.
+    pub fn activate_import(&mut self, desc: RangeDescriptor, load: Arc<RangeLoad>) {
+        self.importing.remove(&desc.range_id);
+        self.retired.remove(&desc.range_id);
+        let range = Arc::new(OwnedRange::new(desc, load));
+        self.owned.insert(range.desc.start_key.clone(), range);
     }
 
     fn containing(&self, key: &[u8]) -> Option<&Arc<OwnedRange>> {
@@ -181,9 +246,12 @@ impl RangeTable {
             .next_back()
             .map(|(_, d)| d)
             .filter(|d| d.contains_key(key));
+        let moved_away =
+            |d: &&RangeDescriptor| d.contains_key(key) && d.leader().is_some_and(|l| l.node_id != self.node_id);
         let from_tombstone = asked_range
             .and_then(|id| self.retired.get(&id))
-            .filter(|d| d.contains_key(key) && d.leader().is_some_and(|l| l.node_id != self.node_id));
+            .filter(moved_away)
+            .or_else(|| self.retired.values().filter(moved_away).max_by_key(|d| d.generation));
         match (from_routing, from_tombstone) {
             (Some(a), Some(b)) => Some(if a.generation >= b.generation { a } else { b }.clone()),
             (a, b) => a.or(b).cloned(),
@@ -229,6 +297,7 @@ impl RangeTable {
             state: RangeState::Active as i32,
             replicas: desc.replicas.clone(),
             successors: Vec::new(),
+            move_intent: None,
         };
         let left = half(left_id, &desc.start_key, split_key);
         let right = half(right_id, split_key, &desc.end_key);
@@ -285,6 +354,7 @@ impl RangeTable {
             state: RangeState::Active as i32,
             replicas: l.replicas.clone(),
             successors: Vec::new(),
+            move_intent: None,
         };
         let retire = |d: &RangeDescriptor| RangeDescriptor {
             state: RangeState::Retired as i32,
@@ -299,7 +369,7 @@ impl RangeTable {
     pub fn apply_merge(&mut self, plan: &MergePlan, load: impl Fn() -> Arc<RangeLoad>) {
         for retired in &plan.retired {
             if let Some(old) = self.owned.remove(&retired.start_key) {
-                old.replaced.store(true, Ordering::Release);
+                old.mark_replaced();
             }
             self.retired.insert(retired.range_id, retired.clone());
         }
@@ -310,7 +380,7 @@ impl RangeTable {
     /// Installs a persisted split. The caller holds the old range's gate exclusively.
     pub fn apply_split(&mut self, plan: &SplitPlan, load: impl Fn() -> Arc<RangeLoad>) {
         if let Some(old) = self.owned.remove(&plan.retired.start_key) {
-            old.replaced.store(true, Ordering::Release);
+            old.mark_replaced();
         }
         self.retired.insert(plan.retired.range_id, plan.retired.clone());
         for half in [&plan.left, &plan.right] {
@@ -351,6 +421,7 @@ pub fn bootstrap_descriptor(node_id: &str, address: &str) -> RangeDescriptor {
         state: RangeState::Active as i32,
         replicas: vec![leader_replica(node_id, address)],
         successors: Vec::new(),
+        move_intent: None,
     }
 }
 

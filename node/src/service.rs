@@ -198,8 +198,80 @@ impl AdminService {
     }
 }
 
+type ExportStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ExportChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type ExportSnapshotStream = ExportStream;
+
+    async fn export_snapshot(
+        &self,
+        request: Request<ExportSnapshotRequest>,
+    ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
+        use tokio_stream::StreamExt;
+        let (tail_from_seq, chunks) = self.node.export_snapshot(&request.into_inner()).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(move |chunk| {
+            chunk
+                .map(|pairs| ExportChunk {
+                    pairs: pairs.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),
+                    tail_from_seq,
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn export_tail(&self, request: Request<ExportTailRequest>) -> Result<Response<ExportTailResponse>, Status> {
+        Ok(Response::new(self.node.export_tail(&request.into_inner())?))
+    }
+
+    async fn freeze_for_move(
+        &self,
+        request: Request<FreezeForMoveRequest>,
+    ) -> Result<Response<FreezeForMoveResponse>, Status> {
+        let final_seq = self.node.freeze_for_move(&request.into_inner()).await?;
+        Ok(Response::new(FreezeForMoveResponse { final_seq }))
+    }
+
+    async fn retire_moved(
+        &self,
+        request: Request<RetireMovedRequest>,
+    ) -> Result<Response<RetireMovedResponse>, Status> {
+        self.node.retire_moved(&request.into_inner()).await?;
+        Ok(Response::new(RetireMovedResponse {}))
+    }
+
+    async fn abort_export(
+        &self,
+        request: Request<AbortExportRequest>,
+    ) -> Result<Response<AbortExportResponse>, Status> {
+        self.node.abort_export(&request.into_inner()).await?;
+        Ok(Response::new(AbortExportResponse {}))
+    }
+
+    async fn import_range(
+        &self,
+        request: Request<ImportRangeRequest>,
+    ) -> Result<Response<ImportRangeResponse>, Status> {
+        Ok(Response::new(self.node.import_range(&request.into_inner()).await?))
+    }
+
+    async fn complete_import(
+        &self,
+        request: Request<CompleteImportRequest>,
+    ) -> Result<Response<CompleteImportResponse>, Status> {
+        let range = self.node.complete_import(&request.into_inner()).await?;
+        Ok(Response::new(CompleteImportResponse { range: Some(range) }))
+    }
+
+    async fn abort_import(
+        &self,
+        request: Request<AbortImportRequest>,
+    ) -> Result<Response<AbortImportResponse>, Status> {
+        self.node.abort_import(&request.into_inner()).await?;
+        Ok(Response::new(AbortImportResponse {}))
+    }
+
     async fn node_info(&self, _: Request<NodeInfoRequest>) -> Result<Response<NodeInfoResponse>, Status> {
         let config = &self.node.config;
         Ok(Response::new(NodeInfoResponse {

@@ -65,15 +65,82 @@ enum CommitterMsg {
     Stop,
 }
 
+/// Whether a write is fsynced before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncPolicy {
+    /// As the node's durability mode says.
+    Mode,
+    /// Always (metadata).
+    Always,
+    /// Never by itself (bulk copies, made durable later by an `Always` write behind them: the
+    /// WAL is sequential, so one fsync covers everything before it).
+    Deferred,
+}
+
 struct PendingWrite {
     ops: Vec<WriteOp>,
-    /// Metadata changes are fsynced whatever the node's durability mode.
-    force_sync: bool,
+    sync: SyncPolicy,
     done: oneshot::Sender<Result<(), String>>,
 }
 
+/// The writes to a key span, recorded by the committer in commit order, numbered from 1: the
+/// tail of an online move. Entries are dropped once read past.
+#[derive(Debug)]
+pub struct Capture {
+    start: Bytes,
+    end: Bytes,
+    log: parking_lot::Mutex<CaptureLog>,
+}
+
+#[derive(Debug, Default)]
+struct CaptureLog {
+    entries: std::collections::VecDeque<(u64, WriteOp)>,
+    next_seq: u64,
+}
+
+impl Capture {
+    fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_ref() && (self.end.is_empty() || key < self.end.as_ref())
+    }
+
+    fn record(&self, op: &WriteOp) {
+        let key = match op {
+            WriteOp::Put { cf: CF_DATA, key, .. } | WriteOp::Delete { cf: CF_DATA, key } => key,
+            _ => return,
+        };
+        if self.contains(key) {
+            let mut log = self.log.lock();
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            log.entries.push_back((seq, op.clone()));
+        }
+    }
+
+    /// The sequence number the next captured write will get.
+    pub fn next_seq(&self) -> u64 {
+        self.log.lock().next_seq
+    }
+
+    /// Up to `max` entries from `from_seq` on (older ones are dropped), the sequence number after
+    /// them, and how many remain after those.
+    pub fn read_from(&self, from_seq: u64, max: usize) -> (Vec<(u64, WriteOp)>, u64, u64) {
+        let mut log = self.log.lock();
+        while log.entries.front().is_some_and(|(seq, _)| *seq < from_seq) {
+            log.entries.pop_front();
+        }
+        let entries: Vec<(u64, WriteOp)> = log.entries.iter().take(max).cloned().collect();
+        let next = entries.last().map_or(from_seq.max(1), |(seq, _)| seq + 1);
+        let backlog = (log.entries.len() - entries.len()) as u64;
+        (entries, next, backlog)
+    }
+}
+
+/// A snapshot chunk of an export: (key, value) pairs in key order.
+pub type ExportChunk = Result<Vec<(Bytes, Bytes)>, NodeError>;
+
 /// The node's RocksDB and its write pipeline.
 pub struct Storage {
+    captures: Arc<parking_lot::RwLock<Vec<Arc<Capture>>>>,
     db: Arc<DB>,
     queue: std_mpsc::Sender<CommitterMsg>,
     committer: parking_lot::Mutex<Option<JoinHandle<()>>>,
@@ -118,13 +185,15 @@ impl Storage {
 
         let (queue, receiver) = std_mpsc::channel();
         let key_space_end = vec![0xff; max_key_bytes + 1];
+        let captures: Arc<parking_lot::RwLock<Vec<Arc<Capture>>>> = Arc::default();
         let committer = {
             let db = db.clone();
             let metrics = metrics.clone();
             let key_space_end = key_space_end.clone();
+            let captures = captures.clone();
             std::thread::Builder::new()
                 .name("kv-committer".into())
-                .spawn(move || run_committer(&db, receiver, durability, &key_space_end, &metrics))
+                .spawn(move || run_committer(&db, receiver, durability, &key_space_end, &captures, &metrics))
                 .map_err(|source| NodeError::Io { context: "spawning the committer thread".into(), source })?
         };
         let wal_syncer = match durability {
@@ -141,6 +210,7 @@ impl Storage {
             }
         };
         Ok(Storage {
+            captures,
             db,
             queue,
             committer: parking_lot::Mutex::new(Some(committer)),
@@ -152,19 +222,23 @@ impl Storage {
 
     /// Applies `ops` atomically; returns when the node's durability mode says the write is OK.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<(), NodeError> {
-        self.submit(ops, false).await
+        self.submit(ops, SyncPolicy::Mode).await
     }
 
     /// Applies `ops` atomically and fsyncs them, whatever the durability mode (metadata).
     pub async fn write_durable(&self, ops: Vec<WriteOp>) -> Result<(), NodeError> {
-        self.submit(ops, true).await
+        self.submit(ops, SyncPolicy::Always).await
     }
 
-    async fn submit(&self, ops: Vec<WriteOp>, force_sync: bool) -> Result<(), NodeError> {
+    /// Applies `ops` atomically without an fsync of their own; a later `write_durable` makes
+    /// them durable.
+    pub async fn write_deferred(&self, ops: Vec<WriteOp>) -> Result<(), NodeError> {
+        self.submit(ops, SyncPolicy::Deferred).await
+    }
+
+    async fn submit(&self, ops: Vec<WriteOp>, sync: SyncPolicy) -> Result<(), NodeError> {
         let (done, wait) = oneshot::channel();
-        self.queue
-            .send(CommitterMsg::Write(PendingWrite { ops, force_sync, done }))
-            .map_err(|_| NodeError::ShuttingDown)?;
+        self.queue.send(CommitterMsg::Write(PendingWrite { ops, sync, done })).map_err(|_| NodeError::ShuttingDown)?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(NodeError::WriteFailed(message)),
@@ -260,6 +334,69 @@ impl Storage {
         self.db.get_cf(&cf, key).map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })
     }
 
+    /// Starts recording writes to `[start, end)` in commit order. The caller must make sure no
+    /// write to the span is in flight (it holds the range's gate exclusively).
+    pub fn start_capture(&self, start: Bytes, end: Bytes) -> Arc<Capture> {
+        let capture = Arc::new(Capture {
+            start,
+            end,
+            log: parking_lot::Mutex::new(CaptureLog { entries: Default::default(), next_seq: 1 }),
+        });
+        self.captures.write().push(capture.clone());
+        capture
+    }
+
+    pub fn stop_capture(&self, capture: &Arc<Capture>) {
+        self.captures.write().retain(|c| !Arc::ptr_eq(c, capture));
+    }
+
+    /// Streams `[start, end)` from a RocksDB snapshot on a blocking thread, `chunk_pairs` pairs
+    /// at a time, with backpressure (a few chunks buffered). `taken` fires once the snapshot
+    /// exists, so the caller can let writes resume.
+    pub fn stream_snapshot(
+        &self,
+        start: Bytes,
+        end: Bytes,
+        chunk_pairs: usize,
+    ) -> (oneshot::Receiver<()>, tokio::sync::mpsc::Receiver<ExportChunk>) {
+        let (taken_tx, taken_rx) = oneshot::channel();
+        let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel(4);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let Some(cf) = db.cf_handle(CF_DATA) else {
+                let _ = chunks_tx.blocking_send(Err(NodeError::Corrupt("column family data is missing".into())));
+                return;
+            };
+            let snapshot = db.snapshot();
+            let _ = taken_tx.send(());
+            let mut read_opts = ReadOptions::default();
+            if !end.is_empty() {
+                read_opts.set_iterate_upper_bound(end.to_vec());
+            }
+            let mut iter = snapshot.raw_iterator_cf_opt(&cf, read_opts);
+            iter.seek(&start);
+            let mut chunk = Vec::with_capacity(chunk_pairs);
+            while iter.valid() {
+                if let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+                    chunk.push((Bytes::copy_from_slice(key), Bytes::copy_from_slice(value)));
+                }
+                if chunk.len() >= chunk_pairs {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_pairs));
+                    if chunks_tx.blocking_send(Ok(full)).is_err() {
+                        return;
+                    }
+                }
+                iter.next();
+            }
+            let outcome = match iter.status() {
+                Ok(()) => Ok(chunk),
+                Err(source) => Err(NodeError::Storage { context: "reading a snapshot for export".into(), source }),
+            };
+            let _ = chunks_tx.blocking_send(outcome);
+        });
+        (taken_rx, chunks_rx)
+    }
+
     /// Stops the write pipeline after the writes already queued, then fsyncs the WAL. Later
     /// writes fail with `ShuttingDown`.
     pub fn shutdown(&self) -> Result<(), NodeError> {
@@ -297,7 +434,11 @@ fn group_commit(db: &DB, group: &[PendingWrite], durability: Durability, key_spa
             }
         }
     }
-    let sync = durability == Durability::Sync || group.iter().any(|p| p.force_sync);
+    let sync = group.iter().any(|p| match p.sync {
+        SyncPolicy::Mode => durability == Durability::Sync,
+        SyncPolicy::Always => true,
+        SyncPolicy::Deferred => false,
+    });
     let mut write_opts = WriteOptions::default();
     write_opts.set_sync(sync);
     db.write_opt(batch, &write_opts).map_err(|e| e.to_string())?;
@@ -310,6 +451,7 @@ fn run_committer(
     receiver: std_mpsc::Receiver<CommitterMsg>,
     durability: Durability,
     key_space_end: &[u8],
+    captures: &parking_lot::RwLock<Vec<Arc<Capture>>>,
     metrics: &StorageMetrics,
 ) {
     const MAX_GROUP: usize = 1024;
@@ -334,6 +476,12 @@ fn run_committer(
         let result = group_commit(db, &group, durability, key_space_end);
         metrics.observe_commit(group.len(), started.elapsed(), matches!(result, Ok(true)));
         let result = result.map(|_| ());
+        if result.is_ok() {
+            let captures = captures.read();
+            for capture in captures.iter() {
+                group.iter().flat_map(|p| &p.ops).for_each(|op| capture.record(op));
+            }
+        }
         for pending in group.drain(..) {
             let _ = pending.done.send(result.clone());
         }
