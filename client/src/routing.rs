@@ -47,12 +47,8 @@ impl RangeCache {
         if desc.leader().is_none_or(|l| l.address.is_empty()) {
             return false;
         }
-        let overlapping: Vec<Bytes> = self
-            .by_start
-            .iter()
-            .filter(|(_, cached)| overlaps(cached, &desc))
-            .map(|(start, _)| start.clone())
-            .collect();
+        let overlapping: Vec<Bytes> =
+            self.by_start.iter().filter(|(_, cached)| cached.overlaps(&desc)).map(|(start, _)| start.clone()).collect();
         let newer_exists = overlapping.iter().any(|start| self.by_start[start].generation > desc.generation);
         let identical = overlapping.len() == 1 && *self.by_start[&overlapping[0]] == desc;
         if newer_exists || identical {
@@ -89,17 +85,11 @@ impl RangeCache {
             if let Some(leader) = desc.leader() {
                 self.add_node(&leader.address);
             }
-            if !self.by_start.values().any(|cached| overlaps(cached, &desc)) {
+            if !self.by_start.values().any(|cached| cached.overlaps(&desc)) {
                 self.by_start.insert(desc.start_key.clone(), Arc::new(desc));
             }
         }
     }
-}
-
-fn overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
-    let a_before_b = !a.end_key.is_empty() && a.end_key <= b.start_key;
-    let b_before_a = !b.end_key.is_empty() && b.end_key <= a.start_key;
-    !(a_before_b || b_before_a)
 }
 
 #[cfg(test)]
@@ -177,7 +167,7 @@ mod tests {
                 let ranges: Vec<&RangeDescriptor> = cache.ranges().collect();
                 for (i, x) in ranges.iter().enumerate() {
                     for y in &ranges[i + 1..] {
-                        proptest::prop_assert!(!overlaps(x, y), "{} overlaps {}", x.span(), y.span());
+                        proptest::prop_assert!(!x.overlaps(*y), "{} overlaps {}", x.span(), y.span());
                     }
                 }
             }

@@ -94,19 +94,21 @@ async fn preload(client: &kvfleet_client::Client, count: usize) {
     }
 }
 
+/// Step 1-2 of a move: `target` imports `range` from `source`.
+async fn import(
+    target: &NodeProcess,
+    source: &NodeProcess,
+    range: &RangeDescriptor,
+) -> Result<tonic::Response<ImportRangeResponse>, tonic::Status> {
+    let request =
+        ImportRangeRequest { range: Some(range.clone()), source_address: source.address.clone(), move_id: MOVE_ID };
+    target.admin().import_range(request).await
+}
+
 /// Drives one move of range 1 from `source` to `target`; returns the write-freeze window.
 async fn move_range_one(source: &NodeProcess, target: &NodeProcess) -> Duration {
     let desc = range_one(source).await;
-    let imported = target
-        .admin()
-        .import_range(ImportRangeRequest {
-            range: Some(desc.clone()),
-            source_address: source.address.clone(),
-            move_id: MOVE_ID,
-        })
-        .await
-        .expect("import")
-        .into_inner();
+    let imported = import(target, source, &desc).await.expect("import").into_inner();
     assert!(imported.pairs_copied > 0);
     let frozen_at = Instant::now();
     let final_seq = source
@@ -178,14 +180,7 @@ async fn a_target_killed_mid_import_is_aborted_and_the_move_retried() {
     let client = client_for(&[&source]);
     preload(&client, 3_000).await;
     let desc = range_one(&source).await;
-    let outcome = target
-        .admin()
-        .import_range(ImportRangeRequest {
-            range: Some(desc.clone()),
-            source_address: source.address.clone(),
-            move_id: MOVE_ID,
-        })
-        .await;
+    let outcome = import(&target, &source, &desc).await;
     assert!(outcome.is_err(), "the target should have died mid-import");
     assert!(!target.wait_for_exit(Duration::from_secs(10)).success());
 
@@ -214,15 +209,7 @@ async fn a_source_killed_while_frozen_stays_frozen_and_the_move_completes() {
     preload(&client, 1_000).await;
     client.put(Bytes::from("last-before-freeze"), Bytes::from("v")).await.unwrap();
     let desc = range_one(&source).await;
-    target
-        .admin()
-        .import_range(ImportRangeRequest {
-            range: Some(desc.clone()),
-            source_address: source.address.clone(),
-            move_id: MOVE_ID,
-        })
-        .await
-        .unwrap();
+    import(&target, &source, &desc).await.unwrap();
     let freeze =
         FreezeForMoveRequest { range_id: 1, move_id: MOVE_ID, target: Some(replica(&target)), new_generation: 2 };
     source.admin().freeze_for_move(freeze.clone()).await.unwrap();
@@ -240,15 +227,7 @@ async fn a_source_killed_while_frozen_stays_frozen_and_the_move_completes() {
     // Recovery: the capture died with the source, so the target copies afresh from the frozen
     // source (complete: it takes no writes) and completes.
     target.admin().abort_import(AbortImportRequest { range_id: 1, move_id: MOVE_ID }).await.unwrap();
-    target
-        .admin()
-        .import_range(ImportRangeRequest {
-            range: Some(frozen.clone()),
-            source_address: source.address.clone(),
-            move_id: MOVE_ID,
-        })
-        .await
-        .expect("re-import from the frozen source");
+    import(&target, &source, &frozen).await.expect("re-import from the frozen source");
     let final_seq = source.admin().freeze_for_move(freeze).await.unwrap().into_inner().final_seq;
     assert_eq!(final_seq, 0, "a frozen source captures nothing");
     let owned = target

@@ -17,7 +17,7 @@ use tonic::transport::Endpoint;
 use crate::error::NodeError;
 use crate::failpoint;
 use crate::node::Node;
-use crate::ranges::{descriptor_key, leader_replica};
+use crate::ranges::{descriptor_key, descriptor_write, leader_replica};
 use crate::storage::{CF_DATA, CF_META, Capture, ExportChunk, WriteOp};
 
 const DEFAULT_CHUNK_PAIRS: usize = 1024;
@@ -211,11 +211,7 @@ impl Node {
         tombstone.state = RangeState::Retired as i32;
         tombstone.move_intent = None;
         let ops = vec![
-            WriteOp::Put {
-                cf: CF_META,
-                key: descriptor_key(tombstone.range_id),
-                value: prost::Message::encode_to_vec(&tombstone).into(),
-            },
+            descriptor_write(&tombstone),
             WriteOp::DeleteRange { cf: CF_DATA, start: range.desc.start_key.clone(), end: range.desc.end_key.clone() },
         ];
         failpoint::hit("retire-before-persist");
@@ -224,7 +220,7 @@ impl Node {
         if let Some(session) = self.moves.exports.lock().remove(&request.range_id) {
             self.storage.stop_capture(&session.capture);
         }
-        self.metrics.ranges.set(self.owned_ranges().len() as i64);
+        self.update_range_gauge();
         tracing::info!(range_id = request.range_id, to = %target.node_id, generation = intent.new_generation, "range moved away");
         Ok(())
     }
@@ -278,11 +274,7 @@ impl Node {
             source_address: request.source_address.clone(),
         });
         let ops = vec![
-            WriteOp::Put {
-                cf: CF_META,
-                key: descriptor_key(importing.range_id),
-                value: prost::Message::encode_to_vec(&importing).into(),
-            },
+            descriptor_write(&importing),
             WriteOp::DeleteRange { cf: CF_DATA, start: source.start_key.clone(), end: source.end_key.clone() },
         ];
         self.storage.write_durable(ops).await?;
@@ -390,7 +382,7 @@ impl Node {
         self.persist(&[&owned]).await?;
         self.table.write().activate_import(owned.clone(), self.new_load());
         self.moves.imports.lock().remove(&request.range_id);
-        self.metrics.ranges.set(self.owned_ranges().len() as i64);
+        self.update_range_gauge();
         tracing::info!(range_id = owned.range_id, generation = owned.generation, span = %owned.span(), "range moved in");
         Ok(owned)
     }

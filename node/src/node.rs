@@ -11,7 +11,6 @@ use kvfleet_proto::v1::{
     RangeState, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
-use prost::Message;
 use tokio::sync::OwnedRwLockReadGuard;
 
 use crate::config::NodeConfig;
@@ -21,7 +20,7 @@ use crate::load::RangeLoad;
 use crate::metrics::NodeMetrics;
 use crate::ranges::{
     MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, SplitPlan, bootstrap_descriptor, decode_descriptor,
-    descriptor_key,
+    descriptor_write,
 };
 use crate::storage::{CF_META, Storage, WriteOp};
 
@@ -125,8 +124,12 @@ impl Node {
             node.table.write().install(desc, || node.new_load())?;
             tracing::info!("bootstrapped range 1 covering the whole key space");
         }
-        node.metrics.ranges.set(node.table.read().owned_count() as i64);
+        node.update_range_gauge();
         Ok(node)
+    }
+
+    pub(crate) fn update_range_gauge(&self) {
+        self.metrics.ranges.set(self.table.read().owned_count() as i64);
     }
 
     pub(crate) fn new_load(&self) -> Arc<RangeLoad> {
@@ -335,7 +338,7 @@ impl Node {
         self.persist(&[&plan.left, &plan.right, &plan.retired]).await?;
         failpoint::hit("split-after-persist");
         self.table.write().apply_split(&plan, || self.new_load());
-        self.metrics.ranges.set(self.table.read().owned_count() as i64);
+        self.update_range_gauge();
         tracing::info!(
             range_id,
             left = plan.left.range_id,
@@ -368,7 +371,7 @@ impl Node {
         self.persist(&[&plan.merged, &plan.retired[0], &plan.retired[1]]).await?;
         failpoint::hit("merge-after-persist");
         self.table.write().apply_merge(&plan, || self.new_load());
-        self.metrics.ranges.set(self.table.read().owned_count() as i64);
+        self.update_range_gauge();
         tracing::info!(
             left = request.left_id,
             right = request.right_id,
@@ -381,10 +384,7 @@ impl Node {
 
     /// Writes descriptors to the metadata column family in one fsynced batch.
     pub(crate) async fn persist(&self, descriptors: &[&RangeDescriptor]) -> Result<(), NodeError> {
-        let ops = descriptors
-            .iter()
-            .map(|d| WriteOp::Put { cf: CF_META, key: descriptor_key(d.range_id), value: d.encode_to_vec().into() })
-            .collect();
+        let ops = descriptors.iter().map(|d| descriptor_write(d)).collect();
         self.storage.write_durable(ops).await
     }
 

@@ -18,11 +18,17 @@ use prost::Message;
 
 use crate::error::NodeError;
 use crate::load::RangeLoad;
+use crate::storage::{CF_META, WriteOp};
 
 /// Metadata key prefix of persisted range descriptors: `range/` + id (big-endian).
 pub const RANGE_PREFIX: &[u8] = b"range/";
 /// Metadata key holding the node id that owns the data directory.
 pub const NODE_ID_KEY: &[u8] = b"node/id";
+
+/// The metadata write that persists `desc`.
+pub fn descriptor_write(desc: &RangeDescriptor) -> WriteOp {
+    WriteOp::Put { cf: CF_META, key: descriptor_key(desc.range_id), value: desc.encode_to_vec().into() }
+}
 
 pub fn descriptor_key(range_id: u64) -> Bytes {
     let mut key = RANGE_PREFIX.to_vec();
@@ -113,7 +119,7 @@ impl RangeTable {
             self.retired.insert(desc.range_id, desc);
             return Ok(());
         }
-        if let Some(other) = self.owned.values().find(|o| overlaps(&o.desc, &desc)) {
+        if let Some(other) = self.owned_overlapping(&desc) {
             return Err(NodeError::Corrupt(format!(
                 "owned ranges overlap: {} {} and {} {}",
                 other.desc.range_id,
@@ -154,7 +160,7 @@ impl RangeTable {
 
     /// An owned range overlapping `[start, end)`, if any.
     pub fn owned_overlapping(&self, desc: &RangeDescriptor) -> Option<&Arc<OwnedRange>> {
-        self.owned.values().find(|o| overlaps(&o.desc, desc))
+        self.owned.values().find(|o| o.desc.overlaps(desc))
     }
 
     /// Replaces an owned range's descriptor (freeze, unfreeze), keeping its gate and load.
@@ -398,12 +404,6 @@ impl RangeTable {
             .collect();
         self.routing.len()
     }
-}
-
-fn overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
-    let a_before_b = !a.end_key.is_empty() && a.end_key <= b.start_key;
-    let b_before_a = !b.end_key.is_empty() && b.end_key <= a.start_key;
-    !(a_before_b || b_before_a)
 }
 
 /// The replica entry for this node as leader.

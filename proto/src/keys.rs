@@ -11,6 +11,13 @@ pub trait RangeBounds {
         key >= self.start() && (self.end().is_empty() || key < self.end())
     }
 
+    /// True when the two half-open intervals share at least one key.
+    fn overlaps(&self, other: &impl RangeBounds) -> bool {
+        let self_before = !self.end().is_empty() && self.end() <= other.start();
+        let other_before = !other.end().is_empty() && other.end() <= self.start();
+        !(self_before || other_before)
+    }
+
     /// True when `key` could be a split point: strictly after the start and before the end.
     fn is_interior(&self, key: &[u8]) -> bool {
         key > self.start() && (self.end().is_empty() || key < self.end())
