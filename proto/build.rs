@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "kvfleet/v1/types.proto",
                 "kvfleet/v1/kv.proto",
                 "kvfleet/v1/admin.proto",
+                "kvfleet/v1/controller.proto",
                 "google/rpc/status.proto",
                 "etcd/etcd_kv_subset.proto",
             ]

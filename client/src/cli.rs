@@ -5,15 +5,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use kvfleet_proto::display_key;
+use kvfleet_proto::v1::controller_client::ControllerClient;
 use kvfleet_proto::v1::{
-    Durability, LoadReportRequest, MergeRangesRequest, NodeInfoRequest, RangeDescriptor, SplitRangeRequest,
+    ControllerStatusRequest, Durability, LoadReportRequest, MergeRangesRequest, NodeInfoRequest, RangeDescriptor,
+    SplitRangeRequest,
 };
 use serde::Serialize;
 
 use crate::bench::{self, BenchArgs, BenchReport};
 use crate::client::{Client, ClientConfig};
+use crate::controller_view::{human_bytes, table};
 
 #[derive(Debug, Parser)]
 #[command(name = "kvctl", version, about = "Talk to a kvfleet cluster")]
@@ -67,8 +69,13 @@ pub enum Command {
     },
     /// Merge the range holding KEY with the range right after it (both on the same node).
     Merge { key: String },
-    /// Nodes, their ranges, load and hot keys.
-    Status,
+    /// Nodes, their ranges, load and hot keys; with --controller, also what the controller is
+    /// doing and declining to do (moves in flight, hot keys, reasons).
+    Status {
+        /// The controller's status address (the playground's is 127.0.0.1:7690).
+        #[arg(long, env = "KVFLEET_CONTROLLER")]
+        controller: Option<String>,
+    },
     /// Run a YCSB-style benchmark.
     Bench(BenchArgs),
 }
@@ -148,12 +155,6 @@ struct RangeStatus {
     approx_size_bytes: u64,
     approx_keys: u64,
     hot_keys: Vec<(String, f64)>,
-}
-
-fn table(header: &[&str]) -> Table {
-    let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
-    table
 }
 
 fn print_json(value: &impl Serialize) -> Result<(), CliError> {
@@ -237,7 +238,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Split { key, expected_generation } => split(&client, key, expected_generation, json).await?,
         Command::Merge { key } => merge(&client, key, json).await?,
-        Command::Status => status(&client, json).await?,
+        Command::Status { controller } => status(&client, controller.as_deref(), json).await?,
         Command::Bench(args) => {
             let report = bench::run(&args, &cli.endpoints, deadline).await.map_err(CliError::Failed)?;
             if json {
@@ -343,7 +344,10 @@ async fn merge(client: &Client, key: String, json: bool) -> Result<(), CliError>
     Ok(())
 }
 
-async fn status(client: &Client, json: bool) -> Result<(), CliError> {
+async fn status(client: &Client, controller: Option<&str>, json: bool) -> Result<(), CliError> {
+    if let Some(address) = controller {
+        return controller_status(address, json).await;
+    }
     // Learn every node first, then ask each for its info and load.
     let _ = client.refresh(std::time::Instant::now()).await;
     let mut nodes = Vec::new();
@@ -399,6 +403,29 @@ async fn status(client: &Client, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+async fn controller_status(address: &str, json: bool) -> Result<(), CliError> {
+    let failed = |what: &str, error: String| CliError::Failed(format!("controller at {address}: {what}: {error}"));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| failed("bad address", e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| failed("cannot connect", e.to_string()))?;
+    let mut request = tonic::Request::new(ControllerStatusRequest {});
+    request.set_timeout(Duration::from_secs(5));
+    let status = ControllerClient::new(channel)
+        .status(request)
+        .await
+        .map_err(|s| CliError::Rpc { address: address.to_string(), status: s })?
+        .into_inner();
+    if json {
+        print_json(&crate::controller_view::to_json(&status))
+    } else {
+        print!("{}", crate::controller_view::render(&status));
+        Ok(())
+    }
+}
+
 async fn node_status(client: &Client, address: &str) -> NodeStatus {
     let mut status = NodeStatus {
         node_id: String::new(),
@@ -449,17 +476,6 @@ async fn node_status(client: &Client, address: &str) -> NodeStatus {
     status.reachable = result.is_ok();
     status.error = result.err();
     status
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 fn print_bench(report: &BenchReport) {

@@ -86,9 +86,8 @@ impl NodeProcess {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("kvfleet-node ready ") {
-                    let address = rest.split_whitespace().find_map(|kv| kv.strip_prefix("address="));
-                    let _ = ready_tx.send(address.unwrap_or_default().to_string());
+                if let Some(address) = kvfleet_proto::parse_node_ready_line(&line) {
+                    let _ = ready_tx.send(address.to_string());
                 }
             }
         });

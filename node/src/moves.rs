@@ -32,6 +32,9 @@ const MAX_CATCH_UP_ROUNDS: usize = 10_000;
 pub struct MoveSessions {
     exports: Mutex<HashMap<u64, ExportSession>>,
     imports: Mutex<HashMap<u64, ImportSession>>,
+    /// Held by CompleteImport and AbortImport: an abort from a restarted controller must not
+    /// delete the data of an import completing at the same instant.
+    import_transition: tokio::sync::Mutex<()>,
 }
 
 struct ExportSession {
@@ -351,6 +354,7 @@ impl Node {
     /// Target: applies the rest of the tail (the source is frozen), then owns the range at the
     /// new generation. One fsync makes the copied data and the ownership durable together.
     pub async fn complete_import(&self, request: &CompleteImportRequest) -> Result<RangeDescriptor, NodeError> {
+        let _transition = self.moves.import_transition.lock().await;
         let importing = self
             .table
             .read()
@@ -389,6 +393,7 @@ impl Node {
 
     /// Target: forgets an import and deletes what it copied. Refused once the range is owned.
     pub async fn abort_import(&self, request: &AbortImportRequest) -> Result<(), NodeError> {
+        let _transition = self.moves.import_transition.lock().await;
         self.moves.imports.lock().remove(&request.range_id);
         let Some(importing) = self.table.read().importing(request.range_id).cloned() else {
             return Ok(());

@@ -144,6 +144,10 @@ impl Node {
         self.table.read().owned().map(|r| r.desc.clone()).collect()
     }
 
+    pub fn importing_ranges(&self) -> Vec<RangeDescriptor> {
+        self.table.read().all_importing().cloned().collect()
+    }
+
     pub fn routing_hints(&self) -> Vec<RangeDescriptor> {
         self.table.read().routing_hints().cloned().collect()
     }

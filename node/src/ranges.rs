@@ -158,6 +158,10 @@ impl RangeTable {
         self.importing.get(&range_id)
     }
 
+    pub fn all_importing(&self) -> impl Iterator<Item = &RangeDescriptor> {
+        self.importing.values()
+    }
+
     /// An owned range overlapping `[start, end)`, if any.
     pub fn owned_overlapping(&self, desc: &RangeDescriptor) -> Option<&Arc<OwnedRange>> {
         self.owned.values().find(|o| o.desc.overlaps(desc))

@@ -15,12 +15,9 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::NodeConfig;
 use crate::error::NodeError;
-use crate::metrics::{self, NodeMetrics};
+use crate::metrics::NodeMetrics;
 use crate::node::Node;
 use crate::service::{AdminService, KvService};
-
-/// The line printed on stdout once the node serves, for scripts and tests that start it.
-pub const READY_LINE_PREFIX: &str = "kvfleet-node ready";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -61,7 +58,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         let registry = Arc::new(registry);
         let shutdown = wait_until_true(shutdown_rx.clone());
         tokio::spawn(async move {
-            if let Err(error) = metrics::serve(addr, registry, shutdown).await {
+            if let Err(error) = kvfleet_proto::metrics_http::serve(addr, registry, shutdown).await {
                 tracing::error!(%addr, %error, "metrics endpoint failed");
             }
         });
@@ -92,7 +89,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         ranges = node.owned_ranges().len(),
         "serving"
     );
-    println!("{READY_LINE_PREFIX} node_id={} address={}", config.node_id, node.address);
+    println!("{} node_id={} address={}", kvfleet_proto::NODE_READY_PREFIX, config.node_id, node.address);
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut drained = shutdown_rx.clone();

@@ -301,6 +301,7 @@ impl Admin for AdminService {
             address: self.node.address.clone(),
             ranges: self.node.owned_ranges(),
             routing: self.node.routing_hints(),
+            importing: self.node.importing_ranges(),
         }))
     }
 

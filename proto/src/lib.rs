@@ -3,6 +3,7 @@
 
 pub mod errors;
 pub mod keys;
+pub mod metrics_http;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
@@ -24,3 +25,13 @@ pub mod etcd {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kvfleet_descriptor");
 
 pub use keys::{RangeBounds, display_key};
+
+/// `kvfleet-node` prints this on stdout, followed by `node_id=<id> address=<host:port>`, once it
+/// serves: the handshake for whatever starts nodes (the Local platform, tests, scripts).
+pub const NODE_READY_PREFIX: &str = "kvfleet-node ready";
+
+/// The address in a node's ready line, if `line` is one.
+pub fn parse_node_ready_line(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix(NODE_READY_PREFIX)?;
+    rest.split_whitespace().find_map(|field| field.strip_prefix("address="))
+}

@@ -164,6 +164,22 @@ pub enum Skip {
 }
 
 impl Skip {
+    /// The range the decision was about, if it was about one range (for merges, the left one).
+    pub fn range(&self) -> Option<RangeId> {
+        match self {
+            Skip::SplitNotSustained { range, .. }
+            | Skip::NoBalancedSplitKey { range, .. }
+            | Skip::SingleKeyRange { range, .. }
+            | Skip::TooSmallToSplit { range }
+            | Skip::Cooldown { range, .. } => Some(*range),
+            Skip::MergeDelay { left, .. } => Some(*left),
+            Skip::Balanced { .. }
+            | Skip::MoveBudgetExhausted { .. }
+            | Skip::NoBeneficialMove { .. }
+            | Skip::NoTargetNode => None,
+        }
+    }
+
     /// A stable label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,0 +1,42 @@
+//! The command line: `kvfleet-operator playground` (a local fleet with its controller).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::controller::ControllerError;
+use crate::platform::PlatformError;
+use crate::playground::PlaygroundArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "kvfleet-operator", version, about = "kvfleet's controller and local playground")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a local fleet of kvfleet-node processes with the resharding controller and a live view.
+    Playground(PlaygroundArgs),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("controller status service: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+pub async fn run(cli: Cli) -> Result<(), OperatorError> {
+    match cli.command {
+        Command::Playground(args) => crate::playground::run(args).await,
+    }
+}

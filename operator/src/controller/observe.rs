@@ -1,0 +1,241 @@
+//! Collect: ask every node for its ranges and their load, and turn the answers into the range
+//! map the controller acts on and the `ClusterView` the planner reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::future::join_all;
+use kvfleet_planner::{Action, ClusterView, Load, NodeId, NodeView, RangeView};
+use kvfleet_proto::v1::{
+    LoadReportRequest, LoadReportResponse, RangeDescriptor, RangeLoad, RangeState, ReplicaRole,
+    admin_client::AdminClient,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use super::state::ControllerState;
+use crate::platform::Member;
+
+/// Key samples and hot keys asked of each range per round.
+const SAMPLE_KEYS: u32 = 64;
+const HOT_KEYS: u32 = 4;
+
+/// gRPC channels to the nodes, one per address, created lazily and reused.
+#[derive(Default, Clone)]
+pub struct NodeClients {
+    channels: std::sync::Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
+}
+
+impl NodeClients {
+    pub fn admin(&self, address: &str) -> Result<AdminClient<Channel>, String> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(address) {
+            return Ok(AdminClient::new(channel.clone()));
+        }
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("bad node address {address:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(AdminClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024))
+    }
+}
+
+/// A request with a deadline.
+pub fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// What one node said this round.
+#[derive(Debug, Clone)]
+pub struct NodeReport {
+    pub load: LoadReportResponse,
+    /// Ranges being imported here (not served yet).
+    pub importing: Vec<RangeDescriptor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ObservedNode {
+    pub member: Member,
+    pub report: Result<NodeReport, String>,
+}
+
+impl ObservedNode {
+    pub fn owned(&self) -> impl Iterator<Item = &RangeDescriptor> {
+        self.report.iter().flat_map(|r| r.load.ranges.iter().filter_map(|l| l.range.as_ref()))
+    }
+
+    pub fn holds(&self, range_id: u64) -> Option<&RangeDescriptor> {
+        self.owned().find(|d| d.range_id == range_id)
+    }
+}
+
+/// The serving copy of a range: the owned descriptor with the highest generation.
+#[derive(Debug, Clone)]
+pub struct ObservedRange {
+    pub desc: RangeDescriptor,
+    /// Index into `Observation::nodes`.
+    pub owner: usize,
+    pub load: RangeLoad,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub nodes: Vec<ObservedNode>,
+    pub ranges: BTreeMap<u64, ObservedRange>,
+}
+
+impl Observation {
+    pub fn node(&self, node_id: &str) -> Option<&ObservedNode> {
+        self.nodes.iter().find(|n| n.member.node_id == node_id)
+    }
+
+    pub fn node_index(&self, node_id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.member.node_id == node_id)
+    }
+
+    pub fn unreachable(&self) -> impl Iterator<Item = (&Member, &str)> {
+        self.nodes.iter().filter_map(|n| n.report.as_ref().err().map(|e| (&n.member, e.as_str())))
+    }
+
+    /// The highest range id and move id any node mentions.
+    pub fn max_ids(&self) -> (u64, u64) {
+        let mut max_range = 0;
+        let mut max_move = 0;
+        for node in &self.nodes {
+            let Ok(report) = &node.report else { continue };
+            let descs = report.load.ranges.iter().filter_map(|l| l.range.as_ref()).chain(&report.importing);
+            for desc in descs {
+                max_range = max_range.max(desc.range_id).max(desc.successors.iter().copied().max().unwrap_or(0));
+                max_move = max_move.max(desc.move_intent.as_ref().map_or(0, |i| i.move_id));
+            }
+        }
+        (max_range, max_move)
+    }
+
+    /// The range map as published to nodes for routing hints: every serving descriptor.
+    pub fn routing(&self) -> Vec<RangeDescriptor> {
+        self.ranges.values().map(|r| r.desc.clone()).collect()
+    }
+
+    /// Changes whenever a range's id, generation or owner changes.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for range in self.ranges.values() {
+            (range.desc.range_id, range.desc.generation, range.owner, range.desc.state).hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+}
+
+pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Duration) -> Observation {
+    let reports = join_all(members.iter().map(|member| report_of(clients, &member.address, timeout))).await;
+    let nodes: Vec<ObservedNode> =
+        members.into_iter().zip(reports).map(|(member, report)| ObservedNode { member, report }).collect();
+    let mut ranges: BTreeMap<u64, ObservedRange> = BTreeMap::new();
+    for (index, node) in nodes.iter().enumerate() {
+        let Ok(report) = &node.report else { continue };
+        for load in &report.load.ranges {
+            let Some(desc) = &load.range else { continue };
+            // Between a move's handoff and the source's retirement both nodes report the range;
+            // the target's copy is the newer generation.
+            let newer = ranges.get(&desc.range_id).is_none_or(|seen| desc.generation > seen.desc.generation);
+            if newer {
+                ranges.insert(desc.range_id, ObservedRange { desc: desc.clone(), owner: index, load: load.clone() });
+            }
+        }
+    }
+    Observation { nodes, ranges }
+}
+
+async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> Result<NodeReport, String> {
+    let mut admin = clients.admin(address)?;
+    let mut admin2 = admin.clone();
+    let load =
+        admin.load_report(with_timeout(LoadReportRequest { sample_keys: SAMPLE_KEYS, hot_keys: HOT_KEYS }, timeout));
+    let list = admin2.list_ranges(with_timeout(kvfleet_proto::v1::ListRangesRequest {}, timeout));
+    let (load, list) = futures::join!(load, list);
+    let load = load.map_err(|s| describe_status(&s))?.into_inner();
+    let importing = list.map_err(|s| describe_status(&s))?.into_inner().importing;
+    Ok(NodeReport { load, importing })
+}
+
+pub fn describe_status(status: &tonic::Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    }
+}
+
+/// The planner's view: nodes by index, every serving range with its load, what is in flight.
+pub fn cluster_view(observation: &Observation, state: &ControllerState) -> ClusterView {
+    let nodes = observation
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(index, node)| NodeView {
+            id: NodeId(index as u32),
+            schedulable: node.report.is_ok() && !node.member.draining,
+            draining: node.member.draining,
+        })
+        .collect();
+    let ranges = observation
+        .ranges
+        .values()
+        .map(|range| {
+            let load = &range.load;
+            RangeView {
+                id: range.desc.range_id,
+                start: range.desc.start_key.to_vec(),
+                end: range.desc.end_key.to_vec(),
+                owner: NodeId(range.owner as u32),
+                load: Load {
+                    reads: load.reads_per_sec,
+                    writes: load.writes_per_sec,
+                    read_bytes: load.read_bytes_per_sec,
+                    write_bytes: load.write_bytes_per_sec,
+                },
+                size_bytes: load.approx_size_bytes,
+                samples: load.key_samples.iter().map(|s| (s.key.to_vec(), s.weight)).collect(),
+                hot_keys: load.hot_keys.iter().map(|h| (h.key.to_vec(), h.ops_per_sec)).collect(),
+                size_middle_key: None,
+                split_at: state.split_at.get(&range.desc.range_id).copied(),
+                moved_at: state.moved_at.get(&range.desc.range_id).copied(),
+            }
+        })
+        .collect();
+    let in_flight = state
+        .moves
+        .iter()
+        .map(|m| {
+            let from = observation.node_index(&m.from).unwrap_or(0);
+            let to = observation.node_index(&m.to).unwrap_or(from);
+            Action::Move {
+                range: m.range_id,
+                from: NodeId(from as u32),
+                to: NodeId(to as u32),
+                reason: kvfleet_planner::MoveReason::Drain,
+            }
+        })
+        .collect();
+    ClusterView { nodes, ranges, in_flight }
+}
+
+/// True when `desc` is frozen on its node for move `move_id`.
+pub fn frozen_for(desc: &RangeDescriptor, move_id: u64) -> bool {
+    desc.state() == RangeState::Frozen && desc.move_intent.as_ref().is_some_and(|i| i.move_id == move_id)
+}
+
+pub fn leader_replica(member: &Member) -> kvfleet_proto::v1::Replica {
+    kvfleet_proto::v1::Replica {
+        node_id: member.node_id.clone(),
+        address: member.address.clone(),
+        role: ReplicaRole::Leader as i32,
+    }
+}

@@ -1,0 +1,263 @@
+//! What the controller reports: the status people look at (`kvctl status --controller`, the
+//! playground's live view, served by the `Controller` gRPC service), Prometheus metrics, and the
+//! log lines of decisions not taken.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use kvfleet_planner::Plan;
+use kvfleet_proto::display_key;
+use kvfleet_proto::v1::controller_server::Controller as ControllerApi;
+use kvfleet_proto::v1::{
+    ControllerStatus, ControllerStatusRequest, HotKeyStatus, MoveStatus, NodeStatus, RangeStatus, SkipCount,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::moves::MoveReport;
+use super::observe::Observation;
+use super::state::ControllerState;
+use super::unix_now;
+
+const RECENT_EVENTS: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ActionLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SkipLabels {
+    reason: &'static str,
+}
+
+struct Metrics {
+    rounds: Counter,
+    degraded_rounds: Counter,
+    actions: Family<ActionLabels, Counter>,
+    skips: Family<SkipLabels, Counter>,
+    moves_in_flight: Gauge,
+    move_freeze: Histogram,
+    move_bytes: Counter,
+    ranges: Gauge,
+}
+
+impl Metrics {
+    fn new(registry: &mut Registry) -> Self {
+        let metrics = Metrics {
+            rounds: Counter::default(),
+            degraded_rounds: Counter::default(),
+            actions: Family::default(),
+            skips: Family::default(),
+            moves_in_flight: Gauge::default(),
+            move_freeze: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            move_bytes: Counter::default(),
+            ranges: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("kvfleet_controller");
+        r.register("rounds", "Control rounds run", metrics.rounds.clone());
+        r.register("degraded_rounds", "Rounds that could not reach every node", metrics.degraded_rounds.clone());
+        r.register("actions", "Splits, merges and moves, by outcome", metrics.actions.clone());
+        r.register("skips", "Planner decisions not taken, by reason", metrics.skips.clone());
+        r.register("moves_in_flight", "Moves started and not finished", metrics.moves_in_flight.clone());
+        r.register("move_freeze_seconds", "Write freeze window of each move", metrics.move_freeze.clone());
+        r.register("move_copied_bytes", "Bytes copied by moves", metrics.move_bytes.clone());
+        r.register("ranges", "Ranges in the cluster", metrics.ranges.clone());
+        metrics
+    }
+}
+
+struct Board {
+    status: ControllerStatus,
+    skips: BTreeMap<&'static str, (u64, String)>,
+    events: VecDeque<String>,
+    /// (kind, range) of the decisions not taken last round: each is logged when it first appears.
+    last_skips: HashSet<(&'static str, Option<u64>)>,
+}
+
+/// Shared between the control loop (writes) and the status service and live view (read).
+#[derive(Clone)]
+pub struct StatusBoard {
+    board: Arc<parking_lot::Mutex<Board>>,
+    metrics: Arc<Metrics>,
+}
+
+impl StatusBoard {
+    pub fn new(registry: &mut Registry) -> Self {
+        StatusBoard {
+            board: Arc::new(parking_lot::Mutex::new(Board {
+                status: ControllerStatus::default(),
+                skips: BTreeMap::new(),
+                events: VecDeque::new(),
+                last_skips: HashSet::new(),
+            })),
+            metrics: Arc::new(Metrics::new(registry)),
+        }
+    }
+
+    pub fn snapshot(&self) -> ControllerStatus {
+        let board = self.board.lock();
+        let mut status = board.status.clone();
+        status.recent_events = board.events.iter().cloned().collect();
+        status.skips = board
+            .skips
+            .iter()
+            .map(|(kind, (count, last))| SkipCount { kind: kind.to_string(), count: *count, last: last.clone() })
+            .collect();
+        status
+    }
+
+    pub fn event(&self, text: String) {
+        let mut board = self.board.lock();
+        if board.events.len() == RECENT_EVENTS {
+            board.events.pop_front();
+        }
+        let clock = unix_now().as_secs() % 86_400;
+        board.events.push_back(format!("{:02}:{:02}:{:02} {text}", clock / 3600, clock / 60 % 60, clock % 60));
+    }
+
+    pub fn action_done(&self, kind: &'static str, text: String) {
+        self.metrics.actions.get_or_create(&ActionLabels { kind, outcome: "started" }).inc();
+        self.event(text);
+    }
+
+    pub fn action_failed(&self, kind: &'static str, text: String) {
+        self.metrics.actions.get_or_create(&ActionLabels { kind, outcome: "failed" }).inc();
+        self.event(text);
+    }
+
+    pub fn move_finished(&self, report: &MoveReport, text: String) {
+        self.metrics.actions.get_or_create(&ActionLabels { kind: "move", outcome: "finished" }).inc();
+        self.metrics.move_freeze.observe(report.freeze.as_secs_f64());
+        self.metrics.move_bytes.inc_by(report.bytes_copied);
+        self.event(text);
+    }
+
+    /// Records what a round saw and decided; logs a decision not taken when it first appears for
+    /// its range (most repeat every round, with only a number changing).
+    pub fn record_round(
+        &self,
+        observation: &Observation,
+        plan: &Plan,
+        state: &ControllerState,
+        move_phases: &HashMap<u64, String>,
+        degraded: bool,
+    ) {
+        self.metrics.rounds.inc();
+        if degraded {
+            self.metrics.degraded_rounds.inc();
+        }
+        self.metrics.moves_in_flight.set(state.moves.len() as i64);
+        self.metrics.ranges.set(observation.ranges.len() as i64);
+        for skip in &plan.skipped {
+            self.metrics.skips.get_or_create(&SkipLabels { reason: skip.kind() }).inc();
+        }
+
+        let mut board = self.board.lock();
+        let skips: HashSet<(&'static str, Option<u64>)> = plan.skipped.iter().map(|s| (s.kind(), s.range())).collect();
+        for skip in plan.skipped.iter().filter(|s| !board.last_skips.contains(&(s.kind(), s.range()))) {
+            tracing::info!(reason = %skip, kind = skip.kind(), "planner: not acting");
+        }
+        board.last_skips = skips;
+        for skip in &plan.skipped {
+            let entry = board.skips.entry(skip.kind()).or_insert((0, String::new()));
+            entry.0 += 1;
+            entry.1 = skip.to_string();
+        }
+
+        let now_ms = unix_now().as_millis() as u64;
+        let status = &mut board.status;
+        status.round += 1;
+        status.last_round_unix_ms = now_ms;
+        if degraded {
+            status.degraded_rounds += 1;
+        }
+        status.nodes = observation
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| {
+                let owned: Vec<_> = observation.ranges.values().filter(|r| r.owner == index).collect();
+                NodeStatus {
+                    node_id: node.member.node_id.clone(),
+                    address: node.member.address.clone(),
+                    state: match (&node.report, node.member.draining) {
+                        (Err(error), _) => format!("down: {error}"),
+                        (Ok(_), true) => "draining".into(),
+                        (Ok(_), false) => "up".into(),
+                    },
+                    ranges: owned.len() as u32,
+                    // `+ 0.0`: an empty sum is -0.0, shown as "-0".
+                    ops_per_sec: owned.iter().map(|r| r.load.reads_per_sec + r.load.writes_per_sec).sum::<f64>() + 0.0,
+                    size_bytes: owned.iter().map(|r| r.load.approx_size_bytes).sum(),
+                    restarts: node.member.restarts,
+                }
+            })
+            .collect();
+        status.ranges = observation
+            .ranges
+            .values()
+            .map(|r| {
+                let hot = r.load.hot_keys.first();
+                RangeStatus {
+                    range_id: r.desc.range_id,
+                    start_key: r.desc.start_key.clone(),
+                    end_key: r.desc.end_key.clone(),
+                    generation: r.desc.generation,
+                    owner: observation.nodes[r.owner].member.node_id.clone(),
+                    state: r.desc.state,
+                    ops_per_sec: r.load.reads_per_sec + r.load.writes_per_sec,
+                    bytes_per_sec: r.load.read_bytes_per_sec + r.load.write_bytes_per_sec,
+                    size_bytes: r.load.approx_size_bytes,
+                    hot_key: hot.map(|h| h.key.clone()).unwrap_or_default(),
+                    hot_key_ops_per_sec: hot.map_or(0.0, |h| h.ops_per_sec),
+                }
+            })
+            .collect();
+        status.moves = state
+            .moves
+            .iter()
+            .map(|m| MoveStatus {
+                move_id: m.move_id,
+                range_id: m.range_id,
+                from: m.from.clone(),
+                to: m.to.clone(),
+                phase: move_phases.get(&m.move_id).cloned().unwrap_or_else(|| "recovering".into()),
+                running_ms: now_ms.saturating_sub(m.started_unix_ms),
+                reason: m.reason.clone(),
+            })
+            .collect();
+        status.hot_keys = plan
+            .hot_keys
+            .iter()
+            .map(|(range_id, key, ops)| HotKeyStatus {
+                range_id: *range_id,
+                key: key.clone().into(),
+                ops_per_sec: *ops,
+            })
+            .collect();
+        for hot in &plan.hot_keys {
+            tracing::debug!(range_id = hot.0, key = %display_key(&hot.1), ops = hot.2, "hot key");
+        }
+    }
+}
+
+/// The `kvfleet.v1.Controller` gRPC service.
+pub struct ControllerService {
+    pub board: StatusBoard,
+}
+
+#[tonic::async_trait]
+impl ControllerApi for ControllerService {
+    async fn status(
+        &self,
+        _: tonic::Request<ControllerStatusRequest>,
+    ) -> Result<tonic::Response<ControllerStatus>, tonic::Status> {
+        Ok(tonic::Response::new(self.board.snapshot()))
+    }
+}

@@ -1,0 +1,40 @@
+//! Where the fleet runs. The controller asks its `Platform` which nodes exist and where to keep
+//! its state; `local` runs node processes on loopback (the playground, the e2e tests). The
+//! Kubernetes platform (pods of a StatefulSet, state in the API) implements the same trait.
+
+pub mod local;
+
+use std::future::Future;
+
+use crate::controller::state::ControllerState;
+
+/// A storage node as the platform knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub node_id: String,
+    /// host:port of the node's gRPC endpoint.
+    pub address: String,
+    /// Being emptied before it goes away: ranges move off it, none move onto it.
+    pub draining: bool,
+    /// Times the platform restarted the node's process.
+    pub restarts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("the controller state in {path} is unreadable: {source}")]
+    CorruptState { path: String, source: serde_json::Error },
+    #[error("{0}")]
+    Nodes(String),
+}
+
+pub trait Platform: Send + Sync + 'static {
+    /// The nodes of the fleet now, in a stable order.
+    fn members(&self) -> impl Future<Output = Result<Vec<Member>, PlatformError>> + Send;
+    /// The state saved by `save_state`, if any.
+    fn load_state(&self) -> impl Future<Output = Result<Option<ControllerState>, PlatformError>> + Send;
+    /// Durably replaces the saved state.
+    fn save_state(&self, state: &ControllerState) -> impl Future<Output = Result<(), PlatformError>> + Send;
+}
