@@ -184,3 +184,172 @@ pub fn client_for(nodes: &[&NodeProcess]) -> Client {
     config.deadline = Duration::from_secs(20);
     Client::new(config).expect("client config")
 }
+
+/// A `kvfleet-operator playground` process under test: a Local fleet of nodes plus the
+/// controller, on kernel-chosen loopback ports, with no live view. Killed (SIGKILL) on drop,
+/// together with its nodes.
+pub struct Playground {
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The controller's status API.
+    pub control: String,
+    /// (node id, address).
+    pub nodes: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Playground {
+    pub fn start(dir: &Path, nodes: usize, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut args: Vec<String> = ["--nodes", &nodes.to_string(), "--base-port", "0", "--listen", "127.0.0.1:0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(["--view", "none"].iter().map(|s| s.to_string()));
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut playground = Playground {
+            dir: dir.to_path_buf(),
+            args,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            control: String::new(),
+            nodes: Vec::new(),
+            child: None,
+        };
+        playground.spawn();
+        playground
+    }
+
+    /// (Re)starts the controller process; nodes still running from an earlier one are adopted.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the playground is already running");
+        let mut command = Command::new(binary("kvfleet-operator"));
+        command
+            .arg("playground")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .env("RUST_LOG", "warn,kvfleet_operator=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn kvfleet-operator");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("kvfleet-operator ready ") {
+                    let _ = ready_tx.send(rest.to_string());
+                }
+            }
+        });
+        let Ok(ready) = ready_rx.recv_timeout(Duration::from_secs(90)) else {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            panic!("the playground did not become ready within 90 s (exit: {status:?})");
+        };
+        for field in ready.split_whitespace() {
+            if let Some(control) = field.strip_prefix("control=") {
+                self.control = control.to_string();
+            } else if let Some(nodes) = field.strip_prefix("nodes=") {
+                self.nodes = nodes
+                    .split(',')
+                    .filter_map(|n| n.split_once('@'))
+                    .map(|(id, address)| (id.to_string(), address.to_string()))
+                    .collect();
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL to the controller only: its nodes run on.
+    pub fn kill9_controller(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (bounded) for the controller to exit by itself (a crash point); true if it did.
+    pub fn wait_for_controller_exit(&mut self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if let Some(child) = self.child.as_mut()
+                && child.try_wait().ok().flatten().is_some()
+            {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The pid of a node process, from the platform's pid file.
+    pub fn node_pid(&self, node_id: &str) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("nodes").join(node_id).join("pid")).ok()?.trim().parse().ok()
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|(_, address)| address.clone()).collect()
+    }
+
+    pub fn client(&self) -> Client {
+        let mut config = ClientConfig::new(self.addresses());
+        config.deadline = Duration::from_secs(40);
+        Client::new(config).expect("client config")
+    }
+
+    pub async fn status(&self) -> kvfleet_proto::v1::ControllerStatus {
+        let channel = Endpoint::from_shared(format!("http://{}", self.control))
+            .expect("valid address")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        kvfleet_proto::v1::controller_client::ControllerClient::new(channel)
+            .status(kvfleet_proto::v1::ControllerStatusRequest {})
+            .await
+            .expect("controller status")
+            .into_inner()
+    }
+
+    /// SIGTERM to the controller and its nodes (what Ctrl-C does), bounded.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the playground is running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the playground") {
+                return status;
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                panic!("the playground did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Playground {
+    fn drop(&mut self) {
+        self.kill9_controller();
+        for (node_id, _) in &self.nodes {
+            if let Some(pid) = self.node_pid(node_id) {
+                kill9_pid(pid);
+            }
+        }
+    }
+}
+
+/// SIGKILL to a `kvfleet-node` process by pid (nothing else: a stale pid file must not kill an
+/// unrelated process that reused the pid).
+pub fn kill9_pid(pid: u32) {
+    let is_node = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| cmdline.split(|&b| b == 0).next().is_some_and(|arg0| arg0.ends_with(b"kvfleet-node")));
+    if is_node {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+}

@@ -7,7 +7,6 @@
 
 pub mod config;
 pub mod error;
-pub mod failpoint;
 pub mod load;
 pub mod metrics;
 pub mod moves;

@@ -15,10 +15,10 @@ use parking_lot::Mutex;
 use tonic::transport::Endpoint;
 
 use crate::error::NodeError;
-use crate::failpoint;
 use crate::node::Node;
 use crate::ranges::{descriptor_key, descriptor_write, leader_replica};
 use crate::storage::{CF_DATA, CF_META, Capture, ExportChunk, WriteOp};
+use kvfleet_proto::failpoint;
 
 const DEFAULT_CHUNK_PAIRS: usize = 1024;
 const TAIL_BATCH: u32 = 4096;

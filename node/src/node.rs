@@ -15,7 +15,6 @@ use tokio::sync::OwnedRwLockReadGuard;
 
 use crate::config::NodeConfig;
 use crate::error::NodeError;
-use crate::failpoint;
 use crate::load::RangeLoad;
 use crate::metrics::NodeMetrics;
 use crate::ranges::{
@@ -23,6 +22,7 @@ use crate::ranges::{
     descriptor_write,
 };
 use crate::storage::{CF_META, Storage, WriteOp};
+use kvfleet_proto::failpoint;
 
 /// Most bytes one Scan page carries, whatever its pair limit.
 const MAX_SCAN_PAGE_BYTES: usize = 4 * 1024 * 1024;

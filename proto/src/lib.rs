@@ -2,6 +2,7 @@
 //! ranges (which keys a descriptor covers), typed error details, and printing keys.
 
 pub mod errors;
+pub mod failpoint;
 pub mod keys;
 pub mod metrics_http;
 

@@ -220,6 +220,8 @@ impl<P: Platform> Controller<P> {
         }
         let pending: Vec<InFlightMove> =
             self.state.moves.iter().filter(|m| !self.live_moves.contains_key(&m.move_id)).cloned().collect();
+        // Their imports were dealt with just now; the observation predates that.
+        let handled: HashSet<u64> = pending.iter().map(|m| m.move_id).collect();
         for mv in pending {
             match moves::recover(&self.clients, observation, &mv, self.config.rpc_timeout).await {
                 Ok(Recovery::Completed(owner)) => {
@@ -239,7 +241,8 @@ impl<P: Platform> Controller<P> {
                 Err(error) => tracing::warn!(move_id = mv.move_id, %error, "move recovery failed; retrying next round"),
             }
         }
-        for (node, range_id, move_id) in moves::stray_imports(observation, &self.state.moves) {
+        let stray = moves::stray_imports(observation, &self.state.moves);
+        for (node, range_id, move_id) in stray.into_iter().filter(|(_, _, move_id)| !handled.contains(move_id)) {
             match moves::abort_stray_import(&self.clients, &node, range_id, move_id, self.config.rpc_timeout).await {
                 Ok(()) => self.status.event(format!("cleared a stray import of range {range_id} on {}", node.node_id)),
                 Err(error) => tracing::warn!(%error, "could not clear a stray import"),

@@ -71,6 +71,7 @@ pub async fn drive(
         .map_err(|s| fail("import")(describe_status(&s)))?
         .into_inner();
     let copy = started.elapsed();
+    kvfleet_proto::failpoint::hit("controller-after-import");
 
     let frozen_at = Instant::now();
     let freeze = FreezeForMoveRequest {
@@ -85,6 +86,7 @@ pub async fn drive(
         .map_err(|s| fail("freeze")(describe_status(&s)))?
         .into_inner()
         .final_seq;
+    kvfleet_proto::failpoint::hit("controller-after-freeze");
     let complete = CompleteImportRequest { range_id: mv.range_id, move_id: mv.move_id, final_seq, new_generation };
     let new_owner = target_admin
         .complete_import(with_timeout(complete, timeouts.step))
@@ -93,6 +95,7 @@ pub async fn drive(
         .into_inner()
         .range
         .ok_or_else(|| fail("complete")("the target returned no descriptor".into()))?;
+    kvfleet_proto::failpoint::hit("controller-after-complete");
     let retire = RetireMovedRequest { range_id: mv.range_id, move_id: mv.move_id, new_owner: Some(new_owner.clone()) };
     source_admin
         .retire_moved(with_timeout(retire, timeouts.step))

@@ -1,0 +1,307 @@
+//! The controller on real processes: a playground of 3 nodes under a Zipfian read/write load
+//! splits and moves ranges by itself, and every acknowledged write reads back with its last
+//! value, with zero client-visible errors: undisturbed, and with the source, the target or the
+//! controller killed at each step of a move (crash points abort the process like kill -9, at an
+//! exact step, once; the Local platform restarts a node, the test restarts the controller).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfleet_e2e::Playground;
+use kvfleet_proto::v1::admin_client::AdminClient;
+use kvfleet_proto::v1::{ControllerStatus, ListRangesRequest, RangeDescriptor, RangeState};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, Zipf};
+
+const WRITERS: u64 = 8;
+const KEYS_PER_WRITER: u64 = 400;
+
+/// Quick reactions, so that a few seconds of load split and move ranges.
+const FAST_POLICY: &[&str] = &[
+    "--interval-secs",
+    "0.5",
+    "--load-window-secs",
+    "3",
+    "--split-qps",
+    "300",
+    "--split-sustain-secs",
+    "2",
+    "--move-cooldown-secs",
+    "5",
+];
+
+/// What one worker saw: the last acknowledged value of each of its keys, errors, stale reads.
+#[derive(Default)]
+struct Outcome {
+    acked: HashMap<Bytes, Bytes>,
+    errors: Vec<String>,
+    stale_reads: Vec<String>,
+    ops: u64,
+}
+
+/// Workers reading and writing their own keys (so "the last acknowledged value" is exact), each
+/// choosing keys by a Zipfian over ranks; the hottest ranks of all workers sit together at the
+/// start of the key space: a hotspot.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Outcome>>,
+}
+
+fn key_of(worker: u64, rank: u64) -> Bytes {
+    Bytes::from(format!("user{:08}", rank * WRITERS + worker))
+}
+
+impl Workload {
+    fn start(client: kvfleet_client::Client) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..WRITERS)
+            .map(|worker| {
+                let (client, stop) = (client.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut rng = StdRng::seed_from_u64(worker);
+                    let zipf = Zipf::new(KEYS_PER_WRITER as f64, 0.99).expect("zipf parameters");
+                    let mut out = Outcome::default();
+                    for i in 0..2_000_000u64 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        out.ops += 1;
+                        let key = key_of(worker, zipf.sample(&mut rng) as u64 - 1);
+                        if rng.random_bool(0.5) {
+                            let value = Bytes::from(format!("{worker}/{i}"));
+                            match client.put(key.clone(), value.clone()).await {
+                                Ok(()) => {
+                                    out.acked.insert(key, value);
+                                }
+                                Err(error) => out.errors.push(format!("put: {error}")),
+                            }
+                        } else {
+                            match client.get(key.clone()).await {
+                                Ok(found) if found.as_ref() == out.acked.get(&key) => {}
+                                Ok(found) => out.stale_reads.push(format!(
+                                    "{key:?}: read {found:?}, last acknowledged {:?}",
+                                    out.acked.get(&key)
+                                )),
+                                Err(error) => out.errors.push(format!("get: {error}")),
+                            }
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        Workload { stop, tasks }
+    }
+
+    async fn finish(self) -> Outcome {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Outcome::default();
+        for task in self.tasks {
+            let out = tokio::time::timeout(Duration::from_secs(90), task).await.expect("workers stop").unwrap();
+            all.acked.extend(out.acked);
+            all.errors.extend(out.errors);
+            all.stale_reads.extend(out.stale_reads);
+            all.ops += out.ops;
+        }
+        all
+    }
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {within:?} waiting for {what}");
+}
+
+fn owners(status: &ControllerStatus) -> usize {
+    let mut owners: Vec<&str> = status.ranges.iter().map(|r| r.owner.as_str()).collect();
+    owners.sort();
+    owners.dedup();
+    owners.len()
+}
+
+/// Reads every acknowledged write back, checks the zero-error promise, and checks that the
+/// ranges the nodes own tile the key space with exactly one owner per key.
+async fn verify(playground: &Playground, outcome: &Outcome) {
+    assert!(
+        outcome.errors.is_empty(),
+        "{} client-visible errors out of {} operations, first: {:?}",
+        outcome.errors.len(),
+        outcome.ops,
+        &outcome.errors[..outcome.errors.len().min(3)]
+    );
+    assert!(
+        outcome.stale_reads.is_empty(),
+        "stale reads: {:?}",
+        &outcome.stale_reads[..outcome.stale_reads.len().min(3)]
+    );
+    assert!(outcome.acked.len() > 100, "only {} keys written", outcome.acked.len());
+    let client = playground.client();
+    let mut wrong = Vec::new();
+    for (key, value) in &outcome.acked {
+        let found = client.get(key.clone()).await.expect("read back");
+        if found.as_ref() != Some(value) {
+            wrong.push((key.clone(), value.clone(), found));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} acknowledged writes lost or stale: {:?}",
+        wrong.len(),
+        outcome.acked.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+
+    let mut owned: Vec<RangeDescriptor> = Vec::new();
+    for address in playground.addresses() {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+        let ranges =
+            AdminClient::new(channel).list_ranges(ListRangesRequest {}).await.expect("list ranges").into_inner();
+        owned.extend(ranges.ranges);
+    }
+    assert!(owned.iter().all(|d| d.state() == RangeState::Active), "a range is left frozen: {owned:?}");
+    owned.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    let mut expected_start = Bytes::new();
+    for (i, desc) in owned.iter().enumerate() {
+        assert_eq!(desc.start_key, expected_start, "gap or overlap before range {} in {owned:?}", desc.range_id);
+        if i + 1 < owned.len() {
+            assert!(!desc.end_key.is_empty(), "range {} ends at +inf but is not last", desc.range_id);
+        }
+        expected_start = desc.end_key.clone();
+    }
+    assert!(expected_start.is_empty(), "the last range does not reach the end of the key space");
+}
+
+/// Runs the load until, if `crash_file` is given, the armed crash point fired (at the first
+/// move), and until the controller has split and moved (ranges on at least 2 nodes, at least 3
+/// ranges) with nothing left in flight; then a little longer; then verifies.
+async fn run_scenario(
+    playground: &mut Playground,
+    crash_file: Option<&Path>,
+    restart_controller: bool,
+) -> ControllerStatus {
+    let workload = Workload::start(playground.client());
+    if let Some(crash_file) = crash_file {
+        wait_for("the crash point to fire", Duration::from_secs(90), async || crash_file.exists()).await;
+        if restart_controller {
+            assert!(playground.wait_for_controller_exit(Duration::from_secs(10)), "the controller did not crash");
+            playground.spawn();
+        }
+    }
+    wait_for("splits and moves, nothing in flight, every node up", Duration::from_secs(90), async || {
+        let status = playground.status().await;
+        status.ranges.len() >= 3
+            && owners(&status) >= 2
+            && status.moves.is_empty()
+            && status.nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcome = workload.finish().await;
+    verify(playground, &outcome).await;
+    let status = playground.status().await;
+    println!(
+        "{} ops, {} keys, {} ranges on {} nodes; recent: {:#?}",
+        outcome.ops,
+        outcome.acked.len(),
+        status.ranges.len(),
+        owners(&status),
+        status.recent_events
+    );
+    status
+}
+
+async fn crash_scenario(crash_at: &str, restart_controller: bool) -> ControllerStatus {
+    let dir = tempfile::tempdir().unwrap();
+    let crash_file = dir.path().join("crashed");
+    let crash_once = crash_file.to_str().unwrap().to_string();
+    let mut playground = Playground::start(
+        &dir.path().join("fleet"),
+        3,
+        FAST_POLICY,
+        &[("KVFLEET_CRASH_AT", crash_at), ("KVFLEET_CRASH_ONCE", &crash_once)],
+    );
+    let status = run_scenario(&mut playground, Some(&crash_file), restart_controller).await;
+    assert_eq!(playground.stop().code(), Some(0));
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zipfian_load_is_split_moved_and_merged_without_losing_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = FAST_POLICY.to_vec();
+    args.extend(["--merge-delay-secs", "3"]);
+    let mut playground = Playground::start(&dir.path().join("fleet"), 3, &args, &[]);
+    let status = run_scenario(&mut playground, None, false).await;
+    assert!(status.skips.iter().any(|s| s.count > 0), "decisions not taken are reported: {:?}", status.skips);
+
+    // Idle, the ranges go cold and merge back.
+    let busiest = status.ranges.len();
+    wait_for("cold ranges to merge", Duration::from_secs(90), async || {
+        playground.status().await.ranges.len() < busiest
+    })
+    .await;
+    assert_eq!(playground.stop().code(), Some(0), "Ctrl-C (SIGTERM) stops the playground cleanly");
+
+    // The next start resumes from the same directory with the same data.
+    playground.spawn();
+    let client = playground.client();
+    assert!(client.scan(Bytes::new(), Bytes::new(), 10, true).await.unwrap().len() == 10);
+    assert_eq!(playground.stop().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_killed_while_frozen() {
+    let status = crash_scenario("freeze-after-persist", false).await;
+    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_mid_import() {
+    let status = crash_scenario("import-mid-snapshot", false).await;
+    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_at_the_handoff() {
+    let status = crash_scenario("complete-before-persist", false).await;
+    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_while_the_source_is_frozen() {
+    crash_scenario("controller-after-freeze", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_after_the_handoff() {
+    crash_scenario("controller-after-complete", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_sigkilled_mid_load_resumes_and_adopts_its_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut playground = Playground::start(&dir.path().join("fleet"), 3, FAST_POLICY, &[]);
+    let pids: Vec<Option<u32>> = playground.nodes.iter().map(|(id, _)| playground.node_pid(id)).collect();
+    let workload = Workload::start(playground.client());
+    wait_for("the first split", Duration::from_secs(90), async || playground.status().await.ranges.len() >= 2).await;
+    playground.kill9_controller();
+    playground.spawn();
+    let adopted: Vec<Option<u32>> = playground.nodes.iter().map(|(id, _)| playground.node_pid(id)).collect();
+    assert_eq!(pids, adopted, "the restarted controller adopts the running nodes instead of starting new ones");
+    wait_for("moves after the restart", Duration::from_secs(90), async || owners(&playground.status().await) >= 2)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcome = workload.finish().await;
+    verify(&playground, &outcome).await;
+    assert_eq!(playground.stop().code(), Some(0));
+}
