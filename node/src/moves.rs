@@ -304,6 +304,9 @@ impl Node {
         let mut session =
             ImportSession { move_id: request.move_id, source_address: request.source_address.clone(), next_seq };
         self.catch_up(&mut admin, source.range_id, &mut session, None).await?;
+        // Made durable now, outside the write freeze: the fsync at the handoff then covers only
+        // the tail, so the freeze does not grow with the range's size.
+        self.storage.sync_wal().await?;
         self.moves.imports.lock().insert(source.range_id, session.clone());
         tracing::info!(
             range_id = source.range_id,

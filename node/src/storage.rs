@@ -236,6 +236,15 @@ impl Storage {
         self.submit(ops, SyncPolicy::Deferred).await
     }
 
+    /// Fsyncs the WAL: everything written so far, deferred writes included, becomes durable.
+    pub async fn sync_wal(&self) -> Result<(), NodeError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush_wal(true))
+            .await
+            .map_err(|e| NodeError::WriteFailed(format!("WAL sync task: {e}")))?
+            .map_err(|source| NodeError::Storage { context: "syncing the WAL".into(), source })
+    }
+
     async fn submit(&self, ops: Vec<WriteOp>, sync: SyncPolicy) -> Result<(), NodeError> {
         let (done, wait) = oneshot::channel();
         self.queue.send(CommitterMsg::Write(PendingWrite { ops, sync, done })).map_err(|_| NodeError::ShuttingDown)?;
