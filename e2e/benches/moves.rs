@@ -90,23 +90,30 @@ async fn load(client: &kvfleet_client::Client, pairs: u64) {
     eprintln!("  loaded {mb:.0} MB in {:.1} s", started.elapsed().as_secs_f64());
 }
 
-/// Writers updating random keys of the range until stopped; returns how many writes succeeded.
-fn writers(client: &kvfleet_client::Client, pairs: u64, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>> {
+/// Writers updating random keys of the range until stopped; each returns how many writes
+/// succeeded and its slowest write (what the freeze cost a client, retries included).
+fn writers(
+    client: &kvfleet_client::Client,
+    pairs: u64,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, Duration)>> {
     (0..4u64)
         .map(|w| {
             let (client, stop) = (client.clone(), stop.clone());
             tokio::spawn(async move {
-                let mut done = 0;
+                let (mut done, mut slowest) = (0, Duration::ZERO);
                 let mut i = w;
                 while !stop.load(Ordering::Relaxed) {
                     i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let started = Instant::now();
                     client
                         .put(key(i % pairs.max(1)), Bytes::from(vec![b'w'; VALUE_BYTES]))
                         .await
                         .expect("write during a move");
+                    slowest = slowest.max(started.elapsed());
                     done += 1;
                 }
-                done
+                (done, slowest)
             })
         })
         .collect()
@@ -121,6 +128,7 @@ async fn bench_size(megabytes: u64, moves: usize, splits: usize) {
     load(&client, pairs).await;
 
     let (mut copy_mbps, mut freeze_ms, mut copy_secs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut slowest_write_ms = Vec::new();
     let mut writes = 0;
     let mut from = 0;
     for move_id in 1..=moves as u64 {
@@ -143,18 +151,23 @@ async fn bench_size(megabytes: u64, moves: usize, splits: usize) {
             .await
             .expect("move");
         stop.store(true, Ordering::Relaxed);
+        let mut slowest = Duration::ZERO;
         for task in tasks {
-            writes += task.await.expect("writer");
+            let (done, slow) = task.await.expect("writer");
+            writes += done;
+            slowest = slowest.max(slow);
         }
+        slowest_write_ms.push(slowest.as_secs_f64() * 1e3);
         let mb = report.bytes_copied as f64 / 1e6;
         copy_mbps.push(mb / report.copy.as_secs_f64());
         copy_secs.push(report.copy.as_secs_f64());
         freeze_ms.push(report.freeze.as_secs_f64() * 1e3);
         eprintln!(
-            "  move {move_id}: {mb:.0} MB copied in {:.2} s ({:.0} MB/s), writes frozen {:.1} ms",
+            "  move {move_id}: {mb:.0} MB copied in {:.2} s ({:.0} MB/s), writes frozen {:.1} ms, slowest write {:.1} ms",
             report.copy.as_secs_f64(),
             mb / report.copy.as_secs_f64(),
-            report.freeze.as_secs_f64() * 1e3
+            report.freeze.as_secs_f64() * 1e3,
+            slowest_write_ms.last().copied().unwrap_or_default()
         );
         from = to;
     }
@@ -191,13 +204,15 @@ async fn bench_size(megabytes: u64, moves: usize, splits: usize) {
     }
 
     println!(
-        "| {megabytes} MB | {moves} | {:.0} / {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {writes} | {:.2} / {:.2} | {:.2} / {:.2} |",
+        "| {megabytes} MB | {moves} | {:.0} / {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {writes} | {:.2} / {:.2} | {:.2} / {:.2} |",
         percentile(&copy_mbps, 0.5),
         percentile(&copy_mbps, 0.0),
         percentile(&copy_secs, 0.5),
         percentile(&freeze_ms, 0.5),
         percentile(&freeze_ms, 0.99),
         percentile(&freeze_ms, 1.0),
+        percentile(&slowest_write_ms, 0.5),
+        percentile(&slowest_write_ms, 1.0),
         percentile(&split_ms, 0.5),
         percentile(&split_ms, 0.99),
         percentile(&merge_ms, 0.5),
@@ -214,9 +229,9 @@ fn main() {
     let splits = env_or("SPLITS", 50usize);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     println!(
-        "| range | moves | copy MB/s p50 / min | copy s p50 | freeze ms p50 / p99 / max | writes during moves | split ms p50 / p99 | merge ms p50 / p99 |"
+        "| range | moves | copy MB/s p50 / min | copy s p50 | freeze ms p50 / p99 / max | slowest write ms p50 / max | writes during moves | split ms p50 / p99 | merge ms p50 / p99 |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for megabytes in sizes {
         let moves = env_or("MOVES", if megabytes <= 100 { 20 } else { 4 });
         runtime.block_on(bench_size(megabytes, moves, splits));

@@ -266,6 +266,12 @@ async fn source_killed_while_frozen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_killed_after_the_handoff_before_retiring() {
+    let status = crash_scenario("retire-before-persist", false).await;
+    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_killed_mid_import() {
     let status = crash_scenario("import-mid-snapshot", false).await;
     assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);

@@ -217,9 +217,12 @@ impl Node {
             descriptor_write(&tombstone),
             WriteOp::DeleteRange { cf: CF_DATA, start: range.desc.start_key.clone(), end: range.desc.end_key.clone() },
         ];
+        // Writers waiting on the frozen range go on (to NotOwner, then the target) before the
+        // tombstone's fsync: the target already owns the range durably, and a source that
+        // crashes before the fsync restarts frozen, which the controller's recovery retires.
+        self.table.write().retire_moved(tombstone);
         failpoint::hit("retire-before-persist");
         self.storage.write_durable(ops).await?;
-        self.table.write().retire_moved(tombstone);
         if let Some(session) = self.moves.exports.lock().remove(&request.range_id) {
             self.storage.stop_capture(&session.capture);
         }
