@@ -122,71 +122,93 @@ pub enum Recovery {
     Waiting(String),
 }
 
-/// Finishes or rolls back a move that no task is driving, from what the nodes report:
-/// - the target owns the range at a newer generation: the handoff happened; retire the source;
-/// - otherwise, if the target answers: abort its import, then abort the source's export (which
-///   unfreezes it): the target cannot take over any more, so the source may serve again;
-/// - the target is unreachable and the source is frozen for this move: wait. The target may
-///   have completed just before it went away, and only one node may acknowledge writes.
+/// What to do about a move that no task is driving. Decided from what the nodes report alone:
+/// - the target owns the range at a newer generation: the handoff happened; retire the source
+///   (if it still holds the range);
+/// - otherwise roll back: abort the target's import if it answers (it can then never take
+///   over), then the source's export (which unfreezes it);
+/// - but if the target is unreachable and the source is frozen for this move: wait. The target
+///   may have completed just before it went away, and only one node may acknowledge writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecoveryPlan {
+    Finish { new_owner: Box<RangeDescriptor>, retire_on: Option<String> },
+    RollBack { abort_import_on: Option<String>, abort_export_on: Option<String> },
+    Wait(String),
+}
+
+pub fn recovery_plan(observation: &Observation, mv: &InFlightMove) -> RecoveryPlan {
+    let source_up = observation.node(&mv.from).filter(|n| n.report.is_ok());
+    let target_up = observation.node(&mv.to).filter(|n| n.report.is_ok());
+    let taken_over = target_up
+        .and_then(|t| t.holds(mv.range_id))
+        .filter(|d| d.generation > mv.generation && d.state() == RangeState::Active);
+    if let Some(owned) = taken_over {
+        let Some(source) = source_up else {
+            return RecoveryPlan::Wait(format!("the target owns range {}; source {} is down", mv.range_id, mv.from));
+        };
+        return RecoveryPlan::Finish {
+            new_owner: Box::new(owned.clone()),
+            retire_on: source.holds(mv.range_id).map(|_| source.member.address.clone()),
+        };
+    }
+    let source_frozen = source_up.and_then(|s| s.holds(mv.range_id)).is_some_and(|d| frozen_for(d, mv.move_id));
+    if target_up.is_none() && source_frozen {
+        return RecoveryPlan::Wait(format!(
+            "source {} is frozen for move {} and target {} is down: waiting to learn whether it took over",
+            mv.from, mv.move_id, mv.to
+        ));
+    }
+    RecoveryPlan::RollBack {
+        abort_import_on: target_up.map(|t| t.member.address.clone()),
+        abort_export_on: source_up.map(|s| s.member.address.clone()),
+    }
+}
+
+/// Carries out `recovery_plan` for a move no task drives.
 pub async fn recover(
     clients: &NodeClients,
     observation: &Observation,
     mv: &InFlightMove,
     timeout: Duration,
 ) -> Result<Recovery, String> {
-    let source = observation.node(&mv.from);
-    let target = observation.node(&mv.to);
-    let source_up = source.filter(|n| n.report.is_ok());
-    let target_up = target.filter(|n| n.report.is_ok());
-    let taken_over = target_up
-        .and_then(|t| t.holds(mv.range_id))
-        .filter(|d| d.generation > mv.generation && d.state() == RangeState::Active)
-        .cloned();
-
-    if let Some(owned) = taken_over {
-        let Some(source) = source_up else {
-            return Ok(Recovery::Waiting(format!("the target owns range {}; source {} is down", mv.range_id, mv.from)));
-        };
-        if source.holds(mv.range_id).is_some() {
-            let retire =
-                RetireMovedRequest { range_id: mv.range_id, move_id: mv.move_id, new_owner: Some(owned.clone()) };
+    match recovery_plan(observation, mv) {
+        RecoveryPlan::Wait(why) => Ok(Recovery::Waiting(why)),
+        RecoveryPlan::Finish { new_owner, retire_on } => {
+            if let Some(address) = retire_on {
+                let retire = RetireMovedRequest {
+                    range_id: mv.range_id,
+                    move_id: mv.move_id,
+                    new_owner: Some((*new_owner).clone()),
+                };
+                clients
+                    .admin(&address)?
+                    .retire_moved(with_timeout(retire, timeout))
+                    .await
+                    .map_err(|s| format!("retire on {}: {}", mv.from, describe_status(&s)))?;
+            }
+            Ok(Recovery::Completed(new_owner))
+        }
+        RecoveryPlan::RollBack { abort_import_on, abort_export_on } => {
+            if let Some(address) = abort_import_on {
+                let abort = AbortImportRequest { range_id: mv.range_id, move_id: mv.move_id };
+                clients
+                    .admin(&address)?
+                    .abort_import(with_timeout(abort, timeout))
+                    .await
+                    .map_err(|s| format!("abort import on {}: {}", mv.to, describe_status(&s)))?;
+            }
+            let Some(address) = abort_export_on else {
+                return Ok(Recovery::Waiting(format!("source {} is down", mv.from)));
+            };
+            let abort = AbortExportRequest { range_id: mv.range_id, move_id: mv.move_id };
             clients
-                .admin(&source.member.address)?
-                .retire_moved(with_timeout(retire, timeout))
+                .admin(&address)?
+                .abort_export(with_timeout(abort, timeout))
                 .await
-                .map_err(|s| format!("retire on {}: {}", mv.from, describe_status(&s)))?;
+                .map_err(|s| format!("abort export on {}: {}", mv.from, describe_status(&s)))?;
+            Ok(Recovery::RolledBack)
         }
-        return Ok(Recovery::Completed(Box::new(owned)));
     }
-
-    let source_frozen = source_up.and_then(|s| s.holds(mv.range_id)).is_some_and(|d| frozen_for(d, mv.move_id));
-    match target_up {
-        Some(target) => {
-            let abort = AbortImportRequest { range_id: mv.range_id, move_id: mv.move_id };
-            clients
-                .admin(&target.member.address)?
-                .abort_import(with_timeout(abort, timeout))
-                .await
-                .map_err(|s| format!("abort import on {}: {}", mv.to, describe_status(&s)))?;
-        }
-        None if source_frozen => {
-            return Ok(Recovery::Waiting(format!(
-                "source {} is frozen for move {} and target {} is down: waiting to learn whether it took over",
-                mv.from, mv.move_id, mv.to
-            )));
-        }
-        None => {}
-    }
-    let Some(source) = source_up else {
-        return Ok(Recovery::Waiting(format!("source {} is down", mv.from)));
-    };
-    let abort = AbortExportRequest { range_id: mv.range_id, move_id: mv.move_id };
-    clients
-        .admin(&source.member.address)?
-        .abort_export(with_timeout(abort, timeout))
-        .await
-        .map_err(|s| format!("abort export on {}: {}", mv.from, describe_status(&s)))?;
-    Ok(Recovery::RolledBack)
 }
 
 /// Moves the nodes know of that the controller's state does not (its state file is older than
@@ -244,4 +266,89 @@ pub async fn abort_stray_import(
         .await
         .map(|_| ())
         .map_err(|s| format!("abort import of range {range_id} on {}: {}", node.node_id, describe_status(&s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use kvfleet_proto::v1::{LoadReportResponse, MoveIntent, RangeLoad};
+
+    use super::*;
+    use crate::controller::observe::{NodeReport, ObservedNode};
+
+    const MOVE: InFlightMove = InFlightMove {
+        move_id: 9,
+        range_id: 5,
+        generation: 3,
+        from: String::new(),
+        to: String::new(),
+        reason: String::new(),
+        started_unix_ms: 0,
+    };
+
+    fn mv() -> InFlightMove {
+        InFlightMove { from: "s".into(), to: "t".into(), ..MOVE }
+    }
+
+    fn range(generation: u64, state: RangeState, move_id: Option<u64>) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: 5,
+            generation,
+            state: state as i32,
+            move_intent: move_id.map(|move_id| MoveIntent { move_id, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    /// A node that answered with these owned ranges, or (None) one that did not answer.
+    fn node(id: &str, owned: Option<Vec<RangeDescriptor>>) -> ObservedNode {
+        let member = Member { node_id: id.into(), address: format!("{id}:1"), draining: false, restarts: 0 };
+        let report = match owned {
+            Some(owned) => Ok(NodeReport {
+                load: LoadReportResponse {
+                    ranges: owned.into_iter().map(|d| RangeLoad { range: Some(d), ..Default::default() }).collect(),
+                    ..Default::default()
+                },
+                importing: Vec::new(),
+            }),
+            None => Err("connection refused".into()),
+        };
+        ObservedNode { member, report }
+    }
+
+    fn plan(source: Option<Vec<RangeDescriptor>>, target: Option<Vec<RangeDescriptor>>) -> RecoveryPlan {
+        let observation = Observation { nodes: vec![node("s", source), node("t", target)], ..Default::default() };
+        recovery_plan(&observation, &mv())
+    }
+
+    #[test]
+    fn a_target_owning_the_newer_generation_means_the_handoff_happened() {
+        let frozen = range(3, RangeState::Frozen, Some(9));
+        let owned = range(4, RangeState::Active, None);
+        let finish = plan(Some(vec![frozen]), Some(vec![owned.clone()]));
+        assert_eq!(finish, RecoveryPlan::Finish { new_owner: Box::new(owned.clone()), retire_on: Some("s:1".into()) });
+        let already_retired = plan(Some(vec![]), Some(vec![owned.clone()]));
+        assert_eq!(already_retired, RecoveryPlan::Finish { new_owner: Box::new(owned.clone()), retire_on: None });
+        assert!(matches!(plan(None, Some(vec![owned])), RecoveryPlan::Wait(_)), "the source must be told");
+    }
+
+    #[test]
+    fn without_a_takeover_both_sides_are_rolled_back() {
+        let frozen = range(3, RangeState::Frozen, Some(9));
+        let rollback = plan(Some(vec![frozen.clone()]), Some(vec![]));
+        let both = RecoveryPlan::RollBack { abort_import_on: Some("t:1".into()), abort_export_on: Some("s:1".into()) };
+        assert_eq!(rollback, both);
+        // A target reporting the range at the old generation has not taken over.
+        assert_eq!(plan(Some(vec![frozen]), Some(vec![range(3, RangeState::Active, None)])), both);
+    }
+
+    #[test]
+    fn a_frozen_source_waits_while_the_target_cannot_be_asked() {
+        let frozen = range(3, RangeState::Frozen, Some(9));
+        assert!(matches!(plan(Some(vec![frozen]), None), RecoveryPlan::Wait(why) if why.contains("frozen")));
+        // Frozen for another move: not this move's business; an active source never froze.
+        let other_move = range(3, RangeState::Frozen, Some(8));
+        let export_only = RecoveryPlan::RollBack { abort_import_on: None, abort_export_on: Some("s:1".into()) };
+        assert_eq!(plan(Some(vec![other_move]), None), export_only);
+        assert_eq!(plan(Some(vec![range(3, RangeState::Active, None)]), None), export_only);
+    }
 }
