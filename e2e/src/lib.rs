@@ -74,31 +74,13 @@ impl NodeProcess {
             .arg("--listen")
             .arg(&self.address)
             .args(&self.args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (key, value) in &self.env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn kvfleet-node");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(address) = kvfleet_proto::parse_node_ready_line(&line) {
-                    let _ = ready_tx.send(address.to_string());
-                }
-            }
-        });
-        match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(address) => self.address = address,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                panic!("node {} did not become ready within 30 s (exit: {status:?})", self.node_id);
-            }
-        }
+            .env("RUST_LOG", "warn");
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let (child, address) =
+            spawn_until_ready(&mut command, &format!("node {}", self.node_id), Duration::from_secs(30), |line| {
+                kvfleet_proto::parse_node_ready_line(line).map(str::to_string)
+            });
+        self.address = address;
         self.child = Some(child);
     }
 
@@ -120,17 +102,7 @@ impl NodeProcess {
     /// Waits (bounded) for the process to exit (after SIGTERM, or at a crash point).
     pub fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("node is running");
-        let until = Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for node") {
-                return status;
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                panic!("node {} was expected to exit within {within:?}", self.node_id);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_or_kill(&mut child, within, &format!("node {}", self.node_id))
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -228,28 +200,11 @@ impl Playground {
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.args)
-            .env("RUST_LOG", "warn,kvfleet_operator=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (key, value) in &self.env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn kvfleet-operator");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("kvfleet-operator ready ") {
-                    let _ = ready_tx.send(rest.to_string());
-                }
-            }
+            .env("RUST_LOG", "warn,kvfleet_operator=info");
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let (child, ready) = spawn_until_ready(&mut command, "the playground", Duration::from_secs(90), |line| {
+            line.strip_prefix(kvfleet_operator::playground::READY_PREFIX).map(|rest| rest.trim().to_string())
         });
-        let Ok(ready) = ready_rx.recv_timeout(Duration::from_secs(90)) else {
-            let _ = child.kill();
-            let status = child.wait().ok();
-            panic!("the playground did not become ready within 90 s (exit: {status:?})");
-        };
         for field in ready.split_whitespace() {
             if let Some(control) = field.strip_prefix("control=") {
                 self.control = control.to_string();
@@ -274,17 +229,11 @@ impl Playground {
 
     /// Waits (bounded) for the controller to exit by itself (a crash point); true if it did.
     pub fn wait_for_controller_exit(&mut self, within: Duration) -> bool {
-        let until = Instant::now() + within;
-        while Instant::now() < until {
-            if let Some(child) = self.child.as_mut()
-                && child.try_wait().ok().flatten().is_some()
-            {
-                self.child = None;
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let exited = self.child.as_mut().is_some_and(|child| wait_bounded(child, within).is_some());
+        if exited {
+            self.child = None;
         }
-        false
+        exited
     }
 
     /// The pid of a node process, from the platform's pid file.
@@ -319,17 +268,7 @@ impl Playground {
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("the playground is running");
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for the playground") {
-                return status;
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                panic!("the playground did not stop within 60 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_or_kill(&mut child, Duration::from_secs(60), "the playground (after SIGTERM)")
     }
 }
 
@@ -337,19 +276,83 @@ impl Drop for Playground {
     fn drop(&mut self) {
         self.kill9_controller();
         for (node_id, _) in &self.nodes {
-            if let Some(pid) = self.node_pid(node_id) {
-                kill9_pid(pid);
+            let data_dir = self.dir.join("nodes").join(node_id).join("data");
+            // Only a node of this fleet: a stale pid file must not kill a process that reused the pid.
+            if let Some(pid) = self.node_pid(node_id)
+                && kvfleet_operator::platform::local::is_node_process(pid, &data_dir)
+            {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             }
         }
     }
 }
 
-/// SIGKILL to a `kvfleet-node` process by pid (nothing else: a stale pid file must not kill an
-/// unrelated process that reused the pid).
-pub fn kill9_pid(pid: u32) {
-    let is_node = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|cmdline| cmdline.split(|&b| b == 0).next().is_some_and(|arg0| arg0.ends_with(b"kvfleet-node")));
-    if is_node {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+/// Spawns `command` with stdout piped and waits (bounded) for the first stdout line `ready`
+/// accepts; returns the child and what `ready` made of the line. Panics, killing the child, if
+/// none comes in time.
+fn spawn_until_ready(
+    command: &mut Command,
+    what: &str,
+    within: Duration,
+    ready: fn(&str) -> Option<String>,
+) -> (Child, String) {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = command.spawn().unwrap_or_else(|error| panic!("cannot spawn {what}: {error}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(found) = ready(&line) {
+                let _ = ready_tx.send(found);
+            }
+        }
+    });
+    match ready_rx.recv_timeout(within) {
+        Ok(found) => (child, found),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            panic!("{what} did not become ready within {within:?} (exit: {status:?})");
+        }
     }
+}
+
+/// The child's exit status, if it exits within `within`.
+fn wait_bounded(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child process") {
+            return Some(status);
+        }
+        if Instant::now() > until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like `wait_bounded`, but kills the child and panics if it does not exit in time.
+fn wait_or_kill(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
+    wait_bounded(child, within).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("{what} was expected to exit within {within:?}");
+    })
+}
+
+/// Reads every acknowledged write back and fails, with a few examples, on any lost or stale one.
+pub async fn assert_all_acked_readable(client: &Client, acked: &std::collections::HashMap<Bytes, Bytes>) {
+    let mut wrong = Vec::new();
+    for (key, value) in acked {
+        let found = client.get(key.clone()).await.expect("read back");
+        if found.as_ref() != Some(value) {
+            wrong.push((key.clone(), value.clone(), found));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} acknowledged writes lost or stale: {:?}",
+        wrong.len(),
+        acked.len(),
+        &wrong[..wrong.len().min(5)]
+    );
 }

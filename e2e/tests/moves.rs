@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::{NodeProcess, client_for};
+use kvfleet_e2e::{NodeProcess, assert_all_acked_readable, client_for};
 use kvfleet_proto::v1::*;
 
 const MOVE_ID: u64 = 7;
@@ -69,23 +69,6 @@ impl Writers {
         }
         (acked, errors)
     }
-}
-
-async fn assert_all_acked_readable(client: &kvfleet_client::Client, acked: &HashMap<Bytes, Bytes>) {
-    let mut wrong = Vec::new();
-    for (key, value) in acked {
-        let found = client.get(key.clone()).await.expect("read back");
-        if found.as_ref() != Some(value) {
-            wrong.push((key.clone(), value.clone(), found));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{} of {} acknowledged writes lost or stale: {:?}",
-        wrong.len(),
-        acked.len(),
-        &wrong[..wrong.len().min(5)]
-    );
 }
 
 async fn preload(client: &kvfleet_client::Client, count: usize) {

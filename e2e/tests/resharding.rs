@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::Playground;
+use kvfleet_e2e::{Playground, assert_all_acked_readable};
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::{ControllerStatus, ListRangesRequest, RangeDescriptor, RangeState};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -145,21 +145,7 @@ async fn verify(playground: &Playground, outcome: &Outcome) {
         &outcome.stale_reads[..outcome.stale_reads.len().min(3)]
     );
     assert!(outcome.acked.len() > 100, "only {} keys written", outcome.acked.len());
-    let client = playground.client();
-    let mut wrong = Vec::new();
-    for (key, value) in &outcome.acked {
-        let found = client.get(key.clone()).await.expect("read back");
-        if found.as_ref() != Some(value) {
-            wrong.push((key.clone(), value.clone(), found));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{} of {} acknowledged writes lost or stale: {:?}",
-        wrong.len(),
-        outcome.acked.len(),
-        &wrong[..wrong.len().min(3)]
-    );
+    assert_all_acked_readable(&playground.client(), &outcome.acked).await;
 
     let mut owned: Vec<RangeDescriptor> = Vec::new();
     for address in playground.addresses() {
@@ -235,6 +221,12 @@ async fn crash_scenario(crash_at: &str, restart_controller: bool) -> ControllerS
     status
 }
 
+/// A node crashes at `crash_at` (once); the Local platform restarts it.
+async fn node_crash_scenario(crash_at: &str) {
+    let status = crash_scenario(crash_at, false).await;
+    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zipfian_load_is_split_moved_and_merged_without_losing_a_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,26 +253,22 @@ async fn zipfian_load_is_split_moved_and_merged_without_losing_a_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_killed_while_frozen() {
-    let status = crash_scenario("freeze-after-persist", false).await;
-    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+    node_crash_scenario("freeze-after-persist").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_killed_after_the_handoff_before_retiring() {
-    let status = crash_scenario("retire-before-persist", false).await;
-    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+    node_crash_scenario("retire-before-persist").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_killed_mid_import() {
-    let status = crash_scenario("import-mid-snapshot", false).await;
-    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+    node_crash_scenario("import-mid-snapshot").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_killed_at_the_handoff() {
-    let status = crash_scenario("complete-before-persist", false).await;
-    assert!(status.nodes.iter().any(|n| n.restarts > 0), "a node was restarted: {:?}", status.nodes);
+    node_crash_scenario("complete-before-persist").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

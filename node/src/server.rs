@@ -57,11 +57,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     if let Some(addr) = config.metrics_listen {
         let registry = Arc::new(registry);
         let shutdown = wait_until_true(shutdown_rx.clone());
-        tokio::spawn(async move {
-            if let Err(error) = kvfleet_proto::metrics_http::serve(addr, registry, shutdown).await {
-                tracing::error!(%addr, %error, "metrics endpoint failed");
-            }
-        });
+        kvfleet_proto::metrics_http::spawn(addr, registry, shutdown);
     }
     tokio::spawn(tick_load(node.clone(), shutdown_rx.clone()));
 

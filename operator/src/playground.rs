@@ -148,11 +148,7 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
     if let Some(addr) = args.metrics_listen {
         let registry = Arc::new(registry);
         let shutdown = wait_until_true(shutdown_rx.clone());
-        tokio::spawn(async move {
-            if let Err(error) = kvfleet_proto::metrics_http::serve(addr, registry, shutdown).await {
-                tracing::error!(%addr, %error, "metrics endpoint failed");
-            }
-        });
+        kvfleet_proto::metrics_http::spawn(addr, registry, shutdown);
     }
 
     let members = crate::platform::Platform::members(platform.as_ref()).await?;

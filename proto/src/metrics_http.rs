@@ -30,3 +30,16 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
+
+/// Serves `GET /metrics` in a background task until `shutdown` resolves; logs if it fails.
+pub fn spawn(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = serve(addr, registry, shutdown).await {
+            tracing::error!(%addr, %error, "metrics endpoint failed");
+        }
+    });
+}

@@ -150,13 +150,9 @@ impl<P: Platform> Controller<P> {
         Ok(())
     }
 
+    /// The phase of each move a task drives; the status calls the others "recovering".
     fn live_moves_phase(&self) -> HashMap<u64, String> {
-        let mut phases: HashMap<u64, String> =
-            self.state.moves.iter().map(|m| (m.move_id, "recovering".to_string())).collect();
-        for (id, live) in &self.live_moves {
-            phases.insert(*id, format!("moving ({})", live.reason));
-        }
-        phases
+        self.live_moves.iter().map(|(id, live)| (*id, format!("moving ({})", live.reason))).collect()
     }
 
     /// Collects the moves whose tasks ended. A failed move stays in the state for `recover_moves`.
@@ -262,10 +258,14 @@ impl<P: Platform> Controller<P> {
         let mut all_ok = true;
         for node in observation.nodes.iter().filter(|n| n.report.is_ok()) {
             let request = with_timeout(PublishRoutingRequest { ranges: routing.clone() }, self.config.rpc_timeout);
-            let result = match self.clients.admin(&node.member.address) {
-                Ok(mut admin) => admin.publish_routing(request).await.map(|_| ()).map_err(|s| describe_status(&s)),
-                Err(error) => Err(error),
-            };
+            let result: Result<_, String> = async {
+                self.clients
+                    .admin(&node.member.address)?
+                    .publish_routing(request)
+                    .await
+                    .map_err(|s| describe_status(&s))
+            }
+            .await;
             if let Err(error) = result {
                 all_ok = false;
                 tracing::warn!(node = %node.member.node_id, %error, "publishing routing hints failed");
@@ -335,17 +335,14 @@ impl<P: Platform> Controller<P> {
             right_id,
         };
         let started = std::time::Instant::now();
-        let result = match self.clients.admin(&owner.address) {
-            Ok(mut admin) => admin
-                .split_range(with_timeout(request, self.config.rpc_timeout))
-                .await
-                .map(|_| ())
-                .map_err(|s| describe_status(&s)),
-            Err(error) => Err(error),
-        };
+        let result: Result<_, String> = async {
+            let request = with_timeout(request, self.config.rpc_timeout);
+            self.clients.admin(&owner.address)?.split_range(request).await.map_err(|s| describe_status(&s))
+        }
+        .await;
         let why = describe_split_reason(reason);
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 self.state.split_at.insert(left_id, now);
                 self.state.split_at.insert(right_id, now);
                 let text = format!(
@@ -376,16 +373,13 @@ impl<P: Platform> Controller<P> {
             expected_right_generation: r.desc.generation,
             merged_id,
         };
-        let result = match self.clients.admin(&owner.address) {
-            Ok(mut admin) => admin
-                .merge_ranges(with_timeout(request, self.config.rpc_timeout))
-                .await
-                .map(|_| ())
-                .map_err(|s| describe_status(&s)),
-            Err(error) => Err(error),
-        };
+        let result: Result<_, String> = async {
+            let request = with_timeout(request, self.config.rpc_timeout);
+            self.clients.admin(&owner.address)?.merge_ranges(request).await.map_err(|s| describe_status(&s))
+        }
+        .await;
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(left, right, merged_id, node = %owner.node_id, "merged cold neighbours");
                 self.status.action_done(
                     "merge",

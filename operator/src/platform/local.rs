@@ -84,13 +84,12 @@ impl LocalPlatform {
             )));
         }
         let (shutdown, _) = watch::channel(false);
-        let platform = LocalPlatform {
+        let mut platform = LocalPlatform {
             dir: config.dir.clone(),
             nodes: Vec::new(),
             shutdown,
             supervisors: parking_lot::Mutex::new(Vec::new()),
         };
-        let mut platform = platform;
         for index in 1..=config.nodes {
             let id = format!("n{index}");
             let dir = nodes_dir.join(&id);
@@ -370,7 +369,7 @@ impl LocalNode {
 }
 
 /// True when `pid` is a live `kvfleet-node` serving `data_dir` (guards against pid reuse).
-fn is_node_process(pid: u32, data_dir: &Path) -> bool {
+pub fn is_node_process(pid: u32, data_dir: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
