@@ -18,6 +18,7 @@ use crate::platform::Member;
 /// Key samples and hot keys asked of each range per round.
 const SAMPLE_KEYS: u32 = 64;
 const HOT_KEYS: u32 = 4;
+const MAX_ADMIN_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// gRPC channels to the nodes, one per address, created lazily and reused.
 #[derive(Default, Clone)]
@@ -27,19 +28,25 @@ pub struct NodeClients {
 
 impl NodeClients {
     pub fn admin(&self, address: &str) -> Result<AdminClient<Channel>, String> {
-        let mut channels = self.channels.lock();
-        if let Some(channel) = channels.get(address) {
-            return Ok(AdminClient::new(channel.clone()));
-        }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("bad node address {address:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        channels.insert(address.to_string(), channel.clone());
+        let channel = {
+            let mut channels = self.channels.lock();
+            match channels.get(address) {
+                Some(channel) => channel.clone(),
+                None => {
+                    let channel = Endpoint::from_shared(format!("http://{address}"))
+                        .map_err(|e| format!("bad node address {address:?}: {e}"))?
+                        .connect_timeout(Duration::from_secs(1))
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    channels.insert(address.to_string(), channel.clone());
+                    channel
+                }
+            }
+        };
+        // Load reports and routing maps of large clusters exceed tonic's 4 MiB default.
         Ok(AdminClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES))
     }
 }
 
