@@ -118,14 +118,32 @@ impl Node {
             config,
             moves: Default::default(),
         };
-        if node.config.bootstrap && node.table.read().owned_count() == 0 && !node.table.read().knows_id(1) {
-            let desc = bootstrap_descriptor(&node.config.node_id, &node.address);
-            node.persist(&[&desc]).await?;
-            node.table.write().install(desc, || node.new_load())?;
-            tracing::info!("bootstrapped range 1 covering the whole key space");
+        if node.config.bootstrap && !node.table.read().has_history() {
+            node.bootstrap().await?;
         }
         node.update_range_gauge();
         Ok(node)
+    }
+
+    /// Creates range 1 over the whole key space, once: refused on a node with any range history.
+    pub async fn bootstrap(&self) -> Result<RangeDescriptor, NodeError> {
+        if self.table.read().has_history() {
+            return Err(NodeError::Move(format!(
+                "node {} already holds or held ranges; a fleet is bootstrapped only once",
+                self.config.node_id
+            )));
+        }
+        let desc = bootstrap_descriptor(&self.config.node_id, &self.address);
+        self.persist(&[&desc]).await?;
+        let mut table = self.table.write();
+        if table.has_history() {
+            return Err(NodeError::Move(format!("node {} bootstrapped concurrently", self.config.node_id)));
+        }
+        table.install(desc.clone(), || self.new_load())?;
+        drop(table);
+        self.update_range_gauge();
+        tracing::info!("bootstrapped range 1 covering the whole key space");
+        Ok(desc)
     }
 
     pub(crate) fn update_range_gauge(&self) {

@@ -154,6 +154,11 @@ impl RangeTable {
         self.retired.contains_key(&range_id) || self.importing.contains_key(&range_id) || self.by_id(range_id).is_some()
     }
 
+    /// True when this node owns, owned or is importing any range: it is part of a fleet's history.
+    pub fn has_history(&self) -> bool {
+        !self.owned.is_empty() || !self.retired.is_empty() || !self.importing.is_empty()
+    }
+
     pub fn importing(&self, range_id: u64) -> Option<&RangeDescriptor> {
         self.importing.get(&range_id)
     }

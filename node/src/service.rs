@@ -355,4 +355,9 @@ impl Admin for AdminService {
         let accepted = self.node.set_routing(ranges) as u32;
         Ok(Response::new(PublishRoutingResponse { accepted }))
     }
+
+    async fn bootstrap(&self, _: Request<BootstrapRequest>) -> Result<Response<BootstrapResponse>, Status> {
+        let range = self.node.bootstrap().await?;
+        Ok(Response::new(BootstrapResponse { range: Some(range) }))
+    }
 }

@@ -15,10 +15,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process; boxing the playground's flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a local fleet of kvfleet-node processes with the resharding controller and a live view.
     Playground(PlaygroundArgs),
+    /// Print the KeyValueCluster CustomResourceDefinition (YAML), as crds/ and the chart ship it.
+    Crd,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,5 +42,10 @@ pub enum OperatorError {
 pub async fn run(cli: Cli) -> Result<(), OperatorError> {
     match cli.command {
         Command::Playground(args) => crate::playground::run(args).await,
+        Command::Crd => {
+            let yaml = crate::k8s::crd_yaml().map_err(|e| OperatorError::Invalid(format!("rendering the CRD: {e}")))?;
+            print!("{yaml}");
+            Ok(())
+        }
     }
 }

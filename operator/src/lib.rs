@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod controller;
+pub mod k8s;
 pub mod platform;
 pub mod playground;
 pub mod policy;

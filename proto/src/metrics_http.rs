@@ -11,13 +11,24 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(addr, move |body: &mut String| prometheus_client::encoding::text::encode(body, &registry), shutdown)
+        .await
+}
+
+/// Serves `GET /metrics` rendered by `encode` (for registries that grow while served), and
+/// `GET /healthz` (200 while the process serves), until `shutdown` resolves.
+pub async fn serve_with(
+    addr: SocketAddr,
+    encode: impl Fn(&mut String) -> std::fmt::Result + Clone + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use axum::http::{StatusCode, header::CONTENT_TYPE};
     use axum::response::IntoResponse;
     let render = move || {
-        let registry = registry.clone();
+        let encode = encode.clone();
         async move {
             let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, &registry) {
+            match encode(&mut body) {
                 Ok(()) => {
                     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
                     ([(CONTENT_TYPE, content_type)], body).into_response()
@@ -26,7 +37,9 @@ pub async fn serve(
             }
         }
     };
-    let app = axum::Router::new().route("/metrics", axum::routing::get(render));
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(render))
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

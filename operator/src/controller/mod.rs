@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kvfleet_planner::{Action, MoveReason, NodeId, Plan, Planner, Policy, SplitReason};
 use kvfleet_proto::display_key;
-use kvfleet_proto::v1::{MergeRangesRequest, PublishRoutingRequest, RangeState, SplitRangeRequest};
+use kvfleet_proto::v1::{BootstrapRequest, MergeRangesRequest, PublishRoutingRequest, RangeState, SplitRangeRequest};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -106,9 +106,16 @@ impl<P: Platform> Controller<P> {
             if *shutdown.borrow() {
                 break;
             }
-            if let Err(error) = self.round().await {
-                tracing::error!(%error, "control round failed");
-                self.status.event(format!("round failed: {error}"));
+            match self.round().await {
+                Ok(()) => {}
+                Err(ControllerError::Platform(PlatformError::Gone(why))) => {
+                    tracing::info!(%why, "the fleet is gone; the controller stops");
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::error!(%error, "control round failed");
+                    self.status.event(format!("round failed: {error}"));
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + self.config.rpc_timeout * 3;
@@ -127,6 +134,9 @@ impl<P: Platform> Controller<P> {
         let observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
         let (max_range, max_move) = observation.max_ids();
         self.state.observe_ids(max_range, max_move);
+        if !self.state.bootstrapped {
+            self.bootstrap(&observation, max_range).await?;
+        }
         self.reap_moves(now);
         self.recover_moves(&observation).await;
         self.publish_routing(&observation).await;
@@ -247,6 +257,39 @@ impl<P: Platform> Controller<P> {
     }
 
     /// Sends the range map to every node as routing hints when it changed, and periodically.
+    /// A new fleet: once every node answers and none has ever held a range, the first node
+    /// creates range 1. Recorded in the state before the call, so it happens once per fleet.
+    async fn bootstrap(&mut self, observation: &Observation, max_range_id: u64) -> Result<(), ControllerError> {
+        if max_range_id > 0 {
+            self.state.bootstrapped = true;
+            return Ok(());
+        }
+        let Some(first) = observation.nodes.first() else { return Ok(()) };
+        if observation.unreachable().next().is_some() {
+            tracing::info!("new fleet: waiting for every node to answer before creating range 1");
+            return Ok(());
+        }
+        self.state.bootstrapped = true;
+        self.platform.save_state(&self.state).await?;
+        let request = with_timeout(BootstrapRequest {}, self.config.rpc_timeout);
+        let result: Result<_, String> = async {
+            self.clients.admin(&first.member.address)?.bootstrap(request).await.map_err(|s| describe_status(&s))
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                self.status.event(format!("new fleet: {} created range 1 (the whole key space)", first.member.node_id))
+            }
+            Err(error) => {
+                // Not bootstrapped after all; the next round tries again (the node refuses a
+                // second bootstrap, so a call that did land is harmless).
+                self.state.bootstrapped = false;
+                tracing::warn!(node = %first.member.node_id, %error, "bootstrap failed");
+            }
+        }
+        Ok(())
+    }
+
     async fn publish_routing(&mut self, observation: &Observation) {
         let fingerprint = observation.fingerprint();
         let fresh =

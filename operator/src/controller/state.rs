@@ -22,6 +22,10 @@ pub struct ControllerState {
     /// Moves started and not yet finished or rolled back.
     #[serde(default)]
     pub moves: Vec<InFlightMove>,
+    /// Range 1 was created (or some node was seen holding a range): never bootstrap again, even
+    /// if every node later reports nothing (that is lost data, not a new fleet).
+    #[serde(default)]
+    pub bootstrapped: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -111,7 +111,6 @@ impl LocalPlatform {
                 node.clone(),
                 config.node_binary.clone(),
                 config.node_args.clone(),
-                index == 1,
                 platform.shutdown.subscribe(),
             ));
             platform.supervisors.lock().push(task);
@@ -204,13 +203,7 @@ fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), PlatformEr
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing", dir))
 }
 
-async fn supervise(
-    node: Arc<LocalNode>,
-    binary: PathBuf,
-    args: Vec<String>,
-    first_node: bool,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn supervise(node: Arc<LocalNode>, binary: PathBuf, args: Vec<String>, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     loop {
         if *shutdown.borrow() {
@@ -219,11 +212,7 @@ async fn supervise(
         let started = Instant::now();
         let end = match node.adoptable_pid() {
             Some(pid) => node.watch_adopted(pid, &mut shutdown).await,
-            None => {
-                // Only the first node, only on the fleet's very first start, creates range 1.
-                let bootstrap = first_node && !node.dir.join("data").exists();
-                node.run_child(&binary, &args, bootstrap, &mut shutdown).await
-            }
+            None => node.run_child(&binary, &args, &mut shutdown).await,
         };
         *node.running.lock() = false;
         node.pid.store(0, Ordering::Relaxed);
@@ -293,13 +282,7 @@ impl LocalNode {
         }
     }
 
-    async fn run_child(
-        &self,
-        binary: &Path,
-        args: &[String],
-        bootstrap: bool,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> RunEnd {
+    async fn run_child(&self, binary: &Path, args: &[String], shutdown: &mut watch::Receiver<bool>) -> RunEnd {
         let log_path = self.dir.join("node.log");
         let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
             Ok(log) => log,
@@ -321,9 +304,6 @@ impl LocalNode {
             // Its own process group: a Ctrl-C in the terminal reaches the controller, which
             // stops the nodes in order, instead of every node at once.
             .process_group(0);
-        if bootstrap {
-            command.arg("--bootstrap");
-        }
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => return RunEnd::Exited(format!("cannot start {}: {error}", binary.display())),

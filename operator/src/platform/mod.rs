@@ -1,6 +1,7 @@
 //! Where the fleet runs. The controller asks its `Platform` which nodes exist and where to keep
-//! its state; `local` runs node processes on loopback (the playground, the e2e tests). The
-//! Kubernetes platform (pods of a StatefulSet, state in the API) implements the same trait.
+//! its state; `local` runs node processes on loopback (the playground, the e2e tests); the
+//! Kubernetes platform (`crate::k8s::platform`: pods of a StatefulSet, state in a ConfigMap)
+//! implements the same trait.
 
 pub mod local;
 
@@ -28,6 +29,11 @@ pub enum PlatformError {
     CorruptState { path: String, source: serde_json::Error },
     #[error("{0}")]
     Nodes(String),
+    #[error("Kubernetes API: {0}")]
+    Api(String),
+    /// The fleet no longer exists (its custom resource was deleted): the controller stops.
+    #[error("{0}")]
+    Gone(String),
 }
 
 pub trait Platform: Send + Sync + 'static {

@@ -1,0 +1,538 @@
+//! KeyValueCluster -> the Kubernetes objects that run it: StatefulSet (one PVC per pod),
+//! headless and client Services, PodDisruptionBudget, node ConfigMap. Pure functions: no client,
+//! no clock; every choice about how a storage pod runs is made here.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
+    EnvVarSource, GRPCAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use super::crd::{AntiAffinity, Durability, KeyValueCluster, VolumePolicy};
+
+pub const MANAGER: &str = "kvfleet-operator";
+pub const DATA_DIR: &str = "/data";
+/// The uid the node image runs as (see docker/node.Dockerfile).
+pub const NODE_UID: i64 = 10001;
+const CONFIG_HASH_ANNOTATION: &str = "kvfleet.io/config-hash";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("the KeyValueCluster has no {0} (it was not read from the API server?)")]
+    MissingMetadata(&'static str),
+}
+
+/// The names of everything a cluster owns, derived from its name in one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub cluster: String,
+    pub namespace: String,
+    /// StatefulSet, client Service and PodDisruptionBudget.
+    pub statefulset: String,
+    /// The headless Service that gives each pod a DNS name.
+    pub headless: String,
+    pub node_config: String,
+    /// Where the resharding controller keeps its state.
+    pub controller_state: String,
+}
+
+impl Names {
+    pub fn of(kvc: &KeyValueCluster) -> Result<Self, BuildError> {
+        let cluster = kvc.metadata.name.clone().ok_or(BuildError::MissingMetadata("name"))?;
+        let namespace = kvc.metadata.namespace.clone().ok_or(BuildError::MissingMetadata("namespace"))?;
+        Ok(Names {
+            statefulset: cluster.clone(),
+            headless: format!("{cluster}-nodes"),
+            node_config: format!("{cluster}-node-config"),
+            controller_state: format!("{cluster}-controller-state"),
+            cluster,
+            namespace,
+        })
+    }
+
+    pub fn pod(&self, ordinal: i32) -> String {
+        format!("{}-{ordinal}", self.statefulset)
+    }
+
+    /// The stable address of a pod's gRPC endpoint (via the headless Service).
+    pub fn pod_address(&self, pod: &str, grpc_port: i32) -> String {
+        format!("{pod}.{}.{}.svc:{grpc_port}", self.headless, self.namespace)
+    }
+}
+
+/// Labels on every object of a cluster; the selector labels pick its storage pods.
+pub fn selector_labels(names: &Names) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "kvfleet".to_string()),
+        ("app.kubernetes.io/instance".to_string(), names.cluster.clone()),
+        ("app.kubernetes.io/component".to_string(), "storage".to_string()),
+    ])
+}
+
+pub fn labels(names: &Names) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(names);
+    labels.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
+    labels
+}
+
+/// `key=value,...` for list calls.
+pub fn selector_string(names: &Names) -> String {
+    selector_labels(names).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn owner_reference(kvc: &KeyValueCluster) -> Result<OwnerReference, BuildError> {
+    kvc.controller_owner_ref(&()).ok_or(BuildError::MissingMetadata("uid"))
+}
+
+/// Name, namespace, labels and the owner reference every object of a cluster carries.
+pub fn metadata(kvc: &KeyValueCluster, names: &Names, name: &str) -> Result<ObjectMeta, BuildError> {
+    Ok(ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(names.namespace.clone()),
+        labels: Some(labels(names)),
+        owner_references: Some(vec![owner_reference(kvc)?]),
+        ..Default::default()
+    })
+}
+
+/// The node's configuration, passed as environment (the node reads KVFLEET_* variables).
+pub fn node_config(kvc: &KeyValueCluster) -> Result<ConfigMap, BuildError> {
+    let names = Names::of(kvc)?;
+    let durability = match kvc.spec.durability {
+        Durability::Sync => "sync",
+        Durability::Async => "async",
+    };
+    let data = BTreeMap::from([
+        ("KVFLEET_DATA_DIR".to_string(), DATA_DIR.to_string()),
+        ("KVFLEET_LISTEN".to_string(), format!("0.0.0.0:{}", kvc.spec.ports.grpc)),
+        ("KVFLEET_METRICS_LISTEN".to_string(), format!("0.0.0.0:{}", kvc.spec.ports.metrics)),
+        ("KVFLEET_DURABILITY".to_string(), durability.to_string()),
+        ("KVFLEET_LOG_FORMAT".to_string(), "json".to_string()),
+    ]);
+    Ok(ConfigMap { metadata: metadata(kvc, &names, &names.node_config)?, data: Some(data), ..Default::default() })
+}
+
+/// Pods restart when their configuration changes: the template carries a hash of it.
+fn config_hash(config: &ConfigMap) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    config.data.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// The StatefulSet at `replicas` pods (the reconciler decides the count: during a scale-in it
+/// stays above spec.replicas until the pods going away are empty).
+pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, BuildError> {
+    let names = Names::of(kvc)?;
+    let spec = &kvc.spec;
+    let config = node_config(kvc)?;
+    let grpc_probe = |period: i32, failures: i32| Probe {
+        grpc: Some(GRPCAction { port: spec.ports.grpc, ..Default::default() }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "node".into(),
+        image: Some(spec.image().to_string()),
+        image_pull_policy: Some(format!("{:?}", spec.image_pull_policy)),
+        env: Some(vec![
+            field_env("KVFLEET_NODE_ID", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            EnvVar {
+                name: "KVFLEET_ADVERTISE".into(),
+                value: Some(format!("$(KVFLEET_NODE_ID).{}.$(POD_NAMESPACE).svc:{}", names.headless, spec.ports.grpc)),
+                ..Default::default()
+            },
+        ]),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource { name: names.node_config.clone(), optional: Some(false) }),
+            ..Default::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort { name: Some("grpc".into()), container_port: spec.ports.grpc, ..Default::default() },
+            ContainerPort { name: Some("metrics".into()), container_port: spec.ports.metrics, ..Default::default() },
+        ]),
+        // RocksDB recovery of a large WAL can take a while: up to 5 minutes before liveness counts.
+        startup_probe: Some(grpc_probe(5, 60)),
+        readiness_probe: Some(grpc_probe(5, 2)),
+        liveness_probe: Some(grpc_probe(10, 6)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..Default::default()
+        }]),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NODE_UID),
+            run_as_group: Some(NODE_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let scheduling = &spec.scheduling;
+    let pod = PodSpec {
+        containers: vec![container],
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            fs_group: Some(NODE_UID),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        }),
+        // The node stops taking writes, fsyncs and exits within its 10 s shutdown grace.
+        termination_grace_period_seconds: Some(30),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        node_selector: (!scheduling.node_selector.is_empty()).then(|| scheduling.node_selector.clone()),
+        tolerations: (!scheduling.tolerations.is_empty()).then(|| scheduling.tolerations.clone()),
+        topology_spread_constraints: (!scheduling.topology_spread_constraints.is_empty())
+            .then(|| scheduling.topology_spread_constraints.clone()),
+        affinity: scheduling.affinity.clone().or_else(|| default_affinity(&names, scheduling.pod_anti_affinity)),
+        ..Default::default()
+    };
+    let volume_policy = |policy: VolumePolicy| format!("{policy:?}");
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta { name: Some("data".into()), labels: Some(selector_labels(&names)), ..Default::default() },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(spec.storage.size.clone()))])),
+                limits: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(StatefulSet {
+        metadata: metadata(kvc, &names, &names.statefulset)?,
+        spec: StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(names.headless.clone()),
+            selector: LabelSelector { match_labels: Some(selector_labels(&names)), match_expressions: None },
+            // Pods are independent storage nodes: start and stop them together, not in order.
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: None,
+            }),
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_scaled: Some(volume_policy(spec.storage.on_scale_in)),
+                when_deleted: Some(volume_policy(spec.storage.on_delete)),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&names)),
+                    annotations: Some(BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_string(), config_hash(&config))])),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..Default::default()
+        },
+        status: None,
+    })
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One storage pod per Kubernetes node: losing a node then loses one pod's ranges, not several.
+fn default_affinity(names: &Names, rule: AntiAffinity) -> Option<Affinity> {
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector { match_labels: Some(selector_labels(names)), match_expressions: None }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..Default::default()
+    };
+    let anti = match rule {
+        AntiAffinity::None => return None,
+        AntiAffinity::Preferred => PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: term,
+            }]),
+            ..Default::default()
+        },
+        AntiAffinity::Required => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..Default::default()
+        },
+    };
+    Some(Affinity { pod_anti_affinity: Some(anti), ..Default::default() })
+}
+
+/// Gives each pod a DNS name (`<pod>.<cluster>-nodes.<ns>.svc`), which is the address nodes
+/// advertise. Not-ready pods are published too: the controller must reach a starting pod.
+pub fn headless_service(kvc: &KeyValueCluster) -> Result<Service, BuildError> {
+    let names = Names::of(kvc)?;
+    Ok(Service {
+        metadata: metadata(kvc, &names, &names.headless)?,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&names)),
+            ports: Some(service_ports(kvc)),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The address clients use: any pod answers (it forwards or tells the client the owner).
+pub fn client_service(kvc: &KeyValueCluster) -> Result<Service, BuildError> {
+    let names = Names::of(kvc)?;
+    Ok(Service {
+        metadata: metadata(kvc, &names, &names.statefulset)?,
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&names)),
+            ports: Some(service_ports(kvc)),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+fn service_ports(kvc: &KeyValueCluster) -> Vec<ServicePort> {
+    let port = |name: &str, number: i32| ServicePort {
+        name: Some(name.into()),
+        port: number,
+        target_port: Some(IntOrString::String(name.into())),
+        app_protocol: (name == "grpc").then(|| "kubernetes.io/h2c".to_string()),
+        ..Default::default()
+    };
+    vec![port("grpc", kvc.spec.ports.grpc), port("metrics", kvc.spec.ports.metrics)]
+}
+
+/// At most one storage pod down at a time by voluntary disruption (drains, upgrades): each range
+/// has one copy, so a pod down is its ranges unavailable.
+pub fn pod_disruption_budget(kvc: &KeyValueCluster) -> Result<PodDisruptionBudget, BuildError> {
+    let names = Names::of(kvc)?;
+    Ok(PodDisruptionBudget {
+        metadata: metadata(kvc, &names, &names.statefulset)?,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(&names)), match_expressions: None }),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Everything `apply` writes for a cluster, in the order it writes them.
+pub struct Desired {
+    pub node_config: ConfigMap,
+    pub headless: Service,
+    pub client: Service,
+    pub pdb: PodDisruptionBudget,
+    pub statefulset: StatefulSet,
+}
+
+pub fn desired(kvc: &KeyValueCluster, replicas: i32) -> Result<Desired, BuildError> {
+    Ok(Desired {
+        node_config: node_config(kvc)?,
+        headless: headless_service(kvc)?,
+        client: client_service(kvc)?,
+        pdb: pod_disruption_budget(kvc)?,
+        statefulset: statefulset(kvc, replicas)?,
+    })
+}
+
+/// The ordinal of a StatefulSet pod name (`demo-3` -> 3) if it belongs to `names`.
+pub fn pod_ordinal(names: &Names, pod: &str) -> Option<i32> {
+    pod.strip_prefix(&names.statefulset)?.strip_prefix('-')?.parse().ok()
+}
+
+/// For kube's `ObjectRef`s and event recorders: the cluster as an object reference.
+pub fn cluster_ref(kvc: &KeyValueCluster) -> k8s_openapi::api::core::v1::ObjectReference {
+    kvc.object_ref(&())
+}
+
+/// The cluster's key for maps of per-cluster state: `namespace/name`.
+pub fn cluster_key(kvc: &KeyValueCluster) -> String {
+    format!("{}/{}", kvc.namespace().unwrap_or_default(), kvc.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm};
+
+    use super::*;
+    use crate::k8s::crd::{Durability, VolumePolicy};
+    use crate::k8s::fixtures::cluster;
+
+    fn pod_spec(sts: &StatefulSet) -> &PodSpec {
+        sts.spec.template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn statefulset_runs_hardened_storage_pods_with_a_volume_each() {
+        let kvc = cluster("demo", 3);
+        let sts = statefulset(&kvc, 4).unwrap();
+        let spec = &sts.spec;
+        assert_eq!(spec.replicas, Some(4), "the reconciler's count, not spec.replicas");
+        assert_eq!(spec.service_name.as_deref(), Some("demo-nodes"));
+        let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("KeyValueCluster", "demo", Some(true))
+        );
+
+        let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
+        let requests = claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(requests["storage"], Quantity("10Gi".into()));
+        let retention = spec.persistent_volume_claim_retention_policy.as_ref().unwrap();
+        assert_eq!(
+            (retention.when_scaled.as_deref(), retention.when_deleted.as_deref()),
+            (Some("Delete"), Some("Retain"))
+        );
+
+        let pod = pod_spec(&sts);
+        let container = &pod.containers[0];
+        let security = container.security_context.as_ref().unwrap();
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        for probe in [&container.readiness_probe, &container.liveness_probe, &container.startup_probe] {
+            assert_eq!(probe.as_ref().unwrap().grpc.as_ref().unwrap().port, 7700);
+        }
+        let advertise = container.env.as_ref().unwrap().iter().find(|e| e.name == "KVFLEET_ADVERTISE").unwrap();
+        assert_eq!(advertise.value.as_deref(), Some("$(KVFLEET_NODE_ID).demo-nodes.$(POD_NAMESPACE).svc:7700"));
+        assert_eq!(container.volume_mounts.as_ref().unwrap()[0].mount_path, DATA_DIR);
+        let anti = pod.affinity.as_ref().unwrap().pod_anti_affinity.as_ref().unwrap();
+        assert!(anti.preferred_during_scheduling_ignored_during_execution.is_some());
+        assert!(anti.required_during_scheduling_ignored_during_execution.is_none());
+    }
+
+    #[test]
+    fn spec_choices_reach_the_pods() {
+        let mut kvc = cluster("demo", 3);
+        kvc.spec.storage.size = "50Gi".into();
+        kvc.spec.storage.storage_class_name = Some("fast-ssd".into());
+        kvc.spec.storage.on_scale_in = VolumePolicy::Retain;
+        kvc.spec.storage.on_delete = VolumePolicy::Delete;
+        kvc.spec.ports.grpc = 8000;
+        kvc.spec.image = Some("registry.local/kvfleet-node:dev".into());
+        kvc.spec.scheduling.node_selector.insert("disk".into(), "nvme".into());
+        kvc.spec.scheduling.pod_anti_affinity = AntiAffinity::Required;
+        let sts = statefulset(&kvc, 3).unwrap();
+        let spec = &sts.spec;
+        let claim = spec.volume_claim_templates.as_ref().unwrap()[0].spec.as_ref().unwrap();
+        assert_eq!(claim.storage_class_name.as_deref(), Some("fast-ssd"));
+        assert_eq!(claim.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"], Quantity("50Gi".into()));
+        let retention = spec.persistent_volume_claim_retention_policy.as_ref().unwrap();
+        assert_eq!(
+            (retention.when_scaled.as_deref(), retention.when_deleted.as_deref()),
+            (Some("Retain"), Some("Delete"))
+        );
+        let pod = pod_spec(&sts);
+        assert_eq!(pod.containers[0].image.as_deref(), Some("registry.local/kvfleet-node:dev"));
+        assert_eq!(pod.containers[0].readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap().port, 8000);
+        assert_eq!(pod.node_selector.as_ref().unwrap()["disk"], "nvme");
+        let anti = pod.affinity.as_ref().unwrap().pod_anti_affinity.as_ref().unwrap();
+        assert_eq!(anti.required_during_scheduling_ignored_during_execution.as_ref().unwrap().len(), 1);
+        let config = node_config(&kvc).unwrap();
+        assert_eq!(config.data.as_ref().unwrap()["KVFLEET_LISTEN"], "0.0.0.0:8000");
+    }
+
+    #[test]
+    fn a_users_affinity_replaces_the_default_and_none_drops_it() {
+        let mut kvc = cluster("demo", 3);
+        let affinity = Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "zone".into(),
+                            operator: "In".into(),
+                            values: Some(vec!["a".into()]),
+                        }]),
+                        match_fields: None,
+                    }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        kvc.spec.scheduling.affinity = Some(affinity.clone());
+        assert_eq!(pod_spec(&statefulset(&kvc, 3).unwrap()).affinity, Some(affinity));
+        kvc.spec.scheduling.affinity = None;
+        kvc.spec.scheduling.pod_anti_affinity = AntiAffinity::None;
+        assert_eq!(pod_spec(&statefulset(&kvc, 3).unwrap()).affinity, None);
+    }
+
+    #[test]
+    fn a_configuration_change_rolls_the_pods() {
+        let hash = |kvc: &KeyValueCluster| {
+            let sts = statefulset(kvc, 3).unwrap();
+            sts.spec.template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone()
+        };
+        let mut kvc = cluster("demo", 3);
+        let before = hash(&kvc);
+        kvc.spec.replicas = 5;
+        assert_eq!(hash(&kvc), before, "scaling does not restart pods");
+        kvc.spec.durability = Durability::Async;
+        assert_ne!(hash(&kvc), before);
+        assert_eq!(node_config(&kvc).unwrap().data.unwrap()["KVFLEET_DURABILITY"], "async");
+    }
+
+    #[test]
+    fn services_and_budget() {
+        let kvc = cluster("demo", 3);
+        let headless = headless_service(&kvc).unwrap();
+        let spec = headless.spec.as_ref().unwrap();
+        assert_eq!(headless.metadata.name.as_deref(), Some("demo-nodes"));
+        assert_eq!((spec.cluster_ip.as_deref(), spec.publish_not_ready_addresses), (Some("None"), Some(true)));
+        let client = client_service(&kvc).unwrap();
+        let spec = client.spec.as_ref().unwrap();
+        assert_eq!(client.metadata.name.as_deref(), Some("demo"));
+        assert_eq!(spec.ports.as_ref().unwrap()[0].port, 7700);
+        assert_eq!(spec.selector, Some(selector_labels(&Names::of(&kvc).unwrap())));
+        let pdb = pod_disruption_budget(&kvc).unwrap();
+        assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn a_cluster_without_identity_is_refused_not_guessed() {
+        let mut kvc = cluster("demo", 3);
+        kvc.metadata.uid = None;
+        assert!(matches!(statefulset(&kvc, 3), Err(BuildError::MissingMetadata("uid"))));
+        kvc.metadata.namespace = None;
+        assert!(matches!(Names::of(&kvc), Err(BuildError::MissingMetadata("namespace"))));
+    }
+
+    #[test]
+    fn pod_names_and_ordinals() {
+        let names = Names::of(&cluster("demo", 3)).unwrap();
+        assert_eq!(names.pod(2), "demo-2");
+        assert_eq!(pod_ordinal(&names, "demo-12"), Some(12));
+        assert_eq!(pod_ordinal(&names, "demo-x"), None);
+        assert_eq!(pod_ordinal(&names, "demox-1"), None);
+        assert_eq!(names.pod_address("demo-0", 7700), "demo-0.demo-nodes.ns.svc:7700");
+    }
+}

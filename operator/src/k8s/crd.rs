@@ -1,0 +1,473 @@
+//! The `KeyValueCluster` custom resource (kvfleet.io/v1alpha1): spec with its validation rules
+//! (CEL, enforced by the API server at `kubectl apply`), status, printer columns, defaults.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use kvfleet_planner::Policy;
+use serde::{Deserialize, Serialize};
+
+/// The node image used when the spec names none; tagged with this operator's version.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/kvfleet/kvfleet-node:", env!("CARGO_PKG_VERSION"));
+pub const MAX_REPLICAS: i32 = 256;
+
+/// A fleet of kvfleet storage pods that reshards itself: the operator splits, moves and merges
+/// key ranges between the pods by load and size.
+// One `printcolumn(...)` per column is kube's syntax, not a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kvfleet.io",
+    version = "v1alpha1",
+    kind = "KeyValueCluster",
+    namespaced,
+    shortname = "kvc",
+    category = "kvfleet",
+    status = "KeyValueClusterStatus",
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Ranges", type_ = "integer", json_path = ".status.ranges"),
+    printcolumn(name = "Moves", type_ = "integer", json_path = ".status.movesInFlight", priority = 1),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyValueClusterSpec {
+    /// Number of storage pods. Scaling in moves every range off the pods being removed before
+    /// they go.
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.replicas must be at least 1"))]
+    #[x_kube(validation = Rule::new("self <= 256").message("spec.replicas must be at most 256"))]
+    pub replicas: i32,
+
+    /// The kvfleet-node image. Default: ghcr.io/kvfleet/kvfleet-node:<operator version>.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
+
+    /// CPU and memory of each storage pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// What an OK for a write promises: `sync` (fsynced before the reply, the default) or
+    /// `async` (in the OS page cache, fsynced every second: a power loss can lose the last second).
+    #[serde(default)]
+    pub durability: Durability,
+
+    #[serde(default)]
+    pub sharding: ShardingSpec,
+
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
+
+    #[serde(default)]
+    pub ports: PortsSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    #[default]
+    Sync,
+    Async,
+}
+
+/// What happens to a pod's volume when the pod goes away for good.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum VolumePolicy {
+    /// Keep the PersistentVolumeClaim (delete it yourself).
+    Retain,
+    /// Delete the PersistentVolumeClaim with the pod.
+    Delete,
+}
+
+/// Per-pod persistent storage (one PersistentVolumeClaim per pod).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.storageClassName) && !has(self.storageClassName) || has(oldSelf.storageClassName) && has(self.storageClassName) && self.storageClassName == oldSelf.storageClassName").message("spec.storage.storageClassName cannot be changed after creation"))]
+pub struct StorageSpec {
+    /// Volume size of each pod, a Kubernetes quantity (e.g. 10Gi). May grow (if the storage class
+    /// allows expansion), never shrink.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("spec.storage.size must be a positive quantity such as 10Gi"))]
+    #[x_kube(validation = Rule::new("!isQuantity(self) || !isQuantity(oldSelf) || quantity(self).compareTo(quantity(oldSelf)) >= 0").message("spec.storage.size cannot shrink: a volume never gets smaller"))]
+    #[serde(default = "default_size")]
+    pub size: String,
+
+    /// The StorageClass of the volumes; the cluster default when omitted. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+
+    /// On scale-in (after the pod's ranges have moved away, so the volume is empty): Delete
+    /// (the default) or Retain.
+    #[serde(default = "volume_delete")]
+    pub on_scale_in: VolumePolicy,
+
+    /// When the KeyValueCluster is deleted: Retain (the default: the data outlives the
+    /// resource) or Delete.
+    #[serde(default = "volume_retain")]
+    pub on_delete: VolumePolicy,
+}
+
+fn default_size() -> String {
+    "10Gi".into()
+}
+
+fn volume_delete() -> VolumePolicy {
+    VolumePolicy::Delete
+}
+
+fn volume_retain() -> VolumePolicy {
+    VolumePolicy::Retain
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec {
+            size: default_size(),
+            storage_class_name: None,
+            on_scale_in: VolumePolicy::Delete,
+            on_delete: VolumePolicy::Retain,
+        }
+    }
+}
+
+/// The resharding planner's thresholds. Every field is optional; the default is in its
+/// description.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.mergeBelowQps) || self.mergeBelowQps < (has(self.splitQps) ? self.splitQps : 2000.0)").message("spec.sharding.mergeBelowQps must be below splitQps (default 2000)"))]
+#[x_kube(validation = Rule::new("!has(self.mergeBelowMiB) || self.mergeBelowMiB < (has(self.splitMiB) ? self.splitMiB : 256)").message("spec.sharding.mergeBelowMiB must be below splitMiB (default 256)"))]
+pub struct ShardingSpec {
+    /// Split a range above this many operations per second, sustained. Default 2000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("spec.sharding.splitQps must be above 0"))]
+    pub split_qps: Option<f64>,
+    /// How long a range must stay above splitQps before it splits, in seconds. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.sharding.splitSustainSeconds must be at least 1"))]
+    pub split_sustain_seconds: Option<i64>,
+    /// Split a range larger than this many MiB. Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "splitMiB")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.sharding.splitMiB must be at least 1"))]
+    pub split_mib: Option<i64>,
+    /// Neighbouring ranges each below this many operations per second... Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0").message("spec.sharding.mergeBelowQps must not be negative"))]
+    pub merge_below_qps: Option<f64>,
+    /// ...and together below this many MiB merge. Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "mergeBelowMiB")]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.sharding.mergeBelowMiB must not be negative"))]
+    pub merge_below_mib: Option<i64>,
+    /// How long neighbours must stay cold (and how long after a split) before a merge, in
+    /// seconds. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.sharding.mergeDelaySeconds must not be negative"))]
+    pub merge_delay_seconds: Option<i64>,
+    /// Moves running at once. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("spec.sharding.maxConcurrentMoves must be between 1 and 64"))]
+    pub max_concurrent_moves: Option<i32>,
+    /// Pods whose load is within this fraction above the mean count as balanced. Default 0.15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("spec.sharding.balanceTolerance must be above 0"))]
+    pub balance_tolerance: Option<f64>,
+    /// A range that moved stays put at least this long, in seconds. Default 120.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.sharding.moveCooldownSeconds must not be negative"))]
+    pub move_cooldown_seconds: Option<i64>,
+}
+
+impl ShardingSpec {
+    /// The planner policy: the production defaults with this spec's overrides. Values the schema
+    /// lets through are in range; negative numbers are clamped rather than trusted.
+    pub fn policy(&self) -> Policy {
+        let mut policy = Policy::default();
+        let secs = |v: i64| v.max(0) as u64;
+        let mib = |v: i64| (v.max(0) as u64) * 1024 * 1024;
+        if let Some(v) = self.split_qps {
+            policy.split_qps = v;
+        }
+        if let Some(v) = self.split_sustain_seconds {
+            policy.split_sustain_secs = secs(v);
+        }
+        if let Some(v) = self.split_mib {
+            policy.split_bytes = mib(v);
+        }
+        if let Some(v) = self.merge_below_qps {
+            policy.merge_below_qps = v;
+        }
+        if let Some(v) = self.merge_below_mib {
+            policy.merge_below_bytes = mib(v);
+        }
+        if let Some(v) = self.merge_delay_seconds {
+            policy.merge_delay_secs = secs(v);
+        }
+        if let Some(v) = self.max_concurrent_moves {
+            policy.max_concurrent_moves = v.max(1) as usize;
+        }
+        if let Some(v) = self.balance_tolerance {
+            policy.balance_tolerance = v;
+        }
+        if let Some(v) = self.move_cooldown_seconds {
+            policy.move_cooldown_secs = secs(v);
+        }
+        policy
+    }
+}
+
+/// Where the storage pods run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Replaces the default affinity (which prefers one storage pod per Kubernetes node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// With no `affinity`: `preferred` (the default) spreads pods over Kubernetes nodes when it
+    /// can, `required` refuses to put two on one node, `none` adds no rule.
+    #[serde(default)]
+    pub pod_anti_affinity: AntiAffinity,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AntiAffinity {
+    #[default]
+    Preferred,
+    Required,
+    None,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.grpc != self.metrics").message("spec.ports.grpc and spec.ports.metrics must differ"))]
+pub struct PortsSpec {
+    /// Data, admin and health (gRPC). Default 7700.
+    #[serde(default = "grpc_port")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.grpc must be a port number (1-65535)"))]
+    pub grpc: i32,
+    /// Prometheus metrics (HTTP /metrics). Default 9090.
+    #[serde(default = "metrics_port")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.metrics must be a port number (1-65535)"))]
+    pub metrics: i32,
+}
+
+fn grpc_port() -> i32 {
+    7700
+}
+
+fn metrics_port() -> i32 {
+    9090
+}
+
+impl Default for PortsSpec {
+    fn default() -> Self {
+        PortsSpec { grpc: grpc_port(), metrics: metrics_port() }
+    }
+}
+
+/// What the operator sees, written after every reconcile.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyValueClusterStatus {
+    /// Creating, Running, Scaling, Rebalancing, Degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods the StatefulSet runs now (above spec.replicas while scaling in).
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub ranges: u32,
+    #[serde(default)]
+    pub moves_in_flight: u32,
+    /// One entry per storage pod, from the last resharding round.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodStatus>,
+    /// The hottest keys, from the last resharding round.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot_keys: Vec<HotKey>,
+    /// Ready, Progressing, Rebalancing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Phase {
+    Creating,
+    Running,
+    Scaling,
+    Rebalancing,
+    Degraded,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub name: String,
+    /// up, draining, or down: <why>.
+    pub state: String,
+    pub ranges: u32,
+    pub ops_per_sec: f64,
+    pub size_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HotKey {
+    /// Printable form of the key (non-printable bytes escaped).
+    pub key: String,
+    pub range_id: u64,
+    pub ops_per_sec: f64,
+}
+
+impl KeyValueClusterSpec {
+    pub fn image(&self) -> &str {
+        self.image.as_deref().unwrap_or(DEFAULT_IMAGE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn schema() -> Value {
+        let crd = KeyValueCluster::crd();
+        let schema = crd.spec.versions[0].schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
+        serde_json::to_value(schema.expect("derived CRD has a schema")).expect("schema is JSON")
+    }
+
+    fn object(spec: Value) -> Value {
+        json!({"apiVersion": "kvfleet.io/v1alpha1", "kind": "KeyValueCluster",
+               "metadata": {"name": "demo", "namespace": "default"}, "spec": spec})
+    }
+
+    /// The messages the API server would answer `kubectl apply` with (empty: accepted).
+    fn refusals(spec: Value, old_spec: Option<Value>) -> Vec<String> {
+        let old = old_spec.map(object);
+        match kube::core::cel::Validator::new().validate(&schema(), &object(spec), old.as_ref()) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect(),
+        }
+    }
+
+    #[test]
+    fn a_minimal_spec_is_accepted_and_defaults_fill_the_rest() {
+        assert_eq!(refusals(json!({"replicas": 3}), None), Vec::<String>::new());
+        let kvc: KeyValueCluster = serde_json::from_value(object(json!({"replicas": 3}))).unwrap();
+        assert_eq!(kvc.spec.storage.size, "10Gi");
+        assert_eq!(kvc.spec.storage.on_delete, VolumePolicy::Retain);
+        assert_eq!(kvc.spec.storage.on_scale_in, VolumePolicy::Delete);
+        assert_eq!(kvc.spec.durability, Durability::Sync);
+        assert_eq!(kvc.spec.ports, PortsSpec { grpc: 7700, metrics: 9090 });
+        assert_eq!(kvc.spec.image(), DEFAULT_IMAGE);
+        assert_eq!(kvc.spec.sharding.policy(), Policy::default());
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_a_message_naming_the_field_and_the_limit() {
+        let cases = [
+            (json!({"replicas": 0}), "spec.replicas must be at least 1"),
+            (json!({"replicas": 1000}), "spec.replicas must be at most 256"),
+            (json!({"replicas": 3, "sharding": {"splitQps": -5.0}}), "spec.sharding.splitQps must be above 0"),
+            (
+                json!({"replicas": 3, "sharding": {"mergeBelowQps": -1.0}}),
+                "spec.sharding.mergeBelowQps must not be negative",
+            ),
+            (
+                json!({"replicas": 3, "sharding": {"splitQps": 100.0, "mergeBelowQps": 500.0}}),
+                "spec.sharding.mergeBelowQps must be below splitQps (default 2000)",
+            ),
+            (
+                json!({"replicas": 3, "sharding": {"mergeBelowMiB": 300}}),
+                "spec.sharding.mergeBelowMiB must be below splitMiB (default 256)",
+            ),
+            (
+                json!({"replicas": 3, "sharding": {"moveCooldownSeconds": -1}}),
+                "spec.sharding.moveCooldownSeconds must not be negative",
+            ),
+            (
+                json!({"replicas": 3, "sharding": {"maxConcurrentMoves": 0}}),
+                "spec.sharding.maxConcurrentMoves must be between 1 and 64",
+            ),
+            (
+                json!({"replicas": 3, "storage": {"size": "lots"}}),
+                "spec.storage.size must be a positive quantity such as 10Gi",
+            ),
+            (json!({"replicas": 3, "ports": {"grpc": 9090}}), "spec.ports.grpc and spec.ports.metrics must differ"),
+            (json!({"replicas": 3, "ports": {"grpc": 70000}}), "spec.ports.grpc must be a port number (1-65535)"),
+        ];
+        for (spec, message) in cases {
+            assert_eq!(refusals(spec.clone(), None), vec![message.to_string()], "spec {spec}");
+        }
+    }
+
+    #[test]
+    fn storage_may_grow_but_never_shrink_or_change_class() {
+        let with = |size: &str, class: Option<&str>| {
+            let mut storage = json!({"size": size});
+            if let Some(class) = class {
+                storage["storageClassName"] = json!(class);
+            }
+            json!({"replicas": 3, "storage": storage})
+        };
+        assert!(refusals(with("20Gi", Some("fast")), Some(with("10Gi", Some("fast")))).is_empty());
+        assert_eq!(
+            refusals(with("5Gi", None), Some(with("10Gi", None))),
+            vec!["spec.storage.size cannot shrink: a volume never gets smaller".to_string()]
+        );
+        assert_eq!(
+            refusals(with("10Gi", Some("slow")), Some(with("10Gi", Some("fast")))),
+            vec!["spec.storage.storageClassName cannot be changed after creation".to_string()]
+        );
+        assert_eq!(
+            refusals(with("10Gi", Some("slow")), Some(with("10Gi", None))),
+            vec!["spec.storage.storageClassName cannot be changed after creation".to_string()]
+        );
+    }
+
+    #[test]
+    fn sharding_overrides_reach_the_planner_policy() {
+        let spec = ShardingSpec {
+            split_qps: Some(500.0),
+            split_mib: Some(32),
+            move_cooldown_seconds: Some(5),
+            ..Default::default()
+        };
+        let policy = spec.policy();
+        assert_eq!((policy.split_qps, policy.split_bytes, policy.move_cooldown_secs), (500.0, 32 << 20, 5));
+        assert_eq!(policy.merge_delay_secs, Policy::default().merge_delay_secs);
+    }
+}

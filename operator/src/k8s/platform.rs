@@ -1,0 +1,130 @@
+//! The Kubernetes platform: a cluster's nodes are the pods of its StatefulSet (ordinals
+//! 0..replicas, reached by their stable DNS names), those at or above spec.replicas drain, and
+//! the controller's state lives in a ConfigMap owned by the KeyValueCluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+
+use super::build::{self, MANAGER, Names};
+use super::crd::KeyValueCluster;
+use crate::controller::state::ControllerState;
+use crate::platform::{Member, Platform, PlatformError};
+
+const STATE_KEY: &str = "state.json";
+/// A ConfigMap holds at most 1 MiB; the state is refused before the API server refuses it.
+const MAX_STATE_BYTES: usize = 1000 * 1024;
+
+pub struct KubernetesPlatform {
+    client: Client,
+    names: Names,
+}
+
+impl KubernetesPlatform {
+    pub fn new(client: Client, names: Names) -> Self {
+        KubernetesPlatform { client, names }
+    }
+
+    fn api_error(&self, what: &str, error: kube::Error) -> PlatformError {
+        PlatformError::Api(format!("{what} of {}/{}: {error}", self.names.namespace, self.names.cluster))
+    }
+}
+
+/// Members of a fleet: pods 0..statefulset_replicas; those at or above `spec_replicas` drain.
+pub fn members(names: &Names, spec_replicas: i32, statefulset_replicas: i32, grpc_port: i32) -> Vec<Member> {
+    (0..statefulset_replicas)
+        .map(|ordinal| {
+            let pod = names.pod(ordinal);
+            Member {
+                address: names.pod_address(&pod, grpc_port),
+                node_id: pod,
+                draining: ordinal >= spec_replicas,
+                restarts: 0,
+            }
+        })
+        .collect()
+}
+
+impl Platform for KubernetesPlatform {
+    async fn members(&self) -> Result<Vec<Member>, PlatformError> {
+        let clusters: Api<KeyValueCluster> = Api::namespaced(self.client.clone(), &self.names.namespace);
+        let Some(kvc) = clusters.get_opt(&self.names.cluster).await.map_err(|e| self.api_error("reading", e))? else {
+            return Err(PlatformError::Gone(format!(
+                "KeyValueCluster {}/{} was deleted",
+                self.names.namespace, self.names.cluster
+            )));
+        };
+        let sets: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.names.namespace);
+        let sts =
+            sets.get_opt(&self.names.statefulset).await.map_err(|e| self.api_error("reading the StatefulSet", e))?;
+        let running = sts.and_then(|s| s.spec.replicas).unwrap_or(0);
+        Ok(members(&self.names, kvc.spec.replicas, running, kvc.spec.ports.grpc))
+    }
+
+    async fn load_state(&self) -> Result<Option<ControllerState>, PlatformError> {
+        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.names.namespace);
+        let map = maps
+            .get_opt(&self.names.controller_state)
+            .await
+            .map_err(|e| self.api_error("reading the controller state", e))?;
+        let Some(json) = map.and_then(|m| m.data).and_then(|mut d| d.remove(STATE_KEY)) else { return Ok(None) };
+        serde_json::from_str(&json).map(Some).map_err(|source| PlatformError::CorruptState {
+            path: format!("ConfigMap {}/{}", self.names.namespace, self.names.controller_state),
+            source,
+        })
+    }
+
+    async fn save_state(&self, state: &ControllerState) -> Result<(), PlatformError> {
+        let json = serde_json::to_string(state).map_err(|e| PlatformError::Api(format!("encoding the state: {e}")))?;
+        if json.len() > MAX_STATE_BYTES {
+            return Err(PlatformError::Api(format!(
+                "the controller state is {} bytes, above the {MAX_STATE_BYTES}-byte ConfigMap budget",
+                json.len()
+            )));
+        }
+        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.names.namespace);
+        let clusters: Api<KeyValueCluster> = Api::namespaced(self.client.clone(), &self.names.namespace);
+        let owner = clusters.get_opt(&self.names.cluster).await.map_err(|e| self.api_error("reading", e))?;
+        let Some(owner) = owner else {
+            return Err(PlatformError::Gone(format!(
+                "KeyValueCluster {}/{} was deleted",
+                self.names.namespace, self.names.cluster
+            )));
+        };
+        let map = state_config_map(&owner, &self.names, json).map_err(|e| PlatformError::Api(e.to_string()))?;
+        maps.patch(&self.names.controller_state, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&map))
+            .await
+            .map_err(|e| self.api_error("saving the controller state", e))?;
+        Ok(())
+    }
+}
+
+/// The state ConfigMap, owned by the cluster (deleted with it).
+pub fn state_config_map(owner: &KeyValueCluster, names: &Names, json: String) -> Result<ConfigMap, build::BuildError> {
+    Ok(ConfigMap {
+        metadata: build::metadata(owner, names, &names.controller_state)?,
+        data: Some(BTreeMap::from([(STATE_KEY.to_string(), json)])),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::fixtures::cluster;
+
+    #[test]
+    fn pods_above_spec_replicas_drain() {
+        let names = Names::of(&cluster("demo", 3)).unwrap();
+        let members = members(&names, 3, 5, 7700);
+        assert_eq!(members.len(), 5);
+        assert_eq!(members[0].node_id, "demo-0");
+        assert_eq!(members[4].address, "demo-4.demo-nodes.ns.svc:7700");
+        let draining: Vec<_> = members.iter().filter(|m| m.draining).map(|m| m.node_id.as_str()).collect();
+        assert_eq!(draining, ["demo-3", "demo-4"]);
+        assert!(super::members(&names, 3, 3, 7700).iter().all(|m| !m.draining));
+    }
+}
