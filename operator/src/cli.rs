@@ -21,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a local fleet of kvfleet-node processes with the resharding controller and a live view.
     Playground(PlaygroundArgs),
+    /// Run the Kubernetes operator (in a cluster: reconciles KeyValueClusters and reshards them).
+    Run(crate::k8s::operator::OperatorArgs),
     /// Print the KeyValueCluster CustomResourceDefinition (YAML), as crds/ and the chart ship it.
     Crd,
 }
@@ -35,6 +37,8 @@ pub enum OperatorError {
     Controller(#[from] ControllerError),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("Kubernetes: {0}")]
+    Kubernetes(String),
     #[error("controller status service: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -42,10 +46,21 @@ pub enum OperatorError {
 pub async fn run(cli: Cli) -> Result<(), OperatorError> {
     match cli.command {
         Command::Playground(args) => crate::playground::run(args).await,
+        Command::Run(args) => {
+            init_json_logging();
+            crate::k8s::operator::run(args).await
+        }
         Command::Crd => {
             let yaml = crate::k8s::crd_yaml().map_err(|e| OperatorError::Invalid(format!("rendering the CRD: {e}")))?;
             print!("{yaml}");
             Ok(())
         }
     }
+}
+
+/// In a cluster, logs are JSON lines on stdout (level from RUST_LOG, default info).
+fn init_json_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().json().with_env_filter(filter).init();
 }

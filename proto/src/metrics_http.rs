@@ -56,3 +56,16 @@ pub fn spawn(
         }
     });
 }
+
+/// `spawn` for an `encode` function (see `serve_with`).
+pub fn spawn_with(
+    addr: SocketAddr,
+    encode: impl Fn(&mut String) -> std::fmt::Result + Clone + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = serve_with(addr, encode, shutdown).await {
+            tracing::error!(%addr, %error, "metrics endpoint failed");
+        }
+    });
+}

@@ -72,12 +72,24 @@ impl Metrics {
     }
 }
 
+/// An event of the control loop, for platforms that publish them (Kubernetes Events).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoardEvent {
+    /// Split, Merge, Move, MoveFinished, MoveFailed, Resharding.
+    pub reason: &'static str,
+    pub warning: bool,
+    pub text: String,
+}
+
 struct Board {
     status: ControllerStatus,
+    sink: Option<tokio::sync::mpsc::UnboundedSender<BoardEvent>>,
     skips: BTreeMap<&'static str, (u64, String)>,
     events: VecDeque<String>,
     /// (kind, range) of the decisions not taken last round: each is logged when it first appears.
     last_skips: HashSet<(&'static str, Option<u64>)>,
+    /// Hot keys of the last round: each new one becomes an event.
+    last_hot_keys: HashSet<Vec<u8>>,
 }
 
 /// Shared between the control loop (writes) and the status service and live view (read).
@@ -92,9 +104,11 @@ impl StatusBoard {
         StatusBoard {
             board: Arc::new(parking_lot::Mutex::new(Board {
                 status: ControllerStatus::default(),
+                sink: None,
                 skips: BTreeMap::new(),
                 events: VecDeque::new(),
                 last_skips: HashSet::new(),
+                last_hot_keys: HashSet::new(),
             })),
             metrics: Arc::new(Metrics::new(registry)),
         }
@@ -112,8 +126,21 @@ impl StatusBoard {
         status
     }
 
+    /// Every event from now on is also sent to `sink`.
+    pub fn set_event_sink(&self, sink: tokio::sync::mpsc::UnboundedSender<BoardEvent>) {
+        self.board.lock().sink = Some(sink);
+    }
+
     pub fn event(&self, text: String) {
+        self.publish("Resharding", false, text);
+    }
+
+    fn publish(&self, reason: &'static str, warning: bool, text: String) {
         let mut board = self.board.lock();
+        if let Some(sink) = &board.sink {
+            // A closed sink (its forwarder ended) only loses the copy; the board keeps the event.
+            let _ = sink.send(BoardEvent { reason, warning, text: text.clone() });
+        }
         if board.events.len() == RECENT_EVENTS {
             board.events.pop_front();
         }
@@ -123,19 +150,19 @@ impl StatusBoard {
 
     pub fn action_done(&self, kind: &'static str, text: String) {
         self.metrics.actions.get_or_create(&ActionLabels { kind, outcome: "started" }).inc();
-        self.event(text);
+        self.publish(event_reason(kind), false, text);
     }
 
     pub fn action_failed(&self, kind: &'static str, text: String) {
         self.metrics.actions.get_or_create(&ActionLabels { kind, outcome: "failed" }).inc();
-        self.event(text);
+        self.publish("ActionFailed", true, text);
     }
 
     pub fn move_finished(&self, report: &MoveReport, text: String) {
         self.metrics.actions.get_or_create(&ActionLabels { kind: "move", outcome: "finished" }).inc();
         self.metrics.move_freeze.observe(report.freeze.as_secs_f64());
         self.metrics.move_bytes.inc_by(report.bytes_copied);
-        self.event(text);
+        self.publish("MoveFinished", false, text);
     }
 
     /// Records what a round saw and decided; logs a decision not taken when it first appears for
@@ -241,9 +268,28 @@ impl StatusBoard {
                 ops_per_sec: *ops,
             })
             .collect();
-        for hot in &plan.hot_keys {
-            tracing::debug!(range_id = hot.0, key = %display_key(&hot.1), ops = hot.2, "hot key");
+        let hot_now: HashSet<Vec<u8>> = plan.hot_keys.iter().map(|h| h.1.to_vec()).collect();
+        let new_hot: Vec<String> = plan
+            .hot_keys
+            .iter()
+            .filter(|h| !board.last_hot_keys.contains(h.1.as_ref() as &[u8]))
+            .map(|h| format!("hot key {} in range {}: {:.0} ops/s", display_key(&h.1), h.0, h.2))
+            .collect();
+        board.last_hot_keys = hot_now;
+        drop(board);
+        for text in new_hot {
+            tracing::info!("{text}");
+            self.publish("HotKey", false, text);
         }
+    }
+}
+
+fn event_reason(kind: &str) -> &'static str {
+    match kind {
+        "split" => "Split",
+        "merge" => "Merge",
+        "move" => "Move",
+        _ => "Resharding",
     }
 }
 

@@ -20,3 +20,79 @@ pub fn cluster(name: &str, replicas: i32) -> KeyValueCluster {
     };
     kvc
 }
+
+/// One API call the test expects, in order, and the answer the fake API server gives.
+pub struct Expect {
+    pub method: &'static str,
+    /// The request path without the query string.
+    pub path: String,
+    pub reply: Reply,
+}
+
+pub enum Reply {
+    /// 200 with this JSON.
+    Json(serde_json::Value),
+    /// 200 echoing the request body (as the API server does for an apply that it accepts).
+    Echo,
+    /// 404 Not Found.
+    NotFound,
+}
+
+/// A request the operator made.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: serde_json::Value,
+}
+
+pub fn expect(method: &'static str, path: impl Into<String>, reply: Reply) -> Expect {
+    Expect { method, path: path.into(), reply }
+}
+
+/// The ApiServerVerifier pattern (kube-rs/controller-rs): a kube `Client` over tower-test's mock
+/// service, and a task that checks each request against `script`, in order, and answers it. The
+/// task returns every request, so a test can assert bodies; it fails the test on an unexpected
+/// call, and when the operator makes fewer calls than scripted.
+pub fn verifier(script: Vec<Expect>) -> (kube::Client, tokio::task::JoinHandle<Vec<Recorded>>) {
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for (index, expected) in script.into_iter().enumerate() {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(5), handle.next_request()).await;
+            let Ok(Some((request, respond))) = next else {
+                panic!(
+                    "call {index} never came: expected {} {}; calls so far: {seen:#?}",
+                    expected.method, expected.path
+                )
+            };
+            let method = request.method().to_string();
+            let path = request.uri().path().to_string();
+            let query = request.uri().query().unwrap_or_default().to_string();
+            let bytes = request.into_body().collect_bytes().await.expect("the request body is readable");
+            let body = if bytes.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(&bytes).expect("the request body is JSON")
+            };
+            assert_eq!((method.as_str(), path.as_str()), (expected.method, expected.path.as_str()), "call {index}");
+            let (status, reply) = match expected.reply {
+                Reply::Json(value) => (StatusCode::OK, value),
+                Reply::Echo => (StatusCode::OK, body.clone()),
+                Reply::NotFound => (
+                    StatusCode::NOT_FOUND,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+            };
+            let response =
+                Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).expect("JSON")));
+            respond.send_response(response.expect("a valid response"));
+            seen.push(Recorded { method, path, query, body });
+        }
+        seen
+    });
+    (kube::Client::new(service, "ns"), task)
+}

@@ -6,7 +6,15 @@ pub mod build;
 pub mod crd;
 #[cfg(test)]
 mod fixtures;
+pub mod fleet;
+pub mod leader;
+pub mod operator;
 pub mod platform;
+#[cfg(test)]
+mod rbac;
+pub mod reconcile;
+pub mod scale;
+pub mod status;
 
 use kube::CustomResourceExt;
 

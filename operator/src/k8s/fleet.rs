@@ -1,0 +1,142 @@
+//! One resharding loop per KeyValueCluster: started by the reconciler, restarted when the
+//! sharding policy changes, ended when the cluster is deleted. Its status feeds the reconciler
+//! (scale-in, the resource's status) and its events become Kubernetes Events on the cluster.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kvfleet_planner::Policy;
+use kvfleet_proto::v1::ControllerStatus;
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::build::{Names, cluster_key, cluster_ref};
+use super::crd::KeyValueCluster;
+use super::platform::KubernetesPlatform;
+use crate::controller::status::StatusBoard;
+use crate::controller::{Controller, ControllerConfig};
+
+/// What the reconciler needs of the resharding loops (a fake stands in for it in tests).
+pub trait Fleets: Send + Sync + 'static {
+    /// The last round's view of a cluster (`namespace/name`), if a round ran.
+    fn status(&self, key: &str) -> Option<ControllerStatus>;
+    /// Runs the cluster's loop with the spec's policy (starts it, or restarts it on a change).
+    fn ensure(&self, kvc: &KeyValueCluster, names: &Names);
+}
+
+struct Fleet {
+    policy: Policy,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+pub struct FleetManager {
+    client: Client,
+    reporter: Reporter,
+    base: ControllerConfig,
+    registry: Arc<Mutex<Registry>>,
+    fleets: Mutex<HashMap<String, Fleet>>,
+    /// Kept for the life of the process: a board's metrics are registered once per cluster name.
+    boards: Mutex<HashMap<String, StatusBoard>>,
+}
+
+impl FleetManager {
+    pub fn new(client: Client, reporter: Reporter, base: ControllerConfig, registry: Arc<Mutex<Registry>>) -> Self {
+        FleetManager {
+            client,
+            reporter,
+            base,
+            registry,
+            fleets: Mutex::new(HashMap::new()),
+            boards: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn board(&self, key: &str) -> StatusBoard {
+        self.boards
+            .lock()
+            .entry(key.to_string())
+            .or_insert_with(|| {
+                let mut registry = self.registry.lock();
+                StatusBoard::new(registry.sub_registry_with_label(("cluster".into(), key.to_string().into())))
+            })
+            .clone()
+    }
+
+    fn start(&self, kvc: &KeyValueCluster, names: &Names, policy: Policy, after: Option<Fleet>) -> Fleet {
+        let key = cluster_key(kvc);
+        let board = self.board(&key);
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        board.set_event_sink(events_tx);
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        let object = cluster_ref(kvc);
+        tokio::spawn(forward_events(events_rx, recorder, object));
+
+        let platform = Arc::new(KubernetesPlatform::new(self.client.clone(), names.clone()));
+        let config = ControllerConfig { policy: policy.clone(), ..self.base.clone() };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            if let Some(previous) = after {
+                // The old loop saves its state on the way out; the new one starts from it.
+                let _ = previous.shutdown.send(true);
+                let _ = previous.task.await;
+            }
+            let result = async { Controller::new(platform, config, board).await?.run(shutdown_rx).await }.await;
+            match result {
+                Ok(()) => tracing::info!(cluster = %key, "resharding loop ended"),
+                Err(error) => tracing::error!(cluster = %key, %error, "resharding loop failed"),
+            }
+        });
+        Fleet { policy, shutdown, task }
+    }
+}
+
+impl Fleets for FleetManager {
+    fn status(&self, key: &str) -> Option<ControllerStatus> {
+        let board = self.boards.lock().get(key).cloned()?;
+        Some(board.snapshot()).filter(|s| s.round > 0)
+    }
+
+    fn ensure(&self, kvc: &KeyValueCluster, names: &Names) {
+        let key = cluster_key(kvc);
+        let policy = kvc.spec.sharding.policy();
+        let mut fleets = self.fleets.lock();
+        let fleet = match fleets.remove(&key) {
+            Some(fleet) if fleet.policy == policy && !fleet.task.is_finished() => fleet,
+            Some(fleet) if !fleet.task.is_finished() => {
+                tracing::info!(cluster = %key, "sharding policy changed; restarting the resharding loop");
+                self.start(kvc, names, policy, Some(fleet))
+            }
+            _ => self.start(kvc, names, policy, None),
+        };
+        fleets.insert(key, fleet);
+    }
+}
+
+async fn forward_events(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<crate::controller::status::BoardEvent>,
+    recorder: Recorder,
+    object: k8s_openapi::api::core::v1::ObjectReference,
+) {
+    while let Some(event) = events.recv().await {
+        let published = recorder
+            .publish(
+                &Event {
+                    type_: if event.warning { EventType::Warning } else { EventType::Normal },
+                    reason: event.reason.into(),
+                    note: Some(event.text),
+                    action: "Reshard".into(),
+                    secondary: None,
+                },
+                &object,
+            )
+            .await;
+        if let Err(error) = published {
+            tracing::warn!(%error, "publishing an event failed");
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! `kvfleet-operator run`: the in-cluster operator. Serves metrics and health, waits to lead
+//! (Lease), then reconciles KeyValueClusters and runs one resharding loop per cluster until it
+//! is stopped or loses the lease.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::events::Reporter;
+use kube::runtime::{Controller as KubeController, watcher};
+use kube::{Api, Client};
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+
+use super::crd::KeyValueCluster;
+use super::fleet::FleetManager;
+use super::leader::{self, LeaseConfig};
+use super::reconcile::{self, Context, ReconcileMetrics};
+use crate::cli::OperatorError;
+use crate::controller::ControllerConfig;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct OperatorArgs {
+    /// Watch KeyValueClusters in this namespace only (default: every namespace).
+    #[arg(long, env = "KVFLEET_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Metrics (/metrics) and health (/healthz) listen address.
+    #[arg(long, env = "KVFLEET_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub metrics_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kvfleet-system")]
+    pub lease_namespace: String,
+    #[arg(long, env = "KVFLEET_LEASE_NAME", default_value = "kvfleet-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Seconds between two resharding rounds of a cluster.
+    #[arg(long, env = "KVFLEET_RESHARD_INTERVAL_SECS", default_value_t = 5)]
+    pub interval_secs: u64,
+}
+
+pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
+    let client = Client::try_default().await.map_err(|e| OperatorError::Kubernetes(e.to_string()))?;
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let metrics = ReconcileMetrics::register(&mut registry.lock());
+    let encode_registry = registry.clone();
+    kvfleet_proto::metrics_http::spawn_with(
+        args.metrics_listen,
+        move |body: &mut String| prometheus_client::encoding::text::encode(body, &encode_registry.lock()),
+        std::future::pending(),
+    );
+
+    let identity = args.identity.clone().unwrap_or_else(|| format!("kvfleet-operator-{}", std::process::id()));
+    let lease = LeaseConfig {
+        namespace: args.lease_namespace.clone(),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(4),
+    };
+    tokio::select! {
+        _ = leader::acquire(client.clone(), &lease) => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+
+    let reporter = Reporter { controller: "kvfleet-operator".into(), instance: Some(identity) };
+    let base =
+        ControllerConfig { interval: Duration::from_secs(args.interval_secs.max(1)), ..ControllerConfig::default() };
+    let fleets = Arc::new(FleetManager::new(client.clone(), reporter.clone(), base, registry));
+    let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
+    let context = Arc::new(Context { client: client.clone(), fleets, recorder, metrics });
+
+    let clusters: Api<KeyValueCluster> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let owned = |client: &Client| match &args.watch_namespace {
+        Some(ns) => (
+            Api::<StatefulSet>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+        ),
+        None => {
+            (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()))
+        }
+    };
+    let (sets, services, maps, budgets) = owned(&client);
+    // Only the objects this operator manages are watched (and cached).
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kvfleet-operator");
+    let controller = KubeController::new(clusters, watcher::Config::default())
+        .owns(sets, managed.clone())
+        .owns(services, managed.clone())
+        .owns(maps, managed.clone())
+        .owns(budgets, managed)
+        .graceful_shutdown_on(shutdown_signal())
+        .run(reconcile::reconcile, reconcile::error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile trigger failed");
+            }
+        });
+    tokio::select! {
+        _ = controller => Ok(()),
+        _ = leader::hold(client, &lease) => Err(OperatorError::Kubernetes("lost the leader lease; exiting so a standby takes over".into())),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

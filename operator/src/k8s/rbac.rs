@@ -1,0 +1,185 @@
+//! Test: every Kubernetes API call the operator makes is allowed by the chart's RBAC rules.
+//! The calls are the ones the reconcile, platform and leader-election code really sends (through
+//! the mock API server), plus the list/watch calls of the controller runtime's watches.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::fixtures::{Recorded, Reply, cluster, expect, verifier};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Rule {
+    api_groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+}
+
+/// The rules of a chart template: the plain YAML after `rules:`, up to the next document.
+fn chart_rules(template: &str) -> Vec<Rule> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/kvfleet/templates").join(template);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let rules = text.split("\nrules:\n").nth(1).unwrap_or_else(|| panic!("{template} has no rules"));
+    let rules = rules.split("\n---").next().unwrap_or_default();
+    serde_yaml::from_str(rules).unwrap_or_else(|e| panic!("{template}: the rules are not plain YAML: {e}"))
+}
+
+/// (API group, resource or resource/subresource, verb) of a request.
+fn permission(call: &Recorded) -> (String, String, String) {
+    let parts: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("unexpected path {}", call.path),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => panic!("unexpected path {}", call.path),
+    };
+    let verb = match (call.method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) if call.query.contains("watch=true") => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PATCH", _) => "patch",
+        ("PUT", _) => "update",
+        ("DELETE", _) => "delete",
+        (method, _) => panic!("unexpected method {method}"),
+    };
+    (group.to_string(), resource, verb.to_string())
+}
+
+fn allowed(rules: &[Rule], (group, resource, verb): &(String, String, String)) -> bool {
+    rules.iter().any(|r| r.api_groups.contains(group) && r.resources.contains(resource) && r.verbs.contains(verb))
+}
+
+fn call(method: &str, path: &str, query: &str) -> Recorded {
+    Recorded { method: method.into(), path: path.into(), query: query.into(), body: serde_json::Value::Null }
+}
+
+/// The resharding loop's platform calls: members, load and save the state.
+async fn platform_calls() -> Vec<Recorded> {
+    use crate::k8s::build::Names;
+    use crate::k8s::platform::KubernetesPlatform;
+    use crate::platform::Platform;
+    let kvc = cluster("demo", 3);
+    let kvc_json = serde_json::to_value(&kvc).unwrap();
+    let kvc_path = "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo";
+    let state_path = "/api/v1/namespaces/ns/configmaps/demo-controller-state";
+    let (client, server) = verifier(vec![
+        expect("GET", kvc_path, Reply::Json(kvc_json.clone())),
+        expect("GET", "/apis/apps/v1/namespaces/ns/statefulsets/demo", Reply::NotFound),
+        expect("GET", state_path, Reply::NotFound),
+        expect("GET", kvc_path, Reply::Json(kvc_json)),
+        expect("PATCH", state_path, Reply::Echo),
+        expect("GET", kvc_path, Reply::NotFound),
+    ]);
+    let platform = KubernetesPlatform::new(client, Names::of(&kvc).unwrap());
+    assert!(platform.members().await.unwrap().is_empty(), "no StatefulSet yet: no members");
+    assert_eq!(platform.load_state().await.unwrap(), None);
+    let state = crate::controller::state::ControllerState { next_range_id: 9, ..Default::default() };
+    platform.save_state(&state).await.unwrap();
+    let gone = platform.members().await.unwrap_err();
+    assert!(matches!(gone, crate::platform::PlatformError::Gone(_)), "{gone}");
+    let calls = server.await.expect("every scripted call came, in order");
+    let saved = &calls[4].body;
+    assert_eq!(saved["metadata"]["ownerReferences"][0]["name"], "demo", "the state goes with the cluster");
+    let json: serde_json::Value = serde_json::from_str(saved["data"]["state.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["nextRangeId"], 9);
+    calls
+}
+
+/// Leader election: create the Lease, then renew it.
+async fn leader_calls() -> Vec<Recorded> {
+    use crate::k8s::leader::{LeaseConfig, try_hold};
+    let path = "/apis/coordination.k8s.io/v1/namespaces/kvfleet-system/leases/kvfleet-operator";
+    let config = LeaseConfig {
+        namespace: "kvfleet-system".into(),
+        name: "kvfleet-operator".into(),
+        identity: "operator-0".into(),
+        duration: std::time::Duration::from_secs(15),
+        renew_every: std::time::Duration::from_secs(5),
+    };
+    let held = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "kvfleet-operator", "namespace": "kvfleet-system", "resourceVersion": "7"},
+        "spec": {"holderIdentity": "operator-0", "leaseDurationSeconds": 15, "renewTime": "2026-01-01T00:00:00.000000Z"}
+    });
+    let (client, server) = verifier(vec![
+        expect("GET", path, Reply::NotFound),
+        expect("POST", "/apis/coordination.k8s.io/v1/namespaces/kvfleet-system/leases", Reply::Echo),
+        expect("GET", path, Reply::Json(held)),
+        expect("PUT", path, Reply::Echo),
+    ]);
+    let api = kube::Api::namespaced(client, "kvfleet-system");
+    assert!(try_hold(&api, &config).await.unwrap(), "creates the lease");
+    assert!(try_hold(&api, &config).await.unwrap(), "renews its own lease");
+    let calls = server.await.expect("every scripted call came, in order");
+    assert_eq!(calls[3].body["metadata"]["resourceVersion"], "7", "renewal is conditional on what was read");
+    calls
+}
+
+/// The controller runtime lists and watches the clusters and the objects it owns
+/// (`k8s::operator::run`).
+fn watch_calls() -> Vec<Recorded> {
+    [
+        "/apis/kvfleet.io/v1alpha1/keyvalueclusters",
+        "/apis/apps/v1/statefulsets",
+        "/api/v1/services",
+        "/api/v1/configmaps",
+        "/apis/policy/v1/poddisruptionbudgets",
+    ]
+    .into_iter()
+    .flat_map(|path| [call("GET", path, ""), call("GET", path, "watch=true")])
+    .collect()
+}
+
+#[tokio::test]
+async fn every_api_call_is_allowed_by_the_charts_rbac() {
+    let cluster_rules = chart_rules("clusterrole.yaml");
+    let leader_rules = chart_rules("role.yaml");
+    let mut calls = super::reconcile::tests::all_reconcile_calls().await;
+    calls.extend(platform_calls().await);
+    calls.extend(watch_calls());
+    let mut checked = 0;
+    for call in &calls {
+        let needed = permission(call);
+        assert!(
+            allowed(&cluster_rules, &needed),
+            "{} {} needs {needed:?}, which the ClusterRole does not grant",
+            call.method,
+            call.path
+        );
+        checked += 1;
+    }
+    for call in leader_calls().await {
+        let needed = permission(&call);
+        assert!(
+            allowed(&leader_rules, &needed),
+            "{} {} needs {needed:?}, which the leader Role does not grant",
+            call.method,
+            call.path
+        );
+        checked += 1;
+    }
+    assert!(checked > 30, "only {checked} calls checked");
+}
+
+#[test]
+fn the_rbac_check_refuses_what_the_rules_do_not_grant() {
+    let rules = chart_rules("clusterrole.yaml");
+    let delete_sts = permission(&call("DELETE", "/apis/apps/v1/namespaces/ns/statefulsets/demo", ""));
+    assert_eq!(delete_sts, ("apps".into(), "statefulsets".into(), "delete".into()));
+    assert!(!allowed(&rules, &delete_sts), "the operator never deletes a StatefulSet (garbage collection does)");
+    let secrets = permission(&call("GET", "/api/v1/namespaces/ns/secrets/x", ""));
+    assert!(!allowed(&rules, &secrets), "the operator reads no secrets");
+    let status = permission(&call("PATCH", "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo/status", ""));
+    assert!(allowed(&rules, &status));
+}

@@ -1,0 +1,418 @@
+//! The reconciler: validate -> decide the scale step -> build (pure) -> apply (server-side apply,
+//! one field manager, owner references) -> make sure the resharding loop runs -> write status and
+//! Events. Everything it writes is owned by the KeyValueCluster, so deleting the resource
+//! garbage-collects it; no finalizer is needed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::build::{self, BuildError, MANAGER, Names, cluster_key};
+use super::crd::KeyValueCluster;
+use super::fleet::Fleets;
+use super::scale::{self, ScaleStep};
+use super::status::{self, Observed};
+
+/// Re-read the cluster this often even when nothing changes: the status follows the resharding
+/// loop, and a scale-in advances as pods empty.
+const REFRESH: Duration = Duration::from_secs(10);
+const REFRESH_WHILE_SCALING: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("{what} {name}: {source}")]
+    Api { what: &'static str, name: String, source: kube::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Default)]
+pub struct ReconcileMetrics {
+    reconciles: Family<OutcomeLabels, Counter>,
+}
+
+impl ReconcileMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = ReconcileMetrics::default();
+        registry.register("kvfleet_operator_reconciles", "Reconciles, by outcome", metrics.reconciles.clone());
+        metrics
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.reconciles.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub fleets: Arc<dyn Fleets>,
+    /// One recorder for the process: it folds repeats of an event into a series.
+    pub recorder: Recorder,
+    pub metrics: ReconcileMetrics,
+}
+
+/// Checks the CEL rules cannot express (or that an older CRD may not carry): the message names
+/// the field and the limit.
+pub fn validate(kvc: &KeyValueCluster) -> Result<(), String> {
+    let spec = &kvc.spec;
+    if spec.replicas < 1 || spec.replicas > super::crd::MAX_REPLICAS {
+        return Err(format!(
+            "spec.replicas is {}; it must be between 1 and {}",
+            spec.replicas,
+            super::crd::MAX_REPLICAS
+        ));
+    }
+    if spec.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
+        return Err("spec.image is empty; omit it for the default image".into());
+    }
+    crate::policy::PolicyArgs::validate(&spec.sharding.policy())
+        .map_err(|flag_message| format!("spec.sharding: {}", flag_message.replace("--", "")))
+}
+
+pub async fn reconcile(kvc: Arc<KeyValueCluster>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let result = reconcile_inner(&kvc, &ctx).await;
+    ctx.metrics.count(if result.is_ok() { "ok" } else { "error" });
+    result
+}
+
+async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action, ReconcileError> {
+    let names = Names::of(kvc)?;
+    let ns = names.namespace.as_str();
+    let recorder = &ctx.recorder;
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let current =
+        sets.get_opt(&names.statefulset).await.map_err(api_error("reading StatefulSet", &names.statefulset))?;
+
+    if let Err(why) = validate(kvc) {
+        publish(recorder, kvc, EventType::Warning, "InvalidSpec", &why).await;
+        let step = ScaleStep::Steady { replicas: current.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0) };
+        write_status(ctx, kvc, &names, current.as_ref(), &step, Some(&why)).await?;
+        return Ok(Action::requeue(REFRESH * 6));
+    }
+
+    let fleet = ctx.fleets.status(&cluster_key(kvc));
+    let step = scale::decide(&names, kvc.spec.replicas, current.as_ref().and_then(|s| s.spec.replicas), fleet.as_ref());
+    let desired = build::desired(kvc, step.replicas())?;
+    apply(&ctx.client, ns, &desired.node_config).await?;
+    apply(&ctx.client, ns, &desired.headless).await?;
+    apply(&ctx.client, ns, &desired.client).await?;
+    apply(&ctx.client, ns, &desired.pdb).await?;
+    let applied = apply(&ctx.client, ns, &desired.statefulset).await?;
+    match &step {
+        ScaleStep::Create { .. } => publish(recorder, kvc, EventType::Normal, "Created", &step.describe()).await,
+        ScaleStep::Grow { .. } => publish(recorder, kvc, EventType::Normal, "ScalingOut", &step.describe()).await,
+        ScaleStep::Shrink { .. } => publish(recorder, kvc, EventType::Normal, "ScaledIn", &step.describe()).await,
+        ScaleStep::Drain { .. } | ScaleStep::Steady { .. } => {}
+    }
+    ctx.fleets.ensure(kvc, &names);
+    write_status(ctx, kvc, &names, Some(&applied), &step, None).await?;
+    Ok(Action::requeue(match step {
+        ScaleStep::Drain { .. } | ScaleStep::Shrink { .. } => REFRESH_WHILE_SCALING,
+        _ => REFRESH,
+    }))
+}
+
+/// Server-side apply of one object with the operator's field manager (forced: the operator owns
+/// these fields; a person's `kubectl edit` of them is put back).
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, ReconcileError>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let mut body = serde_json::to_value(object).map_err(|e| ReconcileError::Api {
+        what: "encoding",
+        name: name.clone(),
+        source: kube::Error::SerdeError(e),
+    })?;
+    // Server-side apply needs apiVersion and kind in the body; k8s-openapi leaves them out.
+    body["apiVersion"] = K::api_version(&()).into();
+    body["kind"] = K::kind(&()).into();
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map_err(api_error("applying", &name))
+}
+
+async fn write_status(
+    ctx: &Context,
+    kvc: &KeyValueCluster,
+    names: &Names,
+    statefulset: Option<&StatefulSet>,
+    step: &ScaleStep,
+    invalid: Option<&str>,
+) -> Result<(), ReconcileError> {
+    let fleet = ctx.fleets.status(&cluster_key(kvc));
+    let status = status::compute(&Observed {
+        kvc,
+        statefulset,
+        fleet: fleet.as_ref(),
+        step,
+        invalid,
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    });
+    let api: Api<KeyValueCluster> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(&names.cluster, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(api_error("writing the status of", &names.cluster))?;
+    Ok(())
+}
+
+async fn publish(recorder: &Recorder, kvc: &KeyValueCluster, type_: EventType, reason: &str, note: &str) {
+    let event =
+        Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: None };
+    if let Err(error) = recorder.publish(&event, &kvc.object_ref(&())).await {
+        tracing::warn!(%error, reason, "publishing an event failed");
+    }
+}
+
+fn api_error(what: &'static str, name: &str) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let name = name.to_string();
+    move |source| ReconcileError::Api { what, name, source }
+}
+
+/// After a failed reconcile: log, retry with a short backoff.
+pub fn error_policy(kvc: Arc<KeyValueCluster>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(cluster = %cluster_key(&kvc), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use kube::runtime::events::Reporter;
+    use kvfleet_proto::v1::{ControllerStatus, NodeStatus, RangeStatus};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::k8s::fixtures::{Recorded, Reply, cluster, expect, verifier};
+
+    /// Stands in for the resharding loops: a fixed status, and a count of `ensure` calls.
+    #[derive(Default)]
+    struct FakeFleets {
+        status: Option<ControllerStatus>,
+        ensured: parking_lot::Mutex<u32>,
+    }
+
+    impl Fleets for FakeFleets {
+        fn status(&self, _key: &str) -> Option<ControllerStatus> {
+            self.status.clone()
+        }
+        fn ensure(&self, _kvc: &KeyValueCluster, _names: &Names) {
+            *self.ensured.lock() += 1;
+        }
+    }
+
+    fn context(client: Client, fleets: Arc<FakeFleets>) -> Arc<Context> {
+        let reporter = Reporter { controller: "kvfleet-operator".into(), instance: None };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            fleets,
+            metrics: ReconcileMetrics::default(),
+        })
+    }
+
+    const STS: &str = "/apis/apps/v1/namespaces/ns/statefulsets/demo";
+    const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+    const STATUS: &str = "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo/status";
+
+    /// The five server-side applies of a reconcile, in order.
+    fn applies() -> Vec<crate::k8s::fixtures::Expect> {
+        vec![
+            expect("PATCH", "/api/v1/namespaces/ns/configmaps/demo-node-config", Reply::Echo),
+            expect("PATCH", "/api/v1/namespaces/ns/services/demo-nodes", Reply::Echo),
+            expect("PATCH", "/api/v1/namespaces/ns/services/demo", Reply::Echo),
+            expect("PATCH", "/apis/policy/v1/namespaces/ns/poddisruptionbudgets/demo", Reply::Echo),
+            expect("PATCH", STS, Reply::Echo),
+        ]
+    }
+
+    fn status_reply(kvc: &KeyValueCluster) -> Reply {
+        Reply::Json(serde_json::to_value(kvc).unwrap())
+    }
+
+    fn existing_statefulset(kvc: &KeyValueCluster, replicas: i32) -> Value {
+        let mut sts = serde_json::to_value(build::statefulset(kvc, replicas).unwrap()).unwrap();
+        sts["apiVersion"] = json!("apps/v1");
+        sts["kind"] = json!("StatefulSet");
+        sts["status"] = json!({"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas});
+        sts
+    }
+
+    /// The applies of a reconcile of an existing cluster: the API server answers the
+    /// StatefulSet's apply with the live object (status included).
+    fn applies_to_existing(live: Value) -> Vec<crate::k8s::fixtures::Expect> {
+        let mut script = applies();
+        script.pop();
+        script.push(expect("PATCH", STS, Reply::Json(live)));
+        script
+    }
+
+    fn fleet(pods: &[(&str, &str, u32)]) -> ControllerStatus {
+        ControllerStatus {
+            round: 4,
+            nodes: pods
+                .iter()
+                .map(|(id, state, ranges)| NodeStatus {
+                    node_id: id.to_string(),
+                    state: state.to_string(),
+                    ranges: *ranges,
+                    ..Default::default()
+                })
+                .collect(),
+            ranges: (0..pods.iter().map(|p| p.2 as u64).sum::<u64>())
+                .map(|range_id| RangeStatus { range_id, ..Default::default() })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn find<'a>(calls: &'a [Recorded], method: &str, path: &str) -> Vec<&'a Recorded> {
+        calls.iter().filter(|c| c.method == method && c.path == path).collect()
+    }
+
+    /// Every request the reconcile tests saw, for the RBAC test.
+    pub(crate) async fn all_reconcile_calls() -> Vec<Recorded> {
+        let mut calls = Vec::new();
+        calls.extend(creates_everything_with_server_side_apply().await);
+        calls.extend(scale_in_drains_before_the_statefulset_shrinks().await);
+        calls.extend(an_invalid_spec_is_refused_without_touching_anything().await);
+        calls
+    }
+
+    async fn creates_everything_with_server_side_apply() -> Vec<Recorded> {
+        let kvc = cluster("demo", 3);
+        let mut script = vec![expect("GET", STS, Reply::NotFound)];
+        script.extend(applies());
+        script.push(expect("POST", EVENTS, Reply::Echo));
+        script.push(expect("PATCH", STATUS, status_reply(&kvc)));
+        let (client, server) = verifier(script);
+        let fleets = Arc::new(FakeFleets::default());
+        let action = reconcile(Arc::new(kvc), context(client, fleets.clone())).await.expect("reconcile succeeds");
+        assert_eq!(action, Action::requeue(REFRESH));
+        let calls = server.await.expect("every scripted call came, in order");
+        assert_eq!(*fleets.ensured.lock(), 1, "the resharding loop is started");
+
+        for apply in calls.iter().filter(|c| c.method == "PATCH" && !c.path.ends_with("/status")) {
+            assert!(apply.query.contains("fieldManager=kvfleet-operator"), "{}: {}", apply.path, apply.query);
+            assert!(apply.query.contains("force=true"), "{}: {}", apply.path, apply.query);
+            assert!(apply.body["apiVersion"].is_string() && apply.body["kind"].is_string(), "{}", apply.path);
+            assert_eq!(apply.body["metadata"]["ownerReferences"][0]["kind"], "KeyValueCluster", "{}", apply.path);
+        }
+        let sts = find(&calls, "PATCH", STS)[0];
+        assert_eq!(sts.body["spec"]["replicas"], 3);
+        let event = find(&calls, "POST", EVENTS)[0];
+        assert_eq!(event.body["reason"], "Created");
+        assert_eq!(event.body["regarding"]["name"], "demo");
+        let status = &find(&calls, "PATCH", STATUS)[0].body["status"];
+        assert_eq!(status["phase"], "Creating");
+        assert_eq!(status["observedGeneration"], 1);
+        calls
+    }
+
+    async fn scale_in_drains_before_the_statefulset_shrinks() -> Vec<Recorded> {
+        let mut kvc = cluster("demo", 5);
+        kvc.spec.replicas = 3;
+        let mut calls = Vec::new();
+
+        // Step 1: pods 3 and 4 still hold ranges: the StatefulSet stays at 5, no event.
+        let live = existing_statefulset(&kvc, 5);
+        let mut script = vec![expect("GET", STS, Reply::Json(live.clone()))];
+        script.extend(applies_to_existing(live));
+        script.push(expect("PATCH", STATUS, status_reply(&kvc)));
+        let (client, server) = verifier(script);
+        let holding = fleet(&[("demo-0", "up", 3), ("demo-3", "draining", 2), ("demo-4", "draining", 1)]);
+        let fleets = Arc::new(FakeFleets { status: Some(holding), ..Default::default() });
+        let action = reconcile(Arc::new(kvc.clone()), context(client, fleets)).await.expect("reconcile succeeds");
+        assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
+        let step1 = server.await.expect("every scripted call came, in order");
+        assert_eq!(find(&step1, "PATCH", STS)[0].body["spec"]["replicas"], 5, "no volume holding a range goes");
+        let status = &find(&step1, "PATCH", STATUS)[0].body["status"];
+        assert_eq!(status["phase"], "Scaling");
+        let progressing = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Progressing").unwrap();
+        assert_eq!(progressing["status"], "True");
+        let message = progressing["message"].as_str().unwrap();
+        assert!(message.contains("moving ranges off demo-3 (2 ranges), demo-4 (1 ranges)"), "{message}");
+        calls.extend(step1);
+
+        // Step 2: both empty: the StatefulSet shrinks to 3, and an event says so.
+        let live = existing_statefulset(&kvc, 5);
+        let mut script = vec![expect("GET", STS, Reply::Json(live.clone()))];
+        script.extend(applies_to_existing(live));
+        script.push(expect("POST", EVENTS, Reply::Echo));
+        script.push(expect("PATCH", STATUS, status_reply(&kvc)));
+        let (client, server) = verifier(script);
+        let empty = fleet(&[("demo-0", "up", 6), ("demo-3", "draining", 0), ("demo-4", "draining", 0)]);
+        let fleets = Arc::new(FakeFleets { status: Some(empty), ..Default::default() });
+        reconcile(Arc::new(kvc), context(client, fleets)).await.expect("reconcile succeeds");
+        let step2 = server.await.expect("every scripted call came, in order");
+        assert_eq!(find(&step2, "PATCH", STS)[0].body["spec"]["replicas"], 3);
+        let event = find(&step2, "POST", EVENTS)[0];
+        assert_eq!(event.body["reason"], "ScaledIn");
+        assert!(event.body["note"].as_str().unwrap().contains("from 5 to 3"));
+        calls.extend(step2);
+        calls
+    }
+
+    async fn an_invalid_spec_is_refused_without_touching_anything() -> Vec<Recorded> {
+        // CEL refuses this at the API server; a CRD applied before the rule existed would not.
+        let mut kvc = cluster("demo", 3);
+        kvc.spec.sharding.split_qps = Some(100.0);
+        kvc.spec.sharding.merge_below_qps = Some(500.0);
+        let script = vec![
+            expect("GET", STS, Reply::NotFound),
+            expect("POST", EVENTS, Reply::Echo),
+            expect("PATCH", STATUS, status_reply(&kvc)),
+        ];
+        let (client, server) = verifier(script);
+        let fleets = Arc::new(FakeFleets::default());
+        reconcile(Arc::new(kvc), context(client, fleets.clone())).await.expect("reconcile succeeds");
+        let calls = server.await.expect("every scripted call came, in order");
+        assert_eq!(*fleets.ensured.lock(), 0, "no resharding for a refused spec");
+        let event = find(&calls, "POST", EVENTS)[0];
+        assert_eq!(
+            (event.body["type"].as_str(), event.body["reason"].as_str()),
+            (Some("Warning"), Some("InvalidSpec"))
+        );
+        assert_eq!(event.body["note"], "spec.sharding: merge-below-qps must be below split-qps");
+        let status = &find(&calls, "PATCH", STATUS)[0].body["status"];
+        assert_eq!(status["phase"], "Degraded");
+        calls
+    }
+
+    #[tokio::test]
+    async fn reconcile_creates_everything_with_server_side_apply() {
+        creates_everything_with_server_side_apply().await;
+    }
+
+    #[tokio::test]
+    async fn reconcile_scale_in_drains_before_the_statefulset_shrinks() {
+        scale_in_drains_before_the_statefulset_shrinks().await;
+    }
+
+    #[tokio::test]
+    async fn reconcile_refuses_an_invalid_spec_without_touching_anything() {
+        an_invalid_spec_is_refused_without_touching_anything().await;
+    }
+}

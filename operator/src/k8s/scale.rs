@@ -1,0 +1,186 @@
+//! How many pods the StatefulSet runs, decided from the spec and what the resharding loop last
+//! saw. Scale-in is two steps: the pods going away drain (their ranges move off), and only when
+//! they hold nothing does the StatefulSet shrink, so no volume that holds a range is deleted.
+
+use kvfleet_proto::v1::ControllerStatus;
+
+use super::build::Names;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScaleStep {
+    /// No StatefulSet yet: create it at spec.replicas.
+    Create {
+        replicas: i32,
+    },
+    Steady {
+        replicas: i32,
+    },
+    Grow {
+        from: i32,
+        to: i32,
+    },
+    /// Pods at or above `to` are draining; the StatefulSet stays at `from` until they are empty.
+    Drain {
+        from: i32,
+        to: i32,
+        waiting: Vec<String>,
+    },
+    /// Pods at or above `to` hold nothing: the StatefulSet shrinks to `to` (which may still be
+    /// above spec.replicas if lower pods are not empty yet).
+    Shrink {
+        from: i32,
+        to: i32,
+    },
+}
+
+impl ScaleStep {
+    /// The replica count to apply to the StatefulSet.
+    pub fn replicas(&self) -> i32 {
+        match self {
+            ScaleStep::Create { replicas } | ScaleStep::Steady { replicas } => *replicas,
+            ScaleStep::Grow { to, .. } | ScaleStep::Shrink { to, .. } => *to,
+            ScaleStep::Drain { from, .. } => *from,
+        }
+    }
+
+    /// A sentence for Events and conditions.
+    pub fn describe(&self) -> String {
+        match self {
+            ScaleStep::Create { replicas } => format!("creating {replicas} storage pods"),
+            ScaleStep::Steady { replicas } => format!("{replicas} storage pods"),
+            ScaleStep::Grow { from, to } => format!("scaling out from {from} to {to} pods; new pods receive ranges"),
+            ScaleStep::Drain { from, to, waiting } => format!(
+                "scaling in from {from} to {to} pods: moving ranges off {} before the pods go",
+                waiting.join(", ")
+            ),
+            ScaleStep::Shrink { from, to } => {
+                format!("scaling in from {from} to {to} pods: their ranges have moved away")
+            }
+        }
+    }
+}
+
+/// What a pod being removed still holds, or why its emptiness is not known.
+fn still_holding(fleet: Option<&ControllerStatus>, pod: &str) -> Option<String> {
+    let Some(fleet) = fleet.filter(|f| f.round > 0) else {
+        return Some(format!("{pod} (no resharding round yet)"));
+    };
+    let Some(node) = fleet.nodes.iter().find(|n| n.node_id == pod) else {
+        return Some(format!("{pod} (not seen yet)"));
+    };
+    if node.state != "draining" {
+        // "up" means the last round did not treat it as draining yet; "down: ..." means unknown.
+        return Some(format!("{pod} ({})", node.state));
+    }
+    let moves = fleet.moves.iter().filter(|m| m.from == pod || m.to == pod).count();
+    match (node.ranges, moves) {
+        (0, 0) => None,
+        (ranges, 0) => Some(format!("{pod} ({ranges} ranges)")),
+        (ranges, moves) => Some(format!("{pod} ({ranges} ranges, {moves} moving)")),
+    }
+}
+
+pub fn decide(names: &Names, spec_replicas: i32, current: Option<i32>, fleet: Option<&ControllerStatus>) -> ScaleStep {
+    let Some(current) = current else { return ScaleStep::Create { replicas: spec_replicas } };
+    if spec_replicas > current {
+        return ScaleStep::Grow { from: current, to: spec_replicas };
+    }
+    if spec_replicas == current {
+        return ScaleStep::Steady { replicas: current };
+    }
+    // Shrink past every empty pod at the top; stop at the first one still holding something.
+    let mut to = current;
+    let mut waiting = Vec::new();
+    for ordinal in (spec_replicas..current).rev() {
+        match still_holding(fleet, &names.pod(ordinal)) {
+            None if waiting.is_empty() => to = ordinal,
+            None => {}
+            Some(what) => waiting.push(what),
+        }
+    }
+    waiting.reverse();
+    if to < current {
+        ScaleStep::Shrink { from: current, to }
+    } else {
+        ScaleStep::Drain { from: current, to: spec_replicas, waiting }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvfleet_proto::v1::{MoveStatus, NodeStatus};
+
+    use super::*;
+    use crate::k8s::fixtures::cluster;
+
+    fn names() -> Names {
+        Names::of(&cluster("demo", 3)).unwrap()
+    }
+
+    fn fleet(nodes: &[(&str, &str, u32)]) -> ControllerStatus {
+        ControllerStatus {
+            round: 7,
+            nodes: nodes
+                .iter()
+                .map(|(id, state, ranges)| NodeStatus {
+                    node_id: id.to_string(),
+                    state: state.to_string(),
+                    ranges: *ranges,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn create_grow_and_steady() {
+        assert_eq!(decide(&names(), 3, None, None), ScaleStep::Create { replicas: 3 });
+        assert_eq!(decide(&names(), 5, Some(3), None), ScaleStep::Grow { from: 3, to: 5 });
+        assert_eq!(decide(&names(), 3, Some(3), None), ScaleStep::Steady { replicas: 3 });
+    }
+
+    #[test]
+    fn scale_in_waits_until_the_pods_going_away_are_empty() {
+        let n = names();
+        // No round yet: nothing is known, nothing shrinks.
+        let step = decide(&n, 3, Some(5), None);
+        assert!(matches!(&step, ScaleStep::Drain { from: 5, to: 3, waiting } if waiting.len() == 2), "{step:?}");
+        assert_eq!(step.replicas(), 5);
+        // The last round had not marked them draining yet: an empty "up" pod may still receive ranges.
+        let seen = fleet(&[("demo-0", "up", 4), ("demo-3", "up", 0), ("demo-4", "up", 0)]);
+        assert_eq!(decide(&n, 3, Some(5), Some(&seen)).replicas(), 5);
+        // Draining, still holding ranges.
+        let draining = fleet(&[("demo-3", "draining", 2), ("demo-4", "draining", 1)]);
+        let step = decide(&n, 3, Some(5), Some(&draining));
+        assert_eq!(
+            step,
+            ScaleStep::Drain { from: 5, to: 3, waiting: vec!["demo-3 (2 ranges)".into(), "demo-4 (1 ranges)".into()] }
+        );
+        assert!(step.describe().contains("moving ranges off demo-3 (2 ranges), demo-4 (1 ranges)"));
+        // A pod down: unknown, so kept.
+        let down = fleet(&[("demo-3", "draining", 0), ("demo-4", "down: connection refused", 0)]);
+        assert_eq!(decide(&n, 3, Some(5), Some(&down)).replicas(), 5);
+    }
+
+    #[test]
+    fn scale_in_shrinks_past_empty_pods_from_the_top_only() {
+        let n = names();
+        let empty = fleet(&[("demo-3", "draining", 0), ("demo-4", "draining", 0)]);
+        assert_eq!(decide(&n, 3, Some(5), Some(&empty)), ScaleStep::Shrink { from: 5, to: 3 });
+        // demo-4 empty, demo-3 not: the StatefulSet removes the highest ordinal first, so 5 -> 4.
+        let top_empty = fleet(&[("demo-3", "draining", 1), ("demo-4", "draining", 0)]);
+        assert_eq!(decide(&n, 3, Some(5), Some(&top_empty)), ScaleStep::Shrink { from: 5, to: 4 });
+        // demo-3 empty, demo-4 not: nothing can go yet.
+        let bottom_empty = fleet(&[("demo-3", "draining", 0), ("demo-4", "draining", 1)]);
+        assert_eq!(decide(&n, 3, Some(5), Some(&bottom_empty)).replicas(), 5);
+    }
+
+    #[test]
+    fn a_move_touching_a_draining_pod_holds_it() {
+        let mut moving = fleet(&[("demo-3", "draining", 0)]);
+        moving.moves.push(MoveStatus { from: "demo-3".into(), to: "demo-1".into(), ..Default::default() });
+        let step = decide(&names(), 3, Some(4), Some(&moving));
+        assert_eq!(step, ScaleStep::Drain { from: 4, to: 3, waiting: vec!["demo-3 (0 ranges, 1 moving)".into()] });
+    }
+}

@@ -1,0 +1,276 @@
+//! The KeyValueCluster's status, computed from the StatefulSet, the last resharding round and
+//! the scale step: phase, counts, per-pod load, hot keys and the four conditions. Pure.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kvfleet_proto::display_key;
+use kvfleet_proto::v1::ControllerStatus;
+
+use super::crd::{HotKey, KeyValueCluster, KeyValueClusterStatus, Phase, PodStatus};
+use super::scale::ScaleStep;
+
+const MAX_HOT_KEYS: usize = 10;
+
+/// Everything the status is computed from.
+pub struct Observed<'a> {
+    pub kvc: &'a KeyValueCluster,
+    pub statefulset: Option<&'a StatefulSet>,
+    pub fleet: Option<&'a ControllerStatus>,
+    pub step: &'a ScaleStep,
+    /// Why the spec was refused, if it was.
+    pub invalid: Option<&'a str>,
+    pub now: Time,
+}
+
+pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
+    let Observed { kvc, statefulset, fleet, step, invalid, .. } = observed;
+    let sts_status = statefulset.and_then(|s| s.status.as_ref());
+    let replicas = statefulset.and_then(|s| s.spec.replicas).unwrap_or(0);
+    let ready = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    let updating = sts_status
+        .is_some_and(|s| s.updated_replicas.unwrap_or(0) < s.replicas || s.current_revision != s.update_revision);
+    let fleet = fleet.filter(|f| f.round > 0);
+    let down: Vec<&str> = fleet
+        .map(|f| f.nodes.iter().filter(|n| n.state.starts_with("down")).map(|n| n.node_id.as_str()).collect())
+        .unwrap_or_default();
+    let ranges = fleet.map_or(0, |f| f.ranges.len() as u32);
+    let moves = fleet.map_or(0, |f| f.moves.len() as u32);
+    let scaling = matches!(step, ScaleStep::Grow { .. } | ScaleStep::Drain { .. } | ScaleStep::Shrink { .. });
+
+    let phase = if invalid.is_some() || !down.is_empty() && ready > 0 {
+        Phase::Degraded
+    } else if ready == 0 || ranges == 0 {
+        Phase::Creating
+    } else if scaling {
+        Phase::Scaling
+    } else if moves > 0 {
+        Phase::Rebalancing
+    } else {
+        Phase::Running
+    };
+
+    let all_ready = ready >= kvc.spec.replicas && ranges > 0 && down.is_empty();
+    let ready_condition = if all_ready {
+        (true, "AllPodsServing", format!("{ready} pods serve {ranges} ranges"))
+    } else if ranges == 0 {
+        (false, "NoRanges", format!("{ready}/{} pods ready; waiting for the first range", kvc.spec.replicas))
+    } else {
+        (false, "PodsNotReady", format!("{ready}/{} pods ready", kvc.spec.replicas))
+    };
+    let progressing = if scaling {
+        (true, "Scaling", step.describe())
+    } else if updating {
+        (true, "RollingUpdate", "pods are being updated one at a time".to_string())
+    } else {
+        (false, "Stable", step.describe())
+    };
+    let rebalancing = if moves > 0 {
+        (true, "MovesInFlight", format!("{moves} ranges moving between pods"))
+    } else {
+        (false, "Balanced", "no ranges moving".to_string())
+    };
+    let degraded = if let Some(why) = invalid {
+        (true, "InvalidSpec", why.to_string())
+    } else if !down.is_empty() {
+        (true, "PodsUnreachable", format!("unreachable: {} (their ranges are unavailable)", down.join(", ")))
+    } else {
+        (false, "Healthy", "every pod answers".to_string())
+    };
+    let old = kvc.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let generation = kvc.metadata.generation;
+    let conditions = [
+        ("Ready", ready_condition),
+        ("Progressing", progressing),
+        ("Rebalancing", rebalancing),
+        ("Degraded", degraded),
+    ]
+    .into_iter()
+    .map(|(type_, (status, reason, message))| condition(old, type_, status, reason, message, generation, &observed.now))
+    .collect();
+
+    KeyValueClusterStatus {
+        phase: Some(phase),
+        observed_generation: generation,
+        replicas,
+        ready_replicas: ready,
+        ranges,
+        moves_in_flight: moves,
+        pods: fleet
+            .map(|f| {
+                f.nodes
+                    .iter()
+                    .map(|n| PodStatus {
+                        name: n.node_id.clone(),
+                        state: n.state.clone(),
+                        ranges: n.ranges,
+                        ops_per_sec: (n.ops_per_sec * 10.0).round() / 10.0,
+                        size_bytes: n.size_bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        hot_keys: fleet
+            .map(|f| {
+                f.hot_keys
+                    .iter()
+                    .take(MAX_HOT_KEYS)
+                    .map(|h| HotKey {
+                        key: display_key(&h.key),
+                        range_id: h.range_id,
+                        ops_per_sec: (h.ops_per_sec * 10.0).round() / 10.0,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        conditions,
+    }
+}
+
+/// A condition; its lastTransitionTime moves only when its status flips.
+fn condition(
+    old: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let since = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::StatefulSetStatus;
+    use k8s_openapi::jiff::Timestamp;
+    use kvfleet_proto::v1::{HotKeyStatus, MoveStatus, NodeStatus, RangeStatus};
+
+    use super::*;
+    use crate::k8s::build::statefulset;
+    use crate::k8s::fixtures::cluster;
+
+    fn sts(kvc: &KeyValueCluster, replicas: i32, ready: i32) -> StatefulSet {
+        let mut sts = statefulset(kvc, replicas).unwrap();
+        sts.status = Some(StatefulSetStatus {
+            replicas,
+            ready_replicas: Some(ready),
+            updated_replicas: Some(replicas),
+            ..Default::default()
+        });
+        sts
+    }
+
+    fn fleet(pods: &[(&str, &str, u32)], moves: usize) -> ControllerStatus {
+        ControllerStatus {
+            round: 3,
+            nodes: pods
+                .iter()
+                .map(|(id, state, ranges)| NodeStatus {
+                    node_id: id.to_string(),
+                    state: state.to_string(),
+                    ranges: *ranges,
+                    ops_per_sec: 123.45,
+                    ..Default::default()
+                })
+                .collect(),
+            ranges: (0..pods.iter().map(|p| p.2).sum::<u32>())
+                .map(|i| RangeStatus { range_id: i as u64, ..Default::default() })
+                .collect(),
+            moves: (0..moves).map(|i| MoveStatus { move_id: i as u64, ..Default::default() }).collect(),
+            hot_keys: vec![HotKeyStatus { range_id: 4, key: b"user\x01".to_vec().into(), ops_per_sec: 999.96 }],
+            ..Default::default()
+        }
+    }
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn compute_at(
+        kvc: &KeyValueCluster,
+        sts: Option<&StatefulSet>,
+        fleet: Option<&ControllerStatus>,
+        step: &ScaleStep,
+        now: i64,
+    ) -> KeyValueClusterStatus {
+        compute(&Observed { kvc, statefulset: sts, fleet, step, invalid: None, now: at(now) })
+    }
+
+    fn cond<'a>(status: &'a KeyValueClusterStatus, type_: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn a_healthy_cluster_is_running_and_ready() {
+        let kvc = cluster("demo", 3);
+        let sts = sts(&kvc, 3, 3);
+        let fleet = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 1)], 0);
+        let status = compute_at(&kvc, Some(&sts), Some(&fleet), &ScaleStep::Steady { replicas: 3 }, 100);
+        assert_eq!(status.phase, Some(Phase::Running));
+        assert_eq!((status.replicas, status.ready_replicas, status.ranges, status.moves_in_flight), (3, 3, 5, 0));
+        assert_eq!(cond(&status, "Ready").status, "True");
+        assert_eq!(cond(&status, "Degraded").status, "False");
+        assert_eq!(status.pods[0].ops_per_sec, 123.5);
+        assert_eq!(status.hot_keys[0].key, "user\\x01");
+        assert_eq!(status.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn phases_follow_what_is_happening() {
+        let kvc = cluster("demo", 3);
+        let steady = ScaleStep::Steady { replicas: 3 };
+        assert_eq!(compute_at(&kvc, None, None, &ScaleStep::Create { replicas: 3 }, 1).phase, Some(Phase::Creating));
+        let up = [("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 1)];
+        let moving = fleet(&up, 2);
+        let status = compute_at(&kvc, Some(&sts(&kvc, 3, 3)), Some(&moving), &steady, 1);
+        assert_eq!(status.phase, Some(Phase::Rebalancing));
+        assert_eq!(cond(&status, "Rebalancing").message, "2 ranges moving between pods");
+        let drain = ScaleStep::Drain { from: 4, to: 3, waiting: vec!["demo-3 (2 ranges)".into()] };
+        let status = compute_at(&kvc, Some(&sts(&kvc, 4, 4)), Some(&moving), &drain, 1);
+        assert_eq!(status.phase, Some(Phase::Scaling));
+        assert!(cond(&status, "Progressing").message.contains("moving ranges off demo-3 (2 ranges)"));
+        let down = fleet(&[("demo-0", "up", 2), ("demo-1", "down: connection refused", 2)], 0);
+        let status = compute_at(&kvc, Some(&sts(&kvc, 3, 2)), Some(&down), &steady, 1);
+        assert_eq!(status.phase, Some(Phase::Degraded));
+        assert_eq!(cond(&status, "Degraded").reason, "PodsUnreachable");
+        assert_eq!(cond(&status, "Ready").status, "False");
+        let invalid = compute(&Observed {
+            kvc: &kvc,
+            statefulset: None,
+            fleet: None,
+            step: &steady,
+            invalid: Some("spec.image is empty"),
+            now: at(1),
+        });
+        assert_eq!(invalid.phase, Some(Phase::Degraded));
+        assert_eq!(cond(&invalid, "Degraded").message, "spec.image is empty");
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_flips() {
+        let mut kvc = cluster("demo", 3);
+        let steady = ScaleStep::Steady { replicas: 3 };
+        let sts = sts(&kvc, 3, 3);
+        let calm = fleet(&[("demo-0", "up", 3)], 0);
+        kvc.status = Some(compute_at(&kvc, Some(&sts), Some(&calm), &steady, 100));
+        let again = compute_at(&kvc, Some(&sts), Some(&calm), &steady, 200);
+        assert_eq!(cond(&again, "Rebalancing").last_transition_time, at(100));
+        kvc.status = Some(again);
+        let busy = fleet(&[("demo-0", "up", 3)], 1);
+        let flipped = compute_at(&kvc, Some(&sts), Some(&busy), &steady, 300);
+        assert_eq!(cond(&flipped, "Rebalancing").last_transition_time, at(300));
+        assert_eq!(cond(&flipped, "Ready").last_transition_time, at(100));
+    }
+}
