@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Lints the Helm chart and validates its rendered manifests against the Kubernetes schemas,
 offline: Helm's own library (helm-sdkpy) installs the chart into a fake API server on loopback
-that records every object Helm creates; kubernetes-validate then checks each one. The operator's
-CRD is checked against the shipped crds/ copy and every example KeyValueCluster is rendered-ready.
+that records every object Helm creates; kubernetes-validate then checks each one. With
+KVFLEET_OPERATOR_BIN set, the objects the operator applies for each examples/*.yaml cluster
+(`kvfleet-operator render`) are validated too.
 
 Usage: chart_check.py [chart-dir]   (exit 1 on any lint error or invalid manifest)
 """
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -16,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import helm_sdkpy
 import kubernetes_validate
+import yaml
 
 KUBE_VERSION = "1.33.0"
 # Discovery: group/version -> [(plural, kind, namespaced)]
@@ -152,6 +155,26 @@ def main():
         if missing := expected - set(kinds):
             failures.append(f"not rendered: {sorted(missing)}")
     server.shutdown()
+
+    # The objects the operator itself applies, for each example KeyValueCluster.
+    operator = os.environ.get("KVFLEET_OPERATOR_BIN")
+    if operator:
+        examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+        for name in sorted(os.listdir(examples)):
+            rendered = subprocess.run([operator, "render", os.path.join(examples, name)],
+                                      capture_output=True, text=True, timeout=60)
+            if rendered.returncode != 0:
+                failures.append(f"render {name}: {rendered.stderr.strip()}")
+                continue
+            objects = [o for o in yaml.safe_load_all(rendered.stdout) if o]
+            print(f"operator objects for examples/{name}: {', '.join(o['kind'] for o in objects)}")
+            for obj in objects:
+                try:
+                    kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+                except kubernetes_validate.ValidationError as error:
+                    failures.append(f"examples/{name} {obj['kind']}: {error.message} at {list(error.path)}")
+    else:
+        print("KVFLEET_OPERATOR_BIN not set: the operator's own objects were not validated")
     for failure in failures:
         print("FAIL", failure)
     print("chart check:", "failed" if failures else "ok")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages kvfleet needs, skipping those already there (idempotent).
-#   install-deps.sh            build dependencies (libclang for RocksDB's bindgen)
+#   install-deps.sh            build dependencies (libclang for RocksDB's bindgen; Python for
+#                              the Helm chart check)
 #   install-deps.sh --bench    plus the servers the benchmarks compare against (Redis, etcd)
 set -euo pipefail
 
-packages=(libclang-dev)
+packages=(libclang-dev python3 python3-venv)
 if [[ "${1:-}" == "--bench" ]]; then
   packages+=(redis-server etcd-server etcd-client)
 fi

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: formatting, lints, unit tests, and end-to-end tests on real node processes.
+# The test suite: formatting, lints, unit tests, end-to-end tests on real node processes, and the
+# Helm chart check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -17,7 +18,10 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-set -e
+echo "== Helm chart: lint, and rendered manifests against the Kubernetes schemas"
+scripts/chart-check.sh
+chart_status=$?
 # One closing line for the whole run (cargo prints one per test binary, the last often empty).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
-exit "$status"
+if ((chart_status != 0)); then echo "chart check failed"; fi
+exit $((status != 0 ? status : chart_status))

@@ -25,6 +25,12 @@ pub enum Command {
     Run(crate::k8s::operator::OperatorArgs),
     /// Print the KeyValueCluster CustomResourceDefinition (YAML), as crds/ and the chart ship it.
     Crd,
+    /// Print the objects the operator would apply for a KeyValueCluster manifest (YAML), without
+    /// a cluster: to review them, or to validate them against the Kubernetes schemas.
+    Render {
+        /// A KeyValueCluster manifest (YAML).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +55,17 @@ pub async fn run(cli: Cli) -> Result<(), OperatorError> {
         Command::Run(args) => {
             init_json_logging();
             crate::k8s::operator::run(args).await
+        }
+        Command::Render { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|source| OperatorError::Io {
+                what: "reading",
+                path: file.clone(),
+                source,
+            })?;
+            let yaml =
+                crate::k8s::render(&text).map_err(|e| OperatorError::Invalid(format!("{}: {e}", file.display())))?;
+            print!("{yaml}");
+            Ok(())
         }
         Command::Crd => {
             let yaml = crate::k8s::crd_yaml().map_err(|e| OperatorError::Invalid(format!("rendering the CRD: {e}")))?;

@@ -24,6 +24,32 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     Ok(format!("{header}{}", serde_yaml::to_string(&crd::KeyValueCluster::crd())?))
 }
 
+/// The objects the operator applies for a KeyValueCluster manifest, as a YAML stream (a manifest
+/// without a namespace lands in `default`).
+pub fn render(manifest: &str) -> Result<String, String> {
+    use kube::Resource;
+    let mut kvc: crd::KeyValueCluster =
+        serde_yaml::from_str(manifest).map_err(|e| format!("not a KeyValueCluster: {e}"))?;
+    kvc.metadata.namespace.get_or_insert_with(|| "default".into());
+    kvc.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+    reconcile::validate(&kvc)?;
+    let desired = build::desired(&kvc, kvc.spec.replicas).map_err(|e| e.to_string())?;
+    fn doc<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Result<String, String> {
+        let mut value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+        value["apiVersion"] = K::api_version(&()).into();
+        value["kind"] = K::kind(&()).into();
+        serde_yaml::to_string(&value).map(|y| format!("---\n{y}")).map_err(|e| e.to_string())
+    }
+    Ok([
+        doc(&desired.node_config)?,
+        doc(&desired.headless)?,
+        doc(&desired.client)?,
+        doc(&desired.pdb)?,
+        doc(&desired.statefulset)?,
+    ]
+    .concat())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -37,5 +63,19 @@ mod tests {
                 "{shipped} is stale: run `cargo run -p kvfleet-operator -- crd > {shipped}` and commit it"
             );
         }
+    }
+
+    #[test]
+    fn the_examples_render_and_a_bad_manifest_is_refused_with_the_reason() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for example in ["kvc-minimal.yaml", "kvc-production.yaml"] {
+            let text = std::fs::read_to_string(root.join(example)).expect("example exists");
+            let yaml = super::render(&text).unwrap_or_else(|e| panic!("{example}: {e}"));
+            assert_eq!(yaml.matches("\nkind: ").count(), 5, "{example}");
+            assert!(yaml.contains("kind: StatefulSet"), "{example}");
+        }
+        let bad = "apiVersion: kvfleet.io/v1alpha1\nkind: KeyValueCluster\nmetadata: {name: x}\nspec: {replicas: 0}\n";
+        assert_eq!(super::render(bad).unwrap_err(), "spec.replicas is 0; it must be between 1 and 256");
+        assert!(super::render("spec: {}").unwrap_err().starts_with("not a KeyValueCluster"));
     }
 }
