@@ -122,6 +122,20 @@ async fn assert_acked_readable(client: &mut KvClient<tonic::transport::Channel>,
 
 // Ignored by default, so `cargo test` lists it as skipped with the reason; scripts/e2e-kind.sh
 // runs it with --include-ignored.
+/// `kubectl port-forward` to the client Service, and a data client through it (the pod it lands
+/// on forwards each request to the key's owner: `allow_forward`).
+async fn connect_through_port_forward() -> (std::process::Child, KvClient<tonic::transport::Channel>) {
+    let forward = Command::new("kubectl")
+        .args(["-n", NAMESPACE, "port-forward", &format!("svc/{CLUSTER}"), "17700:7700"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl port-forward starts");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = KvClient::connect("http://127.0.0.1:17700").await.expect("port-forward to the client Service");
+    (forward, client)
+}
+
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster (kind): run scripts/e2e-kind.sh"]
 async fn helm_install_apply_write_scale_out_and_in() {
@@ -170,14 +184,7 @@ async fn helm_install_apply_write_scale_out_and_in() {
     kubectl(&["apply", "-f", path.to_str().expect("utf-8 temp path")]);
     wait_for("Running", 3, 3, Duration::from_secs(300));
 
-    let mut forward = Command::new("kubectl")
-        .args(["-n", NAMESPACE, "port-forward", &format!("svc/{CLUSTER}"), "17700:7700"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kubectl port-forward starts");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut client = KvClient::connect("http://127.0.0.1:17700").await.expect("port-forward to the client Service");
+    let (mut forward, mut client) = connect_through_port_forward().await;
     let mut acked = HashMap::new();
     write_round(&mut client, 1, 2000, &mut acked).await;
     assert!(acked.len() > 1900, "only {} of 2000 writes acknowledged", acked.len());
@@ -193,14 +200,7 @@ async fn helm_install_apply_write_scale_out_and_in() {
     // The port-forward may have pointed at a pod that went away: reconnect.
     let _ = forward.kill();
     let _ = forward.wait();
-    let mut forward = Command::new("kubectl")
-        .args(["-n", NAMESPACE, "port-forward", &format!("svc/{CLUSTER}"), "17700:7700"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kubectl port-forward starts");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut client = KvClient::connect("http://127.0.0.1:17700").await.expect("port-forward to the client Service");
+    let (mut forward, mut client) = connect_through_port_forward().await;
     assert_acked_readable(&mut client, &acked).await;
     let ranges: u32 = jsonpath("{.status.ranges}").parse().expect("status.ranges is a number");
     assert!(ranges >= 1);

@@ -1,6 +1,7 @@
 //! Test fixtures: KeyValueClusters as the API server would return them.
 
 use kube::api::ObjectMeta;
+use kvfleet_proto::v1::{ControllerStatus, MoveStatus, NodeStatus, RangeStatus};
 use serde_json::json;
 
 use super::crd::{KeyValueCluster, KeyValueClusterSpec};
@@ -19,6 +20,28 @@ pub fn cluster(name: &str, replicas: i32) -> KeyValueCluster {
         ..Default::default()
     };
     kvc
+}
+
+/// What a resharding round reported: `(pod, state, ranges)` per pod (as many ranges in the
+/// cluster as the pods hold), and `moves` moves in flight.
+pub fn fleet_status(pods: &[(&str, &str, u32)], moves: usize) -> ControllerStatus {
+    ControllerStatus {
+        round: 3,
+        nodes: pods
+            .iter()
+            .map(|(id, state, ranges)| NodeStatus {
+                node_id: id.to_string(),
+                state: state.to_string(),
+                ranges: *ranges,
+                ..Default::default()
+            })
+            .collect(),
+        ranges: (0..pods.iter().map(|p| u64::from(p.2)).sum::<u64>())
+            .map(|range_id| RangeStatus { range_id, ..Default::default() })
+            .collect(),
+        moves: (0..moves as u64).map(|move_id| MoveStatus { move_id, ..Default::default() }).collect(),
+        ..Default::default()
+    }
 }
 
 /// One API call the test expects, in order, and the answer the fake API server gives.

@@ -201,11 +201,11 @@ pub fn error_policy(kvc: Arc<KeyValueCluster>, error: &ReconcileError, _ctx: Arc
 #[cfg(test)]
 pub(crate) mod tests {
     use kube::runtime::events::Reporter;
-    use kvfleet_proto::v1::{ControllerStatus, NodeStatus, RangeStatus};
+    use kvfleet_proto::v1::ControllerStatus;
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::k8s::fixtures::{Recorded, Reply, cluster, expect, verifier};
+    use crate::k8s::fixtures::{Recorded, Reply, cluster, expect, fleet_status, verifier};
 
     /// Stands in for the resharding loops: a fixed status, and a count of `ensure` calls.
     #[derive(Default)]
@@ -270,22 +270,7 @@ pub(crate) mod tests {
     }
 
     fn fleet(pods: &[(&str, &str, u32)]) -> ControllerStatus {
-        ControllerStatus {
-            round: 4,
-            nodes: pods
-                .iter()
-                .map(|(id, state, ranges)| NodeStatus {
-                    node_id: id.to_string(),
-                    state: state.to_string(),
-                    ranges: *ranges,
-                    ..Default::default()
-                })
-                .collect(),
-            ranges: (0..pods.iter().map(|p| p.2 as u64).sum::<u64>())
-                .map(|range_id| RangeStatus { range_id, ..Default::default() })
-                .collect(),
-            ..Default::default()
-        }
+        fleet_status(pods, 0)
     }
 
     fn find<'a>(calls: &'a [Recorded], method: &str, path: &str) -> Vec<&'a Recorded> {

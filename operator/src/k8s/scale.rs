@@ -108,29 +108,17 @@ pub fn decide(names: &Names, spec_replicas: i32, current: Option<i32>, fleet: Op
 
 #[cfg(test)]
 mod tests {
-    use kvfleet_proto::v1::{MoveStatus, NodeStatus};
+    use kvfleet_proto::v1::MoveStatus;
 
     use super::*;
-    use crate::k8s::fixtures::cluster;
+    use crate::k8s::fixtures::{cluster, fleet_status};
+
+    fn fleet(pods: &[(&str, &str, u32)]) -> ControllerStatus {
+        fleet_status(pods, 0)
+    }
 
     fn names() -> Names {
         Names::of(&cluster("demo", 3)).unwrap()
-    }
-
-    fn fleet(nodes: &[(&str, &str, u32)]) -> ControllerStatus {
-        ControllerStatus {
-            round: 7,
-            nodes: nodes
-                .iter()
-                .map(|(id, state, ranges)| NodeStatus {
-                    node_id: id.to_string(),
-                    state: state.to_string(),
-                    ranges: *ranges,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }
     }
 
     #[test]

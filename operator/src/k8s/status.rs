@@ -155,11 +155,11 @@ fn condition(
 mod tests {
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
     use k8s_openapi::jiff::Timestamp;
-    use kvfleet_proto::v1::{HotKeyStatus, MoveStatus, NodeStatus, RangeStatus};
+    use kvfleet_proto::v1::HotKeyStatus;
 
     use super::*;
     use crate::k8s::build::statefulset;
-    use crate::k8s::fixtures::cluster;
+    use crate::k8s::fixtures::{cluster, fleet_status};
 
     fn sts(kvc: &KeyValueCluster, replicas: i32, ready: i32) -> StatefulSet {
         let mut sts = statefulset(kvc, replicas).unwrap();
@@ -173,25 +173,10 @@ mod tests {
     }
 
     fn fleet(pods: &[(&str, &str, u32)], moves: usize) -> ControllerStatus {
-        ControllerStatus {
-            round: 3,
-            nodes: pods
-                .iter()
-                .map(|(id, state, ranges)| NodeStatus {
-                    node_id: id.to_string(),
-                    state: state.to_string(),
-                    ranges: *ranges,
-                    ops_per_sec: 123.45,
-                    ..Default::default()
-                })
-                .collect(),
-            ranges: (0..pods.iter().map(|p| p.2).sum::<u32>())
-                .map(|i| RangeStatus { range_id: i as u64, ..Default::default() })
-                .collect(),
-            moves: (0..moves).map(|i| MoveStatus { move_id: i as u64, ..Default::default() }).collect(),
-            hot_keys: vec![HotKeyStatus { range_id: 4, key: b"user\x01".to_vec().into(), ops_per_sec: 999.96 }],
-            ..Default::default()
-        }
+        let mut fleet = fleet_status(pods, moves);
+        fleet.nodes.iter_mut().for_each(|n| n.ops_per_sec = 123.45);
+        fleet.hot_keys = vec![HotKeyStatus { range_id: 4, key: b"user\x01".to_vec().into(), ops_per_sec: 999.96 }];
+        fleet
     }
 
     fn at(seconds: i64) -> Time {
