@@ -107,6 +107,20 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         return Ok(Action::requeue(REFRESH * 6));
     }
 
+    // volumeClaimTemplates cannot change: keep the size the StatefulSet was created with (volume
+    // expansion is not built yet) and say so, rather than fail every apply.
+    let mut kvc = kvc.clone();
+    if let Some(created) = current.as_ref().and_then(claim_size)
+        && created != kvc.spec.storage.size
+    {
+        let note = format!(
+            "spec.storage.size {} differs from the volumes' {created}; resizing volumes is not supported yet, keeping {created}",
+            kvc.spec.storage.size
+        );
+        publish(recorder, &kvc, EventType::Warning, "StorageResizeUnsupported", &note).await;
+        kvc.spec.storage.size = created;
+    }
+    let kvc = &kvc;
     let fleet = ctx.fleets.status(&cluster_key(kvc));
     let step = scale::decide(&names, kvc.spec.replicas, current.as_ref().and_then(|s| s.spec.replicas), fleet.as_ref());
     let desired = build::desired(kvc, step.replicas())?;
@@ -127,6 +141,13 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         ScaleStep::Drain { .. } | ScaleStep::Shrink { .. } => REFRESH_WHILE_SCALING,
         _ => REFRESH,
     }))
+}
+
+/// The storage request of the StatefulSet's volume claim template.
+fn claim_size(sts: &StatefulSet) -> Option<String> {
+    let claim = sts.spec.volume_claim_templates.as_ref()?.first()?;
+    let requests = claim.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?;
+    requests.get("storage").map(|q| q.0.clone())
 }
 
 /// Server-side apply of one object with the operator's field manager (forced: the operator owns
@@ -384,6 +405,13 @@ pub(crate) mod tests {
         let status = &find(&calls, "PATCH", STATUS)[0].body["status"];
         assert_eq!(status["phase"], "Degraded");
         calls
+    }
+
+    #[test]
+    fn the_live_volume_size_is_read_from_the_claim_template() {
+        let mut kvc = cluster("demo", 3);
+        kvc.spec.storage.size = "7Gi".into();
+        assert_eq!(claim_size(&build::statefulset(&kvc, 3).unwrap()).as_deref(), Some("7Gi"));
     }
 
     #[tokio::test]
