@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvfleet_e2e::NodeProcess;
+use kvfleet_e2e::{NodeProcess, assert_all_acked_readable};
 use tokio::sync::Mutex;
 
 /// Runs `writers` tasks that put distinct keys until stopped; returns the acknowledged writes.
@@ -39,24 +39,6 @@ async fn write_until_killed(node: &mut NodeProcess, writers: usize, run_for: Dur
     Arc::try_unwrap(acked).expect("writers finished").into_inner()
 }
 
-async fn assert_all_readable(node: &NodeProcess, acked: &HashMap<Bytes, Bytes>) {
-    let client = node.client();
-    let mut missing = Vec::new();
-    for (key, value) in acked {
-        match client.get(key.clone()).await.expect("read after restart") {
-            Some(found) if found == *value => {}
-            other => missing.push((key.clone(), other)),
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged writes lost, e.g. {:?}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(5)]
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_mode_keeps_every_acknowledged_write_across_kill_9() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +67,7 @@ async fn sync_mode_keeps_every_acknowledged_write_across_kill_9() {
     assert!(acked.len() > 100, "too few writes acknowledged to mean anything: {}", acked.len());
 
     node.spawn();
-    assert_all_readable(&node, &acked).await;
+    assert_all_acked_readable(&node.client(), &acked).await;
     let mut ranges_after =
         node.admin().list_ranges(kvfleet_proto::v1::ListRangesRequest {}).await.unwrap().into_inner().ranges;
     ranges_after.sort_by_key(|r| r.range_id);
@@ -111,7 +93,7 @@ async fn async_mode_survives_a_process_crash() {
     let acked = write_until_killed(&mut node, 16, Duration::from_millis(1000)).await;
     assert!(acked.len() > 100, "too few writes acknowledged: {}", acked.len());
     node.spawn();
-    assert_all_readable(&node, &acked).await;
+    assert_all_acked_readable(&node.client(), &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

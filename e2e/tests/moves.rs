@@ -106,25 +106,26 @@ async fn move_range_one(source: &NodeProcess, target: &NodeProcess) -> Duration 
         .expect("freeze")
         .into_inner()
         .final_seq;
+    hand_off(source, target, final_seq, desc.generation + 1).await;
+    frozen_at.elapsed()
+}
+
+/// The handoff of range 1 after the freeze: the target completes the import at
+/// `new_generation`, then the source retires the range, pointing at the new owner.
+async fn hand_off(source: &NodeProcess, target: &NodeProcess, final_seq: u64, new_generation: u64) {
     let owned = target
         .admin()
-        .complete_import(CompleteImportRequest {
-            range_id: 1,
-            move_id: MOVE_ID,
-            final_seq,
-            new_generation: desc.generation + 1,
-        })
+        .complete_import(CompleteImportRequest { range_id: 1, move_id: MOVE_ID, final_seq, new_generation })
         .await
         .expect("complete")
         .into_inner()
         .range
-        .unwrap();
+        .expect("the completed import returns the owned descriptor");
     source
         .admin()
         .retire_moved(RetireMovedRequest { range_id: 1, move_id: MOVE_ID, new_owner: Some(owned) })
         .await
         .expect("retire");
-    frozen_at.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,19 +214,7 @@ async fn a_source_killed_while_frozen_stays_frozen_and_the_move_completes() {
     import(&target, &source, &frozen).await.expect("re-import from the frozen source");
     let final_seq = source.admin().freeze_for_move(freeze).await.unwrap().into_inner().final_seq;
     assert_eq!(final_seq, 0, "a frozen source captures nothing");
-    let owned = target
-        .admin()
-        .complete_import(CompleteImportRequest { range_id: 1, move_id: MOVE_ID, final_seq, new_generation: 2 })
-        .await
-        .unwrap()
-        .into_inner()
-        .range
-        .unwrap();
-    source
-        .admin()
-        .retire_moved(RetireMovedRequest { range_id: 1, move_id: MOVE_ID, new_owner: Some(owned) })
-        .await
-        .unwrap();
+    hand_off(&source, &target, final_seq, 2).await;
     let client = client_for(&[&source, &target]);
     assert_eq!(client.get(Bytes::from("last-before-freeze")).await.unwrap(), Some(Bytes::from("v")));
     client.put(Bytes::from("after"), Bytes::from("1")).await.expect("writes resume at the new owner");

@@ -368,9 +368,15 @@ pub fn pod_ordinal(names: &Names, pod: &str) -> Option<i32> {
     pod.strip_prefix(&names.statefulset)?.strip_prefix('-')?.parse().ok()
 }
 
-/// For kube's `ObjectRef`s and event recorders: the cluster as an object reference.
-pub fn cluster_ref(kvc: &KeyValueCluster) -> k8s_openapi::api::core::v1::ObjectReference {
-    kvc.object_ref(&())
+/// An object as JSON with its apiVersion and kind, which k8s-openapi leaves out of the
+/// serialized form and server-side apply (and any manifest) needs.
+pub fn typed_json<K: Resource<DynamicType = ()> + serde::Serialize>(
+    object: &K,
+) -> serde_json::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(object)?;
+    value["apiVersion"] = K::api_version(&()).into();
+    value["kind"] = K::kind(&()).into();
+    Ok(value)
 }
 
 /// The cluster's key for maps of per-cluster state: `namespace/name`.

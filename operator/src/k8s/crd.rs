@@ -192,40 +192,24 @@ pub struct ShardingSpec {
 }
 
 impl ShardingSpec {
-    /// The planner policy: the production defaults with this spec's overrides. Values the schema
-    /// lets through are in range; negative numbers are clamped rather than trusted.
+    /// The planner policy: the production defaults with this spec's overrides (applied as the
+    /// playground's flags are). Values the schema lets through are in range; negative numbers
+    /// are clamped rather than trusted.
     pub fn policy(&self) -> Policy {
-        let mut policy = Policy::default();
         let secs = |v: i64| v.max(0) as u64;
         let mib = |v: i64| (v.max(0) as u64) * 1024 * 1024;
-        if let Some(v) = self.split_qps {
-            policy.split_qps = v;
-        }
-        if let Some(v) = self.split_sustain_seconds {
-            policy.split_sustain_secs = secs(v);
-        }
-        if let Some(v) = self.split_mib {
-            policy.split_bytes = mib(v);
-        }
-        if let Some(v) = self.merge_below_qps {
-            policy.merge_below_qps = v;
-        }
-        if let Some(v) = self.merge_below_mib {
-            policy.merge_below_bytes = mib(v);
-        }
-        if let Some(v) = self.merge_delay_seconds {
-            policy.merge_delay_secs = secs(v);
-        }
-        if let Some(v) = self.max_concurrent_moves {
-            policy.max_concurrent_moves = v.max(1) as usize;
-        }
-        if let Some(v) = self.balance_tolerance {
-            policy.balance_tolerance = v;
-        }
-        if let Some(v) = self.move_cooldown_seconds {
-            policy.move_cooldown_secs = secs(v);
-        }
-        policy
+        let overrides = crate::policy::PolicyArgs {
+            split_qps: self.split_qps,
+            split_bytes: self.split_mib.map(mib),
+            split_sustain_secs: self.split_sustain_seconds.map(secs),
+            merge_below_qps: self.merge_below_qps,
+            merge_below_bytes: self.merge_below_mib.map(mib),
+            merge_delay_secs: self.merge_delay_seconds.map(secs),
+            max_concurrent_moves: self.max_concurrent_moves.map(|v| v.max(1) as usize),
+            balance_tolerance: self.balance_tolerance,
+            move_cooldown_secs: self.move_cooldown_seconds.map(secs),
+        };
+        overrides.apply(Policy::default())
     }
 }
 

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
 use kvfleet_planner::Policy;
 use kvfleet_proto::v1::ControllerStatus;
 use parking_lot::Mutex;
@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::build::{Names, cluster_key, cluster_ref};
+use super::build::{Names, cluster_key};
 use super::crd::KeyValueCluster;
 use super::platform::KubernetesPlatform;
 use crate::controller::status::StatusBoard;
@@ -73,7 +73,7 @@ impl FleetManager {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         board.set_event_sink(events_tx);
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-        let object = cluster_ref(kvc);
+        let object = kvc.object_ref(&());
         tokio::spawn(forward_events(events_rx, recorder, object));
 
         let platform = Arc::new(KubernetesPlatform::new(self.client.clone(), names.clone()));

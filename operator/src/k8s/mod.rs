@@ -35,9 +35,7 @@ pub fn render(manifest: &str) -> Result<String, String> {
     reconcile::validate(&kvc)?;
     let desired = build::desired(&kvc, kvc.spec.replicas).map_err(|e| e.to_string())?;
     fn doc<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Result<String, String> {
-        let mut value = serde_json::to_value(object).map_err(|e| e.to_string())?;
-        value["apiVersion"] = K::api_version(&()).into();
-        value["kind"] = K::kind(&()).into();
+        let value = build::typed_json(object).map_err(|e| e.to_string())?;
         serde_yaml::to_string(&value).map(|y| format!("---\n{y}")).map_err(|e| e.to_string())
     }
     Ok([

@@ -16,6 +16,7 @@ use kube::{Api, Client};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 
+use super::build::MANAGER;
 use super::crd::KeyValueCluster;
 use super::fleet::FleetManager;
 use super::leader::{self, LeaseConfig};
@@ -75,29 +76,14 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
     let context = Arc::new(Context { client: client.clone(), fleets, recorder, metrics });
 
-    let clusters: Api<KeyValueCluster> = match &args.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let owned = |client: &Client| match &args.watch_namespace {
-        Some(ns) => (
-            Api::<StatefulSet>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
-        ),
-        None => {
-            (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()))
-        }
-    };
-    let (sets, services, maps, budgets) = owned(&client);
+    let scope = args.watch_namespace.as_deref();
     // Only the objects this operator manages are watched (and cached).
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kvfleet-operator");
-    let controller = KubeController::new(clusters, watcher::Config::default())
-        .owns(sets, managed.clone())
-        .owns(services, managed.clone())
-        .owns(maps, managed.clone())
-        .owns(budgets, managed)
+    let managed = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let controller = KubeController::new(scoped::<KeyValueCluster>(&client, scope), watcher::Config::default())
+        .owns(scoped::<StatefulSet>(&client, scope), managed.clone())
+        .owns(scoped::<Service>(&client, scope), managed.clone())
+        .owns(scoped::<ConfigMap>(&client, scope), managed.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, scope), managed)
         .graceful_shutdown_on(shutdown_signal())
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {
@@ -108,6 +94,17 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     tokio::select! {
         _ = controller => Ok(()),
         _ = leader::hold(client, &lease) => Err(OperatorError::Kubernetes("lost the leader lease; exiting so a standby takes over".into())),
+    }
+}
+
+/// An API over one namespace, or over every namespace when `namespace` is None.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
 }
 

@@ -21,11 +21,25 @@ const MAX_STATE_BYTES: usize = 1000 * 1024;
 pub struct KubernetesPlatform {
     client: Client,
     names: Names,
+    /// The cluster as `members()` last read it (every round): `save_state` takes the owner
+    /// reference from it instead of reading the cluster a second time.
+    last_read: parking_lot::Mutex<Option<KeyValueCluster>>,
 }
 
 impl KubernetesPlatform {
     pub fn new(client: Client, names: Names) -> Self {
-        KubernetesPlatform { client, names }
+        KubernetesPlatform { client, names, last_read: parking_lot::Mutex::new(None) }
+    }
+
+    /// The cluster now; `Gone` once it is deleted.
+    async fn read_cluster(&self) -> Result<KeyValueCluster, PlatformError> {
+        let clusters: Api<KeyValueCluster> = Api::namespaced(self.client.clone(), &self.names.namespace);
+        let kvc = clusters.get_opt(&self.names.cluster).await.map_err(|e| self.api_error("reading", e))?;
+        let kvc = kvc.ok_or_else(|| {
+            PlatformError::Gone(format!("KeyValueCluster {}/{} was deleted", self.names.namespace, self.names.cluster))
+        })?;
+        *self.last_read.lock() = Some(kvc.clone());
+        Ok(kvc)
     }
 
     fn api_error(&self, what: &str, error: kube::Error) -> PlatformError {
@@ -50,13 +64,7 @@ pub fn members(names: &Names, spec_replicas: i32, statefulset_replicas: i32, grp
 
 impl Platform for KubernetesPlatform {
     async fn members(&self) -> Result<Vec<Member>, PlatformError> {
-        let clusters: Api<KeyValueCluster> = Api::namespaced(self.client.clone(), &self.names.namespace);
-        let Some(kvc) = clusters.get_opt(&self.names.cluster).await.map_err(|e| self.api_error("reading", e))? else {
-            return Err(PlatformError::Gone(format!(
-                "KeyValueCluster {}/{} was deleted",
-                self.names.namespace, self.names.cluster
-            )));
-        };
+        let kvc = self.read_cluster().await?;
         let sets: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.names.namespace);
         let sts =
             sets.get_opt(&self.names.statefulset).await.map_err(|e| self.api_error("reading the StatefulSet", e))?;
@@ -86,13 +94,10 @@ impl Platform for KubernetesPlatform {
             )));
         }
         let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.names.namespace);
-        let clusters: Api<KeyValueCluster> = Api::namespaced(self.client.clone(), &self.names.namespace);
-        let owner = clusters.get_opt(&self.names.cluster).await.map_err(|e| self.api_error("reading", e))?;
-        let Some(owner) = owner else {
-            return Err(PlatformError::Gone(format!(
-                "KeyValueCluster {}/{} was deleted",
-                self.names.namespace, self.names.cluster
-            )));
+        let cached = self.last_read.lock().clone();
+        let owner = match cached {
+            Some(owner) => owner,
+            None => self.read_cluster().await?,
         };
         let map = state_config_map(&owner, &self.names, json).map_err(|e| PlatformError::Api(e.to_string()))?;
         maps.patch(&self.names.controller_state, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&map))

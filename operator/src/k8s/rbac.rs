@@ -74,10 +74,10 @@ async fn platform_calls() -> Vec<Recorded> {
     let kvc_path = "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo";
     let state_path = "/api/v1/namespaces/ns/configmaps/demo-controller-state";
     let (client, server) = verifier(vec![
-        expect("GET", kvc_path, Reply::Json(kvc_json.clone())),
+        expect("GET", kvc_path, Reply::Json(kvc_json)),
         expect("GET", "/apis/apps/v1/namespaces/ns/statefulsets/demo", Reply::NotFound),
         expect("GET", state_path, Reply::NotFound),
-        expect("GET", kvc_path, Reply::Json(kvc_json)),
+        // save_state: the owner reference comes from the cluster members() just read.
         expect("PATCH", state_path, Reply::Echo),
         expect("GET", kvc_path, Reply::NotFound),
     ]);
@@ -89,7 +89,7 @@ async fn platform_calls() -> Vec<Recorded> {
     let gone = platform.members().await.unwrap_err();
     assert!(matches!(gone, crate::platform::PlatformError::Gone(_)), "{gone}");
     let calls = server.await.expect("every scripted call came, in order");
-    let saved = &calls[4].body;
+    let saved = &calls[3].body;
     assert_eq!(saved["metadata"]["ownerReferences"][0]["name"], "demo", "the state goes with the cluster");
     let json: serde_json::Value = serde_json::from_str(saved["data"]["state.json"].as_str().unwrap()).unwrap();
     assert_eq!(json["nextRangeId"], 9);

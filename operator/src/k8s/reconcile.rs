@@ -12,6 +12,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource};
+use kvfleet_proto::v1::ControllerStatus;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -100,10 +101,11 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     let current =
         sets.get_opt(&names.statefulset).await.map_err(api_error("reading StatefulSet", &names.statefulset))?;
 
+    let fleet = ctx.fleets.status(&cluster_key(kvc));
     if let Err(why) = validate(kvc) {
         publish(recorder, kvc, EventType::Warning, "InvalidSpec", &why).await;
         let step = ScaleStep::Steady { replicas: current.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0) };
-        write_status(ctx, kvc, &names, current.as_ref(), &step, Some(&why)).await?;
+        write_status(ctx, kvc, &names, current.as_ref(), fleet.as_ref(), &step, Some(&why)).await?;
         return Ok(Action::requeue(REFRESH * 6));
     }
 
@@ -121,7 +123,6 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         kvc.spec.storage.size = created;
     }
     let kvc = &kvc;
-    let fleet = ctx.fleets.status(&cluster_key(kvc));
     let step = scale::decide(&names, kvc.spec.replicas, current.as_ref().and_then(|s| s.spec.replicas), fleet.as_ref());
     let desired = build::desired(kvc, step.replicas())?;
     apply(&ctx.client, ns, &desired.node_config).await?;
@@ -136,7 +137,7 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         ScaleStep::Drain { .. } | ScaleStep::Steady { .. } => {}
     }
     ctx.fleets.ensure(kvc, &names);
-    write_status(ctx, kvc, &names, Some(&applied), &step, None).await?;
+    write_status(ctx, kvc, &names, Some(&applied), fleet.as_ref(), &step, None).await?;
     Ok(Action::requeue(match step {
         ScaleStep::Drain { .. } | ScaleStep::Shrink { .. } => REFRESH_WHILE_SCALING,
         _ => REFRESH,
@@ -162,14 +163,11 @@ where
 {
     let name = object.meta().name.clone().unwrap_or_default();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let mut body = serde_json::to_value(object).map_err(|e| ReconcileError::Api {
+    let body = build::typed_json(object).map_err(|e| ReconcileError::Api {
         what: "encoding",
         name: name.clone(),
         source: kube::Error::SerdeError(e),
     })?;
-    // Server-side apply needs apiVersion and kind in the body; k8s-openapi leaves them out.
-    body["apiVersion"] = K::api_version(&()).into();
-    body["kind"] = K::kind(&()).into();
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
         .await
         .map_err(api_error("applying", &name))
@@ -180,14 +178,14 @@ async fn write_status(
     kvc: &KeyValueCluster,
     names: &Names,
     statefulset: Option<&StatefulSet>,
+    fleet: Option<&ControllerStatus>,
     step: &ScaleStep,
     invalid: Option<&str>,
 ) -> Result<(), ReconcileError> {
-    let fleet = ctx.fleets.status(&cluster_key(kvc));
     let status = status::compute(&Observed {
         kvc,
         statefulset,
-        fleet: fleet.as_ref(),
+        fleet,
         step,
         invalid,
         now: Time(k8s_openapi::jiff::Timestamp::now()),
@@ -274,9 +272,7 @@ pub(crate) mod tests {
     }
 
     fn existing_statefulset(kvc: &KeyValueCluster, replicas: i32) -> Value {
-        let mut sts = serde_json::to_value(build::statefulset(kvc, replicas).unwrap()).unwrap();
-        sts["apiVersion"] = json!("apps/v1");
-        sts["kind"] = json!("StatefulSet");
+        let mut sts = build::typed_json(&build::statefulset(kvc, replicas).unwrap()).unwrap();
         sts["status"] = json!({"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas});
         sts
     }

@@ -103,7 +103,7 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
                         name: n.node_id.clone(),
                         state: n.state.clone(),
                         ranges: n.ranges,
-                        ops_per_sec: (n.ops_per_sec * 10.0).round() / 10.0,
+                        ops_per_sec: one_decimal(n.ops_per_sec),
                         size_bytes: n.size_bytes,
                     })
                     .collect()
@@ -117,13 +117,18 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
                     .map(|h| HotKey {
                         key: display_key(&h.key),
                         range_id: h.range_id,
-                        ops_per_sec: (h.ops_per_sec * 10.0).round() / 10.0,
+                        ops_per_sec: one_decimal(h.ops_per_sec),
                     })
                     .collect()
             })
             .unwrap_or_default(),
         conditions,
     }
+}
+
+/// Rates in the status are rounded to 0.1 op/s: finer digits would change the object every round.
+fn one_decimal(rate: f64) -> f64 {
+    (rate * 10.0).round() / 10.0
 }
 
 /// A condition; its lastTransitionTime moves only when its status flips.
