@@ -3,6 +3,7 @@
 //! value, with zero client-visible errors: undisturbed, and with the source, the target or the
 //! controller killed at each step of a move (crash points abort the process like kill -9, at an
 //! exact step, once; the Local platform restarts a node, the test restarts the controller).
+//! And a node drained, then restarted, as a scale-in or a DrainFirst update does on Kubernetes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::{Playground, assert_all_acked_readable};
+use kvfleet_e2e::{NodeProcess, Playground, assert_all_acked_readable, client_for};
+use kvfleet_operator::controller::state::ControllerState;
+use kvfleet_operator::controller::status::StatusBoard;
+use kvfleet_operator::controller::{Controller, ControllerConfig};
+use kvfleet_operator::platform::{Member, Platform, PlatformError};
+use kvfleet_planner::Policy;
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::{ControllerStatus, ListRangesRequest, RangeDescriptor, RangeState};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -130,8 +136,8 @@ fn owners(status: &ControllerStatus) -> usize {
 }
 
 /// Reads every acknowledged write back, checks the zero-error promise, and checks that the
-/// ranges the nodes own tile the key space with exactly one owner per key.
-async fn verify(playground: &Playground, outcome: &Outcome) {
+/// ranges the nodes at `addresses` own tile the key space with exactly one owner per key.
+async fn verify(client: &kvfleet_client::Client, addresses: &[String], outcome: &Outcome) {
     assert!(
         outcome.errors.is_empty(),
         "{} client-visible errors out of {} operations, first: {:?}",
@@ -145,10 +151,10 @@ async fn verify(playground: &Playground, outcome: &Outcome) {
         &outcome.stale_reads[..outcome.stale_reads.len().min(3)]
     );
     assert!(outcome.acked.len() > 100, "only {} keys written", outcome.acked.len());
-    assert_all_acked_readable(&playground.client(), &outcome.acked).await;
+    assert_all_acked_readable(client, &outcome.acked).await;
 
     let mut owned: Vec<RangeDescriptor> = Vec::new();
-    for address in playground.addresses() {
+    for address in addresses {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
         let ranges =
             AdminClient::new(channel).list_ranges(ListRangesRequest {}).await.expect("list ranges").into_inner();
@@ -193,7 +199,7 @@ async fn run_scenario(
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let outcome = workload.finish().await;
-    verify(playground, &outcome).await;
+    verify(&playground.client(), &playground.addresses(), &outcome).await;
     let status = playground.status().await;
     println!(
         "{} ops, {} keys, {} ranges on {} nodes; recent: {:#?}",
@@ -296,6 +302,97 @@ async fn controller_sigkilled_mid_load_resumes_and_adopts_its_nodes() {
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let outcome = workload.finish().await;
-    verify(&playground, &outcome).await;
+    verify(&playground.client(), &playground.addresses(), &outcome).await;
     assert_eq!(playground.stop().code(), Some(0));
+}
+
+/// The test's platform: the nodes it started, and which of them drain (on Kubernetes: the pods
+/// above spec.replicas, and the pod a DrainFirst update restarts next).
+struct TestFleet {
+    members: std::sync::Mutex<Vec<Member>>,
+    state: std::sync::Mutex<Option<ControllerState>>,
+}
+
+impl TestFleet {
+    fn set_draining(&self, node_id: &str, draining: bool) {
+        let mut members = self.members.lock().unwrap();
+        members.iter_mut().filter(|m| m.node_id == node_id).for_each(|m| m.draining = draining);
+    }
+}
+
+impl Platform for TestFleet {
+    async fn members(&self) -> Result<Vec<Member>, PlatformError> {
+        Ok(self.members.lock().unwrap().clone())
+    }
+    async fn load_state(&self) -> Result<Option<ControllerState>, PlatformError> {
+        Ok(self.state.lock().unwrap().clone())
+    }
+    async fn save_state(&self, state: &ControllerState) -> Result<(), PlatformError> {
+        *self.state.lock().unwrap() = Some(state.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_drained_then_restarted_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| {
+            NodeProcess::start(&format!("node-{i}"), &dir.path().join(i.to_string()), &["--load-window-secs", "3"])
+        })
+        .collect();
+    let members = nodes
+        .iter()
+        .map(|n| Member { node_id: n.node_id.clone(), address: n.address.clone(), draining: false, restarts: 0 })
+        .collect();
+    let fleet = Arc::new(TestFleet { members: std::sync::Mutex::new(members), state: Default::default() });
+    let config = ControllerConfig {
+        interval: Duration::from_millis(500),
+        policy: Policy { split_qps: 300.0, split_sustain_secs: 2, move_cooldown_secs: 5, ..Policy::default() },
+        ..ControllerConfig::default()
+    };
+    let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
+    let controller = Controller::new(fleet.clone(), config, board.clone()).await.expect("controller starts");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let control_loop = tokio::spawn(controller.run(stopped));
+    let addresses: Vec<String> = nodes.iter().map(|n| n.address.clone()).collect();
+    let client = client_for(&nodes.iter().collect::<Vec<_>>());
+    let held = |status: &ControllerStatus, node: &str| status.ranges.iter().filter(|r| r.owner == node).count();
+    let moving = |status: &ControllerStatus, node: &str| status.moves.iter().any(|m| m.from == node || m.to == node);
+
+    let workload = Workload::start(client.clone());
+    wait_for("node-2 to own ranges, nothing moving", Duration::from_secs(90), async || {
+        let status = board.snapshot();
+        held(&status, "node-2") > 0 && status.moves.is_empty()
+    })
+    .await;
+    let before = held(&board.snapshot(), "node-2");
+    fleet.set_draining("node-2", true);
+    wait_for("node-2 to drain", Duration::from_secs(90), async || {
+        let status = board.snapshot();
+        let state = status.nodes.iter().find(|n| n.node_id == "node-2").map(|n| n.state.clone());
+        state.as_deref() == Some("draining") && held(&status, "node-2") == 0 && !moving(&status, "node-2")
+    })
+    .await;
+    // What a DrainFirst update does next: stop the empty node. Load goes on; the two others
+    // alone must own the whole key space and answer every acknowledged write.
+    assert!(nodes[2].terminate().success(), "node-2 stops cleanly");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcome = workload.finish().await;
+    verify(&client, &addresses[..2], &outcome).await;
+    // Restarted (at its new revision, on Kubernetes) and taken back.
+    nodes[2].spawn();
+    fleet.set_draining("node-2", false);
+    wait_for("node-2 back up", Duration::from_secs(30), async || {
+        board.snapshot().nodes.iter().any(|n| n.node_id == "node-2" && n.state == "up")
+    })
+    .await;
+    assert_all_acked_readable(&client, &outcome.acked).await;
+    println!("node-2 held {before} ranges, drained to 0, restarted; {} ops, {} keys", outcome.ops, outcome.acked.len());
+    stop.send(true).expect("the control loop listens");
+    tokio::time::timeout(Duration::from_secs(60), control_loop)
+        .await
+        .expect("the control loop stops")
+        .expect("the control loop did not panic")
+        .expect("the control loop ends cleanly");
 }

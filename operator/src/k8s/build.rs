@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use super::crd::{AntiAffinity, Durability, KeyValueCluster, VolumePolicy};
+use super::crd::{AntiAffinity, Durability, KeyValueCluster, UpdateType, VolumePolicy};
 
 pub const MANAGER: &str = "kvfleet-operator";
 pub const DATA_DIR: &str = "/data";
@@ -228,8 +228,16 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
             selector: LabelSelector { match_labels: Some(selector_labels(&names)), match_expressions: None },
             // Pods are independent storage nodes: start and stop them together, not in order.
             pod_management_policy: Some("Parallel".into()),
+            // DrainFirst: the StatefulSet controller leaves pods alone; the reconciler deletes
+            // each outdated pod once its ranges have moved away (see `rollout`).
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
+                type_: Some(
+                    match spec.update_strategy.type_ {
+                        UpdateType::Restart => "RollingUpdate",
+                        UpdateType::DrainFirst => "OnDelete",
+                    }
+                    .into(),
+                ),
                 rolling_update: None,
             }),
             persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
@@ -505,6 +513,15 @@ mod tests {
         kvc.spec.durability = Durability::Async;
         assert_ne!(hash(&kvc), before);
         assert_eq!(node_config(&kvc).unwrap().data.unwrap()["KVFLEET_DURABILITY"], "async");
+    }
+
+    #[test]
+    fn drain_first_leaves_restarts_to_the_operator() {
+        let strategy = |kvc: &KeyValueCluster| statefulset(kvc, 3).unwrap().spec.update_strategy.unwrap().type_;
+        let mut kvc = cluster("demo", 3);
+        assert_eq!(strategy(&kvc).as_deref(), Some("RollingUpdate"));
+        kvc.spec.update_strategy.type_ = UpdateType::DrainFirst;
+        assert_eq!(strategy(&kvc).as_deref(), Some("OnDelete"));
     }
 
     #[test]

@@ -68,6 +68,28 @@ pub struct KeyValueClusterSpec {
 
     #[serde(default)]
     pub ports: PortsSpec,
+
+    /// How pods pick up a changed spec (image, resources, durability, scheduling).
+    #[serde(default)]
+    pub update_strategy: UpdateStrategy,
+}
+
+/// How a spec change reaches the pods: always one pod at a time.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub struct UpdateStrategy {
+    /// `Restart` (the default): the StatefulSet restarts pods one at a time; a pod's ranges are
+    /// unavailable while it restarts (seconds, plus WAL recovery). `DrainFirst`: zero downtime;
+    /// before a pod restarts, the operator moves all its ranges to the other pods (one copy of
+    /// the pod's data per update; needs at least 2 pods).
+    #[serde(default, rename = "type")]
+    pub type_: UpdateType,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum UpdateType {
+    #[default]
+    Restart,
+    DrainFirst,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
@@ -270,10 +292,12 @@ impl Default for PortsSpec {
 }
 
 /// What the operator sees, written after every reconcile.
+// Written as a merge patch: lists and `rollout` are serialized even when empty (`[]`, `null`),
+// so they replace what the last status said instead of leaving it behind.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyValueClusterStatus {
-    /// Creating, Running, Scaling, Rebalancing, Degraded.
+    /// Creating, Running, Scaling, Updating, Rebalancing, Degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// The spec generation this status describes.
@@ -289,14 +313,27 @@ pub struct KeyValueClusterStatus {
     #[serde(default)]
     pub moves_in_flight: u32,
     /// One entry per storage pod, from the last resharding round.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub pods: Vec<PodStatus>,
     /// The hottest keys, from the last resharding round.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub hot_keys: Vec<HotKey>,
     /// Ready, Progressing, Rebalancing, Degraded.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// A DrainFirst update in progress: the resharding loop drains `drainingPod`.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The pod whose ranges are moving away before it restarts at the new revision.
+    #[serde(default)]
+    pub draining_pod: Option<String>,
+    /// Pods not yet at the StatefulSet's update revision.
+    pub outdated_pods: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
@@ -304,6 +341,8 @@ pub enum Phase {
     Creating,
     Running,
     Scaling,
+    /// A DrainFirst update is moving ranges off a pod or restarting it.
+    Updating,
     Rebalancing,
     Degraded,
 }

@@ -13,6 +13,7 @@ pub mod platform;
 #[cfg(test)]
 mod rbac;
 pub mod reconcile;
+pub mod rollout;
 pub mod scale;
 pub mod status;
 

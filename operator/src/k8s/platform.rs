@@ -1,6 +1,7 @@
 //! The Kubernetes platform: a cluster's nodes are the pods of its StatefulSet (ordinals
-//! 0..replicas, reached by their stable DNS names), those at or above spec.replicas drain, and
-//! the controller's state lives in a ConfigMap owned by the KeyValueCluster.
+//! 0..replicas, reached by their stable DNS names); those at or above spec.replicas drain, and so
+//! does the pod a DrainFirst update is about to restart; the controller's state lives in a
+//! ConfigMap owned by the KeyValueCluster.
 
 use std::collections::BTreeMap;
 
@@ -47,15 +48,17 @@ impl KubernetesPlatform {
     }
 }
 
-/// Members of a fleet: pods 0..statefulset_replicas; those at or above `spec_replicas` drain.
-pub fn members(names: &Names, spec_replicas: i32, statefulset_replicas: i32, grpc_port: i32) -> Vec<Member> {
+/// Members of a fleet: pods 0..statefulset_replicas; those at or above spec.replicas drain, and
+/// so does the pod the status names for a DrainFirst update.
+pub fn members(kvc: &KeyValueCluster, names: &Names, statefulset_replicas: i32) -> Vec<Member> {
+    let updating = kvc.status.as_ref().and_then(|s| s.rollout.as_ref()).and_then(|r| r.draining_pod.as_deref());
     (0..statefulset_replicas)
         .map(|ordinal| {
             let pod = names.pod(ordinal);
             Member {
-                address: names.pod_address(&pod, grpc_port),
+                address: names.pod_address(&pod, kvc.spec.ports.grpc),
+                draining: ordinal >= kvc.spec.replicas || updating == Some(pod.as_str()),
                 node_id: pod,
-                draining: ordinal >= spec_replicas,
                 restarts: 0,
             }
         })
@@ -69,7 +72,7 @@ impl Platform for KubernetesPlatform {
         let sts =
             sets.get_opt(&self.names.statefulset).await.map_err(|e| self.api_error("reading the StatefulSet", e))?;
         let running = sts.and_then(|s| s.spec.replicas).unwrap_or(0);
-        Ok(members(&self.names, kvc.spec.replicas, running, kvc.spec.ports.grpc))
+        Ok(members(&kvc, &self.names, running))
     }
 
     async fn load_state(&self) -> Result<Option<ControllerState>, PlatformError> {
@@ -119,17 +122,33 @@ pub fn state_config_map(owner: &KeyValueCluster, names: &Names, json: String) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::crd::{KeyValueClusterStatus, RolloutStatus};
     use crate::k8s::fixtures::cluster;
+
+    fn draining(members: &[Member]) -> Vec<&str> {
+        members.iter().filter(|m| m.draining).map(|m| m.node_id.as_str()).collect()
+    }
 
     #[test]
     fn pods_above_spec_replicas_drain() {
-        let names = Names::of(&cluster("demo", 3)).unwrap();
-        let members = members(&names, 3, 5, 7700);
+        let kvc = cluster("demo", 3);
+        let names = Names::of(&kvc).unwrap();
+        let members = members(&kvc, &names, 5);
         assert_eq!(members.len(), 5);
         assert_eq!(members[0].node_id, "demo-0");
         assert_eq!(members[4].address, "demo-4.demo-nodes.ns.svc:7700");
-        let draining: Vec<_> = members.iter().filter(|m| m.draining).map(|m| m.node_id.as_str()).collect();
-        assert_eq!(draining, ["demo-3", "demo-4"]);
-        assert!(super::members(&names, 3, 3, 7700).iter().all(|m| !m.draining));
+        assert_eq!(draining(&members), ["demo-3", "demo-4"]);
+        assert!(super::members(&kvc, &names, 3).iter().all(|m| !m.draining));
+    }
+
+    #[test]
+    fn the_pod_a_drain_first_update_restarts_next_drains() {
+        let mut kvc = cluster("demo", 3);
+        let names = Names::of(&kvc).unwrap();
+        kvc.status = Some(KeyValueClusterStatus {
+            rollout: Some(RolloutStatus { draining_pod: Some("demo-1".into()), outdated_pods: 2 }),
+            ..Default::default()
+        });
+        assert_eq!(draining(&members(&kvc, &names, 3)), ["demo-1"]);
     }
 }

@@ -178,6 +178,8 @@ fn the_rbac_check_refuses_what_the_rules_do_not_grant() {
     let delete_sts = permission(&call("DELETE", "/apis/apps/v1/namespaces/ns/statefulsets/demo", ""));
     assert_eq!(delete_sts, ("apps".into(), "statefulsets".into(), "delete".into()));
     assert!(!allowed(&rules, &delete_sts), "the operator never deletes a StatefulSet (garbage collection does)");
+    let delete_pvc = permission(&call("DELETE", "/api/v1/namespaces/ns/persistentvolumeclaims/data-demo-0", ""));
+    assert!(!allowed(&rules, &delete_pvc), "the operator never deletes a volume");
     let secrets = permission(&call("GET", "/api/v1/namespaces/ns/secrets/x", ""));
     assert!(!allowed(&rules, &secrets), "the operator reads no secrets");
     let status = permission(&call("PATCH", "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo/status", ""));

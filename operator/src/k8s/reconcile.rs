@@ -1,14 +1,15 @@
 //! The reconciler: validate -> decide the scale step -> build (pure) -> apply (server-side apply,
-//! one field manager, owner references) -> make sure the resharding loop runs -> write status and
-//! Events. Everything it writes is owned by the KeyValueCluster, so deleting the resource
+//! one field manager, owner references) -> step a DrainFirst update (restart a pod once its
+//! ranges have moved away) -> make sure the resharding loop runs -> write status and Events. Everything it writes is owned by the KeyValueCluster, so deleting the resource
 //! garbage-collects it; no finalizer is needed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource};
@@ -21,8 +22,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::build::{self, BuildError, MANAGER, Names, cluster_key};
-use super::crd::KeyValueCluster;
+use super::crd::{KeyValueCluster, UpdateType};
 use super::fleet::Fleets;
+use super::rollout::{self, PodView, RolloutStep};
 use super::scale::{self, ScaleStep};
 use super::status::{self, Observed};
 
@@ -105,7 +107,16 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     if let Err(why) = validate(kvc) {
         publish(recorder, kvc, EventType::Warning, "InvalidSpec", &why).await;
         let step = ScaleStep::Steady { replicas: current.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0) };
-        write_status(ctx, kvc, &names, current.as_ref(), fleet.as_ref(), &step, Some(&why)).await?;
+        let observed = Observed {
+            kvc,
+            statefulset: current.as_ref(),
+            fleet: fleet.as_ref(),
+            step: &step,
+            rollout: None,
+            invalid: Some(&why),
+            now: now(),
+        };
+        write_status(ctx, &names, &observed).await?;
         return Ok(Action::requeue(REFRESH * 6));
     }
 
@@ -136,12 +147,66 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         ScaleStep::Shrink { .. } => publish(recorder, kvc, EventType::Normal, "ScaledIn", &step.describe()).await,
         ScaleStep::Drain { .. } | ScaleStep::Steady { .. } => {}
     }
+    let rollout = roll_out(ctx, kvc, &names, &applied, fleet.as_ref(), &step).await?;
     ctx.fleets.ensure(kvc, &names);
-    write_status(ctx, kvc, &names, Some(&applied), fleet.as_ref(), &step, None).await?;
-    Ok(Action::requeue(match step {
-        ScaleStep::Drain { .. } | ScaleStep::Shrink { .. } => REFRESH_WHILE_SCALING,
-        _ => REFRESH,
-    }))
+    let observed = Observed {
+        kvc,
+        statefulset: Some(&applied),
+        fleet: fleet.as_ref(),
+        step: &step,
+        rollout: rollout.as_ref(),
+        invalid: None,
+        now: now(),
+    };
+    write_status(ctx, &names, &observed).await?;
+    let busy = matches!(step, ScaleStep::Drain { .. } | ScaleStep::Shrink { .. })
+        || rollout.as_ref().is_some_and(|r| !matches!(r, RolloutStep::Done | RolloutStep::Blocked { .. }));
+    Ok(Action::requeue(if busy { REFRESH_WHILE_SCALING } else { REFRESH }))
+}
+
+/// A DrainFirst update: decide the step from the pods, and delete the pod it names once its
+/// ranges have moved away (the StatefulSet, OnDelete, recreates it at the new revision).
+async fn roll_out(
+    ctx: &Context,
+    kvc: &KeyValueCluster,
+    names: &Names,
+    statefulset: &StatefulSet,
+    fleet: Option<&ControllerStatus>,
+    step: &ScaleStep,
+) -> Result<Option<RolloutStep>, ReconcileError> {
+    if kvc.spec.update_strategy.type_ != UpdateType::DrainFirst || !rollout::pending(statefulset) {
+        return Ok(None);
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let pods = api
+        .list(&ListParams::default().labels(&build::selector_string(names)))
+        .await
+        .map_err(api_error("listing the pods of", &names.statefulset))?;
+    let pods: Vec<PodView> = pods.items.iter().filter_map(|p| PodView::of(names, p)).collect();
+    let decided = rollout::decide(names, statefulset, &pods, fleet, step);
+    let previous = kvc.status.as_ref();
+    let was_draining = previous.and_then(|s| s.rollout.as_ref()).and_then(|r| r.draining_pod.as_deref());
+    let was_blocked = previous.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "UpdateBlocked"));
+    let recorder = &ctx.recorder;
+    match &decided {
+        RolloutStep::Drain { pod, .. } if was_draining != Some(pod.as_str()) => {
+            publish(recorder, kvc, EventType::Normal, "DrainingForUpdate", &decided.describe()).await;
+        }
+        RolloutStep::Restart { pod, uid, .. } => {
+            // Only the pod that was drained: a pod recreated meanwhile has another uid (409).
+            let preconditions = uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None });
+            match api.delete(pod, &DeleteParams { preconditions, ..Default::default() }).await {
+                Ok(_) => publish(recorder, kvc, EventType::Normal, "RestartingPod", &decided.describe()).await,
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+                Err(source) => return Err(api_error("deleting pod", pod)(source)),
+            }
+        }
+        RolloutStep::Blocked { .. } if !was_blocked => {
+            publish(recorder, kvc, EventType::Warning, "UpdateBlocked", &decided.describe()).await;
+        }
+        _ => {}
+    }
+    Ok(Some(decided))
 }
 
 /// The storage request of the StatefulSet's volume claim template.
@@ -173,29 +238,18 @@ where
         .map_err(api_error("applying", &name))
 }
 
-async fn write_status(
-    ctx: &Context,
-    kvc: &KeyValueCluster,
-    names: &Names,
-    statefulset: Option<&StatefulSet>,
-    fleet: Option<&ControllerStatus>,
-    step: &ScaleStep,
-    invalid: Option<&str>,
-) -> Result<(), ReconcileError> {
-    let status = status::compute(&Observed {
-        kvc,
-        statefulset,
-        fleet,
-        step,
-        invalid,
-        now: Time(k8s_openapi::jiff::Timestamp::now()),
-    });
+async fn write_status(ctx: &Context, names: &Names, observed: &Observed<'_>) -> Result<(), ReconcileError> {
+    let status = status::compute(observed);
     let api: Api<KeyValueCluster> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let patch = serde_json::json!({ "status": status });
     api.patch_status(&names.cluster, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(api_error("writing the status of", &names.cluster))?;
     Ok(())
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
 }
 
 async fn publish(recorder: &Recorder, kvc: &KeyValueCluster, type_: EventType, reason: &str, note: &str) {
@@ -300,6 +354,7 @@ pub(crate) mod tests {
         calls.extend(creates_everything_with_server_side_apply().await);
         calls.extend(scale_in_drains_before_the_statefulset_shrinks().await);
         calls.extend(an_invalid_spec_is_refused_without_touching_anything().await);
+        calls.extend(drain_first_update_restarts_a_pod_only_once_it_is_empty().await);
         calls
     }
 
@@ -403,6 +458,75 @@ pub(crate) mod tests {
         calls
     }
 
+    const PODS: &str = "/api/v1/namespaces/ns/pods";
+
+    /// The pods of a StatefulSet being updated: all still at the old revision, ready.
+    fn old_pods(count: usize) -> Reply {
+        let items: Vec<Value> = (0..count)
+            .map(|i| {
+                json!({"metadata": {"name": format!("demo-{i}"), "uid": format!("uid-{i}"),
+                                    "labels": {"controller-revision-hash": "demo-old"}},
+                       "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+            })
+            .collect();
+        Reply::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}))
+    }
+
+    async fn drain_first_update_restarts_a_pod_only_once_it_is_empty() -> Vec<Recorded> {
+        let mut kvc = cluster("demo", 3);
+        kvc.spec.update_strategy.type_ = UpdateType::DrainFirst;
+        let mut live = existing_statefulset(&kvc, 3);
+        live["status"]["updatedReplicas"] = json!(0);
+        live["status"]["currentRevision"] = json!("demo-old");
+        live["status"]["updateRevision"] = json!("demo-new");
+        let mut calls = Vec::new();
+
+        // Round 1: demo-2 (highest ordinal) still serves ranges: it is named for draining, not deleted.
+        let mut script = vec![expect("GET", STS, Reply::Json(live.clone()))];
+        script.extend(applies_to_existing(live.clone()));
+        script.push(expect("GET", PODS, old_pods(3)));
+        script.push(expect("POST", EVENTS, Reply::Echo));
+        script.push(expect("PATCH", STATUS, status_reply(&kvc)));
+        let (client, server) = verifier(script);
+        let serving = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 2)]);
+        let fleets = Arc::new(FakeFleets { status: Some(serving), ..Default::default() });
+        let action = reconcile(Arc::new(kvc.clone()), context(client, fleets)).await.expect("reconcile succeeds");
+        assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
+        let round1 = server.await.expect("every scripted call came, in order");
+        assert_eq!(find(&round1, "PATCH", STS)[0].body["spec"]["updateStrategy"]["type"], "OnDelete");
+        assert!(find(&round1, "GET", PODS)[0].query.contains("labelSelector="), "only this cluster's pods are listed");
+        assert_eq!(find(&round1, "POST", EVENTS)[0].body["reason"], "DrainingForUpdate");
+        let status = find(&round1, "PATCH", STATUS)[0].body["status"].clone();
+        assert_eq!(status["phase"], "Updating");
+        assert_eq!(status["rollout"], json!({"drainingPod": "demo-2", "outdatedPods": 3}));
+        calls.extend(round1);
+
+        // Round 2: the resharding loop drained demo-2: exactly that pod (by uid) is deleted.
+        let mut kvc = kvc.clone();
+        kvc.status = serde_json::from_value(status).expect("the status written reads back");
+        let mut script = vec![expect("GET", STS, Reply::Json(live.clone()))];
+        script.extend(applies_to_existing(live));
+        script.push(expect("GET", PODS, old_pods(3)));
+        script.push(expect(
+            "DELETE",
+            format!("{PODS}/demo-2"),
+            Reply::Json(json!({"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "demo-2"}})),
+        ));
+        script.push(expect("POST", EVENTS, Reply::Echo));
+        script.push(expect("PATCH", STATUS, status_reply(&kvc)));
+        let (client, server) = verifier(script);
+        let drained = fleet(&[("demo-0", "up", 3), ("demo-1", "up", 3), ("demo-2", "draining", 0)]);
+        let fleets = Arc::new(FakeFleets { status: Some(drained), ..Default::default() });
+        reconcile(Arc::new(kvc), context(client, fleets)).await.expect("reconcile succeeds");
+        let round2 = server.await.expect("every scripted call came, in order");
+        assert_eq!(find(&round2, "DELETE", &format!("{PODS}/demo-2"))[0].body["preconditions"]["uid"], "uid-2");
+        let event = find(&round2, "POST", EVENTS)[0];
+        assert_eq!(event.body["reason"], "RestartingPod");
+        assert!(event.body["note"].as_str().unwrap().contains("demo-2 holds no ranges"), "{}", event.body["note"]);
+        calls.extend(round2);
+        calls
+    }
+
     #[test]
     fn the_live_volume_size_is_read_from_the_claim_template() {
         let mut kvc = cluster("demo", 3);
@@ -418,6 +542,11 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn reconcile_scale_in_drains_before_the_statefulset_shrinks() {
         scale_in_drains_before_the_statefulset_shrinks().await;
+    }
+
+    #[tokio::test]
+    async fn reconcile_drain_first_update_restarts_a_pod_only_once_it_is_empty() {
+        drain_first_update_restarts_a_pod_only_once_it_is_empty().await;
     }
 
     #[tokio::test]

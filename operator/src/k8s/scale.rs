@@ -61,7 +61,7 @@ impl ScaleStep {
 }
 
 /// What a pod being removed still holds, or why its emptiness is not known.
-fn still_holding(fleet: Option<&ControllerStatus>, pod: &str) -> Option<String> {
+pub(super) fn still_holding(fleet: Option<&ControllerStatus>, pod: &str) -> Option<String> {
     let Some(fleet) = fleet.filter(|f| f.round > 0) else {
         return Some(format!("{pod} (no resharding round yet)"));
     };

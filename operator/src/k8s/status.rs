@@ -1,12 +1,14 @@
-//! The KeyValueCluster's status, computed from the StatefulSet, the last resharding round and
-//! the scale step: phase, counts, per-pod load, hot keys and the four conditions. Pure.
+//! The KeyValueCluster's status, computed from the StatefulSet, the last resharding round, the
+//! scale step and the rollout step: phase, counts, per-pod load, hot keys and the four
+//! conditions. Pure.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::ControllerStatus;
 
-use super::crd::{HotKey, KeyValueCluster, KeyValueClusterStatus, Phase, PodStatus};
+use super::crd::{HotKey, KeyValueCluster, KeyValueClusterStatus, Phase, PodStatus, RolloutStatus};
+use super::rollout::RolloutStep;
 use super::scale::ScaleStep;
 
 const MAX_HOT_KEYS: usize = 10;
@@ -17,21 +19,26 @@ pub struct Observed<'a> {
     pub statefulset: Option<&'a StatefulSet>,
     pub fleet: Option<&'a ControllerStatus>,
     pub step: &'a ScaleStep,
+    /// The DrainFirst update, when one was decided this reconcile.
+    pub rollout: Option<&'a RolloutStep>,
     /// Why the spec was refused, if it was.
     pub invalid: Option<&'a str>,
     pub now: Time,
 }
 
 pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
-    let Observed { kvc, statefulset, fleet, step, invalid, .. } = observed;
+    let Observed { kvc, statefulset, fleet, step, rollout, invalid, .. } = observed;
     let sts_status = statefulset.and_then(|s| s.status.as_ref());
     let replicas = statefulset.and_then(|s| s.spec.replicas).unwrap_or(0);
     let ready = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
-    let updating = sts_status
-        .is_some_and(|s| s.updated_replicas.unwrap_or(0) < s.replicas || s.current_revision != s.update_revision);
+    let updating = statefulset.is_some_and(super::rollout::pending);
+    let rollout = rollout.filter(|r| **r != RolloutStep::Done);
     let fleet = fleet.filter(|f| f.round > 0);
+    // An unreachable pod that holds no range (one restarting after a drain) makes nothing unavailable.
     let down: Vec<&str> = fleet
-        .map(|f| f.nodes.iter().filter(|n| n.state.starts_with("down")).map(|n| n.node_id.as_str()).collect())
+        .map(|f| {
+            f.nodes.iter().filter(|n| n.state.starts_with("down") && n.ranges > 0).map(|n| n.node_id.as_str()).collect()
+        })
         .unwrap_or_default();
     let ranges = fleet.map_or(0, |f| f.ranges.len() as u32);
     let moves = fleet.map_or(0, |f| f.moves.len() as u32);
@@ -43,6 +50,8 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
         Phase::Creating
     } else if scaling {
         Phase::Scaling
+    } else if rollout.is_some_and(|r| !matches!(r, RolloutStep::Blocked { .. })) {
+        Phase::Updating
     } else if moves > 0 {
         Phase::Rebalancing
     } else {
@@ -59,6 +68,11 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     };
     let progressing = if scaling {
         (true, "Scaling", step.describe())
+    } else if let Some(rollout) = rollout {
+        match rollout {
+            RolloutStep::Blocked { .. } => (false, "UpdateBlocked", rollout.describe()),
+            _ => (true, "DrainFirstUpdate", rollout.describe()),
+        }
     } else if updating {
         (true, "RollingUpdate", "pods are being updated one at a time".to_string())
     } else {
@@ -123,6 +137,8 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
             })
             .unwrap_or_default(),
         conditions,
+        rollout: rollout
+            .map(|r| RolloutStatus { draining_pod: r.draining_pod().map(str::to_string), outdated_pods: r.outdated() }),
     }
 }
 
@@ -195,7 +211,7 @@ mod tests {
         step: &ScaleStep,
         now: i64,
     ) -> KeyValueClusterStatus {
-        compute(&Observed { kvc, statefulset: sts, fleet, step, invalid: None, now: at(now) })
+        compute(&Observed { kvc, statefulset: sts, fleet, step, rollout: None, invalid: None, now: at(now) })
     }
 
     fn cond<'a>(status: &'a KeyValueClusterStatus, type_: &str) -> &'a Condition {
@@ -231,16 +247,19 @@ mod tests {
         let status = compute_at(&kvc, Some(&sts(&kvc, 4, 4)), Some(&moving), &drain, 1);
         assert_eq!(status.phase, Some(Phase::Scaling));
         assert!(cond(&status, "Progressing").message.contains("moving ranges off demo-3 (2 ranges)"));
-        let down = fleet(&[("demo-0", "up", 2), ("demo-1", "down: connection refused", 2)], 0);
+        let down =
+            fleet(&[("demo-0", "up", 2), ("demo-1", "down: connection refused", 2), ("demo-2", "down: x", 0)], 0);
         let status = compute_at(&kvc, Some(&sts(&kvc, 3, 2)), Some(&down), &steady, 1);
         assert_eq!(status.phase, Some(Phase::Degraded));
         assert_eq!(cond(&status, "Degraded").reason, "PodsUnreachable");
+        assert_eq!(cond(&status, "Degraded").message, "unreachable: demo-1 (their ranges are unavailable)");
         assert_eq!(cond(&status, "Ready").status, "False");
         let invalid = compute(&Observed {
             kvc: &kvc,
             statefulset: None,
             fleet: None,
             step: &steady,
+            rollout: None,
             invalid: Some("spec.image is empty"),
             now: at(1),
         });
@@ -262,5 +281,43 @@ mod tests {
         let flipped = compute_at(&kvc, Some(&sts), Some(&busy), &steady, 300);
         assert_eq!(cond(&flipped, "Rebalancing").last_transition_time, at(300));
         assert_eq!(cond(&flipped, "Ready").last_transition_time, at(100));
+    }
+
+    #[test]
+    fn a_drain_first_update_shows_in_phase_condition_and_rollout() {
+        let kvc = cluster("demo", 3);
+        let steady = ScaleStep::Steady { replicas: 3 };
+        let sts = sts(&kvc, 3, 3);
+        let serving = fleet(&[("demo-0", "up", 3), ("demo-1", "up", 2), ("demo-2", "draining", 1)], 1);
+        let drain = RolloutStep::Drain { outdated: 3, pod: "demo-2".into(), holding: "demo-2 (1 ranges)".into() };
+        let observed = |rollout| Observed {
+            kvc: &kvc,
+            statefulset: Some(&sts),
+            fleet: Some(&serving),
+            step: &steady,
+            rollout,
+            invalid: None,
+            now: at(1),
+        };
+        let status = compute(&observed(Some(&drain)));
+        assert_eq!(status.phase, Some(Phase::Updating));
+        assert_eq!(status.rollout, Some(RolloutStatus { draining_pod: Some("demo-2".into()), outdated_pods: 3 }));
+        assert_eq!(cond(&status, "Progressing").reason, "DrainFirstUpdate");
+        let blocked = RolloutStep::Blocked { outdated: 1, why: "DrainFirst needs at least 2 pods".into() };
+        let status = compute(&observed(Some(&blocked)));
+        assert_eq!(status.phase, Some(Phase::Rebalancing), "a blocked update is not progress");
+        assert_eq!(
+            (cond(&status, "Progressing").status.as_str(), cond(&status, "Progressing").reason.as_str()),
+            ("False", "UpdateBlocked")
+        );
+        let done = compute(&observed(Some(&RolloutStep::Done)));
+        assert_eq!(done.rollout, None);
+        // Written as a merge patch: a finished rollout and emptied lists must replace the old ones.
+        let json = serde_json::to_value(KeyValueClusterStatus::default()).unwrap();
+        assert_eq!(
+            (&json["rollout"], &json["hotKeys"], &json["pods"]),
+            (&serde_json::Value::Null, &serde_json::json!([]), &serde_json::json!([]))
+        );
+        assert!(json.as_object().unwrap().contains_key("rollout"));
     }
 }
