@@ -1,6 +1,7 @@
 //! The Kubernetes suite, for a real cluster (kind): install the chart, apply a KeyValueCluster,
-//! wait for Ready, write through the client Service, scale 3 -> 5 -> 3 while writing, and check
-//! every acknowledged write reads back with its last value; then clean up.
+//! wait for Ready, write through the client Service, scale 3 -> 5 -> 3 while writing, roll a
+//! spec change with a DrainFirst update while writing, and check every acknowledged write reads
+//! back with its last value; then clean up.
 //!
 //! Needs KUBECONFIG (or ~/.kube/config), `kubectl` and `helm` on PATH, and the images loaded
 //! into the cluster: `scripts/e2e-kind.sh` does all of it. Plain `cargo test` skips it and
@@ -59,6 +60,26 @@ fn wait_for(phase: &str, ready: i32, statefulset_replicas: i32, limit: Duration)
         assert!(
             started.elapsed() < limit,
             "after {limit:?} the cluster is {now:?}, not ({phase}, {ready} ready, {statefulset_replicas} pods)\n{}",
+            kubectl(&["describe", "kvc", CLUSTER])
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+/// Polls until every pod of the StatefulSet runs its update revision and no pod is named for
+/// draining, bounded.
+fn wait_for_update(limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let sts =
+            kubectl(&["get", "statefulset", CLUSTER, "-o", "jsonpath={.status.updatedReplicas}/{.status.replicas}"]);
+        let draining = jsonpath("{.status.rollout.drainingPod}");
+        if sts.split_once('/').is_some_and(|(updated, all)| updated == all) && draining.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "after {limit:?} the update is at {sts} pods, draining {draining:?}\n{}",
             kubectl(&["describe", "kvc", CLUSTER])
         );
         std::thread::sleep(Duration::from_secs(3));
@@ -198,6 +219,17 @@ async fn helm_install_apply_write_scale_out_and_in() {
     write_round(&mut client, 3, 2000, &mut acked).await;
     wait_for("Running", 3, 3, Duration::from_secs(600));
     // The port-forward may have pointed at a pod that went away: reconnect.
+    let _ = forward.kill();
+    let _ = forward.wait();
+    let (mut forward, mut client) = connect_through_port_forward().await;
+    assert_acked_readable(&mut client, &acked).await;
+
+    // A spec change (durability) rolled one pod at a time, each drained before it restarts.
+    let update = r#"{"spec":{"updateStrategy":{"type":"DrainFirst"},"durability":"async"}}"#;
+    kubectl(&["patch", "kvc", CLUSTER, "--type=merge", "-p", update]);
+    write_round(&mut client, 4, 2000, &mut acked).await;
+    wait_for_update(Duration::from_secs(900));
+    wait_for("Running", 3, 3, Duration::from_secs(300));
     let _ = forward.kill();
     let _ = forward.wait();
     let (mut forward, mut client) = connect_through_port_forward().await;
