@@ -24,6 +24,8 @@ use super::crd::{AntiAffinity, Durability, KeyValueCluster, UpdateType, VolumePo
 
 pub const MANAGER: &str = "kvfleet-operator";
 pub const DATA_DIR: &str = "/data";
+/// The volume claim template: each pod's claim is `data-<pod>`.
+pub const DATA_VOLUME: &str = "data";
 /// The uid the node image runs as (see docker/node.Dockerfile).
 pub const NODE_UID: i64 = 10001;
 const CONFIG_HASH_ANNOTATION: &str = "kvfleet.io/config-hash";
@@ -171,7 +173,7 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
         liveness_probe: Some(grpc_probe(10, 6)),
         resources: spec.resources.clone(),
         volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
+            name: DATA_VOLUME.into(),
             mount_path: DATA_DIR.into(),
             ..Default::default()
         }]),
@@ -208,7 +210,11 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
     };
     let volume_policy = |policy: VolumePolicy| format!("{policy:?}");
     let claim = PersistentVolumeClaim {
-        metadata: ObjectMeta { name: Some("data".into()), labels: Some(selector_labels(&names)), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.into()),
+            labels: Some(selector_labels(&names)),
+            ..Default::default()
+        },
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             storage_class_name: spec.storage.storage_class_name.clone(),

@@ -59,6 +59,12 @@ pub enum Reply {
     Echo,
     /// 404 Not Found.
     NotFound,
+    /// An API error: status code and message.
+    Error(u16, &'static str),
+}
+
+fn api_status(code: u16, reason: &str, message: &str) -> serde_json::Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": message})
 }
 
 /// A request the operator made.
@@ -105,10 +111,10 @@ pub fn verifier(script: Vec<Expect>) -> (kube::Client, tokio::task::JoinHandle<V
             let (status, reply) = match expected.reply {
                 Reply::Json(value) => (StatusCode::OK, value),
                 Reply::Echo => (StatusCode::OK, body.clone()),
-                Reply::NotFound => (
-                    StatusCode::NOT_FOUND,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-                ),
+                Reply::NotFound => (StatusCode::NOT_FOUND, api_status(404, "NotFound", "not found")),
+                Reply::Error(code, message) => {
+                    (StatusCode::from_u16(code).expect("a valid status code"), api_status(code, "", message))
+                }
             };
             let response =
                 Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).expect("JSON")));

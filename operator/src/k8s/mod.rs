@@ -16,6 +16,7 @@ pub mod reconcile;
 pub mod rollout;
 pub mod scale;
 pub mod status;
+pub mod volumes;
 
 use kube::CustomResourceExt;
 

@@ -175,9 +175,9 @@ async fn every_api_call_is_allowed_by_the_charts_rbac() {
 #[test]
 fn the_rbac_check_refuses_what_the_rules_do_not_grant() {
     let rules = chart_rules("clusterrole.yaml");
-    let delete_sts = permission(&call("DELETE", "/apis/apps/v1/namespaces/ns/statefulsets/demo", ""));
-    assert_eq!(delete_sts, ("apps".into(), "statefulsets".into(), "delete".into()));
-    assert!(!allowed(&rules, &delete_sts), "the operator never deletes a StatefulSet (garbage collection does)");
+    let delete_service = permission(&call("DELETE", "/api/v1/namespaces/ns/services/demo", ""));
+    assert_eq!(delete_service, ("".into(), "services".into(), "delete".into()));
+    assert!(!allowed(&rules, &delete_service), "the operator never deletes a Service (garbage collection does)");
     let delete_pvc = permission(&call("DELETE", "/api/v1/namespaces/ns/persistentvolumeclaims/data-demo-0", ""));
     assert!(!allowed(&rules, &delete_pvc), "the operator never deletes a volume");
     let secrets = permission(&call("GET", "/api/v1/namespaces/ns/secrets/x", ""));

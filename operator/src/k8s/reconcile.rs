@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource};
@@ -22,11 +22,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::build::{self, BuildError, MANAGER, Names, cluster_key};
-use super::crd::{KeyValueCluster, UpdateType};
+use super::crd::{KeyValueCluster, UpdateType, VolumePolicy};
 use super::fleet::Fleets;
 use super::rollout::{self, PodView, RolloutStep};
 use super::scale::{self, ScaleStep};
 use super::status::{self, Observed};
+use super::volumes::{self, Resize};
 
 /// Re-read the cluster this often even when nothing changes: the status follows the resharding
 /// loop, and a scale-in advances as pods empty.
@@ -120,21 +121,40 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         return Ok(Action::requeue(REFRESH * 6));
     }
 
-    // volumeClaimTemplates cannot change: keep the size the StatefulSet was created with (volume
-    // expansion is not built yet) and say so, rather than fail every apply.
+    // Orphan-deleted for a volume resize: recreated once the API server has removed it.
+    if current.as_ref().is_some_and(|s| s.metadata.deletion_timestamp.is_some()) {
+        return Ok(Action::requeue(REFRESH_WHILE_SCALING));
+    }
+    let step = scale::decide(&names, kvc.spec.replicas, current.as_ref().and_then(|s| s.spec.replicas), fleet.as_ref());
     let mut kvc = kvc.clone();
-    if let Some(created) = current.as_ref().and_then(claim_size)
-        && created != kvc.spec.storage.size
-    {
-        let note = format!(
-            "spec.storage.size {} differs from the volumes' {created}; resizing volumes is not supported yet, keeping {created}",
-            kvc.spec.storage.size
-        );
-        publish(recorder, &kvc, EventType::Warning, "StorageResizeUnsupported", &note).await;
-        kvc.spec.storage.size = created;
+    if let Some(sts) = current.as_ref() {
+        // The template keeps the volumes' size unless this reconcile grows them.
+        let keep = match volumes::decide(sts, &kvc.spec.storage.size) {
+            Resize::Unchanged => None,
+            Resize::Grow { from, to } if matches!(step, ScaleStep::Steady { .. }) => {
+                match grow_volumes(ctx, &kvc, &names, sts, &to).await? {
+                    Ok(()) => return Ok(Action::requeue(REFRESH_WHILE_SCALING)),
+                    Err(why) => {
+                        publish(recorder, &kvc, EventType::Warning, "VolumeResizeFailed", &why).await;
+                        Some(from)
+                    }
+                }
+            }
+            // One thing at a time: the resize waits until the scale step is done.
+            Resize::Grow { from, .. } => Some(from),
+            Resize::Shrink { from, to } | Resize::Unknown { from, to } => {
+                let why = format!(
+                    "spec.storage.size {to} is not larger than the volumes' {from}; volumes never shrink, keeping {from}"
+                );
+                publish(recorder, &kvc, EventType::Warning, "VolumeResizeRefused", &why).await;
+                Some(from)
+            }
+        };
+        if let Some(size) = keep {
+            kvc.spec.storage.size = size;
+        }
     }
     let kvc = &kvc;
-    let step = scale::decide(&names, kvc.spec.replicas, current.as_ref().and_then(|s| s.spec.replicas), fleet.as_ref());
     let desired = build::desired(kvc, step.replicas())?;
     apply(&ctx.client, ns, &desired.node_config).await?;
     apply(&ctx.client, ns, &desired.headless).await?;
@@ -142,6 +162,11 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     apply(&ctx.client, ns, &desired.pdb).await?;
     let applied = apply(&ctx.client, ns, &desired.statefulset).await?;
     match &step {
+        // A cluster that had pods lost only its StatefulSet (a volume resize): the pods stay.
+        ScaleStep::Create { .. } if kvc.status.as_ref().is_some_and(|s| s.replicas > 0) => {
+            let note = "StatefulSet created again; it adopts the running pods and their volumes";
+            publish(recorder, kvc, EventType::Normal, "StatefulSetRecreated", note).await
+        }
         ScaleStep::Create { .. } => publish(recorder, kvc, EventType::Normal, "Created", &step.describe()).await,
         ScaleStep::Grow { .. } => publish(recorder, kvc, EventType::Normal, "ScalingOut", &step.describe()).await,
         ScaleStep::Shrink { .. } => publish(recorder, kvc, EventType::Normal, "ScaledIn", &step.describe()).await,
@@ -209,11 +234,53 @@ async fn roll_out(
     Ok(Some(decided))
 }
 
-/// The storage request of the StatefulSet's volume claim template.
-fn claim_size(sts: &StatefulSet) -> Option<String> {
-    let claim = sts.spec.volume_claim_templates.as_ref()?.first()?;
-    let requests = claim.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?;
-    requests.get("storage").map(|q| q.0.clone())
+/// Grows every pod's volume claim to `size`, then deletes the StatefulSet, orphaning its pods
+/// and claims, so the next reconcile creates it with the new claim template (`volumes`).
+/// `Ok(Err(why))`: a claim refused the new size (its storage class cannot expand); nothing else
+/// changed.
+async fn grow_volumes(
+    ctx: &Context,
+    kvc: &KeyValueCluster,
+    names: &Names,
+    statefulset: &StatefulSet,
+    size: &str,
+) -> Result<Result<(), String>, ReconcileError> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let patch = serde_json::json!({ "spec": { "resources": { "requests": { "storage": size } } } });
+    for ordinal in 0..statefulset.spec.replicas.unwrap_or(0) {
+        let claim = volumes::claim_name(names, ordinal);
+        match claims.patch(&claim, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            // Its pod was never created: the new template will make it at the new size.
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(kube::Error::Api(status)) => {
+                return Ok(Err(format!(
+                    "growing volume {claim} to {size}: {} (does its storage class allow volume expansion?)",
+                    status.message
+                )));
+            }
+            Err(source) => return Err(api_error("growing volume", &claim)(source)),
+        }
+    }
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    if kvc.spec.storage.on_delete == VolumePolicy::Delete {
+        // Claims the StatefulSet owns would follow it: retain them for the switch (the new
+        // StatefulSet takes the spec's policy back).
+        let retain =
+            serde_json::json!({ "spec": { "persistentVolumeClaimRetentionPolicy": { "whenDeleted": "Retain" } } });
+        sets.patch(&names.statefulset, &PatchParams::apply(MANAGER), &Patch::Merge(&retain))
+            .await
+            .map_err(api_error("retaining the volumes of", &names.statefulset))?;
+    }
+    let preconditions =
+        statefulset.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None });
+    let params =
+        DeleteParams { propagation_policy: Some(PropagationPolicy::Orphan), preconditions, ..Default::default() };
+    sets.delete(&names.statefulset, &params).await.map_err(api_error("replacing", &names.statefulset))?;
+    let note =
+        format!("volumes grown to {size}; the StatefulSet is recreated with the new size, its pods keep running");
+    publish(&ctx.recorder, kvc, EventType::Normal, "VolumesResized", &note).await;
+    Ok(Ok(()))
 }
 
 /// Server-side apply of one object with the operator's field manager (forced: the operator owns
@@ -355,6 +422,7 @@ pub(crate) mod tests {
         calls.extend(scale_in_drains_before_the_statefulset_shrinks().await);
         calls.extend(an_invalid_spec_is_refused_without_touching_anything().await);
         calls.extend(drain_first_update_restarts_a_pod_only_once_it_is_empty().await);
+        calls.extend(growing_storage_resizes_claims_then_recreates_the_statefulset().await);
         calls
     }
 
@@ -527,11 +595,92 @@ pub(crate) mod tests {
         calls
     }
 
-    #[test]
-    fn the_live_volume_size_is_read_from_the_claim_template() {
-        let mut kvc = cluster("demo", 3);
-        kvc.spec.storage.size = "7Gi".into();
-        assert_eq!(claim_size(&build::statefulset(&kvc, 3).unwrap()).as_deref(), Some("7Gi"));
+    fn sized(replicas: i32, size: &str) -> KeyValueCluster {
+        let mut kvc = cluster("demo", replicas);
+        kvc.spec.storage.size = size.into();
+        kvc
+    }
+
+    async fn growing_storage_resizes_claims_then_recreates_the_statefulset() -> Vec<Recorded> {
+        let mut kvc = sized(3, "20Gi");
+        kvc.spec.storage.on_delete = crate::k8s::crd::VolumePolicy::Delete;
+        let mut live = existing_statefulset(&sized(3, "10Gi"), 3);
+        live["metadata"]["uid"] = json!("sts-uid");
+        let claim = |i: i32| format!("/api/v1/namespaces/ns/persistentvolumeclaims/data-demo-{i}");
+        let mut calls = Vec::new();
+
+        // Round 1: every claim grows, the volumes are retained, the StatefulSet goes (orphaning its pods).
+        let mut script = vec![expect("GET", STS, Reply::Json(live.clone()))];
+        script.extend((0..3).map(|i| expect("PATCH", claim(i), Reply::Echo)));
+        script.push(expect("PATCH", STS, Reply::Json(live.clone())));
+        script.push(expect("DELETE", STS, Reply::Json(live.clone())));
+        script.push(expect("POST", EVENTS, Reply::Echo));
+        let (client, server) = verifier(script);
+        let action = reconcile(Arc::new(kvc.clone()), context(client, Arc::new(FakeFleets::default())))
+            .await
+            .expect("reconcile succeeds");
+        assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
+        let round1 = server.await.expect("every scripted call came, in order");
+        for i in 0..3 {
+            assert_eq!(find(&round1, "PATCH", &claim(i))[0].body["spec"]["resources"]["requests"]["storage"], "20Gi");
+        }
+        let retain = find(&round1, "PATCH", STS)[0];
+        assert_eq!(retain.body["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"], "Retain");
+        let delete = find(&round1, "DELETE", STS)[0];
+        assert_eq!(delete.body["propagationPolicy"], "Orphan", "pods and volumes outlive the StatefulSet");
+        assert_eq!(delete.body["preconditions"]["uid"], "sts-uid");
+        assert_eq!(find(&round1, "POST", EVENTS)[0].body["reason"], "VolumesResized");
+        calls.extend(round1);
+
+        // Round 2: the StatefulSet is gone: created again with the new claim size.
+        kvc.status = Some(crate::k8s::crd::KeyValueClusterStatus { replicas: 3, ..Default::default() });
+        let mut script = vec![expect("GET", STS, Reply::NotFound)];
+        script.extend(applies());
+        script.push(expect("POST", EVENTS, Reply::Echo));
+        script.push(expect("PATCH", STATUS, status_reply(&kvc)));
+        let (client, server) = verifier(script);
+        reconcile(Arc::new(kvc), context(client, Arc::new(FakeFleets::default()))).await.expect("reconcile succeeds");
+        let round2 = server.await.expect("every scripted call came, in order");
+        let sts = &find(&round2, "PATCH", STS)[0].body["spec"];
+        assert_eq!(sts["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "20Gi");
+        assert_eq!(sts["persistentVolumeClaimRetentionPolicy"]["whenDeleted"], "Delete");
+        assert_eq!(find(&round2, "POST", EVENTS)[0].body["reason"], "StatefulSetRecreated");
+        calls.extend(round2);
+        calls
+    }
+
+    #[tokio::test]
+    async fn reconcile_grows_volumes_then_recreates_the_statefulset() {
+        growing_storage_resizes_claims_then_recreates_the_statefulset().await;
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_cannot_grow_keeps_the_old_size_and_says_why() {
+        let kvc = sized(3, "20Gi");
+        let live = existing_statefulset(&sized(3, "10Gi"), 3);
+        let mut script = vec![
+            expect("GET", STS, Reply::Json(live.clone())),
+            expect(
+                "PATCH",
+                "/api/v1/namespaces/ns/persistentvolumeclaims/data-demo-0",
+                Reply::Error(403, "only dynamically provisioned pvc can be resized"),
+            ),
+            expect("POST", EVENTS, Reply::Echo),
+        ];
+        script.extend(applies_to_existing(live));
+        script.push(expect("PATCH", STATUS, status_reply(&kvc)));
+        let (client, server) = verifier(script);
+        reconcile(Arc::new(kvc), context(client, Arc::new(FakeFleets::default()))).await.expect("reconcile succeeds");
+        let calls = server.await.expect("every scripted call came, in order");
+        let event = find(&calls, "POST", EVENTS)[0];
+        assert_eq!(
+            (event.body["type"].as_str(), event.body["reason"].as_str()),
+            (Some("Warning"), Some("VolumeResizeFailed"))
+        );
+        let note = event.body["note"].as_str().unwrap();
+        assert!(note.contains("data-demo-0") && note.contains("only dynamically provisioned"), "{note}");
+        let sts = &find(&calls, "PATCH", STS)[0].body["spec"];
+        assert_eq!(sts["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "10Gi");
     }
 
     #[tokio::test]
