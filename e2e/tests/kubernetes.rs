@@ -49,41 +49,36 @@ fn jsonpath(path: &str) -> String {
     kubectl(&["get", "kvc", CLUSTER, "-o", &format!("jsonpath={path}")])
 }
 
-/// Polls until the cluster reports `phase` with `ready` pods serving ranges, bounded.
-fn wait_for(phase: &str, ready: i32, statefulset_replicas: i32, limit: Duration) {
+/// Polls every 3 s until `pending` answers None, bounded; on timeout, panics with its last
+/// answer (what is still pending) and `kubectl describe`.
+fn poll_until(limit: Duration, mut pending: impl FnMut() -> Option<String>) {
     let started = Instant::now();
     loop {
-        let now = (jsonpath("{.status.phase}"), jsonpath("{.status.readyReplicas}"), jsonpath("{.status.replicas}"));
-        if now.0 == phase && now.1 == ready.to_string() && now.2 == statefulset_replicas.to_string() {
-            return;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "after {limit:?} the cluster is {now:?}, not ({phase}, {ready} ready, {statefulset_replicas} pods)\n{}",
-            kubectl(&["describe", "kvc", CLUSTER])
-        );
+        let Some(state) = pending() else { return };
+        assert!(started.elapsed() < limit, "after {limit:?}: {state}\n{}", kubectl(&["describe", "kvc", CLUSTER]));
         std::thread::sleep(Duration::from_secs(3));
     }
 }
 
-/// Polls until every pod of the StatefulSet runs its update revision and no pod is named for
-/// draining, bounded.
+/// Waits until the cluster reports `phase` with `ready` pods serving ranges.
+fn wait_for(phase: &str, ready: i32, statefulset_replicas: i32, limit: Duration) {
+    poll_until(limit, || {
+        let now = (jsonpath("{.status.phase}"), jsonpath("{.status.readyReplicas}"), jsonpath("{.status.replicas}"));
+        let done = now.0 == phase && now.1 == ready.to_string() && now.2 == statefulset_replicas.to_string();
+        (!done).then(|| format!("the cluster is {now:?}, not ({phase}, {ready} ready, {statefulset_replicas} pods)"))
+    });
+}
+
+/// Waits until every pod of the StatefulSet runs its update revision and no pod is named for
+/// draining.
 fn wait_for_update(limit: Duration) {
-    let started = Instant::now();
-    loop {
+    poll_until(limit, || {
         let sts =
             kubectl(&["get", "statefulset", CLUSTER, "-o", "jsonpath={.status.updatedReplicas}/{.status.replicas}"]);
         let draining = jsonpath("{.status.rollout.drainingPod}");
-        if sts.split_once('/').is_some_and(|(updated, all)| updated == all) && draining.is_empty() {
-            return;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "after {limit:?} the update is at {sts} pods, draining {draining:?}\n{}",
-            kubectl(&["describe", "kvc", CLUSTER])
-        );
-        std::thread::sleep(Duration::from_secs(3));
-    }
+        let done = sts.split_once('/').is_some_and(|(updated, all)| updated == all) && draining.is_empty();
+        (!done).then(|| format!("the update is at {sts} pods, draining {draining:?}"))
+    });
 }
 
 struct Cleanup;

@@ -373,6 +373,22 @@ pub(crate) mod tests {
         })
     }
 
+    /// One reconcile of `kvc` against the scripted API server, the resharding loops reporting
+    /// `fleet`: its result, the calls made, and how many times the loop was ensured.
+    async fn reconcile_once(
+        kvc: &KeyValueCluster,
+        fleet: Option<ControllerStatus>,
+        script: Vec<crate::k8s::fixtures::Expect>,
+    ) -> (Action, Vec<Recorded>, u32) {
+        let (client, server) = verifier(script);
+        let fleets = Arc::new(FakeFleets { status: fleet, ..Default::default() });
+        let action =
+            reconcile(Arc::new(kvc.clone()), context(client, fleets.clone())).await.expect("reconcile succeeds");
+        let calls = server.await.expect("every scripted call came, in order");
+        let ensured = *fleets.ensured.lock();
+        (action, calls, ensured)
+    }
+
     const STS: &str = "/apis/apps/v1/namespaces/ns/statefulsets/demo";
     const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
     const STATUS: &str = "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo/status";
@@ -432,12 +448,9 @@ pub(crate) mod tests {
         script.extend(applies());
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let (client, server) = verifier(script);
-        let fleets = Arc::new(FakeFleets::default());
-        let action = reconcile(Arc::new(kvc), context(client, fleets.clone())).await.expect("reconcile succeeds");
+        let (action, calls, ensured) = reconcile_once(&kvc, None, script).await;
         assert_eq!(action, Action::requeue(REFRESH));
-        let calls = server.await.expect("every scripted call came, in order");
-        assert_eq!(*fleets.ensured.lock(), 1, "the resharding loop is started");
+        assert_eq!(ensured, 1, "the resharding loop is started");
 
         for apply in calls.iter().filter(|c| c.method == "PATCH" && !c.path.ends_with("/status")) {
             assert!(apply.query.contains("fieldManager=kvfleet-operator"), "{}: {}", apply.path, apply.query);
@@ -466,12 +479,9 @@ pub(crate) mod tests {
         let mut script = vec![expect("GET", STS, Reply::Json(live.clone()))];
         script.extend(applies_to_existing(live));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let (client, server) = verifier(script);
         let holding = fleet(&[("demo-0", "up", 3), ("demo-3", "draining", 2), ("demo-4", "draining", 1)]);
-        let fleets = Arc::new(FakeFleets { status: Some(holding), ..Default::default() });
-        let action = reconcile(Arc::new(kvc.clone()), context(client, fleets)).await.expect("reconcile succeeds");
+        let (action, step1, _) = reconcile_once(&kvc, Some(holding), script).await;
         assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
-        let step1 = server.await.expect("every scripted call came, in order");
         assert_eq!(find(&step1, "PATCH", STS)[0].body["spec"]["replicas"], 5, "no volume holding a range goes");
         let status = &find(&step1, "PATCH", STATUS)[0].body["status"];
         assert_eq!(status["phase"], "Scaling");
@@ -487,11 +497,8 @@ pub(crate) mod tests {
         script.extend(applies_to_existing(live));
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let (client, server) = verifier(script);
         let empty = fleet(&[("demo-0", "up", 6), ("demo-3", "draining", 0), ("demo-4", "draining", 0)]);
-        let fleets = Arc::new(FakeFleets { status: Some(empty), ..Default::default() });
-        reconcile(Arc::new(kvc), context(client, fleets)).await.expect("reconcile succeeds");
-        let step2 = server.await.expect("every scripted call came, in order");
+        let (_, step2, _) = reconcile_once(&kvc, Some(empty), script).await;
         assert_eq!(find(&step2, "PATCH", STS)[0].body["spec"]["replicas"], 3);
         let event = find(&step2, "POST", EVENTS)[0];
         assert_eq!(event.body["reason"], "ScaledIn");
@@ -510,11 +517,8 @@ pub(crate) mod tests {
             expect("POST", EVENTS, Reply::Echo),
             expect("PATCH", STATUS, status_reply(&kvc)),
         ];
-        let (client, server) = verifier(script);
-        let fleets = Arc::new(FakeFleets::default());
-        reconcile(Arc::new(kvc), context(client, fleets.clone())).await.expect("reconcile succeeds");
-        let calls = server.await.expect("every scripted call came, in order");
-        assert_eq!(*fleets.ensured.lock(), 0, "no resharding for a refused spec");
+        let (_, calls, ensured) = reconcile_once(&kvc, None, script).await;
+        assert_eq!(ensured, 0, "no resharding for a refused spec");
         let event = find(&calls, "POST", EVENTS)[0];
         assert_eq!(
             (event.body["type"].as_str(), event.body["reason"].as_str()),
@@ -555,12 +559,9 @@ pub(crate) mod tests {
         script.push(expect("GET", PODS, old_pods(3)));
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let (client, server) = verifier(script);
         let serving = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 2)]);
-        let fleets = Arc::new(FakeFleets { status: Some(serving), ..Default::default() });
-        let action = reconcile(Arc::new(kvc.clone()), context(client, fleets)).await.expect("reconcile succeeds");
+        let (action, round1, _) = reconcile_once(&kvc, Some(serving), script).await;
         assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
-        let round1 = server.await.expect("every scripted call came, in order");
         assert_eq!(find(&round1, "PATCH", STS)[0].body["spec"]["updateStrategy"]["type"], "OnDelete");
         assert!(find(&round1, "GET", PODS)[0].query.contains("labelSelector="), "only this cluster's pods are listed");
         assert_eq!(find(&round1, "POST", EVENTS)[0].body["reason"], "DrainingForUpdate");
@@ -582,11 +583,8 @@ pub(crate) mod tests {
         ));
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let (client, server) = verifier(script);
         let drained = fleet(&[("demo-0", "up", 3), ("demo-1", "up", 3), ("demo-2", "draining", 0)]);
-        let fleets = Arc::new(FakeFleets { status: Some(drained), ..Default::default() });
-        reconcile(Arc::new(kvc), context(client, fleets)).await.expect("reconcile succeeds");
-        let round2 = server.await.expect("every scripted call came, in order");
+        let (_, round2, _) = reconcile_once(&kvc, Some(drained), script).await;
         assert_eq!(find(&round2, "DELETE", &format!("{PODS}/demo-2"))[0].body["preconditions"]["uid"], "uid-2");
         let event = find(&round2, "POST", EVENTS)[0];
         assert_eq!(event.body["reason"], "RestartingPod");
@@ -615,12 +613,8 @@ pub(crate) mod tests {
         script.push(expect("PATCH", STS, Reply::Json(live.clone())));
         script.push(expect("DELETE", STS, Reply::Json(live.clone())));
         script.push(expect("POST", EVENTS, Reply::Echo));
-        let (client, server) = verifier(script);
-        let action = reconcile(Arc::new(kvc.clone()), context(client, Arc::new(FakeFleets::default())))
-            .await
-            .expect("reconcile succeeds");
+        let (action, round1, _) = reconcile_once(&kvc, None, script).await;
         assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
-        let round1 = server.await.expect("every scripted call came, in order");
         for i in 0..3 {
             assert_eq!(find(&round1, "PATCH", &claim(i))[0].body["spec"]["resources"]["requests"]["storage"], "20Gi");
         }
@@ -638,9 +632,7 @@ pub(crate) mod tests {
         script.extend(applies());
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let (client, server) = verifier(script);
-        reconcile(Arc::new(kvc), context(client, Arc::new(FakeFleets::default()))).await.expect("reconcile succeeds");
-        let round2 = server.await.expect("every scripted call came, in order");
+        let (_, round2, _) = reconcile_once(&kvc, None, script).await;
         let sts = &find(&round2, "PATCH", STS)[0].body["spec"];
         assert_eq!(sts["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "20Gi");
         assert_eq!(sts["persistentVolumeClaimRetentionPolicy"]["whenDeleted"], "Delete");
@@ -669,9 +661,7 @@ pub(crate) mod tests {
         ];
         script.extend(applies_to_existing(live));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let (client, server) = verifier(script);
-        reconcile(Arc::new(kvc), context(client, Arc::new(FakeFleets::default()))).await.expect("reconcile succeeds");
-        let calls = server.await.expect("every scripted call came, in order");
+        let (_, calls, _) = reconcile_once(&kvc, None, script).await;
         let event = find(&calls, "POST", EVENTS)[0];
         assert_eq!(
             (event.body["type"].as_str(), event.body["reason"].as_str()),
