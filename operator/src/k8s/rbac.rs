@@ -141,6 +141,20 @@ fn watch_calls() -> Vec<Recorded> {
     .collect()
 }
 
+/// Fails on the first call `rules` (the chart's `role`) does not grant; returns how many it checked.
+fn assert_granted(rules: &[Rule], role: &str, calls: &[Recorded]) -> usize {
+    for call in calls {
+        let needed = permission(call);
+        assert!(
+            allowed(rules, &needed),
+            "{} {} needs {needed:?}, which the {role} does not grant",
+            call.method,
+            call.path
+        );
+    }
+    calls.len()
+}
+
 #[tokio::test]
 async fn every_api_call_is_allowed_by_the_charts_rbac() {
     let cluster_rules = chart_rules("clusterrole.yaml");
@@ -148,27 +162,8 @@ async fn every_api_call_is_allowed_by_the_charts_rbac() {
     let mut calls = super::reconcile::tests::all_reconcile_calls().await;
     calls.extend(platform_calls().await);
     calls.extend(watch_calls());
-    let mut checked = 0;
-    for call in &calls {
-        let needed = permission(call);
-        assert!(
-            allowed(&cluster_rules, &needed),
-            "{} {} needs {needed:?}, which the ClusterRole does not grant",
-            call.method,
-            call.path
-        );
-        checked += 1;
-    }
-    for call in leader_calls().await {
-        let needed = permission(&call);
-        assert!(
-            allowed(&leader_rules, &needed),
-            "{} {} needs {needed:?}, which the leader Role does not grant",
-            call.method,
-            call.path
-        );
-        checked += 1;
-    }
+    let checked = assert_granted(&cluster_rules, "ClusterRole", &calls)
+        + assert_granted(&leader_rules, "leader Role", &leader_calls().await);
     assert!(checked > 30, "only {checked} calls checked");
 }
 

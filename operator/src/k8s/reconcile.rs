@@ -185,7 +185,7 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     };
     write_status(ctx, &names, &observed).await?;
     let busy = matches!(step, ScaleStep::Drain { .. } | ScaleStep::Shrink { .. })
-        || rollout.as_ref().is_some_and(|r| !matches!(r, RolloutStep::Done | RolloutStep::Blocked { .. }));
+        || rollout.as_ref().is_some_and(RolloutStep::in_progress);
     Ok(Action::requeue(if busy { REFRESH_WHILE_SCALING } else { REFRESH }))
 }
 
@@ -211,7 +211,7 @@ async fn roll_out(
     let decided = rollout::decide(names, statefulset, &pods, fleet, step);
     let previous = kvc.status.as_ref();
     let was_draining = previous.and_then(|s| s.rollout.as_ref()).and_then(|r| r.draining_pod.as_deref());
-    let was_blocked = previous.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "UpdateBlocked"));
+    let was_blocked = previous.is_some_and(|s| s.conditions.iter().any(|c| c.reason == rollout::BLOCKED_REASON));
     let recorder = &ctx.recorder;
     match &decided {
         RolloutStep::Drain { pod, .. } if was_draining != Some(pod.as_str()) => {
@@ -227,7 +227,7 @@ async fn roll_out(
             }
         }
         RolloutStep::Blocked { .. } if !was_blocked => {
-            publish(recorder, kvc, EventType::Warning, "UpdateBlocked", &decided.describe()).await;
+            publish(recorder, kvc, EventType::Warning, rollout::BLOCKED_REASON, &decided.describe()).await;
         }
         _ => {}
     }

@@ -12,6 +12,8 @@ use super::scale::{self, ScaleStep};
 
 /// The label the StatefulSet controller puts on each pod: the revision it was created from.
 const REVISION_LABEL: &str = "controller-revision-hash";
+/// The Progressing condition's reason, and the Warning Event's, while an update is refused.
+pub const BLOCKED_REASON: &str = "UpdateBlocked";
 
 /// What the rollout needs to know about one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +62,11 @@ pub enum RolloutStep {
 }
 
 impl RolloutStep {
+    /// Pods are being drained or restarted, or wait their turn (not Done, not Blocked).
+    pub fn in_progress(&self) -> bool {
+        !matches!(self, RolloutStep::Done | RolloutStep::Blocked { .. })
+    }
+
     /// The pod the resharding loop must keep empty.
     pub fn draining_pod(&self) -> Option<&str> {
         match self {

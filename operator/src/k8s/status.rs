@@ -50,7 +50,7 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
         Phase::Creating
     } else if scaling {
         Phase::Scaling
-    } else if rollout.is_some_and(|r| !matches!(r, RolloutStep::Blocked { .. })) {
+    } else if rollout.is_some_and(RolloutStep::in_progress) {
         Phase::Updating
     } else if moves > 0 {
         Phase::Rebalancing
@@ -70,7 +70,7 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
         (true, "Scaling", step.describe())
     } else if let Some(rollout) = rollout {
         match rollout {
-            RolloutStep::Blocked { .. } => (false, "UpdateBlocked", rollout.describe()),
+            RolloutStep::Blocked { .. } => (false, super::rollout::BLOCKED_REASON, rollout.describe()),
             _ => (true, "DrainFirstUpdate", rollout.describe()),
         }
     } else if updating {
