@@ -13,17 +13,8 @@ source scripts/env.sh
 DURATION="${DURATION:-180}"
 CONCURRENCY="${CONCURRENCY:-32}"
 RECORDS="${RECORDS:-100000}"
-scripts/install-deps.sh
-cargo build --release --workspace --bins --locked
-bin="$CARGO_TARGET_DIR/release"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/bench-lib.sh
+bench_setup
 
 "$bin/kvfleet-operator" playground --nodes 3 --dir "$work/fleet" --base-port 0 --listen 127.0.0.1:0 --view none \
   >"$work/ready" 2>"$work/controller.log" &

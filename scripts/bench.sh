@@ -24,18 +24,9 @@ if [[ "$PIN" == 1 ]]; then
   export GOMAXPROCS=1 TOKIO_WORKER_THREADS=1
 fi
 
-scripts/install-deps.sh --bench
-cargo build --release --workspace --bins --locked
-bin="$CARGO_TARGET_DIR/release"
-work="$(mktemp -d)"
+source scripts/bench-lib.sh
+bench_setup --bench
 mkdir -p "$OUT"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 wait_port() {
   for _ in $(seq 1 200); do
