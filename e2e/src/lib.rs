@@ -1,5 +1,9 @@
 //! Helpers for end-to-end tests on real processes: start, kill and restart `kvfleet-node`
-//! binaries on loopback, each with its own data directory, and talk to them over gRPC.
+//! binaries on loopback, each with its own data directory, and talk to them over gRPC; a
+//! platform of nodes the test started, for running the controller in the test; and the history
+//! checker (`history`).
+
+pub mod history;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -10,7 +14,7 @@ use bytes::Bytes;
 use kvfleet_client::{Client, ClientConfig};
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::kv_client::KvClient;
-use kvfleet_proto::v1::{SplitRangeRequest, SplitRangeResponse};
+use kvfleet_proto::v1::{ListRangesRequest, RangeDescriptor, RangeState, SplitRangeRequest, SplitRangeResponse};
 use tonic::transport::{Channel, Endpoint};
 
 /// The directory holding the workspace's built binaries: `KVFLEET_BIN_DIR`, or the profile
@@ -103,6 +107,11 @@ impl NodeProcess {
     pub fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("node is running");
         wait_or_kill(&mut child, within, &format!("node {}", self.node_id))
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -355,4 +364,92 @@ pub async fn assert_all_acked_readable(client: &Client, acked: &std::collections
         acked.len(),
         &wrong[..wrong.len().min(5)]
     );
+}
+
+/// The test's platform for a controller run inside the test: the nodes it started (in a fixed
+/// order), which of them drain (on Kubernetes: the pods above spec.replicas, and the pod a
+/// DrainFirst update restarts next), and the controller's state in memory.
+pub struct TestPlatform {
+    members: std::sync::Mutex<Vec<kvfleet_operator::platform::Member>>,
+    state: std::sync::Mutex<Option<kvfleet_operator::controller::state::ControllerState>>,
+}
+
+impl TestPlatform {
+    pub fn new(nodes: &[&NodeProcess], state: Option<kvfleet_operator::controller::state::ControllerState>) -> Self {
+        let members = nodes
+            .iter()
+            .map(|n| kvfleet_operator::platform::Member {
+                node_id: n.node_id.clone(),
+                address: n.address.clone(),
+                draining: false,
+                restarts: 0,
+            })
+            .collect();
+        TestPlatform { members: std::sync::Mutex::new(members), state: std::sync::Mutex::new(state) }
+    }
+
+    pub fn set_draining(&self, node_id: &str, draining: bool) {
+        let mut members = self.members.lock().expect("members lock");
+        members.iter_mut().filter(|m| m.node_id == node_id).for_each(|m| m.draining = draining);
+    }
+
+    /// The state the controller saved last.
+    pub fn state(&self) -> Option<kvfleet_operator::controller::state::ControllerState> {
+        self.state.lock().expect("state lock").clone()
+    }
+}
+
+impl kvfleet_operator::platform::Platform for TestPlatform {
+    async fn members(
+        &self,
+    ) -> Result<Vec<kvfleet_operator::platform::Member>, kvfleet_operator::platform::PlatformError> {
+        Ok(self.members.lock().expect("members lock").clone())
+    }
+    async fn load_state(
+        &self,
+    ) -> Result<Option<kvfleet_operator::controller::state::ControllerState>, kvfleet_operator::platform::PlatformError>
+    {
+        Ok(self.state())
+    }
+    async fn save_state(
+        &self,
+        state: &kvfleet_operator::controller::state::ControllerState,
+    ) -> Result<(), kvfleet_operator::platform::PlatformError> {
+        *self.state.lock().expect("state lock") = Some(state.clone());
+        Ok(())
+    }
+}
+
+/// The owned ranges every node at `addresses` reports, and the ranges they are importing.
+pub async fn owned_and_importing(addresses: &[String]) -> (Vec<RangeDescriptor>, Vec<RangeDescriptor>) {
+    let (mut owned, mut importing) = (Vec::new(), Vec::new());
+    for address in addresses {
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .expect("valid address")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let ranges = AdminClient::new(channel).list_ranges(ListRangesRequest {}).await.expect("list ranges");
+        let ranges = ranges.into_inner();
+        owned.extend(ranges.ranges);
+        importing.extend(ranges.importing);
+    }
+    (owned, importing)
+}
+
+/// Checks that the ranges the nodes at `addresses` own are all active and tile the key space:
+/// exactly one owner per key, no gap, no overlap.
+pub async fn assert_one_owner_per_key(addresses: &[String]) {
+    let (mut owned, _) = owned_and_importing(addresses).await;
+    assert!(owned.iter().all(|d| d.state() == RangeState::Active), "a range is left frozen: {owned:?}");
+    owned.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    let mut expected_start = Bytes::new();
+    for (i, desc) in owned.iter().enumerate() {
+        assert_eq!(desc.start_key, expected_start, "gap or overlap before range {} in {owned:?}", desc.range_id);
+        if i + 1 < owned.len() {
+            assert!(!desc.end_key.is_empty(), "range {} ends at +inf but is not last", desc.range_id);
+        }
+        expected_start = desc.end_key.clone();
+    }
+    assert!(expected_start.is_empty(), "the last range does not reach the end of the key space: {owned:?}");
 }

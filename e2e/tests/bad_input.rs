@@ -5,7 +5,10 @@ use bytes::Bytes;
 use kvfleet_e2e::NodeProcess;
 use kvfleet_proto::errors::{limit_detail, not_owner_detail};
 use kvfleet_proto::v1::mutation::Op;
-use kvfleet_proto::v1::{BatchRequest, GetRequest, Mutation, PutRequest, ScanRequest};
+use kvfleet_proto::v1::{
+    BatchRequest, GetRequest, ListRangesRequest, Mutation, PublishRoutingRequest, PutRequest, RangeDescriptor,
+    RangeState, Replica, ReplicaRole, ScanRequest,
+};
 use tonic::Code;
 
 fn put(key: Bytes, value: Bytes) -> Mutation {
@@ -113,6 +116,36 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     kv.put(PutRequest { header: None, key: Bytes::from("alive"), value: Bytes::from("yes") })
         .await
         .expect("still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_routing_maps_and_unknown_methods_get_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
+    let leader = Replica { node_id: "n9".into(), address: "127.0.0.1:9".into(), role: ReplicaRole::Leader as i32 };
+    let reversed = RangeDescriptor {
+        range_id: 77,
+        start_key: Bytes::from("m"),
+        end_key: Bytes::from("c"),
+        generation: 1,
+        state: RangeState::Active as i32,
+        replicas: vec![leader],
+        ..Default::default()
+    };
+    let status = node.admin().publish_routing(PublishRoutingRequest { ranges: vec![reversed] }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("range 77 [m, c) is empty or reversed"), "{}", status.message());
+    let hints = node.admin().list_ranges(ListRangesRequest {}).await.unwrap().into_inner().routing;
+    assert!(hints.is_empty(), "nothing of a refused map is installed: {hints:?}");
+
+    for path in ["/kvfleet.v1.Kv/Frobnicate", "/kvfleet.v1.NoSuchService/Get"] {
+        let status = raw_unary(&node, path, Bytes::new()).await;
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("unknown method {path}: this node serves kvfleet.v1.Kv")),
+            "{status:?}"
+        );
+    }
 }
 
 /// Sends `payload` as the body of a unary gRPC call, bypassing protobuf encoding.

@@ -12,14 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::{NodeProcess, Playground, assert_all_acked_readable, client_for};
-use kvfleet_operator::controller::state::ControllerState;
+use kvfleet_e2e::{
+    NodeProcess, Playground, TestPlatform, assert_all_acked_readable, assert_one_owner_per_key, client_for,
+};
 use kvfleet_operator::controller::status::StatusBoard;
 use kvfleet_operator::controller::{Controller, ControllerConfig};
-use kvfleet_operator::platform::{Member, Platform, PlatformError};
 use kvfleet_planner::Policy;
-use kvfleet_proto::v1::admin_client::AdminClient;
-use kvfleet_proto::v1::{ControllerStatus, ListRangesRequest, RangeDescriptor, RangeState};
+use kvfleet_proto::v1::ControllerStatus;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Zipf};
 
@@ -153,24 +152,7 @@ async fn verify(client: &kvfleet_client::Client, addresses: &[String], outcome: 
     assert!(outcome.acked.len() > 100, "only {} keys written", outcome.acked.len());
     assert_all_acked_readable(client, &outcome.acked).await;
 
-    let mut owned: Vec<RangeDescriptor> = Vec::new();
-    for address in addresses {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
-        let ranges =
-            AdminClient::new(channel).list_ranges(ListRangesRequest {}).await.expect("list ranges").into_inner();
-        owned.extend(ranges.ranges);
-    }
-    assert!(owned.iter().all(|d| d.state() == RangeState::Active), "a range is left frozen: {owned:?}");
-    owned.sort_by(|a, b| a.start_key.cmp(&b.start_key));
-    let mut expected_start = Bytes::new();
-    for (i, desc) in owned.iter().enumerate() {
-        assert_eq!(desc.start_key, expected_start, "gap or overlap before range {} in {owned:?}", desc.range_id);
-        if i + 1 < owned.len() {
-            assert!(!desc.end_key.is_empty(), "range {} ends at +inf but is not last", desc.range_id);
-        }
-        expected_start = desc.end_key.clone();
-    }
-    assert!(expected_start.is_empty(), "the last range does not reach the end of the key space");
+    assert_one_owner_per_key(addresses).await;
 }
 
 /// Runs the load until, if `crash_file` is given, the armed crash point fired (at the first
@@ -287,6 +269,87 @@ async fn controller_killed_after_the_handoff() {
     crash_scenario("controller-after-complete", true).await;
 }
 
+/// The issue-10 scenario on the playground: the controller dies between CompleteImport and
+/// RetireMoved; before any controller is back, a user splits the moved range on its new owner
+/// (the range id is gone from it). Recovery must still see the handoff (the target's record of
+/// the move), retire the source's stale copy, and never reactivate it; readers hammering the
+/// keys throughout must never see an acknowledged write undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_after_the_handoff_then_the_new_owner_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash_file = dir.path().join("crashed");
+    let crash_once = crash_file.to_str().unwrap().to_string();
+    let fleet = dir.path().join("fleet");
+    let mut playground = Playground::start(
+        &fleet,
+        3,
+        FAST_POLICY,
+        &[("KVFLEET_CRASH_AT", "controller-after-complete"), ("KVFLEET_CRASH_ONCE", &crash_once)],
+    );
+    let workload = Workload::start(playground.client());
+    let history = kvfleet_e2e::history::HistoryWorkload::start(
+        playground.client(),
+        (0..64)
+            .map(|rank| key_of(rank % WRITERS, rank / WRITERS))
+            .map(|k| {
+                let mut k = k.to_vec();
+                k.extend_from_slice(b"/h");
+                Bytes::from(k)
+            })
+            .collect(),
+        2,
+        2,
+    );
+    wait_for("the crash point to fire", Duration::from_secs(90), async || crash_file.exists()).await;
+    assert!(playground.wait_for_controller_exit(Duration::from_secs(10)), "the controller did not crash");
+
+    let state: kvfleet_operator::controller::state::ControllerState =
+        serde_json::from_slice(&std::fs::read(fleet.join("controller-state.json")).unwrap()).unwrap();
+    let mv = state.moves.first().expect("the move in flight is in the saved state").clone();
+    let target = playground.nodes.iter().find(|(id, _)| *id == mv.to).expect("the target node").1.clone();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}")).unwrap().connect_lazy();
+    let mut admin = kvfleet_proto::v1::admin_client::AdminClient::new(channel);
+    let ranges = admin.list_ranges(kvfleet_proto::v1::ListRangesRequest {}).await.unwrap().into_inner().ranges;
+    let moved = ranges.iter().find(|d| d.range_id == mv.range_id).expect("the target owns the moved range").clone();
+    // The middle of the workload's keys inside the range (the first move is of half the key
+    // space, split off by load).
+    let mut inside: Vec<Bytes> = (0..WRITERS)
+        .flat_map(|w| (0..KEYS_PER_WRITER).map(move |r| key_of(w, r)))
+        .filter(|k| *k > moved.start_key && (moved.end_key.is_empty() || *k < moved.end_key))
+        .collect();
+    inside.sort();
+    let split_key = inside.get(inside.len() / 2).cloned().expect("a workload key strictly inside the moved range");
+    admin
+        .split_range(kvfleet_proto::v1::SplitRangeRequest {
+            range_id: moved.range_id,
+            expected_generation: moved.generation,
+            split_key,
+            left_id: 0,
+            right_id: 0,
+        })
+        .await
+        .expect("a user splits the moved range on its new owner");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    playground.spawn();
+    wait_for("the move recovered, every node up", Duration::from_secs(60), async || {
+        let status = playground.status().await;
+        status.moves.is_empty() && status.conflicts.is_empty() && status.nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcome = workload.finish().await;
+    let (report, space) = history.finish().await;
+    verify(&playground.client(), &playground.addresses(), &outcome).await;
+    assert!(
+        report.violations.is_empty(),
+        "history violated: {:?}",
+        &report.violations[..report.violations.len().min(5)]
+    );
+    let wrong = space.verify_final(&playground.client()).await;
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert_eq!(playground.stop().code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_sigkilled_mid_load_resumes_and_adopts_its_nodes() {
     let dir = tempfile::tempdir().unwrap();
@@ -306,33 +369,6 @@ async fn controller_sigkilled_mid_load_resumes_and_adopts_its_nodes() {
     assert_eq!(playground.stop().code(), Some(0));
 }
 
-/// The test's platform: the nodes it started, and which of them drain (on Kubernetes: the pods
-/// above spec.replicas, and the pod a DrainFirst update restarts next).
-struct TestFleet {
-    members: std::sync::Mutex<Vec<Member>>,
-    state: std::sync::Mutex<Option<ControllerState>>,
-}
-
-impl TestFleet {
-    fn set_draining(&self, node_id: &str, draining: bool) {
-        let mut members = self.members.lock().unwrap();
-        members.iter_mut().filter(|m| m.node_id == node_id).for_each(|m| m.draining = draining);
-    }
-}
-
-impl Platform for TestFleet {
-    async fn members(&self) -> Result<Vec<Member>, PlatformError> {
-        Ok(self.members.lock().unwrap().clone())
-    }
-    async fn load_state(&self) -> Result<Option<ControllerState>, PlatformError> {
-        Ok(self.state.lock().unwrap().clone())
-    }
-    async fn save_state(&self, state: &ControllerState) -> Result<(), PlatformError> {
-        *self.state.lock().unwrap() = Some(state.clone());
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_drained_then_restarted_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -341,11 +377,7 @@ async fn a_node_drained_then_restarted_fails_no_request() {
             NodeProcess::start(&format!("node-{i}"), &dir.path().join(i.to_string()), &["--load-window-secs", "3"])
         })
         .collect();
-    let members = nodes
-        .iter()
-        .map(|n| Member { node_id: n.node_id.clone(), address: n.address.clone(), draining: false, restarts: 0 })
-        .collect();
-    let fleet = Arc::new(TestFleet { members: std::sync::Mutex::new(members), state: Default::default() });
+    let fleet = Arc::new(TestPlatform::new(&nodes.iter().collect::<Vec<_>>(), None));
     let config = ControllerConfig {
         interval: Duration::from_millis(500),
         policy: Policy { split_qps: 300.0, split_sustain_secs: 2, move_cooldown_secs: 5, ..Policy::default() },

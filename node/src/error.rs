@@ -32,6 +32,8 @@ pub enum NodeError {
     Move(String),
     #[error("forwarding to {address} failed: {message}")]
     Forward { address: String, message: String },
+    #[error("asking node {node} at {address} failed: {message}")]
+    PeerUnreachable { node: String, address: String, message: String },
 }
 
 impl From<NodeError> for Status {
@@ -42,9 +44,10 @@ impl From<NodeError> for Status {
             NodeError::Invalid(_) => Status::invalid_argument(error.to_string()),
             NodeError::UnknownRange(_) => Status::not_found(error.to_string()),
             NodeError::GenerationMismatch { .. } => Status::failed_precondition(error.to_string()),
-            NodeError::ShuttingDown | NodeError::Forward { .. } | NodeError::Frozen(_) => {
-                Status::unavailable(error.to_string())
-            }
+            NodeError::ShuttingDown
+            | NodeError::Forward { .. }
+            | NodeError::PeerUnreachable { .. }
+            | NodeError::Frozen(_) => Status::unavailable(error.to_string()),
             NodeError::Move(_) => Status::failed_precondition(error.to_string()),
             NodeError::Storage { .. } | NodeError::Io { .. } | NodeError::Corrupt(_) | NodeError::WriteFailed(_) => {
                 Status::internal(error.to_string())

@@ -2,8 +2,9 @@
 //!
 //! Where things live: `ranges` (key -> range on this node, split rules), `node` (serving keys
 //! from owned ranges, splits, load reports), `storage` (RocksDB and the group-commit write
-//! pipeline behind the durability modes), `load` (per-range load accounting), `moves` (online range moves, source and target side), `service` (the gRPC
-//! APIs), `server` (wiring and shutdown), `metrics`, `config`, `error`.
+//! pipeline behind the durability modes), `load` (per-range load accounting), `moves` (online
+//! range moves, source and target side), `peers` (channels to other nodes), `service` (the gRPC
+//! APIs), `unknown_method` (UNIMPLEMENTED with a message), `server` (wiring and shutdown), `metrics`, `config`, `error`.
 
 pub mod config;
 pub mod error;
@@ -11,7 +12,9 @@ pub mod load;
 pub mod metrics;
 pub mod moves;
 pub mod node;
+pub mod peers;
 pub mod ranges;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod unknown_method;

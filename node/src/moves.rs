@@ -1,23 +1,25 @@
 //! Online range moves, the node's side (protocol in docs/architecture.md). On the source:
 //! export a snapshot while capturing later writes, serve the captured tail, freeze, retire. On
 //! the target: import the snapshot and tail, then take ownership at the new generation. Every
-//! step that changes who may acknowledge writes is persisted before it takes effect.
+//! step that changes who may acknowledge writes is persisted before it takes effect, and the
+//! target persists each move's final outcome (completed or aborted) as a fence: the source is
+//! retired only once the target completed, and reactivated only once the target aborted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::mutation::Op as MutationOp;
 use kvfleet_proto::v1::*;
 use parking_lot::Mutex;
-use tonic::transport::Endpoint;
+use prost::Message;
 
 use crate::error::NodeError;
 use crate::node::Node;
-use crate::ranges::{descriptor_key, descriptor_write, leader_replica};
-use crate::storage::{CF_DATA, CF_META, Capture, ExportChunk, WriteOp};
+use crate::ranges::{OwnedRange, descriptor_key, descriptor_write, leader_replica};
+use crate::storage::{CF_DATA, CF_META, Capture, ExportChunk, Storage, WriteOp};
 use kvfleet_proto::failpoint;
 
 const DEFAULT_CHUNK_PAIRS: usize = 1024;
@@ -27,14 +29,59 @@ const TAIL_BATCH: u32 = 4096;
 const CAUGHT_UP_BACKLOG: u64 = 256;
 /// Bound on tail catch-up rounds before the import reports it cannot catch up.
 const MAX_CATCH_UP_ROUNDS: usize = 10_000;
+/// Deadline of a source's question to a move's target.
+const ASK_TARGET_TIMEOUT: Duration = Duration::from_secs(2);
+/// Metadata key prefix of the move records a target keeps: `move/` + move id (big-endian).
+pub const MOVE_PREFIX: &[u8] = b"move/";
 
 #[derive(Default)]
 pub struct MoveSessions {
     exports: Mutex<HashMap<u64, ExportSession>>,
     imports: Mutex<HashMap<u64, ImportSession>>,
-    /// Held by CompleteImport and AbortImport: an abort from a restarted controller must not
-    /// delete the data of an import completing at the same instant.
+    /// Held by every step that reads or writes a move's outcome on the target (ImportRange's
+    /// start, CompleteImport, AbortImport): an abort must not race a completion.
     import_transition: tokio::sync::Mutex<()>,
+    /// Final outcomes of the moves this node was the target of, by move id (persisted).
+    records: Mutex<HashMap<u64, MoveRecord>>,
+}
+
+impl MoveSessions {
+    /// The sessions of a node that just started: no export or import session survives a
+    /// restart, the move records do.
+    pub fn recover(storage: &Storage) -> Result<Self, NodeError> {
+        let mut records = HashMap::new();
+        for (key, value) in storage.meta_entries(MOVE_PREFIX)? {
+            let record = MoveRecord::decode(value.as_slice())
+                .map_err(|e| NodeError::Corrupt(format!("move record at {}: {e}", kvfleet_proto::display_key(&key))))?;
+            records.insert(record.move_id, record);
+        }
+        Ok(MoveSessions { records: Mutex::new(records), ..Default::default() })
+    }
+}
+
+fn move_record_write(record: &MoveRecord) -> WriteOp {
+    let mut key = MOVE_PREFIX.to_vec();
+    key.extend_from_slice(&record.move_id.to_be_bytes());
+    WriteOp::Put { cf: CF_META, key: key.into(), value: record.encode_to_vec().into() }
+}
+
+fn move_record(move_id: u64, range_id: u64, outcome: MoveOutcome, range: Option<RangeDescriptor>) -> MoveRecord {
+    let recorded_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    MoveRecord { move_id, range_id, outcome: outcome as i32, range, recorded_unix_ms }
+}
+
+/// The move a range is frozen for, if it is frozen for `move_id`.
+fn frozen_for(desc: &RangeDescriptor, move_id: u64) -> Option<&MoveIntent> {
+    desc.move_intent.as_ref().filter(|i| i.move_id == move_id && desc.state() == RangeState::Frozen)
+}
+
+fn outcome_name(outcome: MoveOutcome) -> &'static str {
+    match outcome {
+        MoveOutcome::Unspecified | MoveOutcome::Unknown => "unknown to it",
+        MoveOutcome::Importing => "still importing",
+        MoveOutcome::Completed => "completed",
+        MoveOutcome::Aborted => "aborted",
+    }
 }
 
 struct ExportSession {
@@ -67,14 +114,6 @@ fn from_mutation(mutation: &Mutation) -> Option<WriteOp> {
         MutationOp::Delete => Some(WriteOp::delete(mutation.key.clone())),
         MutationOp::Unspecified => None,
     }
-}
-
-fn admin_client(address: &str) -> Result<AdminClient<tonic::transport::Channel>, NodeError> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| NodeError::Move(format!("bad source address {address:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    Ok(AdminClient::new(endpoint.connect_lazy()).max_decoding_message_size(64 << 20))
 }
 
 fn rpc_error(what: &str, status: tonic::Status) -> NodeError {
@@ -131,19 +170,27 @@ impl Node {
         Ok((tail_from, chunks))
     }
 
-    /// Source: the captured writes from `from_seq` on.
+    /// Source: the captured writes from `from_seq` on, and whether the range is frozen for this
+    /// move yet (the target takes ownership only after seeing it frozen).
     pub fn export_tail(&self, request: &ExportTailRequest) -> Result<ExportTailResponse, NodeError> {
         let capture = self.export_session(request.range_id, request.move_id)?;
         let max = match request.max_entries {
             0 => TAIL_BATCH as usize,
             n => n as usize,
         };
+        // Read before the entries: a range seen frozen here has no capture entry after them.
+        let frozen_new_generation = self
+            .table
+            .read()
+            .by_id(request.range_id)
+            .and_then(|range| frozen_for(&range.desc, request.move_id).map(|i| i.new_generation))
+            .unwrap_or(0);
         let (entries, next_seq, backlog) = capture.read_from(request.from_seq, max);
         let entries = entries
             .iter()
             .filter_map(|(seq, op)| to_mutation(op).map(|mutation| TailEntry { seq: *seq, mutation: Some(mutation) }))
             .collect();
-        Ok(ExportTailResponse { entries, next_seq, backlog })
+        Ok(ExportTailResponse { entries, next_seq, backlog, frozen_new_generation })
     }
 
     /// Source: stops writes to the range, persisted so a restart does not resume them, and
@@ -153,10 +200,18 @@ impl Node {
         let range =
             self.table.read().by_id(request.range_id).cloned().ok_or(NodeError::UnknownRange(request.range_id))?;
         let _exclusive = range.gate.write().await;
-        let already_frozen = range.desc.state() == RangeState::Frozen
-            && range.desc.move_intent.as_ref().is_some_and(|i| i.move_id == request.move_id);
-        if already_frozen {
+        if range.is_replaced() {
+            return Err(NodeError::Move(format!("range {} changed while freezing; retry", request.range_id)));
+        }
+        if frozen_for(&range.desc, request.move_id).is_some() {
             return Ok(capture.next_seq() - 1);
+        }
+        if range.desc.state() != RangeState::Active {
+            return Err(NodeError::Move(format!(
+                "range {} is {:?} here, only an active range freezes for a move",
+                request.range_id,
+                range.desc.state()
+            )));
         }
         let target = request.target.clone().ok_or_else(|| NodeError::Invalid("freeze needs a target".into()))?;
         if request.new_generation <= range.desc.generation {
@@ -181,19 +236,53 @@ impl Node {
         Ok(capture.next_seq() - 1)
     }
 
-    /// Source: the target owns the range now. Retire it here (pointing at the new owner), let
-    /// waiting writers go on to NotOwner, and delete the local copy.
+    /// Asks a move's target what it persisted about the move. `address` overrides the address
+    /// recorded in the intent (the target may have moved); the answer must come from the target
+    /// the intent names.
+    async fn ask_target(&self, intent: &MoveIntent, address: &str) -> Result<ImportOutcomeResponse, NodeError> {
+        let target = intent
+            .target
+            .as_ref()
+            .ok_or_else(|| NodeError::Corrupt(format!("the freeze for move {} records no target", intent.move_id)))?;
+        let address = if address.is_empty() { target.address.as_str() } else { address };
+        let mut request = tonic::Request::new(ImportOutcomeRequest { move_id: intent.move_id });
+        request.set_timeout(ASK_TARGET_TIMEOUT);
+        let unreachable = |message: String| NodeError::PeerUnreachable {
+            node: target.node_id.clone(),
+            address: address.to_string(),
+            message,
+        };
+        let answer = self
+            .peers
+            .admin(address)?
+            .import_outcome(request)
+            .await
+            .map_err(|s| unreachable(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        if answer.node_id != target.node_id {
+            return Err(unreachable(format!(
+                "that address is node {}, not the move's target {}",
+                answer.node_id, target.node_id
+            )));
+        }
+        Ok(answer)
+    }
+
+    /// Source: the target owns the range now. Checks that with the target, then retires the
+    /// range here (pointing at the new owner), lets waiting requests go on to NotOwner, and
+    /// deletes the local copy.
     pub async fn retire_moved(&self, request: &RetireMovedRequest) -> Result<(), NodeError> {
         let new_owner =
             request.new_owner.clone().ok_or_else(|| NodeError::Invalid("retire needs the new owner".into()))?;
         let range = self.table.read().by_id(request.range_id).cloned();
         let Some(range) = range else {
-            // Already retired (a retried call): nothing to do.
-            return Ok(());
+            return self.already_retired(request.range_id, &new_owner);
         };
         let _exclusive = range.gate.write().await;
-        let intent = range.desc.move_intent.clone().filter(|i| i.move_id == request.move_id);
-        let Some(intent) = intent.filter(|_| range.desc.state() == RangeState::Frozen) else {
+        if range.is_replaced() {
+            return Err(NodeError::Move(format!("range {} changed while retiring; retry", request.range_id)));
+        }
+        let Some(intent) = frozen_for(&range.desc, request.move_id).cloned() else {
             return Err(NodeError::Move(format!(
                 "range {} is not frozen for move {} here; refusing to retire it",
                 request.range_id, request.move_id
@@ -210,48 +299,233 @@ impl Node {
                 request.move_id, target.node_id, intent.new_generation
             )));
         }
-        let mut tombstone = new_owner.clone();
+        // Deleting the only other copy of the data on a caller's word alone would be a loss if
+        // the caller were wrong: the target itself must say it completed this move.
+        let address = new_owner.leader().map_or("", |l| l.address.as_str());
+        let answer = self.ask_target(&intent, address).await?;
+        let completed = answer.outcome() == MoveOutcome::Completed
+            && answer.range.as_ref().is_some_and(|r| r.generation == intent.new_generation);
+        if !completed {
+            return Err(NodeError::Move(format!(
+                "target {} reports move {} {}, not completed at generation {}: refusing to retire range {}",
+                target.node_id,
+                request.move_id,
+                outcome_name(answer.outcome()),
+                intent.new_generation,
+                request.range_id
+            )));
+        }
+        self.retire_frozen(&range, &intent, new_owner).await
+    }
+
+    /// A retire for a range no longer owned here: fine if it went to that owner already (a
+    /// retried call, or the source resolved the freeze by itself).
+    fn already_retired(&self, range_id: u64, new_owner: &RangeDescriptor) -> Result<(), NodeError> {
+        let table = self.table.read();
+        let Some(tombstone) = table.retired(range_id) else {
+            return Err(NodeError::UnknownRange(range_id));
+        };
+        let same_owner = tombstone.leader().map(|l| &l.node_id) == new_owner.leader().map(|l| &l.node_id)
+            && tombstone.generation == new_owner.generation;
+        if same_owner {
+            return Ok(());
+        }
+        Err(NodeError::Move(format!(
+            "range {range_id} is no longer owned here: it was retired at generation {} (successors {:?}, owner {})",
+            tombstone.generation,
+            tombstone.successors,
+            tombstone.leader().map_or("this node", |l| l.node_id.as_str())
+        )))
+    }
+
+    /// Retires a range frozen for `intent` whose target completed the move. The caller holds the
+    /// range's gate exclusively and has checked the target's outcome.
+    async fn retire_frozen(
+        &self,
+        range: &Arc<OwnedRange>,
+        intent: &MoveIntent,
+        new_owner: RangeDescriptor,
+    ) -> Result<(), NodeError> {
+        let mut tombstone = new_owner;
         tombstone.state = RangeState::Retired as i32;
         tombstone.move_intent = None;
         let ops = vec![
             descriptor_write(&tombstone),
             WriteOp::DeleteRange { cf: CF_DATA, start: range.desc.start_key.clone(), end: range.desc.end_key.clone() },
         ];
-        // Writers waiting on the frozen range go on (to NotOwner, then the target) before the
+        // Requests waiting on the frozen range go on (to NotOwner, then the target) before the
         // tombstone's fsync: the target already owns the range durably, and a source that
-        // crashes before the fsync restarts frozen, which the controller's recovery retires.
+        // crashes before the fsync restarts frozen, which the controller's recovery (or the
+        // source itself) retires.
         self.table.write().retire_moved(tombstone);
         failpoint::hit("retire-before-persist");
         self.storage.write_durable(ops).await?;
-        if let Some(session) = self.moves.exports.lock().remove(&request.range_id) {
-            self.storage.stop_capture(&session.capture);
-        }
+        self.stop_export(range.desc.range_id, intent.move_id);
         self.update_range_gauge();
-        tracing::info!(range_id = request.range_id, to = %target.node_id, generation = intent.new_generation, "range moved away");
+        let to = intent.target.as_ref().map_or("", |t| t.node_id.as_str());
+        tracing::info!(
+            range_id = range.desc.range_id,
+            move_id = intent.move_id,
+            to,
+            generation = intent.new_generation,
+            "range moved away"
+        );
         Ok(())
     }
 
-    /// Source: abandons an export. A frozen range goes back to active at its generation; the
-    /// caller must know the target never took ownership.
-    pub async fn abort_export(&self, request: &AbortExportRequest) -> Result<(), NodeError> {
-        if let Some(session) = self.moves.exports.lock().remove(&request.range_id) {
+    fn stop_export(&self, range_id: u64, move_id: u64) {
+        let mut exports = self.moves.exports.lock();
+        if exports.get(&range_id).is_some_and(|s| s.move_id == move_id)
+            && let Some(session) = exports.remove(&range_id)
+        {
             self.storage.stop_capture(&session.capture);
         }
-        let Some(range) = self.table.read().by_id(request.range_id).cloned() else {
+    }
+
+    /// Source: abandons an export. The capture stops; a range frozen for this move becomes
+    /// active again at its generation, but only once its target says it aborted the move (a
+    /// persisted fence): a copy whose target completed the move is stale and is never
+    /// reactivated.
+    pub async fn abort_export(&self, request: &AbortExportRequest) -> Result<(), NodeError> {
+        self.stop_export(request.range_id, request.move_id);
+        let range = self.table.read().by_id(request.range_id).cloned();
+        let Some(range) = range else {
+            let table = self.table.read();
+            let handed_over = table
+                .retired(request.range_id)
+                .and_then(|t| t.leader().map(|l| (l.node_id.clone(), t.generation)))
+                .filter(|(owner, _)| *owner != self.config.node_id);
+            if let Some((owner, generation)) = handed_over {
+                return Err(NodeError::Move(format!(
+                    "range {} was handed to {owner} at generation {generation}; there is no export left to abort",
+                    request.range_id
+                )));
+            }
             return Ok(());
         };
         let _exclusive = range.gate.write().await;
-        let frozen_for_this_move = range.desc.state() == RangeState::Frozen
-            && range.desc.move_intent.as_ref().is_some_and(|i| i.move_id == request.move_id);
-        if frozen_for_this_move {
-            let mut active = range.desc.clone();
-            active.state = RangeState::Active as i32;
-            active.move_intent = None;
-            self.persist(&[&active]).await?;
-            self.table.write().replace_owned(active);
-            tracing::info!(range_id = request.range_id, move_id = request.move_id, "move aborted, range active again");
+        if range.is_replaced() {
+            return Err(NodeError::Move(format!("range {} changed while aborting; retry", request.range_id)));
         }
+        let Some(intent) = frozen_for(&range.desc, request.move_id).cloned() else {
+            return Ok(());
+        };
+        let answer = self.ask_target(&intent, &request.target_address).await?;
+        let target = intent.target.as_ref().map_or("", |t| t.node_id.as_str());
+        match answer.outcome() {
+            MoveOutcome::Aborted => self.unfreeze(&range, &intent).await,
+            MoveOutcome::Completed => Err(NodeError::Move(format!(
+                "target {target} completed move {} and owns range {} since generation {}: this copy is stale and is \
+                 never reactivated (retire it instead)",
+                request.move_id, request.range_id, intent.new_generation
+            ))),
+            other => Err(NodeError::Move(format!(
+                "target {target} reports move {} {}: abort the import on {target} first, so that it can never \
+                 complete",
+                request.move_id,
+                outcome_name(other)
+            ))),
+        }
+    }
+
+    /// Makes a range frozen for `intent` active again. The caller holds the range's gate
+    /// exclusively and has the target's word that it aborted the move.
+    async fn unfreeze(&self, range: &Arc<OwnedRange>, intent: &MoveIntent) -> Result<(), NodeError> {
+        let mut active = range.desc.clone();
+        active.state = RangeState::Active as i32;
+        active.move_intent = None;
+        self.persist(&[&active]).await?;
+        self.table.write().replace_owned(active);
+        tracing::info!(range_id = range.desc.range_id, move_id = intent.move_id, "move aborted, range active again");
         Ok(())
+    }
+
+    /// Source: settles freezes that outlived their move's driver (the controller died between
+    /// two steps). For each range frozen here longer than `older_than`, asks the target: if it
+    /// completed the move, the range is retired here; if it aborted it, the range is active
+    /// again; otherwise (still importing, unknown, unreachable) it stays frozen for the
+    /// controller to settle. Both outcomes are final on the target, so acting on them is safe
+    /// whatever the controller does meanwhile. Returns how many freezes were settled.
+    pub async fn settle_stale_freezes(&self, older_than: Duration) -> usize {
+        let frozen: Vec<Arc<OwnedRange>> = self
+            .table
+            .read()
+            .owned()
+            .filter(|r| r.desc.state() == RangeState::Frozen && r.since.elapsed() >= older_than)
+            .cloned()
+            .collect();
+        let mut settled = 0;
+        for range in frozen {
+            let Some(intent) = range.desc.move_intent.clone() else { continue };
+            let answer = match self.ask_target(&intent, "").await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    tracing::debug!(range_id = range.desc.range_id, %error, "frozen range: cannot ask the target");
+                    continue;
+                }
+            };
+            let _exclusive = range.gate.write().await;
+            if range.is_replaced() {
+                continue;
+            }
+            let outcome = answer.outcome();
+            let result = match (outcome, answer.range) {
+                (MoveOutcome::Completed, Some(owner)) if owner.generation == intent.new_generation => {
+                    self.retire_frozen(&range, &intent, owner).await
+                }
+                (MoveOutcome::Aborted, _) => self.unfreeze(&range, &intent).await,
+                _ => continue,
+            };
+            match result {
+                Ok(()) => {
+                    settled += 1;
+                    tracing::warn!(
+                        range_id = range.desc.range_id,
+                        move_id = intent.move_id,
+                        outcome = outcome_name(outcome),
+                        "settled a freeze nobody finished, from the target's record of the move"
+                    );
+                }
+                Err(error) => tracing::warn!(range_id = range.desc.range_id, %error, "settling a freeze failed"),
+            }
+        }
+        settled
+    }
+
+    /// Source: drops export sessions whose range is no longer owned here (split, merged or
+    /// moved away since): nothing can freeze it any more, and its capture would only grow.
+    pub fn drop_orphan_exports(&self) -> usize {
+        let orphans: Vec<ExportSession> = {
+            let table = self.table.read();
+            let mut exports = self.moves.exports.lock();
+            let gone: Vec<u64> = exports.keys().filter(|id| table.by_id(**id).is_none()).copied().collect();
+            gone.iter().filter_map(|id| exports.remove(id)).collect()
+        };
+        for session in &orphans {
+            self.storage.stop_capture(&session.capture);
+            tracing::info!(move_id = session.move_id, "dropped the export of a range no longer owned here");
+        }
+        orphans.len()
+    }
+
+    /// Target: what this node persisted about a move.
+    pub fn import_outcome(&self, move_id: u64) -> ImportOutcomeResponse {
+        let node_id = self.config.node_id.clone();
+        // Records first: a completing import records its outcome before it stops importing.
+        if let Some(record) = self.moves.records.lock().get(&move_id) {
+            return ImportOutcomeResponse { node_id, outcome: record.outcome, range: record.range.clone() };
+        }
+        let table = self.table.read();
+        let importing =
+            table.all_importing().find(|d| d.move_intent.as_ref().is_some_and(|i| i.move_id == move_id)).cloned();
+        match importing {
+            Some(desc) => ImportOutcomeResponse { node_id, outcome: MoveOutcome::Importing as i32, range: Some(desc) },
+            None => ImportOutcomeResponse { node_id, outcome: MoveOutcome::Unknown as i32, range: None },
+        }
+    }
+
+    fn move_record_of(&self, move_id: u64) -> Option<MoveRecord> {
+        self.moves.records.lock().get(&move_id).cloned()
     }
 
     /// Target: records the import (persisted, so a restart knows of it), clears the span, copies
@@ -259,8 +533,15 @@ impl Node {
     pub async fn import_range(&self, request: &ImportRangeRequest) -> Result<ImportRangeResponse, NodeError> {
         let source = request.range.clone().ok_or_else(|| NodeError::Invalid("import needs the range".into()))?;
         {
-            let table = self.table.read();
-            if let Some(owned) = table.owned_overlapping(&source) {
+            let _transition = self.moves.import_transition.lock().await;
+            if let Some(record) = self.move_record_of(request.move_id) {
+                return Err(NodeError::Move(format!(
+                    "move {} was {} on this node already; a move id is used once: start a new move",
+                    request.move_id,
+                    outcome_name(record.outcome())
+                )));
+            }
+            if let Some(owned) = self.table.read().owned_overlapping(&source) {
                 return Err(NodeError::Move(format!(
                     "this node already owns range {} {}, which overlaps {} {}",
                     owned.desc.range_id,
@@ -269,25 +550,25 @@ impl Node {
                     source.span()
                 )));
             }
+            let mut importing = source.clone();
+            importing.state = RangeState::Importing as i32;
+            importing.replicas = vec![leader_replica(&self.config.node_id, &self.address)];
+            importing.move_intent = Some(MoveIntent {
+                move_id: request.move_id,
+                target: importing.replicas.first().cloned(),
+                new_generation: 0,
+                source_address: request.source_address.clone(),
+            });
+            let ops = vec![
+                descriptor_write(&importing),
+                WriteOp::DeleteRange { cf: CF_DATA, start: source.start_key.clone(), end: source.end_key.clone() },
+            ];
+            self.storage.write_durable(ops).await?;
+            self.table.write().start_import(importing);
         }
-        let mut importing = source.clone();
-        importing.state = RangeState::Importing as i32;
-        importing.replicas = vec![leader_replica(&self.config.node_id, &self.address)];
-        importing.move_intent = Some(MoveIntent {
-            move_id: request.move_id,
-            target: importing.replicas.first().cloned(),
-            new_generation: 0,
-            source_address: request.source_address.clone(),
-        });
-        let ops = vec![
-            descriptor_write(&importing),
-            WriteOp::DeleteRange { cf: CF_DATA, start: source.start_key.clone(), end: source.end_key.clone() },
-        ];
-        self.storage.write_durable(ops).await?;
-        self.table.write().start_import(importing);
 
         let started = Instant::now();
-        let mut admin = admin_client(&request.source_address)?;
+        let mut admin = self.peers.admin(&request.source_address)?;
         let export = ExportSnapshotRequest {
             range_id: source.range_id,
             generation: source.generation,
@@ -310,7 +591,20 @@ impl Node {
         // Made durable now, outside the write freeze: the fsync at the handoff then covers only
         // the tail, so the freeze does not grow with the range's size.
         self.storage.sync_wal().await?;
-        self.moves.imports.lock().insert(source.range_id, session.clone());
+        {
+            let _transition = self.moves.import_transition.lock().await;
+            if let Some(record) = self.move_record_of(request.move_id) {
+                // Aborted while copying: what was copied here is garbage in a span not owned.
+                let clear = WriteOp::DeleteRange { cf: CF_DATA, start: source.start_key, end: source.end_key };
+                self.storage.write(vec![clear]).await?;
+                return Err(NodeError::Move(format!(
+                    "move {} was {} while its data was being copied",
+                    request.move_id,
+                    outcome_name(record.outcome())
+                )));
+            }
+            self.moves.imports.lock().insert(source.range_id, session.clone());
+        }
         tracing::info!(
             range_id = source.range_id,
             pairs,
@@ -322,17 +616,15 @@ impl Node {
     }
 
     /// Applies tail entries until the backlog is small, or (with `until`) through that sequence.
+    /// Reads at least once; returns the last read's `frozen_new_generation`.
     async fn catch_up(
         &self,
         admin: &mut AdminClient<tonic::transport::Channel>,
         range_id: u64,
         session: &mut ImportSession,
         until: Option<u64>,
-    ) -> Result<(), NodeError> {
+    ) -> Result<u64, NodeError> {
         for _ in 0..MAX_CATCH_UP_ROUNDS {
-            if until.is_some_and(|last| session.next_seq > last) {
-                return Ok(());
-            }
             let request = ExportTailRequest {
                 range_id,
                 move_id: session.move_id,
@@ -346,21 +638,39 @@ impl Node {
                 self.storage.write_deferred(ops).await?;
             }
             session.next_seq = tail.next_seq.max(session.next_seq);
-            if until.is_none() && tail.backlog <= CAUGHT_UP_BACKLOG {
-                return Ok(());
-            }
-            if until.is_some() && tail.entries.is_empty() {
-                // The source is frozen: an empty read means nothing up to `until` is left.
-                return Ok(());
+            let done = match until {
+                None => tail.backlog <= CAUGHT_UP_BACKLOG,
+                // An empty read from a frozen source means nothing up to `last` is left.
+                Some(last) => session.next_seq > last || tail.entries.is_empty(),
+            };
+            if done {
+                return Ok(tail.frozen_new_generation);
             }
         }
         Err(NodeError::Move(format!("range {range_id}: the tail did not catch up in {MAX_CATCH_UP_ROUNDS} rounds")))
     }
 
     /// Target: applies the rest of the tail (the source is frozen), then owns the range at the
-    /// new generation. One fsync makes the copied data and the ownership durable together.
+    /// new generation. One fsync makes the copied data, the ownership and the move's record
+    /// durable together. Refused unless the source reports the range frozen for this move at
+    /// this generation: only then is this node the only one that may acknowledge writes.
     pub async fn complete_import(&self, request: &CompleteImportRequest) -> Result<RangeDescriptor, NodeError> {
         let _transition = self.moves.import_transition.lock().await;
+        if let Some(record) = self.move_record_of(request.move_id) {
+            let completed = record.outcome() == MoveOutcome::Completed;
+            let outcome = record.outcome();
+            let owned = record
+                .range
+                .filter(|r| completed && r.range_id == request.range_id && r.generation == request.new_generation);
+            // A retried call for a completed move answers as the first did.
+            return owned.ok_or_else(|| {
+                NodeError::Move(format!(
+                    "move {} was {} on this node; it cannot complete now",
+                    request.move_id,
+                    outcome_name(outcome)
+                ))
+            });
+        }
         let importing = self
             .table
             .read()
@@ -374,8 +684,9 @@ impl Node {
                 request.range_id, request.move_id
             )));
         };
-        let mut admin = admin_client(&session.source_address)?;
-        self.catch_up(&mut admin, request.range_id, &mut session, Some(request.final_seq)).await?;
+        let mut admin = self.peers.admin(&session.source_address)?;
+        let frozen_generation =
+            self.catch_up(&mut admin, request.range_id, &mut session, Some(request.final_seq)).await?;
         if session.next_seq <= request.final_seq {
             return Err(NodeError::Move(format!(
                 "range {}: the tail ends at {} but the source froze at {}",
@@ -384,12 +695,21 @@ impl Node {
                 request.final_seq
             )));
         }
+        if frozen_generation != request.new_generation {
+            return Err(NodeError::Move(format!(
+                "the source has not frozen range {} for move {} at generation {} (it reports {}): refusing to take \
+                 ownership while it may still acknowledge writes",
+                request.range_id, request.move_id, request.new_generation, frozen_generation
+            )));
+        }
         let mut owned = importing.clone();
         owned.state = RangeState::Active as i32;
         owned.generation = request.new_generation;
         owned.move_intent = None;
+        let record = move_record(request.move_id, request.range_id, MoveOutcome::Completed, Some(owned.clone()));
         failpoint::hit("complete-before-persist");
-        self.persist(&[&owned]).await?;
+        self.storage.write_durable(vec![descriptor_write(&owned), move_record_write(&record)]).await?;
+        self.moves.records.lock().insert(request.move_id, record);
         self.table.write().activate_import(owned.clone(), self.new_load());
         self.moves.imports.lock().remove(&request.range_id);
         self.update_range_gauge();
@@ -397,19 +717,47 @@ impl Node {
         Ok(owned)
     }
 
-    /// Target: forgets an import and deletes what it copied. Refused once the range is owned.
+    /// Target: records the move as aborted (so it can never complete here, and a late import
+    /// for it is refused), forgets its import and deletes what was copied. Refused for a move
+    /// this node completed: the range is owned here, whatever happened to it since.
     pub async fn abort_import(&self, request: &AbortImportRequest) -> Result<(), NodeError> {
         let _transition = self.moves.import_transition.lock().await;
-        self.moves.imports.lock().remove(&request.range_id);
-        let Some(importing) = self.table.read().importing(request.range_id).cloned() else {
-            return Ok(());
-        };
-        let ops = vec![
-            WriteOp::Delete { cf: CF_META, key: descriptor_key(importing.range_id) },
-            WriteOp::DeleteRange { cf: CF_DATA, start: importing.start_key.clone(), end: importing.end_key.clone() },
-        ];
+        if let Some(record) = self.move_record_of(request.move_id) {
+            if record.outcome() == MoveOutcome::Aborted {
+                return Ok(());
+            }
+            let generation = record.range.as_ref().map_or(0, |r| r.generation);
+            return Err(NodeError::Move(format!(
+                "move {} completed on this node: range {} has been owned here since generation {generation}; a \
+                 completed move cannot be aborted",
+                request.move_id, record.range_id
+            )));
+        }
+        let importing = self
+            .table
+            .read()
+            .importing(request.range_id)
+            .filter(|d| d.move_intent.as_ref().is_some_and(|i| i.move_id == request.move_id))
+            .cloned();
+        let record = move_record(request.move_id, request.range_id, MoveOutcome::Aborted, None);
+        let mut ops = vec![move_record_write(&record)];
+        if let Some(importing) = &importing {
+            ops.push(WriteOp::Delete { cf: CF_META, key: descriptor_key(importing.range_id) });
+            ops.push(WriteOp::DeleteRange {
+                cf: CF_DATA,
+                start: importing.start_key.clone(),
+                end: importing.end_key.clone(),
+            });
+        }
         self.storage.write_durable(ops).await?;
-        self.table.write().forget_import(request.range_id);
+        self.moves.records.lock().insert(request.move_id, record);
+        if importing.is_some() {
+            self.table.write().forget_import(request.range_id);
+        }
+        let mut imports = self.moves.imports.lock();
+        if imports.get(&request.range_id).is_some_and(|s| s.move_id == request.move_id) {
+            imports.remove(&request.range_id);
+        }
         tracing::info!(range_id = request.range_id, move_id = request.move_id, "import aborted");
         Ok(())
     }

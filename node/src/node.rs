@@ -26,8 +26,8 @@ use kvfleet_proto::failpoint;
 
 /// Most bytes one Scan page carries, whatever its pair limit.
 const MAX_SCAN_PAGE_BYTES: usize = 4 * 1024 * 1024;
-/// How long a write waits on a frozen range before answering UNAVAILABLE (the client retries).
-const FROZEN_WRITE_WAIT: Duration = Duration::from_secs(5);
+/// How long a request waits on a frozen range before answering UNAVAILABLE (the client retries).
+const FROZEN_WAIT: Duration = Duration::from_secs(5);
 /// How many times a request re-routes after racing with a split before giving up.
 const MAX_REROUTES: usize = 8;
 
@@ -38,8 +38,10 @@ pub struct Node {
     pub metrics: NodeMetrics,
     pub(crate) table: RwLock<RangeTable>,
     started: Instant,
-    /// Online moves this node takes part in (in memory; persisted intents cover restarts).
+    /// Online moves this node takes part in (sessions in memory; persisted intents and move
+    /// records cover restarts).
     pub(crate) moves: crate::moves::MoveSessions,
+    pub(crate) peers: crate::peers::Peers,
 }
 
 /// A range held for the duration of one request (shared side of its gate).
@@ -109,6 +111,7 @@ impl Node {
             }
             table.install(desc, || Arc::new(RangeLoad::new(accounting, window)))?;
         }
+        let moves = crate::moves::MoveSessions::recover(&storage)?;
         let node = Node {
             address,
             storage,
@@ -116,7 +119,8 @@ impl Node {
             table: RwLock::new(table),
             started: Instant::now(),
             config,
-            moves: Default::default(),
+            moves,
+            peers: Default::default(),
         };
         if node.config.bootstrap && !node.table.read().has_history() {
             node.bootstrap().await?;
@@ -176,7 +180,7 @@ impl Node {
 
     /// Routes `key` and holds its range's gate shared, re-routing if a split replaced the range
     /// while this request waited.
-    pub async fn lease(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<RangeLease, NodeError> {
+    async fn lease(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<RangeLease, NodeError> {
         for _ in 0..MAX_REROUTES {
             let range = self.table.read().route(key, header).map_err(|detail| {
                 self.metrics.not_owner.inc();
@@ -190,10 +194,12 @@ impl Node {
         Err(NodeError::Invalid("the range map kept changing while routing; retry".into()))
     }
 
-    /// Like `lease`, for writes: while a range is frozen (the last moments of a move), writes
-    /// wait until it is retired (and NotOwner points at the new owner) or unfrozen.
-    pub async fn write_lease(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<RangeLease, NodeError> {
-        let deadline = tokio::time::Instant::now() + FROZEN_WRITE_WAIT;
+    /// Like `lease`, for serving a request: while a range is frozen (the last moments of a
+    /// move), reads and writes wait until it is retired (and NotOwner points at the new owner)
+    /// or unfrozen. Reads wait too: from the handoff on, the new owner may acknowledge writes
+    /// this copy has not seen.
+    pub async fn serving_lease(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<RangeLease, NodeError> {
+        let deadline = tokio::time::Instant::now() + FROZEN_WAIT;
         loop {
             let lease = self.lease(key, header).await?;
             if lease.range.desc.state() != RangeState::Frozen {
@@ -224,7 +230,7 @@ impl Node {
         key: &[u8],
     ) -> Result<(ResponseHeader, Option<Bytes>), NodeError> {
         self.check_key(key)?;
-        let lease = self.lease(key, header).await?;
+        let lease = self.serving_lease(key, header).await?;
         let value = self.storage.get(key)?;
         lease.range.load.record_read(key, key.len() + value.as_ref().map_or(0, Bytes::len));
         Ok((lease.response_header(&self.config.node_id), value))
@@ -238,7 +244,7 @@ impl Node {
     ) -> Result<ResponseHeader, NodeError> {
         self.check_key(&key)?;
         self.check_value(&value)?;
-        let lease = self.write_lease(&key, header).await?;
+        let lease = self.serving_lease(&key, header).await?;
         lease.range.load.record_write(&key, key.len() + value.len());
         self.storage.write(vec![WriteOp::put(key, value)]).await?;
         Ok(lease.response_header(&self.config.node_id))
@@ -246,7 +252,7 @@ impl Node {
 
     pub async fn delete(&self, header: Option<&RequestHeader>, key: Bytes) -> Result<ResponseHeader, NodeError> {
         self.check_key(&key)?;
-        let lease = self.write_lease(&key, header).await?;
+        let lease = self.serving_lease(&key, header).await?;
         lease.range.load.record_write(&key, key.len());
         self.storage.write(vec![WriteOp::delete(key)]).await?;
         Ok(lease.response_header(&self.config.node_id))
@@ -280,7 +286,7 @@ impl Node {
             }
         }
         check_limit("max_batch_bytes", total, self.config.max_batch_bytes)?;
-        let lease = self.write_lease(&first.key, header).await?;
+        let lease = self.serving_lease(&first.key, header).await?;
         if let Some(outside) = mutations.iter().find(|m| !lease.range.desc.contains_key(&m.key)) {
             // Not atomic across ranges: refuse the whole batch, and say where the key lives.
             let hint = match self.table.read().route(&outside.key, None) {
@@ -330,7 +336,7 @@ impl Node {
             0 => self.config.max_scan_limit,
             n => n.min(self.config.max_scan_limit),
         } as usize;
-        let lease = self.lease(start, header).await?;
+        let lease = self.serving_lease(start, header).await?;
         let range_end = lease.range.desc.end_key.clone();
         let range_ends_first = !range_end.is_empty() && (end.is_empty() || range_end.as_ref() < end);
         let bound = if range_ends_first { range_end.as_ref() } else { end };

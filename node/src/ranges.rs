@@ -51,8 +51,11 @@ pub struct OwnedRange {
     pub load: Arc<RangeLoad>,
     /// Set when this descriptor is replaced; a request that raced with the change re-routes.
     pub replaced: AtomicBool,
-    /// Woken when the descriptor is replaced: writes waiting on a frozen range re-route.
+    /// Woken when the descriptor is replaced: requests waiting on a frozen range re-route.
     pub changed: tokio::sync::Notify,
+    /// When this descriptor was installed in this process (for a frozen range: since when it
+    /// has been frozen here, at most).
+    pub since: std::time::Instant,
 }
 
 impl OwnedRange {
@@ -63,6 +66,7 @@ impl OwnedRange {
             load,
             replaced: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
+            since: std::time::Instant::now(),
         }
     }
 
@@ -157,6 +161,11 @@ impl RangeTable {
     /// True when this node owns, owned or is importing any range: it is part of a fleet's history.
     pub fn has_history(&self) -> bool {
         !self.owned.is_empty() || !self.retired.is_empty() || !self.importing.is_empty()
+    }
+
+    /// The tombstone of a range this node no longer owns.
+    pub fn retired(&self, range_id: u64) -> Option<&RangeDescriptor> {
+        self.retired.get(&range_id)
     }
 
     pub fn importing(&self, range_id: u64) -> Option<&RangeDescriptor> {

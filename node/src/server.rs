@@ -42,6 +42,12 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     socket.listen(1024).map_err(bind_error)
 }
 
+/// Streams a client may reset before the node accepted them, per connection (see `run`).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
+/// A range frozen longer than this has lost its move's driver (the freeze itself lasts
+/// milliseconds): the node asks the target how the move ended.
+const STALE_FREEZE_AFTER: Duration = Duration::from_secs(2);
+
 pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let listener = bind(config.listen)?;
@@ -60,6 +66,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         kvfleet_proto::metrics_http::spawn(addr, registry, shutdown);
     }
     tokio::spawn(tick_load(node.clone(), shutdown_rx.clone()));
+    tokio::spawn(settle_stale_freezes(node.clone(), shutdown_rx.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KvServer<KvService>>().await;
@@ -90,6 +97,12 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut drained = shutdown_rx.clone();
     let server = Server::builder()
+        // h2 answers more than this many streams reset before the server accepted them with a
+        // GOAWAY that fails every stream on the connection (its rapid-reset guard; the default
+        // is 20). A node paused for a few seconds (GC-free, but a stalled disk or a SIGSTOP)
+        // resumes to a backlog of ordinary client timeouts: that must not cost the connection.
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .layer(crate::unknown_method::ExplainUnimplementedLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(kv)
@@ -144,5 +157,20 @@ async fn tick_load(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         let now = Instant::now();
         node.tick_load(now - last);
         last = now;
+    }
+}
+
+/// About once a second: settles freezes that outlived their move's driver
+/// (`Node::settle_stale_freezes`) and drops exports of ranges no longer owned.
+async fn settle_stale_freezes(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        node.settle_stale_freezes(STALE_FREEZE_AFTER).await;
+        node.drop_orphan_exports();
     }
 }

@@ -1,7 +1,6 @@
 //! The gRPC faces of the node: the data API (`Kv`) and the admin API (`Admin`), translating
 //! between protobuf and `Node`, recording request metrics, and forwarding one hop when asked.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,8 +8,7 @@ use kvfleet_proto::v1::admin_server::Admin;
 use kvfleet_proto::v1::kv_client::KvClient;
 use kvfleet_proto::v1::kv_server::Kv;
 use kvfleet_proto::v1::*;
-use parking_lot::Mutex;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::Durability as ConfigDurability;
@@ -26,12 +24,11 @@ const MAX_REPORT_ITEMS: usize = 1024;
 #[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
-    peers: Arc<Peers>,
 }
 
 impl KvService {
     pub fn new(node: Arc<Node>) -> Self {
-        KvService { node, peers: Arc::new(Peers::default()) }
+        KvService { node }
     }
 
     fn finish<T>(&self, op: Op, started: Instant, result: Result<T, Status>) -> Result<Response<T>, Status> {
@@ -57,26 +54,14 @@ impl KvService {
     }
 }
 
-/// Lazily connected channels to other nodes, for forwarding.
-#[derive(Default)]
-struct Peers {
-    channels: Mutex<HashMap<String, Channel>>,
-}
+/// How long a forwarded request may take at the owner.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl Peers {
-    fn kv(&self, address: &str) -> Result<KvClient<Channel>, Status> {
-        let mut channels = self.channels.lock();
-        if let Some(channel) = channels.get(address) {
-            return Ok(KvClient::new(channel.clone()));
-        }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::internal(format!("bad peer address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10));
-        let channel = endpoint.connect_lazy();
-        channels.insert(address.to_string(), channel.clone());
-        Ok(KvClient::new(channel))
-    }
+/// The request to send one hop on, with its deadline.
+fn forwarded<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(FORWARD_TIMEOUT);
+    request
 }
 
 fn forward_error(address: &str, status: Status) -> Status {
@@ -124,12 +109,12 @@ impl KvService {
             Err(error) => match self.forward_target(req.header(), &error) {
                 Some((address, header)) => {
                     req.set_header(header);
-                    match self.peers.kv(&address) {
+                    match self.node.peers.kv(&address) {
                         Ok(peer) => remote(peer, req)
                             .await
                             .map(Response::into_inner)
                             .map_err(|status| forward_error(&address, status)),
-                        Err(status) => Err(status),
+                        Err(error) => Err(error.into()),
                     }
                 }
                 None => Err(error.into()),
@@ -146,7 +131,7 @@ impl Kv for KvService {
             let (header, value) = node.get(req.header.as_ref(), &req.key).await?;
             Ok(GetResponse { header: Some(header), found: value.is_some(), value: value.unwrap_or_default() })
         };
-        self.serve(Op::Get, request.into_inner(), local, async |mut peer, req| peer.get(req).await).await
+        self.serve(Op::Get, request.into_inner(), local, async |mut peer, req| peer.get(forwarded(req)).await).await
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
@@ -154,7 +139,7 @@ impl Kv for KvService {
             let header = node.put(req.header.as_ref(), req.key.clone(), req.value.clone()).await?;
             Ok(PutResponse { header: Some(header) })
         };
-        self.serve(Op::Put, request.into_inner(), local, async |mut peer, req| peer.put(req).await).await
+        self.serve(Op::Put, request.into_inner(), local, async |mut peer, req| peer.put(forwarded(req)).await).await
     }
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
@@ -162,7 +147,8 @@ impl Kv for KvService {
             let header = node.delete(req.header.as_ref(), req.key.clone()).await?;
             Ok(DeleteResponse { header: Some(header) })
         };
-        self.serve(Op::Delete, request.into_inner(), local, async |mut peer, req| peer.delete(req).await).await
+        self.serve(Op::Delete, request.into_inner(), local, async |mut peer, req| peer.delete(forwarded(req)).await)
+            .await
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
@@ -175,7 +161,7 @@ impl Kv for KvService {
                 resume_key: page.resume_key.unwrap_or_default(),
             })
         };
-        self.serve(Op::Scan, request.into_inner(), local, async |mut peer, req| peer.scan(req).await).await
+        self.serve(Op::Scan, request.into_inner(), local, async |mut peer, req| peer.scan(forwarded(req)).await).await
     }
 
     async fn batch(&self, request: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
@@ -183,7 +169,7 @@ impl Kv for KvService {
             let (header, applied) = node.batch(req.header.as_ref(), &req.mutations).await?;
             Ok(BatchResponse { header: Some(header), applied })
         };
-        self.serve(Op::Batch, request.into_inner(), local, async |mut peer, req| peer.batch(req).await).await
+        self.serve(Op::Batch, request.into_inner(), local, async |mut peer, req| peer.batch(forwarded(req)).await).await
     }
 }
 
@@ -272,6 +258,13 @@ impl Admin for AdminService {
         Ok(Response::new(AbortImportResponse {}))
     }
 
+    async fn import_outcome(
+        &self,
+        request: Request<ImportOutcomeRequest>,
+    ) -> Result<Response<ImportOutcomeResponse>, Status> {
+        Ok(Response::new(self.node.import_outcome(request.into_inner().move_id)))
+    }
+
     async fn node_info(&self, _: Request<NodeInfoRequest>) -> Result<Response<NodeInfoResponse>, Status> {
         let config = &self.node.config;
         Ok(Response::new(NodeInfoResponse {
@@ -351,6 +344,13 @@ impl Admin for AdminService {
         let ranges = request.into_inner().ranges;
         if let Some(bad) = ranges.iter().find(|d| d.leader().is_none()) {
             return Err(Status::invalid_argument(format!("range {} has no replica to route to", bad.range_id)));
+        }
+        if let Some(bad) = ranges.iter().find(|d| !d.end_key.is_empty() && d.end_key <= d.start_key) {
+            return Err(Status::invalid_argument(format!(
+                "range {} {} is empty or reversed: its end key must be after its start key (or empty for +inf)",
+                bad.range_id,
+                bad.span()
+            )));
         }
         let accepted = self.node.set_routing(ranges) as u32;
         Ok(Response::new(PublishRoutingResponse { accepted }))

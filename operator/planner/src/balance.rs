@@ -157,6 +157,9 @@ fn balance(
         let target =
             *targets.iter().min_by(|&&a, &&b| value(placement, a).total_cmp(&value(placement, b))).unwrap_or(&source);
         let (high, low) = (value(placement, source), value(placement, target));
+        if metric == BalanceMetric::Size && high - mean < policy.min_size_imbalance_bytes as f64 {
+            return;
+        }
         if high <= mean * (1.0 + policy.balance_tolerance) || source == target {
             if metric == BalanceMetric::Load {
                 plan.skipped.push(Skip::Balanced { max_over_mean: high / mean });

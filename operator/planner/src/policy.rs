@@ -28,6 +28,9 @@ pub struct Policy {
     pub move_cooldown_secs: u64,
     /// Below this total load, balance by size instead of load.
     pub min_balance_qps: f64,
+    /// Size is a reason to move only once the largest node holds this many bytes more than
+    /// the mean: moving kilobytes around evens out nothing worth a move.
+    pub min_size_imbalance_bytes: u64,
 }
 
 impl Default for Policy {
@@ -47,6 +50,7 @@ impl Default for Policy {
             min_move_gain: 0.05,
             move_cooldown_secs: 120,
             min_balance_qps: 100.0,
+            min_size_imbalance_bytes: 64 * 1024 * 1024,
         }
     }
 }

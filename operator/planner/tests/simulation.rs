@@ -156,3 +156,38 @@ fn every_split_of_a_hotspot_is_for_a_reason_and_runs_are_deterministic() {
         }
     }
 }
+
+#[test]
+fn size_differences_below_the_floor_move_nothing_and_above_it_do() {
+    use kvfleet_planner::sim::range_view;
+    use kvfleet_planner::{ClusterView, MoveReason, NodeView};
+    let node = |id| NodeView { id: NodeId(id), schedulable: true, draining: false };
+    let cold_ranges = |sizes: &[u64]| {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let start = if i == 0 { Vec::new() } else { vec![b'a' + i as u8] };
+                let end = if i + 1 == sizes.len() { Vec::new() } else { vec![b'a' + i as u8 + 1] };
+                // Every range on node 0, idle.
+                let mut range = range_view(i as u64 + 1, &start, &end, 0);
+                range.size_bytes = size;
+                range
+            })
+            .collect::<Vec<_>>()
+    };
+    let view =
+        |sizes: &[u64]| ClusterView { nodes: vec![node(0), node(1)], ranges: cold_ranges(sizes), in_flight: vec![] };
+    let policy = Policy { merge_delay_secs: 1_000_000, ..policy() };
+    // A few kilobytes of difference (what an idle playground holds): no reason to move.
+    let plan = Planner::new(policy.clone()).plan(&view(&[20_000, 30_000, 10_000]), 10);
+    assert!(plan.actions.is_empty(), "moved kilobytes around: {:?}", plan.actions);
+    // Gigabytes on one node: size balancing moves a range.
+    let gib = 1 << 30;
+    let plan = Planner::new(policy).plan(&view(&[gib, gib, gib]), 10);
+    assert!(
+        plan.actions.iter().any(|a| matches!(a, Action::Move { reason: MoveReason::BalanceSize { .. }, .. })),
+        "{:?}",
+        plan.actions
+    );
+}

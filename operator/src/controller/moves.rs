@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use kvfleet_proto::v1::{
-    AbortExportRequest, AbortImportRequest, CompleteImportRequest, FreezeForMoveRequest, ImportRangeRequest,
-    RangeDescriptor, RangeState, RetireMovedRequest,
+    AbortExportRequest, AbortImportRequest, CompleteImportRequest, FreezeForMoveRequest, ImportOutcomeRequest,
+    ImportOutcomeResponse, ImportRangeRequest, MoveOutcome, RangeDescriptor, RangeState, RetireMovedRequest,
 };
 
 use super::observe::{NodeClients, Observation, describe_status, frozen_for, leader_replica, with_timeout};
@@ -122,46 +122,105 @@ pub enum Recovery {
     Waiting(String),
 }
 
-/// What to do about a move that no task is driving. Decided from what the nodes report alone:
-/// - the target owns the range at a newer generation: the handoff happened; retire the source
-///   (if it still holds the range);
-/// - otherwise roll back: abort the target's import if it answers (it can then never take
-///   over), then the source's export (which unfreezes it);
-/// - but if the target is unreachable and the source is frozen for this move: wait. The target
-///   may have completed just before it went away, and only one node may acknowledge writes.
+/// What to do about a move that no task is driving. Decided from facts the nodes persisted,
+/// never from whether a range id still exists (the new owner may have split, merged or moved
+/// the range on since the handoff):
+/// - the target's record says it completed the move: the handoff happened; retire the source's
+///   copy if it still holds one (it is frozen for this move, and stale);
+/// - the target aborted the move, or never completed it: roll back. Abort the import on the
+///   target first (a persisted fence: it can then never complete the move), then the export on
+///   the source (which unfreezes it only after checking that fence with the target itself);
+/// - the target cannot be asked: wait, unless the source holds the range active (never frozen
+///   for this move: the target cannot complete without that), where stopping the export is safe.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecoveryPlan {
     Finish { new_owner: Box<RangeDescriptor>, retire_on: Option<String> },
-    RollBack { abort_import_on: Option<String>, abort_export_on: Option<String> },
+    RollBack { abort_import_on: Option<String>, abort_export_on: Option<String>, source_down: bool },
     Wait(String),
 }
 
-pub fn recovery_plan(observation: &Observation, mv: &InFlightMove) -> RecoveryPlan {
-    let source_up = observation.node(&mv.from).filter(|n| n.report.is_ok());
-    let target_up = observation.node(&mv.to).filter(|n| n.report.is_ok());
-    let taken_over = target_up
-        .and_then(|t| t.holds(mv.range_id))
-        .filter(|d| d.generation > mv.generation && d.state() == RangeState::Active);
-    if let Some(owned) = taken_over {
-        let Some(source) = source_up else {
-            return RecoveryPlan::Wait(format!("the target owns range {}; source {} is down", mv.range_id, mv.from));
-        };
-        return RecoveryPlan::Finish {
-            new_owner: Box::new(owned.clone()),
-            retire_on: source.holds(mv.range_id).map(|_| source.member.address.clone()),
-        };
+/// The target's answer to `ImportOutcome` for the move, or why it could not be asked.
+pub type TargetAnswer = Result<ImportOutcomeResponse, String>;
+
+pub fn recovery_plan(observation: &Observation, mv: &InFlightMove, target: &TargetAnswer) -> RecoveryPlan {
+    let source = observation.node(&mv.from).filter(|n| n.report.is_ok());
+    let source_copy = source.and_then(|s| s.holds(mv.range_id));
+    let source_frozen = source_copy.is_some_and(|d| frozen_for(d, mv.move_id));
+    let abort_export_on = source.filter(|_| source_copy.is_some()).map(|s| s.member.address.clone());
+    let answer = match target {
+        Ok(answer) => answer,
+        Err(why) => {
+            let active_source = source_copy.is_some_and(|d| d.state() == RangeState::Active);
+            if active_source {
+                return RecoveryPlan::RollBack { abort_import_on: None, abort_export_on, source_down: false };
+            }
+            return RecoveryPlan::Wait(format!(
+                "target {} cannot be asked how move {} ended ({why}); the source {} {}",
+                mv.to,
+                mv.move_id,
+                mv.from,
+                if source.is_none() { "is down too" } else { "does not hold the range active" }
+            ));
+        }
+    };
+    match answer.outcome() {
+        MoveOutcome::Completed => {
+            let Some(new_owner) = answer.range.clone().filter(|r| r.range_id == mv.range_id) else {
+                return RecoveryPlan::Wait(format!(
+                    "target {} reports move {} completed for another range ({:?}): needs an operator",
+                    mv.to,
+                    mv.move_id,
+                    answer.range.as_ref().map(|r| r.range_id)
+                ));
+            };
+            if source.is_none() {
+                return RecoveryPlan::Wait(format!(
+                    "the target owns range {} since move {}; source {} is down and still has to retire its copy",
+                    mv.range_id, mv.move_id, mv.from
+                ));
+            }
+            if source_copy.is_some() && !source_frozen {
+                return RecoveryPlan::Wait(format!(
+                    "target {} completed move {} but source {} holds range {} unfrozen: two owners; needs an operator",
+                    mv.to, mv.move_id, mv.from, mv.range_id
+                ));
+            }
+            RecoveryPlan::Finish { new_owner: Box::new(new_owner), retire_on: abort_export_on }
+        }
+        MoveOutcome::Aborted => {
+            RecoveryPlan::RollBack { abort_import_on: None, abort_export_on, source_down: source.is_none() }
+        }
+        MoveOutcome::Importing | MoveOutcome::Unknown | MoveOutcome::Unspecified => {
+            let target_address = observation.node(&mv.to).map(|t| t.member.address.clone());
+            RecoveryPlan::RollBack { abort_import_on: target_address, abort_export_on, source_down: source.is_none() }
+        }
     }
-    let source_frozen = source_up.and_then(|s| s.holds(mv.range_id)).is_some_and(|d| frozen_for(d, mv.move_id));
-    if target_up.is_none() && source_frozen {
-        return RecoveryPlan::Wait(format!(
-            "source {} is frozen for move {} and target {} is down: waiting to learn whether it took over",
-            mv.from, mv.move_id, mv.to
-        ));
+}
+
+/// Asks the move's target what it persisted about the move.
+async fn ask_target(
+    clients: &NodeClients,
+    observation: &Observation,
+    mv: &InFlightMove,
+    timeout: Duration,
+) -> TargetAnswer {
+    let Some(target) = observation.node(&mv.to) else {
+        return Err(format!("{} is not a member of the fleet", mv.to));
+    };
+    if let Err(error) = &target.report {
+        return Err(error.clone());
     }
-    RecoveryPlan::RollBack {
-        abort_import_on: target_up.map(|t| t.member.address.clone()),
-        abort_export_on: source_up.map(|s| s.member.address.clone()),
+    let request = with_timeout(ImportOutcomeRequest { move_id: mv.move_id }, timeout);
+    let answer = clients
+        .admin(&target.member.address)?
+        .import_outcome(request)
+        .await
+        .map_err(|s| describe_status(&s))?
+        .into_inner();
+    if answer.node_id != mv.to {
+        return Err(format!("{} answered as node {}", target.member.address, answer.node_id));
     }
+    Ok(answer)
 }
 
 /// Carries out `recovery_plan` for a move no task drives.
@@ -171,7 +230,8 @@ pub async fn recover(
     mv: &InFlightMove,
     timeout: Duration,
 ) -> Result<Recovery, String> {
-    match recovery_plan(observation, mv) {
+    let target = ask_target(clients, observation, mv, timeout).await;
+    match recovery_plan(observation, mv, &target) {
         RecoveryPlan::Wait(why) => Ok(Recovery::Waiting(why)),
         RecoveryPlan::Finish { new_owner, retire_on } => {
             if let Some(address) = retire_on {
@@ -188,7 +248,7 @@ pub async fn recover(
             }
             Ok(Recovery::Completed(new_owner))
         }
-        RecoveryPlan::RollBack { abort_import_on, abort_export_on } => {
+        RecoveryPlan::RollBack { abort_import_on, abort_export_on, source_down } => {
             if let Some(address) = abort_import_on {
                 let abort = AbortImportRequest { range_id: mv.range_id, move_id: mv.move_id };
                 clients
@@ -197,15 +257,21 @@ pub async fn recover(
                     .await
                     .map_err(|s| format!("abort import on {}: {}", mv.to, describe_status(&s)))?;
             }
-            let Some(address) = abort_export_on else {
-                return Ok(Recovery::Waiting(format!("source {} is down", mv.from)));
-            };
-            let abort = AbortExportRequest { range_id: mv.range_id, move_id: mv.move_id };
-            clients
-                .admin(&address)?
-                .abort_export(with_timeout(abort, timeout))
-                .await
-                .map_err(|s| format!("abort export on {}: {}", mv.from, describe_status(&s)))?;
+            if source_down {
+                return Ok(Recovery::Waiting(format!(
+                    "source {} is down; its export is aborted once it is back",
+                    mv.from
+                )));
+            }
+            if let Some(address) = abort_export_on {
+                let target_address = observation.node(&mv.to).map(|t| t.member.address.clone()).unwrap_or_default();
+                let abort = AbortExportRequest { range_id: mv.range_id, move_id: mv.move_id, target_address };
+                clients
+                    .admin(&address)?
+                    .abort_export(with_timeout(abort, timeout))
+                    .await
+                    .map_err(|s| format!("abort export on {}: {}", mv.from, describe_status(&s)))?;
+            }
             Ok(Recovery::RolledBack)
         }
     }
@@ -315,40 +381,87 @@ mod tests {
         ObservedNode { member, report }
     }
 
-    fn plan(source: Option<Vec<RangeDescriptor>>, target: Option<Vec<RangeDescriptor>>) -> RecoveryPlan {
+    /// The plan for a source reporting `source` (None: unreachable), a target reporting `target`,
+    /// and the target's answer about the move (None: it could not be asked).
+    fn plan(
+        source: Option<Vec<RangeDescriptor>>,
+        target: Option<Vec<RangeDescriptor>>,
+        outcome: Option<(MoveOutcome, Option<RangeDescriptor>)>,
+    ) -> RecoveryPlan {
         let observation = Observation { nodes: vec![node("s", source), node("t", target)], ..Default::default() };
-        recovery_plan(&observation, &mv())
+        let answer = match outcome {
+            Some((outcome, range)) => Ok(ImportOutcomeResponse { node_id: "t".into(), outcome: outcome as i32, range }),
+            None => Err("connection refused".to_string()),
+        };
+        recovery_plan(&observation, &mv(), &answer)
+    }
+
+    fn rollback(abort_import_on: Option<&str>, abort_export_on: Option<&str>, source_down: bool) -> RecoveryPlan {
+        RecoveryPlan::RollBack {
+            abort_import_on: abort_import_on.map(str::to_string),
+            abort_export_on: abort_export_on.map(str::to_string),
+            source_down,
+        }
     }
 
     #[test]
-    fn a_target_owning_the_newer_generation_means_the_handoff_happened() {
+    fn a_completed_import_means_the_handoff_happened_whatever_became_of_the_range() {
         let frozen = range(3, RangeState::Frozen, Some(9));
         let owned = range(4, RangeState::Active, None);
-        let finish = plan(Some(vec![frozen]), Some(vec![owned.clone()]));
-        assert_eq!(finish, RecoveryPlan::Finish { new_owner: Box::new(owned.clone()), retire_on: Some("s:1".into()) });
-        let already_retired = plan(Some(vec![]), Some(vec![owned.clone()]));
-        assert_eq!(already_retired, RecoveryPlan::Finish { new_owner: Box::new(owned.clone()), retire_on: None });
-        assert!(matches!(plan(None, Some(vec![owned])), RecoveryPlan::Wait(_)), "the source must be told");
+        let completed = Some((MoveOutcome::Completed, Some(owned.clone())));
+        let finish = |retire_on: Option<&str>| RecoveryPlan::Finish {
+            new_owner: Box::new(owned.clone()),
+            retire_on: retire_on.map(str::to_string),
+        };
+        assert_eq!(plan(Some(vec![frozen.clone()]), Some(vec![owned.clone()]), completed.clone()), finish(Some("s:1")));
+        // The target split (or merged, or moved on) the range since: the range id is gone from
+        // it, its record of the move is not. The source's copy is stale: retire it.
+        assert_eq!(plan(Some(vec![frozen.clone()]), Some(vec![]), completed.clone()), finish(Some("s:1")));
+        assert_eq!(plan(Some(vec![]), Some(vec![]), completed.clone()), finish(None));
+        assert!(
+            matches!(plan(None, Some(vec![]), completed.clone()), RecoveryPlan::Wait(_)),
+            "the source must be told"
+        );
+        // A source holding the range active although the target completed: two owners.
+        let active = range(3, RangeState::Active, None);
+        assert!(
+            matches!(plan(Some(vec![active]), Some(vec![]), completed), RecoveryPlan::Wait(why) if why.contains("two owners"))
+        );
     }
 
     #[test]
-    fn without_a_takeover_both_sides_are_rolled_back() {
+    fn an_import_not_completed_is_fenced_on_the_target_before_the_source_unfreezes() {
         let frozen = range(3, RangeState::Frozen, Some(9));
-        let rollback = plan(Some(vec![frozen.clone()]), Some(vec![]));
-        let both = RecoveryPlan::RollBack { abort_import_on: Some("t:1".into()), abort_export_on: Some("s:1".into()) };
-        assert_eq!(rollback, both);
-        // A target reporting the range at the old generation has not taken over.
-        assert_eq!(plan(Some(vec![frozen]), Some(vec![range(3, RangeState::Active, None)])), both);
+        let importing = Some((MoveOutcome::Importing, None));
+        assert_eq!(
+            plan(Some(vec![frozen.clone()]), Some(vec![]), importing.clone()),
+            rollback(Some("t:1"), Some("s:1"), false)
+        );
+        // A target that never heard of the move is fenced the same way (a late import is refused).
+        let unknown = Some((MoveOutcome::Unknown, None));
+        assert_eq!(plan(Some(vec![frozen.clone()]), Some(vec![]), unknown), rollback(Some("t:1"), Some("s:1"), false));
+        // Already aborted on the target: only the source is left to unfreeze.
+        let aborted = Some((MoveOutcome::Aborted, None));
+        assert_eq!(plan(Some(vec![frozen.clone()]), Some(vec![]), aborted.clone()), rollback(None, Some("s:1"), false));
+        // The source is down: fence the target now, unfreeze the source once it is back.
+        assert_eq!(plan(None, Some(vec![]), importing), rollback(Some("t:1"), None, true));
+        assert_eq!(plan(None, Some(vec![]), aborted.clone()), rollback(None, None, true));
+        // The source no longer holds the range (split before it froze): nothing to unfreeze there.
+        assert_eq!(plan(Some(vec![]), Some(vec![]), aborted), rollback(None, None, false));
     }
 
     #[test]
-    fn a_frozen_source_waits_while_the_target_cannot_be_asked() {
+    fn a_target_that_cannot_be_asked_blocks_everything_but_an_active_source() {
         let frozen = range(3, RangeState::Frozen, Some(9));
-        assert!(matches!(plan(Some(vec![frozen]), None), RecoveryPlan::Wait(why) if why.contains("frozen")));
-        // Frozen for another move: not this move's business; an active source never froze.
+        assert!(
+            matches!(plan(Some(vec![frozen]), None, None), RecoveryPlan::Wait(why) if why.contains("cannot be asked"))
+        );
+        assert!(matches!(plan(None, None, None), RecoveryPlan::Wait(_)));
+        // Frozen for another move: not this move's business, and not active either.
         let other_move = range(3, RangeState::Frozen, Some(8));
-        let export_only = RecoveryPlan::RollBack { abort_import_on: None, abort_export_on: Some("s:1".into()) };
-        assert_eq!(plan(Some(vec![other_move]), None), export_only);
-        assert_eq!(plan(Some(vec![range(3, RangeState::Active, None)]), None), export_only);
+        assert!(matches!(plan(Some(vec![other_move]), None, None), RecoveryPlan::Wait(_)));
+        // An active source never froze for this move: the target cannot complete it; stop the export.
+        let active = range(3, RangeState::Active, None);
+        assert_eq!(plan(Some(vec![active]), None, None), rollback(None, Some("s:1"), false));
     }
 }

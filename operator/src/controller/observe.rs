@@ -2,10 +2,13 @@
 //! map the controller acts on and the `ClusterView` the planner reads.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::join_all;
 use kvfleet_planner::{Action, ClusterView, Load, NodeId, NodeView, RangeView};
+use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
     LoadReportRequest, LoadReportResponse, RangeDescriptor, RangeLoad, RangeState, ReplicaRole,
     admin_client::AdminClient,
@@ -81,7 +84,7 @@ impl ObservedNode {
     }
 }
 
-/// The serving copy of a range: the owned descriptor with the highest generation.
+/// The serving copy of a range: among owned descriptors that overlap, the newest generation.
 #[derive(Debug, Clone)]
 pub struct ObservedRange {
     pub desc: RangeDescriptor,
@@ -90,10 +93,22 @@ pub struct ObservedRange {
     pub load: RangeLoad,
 }
 
+/// Two owned ranges that overlap where one must have replaced the other: more than one node
+/// would serve (and may have acknowledged writes for) these keys. Never planned on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// Index into `Observation::nodes`, and the descriptor it reported.
+    pub newer: (usize, RangeDescriptor),
+    pub older: (usize, RangeDescriptor),
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Observation {
     pub nodes: Vec<ObservedNode>,
+    /// The ranges that serve, by id. They tile what is known of the key space without
+    /// overlapping; ranges in a conflict are left out.
     pub ranges: BTreeMap<u64, ObservedRange>,
+    pub conflicts: Vec<Conflict>,
 }
 
 impl Observation {
@@ -144,20 +159,54 @@ pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Durat
     let reports = join_all(members.iter().map(|member| report_of(clients, &member.address, timeout))).await;
     let nodes: Vec<ObservedNode> =
         members.into_iter().zip(reports).map(|(member, report)| ObservedNode { member, report }).collect();
-    let mut ranges: BTreeMap<u64, ObservedRange> = BTreeMap::new();
+    let (ranges, conflicts) = resolve_ownership(&nodes);
+    Observation { nodes, ranges, conflicts }
+}
+
+/// Which owned descriptor serves each key. Newest generation first: generations only grow along
+/// a key's history (split, merge and move each bump it), so an older descriptor overlapping a
+/// newer one was replaced. An older frozen copy is the source of a handoff in progress (frozen
+/// until it retires) and is set aside; an older active one would still serve: a conflict, and
+/// both sides of it are left out of the map.
+fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, Vec<Conflict>) {
+    let mut owned: Vec<ObservedRange> = Vec::new();
     for (index, node) in nodes.iter().enumerate() {
         let Ok(report) = &node.report else { continue };
         for load in &report.load.ranges {
             let Some(desc) = &load.range else { continue };
-            // Between a move's handoff and the source's retirement both nodes report the range;
-            // the target's copy is the newer generation.
-            let newer = ranges.get(&desc.range_id).is_none_or(|seen| desc.generation > seen.desc.generation);
-            if newer {
-                ranges.insert(desc.range_id, ObservedRange { desc: desc.clone(), owner: index, load: load.clone() });
-            }
+            owned.push(ObservedRange { desc: desc.clone(), owner: index, load: load.clone() });
         }
     }
-    Observation { nodes, ranges }
+    // Newest first; at equal generations active before frozen, then by node for determinism.
+    owned.sort_by_key(|r| (std::cmp::Reverse(r.desc.generation), r.desc.state() != RangeState::Active, r.owner));
+    // Accepted ranges never overlap each other, so the ones overlapping a candidate are the last
+    // starting at or before its start and those starting inside it.
+    let mut serving: BTreeMap<Bytes, ObservedRange> = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for range in owned {
+        let (start, end) = (&range.desc.start_key, &range.desc.end_key);
+        let before = serving.range::<Bytes, _>(..=start).next_back().map(|(_, r)| r);
+        let inside = serving.range::<Bytes, _>((Bound::Excluded(start), Bound::Unbounded)).map(|(_, r)| r);
+        let inside = inside.take_while(|r| end.is_empty() || r.desc.start_key < *end);
+        let newer: Vec<&ObservedRange> =
+            before.into_iter().chain(inside).filter(|s| s.desc.overlaps(&range.desc)).collect();
+        if newer.is_empty() {
+            serving.insert(start.clone(), range);
+            continue;
+        }
+        if range.desc.state() == RangeState::Frozen {
+            continue;
+        }
+        for newer in newer {
+            conflicts
+                .push(Conflict { newer: (newer.owner, newer.desc.clone()), older: (range.owner, range.desc.clone()) });
+        }
+    }
+    let in_conflict = |r: &ObservedRange| {
+        conflicts.iter().any(|c: &Conflict| (c.newer.0, c.newer.1.range_id) == (r.owner, r.desc.range_id))
+    };
+    let ranges = serving.into_values().filter(|r| !in_conflict(r)).map(|r| (r.desc.range_id, r)).collect();
+    (ranges, conflicts)
 }
 
 async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> Result<NodeReport, String> {

@@ -9,7 +9,8 @@ use kvfleet_planner::Plan;
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::controller_server::Controller as ControllerApi;
 use kvfleet_proto::v1::{
-    ControllerStatus, ControllerStatusRequest, HotKeyStatus, MoveStatus, NodeStatus, RangeStatus, SkipCount,
+    ControllerStatus, ControllerStatusRequest, HotKeyStatus, MoveStatus, NodeStatus, OwnershipConflict, RangeStatus,
+    SkipCount,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -45,6 +46,7 @@ struct Metrics {
     move_freeze: Histogram,
     move_bytes: Counter,
     ranges: Gauge,
+    conflicts: Gauge,
 }
 
 impl Metrics {
@@ -58,6 +60,7 @@ impl Metrics {
             move_freeze: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             move_bytes: Counter::default(),
             ranges: Gauge::default(),
+            conflicts: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kvfleet_controller");
         r.register("rounds", "Control rounds run", metrics.rounds.clone());
@@ -68,6 +71,11 @@ impl Metrics {
         r.register("move_freeze_seconds", "Write freeze window of each move", metrics.move_freeze.clone());
         r.register("move_copied_bytes", "Bytes copied by moves", metrics.move_bytes.clone());
         r.register("ranges", "Ranges in the cluster", metrics.ranges.clone());
+        r.register(
+            "ownership_conflicts",
+            "Pairs of overlapping owned ranges (keys more than one node would serve); must be 0",
+            metrics.conflicts.clone(),
+        );
         metrics
     }
 }
@@ -75,7 +83,7 @@ impl Metrics {
 /// An event of the control loop, for platforms that publish them (Kubernetes Events).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BoardEvent {
-    /// Split, Merge, Move, MoveFinished, MoveFailed, Resharding.
+    /// Split, Merge, Move, MoveFinished, ActionFailed, HotKey, OwnershipConflict, Resharding.
     pub reason: &'static str,
     pub warning: bool,
     pub text: String,
@@ -90,6 +98,9 @@ struct Board {
     last_skips: HashSet<(&'static str, Option<u64>)>,
     /// Hot keys of the last round: each new one becomes an event.
     last_hot_keys: HashSet<Vec<u8>>,
+    /// Ownership conflicts of the last round, as (node, range id) pairs: each new one becomes a
+    /// warning event.
+    last_conflicts: HashSet<(usize, u64, usize, u64)>,
 }
 
 /// Shared between the control loop (writes) and the status service and live view (read).
@@ -109,6 +120,7 @@ impl StatusBoard {
                 events: VecDeque::new(),
                 last_skips: HashSet::new(),
                 last_hot_keys: HashSet::new(),
+                last_conflicts: HashSet::new(),
             })),
             metrics: Arc::new(Metrics::new(registry)),
         }
@@ -181,6 +193,7 @@ impl StatusBoard {
         }
         self.metrics.moves_in_flight.set(state.moves.len() as i64);
         self.metrics.ranges.set(observation.ranges.len() as i64);
+        self.metrics.conflicts.set(observation.conflicts.len() as i64);
         for skip in &plan.skipped {
             self.metrics.skips.get_or_create(&SkipLabels { reason: skip.kind() }).inc();
         }
@@ -204,12 +217,14 @@ impl StatusBoard {
         if degraded {
             status.degraded_rounds += 1;
         }
+        // Everything a node holds counts, conflicting and superseded copies included: a pod
+        // that holds anything must not look empty to a scale-in.
         status.nodes = observation
             .nodes
             .iter()
-            .enumerate()
-            .map(|(index, node)| {
-                let owned: Vec<_> = observation.ranges.values().filter(|r| r.owner == index).collect();
+            .map(|node| {
+                let owned: Vec<_> =
+                    node.report.iter().flat_map(|r| r.load.ranges.iter().filter(|l| l.range.is_some())).collect();
                 NodeStatus {
                     node_id: node.member.node_id.clone(),
                     address: node.member.address.clone(),
@@ -220,10 +235,21 @@ impl StatusBoard {
                     },
                     ranges: owned.len() as u32,
                     // `+ 0.0`: an empty sum is -0.0, shown as "-0".
-                    ops_per_sec: owned.iter().map(|r| r.load.reads_per_sec + r.load.writes_per_sec).sum::<f64>() + 0.0,
-                    size_bytes: owned.iter().map(|r| r.load.approx_size_bytes).sum(),
+                    ops_per_sec: owned.iter().map(|l| l.reads_per_sec + l.writes_per_sec).sum::<f64>() + 0.0,
+                    size_bytes: owned.iter().map(|l| l.approx_size_bytes).sum(),
                     restarts: node.member.restarts,
                 }
+            })
+            .collect();
+        let node_id = |index: usize| observation.nodes[index].member.node_id.clone();
+        status.conflicts = observation
+            .conflicts
+            .iter()
+            .map(|c| OwnershipConflict {
+                newer: Some(c.newer.1.clone()),
+                newer_node: node_id(c.newer.0),
+                older: Some(c.older.1.clone()),
+                older_node: node_id(c.older.0),
             })
             .collect();
         status.ranges = observation
@@ -276,10 +302,40 @@ impl StatusBoard {
             .map(|h| format!("hot key {} in range {}: {:.0} ops/s", display_key(&h.1), h.0, h.2))
             .collect();
         board.last_hot_keys = hot_now;
+        let conflicts_now: HashSet<(usize, u64, usize, u64)> = observation
+            .conflicts
+            .iter()
+            .map(|c| (c.newer.0, c.newer.1.range_id, c.older.0, c.older.1.range_id))
+            .collect();
+        let new_conflicts: Vec<String> = observation
+            .conflicts
+            .iter()
+            .filter(|c| !board.last_conflicts.contains(&(c.newer.0, c.newer.1.range_id, c.older.0, c.older.1.range_id)))
+            .map(|c| {
+                format!(
+                    "ownership conflict: range {} {} at generation {} on {} overlaps range {} {} at generation {} on \
+                     {}, both active: acknowledged writes may diverge; nothing is planned on these keys until an \
+                     operator resolves it",
+                    c.older.1.range_id,
+                    c.older.1.span(),
+                    c.older.1.generation,
+                    node_id(c.older.0),
+                    c.newer.1.range_id,
+                    c.newer.1.span(),
+                    c.newer.1.generation,
+                    node_id(c.newer.0)
+                )
+            })
+            .collect();
+        board.last_conflicts = conflicts_now;
         drop(board);
         for text in new_hot {
             tracing::info!("{text}");
             self.publish("HotKey", false, text);
+        }
+        for text in new_conflicts {
+            tracing::error!("{text}");
+            self.publish("OwnershipConflict", true, text);
         }
     }
 }

@@ -12,6 +12,21 @@ use super::rollout::RolloutStep;
 use super::scale::ScaleStep;
 
 const MAX_HOT_KEYS: usize = 10;
+/// The Degraded condition's reason when two pods serve overlapping ranges (the same word as the
+/// resharding loop's Warning event).
+pub const OWNERSHIP_CONFLICT_REASON: &str = "OwnershipConflict";
+
+fn describe_conflict(conflict: &kvfleet_proto::v1::OwnershipConflict) -> String {
+    let side = |desc: Option<&kvfleet_proto::v1::RangeDescriptor>, pod: &str| match desc {
+        Some(d) => format!("range {} {} (generation {}) on {pod}", d.range_id, d.span(), d.generation),
+        None => format!("a range on {pod}"),
+    };
+    format!(
+        "{} overlaps {}",
+        side(conflict.older.as_ref(), &conflict.older_node),
+        side(conflict.newer.as_ref(), &conflict.newer_node)
+    )
+}
 
 /// Everything the status is computed from.
 pub struct Observed<'a> {
@@ -40,11 +55,12 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
             f.nodes.iter().filter(|n| n.state.starts_with("down") && n.ranges > 0).map(|n| n.node_id.as_str()).collect()
         })
         .unwrap_or_default();
+    let conflicts: Vec<String> = fleet.map(|f| f.conflicts.iter().map(describe_conflict).collect()).unwrap_or_default();
     let ranges = fleet.map_or(0, |f| f.ranges.len() as u32);
     let moves = fleet.map_or(0, |f| f.moves.len() as u32);
     let scaling = matches!(step, ScaleStep::Grow { .. } | ScaleStep::Drain { .. } | ScaleStep::Shrink { .. });
 
-    let phase = if invalid.is_some() || !down.is_empty() && ready > 0 {
+    let phase = if invalid.is_some() || !conflicts.is_empty() || !down.is_empty() && ready > 0 {
         Phase::Degraded
     } else if ready == 0 || ranges == 0 {
         Phase::Creating
@@ -85,6 +101,12 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     };
     let degraded = if let Some(why) = invalid {
         (true, "InvalidSpec", why.to_string())
+    } else if !conflicts.is_empty() {
+        let message = format!(
+            "keys served by more than one pod, acknowledged writes may diverge; nothing is planned on them: {}",
+            conflicts.join("; ")
+        );
+        (true, OWNERSHIP_CONFLICT_REASON, message)
     } else if !down.is_empty() {
         (true, "PodsUnreachable", format!("unreachable: {} (their ranges are unavailable)", down.join(", ")))
     } else {
@@ -265,6 +287,34 @@ mod tests {
         });
         assert_eq!(invalid.phase, Some(Phase::Degraded));
         assert_eq!(cond(&invalid, "Degraded").message, "spec.image is empty");
+    }
+
+    #[test]
+    fn overlapping_owners_degrade_the_cluster_naming_both_ranges() {
+        let kvc = cluster("demo", 3);
+        let mut conflicted = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 1)], 0);
+        let range = |range_id, generation| kvfleet_proto::v1::RangeDescriptor {
+            range_id,
+            start_key: b"user1".to_vec().into(),
+            end_key: b"user5".to_vec().into(),
+            generation,
+            ..Default::default()
+        };
+        conflicted.conflicts = vec![kvfleet_proto::v1::OwnershipConflict {
+            newer: Some(range(21, 9)),
+            newer_node: "demo-1".into(),
+            older: Some(range(14, 7)),
+            older_node: "demo-2".into(),
+        }];
+        let status = compute_at(&kvc, Some(&sts(&kvc, 3, 3)), Some(&conflicted), &ScaleStep::Steady { replicas: 3 }, 1);
+        assert_eq!(status.phase, Some(Phase::Degraded));
+        let degraded = cond(&status, "Degraded");
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", OWNERSHIP_CONFLICT_REASON));
+        assert!(
+            degraded.message.contains("range 14 [user1, user5) (generation 7) on demo-2 overlaps range 21"),
+            "{}",
+            degraded.message
+        );
     }
 
     #[test]
