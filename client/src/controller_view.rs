@@ -3,7 +3,7 @@
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use kvfleet_proto::display_key;
-use kvfleet_proto::v1::ControllerStatus;
+use kvfleet_proto::v1::{ControllerStatus, RangeDescriptor};
 
 /// Ranges shown before the table is cut (hottest first).
 const MAX_RANGE_ROWS: usize = 24;
@@ -30,8 +30,35 @@ fn span(start: &[u8], end: &[u8]) -> String {
     format!("[{}, {end})", display_key(start))
 }
 
+fn describe(desc: Option<&RangeDescriptor>) -> (String, String, String) {
+    desc.map_or_else(Default::default, |d| {
+        (d.range_id.to_string(), span(&d.start_key, &d.end_key), d.generation.to_string())
+    })
+}
+
 pub fn render(status: &ControllerStatus) -> String {
     let mut out = String::new();
+    if !status.conflicts.is_empty() {
+        let mut conflicts = table(&["older range", "span", "gen", "on", "overlaps newer", "span", "gen", "on"]);
+        for c in &status.conflicts {
+            let (older, older_span, older_gen) = describe(c.older.as_ref());
+            let (newer, newer_span, newer_gen) = describe(c.newer.as_ref());
+            conflicts.add_row(vec![
+                older,
+                older_span,
+                older_gen,
+                c.older_node.clone(),
+                newer,
+                newer_span,
+                newer_gen,
+                c.newer_node.clone(),
+            ]);
+        }
+        out.push_str(&format!(
+            "OWNERSHIP CONFLICTS: these keys are served by more than one node; nothing is planned on them\n\
+             {conflicts}\n"
+        ));
+    }
     let mut nodes = table(&["node", "address", "state", "ranges", "ops/s", "size on disk", "restarts"]);
     for node in &status.nodes {
         nodes.add_row(vec![
@@ -145,6 +172,13 @@ pub fn to_json(status: &ControllerStatus) -> serde_json::Value {
             "rangeId": h.range_id, "key": display_key(&h.key), "opsPerSec": h.ops_per_sec,
         })).collect::<Vec<_>>(),
         "skips": status.skips.iter().map(|s| json!({"kind": s.kind, "count": s.count, "last": s.last})).collect::<Vec<_>>(),
+        "conflicts": status.conflicts.iter().map(|c| {
+            let side = |d: Option<&RangeDescriptor>, node: &str| d.map(|d| json!({
+                "rangeId": d.range_id, "start": display_key(&d.start_key), "end": display_key(&d.end_key),
+                "generation": d.generation, "node": node,
+            }));
+            json!({"older": side(c.older.as_ref(), &c.older_node), "newer": side(c.newer.as_ref(), &c.newer_node)})
+        }).collect::<Vec<_>>(),
         "recentEvents": status.recent_events,
     })
 }
@@ -152,7 +186,7 @@ pub fn to_json(status: &ControllerStatus) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvfleet_proto::v1::{MoveStatus, NodeStatus, RangeStatus, SkipCount};
+    use kvfleet_proto::v1::{MoveStatus, NodeStatus, OwnershipConflict, RangeStatus, SkipCount};
 
     #[test]
     fn renders_every_section_with_its_content() {
@@ -181,10 +215,21 @@ mod tests {
             }],
             skips: vec![SkipCount { kind: "cooldown".into(), count: 4, last: "range 12: moved recently".into() }],
             recent_events: vec!["split range 1".into()],
+            conflicts: vec![OwnershipConflict {
+                newer: Some(RangeDescriptor { range_id: 21, generation: 9, ..Default::default() }),
+                newer_node: "n2".into(),
+                older: Some(RangeDescriptor { range_id: 14, generation: 7, ..Default::default() }),
+                older_node: "n3".into(),
+            }],
             ..Default::default()
         };
         let text = render(&status);
-        for expected in ["round 7", "[user1, +inf)", "user42 (250/s)", "moves in flight", "cooldown", "split range 1"] {
+        let conflict_row =
+            |l: &&str| l.contains(" 14 ") && l.contains(" n3 ") && l.contains(" 21 ") && l.contains(" n2 ");
+        assert!(text.lines().any(|l| conflict_row(&l)), "no conflict row in:\n{text}");
+        for expected in
+            ["OWNERSHIP CONFLICTS", "round 7", "[user1, +inf)", "user42 (250/s)", "moves in flight", "cooldown"]
+        {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }
     }

@@ -392,3 +392,54 @@ cases! {
     merge_dies_after_persist_then_split: Crash::Merge("merge-after-persist"), Meanwhile::Split;
     merge_dies_after_persist_then_move_on: Crash::Merge("merge-after-persist"), Meanwhile::MoveOn;
 }
+
+/// The safety net, on real processes: two nodes that both own the whole key space (two fleets
+/// glued together by mistake) are reported as a conflict, loudly, and the controller touches
+/// neither while the load would otherwise make it split and move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_owners_are_reported_and_left_alone() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<NodeProcess> = ["n1", "n2"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| NodeProcess::start(id, dirs[i].path(), &["--bootstrap", "--load-window-secs", "2"]))
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
+        node.client().put(Bytes::from("k"), Bytes::from(format!("from n{}", i + 1))).await.unwrap();
+    }
+    let state = ControllerState { bootstrapped: true, ..Default::default() };
+    let platform = Arc::new(TestPlatform::new(&nodes.iter().collect::<Vec<_>>(), Some(state)));
+    let policy = Policy { split_qps: 1.0, split_sustain_secs: 0, ..Policy::default() };
+    let config = ControllerConfig { interval: Duration::from_millis(200), policy, ..ControllerConfig::default() };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let board = StatusBoard::new(&mut registry);
+    let mut controller = Controller::new(platform, config, board.clone()).await.expect("controller starts");
+    // Load on both copies: reason enough to split, if anything were planned on them.
+    for round in 0..15 {
+        for node in &nodes {
+            for _ in 0..20 {
+                node.client().get(Bytes::from(format!("k{round}"))).await.unwrap();
+            }
+        }
+        controller.round().await.expect("a round");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = board.snapshot();
+    assert_eq!(status.conflicts.len(), 1, "{:?}", status.conflicts);
+    let conflict = &status.conflicts[0];
+    assert_eq!((conflict.older_node.as_str(), conflict.newer_node.as_str()), ("n2", "n1"));
+    assert!(status.ranges.is_empty(), "conflicting ranges are not in the map: {:?}", status.ranges);
+    assert!(status.nodes.iter().all(|n| n.ranges == 1), "each node still counts what it holds: {:?}", status.nodes);
+    assert!(
+        status.recent_events.iter().filter(|e| e.contains("ownership conflict")).count() == 1,
+        "one event when it appears, not one per round: {:?}",
+        status.recent_events
+    );
+    let mut metrics = String::new();
+    prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
+    assert!(metrics.contains("kvfleet_controller_ownership_conflicts 1"), "{metrics}");
+    for node in &nodes {
+        let ranges = owned(node).await;
+        assert_eq!(ranges.iter().map(|d| (d.range_id, d.generation)).collect::<Vec<_>>(), vec![(1, 1)], "untouched");
+    }
+}

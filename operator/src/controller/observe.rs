@@ -295,3 +295,79 @@ pub fn leader_replica(member: &Member) -> kvfleet_proto::v1::Replica {
         role: ReplicaRole::Leader as i32,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(range_id: u64, span: (&str, &str), generation: u64, state: RangeState) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id,
+            start_key: span.0.as_bytes().to_vec().into(),
+            end_key: span.1.as_bytes().to_vec().into(),
+            generation,
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    fn node(id: &str, owned: Vec<RangeDescriptor>) -> ObservedNode {
+        let member = Member { node_id: id.into(), address: format!("{id}:1"), draining: false, restarts: 0 };
+        let ranges = owned.into_iter().map(|d| RangeLoad { range: Some(d), ..Default::default() }).collect();
+        let load = LoadReportResponse { ranges, ..Default::default() };
+        ObservedNode { member, report: Ok(NodeReport { load, importing: Vec::new() }) }
+    }
+
+    fn serving(ranges: &BTreeMap<u64, ObservedRange>) -> Vec<(u64, usize)> {
+        ranges.values().map(|r| (r.desc.range_id, r.owner)).collect()
+    }
+
+    #[test]
+    fn a_frozen_source_after_the_handoff_is_set_aside_not_a_conflict() {
+        use RangeState::*;
+        // n1 froze range 4 for a move; n2 completed it and split it since.
+        let nodes = [
+            node("n1", vec![range(2, ("", "k"), 2, Active), range(4, ("k", "t"), 3, Frozen)]),
+            node(
+                "n2",
+                vec![
+                    range(600, ("k", "p"), 5, Active),
+                    range(601, ("p", "t"), 5, Active),
+                    range(5, ("t", ""), 4, Active),
+                ],
+            ),
+        ];
+        let (ranges, conflicts) = resolve_ownership(&nodes);
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        assert_eq!(serving(&ranges), vec![(2, 0), (5, 1), (600, 1), (601, 1)]);
+        // Before the handoff the frozen copy is the only one: it serves (frozen) in the map.
+        let nodes = [node("n1", vec![range(4, ("k", "t"), 3, Frozen)]), node("n2", vec![])];
+        assert_eq!(serving(&resolve_ownership(&nodes).0), vec![(4, 0)]);
+    }
+
+    #[test]
+    fn two_active_owners_of_the_same_keys_are_a_conflict_and_left_out() {
+        use RangeState::*;
+        // n1 reactivated its pre-move copy (generation 3) although n2 owns the keys at 5.
+        let nodes = [
+            node("n1", vec![range(2, ("", "k"), 2, Active), range(4, ("k", "t"), 3, Active)]),
+            node(
+                "n2",
+                vec![
+                    range(600, ("k", "p"), 5, Active),
+                    range(601, ("p", "t"), 5, Active),
+                    range(5, ("t", ""), 4, Active),
+                ],
+            ),
+        ];
+        let (ranges, conflicts) = resolve_ownership(&nodes);
+        let pairs: Vec<(u64, u64)> = conflicts.iter().map(|c| (c.newer.1.range_id, c.older.1.range_id)).collect();
+        assert_eq!(pairs, vec![(600, 4), (601, 4)]);
+        assert_eq!(serving(&ranges), vec![(2, 0), (5, 1)], "nothing on the conflicting keys is planned");
+        // The same id active on two nodes (equal generations) is a conflict too.
+        let nodes = [node("n1", vec![range(1, ("", ""), 1, Active)]), node("n2", vec![range(1, ("", ""), 1, Active)])];
+        let (ranges, conflicts) = resolve_ownership(&nodes);
+        assert_eq!(conflicts.len(), 1);
+        assert!(ranges.is_empty());
+    }
+}
