@@ -138,14 +138,13 @@ mod tests {
             address: "a:1".into(),
             ranges: vec![desc(3, "", "m", 2, "a:1")],
             routing: vec![desc(1, "", "", 1, "a:1")],
-            importing: vec![],
+            ..Default::default()
         };
         let node_b = ListRangesResponse {
             node_id: "b".into(),
             address: "b:1".into(),
             ranges: vec![desc(4, "m", "", 3, "b:1")],
-            routing: vec![],
-            importing: vec![],
+            ..Default::default()
         };
         cache.rebuild(&[node_a, node_b]);
         assert_eq!(cache.lookup(b"a").unwrap().range_id, 3);

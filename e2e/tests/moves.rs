@@ -294,7 +294,11 @@ async fn a_completed_move_is_final_whatever_the_new_owner_does_next() {
     let read = get_from(&source, "k").await;
     assert!(!matches!(&read, Ok(Some(v)) if v == "v1"), "the frozen source served a stale read: {read:?}");
 
-    // The target's record of the move outlives the range id; nothing can undo it.
+    // The target's record of the move outlives the range id; nothing can undo it, and a
+    // controller that lost its state learns not to hand that move id (or those range ids) out
+    // again.
+    let listed = target.admin().list_ranges(ListRangesRequest {}).await.unwrap().into_inner();
+    assert_eq!((listed.max_move_id, listed.max_range_id), (MOVE_ID, 11));
     let answer = outcome(&target).await;
     assert_eq!(answer.outcome(), MoveOutcome::Completed);
     assert_eq!(answer.range.as_ref().map(|r| (r.range_id, r.generation)), Some((1, 2)));

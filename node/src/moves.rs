@@ -524,6 +524,11 @@ impl Node {
         }
     }
 
+    /// The highest move id this node recorded an outcome for.
+    pub fn max_recorded_move_id(&self) -> u64 {
+        self.moves.records.lock().keys().copied().max().unwrap_or(0)
+    }
+
     fn move_record_of(&self, move_id: u64) -> Option<MoveRecord> {
         self.moves.records.lock().get(&move_id).cloned()
     }

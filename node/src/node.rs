@@ -170,6 +170,12 @@ impl Node {
         self.table.read().all_importing().cloned().collect()
     }
 
+    /// The highest range id and move id this node ever recorded (see `ListRangesResponse`).
+    pub fn max_ids(&self) -> (u64, u64) {
+        let (range, mv) = self.table.read().max_ids();
+        (range, mv.max(self.max_recorded_move_id()))
+    }
+
     pub fn routing_hints(&self) -> Vec<RangeDescriptor> {
         self.table.read().routing_hints().cloned().collect()
     }

@@ -158,6 +158,16 @@ impl RangeTable {
         self.retired.contains_key(&range_id) || self.importing.contains_key(&range_id) || self.by_id(range_id).is_some()
     }
 
+    /// The highest range id and move id any descriptor here mentions (owned, retired,
+    /// importing; successors and move intents included).
+    pub fn max_ids(&self) -> (u64, u64) {
+        let all = self.owned.values().map(|o| &o.desc).chain(self.retired.values()).chain(self.importing.values());
+        all.fold((0, 0), |(range, mv), d| {
+            let successor = d.successors.iter().copied().max().unwrap_or(0);
+            (range.max(d.range_id).max(successor), mv.max(d.move_intent.as_ref().map_or(0, |i| i.move_id)))
+        })
+    }
+
     /// True when this node owns, owned or is importing any range: it is part of a fleet's history.
     pub fn has_history(&self) -> bool {
         !self.owned.is_empty() || !self.retired.is_empty() || !self.importing.is_empty()

@@ -289,12 +289,15 @@ impl Admin for AdminService {
     }
 
     async fn list_ranges(&self, _: Request<ListRangesRequest>) -> Result<Response<ListRangesResponse>, Status> {
+        let (max_range_id, max_move_id) = self.node.max_ids();
         Ok(Response::new(ListRangesResponse {
             node_id: self.node.config.node_id.clone(),
             address: self.node.address.clone(),
             ranges: self.node.owned_ranges(),
             routing: self.node.routing_hints(),
             importing: self.node.importing_ranges(),
+            max_range_id,
+            max_move_id,
         }))
     }
 

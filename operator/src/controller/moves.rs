@@ -374,7 +374,7 @@ mod tests {
                     ranges: owned.into_iter().map(|d| RangeLoad { range: Some(d), ..Default::default() }).collect(),
                     ..Default::default()
                 },
-                importing: Vec::new(),
+                ..Default::default()
             }),
             None => Err("connection refused".into()),
         };

@@ -61,11 +61,14 @@ pub fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 }
 
 /// What one node said this round.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeReport {
     pub load: LoadReportResponse,
     /// Ranges being imported here (not served yet).
     pub importing: Vec<RangeDescriptor>,
+    /// The highest range id and move id the node ever recorded.
+    pub max_range_id: u64,
+    pub max_move_id: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -124,12 +127,14 @@ impl Observation {
         self.nodes.iter().filter_map(|n| n.report.as_ref().err().map(|e| (&n.member, e.as_str())))
     }
 
-    /// The highest range id and move id any node mentions.
+    /// The highest range id and move id any node mentions or ever recorded.
     pub fn max_ids(&self) -> (u64, u64) {
         let mut max_range = 0;
         let mut max_move = 0;
         for node in &self.nodes {
             let Ok(report) = &node.report else { continue };
+            max_range = max_range.max(report.max_range_id);
+            max_move = max_move.max(report.max_move_id);
             let descs = report.load.ranges.iter().filter_map(|l| l.range.as_ref()).chain(&report.importing);
             for desc in descs {
                 max_range = max_range.max(desc.range_id).max(desc.successors.iter().copied().max().unwrap_or(0));
@@ -217,8 +222,8 @@ async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> R
     let list = admin2.list_ranges(with_timeout(kvfleet_proto::v1::ListRangesRequest {}, timeout));
     let (load, list) = futures::join!(load, list);
     let load = load.map_err(|s| describe_status(&s))?.into_inner();
-    let importing = list.map_err(|s| describe_status(&s))?.into_inner().importing;
-    Ok(NodeReport { load, importing })
+    let list = list.map_err(|s| describe_status(&s))?.into_inner();
+    Ok(NodeReport { load, importing: list.importing, max_range_id: list.max_range_id, max_move_id: list.max_move_id })
 }
 
 pub fn describe_status(status: &tonic::Status) -> String {
@@ -315,7 +320,7 @@ mod tests {
         let member = Member { node_id: id.into(), address: format!("{id}:1"), draining: false, restarts: 0 };
         let ranges = owned.into_iter().map(|d| RangeLoad { range: Some(d), ..Default::default() }).collect();
         let load = LoadReportResponse { ranges, ..Default::default() };
-        ObservedNode { member, report: Ok(NodeReport { load, importing: Vec::new() }) }
+        ObservedNode { member, report: Ok(NodeReport { load, ..Default::default() }) }
     }
 
     fn serving(ranges: &BTreeMap<u64, ObservedRange>) -> Vec<(u64, usize)> {
