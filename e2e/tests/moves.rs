@@ -273,13 +273,19 @@ async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -
     panic!("timed out after {within:?} waiting for {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_completed_move_is_final_whatever_the_new_owner_does_next() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let source = NodeProcess::start("n1", d1.path(), &["--bootstrap"]);
-    let target = NodeProcess::start("n2", d2.path(), &[]);
+/// A source owning range 1 with `k = v1`, an empty target, and a client for both.
+async fn source_and_target_with_k_v1() -> ([tempfile::TempDir; 2], NodeProcess, NodeProcess, kvfleet_client::Client) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let source = NodeProcess::start("n1", dirs[0].path(), &["--bootstrap"]);
+    let target = NodeProcess::start("n2", dirs[1].path(), &[]);
     let client = client_for(&[&source, &target]);
     client.put(Bytes::from("k"), Bytes::from("v1")).await.unwrap();
+    (dirs, source, target, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_move_is_final_whatever_the_new_owner_does_next() {
+    let (_dirs, source, target, client) = source_and_target_with_k_v1().await;
     let final_seq = import_and_freeze(&source, &target, 1).await;
     let complete = CompleteImportRequest { range_id: 1, move_id: MOVE_ID, final_seq, new_generation: 2 };
     target.admin().complete_import(complete).await.expect("complete");
@@ -334,11 +340,7 @@ async fn a_completed_move_is_final_whatever_the_new_owner_does_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_wait_on_a_frozen_range_and_follow_the_handoff() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let source = NodeProcess::start("n1", d1.path(), &["--bootstrap"]);
-    let target = NodeProcess::start("n2", d2.path(), &[]);
-    let client = client_for(&[&source, &target]);
-    client.put(Bytes::from("k"), Bytes::from("v1")).await.unwrap();
+    let (_dirs, source, target, client) = source_and_target_with_k_v1().await;
     let final_seq = import_and_freeze(&source, &target, 1).await;
 
     let started = Instant::now();
@@ -359,11 +361,7 @@ async fn reads_wait_on_a_frozen_range_and_follow_the_handoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_step_checks_the_other_side_before_it_acts() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let source = NodeProcess::start("n1", d1.path(), &["--bootstrap"]);
-    let target = NodeProcess::start("n2", d2.path(), &[]);
-    let client = client_for(&[&source, &target]);
-    client.put(Bytes::from("k"), Bytes::from("v1")).await.unwrap();
+    let (_dirs, source, target, client) = source_and_target_with_k_v1().await;
 
     // Complete without a freeze: the source still acknowledges writes, so the target refuses.
     let desc = range_one(&source).await;
@@ -403,11 +401,7 @@ async fn every_step_checks_the_other_side_before_it_acts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_source_whose_target_aborted_unfreezes_without_a_controller() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let source = NodeProcess::start("n1", d1.path(), &["--bootstrap"]);
-    let target = NodeProcess::start("n2", d2.path(), &[]);
-    let client = client_for(&[&source, &target]);
-    client.put(Bytes::from("k"), Bytes::from("v1")).await.unwrap();
+    let (_dirs, source, target, client) = source_and_target_with_k_v1().await;
     import_and_freeze(&source, &target, 1).await;
     // The controller fenced the target and died before unfreezing the source.
     target.admin().abort_import(AbortImportRequest { range_id: 1, move_id: MOVE_ID }).await.expect("abort import");
@@ -417,4 +411,73 @@ async fn a_frozen_source_whose_target_aborted_unfreezes_without_a_controller() {
     .await;
     client.put(Bytes::from("k"), Bytes::from("v2")).await.expect("writes resume");
     assert_eq!(client.get(Bytes::from("k")).await.unwrap(), Some(Bytes::from("v2")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_of_overlapping_keys_exclude_each_other() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = NodeProcess::start("n1", d1.path(), &["--bootstrap"]);
+    let mut target = NodeProcess::start_with_env("n2", d2.path(), &[], &[("KVFLEET_CRASH_AT", "import-mid-snapshot")]);
+    let client = client_for(&[&source]);
+    preload(&client, 2_000).await;
+    // Move 7 of range 1 dies mid-copy: its import stays persisted on the target.
+    let whole = range_one(&source).await;
+    import(&target, &source, &whole).await.expect_err("the target dies mid-import");
+    assert!(!target.wait_for_exit(Duration::from_secs(10)).success());
+    target.env.clear();
+    target.spawn();
+    // Meanwhile the source splits range 1 and another move wants the right half on the same
+    // target: refused while move 7's import of overlapping keys exists (they would write over
+    // each other, and aborting one would delete the other's data).
+    source.split(1, "p", 2, 3).await;
+    let right = owned(&source).await.into_iter().find(|d| d.range_id == 3).unwrap();
+    let refused = import_as(&target, &source, &right, MOVE_ID + 1).await.unwrap_err();
+    assert!(refused.message().contains("is importing range 1"), "{refused:?}");
+    // A completion for another move than the import's is refused too.
+    let wrong = CompleteImportRequest { range_id: 1, move_id: MOVE_ID + 1, final_seq: 0, new_generation: 2 };
+    let refused = target.admin().complete_import(wrong).await.unwrap_err();
+    assert!(refused.message().contains("was lost"), "{refused:?}");
+    // Once move 7 is aborted, the other move goes through and nothing is lost.
+    target.admin().abort_import(AbortImportRequest { range_id: 1, move_id: MOVE_ID }).await.expect("abort");
+    import_as(&target, &source, &right, MOVE_ID + 1).await.expect("import once the overlap is gone");
+    let freeze = FreezeForMoveRequest {
+        range_id: 3,
+        move_id: MOVE_ID + 1,
+        target: Some(replica(&target)),
+        new_generation: right.generation + 1,
+    };
+    let final_seq = source.admin().freeze_for_move(freeze).await.unwrap().into_inner().final_seq;
+    let complete =
+        CompleteImportRequest { range_id: 3, move_id: MOVE_ID + 1, final_seq, new_generation: right.generation + 1 };
+    let owner = target.admin().complete_import(complete).await.expect("complete").into_inner().range;
+    let retire = RetireMovedRequest { range_id: 3, move_id: MOVE_ID + 1, new_owner: owner };
+    source.admin().retire_moved(retire).await.expect("retire");
+    let client = client_for(&[&source, &target]);
+    for i in (0..2_000).step_by(37) {
+        assert!(client.get(Bytes::from(format!("p{i:05}"))).await.unwrap().is_some(), "preloaded key {i} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_source_finds_its_target_at_a_new_address() {
+    let (_dirs, source, mut target, _) = source_and_target_with_k_v1().await;
+    let final_seq = import_and_freeze(&source, &target, 1).await;
+    let complete = CompleteImportRequest { range_id: 1, move_id: MOVE_ID, final_seq, new_generation: 2 };
+    target.admin().complete_import(complete).await.expect("complete");
+    // The controller dies; the target restarts elsewhere (a rescheduled pod).
+    let old_address = target.address.clone();
+    target.kill9();
+    target.address = "127.0.0.1:0".into();
+    target.spawn();
+    assert_ne!(target.address, old_address);
+    let answer = outcome(&target).await;
+    let owner = answer.range.clone().expect("the completed descriptor");
+    assert_eq!(owner.leader().unwrap().address, target.address, "the record names the target where it is now");
+    // The source learns the new address from the routing hints a controller publishes, and
+    // settles by itself.
+    source.admin().publish_routing(PublishRoutingRequest { ranges: vec![owner] }).await.expect("publish");
+    wait_until("the source to retire its copy", Duration::from_secs(15), async || owned(&source).await.is_empty())
+        .await;
+    let client = client_for(&[&source, &target]);
+    assert_eq!(client.get(Bytes::from("k")).await.unwrap(), Some(Bytes::from("v1")));
 }

@@ -9,11 +9,27 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kvfleet_e2e::NodeProcess;
+use kvfleet_proto::v1::kv_client::KvClient;
 use kvfleet_proto::v1::{GetRequest, PutRequest};
+use tonic::transport::Channel;
 
 fn signal(node: &NodeProcess, signal: &str) {
     let pid = node.pid().expect("the node runs").to_string();
     assert!(Command::new("kill").args([signal, &pid]).status().expect("kill(1)").success());
+}
+
+type Answer = Result<tonic::Response<kvfleet_proto::v1::GetResponse>, tonic::Status>;
+
+/// `count` GETs of `k` on the connection of `kv`, each with its own deadline.
+fn gets(kv: &KvClient<Channel>, count: usize, timeout: Duration) -> Vec<tokio::task::JoinHandle<Answer>> {
+    (0..count)
+        .map(|_| {
+            let mut kv = kv.clone();
+            let mut request = tonic::Request::new(GetRequest { header: None, key: Bytes::from("k") });
+            request.set_timeout(timeout);
+            tokio::spawn(async move { kv.get(request).await })
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,22 +41,9 @@ async fn client_timeouts_piled_up_on_a_paused_node_do_not_kill_the_connection() 
     kv.put(PutRequest { header: None, key: Bytes::from("k"), value: Bytes::from("v") }).await.unwrap();
 
     signal(&node, "-STOP");
-    let get = || GetRequest { header: None, key: Bytes::from("k") };
-    let mut impatient = Vec::new();
-    for _ in 0..300 {
-        let mut kv = kv.clone();
-        let mut request = tonic::Request::new(get());
-        request.set_timeout(Duration::from_millis(100));
-        impatient.push(tokio::spawn(async move { kv.get(request).await }));
-    }
+    let impatient = gets(&kv, 300, Duration::from_millis(100));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut patient = Vec::new();
-    for _ in 0..10 {
-        let mut kv = kv.clone();
-        let mut request = tonic::Request::new(get());
-        request.set_timeout(Duration::from_secs(20));
-        patient.push(tokio::spawn(async move { kv.get(request).await }));
-    }
+    let patient = gets(&kv, 10, Duration::from_secs(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
     signal(&node, "-CONT");
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::mutation::Op as MutationOp;
 use kvfleet_proto::v1::*;
@@ -37,7 +38,7 @@ pub const MOVE_PREFIX: &[u8] = b"move/";
 #[derive(Default)]
 pub struct MoveSessions {
     exports: Mutex<HashMap<u64, ExportSession>>,
-    imports: Mutex<HashMap<u64, ImportSession>>,
+    imports: Mutex<HashMap<u64, Arc<ImportSession>>>,
     /// Held by every step that reads or writes a move's outcome on the target (ImportRange's
     /// start, CompleteImport, AbortImport): an abort must not race a completion.
     import_transition: tokio::sync::Mutex<()>,
@@ -86,14 +87,62 @@ fn outcome_name(outcome: MoveOutcome) -> &'static str {
 
 struct ExportSession {
     move_id: u64,
+    /// Random, per export: tail reads must name it (see `ExportChunk.export_id`).
+    export_id: u64,
     capture: Arc<Capture>,
 }
 
-#[derive(Clone)]
+/// One import on the target.
 struct ImportSession {
     move_id: u64,
     source_address: String,
+    /// Held shared by every write of copied data, exclusively by whoever cancels the import
+    /// (an abort, or a new attempt of the same move): once set, nothing more of it lands, so
+    /// nothing lands after the abort deleted the span either.
+    cancelled: tokio::sync::RwLock<bool>,
+    /// Where the tail stands. Held while applying it: two callers never apply the same
+    /// entries, whose order matters.
+    cursor: tokio::sync::Mutex<TailCursor>,
+}
+
+#[derive(Debug, Default)]
+struct TailCursor {
+    export_id: u64,
     next_seq: u64,
+    /// The snapshot is copied and the tail caught up: the import can complete.
+    ready: bool,
+}
+
+impl ImportSession {
+    fn new(move_id: u64, source_address: String) -> Self {
+        ImportSession {
+            move_id,
+            source_address,
+            cancelled: tokio::sync::RwLock::new(false),
+            cursor: tokio::sync::Mutex::new(TailCursor::default()),
+        }
+    }
+
+    /// Writes copied data unless the import was cancelled.
+    async fn write(&self, storage: &Storage, ops: Vec<WriteOp>) -> Result<(), NodeError> {
+        let cancelled = self.cancelled.read().await;
+        if *cancelled {
+            return Err(NodeError::Move(format!(
+                "the import for move {} was cancelled (aborted, or replaced by a new attempt)",
+                self.move_id
+            )));
+        }
+        storage.write_deferred(ops).await
+    }
+
+    /// Stops every later write of this import; waits for the one in flight.
+    async fn cancel(&self) {
+        *self.cancelled.write().await = true;
+    }
+
+    async fn is_cancelled(&self) -> bool {
+        *self.cancelled.read().await
+    }
 }
 
 fn to_mutation(op: &WriteOp) -> Option<Mutation> {
@@ -121,10 +170,19 @@ fn rpc_error(what: &str, status: tonic::Status) -> NodeError {
 }
 
 impl Node {
-    fn export_session(&self, range_id: u64, move_id: u64) -> Result<Arc<Capture>, NodeError> {
+    /// The capture of the export of `range_id` for `move_id` (and, if `export_id` is not 0,
+    /// that very export).
+    fn export_session(&self, range_id: u64, move_id: u64, export_id: u64) -> Result<Arc<Capture>, NodeError> {
         let exports = self.moves.exports.lock();
         match exports.get(&range_id) {
-            Some(session) if session.move_id == move_id => Ok(session.capture.clone()),
+            Some(session) if session.move_id == move_id && (export_id == 0 || session.export_id == export_id) => {
+                Ok(session.capture.clone())
+            }
+            Some(session) if session.move_id == move_id => Err(NodeError::Move(format!(
+                "the export of range {range_id} for move {move_id} was restarted since this import began (export \
+                 {export_id}, now {}): its tail is numbered afresh; abort the import and move again",
+                session.export_id
+            ))),
             _ => Err(NodeError::Move(format!("no export of range {range_id} for move {move_id} on this node"))),
         }
     }
@@ -135,7 +193,7 @@ impl Node {
     pub async fn export_snapshot(
         &self,
         request: &ExportSnapshotRequest,
-    ) -> Result<(u64, tokio::sync::mpsc::Receiver<ExportChunk>), NodeError> {
+    ) -> Result<(u64, u64, tokio::sync::mpsc::Receiver<ExportChunk>), NodeError> {
         let range =
             self.table.read().by_id(request.range_id).cloned().ok_or(NodeError::UnknownRange(request.range_id))?;
         let _exclusive = range.gate.write().await;
@@ -165,15 +223,17 @@ impl Node {
             self.storage.stream_snapshot(range.desc.start_key.clone(), range.desc.end_key.clone(), chunk_pairs);
         taken.await.map_err(|_| NodeError::Move("the snapshot reader stopped".into()))?;
         let tail_from = capture.next_seq();
-        self.moves.exports.lock().insert(request.range_id, ExportSession { move_id: request.move_id, capture });
-        tracing::info!(range_id = request.range_id, move_id = request.move_id, "export started");
-        Ok((tail_from, chunks))
+        let export_id = rand::random::<u64>() | 1;
+        let session = ExportSession { move_id: request.move_id, export_id, capture };
+        self.moves.exports.lock().insert(request.range_id, session);
+        tracing::info!(range_id = request.range_id, move_id = request.move_id, export_id, "export started");
+        Ok((tail_from, export_id, chunks))
     }
 
     /// Source: the captured writes from `from_seq` on, and whether the range is frozen for this
     /// move yet (the target takes ownership only after seeing it frozen).
     pub fn export_tail(&self, request: &ExportTailRequest) -> Result<ExportTailResponse, NodeError> {
-        let capture = self.export_session(request.range_id, request.move_id)?;
+        let capture = self.export_session(request.range_id, request.move_id, request.export_id)?;
         let max = match request.max_entries {
             0 => TAIL_BATCH as usize,
             n => n as usize,
@@ -196,7 +256,7 @@ impl Node {
     /// Source: stops writes to the range, persisted so a restart does not resume them, and
     /// returns the last captured sequence number.
     pub async fn freeze_for_move(&self, request: &FreezeForMoveRequest) -> Result<u64, NodeError> {
-        let capture = self.export_session(request.range_id, request.move_id)?;
+        let capture = self.export_session(request.range_id, request.move_id, 0)?;
         let range =
             self.table.read().by_id(request.range_id).cloned().ok_or(NodeError::UnknownRange(request.range_id))?;
         let _exclusive = range.gate.write().await;
@@ -236,19 +296,44 @@ impl Node {
         Ok(capture.next_seq() - 1)
     }
 
-    /// Asks a move's target what it persisted about the move. `address` overrides the address
-    /// recorded in the intent (the target may have moved); the answer must come from the target
-    /// the intent names.
+    /// Asks a move's target what it persisted about the move. `address` overrides where to ask
+    /// (the caller knows the target's address now); otherwise the address recorded in the
+    /// intent, then the one the routing hints give the target (it may have moved since). The
+    /// answer must come from the target the intent names.
     async fn ask_target(&self, intent: &MoveIntent, address: &str) -> Result<ImportOutcomeResponse, NodeError> {
         let target = intent
             .target
             .as_ref()
             .ok_or_else(|| NodeError::Corrupt(format!("the freeze for move {} records no target", intent.move_id)))?;
-        let address = if address.is_empty() { target.address.as_str() } else { address };
-        let mut request = tonic::Request::new(ImportOutcomeRequest { move_id: intent.move_id });
+        let mut addresses = vec![if address.is_empty() { target.address.clone() } else { address.to_string() }];
+        if address.is_empty() {
+            let hinted = self
+                .table
+                .read()
+                .routing_hints()
+                .find_map(|d| d.leader().filter(|l| l.node_id == target.node_id).map(|l| l.address.clone()));
+            addresses.extend(hinted.filter(|a| *a != target.address));
+        }
+        let mut failure = None;
+        for address in addresses {
+            match self.ask_target_at(intent.move_id, &target.node_id, &address).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) => failure = Some(error),
+            }
+        }
+        Err(failure.unwrap_or_else(|| NodeError::Move(format!("no address to ask {} at", target.node_id))))
+    }
+
+    async fn ask_target_at(
+        &self,
+        move_id: u64,
+        target: &str,
+        address: &str,
+    ) -> Result<ImportOutcomeResponse, NodeError> {
+        let mut request = tonic::Request::new(ImportOutcomeRequest { move_id });
         request.set_timeout(ASK_TARGET_TIMEOUT);
         let unreachable = |message: String| NodeError::PeerUnreachable {
-            node: target.node_id.clone(),
+            node: target.to_string(),
             address: address.to_string(),
             message,
         };
@@ -259,10 +344,10 @@ impl Node {
             .await
             .map_err(|s| unreachable(format!("{:?}: {}", s.code(), s.message())))?
             .into_inner();
-        if answer.node_id != target.node_id {
+        if answer.node_id != target {
             return Err(unreachable(format!(
-                "that address is node {}, not the move's target {}",
-                answer.node_id, target.node_id
+                "that address is node {}, not the move's target {target}",
+                answer.node_id
             )));
         }
         Ok(answer)
@@ -508,18 +593,25 @@ impl Node {
         orphans.len()
     }
 
-    /// Target: what this node persisted about a move.
+    /// Target: what this node persisted about a move. The descriptor names this node at the
+    /// address it has now (it may have changed since the move).
     pub fn import_outcome(&self, move_id: u64) -> ImportOutcomeResponse {
         let node_id = self.config.node_id.clone();
+        let here = |mut desc: RangeDescriptor| {
+            for replica in desc.replicas.iter_mut().filter(|r| r.node_id == self.config.node_id) {
+                replica.address = self.address.clone();
+            }
+            desc
+        };
         // Records first: a completing import records its outcome before it stops importing.
         if let Some(record) = self.moves.records.lock().get(&move_id) {
-            return ImportOutcomeResponse { node_id, outcome: record.outcome, range: record.range.clone() };
+            return ImportOutcomeResponse { node_id, outcome: record.outcome, range: record.range.clone().map(here) };
         }
-        let table = self.table.read();
-        let importing =
-            table.all_importing().find(|d| d.move_intent.as_ref().is_some_and(|i| i.move_id == move_id)).cloned();
+        let importing = self.importing_for(None, move_id);
         match importing {
-            Some(desc) => ImportOutcomeResponse { node_id, outcome: MoveOutcome::Importing as i32, range: Some(desc) },
+            Some(desc) => {
+                ImportOutcomeResponse { node_id, outcome: MoveOutcome::Importing as i32, range: Some(here(desc)) }
+            }
             None => ImportOutcomeResponse { node_id, outcome: MoveOutcome::Unknown as i32, range: None },
         }
     }
@@ -533,10 +625,27 @@ impl Node {
         self.moves.records.lock().get(&move_id).cloned()
     }
 
+    /// The importing descriptor of `move_id` (of range `range_id`, if given).
+    fn importing_for(&self, range_id: Option<u64>, move_id: u64) -> Option<RangeDescriptor> {
+        let table = self.table.read();
+        let of_move = |d: &&RangeDescriptor| d.move_intent.as_ref().is_some_and(|i| i.move_id == move_id);
+        match range_id {
+            Some(id) => table.importing(id).filter(of_move).cloned(),
+            None => table.all_importing().find(of_move).cloned(),
+        }
+    }
+
+    /// The import session of `move_id` for `range_id`, if this node runs one.
+    fn import_session(&self, range_id: u64, move_id: u64) -> Option<Arc<ImportSession>> {
+        self.moves.imports.lock().get(&range_id).filter(|s| s.move_id == move_id).cloned()
+    }
+
     /// Target: records the import (persisted, so a restart knows of it), clears the span, copies
     /// the source's snapshot and catches up its tail. Returns once the backlog is small.
     pub async fn import_range(&self, request: &ImportRangeRequest) -> Result<ImportRangeResponse, NodeError> {
         let source = request.range.clone().ok_or_else(|| NodeError::Invalid("import needs the range".into()))?;
+        let session = Arc::new(ImportSession::new(request.move_id, request.source_address.clone()));
+        let mut cursor = session.cursor.lock().await;
         {
             let _transition = self.moves.import_transition.lock().await;
             if let Some(record) = self.move_record_of(request.move_id) {
@@ -555,6 +664,30 @@ impl Node {
                     source.span()
                 )));
             }
+            // Two imports of overlapping keys would write over each other, and aborting one would
+            // delete the other's data. The same move may start again (a retry), cancelling its
+            // earlier attempt.
+            let other = self
+                .table
+                .read()
+                .all_importing()
+                .find(|d| d.overlaps(&source) && d.move_intent.as_ref().is_none_or(|i| i.move_id != request.move_id))
+                .cloned();
+            if let Some(other) = other {
+                let other_move = other.move_intent.as_ref().map_or(0, |i| i.move_id);
+                return Err(NodeError::Move(format!(
+                    "this node is importing range {} {} for move {other_move}, which overlaps {} {}: that import must \
+                     complete or be aborted first",
+                    other.range_id,
+                    other.span(),
+                    source.range_id,
+                    source.span()
+                )));
+            }
+            let earlier = self.moves.imports.lock().remove(&source.range_id);
+            if let Some(earlier) = earlier {
+                earlier.cancel().await;
+            }
             let mut importing = source.clone();
             importing.state = RangeState::Importing as i32;
             importing.replicas = vec![leader_replica(&self.config.node_id, &self.address)];
@@ -570,6 +703,7 @@ impl Node {
             ];
             self.storage.write_durable(ops).await?;
             self.table.write().start_import(importing);
+            self.moves.imports.lock().insert(source.range_id, session.clone());
         }
 
         let started = Instant::now();
@@ -581,35 +715,25 @@ impl Node {
             chunk_pairs: 0,
         };
         let mut stream = admin.export_snapshot(export).await.map_err(|s| rpc_error("export snapshot", s))?.into_inner();
-        let (mut pairs, mut bytes, mut next_seq) = (0u64, 0u64, 1u64);
+        let (mut pairs, mut bytes) = (0u64, 0u64);
+        cursor.next_seq = 1;
         while let Some(chunk) = stream.message().await.map_err(|s| rpc_error("reading the snapshot", s))? {
-            next_seq = chunk.tail_from_seq.max(1);
+            cursor.next_seq = chunk.tail_from_seq.max(1);
+            cursor.export_id = chunk.export_id;
             pairs += chunk.pairs.len() as u64;
             bytes += chunk.pairs.iter().map(|kv| (kv.key.len() + kv.value.len()) as u64).sum::<u64>();
             let ops = chunk.pairs.into_iter().map(|kv| WriteOp::put(kv.key, kv.value)).collect();
-            self.storage.write_deferred(ops).await?;
+            session.write(&self.storage, ops).await?;
             failpoint::hit("import-mid-snapshot");
         }
-        let mut session =
-            ImportSession { move_id: request.move_id, source_address: request.source_address.clone(), next_seq };
-        self.catch_up(&mut admin, source.range_id, &mut session, None).await?;
+        self.catch_up(&mut admin, source.range_id, &session, &mut cursor, None).await?;
         // Made durable now, outside the write freeze: the fsync at the handoff then covers only
         // the tail, so the freeze does not grow with the range's size.
         self.storage.sync_wal().await?;
-        {
-            let _transition = self.moves.import_transition.lock().await;
-            if let Some(record) = self.move_record_of(request.move_id) {
-                // Aborted while copying: what was copied here is garbage in a span not owned.
-                let clear = WriteOp::DeleteRange { cf: CF_DATA, start: source.start_key, end: source.end_key };
-                self.storage.write(vec![clear]).await?;
-                return Err(NodeError::Move(format!(
-                    "move {} was {} while its data was being copied",
-                    request.move_id,
-                    outcome_name(record.outcome())
-                )));
-            }
-            self.moves.imports.lock().insert(source.range_id, session.clone());
+        if session.is_cancelled().await {
+            return Err(NodeError::Move(format!("move {} was aborted while its data was copied", request.move_id)));
         }
+        cursor.ready = true;
         tracing::info!(
             range_id = source.range_id,
             pairs,
@@ -617,7 +741,7 @@ impl Node {
             took = ?started.elapsed(),
             "snapshot imported, tail caught up"
         );
-        Ok(ImportRangeResponse { pairs_copied: pairs, bytes_copied: bytes, next_seq: session.next_seq })
+        Ok(ImportRangeResponse { pairs_copied: pairs, bytes_copied: bytes, next_seq: cursor.next_seq })
     }
 
     /// Applies tail entries until the backlog is small, or (with `until`) through that sequence.
@@ -626,27 +750,29 @@ impl Node {
         &self,
         admin: &mut AdminClient<tonic::transport::Channel>,
         range_id: u64,
-        session: &mut ImportSession,
+        session: &ImportSession,
+        cursor: &mut TailCursor,
         until: Option<u64>,
     ) -> Result<u64, NodeError> {
         for _ in 0..MAX_CATCH_UP_ROUNDS {
             let request = ExportTailRequest {
                 range_id,
                 move_id: session.move_id,
-                from_seq: session.next_seq,
+                from_seq: cursor.next_seq,
                 max_entries: TAIL_BATCH,
+                export_id: cursor.export_id,
             };
             let tail = admin.export_tail(request).await.map_err(|s| rpc_error("reading the tail", s))?.into_inner();
             let ops: Vec<WriteOp> =
                 tail.entries.iter().filter_map(|e| e.mutation.as_ref().and_then(from_mutation)).collect();
             if !ops.is_empty() {
-                self.storage.write_deferred(ops).await?;
+                session.write(&self.storage, ops).await?;
             }
-            session.next_seq = tail.next_seq.max(session.next_seq);
+            cursor.next_seq = tail.next_seq.max(cursor.next_seq);
             let done = match until {
                 None => tail.backlog <= CAUGHT_UP_BACKLOG,
                 // An empty read from a frozen source means nothing up to `last` is left.
-                Some(last) => session.next_seq > last || tail.entries.is_empty(),
+                Some(last) => cursor.next_seq > last || tail.entries.is_empty(),
             };
             if done {
                 return Ok(tail.frozen_new_generation);
@@ -660,43 +786,34 @@ impl Node {
     /// durable together. Refused unless the source reports the range frozen for this move at
     /// this generation: only then is this node the only one that may acknowledge writes.
     pub async fn complete_import(&self, request: &CompleteImportRequest) -> Result<RangeDescriptor, NodeError> {
-        let _transition = self.moves.import_transition.lock().await;
-        if let Some(record) = self.move_record_of(request.move_id) {
-            let completed = record.outcome() == MoveOutcome::Completed;
-            let outcome = record.outcome();
-            let owned = record
-                .range
-                .filter(|r| completed && r.range_id == request.range_id && r.generation == request.new_generation);
-            // A retried call for a completed move answers as the first did.
-            return owned.ok_or_else(|| {
-                NodeError::Move(format!(
-                    "move {} was {} on this node; it cannot complete now",
-                    request.move_id,
-                    outcome_name(outcome)
-                ))
-            });
+        if let Some(settled) = self.settled_completion(request) {
+            return settled;
         }
-        let importing = self
-            .table
-            .read()
-            .importing(request.range_id)
-            .cloned()
-            .ok_or_else(|| NodeError::Move(format!("range {} is not being imported here", request.range_id)))?;
-        let session = self.moves.imports.lock().get(&request.range_id).cloned();
-        let Some(mut session) = session.filter(|s| s.move_id == request.move_id) else {
-            return Err(NodeError::Move(format!(
+        let lost = || {
+            NodeError::Move(format!(
                 "the import of range {} for move {} was lost (restart?): abort it and move again",
                 request.range_id, request.move_id
-            )));
+            ))
         };
+        let session = self.import_session(request.range_id, request.move_id).ok_or_else(lost)?;
+        let importing = self.importing_for(Some(request.range_id), request.move_id).ok_or_else(lost)?;
+        // The tail is pulled without the transition lock (a paused source must not hold up other
+        // moves' steps here); the cursor lock keeps a concurrent retry from applying it twice.
+        let mut cursor = session.cursor.lock().await;
+        if !cursor.ready {
+            return Err(NodeError::Move(format!(
+                "the import of range {} for move {} has not finished copying",
+                request.range_id, request.move_id
+            )));
+        }
         let mut admin = self.peers.admin(&session.source_address)?;
         let frozen_generation =
-            self.catch_up(&mut admin, request.range_id, &mut session, Some(request.final_seq)).await?;
-        if session.next_seq <= request.final_seq {
+            self.catch_up(&mut admin, request.range_id, &session, &mut cursor, Some(request.final_seq)).await?;
+        if cursor.next_seq <= request.final_seq {
             return Err(NodeError::Move(format!(
                 "range {}: the tail ends at {} but the source froze at {}",
                 request.range_id,
-                session.next_seq - 1,
+                cursor.next_seq - 1,
                 request.final_seq
             )));
         }
@@ -706,6 +823,13 @@ impl Node {
                  ownership while it may still acknowledge writes",
                 request.range_id, request.move_id, request.new_generation, frozen_generation
             )));
+        }
+        let _transition = self.moves.import_transition.lock().await;
+        if let Some(settled) = self.settled_completion(request) {
+            return settled;
+        }
+        if session.is_cancelled().await {
+            return Err(NodeError::Move(format!("the import for move {} was cancelled meanwhile", request.move_id)));
         }
         let mut owned = importing.clone();
         owned.state = RangeState::Active as i32;
@@ -722,15 +846,32 @@ impl Node {
         Ok(owned)
     }
 
+    /// A completion already decided by the move's record: a retried call for a completed move
+    /// answers as the first did; an aborted move never completes.
+    fn settled_completion(&self, request: &CompleteImportRequest) -> Option<Result<RangeDescriptor, NodeError>> {
+        let record = self.move_record_of(request.move_id)?;
+        let outcome = record.outcome();
+        let owned = record.range.filter(|r| {
+            outcome == MoveOutcome::Completed
+                && r.range_id == request.range_id
+                && r.generation == request.new_generation
+        });
+        Some(owned.ok_or_else(|| {
+            NodeError::Move(format!(
+                "move {} was {} on this node; it cannot complete now",
+                request.move_id,
+                outcome_name(outcome)
+            ))
+        }))
+    }
+
     /// Target: records the move as aborted (so it can never complete here, and a late import
-    /// for it is refused), forgets its import and deletes what was copied. Refused for a move
-    /// this node completed: the range is owned here, whatever happened to it since.
+    /// for it is refused), stops and forgets its import and deletes what was copied. Refused for
+    /// a move this node completed: the range is owned here, whatever happened to it since.
     pub async fn abort_import(&self, request: &AbortImportRequest) -> Result<(), NodeError> {
         let _transition = self.moves.import_transition.lock().await;
-        if let Some(record) = self.move_record_of(request.move_id) {
-            if record.outcome() == MoveOutcome::Aborted {
-                return Ok(());
-            }
+        let recorded = self.move_record_of(request.move_id);
+        if let Some(record) = recorded.as_ref().filter(|r| r.outcome() == MoveOutcome::Completed) {
             let generation = record.range.as_ref().map_or(0, |r| r.generation);
             return Err(NodeError::Move(format!(
                 "move {} completed on this node: range {} has been owned here since generation {generation}; a \
@@ -738,24 +879,39 @@ impl Node {
                 request.move_id, record.range_id
             )));
         }
-        let importing = self
-            .table
-            .read()
-            .importing(request.range_id)
-            .filter(|d| d.move_intent.as_ref().is_some_and(|i| i.move_id == request.move_id))
-            .cloned();
-        let record = move_record(request.move_id, request.range_id, MoveOutcome::Aborted, None);
-        let mut ops = vec![move_record_write(&record)];
+        if let Some(session) = self.import_session(request.range_id, request.move_id) {
+            // Waits for a write of copied data in flight; none lands after this.
+            session.cancel().await;
+        }
+        let importing = self.importing_for(Some(request.range_id), request.move_id);
+        let mut ops = Vec::new();
+        if recorded.is_none() {
+            ops.push(move_record_write(&move_record(request.move_id, request.range_id, MoveOutcome::Aborted, None)));
+        }
         if let Some(importing) = &importing {
             ops.push(WriteOp::Delete { cf: CF_META, key: descriptor_key(importing.range_id) });
-            ops.push(WriteOp::DeleteRange {
-                cf: CF_DATA,
-                start: importing.start_key.clone(),
-                end: importing.end_key.clone(),
-            });
+            match self.table.read().owned_overlapping(importing) {
+                // Cannot happen (imports never overlap owned ranges); if it did, stray copied
+                // data is the lesser harm.
+                Some(owned) => tracing::error!(
+                    range_id = importing.range_id,
+                    owned = owned.desc.range_id,
+                    "an aborted import overlaps an owned range; its copied data is left in place"
+                ),
+                None => ops.push(WriteOp::DeleteRange {
+                    cf: CF_DATA,
+                    start: importing.start_key.clone(),
+                    end: importing.end_key.clone(),
+                }),
+            }
         }
-        self.storage.write_durable(ops).await?;
-        self.moves.records.lock().insert(request.move_id, record);
+        if !ops.is_empty() {
+            self.storage.write_durable(ops).await?;
+        }
+        if recorded.is_none() {
+            let record = move_record(request.move_id, request.range_id, MoveOutcome::Aborted, None);
+            self.moves.records.lock().insert(request.move_id, record);
+        }
         if importing.is_some() {
             self.table.write().forget_import(request.range_id);
         }

@@ -184,6 +184,20 @@ impl AdminService {
     }
 }
 
+/// Runs an admin step to its end even if its caller goes away. A step persists, then updates
+/// memory: a handler dropped in between (the caller's deadline, a disconnect) would leave disk
+/// and memory disagreeing until a restart.
+async fn to_completion<T, F>(node: &Arc<Node>, step: impl FnOnce(Arc<Node>) -> F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, NodeError>> + Send + 'static,
+{
+    tokio::spawn(step(node.clone()))
+        .await
+        .map_err(|e| Status::internal(format!("the admin step failed to run to its end: {e}")))?
+        .map_err(Status::from)
+}
+
 type ExportStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ExportChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -195,12 +209,13 @@ impl Admin for AdminService {
         request: Request<ExportSnapshotRequest>,
     ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
         use tokio_stream::StreamExt;
-        let (tail_from_seq, chunks) = self.node.export_snapshot(&request.into_inner()).await?;
+        let (tail_from_seq, export_id, chunks) = self.node.export_snapshot(&request.into_inner()).await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(move |chunk| {
             chunk
                 .map(|pairs| ExportChunk {
                     pairs: pairs.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),
                     tail_from_seq,
+                    export_id,
                 })
                 .map_err(Status::from)
         });
@@ -215,7 +230,9 @@ impl Admin for AdminService {
         &self,
         request: Request<FreezeForMoveRequest>,
     ) -> Result<Response<FreezeForMoveResponse>, Status> {
-        let final_seq = self.node.freeze_for_move(&request.into_inner()).await?;
+        let request = request.into_inner();
+        let final_seq =
+            to_completion(&self.node, move |node| async move { node.freeze_for_move(&request).await }).await?;
         Ok(Response::new(FreezeForMoveResponse { final_seq }))
     }
 
@@ -223,7 +240,8 @@ impl Admin for AdminService {
         &self,
         request: Request<RetireMovedRequest>,
     ) -> Result<Response<RetireMovedResponse>, Status> {
-        self.node.retire_moved(&request.into_inner()).await?;
+        let request = request.into_inner();
+        to_completion(&self.node, move |node| async move { node.retire_moved(&request).await }).await?;
         Ok(Response::new(RetireMovedResponse {}))
     }
 
@@ -231,7 +249,8 @@ impl Admin for AdminService {
         &self,
         request: Request<AbortExportRequest>,
     ) -> Result<Response<AbortExportResponse>, Status> {
-        self.node.abort_export(&request.into_inner()).await?;
+        let request = request.into_inner();
+        to_completion(&self.node, move |node| async move { node.abort_export(&request).await }).await?;
         Ok(Response::new(AbortExportResponse {}))
     }
 
@@ -239,14 +258,18 @@ impl Admin for AdminService {
         &self,
         request: Request<ImportRangeRequest>,
     ) -> Result<Response<ImportRangeResponse>, Status> {
-        Ok(Response::new(self.node.import_range(&request.into_inner()).await?))
+        let request = request.into_inner();
+        Ok(Response::new(
+            to_completion(&self.node, move |node| async move { node.import_range(&request).await }).await?,
+        ))
     }
 
     async fn complete_import(
         &self,
         request: Request<CompleteImportRequest>,
     ) -> Result<Response<CompleteImportResponse>, Status> {
-        let range = self.node.complete_import(&request.into_inner()).await?;
+        let request = request.into_inner();
+        let range = to_completion(&self.node, move |node| async move { node.complete_import(&request).await }).await?;
         Ok(Response::new(CompleteImportResponse { range: Some(range) }))
     }
 
@@ -254,7 +277,8 @@ impl Admin for AdminService {
         &self,
         request: Request<AbortImportRequest>,
     ) -> Result<Response<AbortImportResponse>, Status> {
-        self.node.abort_import(&request.into_inner()).await?;
+        let request = request.into_inner();
+        to_completion(&self.node, move |node| async move { node.abort_import(&request).await }).await?;
         Ok(Response::new(AbortImportResponse {}))
     }
 
@@ -304,12 +328,9 @@ impl Admin for AdminService {
     async fn split_range(&self, request: Request<SplitRangeRequest>) -> Result<Response<SplitRangeResponse>, Status> {
         let started = Instant::now();
         let req = request.into_inner();
-        let result = self
-            .node
-            .split(req)
+        let result = to_completion(&self.node, move |node| async move { node.split(req).await })
             .await
-            .map(|plan| SplitRangeResponse { left: Some(plan.left), right: Some(plan.right) })
-            .map_err(Status::from);
+            .map(|plan| SplitRangeResponse { left: Some(plan.left), right: Some(plan.right) });
         self.node.metrics.observe(Op::Split, started.elapsed(), result.as_ref().err().map(Status::code));
         result.map(Response::new)
     }
@@ -319,12 +340,10 @@ impl Admin for AdminService {
         request: Request<MergeRangesRequest>,
     ) -> Result<Response<MergeRangesResponse>, Status> {
         let started = Instant::now();
-        let result = self
-            .node
-            .merge(request.into_inner())
+        let request = request.into_inner();
+        let result = to_completion(&self.node, move |node| async move { node.merge(request).await })
             .await
-            .map(|plan| MergeRangesResponse { merged: Some(plan.merged) })
-            .map_err(Status::from);
+            .map(|plan| MergeRangesResponse { merged: Some(plan.merged) });
         self.node.metrics.observe(Op::Merge, started.elapsed(), result.as_ref().err().map(Status::code));
         result.map(Response::new)
     }
@@ -360,7 +379,7 @@ impl Admin for AdminService {
     }
 
     async fn bootstrap(&self, _: Request<BootstrapRequest>) -> Result<Response<BootstrapResponse>, Status> {
-        let range = self.node.bootstrap().await?;
+        let range = to_completion(&self.node, move |node| async move { node.bootstrap().await }).await?;
         Ok(Response::new(BootstrapResponse { range: Some(range) }))
     }
 }

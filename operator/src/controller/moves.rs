@@ -173,7 +173,9 @@ pub fn recovery_plan(observation: &Observation, mv: &InFlightMove, target: &Targ
                     answer.range.as_ref().map(|r| r.range_id)
                 ));
             };
-            if source.is_none() {
+            // A source that left the fleet took its copy with it; one that is only down must
+            // still be told.
+            if source.is_none() && observation.node(&mv.from).is_some() {
                 return RecoveryPlan::Wait(format!(
                     "the target owns range {} since move {}; source {} is down and still has to retire its copy",
                     mv.range_id, mv.move_id, mv.from
@@ -422,6 +424,13 @@ mod tests {
             matches!(plan(None, Some(vec![]), completed.clone()), RecoveryPlan::Wait(_)),
             "the source must be told"
         );
+        let observation = Observation { nodes: vec![node("t", Some(vec![]))], ..Default::default() };
+        let answer = Ok(ImportOutcomeResponse {
+            node_id: "t".into(),
+            outcome: MoveOutcome::Completed as i32,
+            range: Some(owned.clone()),
+        });
+        assert_eq!(recovery_plan(&observation, &mv(), &answer), finish(None), "a source that left the fleet");
         // A source holding the range active although the target completed: two owners.
         let active = range(3, RangeState::Active, None);
         assert!(

@@ -323,6 +323,15 @@ mod tests {
         ObservedNode { member, report: Ok(NodeReport { load, ..Default::default() }) }
     }
 
+    /// n2 completed the move of range 4 ["k", "t") at generation 4, then split it; it also owns
+    /// range 5 ["t", +inf).
+    fn n2_after_the_move_and_a_split() -> ObservedNode {
+        use RangeState::Active;
+        let owned =
+            vec![range(600, ("k", "p"), 5, Active), range(601, ("p", "t"), 5, Active), range(5, ("t", ""), 4, Active)];
+        node("n2", owned)
+    }
+
     fn serving(ranges: &BTreeMap<u64, ObservedRange>) -> Vec<(u64, usize)> {
         ranges.values().map(|r| (r.desc.range_id, r.owner)).collect()
     }
@@ -333,14 +342,7 @@ mod tests {
         // n1 froze range 4 for a move; n2 completed it and split it since.
         let nodes = [
             node("n1", vec![range(2, ("", "k"), 2, Active), range(4, ("k", "t"), 3, Frozen)]),
-            node(
-                "n2",
-                vec![
-                    range(600, ("k", "p"), 5, Active),
-                    range(601, ("p", "t"), 5, Active),
-                    range(5, ("t", ""), 4, Active),
-                ],
-            ),
+            n2_after_the_move_and_a_split(),
         ];
         let (ranges, conflicts) = resolve_ownership(&nodes);
         assert!(conflicts.is_empty(), "{conflicts:?}");
@@ -356,14 +358,7 @@ mod tests {
         // n1 reactivated its pre-move copy (generation 3) although n2 owns the keys at 5.
         let nodes = [
             node("n1", vec![range(2, ("", "k"), 2, Active), range(4, ("k", "t"), 3, Active)]),
-            node(
-                "n2",
-                vec![
-                    range(600, ("k", "p"), 5, Active),
-                    range(601, ("p", "t"), 5, Active),
-                    range(5, ("t", ""), 4, Active),
-                ],
-            ),
+            n2_after_the_move_and_a_split(),
         ];
         let (ranges, conflicts) = resolve_ownership(&nodes);
         let pairs: Vec<(u64, u64)> = conflicts.iter().map(|c| (c.newer.1.range_id, c.older.1.range_id)).collect();
