@@ -2,8 +2,8 @@
 //! read/write load is interrupted at each step: the controller dies after the step, or the node
 //! taking the step dies at its crash point (and restarts, as a platform would restart it). In
 //! the gap, before anything recovers, the test does what a user or another component could do
-//! meanwhile: split R's keys, merge them with a neighbour, move them on to a third node, or
-//! kill -9 and restart the nodes. Then the controller's real recovery runs against the real
+//! meanwhile: nothing, split R's keys, merge them with a neighbour, move them on to a third
+//! node, or kill -9 and restart the nodes; every crash point is crossed with each of these. Then the controller's real recovery runs against the real
 //! nodes. Every case checks the invariants: exactly one owner per key, every acknowledged write
 //! reads back, and no read (during the whole run) returned a value older than one already
 //! acknowledged when it began.
@@ -353,6 +353,7 @@ async fn run_case(crash: Crash, what: Meanwhile) {
     );
 }
 
+// Every crash point crossed with everything that can happen in the gap.
 macro_rules! cases {
     ($($name:ident: $crash:expr, $meanwhile:expr;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,27 +371,59 @@ cases! {
     controller_dies_after_import_then_restart: Crash::ControllerAfterStep(1), Meanwhile::Restart;
     controller_dies_after_freeze: Crash::ControllerAfterStep(2), Meanwhile::Nothing;
     controller_dies_after_freeze_then_split: Crash::ControllerAfterStep(2), Meanwhile::Split;
+    controller_dies_after_freeze_then_merge: Crash::ControllerAfterStep(2), Meanwhile::Merge;
+    controller_dies_after_freeze_then_move_on: Crash::ControllerAfterStep(2), Meanwhile::MoveOn;
     controller_dies_after_freeze_then_restart: Crash::ControllerAfterStep(2), Meanwhile::Restart;
     controller_dies_after_complete: Crash::ControllerAfterStep(3), Meanwhile::Nothing;
     controller_dies_after_complete_then_split: Crash::ControllerAfterStep(3), Meanwhile::Split;
     controller_dies_after_complete_then_merge: Crash::ControllerAfterStep(3), Meanwhile::Merge;
     controller_dies_after_complete_then_move_on: Crash::ControllerAfterStep(3), Meanwhile::MoveOn;
     controller_dies_after_complete_then_restart: Crash::ControllerAfterStep(3), Meanwhile::Restart;
+    target_dies_mid_import: Crash::MoveNode("import-mid-snapshot"), Meanwhile::Nothing;
     target_dies_mid_import_then_split: Crash::MoveNode("import-mid-snapshot"), Meanwhile::Split;
+    target_dies_mid_import_then_merge: Crash::MoveNode("import-mid-snapshot"), Meanwhile::Merge;
     target_dies_mid_import_then_move_on: Crash::MoveNode("import-mid-snapshot"), Meanwhile::MoveOn;
+    target_dies_mid_import_then_restart: Crash::MoveNode("import-mid-snapshot"), Meanwhile::Restart;
+    source_dies_freezing: Crash::MoveNode("freeze-before-persist"), Meanwhile::Nothing;
     source_dies_freezing_then_split: Crash::MoveNode("freeze-before-persist"), Meanwhile::Split;
+    source_dies_freezing_then_merge: Crash::MoveNode("freeze-before-persist"), Meanwhile::Merge;
+    source_dies_freezing_then_move_on: Crash::MoveNode("freeze-before-persist"), Meanwhile::MoveOn;
+    source_dies_freezing_then_restart: Crash::MoveNode("freeze-before-persist"), Meanwhile::Restart;
+    source_dies_frozen: Crash::MoveNode("freeze-after-persist"), Meanwhile::Nothing;
+    source_dies_frozen_then_split: Crash::MoveNode("freeze-after-persist"), Meanwhile::Split;
+    source_dies_frozen_then_merge: Crash::MoveNode("freeze-after-persist"), Meanwhile::Merge;
+    source_dies_frozen_then_move_on: Crash::MoveNode("freeze-after-persist"), Meanwhile::MoveOn;
     source_dies_frozen_then_restart: Crash::MoveNode("freeze-after-persist"), Meanwhile::Restart;
+    target_dies_completing: Crash::MoveNode("complete-before-persist"), Meanwhile::Nothing;
+    target_dies_completing_then_split: Crash::MoveNode("complete-before-persist"), Meanwhile::Split;
     target_dies_completing_then_merge: Crash::MoveNode("complete-before-persist"), Meanwhile::Merge;
     target_dies_completing_then_move_on: Crash::MoveNode("complete-before-persist"), Meanwhile::MoveOn;
+    target_dies_completing_then_restart: Crash::MoveNode("complete-before-persist"), Meanwhile::Restart;
+    source_dies_retiring: Crash::MoveNode("retire-before-persist"), Meanwhile::Nothing;
     source_dies_retiring_then_split: Crash::MoveNode("retire-before-persist"), Meanwhile::Split;
     source_dies_retiring_then_merge: Crash::MoveNode("retire-before-persist"), Meanwhile::Merge;
     source_dies_retiring_then_move_on: Crash::MoveNode("retire-before-persist"), Meanwhile::MoveOn;
+    source_dies_retiring_then_restart: Crash::MoveNode("retire-before-persist"), Meanwhile::Restart;
+    split_dies_before_persist: Crash::Split("split-before-persist"), Meanwhile::Nothing;
+    split_dies_before_persist_then_split: Crash::Split("split-before-persist"), Meanwhile::Split;
     split_dies_before_persist_then_merge: Crash::Split("split-before-persist"), Meanwhile::Merge;
+    split_dies_before_persist_then_move_on: Crash::Split("split-before-persist"), Meanwhile::MoveOn;
+    split_dies_before_persist_then_restart: Crash::Split("split-before-persist"), Meanwhile::Restart;
+    split_dies_after_persist: Crash::Split("split-after-persist"), Meanwhile::Nothing;
     split_dies_after_persist_then_split: Crash::Split("split-after-persist"), Meanwhile::Split;
+    split_dies_after_persist_then_merge: Crash::Split("split-after-persist"), Meanwhile::Merge;
     split_dies_after_persist_then_move_on: Crash::Split("split-after-persist"), Meanwhile::MoveOn;
+    split_dies_after_persist_then_restart: Crash::Split("split-after-persist"), Meanwhile::Restart;
+    merge_dies_before_persist: Crash::Merge("merge-before-persist"), Meanwhile::Nothing;
     merge_dies_before_persist_then_split: Crash::Merge("merge-before-persist"), Meanwhile::Split;
+    merge_dies_before_persist_then_merge: Crash::Merge("merge-before-persist"), Meanwhile::Merge;
+    merge_dies_before_persist_then_move_on: Crash::Merge("merge-before-persist"), Meanwhile::MoveOn;
+    merge_dies_before_persist_then_restart: Crash::Merge("merge-before-persist"), Meanwhile::Restart;
+    merge_dies_after_persist: Crash::Merge("merge-after-persist"), Meanwhile::Nothing;
     merge_dies_after_persist_then_split: Crash::Merge("merge-after-persist"), Meanwhile::Split;
+    merge_dies_after_persist_then_merge: Crash::Merge("merge-after-persist"), Meanwhile::Merge;
     merge_dies_after_persist_then_move_on: Crash::Merge("merge-after-persist"), Meanwhile::MoveOn;
+    merge_dies_after_persist_then_restart: Crash::Merge("merge-after-persist"), Meanwhile::Restart;
 }
 
 /// The safety net, on real processes: two nodes that both own the whole key space (two fleets
