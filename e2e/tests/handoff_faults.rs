@@ -154,18 +154,26 @@ async fn move_r_steps(nodes: &[NodeProcess], r: &RangeDescriptor, steps: usize) 
         return 0;
     }
     let new_generation = r.generation + 1;
+    if steps < 2 {
+        return 1;
+    }
     let freeze = FreezeForMoveRequest { range_id: R, move_id: MOVE_ID, target: Some(replica(target)), new_generation };
-    let final_seq = match source.admin().freeze_for_move(freeze).await {
-        Ok(frozen) if steps >= 2 => frozen.into_inner().final_seq,
-        _ => return 1,
+    let Ok(frozen) = source.admin().freeze_for_move(freeze).await else { return 1 };
+    if steps < 3 {
+        return 2;
+    }
+    let complete = CompleteImportRequest {
+        range_id: R,
+        move_id: MOVE_ID,
+        final_seq: frozen.into_inner().final_seq,
+        new_generation,
     };
-    let complete = CompleteImportRequest { range_id: R, move_id: MOVE_ID, final_seq, new_generation };
-    let new_owner = match target.admin().complete_import(complete).await {
-        Ok(done) if steps >= 3 => done.into_inner().range,
-        _ => return 2,
-    };
-    let retire = RetireMovedRequest { range_id: R, move_id: MOVE_ID, new_owner };
-    if steps < 4 || source.admin().retire_moved(retire).await.is_err() {
+    let Ok(done) = target.admin().complete_import(complete).await else { return 2 };
+    if steps < 4 {
+        return 3;
+    }
+    let retire = RetireMovedRequest { range_id: R, move_id: MOVE_ID, new_owner: done.into_inner().range };
+    if source.admin().retire_moved(retire).await.is_err() {
         return 3;
     }
     4
