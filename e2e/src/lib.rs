@@ -453,3 +453,15 @@ pub async fn assert_one_owner_per_key(addresses: &[String]) {
     }
     assert!(expected_start.is_empty(), "the last range does not reach the end of the key space: {owned:?}");
 }
+
+/// Polls `check` every 200 ms until it holds; panics naming `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {within:?} waiting for {what}");
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::{NodeProcess, assert_all_acked_readable, client_for};
+use kvfleet_e2e::{NodeProcess, assert_all_acked_readable, client_for, wait_until};
 use kvfleet_proto::v1::*;
 
 const MOVE_ID: u64 = 7;
@@ -260,17 +260,6 @@ async fn owned(node: &NodeProcess) -> Vec<RangeDescriptor> {
 async fn get_from(node: &NodeProcess, key: &str) -> Result<Option<Bytes>, tonic::Status> {
     let response = node.kv().get(GetRequest { header: None, key: Bytes::from(key.to_string()) }).await?.into_inner();
     Ok(response.found.then_some(response.value))
-}
-
-async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {within:?} waiting for {what}");
 }
 
 /// A source owning range 1 with `k = v1`, an empty target, and a client for both.

@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use kvfleet_e2e::{
-    NodeProcess, Playground, TestPlatform, assert_all_acked_readable, assert_one_owner_per_key, client_for,
+    NodeProcess, Playground, TestPlatform, assert_all_acked_readable, assert_one_owner_per_key, client_for, wait_until,
 };
 use kvfleet_operator::controller::status::StatusBoard;
 use kvfleet_operator::controller::{Controller, ControllerConfig};
@@ -116,17 +116,6 @@ impl Workload {
     }
 }
 
-async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {within:?} waiting for {what}");
-}
-
 fn owners(status: &ControllerStatus) -> usize {
     let mut owners: Vec<&str> = status.ranges.iter().map(|r| r.owner.as_str()).collect();
     owners.sort();
@@ -165,13 +154,13 @@ async fn run_scenario(
 ) -> ControllerStatus {
     let workload = Workload::start(playground.client());
     if let Some(crash_file) = crash_file {
-        wait_for("the crash point to fire", Duration::from_secs(90), async || crash_file.exists()).await;
+        wait_until("the crash point to fire", Duration::from_secs(90), async || crash_file.exists()).await;
         if restart_controller {
             assert!(playground.wait_for_controller_exit(Duration::from_secs(10)), "the controller did not crash");
             playground.spawn();
         }
     }
-    wait_for("splits and moves, nothing in flight, every node up", Duration::from_secs(90), async || {
+    wait_until("splits and moves, nothing in flight, every node up", Duration::from_secs(90), async || {
         let status = playground.status().await;
         status.ranges.len() >= 3
             && owners(&status) >= 2
@@ -226,7 +215,7 @@ async fn zipfian_load_is_split_moved_and_merged_without_losing_a_write() {
 
     // Idle, the ranges go cold and merge back.
     let busiest = status.ranges.len();
-    wait_for("cold ranges to merge", Duration::from_secs(90), async || {
+    wait_until("cold ranges to merge", Duration::from_secs(90), async || {
         playground.status().await.ranges.len() < busiest
     })
     .await;
@@ -300,7 +289,7 @@ async fn controller_killed_after_the_handoff_then_the_new_owner_splits() {
         2,
         2,
     );
-    wait_for("the crash point to fire", Duration::from_secs(90), async || crash_file.exists()).await;
+    wait_until("the crash point to fire", Duration::from_secs(90), async || crash_file.exists()).await;
     assert!(playground.wait_for_controller_exit(Duration::from_secs(10)), "the controller did not crash");
 
     let state: kvfleet_operator::controller::state::ControllerState =
@@ -331,7 +320,7 @@ async fn controller_killed_after_the_handoff_then_the_new_owner_splits() {
         .expect("a user splits the moved range on its new owner");
     tokio::time::sleep(Duration::from_secs(1)).await;
     playground.spawn();
-    wait_for("the move recovered, every node up", Duration::from_secs(60), async || {
+    wait_until("the move recovered, every node up", Duration::from_secs(60), async || {
         let status = playground.status().await;
         status.moves.is_empty() && status.conflicts.is_empty() && status.nodes.iter().all(|n| n.state == "up")
     })
@@ -356,12 +345,12 @@ async fn controller_sigkilled_mid_load_resumes_and_adopts_its_nodes() {
     let mut playground = Playground::start(&dir.path().join("fleet"), 3, FAST_POLICY, &[]);
     let pids: Vec<Option<u32>> = playground.nodes.iter().map(|(id, _)| playground.node_pid(id)).collect();
     let workload = Workload::start(playground.client());
-    wait_for("the first split", Duration::from_secs(90), async || playground.status().await.ranges.len() >= 2).await;
+    wait_until("the first split", Duration::from_secs(90), async || playground.status().await.ranges.len() >= 2).await;
     playground.kill9_controller();
     playground.spawn();
     let adopted: Vec<Option<u32>> = playground.nodes.iter().map(|(id, _)| playground.node_pid(id)).collect();
     assert_eq!(pids, adopted, "the restarted controller adopts the running nodes instead of starting new ones");
-    wait_for("moves after the restart", Duration::from_secs(90), async || owners(&playground.status().await) >= 2)
+    wait_until("moves after the restart", Duration::from_secs(90), async || owners(&playground.status().await) >= 2)
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let outcome = workload.finish().await;
@@ -393,14 +382,14 @@ async fn a_node_drained_then_restarted_fails_no_request() {
     let moving = |status: &ControllerStatus, node: &str| status.moves.iter().any(|m| m.from == node || m.to == node);
 
     let workload = Workload::start(client.clone());
-    wait_for("node-2 to own ranges, nothing moving", Duration::from_secs(90), async || {
+    wait_until("node-2 to own ranges, nothing moving", Duration::from_secs(90), async || {
         let status = board.snapshot();
         held(&status, "node-2") > 0 && status.moves.is_empty()
     })
     .await;
     let before = held(&board.snapshot(), "node-2");
     fleet.set_draining("node-2", true);
-    wait_for("node-2 to drain", Duration::from_secs(90), async || {
+    wait_until("node-2 to drain", Duration::from_secs(90), async || {
         let status = board.snapshot();
         let state = status.nodes.iter().find(|n| n.node_id == "node-2").map(|n| n.state.clone());
         state.as_deref() == Some("draining") && held(&status, "node-2") == 0 && !moving(&status, "node-2")
@@ -415,7 +404,7 @@ async fn a_node_drained_then_restarted_fails_no_request() {
     // Restarted (at its new revision, on Kubernetes) and taken back.
     nodes[2].spawn();
     fleet.set_draining("node-2", false);
-    wait_for("node-2 back up", Duration::from_secs(30), async || {
+    wait_until("node-2 back up", Duration::from_secs(30), async || {
         board.snapshot().nodes.iter().any(|n| n.node_id == "node-2" && n.state == "up")
     })
     .await;
