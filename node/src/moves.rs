@@ -90,6 +90,8 @@ struct ExportSession {
     /// Random, per export: tail reads must name it (see `ExportChunk.export_id`).
     export_id: u64,
     capture: Arc<Capture>,
+    /// When the target last read the tail (or the export began).
+    last_read: Mutex<Instant>,
 }
 
 /// One import on the target.
@@ -176,6 +178,7 @@ impl Node {
         let exports = self.moves.exports.lock();
         match exports.get(&range_id) {
             Some(session) if session.move_id == move_id && (export_id == 0 || session.export_id == export_id) => {
+                *session.last_read.lock() = Instant::now();
                 Ok(session.capture.clone())
             }
             Some(session) if session.move_id == move_id => Err(NodeError::Move(format!(
@@ -224,7 +227,8 @@ impl Node {
         taken.await.map_err(|_| NodeError::Move("the snapshot reader stopped".into()))?;
         let tail_from = capture.next_seq();
         let export_id = rand::random::<u64>() | 1;
-        let session = ExportSession { move_id: request.move_id, export_id, capture };
+        let session =
+            ExportSession { move_id: request.move_id, export_id, capture, last_read: Mutex::new(Instant::now()) };
         self.moves.exports.lock().insert(request.range_id, session);
         tracing::info!(range_id = request.range_id, move_id = request.move_id, export_id, "export started");
         Ok((tail_from, export_id, chunks))
@@ -577,20 +581,32 @@ impl Node {
         settled
     }
 
-    /// Source: drops export sessions whose range is no longer owned here (split, merged or
-    /// moved away since): nothing can freeze it any more, and its capture would only grow.
-    pub fn drop_orphan_exports(&self) -> usize {
-        let orphans: Vec<ExportSession> = {
+    /// Source: drops export sessions nothing can use any more, whose captures would only grow:
+    /// those of ranges no longer owned here (split, merged or moved away since), and those of
+    /// active ranges whose target has not read the tail for `idle_limit` (a move abandoned by a
+    /// controller that lost its state; a later move exports afresh). A frozen range keeps its
+    /// export: its move may still complete.
+    pub fn drop_stale_exports(&self, idle_limit: Duration) -> usize {
+        let stale: Vec<ExportSession> = {
             let table = self.table.read();
             let mut exports = self.moves.exports.lock();
-            let gone: Vec<u64> = exports.keys().filter(|id| table.by_id(**id).is_none()).copied().collect();
+            let gone: Vec<u64> = exports
+                .iter()
+                .filter(|(id, session)| match table.by_id(**id) {
+                    None => true,
+                    Some(range) => {
+                        range.desc.state() == RangeState::Active && session.last_read.lock().elapsed() >= idle_limit
+                    }
+                })
+                .map(|(id, _)| *id)
+                .collect();
             gone.iter().filter_map(|id| exports.remove(id)).collect()
         };
-        for session in &orphans {
+        for session in &stale {
             self.storage.stop_capture(&session.capture);
-            tracing::info!(move_id = session.move_id, "dropped the export of a range no longer owned here");
+            tracing::info!(move_id = session.move_id, "dropped an export nothing can use any more");
         }
-        orphans.len()
+        stale.len()
     }
 
     /// Target: what this node persisted about a move. The descriptor names this node at the

@@ -44,6 +44,8 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Streams a client may reset before the node accepted them, per connection (see `run`).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
+/// An export of an active range whose tail nobody read for this long was abandoned.
+const EXPORT_IDLE_LIMIT: Duration = Duration::from_secs(300);
 /// A range frozen longer than this has lost its move's driver (the freeze itself lasts
 /// milliseconds): the node asks the target how the move ended.
 const STALE_FREEZE_AFTER: Duration = Duration::from_secs(2);
@@ -161,7 +163,7 @@ async fn tick_load(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// About once a second: settles freezes that outlived their move's driver
-/// (`Node::settle_stale_freezes`) and drops exports of ranges no longer owned.
+/// (`Node::settle_stale_freezes`) and drops exports nothing can use any more.
 async fn settle_stale_freezes(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,6 +173,6 @@ async fn settle_stale_freezes(node: Arc<Node>, mut shutdown: watch::Receiver<boo
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         node.settle_stale_freezes(STALE_FREEZE_AFTER).await;
-        node.drop_orphan_exports();
+        node.drop_stale_exports(EXPORT_IDLE_LIMIT);
     }
 }
