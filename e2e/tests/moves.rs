@@ -386,6 +386,19 @@ async fn every_step_checks_the_other_side_before_it_acts() {
     let late = CompleteImportRequest { range_id: 1, move_id: MOVE_ID, final_seq: 0, new_generation: 2 };
     let refused = target.admin().complete_import(late).await.unwrap_err();
     assert!(refused.message().contains("was aborted on this node"), "{refused:?}");
+
+    // An export stopped by an abort cannot be frozen for afterwards (a late freeze of a move that
+    // was rolled back), and the range stays active.
+    let export = ExportSnapshotRequest { range_id: 1, generation: 1, move_id: MOVE_ID + 3, chunk_pairs: 0 };
+    let mut chunks = source.admin().export_snapshot(export).await.expect("export").into_inner();
+    while chunks.message().await.expect("snapshot chunk").is_some() {}
+    let abort = AbortExportRequest { range_id: 1, move_id: MOVE_ID + 3, target_address: String::new() };
+    source.admin().abort_export(abort).await.expect("an active range's export stops without asking the target");
+    let late =
+        FreezeForMoveRequest { range_id: 1, move_id: MOVE_ID + 3, target: Some(replica(&target)), new_generation: 2 };
+    let refused = source.admin().freeze_for_move(late).await.unwrap_err();
+    assert!(refused.message().contains("no export of range 1 for move 10"), "{refused:?}");
+    assert_eq!(owned(&source).await[0].state(), RangeState::Active);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,8 +439,11 @@ async fn imports_of_overlapping_keys_exclude_each_other() {
     let wrong = CompleteImportRequest { range_id: 1, move_id: MOVE_ID + 1, final_seq: 0, new_generation: 2 };
     let refused = target.admin().complete_import(wrong).await.unwrap_err();
     assert!(refused.message().contains("was lost"), "{refused:?}");
-    // Once move 7 is aborted, the other move goes through and nothing is lost.
-    target.admin().abort_import(AbortImportRequest { range_id: 1, move_id: MOVE_ID }).await.expect("abort");
+    // Once move 7 is aborted (by its move id, even under a wrong range id), the other move goes
+    // through and nothing is lost.
+    target.admin().abort_import(AbortImportRequest { range_id: 999, move_id: MOVE_ID }).await.expect("abort");
+    let left = target.admin().list_ranges(ListRangesRequest {}).await.unwrap().into_inner().importing;
+    assert!(left.is_empty(), "move 7's import is gone: {left:?}");
     import_as(&target, &source, &right, MOVE_ID + 1).await.expect("import once the overlap is gone");
     let freeze = FreezeForMoveRequest {
         range_id: 3,

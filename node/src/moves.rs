@@ -30,6 +30,9 @@ const TAIL_BATCH: u32 = 4096;
 const CAUGHT_UP_BACKLOG: u64 = 256;
 /// Bound on tail catch-up rounds before the import reports it cannot catch up.
 const MAX_CATCH_UP_ROUNDS: usize = 10_000;
+/// Deadline of one tail read, and the longest wait for the next snapshot chunk: a source that
+/// stalls this long fails the step rather than holding it forever.
+const PEER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of a source's question to a move's target.
 const ASK_TARGET_TIMEOUT: Duration = Duration::from_secs(2);
 /// Metadata key prefix of the move records a target keeps: `move/` + move id (big-endian).
@@ -217,21 +220,34 @@ impl Node {
         if let Some(previous) = self.moves.exports.lock().remove(&request.range_id) {
             self.storage.stop_capture(&previous.capture);
         }
+        // Registered as soon as it starts (no await in between), so that whatever happens next
+        // the capture is found and stopped by an abort or by `drop_stale_exports`.
         let capture = self.storage.start_capture(range.desc.start_key.clone(), range.desc.end_key.clone());
+        let export_id = rand::random::<u64>() | 1;
+        let tail_from = capture.next_seq();
+        let session =
+            ExportSession { move_id: request.move_id, export_id, capture, last_read: Mutex::new(Instant::now()) };
+        self.moves.exports.lock().insert(request.range_id, session);
         let chunk_pairs = match request.chunk_pairs {
             0 => DEFAULT_CHUNK_PAIRS,
             n => n as usize,
         };
         let (taken, chunks) =
             self.storage.stream_snapshot(range.desc.start_key.clone(), range.desc.end_key.clone(), chunk_pairs);
-        taken.await.map_err(|_| NodeError::Move("the snapshot reader stopped".into()))?;
-        let tail_from = capture.next_seq();
-        let export_id = rand::random::<u64>() | 1;
-        let session =
-            ExportSession { move_id: request.move_id, export_id, capture, last_read: Mutex::new(Instant::now()) };
-        self.moves.exports.lock().insert(request.range_id, session);
+        if taken.await.is_err() {
+            self.stop_export(request.range_id, request.move_id);
+            return Err(NodeError::Move("the snapshot reader stopped".into()));
+        }
         tracing::info!(range_id = request.range_id, move_id = request.move_id, export_id, "export started");
         Ok((tail_from, export_id, chunks))
+    }
+
+    /// Source: the target is still reading the snapshot of this export (a long copy is not an
+    /// abandoned export).
+    pub fn touch_export(&self, range_id: u64, export_id: u64) {
+        if let Some(session) = self.moves.exports.lock().get(&range_id).filter(|s| s.export_id == export_id) {
+            *session.last_read.lock() = Instant::now();
+        }
     }
 
     /// Source: the captured writes from `from_seq` on, and whether the range is frozen for this
@@ -260,13 +276,16 @@ impl Node {
     /// Source: stops writes to the range, persisted so a restart does not resume them, and
     /// returns the last captured sequence number.
     pub async fn freeze_for_move(&self, request: &FreezeForMoveRequest) -> Result<u64, NodeError> {
-        let capture = self.export_session(request.range_id, request.move_id, 0)?;
+        self.export_session(request.range_id, request.move_id, 0)?;
         let range =
             self.table.read().by_id(request.range_id).cloned().ok_or(NodeError::UnknownRange(request.range_id))?;
         let _exclusive = range.gate.write().await;
         if range.is_replaced() {
             return Err(NodeError::Move(format!("range {} changed while freezing; retry", request.range_id)));
         }
+        // Again under the gate: an abort that stopped the export while this freeze waited has
+        // rolled the move back, and a late freeze must not freeze the range for it.
+        let capture = self.export_session(request.range_id, request.move_id, 0)?;
         if frozen_for(&range.desc, request.move_id).is_some() {
             return Ok(capture.next_seq() - 1);
         }
@@ -476,9 +495,9 @@ impl Node {
     /// persisted fence): a copy whose target completed the move is stale and is never
     /// reactivated.
     pub async fn abort_export(&self, request: &AbortExportRequest) -> Result<(), NodeError> {
-        self.stop_export(request.range_id, request.move_id);
         let range = self.table.read().by_id(request.range_id).cloned();
         let Some(range) = range else {
+            self.stop_export(request.range_id, request.move_id);
             let table = self.table.read();
             let handed_over = table
                 .retired(request.range_id)
@@ -492,7 +511,9 @@ impl Node {
             }
             return Ok(());
         };
+        // Under the gate, so that a freeze for this move waiting on it sees the export gone.
         let _exclusive = range.gate.write().await;
+        self.stop_export(request.range_id, request.move_id);
         if range.is_replaced() {
             return Err(NodeError::Move(format!("range {} changed while aborting; retry", request.range_id)));
         }
@@ -683,12 +704,10 @@ impl Node {
             // Two imports of overlapping keys would write over each other, and aborting one would
             // delete the other's data. The same move may start again (a retry), cancelling its
             // earlier attempt.
-            let other = self
-                .table
-                .read()
-                .all_importing()
-                .find(|d| d.overlaps(&source) && d.move_intent.as_ref().is_none_or(|i| i.move_id != request.move_id))
-                .cloned();
+            let same_attempt = |d: &RangeDescriptor| {
+                d.range_id == source.range_id && d.move_intent.as_ref().is_some_and(|i| i.move_id == request.move_id)
+            };
+            let other = self.table.read().all_importing().find(|d| d.overlaps(&source) && !same_attempt(d)).cloned();
             if let Some(other) = other {
                 let other_move = other.move_intent.as_ref().map_or(0, |i| i.move_id);
                 return Err(NodeError::Move(format!(
@@ -733,7 +752,13 @@ impl Node {
         let mut stream = admin.export_snapshot(export).await.map_err(|s| rpc_error("export snapshot", s))?.into_inner();
         let (mut pairs, mut bytes) = (0u64, 0u64);
         cursor.next_seq = 1;
-        while let Some(chunk) = stream.message().await.map_err(|s| rpc_error("reading the snapshot", s))? {
+        let next_chunk = async |stream: &mut tonic::Streaming<kvfleet_proto::v1::ExportChunk>| {
+            let chunk = tokio::time::timeout(PEER_READ_TIMEOUT, stream.message())
+                .await
+                .map_err(|_| NodeError::Move(format!("the source sent no snapshot data for {PEER_READ_TIMEOUT:?}")))?;
+            chunk.map_err(|s| rpc_error("reading the snapshot", s))
+        };
+        while let Some(chunk) = next_chunk(&mut stream).await? {
             cursor.next_seq = chunk.tail_from_seq.max(1);
             cursor.export_id = chunk.export_id;
             pairs += chunk.pairs.len() as u64;
@@ -778,6 +803,8 @@ impl Node {
                 max_entries: TAIL_BATCH,
                 export_id: cursor.export_id,
             };
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(PEER_READ_TIMEOUT);
             let tail = admin.export_tail(request).await.map_err(|s| rpc_error("reading the tail", s))?.into_inner();
             let ops: Vec<WriteOp> =
                 tail.entries.iter().filter_map(|e| e.mutation.as_ref().and_then(from_mutation)).collect();
@@ -787,8 +814,9 @@ impl Node {
             cursor.next_seq = tail.next_seq.max(cursor.next_seq);
             let done = match until {
                 None => tail.backlog <= CAUGHT_UP_BACKLOG,
-                // An empty read from a frozen source means nothing up to `last` is left.
-                Some(last) => cursor.next_seq > last || tail.entries.is_empty(),
+                // The source is frozen: its log is final. Read all of it (past `last` too, if
+                // the caller's number was low) or stop at an empty read.
+                Some(last) => (cursor.next_seq > last && tail.backlog == 0) || tail.entries.is_empty(),
             };
             if done {
                 return Ok(tail.frozen_new_generation);
@@ -816,6 +844,10 @@ impl Node {
         // The tail is pulled without the transition lock (a paused source must not hold up other
         // moves' steps here); the cursor lock keeps a concurrent retry from applying it twice.
         let mut cursor = session.cursor.lock().await;
+        // A concurrent call that held the cursor may have completed the move meanwhile.
+        if let Some(settled) = self.settled_completion(request) {
+            return settled;
+        }
         if !cursor.ready {
             return Err(NodeError::Move(format!(
                 "the import of range {} for move {} has not finished copying",
@@ -895,11 +927,13 @@ impl Node {
                 request.move_id, record.range_id
             )));
         }
-        if let Some(session) = self.import_session(request.range_id, request.move_id) {
+        // The move's import, whatever range id the caller named.
+        let importing = self.importing_for(None, request.move_id);
+        let range_id = importing.as_ref().map_or(request.range_id, |d| d.range_id);
+        if let Some(session) = self.import_session(range_id, request.move_id) {
             // Waits for a write of copied data in flight; none lands after this.
             session.cancel().await;
         }
-        let importing = self.importing_for(Some(request.range_id), request.move_id);
         let mut ops = Vec::new();
         if recorded.is_none() {
             ops.push(move_record_write(&move_record(request.move_id, request.range_id, MoveOutcome::Aborted, None)));
@@ -929,13 +963,13 @@ impl Node {
             self.moves.records.lock().insert(request.move_id, record);
         }
         if importing.is_some() {
-            self.table.write().forget_import(request.range_id);
+            self.table.write().forget_import(range_id);
         }
         let mut imports = self.moves.imports.lock();
-        if imports.get(&request.range_id).is_some_and(|s| s.move_id == request.move_id) {
-            imports.remove(&request.range_id);
+        if imports.get(&range_id).is_some_and(|s| s.move_id == request.move_id) {
+            imports.remove(&range_id);
         }
-        tracing::info!(range_id = request.range_id, move_id = request.move_id, "import aborted");
+        tracing::info!(range_id, move_id = request.move_id, "import aborted");
         Ok(())
     }
 }

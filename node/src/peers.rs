@@ -12,6 +12,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::error::NodeError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Snapshot chunks and tail batches are larger than tonic's 4 MiB default.
 const MAX_ADMIN_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -30,6 +32,9 @@ impl Peers {
             .map_err(|e| NodeError::Invalid(format!("bad peer address {address:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            // A peer that vanished without a FIN (a partitioned or frozen machine) is noticed.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .connect_lazy();
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)

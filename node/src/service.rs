@@ -209,8 +209,12 @@ impl Admin for AdminService {
         request: Request<ExportSnapshotRequest>,
     ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
         use tokio_stream::StreamExt;
-        let (tail_from_seq, export_id, chunks) = self.node.export_snapshot(&request.into_inner()).await?;
+        let request = request.into_inner();
+        let range_id = request.range_id;
+        let (tail_from_seq, export_id, chunks) = self.node.export_snapshot(&request).await?;
+        let node = self.node.clone();
         let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(move |chunk| {
+            node.touch_export(range_id, export_id);
             chunk
                 .map(|pairs| ExportChunk {
                     pairs: pairs.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),
