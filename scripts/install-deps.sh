@@ -3,12 +3,16 @@
 #   install-deps.sh            build dependencies (libclang for RocksDB's bindgen; Python for
 #                              the Helm chart check)
 #   install-deps.sh --bench    plus the servers the benchmarks compare against (Redis, etcd)
+#   install-deps.sh --control-plane
+#                              plus what scripts/control-plane.sh builds the Kubernetes control
+#                              plane with (Go 1.19 and Debian's reflect2) and etcd
 set -euo pipefail
 
 packages=(libclang-dev python3 python3-venv)
-if [[ "${1:-}" == "--bench" ]]; then
-  packages+=(redis-server etcd-server etcd-client)
-fi
+case "${1:-}" in
+  --bench) packages+=(redis-server etcd-server etcd-client) ;;
+  --control-plane) packages+=(golang-1.19-go golang-1.19-src golang-github-modern-go-reflect2-dev etcd-server curl) ;;
+esac
 
 missing=()
 for package in "${packages[@]}"; do
