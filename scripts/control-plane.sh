@@ -27,11 +27,14 @@ BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
 
 scripts/install-deps.sh --control-plane >&2
 
+# Bumped whenever this recipe changes what it builds, so caches built by an older one are redone.
+RECIPE=2
+
 built() {
   for binary in "${BINARIES[@]}"; do
     [[ -x "$BIN/$binary" ]] || return 1
   done
-  [[ "$("$BIN/kube-apiserver" --version)" == "Kubernetes v$VERSION" ]]
+  [[ "$(cat "$BIN/recipe" 2>/dev/null)" == "$RECIPE" ]] && [[ "$("$BIN/kube-apiserver" --version)" == "Kubernetes v$VERSION" ]]
 }
 
 if built; then
@@ -77,15 +80,18 @@ inputs=$(
 
 # Without the version stamp /version says v0.0.0, and clients (kube-rs among them) see a
 # server older than any they support.
-version_pkg=k8s.io/kubernetes/vendor/k8s.io/component-base/version
-ldflags="-s -w -X $version_pkg.gitVersion=v$VERSION -X $version_pkg.gitMajor=1 -X $version_pkg.gitMinor=20"
-ldflags+=" -X $version_pkg.gitTreeState=clean -X $version_pkg.buildDate=2021-01-13T00:00:00Z"
+ldflags="-s -w"
+for version_pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $version_pkg.gitVersion=v$VERSION -X $version_pkg.gitMajor=1 -X $version_pkg.gitMinor=20"
+  ldflags+=" -X $version_pkg.gitTreeState=clean -X $version_pkg.buildDate=2021-01-13T00:00:00Z"
+done
 mkdir -p "$BIN"
 for binary in "${BINARIES[@]}"; do
   echo "control-plane: go build $binary" >&2
   go build -ldflags "$ldflags" -o "$BIN/$binary.part" "./cmd/$binary"
   mv "$BIN/$binary.part" "$BIN/$binary"
 done
+echo "$RECIPE" > "$BIN/recipe"
 cd /
 rm -rf "$work"
 built || { echo "control-plane: the build did not produce working binaries" >&2; exit 1; }

@@ -11,7 +11,7 @@ set -euo pipefail
 packages=(libclang-dev python3 python3-venv)
 case "${1:-}" in
   --bench) packages+=(redis-server etcd-server etcd-client) ;;
-  --control-plane) packages+=(golang-1.19-go golang-1.19-src golang-github-modern-go-reflect2-dev etcd-server curl) ;;
+  --control-plane) packages+=(golang-1.19-go golang-1.19-src golang-github-modern-go-reflect2-dev etcd-server curl openssl) ;;
 esac
 
 missing=()

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The test suite: formatting, lints, unit tests, end-to-end tests on real node processes, and the
-# Helm chart check.
+# The test suite: formatting, lints, unit tests, end-to-end tests on real node processes and
+# against a real Kubernetes API server (built from Debian's sources, cached), and the Helm
+# chart check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 scripts/install-deps.sh
+echo "== a real Kubernetes control plane for the operator's tests (built once, cached)"
+KVFLEET_K8S_BIN="$(scripts/control-plane.sh | tail -n 1)"
+export KVFLEET_K8S_BIN
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -1,8 +1,9 @@
 //! Helpers for end-to-end tests on real processes: start, kill and restart `kvfleet-node`
 //! binaries on loopback, each with its own data directory, and talk to them over gRPC; a
 //! platform of nodes the test started, for running the controller in the test; and the history
-//! checker (`history`).
+//! checker (`history`); a real Kubernetes control plane on loopback (`control_plane`).
 
+pub mod control_plane;
 pub mod history;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,297 @@
+//! A real Kubernetes control plane on loopback for the tests: Debian's etcd, and the
+//! kube-apiserver, kube-controller-manager and kube-scheduler that `scripts/control-plane.sh`
+//! builds (1.20.2). Token authentication, RBAC authorization, the usual admission plugins,
+//! service-account tokens (TokenRequest), an audit log of every request. Everything it starts
+//! is killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// The token of the control plane's administrator (group system:masters).
+const ADMIN_TOKEN: &str = "kvfleet-test-admin";
+/// The controller-manager's and the scheduler's token (system:masters too: with
+/// --use-service-account-credentials=false every controller runs as this user).
+const COMPONENTS_TOKEN: &str = "kvfleet-test-components";
+const AUDIENCE: &str = "https://kubernetes.default.svc";
+
+/// Where the control plane's binaries are: `KVFLEET_K8S_BIN`, else the default of
+/// `scripts/control-plane.sh`. Panics with the way to build them if they are missing.
+pub fn binaries() -> PathBuf {
+    let dir = std::env::var_os("KVFLEET_K8S_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/kvfleet-k8s/v1.20.2/bin")
+    });
+    assert!(
+        dir.join("kube-apiserver").exists(),
+        "no kube-apiserver in {}: run scripts/control-plane.sh (./scripts/test.sh does) or set KVFLEET_K8S_BIN",
+        dir.display()
+    );
+    dir
+}
+
+/// A free port on 127.0.0.1 (released before use: good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+    assert!(output.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+}
+
+/// A CA, the API server's serving certificate (127.0.0.1), and the service-account key pair.
+fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kvfleet-test-ca",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    openssl(dir, &["genrsa", "-out", "sa.key", "2048"]);
+    openssl(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+}
+
+/// Every request of `user` at RequestResponse level (bodies included), the rest at Metadata.
+fn audit_policy(user: &str) -> String {
+    format!(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: RequestResponse\n  users: [\"{user}\"]\n- level: None\n"
+    )
+}
+
+pub struct ControlPlane {
+    pub dir: tempfile::TempDir,
+    /// https://127.0.0.1:<port>
+    pub server: String,
+    processes: Vec<(&'static str, Child)>,
+}
+
+impl ControlPlane {
+    /// Starts etcd, the API server, the controller-manager and the scheduler, and waits until
+    /// the API server is ready. `audited_user` is logged at RequestResponse level in
+    /// `audit.log` (the operator's ServiceAccount, typically).
+    pub fn start(audited_user: &str) -> Self {
+        let bin = binaries();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path();
+        make_certificates(path);
+        std::fs::write(
+            path.join("tokens.csv"),
+            format!(
+                "{ADMIN_TOKEN},kvfleet-test-admin,1,\"system:masters\"\n{COMPONENTS_TOKEN},kvfleet-test-components,2,\"system:masters\"\n"
+            ),
+        )
+        .expect("write tokens.csv");
+        std::fs::write(path.join("audit-policy.yaml"), audit_policy(audited_user)).expect("write the audit policy");
+        let mut plane = ControlPlane { server: String::new(), processes: Vec::new(), dir };
+        let path = plane.dir.path().to_path_buf();
+        let log = |name: &str| std::fs::File::create(path.join(format!("{name}.log"))).expect("create a log file");
+
+        let (etcd_client, etcd_peer) = (free_port(), free_port());
+        let etcd = Command::new("etcd")
+            .args(["--data-dir", path.join("etcd").to_str().unwrap()])
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{etcd_client}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{etcd_client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{etcd_peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{etcd_peer}")])
+            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{etcd_peer}")])
+            .stdout(Stdio::null())
+            .stderr(log("etcd"))
+            .spawn()
+            .expect("etcd starts (etcd-server is installed by scripts/install-deps.sh --control-plane)");
+        plane.processes.push(("etcd", etcd));
+
+        let port = free_port();
+        plane.server = format!("https://127.0.0.1:{port}");
+        let file = |name: &str| path.join(name).display().to_string();
+        let apiserver = Command::new(bin.join("kube-apiserver"))
+            .args(["--etcd-servers", &format!("http://127.0.0.1:{etcd_client}")])
+            .args(["--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1"])
+            .args(["--secure-port", &port.to_string()])
+            .args(["--tls-cert-file", &file("server.crt"), "--tls-private-key-file", &file("server.key")])
+            .args(["--client-ca-file", &file("ca.crt")])
+            .args(["--token-auth-file", &file("tokens.csv")])
+            .args(["--authorization-mode", "RBAC"])
+            .args(["--service-account-key-file", &file("sa.pub")])
+            .args(["--service-account-signing-key-file", &file("sa.key")])
+            .args(["--service-account-issuer", AUDIENCE, "--api-audiences", AUDIENCE])
+            .args(["--service-cluster-ip-range", "10.96.0.0/16"])
+            .args([
+                "--enable-admission-plugins",
+                "NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,\
+                 MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
+            ])
+            .arg("--allow-privileged=true")
+            .args(["--audit-policy-file", &file("audit-policy.yaml"), "--audit-log-path", &file("audit.log")])
+            .args(["--v", "1"])
+            .stdout(Stdio::null())
+            .stderr(log("kube-apiserver"))
+            .spawn()
+            .expect("kube-apiserver starts");
+        plane.processes.push(("kube-apiserver", apiserver));
+        plane.wait_ready(Duration::from_secs(90));
+
+        plane.write_kubeconfig("components.kubeconfig", COMPONENTS_TOKEN);
+        let controller_manager = Command::new(bin.join("kube-controller-manager"))
+            .args(["--kubeconfig", &file("components.kubeconfig")])
+            .args(["--controllers", "*", "--use-service-account-credentials=false", "--leader-elect=false"])
+            .args(["--service-account-private-key-file", &file("sa.key"), "--root-ca-file", &file("ca.crt")])
+            .args(["--cluster-signing-cert-file", &file("ca.crt"), "--cluster-signing-key-file", &file("ca.key")])
+            .args(["--bind-address", "127.0.0.1", "--secure-port", &free_port().to_string(), "--port", "0"])
+            .stdout(Stdio::null())
+            .stderr(log("kube-controller-manager"))
+            .spawn()
+            .expect("kube-controller-manager starts");
+        plane.processes.push(("kube-controller-manager", controller_manager));
+        let scheduler = Command::new(bin.join("kube-scheduler"))
+            .args(["--kubeconfig", &file("components.kubeconfig"), "--leader-elect=false"])
+            .args(["--bind-address", "127.0.0.1", "--secure-port", &free_port().to_string(), "--port", "0"])
+            .stdout(Stdio::null())
+            .stderr(log("kube-scheduler"))
+            .spawn()
+            .expect("kube-scheduler starts");
+        plane.processes.push(("kube-scheduler", scheduler));
+        plane
+    }
+
+    fn wait_ready(&mut self, within: Duration) {
+        let started = Instant::now();
+        let ca = self.dir.path().join("ca.crt");
+        while started.elapsed() < within {
+            let exited = self
+                .processes
+                .iter_mut()
+                .find_map(|(name, child)| child.try_wait().ok().flatten().map(|status| (*name, status)));
+            if let Some((name, status)) = exited {
+                panic!("{name} exited ({status}) while the control plane started:\n{}", self.log_tail(name));
+            }
+            let ready = Command::new("curl")
+                .args(["--silent", "--fail", "--max-time", "2", "--cacert", ca.to_str().unwrap()])
+                .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+                .arg(format!("{}/readyz", self.server))
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ready {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("kube-apiserver not ready within {within:?}:\n{}", self.log_tail("kube-apiserver"));
+    }
+
+    /// The last lines of a component's log.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The audit log (JSON lines).
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
+    }
+
+    /// Writes a kubeconfig for `token` into the control plane's directory; returns its path.
+    pub fn write_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        let ca = self.dir.path().join("ca.crt");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+             users:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\n\
+             current-context: test\n",
+            self.server,
+            ca.display()
+        );
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write a kubeconfig");
+        path
+    }
+
+    pub async fn client_for(&self, kubeconfig: &Path) -> Client {
+        let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("read the kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("a client configuration");
+        Client::try_from(config).expect("a client")
+    }
+
+    /// A client acting as the administrator.
+    pub async fn admin(&self) -> Client {
+        let path = self.write_kubeconfig("admin.kubeconfig", ADMIN_TOKEN);
+        self.client_for(&path).await
+    }
+
+    /// The audience service-account tokens are issued for.
+    pub fn audience(&self) -> &'static str {
+        AUDIENCE
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for (_, child) in self.processes.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            // Keep the logs of a failed run for a look.
+            let kept = self.dir.path().with_extension("kept");
+            let _ = std::fs::rename(self.dir.path(), &kept);
+            eprintln!("control plane logs kept in {}", kept.display());
+        }
+    }
+}
