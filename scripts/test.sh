@@ -9,7 +9,9 @@ source scripts/env.sh
 scripts/install-deps.sh
 echo "== a real Kubernetes control plane for the operator's tests (built once, cached)"
 KVFLEET_K8S_BIN="$(scripts/control-plane.sh | tail -n 1)"
-export KVFLEET_K8S_BIN
+# Helm's library installs the chart into that control plane (and checks it, below).
+KVFLEET_PYTHON="$(scripts/python-venv.sh | tail -n 1)"
+export KVFLEET_K8S_BIN KVFLEET_PYTHON
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

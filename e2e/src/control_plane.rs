@@ -246,6 +246,26 @@ impl ControlPlane {
         std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
     }
 
+    /// Requests by `user` that the API server answered with `403` or a 5xx, from the audit log:
+    /// "VERB URI -> CODE: message".
+    pub fn refused_requests(&self, user: &str) -> Vec<String> {
+        self.audit_log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["stage"] == "ResponseComplete" && event["user"]["username"] == user)
+            .filter(|event| event["responseStatus"]["code"].as_u64().is_some_and(|code| code == 403 || code >= 500))
+            .map(|event| {
+                format!(
+                    "{} {} -> {}: {}",
+                    event["verb"].as_str().unwrap_or(""),
+                    event["requestURI"].as_str().unwrap_or(""),
+                    event["responseStatus"]["code"],
+                    event["responseStatus"]["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    }
+
     /// Writes a kubeconfig for `token` into the control plane's directory; returns its path.
     pub fn write_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
         let ca = self.dir.path().join("ca.crt");

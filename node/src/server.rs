@@ -62,10 +62,12 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    // /readyz (Kubernetes' readiness probe): set once the gRPC server starts, cleared on SIGTERM.
+    let readiness = kvfleet_proto::metrics_http::Readiness::default();
     if let Some(addr) = config.metrics_listen {
         let registry = Arc::new(registry);
         let shutdown = wait_until_true(shutdown_rx.clone());
-        kvfleet_proto::metrics_http::spawn(addr, registry, shutdown);
+        kvfleet_proto::metrics_http::spawn(addr, registry, readiness.clone(), shutdown);
     }
     tokio::spawn(tick_load(node.clone(), shutdown_rx.clone()));
     tokio::spawn(settle_stale_freezes(node.clone(), shutdown_rx.clone()));
@@ -73,7 +75,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KvServer<KvService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
-    tokio::spawn(wait_for_signal(shutdown_tx, health.clone()));
+    tokio::spawn(wait_for_signal(shutdown_tx, health.clone(), readiness.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kvfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -94,6 +96,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         ranges = node.owned_ranges().len(),
         "serving"
     );
+    readiness.set(true);
     println!("{} node_id={} address={}", kvfleet_proto::NODE_READY_PREFIX, config.node_id, node.address);
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
@@ -124,9 +127,13 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// On SIGTERM/SIGINT: report NOT_SERVING (so probes and balancers stop sending), then start the
-/// graceful stop.
-async fn wait_for_signal(shutdown: watch::Sender<bool>, health: tonic_health::server::HealthReporter) {
+/// On SIGTERM/SIGINT: report NOT_SERVING and not ready (so probes and balancers stop sending),
+/// then start the graceful stop.
+async fn wait_for_signal(
+    shutdown: watch::Sender<bool>,
+    health: tonic_health::server::HealthReporter,
+    readiness: kvfleet_proto::metrics_http::Readiness,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; the node stops only when killed");
@@ -136,6 +143,7 @@ async fn wait_for_signal(shutdown: watch::Sender<bool>, health: tonic_health::se
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
+    readiness.set(false);
     health.set_not_serving::<KvServer<KvService>>().await;
     health.set_not_serving::<AdminServer<AdminService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;

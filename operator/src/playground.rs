@@ -148,7 +148,7 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
     if let Some(addr) = args.metrics_listen {
         let registry = Arc::new(registry);
         let shutdown = wait_until_true(shutdown_rx.clone());
-        kvfleet_proto::metrics_http::spawn(addr, registry, shutdown);
+        kvfleet_proto::metrics_http::spawn(addr, registry, kvfleet_proto::metrics_http::Readiness::ready(), shutdown);
     }
 
     let members = crate::platform::Platform::members(platform.as_ref()).await?;

@@ -10,9 +10,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
-    EnvVarSource, GRPCAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -139,8 +140,15 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
     let names = Names::of(kvc)?;
     let spec = &kvc.spec;
     let config = node_config(kvc)?;
-    let grpc_probe = |period: i32, failures: i32| Probe {
-        grpc: Some(GRPCAction { port: spec.ports.grpc, ..Default::default() }),
+    // HTTP probes on the node's metrics port: /healthz (the process serves, its data recovered)
+    // and /readyz (it takes traffic; cleared on SIGTERM). They work on every Kubernetes version,
+    // unlike gRPC probes (1.24+).
+    let http_probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..Default::default()
+        }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         timeout_seconds: Some(3),
@@ -164,13 +172,25 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
             ..Default::default()
         }]),
         ports: Some(vec![
-            ContainerPort { name: Some("grpc".into()), container_port: spec.ports.grpc, ..Default::default() },
-            ContainerPort { name: Some("metrics".into()), container_port: spec.ports.metrics, ..Default::default() },
+            // The protocol is written out: it is a key of the port lists, and an API server's
+            // server-side apply refuses an element without it (1.20: "omits key field").
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: spec.ports.grpc,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: spec.ports.metrics,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
         ]),
         // RocksDB recovery of a large WAL can take a while: up to 5 minutes before liveness counts.
-        startup_probe: Some(grpc_probe(5, 60)),
-        readiness_probe: Some(grpc_probe(5, 2)),
-        liveness_probe: Some(grpc_probe(10, 6)),
+        startup_probe: Some(http_probe("/healthz", 5, 60)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
         volume_mounts: Some(vec![VolumeMount {
             name: DATA_VOLUME.into(),
@@ -337,6 +357,8 @@ fn service_ports(kvc: &KeyValueCluster) -> Vec<ServicePort> {
         name: Some(name.into()),
         port: number,
         target_port: Some(IntOrString::String(name.into())),
+        // A key of the list, like the containers' ports' (see `statefulset`).
+        protocol: Some("TCP".into()),
         app_protocol: (name == "grpc").then(|| "kubernetes.io/h2c".to_string()),
         ..Default::default()
     };
@@ -438,9 +460,14 @@ mod tests {
         assert_eq!(security.run_as_non_root, Some(true));
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.allow_privilege_escalation, Some(false));
-        for probe in [&container.readiness_probe, &container.liveness_probe, &container.startup_probe] {
-            assert_eq!(probe.as_ref().unwrap().grpc.as_ref().unwrap().port, 7700);
-        }
+        let probe_path = |probe: &Option<Probe>| {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.port, IntOrString::String("metrics".into()), "probes use the metrics port");
+            get.path.clone().unwrap()
+        };
+        assert_eq!(probe_path(&container.readiness_probe), "/readyz");
+        assert_eq!(probe_path(&container.liveness_probe), "/healthz");
+        assert_eq!(probe_path(&container.startup_probe), "/healthz");
         let advertise = container.env.as_ref().unwrap().iter().find(|e| e.name == "KVFLEET_ADVERTISE").unwrap();
         assert_eq!(advertise.value.as_deref(), Some("$(KVFLEET_NODE_ID).demo-nodes.$(POD_NAMESPACE).svc:7700"));
         assert_eq!(container.volume_mounts.as_ref().unwrap()[0].mount_path, DATA_DIR);
@@ -472,7 +499,8 @@ mod tests {
         );
         let pod = pod_spec(&sts);
         assert_eq!(pod.containers[0].image.as_deref(), Some("registry.local/kvfleet-node:dev"));
-        assert_eq!(pod.containers[0].readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap().port, 8000);
+        let ports = pod.containers[0].ports.as_ref().unwrap();
+        assert_eq!((ports[0].name.as_deref(), ports[0].container_port), (Some("grpc"), 8000));
         assert_eq!(pod.node_selector.as_ref().unwrap()["disk"], "nvme");
         let anti = pod.affinity.as_ref().unwrap().pod_anti_affinity.as_ref().unwrap();
         assert_eq!(anti.required_during_scheduling_ignored_during_execution.as_ref().unwrap().len(), 1);
@@ -544,6 +572,19 @@ mod tests {
         assert_eq!(spec.selector, Some(selector_labels(&Names::of(&kvc).unwrap())));
         let pdb = pod_disruption_budget(&kvc).unwrap();
         assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn every_port_names_its_protocol() {
+        // A key of the port lists: server-side apply refuses an element without it.
+        let kvc = cluster("demo", 3);
+        for service in [headless_service(&kvc).unwrap(), client_service(&kvc).unwrap()] {
+            let ports = service.spec.unwrap().ports.unwrap();
+            assert!(ports.iter().all(|p| p.protocol.as_deref() == Some("TCP")), "{ports:?}");
+        }
+        let pod = statefulset(&kvc, 3).unwrap().spec.template.spec.unwrap();
+        let ports = pod.containers[0].ports.clone().unwrap();
+        assert!(ports.iter().all(|p| p.protocol.as_deref() == Some("TCP")), "{ports:?}");
     }
 
     #[test]

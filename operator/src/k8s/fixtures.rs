@@ -73,6 +73,8 @@ pub struct Recorded {
     pub method: String,
     pub path: String,
     pub query: String,
+    /// The request's Content-Type (a server-side apply is `application/apply-patch+yaml`).
+    pub content_type: String,
     pub body: serde_json::Value,
 }
 
@@ -101,6 +103,12 @@ pub fn verifier(script: Vec<Expect>) -> (kube::Client, tokio::task::JoinHandle<V
             let method = request.method().to_string();
             let path = request.uri().path().to_string();
             let query = request.uri().query().unwrap_or_default().to_string();
+            let content_type = request
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
             let bytes = request.into_body().collect_bytes().await.expect("the request body is readable");
             let body = if bytes.is_empty() {
                 serde_json::Value::Null
@@ -119,7 +127,7 @@ pub fn verifier(script: Vec<Expect>) -> (kube::Client, tokio::task::JoinHandle<V
             let response =
                 Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).expect("JSON")));
             respond.send_response(response.expect("a valid response"));
-            seen.push(Recorded { method, path, query, body });
+            seen.push(Recorded { method, path, query, content_type, body });
         }
         seen
     });

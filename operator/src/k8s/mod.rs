@@ -15,6 +15,7 @@ mod rbac;
 pub mod reconcile;
 pub mod rollout;
 pub mod scale;
+pub mod server;
 pub mod status;
 pub mod volumes;
 

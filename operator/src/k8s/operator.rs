@@ -21,6 +21,7 @@ use super::crd::KeyValueCluster;
 use super::fleet::FleetManager;
 use super::leader::{self, LeaseConfig};
 use super::reconcile::{self, Context, ReconcileMetrics};
+use super::server::{PdbVersion, ServerCapabilities};
 use crate::cli::OperatorError;
 use crate::controller::ControllerConfig;
 
@@ -53,6 +54,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     kvfleet_proto::metrics_http::spawn_with(
         args.metrics_listen,
         move |body: &mut String| prometheus_client::encoding::text::encode(body, &encode_registry.lock()),
+        kvfleet_proto::metrics_http::Readiness::ready(),
         std::future::pending(),
     );
 
@@ -74,16 +76,24 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         ControllerConfig { interval: Duration::from_secs(args.interval_secs.max(1)), ..ControllerConfig::default() };
     let fleets = Arc::new(FleetManager::new(client.clone(), reporter.clone(), base, registry));
     let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
-    let context = Arc::new(Context { client: client.clone(), fleets, recorder, metrics });
+    let server = ServerCapabilities::discover(&client).await;
+    tracing::info!(?server, "what the API server serves");
+    let context = Arc::new(Context { client: client.clone(), fleets, recorder, metrics, server });
 
     let scope = args.watch_namespace.as_deref();
     // Only the objects this operator manages are watched (and cached).
     let managed = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    let controller = KubeController::new(scoped::<KeyValueCluster>(&client, scope), watcher::Config::default())
+    let mut controller = KubeController::new(scoped::<KeyValueCluster>(&client, scope), watcher::Config::default())
         .owns(scoped::<StatefulSet>(&client, scope), managed.clone())
         .owns(scoped::<Service>(&client, scope), managed.clone())
-        .owns(scoped::<ConfigMap>(&client, scope), managed.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, scope), managed)
+        .owns(scoped::<ConfigMap>(&client, scope), managed.clone());
+    // A watch of a version the server does not serve fails forever and, through the shared
+    // backoff, delays every other trigger: watch PDBs only where policy/v1 is served (elsewhere
+    // the periodic requeue puts a changed PDB back).
+    if server.pdb_version == PdbVersion::V1 {
+        controller = controller.owns(scoped::<PodDisruptionBudget>(&client, scope), managed);
+    }
+    let controller = controller
         .graceful_shutdown_on(shutdown_signal())
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {

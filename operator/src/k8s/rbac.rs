@@ -25,7 +25,9 @@ fn chart_rules(template: &str) -> Vec<Rule> {
     serde_yaml::from_str(rules).unwrap_or_else(|e| panic!("{template}: the rules are not plain YAML: {e}"))
 }
 
-/// (API group, resource or resource/subresource, verb) of a request.
+/// (API group, resource or resource/subresource, verb) of a request. A server-side apply is a
+/// PATCH, but the API server authorizes one that creates its object as `create`: an apply needs
+/// both (`permissions`).
 fn permission(call: &Recorded) -> (String, String, String) {
     let parts: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
     let (group, rest) = match parts.as_slice() {
@@ -56,12 +58,30 @@ fn permission(call: &Recorded) -> (String, String, String) {
     (group.to_string(), resource, verb.to_string())
 }
 
+/// Every permission a request may need: a server-side apply creates its object the first time,
+/// which the API server authorizes as `create`.
+fn permissions(call: &Recorded) -> Vec<(String, String, String)> {
+    let needed = permission(call);
+    let apply = call.method == "PATCH" && call.content_type.starts_with("application/apply-patch");
+    let mut all = vec![needed.clone()];
+    if apply {
+        all.push((needed.0, needed.1, "create".into()));
+    }
+    all
+}
+
 fn allowed(rules: &[Rule], (group, resource, verb): &(String, String, String)) -> bool {
     rules.iter().any(|r| r.api_groups.contains(group) && r.resources.contains(resource) && r.verbs.contains(verb))
 }
 
 fn call(method: &str, path: &str, query: &str) -> Recorded {
-    Recorded { method: method.into(), path: path.into(), query: query.into(), body: serde_json::Value::Null }
+    Recorded {
+        method: method.into(),
+        path: path.into(),
+        query: query.into(),
+        content_type: String::new(),
+        body: serde_json::Value::Null,
+    }
 }
 
 /// The resharding loop's platform calls: members, load and save the state.
@@ -144,13 +164,15 @@ fn watch_calls() -> Vec<Recorded> {
 /// Fails on the first call `rules` (the chart's `role`) does not grant; returns how many it checked.
 fn assert_granted(rules: &[Rule], role: &str, calls: &[Recorded]) -> usize {
     for call in calls {
-        let needed = permission(call);
-        assert!(
-            allowed(rules, &needed),
-            "{} {} needs {needed:?}, which the {role} does not grant",
-            call.method,
-            call.path
-        );
+        for needed in permissions(call) {
+            assert!(
+                allowed(rules, &needed),
+                "{} {}?{} needs {needed:?}, which the {role} does not grant",
+                call.method,
+                call.path,
+                call.query
+            );
+        }
     }
     calls.len()
 }
@@ -179,4 +201,11 @@ fn the_rbac_check_refuses_what_the_rules_do_not_grant() {
     assert!(!allowed(&rules, &secrets), "the operator reads no secrets");
     let status = permission(&call("PATCH", "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo/status", ""));
     assert!(allowed(&rules, &status));
+    // An apply of a new object is a create to the API server's authorizer.
+    let apply = Recorded {
+        content_type: "application/apply-patch+yaml".into(),
+        ..call("PATCH", "/api/v1/namespaces/ns/secrets/x", "fieldManager=kvfleet-operator&force=true")
+    };
+    let needed: Vec<String> = permissions(&apply).into_iter().map(|p| p.2).collect();
+    assert_eq!(needed, ["patch", "create"]);
 }

@@ -26,6 +26,7 @@ use super::crd::{KeyValueCluster, UpdateType, VolumePolicy};
 use super::fleet::Fleets;
 use super::rollout::{self, PodView, RolloutStep};
 use super::scale::{self, ScaleStep};
+use super::server::{PdbVersion, ServerCapabilities};
 use super::status::{self, Observed};
 use super::volumes::{self, Resize};
 
@@ -70,6 +71,8 @@ pub struct Context {
     /// One recorder for the process: it folds repeats of an event into a series.
     pub recorder: Recorder,
     pub metrics: ReconcileMetrics,
+    /// What the API server serves (discovered at start).
+    pub server: ServerCapabilities,
 }
 
 /// Checks the CEL rules cannot express (or that an older CRD may not carry): the message names
@@ -159,8 +162,13 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     apply(&ctx.client, ns, &desired.node_config).await?;
     apply(&ctx.client, ns, &desired.headless).await?;
     apply(&ctx.client, ns, &desired.client).await?;
-    apply(&ctx.client, ns, &desired.pdb).await?;
-    let applied = apply(&ctx.client, ns, &desired.statefulset).await?;
+    apply_pdb(ctx, ns, &desired.pdb).await?;
+    let mut statefulset = desired.statefulset.clone();
+    if !ctx.server.claim_retention_policy {
+        // An older server refuses the field: volumes are then always retained.
+        statefulset.spec.persistent_volume_claim_retention_policy = None;
+    }
+    let applied = apply(&ctx.client, ns, &statefulset).await?;
     match &step {
         // A cluster that had pods lost only its StatefulSet (a volume resize): the pods stay.
         ScaleStep::Create { .. } if kvc.status.as_ref().is_some_and(|s| s.replicas > 0) => {
@@ -263,7 +271,7 @@ async fn grow_volumes(
         }
     }
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    if kvc.spec.storage.on_delete == VolumePolicy::Delete {
+    if kvc.spec.storage.on_delete == VolumePolicy::Delete && ctx.server.claim_retention_policy {
         // Claims the StatefulSet owns would follow it: retain them for the switch (the new
         // StatefulSet takes the spec's policy back).
         let retain =
@@ -302,6 +310,36 @@ where
     })?;
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
         .await
+        .map_err(api_error("applying", &name))
+}
+
+/// The PodDisruptionBudget, as the version the server serves (`PdbVersion`).
+async fn apply_pdb(
+    ctx: &Context,
+    namespace: &str,
+    pdb: &k8s_openapi::api::policy::v1::PodDisruptionBudget,
+) -> Result<(), ReconcileError> {
+    if ctx.server.pdb_version == PdbVersion::V1 {
+        return apply(&ctx.client, namespace, pdb).await.map(|_| ());
+    }
+    let name = pdb.metadata.name.clone().unwrap_or_default();
+    let mut body = build::typed_json(pdb).map_err(|e| ReconcileError::Api {
+        what: "encoding",
+        name: name.clone(),
+        source: kube::Error::SerdeError(e),
+    })?;
+    body["apiVersion"] = "policy/v1beta1".into();
+    let resource = kube::discovery::ApiResource {
+        group: "policy".into(),
+        version: "v1beta1".into(),
+        api_version: "policy/v1beta1".into(),
+        kind: "PodDisruptionBudget".into(),
+        plural: "poddisruptionbudgets".into(),
+    };
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, &resource);
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map(|_| ())
         .map_err(api_error("applying", &name))
 }
 
@@ -370,6 +408,7 @@ pub(crate) mod tests {
             client,
             fleets,
             metrics: ReconcileMetrics::default(),
+            server: ServerCapabilities::default(),
         })
     }
 

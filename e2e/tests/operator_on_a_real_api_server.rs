@@ -1,0 +1,185 @@
+//! The operator against a real Kubernetes API server (1.20.2, built by scripts/control-plane.sh):
+//! the chart installed by Helm's own library, the operator run as the chart's ServiceAccount
+//! (a token bound to it, never as admin), `examples/kvc-minimal.yaml` applied. The operator
+//! itself must create every object on its first reconciles, with owner references, write the
+//! status and Events, and never be refused (403) or fail (5xx) by the real authorizer and
+//! server-side apply; deleting the cluster garbage-collects what it owned.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use kube::{Api, Client};
+use kvfleet_e2e::control_plane::{ControlPlane, free_port};
+use kvfleet_operator::k8s::crd::KeyValueCluster;
+
+const OPERATOR_NAMESPACE: &str = "kvfleet-system";
+const RELEASE: &str = "kvfleet";
+/// The chart's ServiceAccount: its full name for the release "kvfleet".
+const SERVICE_ACCOUNT: &str = "kvfleet";
+const NAMESPACE: &str = "shop";
+const CLUSTER: &str = "demo";
+
+fn operator_user() -> String {
+    format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}")
+}
+
+/// `helm install` of the chart, with Helm's own library (scripts/chart_install.py). No operator
+/// pod (replicaCount 0): there is no kubelet here, the test runs the operator itself.
+fn install_chart(plane: &ControlPlane) {
+    let python = std::env::var("KVFLEET_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "KVFLEET_PYTHON is not set: run scripts/python-venv.sh (./scripts/test.sh does) and export what it prints"
+        )
+    });
+    let kubeconfig = plane.write_kubeconfig("helm.kubeconfig", "kvfleet-test-admin");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/chart_install.py");
+    let output = Command::new(python)
+        .arg(script)
+        .args([kubeconfig.to_str().unwrap(), OPERATOR_NAMESPACE, RELEASE, r#"{"replicaCount": 0}"#])
+        .output()
+        .expect("the chart installer runs");
+    assert!(output.status.success(), "helm install failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A token bound to the chart's ServiceAccount, as a pod of the operator would have.
+async fn operator_token(admin: &Client, audience: &str) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), OPERATOR_NAMESPACE);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_string()]),
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = accounts.create_token_request(SERVICE_ACCOUNT, &PostParams::default(), &request).await;
+    answer.expect("a token for the chart's ServiceAccount").status.and_then(|s| s.token).expect("a token")
+}
+
+struct Operator(Child);
+
+impl Operator {
+    fn start(plane: &ControlPlane, kubeconfig: &Path) -> Self {
+        let log = std::fs::File::create(plane.dir.path().join("operator.log")).expect("operator log");
+        let child = Command::new(kvfleet_e2e::binary("kvfleet-operator"))
+            .arg("run")
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
+            .env("POD_NAME", "kvfleet-operator-test")
+            .env("KVFLEET_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("operator log"))
+            .stderr(log)
+            .spawn()
+            .expect("the operator starts");
+        Operator(child)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `check` every 500 ms until it answers None; panics with its last answer after `within`.
+async fn wait_until(plane: &ControlPlane, within: Duration, mut check: impl AsyncFnMut() -> Option<String>) {
+    let started = Instant::now();
+    loop {
+        let Some(pending) = check().await else { return };
+        if started.elapsed() > within {
+            let log = std::fs::read_to_string(plane.dir.path().join("operator.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "after {within:?}: {pending}\nrefused: {:?}\noperator log (newest first):\n{}",
+                plane.refused_requests(&operator_user()),
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn owned_by_cluster(meta: &ObjectMeta) -> bool {
+    meta.owner_references.iter().flatten().any(|o| o.kind == "KeyValueCluster" && o.name == CLUSTER)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_creates_everything_as_its_service_account() {
+    let plane = ControlPlane::start(&operator_user());
+    let admin = plane.admin().await;
+    install_chart(&plane);
+    let token = operator_token(&admin, plane.audience()).await;
+    let kubeconfig = plane.write_kubeconfig("operator.kubeconfig", &token);
+    let _operator = Operator::start(&plane, &kubeconfig);
+
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let namespace =
+        Namespace { metadata: ObjectMeta { name: Some(NAMESPACE.into()), ..Default::default() }, ..Default::default() };
+    namespaces.create(&PostParams::default(), &namespace).await.expect("create the namespace");
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kvc-minimal.yaml"))
+        .expect("read the example");
+    let cluster: KeyValueCluster = serde_yaml::from_str(&example).expect("the example parses");
+    let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
+    clusters.create(&PostParams::default(), &cluster).await.expect("apply the example");
+
+    let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NAMESPACE);
+    let services: Api<Service> = Api::namespaced(admin.clone(), NAMESPACE);
+    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), NAMESPACE);
+    let events: Api<Event> = Api::namespaced(admin.clone(), NAMESPACE);
+    // 1.20 serves PodDisruptionBudgets as policy/v1beta1 only.
+    let pdb_v1beta1 = ApiResource {
+        group: "policy".into(),
+        version: "v1beta1".into(),
+        api_version: "policy/v1beta1".into(),
+        kind: "PodDisruptionBudget".into(),
+        plural: "poddisruptionbudgets".into(),
+    };
+    let budgets: Api<DynamicObject> = Api::namespaced_with(admin.clone(), NAMESPACE, &pdb_v1beta1);
+    wait_until(&plane, Duration::from_secs(90), async || {
+        let sts = statefulsets.get_opt(CLUSTER).await.ok().flatten();
+        let Some(sts) = sts else { return Some("no StatefulSet yet".into()) };
+        if !owned_by_cluster(&sts.metadata) {
+            return Some("the StatefulSet is not owned by the cluster".into());
+        }
+        let services = services.list(&ListParams::default()).await.ok()?.items;
+        let owned_services = services.iter().filter(|s| owned_by_cluster(&s.metadata)).count();
+        if owned_services < 2 {
+            return Some(format!("{owned_services} of 2 Services"));
+        }
+        let configmaps = configmaps.list(&ListParams::default()).await.ok()?.items;
+        if !configmaps.iter().any(|c| owned_by_cluster(&c.metadata)) {
+            return Some("no ConfigMap".into());
+        }
+        let pdbs = budgets.list(&ListParams::default()).await.ok()?.items;
+        if !pdbs.iter().any(|p| owned_by_cluster(&p.metadata)) {
+            return Some("no PodDisruptionBudget (policy/v1beta1 on 1.20)".into());
+        }
+        let status = clusters.get(CLUSTER).await.ok()?.status;
+        if status.as_ref().and_then(|s| s.phase.as_ref()).is_none() {
+            return Some("no status phase".into());
+        }
+        let events = events.list(&ListParams::default()).await.ok()?.items;
+        if !events.iter().any(|e| e.reason.as_deref() == Some("Created")) {
+            return Some("no Created event".into());
+        }
+        None
+    })
+    .await;
+    let refused = plane.refused_requests(&operator_user());
+    assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+
+    clusters.delete(CLUSTER, &DeleteParams::default()).await.expect("delete the cluster");
+    wait_until(&plane, Duration::from_secs(90), async || {
+        let left = statefulsets.get_opt(CLUSTER).await.ok().flatten();
+        left.map(|_| "the StatefulSet is still there after its cluster was deleted".to_string())
+    })
+    .await;
+}
