@@ -220,12 +220,15 @@ impl ControlPlane {
             if let Some((name, status)) = exited {
                 panic!("{name} exited ({status}) while the control plane started:\n{}", self.log_tail(name));
             }
-            let ready = Command::new("curl")
-                .args(["--silent", "--fail", "--max-time", "2", "--cacert", ca.to_str().unwrap()])
-                .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
-                .arg(format!("{}/readyz", self.server))
-                .output()
-                .is_ok_and(|o| o.status.success());
+            // Ready, and bootstrapped: the `default` namespace exists.
+            let ready = ["/readyz", "/api/v1/namespaces/default"].iter().all(|path| {
+                Command::new("curl")
+                    .args(["--silent", "--fail", "--max-time", "2", "--cacert", ca.to_str().unwrap()])
+                    .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+                    .arg(format!("{}{path}", self.server))
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            });
             if ready {
                 return;
             }
