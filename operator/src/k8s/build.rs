@@ -3,7 +3,6 @@
 //! no clock; every choice about how a storage pod runs is made here.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
@@ -127,11 +126,20 @@ pub fn node_config(kvc: &KeyValueCluster) -> Result<ConfigMap, BuildError> {
     Ok(ConfigMap { metadata: metadata(kvc, &names, &names.node_config)?, data: Some(data), ..Default::default() })
 }
 
-/// Pods restart when their configuration changes: the template carries a hash of it.
+/// Pods restart when their configuration changes: the template carries a hash of it. The hash
+/// must stay the same across operator builds (std's `DefaultHasher` may change with any Rust
+/// release, and every storage pod would then restart after an operator upgrade): FNV-1a (64
+/// bits) over the entries in key order, each key and value followed by a 0 byte.
 fn config_hash(config: &ConfigMap) -> String {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    config.data.hash(&mut hasher);
-    format!("{:016x}", hasher.finish())
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for (key, value) in config.data.iter().flatten() {
+        for byte in key.bytes().chain([0]).chain(value.bytes()).chain([0]) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(PRIME);
+        }
+    }
+    format!("{hash:016x}")
 }
 
 /// The StatefulSet at `replicas` pods (the reconciler decides the count: during a scale-in it
@@ -572,6 +580,16 @@ mod tests {
         assert_eq!(spec.selector, Some(selector_labels(&Names::of(&kvc).unwrap())));
         let pdb = pod_disruption_budget(&kvc).unwrap();
         assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn the_configuration_hash_is_the_same_in_every_build() {
+        // Pinned: a different value here restarts every storage pod after an operator upgrade.
+        let kvc = cluster("demo", 3);
+        assert_eq!(config_hash(&node_config(&kvc).unwrap()), "6137778255b48b20");
+        let mut other = kvc.clone();
+        other.spec.durability = crate::k8s::crd::Durability::Async;
+        assert_ne!(config_hash(&node_config(&other).unwrap()), "6137778255b48b20");
     }
 
     #[test]

@@ -53,9 +53,11 @@ pub fn claim_name(names: &Names, ordinal: i32) -> String {
     format!("{}-{}", super::build::DATA_VOLUME, names.pod(ordinal))
 }
 
-/// Bytes in a Kubernetes quantity (`10Gi`, `500M`, `1.5Ti`, `1e9`); None if it is not one.
+/// Bytes in a Kubernetes quantity (`10Gi`, `500M`, `1.5Ti`, `1e9`, and the milli-units an API
+/// server stores a fractional size in: `1.1Gi` comes back as `1181116006400m`); None if it is
+/// not one.
 pub fn quantity_bytes(quantity: &str) -> Option<f64> {
-    const SUFFIXES: [(&str, f64); 12] = [
+    const SUFFIXES: [(&str, f64); 15] = [
         ("Ki", 1024.0),
         ("Mi", 1048576.0),
         ("Gi", 1073741824.0),
@@ -68,6 +70,9 @@ pub fn quantity_bytes(quantity: &str) -> Option<f64> {
         ("T", 1e12),
         ("P", 1e15),
         ("E", 1e18),
+        ("m", 1e-3),
+        ("u", 1e-6),
+        ("n", 1e-9),
     ];
     let quantity = quantity.trim();
     let (number, scale) = SUFFIXES
@@ -75,7 +80,8 @@ pub fn quantity_bytes(quantity: &str) -> Option<f64> {
         .find_map(|(suffix, scale)| quantity.strip_suffix(suffix).map(|n| (n, *scale)))
         .unwrap_or((quantity, 1.0));
     let value: f64 = number.parse().ok()?;
-    (value.is_finite() && value >= 0.0).then_some(value * scale)
+    // Whole bytes: `1.1Gi` and its milli-unit spelling must compare equal despite rounding.
+    (value.is_finite() && value >= 0.0).then_some((value * scale).round())
 }
 
 #[cfg(test)]
@@ -96,6 +102,7 @@ mod tests {
         assert_eq!(quantity_bytes("1.5Ti"), Some(1.5 * 1099511627776.0));
         assert_eq!(quantity_bytes("500M"), Some(5e8));
         assert_eq!(quantity_bytes("1e9"), Some(1e9));
+        assert_eq!(quantity_bytes("1181116006400m"), Some(1181116006.0), "1.1Gi as an API server stores it");
         assert_eq!(quantity_bytes("lots"), None);
         assert_eq!(quantity_bytes("-1Gi"), None);
     }
@@ -104,6 +111,7 @@ mod tests {
     fn only_growth_resizes() {
         assert_eq!(decide(&sized("10Gi"), "10Gi"), Resize::Unchanged);
         assert_eq!(decide(&sized("10Gi"), "10240Mi"), Resize::Unchanged, "the same size in other units");
+        assert_eq!(decide(&sized("1181116006400m"), "1.1Gi"), Resize::Unchanged, "milli-units, as stored");
         assert_eq!(decide(&sized("10Gi"), "20Gi"), Resize::Grow { from: "10Gi".into(), to: "20Gi".into() });
         assert_eq!(decide(&sized("10Gi"), "5Gi"), Resize::Shrink { from: "10Gi".into(), to: "5Gi".into() });
         assert_eq!(decide(&sized("10Gi"), "huge"), Resize::Unknown { from: "10Gi".into(), to: "huge".into() });
