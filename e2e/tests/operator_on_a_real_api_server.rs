@@ -176,6 +176,31 @@ async fn the_operator_creates_everything_as_its_service_account() {
     let refused = plane.refused_requests(&operator_user());
     assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
 
+    // What the API server refuses shows in the status and as a Warning event, with its message:
+    // a malformed quantity the CRD does not catch on 1.20 (no CEL) is refused in the
+    // StatefulSet's pod template.
+    let mut bad: KeyValueCluster = serde_yaml::from_str(&example).expect("the example parses");
+    bad.metadata.name = Some("bad".into());
+    let resources = serde_json::json!({"requests": {"cpu": "lots"}});
+    bad.spec.resources = Some(serde_json::from_value(resources).expect("resources"));
+    clusters.create(&PostParams::default(), &bad).await.expect("apply the bad cluster");
+    wait_until(&plane, Duration::from_secs(60), async || {
+        let status = clusters.get("bad").await.ok()?.status?;
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded")?;
+        if degraded.status != "True" || degraded.reason != "ApiRefused" {
+            return Some(format!("Degraded is {} / {}", degraded.status, degraded.reason));
+        }
+        if !degraded.message.contains("lots") {
+            return Some(format!("the condition does not carry the API's message: {}", degraded.message));
+        }
+        let events = events.list(&ListParams::default()).await.ok()?.items;
+        let warned =
+            events.iter().any(|e| e.reason.as_deref() == Some("ApiRefused") && e.type_.as_deref() == Some("Warning"));
+        (!warned).then(|| "no ApiRefused Warning event".to_string())
+    })
+    .await;
+    clusters.delete("bad", &DeleteParams::default()).await.expect("delete the bad cluster");
+
     clusters.delete(CLUSTER, &DeleteParams::default()).await.expect("delete the cluster");
     wait_until(&plane, Duration::from_secs(90), async || {
         let left = statefulsets.get_opt(CLUSTER).await.ok().flatten();

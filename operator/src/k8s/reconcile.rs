@@ -27,7 +27,7 @@ use super::fleet::Fleets;
 use super::rollout::{self, PodView, RolloutStep};
 use super::scale::{self, ScaleStep};
 use super::server::{PdbVersion, ServerCapabilities};
-use super::status::{self, Observed};
+use super::status::{self, API_REFUSED_REASON, Observed, Problem};
 use super::volumes::{self, Resize};
 
 /// Re-read the cluster this often even when nothing changes: the status follows the resharding
@@ -96,7 +96,35 @@ pub fn validate(kvc: &KeyValueCluster) -> Result<(), String> {
 pub async fn reconcile(kvc: Arc<KeyValueCluster>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let result = reconcile_inner(&kvc, &ctx).await;
     ctx.metrics.count(if result.is_ok() { "ok" } else { "error" });
+    if let Err(ReconcileError::Api { what, name, source: kube::Error::Api(status) }) = &result {
+        let message = format!("{what} {name}: {} (HTTP {})", status.message, status.code);
+        report_refusal(&kvc, &ctx, &message).await;
+    }
     result
+}
+
+/// An apply the API server refused (4xx) or failed (5xx, as server-side apply reports schema
+/// errors): a Warning event and `Degraded=True/ApiRefused` with the API's message, not only a
+/// log line. Best effort: the reconcile is retried either way.
+async fn report_refusal(kvc: &KeyValueCluster, ctx: &Context, message: &str) {
+    publish(&ctx.recorder, kvc, EventType::Warning, API_REFUSED_REASON, message).await;
+    let Ok(names) = Names::of(kvc) else { return };
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let current = sets.get_opt(&names.statefulset).await.ok().flatten();
+    let fleet = ctx.fleets.status(&cluster_key(kvc));
+    let step = ScaleStep::Steady { replicas: current.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0) };
+    let observed = Observed {
+        kvc,
+        statefulset: current.as_ref(),
+        fleet: fleet.as_ref(),
+        step: &step,
+        rollout: None,
+        problem: Some(Problem::ApiRefused(message)),
+        now: now(),
+    };
+    if let Err(error) = write_status(ctx, &names, &observed).await {
+        tracing::warn!(%error, "could not report a refused apply in the status");
+    }
 }
 
 async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -117,7 +145,7 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
             fleet: fleet.as_ref(),
             step: &step,
             rollout: None,
-            invalid: Some(&why),
+            problem: Some(Problem::InvalidSpec(&why)),
             now: now(),
         };
         write_status(ctx, &names, &observed).await?;
@@ -188,7 +216,7 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         fleet: fleet.as_ref(),
         step: &step,
         rollout: rollout.as_ref(),
-        invalid: None,
+        problem: None,
         now: now(),
     };
     write_status(ctx, &names, &observed).await?;

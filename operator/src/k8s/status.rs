@@ -15,6 +15,8 @@ const MAX_HOT_KEYS: usize = 10;
 /// The Degraded condition's reason when two pods serve overlapping ranges (the same word as the
 /// resharding loop's Warning event).
 pub const OWNERSHIP_CONFLICT_REASON: &str = "OwnershipConflict";
+/// The Degraded condition's and the Warning event's reason when the API server refuses an apply.
+pub const API_REFUSED_REASON: &str = "ApiRefused";
 
 fn describe_conflict(conflict: &kvfleet_proto::v1::OwnershipConflict) -> String {
     let side = |desc: Option<&kvfleet_proto::v1::RangeDescriptor>, pod: &str| match desc {
@@ -36,13 +38,23 @@ pub struct Observed<'a> {
     pub step: &'a ScaleStep,
     /// The DrainFirst update, when one was decided this reconcile.
     pub rollout: Option<&'a RolloutStep>,
-    /// Why the spec was refused, if it was.
-    pub invalid: Option<&'a str>,
+    /// What keeps the cluster from being built, if anything.
+    pub problem: Option<Problem<'a>>,
     pub now: Time,
 }
 
+/// Why the operator cannot build what the spec asks for: each makes the cluster Degraded with
+/// its own reason and the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem<'a> {
+    /// The spec was refused by the operator's own checks (what CEL cannot express).
+    InvalidSpec(&'a str),
+    /// The API server refused (or failed) an apply: its message.
+    ApiRefused(&'a str),
+}
+
 pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
-    let Observed { kvc, statefulset, fleet, step, rollout, invalid, .. } = observed;
+    let Observed { kvc, statefulset, fleet, step, rollout, problem, .. } = observed;
     let sts_status = statefulset.and_then(|s| s.status.as_ref());
     let replicas = statefulset.and_then(|s| s.spec.replicas).unwrap_or(0);
     let ready = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
@@ -60,7 +72,7 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     let moves = fleet.map_or(0, |f| f.moves.len() as u32);
     let scaling = matches!(step, ScaleStep::Grow { .. } | ScaleStep::Drain { .. } | ScaleStep::Shrink { .. });
 
-    let phase = if invalid.is_some() || !conflicts.is_empty() || !down.is_empty() && ready > 0 {
+    let phase = if problem.is_some() || !conflicts.is_empty() || !down.is_empty() && ready > 0 {
         Phase::Degraded
     } else if ready == 0 || ranges == 0 {
         Phase::Creating
@@ -99,8 +111,10 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     } else {
         (false, "Balanced", "no ranges moving".to_string())
     };
-    let degraded = if let Some(why) = invalid {
+    let degraded = if let Some(Problem::InvalidSpec(why)) = problem {
         (true, "InvalidSpec", why.to_string())
+    } else if let Some(Problem::ApiRefused(why)) = problem {
+        (true, API_REFUSED_REASON, why.to_string())
     } else if !conflicts.is_empty() {
         let message = format!(
             "keys served by more than one pod, acknowledged writes may diverge; nothing is planned on them: {}",
@@ -233,7 +247,7 @@ mod tests {
         step: &ScaleStep,
         now: i64,
     ) -> KeyValueClusterStatus {
-        compute(&Observed { kvc, statefulset: sts, fleet, step, rollout: None, invalid: None, now: at(now) })
+        compute(&Observed { kvc, statefulset: sts, fleet, step, rollout: None, problem: None, now: at(now) })
     }
 
     fn cond<'a>(status: &'a KeyValueClusterStatus, type_: &str) -> &'a Condition {
@@ -282,7 +296,7 @@ mod tests {
             fleet: None,
             step: &steady,
             rollout: None,
-            invalid: Some("spec.image is empty"),
+            problem: Some(Problem::InvalidSpec("spec.image is empty")),
             now: at(1),
         });
         assert_eq!(invalid.phase, Some(Phase::Degraded));
@@ -346,7 +360,7 @@ mod tests {
             fleet: Some(&serving),
             step: &steady,
             rollout,
-            invalid: None,
+            problem: None,
             now: at(1),
         };
         let status = compute(&observed(Some(&drain)));
