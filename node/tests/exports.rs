@@ -16,9 +16,13 @@ async fn bootstrapped_node(dir: &std::path::Path) -> Node {
     Node::open(config, NodeMetrics::new(&mut prometheus_client::registry::Registry::default())).await.unwrap()
 }
 
+/// Starts an export and reads its whole snapshot (the reader thread then ends by itself).
 async fn export(node: &Node, range_id: u64, generation: u64, move_id: u64) -> u64 {
     let request = ExportSnapshotRequest { range_id, generation, move_id, chunk_pairs: 0 };
-    let (_, export_id, _chunks) = node.export_snapshot(&request).await.expect("export");
+    let (_, export_id, mut chunks) = node.export_snapshot(&request).await.expect("export");
+    while let Some(chunk) = chunks.recv().await {
+        chunk.expect("a snapshot chunk");
+    }
     export_id
 }
 
@@ -51,10 +55,15 @@ async fn exports_nothing_can_use_are_dropped_and_a_frozen_ranges_is_kept() {
 
     // An export whose range is gone (split away) is dropped at once.
     let other = tempfile::tempdir().unwrap();
+    let first = node;
     let node = bootstrapped_node(other.path()).await;
     export(&node, 1, 1, 9).await;
     let split =
         SplitRangeRequest { range_id: 1, expected_generation: 1, split_key: Bytes::from("m"), left_id: 2, right_id: 3 };
     node.split(split).await.unwrap();
     assert_eq!(node.drop_stale_exports(Duration::from_secs(3600)), 1);
+    // Stop the write pipelines before the process exits (RocksDB must not be torn down under
+    // its own threads).
+    node.storage.shutdown().unwrap();
+    first.storage.shutdown().unwrap();
 }
