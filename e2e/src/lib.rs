@@ -1,10 +1,12 @@
 //! Helpers for end-to-end tests on real processes: start, kill and restart `kvfleet-node`
 //! binaries on loopback, each with its own data directory, and talk to them over gRPC; a
 //! platform of nodes the test started, for running the controller in the test; and the history
-//! checker (`history`); a real Kubernetes control plane on loopback (`control_plane`).
+//! checker (`history`); a real Kubernetes control plane on loopback (`control_plane`) and a
+//! stand-in kubelet that runs its pods as node processes (`kubelet`).
 
 pub mod control_plane;
 pub mod history;
+pub mod kubelet;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -14,7 +14,7 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use kvfleet_e2e::control_plane::{ControlPlane, free_port};
 use kvfleet_operator::k8s::crd::KeyValueCluster;
 
@@ -73,6 +73,7 @@ impl Operator {
             .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
             .env("POD_NAME", "kvfleet-operator-test")
             .env("KVFLEET_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("KVFLEET_RESHARD_INTERVAL_SECS", "1")
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("operator log"))
             .stderr(log)
@@ -111,22 +112,39 @@ fn owned_by_cluster(meta: &ObjectMeta) -> bool {
     meta.owner_references.iter().flatten().any(|o| o.kind == "KeyValueCluster" && o.name == CLUSTER)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_operator_creates_everything_as_its_service_account() {
+/// The control plane with the chart installed and the operator running as its ServiceAccount,
+/// and the test namespace created.
+struct Installed {
+    plane: ControlPlane,
+    admin: Client,
+    _operator: Operator,
+}
+
+async fn install() -> Installed {
     let plane = ControlPlane::start(&operator_user());
     let admin = plane.admin().await;
     install_chart(&plane);
     let token = operator_token(&admin, plane.audience()).await;
     let kubeconfig = plane.write_kubeconfig("operator.kubeconfig", &token);
-    let _operator = Operator::start(&plane, &kubeconfig);
-
+    let operator = Operator::start(&plane, &kubeconfig);
     let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let namespace =
-        Namespace { metadata: ObjectMeta { name: Some(NAMESPACE.into()), ..Default::default() }, ..Default::default() };
-    namespaces.create(&PostParams::default(), &namespace).await.expect("create the namespace");
-    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kvc-minimal.yaml"))
-        .expect("read the example");
-    let cluster: KeyValueCluster = serde_yaml::from_str(&example).expect("the example parses");
+    let meta = ObjectMeta { name: Some(NAMESPACE.into()), ..Default::default() };
+    namespaces
+        .create(&PostParams::default(), &Namespace { metadata: meta, ..Default::default() })
+        .await
+        .expect("namespace");
+    Installed { plane, admin, _operator: operator }
+}
+
+fn example() -> KeyValueCluster {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kvc-minimal.yaml");
+    serde_yaml::from_str(&std::fs::read_to_string(path).expect("read the example")).expect("the example parses")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_creates_everything_as_its_service_account() {
+    let Installed { plane, admin, _operator } = install().await;
+    let cluster = example();
     let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
     clusters.create(&PostParams::default(), &cluster).await.expect("apply the example");
 
@@ -179,7 +197,7 @@ async fn the_operator_creates_everything_as_its_service_account() {
     // What the API server refuses shows in the status and as a Warning event, with its message:
     // a malformed quantity the CRD does not catch on 1.20 (no CEL) is refused in the
     // StatefulSet's pod template.
-    let mut bad: KeyValueCluster = serde_yaml::from_str(&example).expect("the example parses");
+    let mut bad = example();
     bad.metadata.name = Some("bad".into());
     let resources = serde_json::json!({"requests": {"cpu": "lots"}});
     bad.spec.resources = Some(serde_json::from_value(resources).expect("resources"));
@@ -207,4 +225,106 @@ async fn the_operator_creates_everything_as_its_service_account() {
         left.map(|_| "the StatefulSet is still there after its cluster was deleted".to_string())
     })
     .await;
+}
+
+/// The pods' DNS names (`demo-0.demo-nodes.shop.svc:7700`): the client's seeds.
+fn pod_addresses(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{CLUSTER}-{i}.{CLUSTER}-nodes.{NAMESPACE}.svc:7700")).collect()
+}
+
+async fn wait_for_phase(plane: &ControlPlane, clusters: &Api<KeyValueCluster>, ready: i32, within: Duration) {
+    wait_until(plane, within, async || {
+        let status = clusters.get(CLUSTER).await.ok()?.status;
+        let Some(status) = status else { return Some("no status".into()) };
+        let running = status.phase == Some(kvfleet_operator::k8s::crd::Phase::Running);
+        if running && status.ready_replicas == ready && status.replicas == ready {
+            return None;
+        }
+        Some(format!(
+            "phase {:?}, {}/{} ready, {} ranges; conditions {:?}",
+            status.phase,
+            status.ready_replicas,
+            status.replicas,
+            status.ranges,
+            status.conditions.iter().map(|c| format!("{}={} {}", c.type_, c.status, c.message)).collect::<Vec<_>>()
+        ))
+    })
+    .await;
+}
+
+/// The cluster for real: pods run as node processes (the stand-in kubelet), the operator brings
+/// the cluster to Running, and a scale 3 -> 5 -> 3 under a read/write load loses no
+/// acknowledged write and never serves a stale read.
+#[test]
+fn a_cluster_runs_and_scales_without_losing_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = "a_cluster_runs_and_scales_without_losing_a_write";
+    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
+        assert!(status.success(), "the test failed inside its mount namespace: {status}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let Installed { plane, admin, _operator } = install().await;
+        let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 5, plane.dir.path()).await;
+        let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
+        // Quick resharding, so that ranges split and spread within seconds of load.
+        let mut cluster = example();
+        cluster.spec.sharding = serde_json::from_value(serde_json::json!({
+            "splitQps": 100, "splitSustainSeconds": 5, "moveCooldownSeconds": 10, "maxConcurrentMoves": 2
+        }))
+        .expect("a sharding spec");
+        clusters.create(&PostParams::default(), &cluster).await.expect("apply the example");
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
+
+        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(5));
+        config.deadline = Duration::from_secs(60);
+        let client = kvfleet_client::Client::new(config).expect("a client");
+        let keys = (0..200).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
+        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 4, 2);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        let scale = |replicas: i32| serde_json::json!({ "spec": { "replicas": replicas } });
+        let patch = kube::api::Patch::Merge(scale(5));
+        clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("scale out");
+        wait_for_phase(&plane, &clusters, 5, Duration::from_secs(180)).await;
+        // The new pods take ranges (the load spreads), so that the scale-in has to drain them.
+        wait_until(&plane, Duration::from_secs(120), async || {
+            let status = clusters.get(CLUSTER).await.ok()?.status?;
+            let new_pods: u32 =
+                status.pods.iter().filter(|p| p.name.ends_with("-3") || p.name.ends_with("-4")).map(|p| p.ranges).sum();
+            (new_pods == 0).then(|| format!("the new pods hold no range yet: {:?}", status.pods))
+        })
+        .await;
+        let patch = kube::api::Patch::Merge(scale(3));
+        clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("scale in");
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(300)).await;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+        wait_until(&plane, Duration::from_secs(60), async || {
+            let names: Vec<String> =
+                pods.list(&ListParams::default()).await.ok()?.items.iter().map(|p| p.name_any()).collect();
+            (names.len() != 3).then(|| format!("pods after the scale-in: {names:?}"))
+        })
+        .await;
+        let ranges = clusters.get(CLUSTER).await.expect("the cluster").status.expect("a status").ranges;
+        assert!(ranges >= 2, "the load split the key space: {ranges} ranges");
+
+        let (report, space) = workload.finish().await;
+        assert!(
+            report.violations.is_empty(),
+            "history violated: {:?}",
+            &report.violations[..report.violations.len().min(5)]
+        );
+        let wrong = space.verify_final(&client).await;
+        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
+        assert!(report.writes > 100, "too little load: {report:?}");
+        let refused = plane.refused_requests(&operator_user());
+        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        println!(
+            "3 -> 5 -> 3: {} writes, {} reads, {} client errors",
+            report.writes,
+            report.reads,
+            report.errors.len()
+        );
+    });
 }
