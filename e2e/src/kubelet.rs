@@ -115,7 +115,7 @@ impl Kubelet {
             async move {
                 let mut tick = 0u64;
                 loop {
-                    if tick % 20 == 0 {
+                    if tick.is_multiple_of(20) {
                         kubelet.heartbeat().await;
                     }
                     kubelet.bind_claims().await;
