@@ -104,27 +104,43 @@ pub async fn reconcile(kvc: Arc<KeyValueCluster>, ctx: Arc<Context>) -> Result<A
 }
 
 /// An apply the API server refused (4xx) or failed (5xx, as server-side apply reports schema
-/// errors): a Warning event and `Degraded=True/ApiRefused` with the API's message, not only a
-/// log line. Best effort: the reconcile is retried either way.
+/// errors) is reported like an invalid spec, with the API's message, not only logged. Best
+/// effort: the reconcile is retried either way.
 async fn report_refusal(kvc: &KeyValueCluster, ctx: &Context, message: &str) {
-    publish(&ctx.recorder, kvc, EventType::Warning, API_REFUSED_REASON, message).await;
     let Ok(names) = Names::of(kvc) else { return };
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let current = sets.get_opt(&names.statefulset).await.ok().flatten();
+    if let Err(error) = report_problem(ctx, kvc, &names, current.as_ref(), Problem::ApiRefused(message)).await {
+        tracing::warn!(%error, "could not report a refused apply in the status");
+    }
+}
+
+/// A cluster that cannot be built as asked: a Warning event and `Degraded=True` with the
+/// problem's reason and message; the StatefulSet keeps its size.
+async fn report_problem(
+    ctx: &Context,
+    kvc: &KeyValueCluster,
+    names: &Names,
+    current: Option<&StatefulSet>,
+    problem: Problem<'_>,
+) -> Result<(), ReconcileError> {
+    let (reason, message) = match problem {
+        Problem::InvalidSpec(message) => ("InvalidSpec", message),
+        Problem::ApiRefused(message) => (API_REFUSED_REASON, message),
+    };
+    publish(&ctx.recorder, kvc, EventType::Warning, reason, message).await;
     let fleet = ctx.fleets.status(&cluster_key(kvc));
-    let step = ScaleStep::Steady { replicas: current.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0) };
+    let step = ScaleStep::Steady { replicas: current.and_then(|s| s.spec.replicas).unwrap_or(0) };
     let observed = Observed {
         kvc,
-        statefulset: current.as_ref(),
+        statefulset: current,
         fleet: fleet.as_ref(),
         step: &step,
         rollout: None,
-        problem: Some(Problem::ApiRefused(message)),
+        problem: Some(problem),
         now: now(),
     };
-    if let Err(error) = write_status(ctx, &names, &observed).await {
-        tracing::warn!(%error, "could not report a refused apply in the status");
-    }
+    write_status(ctx, names, &observed).await
 }
 
 async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -137,18 +153,7 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
 
     let fleet = ctx.fleets.status(&cluster_key(kvc));
     if let Err(why) = validate(kvc) {
-        publish(recorder, kvc, EventType::Warning, "InvalidSpec", &why).await;
-        let step = ScaleStep::Steady { replicas: current.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0) };
-        let observed = Observed {
-            kvc,
-            statefulset: current.as_ref(),
-            fleet: fleet.as_ref(),
-            step: &step,
-            rollout: None,
-            problem: Some(Problem::InvalidSpec(&why)),
-            now: now(),
-        };
-        write_status(ctx, &names, &observed).await?;
+        report_problem(ctx, kvc, &names, current.as_ref(), Problem::InvalidSpec(&why)).await?;
         return Ok(Action::requeue(REFRESH * 6));
     }
 
