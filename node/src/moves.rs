@@ -74,11 +74,6 @@ fn move_record(move_id: u64, range_id: u64, outcome: MoveOutcome, range: Option<
     MoveRecord { move_id, range_id, outcome: outcome as i32, range, recorded_unix_ms }
 }
 
-/// The move a range is frozen for, if it is frozen for `move_id`.
-fn frozen_for(desc: &RangeDescriptor, move_id: u64) -> Option<&MoveIntent> {
-    desc.move_intent.as_ref().filter(|i| i.move_id == move_id && desc.state() == RangeState::Frozen)
-}
-
 fn outcome_name(outcome: MoveOutcome) -> &'static str {
     match outcome {
         MoveOutcome::Unspecified | MoveOutcome::Unknown => "unknown to it",
@@ -205,9 +200,7 @@ impl Node {
         let _exclusive = range.gate.write().await;
         // A range frozen for this very move may be exported again (after a restart lost the
         // capture): it takes no writes, so a fresh snapshot is complete.
-        let frozen_for_this_move = range.desc.state() == RangeState::Frozen
-            && range.desc.move_intent.as_ref().is_some_and(|i| i.move_id == request.move_id);
-        let exportable = range.desc.state() == RangeState::Active || frozen_for_this_move;
+        let exportable = range.desc.state() == RangeState::Active || range.desc.frozen_for(request.move_id).is_some();
         if range.is_replaced() || range.desc.generation != request.generation || !exportable {
             return Err(NodeError::Move(format!(
                 "range {} is not active at generation {} here (now {:?} at generation {})",
@@ -263,7 +256,7 @@ impl Node {
             .table
             .read()
             .by_id(request.range_id)
-            .and_then(|range| frozen_for(&range.desc, request.move_id).map(|i| i.new_generation))
+            .and_then(|range| range.desc.frozen_for(request.move_id).map(|i| i.new_generation))
             .unwrap_or(0);
         let (entries, next_seq, backlog) = capture.read_from(request.from_seq, max);
         let entries = entries
@@ -286,7 +279,7 @@ impl Node {
         // Again under the gate: an abort that stopped the export while this freeze waited has
         // rolled the move back, and a late freeze must not freeze the range for it.
         let capture = self.export_session(request.range_id, request.move_id, 0)?;
-        if frozen_for(&range.desc, request.move_id).is_some() {
+        if range.desc.frozen_for(request.move_id).is_some() {
             return Ok(capture.next_seq() - 1);
         }
         if range.desc.state() != RangeState::Active {
@@ -390,7 +383,7 @@ impl Node {
         if range.is_replaced() {
             return Err(NodeError::Move(format!("range {} changed while retiring; retry", request.range_id)));
         }
-        let Some(intent) = frozen_for(&range.desc, request.move_id).cloned() else {
+        let Some(intent) = range.desc.frozen_for(request.move_id).cloned() else {
             return Err(NodeError::Move(format!(
                 "range {} is not frozen for move {} here; refusing to retire it",
                 request.range_id, request.move_id
@@ -517,7 +510,7 @@ impl Node {
         if range.is_replaced() {
             return Err(NodeError::Move(format!("range {} changed while aborting; retry", request.range_id)));
         }
-        let Some(intent) = frozen_for(&range.desc, request.move_id).cloned() else {
+        let Some(intent) = range.desc.frozen_for(request.move_id).cloned() else {
             return Ok(());
         };
         let answer = self.ask_target(&intent, &request.target_address).await?;
@@ -934,10 +927,8 @@ impl Node {
             // Waits for a write of copied data in flight; none lands after this.
             session.cancel().await;
         }
-        let mut ops = Vec::new();
-        if recorded.is_none() {
-            ops.push(move_record_write(&move_record(request.move_id, request.range_id, MoveOutcome::Aborted, None)));
-        }
+        let record = recorded.is_none().then(|| move_record(request.move_id, range_id, MoveOutcome::Aborted, None));
+        let mut ops: Vec<WriteOp> = record.iter().map(move_record_write).collect();
         if let Some(importing) = &importing {
             ops.push(WriteOp::Delete { cf: CF_META, key: descriptor_key(importing.range_id) });
             match self.table.read().owned_overlapping(importing) {
@@ -958,8 +949,7 @@ impl Node {
         if !ops.is_empty() {
             self.storage.write_durable(ops).await?;
         }
-        if recorded.is_none() {
-            let record = move_record(request.move_id, request.range_id, MoveOutcome::Aborted, None);
+        if let Some(record) = record {
             self.moves.records.lock().insert(request.move_id, record);
         }
         if importing.is_some() {

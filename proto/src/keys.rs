@@ -1,6 +1,6 @@
 //! Key-space arithmetic: which keys a range descriptor covers, and how keys are printed.
 
-use crate::v1::{RangeDescriptor, RangeState, Replica, ReplicaRole};
+use crate::v1::{MoveIntent, RangeDescriptor, RangeState, Replica, ReplicaRole};
 
 /// Half-open interval arithmetic over byte keys, where an empty end means "end of key space".
 pub trait RangeBounds {
@@ -41,6 +41,11 @@ impl RangeDescriptor {
 
     pub fn is_owned_state(&self) -> bool {
         matches!(self.state(), RangeState::Active | RangeState::Frozen)
+    }
+
+    /// The intent of move `move_id`, if this range is frozen for it.
+    pub fn frozen_for(&self, move_id: u64) -> Option<&MoveIntent> {
+        self.move_intent.as_ref().filter(|i| i.move_id == move_id && self.state() == RangeState::Frozen)
     }
 
     /// `[start, end)` for people: keys escaped, the open end shown as `+inf`.

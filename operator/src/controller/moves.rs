@@ -10,7 +10,7 @@ use kvfleet_proto::v1::{
     ImportOutcomeResponse, ImportRangeRequest, MoveOutcome, RangeDescriptor, RangeState, RetireMovedRequest,
 };
 
-use super::observe::{NodeClients, Observation, describe_status, frozen_for, leader_replica, with_timeout};
+use super::observe::{NodeClients, Observation, describe_status, leader_replica, with_timeout};
 use super::state::InFlightMove;
 use crate::platform::Member;
 
@@ -145,7 +145,7 @@ pub type TargetAnswer = Result<ImportOutcomeResponse, String>;
 pub fn recovery_plan(observation: &Observation, mv: &InFlightMove, target: &TargetAnswer) -> RecoveryPlan {
     let source = observation.node(&mv.from).filter(|n| n.report.is_ok());
     let source_copy = source.and_then(|s| s.holds(mv.range_id));
-    let source_frozen = source_copy.is_some_and(|d| frozen_for(d, mv.move_id));
+    let source_frozen = source_copy.is_some_and(|d| d.frozen_for(mv.move_id).is_some());
     let abort_export_on = source.filter(|_| source_copy.is_some()).map(|s| s.member.address.clone());
     let answer = match target {
         Ok(answer) => answer,

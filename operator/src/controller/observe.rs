@@ -288,11 +288,6 @@ pub fn cluster_view(observation: &Observation, state: &ControllerState) -> Clust
     ClusterView { nodes, ranges, in_flight }
 }
 
-/// True when `desc` is frozen on its node for move `move_id`.
-pub fn frozen_for(desc: &RangeDescriptor, move_id: u64) -> bool {
-    desc.state() == RangeState::Frozen && desc.move_intent.as_ref().is_some_and(|i| i.move_id == move_id)
-}
-
 pub fn leader_replica(member: &Member) -> kvfleet_proto::v1::Replica {
     kvfleet_proto::v1::Replica {
         node_id: member.node_id.clone(),
