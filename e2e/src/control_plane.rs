@@ -107,7 +107,7 @@ fn make_certificates(dir: &Path) {
     openssl(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }
 
-/// Every request of `user` at RequestResponse level (bodies included), the rest at Metadata.
+/// Every request of `user` at RequestResponse level (bodies included), nothing of the rest.
 fn audit_policy(user: &str) -> String {
     format!(
         "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: RequestResponse\n  users: [\"{user}\"]\n- level: None\n"
@@ -140,73 +140,73 @@ impl ControlPlane {
         std::fs::write(path.join("audit-policy.yaml"), audit_policy(audited_user)).expect("write the audit policy");
         let mut plane = ControlPlane { server: String::new(), processes: Vec::new(), dir };
         let path = plane.dir.path().to_path_buf();
-        let log = |name: &str| std::fs::File::create(path.join(format!("{name}.log"))).expect("create a log file");
 
         let (etcd_client, etcd_peer) = (free_port(), free_port());
-        let etcd = Command::new("etcd")
-            .args(["--data-dir", path.join("etcd").to_str().unwrap()])
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{etcd_client}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{etcd_client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{etcd_peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{etcd_peer}")])
-            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{etcd_peer}")])
-            .stdout(Stdio::null())
-            .stderr(log("etcd"))
-            .spawn()
-            .expect("etcd starts (etcd-server is installed by scripts/install-deps.sh --control-plane)");
-        plane.processes.push(("etcd", etcd));
+        plane.launch(
+            "etcd",
+            Command::new("etcd")
+                .args(["--data-dir", path.join("etcd").to_str().unwrap()])
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{etcd_client}")])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{etcd_client}")])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{etcd_peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{etcd_peer}")])
+                .args(["--initial-cluster", &format!("default=http://127.0.0.1:{etcd_peer}")]),
+        );
 
         let port = free_port();
         plane.server = format!("https://127.0.0.1:{port}");
         let file = |name: &str| path.join(name).display().to_string();
-        let apiserver = Command::new(bin.join("kube-apiserver"))
-            .args(["--etcd-servers", &format!("http://127.0.0.1:{etcd_client}")])
-            .args(["--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1"])
-            .args(["--secure-port", &port.to_string()])
-            .args(["--tls-cert-file", &file("server.crt"), "--tls-private-key-file", &file("server.key")])
-            .args(["--client-ca-file", &file("ca.crt")])
-            .args(["--token-auth-file", &file("tokens.csv")])
-            .args(["--authorization-mode", "RBAC"])
-            .args(["--service-account-key-file", &file("sa.pub")])
-            .args(["--service-account-signing-key-file", &file("sa.key")])
-            .args(["--service-account-issuer", AUDIENCE, "--api-audiences", AUDIENCE])
-            .args(["--service-cluster-ip-range", "10.96.0.0/16"])
-            .args([
-                "--enable-admission-plugins",
-                "NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,\
+        plane.launch(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver"))
+                .args(["--etcd-servers", &format!("http://127.0.0.1:{etcd_client}")])
+                .args(["--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1"])
+                .args(["--secure-port", &port.to_string()])
+                .args(["--tls-cert-file", &file("server.crt"), "--tls-private-key-file", &file("server.key")])
+                .args(["--client-ca-file", &file("ca.crt")])
+                .args(["--token-auth-file", &file("tokens.csv")])
+                .args(["--authorization-mode", "RBAC"])
+                .args(["--service-account-key-file", &file("sa.pub")])
+                .args(["--service-account-signing-key-file", &file("sa.key")])
+                .args(["--service-account-issuer", AUDIENCE, "--api-audiences", AUDIENCE])
+                .args(["--service-cluster-ip-range", "10.96.0.0/16"])
+                .args([
+                    "--enable-admission-plugins",
+                    "NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,\
                  MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
-            ])
-            .arg("--allow-privileged=true")
-            .args(["--audit-policy-file", &file("audit-policy.yaml"), "--audit-log-path", &file("audit.log")])
-            .args(["--v", "1"])
-            .stdout(Stdio::null())
-            .stderr(log("kube-apiserver"))
-            .spawn()
-            .expect("kube-apiserver starts");
-        plane.processes.push(("kube-apiserver", apiserver));
+                ])
+                .arg("--allow-privileged=true")
+                .args(["--audit-policy-file", &file("audit-policy.yaml"), "--audit-log-path", &file("audit.log")])
+                .args(["--v", "1"]),
+        );
         plane.wait_ready(Duration::from_secs(90));
 
         plane.write_kubeconfig("components.kubeconfig", COMPONENTS_TOKEN);
-        let controller_manager = Command::new(bin.join("kube-controller-manager"))
-            .args(["--kubeconfig", &file("components.kubeconfig")])
-            .args(["--controllers", "*", "--use-service-account-credentials=false", "--leader-elect=false"])
-            .args(["--service-account-private-key-file", &file("sa.key"), "--root-ca-file", &file("ca.crt")])
-            .args(["--cluster-signing-cert-file", &file("ca.crt"), "--cluster-signing-key-file", &file("ca.key")])
-            .args(["--bind-address", "127.0.0.1", "--secure-port", &free_port().to_string(), "--port", "0"])
-            .stdout(Stdio::null())
-            .stderr(log("kube-controller-manager"))
-            .spawn()
-            .expect("kube-controller-manager starts");
-        plane.processes.push(("kube-controller-manager", controller_manager));
-        let scheduler = Command::new(bin.join("kube-scheduler"))
-            .args(["--kubeconfig", &file("components.kubeconfig"), "--leader-elect=false"])
-            .args(["--bind-address", "127.0.0.1", "--secure-port", &free_port().to_string(), "--port", "0"])
-            .stdout(Stdio::null())
-            .stderr(log("kube-scheduler"))
-            .spawn()
-            .expect("kube-scheduler starts");
-        plane.processes.push(("kube-scheduler", scheduler));
+        plane.launch(
+            "kube-controller-manager",
+            Command::new(bin.join("kube-controller-manager"))
+                .args(["--kubeconfig", &file("components.kubeconfig")])
+                .args(["--controllers", "*", "--use-service-account-credentials=false", "--leader-elect=false"])
+                .args(["--service-account-private-key-file", &file("sa.key"), "--root-ca-file", &file("ca.crt")])
+                .args(["--cluster-signing-cert-file", &file("ca.crt"), "--cluster-signing-key-file", &file("ca.key")])
+                .args(["--bind-address", "127.0.0.1", "--secure-port", &free_port().to_string(), "--port", "0"]),
+        );
+        plane.launch(
+            "kube-scheduler",
+            Command::new(bin.join("kube-scheduler"))
+                .args(["--kubeconfig", &file("components.kubeconfig"), "--leader-elect=false"])
+                .args(["--bind-address", "127.0.0.1", "--secure-port", &free_port().to_string(), "--port", "0"]),
+        );
         plane
+    }
+
+    /// Starts a component, its stderr in `<name>.log` in the control plane's directory.
+    fn launch(&mut self, name: &'static str, command: &mut Command) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("create a log file");
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap_or_else(|e| {
+            panic!("cannot start {name}: {e} (scripts/control-plane.sh builds the Kubernetes binaries, etcd comes from Debian)")
+        });
+        self.processes.push((name, child));
     }
 
     fn wait_ready(&mut self, within: Duration) {
