@@ -269,6 +269,26 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Changes (create, update, patch, delete) whose User-Agent contains `agent`, from the audit
+    /// log: "VERB URI -> CODE". The operator names its replica in its User-Agent.
+    pub fn writes_by_agent(&self, agent: &str) -> Vec<String> {
+        self.audit_log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["stage"] == "ResponseComplete")
+            .filter(|event| event["userAgent"].as_str().is_some_and(|a| a.contains(agent)))
+            .filter(|event| matches!(event["verb"].as_str(), Some("create" | "update" | "patch" | "delete")))
+            .map(|event| {
+                format!(
+                    "{} {} -> {}",
+                    event["verb"].as_str().unwrap_or(""),
+                    event["requestURI"].as_str().unwrap_or(""),
+                    event["responseStatus"]["code"]
+                )
+            })
+            .collect()
+    }
+
     /// Writes a kubeconfig for `token` into the control plane's directory; returns its path.
     pub fn write_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
         let ca = self.dir.path().join("ca.crt");

@@ -62,16 +62,22 @@ async fn operator_token(admin: &Client, audience: &str) -> String {
     answer.expect("a token for the chart's ServiceAccount").status.and_then(|s| s.token).expect("a token")
 }
 
-struct Operator(Child);
+/// An operator process, as the chart's ServiceAccount, under its own identity (its pod name),
+/// logging to `operator-<identity>.log`.
+struct Operator {
+    child: Child,
+    identity: String,
+}
 
 impl Operator {
-    fn start(plane: &ControlPlane, kubeconfig: &Path) -> Self {
-        let log = std::fs::File::create(plane.dir.path().join("operator.log")).expect("operator log");
+    fn start(plane: &ControlPlane, kubeconfig: &Path, identity: &str) -> Self {
+        let log =
+            std::fs::File::create(plane.dir.path().join(format!("operator-{identity}.log"))).expect("operator log");
         let child = Command::new(kvfleet_e2e::binary("kvfleet-operator"))
             .arg("run")
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
-            .env("POD_NAME", "kvfleet-operator-test")
+            .env("POD_NAME", identity)
             .env("KVFLEET_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("KVFLEET_RESHARD_INTERVAL_SECS", "1")
             .env("RUST_LOG", "info")
@@ -79,15 +85,38 @@ impl Operator {
             .stderr(log)
             .spawn()
             .expect("the operator starts");
-        Operator(child)
+        Operator { child, identity: identity.to_string() }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().expect("kill(1)").success());
+    }
+
+    fn log(&self, plane: &ControlPlane) -> String {
+        std::fs::read_to_string(plane.dir.path().join(format!("operator-{}.log", self.identity))).unwrap_or_default()
     }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// The last lines of every operator's log.
+fn operator_logs(plane: &ControlPlane) -> String {
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(plane.dir.path()).expect("the control plane's directory").flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("operator-") && name.ends_with(".log") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            logs.push_str(&format!("== {name} (newest first)\n{}\n", tail.join("\n")));
+        }
+    }
+    logs
 }
 
 /// Polls `check` every 500 ms until it answers None; panics with its last answer after `within`.
@@ -96,12 +125,10 @@ async fn wait_until(plane: &ControlPlane, within: Duration, mut check: impl Asyn
     loop {
         let Some(pending) = check().await else { return };
         if started.elapsed() > within {
-            let log = std::fs::read_to_string(plane.dir.path().join("operator.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
             panic!(
-                "after {within:?}: {pending}\nrefused: {:?}\noperator log (newest first):\n{}",
+                "after {within:?}: {pending}\nrefused: {:?}\n{}",
                 plane.refused_requests(&operator_user()),
-                tail.join("\n")
+                operator_logs(plane)
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -117,7 +144,7 @@ fn owned_by_cluster(meta: &ObjectMeta) -> bool {
 struct Installed {
     plane: ControlPlane,
     admin: Client,
-    _operator: Operator,
+    operator: Operator,
 }
 
 async fn install() -> Installed {
@@ -126,14 +153,14 @@ async fn install() -> Installed {
     install_chart(&plane);
     let token = operator_token(&admin, plane.audience()).await;
     let kubeconfig = plane.write_kubeconfig("operator.kubeconfig", &token);
-    let operator = Operator::start(&plane, &kubeconfig);
+    let operator = Operator::start(&plane, &kubeconfig, "kvfleet-operator-0");
     let namespaces: Api<Namespace> = Api::all(admin.clone());
     let meta = ObjectMeta { name: Some(NAMESPACE.into()), ..Default::default() };
     namespaces
         .create(&PostParams::default(), &Namespace { metadata: meta, ..Default::default() })
         .await
         .expect("namespace");
-    Installed { plane, admin, _operator: operator }
+    Installed { plane, admin, operator }
 }
 
 fn example() -> KeyValueCluster {
@@ -143,7 +170,7 @@ fn example() -> KeyValueCluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_creates_everything_as_its_service_account() {
-    let Installed { plane, admin, _operator } = install().await;
+    let Installed { plane, admin, operator: _operator } = install().await;
     let cluster = example();
     let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
     clusters.create(&PostParams::default(), &cluster).await.expect("apply the example");
@@ -265,7 +292,7 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
-        let Installed { plane, admin, _operator } = install().await;
+        let Installed { plane, admin, operator: _operator } = install().await;
         let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 5, plane.dir.path()).await;
         let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
         // Quick resharding, so that ranges split and spread within seconds of load.
@@ -326,5 +353,148 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
             report.reads,
             report.errors.len()
         );
+    });
+}
+
+/// The leader Lease as the API server has it: (holder, epoch = transitions + 1).
+async fn lease_holder(admin: &Client) -> Option<(String, u64)> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), OPERATOR_NAMESPACE);
+    let spec = leases.get_opt("kvfleet-operator").await.ok()??.spec?;
+    Some((spec.holder_identity?, spec.lease_transitions.unwrap_or(0) as u64 + 1))
+}
+
+/// The highest operator epoch each pod's node has seen.
+async fn node_epochs(count: usize) -> Vec<u64> {
+    let mut epochs = Vec::new();
+    for address in pod_addresses(count) {
+        let answer = async {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{address}")).ok()?.connect().await.ok()?;
+            let mut admin = kvfleet_proto::v1::admin_client::AdminClient::new(channel);
+            let listed = admin.list_ranges(kvfleet_proto::v1::ListRangesRequest {}).await.ok()?;
+            Some(listed.into_inner().operator_epoch)
+        };
+        epochs.push(tokio::time::timeout(Duration::from_secs(5), answer).await.ok().flatten().unwrap_or(0));
+    }
+    epochs
+}
+
+/// Two operator replicas: only the Lease holder acts. SIGKILL the leader: the standby takes over
+/// within the lease and drives the cluster. SIGSTOP the new leader past its lease: a third
+/// replica takes over and fences every node with its newer epoch; the stalled one, resumed,
+/// makes no write at all and exits. Under a read/write load throughout: nothing acknowledged is
+/// lost, no read goes back in time.
+#[test]
+fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = "only_the_leader_acts_and_a_stalled_leader_is_fenced_off";
+    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
+        assert!(status.success(), "the test failed inside its mount namespace: {status}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let Installed { plane, admin, operator: first } = install().await;
+        let kubeconfig = plane.dir.path().join("operator.kubeconfig");
+        wait_until(&plane, Duration::from_secs(30), async || {
+            let holder = lease_holder(&admin).await;
+            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-0")).then(|| format!("lease: {holder:?}"))
+        })
+        .await;
+        let second = Operator::start(&plane, &kubeconfig, "kvfleet-operator-1");
+        let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 4, plane.dir.path()).await;
+        let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
+        clusters.create(&PostParams::default(), &example()).await.expect("apply the example");
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
+
+        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(4));
+        config.deadline = Duration::from_secs(60);
+        let client = kvfleet_client::Client::new(config).expect("a client");
+        let keys = (0..100).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
+        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 3, 2);
+
+        // Only the leader acted: the standby wrote nothing (the audit log names each replica).
+        assert!(!plane.writes_by_agent("(kvfleet-operator-0)").is_empty(), "the leader built the cluster");
+        let standby_writes = plane.writes_by_agent("(kvfleet-operator-1)");
+        assert!(standby_writes.is_empty(), "the standby acted: {standby_writes:?}");
+        assert!(second.log(&plane).contains("standing by"), "{}", second.log(&plane));
+
+        // SIGKILL the leader: the standby takes over within the lease and drives the cluster.
+        first.signal("-KILL");
+        let killed = Instant::now();
+        wait_until(&plane, Duration::from_secs(30), async || {
+            let holder = lease_holder(&admin).await;
+            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-1")).then(|| format!("lease: {holder:?}"))
+        })
+        .await;
+        let takeover = killed.elapsed();
+        assert!(takeover >= Duration::from_secs(14), "taken over after {takeover:?}, before the lease could expire");
+        let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "replicas": 4 } }));
+        clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("scale out");
+        wait_for_phase(&plane, &clusters, 4, Duration::from_secs(180)).await;
+        let (_, second_epoch) = lease_holder(&admin).await.expect("a lease");
+
+        // SIGSTOP the new leader: it cannot renew, and a third replica takes over.
+        let third = Operator::start(&plane, &kubeconfig, "kvfleet-operator-2");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        second.signal("-STOP");
+        wait_until(&plane, Duration::from_secs(40), async || {
+            let holder = lease_holder(&admin).await;
+            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-2")).then(|| format!("lease: {holder:?}"))
+        })
+        .await;
+        let (_, third_epoch) = lease_holder(&admin).await.expect("a lease");
+        assert!(third_epoch > second_epoch, "a takeover starts a newer epoch: {second_epoch} -> {third_epoch}");
+        // The new leader's first round fences every node.
+        wait_until(&plane, Duration::from_secs(30), async || {
+            let epochs = node_epochs(4).await;
+            epochs.iter().any(|e| *e != third_epoch).then(|| format!("node epochs {epochs:?}, want {third_epoch}"))
+        })
+        .await;
+
+        // Resumed, the stalled replica writes nothing and exits.
+        let before = plane.writes_by_agent("(kvfleet-operator-1)");
+        second.signal("-CONT");
+        let mut second = second;
+        let exited = {
+            let started = Instant::now();
+            loop {
+                if let Some(status) = second.child.try_wait().expect("wait") {
+                    break Some(status);
+                }
+                if started.elapsed() > Duration::from_secs(20) {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        assert!(
+            exited.is_some_and(|s| !s.success()),
+            "the deposed replica must exit: {exited:?}\n{}",
+            second.log(&plane)
+        );
+        let after = plane.writes_by_agent("(kvfleet-operator-1)");
+        assert_eq!(after, before, "the deposed replica wrote after it was resumed");
+        assert!(second.log(&plane).contains("lost the lease"), "{}", second.log(&plane));
+
+        // The third replica drives the cluster: scale back to 3.
+        let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "replicas": 3 } }));
+        clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("scale in");
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(300)).await;
+        assert!(!plane.writes_by_agent("(kvfleet-operator-2)").is_empty(), "the new leader acts");
+
+        let (report, space) = workload.finish().await;
+        assert!(
+            report.violations.is_empty(),
+            "history violated: {:?}",
+            &report.violations[..report.violations.len().min(5)]
+        );
+        let wrong = space.verify_final(&client).await;
+        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
+        assert!(report.writes > 50, "too little load: {report:?}");
+        let refused = plane.refused_requests(&operator_user());
+        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        drop(third);
+        println!("takeover after SIGKILL: {takeover:?}; epochs {second_epoch} -> {third_epoch}");
     });
 }

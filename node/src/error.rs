@@ -32,6 +32,12 @@ pub enum NodeError {
     Move(String),
     #[error("forwarding to {address} failed: {message}")]
     Forward { address: String, message: String },
+    #[error(
+        "fenced: this call comes from operator epoch {epoch}, but an operator at epoch {highest} has since \
+         administered this node; only the current operator may change ranges (an operator that lost its \
+         leader lease must stop)"
+    )]
+    Fenced { epoch: u64, highest: u64 },
     #[error("asking node {node} at {address} failed: {message}")]
     PeerUnreachable { node: String, address: String, message: String },
 }
@@ -48,7 +54,7 @@ impl From<NodeError> for Status {
             | NodeError::Forward { .. }
             | NodeError::PeerUnreachable { .. }
             | NodeError::Frozen(_) => Status::unavailable(error.to_string()),
-            NodeError::Move(_) => Status::failed_precondition(error.to_string()),
+            NodeError::Move(_) | NodeError::Fenced { .. } => Status::failed_precondition(error.to_string()),
             NodeError::Storage { .. } | NodeError::Io { .. } | NodeError::Corrupt(_) | NodeError::WriteFailed(_) => {
                 Status::internal(error.to_string())
             }

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fencing;
 pub mod load;
 pub mod metrics;
 pub mod moves;

@@ -42,6 +42,7 @@ pub struct Node {
     /// records cover restarts).
     pub(crate) moves: crate::moves::MoveSessions,
     pub(crate) peers: crate::peers::Peers,
+    pub(crate) fence: crate::fencing::Fence,
 }
 
 /// A range held for the duration of one request (shared side of its gate).
@@ -112,6 +113,7 @@ impl Node {
             table.install(desc, || Arc::new(RangeLoad::new(accounting, window)))?;
         }
         let moves = crate::moves::MoveSessions::recover(&storage)?;
+        let fence = crate::fencing::Fence::recover(&storage)?;
         let node = Node {
             address,
             storage,
@@ -121,6 +123,7 @@ impl Node {
             config,
             moves,
             peers: Default::default(),
+            fence,
         };
         if node.config.bootstrap && !node.table.read().has_history() {
             node.bootstrap().await?;
@@ -174,6 +177,15 @@ impl Node {
     pub fn max_ids(&self) -> (u64, u64) {
         let (range, mv) = self.table.read().max_ids();
         (range, mv.max(self.max_recorded_move_id()))
+    }
+
+    /// Admits an admin call from operator `epoch` (see `fencing`).
+    pub async fn admit_operator(&self, epoch: u64, call: crate::fencing::Call) -> Result<(), NodeError> {
+        self.fence.admit(&self.storage, epoch, call).await
+    }
+
+    pub fn operator_epoch(&self) -> u64 {
+        self.fence.highest()
     }
 
     pub fn routing_hints(&self) -> Vec<RangeDescriptor> {

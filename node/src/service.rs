@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::Durability as ConfigDurability;
 use crate::error::NodeError;
+use crate::fencing::{self, Call};
 use crate::metrics::Op;
 use crate::node::Node;
 
@@ -182,6 +183,12 @@ impl AdminService {
     pub fn new(node: Arc<Node>) -> Self {
         AdminService { node }
     }
+
+    /// The operator fence (see `fencing`): every admin call passes it first.
+    async fn admit<T>(&self, request: &Request<T>, call: Call) -> Result<(), Status> {
+        let epoch = fencing::epoch_of(request.metadata())?;
+        Ok(self.node.admit_operator(epoch, call).await?)
+    }
 }
 
 /// Runs an admin step to its end even if its caller goes away. A step persists, then updates
@@ -208,6 +215,7 @@ impl Admin for AdminService {
         &self,
         request: Request<ExportSnapshotRequest>,
     ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
+        self.admit(&request, Call::Read).await?;
         use tokio_stream::StreamExt;
         let request = request.into_inner();
         let range_id = request.range_id;
@@ -227,6 +235,7 @@ impl Admin for AdminService {
     }
 
     async fn export_tail(&self, request: Request<ExportTailRequest>) -> Result<Response<ExportTailResponse>, Status> {
+        self.admit(&request, Call::Read).await?;
         Ok(Response::new(self.node.export_tail(&request.into_inner())?))
     }
 
@@ -234,6 +243,7 @@ impl Admin for AdminService {
         &self,
         request: Request<FreezeForMoveRequest>,
     ) -> Result<Response<FreezeForMoveResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let request = request.into_inner();
         let final_seq =
             to_completion(&self.node, move |node| async move { node.freeze_for_move(&request).await }).await?;
@@ -244,6 +254,7 @@ impl Admin for AdminService {
         &self,
         request: Request<RetireMovedRequest>,
     ) -> Result<Response<RetireMovedResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let request = request.into_inner();
         to_completion(&self.node, move |node| async move { node.retire_moved(&request).await }).await?;
         Ok(Response::new(RetireMovedResponse {}))
@@ -253,6 +264,7 @@ impl Admin for AdminService {
         &self,
         request: Request<AbortExportRequest>,
     ) -> Result<Response<AbortExportResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let request = request.into_inner();
         to_completion(&self.node, move |node| async move { node.abort_export(&request).await }).await?;
         Ok(Response::new(AbortExportResponse {}))
@@ -262,6 +274,7 @@ impl Admin for AdminService {
         &self,
         request: Request<ImportRangeRequest>,
     ) -> Result<Response<ImportRangeResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let request = request.into_inner();
         Ok(Response::new(
             to_completion(&self.node, move |node| async move { node.import_range(&request).await }).await?,
@@ -272,6 +285,7 @@ impl Admin for AdminService {
         &self,
         request: Request<CompleteImportRequest>,
     ) -> Result<Response<CompleteImportResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let request = request.into_inner();
         let range = to_completion(&self.node, move |node| async move { node.complete_import(&request).await }).await?;
         Ok(Response::new(CompleteImportResponse { range: Some(range) }))
@@ -281,6 +295,7 @@ impl Admin for AdminService {
         &self,
         request: Request<AbortImportRequest>,
     ) -> Result<Response<AbortImportResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let request = request.into_inner();
         to_completion(&self.node, move |node| async move { node.abort_import(&request).await }).await?;
         Ok(Response::new(AbortImportResponse {}))
@@ -290,10 +305,12 @@ impl Admin for AdminService {
         &self,
         request: Request<ImportOutcomeRequest>,
     ) -> Result<Response<ImportOutcomeResponse>, Status> {
+        self.admit(&request, Call::Read).await?;
         Ok(Response::new(self.node.import_outcome(request.into_inner().move_id)))
     }
 
-    async fn node_info(&self, _: Request<NodeInfoRequest>) -> Result<Response<NodeInfoResponse>, Status> {
+    async fn node_info(&self, request: Request<NodeInfoRequest>) -> Result<Response<NodeInfoResponse>, Status> {
+        self.admit(&request, Call::Read).await?;
         let config = &self.node.config;
         Ok(Response::new(NodeInfoResponse {
             node_id: config.node_id.clone(),
@@ -316,7 +333,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_ranges(&self, _: Request<ListRangesRequest>) -> Result<Response<ListRangesResponse>, Status> {
+    async fn list_ranges(&self, request: Request<ListRangesRequest>) -> Result<Response<ListRangesResponse>, Status> {
+        self.admit(&request, Call::Read).await?;
         let (max_range_id, max_move_id) = self.node.max_ids();
         Ok(Response::new(ListRangesResponse {
             node_id: self.node.config.node_id.clone(),
@@ -326,10 +344,12 @@ impl Admin for AdminService {
             importing: self.node.importing_ranges(),
             max_range_id,
             max_move_id,
+            operator_epoch: self.node.operator_epoch(),
         }))
     }
 
     async fn split_range(&self, request: Request<SplitRangeRequest>) -> Result<Response<SplitRangeResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let started = Instant::now();
         let req = request.into_inner();
         let result = to_completion(&self.node, move |node| async move { node.split(req).await })
@@ -343,6 +363,7 @@ impl Admin for AdminService {
         &self,
         request: Request<MergeRangesRequest>,
     ) -> Result<Response<MergeRangesResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let started = Instant::now();
         let request = request.into_inner();
         let result = to_completion(&self.node, move |node| async move { node.merge(request).await })
@@ -353,6 +374,7 @@ impl Admin for AdminService {
     }
 
     async fn load_report(&self, request: Request<LoadReportRequest>) -> Result<Response<LoadReportResponse>, Status> {
+        self.admit(&request, Call::Read).await?;
         let req = request.into_inner();
         let pick = |asked: u32, default: usize| match asked {
             0 => default,
@@ -367,6 +389,7 @@ impl Admin for AdminService {
         &self,
         request: Request<PublishRoutingRequest>,
     ) -> Result<Response<PublishRoutingResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let ranges = request.into_inner().ranges;
         if let Some(bad) = ranges.iter().find(|d| d.leader().is_none()) {
             return Err(Status::invalid_argument(format!("range {} has no replica to route to", bad.range_id)));
@@ -382,7 +405,8 @@ impl Admin for AdminService {
         Ok(Response::new(PublishRoutingResponse { accepted }))
     }
 
-    async fn bootstrap(&self, _: Request<BootstrapRequest>) -> Result<Response<BootstrapResponse>, Status> {
+    async fn bootstrap(&self, request: Request<BootstrapRequest>) -> Result<Response<BootstrapResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
         let range = to_completion(&self.node, move |node| async move { node.bootstrap().await }).await?;
         Ok(Response::new(BootstrapResponse { range: Some(range) }))
     }

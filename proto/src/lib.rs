@@ -27,6 +27,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kvfl
 
 pub use keys::{RangeBounds, display_key};
 
+/// The gRPC metadata key carrying the operator's leadership epoch on admin calls: a node refuses
+/// changes from an epoch older than the highest it has seen.
+pub const OPERATOR_EPOCH_HEADER: &str = "kvfleet-operator-epoch";
+
 /// `kvfleet-node` prints this on stdout, followed by `node_id=<id> address=<host:port>`, once it
 /// serves: the handshake for whatever starts nodes (the Local platform, tests, scripts).
 pub const NODE_READY_PREFIX: &str = "kvfleet-node ready";

@@ -2,6 +2,7 @@
 //! nodes' admin API -> persist the state and what is in flight -> report status. One round at a
 //! time; moves run as tasks across rounds, bounded by the policy's `max_concurrent_moves`.
 
+pub mod leadership;
 pub mod moves;
 pub mod observe;
 pub mod state;
@@ -17,6 +18,7 @@ use kvfleet_proto::v1::{BootstrapRequest, MergeRangesRequest, PublishRoutingRequ
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use self::leadership::Leadership;
 use self::moves::{MoveError, MoveReport, MoveTimeouts, Recovery};
 use self::observe::{NodeClients, Observation, describe_status, with_timeout};
 use self::state::{ControllerState, InFlightMove};
@@ -35,6 +37,8 @@ pub struct ControllerConfig {
     /// Republish the range map to every node at least this often, even if it did not change
     /// (a restarted node has lost its routing hints).
     pub republish_every: Duration,
+    /// Whether this controller may act now, and the epoch its admin calls carry.
+    pub leadership: Leadership,
 }
 
 impl Default for ControllerConfig {
@@ -45,6 +49,7 @@ impl Default for ControllerConfig {
             rpc_timeout: Duration::from_secs(10),
             import_timeout: Duration::from_secs(3600),
             republish_every: Duration::from_secs(30),
+            leadership: Leadership::unconditional(),
         }
     }
 }
@@ -84,10 +89,10 @@ impl<P: Platform> Controller<P> {
         }
         Ok(Controller {
             planner: Planner::new(config.policy.clone()),
+            clients: NodeClients::new(config.leadership.clone()),
             platform,
             config,
             state,
-            clients: NodeClients::default(),
             live_moves: HashMap::new(),
             status,
             published: None,
@@ -111,6 +116,10 @@ impl<P: Platform> Controller<P> {
                 Err(ControllerError::Platform(PlatformError::Gone(why))) => {
                     tracing::info!(%why, "the fleet is gone; the controller stops");
                     return Ok(());
+                }
+                Err(error @ ControllerError::Platform(PlatformError::Superseded(_))) => {
+                    tracing::error!(%error, "superseded; the controller stops without saving");
+                    return Err(error);
                 }
                 Err(error) => {
                     tracing::error!(%error, "control round failed");

@@ -13,8 +13,10 @@ use kvfleet_proto::v1::{
     LoadReportRequest, LoadReportResponse, RangeDescriptor, RangeLoad, RangeState, ReplicaRole,
     admin_client::AdminClient,
 };
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use super::leadership::{EpochStamp, Leadership};
 use super::state::ControllerState;
 use crate::platform::Member;
 
@@ -23,14 +25,26 @@ const SAMPLE_KEYS: u32 = 64;
 const HOT_KEYS: u32 = 4;
 const MAX_ADMIN_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// An admin client whose calls carry this controller's epoch (and are not sent without leadership).
+pub type Admin = AdminClient<InterceptedService<Channel, EpochStamp>>;
+
 /// gRPC channels to the nodes, one per address, created lazily and reused.
 #[derive(Default, Clone)]
 pub struct NodeClients {
     channels: std::sync::Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
+    leadership: Leadership,
 }
 
 impl NodeClients {
-    pub fn admin(&self, address: &str) -> Result<AdminClient<Channel>, String> {
+    pub fn new(leadership: Leadership) -> Self {
+        NodeClients { channels: Default::default(), leadership }
+    }
+
+    pub fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    pub fn admin(&self, address: &str) -> Result<Admin, String> {
         let channel = {
             let mut channels = self.channels.lock();
             match channels.get(address) {
@@ -47,7 +61,7 @@ impl NodeClients {
             }
         };
         // Load reports and routing maps of large clusters exceed tonic's 4 MiB default.
-        Ok(AdminClient::new(channel)
+        Ok(AdminClient::with_interceptor(channel, EpochStamp(self.leadership.clone()))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES))
     }
@@ -223,6 +237,7 @@ async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> R
     let (load, list) = futures::join!(load, list);
     let load = load.map_err(|s| describe_status(&s))?.into_inner();
     let list = list.map_err(|s| describe_status(&s))?.into_inner();
+    clients.leadership.saw_node_epoch(list.operator_epoch);
     Ok(NodeReport { load, importing: list.importing, max_range_id: list.max_range_id, max_move_id: list.max_move_id })
 }
 

@@ -76,7 +76,8 @@ impl FleetManager {
         let object = kvc.object_ref(&());
         tokio::spawn(forward_events(events_rx, recorder, object));
 
-        let platform = Arc::new(KubernetesPlatform::new(self.client.clone(), names.clone()));
+        let platform =
+            Arc::new(KubernetesPlatform::new(self.client.clone(), names.clone(), self.base.leadership.clone()));
         let config = ControllerConfig { policy: policy.clone(), ..self.base.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(async move {

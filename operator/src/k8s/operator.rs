@@ -24,6 +24,7 @@ use super::reconcile::{self, Context, ReconcileMetrics};
 use super::server::{PdbVersion, ServerCapabilities};
 use crate::cli::OperatorError;
 use crate::controller::ControllerConfig;
+use crate::controller::leadership::Leadership;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct OperatorArgs {
@@ -47,7 +48,9 @@ pub struct OperatorArgs {
 }
 
 pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
-    let client = Client::try_default().await.map_err(|e| OperatorError::Kubernetes(e.to_string()))?;
+    let identity = args.identity.clone().unwrap_or_else(|| format!("kvfleet-operator-{}", std::process::id()));
+    let leadership = Leadership::elected();
+    let client = api_client(&identity, &leadership).await?;
     let registry = Arc::new(Mutex::new(Registry::default()));
     let metrics = ReconcileMetrics::register(&mut registry.lock());
     let encode_registry = registry.clone();
@@ -58,27 +61,24 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         std::future::pending(),
     );
 
-    let identity = args.identity.clone().unwrap_or_else(|| format!("kvfleet-operator-{}", std::process::id()));
-    let lease = LeaseConfig {
-        namespace: args.lease_namespace.clone(),
-        name: args.lease_name.clone(),
-        identity: identity.clone(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(4),
-    };
+    let lease = LeaseConfig::new(args.lease_namespace.clone(), args.lease_name.clone(), identity.clone());
     tokio::select! {
-        _ = leader::acquire(client.clone(), &lease) => {}
+        _ = leader::acquire(client.clone(), &lease, &leadership) => {}
         _ = shutdown_signal() => return Ok(()),
     }
 
     let reporter = Reporter { controller: "kvfleet-operator".into(), instance: Some(identity) };
-    let base =
-        ControllerConfig { interval: Duration::from_secs(args.interval_secs.max(1)), ..ControllerConfig::default() };
+    let base = ControllerConfig {
+        interval: Duration::from_secs(args.interval_secs.max(1)),
+        leadership: leadership.clone(),
+        ..ControllerConfig::default()
+    };
     let fleets = Arc::new(FleetManager::new(client.clone(), reporter.clone(), base, registry));
     let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
     let server = ServerCapabilities::discover(&client).await;
     tracing::info!(?server, "what the API server serves");
-    let context = Arc::new(Context { client: client.clone(), fleets, recorder, metrics, server });
+    let context =
+        Arc::new(Context { client: client.clone(), fleets, recorder, metrics, server, leadership: leadership.clone() });
 
     let scope = args.watch_namespace.as_deref();
     // Only the objects this operator manages are watched (and cached).
@@ -102,9 +102,37 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
             }
         });
     tokio::select! {
-        _ = controller => Ok(()),
-        _ = leader::hold(client, &lease) => Err(OperatorError::Kubernetes("lost the leader lease; exiting so a standby takes over".into())),
+        _ = controller => {
+            leader::release(client, &lease, &leadership).await;
+            Ok(())
+        }
+        _ = leader::hold(client.clone(), &lease, &leadership) => {
+            Err(OperatorError::Kubernetes("lost the leader lease; exiting so a standby takes over".into()))
+        }
     }
+}
+
+/// The API client: its User-Agent names this replica (the API server's audit log then says which
+/// replica made each call), and it sends no write but the leader Lease's unless this replica
+/// leads, so a reconcile already under way when the replica stalled writes nothing after it.
+async fn api_client(identity: &str, leadership: &Leadership) -> Result<Client, OperatorError> {
+    let mut config = kube::Config::infer().await.map_err(|e| OperatorError::Kubernetes(e.to_string()))?;
+    let agent = format!("kvfleet-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
+    let agent = http::HeaderValue::from_str(&agent)
+        .map_err(|e| OperatorError::Kubernetes(format!("identity {identity:?} cannot be sent in a header: {e}")))?;
+    config.headers.push((http::header::USER_AGENT, agent));
+    let leadership = leadership.clone();
+    let only_while_leading = tower::filter::FilterLayer::new(move |request: http::Request<kube::client::Body>| {
+        let write = request.method() != http::Method::GET;
+        let lease = request.uri().path().starts_with("/apis/coordination.k8s.io/");
+        if write && !lease {
+            leadership.current().map_err(|e| Box::new(e) as tower::BoxError)?;
+        }
+        Ok::<_, tower::BoxError>(request)
+    });
+    let builder =
+        kube::client::ClientBuilder::try_from(config).map_err(|e| OperatorError::Kubernetes(e.to_string()))?;
+    Ok(builder.with_layer(&only_while_leading).build())
 }
 
 /// An API over one namespace, or over every namespace when `namespace` is None.

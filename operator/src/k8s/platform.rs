@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Patch, PatchParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 
-use super::build::{self, MANAGER, Names};
+use super::build::{self, Names};
 use super::crd::KeyValueCluster;
+use crate::controller::leadership::Leadership;
 use crate::controller::state::ControllerState;
 use crate::platform::{Member, Platform, PlatformError};
 
@@ -22,14 +23,33 @@ const MAX_STATE_BYTES: usize = 1000 * 1024;
 pub struct KubernetesPlatform {
     client: Client,
     names: Names,
+    leadership: Leadership,
     /// The cluster as `members()` last read it (every round): `save_state` takes the owner
     /// reference from it instead of reading the cluster a second time.
     last_read: parking_lot::Mutex<Option<KeyValueCluster>>,
+    /// The state ConfigMap as this loop last read or wrote it.
+    stored: parking_lot::Mutex<Stored>,
+}
+
+/// What this loop knows of the stored state: the next save is conditional on its
+/// resourceVersion (a write by anyone else in between makes it fail with 409, and this loop
+/// stops), and a state equal to what is stored is not written again.
+#[derive(Debug, Default)]
+struct Stored {
+    /// None: no ConfigMap yet, the next save creates it (and fails if someone else did).
+    resource_version: Option<String>,
+    json: Option<String>,
 }
 
 impl KubernetesPlatform {
-    pub fn new(client: Client, names: Names) -> Self {
-        KubernetesPlatform { client, names, last_read: parking_lot::Mutex::new(None) }
+    pub fn new(client: Client, names: Names, leadership: Leadership) -> Self {
+        KubernetesPlatform {
+            client,
+            names,
+            leadership,
+            last_read: parking_lot::Mutex::new(None),
+            stored: Default::default(),
+        }
     }
 
     /// The cluster now; `Gone` once it is deleted.
@@ -76,12 +96,32 @@ impl Platform for KubernetesPlatform {
     }
 
     async fn load_state(&self) -> Result<Option<ControllerState>, PlatformError> {
+        let owner = self.read_cluster().await?;
         let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.names.namespace);
         let map = maps
             .get_opt(&self.names.controller_state)
             .await
             .map_err(|e| self.api_error("reading the controller state", e))?;
-        let Some(json) = map.and_then(|m| m.data).and_then(|mut d| d.remove(STATE_KEY)) else { return Ok(None) };
+        let Some(mut map) = map else {
+            *self.stored.lock() = Stored::default();
+            return Ok(None);
+        };
+        let resource_version = map.metadata.resource_version.clone();
+        let json = map.data.as_mut().and_then(|d| d.remove(STATE_KEY));
+        let owner_uid = owner.metadata.uid.as_deref();
+        let owned = map.metadata.owner_references.iter().flatten().any(|o| Some(o.uid.as_str()) == owner_uid);
+        if !owned {
+            // A cluster deleted and re-created under the same name, before the garbage collector
+            // removed the old one's state: that state names ranges and moves of other nodes.
+            tracing::warn!(
+                configmap = %self.names.controller_state,
+                "the controller state belongs to an earlier cluster of this name; starting afresh"
+            );
+            *self.stored.lock() = Stored { resource_version, json: None };
+            return Ok(None);
+        }
+        *self.stored.lock() = Stored { resource_version, json: json.clone() };
+        let Some(json) = json else { return Ok(None) };
         serde_json::from_str(&json).map(Some).map_err(|source| PlatformError::CorruptState {
             path: format!("ConfigMap {}/{}", self.names.namespace, self.names.controller_state),
             source,
@@ -96,17 +136,41 @@ impl Platform for KubernetesPlatform {
                 json.len()
             )));
         }
+        let resource_version = {
+            let stored = self.stored.lock();
+            if stored.json.as_deref() == Some(json.as_str()) {
+                return Ok(());
+            }
+            stored.resource_version.clone()
+        };
+        self.leadership.current().map_err(|e| PlatformError::Superseded(e.to_string()))?;
         let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.names.namespace);
         let cached = self.last_read.lock().clone();
         let owner = match cached {
             Some(owner) => owner,
             None => self.read_cluster().await?,
         };
-        let map = state_config_map(&owner, &self.names, json).map_err(|e| PlatformError::Api(e.to_string()))?;
-        maps.patch(&self.names.controller_state, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&map))
-            .await
-            .map_err(|e| self.api_error("saving the controller state", e))?;
-        Ok(())
+        let mut map =
+            state_config_map(&owner, &self.names, json.clone()).map_err(|e| PlatformError::Api(e.to_string()))?;
+        let written = match resource_version {
+            None => maps.create(&PostParams::default(), &map).await,
+            Some(version) => {
+                map.metadata.resource_version = Some(version);
+                maps.replace(&self.names.controller_state, &PostParams::default(), &map).await
+            }
+        };
+        match written {
+            Ok(map) => {
+                *self.stored.lock() = Stored { resource_version: map.metadata.resource_version, json: Some(json) };
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => Err(PlatformError::Superseded(format!(
+                "the controller state ConfigMap {}/{} changed since this loop read it (another operator wrote \
+                 it): {}",
+                self.names.namespace, self.names.controller_state, status.message
+            ))),
+            Err(error) => Err(self.api_error("saving the controller state", error)),
+        }
     }
 }
 

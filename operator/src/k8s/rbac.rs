@@ -84,49 +84,99 @@ fn call(method: &str, path: &str, query: &str) -> Recorded {
     }
 }
 
-/// The resharding loop's platform calls: members, load and save the state.
+/// The resharding loop's platform calls: members, load and save the state (conditional on the
+/// resourceVersion read, skipped when unchanged, superseded on a conflict).
 async fn platform_calls() -> Vec<Recorded> {
+    use crate::controller::leadership::Leadership;
+    use crate::controller::state::ControllerState;
     use crate::k8s::build::Names;
-    use crate::k8s::platform::KubernetesPlatform;
-    use crate::platform::Platform;
+    use crate::k8s::platform::{KubernetesPlatform, state_config_map};
+    use crate::platform::{Platform, PlatformError};
     let kvc = cluster("demo", 3);
+    let names = Names::of(&kvc).unwrap();
     let kvc_json = serde_json::to_value(&kvc).unwrap();
     let kvc_path = "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo";
     let state_path = "/api/v1/namespaces/ns/configmaps/demo-controller-state";
+    let stored = |state: &ControllerState, version: &str| {
+        let mut map = state_config_map(&kvc, &names, serde_json::to_string(state).unwrap()).unwrap();
+        map.metadata.resource_version = Some(version.into());
+        serde_json::to_value(map).unwrap()
+    };
+    let resumed = ControllerState { next_range_id: 3, ..Default::default() };
     let (client, server) = verifier(vec![
-        expect("GET", kvc_path, Reply::Json(kvc_json)),
+        expect("GET", kvc_path, Reply::Json(kvc_json.clone())),
         expect("GET", "/apis/apps/v1/namespaces/ns/statefulsets/demo", Reply::NotFound),
+        expect("GET", kvc_path, Reply::Json(kvc_json.clone())),
+        expect("GET", state_path, Reply::Json(stored(&resumed, "5"))),
+        expect("PUT", state_path, Reply::Echo),
+        // The same state again: not written. Then someone else wrote in between:
+        expect("PUT", state_path, Reply::Error(409, "the object has been modified")),
+        // A first start: the ConfigMap is created (and the creation fails if another did it).
+        expect("GET", kvc_path, Reply::Json(kvc_json)),
         expect("GET", state_path, Reply::NotFound),
-        // save_state: the owner reference comes from the cluster members() just read.
-        expect("PATCH", state_path, Reply::Echo),
+        expect("POST", "/api/v1/namespaces/ns/configmaps", Reply::Echo),
         expect("GET", kvc_path, Reply::NotFound),
     ]);
-    let platform = KubernetesPlatform::new(client, Names::of(&kvc).unwrap());
+    let platform = KubernetesPlatform::new(client, names.clone(), Leadership::unconditional());
     assert!(platform.members().await.unwrap().is_empty(), "no StatefulSet yet: no members");
-    assert_eq!(platform.load_state().await.unwrap(), None);
-    let state = crate::controller::state::ControllerState { next_range_id: 9, ..Default::default() };
+    assert_eq!(platform.load_state().await.unwrap(), Some(resumed));
+    let state = ControllerState { next_range_id: 9, ..Default::default() };
     platform.save_state(&state).await.unwrap();
+    platform.save_state(&state).await.unwrap();
+    let changed = ControllerState { next_range_id: 10, ..Default::default() };
+    let superseded = platform.save_state(&changed).await.unwrap_err();
+    assert!(matches!(superseded, PlatformError::Superseded(_)), "{superseded}");
+    assert_eq!(platform.load_state().await.unwrap(), None);
+    platform.save_state(&changed).await.unwrap();
     let gone = platform.members().await.unwrap_err();
-    assert!(matches!(gone, crate::platform::PlatformError::Gone(_)), "{gone}");
+    assert!(matches!(gone, PlatformError::Gone(_)), "{gone}");
     let calls = server.await.expect("every scripted call came, in order");
-    let saved = &calls[3].body;
+    let saved = &calls[4].body;
+    assert_eq!(saved["metadata"]["resourceVersion"], "5", "a save is conditional on the version read");
     assert_eq!(saved["metadata"]["ownerReferences"][0]["name"], "demo", "the state goes with the cluster");
     let json: serde_json::Value = serde_json::from_str(saved["data"]["state.json"].as_str().unwrap()).unwrap();
     assert_eq!(json["nextRangeId"], 9);
+    assert!(calls[8].body["metadata"]["resourceVersion"].is_null(), "a creation has no precondition");
     calls
+}
+
+/// A cluster deleted and re-created under the same name does not inherit the old one's state.
+#[tokio::test]
+async fn a_recreated_cluster_does_not_inherit_the_old_state() {
+    use crate::controller::leadership::Leadership;
+    use crate::controller::state::ControllerState;
+    use crate::k8s::build::Names;
+    use crate::k8s::platform::{KubernetesPlatform, state_config_map};
+    use crate::platform::Platform;
+    let old = cluster("demo", 3);
+    let mut new = cluster("demo", 3);
+    new.metadata.uid = Some("uid-demo-recreated".into());
+    let names = Names::of(&new).unwrap();
+    let state = ControllerState { next_range_id: 40, ..Default::default() };
+    let mut map = state_config_map(&old, &names, serde_json::to_string(&state).unwrap()).unwrap();
+    map.metadata.resource_version = Some("8".into());
+    let state_path = "/api/v1/namespaces/ns/configmaps/demo-controller-state";
+    let (client, server) = verifier(vec![
+        expect(
+            "GET",
+            "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo",
+            Reply::Json(serde_json::to_value(&new).unwrap()),
+        ),
+        expect("GET", state_path, Reply::Json(serde_json::to_value(map).unwrap())),
+        expect("PUT", state_path, Reply::Echo),
+    ]);
+    let platform = KubernetesPlatform::new(client, names, Leadership::unconditional());
+    assert_eq!(platform.load_state().await.unwrap(), None, "the old cluster's state is not resumed");
+    platform.save_state(&ControllerState::default()).await.unwrap();
+    let calls = server.await.expect("every scripted call came, in order");
+    assert_eq!(calls[2].body["metadata"]["ownerReferences"][0]["uid"], "uid-demo-recreated");
 }
 
 /// Leader election: create the Lease, then renew it.
 async fn leader_calls() -> Vec<Recorded> {
-    use crate::k8s::leader::{LeaseConfig, try_hold};
+    use crate::k8s::leader::{LeaseConfig, Observer, try_hold};
     let path = "/apis/coordination.k8s.io/v1/namespaces/kvfleet-system/leases/kvfleet-operator";
-    let config = LeaseConfig {
-        namespace: "kvfleet-system".into(),
-        name: "kvfleet-operator".into(),
-        identity: "operator-0".into(),
-        duration: std::time::Duration::from_secs(15),
-        renew_every: std::time::Duration::from_secs(5),
-    };
+    let config = LeaseConfig::new("kvfleet-system".into(), "kvfleet-operator".into(), "operator-0".into());
     let held = serde_json::json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "kvfleet-operator", "namespace": "kvfleet-system", "resourceVersion": "7"},
@@ -139,8 +189,9 @@ async fn leader_calls() -> Vec<Recorded> {
         expect("PUT", path, Reply::Echo),
     ]);
     let api = kube::Api::namespaced(client, "kvfleet-system");
-    assert!(try_hold(&api, &config).await.unwrap(), "creates the lease");
-    assert!(try_hold(&api, &config).await.unwrap(), "renews its own lease");
+    let mut observer = Observer::default();
+    assert_eq!(try_hold(&api, &config, &mut observer, 0).await.unwrap(), Some(1), "creates the lease");
+    assert_eq!(try_hold(&api, &config, &mut observer, 0).await.unwrap(), Some(1), "renews its own lease");
     let calls = server.await.expect("every scripted call came, in order");
     assert_eq!(calls[3].body["metadata"]["resourceVersion"], "7", "renewal is conditional on what was read");
     calls

@@ -29,6 +29,7 @@ use super::scale::{self, ScaleStep};
 use super::server::{PdbVersion, ServerCapabilities};
 use super::status::{self, API_REFUSED_REASON, Observed, Problem};
 use super::volumes::{self, Resize};
+use crate::controller::leadership::{Leadership, NotLeading};
 
 /// Re-read the cluster this often even when nothing changes: the status follows the resharding
 /// loop, and a scale-in advances as pods empty.
@@ -41,6 +42,8 @@ pub enum ReconcileError {
     Build(#[from] BuildError),
     #[error("{what} {name}: {source}")]
     Api { what: &'static str, name: String, source: kube::Error },
+    #[error(transparent)]
+    NotLeading(#[from] NotLeading),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -73,6 +76,8 @@ pub struct Context {
     pub metrics: ReconcileMetrics,
     /// What the API server serves (discovered at start).
     pub server: ServerCapabilities,
+    /// Whether this replica leads: a deposed one must not apply anything.
+    pub leadership: Leadership,
 }
 
 /// Checks the CEL rules cannot express (or that an older CRD may not carry): the message names
@@ -94,6 +99,7 @@ pub fn validate(kvc: &KeyValueCluster) -> Result<(), String> {
 }
 
 pub async fn reconcile(kvc: Arc<KeyValueCluster>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    ctx.leadership.current()?;
     let result = reconcile_inner(&kvc, &ctx).await;
     ctx.metrics.count(if result.is_ok() { "ok" } else { "error" });
     if let Err(ReconcileError::Api { what, name, source: kube::Error::Api(status) }) = &result {
@@ -442,6 +448,7 @@ pub(crate) mod tests {
             fleets,
             metrics: ReconcileMetrics::default(),
             server: ServerCapabilities::default(),
+            leadership: Leadership::unconditional(),
         })
     }
 

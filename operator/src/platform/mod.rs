@@ -34,6 +34,10 @@ pub enum PlatformError {
     /// The fleet no longer exists (its custom resource was deleted): the controller stops.
     #[error("{0}")]
     Gone(String),
+    /// The saved state changed since this controller read it (another operator wrote it), or
+    /// this controller no longer leads: it must stop, and start again from the saved state.
+    #[error("{0}")]
+    Superseded(String),
 }
 
 pub trait Platform: Send + Sync + 'static {
