@@ -291,12 +291,17 @@ impl ControlPlane {
 
     /// Writes a kubeconfig for `token` into the control plane's directory; returns its path.
     pub fn write_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        self.write_kubeconfig_via(name, token, &self.server)
+    }
+
+    /// A kubeconfig for `token` that reaches the API server at `server` (a `StallingProxy`).
+    pub fn write_kubeconfig_via(&self, name: &str, token: &str, server: &str) -> PathBuf {
         let ca = self.dir.path().join("ca.crt");
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
              users:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\n\
              current-context: test\n",
-            self.server,
+            server,
             ca.display()
         );
         let path = self.dir.path().join(name);
@@ -336,5 +341,68 @@ impl Drop for ControlPlane {
             let _ = std::fs::rename(self.dir.path(), &kept);
             eprintln!("control plane logs kept in {}", kept.display());
         }
+    }
+}
+
+/// A TCP proxy in front of the API server that can stop forwarding (both ways, on every
+/// connection, without closing any): what a client sees of a stalled network or API server.
+pub struct StallingProxy {
+    pub url: String,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    pub async fn start(server: &str) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let upstream = server.trim_start_matches("https://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a proxy port");
+        let url = format!("https://{}", listener.local_addr().expect("its address"));
+        let stalled = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
+                                mut to: tokio::net::tcp::OwnedWriteHalf,
+                                flag: std::sync::Arc<AtomicBool>| async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        loop {
+                            while flag.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            let Ok(read) = from.read(&mut buffer).await else { return };
+                            if read == 0 {
+                                return;
+                            }
+                            // Bytes read just before a stall are held back until it ends.
+                            while flag.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            if to.write_all(&buffer[..read]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::join!(pump(client_read, server_write, flag.clone()), pump(server_read, client_write, flag));
+                });
+            }
+        });
+        StallingProxy { url, stalled, task }
+    }
+
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.store(stalled, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -356,6 +356,19 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
     });
 }
 
+async fn wait_for_exit(operator: &mut Operator, within: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = operator.child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if started.elapsed() > within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The leader Lease as the API server has it: (holder, epoch = transitions + 1).
 async fn lease_holder(admin: &Client) -> Option<(String, u64)> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), OPERATOR_NAMESPACE);
@@ -382,8 +395,9 @@ async fn node_epochs(count: usize) -> Vec<u64> {
 /// Two operator replicas: only the Lease holder acts. SIGKILL the leader: the standby takes over
 /// within the lease and drives the cluster. SIGSTOP the new leader past its lease: a third
 /// replica takes over and fences every node with its newer epoch; the stalled one, resumed,
-/// makes no write at all and exits. Under a read/write load throughout: nothing acknowledged is
-/// lost, no read goes back in time.
+/// makes no write at all and exits. Stall the third one's API connection: it stops before a
+/// fourth can take over. Under a read/write load throughout: nothing acknowledged is lost, no
+/// read goes back in time.
 #[test]
 fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
     let dir = tempfile::tempdir().unwrap();
@@ -434,8 +448,12 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         wait_for_phase(&plane, &clusters, 4, Duration::from_secs(180)).await;
         let (_, second_epoch) = lease_holder(&admin).await.expect("a lease");
 
-        // SIGSTOP the new leader: it cannot renew, and a third replica takes over.
-        let third = Operator::start(&plane, &kubeconfig, "kvfleet-operator-2");
+        // SIGSTOP the new leader: it cannot renew, and a third replica takes over. The third
+        // reaches the API server through a proxy, stalled below.
+        let proxy = kvfleet_e2e::control_plane::StallingProxy::start(&plane.server).await;
+        let token = operator_token(&admin, plane.audience()).await;
+        let proxied = plane.write_kubeconfig_via("operator-proxied.kubeconfig", &token, &proxy.url);
+        let mut third = Operator::start(&plane, &proxied, "kvfleet-operator-2");
         tokio::time::sleep(Duration::from_secs(3)).await;
         second.signal("-STOP");
         wait_until(&plane, Duration::from_secs(40), async || {
@@ -456,32 +474,38 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         let before = plane.writes_by_agent("(kvfleet-operator-1)");
         second.signal("-CONT");
         let mut second = second;
-        let exited = {
-            let started = Instant::now();
-            loop {
-                if let Some(status) = second.child.try_wait().expect("wait") {
-                    break Some(status);
-                }
-                if started.elapsed() > Duration::from_secs(20) {
-                    break None;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        };
-        assert!(
-            exited.is_some_and(|s| !s.success()),
-            "the deposed replica must exit: {exited:?}\n{}",
-            second.log(&plane)
-        );
+        let exited = wait_for_exit(&mut second, Duration::from_secs(20)).await;
+        assert!(exited.is_some_and(|s| !s.success()), "the deposed replica must exit: {exited:?}\n{}", second.log(&plane));
         let after = plane.writes_by_agent("(kvfleet-operator-1)");
         assert_eq!(after, before, "the deposed replica wrote after it was resumed");
         assert!(second.log(&plane).contains("lost the lease"), "{}", second.log(&plane));
 
-        // The third replica drives the cluster: scale back to 3.
+        // Stall the leader's API connection (it keeps running and reaching the nodes): it must
+        // stop before a standby can take over.
+        let fourth = Operator::start(&plane, &kubeconfig, "kvfleet-operator-3");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        proxy.stall(true);
+        let stalled = Instant::now();
+        let exited = wait_for_exit(&mut third, Duration::from_secs(30)).await;
+        let stopped_after = stalled.elapsed();
+        assert!(exited.is_some(), "a leader cut off from the API server must stop\n{}", third.log(&plane));
+        assert!(third.log(&plane).contains("could not renew the lease in time"), "{}", third.log(&plane));
+        wait_until(&plane, Duration::from_secs(40), async || {
+            let holder = lease_holder(&admin).await;
+            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-3")).then(|| format!("lease: {holder:?}"))
+        })
+        .await;
+        let taken_over_after = stalled.elapsed();
+        assert!(
+            stopped_after < taken_over_after,
+            "the cut-off leader stopped {stopped_after:?} after the stall, the standby took over after {taken_over_after:?}"
+        );
+
+        // The fourth replica drives the cluster: scale back to 3.
         let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "replicas": 3 } }));
         clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("scale in");
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(300)).await;
-        assert!(!plane.writes_by_agent("(kvfleet-operator-2)").is_empty(), "the new leader acts");
+        assert!(!plane.writes_by_agent("(kvfleet-operator-3)").is_empty(), "the new leader acts");
 
         let (report, space) = workload.finish().await;
         assert!(
@@ -494,7 +518,10 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         assert!(report.writes > 50, "too little load: {report:?}");
         let refused = plane.refused_requests(&operator_user());
         assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
-        drop(third);
-        println!("takeover after SIGKILL: {takeover:?}; epochs {second_epoch} -> {third_epoch}");
+        drop(fourth);
+        println!(
+            "takeover after SIGKILL: {takeover:?}; epochs {second_epoch} -> {third_epoch}; API stalled: the leader \
+             stopped after {stopped_after:?}, the standby took over after {taken_over_after:?}"
+        );
     });
 }

@@ -75,6 +75,14 @@ impl Leadership {
         }
     }
 
+    /// How long the current term has left (None: unconditional, or not leading).
+    pub fn remaining(&self) -> Option<std::time::Duration> {
+        match *self.0.term.lock() {
+            Term::Until { until, .. } => Some(until.saturating_duration_since(Instant::now())),
+            Term::Always | Term::Lapsed => None,
+        }
+    }
+
     pub fn saw_node_epoch(&self, epoch: u64) {
         self.0.highest_node_epoch.fetch_max(epoch, Ordering::Relaxed);
     }

@@ -196,11 +196,9 @@ async fn attempt(
     leadership: &Leadership,
 ) -> Result<bool, String> {
     let sent = Instant::now();
-    let outcome = tokio::time::timeout(
-        config.attempt_timeout(),
-        try_hold(api, config, observer, leadership.highest_node_epoch()),
-    )
-    .await;
+    // A holder's attempt never outlasts its term: it steps down the moment the term ends.
+    let bound = leadership.remaining().map_or(config.attempt_timeout(), |left| left.min(config.attempt_timeout()));
+    let outcome = tokio::time::timeout(bound, try_hold(api, config, observer, leadership.highest_node_epoch())).await;
     match outcome {
         Ok(Ok(Some(epoch))) => {
             leadership.grant(epoch, sent + config.renew_deadline);
@@ -208,7 +206,7 @@ async fn attempt(
         }
         Ok(Ok(None)) => Ok(false),
         Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("no answer within {:?}", config.attempt_timeout())),
+        Err(_) => Err(format!("no answer within {bound:?}")),
     }
 }
 
@@ -241,7 +239,8 @@ pub async fn hold(client: Client, config: &LeaseConfig, leadership: &Leadership)
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut observer = Observer::default();
     loop {
-        tokio::time::sleep(config.retry_period).await;
+        let pause = leadership.remaining().map_or(config.retry_period, |left| left.min(config.retry_period));
+        tokio::time::sleep(pause).await;
         match attempt(&api, config, &mut observer, leadership).await {
             Ok(true) => {}
             Ok(false) => {
