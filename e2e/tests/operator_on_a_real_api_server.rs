@@ -29,9 +29,10 @@ fn operator_user() -> String {
     format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}")
 }
 
-/// `helm install` of the chart, with Helm's own library (scripts/chart_install.py). No operator
-/// pod (replicaCount 0): there is no kubelet here, the test runs the operator itself.
-fn install_chart(plane: &ControlPlane) {
+/// `helm install` (or `helm upgrade`) of the chart, with Helm's own library
+/// (scripts/chart_install.py). No operator pod (replicaCount 0): there is no kubelet here, the
+/// test runs the operator itself.
+fn helm(plane: &ControlPlane, action: &str) {
     let python = std::env::var("KVFLEET_PYTHON").unwrap_or_else(|_| {
         panic!(
             "KVFLEET_PYTHON is not set: run scripts/python-venv.sh (./scripts/test.sh does) and export what it prints"
@@ -41,10 +42,14 @@ fn install_chart(plane: &ControlPlane) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/chart_install.py");
     let output = Command::new(python)
         .arg(script)
-        .args([kubeconfig.to_str().unwrap(), OPERATOR_NAMESPACE, RELEASE, r#"{"replicaCount": 0}"#])
+        .args([kubeconfig.to_str().unwrap(), OPERATOR_NAMESPACE, RELEASE, r#"{"replicaCount": 0}"#, action])
         .output()
         .expect("the chart installer runs");
-    assert!(output.status.success(), "helm install failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "helm {action} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+fn install_chart(plane: &ControlPlane) {
+    helm(plane, "install");
 }
 
 /// A token bound to the chart's ServiceAccount, as a pod of the operator would have.
@@ -252,6 +257,25 @@ async fn the_operator_creates_everything_as_its_service_account() {
         left.map(|_| "the StatefulSet is still there after its cluster was deleted".to_string())
     })
     .await;
+
+    // `helm upgrade` brings an outdated CRD to the chart's (Helm never upgrades crds/; the chart
+    // templates it): here, one as an older release had it, without a printer column.
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let name = "keyvalueclusters.kvfleet.io";
+    let columns = |crd: &CustomResourceDefinition| {
+        crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect::<Vec<_>>()
+    };
+    let mut outdated = crds.get(name).await.expect("the chart installed the CRD");
+    let current = columns(&outdated);
+    assert!(current.contains(&"Ranges".to_string()), "{current:?}");
+    outdated.spec.versions[0].additional_printer_columns.as_mut().expect("columns").retain(|c| c.name != "Ranges");
+    crds.replace(name, &PostParams::default(), &outdated).await.expect("make the CRD outdated");
+    helm(&plane, "upgrade");
+    let upgraded = crds.get(name).await.expect("the CRD");
+    assert_eq!(columns(&upgraded), current, "helm upgrade did not bring the CRD up to date");
+    let keep = upgraded.metadata.annotations.unwrap_or_default().get("helm.sh/resource-policy").cloned();
+    assert_eq!(keep.as_deref(), Some("keep"), "helm uninstall must not delete the CRD (and every cluster)");
 }
 
 /// The pods' DNS names (`demo-0.demo-nodes.shop.svc:7700`): the client's seeds.

@@ -23,8 +23,12 @@ pub enum Command {
     Playground(PlaygroundArgs),
     /// Run the Kubernetes operator (in a cluster: reconciles KeyValueClusters and reshards them).
     Run(crate::k8s::operator::OperatorArgs),
-    /// Print the KeyValueCluster CustomResourceDefinition (YAML), as crds/ and the chart ship it.
-    Crd,
+    /// Print the KeyValueCluster CustomResourceDefinition (YAML), as crds/ ships it.
+    Crd {
+        /// As the Helm chart's template (templates/crd.yaml), which `helm upgrade` keeps current.
+        #[arg(long)]
+        helm_template: bool,
+    },
     /// Print the objects the operator would apply for a KeyValueCluster manifest (YAML), without
     /// a cluster: to review them, or to validate them against the Kubernetes schemas.
     Render {
@@ -67,8 +71,9 @@ pub async fn run(cli: Cli) -> Result<(), OperatorError> {
             print!("{yaml}");
             Ok(())
         }
-        Command::Crd => {
-            let yaml = crate::k8s::crd_yaml().map_err(|e| OperatorError::Invalid(format!("rendering the CRD: {e}")))?;
+        Command::Crd { helm_template } => {
+            let yaml = if helm_template { crate::k8s::crd_helm_template() } else { crate::k8s::crd_yaml() };
+            let yaml = yaml.map_err(|e| OperatorError::Invalid(format!("rendering the CRD: {e}")))?;
             print!("{yaml}");
             Ok(())
         }

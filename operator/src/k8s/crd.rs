@@ -31,8 +31,12 @@ pub const MAX_REPLICAS: i32 = 256;
     printcolumn(name = "Ranges", type_ = "integer", json_path = ".status.ranges"),
     printcolumn(name = "Moves", type_ = "integer", json_path = ".status.movesInFlight", priority = 1),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // The Services take the cluster's name (a DNS-1035 label), and a pod's controller-revision-hash
+    // label (`<name>-<10 characters>`) must fit 63: at most 52.
+    validation = Rule::new("self.metadata.name.size() <= 52 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label of at most 52 characters: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit (the Services and pods are named after it)")
 )]
+#[x_kube(validation = Rule::new("!has(self.updateStrategy) || !has(self.updateStrategy.type) || self.updateStrategy.type != 'DrainFirst' || self.replicas >= 2").message("spec.updateStrategy.type DrainFirst needs at least 2 replicas (a pod's ranges move to the others before it restarts); use Restart with 1 replica"))]
 #[serde(rename_all = "camelCase")]
 pub struct KeyValueClusterSpec {
     /// Number of storage pods. Scaling in moves every range off the pods being removed before
@@ -42,6 +46,7 @@ pub struct KeyValueClusterSpec {
     pub replicas: i32,
 
     /// The kvfleet-node image. Default: ghcr.io/kvfleet/kvfleet-node:<operator version>.
+    #[x_kube(validation = Rule::new("self.size() > 0 && !self.contains(' ')").message("spec.image must be an image reference such as ghcr.io/kvfleet/kvfleet-node:0.1.0, not empty and without spaces; omit it for the default image"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
@@ -49,6 +54,9 @@ pub struct KeyValueClusterSpec {
     pub image_pull_policy: PullPolicy,
 
     /// CPU and memory of each storage pod.
+    #[x_kube(validation = Rule::new("!has(self.limits) || self.limits.all(k, isQuantity(self.limits[k]))").message("spec.resources.limits must be quantities such as 500m, 2 or 4Gi"))]
+    #[x_kube(validation = Rule::new("!has(self.requests) || self.requests.all(k, isQuantity(self.requests[k]))").message("spec.resources.requests must be quantities such as 500m, 2 or 4Gi"))]
+    #[x_kube(validation = Rule::new("!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || !isQuantity(self.requests[k]) || !isQuantity(self.limits[k]) || quantity(self.requests[k]).compareTo(quantity(self.limits[k])) <= 0)").message("spec.resources: a request must not exceed its limit (requests.cpu <= limits.cpu, requests.memory <= limits.memory)"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
@@ -180,11 +188,11 @@ pub struct ShardingSpec {
     pub split_qps: Option<f64>,
     /// How long a range must stay above splitQps before it splits, in seconds. Default 30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.sharding.splitSustainSeconds must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 604800").message("spec.sharding.splitSustainSeconds must be between 1 and 604800 (a week)"))]
     pub split_sustain_seconds: Option<i64>,
     /// Split a range larger than this many MiB. Default 256.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "splitMiB")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.sharding.splitMiB must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1048576").message("spec.sharding.splitMiB must be between 1 and 1048576 (1 TiB)"))]
     pub split_mib: Option<i64>,
     /// Neighbouring ranges each below this many operations per second... Default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,12 +200,12 @@ pub struct ShardingSpec {
     pub merge_below_qps: Option<f64>,
     /// ...and together below this many MiB merge. Default 64.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "mergeBelowMiB")]
-    #[x_kube(validation = Rule::new("self >= 0").message("spec.sharding.mergeBelowMiB must not be negative"))]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1048576").message("spec.sharding.mergeBelowMiB must be between 0 and 1048576 (1 TiB)"))]
     pub merge_below_mib: Option<i64>,
     /// How long neighbours must stay cold (and how long after a split) before a merge, in
     /// seconds. Default 600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 0").message("spec.sharding.mergeDelaySeconds must not be negative"))]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 604800").message("spec.sharding.mergeDelaySeconds must be between 0 and 604800 (a week)"))]
     pub merge_delay_seconds: Option<i64>,
     /// Moves running at once. Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,7 +217,7 @@ pub struct ShardingSpec {
     pub balance_tolerance: Option<f64>,
     /// A range that moved stays put at least this long, in seconds. Default 120.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 0").message("spec.sharding.moveCooldownSeconds must not be negative"))]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 604800").message("spec.sharding.moveCooldownSeconds must be between 0 and 604800 (a week)"))]
     pub move_cooldown_seconds: Option<i64>,
 }
 
@@ -219,7 +227,7 @@ impl ShardingSpec {
     /// are clamped rather than trusted.
     pub fn policy(&self) -> Policy {
         let secs = |v: i64| v.max(0) as u64;
-        let mib = |v: i64| (v.max(0) as u64) * 1024 * 1024;
+        let mib = |v: i64| (v.max(0) as u64).saturating_mul(1024 * 1024);
         let overrides = crate::policy::PolicyArgs {
             split_qps: self.split_qps,
             split_bytes: self.split_mib.map(mib),
@@ -236,11 +244,14 @@ impl ShardingSpec {
 }
 
 /// Where the storage pods run.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SchedulingSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.operator) || t.operator == 'Exists' || t.operator == 'Equal')").message("spec.scheduling.tolerations: operator must be Exists or Equal"))]
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.effect) || t.effect == '' || t.effect == 'NoSchedule' || t.effect == 'PreferNoSchedule' || t.effect == 'NoExecute')").message("spec.scheduling.tolerations: effect must be NoSchedule, PreferNoSchedule or NoExecute (or empty for all)"))]
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == '')").message("spec.scheduling.tolerations: a toleration with operator Exists must not have a value"))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
     /// Replaces the default affinity (which prefers one storage pod per Kubernetes node).
@@ -439,7 +450,7 @@ mod tests {
             ),
             (
                 json!({"replicas": 3, "sharding": {"moveCooldownSeconds": -1}}),
-                "spec.sharding.moveCooldownSeconds must not be negative",
+                "spec.sharding.moveCooldownSeconds must be between 0 and 604800 (a week)",
             ),
             (
                 json!({"replicas": 3, "sharding": {"maxConcurrentMoves": 0}}),
@@ -451,10 +462,71 @@ mod tests {
             ),
             (json!({"replicas": 3, "ports": {"grpc": 9090}}), "spec.ports.grpc and spec.ports.metrics must differ"),
             (json!({"replicas": 3, "ports": {"grpc": 70000}}), "spec.ports.grpc must be a port number (1-65535)"),
+            (
+                json!({"replicas": 3, "image": ""}),
+                "spec.image must be an image reference such as ghcr.io/kvfleet/kvfleet-node:0.1.0, not empty and without spaces; omit it for the default image",
+            ),
+            (
+                json!({"replicas": 3, "resources": {"limits": {"memory": "lots"}}}),
+                "spec.resources.limits must be quantities such as 500m, 2 or 4Gi",
+            ),
+            (
+                json!({"replicas": 3, "resources": {"requests": {"cpu": "2x"}}}),
+                "spec.resources.requests must be quantities such as 500m, 2 or 4Gi",
+            ),
+            (
+                json!({"replicas": 3, "resources": {"requests": {"memory": "4Gi"}, "limits": {"memory": "2Gi"}}}),
+                "spec.resources: a request must not exceed its limit (requests.cpu <= limits.cpu, requests.memory <= limits.memory)",
+            ),
+            (
+                json!({"replicas": 3, "scheduling": {"tolerations": [{"key": "k", "operator": "Matches"}]}}),
+                "spec.scheduling.tolerations: operator must be Exists or Equal",
+            ),
+            (
+                json!({"replicas": 3, "scheduling": {"tolerations": [{"key": "k", "effect": "NoRun"}]}}),
+                "spec.scheduling.tolerations: effect must be NoSchedule, PreferNoSchedule or NoExecute (or empty for all)",
+            ),
+            (
+                json!({"replicas": 1, "updateStrategy": {"type": "DrainFirst"}}),
+                "spec.updateStrategy.type DrainFirst needs at least 2 replicas (a pod's ranges move to the others before it restarts); use Restart with 1 replica",
+            ),
+            (
+                json!({"replicas": 3, "sharding": {"splitMiB": 9_000_000_000_000_000i64}}),
+                "spec.sharding.splitMiB must be between 1 and 1048576 (1 TiB)",
+            ),
         ];
         for (spec, message) in cases {
             assert_eq!(refusals(spec.clone(), None), vec![message.to_string()], "spec {spec}");
         }
+    }
+
+    #[test]
+    fn the_name_must_fit_the_objects_named_after_it() {
+        let named = |name: &str| {
+            let mut object = object(json!({"replicas": 3}));
+            object["metadata"]["name"] = json!(name);
+            match kube::core::cel::Validator::new().validate(&schema(), &object, None) {
+                Ok(()) => Vec::new(),
+                Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect::<Vec<_>>(),
+            }
+        };
+        assert!(named("orders-eu-1").is_empty());
+        assert!(named(&"a".repeat(52)).is_empty());
+        for bad in ["a".repeat(53), "Orders".into(), "1orders".into(), "orders.eu".into(), "orders-".into()] {
+            let refused = named(&bad);
+            assert_eq!(refused.len(), 1, "{bad}: {refused:?}");
+            assert!(
+                refused[0].starts_with("metadata.name must be a DNS-1035 label of at most 52"),
+                "{bad}: {refused:?}"
+            );
+        }
+        let fine = [json!({"replicas": 2, "updateStrategy": {"type": "DrainFirst"}}), json!({"replicas": 1})];
+        for spec in fine {
+            assert_eq!(refusals(spec.clone(), None), Vec::<String>::new(), "{spec}");
+        }
+        let requests_within_limits = json!({"replicas": 3, "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "1024Mi"}}});
+        assert_eq!(refusals(requests_within_limits, None), Vec::<String>::new());
     }
 
     #[test]

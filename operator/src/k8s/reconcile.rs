@@ -91,8 +91,52 @@ pub fn validate(kvc: &KeyValueCluster) -> Result<(), String> {
             super::crd::MAX_REPLICAS
         ));
     }
-    if spec.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
-        return Err("spec.image is empty; omit it for the default image".into());
+    if spec.image.as_deref().is_some_and(|i| i.trim().is_empty() || i.contains(' ')) {
+        return Err("spec.image is empty or has spaces; omit it for the default image".into());
+    }
+    let name = kvc.metadata.name.as_deref().unwrap_or_default();
+    let dns_1035 = name.len() <= 52
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !dns_1035 {
+        return Err(format!(
+            "metadata.name {name:?} must be a DNS-1035 label of at most 52 characters (the Services and pods are \
+             named after it)"
+        ));
+    }
+    if spec.update_strategy.type_ == super::crd::UpdateType::DrainFirst && spec.replicas < 2 {
+        return Err("spec.updateStrategy.type DrainFirst needs at least 2 replicas; use Restart with 1".into());
+    }
+    if let Some(resources) = &spec.resources {
+        let parse = |kind: &str,
+                     map: &Option<
+            std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+        >| {
+            map.iter()
+                .flatten()
+                .map(|(resource, quantity)| {
+                    volumes::quantity_bytes(&quantity.0).map(|value| (resource.clone(), value)).ok_or_else(|| {
+                        format!(
+                            "spec.resources.{kind}.{resource} is {:?}, not a quantity such as 500m, 2 or 4Gi",
+                            quantity.0
+                        )
+                    })
+                })
+                .collect::<Result<std::collections::BTreeMap<_, _>, String>>()
+        };
+        let requests = parse("requests", &resources.requests)?;
+        let limits = parse("limits", &resources.limits)?;
+        for (resource, request) in &requests {
+            if limits.get(resource).is_some_and(|limit| request > limit) {
+                return Err(format!("spec.resources.requests.{resource} exceeds spec.resources.limits.{resource}"));
+            }
+        }
+    }
+    for toleration in &spec.scheduling.tolerations {
+        if let Some(operator) = toleration.operator.as_deref().filter(|o| !matches!(*o, "Exists" | "Equal")) {
+            return Err(format!("spec.scheduling.tolerations: operator {operator:?} must be Exists or Equal"));
+        }
     }
     crate::policy::PolicyArgs::validate(&spec.sharding.policy())
         .map_err(|flag_message| format!("spec.sharding: {}", flag_message.replace("--", "")))
@@ -770,5 +814,47 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn reconcile_refuses_an_invalid_spec_without_touching_anything() {
         an_invalid_spec_is_refused_without_touching_anything().await;
+    }
+
+    /// Where the API server runs no CEL (before 1.25; the 1.20 of the tests), the operator itself
+    /// refuses what the CRD's rules would, with the same kind of message.
+    #[test]
+    fn validate_refuses_what_the_crd_rules_refuse() {
+        let with = |edit: &dyn Fn(&mut KeyValueCluster)| {
+            let mut kvc = cluster("demo", 3);
+            edit(&mut kvc);
+            validate(&kvc)
+        };
+        assert_eq!(with(&|_| {}), Ok(()));
+        let cases: [(&dyn Fn(&mut KeyValueCluster), &str); 6] = [
+            (&|k| k.metadata.name = Some("a".repeat(53)), "must be a DNS-1035 label of at most 52"),
+            (&|k| k.metadata.name = Some("Demo".into()), "must be a DNS-1035 label"),
+            (
+                &|k| {
+                    k.spec.replicas = 1;
+                    k.spec.update_strategy.type_ = crate::k8s::crd::UpdateType::DrainFirst;
+                },
+                "DrainFirst needs at least 2 replicas",
+            ),
+            (
+                &|k| k.spec.resources = serde_json::from_value(json!({"limits": {"memory": "lots"}})).unwrap(),
+                "spec.resources.limits.memory is \"lots\", not a quantity",
+            ),
+            (
+                &|k| {
+                    let resources = json!({"requests": {"memory": "4Gi"}, "limits": {"memory": "2Gi"}});
+                    k.spec.resources = serde_json::from_value(resources).unwrap();
+                },
+                "spec.resources.requests.memory exceeds spec.resources.limits.memory",
+            ),
+            (
+                &|k| k.spec.scheduling.tolerations = serde_json::from_value(json!([{"operator": "Matches"}])).unwrap(),
+                "operator \"Matches\" must be Exists or Equal",
+            ),
+        ];
+        for (edit, expected) in cases {
+            let refused = with(edit).expect_err(expected);
+            assert!(refused.contains(expected), "{refused:?} should say {expected:?}");
+        }
     }
 }
