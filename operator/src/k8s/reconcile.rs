@@ -826,7 +826,8 @@ pub(crate) mod tests {
             validate(&kvc)
         };
         assert_eq!(with(&|_| {}), Ok(()));
-        let cases: [(&dyn Fn(&mut KeyValueCluster), &str); 6] = [
+        type Edit<'a> = &'a dyn Fn(&mut KeyValueCluster);
+        let cases: [(Edit, &str); 6] = [
             (&|k| k.metadata.name = Some("a".repeat(53)), "must be a DNS-1035 label of at most 52"),
             (&|k| k.metadata.name = Some("Demo".into()), "must be a DNS-1035 label"),
             (
