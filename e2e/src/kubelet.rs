@@ -305,6 +305,16 @@ impl Kubelet {
         for var in container.env.iter().flatten() {
             let value = if let Some(value) = &var.value {
                 expand(value, &env)
+            } else if let Some(selector) = var.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()) {
+                let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+                    Api::namespaced(self.client.clone(), &self.namespace);
+                let secret =
+                    secrets.get_opt(&selector.name).await.map_err(|e| format!("Secret {}: {e}", selector.name))?;
+                match secret.and_then(|s| s.data).and_then(|mut d| d.remove(&selector.key)) {
+                    Some(bytes) => String::from_utf8(bytes.0).map_err(|e| format!("Secret {}: {e}", selector.name))?,
+                    None if selector.optional == Some(true) => continue,
+                    None => return Err(format!("Secret {} has no key {}", selector.name, selector.key)),
+                }
             } else if let Some(field) = var.value_from.as_ref().and_then(|f| f.field_ref.as_ref()) {
                 match field.field_path.as_str() {
                     "metadata.name" => name.clone(),

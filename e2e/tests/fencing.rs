@@ -1,6 +1,6 @@
-//! Operator fencing on a real node: admin calls carry the operator's epoch; once a newer epoch
-//! has spoken to a node (even only to read), an older operator can change nothing there, and the
-//! node remembers that across a kill -9.
+//! Who may administer a real node: admin calls carry the operator's epoch (once a newer epoch
+//! has spoken to a node, even only to read, an older operator can change nothing there, and the
+//! node remembers that across a kill -9), and the cluster's admin token (without it, nothing).
 
 use std::time::Duration;
 
@@ -69,4 +69,78 @@ async fn a_node_refuses_changes_from_an_operator_older_than_one_it_has_seen() {
     let listed = admin.list_ranges(from_epoch(ListRangesRequest {}, None)).await.expect("a read").into_inner();
     assert_eq!(listed.operator_epoch, 3);
     assert_eq!(listed.ranges.len(), 3, "exactly the two splits that were allowed happened");
+}
+
+const TOKEN: &str = "5f0c1b2e9a8d7c6b5a4f3e2d1c0b9a88";
+
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ASCII"));
+    }
+    request.set_timeout(Duration::from_secs(10));
+    request
+}
+
+/// Nodes started with the cluster's admin token refuse admin calls without it (with an error
+/// that says what is missing), serve the data API to anyone, and a move between two of them
+/// works: the controller sends the token, and so do the nodes on their calls to each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
+    use kvfleet_operator::controller::moves::{MoveTimeouts, drive};
+    use kvfleet_operator::controller::observe::NodeClients;
+    use kvfleet_operator::controller::state::InFlightMove;
+    use kvfleet_operator::platform::Member;
+    use kvfleet_proto::admin_auth::AdminToken;
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KVFLEET_ADMIN_TOKEN", TOKEN)];
+    let source = NodeProcess::start_with_env("n1", &dir.path().join("n1"), &["--bootstrap"], &env);
+    let target = NodeProcess::start_with_env("n2", &dir.path().join("n2"), &[], &env);
+
+    let mut admin = source.admin();
+    let bare = admin.split_range(with_token(split(1, "m"), None)).await.expect_err("no token");
+    assert_eq!(bare.code(), Code::Unauthenticated);
+    assert!(bare.message().contains("admin token"), "{}", bare.message());
+    let read = admin.list_ranges(with_token(ListRangesRequest {}, None)).await.expect_err("reads too");
+    assert_eq!(read.code(), Code::Unauthenticated);
+    let wrong = admin.list_ranges(with_token(ListRangesRequest {}, Some(&TOKEN.replace('5', "6")))).await;
+    assert_eq!(wrong.expect_err("another cluster's token").code(), Code::Unauthenticated);
+    // The data API stays open.
+    let client = kvfleet_e2e::client_for(&[&source, &target]);
+    for i in 0..200 {
+        client.put(format!("key{i:03}"), format!("value{i}")).await.expect("a write without any token");
+    }
+
+    let listed = admin.list_ranges(with_token(ListRangesRequest {}, Some(TOKEN))).await.expect("with the token");
+    let range = listed.into_inner().ranges.remove(0);
+    let member = |node: &NodeProcess| Member {
+        node_id: node.node_id.clone(),
+        address: node.address.clone(),
+        draining: false,
+        restarts: 0,
+    };
+    let mv = InFlightMove {
+        move_id: 1,
+        range_id: range.range_id,
+        generation: range.generation,
+        from: source.node_id.clone(),
+        to: target.node_id.clone(),
+        reason: "test".into(),
+        started_unix_ms: 0,
+    };
+    let timeouts = MoveTimeouts { import: Duration::from_secs(60), step: Duration::from_secs(10) };
+    let without = drive(NodeClients::default(), mv.clone(), range.clone(), member(&source), member(&target), timeouts)
+        .await
+        .expect_err("a controller without the token moves nothing");
+    assert!(without.to_string().contains("admin token"), "{without}");
+    let clients = NodeClients::new(Default::default(), AdminToken::new(TOKEN).unwrap());
+    let moved = drive(clients, InFlightMove { move_id: 2, ..mv }, range, member(&source), member(&target), timeouts)
+        .await
+        .expect("the move, with the token on every call (the target pulls from the source with it too)");
+    assert_eq!(moved.new_owner.leader().map(|r| r.node_id.as_str()), Some("n2"));
+    for i in 0..200 {
+        let value = client.get(format!("key{i:03}")).await.expect("a read after the move");
+        assert_eq!(value.as_deref(), Some(format!("value{i}").as_bytes()), "key{i:03}");
+    }
 }

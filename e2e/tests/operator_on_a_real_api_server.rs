@@ -52,6 +52,20 @@ fn install_chart(plane: &ControlPlane) {
     helm(plane, "install");
 }
 
+/// The admin key the chart generated (the Deployment takes it from this Secret).
+fn admin_key(plane: &ControlPlane) -> String {
+    let path = plane.dir.path().join("admin-key");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} is written after the chart is installed", path.display()))
+}
+
+async fn save_admin_key(plane: &ControlPlane, admin: &Client) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), OPERATOR_NAMESPACE);
+    let secret = secrets.get(&format!("{RELEASE}-admin-key")).await.expect("the chart's admin key Secret");
+    let key = secret.data.and_then(|mut d| d.remove("key")).expect("a key");
+    std::fs::write(plane.dir.path().join("admin-key"), key.0).expect("write the admin key");
+}
+
 /// A token bound to the chart's ServiceAccount, as a pod of the operator would have.
 async fn operator_token(admin: &Client, audience: &str) -> String {
     let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), OPERATOR_NAMESPACE);
@@ -75,6 +89,7 @@ struct Operator {
 }
 
 impl Operator {
+    /// As the chart's Deployment runs it: the admin key from the chart's Secret.
     fn start(plane: &ControlPlane, kubeconfig: &Path, identity: &str) -> Self {
         let log =
             std::fs::File::create(plane.dir.path().join(format!("operator-{identity}.log"))).expect("operator log");
@@ -83,6 +98,7 @@ impl Operator {
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
             .env("POD_NAME", identity)
+            .env("KVFLEET_ADMIN_KEY", admin_key(plane))
             .env("KVFLEET_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("KVFLEET_RESHARD_INTERVAL_SECS", "1")
             .env("RUST_LOG", "info")
@@ -156,6 +172,7 @@ async fn install() -> Installed {
     let plane = ControlPlane::start(&operator_user());
     let admin = plane.admin().await;
     install_chart(&plane);
+    save_admin_key(&plane, &admin).await;
     let token = operator_token(&admin, plane.audience()).await;
     let kubeconfig = plane.write_kubeconfig("operator.kubeconfig", &token);
     let operator = Operator::start(&plane, &kubeconfig, "kvfleet-operator-0");
@@ -327,6 +344,15 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         .expect("a sharding spec");
         clusters.create(&PostParams::default(), &cluster).await.expect("apply the example");
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
+
+        // Only the operator (and the cluster's own pods) may administer the nodes.
+        let pod = &pod_addresses(1)[0];
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{pod}")).unwrap().connect().await.unwrap();
+        let mut stranger = kvfleet_proto::v1::admin_client::AdminClient::new(channel);
+        let refused = stranger.bootstrap(kvfleet_proto::v1::BootstrapRequest {}).await.expect_err("no admin token");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+        assert!(refused.message().contains("admin token"), "{}", refused.message());
 
         let mut config = kvfleet_client::ClientConfig::new(pod_addresses(5));
         config.deadline = Duration::from_secs(60);

@@ -90,6 +90,12 @@ pub struct NodeConfig {
     /// How long a graceful shutdown waits for in-flight requests before giving up.
     #[arg(long, env = "KVFLEET_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    /// The cluster's admin token: admin calls (splits, moves, routing, exports) without it are
+    /// refused, and this node sends it on its own admin calls to peers. Unset: admin calls are
+    /// open (the playground). On Kubernetes the operator sets it from a per-cluster Secret.
+    #[arg(long, env = "KVFLEET_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 impl NodeConfig {

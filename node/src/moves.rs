@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
-use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::mutation::Op as MutationOp;
 use kvfleet_proto::v1::*;
 use parking_lot::Mutex;
@@ -782,7 +781,7 @@ impl Node {
     /// Reads at least once; returns the last read's `frozen_new_generation`.
     async fn catch_up(
         &self,
-        admin: &mut AdminClient<tonic::transport::Channel>,
+        admin: &mut crate::peers::PeerAdmin,
         range_id: u64,
         session: &ImportSession,
         cursor: &mut TailCursor,

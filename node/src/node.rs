@@ -43,6 +43,8 @@ pub struct Node {
     pub(crate) moves: crate::moves::MoveSessions,
     pub(crate) peers: crate::peers::Peers,
     pub(crate) fence: crate::fencing::Fence,
+    /// Admin calls must carry it (none: open).
+    pub(crate) admin_token: kvfleet_proto::admin_auth::AdminToken,
 }
 
 /// A range held for the duration of one request (shared side of its gate).
@@ -114,6 +116,11 @@ impl Node {
         }
         let moves = crate::moves::MoveSessions::recover(&storage)?;
         let fence = crate::fencing::Fence::recover(&storage)?;
+        let admin_token = match config.admin_token.as_deref() {
+            None => kvfleet_proto::admin_auth::AdminToken::none(),
+            Some(token) => kvfleet_proto::admin_auth::AdminToken::new(token)
+                .map_err(|e| NodeError::Invalid(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?,
+        };
         let node = Node {
             address,
             storage,
@@ -122,8 +129,9 @@ impl Node {
             started: Instant::now(),
             config,
             moves,
-            peers: Default::default(),
+            peers: crate::peers::Peers::new(admin_token.clone()),
             fence,
+            admin_token,
         };
         if node.config.bootstrap && !node.table.read().has_history() {
             node.bootstrap().await?;

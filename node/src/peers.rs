@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::kv_client::KvClient;
 use parking_lot::Mutex;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::NodeError;
@@ -20,9 +22,17 @@ const MAX_ADMIN_MESSAGE_BYTES: usize = 64 << 20;
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    /// Sent on every admin call to a peer (the cluster's nodes share it).
+    admin_token: AdminToken,
 }
 
+pub type PeerAdmin = AdminClient<InterceptedService<Channel, AdminToken>>;
+
 impl Peers {
+    pub fn new(admin_token: AdminToken) -> Self {
+        Peers { channels: Default::default(), admin_token }
+    }
+
     fn channel(&self, address: &str) -> Result<Channel, NodeError> {
         let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(address) {
@@ -44,8 +54,8 @@ impl Peers {
         Ok(KvClient::new(self.channel(address)?))
     }
 
-    pub fn admin(&self, address: &str) -> Result<AdminClient<Channel>, NodeError> {
-        Ok(AdminClient::new(self.channel(address)?)
+    pub fn admin(&self, address: &str) -> Result<PeerAdmin, NodeError> {
+        Ok(AdminClient::with_interceptor(self.channel(address)?, self.admin_token.clone())
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES))
     }

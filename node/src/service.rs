@@ -184,8 +184,10 @@ impl AdminService {
         AdminService { node }
     }
 
-    /// The operator fence (see `fencing`): every admin call passes it first.
+    /// Every admin call passes here first: the cluster's admin token, then the operator fence
+    /// (see `fencing`).
     async fn admit<T>(&self, request: &Request<T>, call: Call) -> Result<(), Status> {
+        self.node.admin_token.verify(request.metadata())?;
         let epoch = fencing::epoch_of(request.metadata())?;
         Ok(self.node.admit_operator(epoch, call).await?)
     }

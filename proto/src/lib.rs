@@ -1,6 +1,7 @@
 //! kvfleet's wire protocol: the generated gRPC code, plus the helpers every side shares for
 //! ranges (which keys a descriptor covers), typed error details, and printing keys.
 
+pub mod admin_auth;
 pub mod errors;
 pub mod failpoint;
 pub mod keys;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use kvfleet_proto::OPERATOR_EPOCH_HEADER;
+use kvfleet_proto::admin_auth::AdminToken;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
@@ -92,17 +93,22 @@ impl Leadership {
     }
 }
 
-/// Stamps each admin call with the epoch, and refuses to send it at all once leadership lapsed:
-/// checked when the call is sent, so a task that was paused past the lease sends nothing.
+/// Stamps each admin call with the epoch and the cluster's admin token, and refuses to send it
+/// at all once leadership lapsed: checked when the call is sent, so a task that was paused past
+/// the lease sends nothing.
 #[derive(Debug, Clone)]
-pub struct EpochStamp(pub Leadership);
+pub struct EpochStamp {
+    pub leadership: Leadership,
+    pub token: AdminToken,
+}
 
 impl Interceptor for EpochStamp {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let epoch = self.0.current().map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let epoch = self.leadership.current().map_err(|e| Status::failed_precondition(e.to_string()))?;
         if epoch > 0 {
             request.metadata_mut().insert(OPERATOR_EPOCH_HEADER, MetadataValue::from(epoch));
         }
+        self.token.attach(&mut request);
         Ok(request)
     }
 }
@@ -130,13 +136,17 @@ mod tests {
     #[test]
     fn the_stamp_carries_the_epoch_and_refuses_outside_the_term() {
         let leadership = Leadership::elected();
-        let mut stamp = EpochStamp(leadership.clone());
+        let token = AdminToken::new("0123456789abcdef0123456789abcdef").unwrap();
+        let mut stamp = EpochStamp { leadership: leadership.clone(), token };
         let refused = stamp.call(Request::new(())).expect_err("no term yet");
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
         leadership.grant(7, Instant::now() + Duration::from_secs(10));
         let sent = stamp.call(Request::new(())).expect("within the term");
         assert_eq!(sent.metadata().get(OPERATOR_EPOCH_HEADER).and_then(|v| v.to_str().ok()), Some("7"));
-        let unstamped = EpochStamp(Leadership::unconditional()).call(Request::new(())).expect("always");
+        assert!(sent.metadata().get("authorization").is_some(), "the admin token travels with the epoch");
+        let mut playground = EpochStamp { leadership: Leadership::unconditional(), token: AdminToken::none() };
+        let unstamped = playground.call(Request::new(())).expect("always");
         assert!(unstamped.metadata().get(OPERATOR_EPOCH_HEADER).is_none());
+        assert!(unstamped.metadata().get("authorization").is_none());
     }
 }

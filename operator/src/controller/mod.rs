@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kvfleet_planner::{Action, MoveReason, NodeId, Plan, Planner, Policy, SplitReason};
+use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::{BootstrapRequest, MergeRangesRequest, PublishRoutingRequest, RangeState, SplitRangeRequest};
 use tokio::sync::watch;
@@ -39,6 +40,8 @@ pub struct ControllerConfig {
     pub republish_every: Duration,
     /// Whether this controller may act now, and the epoch its admin calls carry.
     pub leadership: Leadership,
+    /// The fleet's admin token, sent on every admin call (none: the nodes' admin API is open).
+    pub admin_token: AdminToken,
 }
 
 impl Default for ControllerConfig {
@@ -50,6 +53,7 @@ impl Default for ControllerConfig {
             import_timeout: Duration::from_secs(3600),
             republish_every: Duration::from_secs(30),
             leadership: Leadership::unconditional(),
+            admin_token: AdminToken::none(),
         }
     }
 }
@@ -89,7 +93,7 @@ impl<P: Platform> Controller<P> {
         }
         Ok(Controller {
             planner: Planner::new(config.policy.clone()),
-            clients: NodeClients::new(config.leadership.clone()),
+            clients: NodeClients::new(config.leadership.clone(), config.admin_token.clone()),
             platform,
             config,
             state,

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use kvfleet_planner::{Action, ClusterView, Load, NodeId, NodeView, RangeView};
 use kvfleet_proto::RangeBounds;
+use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::v1::{
     LoadReportRequest, LoadReportResponse, RangeDescriptor, RangeLoad, RangeState, ReplicaRole,
     admin_client::AdminClient,
@@ -33,11 +34,12 @@ pub type Admin = AdminClient<InterceptedService<Channel, EpochStamp>>;
 pub struct NodeClients {
     channels: std::sync::Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
     leadership: Leadership,
+    admin_token: AdminToken,
 }
 
 impl NodeClients {
-    pub fn new(leadership: Leadership) -> Self {
-        NodeClients { channels: Default::default(), leadership }
+    pub fn new(leadership: Leadership, admin_token: AdminToken) -> Self {
+        NodeClients { channels: Default::default(), leadership, admin_token }
     }
 
     pub fn leadership(&self) -> &Leadership {
@@ -61,9 +63,12 @@ impl NodeClients {
             }
         };
         // Load reports and routing maps of large clusters exceed tonic's 4 MiB default.
-        Ok(AdminClient::with_interceptor(channel, EpochStamp(self.leadership.clone()))
-            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES))
+        Ok(AdminClient::with_interceptor(
+            channel,
+            EpochStamp { leadership: self.leadership.clone(), token: self.admin_token.clone() },
+        )
+        .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES))
     }
 }
 

@@ -10,8 +10,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
     WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -48,6 +48,8 @@ pub struct Names {
     pub node_config: String,
     /// Where the resharding controller keeps its state.
     pub controller_state: String,
+    /// The Secret with the cluster's admin token (`admin_auth`).
+    pub admin_token: String,
 }
 
 impl Names {
@@ -59,6 +61,7 @@ impl Names {
             headless: format!("{cluster}-nodes"),
             node_config: format!("{cluster}-node-config"),
             controller_state: format!("{cluster}-controller-state"),
+            admin_token: format!("{cluster}-admin-token"),
             cluster,
             namespace,
         })
@@ -172,6 +175,20 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
             EnvVar {
                 name: "KVFLEET_ADVERTISE".into(),
                 value: Some(format!("$(KVFLEET_NODE_ID).{}.$(POD_NAMESPACE).svc:{}", names.headless, spec.ports.grpc)),
+                ..Default::default()
+            },
+            // Admin calls need this token (`admin_auth`). Optional: an operator run without an
+            // admin key creates no Secret, and the nodes' admin API is then open.
+            EnvVar {
+                name: "KVFLEET_ADMIN_TOKEN".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: names.admin_token.clone(),
+                        key: ADMIN_TOKEN_KEY.into(),
+                        optional: Some(true),
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         ]),
@@ -290,6 +307,20 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
             ..Default::default()
         },
         status: None,
+    })
+}
+
+/// The key of the admin token in its Secret.
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
+/// The Secret holding the cluster's admin token, owned by the cluster.
+pub fn admin_token_secret(kvc: &KeyValueCluster, token: &str) -> Result<Secret, BuildError> {
+    let names = Names::of(kvc)?;
+    Ok(Secret {
+        metadata: metadata(kvc, &names, &names.admin_token)?,
+        data: Some(BTreeMap::from([(ADMIN_TOKEN_KEY.to_string(), k8s_openapi::ByteString(token.as_bytes().to_vec()))])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
     })
 }
 

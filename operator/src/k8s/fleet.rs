@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::admin_auth::AdminKey;
 use super::build::{Names, cluster_key};
 use super::crd::KeyValueCluster;
 use super::platform::KubernetesPlatform;
@@ -36,6 +37,8 @@ struct Fleet {
 
 pub struct FleetManager {
     client: Client,
+    /// Derives each cluster's admin token (none: admin calls go unauthenticated).
+    admin_key: Option<AdminKey>,
     reporter: Reporter,
     base: ControllerConfig,
     registry: Arc<Mutex<Registry>>,
@@ -45,9 +48,16 @@ pub struct FleetManager {
 }
 
 impl FleetManager {
-    pub fn new(client: Client, reporter: Reporter, base: ControllerConfig, registry: Arc<Mutex<Registry>>) -> Self {
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        base: ControllerConfig,
+        registry: Arc<Mutex<Registry>>,
+        admin_key: Option<AdminKey>,
+    ) -> Self {
         FleetManager {
             client,
+            admin_key,
             reporter,
             base,
             registry,
@@ -78,7 +88,8 @@ impl FleetManager {
 
         let platform =
             Arc::new(KubernetesPlatform::new(self.client.clone(), names.clone(), self.base.leadership.clone()));
-        let config = ControllerConfig { policy: policy.clone(), ..self.base.clone() };
+        let admin_token = self.admin_key.as_ref().map(|key| key.admin_token(kvc)).unwrap_or_default();
+        let config = ControllerConfig { policy: policy.clone(), admin_token, ..self.base.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             if let Some(previous) = after {

@@ -2,6 +2,7 @@
 //! from it (`build`, pure), the reconciler that applies them and reports status (`reconcile`),
 //! and the Kubernetes platform the resharding controller runs on (`platform`).
 
+pub mod admin_auth;
 pub mod build;
 pub mod crd;
 #[cfg(test)]

@@ -16,6 +16,7 @@ use kube::{Api, Client};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 
+use super::admin_auth::AdminKey;
 use super::build::MANAGER;
 use super::crd::KeyValueCluster;
 use super::fleet::FleetManager;
@@ -42,12 +43,23 @@ pub struct OperatorArgs {
     /// This replica's identity in the Lease (its pod name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// The key each cluster's admin token is derived from (at least 32 bytes; the chart keeps it
+    /// in a Secret). Without it the nodes' admin API is open to anything that can reach them.
+    #[arg(long, env = "KVFLEET_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
     /// Seconds between two resharding rounds of a cluster.
     #[arg(long, env = "KVFLEET_RESHARD_INTERVAL_SECS", default_value_t = 5)]
     pub interval_secs: u64,
 }
 
 pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
+    let admin_key = match args.admin_key.as_deref() {
+        Some(key) => Some(AdminKey::new(key).map_err(|e| OperatorError::Invalid(format!("--admin-key: {e}")))?),
+        None => {
+            tracing::warn!("no --admin-key (KVFLEET_ADMIN_KEY): the nodes' admin API is open to every pod");
+            None
+        }
+    };
     let identity = args.identity.clone().unwrap_or_else(|| format!("kvfleet-operator-{}", std::process::id()));
     let leadership = Leadership::elected();
     let client = api_client(&identity, &leadership).await?;
@@ -73,12 +85,19 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         leadership: leadership.clone(),
         ..ControllerConfig::default()
     };
-    let fleets = Arc::new(FleetManager::new(client.clone(), reporter.clone(), base, registry));
+    let fleets = Arc::new(FleetManager::new(client.clone(), reporter.clone(), base, registry, admin_key.clone()));
     let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
     let server = ServerCapabilities::discover(&client).await;
     tracing::info!(?server, "what the API server serves");
-    let context =
-        Arc::new(Context { client: client.clone(), fleets, recorder, metrics, server, leadership: leadership.clone() });
+    let context = Arc::new(Context {
+        client: client.clone(),
+        fleets,
+        recorder,
+        metrics,
+        server,
+        leadership: leadership.clone(),
+        admin_key,
+    });
 
     let scope = args.watch_namespace.as_deref();
     // Only the objects this operator manages are watched (and cached).

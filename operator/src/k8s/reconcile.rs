@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::admin_auth::AdminKey;
 use super::build::{self, BuildError, MANAGER, Names, cluster_key};
 use super::crd::{KeyValueCluster, UpdateType, VolumePolicy};
 use super::fleet::Fleets;
@@ -78,6 +79,9 @@ pub struct Context {
     pub server: ServerCapabilities,
     /// Whether this replica leads: a deposed one must not apply anything.
     pub leadership: Leadership,
+    /// Derives each cluster's admin token, written into a Secret for its pods (none: no Secret,
+    /// the nodes' admin API is open).
+    pub admin_key: Option<AdminKey>,
 }
 
 /// Checks the CEL rules cannot express (or that an older CRD may not carry): the message names
@@ -243,6 +247,9 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     let kvc = &kvc;
     let desired = build::desired(kvc, step.replicas())?;
     apply(&ctx.client, ns, &desired.node_config).await?;
+    if let Some(token) = ctx.admin_key.as_ref().and_then(|key| key.token_for(kvc)) {
+        apply(&ctx.client, ns, &build::admin_token_secret(kvc, &token)?).await?;
+    }
     apply(&ctx.client, ns, &desired.headless).await?;
     apply(&ctx.client, ns, &desired.client).await?;
     apply_pdb(ctx, ns, &desired.pdb).await?;
@@ -493,6 +500,7 @@ pub(crate) mod tests {
             metrics: ReconcileMetrics::default(),
             server: ServerCapabilities::default(),
             leadership: Leadership::unconditional(),
+            admin_key: Some(test_key()),
         })
     }
 
@@ -512,6 +520,10 @@ pub(crate) mod tests {
         (action, calls, ensured)
     }
 
+    fn test_key() -> AdminKey {
+        AdminKey::new("the operator's key in the unit tests, 32+ bytes").unwrap()
+    }
+
     const STS: &str = "/apis/apps/v1/namespaces/ns/statefulsets/demo";
     const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
     const STATUS: &str = "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo/status";
@@ -520,6 +532,7 @@ pub(crate) mod tests {
     fn applies() -> Vec<crate::k8s::fixtures::Expect> {
         vec![
             expect("PATCH", "/api/v1/namespaces/ns/configmaps/demo-node-config", Reply::Echo),
+            expect("PATCH", "/api/v1/namespaces/ns/secrets/demo-admin-token", Reply::Echo),
             expect("PATCH", "/api/v1/namespaces/ns/services/demo-nodes", Reply::Echo),
             expect("PATCH", "/api/v1/namespaces/ns/services/demo", Reply::Echo),
             expect("PATCH", "/apis/policy/v1/namespaces/ns/poddisruptionbudgets/demo", Reply::Echo),
@@ -583,6 +596,14 @@ pub(crate) mod tests {
         }
         let sts = find(&calls, "PATCH", STS)[0];
         assert_eq!(sts.body["spec"]["replicas"], 3);
+        // The pods take the admin token from the Secret the operator derived it into.
+        let secret = find(&calls, "PATCH", "/api/v1/namespaces/ns/secrets/demo-admin-token")[0];
+        let token = test_key().token_for(&kvc).expect("a token");
+        let encoded = serde_json::to_value(k8s_openapi::ByteString(token.into_bytes())).unwrap();
+        assert_eq!(secret.body["data"]["token"], encoded);
+        let env = &sts.body["spec"]["template"]["spec"]["containers"][0]["env"];
+        let from_secret = env.as_array().unwrap().iter().find(|e| e["name"] == "KVFLEET_ADMIN_TOKEN").expect("env");
+        assert_eq!(from_secret["valueFrom"]["secretKeyRef"]["name"], "demo-admin-token");
         let event = find(&calls, "POST", EVENTS)[0];
         assert_eq!(event.body["reason"], "Created");
         assert_eq!(event.body["regarding"]["name"], "demo");
