@@ -229,7 +229,11 @@ impl Kubelet {
     fn address_of(&self, pod: &str) -> String {
         let mut addresses = self.addresses.lock();
         let next = addresses.len() + 1;
-        addresses.entry(pod.to_string()).or_insert_with(|| format!("127.0.1.{next}")).clone()
+        // A subnet of 127/8 per process: kubelets of tests running at once never share an address
+        // (their pods are named alike; a shared address would mix two clusters up).
+        let pid = std::process::id();
+        let subnet = format!("127.{}.{}", 1 + (pid >> 8) % 254, pid % 256);
+        addresses.entry(pod.to_string()).or_insert_with(|| format!("{subnet}.{next}")).clone()
     }
 
     /// Rewrites the hosts file in place (a bind mount follows the inode, not the name).

@@ -528,7 +528,9 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         assert!(exited.is_some_and(|s| !s.success()), "the deposed replica must exit: {exited:?}\n{}", second.log(&plane));
         let after = plane.writes_by_agent("(kvfleet-operator-1)");
         assert_eq!(after, before, "the deposed replica wrote after it was resumed");
-        assert!(second.log(&plane).contains("lost the lease"), "{}", second.log(&plane));
+        // It finds its term over by its own clock, or the lease taken: either way it steps down.
+        let log = second.log(&plane);
+        assert!(log.contains("lost the lease") || log.contains("could not renew the lease in time"), "{log}");
 
         // Stall the leader's API connection (it keeps running and reaching the nodes): it must
         // stop before a standby can take over.
@@ -566,7 +568,8 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         let wrong = space.verify_final(&client).await;
         assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
         assert!(report.writes > 50, "too little load: {report:?}");
-        let refused = plane.refused_requests(&operator_user());
+        // The replica whose API connection was stalled left requests the server logs as 500.
+        let refused = plane.refused_requests_except(&operator_user(), Some("(kvfleet-operator-2)"));
         assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
         drop(fourth);
         println!(

@@ -12,11 +12,14 @@ use crate::storage::{CF_META, Storage, WriteOp};
 
 const EPOCH_KEY: &[u8] = b"operator_epoch";
 
-/// What an admin call does, for the fence.
+/// What an admin call does, for the admin token and the fence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
-    /// Reads only (reports, exports to a peer): never refused; a newer epoch still raises the
-    /// fence, so a new operator's first round fences every node it observes.
+    /// Cluster metadata (node info, range descriptors, load): open to anyone who may use the
+    /// data API (clients route with it). An epoch counts only from a caller with the token.
+    Open,
+    /// Reads for the operator and peers only (exports, move outcomes): never fenced, but a newer
+    /// epoch still raises the fence, so a new operator's first round fences every node.
     Read,
     /// Changes ranges or routing: refused from an epoch below the fence.
     Change,
