@@ -28,6 +28,10 @@ pub struct Cli {
     /// Deadline of each operation, retries included, in seconds.
     #[arg(long, global = true, default_value_t = 10.0)]
     pub timeout: f64,
+    /// The cluster's admin token, for `split` and `merge` on nodes that require one (on
+    /// Kubernetes: the `token` of the Secret `<cluster>-admin-token`).
+    #[arg(long, global = true, env = "KVFLEET_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -169,6 +173,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let deadline = Duration::from_secs_f64(cli.timeout);
     let mut config = ClientConfig::new(cli.endpoints.iter().cloned());
     config.deadline = deadline;
+    if let Some(token) = cli.admin_token.as_deref() {
+        config.admin_token = kvfleet_proto::admin_auth::AdminToken::new(token)
+            .map_err(|e| CliError::Failed(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?;
+    }
     let client = Client::new(config)?;
     let json = cli.output == Output::Json;
     match cli.command {

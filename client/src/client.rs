@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
+use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::errors::not_owner_detail;
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::kv_client::KvClient;
 use kvfleet_proto::v1::*;
 use parking_lot::{Mutex, RwLock};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -32,6 +34,9 @@ pub struct ClientConfig {
     /// HTTP/2 connections per node; requests are spread over them round-robin. A few
     /// connections let the node's I/O work on several cores and coalesce fewer frames per read.
     pub connections_per_node: usize,
+    /// Sent on admin calls (`kvctl split`, `merge`): nodes started with an admin token refuse
+    /// changes without it. Range metadata, which routing reads, needs none.
+    pub admin_token: AdminToken,
 }
 
 impl ClientConfig {
@@ -42,6 +47,7 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             connections_per_node: 4,
+            admin_token: AdminToken::none(),
         }
     }
 }
@@ -163,8 +169,8 @@ impl Client {
         Ok(pool.next())
     }
 
-    pub fn admin(&self, address: &str) -> Result<AdminClient<Channel>, ClientError> {
-        Ok(AdminClient::new(self.channel(address)?))
+    pub fn admin(&self, address: &str) -> Result<AdminClient<InterceptedService<Channel, AdminToken>>, ClientError> {
+        Ok(AdminClient::with_interceptor(self.channel(address)?, self.inner.config.admin_token.clone()))
     }
 
     /// Re-reads the range map from every known node (unless another task refreshed it after

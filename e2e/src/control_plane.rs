@@ -251,18 +251,19 @@ impl ControlPlane {
 
     /// Requests by `user` that the API server answered with `403` or a 5xx, from the audit log:
     /// "VERB URI -> CODE: message".
+    /// A read answered 5xx with no message is one its client abandoned (it exited, or its
+    /// connection was stalled on purpose): the server failed nothing, and it is left out.
     pub fn refused_requests(&self, user: &str) -> Vec<String> {
-        self.refused_requests_except(user, None)
-    }
-
-    /// `refused_requests`, leaving out those whose User-Agent contains `agent` (a client whose
-    /// connection a test stalled on purpose: the API server logs its abandoned requests as 500).
-    pub fn refused_requests_except(&self, user: &str, agent: Option<&str>) -> Vec<String> {
+        let abandoned = |event: &serde_json::Value| {
+            matches!(event["verb"].as_str(), Some("get" | "list" | "watch"))
+                && event["responseStatus"]["code"].as_u64().is_some_and(|code| code >= 500)
+                && event["responseStatus"]["message"].as_str().unwrap_or("").is_empty()
+        };
         self.audit_log()
             .lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .filter(|event| event["stage"] == "ResponseComplete" && event["user"]["username"] == user)
-            .filter(|event| agent.is_none_or(|a| !event["userAgent"].as_str().unwrap_or("").contains(a)))
+            .filter(|event| !abandoned(event))
             .filter(|event| event["responseStatus"]["code"].as_u64().is_some_and(|code| code == 403 || code >= 500))
             .map(|event| {
                 format!(
