@@ -101,6 +101,8 @@ impl Operator {
             .env("KVFLEET_ADMIN_KEY", admin_key(plane))
             .env("KVFLEET_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("KVFLEET_RESHARD_INTERVAL_SECS", "1")
+            // Pods the stand-in kubelet runs are Ready within seconds; those it cannot run never are.
+            .env("KVFLEET_POD_READY_TIMEOUT_SECS", "15")
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("operator log"))
             .stderr(log)
@@ -242,6 +244,28 @@ async fn the_operator_creates_everything_as_its_service_account() {
     .await;
     let refused = plane.refused_requests(&operator_user());
     assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+
+    // No kubelet runs here: the pods never become Ready. Past the bound, the status and a
+    // Warning event say which pods and why, in the scheduler's words.
+    wait_until(&plane, Duration::from_secs(90), async || {
+        let status = clusters.get(CLUSTER).await.ok()?.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded")?;
+        if ready.reason != "PodsNotReady"
+            || !ready.message.contains("demo-0: Unschedulable")
+            || degraded.status != "True"
+        {
+            return Some(format!(
+                "Ready: {} {}; Degraded: {} {}",
+                ready.reason, ready.message, degraded.status, degraded.message
+            ));
+        }
+        let events = events.list(&ListParams::default()).await.ok()?.items;
+        let warned =
+            events.iter().any(|e| e.reason.as_deref() == Some("PodsNotReady") && e.type_.as_deref() == Some("Warning"));
+        (!warned).then(|| "no PodsNotReady Warning event".to_string())
+    })
+    .await;
 
     // What the API server refuses shows in the status and as a Warning event, with its message:
     // a malformed quantity the CRD does not catch on 1.20 (no CEL) is refused in the

@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod leader;
 pub mod operator;
 pub mod platform;
+pub mod pods;
 #[cfg(test)]
 mod rbac;
 pub mod reconcile;

@@ -47,6 +47,10 @@ pub struct OperatorArgs {
     /// in a Secret). Without it the nodes' admin API is open to anything that can reach them.
     #[arg(long, env = "KVFLEET_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// A storage pod not Ready this many seconds after its creation is reported (a Warning Event
+    /// and the Ready and Degraded conditions, with the scheduler's or the kubelet's reason).
+    #[arg(long, env = "KVFLEET_POD_READY_TIMEOUT_SECS", default_value_t = 120)]
+    pub pod_ready_timeout_secs: u64,
     /// Seconds between two resharding rounds of a cluster.
     #[arg(long, env = "KVFLEET_RESHARD_INTERVAL_SECS", default_value_t = 5)]
     pub interval_secs: u64,
@@ -97,6 +101,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         server,
         leadership: leadership.clone(),
         admin_key,
+        pod_ready_timeout: Duration::from_secs(args.pod_ready_timeout_secs),
     });
 
     let scope = args.watch_namespace.as_deref();

@@ -25,6 +25,7 @@ use super::admin_auth::AdminKey;
 use super::build::{self, BuildError, MANAGER, Names, cluster_key};
 use super::crd::{KeyValueCluster, UpdateType, VolumePolicy};
 use super::fleet::Fleets;
+use super::pods::{self, StuckPod};
 use super::rollout::{self, PodView, RolloutStep};
 use super::scale::{self, ScaleStep};
 use super::server::{PdbVersion, ServerCapabilities};
@@ -82,6 +83,8 @@ pub struct Context {
     /// Derives each cluster's admin token, written into a Secret for its pods (none: no Secret,
     /// the nodes' admin API is open).
     pub admin_key: Option<AdminKey>,
+    /// A pod not Ready this long after its creation is reported, with why (`pods.rs`).
+    pub pod_ready_timeout: Duration,
 }
 
 /// Checks the CEL rules cannot express (or that an older CRD may not carry): the message names
@@ -192,6 +195,7 @@ async fn report_problem(
         step: &step,
         rollout: None,
         problem: Some(problem),
+        stuck: &[],
         now: now(),
     };
     write_status(ctx, names, &observed).await
@@ -272,6 +276,12 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     }
     let rollout = roll_out(ctx, kvc, &names, &applied, fleet.as_ref(), &step).await?;
     ctx.fleets.ensure(kvc, &names);
+    let stuck = stuck_pods(ctx, &names, &applied).await?;
+    if !stuck.is_empty() {
+        let text = stuck.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        let note = format!("not ready after {}s: {text}", ctx.pod_ready_timeout.as_secs());
+        publish(recorder, kvc, EventType::Warning, status::STUCK_REASON, &note).await;
+    }
     let observed = Observed {
         kvc,
         statefulset: Some(&applied),
@@ -279,12 +289,28 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         step: &step,
         rollout: rollout.as_ref(),
         problem: None,
+        stuck: &stuck,
         now: now(),
     };
     write_status(ctx, &names, &observed).await?;
     let busy = matches!(step, ScaleStep::Drain { .. } | ScaleStep::Shrink { .. })
         || rollout.as_ref().is_some_and(RolloutStep::in_progress);
     Ok(Action::requeue(if busy { REFRESH_WHILE_SCALING } else { REFRESH }))
+}
+
+/// Pods not Ready past the bound, with why. Read only while the StatefulSet reports fewer ready
+/// pods than it runs (an idle healthy cluster lists nothing).
+async fn stuck_pods(ctx: &Context, names: &Names, statefulset: &StatefulSet) -> Result<Vec<StuckPod>, ReconcileError> {
+    let Some(status) = statefulset.status.as_ref() else { return Ok(Vec::new()) };
+    if status.ready_replicas.unwrap_or(0) >= status.replicas {
+        return Ok(Vec::new());
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let pods = api
+        .list(&ListParams::default().labels(&build::selector_string(names)))
+        .await
+        .map_err(api_error("listing the pods of", &names.statefulset))?;
+    Ok(pods::stuck(&pods.items, k8s_openapi::jiff::Timestamp::now(), ctx.pod_ready_timeout))
 }
 
 /// A DrainFirst update: decide the step from the pods, and delete the pod it names once its
@@ -501,6 +527,7 @@ pub(crate) mod tests {
             server: ServerCapabilities::default(),
             leadership: Leadership::unconditional(),
             admin_key: Some(test_key()),
+            pod_ready_timeout: Duration::from_secs(120),
         })
     }
 

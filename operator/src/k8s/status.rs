@@ -8,6 +8,7 @@ use kvfleet_proto::display_key;
 use kvfleet_proto::v1::ControllerStatus;
 
 use super::crd::{HotKey, KeyValueCluster, KeyValueClusterStatus, Phase, PodStatus, RolloutStatus};
+use super::pods::StuckPod;
 use super::rollout::RolloutStep;
 use super::scale::ScaleStep;
 
@@ -30,6 +31,10 @@ fn describe_conflict(conflict: &kvfleet_proto::v1::OwnershipConflict) -> String 
     )
 }
 
+/// The Ready and Degraded conditions' and the Warning event's reason for pods that stay not
+/// Ready past the bound.
+pub const STUCK_REASON: &str = "PodsNotReady";
+
 /// Everything the status is computed from.
 pub struct Observed<'a> {
     pub kvc: &'a KeyValueCluster,
@@ -40,6 +45,8 @@ pub struct Observed<'a> {
     pub rollout: Option<&'a RolloutStep>,
     /// What keeps the cluster from being built, if anything.
     pub problem: Option<Problem<'a>>,
+    /// Pods not Ready past the bound, and why (`pods.rs`).
+    pub stuck: &'a [StuckPod],
     pub now: Time,
 }
 
@@ -54,7 +61,7 @@ pub enum Problem<'a> {
 }
 
 pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
-    let Observed { kvc, statefulset, fleet, step, rollout, problem, .. } = observed;
+    let Observed { kvc, statefulset, fleet, step, rollout, problem, stuck, .. } = observed;
     let sts_status = statefulset.and_then(|s| s.status.as_ref());
     let replicas = statefulset.and_then(|s| s.spec.replicas).unwrap_or(0);
     let ready = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
@@ -67,12 +74,22 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
             f.nodes.iter().filter(|n| n.state.starts_with("down") && n.ranges > 0).map(|n| n.node_id.as_str()).collect()
         })
         .unwrap_or_default();
+    let silent: Vec<&str> = fleet
+        .map(|f| {
+            f.nodes
+                .iter()
+                .filter(|n| n.state.starts_with("down") && n.ranges == 0)
+                .map(|n| n.node_id.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
     let conflicts: Vec<String> = fleet.map(|f| f.conflicts.iter().map(describe_conflict).collect()).unwrap_or_default();
+    let stuck_text = stuck.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     let ranges = fleet.map_or(0, |f| f.ranges.len() as u32);
     let moves = fleet.map_or(0, |f| f.moves.len() as u32);
     let scaling = matches!(step, ScaleStep::Grow { .. } | ScaleStep::Drain { .. } | ScaleStep::Shrink { .. });
 
-    let phase = if problem.is_some() || !conflicts.is_empty() || !down.is_empty() && ready > 0 {
+    let phase = if problem.is_some() || !conflicts.is_empty() || !down.is_empty() && ready > 0 || !stuck.is_empty() {
         Phase::Degraded
     } else if ready == 0 || ranges == 0 {
         Phase::Creating
@@ -89,6 +106,8 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     let all_ready = ready >= kvc.spec.replicas && ranges > 0 && down.is_empty();
     let ready_condition = if all_ready {
         (true, "AllPodsServing", format!("{ready} pods serve {ranges} ranges"))
+    } else if !stuck.is_empty() {
+        (false, STUCK_REASON, format!("{ready}/{} pods ready; {stuck_text}", kvc.spec.replicas))
     } else if ranges == 0 {
         (false, "NoRanges", format!("{ready}/{} pods ready; waiting for the first range", kvc.spec.replicas))
     } else {
@@ -123,6 +142,11 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
         (true, OWNERSHIP_CONFLICT_REASON, message)
     } else if !down.is_empty() {
         (true, "PodsUnreachable", format!("unreachable: {} (their ranges are unavailable)", down.join(", ")))
+    } else if !stuck.is_empty() {
+        (true, STUCK_REASON, format!("pods not ready: {stuck_text}"))
+    } else if !silent.is_empty() {
+        let message = format!("not answering: {} (they hold no range, so nothing is unavailable)", silent.join(", "));
+        (false, "NothingUnavailable", message)
     } else {
         (false, "Healthy", "every pod answers".to_string())
     };
@@ -247,7 +271,16 @@ mod tests {
         step: &ScaleStep,
         now: i64,
     ) -> KeyValueClusterStatus {
-        compute(&Observed { kvc, statefulset: sts, fleet, step, rollout: None, problem: None, now: at(now) })
+        compute(&Observed {
+            kvc,
+            statefulset: sts,
+            fleet,
+            step,
+            rollout: None,
+            problem: None,
+            stuck: &[],
+            now: at(now),
+        })
     }
 
     fn cond<'a>(status: &'a KeyValueClusterStatus, type_: &str) -> &'a Condition {
@@ -297,6 +330,7 @@ mod tests {
             step: &steady,
             rollout: None,
             problem: Some(Problem::InvalidSpec("spec.image is empty")),
+            stuck: &[],
             now: at(1),
         });
         assert_eq!(invalid.phase, Some(Phase::Degraded));
@@ -361,6 +395,7 @@ mod tests {
             step: &steady,
             rollout,
             problem: None,
+            stuck: &[],
             now: at(1),
         };
         let status = compute(&observed(Some(&drain)));
@@ -383,5 +418,38 @@ mod tests {
             (&serde_json::Value::Null, &serde_json::json!([]), &serde_json::json!([]))
         );
         assert!(json.as_object().unwrap().contains_key("rollout"));
+    }
+
+    #[test]
+    fn pods_that_never_become_ready_are_named_with_their_reason() {
+        let kvc = cluster("demo", 3);
+        let sts = sts(&kvc, 3, 2);
+        let steady = ScaleStep::Steady { replicas: 3 };
+        let stuck = [StuckPod { name: "demo-2".into(), why: "Unschedulable: 0/2 nodes are available".into() }];
+        let status = compute(&Observed {
+            kvc: &kvc,
+            statefulset: Some(&sts),
+            fleet: None,
+            step: &steady,
+            rollout: None,
+            problem: None,
+            stuck: &stuck,
+            now: at(1),
+        });
+        assert_eq!(status.phase, Some(Phase::Degraded));
+        assert_eq!(cond(&status, "Ready").reason, "PodsNotReady");
+        assert_eq!(cond(&status, "Ready").message, "2/3 pods ready; demo-2: Unschedulable: 0/2 nodes are available");
+        assert_eq!(cond(&status, "Degraded").status, "True");
+    }
+
+    #[test]
+    fn degraded_never_says_every_pod_answers_while_one_does_not() {
+        let kvc = cluster("demo", 3);
+        let fleet = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "down: dns error", 0)], 0);
+        let sts = sts(&kvc, 3, 3);
+        let status = compute_at(&kvc, Some(&sts), Some(&fleet), &ScaleStep::Steady { replicas: 3 }, 1);
+        let degraded = cond(&status, "Degraded");
+        assert_eq!(degraded.status, "False", "a pod holding no range makes nothing unavailable");
+        assert_eq!(degraded.message, "not answering: demo-2 (they hold no range, so nothing is unavailable)");
     }
 }
