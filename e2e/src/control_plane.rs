@@ -277,6 +277,25 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Requests by `user` received in `[from, to)` (RFC 3339 UTC timestamps compare as text),
+    /// counted by "verb resource" (e.g. "get statefulsets", "update leases").
+    pub fn requests_between(&self, user: &str, from: &str, to: &str) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for event in self.audit_log().lines().filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()) {
+            let received = event["requestReceivedTimestamp"].as_str().unwrap_or("");
+            if event["stage"] != "ResponseComplete" || event["user"]["username"] != user {
+                continue;
+            }
+            if received < from || received >= to {
+                continue;
+            }
+            let resource = event["objectRef"]["resource"].as_str().unwrap_or("?");
+            let sub = event["objectRef"]["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
+            *counts.entry(format!("{} {resource}{sub}", event["verb"].as_str().unwrap_or("?"))).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// Changes (create, update, patch, delete) whose User-Agent contains `agent`, from the audit
     /// log: "VERB URI -> CODE". The operator names its replica in its User-Agent.
     pub fn writes_by_agent(&self, agent: &str) -> Vec<String> {

@@ -421,6 +421,22 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         assert!(report.writes > 100, "too little load: {report:?}");
         let refused = plane.refused_requests(&operator_user());
         assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+
+        // Idle: what the operator asks of the API server in a minute of a 3-pod cluster doing
+        // nothing (resharding rounds every second here; every 5 s by default).
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let stamp = || k8s_openapi::jiff::Timestamp::now().to_string();
+        let from = stamp();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let idle = plane.requests_between(&operator_user(), &from, &stamp());
+        println!("an idle 3-pod cluster, API requests in one minute: {idle:?}");
+        let writes: usize = idle
+            .iter()
+            .filter(|(call, _)| !call.starts_with("get ") && !call.starts_with("list ") && !call.starts_with("watch "))
+            .filter(|(call, _)| !call.ends_with(" leases"))
+            .map(|(_, count)| count)
+            .sum();
+        assert!(writes <= 8, "an idle cluster should not be written to (a re-apply every 5 minutes at most): {idle:?}");
         println!(
             "3 -> 5 -> 3: {} writes, {} reads, {} client errors",
             report.writes,

@@ -420,6 +420,7 @@ pub fn pod_disruption_budget(kvc: &KeyValueCluster) -> Result<PodDisruptionBudge
 }
 
 /// Everything `apply` writes for a cluster, in the order it writes them.
+#[derive(serde::Serialize)]
 pub struct Desired {
     pub node_config: ConfigMap,
     pub headless: Service,

@@ -102,6 +102,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         leadership: leadership.clone(),
         admin_key,
         pod_ready_timeout: Duration::from_secs(args.pod_ready_timeout_secs),
+        applied: Default::default(),
     });
 
     let scope = args.watch_namespace.as_deref();

@@ -85,6 +85,40 @@ pub struct Context {
     pub admin_key: Option<AdminKey>,
     /// A pod not Ready this long after its creation is reported, with why (`pods.rs`).
     pub pod_ready_timeout: Duration,
+    /// What was last applied for each cluster: an unchanged cluster is not applied again.
+    pub applied: AppliedCache,
+}
+
+/// Re-apply an unchanged cluster's objects this often anyway: how long a child object edited by
+/// hand (or deleted) may take to be put back.
+const REAPPLY_EVERY: Duration = Duration::from_secs(300);
+
+/// What this replica last applied for each cluster (a fingerprint of every object) and when, so
+/// that an idle cluster costs the API server reads, not writes.
+#[derive(Default)]
+pub struct AppliedCache(parking_lot::Mutex<std::collections::HashMap<String, (u64, std::time::Instant)>>);
+
+impl AppliedCache {
+    /// Within one process only (std's hasher), over the objects as they would be sent.
+    pub fn fingerprint(objects: &impl Serialize) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        serde_json::to_string(objects).unwrap_or_default().hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn unchanged(&self, cluster: &str, fingerprint: u64) -> bool {
+        let applied = self.0.lock();
+        applied.get(cluster).is_some_and(|(last, at)| *last == fingerprint && at.elapsed() < REAPPLY_EVERY)
+    }
+
+    fn record(&self, cluster: String, fingerprint: u64) {
+        self.0.lock().insert(cluster, (fingerprint, std::time::Instant::now()));
+    }
+
+    pub fn forget(&self, cluster: &str) {
+        self.0.lock().remove(cluster);
+    }
 }
 
 /// Checks the CEL rules cannot express (or that an older CRD may not carry): the message names
@@ -250,19 +284,32 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
     }
     let kvc = &kvc;
     let desired = build::desired(kvc, step.replicas())?;
-    apply(&ctx.client, ns, &desired.node_config).await?;
-    if let Some(token) = ctx.admin_key.as_ref().and_then(|key| key.token_for(kvc)) {
-        apply(&ctx.client, ns, &build::admin_token_secret(kvc, &token)?).await?;
-    }
-    apply(&ctx.client, ns, &desired.headless).await?;
-    apply(&ctx.client, ns, &desired.client).await?;
-    apply_pdb(ctx, ns, &desired.pdb).await?;
+    let secret = match ctx.admin_key.as_ref().and_then(|key| key.token_for(kvc)) {
+        Some(token) => Some(build::admin_token_secret(kvc, &token)?),
+        None => None,
+    };
     let mut statefulset = desired.statefulset.clone();
     if !ctx.server.claim_retention_policy {
         // An older server refuses the field: volumes are then always retained.
         statefulset.spec.persistent_volume_claim_retention_policy = None;
     }
-    let applied = apply(&ctx.client, ns, &statefulset).await?;
+    let key = cluster_key(kvc);
+    let fingerprint = AppliedCache::fingerprint(&(&desired, &secret, &statefulset, ctx.server.pdb_version));
+    let applied = match current {
+        Some(current) if ctx.applied.unchanged(&key, fingerprint) => current,
+        _ => {
+            apply(&ctx.client, ns, &desired.node_config).await?;
+            if let Some(secret) = &secret {
+                apply(&ctx.client, ns, secret).await?;
+            }
+            apply(&ctx.client, ns, &desired.headless).await?;
+            apply(&ctx.client, ns, &desired.client).await?;
+            apply_pdb(ctx, ns, &desired.pdb).await?;
+            let applied = apply(&ctx.client, ns, &statefulset).await?;
+            ctx.applied.record(key, fingerprint);
+            applied
+        }
+    };
     match &step {
         // A cluster that had pods lost only its StatefulSet (a volume resize): the pods stay.
         ScaleStep::Create { .. } if kvc.status.as_ref().is_some_and(|s| s.replicas > 0) => {
@@ -461,6 +508,9 @@ async fn apply_pdb(
 
 async fn write_status(ctx: &Context, names: &Names, observed: &Observed<'_>) -> Result<(), ReconcileError> {
     let status = status::compute(observed);
+    if observed.kvc.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     let api: Api<KeyValueCluster> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let patch = serde_json::json!({ "status": status });
     api.patch_status(&names.cluster, &PatchParams::default(), &Patch::Merge(&patch))
@@ -528,6 +578,7 @@ pub(crate) mod tests {
             leadership: Leadership::unconditional(),
             admin_key: Some(test_key()),
             pod_ready_timeout: Duration::from_secs(120),
+            applied: AppliedCache::default(),
         })
     }
 

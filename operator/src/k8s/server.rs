@@ -22,7 +22,7 @@ impl Default for ServerCapabilities {
 
 /// Which `policy` version PodDisruptionBudgets are applied as: `policy/v1` since Kubernetes
 /// 1.21; `policy/v1beta1` before (removed in 1.25). Same fields for what the operator writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum PdbVersion {
     V1,
     V1Beta1,
