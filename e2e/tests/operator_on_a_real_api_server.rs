@@ -617,3 +617,87 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         );
     });
 }
+
+/// A DrainFirst update for real: a spec change that restarts every pod (here the durability,
+/// which is in the node configuration the pod template carries a hash of). The operator drains
+/// each pod before deleting it, the StatefulSet controller recreates it at the new revision, one
+/// pod at a time, under a read/write load that loses nothing and never reads back in time.
+#[test]
+fn a_drain_first_update_restarts_every_pod_without_losing_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = "a_drain_first_update_restarts_every_pod_without_losing_a_write";
+    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
+        assert!(status.success(), "the test failed inside its mount namespace: {status}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let Installed { plane, admin, operator: _operator } = install().await;
+        let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 3, plane.dir.path()).await;
+        let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
+        let mut cluster = example();
+        cluster.spec.update_strategy = serde_json::from_value(serde_json::json!({"type": "DrainFirst"})).unwrap();
+        cluster.spec.sharding = serde_json::from_value(serde_json::json!({"moveCooldownSeconds": 0})).unwrap();
+        clusters.create(&PostParams::default(), &cluster).await.expect("apply the cluster");
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+        let uids = async || -> Vec<String> {
+            let mut uids: Vec<String> = pods
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| p.uid())
+                .collect();
+            uids.sort();
+            uids
+        };
+        let before = uids().await;
+        assert_eq!(before.len(), 3);
+
+        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(3));
+        config.deadline = Duration::from_secs(60);
+        let client = kvfleet_client::Client::new(config).expect("a client");
+        let keys = (0..100).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
+        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 3, 2);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NAMESPACE);
+        let revision = |sts: StatefulSet| sts.status.and_then(|s| s.update_revision);
+        let old_revision = revision(statefulsets.get(CLUSTER).await.expect("the StatefulSet"));
+        let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "durability": "async" } }));
+        clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("change the durability");
+        wait_until(&plane, Duration::from_secs(420), async || {
+            let status = statefulsets.get(CLUSTER).await.ok()?.status?;
+            // (1.20 never moves currentRevision forward under OnDelete: updated pods are counted.)
+            let done = status.update_revision.is_some()
+                && status.update_revision != old_revision
+                && status.updated_replicas == Some(3)
+                && status.ready_replicas == Some(3);
+            (!done).then(|| format!("StatefulSet status {status:?}"))
+        })
+        .await;
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(120)).await;
+        let after = uids().await;
+        assert!(after.iter().all(|uid| !before.contains(uid)), "every pod was replaced: {before:?} -> {after:?}");
+
+        let (report, space) = workload.finish().await;
+        assert!(
+            report.violations.is_empty(),
+            "history violated: {:?}",
+            &report.violations[..report.violations.len().min(5)]
+        );
+        let wrong = space.verify_final(&client).await;
+        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
+        assert!(report.writes > 50, "too little load: {report:?}");
+        let refused = plane.refused_requests(&operator_user());
+        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        println!(
+            "DrainFirst update of 3 pods: {} writes, {} reads, {} client errors",
+            report.writes,
+            report.reads,
+            report.errors.len()
+        );
+    });
+}
