@@ -150,8 +150,17 @@ def main():
                 kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
             except kubernetes_validate.ValidationError as error:
                 failures.append(f"{obj['kind']} {obj['metadata'].get('name')}: {error.message} at {list(error.path)}")
-        expected = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding",
-                    "Service", "ServiceAccount"}
+        expected = {"CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Secret", "Service",
+                    "ServiceAccount"}
+        if values.get("watchNamespace"):
+            # Rights in the watched namespace only: no cluster-wide role.
+            roles = [o for o in created if o["kind"] == "Role"]
+            if any(o["kind"].startswith("Cluster") for o in created):
+                failures.append(f"watchNamespace {values['watchNamespace']} still renders cluster-wide RBAC")
+            if not any(o["metadata"].get("namespace") == values["watchNamespace"] for o in roles):
+                failures.append(f"no Role in the watched namespace {values['watchNamespace']}")
+        else:
+            expected |= {"ClusterRole", "ClusterRoleBinding"}
         if missing := expected - set(kinds):
             failures.append(f"not rendered: {sorted(missing)}")
     server.shutdown()
