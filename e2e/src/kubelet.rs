@@ -332,7 +332,7 @@ impl Kubelet {
             env.insert(var.name.clone(), value);
         }
         // The pod's own network: its loopback address instead of 0.0.0.0.
-        for key in ["KVFLEET_LISTEN", "KVFLEET_METRICS_LISTEN"] {
+        for key in ["KVFLEET_LISTEN", "KVFLEET_METRICS_LISTEN", "KVFLEET_ADMIN_LISTEN"] {
             if let Some(value) = env.get_mut(key) {
                 *value = value.replace("0.0.0.0", &ip);
             }

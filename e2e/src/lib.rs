@@ -384,6 +384,7 @@ impl TestPlatform {
             .map(|n| kvfleet_operator::platform::Member {
                 node_id: n.node_id.clone(),
                 address: n.address.clone(),
+                admin_address: None,
                 draining: false,
                 restarts: 0,
             })

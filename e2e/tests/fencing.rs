@@ -122,6 +122,7 @@ async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
     let member = |node: &NodeProcess| Member {
         node_id: node.node_id.clone(),
         address: node.address.clone(),
+        admin_address: None,
         draining: false,
         restarts: 0,
     };
@@ -148,4 +149,29 @@ async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
         let value = client.get(format!("key{i:03}")).await.expect("a read after the move");
         assert_eq!(value.as_deref(), Some(format!("value{i}").as_bytes()), "key{i:03}");
     }
+}
+
+/// A node with its own admin port (`--admin-listen`, as on Kubernetes, where a NetworkPolicy
+/// opens it to the operator alone): changes are taken there only; the data port still answers
+/// metadata and the reads peers make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_an_admin_port_takes_changes_there_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = kvfleet_e2e::control_plane::free_port();
+    let admin_listen = format!("127.0.0.1:{port}");
+    let node = NodeProcess::start("n1", dir.path(), &["--bootstrap", "--admin-listen", &admin_listen]);
+
+    let mut data_port = node.admin();
+    let refused = data_port.split_range(from_epoch(split(1, "m"), None)).await.expect_err("not on the data port");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains(&format!("admin port ({port})")), "{}", refused.message());
+    let listed = data_port.list_ranges(from_epoch(ListRangesRequest {}, None)).await.expect("metadata stays here");
+    assert_eq!(listed.into_inner().ranges.len(), 1, "the refused split changed nothing");
+
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{admin_listen}")).unwrap().connect().await.unwrap();
+    let mut admin_port = kvfleet_proto::v1::admin_client::AdminClient::new(channel);
+    admin_port.split_range(from_epoch(split(1, "m"), None)).await.expect("a change on the admin port");
+    let listed = data_port.list_ranges(from_epoch(ListRangesRequest {}, None)).await.expect("metadata");
+    assert_eq!(listed.into_inner().ranges.len(), 2);
 }

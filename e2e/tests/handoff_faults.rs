@@ -60,7 +60,13 @@ enum Meanwhile {
 }
 
 fn member(node: &NodeProcess) -> Member {
-    Member { node_id: node.node_id.clone(), address: node.address.clone(), draining: false, restarts: 0 }
+    Member {
+        node_id: node.node_id.clone(),
+        address: node.address.clone(),
+        admin_address: None,
+        draining: false,
+        restarts: 0,
+    }
 }
 
 fn replica(node: &NodeProcess) -> Replica {

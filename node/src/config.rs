@@ -38,6 +38,12 @@ pub struct NodeConfig {
     #[arg(long, env = "KVFLEET_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
 
+    /// A separate listen address for the admin changes (splits, merges, moves, routing): then
+    /// only metadata reads, exports to peers and move outcomes are answered on --listen, so a
+    /// NetworkPolicy can open this port to the operator alone. Unset: everything on --listen.
+    #[arg(long, env = "KVFLEET_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Address other nodes and clients use to reach this node; defaults to --listen.
     #[arg(long, env = "KVFLEET_ADVERTISE")]
     pub advertise: Option<String>,
@@ -129,6 +135,9 @@ impl NodeConfig {
         }
         if self.load_window_secs == 0 || self.load_window_secs > 600 {
             return Err(format!("--load-window-secs must be 1 to 600, got {}", self.load_window_secs));
+        }
+        if self.admin_listen == Some(self.listen) {
+            return Err(format!("--admin-listen must differ from --listen ({})", self.listen));
         }
         Ok(())
     }

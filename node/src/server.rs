@@ -85,7 +85,13 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     let kv = KvServer::new(KvService::new(node.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let admin = AdminServer::new(AdminService::new(node.clone()));
+    let admin = match config.admin_listen {
+        None => AdminServer::new(AdminService::new(node.clone())),
+        Some(admin_listen) => {
+            spawn_admin_listener(admin_listen, node.clone(), shutdown_rx.clone())?;
+            AdminServer::new(AdminService::reads_only(node.clone(), admin_listen))
+        }
+    };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     tracing::info!(
@@ -124,6 +130,27 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     let started = Instant::now();
     node.storage.shutdown()?;
     tracing::info!(took = ?started.elapsed(), "stopped: writes flushed and WAL fsynced");
+    Ok(())
+}
+
+/// The admin port (`--admin-listen`): every admin call, for the operator alone once a
+/// NetworkPolicy says so. Stops with the node.
+fn spawn_admin_listener(addr: SocketAddr, node: Arc<Node>, shutdown: watch::Receiver<bool>) -> Result<(), ServeError> {
+    let listener = bind(addr)?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let admin = AdminServer::new(AdminService::new(node));
+    tokio::spawn(async move {
+        let served = Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+            .layer(crate::unknown_method::ExplainUnimplementedLayer)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, wait_until_true(shutdown))
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, %addr, "the admin port stopped");
+        }
+    });
+    tracing::info!(%addr, "admin changes served on their own port");
     Ok(())
 }
 

@@ -177,11 +177,20 @@ impl Kv for KvService {
 #[derive(Clone)]
 pub struct AdminService {
     node: Arc<Node>,
+    /// Set on the data port of a node with a separate admin port: changes are refused here.
+    changes_served_on: Option<std::net::SocketAddr>,
 }
 
 impl AdminService {
+    /// Every admin call (the node's only port, or its admin port).
     pub fn new(node: Arc<Node>) -> Self {
-        AdminService { node }
+        AdminService { node, changes_served_on: None }
+    }
+
+    /// On the data port of a node whose admin changes are served on `admin_listen`: metadata,
+    /// exports and move outcomes only.
+    pub fn reads_only(node: Arc<Node>, admin_listen: std::net::SocketAddr) -> Self {
+        AdminService { node, changes_served_on: Some(admin_listen) }
     }
 
     /// Every admin call passes here first: the cluster's admin token, then the operator fence
@@ -192,6 +201,12 @@ impl AdminService {
             // Without the token, an open call is answered, but its epoch (if any) is ignored.
             Err(_) if call == Call::Open => return Ok(()),
             Err(refused) => return Err(refused),
+        }
+        if let (Call::Change, Some(admin_port)) = (call, self.changes_served_on) {
+            return Err(Status::failed_precondition(format!(
+                "this node serves admin changes on its admin port ({}), not on its data port",
+                admin_port.port()
+            )));
         }
         let epoch = fencing::epoch_of(request.metadata())?;
         Ok(self.node.admit_operator(epoch, call).await?)

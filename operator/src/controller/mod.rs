@@ -286,7 +286,7 @@ impl<P: Platform> Controller<P> {
         self.platform.save_state(&self.state).await?;
         let request = with_timeout(BootstrapRequest {}, self.config.rpc_timeout);
         let result: Result<_, String> = async {
-            self.clients.admin(&first.member.address)?.bootstrap(request).await.map_err(|s| describe_status(&s))
+            self.clients.admin(first.member.admin_address())?.bootstrap(request).await.map_err(|s| describe_status(&s))
         }
         .await;
         match result {
@@ -316,7 +316,7 @@ impl<P: Platform> Controller<P> {
             let request = with_timeout(PublishRoutingRequest { ranges: routing.clone() }, self.config.rpc_timeout);
             let result: Result<_, String> = async {
                 self.clients
-                    .admin(&node.member.address)?
+                    .admin(node.member.admin_address())?
                     .publish_routing(request)
                     .await
                     .map_err(|s| describe_status(&s))
@@ -393,7 +393,7 @@ impl<P: Platform> Controller<P> {
         let started = std::time::Instant::now();
         let result: Result<_, String> = async {
             let request = with_timeout(request, self.config.rpc_timeout);
-            self.clients.admin(&owner.address)?.split_range(request).await.map_err(|s| describe_status(&s))
+            self.clients.admin(owner.admin_address())?.split_range(request).await.map_err(|s| describe_status(&s))
         }
         .await;
         let why = describe_split_reason(reason);
@@ -431,7 +431,7 @@ impl<P: Platform> Controller<P> {
         };
         let result: Result<_, String> = async {
             let request = with_timeout(request, self.config.rpc_timeout);
-            self.clients.admin(&owner.address)?.merge_ranges(request).await.map_err(|s| describe_status(&s))
+            self.clients.admin(owner.admin_address())?.merge_ranges(request).await.map_err(|s| describe_status(&s))
         }
         .await;
         match result {

@@ -59,8 +59,8 @@ pub async fn drive(
         move |message: String| MoveError { move_id, range_id, step, message }
     };
     let started = Instant::now();
-    let mut source_admin = clients.admin(&source.address).map_err(fail("connecting to the source"))?;
-    let mut target_admin = clients.admin(&target.address).map_err(fail("connecting to the target"))?;
+    let mut source_admin = clients.admin(source.admin_address()).map_err(fail("connecting to the source"))?;
+    let mut target_admin = clients.admin(target.admin_address()).map_err(fail("connecting to the target"))?;
     let new_generation = desc.generation + 1;
 
     let import =
@@ -146,7 +146,7 @@ pub fn recovery_plan(observation: &Observation, mv: &InFlightMove, target: &Targ
     let source = observation.node(&mv.from).filter(|n| n.report.is_ok());
     let source_copy = source.and_then(|s| s.holds(mv.range_id));
     let source_frozen = source_copy.is_some_and(|d| d.frozen_for(mv.move_id).is_some());
-    let abort_export_on = source.filter(|_| source_copy.is_some()).map(|s| s.member.address.clone());
+    let abort_export_on = source.filter(|_| source_copy.is_some()).map(|s| s.member.admin_address().to_string());
     let answer = match target {
         Ok(answer) => answer,
         Err(why) => {
@@ -193,7 +193,7 @@ pub fn recovery_plan(observation: &Observation, mv: &InFlightMove, target: &Targ
             RecoveryPlan::RollBack { abort_import_on: None, abort_export_on, source_down: source.is_none() }
         }
         MoveOutcome::Importing | MoveOutcome::Unknown | MoveOutcome::Unspecified => {
-            let target_address = observation.node(&mv.to).map(|t| t.member.address.clone());
+            let target_address = observation.node(&mv.to).map(|t| t.member.admin_address().to_string());
             RecoveryPlan::RollBack { abort_import_on: target_address, abort_export_on, source_down: source.is_none() }
         }
     }
@@ -214,7 +214,7 @@ async fn ask_target(
     }
     let request = with_timeout(ImportOutcomeRequest { move_id: mv.move_id }, timeout);
     let answer = clients
-        .admin(&target.member.address)?
+        .admin(target.member.admin_address())?
         .import_outcome(request)
         .await
         .map_err(|s| describe_status(&s))?
@@ -329,7 +329,7 @@ pub async fn abort_stray_import(
     timeout: Duration,
 ) -> Result<(), String> {
     clients
-        .admin(&node.address)?
+        .admin(node.admin_address())?
         .abort_import(with_timeout(AbortImportRequest { range_id, move_id }, timeout))
         .await
         .map(|_| ())
@@ -369,7 +369,13 @@ mod tests {
 
     /// A node that answered with these owned ranges, or (None) one that did not answer.
     fn node(id: &str, owned: Option<Vec<RangeDescriptor>>) -> ObservedNode {
-        let member = Member { node_id: id.into(), address: format!("{id}:1"), draining: false, restarts: 0 };
+        let member = Member {
+            node_id: id.into(),
+            address: format!("{id}:1"),
+            admin_address: None,
+            draining: false,
+            restarts: 0,
+        };
         let report = match owned {
             Some(owned) => Ok(NodeReport {
                 load: LoadReportResponse {

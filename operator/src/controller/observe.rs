@@ -180,7 +180,7 @@ impl Observation {
 }
 
 pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Duration) -> Observation {
-    let reports = join_all(members.iter().map(|member| report_of(clients, &member.address, timeout))).await;
+    let reports = join_all(members.iter().map(|member| report_of(clients, member.admin_address(), timeout))).await;
     let nodes: Vec<ObservedNode> =
         members.into_iter().zip(reports).map(|(member, report)| ObservedNode { member, report }).collect();
     let (ranges, conflicts) = resolve_ownership(&nodes);
@@ -332,7 +332,13 @@ mod tests {
     }
 
     fn node(id: &str, owned: Vec<RangeDescriptor>) -> ObservedNode {
-        let member = Member { node_id: id.into(), address: format!("{id}:1"), draining: false, restarts: 0 };
+        let member = Member {
+            node_id: id.into(),
+            address: format!("{id}:1"),
+            admin_address: None,
+            draining: false,
+            restarts: 0,
+        };
         let ranges = owned.into_iter().map(|d| RangeLoad { range: Some(d), ..Default::default() }).collect();
         let load = LoadReportResponse { ranges, ..Default::default() };
         ObservedNode { member, report: Ok(NodeReport { load, ..Default::default() }) }

@@ -14,6 +14,9 @@ use k8s_openapi::api::core::v1::{
     SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
     WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -123,6 +126,7 @@ pub fn node_config(kvc: &KeyValueCluster) -> Result<ConfigMap, BuildError> {
         ("KVFLEET_DATA_DIR".to_string(), DATA_DIR.to_string()),
         ("KVFLEET_LISTEN".to_string(), format!("0.0.0.0:{}", kvc.spec.ports.grpc)),
         ("KVFLEET_METRICS_LISTEN".to_string(), format!("0.0.0.0:{}", kvc.spec.ports.metrics)),
+        ("KVFLEET_ADMIN_LISTEN".to_string(), format!("0.0.0.0:{}", kvc.spec.ports.admin)),
         ("KVFLEET_DURABILITY".to_string(), durability.to_string()),
         ("KVFLEET_LOG_FORMAT".to_string(), "json".to_string()),
     ]);
@@ -208,6 +212,12 @@ pub fn statefulset(kvc: &KeyValueCluster, replicas: i32) -> Result<StatefulSet, 
             ContainerPort {
                 name: Some("metrics".into()),
                 container_port: spec.ports.metrics,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: spec.ports.admin,
                 protocol: Some("TCP".into()),
                 ..Default::default()
             },
@@ -439,6 +449,62 @@ pub fn desired(kvc: &KeyValueCluster, replicas: i32) -> Result<Desired, BuildErr
     })
 }
 
+/// The pods of the operator that may administer a cluster's nodes (the chart's labels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorPods {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl OperatorPods {
+    pub fn of_chart(namespace: &str) -> Self {
+        OperatorPods {
+            namespace: namespace.to_string(),
+            labels: BTreeMap::from([("app.kubernetes.io/name".to_string(), "kvfleet-operator".to_string())]),
+        }
+    }
+}
+
+/// The cluster's NetworkPolicy: its data and metrics ports open (clients, peers, Prometheus), its
+/// admin port to the operator's pods only. Namespaces are matched by their
+/// `kubernetes.io/metadata.name` label (set by Kubernetes 1.21+). Enforced only by a network
+/// plugin that implements NetworkPolicies.
+pub fn network_policy(kvc: &KeyValueCluster, operator: &OperatorPods) -> Result<NetworkPolicy, BuildError> {
+    let names = Names::of(kvc)?;
+    let port = |number: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(number)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let labels = |map: BTreeMap<String, String>| LabelSelector { match_labels: Some(map), ..Default::default() };
+    let operator_pods = NetworkPolicyPeer {
+        namespace_selector: Some(labels(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            operator.namespace.clone(),
+        )]))),
+        pod_selector: Some(labels(operator.labels.clone())),
+        ..Default::default()
+    };
+    Ok(NetworkPolicy {
+        metadata: metadata(kvc, &names, &names.statefulset)?,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(labels(selector_labels(&names))),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![port(kvc.spec.ports.grpc), port(kvc.spec.ports.metrics)]),
+                    from: None,
+                },
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![port(kvc.spec.ports.admin)]),
+                    from: Some(vec![operator_pods]),
+                },
+            ]),
+            egress: None,
+        }),
+    })
+}
+
 /// The ordinal of a StatefulSet pod name (`demo-3` -> 3) if it belongs to `names`.
 pub fn pod_ordinal(names: &Names, pod: &str) -> Option<i32> {
     pod.strip_prefix(&names.statefulset)?.strip_prefix('-')?.parse().ok()
@@ -616,12 +682,13 @@ mod tests {
 
     #[test]
     fn the_configuration_hash_is_the_same_in_every_build() {
-        // Pinned: a different value here restarts every storage pod after an operator upgrade.
+        // Pinned: a different value here restarts every storage pod after an operator upgrade
+        // (changed once, on purpose, when the nodes got their admin port).
         let kvc = cluster("demo", 3);
-        assert_eq!(config_hash(&node_config(&kvc).unwrap()), "6137778255b48b20");
+        assert_eq!(config_hash(&node_config(&kvc).unwrap()), "1826afa78e60289c");
         let mut other = kvc.clone();
         other.spec.durability = crate::k8s::crd::Durability::Async;
-        assert_ne!(config_hash(&node_config(&other).unwrap()), "6137778255b48b20");
+        assert_ne!(config_hash(&node_config(&other).unwrap()), "1826afa78e60289c");
     }
 
     #[test]
@@ -654,5 +721,23 @@ mod tests {
         assert_eq!(pod_ordinal(&names, "demo-x"), None);
         assert_eq!(pod_ordinal(&names, "demox-1"), None);
         assert_eq!(names.pod_address("demo-0", 7700), "demo-0.demo-nodes.ns.svc:7700");
+    }
+
+    #[test]
+    fn the_network_policy_opens_the_admin_port_to_the_operator_only() {
+        let kvc = cluster("demo", 3);
+        let policy = network_policy(&kvc, &OperatorPods::of_chart("kvfleet-system")).unwrap();
+        let rules = policy.spec.unwrap().ingress.unwrap();
+        let ports = |rule: &NetworkPolicyIngressRule| {
+            rule.ports.iter().flatten().filter_map(|p| p.port.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(ports(&rules[0]), [IntOrString::Int(7700), IntOrString::Int(9090)]);
+        assert!(rules[0].from.is_none(), "data and metrics: from anywhere");
+        assert_eq!(ports(&rules[1]), [IntOrString::Int(7701)]);
+        let from = &rules[1].from.as_ref().unwrap()[0];
+        let namespace = from.namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(namespace["kubernetes.io/metadata.name"], "kvfleet-system");
+        let pods = from.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(pods["app.kubernetes.io/name"], "kvfleet-operator");
     }
 }

@@ -277,8 +277,9 @@ pub enum AntiAffinity {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.grpc != self.metrics").message("spec.ports.grpc and spec.ports.metrics must differ"))]
+#[x_kube(validation = Rule::new("!has(self.admin) || self.admin != self.grpc && self.admin != self.metrics").message("spec.ports.admin must differ from spec.ports.grpc and spec.ports.metrics"))]
 pub struct PortsSpec {
-    /// Data, admin and health (gRPC). Default 7700.
+    /// Data, range metadata and health (gRPC); what peers read during moves. Default 7700.
     #[serde(default = "grpc_port")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.grpc must be a port number (1-65535)"))]
     pub grpc: i32,
@@ -286,10 +287,19 @@ pub struct PortsSpec {
     #[serde(default = "metrics_port")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.metrics must be a port number (1-65535)"))]
     pub metrics: i32,
+    /// Admin changes (splits, merges, moves, routing; gRPC), open to the operator alone by the
+    /// cluster's NetworkPolicy. Default 7701.
+    #[serde(default = "admin_port")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.admin must be a port number (1-65535)"))]
+    pub admin: i32,
 }
 
 fn grpc_port() -> i32 {
     7700
+}
+
+fn admin_port() -> i32 {
+    7701
 }
 
 fn metrics_port() -> i32 {
@@ -298,7 +308,7 @@ fn metrics_port() -> i32 {
 
 impl Default for PortsSpec {
     fn default() -> Self {
-        PortsSpec { grpc: grpc_port(), metrics: metrics_port() }
+        PortsSpec { grpc: grpc_port(), metrics: metrics_port(), admin: admin_port() }
     }
 }
 
@@ -425,7 +435,7 @@ mod tests {
         assert_eq!(kvc.spec.storage.on_delete, VolumePolicy::Retain);
         assert_eq!(kvc.spec.storage.on_scale_in, VolumePolicy::Delete);
         assert_eq!(kvc.spec.durability, Durability::Sync);
-        assert_eq!(kvc.spec.ports, PortsSpec { grpc: 7700, metrics: 9090 });
+        assert_eq!(kvc.spec.ports, PortsSpec { grpc: 7700, metrics: 9090, admin: 7701 });
         assert_eq!(kvc.spec.image(), DEFAULT_IMAGE);
         assert_eq!(kvc.spec.sharding.policy(), Policy::default());
     }

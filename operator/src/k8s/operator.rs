@@ -51,6 +51,10 @@ pub struct OperatorArgs {
     /// and the Ready and Degraded conditions, with the scheduler's or the kubelet's reason).
     #[arg(long, env = "KVFLEET_POD_READY_TIMEOUT_SECS", default_value_t = 120)]
     pub pod_ready_timeout_secs: u64,
+    /// Give each cluster a NetworkPolicy that opens its nodes' admin port to the operator's pods
+    /// only (their namespace and the chart's `app.kubernetes.io/name: kvfleet-operator`).
+    #[arg(long, env = "KVFLEET_NODE_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub node_network_policy: bool,
     /// Seconds between two resharding rounds of a cluster.
     #[arg(long, env = "KVFLEET_RESHARD_INTERVAL_SECS", default_value_t = 5)]
     pub interval_secs: u64,
@@ -103,6 +107,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         admin_key,
         pod_ready_timeout: Duration::from_secs(args.pod_ready_timeout_secs),
         applied: Default::default(),
+        network_policy: args.node_network_policy.then(|| super::build::OperatorPods::of_chart(&args.lease_namespace)),
     });
 
     let scope = args.watch_namespace.as_deref();

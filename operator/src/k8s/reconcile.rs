@@ -87,6 +87,9 @@ pub struct Context {
     pub pod_ready_timeout: Duration,
     /// What was last applied for each cluster: an unchanged cluster is not applied again.
     pub applied: AppliedCache,
+    /// Each cluster gets a NetworkPolicy opening its admin port to these pods only (None: no
+    /// NetworkPolicy).
+    pub network_policy: Option<build::OperatorPods>,
 }
 
 /// Re-apply an unchanged cluster's objects this often anyway: how long a child object edited by
@@ -293,8 +296,12 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
         // An older server refuses the field: volumes are then always retained.
         statefulset.spec.persistent_volume_claim_retention_policy = None;
     }
+    let policy = match &ctx.network_policy {
+        Some(operator) => Some(build::network_policy(kvc, operator)?),
+        None => None,
+    };
     let key = cluster_key(kvc);
-    let fingerprint = AppliedCache::fingerprint(&(&desired, &secret, &statefulset, ctx.server.pdb_version));
+    let fingerprint = AppliedCache::fingerprint(&(&desired, &secret, &policy, &statefulset, ctx.server.pdb_version));
     let applied = match current {
         Some(current) if ctx.applied.unchanged(&key, fingerprint) => current,
         _ => {
@@ -305,6 +312,9 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
             apply(&ctx.client, ns, &desired.headless).await?;
             apply(&ctx.client, ns, &desired.client).await?;
             apply_pdb(ctx, ns, &desired.pdb).await?;
+            if let Some(policy) = &policy {
+                apply(&ctx.client, ns, policy).await?;
+            }
             let applied = apply(&ctx.client, ns, &statefulset).await?;
             ctx.applied.record(key, fingerprint);
             applied
@@ -579,6 +589,7 @@ pub(crate) mod tests {
             admin_key: Some(test_key()),
             pod_ready_timeout: Duration::from_secs(120),
             applied: AppliedCache::default(),
+            network_policy: Some(build::OperatorPods::of_chart("kvfleet-system")),
         })
     }
 
@@ -614,6 +625,7 @@ pub(crate) mod tests {
             expect("PATCH", "/api/v1/namespaces/ns/services/demo-nodes", Reply::Echo),
             expect("PATCH", "/api/v1/namespaces/ns/services/demo", Reply::Echo),
             expect("PATCH", "/apis/policy/v1/namespaces/ns/poddisruptionbudgets/demo", Reply::Echo),
+            expect("PATCH", "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/demo", Reply::Echo),
             expect("PATCH", STS, Reply::Echo),
         ]
     }

@@ -165,6 +165,7 @@ impl Platform for LocalPlatform {
             .map(|node| Member {
                 node_id: node.id.clone(),
                 address: node.address.lock().clone(),
+                admin_address: None,
                 draining: false,
                 restarts: node.restarts.load(Ordering::Relaxed),
             })

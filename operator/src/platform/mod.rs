@@ -13,12 +13,22 @@ use crate::controller::state::ControllerState;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub node_id: String,
-    /// host:port of the node's gRPC endpoint.
+    /// host:port of the node's gRPC endpoint (data, metadata, and what peers read).
     pub address: String,
+    /// host:port of the node's admin port, where it takes changes, if it has its own
+    /// (`--admin-listen`; Kubernetes); None: `address`.
+    pub admin_address: Option<String>,
     /// Being emptied before it goes away: ranges move off it, none move onto it.
     pub draining: bool,
     /// Times the platform restarted the node's process.
     pub restarts: u32,
+}
+
+impl Member {
+    /// Where the controller sends its admin calls.
+    pub fn admin_address(&self) -> &str {
+        self.admin_address.as_deref().unwrap_or(&self.address)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
