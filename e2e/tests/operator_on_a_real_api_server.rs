@@ -212,6 +212,7 @@ async fn the_operator_creates_everything_as_its_service_account() {
         plural: "poddisruptionbudgets".into(),
     };
     let budgets: Api<DynamicObject> = Api::namespaced_with(admin.clone(), NAMESPACE, &pdb_v1beta1);
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(admin.clone(), NAMESPACE);
     wait_until(&plane, Duration::from_secs(90), async || {
         let sts = statefulsets.get_opt(CLUSTER).await.ok().flatten();
         let Some(sts) = sts else { return Some("no StatefulSet yet".into()) };
@@ -230,6 +231,10 @@ async fn the_operator_creates_everything_as_its_service_account() {
         let pdbs = budgets.list(&ListParams::default()).await.ok()?.items;
         if !pdbs.iter().any(|p| owned_by_cluster(&p.metadata)) {
             return Some("no PodDisruptionBudget (policy/v1beta1 on 1.20)".into());
+        }
+        let policy = policies.get_opt(CLUSTER).await.ok().flatten();
+        if !policy.as_ref().is_some_and(|p| owned_by_cluster(&p.metadata)) {
+            return Some("no NetworkPolicy for the nodes' admin port".into());
         }
         let status = clusters.get(CLUSTER).await.ok()?.status;
         if status.as_ref().and_then(|s| s.phase.as_ref()).is_none() {
@@ -377,6 +382,17 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         let refused = stranger.bootstrap(kvfleet_proto::v1::BootstrapRequest {}).await.expect_err("no admin token");
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
         assert!(refused.message().contains("admin token"), "{}", refused.message());
+        // Even with the cluster's token, changes go to the admin port (which the cluster's
+        // NetworkPolicy opens to the operator alone), not the data port.
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), NAMESPACE);
+        let secret = secrets.get(&format!("{CLUSTER}-admin-token")).await.expect("the cluster's admin token Secret");
+        let token = secret.data.and_then(|mut d| d.remove("token")).expect("a token").0;
+        let mut request = tonic::Request::new(kvfleet_proto::v1::BootstrapRequest {});
+        let bearer = format!("Bearer {}", String::from_utf8(token).expect("ASCII"));
+        request.metadata_mut().insert("authorization", bearer.parse().expect("a header"));
+        let refused = stranger.bootstrap(request).await.expect_err("not on the data port");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+        assert!(refused.message().contains("admin port (7701)"), "{}", refused.message());
 
         let mut config = kvfleet_client::ClientConfig::new(pod_addresses(5));
         config.deadline = Duration::from_secs(60);
