@@ -484,7 +484,7 @@ async fn overlapping_owners_are_reported_and_left_alone() {
     );
     let mut metrics = String::new();
     prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
-    assert!(metrics.contains("kvfleet_controller_ownership_conflicts 1"), "{metrics}");
+    assert!(metrics.contains(r#"kvfleet_controller_ownership_conflicts{cluster="local"} 1"#), "{metrics}");
     for node in &nodes {
         let ranges = owned(node).await;
         assert_eq!(ranges.iter().map(|d| (d.range_id, d.generation)).collect::<Vec<_>>(), vec![(1, 1)], "untouched");

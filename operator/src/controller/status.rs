@@ -12,7 +12,6 @@ use kvfleet_proto::v1::{
     ControllerStatus, ControllerStatusRequest, HotKeyStatus, MoveStatus, NodeStatus, OwnershipConflict, RangeStatus,
     SkipCount,
 };
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -26,41 +25,40 @@ use super::unix_now;
 
 const RECENT_EVENTS: usize = 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ActionLabels {
-    kind: &'static str,
-    outcome: &'static str,
+/// The labels of one series: the fleet's (`cluster`: `namespace/name` on Kubernetes, `local` in
+/// the playground), then the metric's (`kind`, `outcome`, `reason`).
+type Labels = Vec<(&'static str, String)>;
+
+fn freeze_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct SkipLabels {
-    reason: &'static str,
+/// The controller's metrics, one family each, shared by every fleet of the process; a fleet's
+/// series go away with it (`StatusBoard::retire`).
+pub struct ControllerMetrics {
+    rounds: Family<Labels, Counter>,
+    degraded_rounds: Family<Labels, Counter>,
+    actions: Family<Labels, Counter>,
+    skips: Family<Labels, Counter>,
+    moves_in_flight: Family<Labels, Gauge>,
+    move_freeze: Family<Labels, Histogram, fn() -> Histogram>,
+    move_bytes: Family<Labels, Counter>,
+    ranges: Family<Labels, Gauge>,
+    conflicts: Family<Labels, Gauge>,
 }
 
-struct Metrics {
-    rounds: Counter,
-    degraded_rounds: Counter,
-    actions: Family<ActionLabels, Counter>,
-    skips: Family<SkipLabels, Counter>,
-    moves_in_flight: Gauge,
-    move_freeze: Histogram,
-    move_bytes: Counter,
-    ranges: Gauge,
-    conflicts: Gauge,
-}
-
-impl Metrics {
-    fn new(registry: &mut Registry) -> Self {
-        let metrics = Metrics {
-            rounds: Counter::default(),
-            degraded_rounds: Counter::default(),
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = ControllerMetrics {
+            rounds: Family::default(),
+            degraded_rounds: Family::default(),
             actions: Family::default(),
             skips: Family::default(),
-            moves_in_flight: Gauge::default(),
-            move_freeze: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            move_bytes: Counter::default(),
-            ranges: Gauge::default(),
-            conflicts: Gauge::default(),
+            moves_in_flight: Family::default(),
+            move_freeze: Family::new_with_constructor(freeze_histogram),
+            move_bytes: Family::default(),
+            ranges: Family::default(),
+            conflicts: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("kvfleet_controller");
         r.register("rounds", "Control rounds run", metrics.rounds.clone());
@@ -76,7 +74,19 @@ impl Metrics {
             "Pairs of overlapping owned ranges (keys more than one node would serve); must be 0",
             metrics.conflicts.clone(),
         );
-        metrics
+        Arc::new(metrics)
+    }
+
+    fn remove(&self, labels: &Labels) {
+        self.rounds.remove(labels);
+        self.degraded_rounds.remove(labels);
+        self.actions.remove(labels);
+        self.skips.remove(labels);
+        self.moves_in_flight.remove(labels);
+        self.move_freeze.remove(labels);
+        self.move_bytes.remove(labels);
+        self.ranges.remove(labels);
+        self.conflicts.remove(labels);
     }
 }
 
@@ -107,11 +117,21 @@ struct Board {
 #[derive(Clone)]
 pub struct StatusBoard {
     board: Arc<parking_lot::Mutex<Board>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ControllerMetrics>,
+    /// This fleet's labels on every series, and every label set it wrote (to retire them).
+    base: Labels,
+    written: Arc<parking_lot::Mutex<HashSet<Labels>>>,
 }
 
 impl StatusBoard {
+    /// The board of the only fleet of a process (the playground), its metrics registered in
+    /// `registry` with `cluster="local"`.
     pub fn new(registry: &mut Registry) -> Self {
+        StatusBoard::for_fleet(ControllerMetrics::register(registry), vec![("cluster", "local".into())])
+    }
+
+    /// A board writing `metrics` with `base` labels (`cluster`: one of many fleets).
+    pub fn for_fleet(metrics: Arc<ControllerMetrics>, base: Labels) -> Self {
         StatusBoard {
             board: Arc::new(parking_lot::Mutex::new(Board {
                 status: ControllerStatus::default(),
@@ -122,7 +142,24 @@ impl StatusBoard {
                 last_hot_keys: HashSet::new(),
                 last_conflicts: HashSet::new(),
             })),
-            metrics: Arc::new(Metrics::new(registry)),
+            metrics,
+            base,
+            written: Default::default(),
+        }
+    }
+
+    /// The labels of a series of this fleet: its own, then `extra`.
+    fn labels(&self, extra: &[(&'static str, &str)]) -> Labels {
+        let mut labels = self.base.clone();
+        labels.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        self.written.lock().insert(labels.clone());
+        labels
+    }
+
+    /// Removes every series this fleet wrote (its cluster was deleted).
+    pub fn retire(&self) {
+        for labels in self.written.lock().drain() {
+            self.metrics.remove(&labels);
         }
     }
 
@@ -161,19 +198,20 @@ impl StatusBoard {
     }
 
     pub fn action_done(&self, kind: &'static str, text: String) {
-        self.metrics.actions.get_or_create(&ActionLabels { kind, outcome: "started" }).inc();
+        self.metrics.actions.get_or_create(&self.labels(&[("kind", kind), ("outcome", "started")])).inc();
         self.publish(event_reason(kind), false, text);
     }
 
     pub fn action_failed(&self, kind: &'static str, text: String) {
-        self.metrics.actions.get_or_create(&ActionLabels { kind, outcome: "failed" }).inc();
+        self.metrics.actions.get_or_create(&self.labels(&[("kind", kind), ("outcome", "failed")])).inc();
         self.publish("ActionFailed", true, text);
     }
 
     pub fn move_finished(&self, report: &MoveReport, text: String) {
-        self.metrics.actions.get_or_create(&ActionLabels { kind: "move", outcome: "finished" }).inc();
-        self.metrics.move_freeze.observe(report.freeze.as_secs_f64());
-        self.metrics.move_bytes.inc_by(report.bytes_copied);
+        self.metrics.actions.get_or_create(&self.labels(&[("kind", "move"), ("outcome", "finished")])).inc();
+        let labels = self.labels(&[]);
+        self.metrics.move_freeze.get_or_create(&labels).observe(report.freeze.as_secs_f64());
+        self.metrics.move_bytes.get_or_create(&labels).inc_by(report.bytes_copied);
         self.publish("MoveFinished", false, text);
     }
 
@@ -187,15 +225,16 @@ impl StatusBoard {
         move_phases: &HashMap<u64, String>,
         degraded: bool,
     ) {
-        self.metrics.rounds.inc();
+        let labels = self.labels(&[]);
+        self.metrics.rounds.get_or_create(&labels).inc();
         if degraded {
-            self.metrics.degraded_rounds.inc();
+            self.metrics.degraded_rounds.get_or_create(&labels).inc();
         }
-        self.metrics.moves_in_flight.set(state.moves.len() as i64);
-        self.metrics.ranges.set(observation.ranges.len() as i64);
-        self.metrics.conflicts.set(observation.conflicts.len() as i64);
+        self.metrics.moves_in_flight.get_or_create(&labels).set(state.moves.len() as i64);
+        self.metrics.ranges.get_or_create(&labels).set(observation.ranges.len() as i64);
+        self.metrics.conflicts.get_or_create(&labels).set(observation.conflicts.len() as i64);
         for skip in &plan.skipped {
-            self.metrics.skips.get_or_create(&SkipLabels { reason: skip.kind() }).inc();
+            self.metrics.skips.get_or_create(&self.labels(&[("reason", skip.kind())])).inc();
         }
 
         let mut board = self.board.lock();
@@ -361,5 +400,50 @@ impl ControllerApi for ControllerService {
         _: tonic::Request<ControllerStatusRequest>,
     ) -> Result<tonic::Response<ControllerStatus>, tonic::Status> {
         Ok(tonic::Response::new(self.board.snapshot()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_deleted_fleets_series_go_away_and_the_others_stay() {
+        let mut registry = Registry::default();
+        let metrics = ControllerMetrics::register(&mut registry);
+        let a = StatusBoard::for_fleet(metrics.clone(), vec![("cluster", "ns/a".into())]);
+        let b = StatusBoard::for_fleet(metrics, vec![("cluster", "ns/b".into())]);
+        a.action_done("split", "split range 1".into());
+        b.action_done("split", "split range 7".into());
+        let text = scrape(&registry);
+        assert!(
+            text.contains(r#"kvfleet_controller_actions_total{cluster="ns/a",kind="split",outcome="started"} 1"#),
+            "{text}"
+        );
+        a.retire();
+        let text = scrape(&registry);
+        assert!(!text.contains("ns/a"), "{text}");
+        assert!(
+            text.contains(r#"kvfleet_controller_actions_total{cluster="ns/b",kind="split",outcome="started"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_only_fleet_of_a_process_is_the_local_one() {
+        let mut registry = Registry::default();
+        let board = StatusBoard::new(&mut registry);
+        board.action_done("merge", "merged".into());
+        let text = scrape(&registry);
+        assert!(
+            text.contains(r#"kvfleet_controller_actions_total{cluster="local",kind="merge",outcome="started"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -18,7 +18,7 @@ use super::admin_auth::AdminKey;
 use super::build::{Names, cluster_key};
 use super::crd::KeyValueCluster;
 use super::platform::KubernetesPlatform;
-use crate::controller::status::StatusBoard;
+use crate::controller::status::{ControllerMetrics, StatusBoard};
 use crate::controller::{Controller, ControllerConfig};
 
 /// What the reconciler needs of the resharding loops (a fake stands in for it in tests).
@@ -41,10 +41,12 @@ pub struct FleetManager {
     admin_key: Option<AdminKey>,
     reporter: Reporter,
     base: ControllerConfig,
-    registry: Arc<Mutex<Registry>>,
+    /// Every cluster's series, labelled `cluster`; a deleted cluster's are removed.
+    metrics: Arc<ControllerMetrics>,
     fleets: Mutex<HashMap<String, Fleet>>,
-    /// Kept for the life of the process: a board's metrics are registered once per cluster name.
-    boards: Mutex<HashMap<String, StatusBoard>>,
+    /// One per cluster, kept across restarts of its loop (a policy change); dropped, and its
+    /// series removed, when the cluster is deleted.
+    boards: Arc<Mutex<HashMap<String, StatusBoard>>>,
 }
 
 impl FleetManager {
@@ -60,9 +62,9 @@ impl FleetManager {
             admin_key,
             reporter,
             base,
-            registry,
+            metrics: ControllerMetrics::register(&mut registry.lock()),
             fleets: Mutex::new(HashMap::new()),
-            boards: Mutex::new(HashMap::new()),
+            boards: Default::default(),
         }
     }
 
@@ -70,10 +72,7 @@ impl FleetManager {
         self.boards
             .lock()
             .entry(key.to_string())
-            .or_insert_with(|| {
-                let mut registry = self.registry.lock();
-                StatusBoard::new(registry.sub_registry_with_label(("cluster".into(), key.to_string().into())))
-            })
+            .or_insert_with(|| StatusBoard::for_fleet(self.metrics.clone(), vec![("cluster", key.to_string())]))
             .clone()
     }
 
@@ -91,15 +90,24 @@ impl FleetManager {
         let admin_token = self.admin_key.as_ref().map(|key| key.admin_token(kvc)).unwrap_or_default();
         let config = ControllerConfig { policy: policy.clone(), admin_token, ..self.base.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let boards = self.boards.clone();
         let task = tokio::spawn(async move {
             if let Some(previous) = after {
                 // The old loop saves its state on the way out; the new one starts from it.
                 let _ = previous.shutdown.send(true);
                 let _ = previous.task.await;
             }
+            let stopped = shutdown_rx.clone();
+            let ended = board.clone();
             let result = async { Controller::new(platform, config, board).await?.run(shutdown_rx).await }.await;
             match result {
-                Ok(()) => tracing::info!(cluster = %key, "resharding loop ended"),
+                // Not stopped, yet ended: its cluster is gone, and so are its series.
+                Ok(()) if !*stopped.borrow() => {
+                    ended.retire();
+                    boards.lock().remove(&key);
+                    tracing::info!(cluster = %key, "resharding loop ended: the cluster was deleted");
+                }
+                Ok(()) => tracing::info!(cluster = %key, "resharding loop stopped"),
                 Err(error) => tracing::error!(cluster = %key, %error, "resharding loop failed"),
             }
         });
