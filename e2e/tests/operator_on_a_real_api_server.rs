@@ -86,6 +86,7 @@ async fn operator_token(admin: &Client, audience: &str) -> String {
 struct Operator {
     child: Child,
     identity: String,
+    metrics_port: u16,
 }
 
 impl Operator {
@@ -93,13 +94,14 @@ impl Operator {
     fn start(plane: &ControlPlane, kubeconfig: &Path, identity: &str) -> Self {
         let log =
             std::fs::File::create(plane.dir.path().join(format!("operator-{identity}.log"))).expect("operator log");
+        let metrics_port = free_port();
         let child = Command::new(kvfleet_e2e::binary("kvfleet-operator"))
             .arg("run")
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
             .env("POD_NAME", identity)
             .env("KVFLEET_ADMIN_KEY", admin_key(plane))
-            .env("KVFLEET_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("KVFLEET_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
             .env("KVFLEET_RESHARD_INTERVAL_SECS", "1")
             // Pods the stand-in kubelet runs are Ready within seconds; those it cannot run never are.
             .env("KVFLEET_POD_READY_TIMEOUT_SECS", "15")
@@ -108,7 +110,21 @@ impl Operator {
             .stderr(log)
             .spawn()
             .expect("the operator starts");
-        Operator { child, identity: identity.to_string() }
+        Operator { child, identity: identity.to_string(), metrics_port }
+    }
+
+    /// Its /metrics page.
+    async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await else {
+            return String::new();
+        };
+        let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        let mut page = String::new();
+        if stream.write_all(request).await.is_ok() {
+            let _ = stream.read_to_string(&mut page).await;
+        }
+        page
     }
 
     fn signal(&self, signal: &str) {
@@ -194,7 +210,7 @@ fn example() -> KeyValueCluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_creates_everything_as_its_service_account() {
-    let Installed { plane, admin, operator: _operator } = install().await;
+    let Installed { plane, admin, operator } = install().await;
     let cluster = example();
     let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
     clusters.create(&PostParams::default(), &cluster).await.expect("apply the example");
@@ -297,10 +313,17 @@ async fn the_operator_creates_everything_as_its_service_account() {
     .await;
     clusters.delete("bad", &DeleteParams::default()).await.expect("delete the bad cluster");
 
+    let series = format!("cluster=\"{NAMESPACE}/{CLUSTER}\"");
+    assert!(operator.metrics().await.contains(&series), "the cluster's resharding loop reports its metrics");
     clusters.delete(CLUSTER, &DeleteParams::default()).await.expect("delete the cluster");
     wait_until(&plane, Duration::from_secs(90), async || {
         let left = statefulsets.get_opt(CLUSTER).await.ok().flatten();
         left.map(|_| "the StatefulSet is still there after its cluster was deleted".to_string())
+    })
+    .await;
+    wait_until(&plane, Duration::from_secs(30), async || {
+        let page = operator.metrics().await;
+        page.contains(&series).then(|| format!("the deleted cluster's series are still on /metrics:\n{page}"))
     })
     .await;
 
