@@ -740,3 +740,95 @@ fn a_drain_first_update_restarts_every_pod_without_losing_a_write() {
         );
     });
 }
+
+/// Volume growth for real: with a storage class that allows expansion, growing
+/// `spec.storage.size` grows every pod's claim, then replaces the StatefulSet (orphaned, created
+/// again with the new claim template), and no pod restarts; under a read/write load.
+#[test]
+fn growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = "growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod";
+    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
+        assert!(status.success(), "the test failed inside its mount namespace: {status}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let Installed { plane, admin, operator: _operator } = install().await;
+        use k8s_openapi::api::storage::v1::StorageClass;
+        let classes: Api<StorageClass> = Api::all(admin.clone());
+        let class = StorageClass {
+            metadata: ObjectMeta { name: Some("expandable".into()), ..Default::default() },
+            provisioner: "kvfleet.test/stand-in-kubelet".into(),
+            allow_volume_expansion: Some(true),
+            ..Default::default()
+        };
+        classes.create(&PostParams::default(), &class).await.expect("a storage class that allows expansion");
+        let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 3, plane.dir.path()).await;
+        let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
+        let mut cluster = example();
+        cluster.spec.storage.size = "1Gi".into();
+        cluster.spec.storage.storage_class_name = Some("expandable".into());
+        clusters.create(&PostParams::default(), &cluster).await.expect("apply the cluster");
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+        let uids = async || -> Vec<String> {
+            let listed = pods.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            let mut uids: Vec<String> = listed.iter().filter_map(|p| p.uid()).collect();
+            uids.sort();
+            uids
+        };
+        let before = uids().await;
+        let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NAMESPACE);
+        let old_uid = statefulsets.get(CLUSTER).await.expect("the StatefulSet").uid();
+
+        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(3));
+        config.deadline = Duration::from_secs(60);
+        let client = kvfleet_client::Client::new(config).expect("a client");
+        let keys = (0..100).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
+        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 3, 2);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "storage": { "size": "2Gi" } } }));
+        clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("grow the volumes");
+        let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = Api::namespaced(admin.clone(), NAMESPACE);
+        wait_until(&plane, Duration::from_secs(120), async || {
+            let sts = statefulsets.get_opt(CLUSTER).await.ok()??;
+            if sts.uid() == old_uid {
+                return Some("the StatefulSet was not replaced yet".into());
+            }
+            let template = sts.spec.volume_claim_templates.as_ref()?.first()?.clone();
+            let size = template.spec?.resources?.requests?.get("storage")?.0.clone();
+            if size != "2Gi" {
+                return Some(format!("the claim template asks {size}"));
+            }
+            let listed = claims.list(&ListParams::default()).await.ok()?.items;
+            let sizes: Vec<String> = listed
+                .iter()
+                .filter_map(|c| {
+                    c.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").map(|q| q.0.clone())
+                })
+                .collect();
+            (sizes.len() != 3 || sizes.iter().any(|s| s != "2Gi")).then(|| format!("claims ask {sizes:?}"))
+        })
+        .await;
+        wait_for_phase(&plane, &clusters, 3, Duration::from_secs(120)).await;
+        assert_eq!(uids().await, before, "no pod restarted");
+
+        let (report, space) = workload.finish().await;
+        assert!(
+            report.violations.is_empty(),
+            "history violated: {:?}",
+            &report.violations[..report.violations.len().min(5)]
+        );
+        let wrong = space.verify_final(&client).await;
+        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
+        let refused = plane.refused_requests(&operator_user());
+        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        println!(
+            "volumes grown 1Gi -> 2Gi: {} writes, {} client errors, no pod restarted",
+            report.writes,
+            report.errors.len()
+        );
+    });
+}
