@@ -40,13 +40,7 @@ fn percentile(samples: &[f64], p: f64) -> f64 {
 }
 
 fn member(node: &NodeProcess) -> Member {
-    Member {
-        node_id: node.node_id.clone(),
-        address: node.address.clone(),
-        admin_address: None,
-        draining: false,
-        restarts: 0,
-    }
+    Member::at(&node.node_id, &node.address)
 }
 
 async fn range_one(node: &NodeProcess) -> Option<RangeDescriptor> {

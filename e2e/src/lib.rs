@@ -379,16 +379,7 @@ pub struct TestPlatform {
 
 impl TestPlatform {
     pub fn new(nodes: &[&NodeProcess], state: Option<kvfleet_operator::controller::state::ControllerState>) -> Self {
-        let members = nodes
-            .iter()
-            .map(|n| kvfleet_operator::platform::Member {
-                node_id: n.node_id.clone(),
-                address: n.address.clone(),
-                admin_address: None,
-                draining: false,
-                restarts: 0,
-            })
-            .collect();
+        let members = nodes.iter().map(|n| kvfleet_operator::platform::Member::at(&n.node_id, &n.address)).collect();
         TestPlatform { members: std::sync::Mutex::new(members), state: std::sync::Mutex::new(state) }
     }
 

@@ -119,13 +119,7 @@ async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
 
     let listed = admin.list_ranges(with_token(ListRangesRequest {}, Some(TOKEN))).await.expect("with the token");
     let range = listed.into_inner().ranges.remove(0);
-    let member = |node: &NodeProcess| Member {
-        node_id: node.node_id.clone(),
-        address: node.address.clone(),
-        admin_address: None,
-        draining: false,
-        restarts: 0,
-    };
+    let member = |node: &NodeProcess| Member::at(&node.node_id, &node.address);
     let mv = InFlightMove {
         move_id: 1,
         range_id: range.range_id,

@@ -60,13 +60,7 @@ enum Meanwhile {
 }
 
 fn member(node: &NodeProcess) -> Member {
-    Member {
-        node_id: node.node_id.clone(),
-        address: node.address.clone(),
-        admin_address: None,
-        draining: false,
-        restarts: 0,
-    }
+    Member::at(&node.node_id, &node.address)
 }
 
 fn replica(node: &NodeProcess) -> Replica {

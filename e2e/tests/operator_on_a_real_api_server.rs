@@ -16,6 +16,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client, ResourceExt};
 use kvfleet_e2e::control_plane::{ControlPlane, free_port};
+use kvfleet_e2e::history::HistoryWorkload;
 use kvfleet_operator::k8s::crd::KeyValueCluster;
 
 const OPERATOR_NAMESPACE: &str = "kvfleet-system";
@@ -347,6 +348,59 @@ async fn the_operator_creates_everything_as_its_service_account() {
     assert_eq!(keep.as_deref(), Some("keep"), "helm uninstall must not delete the CRD (and every cluster)");
 }
 
+/// Runs `body` where pods can run: inside a private mount namespace whose /etc/hosts resolves
+/// the pods' DNS names (the test re-executes itself there), on a 2-thread runtime.
+fn with_pods(test: &str, body: impl AsyncFnOnce()) {
+    let dir = tempfile::tempdir().unwrap();
+    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
+        assert!(status.success(), "the test failed inside its mount namespace: {status}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(body());
+}
+
+/// A client of the first `pods` pods, and a read/write history workload on `keys` keys.
+fn history_workload(pods: usize, keys: usize, writers: usize) -> (kvfleet_client::Client, HistoryWorkload) {
+    let mut config = kvfleet_client::ClientConfig::new(pod_addresses(pods));
+    config.deadline = Duration::from_secs(60);
+    let client = kvfleet_client::Client::new(config).expect("a client");
+    let keys = (0..keys).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
+    let workload = HistoryWorkload::start(client.clone(), keys, writers, 2);
+    (client, workload)
+}
+
+/// Ends the workload; fails on a history violation, a lost or stale acknowledged write, fewer
+/// than `min_writes` writes, or any request the API server refused the operator.
+async fn history_held(
+    plane: &ControlPlane,
+    workload: HistoryWorkload,
+    client: &kvfleet_client::Client,
+    min_writes: u64,
+) -> kvfleet_e2e::history::Report {
+    let (report, space) = workload.finish().await;
+    assert!(
+        report.violations.is_empty(),
+        "history violated: {:?}",
+        &report.violations[..report.violations.len().min(5)]
+    );
+    let wrong = space.verify_final(client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
+    assert!(report.writes > min_writes, "too little load: {report:?}");
+    let refused = plane.refused_requests(&operator_user());
+    assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+    report
+}
+
+/// The uids of the test namespace's pods, sorted.
+async fn pod_uids(admin: &Client) -> Vec<String> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+    let listed = pods.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+    let mut uids: Vec<String> = listed.iter().filter_map(|p| p.uid()).collect();
+    uids.sort();
+    uids
+}
+
 /// The pods' DNS names (`demo-0.demo-nodes.shop.svc:7700`): the client's seeds.
 fn pod_addresses(count: usize) -> Vec<String> {
     (0..count).map(|i| format!("{CLUSTER}-{i}.{CLUSTER}-nodes.{NAMESPACE}.svc:7700")).collect()
@@ -377,14 +431,7 @@ async fn wait_for_phase(plane: &ControlPlane, clusters: &Api<KeyValueCluster>, r
 /// acknowledged write and never serves a stale read.
 #[test]
 fn a_cluster_runs_and_scales_without_losing_a_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let test = "a_cluster_runs_and_scales_without_losing_a_write";
-    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
-        assert!(status.success(), "the test failed inside its mount namespace: {status}");
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async {
+    with_pods("a_cluster_runs_and_scales_without_losing_a_write", async || {
         let Installed { plane, admin, operator: _operator } = install().await;
         let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 5, plane.dir.path()).await;
         let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
@@ -417,11 +464,7 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
         assert!(refused.message().contains("admin port (7701)"), "{}", refused.message());
 
-        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(5));
-        config.deadline = Duration::from_secs(60);
-        let client = kvfleet_client::Client::new(config).expect("a client");
-        let keys = (0..200).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
-        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 4, 2);
+        let (client, workload) = history_workload(5, 200, 4);
         tokio::time::sleep(Duration::from_secs(3)).await;
 
         let scale = |replicas: i32| serde_json::json!({ "spec": { "replicas": replicas } });
@@ -449,17 +492,7 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         let ranges = clusters.get(CLUSTER).await.expect("the cluster").status.expect("a status").ranges;
         assert!(ranges >= 2, "the load split the key space: {ranges} ranges");
 
-        let (report, space) = workload.finish().await;
-        assert!(
-            report.violations.is_empty(),
-            "history violated: {:?}",
-            &report.violations[..report.violations.len().min(5)]
-        );
-        let wrong = space.verify_final(&client).await;
-        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
-        assert!(report.writes > 100, "too little load: {report:?}");
-        let refused = plane.refused_requests(&operator_user());
-        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        let report = history_held(&plane, workload, &client, 100).await;
 
         // Idle: what the operator asks of the API server in a minute of a 3-pod cluster doing
         // nothing (resharding rounds every second here; every 5 s by default).
@@ -529,14 +562,7 @@ async fn node_epochs(count: usize) -> Vec<u64> {
 /// read goes back in time.
 #[test]
 fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let test = "only_the_leader_acts_and_a_stalled_leader_is_fenced_off";
-    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
-        assert!(status.success(), "the test failed inside its mount namespace: {status}");
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async {
+    with_pods("only_the_leader_acts_and_a_stalled_leader_is_fenced_off", async || {
         let Installed { plane, admin, operator: first } = install().await;
         let kubeconfig = plane.dir.path().join("operator.kubeconfig");
         wait_until(&plane, Duration::from_secs(30), async || {
@@ -550,11 +576,7 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         clusters.create(&PostParams::default(), &example()).await.expect("apply the example");
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
 
-        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(4));
-        config.deadline = Duration::from_secs(60);
-        let client = kvfleet_client::Client::new(config).expect("a client");
-        let keys = (0..100).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
-        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 3, 2);
+        let (client, workload) = history_workload(4, 100, 3);
 
         // Only the leader acted: the standby wrote nothing (the audit log names each replica).
         assert!(!plane.writes_by_agent("(kvfleet-operator-0)").is_empty(), "the leader built the cluster");
@@ -604,7 +626,11 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         second.signal("-CONT");
         let mut second = second;
         let exited = wait_for_exit(&mut second, Duration::from_secs(20)).await;
-        assert!(exited.is_some_and(|s| !s.success()), "the deposed replica must exit: {exited:?}\n{}", second.log(&plane));
+        assert!(
+            exited.is_some_and(|s| !s.success()),
+            "the deposed replica must exit: {exited:?}\n{}",
+            second.log(&plane)
+        );
         let after = plane.writes_by_agent("(kvfleet-operator-1)");
         assert_eq!(after, before, "the deposed replica wrote after it was resumed");
         // It finds its term over by its own clock, or the lease taken: either way it steps down.
@@ -638,17 +664,7 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(300)).await;
         assert!(!plane.writes_by_agent("(kvfleet-operator-3)").is_empty(), "the new leader acts");
 
-        let (report, space) = workload.finish().await;
-        assert!(
-            report.violations.is_empty(),
-            "history violated: {:?}",
-            &report.violations[..report.violations.len().min(5)]
-        );
-        let wrong = space.verify_final(&client).await;
-        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
-        assert!(report.writes > 50, "too little load: {report:?}");
-        let refused = plane.refused_requests(&operator_user());
-        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        history_held(&plane, workload, &client, 50).await;
         drop(fourth);
         println!(
             "takeover after SIGKILL: {takeover:?}; epochs {second_epoch} -> {third_epoch}; API stalled: the leader \
@@ -663,14 +679,7 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
 /// pod at a time, under a read/write load that loses nothing and never reads back in time.
 #[test]
 fn a_drain_first_update_restarts_every_pod_without_losing_a_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let test = "a_drain_first_update_restarts_every_pod_without_losing_a_write";
-    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
-        assert!(status.success(), "the test failed inside its mount namespace: {status}");
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async {
+    with_pods("a_drain_first_update_restarts_every_pod_without_losing_a_write", async || {
         let Installed { plane, admin, operator: _operator } = install().await;
         let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 3, plane.dir.path()).await;
         let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
@@ -679,27 +688,10 @@ fn a_drain_first_update_restarts_every_pod_without_losing_a_write() {
         cluster.spec.sharding = serde_json::from_value(serde_json::json!({"moveCooldownSeconds": 0})).unwrap();
         clusters.create(&PostParams::default(), &cluster).await.expect("apply the cluster");
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), NAMESPACE);
-        let uids = async || -> Vec<String> {
-            let mut uids: Vec<String> = pods
-                .list(&ListParams::default())
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|p| p.uid())
-                .collect();
-            uids.sort();
-            uids
-        };
-        let before = uids().await;
+        let before = pod_uids(&admin).await;
         assert_eq!(before.len(), 3);
 
-        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(3));
-        config.deadline = Duration::from_secs(60);
-        let client = kvfleet_client::Client::new(config).expect("a client");
-        let keys = (0..100).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
-        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 3, 2);
+        let (client, workload) = history_workload(3, 100, 3);
         tokio::time::sleep(Duration::from_secs(3)).await;
 
         let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NAMESPACE);
@@ -718,20 +710,10 @@ fn a_drain_first_update_restarts_every_pod_without_losing_a_write() {
         })
         .await;
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(120)).await;
-        let after = uids().await;
+        let after = pod_uids(&admin).await;
         assert!(after.iter().all(|uid| !before.contains(uid)), "every pod was replaced: {before:?} -> {after:?}");
 
-        let (report, space) = workload.finish().await;
-        assert!(
-            report.violations.is_empty(),
-            "history violated: {:?}",
-            &report.violations[..report.violations.len().min(5)]
-        );
-        let wrong = space.verify_final(&client).await;
-        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
-        assert!(report.writes > 50, "too little load: {report:?}");
-        let refused = plane.refused_requests(&operator_user());
-        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        let report = history_held(&plane, workload, &client, 50).await;
         println!(
             "DrainFirst update of 3 pods: {} writes, {} reads, {} client errors",
             report.writes,
@@ -746,14 +728,7 @@ fn a_drain_first_update_restarts_every_pod_without_losing_a_write() {
 /// again with the new claim template), and no pod restarts; under a read/write load.
 #[test]
 fn growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod() {
-    let dir = tempfile::tempdir().unwrap();
-    let test = "growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod";
-    if let Some(status) = kvfleet_e2e::kubelet::in_private_hosts_namespace(test, &dir.path().join("hosts")) {
-        assert!(status.success(), "the test failed inside its mount namespace: {status}");
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async {
+    with_pods("growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod", async || {
         let Installed { plane, admin, operator: _operator } = install().await;
         use k8s_openapi::api::storage::v1::StorageClass;
         let classes: Api<StorageClass> = Api::all(admin.clone());
@@ -771,22 +746,11 @@ fn growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod() {
         cluster.spec.storage.storage_class_name = Some("expandable".into());
         clusters.create(&PostParams::default(), &cluster).await.expect("apply the cluster");
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(180)).await;
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), NAMESPACE);
-        let uids = async || -> Vec<String> {
-            let listed = pods.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-            let mut uids: Vec<String> = listed.iter().filter_map(|p| p.uid()).collect();
-            uids.sort();
-            uids
-        };
-        let before = uids().await;
+        let before = pod_uids(&admin).await;
         let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NAMESPACE);
         let old_uid = statefulsets.get(CLUSTER).await.expect("the StatefulSet").uid();
 
-        let mut config = kvfleet_client::ClientConfig::new(pod_addresses(3));
-        config.deadline = Duration::from_secs(60);
-        let client = kvfleet_client::Client::new(config).expect("a client");
-        let keys = (0..100).map(|i| bytes::Bytes::from(format!("user{i:04}"))).collect();
-        let workload = kvfleet_e2e::history::HistoryWorkload::start(client.clone(), keys, 3, 2);
+        let (client, workload) = history_workload(3, 100, 3);
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "storage": { "size": "2Gi" } } }));
@@ -813,18 +777,9 @@ fn growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod() {
         })
         .await;
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(120)).await;
-        assert_eq!(uids().await, before, "no pod restarted");
+        assert_eq!(pod_uids(&admin).await, before, "no pod restarted");
 
-        let (report, space) = workload.finish().await;
-        assert!(
-            report.violations.is_empty(),
-            "history violated: {:?}",
-            &report.violations[..report.violations.len().min(5)]
-        );
-        let wrong = space.verify_final(&client).await;
-        assert!(wrong.is_empty(), "acknowledged writes lost or stale: {:?}", &wrong[..wrong.len().min(5)]);
-        let refused = plane.refused_requests(&operator_user());
-        assert!(refused.is_empty(), "the real API server refused the operator: {refused:#?}");
+        let report = history_held(&plane, workload, &client, 0).await;
         println!(
             "volumes grown 1Gi -> 2Gi: {} writes, {} client errors, no pod restarted",
             report.writes,

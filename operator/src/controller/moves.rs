@@ -369,13 +369,7 @@ mod tests {
 
     /// A node that answered with these owned ranges, or (None) one that did not answer.
     fn node(id: &str, owned: Option<Vec<RangeDescriptor>>) -> ObservedNode {
-        let member = Member {
-            node_id: id.into(),
-            address: format!("{id}:1"),
-            admin_address: None,
-            draining: false,
-            restarts: 0,
-        };
+        let member = Member::at(id, &format!("{id}:1"));
         let report = match owned {
             Some(owned) => Ok(NodeReport {
                 load: LoadReportResponse {

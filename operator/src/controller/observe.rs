@@ -332,13 +332,7 @@ mod tests {
     }
 
     fn node(id: &str, owned: Vec<RangeDescriptor>) -> ObservedNode {
-        let member = Member {
-            node_id: id.into(),
-            address: format!("{id}:1"),
-            admin_address: None,
-            draining: false,
-            restarts: 0,
-        };
+        let member = Member::at(id, &format!("{id}:1"));
         let ranges = owned.into_iter().map(|d| RangeLoad { range: Some(d), ..Default::default() }).collect();
         let load = LoadReportResponse { ranges, ..Default::default() };
         ObservedNode { member, report: Ok(NodeReport { load, ..Default::default() }) }

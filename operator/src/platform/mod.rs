@@ -25,6 +25,17 @@ pub struct Member {
 }
 
 impl Member {
+    /// A member at `address`, not draining, never restarted, with no admin port of its own.
+    pub fn at(node_id: &str, address: &str) -> Self {
+        Member {
+            node_id: node_id.to_string(),
+            address: address.to_string(),
+            admin_address: None,
+            draining: false,
+            restarts: 0,
+        }
+    }
+
     /// Where the controller sends its admin calls.
     pub fn admin_address(&self) -> &str {
         self.admin_address.as_deref().unwrap_or(&self.address)
