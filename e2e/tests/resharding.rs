@@ -391,8 +391,10 @@ async fn a_node_drained_then_restarted_fails_no_request() {
     fleet.set_draining("node-2", true);
     wait_until("node-2 to drain", Duration::from_secs(90), async || {
         let status = board.snapshot();
-        let state = status.nodes.iter().find(|n| n.node_id == "node-2").map(|n| n.state.clone());
-        state.as_deref() == Some("draining") && held(&status, "node-2") == 0 && !moving(&status, "node-2")
+        let state = status.nodes.iter().find(|n| n.node_id == "node-2").map(|n| n.node_state());
+        state == Some(kvfleet_proto::v1::NodeState::Draining)
+            && held(&status, "node-2") == 0
+            && !moving(&status, "node-2")
     })
     .await;
     // What a DrainFirst update does next: stop the empty node. Load goes on; the two others

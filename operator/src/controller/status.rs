@@ -9,8 +9,8 @@ use kvfleet_planner::Plan;
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::controller_server::Controller as ControllerApi;
 use kvfleet_proto::v1::{
-    ControllerStatus, ControllerStatusRequest, HotKeyStatus, MoveStatus, NodeStatus, OwnershipConflict, RangeStatus,
-    SkipCount,
+    ControllerStatus, ControllerStatusRequest, HotKeyStatus, MoveStatus, NodeState, NodeStatus, OwnershipConflict,
+    RangeStatus, SkipCount,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -267,6 +267,11 @@ impl StatusBoard {
                 NodeStatus {
                     node_id: node.member.node_id.clone(),
                     address: node.member.address.clone(),
+                    node_state: match (&node.report, node.member.draining) {
+                        (Err(_), _) => NodeState::Down,
+                        (Ok(_), true) => NodeState::Draining,
+                        (Ok(_), false) => NodeState::Up,
+                    } as i32,
                     state: match (&node.report, node.member.draining) {
                         (Err(error), _) => format!("down: {error}"),
                         (Ok(_), true) => "draining".into(),

@@ -1,7 +1,7 @@
 //! Test fixtures: KeyValueClusters as the API server would return them.
 
 use kube::api::ObjectMeta;
-use kvfleet_proto::v1::{ControllerStatus, MoveStatus, NodeStatus, RangeStatus};
+use kvfleet_proto::v1::{ControllerStatus, MoveStatus, NodeState, NodeStatus, RangeStatus};
 use serde_json::json;
 
 use super::crd::{KeyValueCluster, KeyValueClusterSpec};
@@ -32,6 +32,12 @@ pub fn fleet_status(pods: &[(&str, &str, u32)], moves: usize) -> ControllerStatu
             .map(|(id, state, ranges)| NodeStatus {
                 node_id: id.to_string(),
                 state: state.to_string(),
+                // As the resharding loop writes them: the text says what the state is.
+                node_state: match *state {
+                    "up" => NodeState::Up,
+                    "draining" => NodeState::Draining,
+                    _ => NodeState::Down,
+                } as i32,
                 ranges: *ranges,
                 ..Default::default()
             })

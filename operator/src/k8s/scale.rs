@@ -2,7 +2,7 @@
 //! saw. Scale-in is two steps: the pods going away drain (their ranges move off), and only when
 //! they hold nothing does the StatefulSet shrink, so no volume that holds a range is deleted.
 
-use kvfleet_proto::v1::ControllerStatus;
+use kvfleet_proto::v1::{ControllerStatus, NodeState};
 
 use super::build::Names;
 
@@ -68,8 +68,8 @@ pub(super) fn still_holding(fleet: Option<&ControllerStatus>, pod: &str) -> Opti
     let Some(node) = fleet.nodes.iter().find(|n| n.node_id == pod) else {
         return Some(format!("{pod} (not seen yet)"));
     };
-    if node.state != "draining" {
-        // "up" means the last round did not treat it as draining yet; "down: ..." means unknown.
+    if node.node_state() != NodeState::Draining {
+        // Up: the last round did not treat it as draining yet; down: what it holds is unknown.
         return Some(format!("{pod} ({})", node.state));
     }
     let moves = fleet.moves.iter().filter(|m| m.from == pod || m.to == pod).count();
@@ -170,5 +170,22 @@ mod tests {
         moving.moves.push(MoveStatus { from: "demo-3".into(), to: "demo-1".into(), ..Default::default() });
         let step = decide(&names(), 3, Some(4), Some(&moving));
         assert_eq!(step, ScaleStep::Drain { from: 4, to: 3, waiting: vec!["demo-3 (0 ranges, 1 moving)".into()] });
+    }
+
+    /// The words people read may change; what a scale-in decides on does not.
+    #[test]
+    fn scale_in_decides_on_the_typed_state_not_the_text() {
+        let n = names();
+        let mut reworded = fleet(&[("demo-3", "draining", 0), ("demo-4", "draining", 0)]);
+        for node in &mut reworded.nodes {
+            node.state = "leaving the cluster (emptied)".into();
+        }
+        assert_eq!(decide(&n, 3, Some(5), Some(&reworded)), ScaleStep::Shrink { from: 5, to: 3 });
+        // And text that says "draining" over a node the loop did not see draining shrinks nothing.
+        let mut misleading = fleet(&[("demo-3", "up", 0), ("demo-4", "up", 0)]);
+        for node in &mut misleading.nodes {
+            node.state = "draining".into();
+        }
+        assert!(matches!(decide(&n, 3, Some(5), Some(&misleading)), ScaleStep::Drain { .. }));
     }
 }

@@ -5,7 +5,7 @@
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kvfleet_proto::display_key;
-use kvfleet_proto::v1::ControllerStatus;
+use kvfleet_proto::v1::{ControllerStatus, NodeState};
 
 use super::crd::{HotKey, KeyValueCluster, KeyValueClusterStatus, Phase, PodStatus, RolloutStatus};
 use super::pods::StuckPod;
@@ -71,14 +71,18 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     // An unreachable pod that holds no range (one restarting after a drain) makes nothing unavailable.
     let down: Vec<&str> = fleet
         .map(|f| {
-            f.nodes.iter().filter(|n| n.state.starts_with("down") && n.ranges > 0).map(|n| n.node_id.as_str()).collect()
+            f.nodes
+                .iter()
+                .filter(|n| n.node_state() == NodeState::Down && n.ranges > 0)
+                .map(|n| n.node_id.as_str())
+                .collect()
         })
         .unwrap_or_default();
     let silent: Vec<&str> = fleet
         .map(|f| {
             f.nodes
                 .iter()
-                .filter(|n| n.state.starts_with("down") && n.ranges == 0)
+                .filter(|n| n.node_state() == NodeState::Down && n.ranges == 0)
                 .map(|n| n.node_id.as_str())
                 .collect()
         })
