@@ -538,6 +538,15 @@ async fn lease_holder(admin: &Client) -> Option<(String, u64)> {
     Some((spec.holder_identity?, spec.lease_transitions.unwrap_or(0) as u64 + 1))
 }
 
+/// Waits until `identity` holds the leader Lease.
+async fn wait_for_holder(plane: &ControlPlane, admin: &Client, identity: &str, within: Duration) {
+    wait_until(plane, within, async || {
+        let holder = lease_holder(admin).await;
+        (holder.as_ref().map(|h| h.0.as_str()) != Some(identity)).then(|| format!("lease: {holder:?}"))
+    })
+    .await;
+}
+
 /// The highest operator epoch each pod's node has seen.
 async fn node_epochs(count: usize) -> Vec<u64> {
     let mut epochs = Vec::new();
@@ -565,11 +574,7 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
     with_pods("only_the_leader_acts_and_a_stalled_leader_is_fenced_off", async || {
         let Installed { plane, admin, operator: first } = install().await;
         let kubeconfig = plane.dir.path().join("operator.kubeconfig");
-        wait_until(&plane, Duration::from_secs(30), async || {
-            let holder = lease_holder(&admin).await;
-            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-0")).then(|| format!("lease: {holder:?}"))
-        })
-        .await;
+        wait_for_holder(&plane, &admin, "kvfleet-operator-0", Duration::from_secs(30)).await;
         let second = Operator::start(&plane, &kubeconfig, "kvfleet-operator-1");
         let _kubelet = kvfleet_e2e::kubelet::Kubelet::start(admin.clone(), NAMESPACE, 4, plane.dir.path()).await;
         let clusters: Api<KeyValueCluster> = Api::namespaced(admin.clone(), NAMESPACE);
@@ -587,11 +592,7 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         // SIGKILL the leader: the standby takes over within the lease and drives the cluster.
         first.signal("-KILL");
         let killed = Instant::now();
-        wait_until(&plane, Duration::from_secs(30), async || {
-            let holder = lease_holder(&admin).await;
-            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-1")).then(|| format!("lease: {holder:?}"))
-        })
-        .await;
+        wait_for_holder(&plane, &admin, "kvfleet-operator-1", Duration::from_secs(30)).await;
         let takeover = killed.elapsed();
         assert!(takeover >= Duration::from_secs(14), "taken over after {takeover:?}, before the lease could expire");
         let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "replicas": 4 } }));
@@ -607,11 +608,7 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         let mut third = Operator::start(&plane, &proxied, "kvfleet-operator-2");
         tokio::time::sleep(Duration::from_secs(3)).await;
         second.signal("-STOP");
-        wait_until(&plane, Duration::from_secs(40), async || {
-            let holder = lease_holder(&admin).await;
-            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-2")).then(|| format!("lease: {holder:?}"))
-        })
-        .await;
+        wait_for_holder(&plane, &admin, "kvfleet-operator-2", Duration::from_secs(40)).await;
         let (_, third_epoch) = lease_holder(&admin).await.expect("a lease");
         assert!(third_epoch > second_epoch, "a takeover starts a newer epoch: {second_epoch} -> {third_epoch}");
         // The new leader's first round fences every node.
@@ -647,11 +644,7 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         let stopped_after = stalled.elapsed();
         assert!(exited.is_some(), "a leader cut off from the API server must stop\n{}", third.log(&plane));
         assert!(third.log(&plane).contains("could not renew the lease in time"), "{}", third.log(&plane));
-        wait_until(&plane, Duration::from_secs(40), async || {
-            let holder = lease_holder(&admin).await;
-            (holder.as_ref().map(|h| h.0.as_str()) != Some("kvfleet-operator-3")).then(|| format!("lease: {holder:?}"))
-        })
-        .await;
+        wait_for_holder(&plane, &admin, "kvfleet-operator-3", Duration::from_secs(40)).await;
         let taken_over_after = stalled.elapsed();
         assert!(
             stopped_after < taken_over_after,

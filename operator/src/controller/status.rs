@@ -264,19 +264,16 @@ impl StatusBoard {
             .map(|node| {
                 let owned: Vec<_> =
                     node.report.iter().flat_map(|r| r.load.ranges.iter().filter(|l| l.range.is_some())).collect();
+                let (node_state, state) = match (&node.report, node.member.draining) {
+                    (Err(error), _) => (NodeState::Down, format!("down: {error}")),
+                    (Ok(_), true) => (NodeState::Draining, "draining".into()),
+                    (Ok(_), false) => (NodeState::Up, "up".into()),
+                };
                 NodeStatus {
                     node_id: node.member.node_id.clone(),
                     address: node.member.address.clone(),
-                    node_state: match (&node.report, node.member.draining) {
-                        (Err(_), _) => NodeState::Down,
-                        (Ok(_), true) => NodeState::Draining,
-                        (Ok(_), false) => NodeState::Up,
-                    } as i32,
-                    state: match (&node.report, node.member.draining) {
-                        (Err(error), _) => format!("down: {error}"),
-                        (Ok(_), true) => "draining".into(),
-                        (Ok(_), false) => "up".into(),
-                    },
+                    node_state: node_state as i32,
+                    state,
                     ranges: owned.len() as u32,
                     // `+ 0.0`: an empty sum is -0.0, shown as "-0".
                     ops_per_sec: owned.iter().map(|l| l.reads_per_sec + l.writes_per_sec).sum::<f64>() + 0.0,

@@ -118,10 +118,6 @@ impl AppliedCache {
     fn record(&self, cluster: String, fingerprint: u64) {
         self.0.lock().insert(cluster, (fingerprint, std::time::Instant::now()));
     }
-
-    pub fn forget(&self, cluster: &str) {
-        self.0.lock().remove(cluster);
-    }
 }
 
 /// Checks the CEL rules cannot express (or that an older CRD may not carry): the message names

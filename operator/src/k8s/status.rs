@@ -68,23 +68,13 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     let updating = statefulset.is_some_and(super::rollout::pending);
     let rollout = rollout.filter(|r| **r != RolloutStep::Done);
     let fleet = fleet.filter(|f| f.round > 0);
-    // An unreachable pod that holds no range (one restarting after a drain) makes nothing unavailable.
-    let down: Vec<&str> = fleet
+    // Pods that did not answer: those holding ranges make them unavailable; one that holds none
+    // (restarting after a drain) makes nothing unavailable.
+    let (down, silent): (Vec<&str>, Vec<&str>) = fleet
         .map(|f| {
-            f.nodes
-                .iter()
-                .filter(|n| n.node_state() == NodeState::Down && n.ranges > 0)
-                .map(|n| n.node_id.as_str())
-                .collect()
-        })
-        .unwrap_or_default();
-    let silent: Vec<&str> = fleet
-        .map(|f| {
-            f.nodes
-                .iter()
-                .filter(|n| n.node_state() == NodeState::Down && n.ranges == 0)
-                .map(|n| n.node_id.as_str())
-                .collect()
+            let unreachable = f.nodes.iter().filter(|n| n.node_state() == NodeState::Down);
+            let (holding, empty): (Vec<_>, Vec<_>) = unreachable.partition(|n| n.ranges > 0);
+            (holding.iter().map(|n| n.node_id.as_str()).collect(), empty.iter().map(|n| n.node_id.as_str()).collect())
         })
         .unwrap_or_default();
     let conflicts: Vec<String> = fleet.map(|f| f.conflicts.iter().map(describe_conflict).collect()).unwrap_or_default();
