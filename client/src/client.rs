@@ -1,10 +1,8 @@
 //! The kvfleet client: routes each key to the node that owns its range, refreshes the range map
 //! on NotOwner or a vanished node, and retries with backoff under a deadline.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,11 +12,12 @@ use kvfleet_proto::errors::not_owner_detail;
 use kvfleet_proto::v1::admin_client::AdminClient;
 use kvfleet_proto::v1::kv_client::KvClient;
 use kvfleet_proto::v1::*;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::channels::{ChannelConfig, ChannelPool, endpoint};
 use crate::error::ClientError;
 use crate::routing::RangeCache;
 
@@ -66,32 +65,9 @@ pub struct Client {
 struct Inner {
     config: ClientConfig,
     cache: RwLock<RangeCache>,
-    channels: Mutex<HashMap<String, Arc<ChannelPool>>>,
+    channels: ChannelPool,
     /// One refresh at a time; others wait for it and use its result.
     refresh: tokio::sync::Mutex<Instant>,
-}
-
-/// Lazily connected HTTP/2 connections to one node.
-struct ChannelPool {
-    channels: Vec<Channel>,
-    next: AtomicUsize,
-}
-
-impl ChannelPool {
-    fn connect_lazy(address: &str, config: &ClientConfig) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| ClientError::Config(format!("bad node address {address:?}: {e}")))?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30));
-        let channels = (0..config.connections_per_node.max(1)).map(|_| endpoint.connect_lazy()).collect();
-        Ok(ChannelPool { channels, next: AtomicUsize::new(0) })
-    }
-
-    fn next(&self) -> Channel {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        self.channels[index].clone()
-    }
 }
 
 /// Where one attempt goes: the cached range (its leader is the address) and the header.
@@ -124,16 +100,21 @@ impl Client {
         let mut cache = RangeCache::default();
         for seed in &config.seeds {
             let address = normalize_address(seed);
-            Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| ClientError::Config(format!("bad endpoint {seed:?}: {e}")))?;
+            endpoint(&address).map_err(|e| ClientError::Config(format!("bad endpoint {seed:?}: {}", e.reason)))?;
             cache.add_node(&address);
         }
+        let channels = ChannelPool::new(ChannelConfig {
+            connect_timeout: config.connect_timeout,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(20),
+            connections_per_address: config.connections_per_node,
+        });
         let never = Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or_else(Instant::now);
         Ok(Client {
             inner: Arc::new(Inner {
                 config,
                 cache: RwLock::new(cache),
-                channels: Mutex::new(HashMap::new()),
+                channels,
                 refresh: tokio::sync::Mutex::new(never),
             }),
         })
@@ -153,20 +134,9 @@ impl Client {
         self.inner.cache.read().nodes().cloned().collect()
     }
 
-    /// A channel to `address`, taken round-robin from that node's connection pool.
+    /// A channel to `address`, taken round-robin from that node's connections.
     pub fn channel(&self, address: &str) -> Result<Channel, ClientError> {
-        let pool = {
-            let mut pools = self.inner.channels.lock();
-            match pools.get(address) {
-                Some(pool) => pool.clone(),
-                None => {
-                    let pool = Arc::new(ChannelPool::connect_lazy(address, &self.inner.config)?);
-                    pools.insert(address.to_string(), pool.clone());
-                    pool
-                }
-            }
-        };
-        Ok(pool.next())
+        self.inner.channels.channel(address).map_err(|e| ClientError::Config(format!("bad node address {e}")))
     }
 
     pub fn admin(&self, address: &str) -> Result<AdminClient<InterceptedService<Channel, AdminToken>>, ClientError> {

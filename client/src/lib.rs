@@ -1,16 +1,16 @@
-//! kvfleet's Rust client and the `kvctl` command line.
+//! kvfleet's Rust client library: key -> range -> node.
 //!
-//! Where things live: `routing` (key -> range -> node: the cached range map), `client` (routing,
-//! retries, scans stitched across ranges), `error`, `cli` (kvctl's commands and tables), `bench`
-//! (YCSB-style load against kvfleet, Redis or etcd), `controller_view` (the controller's status
-//! as tables).
+//! Where things live: `routing` (the cached range map: which range holds a key, which node
+//! serves it), `client` (routing, retries with backoff under a deadline, scans stitched across
+//! ranges), `channels` (one lazily connected channel pool per address, also used by the
+//! resharding loop and by nodes calling their peers), `error`. The command line (`kvctl`) and its
+//! tables are other crates: a user of this library links none of their dependencies.
 
-pub mod bench;
-pub mod cli;
+pub mod channels;
 pub mod client;
-pub mod controller_view;
 pub mod error;
 pub mod routing;
 
+pub use channels::{ChannelConfig, ChannelPool};
 pub use client::{Client, ClientConfig};
 pub use error::ClientError;

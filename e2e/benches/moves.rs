@@ -5,7 +5,7 @@
 //! - the write-freeze window of each move, for ranges of 10 MB and 1 GB, under 4 concurrent
 //!   writers into the moving range.
 //!
-//! Moves are driven by the controller's own code (`kvfleet_operator::controller::moves::drive`).
+//! Moves are driven by the controller's own code (`kvfleet_resharding::moves::drive`).
 //! Run: `cargo build --release --bins && cargo bench -p kvfleet-e2e --bench moves`
 //! Knobs: MOVE_SIZES_MB (default "10,1024"), MOVES (per size; default 20 up to 100 MB, else 4),
 //! SPLITS (default 50).
@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfleet_e2e::{NodeProcess, client_for};
-use kvfleet_operator::controller::moves::{MoveTimeouts, drive};
-use kvfleet_operator::controller::observe::NodeClients;
-use kvfleet_operator::controller::state::InFlightMove;
-use kvfleet_operator::platform::Member;
 use kvfleet_proto::v1::{ListRangesRequest, MergeRangesRequest, Mutation, RangeDescriptor, SplitRangeRequest};
+use kvfleet_resharding::moves::{MoveTimeouts, drive};
+use kvfleet_resharding::observe::NodeClients;
+use kvfleet_resharding::platform::Member;
+use kvfleet_resharding::state::InFlightMove;
 use rand::RngCore;
 
 const VALUE_BYTES: usize = 1000;

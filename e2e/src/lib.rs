@@ -291,7 +291,7 @@ impl Drop for Playground {
             let data_dir = self.dir.join("nodes").join(node_id).join("data");
             // Only a node of this fleet: a stale pid file must not kill a process that reused the pid.
             if let Some(pid) = self.node_pid(node_id)
-                && kvfleet_operator::platform::local::is_node_process(pid, &data_dir)
+                && kvfleet_operator::playground::local::is_node_process(pid, &data_dir)
             {
                 let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             }
@@ -373,13 +373,13 @@ pub async fn assert_all_acked_readable(client: &Client, acked: &std::collections
 /// order), which of them drain (on Kubernetes: the pods above spec.replicas, and the pod a
 /// DrainFirst update restarts next), and the controller's state in memory.
 pub struct TestPlatform {
-    members: std::sync::Mutex<Vec<kvfleet_operator::platform::Member>>,
-    state: std::sync::Mutex<Option<kvfleet_operator::controller::state::ControllerState>>,
+    members: std::sync::Mutex<Vec<kvfleet_resharding::platform::Member>>,
+    state: std::sync::Mutex<Option<kvfleet_resharding::state::ReshardingState>>,
 }
 
 impl TestPlatform {
-    pub fn new(nodes: &[&NodeProcess], state: Option<kvfleet_operator::controller::state::ControllerState>) -> Self {
-        let members = nodes.iter().map(|n| kvfleet_operator::platform::Member::at(&n.node_id, &n.address)).collect();
+    pub fn new(nodes: &[&NodeProcess], state: Option<kvfleet_resharding::state::ReshardingState>) -> Self {
+        let members = nodes.iter().map(|n| kvfleet_resharding::platform::Member::at(&n.node_id, &n.address)).collect();
         TestPlatform { members: std::sync::Mutex::new(members), state: std::sync::Mutex::new(state) }
     }
 
@@ -389,27 +389,26 @@ impl TestPlatform {
     }
 
     /// The state the controller saved last.
-    pub fn state(&self) -> Option<kvfleet_operator::controller::state::ControllerState> {
+    pub fn state(&self) -> Option<kvfleet_resharding::state::ReshardingState> {
         self.state.lock().expect("state lock").clone()
     }
 }
 
-impl kvfleet_operator::platform::Platform for TestPlatform {
+impl kvfleet_resharding::platform::Platform for TestPlatform {
     async fn members(
         &self,
-    ) -> Result<Vec<kvfleet_operator::platform::Member>, kvfleet_operator::platform::PlatformError> {
+    ) -> Result<Vec<kvfleet_resharding::platform::Member>, kvfleet_resharding::platform::PlatformError> {
         Ok(self.members.lock().expect("members lock").clone())
     }
     async fn load_state(
         &self,
-    ) -> Result<Option<kvfleet_operator::controller::state::ControllerState>, kvfleet_operator::platform::PlatformError>
-    {
+    ) -> Result<Option<kvfleet_resharding::state::ReshardingState>, kvfleet_resharding::platform::PlatformError> {
         Ok(self.state())
     }
     async fn save_state(
         &self,
-        state: &kvfleet_operator::controller::state::ControllerState,
-    ) -> Result<(), kvfleet_operator::platform::PlatformError> {
+        state: &kvfleet_resharding::state::ReshardingState,
+    ) -> Result<(), kvfleet_resharding::platform::PlatformError> {
         *self.state.lock().expect("state lock") = Some(state.clone());
         Ok(())
     }

@@ -88,11 +88,11 @@ fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
 /// to each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
-    use kvfleet_operator::controller::moves::{MoveTimeouts, drive};
-    use kvfleet_operator::controller::observe::NodeClients;
-    use kvfleet_operator::controller::state::InFlightMove;
-    use kvfleet_operator::platform::Member;
     use kvfleet_proto::admin_auth::AdminToken;
+    use kvfleet_resharding::moves::{MoveTimeouts, drive};
+    use kvfleet_resharding::observe::NodeClients;
+    use kvfleet_resharding::platform::Member;
+    use kvfleet_resharding::state::InFlightMove;
 
     let dir = tempfile::tempdir().unwrap();
     let env = [("KVFLEET_ADMIN_TOKEN", TOKEN)];

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_e2e::history::HistoryWorkload;
 use kvfleet_e2e::{NodeProcess, TestPlatform, assert_one_owner_per_key, client_for, owned_and_importing};
-use kvfleet_operator::controller::moves::{MoveTimeouts, drive};
-use kvfleet_operator::controller::observe::NodeClients;
-use kvfleet_operator::controller::state::{ControllerState, InFlightMove};
-use kvfleet_operator::controller::status::StatusBoard;
-use kvfleet_operator::controller::{Controller, ControllerConfig};
-use kvfleet_operator::platform::Member;
 use kvfleet_planner::Policy;
 use kvfleet_proto::v1::*;
+use kvfleet_resharding::moves::{MoveTimeouts, drive};
+use kvfleet_resharding::observe::NodeClients;
+use kvfleet_resharding::platform::Member;
+use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
+use kvfleet_resharding::state::{InFlightMove, ReshardingState};
+use kvfleet_resharding::status::StatusBoard;
 
 const R: u64 = 4;
 const INSIDE_R: &str = "p";
@@ -232,7 +232,7 @@ async fn meanwhile(nodes: &mut [NodeProcess], what: Meanwhile) -> String {
 
 /// The controller's recovery, for real: rounds until nothing is in flight, nothing frozen or
 /// importing anywhere, and no conflict; bounded.
-async fn recover(nodes: &[NodeProcess], state: ControllerState) {
+async fn recover(nodes: &[NodeProcess], state: ReshardingState) {
     let platform = Arc::new(TestPlatform::new(&nodes.iter().collect::<Vec<_>>(), Some(state)));
     // A planner that does nothing by itself: what moves here is recovery's doing.
     let policy = Policy {
@@ -243,9 +243,9 @@ async fn recover(nodes: &[NodeProcess], state: ControllerState) {
         balance_tolerance: 1e9,
         ..Policy::default()
     };
-    let config = ControllerConfig { interval: Duration::from_millis(200), policy, ..ControllerConfig::default() };
+    let config = LoopConfig { interval: Duration::from_millis(200), policy, ..LoopConfig::default() };
     let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
-    let mut controller = Controller::new(platform.clone(), config, board.clone()).await.expect("controller starts");
+    let mut controller = ReshardingLoop::new(platform.clone(), config, board.clone()).await.expect("controller starts");
     let addresses: Vec<String> = nodes.iter().map(|n| n.address.clone()).collect();
     let until = Instant::now() + Duration::from_secs(60);
     // A round reports what it observed before acting: settled twice in a row means a round saw
@@ -292,7 +292,7 @@ async fn run_case(crash: Crash, what: Meanwhile) {
 
     // What the controller had persisted before its first call for the move.
     let mut state =
-        ControllerState { next_range_id: 1000, next_move_id: 1000, bootstrapped: true, ..Default::default() };
+        ReshardingState { next_range_id: 1000, next_move_id: 1000, bootstrapped: true, ..Default::default() };
     let in_flight = InFlightMove {
         move_id: MOVE_ID,
         range_id: R,
@@ -448,13 +448,13 @@ async fn overlapping_owners_are_reported_and_left_alone() {
     for (i, node) in nodes.iter().enumerate() {
         node.client().put(Bytes::from("k"), Bytes::from(format!("from n{}", i + 1))).await.unwrap();
     }
-    let state = ControllerState { bootstrapped: true, ..Default::default() };
+    let state = ReshardingState { bootstrapped: true, ..Default::default() };
     let platform = Arc::new(TestPlatform::new(&nodes.iter().collect::<Vec<_>>(), Some(state)));
     let policy = Policy { split_qps: 1.0, split_sustain_secs: 0, ..Policy::default() };
-    let config = ControllerConfig { interval: Duration::from_millis(200), policy, ..ControllerConfig::default() };
+    let config = LoopConfig { interval: Duration::from_millis(200), policy, ..LoopConfig::default() };
     let mut registry = prometheus_client::registry::Registry::default();
     let board = StatusBoard::new(&mut registry);
-    let mut controller = Controller::new(platform, config, board.clone()).await.expect("controller starts");
+    let mut controller = ReshardingLoop::new(platform, config, board.clone()).await.expect("controller starts");
     // Load on both copies: reason enough to split, if anything were planned on them.
     for round in 0..15 {
         for node in &nodes {

@@ -15,10 +15,10 @@ use bytes::Bytes;
 use kvfleet_e2e::{
     NodeProcess, Playground, TestPlatform, assert_all_acked_readable, assert_one_owner_per_key, client_for, wait_until,
 };
-use kvfleet_operator::controller::status::StatusBoard;
-use kvfleet_operator::controller::{Controller, ControllerConfig};
 use kvfleet_planner::Policy;
 use kvfleet_proto::v1::ControllerStatus;
+use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
+use kvfleet_resharding::status::StatusBoard;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Zipf};
 
@@ -292,7 +292,7 @@ async fn controller_killed_after_the_handoff_then_the_new_owner_splits() {
     wait_until("the crash point to fire", Duration::from_secs(90), async || crash_file.exists()).await;
     assert!(playground.wait_for_controller_exit(Duration::from_secs(10)), "the controller did not crash");
 
-    let state: kvfleet_operator::controller::state::ControllerState =
+    let state: kvfleet_resharding::state::ReshardingState =
         serde_json::from_slice(&std::fs::read(fleet.join("controller-state.json")).unwrap()).unwrap();
     let mv = state.moves.first().expect("the move in flight is in the saved state").clone();
     let target = playground.nodes.iter().find(|(id, _)| *id == mv.to).expect("the target node").1.clone();
@@ -367,13 +367,13 @@ async fn a_node_drained_then_restarted_fails_no_request() {
         })
         .collect();
     let fleet = Arc::new(TestPlatform::new(&nodes.iter().collect::<Vec<_>>(), None));
-    let config = ControllerConfig {
+    let config = LoopConfig {
         interval: Duration::from_millis(500),
         policy: Policy { split_qps: 300.0, split_sustain_secs: 2, move_cooldown_secs: 5, ..Policy::default() },
-        ..ControllerConfig::default()
+        ..LoopConfig::default()
     };
     let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
-    let controller = Controller::new(fleet.clone(), config, board.clone()).await.expect("controller starts");
+    let controller = ReshardingLoop::new(fleet.clone(), config, board.clone()).await.expect("controller starts");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let control_loop = tokio::spawn(controller.run(stopped));
     let addresses: Vec<String> = nodes.iter().map(|n| n.address.clone()).collect();

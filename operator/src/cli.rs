@@ -1,11 +1,11 @@
-//! The command line: `kvfleet-operator playground` (a local fleet with its controller).
+//! The command line: `kvfleet-operator run` (the Kubernetes operator), `playground` (a local
+//! fleet with its resharding loop), `crd`, `render`.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::controller::ControllerError;
-use crate::platform::PlatformError;
+use crate::error::OperatorError;
 use crate::playground::PlaygroundArgs;
 
 #[derive(Debug, Parser)]
@@ -35,22 +35,6 @@ pub enum Command {
         /// A KeyValueCluster manifest (YAML).
         file: PathBuf,
     },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum OperatorError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Platform(#[from] PlatformError),
-    #[error(transparent)]
-    Controller(#[from] ControllerError),
-    #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("Kubernetes: {0}")]
-    Kubernetes(String),
-    #[error("controller status service: {0}")]
-    Serve(#[from] tonic::transport::Error),
 }
 
 pub async fn run(cli: Cli) -> Result<(), OperatorError> {

@@ -1,15 +1,15 @@
-//! kvfleet-operator: the controller that reshards a fleet of kvfleet nodes, the platforms it runs
-//! on, and the local playground.
+//! kvfleet-operator: kvfleet on Kubernetes (the KeyValueCluster resource, its reconciler, the
+//! Kubernetes platform of the resharding loop) and the local playground, around the resharding
+//! loop of `kvfleet-resharding`.
 //!
-//! Where things live: `controller` (load -> plan -> action: collect from nodes, run the
-//! planner of `kvfleet-planner`, execute splits, merges and moves, persist, report status),
-//! `platform` (where nodes run: `local` processes on loopback), `k8s` (the KeyValueCluster
-//! resource, its reconciler and the Kubernetes platform), `policy` (the planner's thresholds as
-//! command-line flags), `playground` (local fleet + controller + live view), `cli`.
+//! Where things live: `k8s` (the resource, the reconciler, the Kubernetes platform, leader
+//! election), `playground` (node processes on loopback, the resharding loop and a live view;
+//! `playground::local` is the local platform), `policy` (the planner's knobs as command-line
+//! flags), `cli` (the commands), `error`. Nothing outside `k8s` speaks to Kubernetes; `cli`
+//! depends on the others and nothing depends on `cli`.
 
 pub mod cli;
-pub mod controller;
+pub mod error;
 pub mod k8s;
-pub mod platform;
 pub mod playground;
 pub mod policy;

@@ -1,7 +1,8 @@
-//! The planner's thresholds as command-line flags: each flag overrides one field of a base
-//! policy (the production defaults, or the playground's quicker ones).
+//! The planner's knobs as command-line flags: each flag overrides one knob of a base policy (the
+//! production defaults, or the playground's quicker ones). Names, defaults and bounds come from
+//! `kvfleet_planner::Knob`.
 
-use kvfleet_planner::Policy;
+use kvfleet_planner::{Knob, Policy, Surface};
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PolicyArgs {
@@ -35,7 +36,8 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    pub fn apply(&self, mut policy: Policy) -> Policy {
+    /// The knobs these flags set.
+    pub fn overrides(&self) -> Vec<(Knob, f64)> {
         let PolicyArgs {
             split_qps,
             split_bytes,
@@ -47,33 +49,28 @@ impl PolicyArgs {
             balance_tolerance,
             move_cooldown_secs,
         } = self.clone();
-        policy.split_qps = split_qps.unwrap_or(policy.split_qps);
-        policy.split_bytes = split_bytes.unwrap_or(policy.split_bytes);
-        policy.split_sustain_secs = split_sustain_secs.unwrap_or(policy.split_sustain_secs);
-        policy.merge_below_qps = merge_below_qps.unwrap_or(policy.merge_below_qps);
-        policy.merge_below_bytes = merge_below_bytes.unwrap_or(policy.merge_below_bytes);
-        policy.merge_delay_secs = merge_delay_secs.unwrap_or(policy.merge_delay_secs);
-        policy.max_concurrent_moves = max_concurrent_moves.unwrap_or(policy.max_concurrent_moves);
-        policy.balance_tolerance = balance_tolerance.unwrap_or(policy.balance_tolerance);
-        policy.move_cooldown_secs = move_cooldown_secs.unwrap_or(policy.move_cooldown_secs);
-        policy
+        [
+            (Knob::SplitQps, split_qps),
+            (Knob::SplitBytes, split_bytes.map(|v| v as f64)),
+            (Knob::SplitSustainSecs, split_sustain_secs.map(|v| v as f64)),
+            (Knob::MergeBelowQps, merge_below_qps),
+            (Knob::MergeBelowBytes, merge_below_bytes.map(|v| v as f64)),
+            (Knob::MergeDelaySecs, merge_delay_secs.map(|v| v as f64)),
+            (Knob::MaxConcurrentMoves, max_concurrent_moves.map(|v| v as f64)),
+            (Knob::BalanceTolerance, balance_tolerance),
+            (Knob::MoveCooldownSecs, move_cooldown_secs.map(|v| v as f64)),
+        ]
+        .into_iter()
+        .filter_map(|(knob, value)| Some((knob, value?)))
+        .collect()
     }
 
-    /// Refuses values the planner cannot work with, naming the flag and the limit.
-    pub fn validate(policy: &Policy) -> Result<(), String> {
-        let checks = [
-            (policy.split_qps > 0.0, "--split-qps must be above 0"),
-            (policy.split_bytes > 0, "--split-bytes must be above 0"),
-            (policy.merge_below_qps >= 0.0, "--merge-below-qps must not be negative"),
-            (policy.merge_below_qps < policy.split_qps, "--merge-below-qps must be below --split-qps"),
-            (policy.merge_below_bytes < policy.split_bytes, "--merge-below-bytes must be below --split-bytes"),
-            (policy.max_concurrent_moves >= 1, "--max-concurrent-moves must be at least 1"),
-            (policy.balance_tolerance > 0.0, "--balance-tolerance must be above 0"),
-        ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, message)) => Err(message.to_string()),
-            None => Ok(()),
-        }
+    /// `base` with these flags applied, refused (naming the flag and its limit) if the planner
+    /// cannot work with it.
+    pub fn apply(&self, base: Policy) -> Result<Policy, String> {
+        let policy = base.with(self.overrides());
+        policy.validate().map_err(|error| error.describe(Surface::Flags))?;
+        Ok(policy)
     }
 }
 
@@ -94,23 +91,41 @@ pub fn playground_policy() -> Policy {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    }
 
     #[test]
     fn flags_override_only_what_they_name() {
-        let args = PolicyArgs { split_qps: Some(10.0), move_cooldown_secs: Some(1), ..Default::default() };
-        let policy = args.apply(Policy::default());
-        assert_eq!((policy.split_qps, policy.move_cooldown_secs), (10.0, 1));
+        let args = PolicyArgs { split_qps: Some(100.0), move_cooldown_secs: Some(1), ..Default::default() };
+        let policy = args.apply(Policy::default()).unwrap();
+        assert_eq!((policy.split_qps, policy.move_cooldown_secs), (100.0, 1));
         assert_eq!(policy.split_bytes, Policy::default().split_bytes);
     }
 
     #[test]
     fn invalid_thresholds_are_refused_with_the_flag_named() {
-        let policy = PolicyArgs { split_qps: Some(0.0), ..Default::default() }.apply(Policy::default());
-        assert_eq!(PolicyArgs::validate(&policy).unwrap_err(), "--split-qps must be above 0");
-        let policy = PolicyArgs { merge_below_qps: Some(5000.0), ..Default::default() }.apply(Policy::default());
-        assert!(PolicyArgs::validate(&policy).unwrap_err().contains("--merge-below-qps"));
-        assert!(PolicyArgs::validate(&playground_policy()).is_ok());
-        assert!(PolicyArgs::validate(&Policy::default()).is_ok());
+        let error = PolicyArgs { split_qps: Some(0.0), ..Default::default() }.apply(Policy::default()).unwrap_err();
+        assert_eq!(error, "--split-qps must be above 0 (got 0)");
+        let error =
+            PolicyArgs { merge_below_qps: Some(5000.0), ..Default::default() }.apply(Policy::default()).unwrap_err();
+        assert_eq!(error, "--merge-below-qps must be below --split-qps (default 2000)");
+        assert!(PolicyArgs::default().apply(playground_policy()).is_ok());
+    }
+
+    #[test]
+    fn every_knob_has_its_flag() {
+        let command = Flags::command();
+        let flags: Vec<&str> = command.get_arguments().filter_map(|a| a.get_long()).collect();
+        for knob in Knob::ALL {
+            assert!(flags.contains(&knob.flag()), "no --{} flag", knob.flag());
+        }
+        assert_eq!(flags.len(), Knob::ALL.len(), "{flags:?}");
     }
 }

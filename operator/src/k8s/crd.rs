@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
-use kvfleet_planner::Policy;
+use kvfleet_planner::{Knob, Policy, Surface};
 use serde::{Deserialize, Serialize};
 
 /// The node image used when the spec names none; tagged with this operator's version.
@@ -179,8 +179,8 @@ impl Default for StorageSpec {
 /// description.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.mergeBelowQps) || self.mergeBelowQps < (has(self.splitQps) ? self.splitQps : 2000.0)").message("spec.sharding.mergeBelowQps must be below splitQps (default 2000)"))]
-#[x_kube(validation = Rule::new("!has(self.mergeBelowMiB) || self.mergeBelowMiB < (has(self.splitMiB) ? self.splitMiB : 256)").message("spec.sharding.mergeBelowMiB must be below splitMiB (default 256)"))]
+#[x_kube(validation = Rule::new("!has(self.mergeBelowQps) || self.mergeBelowQps < (has(self.splitQps) ? self.splitQps : 2000.0)").message("spec.sharding.mergeBelowQps must be below spec.sharding.splitQps (default 2000)"))]
+#[x_kube(validation = Rule::new("!has(self.mergeBelowMiB) || self.mergeBelowMiB < (has(self.splitMiB) ? self.splitMiB : 256)").message("spec.sharding.mergeBelowMiB must be below spec.sharding.splitMiB (default 256)"))]
 pub struct ShardingSpec {
     /// Split a range above this many operations per second, sustained. Default 2000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -222,24 +222,28 @@ pub struct ShardingSpec {
 }
 
 impl ShardingSpec {
-    /// The planner policy: the production defaults with this spec's overrides (applied as the
-    /// playground's flags are). Values the schema lets through are in range; negative numbers
-    /// are clamped rather than trusted.
+    /// The knobs this spec sets, in the policy's units.
+    pub fn overrides(&self) -> Vec<(Knob, f64)> {
+        [
+            (Knob::SplitQps, self.split_qps),
+            (Knob::SplitBytes, self.split_mib.map(|v| v as f64)),
+            (Knob::SplitSustainSecs, self.split_sustain_seconds.map(|v| v as f64)),
+            (Knob::MergeBelowQps, self.merge_below_qps),
+            (Knob::MergeBelowBytes, self.merge_below_mib.map(|v| v as f64)),
+            (Knob::MergeDelaySecs, self.merge_delay_seconds.map(|v| v as f64)),
+            (Knob::MaxConcurrentMoves, self.max_concurrent_moves.map(f64::from)),
+            (Knob::BalanceTolerance, self.balance_tolerance),
+            (Knob::MoveCooldownSecs, self.move_cooldown_seconds.map(|v| v as f64)),
+        ]
+        .into_iter()
+        .filter_map(|(knob, value)| Some((knob, knob.from_surface(Surface::Resource, value?))))
+        .collect()
+    }
+
+    /// The planner policy: the production defaults with this spec's overrides. Values the schema
+    /// lets through are in range; `Policy::validate` refuses the others (servers without CEL).
     pub fn policy(&self) -> Policy {
-        let secs = |v: i64| v.max(0) as u64;
-        let mib = |v: i64| (v.max(0) as u64).saturating_mul(1024 * 1024);
-        let overrides = crate::policy::PolicyArgs {
-            split_qps: self.split_qps,
-            split_bytes: self.split_mib.map(mib),
-            split_sustain_secs: self.split_sustain_seconds.map(secs),
-            merge_below_qps: self.merge_below_qps,
-            merge_below_bytes: self.merge_below_mib.map(mib),
-            merge_delay_secs: self.merge_delay_seconds.map(secs),
-            max_concurrent_moves: self.max_concurrent_moves.map(|v| v.max(1) as usize),
-            balance_tolerance: self.balance_tolerance,
-            move_cooldown_secs: self.move_cooldown_seconds.map(secs),
-        };
-        overrides.apply(Policy::default())
+        Policy::default().with(self.overrides())
     }
 }
 
@@ -440,6 +444,42 @@ mod tests {
         assert_eq!(kvc.spec.sharding.policy(), Policy::default());
     }
 
+    /// The planner's knobs define the sharding fields' defaults and bounds: the schema's
+    /// descriptions, CEL rules and messages must say what `kvfleet_planner::Knob` says.
+    #[test]
+    fn sharding_fields_state_the_planners_defaults_and_bounds() {
+        let schema = schema();
+        let sharding = &schema["properties"]["spec"]["properties"]["sharding"];
+        let fields = sharding["properties"].as_object().expect("sharding has properties");
+        assert_eq!(fields.len(), Knob::ALL.len(), "{:?}", fields.keys().collect::<Vec<_>>());
+        for knob in Knob::ALL {
+            let field = &fields[knob.field()];
+            let description = field["description"].as_str().unwrap_or_default();
+            let default = knob.default_on(Surface::Resource);
+            assert!(description.contains(&format!("Default {default}.")), "{}: {description}", knob.field());
+            let rule = &field["x-kubernetes-validations"][0];
+            let (expression, message) = (rule["rule"].as_str().unwrap_or_default(), rule["message"].as_str());
+            let refused = kvfleet_planner::PolicyError::OutOfBounds { knob, value: -1.0 }.describe(Surface::Resource);
+            let expected = refused.split(" (got ").next().unwrap_or_default();
+            assert!(message.unwrap_or_default().starts_with(expected), "{}: {message:?} != {expected:?}", knob.field());
+            let bounds = knob.bounds();
+            let low = knob.to_surface(Surface::Resource, bounds.low);
+            let operator = if bounds.above { ">" } else { ">=" };
+            assert!(expression.starts_with(&format!("self {operator} {low}")), "{}: {expression}", knob.field());
+            if let Some(high) = bounds.high.map(|high| knob.to_surface(Surface::Resource, high)) {
+                assert!(expression.contains(&format!("self <= {high}")), "{}: {expression}", knob.field());
+            }
+        }
+        let crossed = sharding["x-kubernetes-validations"].as_array().expect("cross-field rules");
+        for (knob, other) in [(Knob::MergeBelowQps, Knob::SplitQps), (Knob::MergeBelowBytes, Knob::SplitBytes)] {
+            let message = kvfleet_planner::PolicyError::NotBelow { knob, other }.describe(Surface::Resource);
+            let rule = crossed.iter().find(|r| r["message"] == message.as_str());
+            let rule = rule.unwrap_or_else(|| panic!("no rule says {message:?}: {crossed:?}"));
+            let default = other.default_on(Surface::Resource);
+            assert!(rule["rule"].as_str().unwrap_or_default().contains(&format!(": {default}")), "{rule}");
+        }
+    }
+
     #[test]
     fn bad_specs_are_refused_with_a_message_naming_the_field_and_the_limit() {
         let cases = [
@@ -452,11 +492,11 @@ mod tests {
             ),
             (
                 json!({"replicas": 3, "sharding": {"splitQps": 100.0, "mergeBelowQps": 500.0}}),
-                "spec.sharding.mergeBelowQps must be below splitQps (default 2000)",
+                "spec.sharding.mergeBelowQps must be below spec.sharding.splitQps (default 2000)",
             ),
             (
                 json!({"replicas": 3, "sharding": {"mergeBelowMiB": 300}}),
-                "spec.sharding.mergeBelowMiB must be below splitMiB (default 256)",
+                "spec.sharding.mergeBelowMiB must be below spec.sharding.splitMiB (default 256)",
             ),
             (
                 json!({"replicas": 3, "sharding": {"moveCooldownSeconds": -1}}),

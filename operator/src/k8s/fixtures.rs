@@ -1,7 +1,9 @@
 //! Test fixtures: KeyValueClusters as the API server would return them.
 
 use kube::api::ObjectMeta;
-use kvfleet_proto::v1::{ControllerStatus, MoveStatus, NodeState, NodeStatus, RangeStatus};
+use kvfleet_planner::MoveReason;
+pub use kvfleet_resharding::fleet::NodeState::{Draining, Up};
+use kvfleet_resharding::fleet::{FleetMove, FleetNode, FleetView, MoveCause, MovePhase, NodeState};
 use serde_json::json;
 
 use super::crd::{KeyValueCluster, KeyValueClusterSpec};
@@ -24,29 +26,42 @@ pub fn cluster(name: &str, replicas: i32) -> KeyValueCluster {
 
 /// What a resharding round reported: `(pod, state, ranges)` per pod (as many ranges in the
 /// cluster as the pods hold), and `moves` moves in flight.
-pub fn fleet_status(pods: &[(&str, &str, u32)], moves: usize) -> ControllerStatus {
-    ControllerStatus {
+pub fn fleet_status(pods: &[(&str, NodeState, u32)], moves: usize) -> FleetView {
+    FleetView {
         round: 3,
         nodes: pods
             .iter()
-            .map(|(id, state, ranges)| NodeStatus {
-                node_id: id.to_string(),
-                state: state.to_string(),
-                // As the resharding loop writes them: the text says what the state is.
-                node_state: match *state {
-                    "up" => NodeState::Up,
-                    "draining" => NodeState::Draining,
-                    _ => NodeState::Down,
-                } as i32,
+            .map(|(name, state, ranges)| FleetNode {
+                name: name.to_string(),
+                address: format!("{name}:7700"),
+                state: state.clone(),
                 ranges: *ranges,
-                ..Default::default()
+                ops_per_sec: 0.0,
+                size_bytes: 0,
+                restarts: 0,
             })
             .collect(),
-        ranges: (0..pods.iter().map(|p| u64::from(p.2)).sum::<u64>())
-            .map(|range_id| RangeStatus { range_id, ..Default::default() })
-            .collect(),
-        moves: (0..moves as u64).map(|move_id| MoveStatus { move_id, ..Default::default() }).collect(),
+        ranges: pods.iter().map(|p| p.2 as usize).sum(),
+        moves: (0..moves as u64).map(|move_id| moving(move_id, "demo-0", "demo-1")).collect(),
         ..Default::default()
+    }
+}
+
+/// A node that did not answer.
+pub fn down(error: &str) -> NodeState {
+    NodeState::Down { error: error.into() }
+}
+
+/// A move in flight from one pod to another.
+pub fn moving(move_id: u64, from: &str, to: &str) -> FleetMove {
+    FleetMove {
+        move_id,
+        range_id: 100 + move_id,
+        from: from.into(),
+        to: to.into(),
+        phase: MovePhase::Moving,
+        cause: MoveCause::Planned(MoveReason::Drain),
+        started_unix_ms: 0,
     }
 }
 

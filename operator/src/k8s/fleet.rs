@@ -8,7 +8,6 @@ use std::sync::Arc;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 use kvfleet_planner::Policy;
-use kvfleet_proto::v1::ControllerStatus;
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -18,13 +17,14 @@ use super::admin_auth::AdminKey;
 use super::build::{Names, cluster_key};
 use super::crd::KeyValueCluster;
 use super::platform::KubernetesPlatform;
-use crate::controller::status::{ControllerMetrics, StatusBoard};
-use crate::controller::{Controller, ControllerConfig};
+use kvfleet_resharding::fleet::FleetView;
+use kvfleet_resharding::status::{ControllerMetrics, StatusBoard};
+use kvfleet_resharding::{LoopConfig, ReshardingLoop};
 
 /// What the reconciler needs of the resharding loops (a fake stands in for it in tests).
 pub trait Fleets: Send + Sync + 'static {
     /// The last round's view of a cluster (`namespace/name`), if a round ran.
-    fn status(&self, key: &str) -> Option<ControllerStatus>;
+    fn status(&self, key: &str) -> Option<FleetView>;
     /// Runs the cluster's loop with the spec's policy (starts it, or restarts it on a change).
     fn ensure(&self, kvc: &KeyValueCluster, names: &Names);
 }
@@ -40,7 +40,7 @@ pub struct FleetManager {
     /// Derives each cluster's admin token (none: admin calls go unauthenticated).
     admin_key: Option<AdminKey>,
     reporter: Reporter,
-    base: ControllerConfig,
+    base: LoopConfig,
     /// Every cluster's series, labelled `cluster`; a deleted cluster's are removed.
     metrics: Arc<ControllerMetrics>,
     fleets: Mutex<HashMap<String, Fleet>>,
@@ -53,7 +53,7 @@ impl FleetManager {
     pub fn new(
         client: Client,
         reporter: Reporter,
-        base: ControllerConfig,
+        base: LoopConfig,
         registry: Arc<Mutex<Registry>>,
         admin_key: Option<AdminKey>,
     ) -> Self {
@@ -88,7 +88,7 @@ impl FleetManager {
         let platform =
             Arc::new(KubernetesPlatform::new(self.client.clone(), names.clone(), self.base.leadership.clone()));
         let admin_token = self.admin_key.as_ref().map(|key| key.admin_token(kvc)).unwrap_or_default();
-        let config = ControllerConfig { policy: policy.clone(), admin_token, ..self.base.clone() };
+        let config = LoopConfig { policy: policy.clone(), admin_token, ..self.base.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let boards = self.boards.clone();
         let task = tokio::spawn(async move {
@@ -99,7 +99,7 @@ impl FleetManager {
             }
             let stopped = shutdown_rx.clone();
             let ended = board.clone();
-            let result = async { Controller::new(platform, config, board).await?.run(shutdown_rx).await }.await;
+            let result = async { ReshardingLoop::new(platform, config, board).await?.run(shutdown_rx).await }.await;
             match result {
                 // Not stopped, yet ended: its cluster is gone, and so are its series.
                 Ok(()) if !*stopped.borrow() => {
@@ -116,9 +116,9 @@ impl FleetManager {
 }
 
 impl Fleets for FleetManager {
-    fn status(&self, key: &str) -> Option<ControllerStatus> {
+    fn status(&self, key: &str) -> Option<FleetView> {
         let board = self.boards.lock().get(key).cloned()?;
-        Some(board.snapshot()).filter(|s| s.round > 0)
+        Some(board.fleet()).filter(|f| f.round > 0)
     }
 
     fn ensure(&self, kvc: &KeyValueCluster, names: &Names) {
@@ -138,7 +138,7 @@ impl Fleets for FleetManager {
 }
 
 async fn forward_events(
-    mut events: tokio::sync::mpsc::UnboundedReceiver<crate::controller::status::BoardEvent>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<kvfleet_resharding::status::BoardEvent>,
     recorder: Recorder,
     object: k8s_openapi::api::core::v1::ObjectReference,
 ) {

@@ -20,7 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
-use crate::controller::leadership::Leadership;
+use kvfleet_resharding::leadership::Leadership;
 
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {

@@ -23,9 +23,9 @@ use super::fleet::FleetManager;
 use super::leader::{self, LeaseConfig};
 use super::reconcile::{self, Context, ReconcileMetrics};
 use super::server::{PdbVersion, ServerCapabilities};
-use crate::cli::OperatorError;
-use crate::controller::ControllerConfig;
-use crate::controller::leadership::Leadership;
+use crate::error::OperatorError;
+use kvfleet_resharding::leadership::Leadership;
+use kvfleet_resharding::resharding_loop::LoopConfig;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct OperatorArgs {
@@ -88,10 +88,10 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     }
 
     let reporter = Reporter { controller: "kvfleet-operator".into(), instance: Some(identity) };
-    let base = ControllerConfig {
+    let base = LoopConfig {
         interval: Duration::from_secs(args.interval_secs.max(1)),
         leadership: leadership.clone(),
-        ..ControllerConfig::default()
+        ..LoopConfig::default()
     };
     let fleets = Arc::new(FleetManager::new(client.clone(), reporter.clone(), base, registry, admin_key.clone()));
     let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);

@@ -12,9 +12,9 @@ use kube::{Api, Client};
 
 use super::build::{self, Names};
 use super::crd::KeyValueCluster;
-use crate::controller::leadership::Leadership;
-use crate::controller::state::ControllerState;
-use crate::platform::{Member, Platform, PlatformError};
+use kvfleet_resharding::leadership::Leadership;
+use kvfleet_resharding::platform::{Member, Platform, PlatformError};
+use kvfleet_resharding::state::ReshardingState;
 
 const STATE_KEY: &str = "state.json";
 /// A ConfigMap holds at most 1 MiB; the state is refused before the API server refuses it.
@@ -96,7 +96,7 @@ impl Platform for KubernetesPlatform {
         Ok(members(&kvc, &self.names, running))
     }
 
-    async fn load_state(&self) -> Result<Option<ControllerState>, PlatformError> {
+    async fn load_state(&self) -> Result<Option<ReshardingState>, PlatformError> {
         let owner = self.read_cluster().await?;
         let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.names.namespace);
         let map = maps
@@ -129,7 +129,7 @@ impl Platform for KubernetesPlatform {
         })
     }
 
-    async fn save_state(&self, state: &ControllerState) -> Result<(), PlatformError> {
+    async fn save_state(&self, state: &ReshardingState) -> Result<(), PlatformError> {
         let json = serde_json::to_string(state).map_err(|e| PlatformError::Api(format!("encoding the state: {e}")))?;
         if json.len() > MAX_STATE_BYTES {
             return Err(PlatformError::Api(format!(

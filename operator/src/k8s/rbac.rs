@@ -87,22 +87,22 @@ fn call(method: &str, path: &str, query: &str) -> Recorded {
 /// The resharding loop's platform calls: members, load and save the state (conditional on the
 /// resourceVersion read, skipped when unchanged, superseded on a conflict).
 async fn platform_calls() -> Vec<Recorded> {
-    use crate::controller::leadership::Leadership;
-    use crate::controller::state::ControllerState;
     use crate::k8s::build::Names;
     use crate::k8s::platform::{KubernetesPlatform, state_config_map};
-    use crate::platform::{Platform, PlatformError};
+    use kvfleet_resharding::leadership::Leadership;
+    use kvfleet_resharding::platform::{Platform, PlatformError};
+    use kvfleet_resharding::state::ReshardingState;
     let kvc = cluster("demo", 3);
     let names = Names::of(&kvc).unwrap();
     let kvc_json = serde_json::to_value(&kvc).unwrap();
     let kvc_path = "/apis/kvfleet.io/v1alpha1/namespaces/ns/keyvalueclusters/demo";
     let state_path = "/api/v1/namespaces/ns/configmaps/demo-controller-state";
-    let stored = |state: &ControllerState, version: &str| {
+    let stored = |state: &ReshardingState, version: &str| {
         let mut map = state_config_map(&kvc, &names, serde_json::to_string(state).unwrap()).unwrap();
         map.metadata.resource_version = Some(version.into());
         serde_json::to_value(map).unwrap()
     };
-    let resumed = ControllerState { next_range_id: 3, ..Default::default() };
+    let resumed = ReshardingState { next_range_id: 3, ..Default::default() };
     let (client, server) = verifier(vec![
         expect("GET", kvc_path, Reply::Json(kvc_json.clone())),
         expect("GET", "/apis/apps/v1/namespaces/ns/statefulsets/demo", Reply::NotFound),
@@ -120,10 +120,10 @@ async fn platform_calls() -> Vec<Recorded> {
     let platform = KubernetesPlatform::new(client, names.clone(), Leadership::unconditional());
     assert!(platform.members().await.unwrap().is_empty(), "no StatefulSet yet: no members");
     assert_eq!(platform.load_state().await.unwrap(), Some(resumed));
-    let state = ControllerState { next_range_id: 9, ..Default::default() };
+    let state = ReshardingState { next_range_id: 9, ..Default::default() };
     platform.save_state(&state).await.unwrap();
     platform.save_state(&state).await.unwrap();
-    let changed = ControllerState { next_range_id: 10, ..Default::default() };
+    let changed = ReshardingState { next_range_id: 10, ..Default::default() };
     let superseded = platform.save_state(&changed).await.unwrap_err();
     assert!(matches!(superseded, PlatformError::Superseded(_)), "{superseded}");
     assert_eq!(platform.load_state().await.unwrap(), None);
@@ -143,16 +143,16 @@ async fn platform_calls() -> Vec<Recorded> {
 /// A cluster deleted and re-created under the same name does not inherit the old one's state.
 #[tokio::test]
 async fn a_recreated_cluster_does_not_inherit_the_old_state() {
-    use crate::controller::leadership::Leadership;
-    use crate::controller::state::ControllerState;
     use crate::k8s::build::Names;
     use crate::k8s::platform::{KubernetesPlatform, state_config_map};
-    use crate::platform::Platform;
+    use kvfleet_resharding::leadership::Leadership;
+    use kvfleet_resharding::platform::Platform;
+    use kvfleet_resharding::state::ReshardingState;
     let old = cluster("demo", 3);
     let mut new = cluster("demo", 3);
     new.metadata.uid = Some("uid-demo-recreated".into());
     let names = Names::of(&new).unwrap();
-    let state = ControllerState { next_range_id: 40, ..Default::default() };
+    let state = ReshardingState { next_range_id: 40, ..Default::default() };
     let mut map = state_config_map(&old, &names, serde_json::to_string(&state).unwrap()).unwrap();
     map.metadata.resource_version = Some("8".into());
     let state_path = "/api/v1/namespaces/ns/configmaps/demo-controller-state";
@@ -167,7 +167,7 @@ async fn a_recreated_cluster_does_not_inherit_the_old_state() {
     ]);
     let platform = KubernetesPlatform::new(client, names, Leadership::unconditional());
     assert_eq!(platform.load_state().await.unwrap(), None, "the old cluster's state is not resumed");
-    platform.save_state(&ControllerState::default()).await.unwrap();
+    platform.save_state(&ReshardingState::default()).await.unwrap();
     let calls = server.await.expect("every scripted call came, in order");
     assert_eq!(calls[2].body["metadata"]["ownerReferences"][0]["uid"], "uid-demo-recreated");
 }

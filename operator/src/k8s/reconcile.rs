@@ -13,7 +13,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions, Pro
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource};
-use kvfleet_proto::v1::ControllerStatus;
+use kvfleet_resharding::fleet::FleetView;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -31,7 +31,8 @@ use super::scale::{self, ScaleStep};
 use super::server::{PdbVersion, ServerCapabilities};
 use super::status::{self, API_REFUSED_REASON, Observed, Problem};
 use super::volumes::{self, Resize};
-use crate::controller::leadership::{Leadership, NotLeading};
+use kvfleet_planner::Surface;
+use kvfleet_resharding::leadership::{Leadership, NotLeading};
 
 /// Re-read the cluster this often even when nothing changes: the status follows the resharding
 /// loop, and a scale-in advances as pods empty.
@@ -178,8 +179,7 @@ pub fn validate(kvc: &KeyValueCluster) -> Result<(), String> {
             return Err(format!("spec.scheduling.tolerations: operator {operator:?} must be Exists or Equal"));
         }
     }
-    crate::policy::PolicyArgs::validate(&spec.sharding.policy())
-        .map_err(|flag_message| format!("spec.sharding: {}", flag_message.replace("--", "")))
+    spec.sharding.policy().validate().map_err(|error| error.describe(Surface::Resource))
 }
 
 pub async fn reconcile(kvc: Arc<KeyValueCluster>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -373,7 +373,7 @@ async fn roll_out(
     kvc: &KeyValueCluster,
     names: &Names,
     statefulset: &StatefulSet,
-    fleet: Option<&ControllerStatus>,
+    fleet: Option<&FleetView>,
     step: &ScaleStep,
 ) -> Result<Option<RolloutStep>, ReconcileError> {
     if kvc.spec.update_strategy.type_ != UpdateType::DrainFirst || !rollout::pending(statefulset) {
@@ -551,21 +551,21 @@ pub fn error_policy(kvc: Arc<KeyValueCluster>, error: &ReconcileError, _ctx: Arc
 #[cfg(test)]
 pub(crate) mod tests {
     use kube::runtime::events::Reporter;
-    use kvfleet_proto::v1::ControllerStatus;
+    use kvfleet_resharding::fleet::NodeState;
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::k8s::fixtures::{Recorded, Reply, cluster, expect, fleet_status, verifier};
+    use crate::k8s::fixtures::{Draining, Recorded, Reply, Up, cluster, expect, fleet_status, verifier};
 
     /// Stands in for the resharding loops: a fixed status, and a count of `ensure` calls.
     #[derive(Default)]
     struct FakeFleets {
-        status: Option<ControllerStatus>,
+        status: Option<FleetView>,
         ensured: parking_lot::Mutex<u32>,
     }
 
     impl Fleets for FakeFleets {
-        fn status(&self, _key: &str) -> Option<ControllerStatus> {
+        fn status(&self, _key: &str) -> Option<FleetView> {
             self.status.clone()
         }
         fn ensure(&self, _kvc: &KeyValueCluster, _names: &Names) {
@@ -593,7 +593,7 @@ pub(crate) mod tests {
     /// `fleet`: its result, the calls made, and how many times the loop was ensured.
     async fn reconcile_once(
         kvc: &KeyValueCluster,
-        fleet: Option<ControllerStatus>,
+        fleet: Option<FleetView>,
         script: Vec<crate::k8s::fixtures::Expect>,
     ) -> (Action, Vec<Recorded>, u32) {
         let (client, server) = verifier(script);
@@ -645,7 +645,7 @@ pub(crate) mod tests {
         script
     }
 
-    fn fleet(pods: &[(&str, &str, u32)]) -> ControllerStatus {
+    fn fleet(pods: &[(&str, NodeState, u32)]) -> FleetView {
         fleet_status(pods, 0)
     }
 
@@ -709,7 +709,7 @@ pub(crate) mod tests {
         let mut script = vec![expect("GET", STS, Reply::Json(live.clone()))];
         script.extend(applies_to_existing(live));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let holding = fleet(&[("demo-0", "up", 3), ("demo-3", "draining", 2), ("demo-4", "draining", 1)]);
+        let holding = fleet(&[("demo-0", Up, 3), ("demo-3", Draining, 2), ("demo-4", Draining, 1)]);
         let (action, step1, _) = reconcile_once(&kvc, Some(holding), script).await;
         assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
         assert_eq!(find(&step1, "PATCH", STS)[0].body["spec"]["replicas"], 5, "no volume holding a range goes");
@@ -727,7 +727,7 @@ pub(crate) mod tests {
         script.extend(applies_to_existing(live));
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let empty = fleet(&[("demo-0", "up", 6), ("demo-3", "draining", 0), ("demo-4", "draining", 0)]);
+        let empty = fleet(&[("demo-0", Up, 6), ("demo-3", Draining, 0), ("demo-4", Draining, 0)]);
         let (_, step2, _) = reconcile_once(&kvc, Some(empty), script).await;
         assert_eq!(find(&step2, "PATCH", STS)[0].body["spec"]["replicas"], 3);
         let event = find(&step2, "POST", EVENTS)[0];
@@ -754,7 +754,10 @@ pub(crate) mod tests {
             (event.body["type"].as_str(), event.body["reason"].as_str()),
             (Some("Warning"), Some("InvalidSpec"))
         );
-        assert_eq!(event.body["note"], "spec.sharding: merge-below-qps must be below split-qps");
+        assert_eq!(
+            event.body["note"],
+            "spec.sharding.mergeBelowQps must be below spec.sharding.splitQps (default 2000)"
+        );
         let status = &find(&calls, "PATCH", STATUS)[0].body["status"];
         assert_eq!(status["phase"], "Degraded");
         calls
@@ -789,7 +792,7 @@ pub(crate) mod tests {
         script.push(expect("GET", PODS, old_pods(3)));
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let serving = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 2)]);
+        let serving = fleet(&[("demo-0", Up, 2), ("demo-1", Up, 2), ("demo-2", Up, 2)]);
         let (action, round1, _) = reconcile_once(&kvc, Some(serving), script).await;
         assert_eq!(action, Action::requeue(REFRESH_WHILE_SCALING));
         assert_eq!(find(&round1, "PATCH", STS)[0].body["spec"]["updateStrategy"]["type"], "OnDelete");
@@ -813,7 +816,7 @@ pub(crate) mod tests {
         ));
         script.push(expect("POST", EVENTS, Reply::Echo));
         script.push(expect("PATCH", STATUS, status_reply(&kvc)));
-        let drained = fleet(&[("demo-0", "up", 3), ("demo-1", "up", 3), ("demo-2", "draining", 0)]);
+        let drained = fleet(&[("demo-0", Up, 3), ("demo-1", Up, 3), ("demo-2", Draining, 0)]);
         let (_, round2, _) = reconcile_once(&kvc, Some(drained), script).await;
         assert_eq!(find(&round2, "DELETE", &format!("{PODS}/demo-2"))[0].body["preconditions"]["uid"], "uid-2");
         let event = find(&round2, "POST", EVENTS)[0];

@@ -5,7 +5,7 @@
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use kvfleet_proto::v1::ControllerStatus;
+use kvfleet_resharding::fleet::FleetView;
 
 use super::build::{self, Names};
 use super::scale::{self, ScaleStep};
@@ -112,7 +112,7 @@ pub fn decide(
     names: &Names,
     statefulset: &StatefulSet,
     pods: &[PodView],
-    fleet: Option<&ControllerStatus>,
+    fleet: Option<&FleetView>,
     scale_step: &ScaleStep,
 ) -> RolloutStep {
     let Some(revision) = statefulset.status.as_ref().and_then(|s| s.update_revision.as_deref()) else {
@@ -161,10 +161,9 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
-    use kvfleet_proto::v1::MoveStatus;
 
     use super::*;
-    use crate::k8s::fixtures::{cluster, fleet_status};
+    use crate::k8s::fixtures::{Draining, Up, cluster, fleet_status, moving};
 
     fn names() -> Names {
         Names::of(&cluster("demo", 3)).unwrap()
@@ -213,19 +212,19 @@ mod tests {
         let (n, sts) = (names(), statefulset(3, 0));
         let all_old = pods(&["old", "old", "old"]);
         // The last round did not drain demo-2 yet: it is marked now, nothing restarts.
-        let up = fleet_status(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 2)], 0);
+        let up = fleet_status(&[("demo-0", Up, 2), ("demo-1", Up, 2), ("demo-2", Up, 2)], 0);
         let step = decide(&n, &sts, &all_old, Some(&up), &STEADY);
         assert_eq!(step, RolloutStep::Drain { outdated: 3, pod: "demo-2".into(), holding: "demo-2 (up)".into() });
         assert_eq!(step.draining_pod(), Some("demo-2"));
         assert!(step.describe().contains("3 pods to update; moving ranges off demo-2 (up)"), "{}", step.describe());
         // Draining, one range left and one moving.
-        let mut draining = fleet_status(&[("demo-0", "up", 3), ("demo-1", "up", 2), ("demo-2", "draining", 1)], 0);
-        draining.moves.push(MoveStatus { from: "demo-2".into(), to: "demo-0".into(), ..Default::default() });
+        let mut draining = fleet_status(&[("demo-0", Up, 3), ("demo-1", Up, 2), ("demo-2", Draining, 1)], 0);
+        draining.moves.push(moving(1, "demo-2", "demo-0"));
         let step = decide(&n, &sts, &all_old, Some(&draining), &STEADY);
         assert_eq!(step.draining_pod(), Some("demo-2"));
         assert!(matches!(step, RolloutStep::Drain { ref holding, .. } if holding == "demo-2 (1 ranges, 1 moving)"));
         // Empty: restart exactly that pod.
-        let empty = fleet_status(&[("demo-0", "up", 3), ("demo-1", "up", 3), ("demo-2", "draining", 0)], 0);
+        let empty = fleet_status(&[("demo-0", Up, 3), ("demo-1", Up, 3), ("demo-2", Draining, 0)], 0);
         assert_eq!(
             decide(&n, &sts, &all_old, Some(&empty), &STEADY),
             RolloutStep::Restart { outdated: 3, pod: "demo-2".into(), uid: Some("uid-2".into()) }
@@ -235,7 +234,7 @@ mod tests {
     #[test]
     fn the_next_pod_waits_until_every_pod_is_back_and_ready() {
         let (n, sts) = (names(), statefulset(3, 0));
-        let empty = fleet_status(&[("demo-0", "up", 3), ("demo-1", "up", 3), ("demo-2", "draining", 0)], 0);
+        let empty = fleet_status(&[("demo-0", Up, 3), ("demo-1", Up, 3), ("demo-2", Draining, 0)], 0);
         let mut terminating = pods(&["old", "old", "old"]);
         terminating[2].terminating = true;
         let step = decide(&n, &sts, &terminating, Some(&empty), &STEADY);

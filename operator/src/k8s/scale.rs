@@ -2,7 +2,7 @@
 //! saw. Scale-in is two steps: the pods going away drain (their ranges move off), and only when
 //! they hold nothing does the StatefulSet shrink, so no volume that holds a range is deleted.
 
-use kvfleet_proto::v1::{ControllerStatus, NodeState};
+use kvfleet_resharding::fleet::{FleetView, NodeState};
 
 use super::build::Names;
 
@@ -61,18 +61,18 @@ impl ScaleStep {
 }
 
 /// What a pod being removed still holds, or why its emptiness is not known.
-pub(super) fn still_holding(fleet: Option<&ControllerStatus>, pod: &str) -> Option<String> {
+pub(super) fn still_holding(fleet: Option<&FleetView>, pod: &str) -> Option<String> {
     let Some(fleet) = fleet.filter(|f| f.round > 0) else {
         return Some(format!("{pod} (no resharding round yet)"));
     };
-    let Some(node) = fleet.nodes.iter().find(|n| n.node_id == pod) else {
+    let Some(node) = fleet.node(pod) else {
         return Some(format!("{pod} (not seen yet)"));
     };
-    if node.node_state() != NodeState::Draining {
+    if node.state != NodeState::Draining {
         // Up: the last round did not treat it as draining yet; down: what it holds is unknown.
         return Some(format!("{pod} ({})", node.state));
     }
-    let moves = fleet.moves.iter().filter(|m| m.from == pod || m.to == pod).count();
+    let moves = fleet.moves_touching(pod);
     match (node.ranges, moves) {
         (0, 0) => None,
         (ranges, 0) => Some(format!("{pod} ({ranges} ranges)")),
@@ -80,7 +80,7 @@ pub(super) fn still_holding(fleet: Option<&ControllerStatus>, pod: &str) -> Opti
     }
 }
 
-pub fn decide(names: &Names, spec_replicas: i32, current: Option<i32>, fleet: Option<&ControllerStatus>) -> ScaleStep {
+pub fn decide(names: &Names, spec_replicas: i32, current: Option<i32>, fleet: Option<&FleetView>) -> ScaleStep {
     let Some(current) = current else { return ScaleStep::Create { replicas: spec_replicas } };
     if spec_replicas > current {
         return ScaleStep::Grow { from: current, to: spec_replicas };
@@ -108,12 +108,10 @@ pub fn decide(names: &Names, spec_replicas: i32, current: Option<i32>, fleet: Op
 
 #[cfg(test)]
 mod tests {
-    use kvfleet_proto::v1::MoveStatus;
-
     use super::*;
-    use crate::k8s::fixtures::{cluster, fleet_status};
+    use crate::k8s::fixtures::{Draining, Up, cluster, down, fleet_status, moving};
 
-    fn fleet(pods: &[(&str, &str, u32)]) -> ControllerStatus {
+    fn fleet(pods: &[(&str, NodeState, u32)]) -> FleetView {
         fleet_status(pods, 0)
     }
 
@@ -136,10 +134,10 @@ mod tests {
         assert!(matches!(&step, ScaleStep::Drain { from: 5, to: 3, waiting } if waiting.len() == 2), "{step:?}");
         assert_eq!(step.replicas(), 5);
         // The last round had not marked them draining yet: an empty "up" pod may still receive ranges.
-        let seen = fleet(&[("demo-0", "up", 4), ("demo-3", "up", 0), ("demo-4", "up", 0)]);
+        let seen = fleet(&[("demo-0", Up, 4), ("demo-3", Up, 0), ("demo-4", Up, 0)]);
         assert_eq!(decide(&n, 3, Some(5), Some(&seen)).replicas(), 5);
         // Draining, still holding ranges.
-        let draining = fleet(&[("demo-3", "draining", 2), ("demo-4", "draining", 1)]);
+        let draining = fleet(&[("demo-3", Draining, 2), ("demo-4", Draining, 1)]);
         let step = decide(&n, 3, Some(5), Some(&draining));
         assert_eq!(
             step,
@@ -147,45 +145,48 @@ mod tests {
         );
         assert!(step.describe().contains("moving ranges off demo-3 (2 ranges), demo-4 (1 ranges)"));
         // A pod down: unknown, so kept.
-        let down = fleet(&[("demo-3", "draining", 0), ("demo-4", "down: connection refused", 0)]);
+        let down = fleet(&[("demo-3", Draining, 0), ("demo-4", down("connection refused"), 0)]);
         assert_eq!(decide(&n, 3, Some(5), Some(&down)).replicas(), 5);
     }
 
     #[test]
     fn scale_in_shrinks_past_empty_pods_from_the_top_only() {
         let n = names();
-        let empty = fleet(&[("demo-3", "draining", 0), ("demo-4", "draining", 0)]);
+        let empty = fleet(&[("demo-3", Draining, 0), ("demo-4", Draining, 0)]);
         assert_eq!(decide(&n, 3, Some(5), Some(&empty)), ScaleStep::Shrink { from: 5, to: 3 });
         // demo-4 empty, demo-3 not: the StatefulSet removes the highest ordinal first, so 5 -> 4.
-        let top_empty = fleet(&[("demo-3", "draining", 1), ("demo-4", "draining", 0)]);
+        let top_empty = fleet(&[("demo-3", Draining, 1), ("demo-4", Draining, 0)]);
         assert_eq!(decide(&n, 3, Some(5), Some(&top_empty)), ScaleStep::Shrink { from: 5, to: 4 });
         // demo-3 empty, demo-4 not: nothing can go yet.
-        let bottom_empty = fleet(&[("demo-3", "draining", 0), ("demo-4", "draining", 1)]);
+        let bottom_empty = fleet(&[("demo-3", Draining, 0), ("demo-4", Draining, 1)]);
         assert_eq!(decide(&n, 3, Some(5), Some(&bottom_empty)).replicas(), 5);
     }
 
     #[test]
     fn a_move_touching_a_draining_pod_holds_it() {
-        let mut moving = fleet(&[("demo-3", "draining", 0)]);
-        moving.moves.push(MoveStatus { from: "demo-3".into(), to: "demo-1".into(), ..Default::default() });
-        let step = decide(&names(), 3, Some(4), Some(&moving));
+        let mut one_moving = fleet(&[("demo-3", Draining, 0)]);
+        one_moving.moves.push(moving(1, "demo-3", "demo-1"));
+        let step = decide(&names(), 3, Some(4), Some(&one_moving));
         assert_eq!(step, ScaleStep::Drain { from: 4, to: 3, waiting: vec!["demo-3 (0 ranges, 1 moving)".into()] });
     }
 
-    /// The words people read may change; what a scale-in decides on does not.
+    /// The fleet view has no state text to decide on: the text people read is `Display`, and
+    /// a node that did not answer stays unknown whatever its error says.
     #[test]
     fn scale_in_decides_on_the_typed_state_not_the_text() {
         let n = names();
-        let mut reworded = fleet(&[("demo-3", "draining", 0), ("demo-4", "draining", 0)]);
-        for node in &mut reworded.nodes {
-            node.state = "leaving the cluster (emptied)".into();
-        }
-        assert_eq!(decide(&n, 3, Some(5), Some(&reworded)), ScaleStep::Shrink { from: 5, to: 3 });
-        // And text that says "draining" over a node the loop did not see draining shrinks nothing.
-        let mut misleading = fleet(&[("demo-3", "up", 0), ("demo-4", "up", 0)]);
-        for node in &mut misleading.nodes {
-            node.state = "draining".into();
-        }
-        assert!(matches!(decide(&n, 3, Some(5), Some(&misleading)), ScaleStep::Drain { .. }));
+        let misleading = fleet(&[("demo-3", down("draining"), 0), ("demo-4", down("draining, empty"), 0)]);
+        assert_eq!(misleading.nodes[0].state.to_string(), "down: draining");
+        let step = decide(&n, 3, Some(5), Some(&misleading));
+        assert_eq!(
+            step,
+            ScaleStep::Drain {
+                from: 5,
+                to: 3,
+                waiting: vec!["demo-3 (down: draining)".into(), "demo-4 (down: draining, empty)".into()]
+            }
+        );
+        let drained = fleet(&[("demo-3", Draining, 0), ("demo-4", Draining, 0)]);
+        assert_eq!(decide(&n, 3, Some(5), Some(&drained)), ScaleStep::Shrink { from: 5, to: 3 });
     }
 }

@@ -5,7 +5,7 @@
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kvfleet_proto::display_key;
-use kvfleet_proto::v1::{ControllerStatus, NodeState};
+use kvfleet_resharding::fleet::FleetView;
 
 use super::crd::{HotKey, KeyValueCluster, KeyValueClusterStatus, Phase, PodStatus, RolloutStatus};
 use super::pods::StuckPod;
@@ -19,18 +19,6 @@ pub const OWNERSHIP_CONFLICT_REASON: &str = "OwnershipConflict";
 /// The Degraded condition's and the Warning event's reason when the API server refuses an apply.
 pub const API_REFUSED_REASON: &str = "ApiRefused";
 
-fn describe_conflict(conflict: &kvfleet_proto::v1::OwnershipConflict) -> String {
-    let side = |desc: Option<&kvfleet_proto::v1::RangeDescriptor>, pod: &str| match desc {
-        Some(d) => format!("range {} {} (generation {}) on {pod}", d.range_id, d.span(), d.generation),
-        None => format!("a range on {pod}"),
-    };
-    format!(
-        "{} overlaps {}",
-        side(conflict.older.as_ref(), &conflict.older_node),
-        side(conflict.newer.as_ref(), &conflict.newer_node)
-    )
-}
-
 /// The Ready and Degraded conditions' and the Warning event's reason for pods that stay not
 /// Ready past the bound.
 pub const STUCK_REASON: &str = "PodsNotReady";
@@ -39,7 +27,7 @@ pub const STUCK_REASON: &str = "PodsNotReady";
 pub struct Observed<'a> {
     pub kvc: &'a KeyValueCluster,
     pub statefulset: Option<&'a StatefulSet>,
-    pub fleet: Option<&'a ControllerStatus>,
+    pub fleet: Option<&'a FleetView>,
     pub step: &'a ScaleStep,
     /// The DrainFirst update, when one was decided this reconcile.
     pub rollout: Option<&'a RolloutStep>,
@@ -72,14 +60,15 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     // (restarting after a drain) makes nothing unavailable.
     let (down, silent): (Vec<&str>, Vec<&str>) = fleet
         .map(|f| {
-            let unreachable = f.nodes.iter().filter(|n| n.node_state() == NodeState::Down);
+            let unreachable = f.nodes.iter().filter(|n| n.state.is_down());
             let (holding, empty): (Vec<_>, Vec<_>) = unreachable.partition(|n| n.ranges > 0);
-            (holding.iter().map(|n| n.node_id.as_str()).collect(), empty.iter().map(|n| n.node_id.as_str()).collect())
+            (holding.iter().map(|n| n.name.as_str()).collect(), empty.iter().map(|n| n.name.as_str()).collect())
         })
         .unwrap_or_default();
-    let conflicts: Vec<String> = fleet.map(|f| f.conflicts.iter().map(describe_conflict).collect()).unwrap_or_default();
+    let conflicts: Vec<String> =
+        fleet.map(|f| f.conflicts.iter().map(ToString::to_string).collect()).unwrap_or_default();
     let stuck_text = stuck.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-    let ranges = fleet.map_or(0, |f| f.ranges.len() as u32);
+    let ranges = fleet.map_or(0, |f| f.ranges as u32);
     let moves = fleet.map_or(0, |f| f.moves.len() as u32);
     let scaling = matches!(step, ScaleStep::Grow { .. } | ScaleStep::Drain { .. } | ScaleStep::Shrink { .. });
 
@@ -168,8 +157,8 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
                 f.nodes
                     .iter()
                     .map(|n| PodStatus {
-                        name: n.node_id.clone(),
-                        state: n.state.clone(),
+                        name: n.name.clone(),
+                        state: n.state.to_string(),
                         ranges: n.ranges,
                         ops_per_sec: one_decimal(n.ops_per_sec),
                         size_bytes: n.size_bytes,
@@ -230,11 +219,11 @@ fn condition(
 mod tests {
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
     use k8s_openapi::jiff::Timestamp;
-    use kvfleet_proto::v1::HotKeyStatus;
+    use kvfleet_resharding::fleet::{Conflict, HotKey as FleetHotKey, NodeState};
 
     use super::*;
     use crate::k8s::build::statefulset;
-    use crate::k8s::fixtures::{cluster, fleet_status};
+    use crate::k8s::fixtures::{Draining, Up, cluster, down, fleet_status};
 
     fn sts(kvc: &KeyValueCluster, replicas: i32, ready: i32) -> StatefulSet {
         let mut sts = statefulset(kvc, replicas).unwrap();
@@ -247,10 +236,10 @@ mod tests {
         sts
     }
 
-    fn fleet(pods: &[(&str, &str, u32)], moves: usize) -> ControllerStatus {
+    fn fleet(pods: &[(&str, NodeState, u32)], moves: usize) -> FleetView {
         let mut fleet = fleet_status(pods, moves);
         fleet.nodes.iter_mut().for_each(|n| n.ops_per_sec = 123.45);
-        fleet.hot_keys = vec![HotKeyStatus { range_id: 4, key: b"user\x01".to_vec().into(), ops_per_sec: 999.96 }];
+        fleet.hot_keys = vec![FleetHotKey { range_id: 4, key: b"user\x01".to_vec(), ops_per_sec: 999.96 }];
         fleet
     }
 
@@ -261,7 +250,7 @@ mod tests {
     fn compute_at(
         kvc: &KeyValueCluster,
         sts: Option<&StatefulSet>,
-        fleet: Option<&ControllerStatus>,
+        fleet: Option<&FleetView>,
         step: &ScaleStep,
         now: i64,
     ) -> KeyValueClusterStatus {
@@ -285,7 +274,7 @@ mod tests {
     fn a_healthy_cluster_is_running_and_ready() {
         let kvc = cluster("demo", 3);
         let sts = sts(&kvc, 3, 3);
-        let fleet = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 1)], 0);
+        let fleet = fleet(&[("demo-0", Up, 2), ("demo-1", Up, 2), ("demo-2", Up, 1)], 0);
         let status = compute_at(&kvc, Some(&sts), Some(&fleet), &ScaleStep::Steady { replicas: 3 }, 100);
         assert_eq!(status.phase, Some(Phase::Running));
         assert_eq!((status.replicas, status.ready_replicas, status.ranges, status.moves_in_flight), (3, 3, 5, 0));
@@ -301,7 +290,7 @@ mod tests {
         let kvc = cluster("demo", 3);
         let steady = ScaleStep::Steady { replicas: 3 };
         assert_eq!(compute_at(&kvc, None, None, &ScaleStep::Create { replicas: 3 }, 1).phase, Some(Phase::Creating));
-        let up = [("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 1)];
+        let up = [("demo-0", Up, 2), ("demo-1", Up, 2), ("demo-2", Up, 1)];
         let moving = fleet(&up, 2);
         let status = compute_at(&kvc, Some(&sts(&kvc, 3, 3)), Some(&moving), &steady, 1);
         assert_eq!(status.phase, Some(Phase::Rebalancing));
@@ -310,8 +299,7 @@ mod tests {
         let status = compute_at(&kvc, Some(&sts(&kvc, 4, 4)), Some(&moving), &drain, 1);
         assert_eq!(status.phase, Some(Phase::Scaling));
         assert!(cond(&status, "Progressing").message.contains("moving ranges off demo-3 (2 ranges)"));
-        let down =
-            fleet(&[("demo-0", "up", 2), ("demo-1", "down: connection refused", 2), ("demo-2", "down: x", 0)], 0);
+        let down = fleet(&[("demo-0", Up, 2), ("demo-1", down("connection refused"), 2), ("demo-2", down("x"), 0)], 0);
         let status = compute_at(&kvc, Some(&sts(&kvc, 3, 2)), Some(&down), &steady, 1);
         assert_eq!(status.phase, Some(Phase::Degraded));
         assert_eq!(cond(&status, "Degraded").reason, "PodsUnreachable");
@@ -334,7 +322,7 @@ mod tests {
     #[test]
     fn overlapping_owners_degrade_the_cluster_naming_both_ranges() {
         let kvc = cluster("demo", 3);
-        let mut conflicted = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "up", 1)], 0);
+        let mut conflicted = fleet(&[("demo-0", Up, 2), ("demo-1", Up, 2), ("demo-2", Up, 1)], 0);
         let range = |range_id, generation| kvfleet_proto::v1::RangeDescriptor {
             range_id,
             start_key: b"user1".to_vec().into(),
@@ -342,12 +330,8 @@ mod tests {
             generation,
             ..Default::default()
         };
-        conflicted.conflicts = vec![kvfleet_proto::v1::OwnershipConflict {
-            newer: Some(range(21, 9)),
-            newer_node: "demo-1".into(),
-            older: Some(range(14, 7)),
-            older_node: "demo-2".into(),
-        }];
+        conflicted.conflicts =
+            vec![Conflict { newer: ("demo-1".into(), range(21, 9)), older: ("demo-2".into(), range(14, 7)) }];
         let status = compute_at(&kvc, Some(&sts(&kvc, 3, 3)), Some(&conflicted), &ScaleStep::Steady { replicas: 3 }, 1);
         assert_eq!(status.phase, Some(Phase::Degraded));
         let degraded = cond(&status, "Degraded");
@@ -364,12 +348,12 @@ mod tests {
         let mut kvc = cluster("demo", 3);
         let steady = ScaleStep::Steady { replicas: 3 };
         let sts = sts(&kvc, 3, 3);
-        let calm = fleet(&[("demo-0", "up", 3)], 0);
+        let calm = fleet(&[("demo-0", Up, 3)], 0);
         kvc.status = Some(compute_at(&kvc, Some(&sts), Some(&calm), &steady, 100));
         let again = compute_at(&kvc, Some(&sts), Some(&calm), &steady, 200);
         assert_eq!(cond(&again, "Rebalancing").last_transition_time, at(100));
         kvc.status = Some(again);
-        let busy = fleet(&[("demo-0", "up", 3)], 1);
+        let busy = fleet(&[("demo-0", Up, 3)], 1);
         let flipped = compute_at(&kvc, Some(&sts), Some(&busy), &steady, 300);
         assert_eq!(cond(&flipped, "Rebalancing").last_transition_time, at(300));
         assert_eq!(cond(&flipped, "Ready").last_transition_time, at(100));
@@ -380,7 +364,7 @@ mod tests {
         let kvc = cluster("demo", 3);
         let steady = ScaleStep::Steady { replicas: 3 };
         let sts = sts(&kvc, 3, 3);
-        let serving = fleet(&[("demo-0", "up", 3), ("demo-1", "up", 2), ("demo-2", "draining", 1)], 1);
+        let serving = fleet(&[("demo-0", Up, 3), ("demo-1", Up, 2), ("demo-2", Draining, 1)], 1);
         let drain = RolloutStep::Drain { outdated: 3, pod: "demo-2".into(), holding: "demo-2 (1 ranges)".into() };
         let observed = |rollout| Observed {
             kvc: &kvc,
@@ -439,7 +423,7 @@ mod tests {
     #[test]
     fn degraded_never_says_every_pod_answers_while_one_does_not() {
         let kvc = cluster("demo", 3);
-        let fleet = fleet(&[("demo-0", "up", 2), ("demo-1", "up", 2), ("demo-2", "down: dns error", 0)], 0);
+        let fleet = fleet(&[("demo-0", Up, 2), ("demo-1", Up, 2), ("demo-2", down("dns error"), 0)], 0);
         let sts = sts(&kvc, 3, 3);
         let status = compute_at(&kvc, Some(&sts), Some(&fleet), &ScaleStep::Steady { replicas: 3 }, 1);
         let degraded = cond(&status, "Degraded");

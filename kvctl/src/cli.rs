@@ -1,0 +1,523 @@
+//! kvctl: data commands (get, put, delete, scan), cluster views (ranges, status), admin (split)
+//! and bench. Human tables by default, `--output json` for scripts.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use kvfleet_proto::display_key;
+use kvfleet_proto::v1::controller_client::ControllerClient;
+use kvfleet_proto::v1::{
+    ControllerStatusRequest, Durability, LoadReportRequest, MergeRangesRequest, NodeInfoRequest, RangeDescriptor,
+    SplitRangeRequest,
+};
+use serde::Serialize;
+
+use crate::bench::{self, BenchArgs, BenchReport};
+use kvfleet_client::{Client, ClientConfig, ClientError};
+use kvfleet_view::{human_bytes, table};
+
+#[derive(Debug, Parser)]
+#[command(name = "kvctl", version, about = "Talk to a kvfleet cluster")]
+pub struct Cli {
+    /// Node addresses to start from (comma-separated host:port).
+    #[arg(long, global = true, env = "KVFLEET_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7700")]
+    pub endpoints: Vec<String>,
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
+    /// Deadline of each operation, retries included, in seconds.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// The cluster's admin token, for `split` and `merge` on nodes that require one (on
+    /// Kubernetes: the `token` of the Secret `<cluster>-admin-token`).
+    #[arg(long, global = true, env = "KVFLEET_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read a key.
+    Get { key: String },
+    /// Write a key.
+    Put { key: String, value: String },
+    /// Delete a key.
+    Delete { key: String },
+    /// List pairs in [start, end) in key order, across ranges.
+    Scan {
+        #[arg(long, default_value = "")]
+        start: String,
+        /// Exclusive; empty = to the end of the key space.
+        #[arg(long, default_value = "")]
+        end: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        keys_only: bool,
+    },
+    /// The cluster's range map: which node owns which key range.
+    Ranges,
+    /// Split the range holding KEY so that KEY starts the right half.
+    Split {
+        key: String,
+        /// Refuse unless the range is at this generation.
+        #[arg(long)]
+        expected_generation: Option<u64>,
+    },
+    /// Merge the range holding KEY with the range right after it (both on the same node).
+    Merge { key: String },
+    /// Nodes, their ranges, load and hot keys; with --controller, also what the controller is
+    /// doing and declining to do (moves in flight, hot keys, reasons).
+    Status {
+        /// The controller's status address (the playground's is 127.0.0.1:7690).
+        #[arg(long, env = "KVFLEET_CONTROLLER")]
+        controller: Option<String>,
+    },
+    /// Run a YCSB-style benchmark.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Failed(String),
+    #[error("rpc to {address} failed: {status}")]
+    Rpc { address: String, status: tonic::Status },
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Serialize)]
+struct RangeView {
+    range_id: u64,
+    start: String,
+    end: String,
+    generation: u64,
+    state: String,
+    owner: String,
+    address: String,
+}
+
+impl RangeView {
+    fn end_or_inf(&self) -> String {
+        if self.end.is_empty() { "+inf".to_string() } else { self.end.clone() }
+    }
+
+    fn print_line(&self) {
+        println!(
+            "range {} [{}, {}) generation {} on {}",
+            self.range_id,
+            self.start,
+            self.end_or_inf(),
+            self.generation,
+            self.owner
+        );
+    }
+}
+
+impl From<&RangeDescriptor> for RangeView {
+    fn from(d: &RangeDescriptor) -> Self {
+        let leader = d.leader();
+        RangeView {
+            range_id: d.range_id,
+            start: display_key(&d.start_key),
+            end: if d.end_key.is_empty() { String::new() } else { display_key(&d.end_key) },
+            generation: d.generation,
+            state: format!("{:?}", d.state()),
+            owner: leader.map(|l| l.node_id.clone()).unwrap_or_default(),
+            address: leader.map(|l| l.address.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct NodeStatus {
+    node_id: String,
+    address: String,
+    reachable: bool,
+    error: Option<String>,
+    durability: String,
+    uptime_seconds: u64,
+    ranges: Vec<RangeStatus>,
+}
+
+#[derive(Serialize)]
+struct RangeStatus {
+    range: RangeView,
+    reads_per_sec: f64,
+    writes_per_sec: f64,
+    bytes_per_sec: f64,
+    approx_size_bytes: u64,
+    approx_keys: u64,
+    hot_keys: Vec<(String, f64)>,
+}
+
+fn print_json(value: &impl Serialize) -> Result<(), CliError> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    if !(cli.timeout > 0.0 && cli.timeout.is_finite()) {
+        return Err(CliError::Failed(format!("--timeout must be a positive number of seconds, got {}", cli.timeout)));
+    }
+    let deadline = Duration::from_secs_f64(cli.timeout);
+    let mut config = ClientConfig::new(cli.endpoints.iter().cloned());
+    config.deadline = deadline;
+    if let Some(token) = cli.admin_token.as_deref() {
+        config.admin_token = kvfleet_proto::admin_auth::AdminToken::new(token)
+            .map_err(|e| CliError::Failed(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?;
+    }
+    let client = Client::new(config)?;
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Get { key } => {
+            let value = client.get(Bytes::from(key.clone())).await?;
+            if json {
+                #[derive(Serialize)]
+                struct Got {
+                    key: String,
+                    found: bool,
+                    value: Option<String>,
+                }
+                let value = value.map(|v| String::from_utf8_lossy(&v).into_owned());
+                print_json(&Got { key, found: value.is_some(), value })?;
+            } else {
+                match value {
+                    Some(value) => println!("{}", String::from_utf8_lossy(&value)),
+                    None => return Err(CliError::Failed(format!("key {key:?} not found"))),
+                }
+            }
+        }
+        Command::Put { key, value } => {
+            client.put(Bytes::from(key), Bytes::from(value)).await?;
+            if json { print_json(&serde_json::json!({"ok": true}))? } else { println!("OK") }
+        }
+        Command::Delete { key } => {
+            client.delete(Bytes::from(key)).await?;
+            if json { print_json(&serde_json::json!({"ok": true}))? } else { println!("OK") }
+        }
+        Command::Scan { start, end, limit, keys_only } => {
+            let pairs = client.scan(Bytes::from(start), Bytes::from(end), limit, keys_only).await?;
+            if json {
+                let rows: Vec<_> = pairs
+                    .iter()
+                    .map(|kv| serde_json::json!({"key": display_key(&kv.key), "value": String::from_utf8_lossy(&kv.value)}))
+                    .collect();
+                print_json(&rows)?;
+            } else {
+                let mut out = table(&["key", "value"]);
+                for kv in &pairs {
+                    out.add_row(vec![display_key(&kv.key), String::from_utf8_lossy(&kv.value).into_owned()]);
+                }
+                println!("{out}\n{} pairs", pairs.len());
+            }
+        }
+        Command::Ranges => {
+            client.refresh(std::time::Instant::now()).await?;
+            let ranges: Vec<RangeView> = client.cached_ranges().iter().map(RangeView::from).collect();
+            if json {
+                print_json(&ranges)?;
+            } else {
+                let mut out = table(&["range", "start", "end", "gen", "state", "owner", "address"]);
+                for r in &ranges {
+                    let end = r.end_or_inf();
+                    out.add_row(vec![
+                        r.range_id.to_string(),
+                        r.start.clone(),
+                        end,
+                        r.generation.to_string(),
+                        r.state.clone(),
+                        r.owner.clone(),
+                        r.address.clone(),
+                    ]);
+                }
+                println!("{out}");
+            }
+        }
+        Command::Split { key, expected_generation } => split(&client, key, expected_generation, json).await?,
+        Command::Merge { key } => merge(&client, key, json).await?,
+        Command::Status { controller } => status(&client, controller.as_deref(), json).await?,
+        Command::Bench(args) => {
+            let report = bench::run(&args, &cli.endpoints, deadline).await.map_err(CliError::Failed)?;
+            if json {
+                print_json(&report)?
+            } else {
+                print_bench(&report)
+            }
+            if report.errors > 0 || report.verify_failures > 0 {
+                return Err(CliError::Failed(format!(
+                    "{} errors and {} verification failures; first: {}",
+                    report.errors,
+                    report.verify_failures,
+                    report.first_problem.unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The freshly read range map, and the range in it that holds `key`.
+async fn range_holding(client: &Client, key: &[u8]) -> Result<(Vec<RangeDescriptor>, RangeDescriptor), CliError> {
+    client.refresh(std::time::Instant::now()).await?;
+    let ranges = client.cached_ranges();
+    let range = ranges
+        .iter()
+        .find(|r| kvfleet_proto::RangeBounds::contains_key(*r, key))
+        .cloned()
+        .ok_or_else(|| CliError::Failed(format!("no node reports a range holding {}", display_key(key))))?;
+    Ok((ranges, range))
+}
+
+async fn split(client: &Client, key: String, expected_generation: Option<u64>, json: bool) -> Result<(), CliError> {
+    let key = Bytes::from(key);
+    let (_, range) = range_holding(client, &key).await?;
+    let address = range.leader().map(|l| l.address.clone()).unwrap_or_default();
+    let request = SplitRangeRequest {
+        range_id: range.range_id,
+        expected_generation: expected_generation.unwrap_or(range.generation),
+        split_key: key,
+        left_id: 0,
+        right_id: 0,
+    };
+    let response = client
+        .admin(&address)?
+        .split_range(request)
+        .await
+        .map_err(|status| CliError::Rpc { address: address.clone(), status })?
+        .into_inner();
+    let halves: Vec<RangeView> = [response.left, response.right].iter().flatten().map(RangeView::from).collect();
+    if json {
+        print_json(&halves)?;
+    } else {
+        halves.iter().for_each(RangeView::print_line);
+    }
+    Ok(())
+}
+
+async fn merge(client: &Client, key: String, json: bool) -> Result<(), CliError> {
+    let (ranges, left) = range_holding(client, key.as_bytes()).await?;
+    let left = &left;
+    if left.end_key.is_empty() {
+        return Err(CliError::Failed(format!(
+            "range {} {} is the last range: nothing after it",
+            left.range_id,
+            left.span()
+        )));
+    }
+    let right = ranges
+        .iter()
+        .find(|r| r.start_key == left.end_key)
+        .ok_or_else(|| CliError::Failed(format!("no node reports the range after {}", left.span())))?;
+    let (left_owner, right_owner) =
+        (left.leader().cloned().unwrap_or_default(), right.leader().cloned().unwrap_or_default());
+    if left_owner.node_id != right_owner.node_id {
+        return Err(CliError::Failed(format!(
+            "ranges {} and {} live on different nodes ({} and {}); move one next to the other first",
+            left.range_id, right.range_id, left_owner.node_id, right_owner.node_id
+        )));
+    }
+    let request = MergeRangesRequest {
+        left_id: left.range_id,
+        right_id: right.range_id,
+        expected_left_generation: left.generation,
+        expected_right_generation: right.generation,
+        merged_id: 0,
+    };
+    let address = left_owner.address;
+    let merged = client
+        .admin(&address)?
+        .merge_ranges(request)
+        .await
+        .map_err(|status| CliError::Rpc { address: address.clone(), status })?
+        .into_inner()
+        .merged
+        .unwrap_or_default();
+    let view = RangeView::from(&merged);
+    if json {
+        print_json(&view)?;
+    } else {
+        view.print_line();
+    }
+    Ok(())
+}
+
+async fn status(client: &Client, controller: Option<&str>, json: bool) -> Result<(), CliError> {
+    if let Some(address) = controller {
+        return controller_status(address, json).await;
+    }
+    // Learn every node first, then ask each for its info and load.
+    let _ = client.refresh(std::time::Instant::now()).await;
+    let mut nodes = Vec::new();
+    for address in client.known_nodes() {
+        nodes.push(node_status(client, &address).await);
+    }
+    if json {
+        return print_json(&nodes);
+    }
+    let mut node_table =
+        table(&["node", "address", "state", "durability", "ranges", "reads/s", "writes/s", "size on disk", "uptime"]);
+    for node in &nodes {
+        let sum = |f: fn(&RangeStatus) -> f64| node.ranges.iter().map(f).sum::<f64>();
+        let state = match &node.error {
+            None => "up".to_string(),
+            Some(error) => format!("DOWN: {error}"),
+        };
+        node_table.add_row(vec![
+            node.node_id.clone(),
+            node.address.clone(),
+            state,
+            node.durability.clone(),
+            node.ranges.len().to_string(),
+            format!("{:.0}", sum(|r| r.reads_per_sec)),
+            format!("{:.0}", sum(|r| r.writes_per_sec)),
+            human_bytes(node.ranges.iter().map(|r| r.approx_size_bytes).sum()),
+            format!("{}s", node.uptime_seconds),
+        ]);
+    }
+    println!("{node_table}");
+    let mut range_table =
+        table(&["range", "span", "gen", "owner", "reads/s", "writes/s", "bytes/s", "size on disk", "keys", "hot keys"]);
+    for node in &nodes {
+        for r in &node.ranges {
+            let end = r.range.end_or_inf();
+            let hot =
+                r.hot_keys.iter().take(3).map(|(k, ops)| format!("{k} ({ops:.0}/s)")).collect::<Vec<_>>().join(", ");
+            range_table.add_row(vec![
+                r.range.range_id.to_string(),
+                format!("[{}, {})", r.range.start, end),
+                r.range.generation.to_string(),
+                r.range.owner.clone(),
+                format!("{:.0}", r.reads_per_sec),
+                format!("{:.0}", r.writes_per_sec),
+                human_bytes(r.bytes_per_sec as u64),
+                human_bytes(r.approx_size_bytes),
+                r.approx_keys.to_string(),
+                hot,
+            ]);
+        }
+    }
+    println!("{range_table}");
+    Ok(())
+}
+
+async fn controller_status(address: &str, json: bool) -> Result<(), CliError> {
+    let failed = |what: &str, error: String| CliError::Failed(format!("controller at {address}: {what}: {error}"));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| failed("bad address", e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| failed("cannot connect", e.to_string()))?;
+    let mut request = tonic::Request::new(ControllerStatusRequest {});
+    request.set_timeout(Duration::from_secs(5));
+    let status = ControllerClient::new(channel)
+        .status(request)
+        .await
+        .map_err(|s| CliError::Rpc { address: address.to_string(), status: s })?
+        .into_inner();
+    if json {
+        print_json(&kvfleet_view::to_json(&status))
+    } else {
+        print!("{}", kvfleet_view::render(&status));
+        Ok(())
+    }
+}
+
+async fn node_status(client: &Client, address: &str) -> NodeStatus {
+    let mut status = NodeStatus {
+        node_id: String::new(),
+        address: address.to_string(),
+        reachable: false,
+        error: None,
+        durability: String::new(),
+        uptime_seconds: 0,
+        ranges: Vec::new(),
+    };
+    let result: Result<(), String> = async {
+        let mut admin = client.admin(address).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(NodeInfoRequest {});
+        request.set_timeout(Duration::from_secs(2));
+        let info = admin.node_info(request).await.map_err(|s| s.message().to_string())?.into_inner();
+        status.node_id = info.node_id.clone();
+        status.durability = match info.durability() {
+            Durability::Sync => "sync".into(),
+            Durability::Async => format!("async ({} ms)", info.fsync_interval_ms),
+            Durability::Unspecified => "?".into(),
+        };
+        status.uptime_seconds = info.uptime_seconds;
+        let report = admin
+            .load_report(LoadReportRequest { sample_keys: 1, hot_keys: 3 })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        status.ranges = report
+            .ranges
+            .iter()
+            .map(|r| RangeStatus {
+                range: r
+                    .range
+                    .as_ref()
+                    .map(RangeView::from)
+                    .unwrap_or_else(|| RangeView::from(&RangeDescriptor::default())),
+                reads_per_sec: r.reads_per_sec,
+                writes_per_sec: r.writes_per_sec,
+                bytes_per_sec: r.read_bytes_per_sec + r.write_bytes_per_sec,
+                approx_size_bytes: r.approx_size_bytes,
+                approx_keys: r.approx_keys,
+                hot_keys: r.hot_keys.iter().map(|h| (display_key(&h.key), h.ops_per_sec)).collect(),
+            })
+            .collect();
+        Ok(())
+    }
+    .await;
+    status.reachable = result.is_ok();
+    status.error = result.err();
+    status
+}
+
+fn print_bench(report: &BenchReport) {
+    println!(
+        "{} workload {:?} ({:?}), {} records x {} B, {} clients over {} connections",
+        report.target,
+        report.workload,
+        report.distribution,
+        report.records,
+        report.value_size,
+        report.concurrency,
+        report.connections
+    );
+    if let (Some(seconds), Some(rate)) = (report.load_seconds, report.load_ops_per_sec) {
+        println!("load: {seconds:.1} s ({rate:.0} writes/s)");
+    }
+    let mut out = table(&["op", "count", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs"]);
+    for (name, summary) in [("read", &report.reads), ("update", &report.updates), ("all", &report.all)] {
+        if summary.count == 0 {
+            continue;
+        }
+        out.add_row(vec![
+            name.to_string(),
+            summary.count.to_string(),
+            format!("{:.0}", summary.count as f64 / report.run_seconds),
+            summary.p50_us.to_string(),
+            summary.p99_us.to_string(),
+            summary.p999_us.to_string(),
+            summary.max_us.to_string(),
+        ]);
+    }
+    println!("{out}");
+    println!(
+        "run: {:.1} s, {:.0} ops/s, {} errors, {} verification failures",
+        report.run_seconds, report.ops_per_sec, report.errors, report.verify_failures
+    );
+}

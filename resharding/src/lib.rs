@@ -1,0 +1,22 @@
+//! kvfleet's resharding loop, apart from any platform: collect load from the nodes -> recover
+//! moves a crash left in flight -> plan (`kvfleet-planner`) -> execute splits, merges and moves
+//! through the nodes' admin API -> persist -> report status. No Kubernetes, no command line.
+//!
+//! Where things live: `resharding_loop` (the rounds), `observe` (what the nodes report, and the
+//! planner's view built from it), `moves` (the move protocol, driven and recovered), `platform`
+//! (the trait a platform implements: which nodes exist, where the state is saved), `state` (what
+//! the loop persists), `fleet` (the typed fleet view the loop exports), `status` (the status API,
+//! metrics and events), `leadership` (whether this loop may act, and its epoch).
+
+pub mod fleet;
+pub mod leadership;
+pub mod moves;
+pub mod observe;
+pub mod platform;
+pub mod resharding_loop;
+pub mod state;
+pub mod status;
+
+pub use platform::{Member, Platform, PlatformError};
+pub use resharding_loop::{LoopConfig, LoopError, ReshardingLoop, unix_now};
+pub use state::{InFlightMove, ReshardingState};

@@ -1,0 +1,388 @@
+//! Collect: ask every node for its ranges and their load, and turn the answers into the range
+//! map the controller acts on and the `ClusterView` the planner reads.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use kvfleet_client::{ChannelConfig, ChannelPool};
+use kvfleet_planner::{Action, ClusterView, Load, NodeId, NodeView, RangeView};
+use kvfleet_proto::RangeBounds;
+use kvfleet_proto::admin_auth::AdminToken;
+use kvfleet_proto::v1::{
+    LoadReportRequest, LoadReportResponse, RangeDescriptor, RangeLoad, RangeState, ReplicaRole,
+    admin_client::AdminClient,
+};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::leadership::{EpochStamp, Leadership};
+use crate::platform::Member;
+use crate::state::ReshardingState;
+
+/// Key samples and hot keys asked of each range per round.
+const SAMPLE_KEYS: u32 = 64;
+const HOT_KEYS: u32 = 4;
+const MAX_ADMIN_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// An admin client whose calls carry this controller's epoch (and are not sent without leadership).
+pub type Admin = AdminClient<InterceptedService<Channel, EpochStamp>>;
+
+/// Admin clients of the nodes, over channels shared with every other caller of the pool.
+#[derive(Clone)]
+pub struct NodeClients {
+    channels: ChannelPool,
+    leadership: Leadership,
+    admin_token: AdminToken,
+}
+
+impl Default for NodeClients {
+    fn default() -> Self {
+        NodeClients::new(Leadership::default(), AdminToken::default())
+    }
+}
+
+impl NodeClients {
+    pub fn new(leadership: Leadership, admin_token: AdminToken) -> Self {
+        // No pings: every call has a deadline, and a round notices a node that stopped answering.
+        let config = ChannelConfig {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: None,
+            ..ChannelConfig::default()
+        };
+        NodeClients { channels: ChannelPool::new(config), leadership, admin_token }
+    }
+
+    pub fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    pub fn admin(&self, address: &str) -> Result<Admin, String> {
+        let channel = self.channels.channel(address).map_err(|e| format!("node {e}"))?;
+        // Load reports and routing maps of large clusters exceed tonic's 4 MiB default.
+        Ok(AdminClient::with_interceptor(
+            channel,
+            EpochStamp { leadership: self.leadership.clone(), token: self.admin_token.clone() },
+        )
+        .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES))
+    }
+}
+
+/// A request with a deadline.
+pub fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// What one node said this round.
+#[derive(Debug, Clone, Default)]
+pub struct NodeReport {
+    pub load: LoadReportResponse,
+    /// Ranges being imported here (not served yet).
+    pub importing: Vec<RangeDescriptor>,
+    /// The highest range id and move id the node ever recorded.
+    pub max_range_id: u64,
+    pub max_move_id: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ObservedNode {
+    pub member: Member,
+    pub report: Result<NodeReport, String>,
+}
+
+impl ObservedNode {
+    pub fn owned(&self) -> impl Iterator<Item = &RangeDescriptor> {
+        self.report.iter().flat_map(|r| r.load.ranges.iter().filter_map(|l| l.range.as_ref()))
+    }
+
+    pub fn holds(&self, range_id: u64) -> Option<&RangeDescriptor> {
+        self.owned().find(|d| d.range_id == range_id)
+    }
+}
+
+/// The serving copy of a range: among owned descriptors that overlap, the newest generation.
+#[derive(Debug, Clone)]
+pub struct ObservedRange {
+    pub desc: RangeDescriptor,
+    /// Index into `Observation::nodes`.
+    pub owner: usize,
+    pub load: RangeLoad,
+}
+
+/// Two owned ranges that overlap where one must have replaced the other: more than one node
+/// would serve (and may have acknowledged writes for) these keys. Never planned on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// Index into `Observation::nodes`, and the descriptor it reported.
+    pub newer: (usize, RangeDescriptor),
+    pub older: (usize, RangeDescriptor),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub nodes: Vec<ObservedNode>,
+    /// The ranges that serve, by id. They tile what is known of the key space without
+    /// overlapping; ranges in a conflict are left out.
+    pub ranges: BTreeMap<u64, ObservedRange>,
+    pub conflicts: Vec<Conflict>,
+}
+
+impl Observation {
+    pub fn node(&self, node_id: &str) -> Option<&ObservedNode> {
+        self.nodes.iter().find(|n| n.member.node_id == node_id)
+    }
+
+    pub fn node_index(&self, node_id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.member.node_id == node_id)
+    }
+
+    pub fn unreachable(&self) -> impl Iterator<Item = (&Member, &str)> {
+        self.nodes.iter().filter_map(|n| n.report.as_ref().err().map(|e| (&n.member, e.as_str())))
+    }
+
+    /// The highest range id and move id any node mentions or ever recorded.
+    pub fn max_ids(&self) -> (u64, u64) {
+        let mut max_range = 0;
+        let mut max_move = 0;
+        for node in &self.nodes {
+            let Ok(report) = &node.report else { continue };
+            max_range = max_range.max(report.max_range_id);
+            max_move = max_move.max(report.max_move_id);
+            let descs = report.load.ranges.iter().filter_map(|l| l.range.as_ref()).chain(&report.importing);
+            for desc in descs {
+                max_range = max_range.max(desc.range_id).max(desc.successors.iter().copied().max().unwrap_or(0));
+                max_move = max_move.max(desc.move_intent.as_ref().map_or(0, |i| i.move_id));
+            }
+        }
+        (max_range, max_move)
+    }
+
+    /// The range map as published to nodes for routing hints: every serving descriptor.
+    pub fn routing(&self) -> Vec<RangeDescriptor> {
+        self.ranges.values().map(|r| r.desc.clone()).collect()
+    }
+
+    /// Changes whenever a range's id, generation or owner changes.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for range in self.ranges.values() {
+            (range.desc.range_id, range.desc.generation, range.owner, range.desc.state).hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+}
+
+pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Duration) -> Observation {
+    let reports = join_all(members.iter().map(|member| report_of(clients, member.admin_address(), timeout))).await;
+    let nodes: Vec<ObservedNode> =
+        members.into_iter().zip(reports).map(|(member, report)| ObservedNode { member, report }).collect();
+    let (ranges, conflicts) = resolve_ownership(&nodes);
+    Observation { nodes, ranges, conflicts }
+}
+
+/// Which owned descriptor serves each key. Newest generation first: generations only grow along
+/// a key's history (split, merge and move each bump it), so an older descriptor overlapping a
+/// newer one was replaced. An older frozen copy is the source of a handoff in progress (frozen
+/// until it retires) and is set aside; an older active one would still serve: a conflict, and
+/// both sides of it are left out of the map.
+fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, Vec<Conflict>) {
+    let mut owned: Vec<ObservedRange> = Vec::new();
+    for (index, node) in nodes.iter().enumerate() {
+        let Ok(report) = &node.report else { continue };
+        for load in &report.load.ranges {
+            let Some(desc) = &load.range else { continue };
+            owned.push(ObservedRange { desc: desc.clone(), owner: index, load: load.clone() });
+        }
+    }
+    // Newest first; at equal generations active before frozen, then by node for determinism.
+    owned.sort_by_key(|r| (std::cmp::Reverse(r.desc.generation), r.desc.state() != RangeState::Active, r.owner));
+    // Accepted ranges never overlap each other, so the ones overlapping a candidate are the last
+    // starting at or before its start and those starting inside it.
+    let mut serving: BTreeMap<Bytes, ObservedRange> = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for range in owned {
+        let (start, end) = (&range.desc.start_key, &range.desc.end_key);
+        let before = serving.range::<Bytes, _>(..=start).next_back().map(|(_, r)| r);
+        let inside = serving.range::<Bytes, _>((Bound::Excluded(start), Bound::Unbounded)).map(|(_, r)| r);
+        let inside = inside.take_while(|r| end.is_empty() || r.desc.start_key < *end);
+        let newer: Vec<&ObservedRange> =
+            before.into_iter().chain(inside).filter(|s| s.desc.overlaps(&range.desc)).collect();
+        if newer.is_empty() {
+            serving.insert(start.clone(), range);
+            continue;
+        }
+        if range.desc.state() == RangeState::Frozen {
+            continue;
+        }
+        for newer in newer {
+            conflicts
+                .push(Conflict { newer: (newer.owner, newer.desc.clone()), older: (range.owner, range.desc.clone()) });
+        }
+    }
+    let in_conflict = |r: &ObservedRange| {
+        conflicts.iter().any(|c: &Conflict| (c.newer.0, c.newer.1.range_id) == (r.owner, r.desc.range_id))
+    };
+    let ranges = serving.into_values().filter(|r| !in_conflict(r)).map(|r| (r.desc.range_id, r)).collect();
+    (ranges, conflicts)
+}
+
+async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> Result<NodeReport, String> {
+    let mut admin = clients.admin(address)?;
+    let mut admin2 = admin.clone();
+    let load =
+        admin.load_report(with_timeout(LoadReportRequest { sample_keys: SAMPLE_KEYS, hot_keys: HOT_KEYS }, timeout));
+    let list = admin2.list_ranges(with_timeout(kvfleet_proto::v1::ListRangesRequest {}, timeout));
+    let (load, list) = futures::join!(load, list);
+    let load = load.map_err(|s| describe_status(&s))?.into_inner();
+    let list = list.map_err(|s| describe_status(&s))?.into_inner();
+    clients.leadership.saw_node_epoch(list.operator_epoch);
+    Ok(NodeReport { load, importing: list.importing, max_range_id: list.max_range_id, max_move_id: list.max_move_id })
+}
+
+pub fn describe_status(status: &tonic::Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    }
+}
+
+/// The planner's view: nodes by index, every serving range with its load, what is in flight.
+pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> ClusterView {
+    let nodes = observation
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(index, node)| NodeView {
+            id: NodeId(index as u32),
+            name: node.member.node_id.clone(),
+            schedulable: node.report.is_ok() && !node.member.draining,
+            draining: node.member.draining,
+        })
+        .collect();
+    let ranges = observation
+        .ranges
+        .values()
+        .map(|range| {
+            let load = &range.load;
+            RangeView {
+                id: range.desc.range_id,
+                start: range.desc.start_key.to_vec(),
+                end: range.desc.end_key.to_vec(),
+                owner: NodeId(range.owner as u32),
+                load: Load {
+                    reads: load.reads_per_sec,
+                    writes: load.writes_per_sec,
+                    read_bytes: load.read_bytes_per_sec,
+                    write_bytes: load.write_bytes_per_sec,
+                },
+                size_bytes: load.approx_size_bytes,
+                samples: load.key_samples.iter().map(|s| (s.key.to_vec(), s.weight)).collect(),
+                hot_keys: load.hot_keys.iter().map(|h| (h.key.to_vec(), h.ops_per_sec)).collect(),
+                size_middle_key: None,
+                split_at: state.split_at.get(&range.desc.range_id).copied(),
+                moved_at: state.moved_at.get(&range.desc.range_id).copied(),
+            }
+        })
+        .collect();
+    let in_flight = state
+        .moves
+        .iter()
+        .map(|m| {
+            let from = observation.node_index(&m.from).unwrap_or(0);
+            let to = observation.node_index(&m.to).unwrap_or(from);
+            Action::Move {
+                range: m.range_id,
+                from: NodeId(from as u32),
+                to: NodeId(to as u32),
+                reason: kvfleet_planner::MoveReason::Drain,
+            }
+        })
+        .collect();
+    ClusterView { nodes, ranges, in_flight }
+}
+
+pub fn leader_replica(member: &Member) -> kvfleet_proto::v1::Replica {
+    kvfleet_proto::v1::Replica {
+        node_id: member.node_id.clone(),
+        address: member.address.clone(),
+        role: ReplicaRole::Leader as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(range_id: u64, span: (&str, &str), generation: u64, state: RangeState) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id,
+            start_key: span.0.as_bytes().to_vec().into(),
+            end_key: span.1.as_bytes().to_vec().into(),
+            generation,
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    fn node(id: &str, owned: Vec<RangeDescriptor>) -> ObservedNode {
+        let member = Member::at(id, &format!("{id}:1"));
+        let ranges = owned.into_iter().map(|d| RangeLoad { range: Some(d), ..Default::default() }).collect();
+        let load = LoadReportResponse { ranges, ..Default::default() };
+        ObservedNode { member, report: Ok(NodeReport { load, ..Default::default() }) }
+    }
+
+    /// n2 completed the move of range 4 ["k", "t") at generation 4, then split it; it also owns
+    /// range 5 ["t", +inf).
+    fn n2_after_the_move_and_a_split() -> ObservedNode {
+        use RangeState::Active;
+        let owned =
+            vec![range(600, ("k", "p"), 5, Active), range(601, ("p", "t"), 5, Active), range(5, ("t", ""), 4, Active)];
+        node("n2", owned)
+    }
+
+    fn serving(ranges: &BTreeMap<u64, ObservedRange>) -> Vec<(u64, usize)> {
+        ranges.values().map(|r| (r.desc.range_id, r.owner)).collect()
+    }
+
+    #[test]
+    fn a_frozen_source_after_the_handoff_is_set_aside_not_a_conflict() {
+        use RangeState::*;
+        // n1 froze range 4 for a move; n2 completed it and split it since.
+        let nodes = [
+            node("n1", vec![range(2, ("", "k"), 2, Active), range(4, ("k", "t"), 3, Frozen)]),
+            n2_after_the_move_and_a_split(),
+        ];
+        let (ranges, conflicts) = resolve_ownership(&nodes);
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        assert_eq!(serving(&ranges), vec![(2, 0), (5, 1), (600, 1), (601, 1)]);
+        // Before the handoff the frozen copy is the only one: it serves (frozen) in the map.
+        let nodes = [node("n1", vec![range(4, ("k", "t"), 3, Frozen)]), node("n2", vec![])];
+        assert_eq!(serving(&resolve_ownership(&nodes).0), vec![(4, 0)]);
+    }
+
+    #[test]
+    fn two_active_owners_of_the_same_keys_are_a_conflict_and_left_out() {
+        use RangeState::*;
+        // n1 reactivated its pre-move copy (generation 3) although n2 owns the keys at 5.
+        let nodes = [
+            node("n1", vec![range(2, ("", "k"), 2, Active), range(4, ("k", "t"), 3, Active)]),
+            n2_after_the_move_and_a_split(),
+        ];
+        let (ranges, conflicts) = resolve_ownership(&nodes);
+        let pairs: Vec<(u64, u64)> = conflicts.iter().map(|c| (c.newer.1.range_id, c.older.1.range_id)).collect();
+        assert_eq!(pairs, vec![(600, 4), (601, 4)]);
+        assert_eq!(serving(&ranges), vec![(2, 0), (5, 1)], "nothing on the conflicting keys is planned");
+        // The same id active on two nodes (equal generations) is a conflict too.
+        let nodes = [node("n1", vec![range(1, ("", ""), 1, Active)]), node("n2", vec![range(1, ("", ""), 1, Active)])];
+        let (ranges, conflicts) = resolve_ownership(&nodes);
+        assert_eq!(conflicts.len(), 1);
+        assert!(ranges.is_empty());
+    }
+}

@@ -1,0 +1,497 @@
+//! The control loop: collect load from the nodes -> plan (kvfleet-planner) -> execute through the
+//! nodes' admin API -> persist the state and what is in flight -> report status. One round at a
+//! time; moves run as tasks across rounds, bounded by the policy's `max_concurrent_moves`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kvfleet_planner::{Action, ActionKind, MergeReason, MoveReason, NodeId, Plan, Planner, Policy, SplitReason};
+use kvfleet_proto::admin_auth::AdminToken;
+use kvfleet_proto::display_key;
+use kvfleet_proto::v1::{BootstrapRequest, MergeRangesRequest, PublishRoutingRequest, RangeState, SplitRangeRequest};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::leadership::Leadership;
+use crate::moves::{MoveError, MoveReport, MoveTimeouts, Recovery};
+use crate::observe::{NodeClients, Observation, describe_status, with_timeout};
+use crate::platform::{Platform, PlatformError};
+use crate::state::{InFlightMove, ReshardingState};
+use crate::status::StatusBoard;
+use crate::{moves, observe};
+
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// Time between the starts of two rounds.
+    pub interval: Duration,
+    pub policy: Policy,
+    /// Deadline of each admin call except a move's copy.
+    pub rpc_timeout: Duration,
+    /// Deadline of a move's snapshot copy.
+    pub import_timeout: Duration,
+    /// Republish the range map to every node at least this often, even if it did not change
+    /// (a restarted node has lost its routing hints).
+    pub republish_every: Duration,
+    /// Whether this controller may act now, and the epoch its admin calls carry.
+    pub leadership: Leadership,
+    /// The fleet's admin token, sent on every admin call (none: the nodes' admin API is open).
+    pub admin_token: AdminToken,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            interval: Duration::from_secs(5),
+            policy: Policy::default(),
+            rpc_timeout: Duration::from_secs(10),
+            import_timeout: Duration::from_secs(3600),
+            republish_every: Duration::from_secs(30),
+            leadership: Leadership::unconditional(),
+            admin_token: AdminToken::none(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+}
+
+struct LiveMove {
+    task: JoinHandle<Result<MoveReport, MoveError>>,
+    reason: MoveReason,
+}
+
+pub struct ReshardingLoop<P: Platform> {
+    platform: Arc<P>,
+    config: LoopConfig,
+    planner: Planner,
+    state: ReshardingState,
+    clients: NodeClients,
+    live_moves: HashMap<u64, LiveMove>,
+    status: StatusBoard,
+    published: Option<(u64, std::time::Instant)>,
+}
+
+pub fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+impl<P: Platform> ReshardingLoop<P> {
+    /// A controller resuming from the platform's saved state, if any.
+    pub async fn new(platform: Arc<P>, config: LoopConfig, status: StatusBoard) -> Result<Self, LoopError> {
+        let state = platform.load_state().await?.unwrap_or_default();
+        if !state.moves.is_empty() {
+            tracing::info!(moves = state.moves.len(), "resuming: moves were in flight; finishing or rolling them back");
+        }
+        Ok(ReshardingLoop {
+            planner: Planner::new(config.policy.clone()),
+            clients: NodeClients::new(config.leadership.clone(), config.admin_token.clone()),
+            platform,
+            config,
+            state,
+            live_moves: HashMap::new(),
+            status,
+            published: None,
+        })
+    }
+
+    /// Rounds until `shutdown` turns true; then waits (bounded) for the moves under way and saves.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), LoopError> {
+        let mut ticker = tokio::time::interval(self.config.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            match self.round().await {
+                Ok(()) => {}
+                Err(LoopError::Platform(PlatformError::Gone(why))) => {
+                    tracing::info!(%why, "the fleet is gone; the controller stops");
+                    return Ok(());
+                }
+                Err(error @ LoopError::Platform(PlatformError::Superseded(_))) => {
+                    tracing::error!(%error, "superseded; the controller stops without saving");
+                    return Err(error);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "control round failed");
+                    self.status.event(format!("round failed: {error}"));
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.config.rpc_timeout * 3;
+        while !self.live_moves.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.reap_moves(unix_now().as_secs());
+        }
+        self.platform.save_state(&self.state).await?;
+        Ok(())
+    }
+
+    /// One round: collect -> recover -> publish -> plan -> execute -> persist -> status.
+    pub async fn round(&mut self) -> Result<(), LoopError> {
+        let now = unix_now().as_secs();
+        let members = self.platform.members().await?;
+        let observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
+        let (max_range, max_move) = observation.max_ids();
+        self.state.observe_ids(max_range, max_move);
+        if !self.state.bootstrapped {
+            self.bootstrap(&observation, max_range).await?;
+        }
+        self.reap_moves(now);
+        self.recover_moves(&observation).await;
+        self.publish_routing(&observation).await;
+
+        let view = observe::cluster_view(&observation, &self.state);
+        let plan = self.planner.plan(&view, now);
+        // Ranges on unreachable nodes are missing from the view; the planner acts on what it sees
+        // and moves nothing onto those nodes.
+        let degraded = observation.unreachable().next().is_some();
+        for (member, error) in observation.unreachable() {
+            tracing::warn!(node = %member.node_id, %error, "node unreachable this round");
+        }
+        if !degraded {
+            // Before executing: the ranges this round creates are not in the observation.
+            let live: HashSet<u64> = observation.ranges.keys().copied().collect();
+            self.state.forget_ranges_except(&live);
+        }
+        self.execute(&observation, &plan, now).await?;
+        self.platform.save_state(&self.state).await?;
+        self.status.record_round(&observation, &plan, &self.state, &self.live_move_reasons(), degraded);
+        Ok(())
+    }
+
+    /// The reason of each move a task drives; the others are recovering.
+    fn live_move_reasons(&self) -> HashMap<u64, MoveReason> {
+        self.live_moves.iter().map(|(id, live)| (*id, live.reason.clone())).collect()
+    }
+
+    /// Collects the moves whose tasks ended. A failed move stays in the state for `recover_moves`.
+    fn reap_moves(&mut self, now: u64) {
+        let finished: Vec<u64> =
+            self.live_moves.iter().filter(|(_, live)| live.task.is_finished()).map(|(id, _)| *id).collect();
+        for move_id in finished {
+            let Some(live) = self.live_moves.remove(&move_id) else { continue };
+            let outcome = futures::FutureExt::now_or_never(live.task).and_then(Result::ok);
+            match outcome {
+                Some(Ok(report)) => {
+                    if let Some(mv) = self.state.finish_move(move_id) {
+                        self.state.moved_at.insert(mv.range_id, now);
+                        let text = format!(
+                            "moved range {} {} -> {}: {:.1} MB copied in {:.2}s, writes frozen {:.1} ms",
+                            mv.range_id,
+                            mv.from,
+                            mv.to,
+                            report.bytes_copied as f64 / 1e6,
+                            report.copy.as_secs_f64(),
+                            report.freeze.as_secs_f64() * 1e3
+                        );
+                        tracing::info!(
+                            move_id,
+                            range_id = mv.range_id,
+                            from = %mv.from,
+                            to = %mv.to,
+                            bytes = report.bytes_copied,
+                            pairs = report.pairs_copied,
+                            copy_ms = report.copy.as_millis() as u64,
+                            freeze_ms = report.freeze.as_secs_f64() * 1e3,
+                            total_ms = report.total.as_millis() as u64,
+                            generation = report.new_owner.generation,
+                            "move finished"
+                        );
+                        self.status.move_finished(&report, text);
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "move failed; it will be finished or rolled back from the nodes' state");
+                    self.status.action_failed(ActionKind::Move, format!("{error}; recovering"));
+                }
+                None => {
+                    tracing::error!(move_id, "move task panicked or was cancelled; recovering from the nodes' state");
+                }
+            }
+        }
+    }
+
+    /// Finishes or rolls back every move no task drives (failed, or from before a restart), and
+    /// clears imports nothing accounts for.
+    async fn recover_moves(&mut self, observation: &Observation) {
+        let orphans = moves::discover_orphans(observation, &self.state.moves);
+        for orphan in orphans {
+            tracing::warn!(
+                move_id = orphan.move_id,
+                range_id = orphan.range_id,
+                "found a move the state did not record"
+            );
+            self.state.moves.push(orphan);
+        }
+        let pending: Vec<InFlightMove> =
+            self.state.moves.iter().filter(|m| !self.live_moves.contains_key(&m.move_id)).cloned().collect();
+        // Their imports were dealt with just now; the observation predates that.
+        let handled: HashSet<u64> = pending.iter().map(|m| m.move_id).collect();
+        for mv in pending {
+            match moves::recover(&self.clients, observation, &mv, self.config.rpc_timeout).await {
+                Ok(Recovery::Completed(owner)) => {
+                    self.state.finish_move(mv.move_id);
+                    self.state.moved_at.insert(mv.range_id, unix_now().as_secs());
+                    self.status.event(format!(
+                        "recovered move {}: range {} now on {} at generation {}",
+                        mv.move_id, mv.range_id, mv.to, owner.generation
+                    ));
+                }
+                Ok(Recovery::RolledBack) => {
+                    self.state.finish_move(mv.move_id);
+                    self.status
+                        .event(format!("rolled back move {}: range {} stays on {}", mv.move_id, mv.range_id, mv.from));
+                }
+                Ok(Recovery::Waiting(why)) => tracing::info!(move_id = mv.move_id, %why, "move recovery waits"),
+                Err(error) => tracing::warn!(move_id = mv.move_id, %error, "move recovery failed; retrying next round"),
+            }
+        }
+        let stray = moves::stray_imports(observation, &self.state.moves);
+        for (node, range_id, move_id) in stray.into_iter().filter(|(_, _, move_id)| !handled.contains(move_id)) {
+            match moves::abort_stray_import(&self.clients, &node, range_id, move_id, self.config.rpc_timeout).await {
+                Ok(()) => self.status.event(format!("cleared a stray import of range {range_id} on {}", node.node_id)),
+                Err(error) => tracing::warn!(%error, "could not clear a stray import"),
+            }
+        }
+    }
+
+    /// Sends the range map to every node as routing hints when it changed, and periodically.
+    /// A new fleet: once every node answers and none has ever held a range, the first node
+    /// creates range 1. Recorded in the state before the call, so it happens once per fleet.
+    async fn bootstrap(&mut self, observation: &Observation, max_range_id: u64) -> Result<(), LoopError> {
+        if max_range_id > 0 {
+            self.state.bootstrapped = true;
+            return Ok(());
+        }
+        let Some(first) = observation.nodes.first() else { return Ok(()) };
+        if observation.unreachable().next().is_some() {
+            tracing::info!("new fleet: waiting for every node to answer before creating range 1");
+            return Ok(());
+        }
+        self.state.bootstrapped = true;
+        self.platform.save_state(&self.state).await?;
+        let request = with_timeout(BootstrapRequest {}, self.config.rpc_timeout);
+        let result: Result<_, String> = async {
+            self.clients.admin(first.member.admin_address())?.bootstrap(request).await.map_err(|s| describe_status(&s))
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                self.status.event(format!("new fleet: {} created range 1 (the whole key space)", first.member.node_id))
+            }
+            Err(error) => {
+                // Not bootstrapped after all; the next round tries again (the node refuses a
+                // second bootstrap, so a call that did land is harmless).
+                self.state.bootstrapped = false;
+                tracing::warn!(node = %first.member.node_id, %error, "bootstrap failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_routing(&mut self, observation: &Observation) {
+        let fingerprint = observation.fingerprint();
+        let fresh =
+            self.published.is_some_and(|(seen, at)| seen == fingerprint && at.elapsed() < self.config.republish_every);
+        if fresh || observation.ranges.is_empty() {
+            return;
+        }
+        let routing = observation.routing();
+        let mut all_ok = true;
+        for node in observation.nodes.iter().filter(|n| n.report.is_ok()) {
+            let request = with_timeout(PublishRoutingRequest { ranges: routing.clone() }, self.config.rpc_timeout);
+            let result: Result<_, String> = async {
+                self.clients
+                    .admin(node.member.admin_address())?
+                    .publish_routing(request)
+                    .await
+                    .map_err(|s| describe_status(&s))
+            }
+            .await;
+            if let Err(error) = result {
+                all_ok = false;
+                tracing::warn!(node = %node.member.node_id, %error, "publishing routing hints failed");
+            }
+        }
+        if all_ok {
+            self.published = Some((fingerprint, std::time::Instant::now()));
+        }
+    }
+
+    async fn execute(&mut self, observation: &Observation, plan: &Plan, now: u64) -> Result<(), LoopError> {
+        // Ids first, persisted before any node sees them.
+        let needed: u64 = plan
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::Split { .. } => 2,
+                Action::Merge { .. } => 1,
+                Action::Move { .. } => 0,
+            })
+            .sum();
+        let moves = plan.actions.iter().filter(|a| matches!(a, Action::Move { .. })).count() as u64;
+        if needed + moves == 0 {
+            return Ok(());
+        }
+        let mut next_range_id = self.state.allocate_range_ids(needed);
+        let mut move_ids: Vec<u64> = (0..moves).map(|_| self.state.allocate_move_id()).collect();
+        self.platform.save_state(&self.state).await?;
+
+        for action in &plan.actions {
+            match action {
+                Action::Split { range, key, reason } => {
+                    let ids = (next_range_id, next_range_id + 1);
+                    next_range_id += 2;
+                    self.split(observation, *range, key, reason, ids, now).await;
+                }
+                Action::Merge { left, right, reason } => {
+                    let id = next_range_id;
+                    next_range_id += 1;
+                    self.merge(observation, (*left, *right), reason, id).await;
+                }
+                Action::Move { range, from, to, reason } => {
+                    let move_id = move_ids.pop().unwrap_or_else(|| self.state.allocate_move_id());
+                    self.start_move(observation, move_id, *range, *from, *to, reason).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn split(
+        &mut self,
+        observation: &Observation,
+        range_id: u64,
+        key: &[u8],
+        reason: &SplitReason,
+        (left_id, right_id): (u64, u64),
+        now: u64,
+    ) {
+        let Some(range) = observation.ranges.get(&range_id) else { return };
+        let owner = &observation.nodes[range.owner].member;
+        let request = SplitRangeRequest {
+            range_id,
+            expected_generation: range.desc.generation,
+            split_key: key.to_vec().into(),
+            left_id,
+            right_id,
+        };
+        let started = std::time::Instant::now();
+        let result: Result<_, String> = async {
+            let request = with_timeout(request, self.config.rpc_timeout);
+            self.clients.admin(owner.admin_address())?.split_range(request).await.map_err(|s| describe_status(&s))
+        }
+        .await;
+        let why = reason.to_string();
+        match result {
+            Ok(_) => {
+                self.state.split_at.insert(left_id, now);
+                self.state.split_at.insert(right_id, now);
+                let text = format!(
+                    "split range {range_id} at {} on {} ({why}) -> {left_id}, {right_id}",
+                    display_key(key),
+                    owner.node_id
+                );
+                tracing::info!(range_id, key = %display_key(key), node = %owner.node_id, reason = %why, left_id, right_id, took_ms = started.elapsed().as_secs_f64() * 1e3, "split");
+                self.status.action_done(ActionKind::Split, text);
+            }
+            Err(error) => {
+                tracing::warn!(range_id, %error, "split failed");
+                self.status.action_failed(ActionKind::Split, format!("split of range {range_id} failed: {error}"));
+            }
+        }
+    }
+
+    async fn merge(
+        &mut self,
+        observation: &Observation,
+        (left, right): (u64, u64),
+        reason: &MergeReason,
+        merged_id: u64,
+    ) {
+        let (Some(l), Some(r)) = (observation.ranges.get(&left), observation.ranges.get(&right)) else { return };
+        if l.owner != r.owner {
+            return;
+        }
+        let owner = &observation.nodes[l.owner].member;
+        let request = MergeRangesRequest {
+            left_id: left,
+            right_id: right,
+            expected_left_generation: l.desc.generation,
+            expected_right_generation: r.desc.generation,
+            merged_id,
+        };
+        let result: Result<_, String> = async {
+            let request = with_timeout(request, self.config.rpc_timeout);
+            self.clients.admin(owner.admin_address())?.merge_ranges(request).await.map_err(|s| describe_status(&s))
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(left, right, merged_id, node = %owner.node_id, %reason, "merged");
+                self.status.action_done(
+                    ActionKind::Merge,
+                    format!("merged ranges {left} + {right} -> {merged_id} on {} ({reason})", owner.node_id),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(left, right, %error, "merge failed");
+                self.status.action_failed(ActionKind::Merge, format!("merge of {left} + {right} failed: {error}"));
+            }
+        }
+    }
+
+    async fn start_move(
+        &mut self,
+        observation: &Observation,
+        move_id: u64,
+        range_id: u64,
+        from: NodeId,
+        to: NodeId,
+        reason: &MoveReason,
+    ) -> Result<(), LoopError> {
+        let Some(range) = observation.ranges.get(&range_id).filter(|r| r.desc.state() == RangeState::Active) else {
+            return Ok(());
+        };
+        let (Some(source), Some(target)) =
+            (observation.nodes.get(from.0 as usize), observation.nodes.get(to.0 as usize))
+        else {
+            return Ok(());
+        };
+        let why = reason.to_string();
+        let mv = InFlightMove {
+            move_id,
+            range_id,
+            generation: range.desc.generation,
+            from: source.member.node_id.clone(),
+            to: target.member.node_id.clone(),
+            reason: why.clone(),
+            started_unix_ms: unix_now().as_millis() as u64,
+        };
+        // Recorded before any node hears of it: a restarted controller knows what to clean up.
+        self.state.moves.push(mv.clone());
+        self.platform.save_state(&self.state).await?;
+        tracing::info!(move_id, range_id, from = %mv.from, to = %mv.to, reason = %why, "move started");
+        self.status.action_done(ActionKind::Move, format!("moving range {range_id} {} -> {} ({why})", mv.from, mv.to));
+        let timeouts = MoveTimeouts { import: self.config.import_timeout, step: self.config.rpc_timeout };
+        let task = tokio::spawn(moves::drive(
+            self.clients.clone(),
+            mv,
+            range.desc.clone(),
+            source.member.clone(),
+            target.member.clone(),
+            timeouts,
+        ));
+        self.live_moves.insert(move_id, LiveMove { task, reason: reason.clone() });
+        Ok(())
+    }
+}
