@@ -18,5 +18,5 @@ pub mod state;
 pub mod status;
 
 pub use platform::{Member, Platform, PlatformError};
-pub use resharding_loop::{LoopConfig, LoopError, ReshardingLoop, unix_now};
-pub use state::{InFlightMove, ReshardingState};
+pub use resharding_loop::{LoopConfig, LoopError, ReshardingLoop};
+pub use state::{InFlightMove, ReshardingState, unix_now};

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kvfleet_planner::{Action, ActionKind, MergeReason, MoveReason, NodeId, Plan, Planner, Policy, SplitReason};
 use kvfleet_proto::admin_auth::AdminToken;
@@ -17,7 +17,7 @@ use crate::leadership::Leadership;
 use crate::moves::{MoveError, MoveReport, MoveTimeouts, Recovery};
 use crate::observe::{NodeClients, Observation, describe_status, with_timeout};
 use crate::platform::{Platform, PlatformError};
-use crate::state::{InFlightMove, ReshardingState};
+use crate::state::{InFlightMove, ReshardingState, unix_now};
 use crate::status::StatusBoard;
 use crate::{moves, observe};
 
@@ -73,10 +73,6 @@ pub struct ReshardingLoop<P: Platform> {
     live_moves: HashMap<u64, LiveMove>,
     status: StatusBoard,
     published: Option<(u64, std::time::Instant)>,
-}
-
-pub fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 impl<P: Platform> ReshardingLoop<P> {

@@ -23,7 +23,7 @@ use crate::fleet::{Conflict, FleetMove, FleetNode, FleetView, HotKey, MoveCause,
 use crate::moves::MoveReport;
 use crate::observe::Observation;
 use crate::state::ReshardingState;
-use crate::unix_now;
+use crate::state::unix_now;
 
 const RECENT_EVENTS: usize = 20;
 
@@ -37,7 +37,7 @@ fn freeze_histogram() -> Histogram {
 
 /// The controller's metrics, one family each, shared by every fleet of the process; a fleet's
 /// series go away with it (`StatusBoard::retire`).
-pub struct ControllerMetrics {
+pub struct LoopMetrics {
     rounds: Family<Labels, Counter>,
     degraded_rounds: Family<Labels, Counter>,
     actions: Family<Labels, Counter>,
@@ -49,9 +49,9 @@ pub struct ControllerMetrics {
     conflicts: Family<Labels, Gauge>,
 }
 
-impl ControllerMetrics {
+impl LoopMetrics {
     pub fn register(registry: &mut Registry) -> Arc<Self> {
-        let metrics = ControllerMetrics {
+        let metrics = LoopMetrics {
             rounds: Family::default(),
             degraded_rounds: Family::default(),
             actions: Family::default(),
@@ -121,7 +121,7 @@ struct Board {
 #[derive(Clone)]
 pub struct StatusBoard {
     board: Arc<parking_lot::Mutex<Board>>,
-    metrics: Arc<ControllerMetrics>,
+    metrics: Arc<LoopMetrics>,
     /// This fleet's labels on every series, and every label set it wrote (to retire them).
     base: Labels,
     written: Arc<parking_lot::Mutex<HashSet<Labels>>>,
@@ -131,11 +131,11 @@ impl StatusBoard {
     /// The board of the only fleet of a process (the playground), its metrics registered in
     /// `registry` with `cluster="local"`.
     pub fn new(registry: &mut Registry) -> Self {
-        StatusBoard::for_fleet(ControllerMetrics::register(registry), vec![("cluster", "local".into())])
+        StatusBoard::for_fleet(LoopMetrics::register(registry), vec![("cluster", "local".into())])
     }
 
     /// A board writing `metrics` with `base` labels (`cluster`: one of many fleets).
-    pub fn for_fleet(metrics: Arc<ControllerMetrics>, base: Labels) -> Self {
+    pub fn for_fleet(metrics: Arc<LoopMetrics>, base: Labels) -> Self {
         StatusBoard {
             board: Arc::new(parking_lot::Mutex::new(Board {
                 fleet: FleetView::default(),
@@ -455,12 +455,12 @@ fn move_status(m: &FleetMove, now_ms: u64) -> MoveStatus {
 }
 
 /// The `kvfleet.v1.Controller` gRPC service.
-pub struct ControllerService {
+pub struct StatusService {
     pub board: StatusBoard,
 }
 
 #[tonic::async_trait]
-impl ControllerApi for ControllerService {
+impl ControllerApi for StatusService {
     async fn status(
         &self,
         _: tonic::Request<ControllerStatusRequest>,
@@ -482,7 +482,7 @@ mod tests {
     #[test]
     fn a_deleted_fleets_series_go_away_and_the_others_stay() {
         let mut registry = Registry::default();
-        let metrics = ControllerMetrics::register(&mut registry);
+        let metrics = LoopMetrics::register(&mut registry);
         let a = StatusBoard::for_fleet(metrics.clone(), vec![("cluster", "ns/a".into())]);
         let b = StatusBoard::for_fleet(metrics, vec![("cluster", "ns/b".into())]);
         a.action_done(ActionKind::Split, "split range 1".into());

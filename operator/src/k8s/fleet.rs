@@ -18,7 +18,7 @@ use super::build::{Names, cluster_key};
 use super::crd::KeyValueCluster;
 use super::platform::KubernetesPlatform;
 use kvfleet_resharding::fleet::FleetView;
-use kvfleet_resharding::status::{ControllerMetrics, StatusBoard};
+use kvfleet_resharding::status::{LoopMetrics, StatusBoard};
 use kvfleet_resharding::{LoopConfig, ReshardingLoop};
 
 /// What the reconciler needs of the resharding loops (a fake stands in for it in tests).
@@ -42,7 +42,7 @@ pub struct FleetManager {
     reporter: Reporter,
     base: LoopConfig,
     /// Every cluster's series, labelled `cluster`; a deleted cluster's are removed.
-    metrics: Arc<ControllerMetrics>,
+    metrics: Arc<LoopMetrics>,
     fleets: Mutex<HashMap<String, Fleet>>,
     /// One per cluster, kept across restarts of its loop (a policy change); dropped, and its
     /// series removed, when the cluster is deleted.
@@ -62,7 +62,7 @@ impl FleetManager {
             admin_key,
             reporter,
             base,
-            metrics: ControllerMetrics::register(&mut registry.lock()),
+            metrics: LoopMetrics::register(&mut registry.lock()),
             fleets: Mutex::new(HashMap::new()),
             boards: Default::default(),
         }

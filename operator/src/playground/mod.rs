@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
-use kvfleet_resharding::status::{ControllerService, StatusBoard};
+use kvfleet_resharding::status::{StatusBoard, StatusService};
 use kvfleet_resharding::{LoopConfig, ReshardingLoop};
 
 use self::local::{LocalConfig, LocalPlatform};
@@ -140,7 +140,7 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
     };
     let control_address = listener.local_addr().unwrap_or(args.listen);
     let server = tonic::transport::Server::builder()
-        .add_service(ControllerServer::new(ControllerService { board: board.clone() }))
+        .add_service(ControllerServer::new(StatusService { board: board.clone() }))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), wait_until_true(shutdown_rx.clone()));
     let server = tokio::spawn(server);
     if let Some(addr) = args.metrics_listen {
