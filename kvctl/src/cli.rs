@@ -9,7 +9,7 @@ use kvfleet_proto::display_key;
 use kvfleet_proto::v1::controller_client::ControllerClient;
 use kvfleet_proto::v1::{
     ControllerStatusRequest, Durability, LoadReportRequest, MergeRangesRequest, NodeInfoRequest, RangeDescriptor,
-    SplitRangeRequest,
+    ReserveRangeIdsRequest, SplitRangeRequest,
 };
 use serde::Serialize;
 
@@ -32,6 +32,11 @@ pub struct Cli {
     /// Kubernetes: the `token` of the Secret `<cluster>-admin-token`).
     #[arg(long, global = true, env = "KVFLEET_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// The resharding loop's status API. `status` adds what the loop does and declines to do;
+    /// `split` and `merge` take their new range ids from it (without this flag they try the
+    /// playground's, 127.0.0.1:7690, and if it does not answer the node picks random ids).
+    #[arg(long, global = true, env = "KVFLEET_CONTROLLER")]
+    pub controller: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -73,13 +78,9 @@ pub enum Command {
     },
     /// Merge the range holding KEY with the range right after it (both on the same node).
     Merge { key: String },
-    /// Nodes, their ranges, load and hot keys; with --controller, also what the controller is
-    /// doing and declining to do (moves in flight, hot keys, reasons).
-    Status {
-        /// The controller's status address (the playground's is 127.0.0.1:7690).
-        #[arg(long, env = "KVFLEET_CONTROLLER")]
-        controller: Option<String>,
-    },
+    /// Nodes, their ranges, load and hot keys; with --controller, also what the resharding loop
+    /// is doing and declining to do (moves in flight, hot keys, reasons).
+    Status,
     /// Run a YCSB-style benchmark.
     Bench(BenchArgs),
 }
@@ -244,9 +245,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 println!("{out}");
             }
         }
-        Command::Split { key, expected_generation } => split(&client, key, expected_generation, json).await?,
-        Command::Merge { key } => merge(&client, key, json).await?,
-        Command::Status { controller } => status(&client, controller.as_deref(), json).await?,
+        Command::Split { key, expected_generation } => {
+            split(&client, cli.controller.as_deref(), key, expected_generation, json).await?
+        }
+        Command::Merge { key } => merge(&client, cli.controller.as_deref(), key, json).await?,
+        Command::Status => status(&client, cli.controller.as_deref(), json).await?,
         Command::Bench(args) => {
             let report = bench::run(&args, &cli.endpoints, deadline).await.map_err(CliError::Failed)?;
             if json {
@@ -279,16 +282,57 @@ async fn range_holding(client: &Client, key: &[u8]) -> Result<(Vec<RangeDescript
     Ok((ranges, range))
 }
 
-async fn split(client: &Client, key: String, expected_generation: Option<u64>, json: bool) -> Result<(), CliError> {
+/// The playground's status API, where `split` and `merge` look for range ids by default.
+const PLAYGROUND_CONTROLLER: &str = "127.0.0.1:7690";
+
+/// `count` fresh range ids for a change on the node at `node_address`, from the resharding loop
+/// at `controller` (default: the playground's). None: no loop answers at the default address, so
+/// the node picks random ids (unique without a loop; only a loop keeps ids in order).
+async fn reserve_range_ids(controller: Option<&str>, node_address: &str, count: u32) -> Result<Option<u64>, CliError> {
+    let address = controller.unwrap_or(PLAYGROUND_CONTROLLER);
+    let answer = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad address: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+        let mut request = tonic::Request::new(ReserveRangeIdsRequest { count, node_address: node_address.to_string() });
+        request.set_timeout(Duration::from_secs(30));
+        ControllerClient::new(channel).reserve_range_ids(request).await.map(tonic::Response::into_inner)
+    }
+    .await;
+    match answer {
+        Ok(reserved) => Ok(Some(reserved.first)),
+        Err(status) if controller.is_some() => Err(CliError::Rpc { address: address.to_string(), status }),
+        Err(status) => {
+            eprintln!(
+                "kvctl: no resharding loop gave range ids at {address} ({}); the node picks random ones \
+                 (--controller names the loop)",
+                status.message()
+            );
+            Ok(None)
+        }
+    }
+}
+
+async fn split(
+    client: &Client,
+    controller: Option<&str>,
+    key: String,
+    expected_generation: Option<u64>,
+    json: bool,
+) -> Result<(), CliError> {
     let key = Bytes::from(key);
     let (_, range) = range_holding(client, &key).await?;
     let address = range.leader().map(|l| l.address.clone()).unwrap_or_default();
+    let first = reserve_range_ids(controller, &address, 2).await?;
     let request = SplitRangeRequest {
         range_id: range.range_id,
         expected_generation: expected_generation.unwrap_or(range.generation),
         split_key: key,
-        left_id: 0,
-        right_id: 0,
+        left_id: first.unwrap_or(0),
+        right_id: first.map_or(0, |id| id + 1),
     };
     let response = client
         .admin(&address)?
@@ -305,7 +349,7 @@ async fn split(client: &Client, key: String, expected_generation: Option<u64>, j
     Ok(())
 }
 
-async fn merge(client: &Client, key: String, json: bool) -> Result<(), CliError> {
+async fn merge(client: &Client, controller: Option<&str>, key: String, json: bool) -> Result<(), CliError> {
     let (ranges, left) = range_holding(client, key.as_bytes()).await?;
     let left = &left;
     if left.end_key.is_empty() {
@@ -327,14 +371,15 @@ async fn merge(client: &Client, key: String, json: bool) -> Result<(), CliError>
             left.range_id, right.range_id, left_owner.node_id, right_owner.node_id
         )));
     }
+    let address = left_owner.address;
+    let merged_id = reserve_range_ids(controller, &address, 1).await?.unwrap_or(0);
     let request = MergeRangesRequest {
         left_id: left.range_id,
         right_id: right.range_id,
         expected_left_generation: left.generation,
         expected_right_generation: right.generation,
-        merged_id: 0,
+        merged_id,
     };
-    let address = left_owner.address;
     let merged = client
         .admin(&address)?
         .merge_ranges(request)

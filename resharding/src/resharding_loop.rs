@@ -18,8 +18,9 @@ use crate::moves::{MoveError, MoveReport, MoveTimeouts, Recovery};
 use crate::observe::{NodeClients, Observation, describe_status, with_timeout};
 use crate::platform::{Platform, PlatformError};
 use crate::state::{InFlightMove, ReshardingState, unix_now};
-use crate::status::StatusBoard;
+use crate::status::{IdReservation, StatusBoard};
 use crate::{moves, observe};
+use kvfleet_client::client::normalize_address;
 
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -98,15 +99,22 @@ impl<P: Platform> ReshardingLoop<P> {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), LoopError> {
         let mut ticker = tokio::time::interval(self.config.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reservations = self.status.take_reservations();
         loop {
+            let mut reservation = None;
             tokio::select! {
                 _ = ticker.tick() => {}
+                Some(request) = reservations.recv() => reservation = Some(request),
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
                 break;
             }
-            match self.round().await {
+            let result = match reservation {
+                Some(request) => self.reserve_range_ids(request).await,
+                None => self.round().await,
+            };
+            match result {
                 Ok(()) => {}
                 Err(LoopError::Platform(PlatformError::Gone(why))) => {
                     tracing::info!(%why, "the fleet is gone; the controller stops");
@@ -129,6 +137,32 @@ impl<P: Platform> ReshardingLoop<P> {
         }
         self.platform.save_state(&self.state).await?;
         Ok(())
+    }
+
+    /// Hands out fresh range ids for a split or merge made by hand on one of this fleet's nodes,
+    /// from the sequence the loop allocates from, saved before the answer.
+    async fn reserve_range_ids(&mut self, request: IdReservation) -> Result<(), LoopError> {
+        let IdReservation { count, node_address, reply } = request;
+        let wanted = normalize_address(&node_address);
+        let members = self.platform.members().await?;
+        if !members.iter().any(|m| normalize_address(&m.address) == wanted) {
+            let known: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+            let _ = reply.send(Err(tonic::Status::failed_precondition(format!(
+                "node {node_address} is not one of this resharding loop's nodes ({}): ask the loop of its own fleet",
+                known.join(", ")
+            ))));
+            return Ok(());
+        }
+        let first = self.state.allocate_range_ids(u64::from(count));
+        let saved = self.platform.save_state(&self.state).await;
+        let answer = match &saved {
+            Ok(()) => Ok(first),
+            Err(error) => Err(tonic::Status::unavailable(format!("saving the reservation failed: {error}"))),
+        };
+        tracing::info!(first, count, node = %node_address, saved = saved.is_ok(), "reserved range ids for a change made by hand");
+        // The caller may have given up; the ids stay reserved either way.
+        let _ = reply.send(answer);
+        saved.map_err(LoopError::from)
     }
 
     /// One round: collect -> recover -> publish -> plan -> execute -> persist -> status.

@@ -11,13 +11,14 @@ use kvfleet_proto::display_key;
 use kvfleet_proto::v1::controller_server::Controller as ControllerApi;
 use kvfleet_proto::v1::{
     ControllerStatus, ControllerStatusRequest, HotKeyStatus, MoveStatus, NodeStatus, OwnershipConflict, RangeStatus,
-    SkipCount,
+    ReserveRangeIdsRequest, ReserveRangeIdsResponse, SkipCount,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::fleet::{Conflict, FleetMove, FleetNode, FleetView, HotKey, MoveCause, MovePhase, NodeState};
 use crate::moves::MoveReport;
@@ -115,6 +116,23 @@ struct Board {
     /// Ownership conflicts of the last round, as (node, range id) pairs: each new one becomes a
     /// warning event.
     last_conflicts: HashSet<(usize, u64, usize, u64)>,
+    /// Where reservations of range ids go, and their receiver until a loop takes it (requests
+    /// made before the loop runs wait for it).
+    reservations: mpsc::Sender<IdReservation>,
+    unclaimed_reservations: Option<mpsc::Receiver<IdReservation>>,
+}
+
+/// The most range ids one reservation may ask for.
+pub const MAX_RESERVED_IDS: u32 = 16;
+/// Reservations waiting for the loop (it answers them between rounds).
+const RESERVATION_QUEUE: usize = 16;
+
+/// A request for fresh range ids, answered by the loop with the first one.
+pub struct IdReservation {
+    pub count: u32,
+    /// The node that will use them (data address); the loop refuses one not in its fleet.
+    pub node_address: String,
+    pub reply: oneshot::Sender<Result<u64, tonic::Status>>,
 }
 
 /// Shared between the control loop (writes) and the status service and live view (read).
@@ -136,6 +154,7 @@ impl StatusBoard {
 
     /// A board writing `metrics` with `base` labels (`cluster`: one of many fleets).
     pub fn for_fleet(metrics: Arc<LoopMetrics>, base: Labels) -> Self {
+        let (reservations, unclaimed_reservations) = mpsc::channel(RESERVATION_QUEUE);
         StatusBoard {
             board: Arc::new(parking_lot::Mutex::new(Board {
                 fleet: FleetView::default(),
@@ -146,6 +165,8 @@ impl StatusBoard {
                 last_skips: HashSet::new(),
                 last_hot_keys: HashSet::new(),
                 last_conflicts: HashSet::new(),
+                reservations,
+                unclaimed_reservations: Some(unclaimed_reservations),
             })),
             metrics,
             base,
@@ -184,6 +205,31 @@ impl StatusBoard {
             .map(|(kind, (count, last))| SkipCount { kind: kind.to_string(), count: *count, last: last.clone() })
             .collect();
         status
+    }
+
+    /// The receiver of range id reservations, for the loop running on this board (a loop
+    /// started again on the same board gets a new one).
+    pub fn take_reservations(&self) -> mpsc::Receiver<IdReservation> {
+        let mut board = self.board.lock();
+        board.unclaimed_reservations.take().unwrap_or_else(|| {
+            let (sender, receiver) = mpsc::channel(RESERVATION_QUEUE);
+            board.reservations = sender;
+            receiver
+        })
+    }
+
+    /// Asks the loop for `count` fresh range ids for `node_address`; the first of them.
+    pub async fn reserve_range_ids(&self, count: u32, node_address: String) -> Result<u64, tonic::Status> {
+        if !(1..=MAX_RESERVED_IDS).contains(&count) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "count must be between 1 and {MAX_RESERVED_IDS} (got {count})"
+            )));
+        }
+        let not_running = || tonic::Status::unavailable("no resharding loop runs here to reserve range ids");
+        let sender = self.board.lock().reservations.clone();
+        let (reply, answer) = oneshot::channel();
+        sender.send(IdReservation { count, node_address, reply }).await.map_err(|_| not_running())?;
+        answer.await.map_err(|_| not_running())?
     }
 
     /// Every event from now on is also sent to `sink`.
@@ -467,6 +513,15 @@ impl ControllerApi for StatusService {
     ) -> Result<tonic::Response<ControllerStatus>, tonic::Status> {
         Ok(tonic::Response::new(self.board.snapshot()))
     }
+
+    async fn reserve_range_ids(
+        &self,
+        request: tonic::Request<ReserveRangeIdsRequest>,
+    ) -> Result<tonic::Response<ReserveRangeIdsResponse>, tonic::Status> {
+        let ReserveRangeIdsRequest { count, node_address } = request.into_inner();
+        let first = self.board.reserve_range_ids(count, node_address).await?;
+        Ok(tonic::Response::new(ReserveRangeIdsResponse { first, count }))
+    }
 }
 
 #[cfg(test)]
@@ -499,6 +554,37 @@ mod tests {
             text.contains(r#"kvfleet_controller_actions_total{cluster="ns/b",kind="split",outcome="started"} 1"#),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn reservations_wait_for_the_loop_and_bad_counts_are_refused() {
+        let board = StatusBoard::new(&mut Registry::default());
+        let refused = board.reserve_range_ids(0, "127.0.0.1:7700".into()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert_eq!(refused.message(), "count must be between 1 and 16 (got 0)");
+        // Asked before any loop runs: the request waits for it.
+        let asking = tokio::spawn({
+            let board = board.clone();
+            async move { board.reserve_range_ids(2, "127.0.0.1:7700".into()).await }
+        });
+        let mut loop_side = board.take_reservations();
+        let request = loop_side.recv().await.unwrap();
+        assert_eq!((request.count, request.node_address.as_str()), (2, "127.0.0.1:7700"));
+        assert!(request.reply.send(Ok(7)).is_ok());
+        assert_eq!(asking.await.unwrap().unwrap(), 7);
+        // The loop is gone: nobody answers, and the caller hears so.
+        drop(loop_side);
+        let gone = board.reserve_range_ids(1, "127.0.0.1:7700".into()).await.unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::Unavailable);
+        // A loop started again on the same board takes reservations again.
+        let mut again = board.take_reservations();
+        let asking = tokio::spawn({
+            let board = board.clone();
+            async move { board.reserve_range_ids(1, "127.0.0.1:7700".into()).await }
+        });
+        let request = again.recv().await.unwrap();
+        assert!(request.reply.send(Ok(9)).is_ok());
+        assert_eq!(asking.await.unwrap().unwrap(), 9);
     }
 
     #[test]

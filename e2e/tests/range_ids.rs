@@ -1,0 +1,87 @@
+//! Range ids people read and type: the resharding loop hands them out in order (1 at bootstrap,
+//! then 2, 3, ...), also for splits and merges made by hand with `kvctl`, saved before it answers,
+//! so a loop killed with -9 right after a reservation never hands the same ids out again. A loop
+//! refuses ids for a node of another fleet, and bad requests are refused naming the limit.
+
+use std::process::Command;
+use std::time::Duration;
+
+use kvfleet_e2e::{Playground, assert_one_owner_per_key, binary, wait_until};
+use kvfleet_proto::v1::ReserveRangeIdsRequest;
+use kvfleet_proto::v1::controller_client::ControllerClient;
+use serde_json::Value;
+
+/// Runs kvctl against the playground; (succeeded, stdout, stderr).
+fn kvctl(playground: &Playground, controller: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary("kvctl"))
+        .args(["--endpoints", &playground.addresses().join(","), "--controller", controller, "--output", "json"])
+        .args(args)
+        .output()
+        .expect("kvctl runs");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// The range ids a successful kvctl split or merge printed (JSON).
+fn printed_ids(playground: &Playground, args: &[&str]) -> Vec<u64> {
+    let (ok, stdout, stderr) = kvctl(playground, &playground.control, args);
+    assert!(ok, "kvctl {args:?} failed: {stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let views = json.as_array().cloned().unwrap_or_else(|| vec![json.clone()]);
+    views.iter().map(|v| v["range_id"].as_u64().unwrap_or_else(|| panic!("no range_id in {v}"))).collect()
+}
+
+async fn reserve(playground: &Playground, count: u32, node_address: &str) -> Result<u64, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", playground.control))
+        .expect("valid address")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy();
+    let request = ReserveRangeIdsRequest { count, node_address: node_address.to_string() };
+    ControllerClient::new(channel).reserve_range_ids(request).await.map(|r| r.into_inner().first)
+}
+
+async fn range_ids(playground: &Playground) -> Vec<u64> {
+    let mut ids: Vec<u64> = playground.status().await.ranges.iter().map(|r| r.range_id).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_made_splits_and_merges_take_the_next_ids_from_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    // One node: nothing moves, so the ids below are the loop's sequence and nothing else.
+    let mut playground = Playground::start(&dir.path().join("fleet"), 1, &["--interval-secs", "0.5"], &[]);
+    wait_until("range 1", Duration::from_secs(30), async || range_ids(&playground).await == [1]).await;
+
+    assert_eq!(printed_ids(&playground, &["split", "user5"]), [2, 3]);
+    assert_eq!(printed_ids(&playground, &["merge", "user1"]), [4]);
+    assert_eq!(printed_ids(&playground, &["split", "user3"]), [5, 6]);
+
+    // Reserved and never used, then the loop is killed at once: a restarted loop skips them
+    // although no node ever saw them (they were saved before the answer).
+    let node = playground.addresses()[0].clone();
+    assert_eq!(reserve(&playground, 2, &node).await.expect("a reservation"), 7);
+    playground.kill9_controller();
+    playground.spawn();
+    assert_eq!(printed_ids(&playground, &["split", "user7"]), [9, 10]);
+    wait_until("the loop sees ranges 5, 9 and 10", Duration::from_secs(30), async || {
+        range_ids(&playground).await == [5, 9, 10]
+    })
+    .await;
+    assert_one_owner_per_key(&playground.addresses()).await;
+
+    // Ids for a node of another fleet, or too many at once: refused, naming why.
+    let foreign = reserve(&playground, 2, "127.0.0.1:1").await.unwrap_err();
+    assert_eq!(foreign.code(), tonic::Code::FailedPrecondition);
+    assert!(foreign.message().contains("127.0.0.1:1 is not one of this resharding loop's nodes"), "{foreign:?}");
+    let too_many = reserve(&playground, 17, &node).await.unwrap_err();
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    assert_eq!(too_many.message(), "count must be between 1 and 16 (got 17)");
+
+    // A loop named with --controller that does not answer: kvctl refuses, and nothing splits.
+    let (ok, _, stderr) = kvctl(&playground, "127.0.0.1:1", &["split", "user8"]);
+    assert!(!ok && stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert_eq!(range_ids(&playground).await, [5, 9, 10]);
+    assert_eq!(playground.stop().code(), Some(0));
+}
