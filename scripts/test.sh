@@ -24,6 +24,8 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+echo "== dependency rules (docs/architecture.md: what must never depend on what)"
+scripts/dependency-rules.sh || status=1
 echo "== Helm chart: lint, and rendered manifests against the Kubernetes schemas"
 scripts/chart-check.sh
 chart_status=$?

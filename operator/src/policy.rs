@@ -119,6 +119,28 @@ mod tests {
         assert!(PolicyArgs::default().apply(playground_policy()).is_ok());
     }
 
+    /// The README states how the playground differs from production: it must say what
+    /// `playground_policy` does, knob by knob.
+    #[test]
+    fn the_readme_states_the_playground_policy() {
+        let readme = include_str!("../../README.md").split_whitespace().collect::<Vec<_>>().join(" ");
+        let (playground, production) = (playground_policy(), Policy::default());
+        let mut stated = 0;
+        for knob in Knob::ALL {
+            let value = knob.value(&playground);
+            if value == knob.value(&production) {
+                continue;
+            }
+            let words = match knob.unit() {
+                kvfleet_planner::Unit::Bytes => format!("{} MiB", value / (1024.0 * 1024.0)),
+                _ => format!("--{} {value}", knob.flag()),
+            };
+            assert!(readme.contains(&words), "README.md does not say the playground runs with {words}");
+            stated += 1;
+        }
+        assert_eq!(stated, 7, "every difference from production is stated");
+    }
+
     #[test]
     fn every_knob_has_its_flag() {
         let command = Flags::command();

@@ -117,15 +117,15 @@ impl<P: Platform> ReshardingLoop<P> {
             match result {
                 Ok(()) => {}
                 Err(LoopError::Platform(PlatformError::Gone(why))) => {
-                    tracing::info!(%why, "the fleet is gone; the controller stops");
+                    tracing::info!(%why, "the fleet is gone; the resharding loop stops");
                     return Ok(());
                 }
                 Err(error @ LoopError::Platform(PlatformError::Superseded(_))) => {
-                    tracing::error!(%error, "superseded; the controller stops without saving");
+                    tracing::error!(%error, "superseded; the resharding loop stops without saving");
                     return Err(error);
                 }
                 Err(error) => {
-                    tracing::error!(%error, "control round failed");
+                    tracing::error!(%error, "resharding round failed");
                     self.status.event(format!("round failed: {error}"));
                 }
             }

@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::Reporter;
-use kube::runtime::{Controller as KubeController, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
@@ -113,10 +113,11 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let scope = args.watch_namespace.as_deref();
     // Only the objects this operator manages are watched (and cached).
     let managed = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    let mut controller = KubeController::new(scoped::<KeyValueCluster>(&client, scope), watcher::Config::default())
-        .owns(scoped::<StatefulSet>(&client, scope), managed.clone())
-        .owns(scoped::<Service>(&client, scope), managed.clone())
-        .owns(scoped::<ConfigMap>(&client, scope), managed.clone());
+    let mut controller =
+        kube::runtime::Controller::new(scoped::<KeyValueCluster>(&client, scope), watcher::Config::default())
+            .owns(scoped::<StatefulSet>(&client, scope), managed.clone())
+            .owns(scoped::<Service>(&client, scope), managed.clone())
+            .owns(scoped::<ConfigMap>(&client, scope), managed.clone());
     // A watch of a version the server does not serve fails forever and, through the shared
     // backoff, delays every other trigger: watch PDBs only where policy/v1 is served (elsewhere
     // the periodic requeue puts a changed PDB back).
