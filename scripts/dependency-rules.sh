@@ -23,9 +23,10 @@ forbid kvfleet-resharding kube k8s-openapi clap kvfleet-operator
 forbid kvfleet-client clap redis indicatif comfy-table hdrhistogram mimalloc
 forbid kvfleet-operator redis hdrhistogram indicatif kvctl
 forbid kvfleet-node kube k8s-openapi kvfleet-resharding kvfleet-planner
+forbid kvfleet-replication kube k8s-openapi clap tonic kvfleet-proto
 
 # The node's node.rs/moves.rs pair is one type over two files (left to the replication work).
-python3 scripts/module_cycles.py operator/src resharding/src client/src planner/src kvctl/src view/src proto/src || failed=1
+python3 scripts/module_cycles.py operator/src resharding/src replication/src client/src planner/src kvctl/src view/src proto/src || failed=1
 
 if ((failed)); then exit 1; fi
 echo "dependency rules: ok"

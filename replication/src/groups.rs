@@ -1,0 +1,509 @@
+//! The Raft groups of one node, driven together: one `tick` for all of them, messages stepped
+//! into their group, and every group's Ready gathered into one batch, so that the node persists
+//! (and fsyncs) the log entries of all its groups at once, as TiKV's raftstore does.
+//!
+//! Idle groups quiesce, as CockroachDB's do: once a leader has nothing in flight (every follower
+//! has every entry and knows it is committed) it tells its followers, and none of them ticks or
+//! sends heartbeats until something happens to the group (a proposal, a read, any Raft message).
+//! A quiet follower whose leader's node stops answering is woken by `wake_groups_led_by` (the
+//! node-level liveness check) and elects a new leader after the election timeout.
+
+use std::collections::{HashMap, HashSet};
+
+use raft::eraftpb::{ConfState, Entry, HardState, Message, MessageType};
+use raft::storage::MemStorage;
+use raft::{RawNode, StateRole, Storage};
+
+use crate::logger::raft_logger;
+
+pub type GroupId = u64;
+/// A node as Raft knows it (a replica's id is its node's id).
+pub type NodeId = u64;
+
+#[derive(Debug, Clone)]
+pub struct GroupsConfig {
+    /// Ticks without hearing from a leader before a follower campaigns (randomized up to twice).
+    pub election_tick: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_tick: usize,
+    /// Quiesce idle groups (no ticks, no heartbeats while nothing happens).
+    pub quiesce: bool,
+    /// Ticks a leader waits with nothing in flight before it quiesces its group.
+    pub quiesce_after_ticks: usize,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig { election_tick: 10, heartbeat_tick: 2, quiesce: true, quiesce_after_ticks: 10 }
+    }
+}
+
+/// What one node sends another about a group.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Envelope {
+    Raft {
+        group: GroupId,
+        message: Message,
+    },
+    /// The leader quiesced the group at `term` with everything up to `commit` committed: the
+    /// follower stops ticking if it has exactly that.
+    Quiesce {
+        group: GroupId,
+        from: NodeId,
+        to: NodeId,
+        term: u64,
+        commit: u64,
+    },
+}
+
+impl Envelope {
+    pub fn group(&self) -> GroupId {
+        match self {
+            Envelope::Raft { group, .. } | Envelope::Quiesce { group, .. } => *group,
+        }
+    }
+
+    pub fn to(&self) -> NodeId {
+        match self {
+            Envelope::Raft { message, .. } => message.to,
+            Envelope::Quiesce { to, .. } => *to,
+        }
+    }
+}
+
+/// A group's log as raft-rs reads it, told what the node has just made durable.
+pub trait GroupLog: Storage {
+    /// `entries` and `hard_state` are durable now (the batch they were in was written).
+    fn append_durable(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> raft::Result<()>;
+    /// The commit index raft-rs advanced without a new hard state to persist.
+    fn set_commit(&mut self, commit: u64);
+}
+
+impl GroupLog for MemStorage {
+    fn append_durable(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> raft::Result<()> {
+        let mut log = self.wl();
+        log.append(entries)?;
+        if let Some(hard_state) = hard_state {
+            log.set_hardstate(hard_state.clone());
+        }
+        Ok(())
+    }
+
+    fn set_commit(&mut self, commit: u64) {
+        self.wl().mut_hard_state().commit = commit;
+    }
+}
+
+/// One group's part of a batch to persist.
+pub struct Persist<'a> {
+    pub group: GroupId,
+    pub entries: &'a [Entry],
+    pub hard_state: Option<&'a HardState>,
+}
+
+/// What one `ready` pass produced across all groups.
+#[derive(Debug, Default)]
+pub struct ReadyBatch {
+    /// To send to other nodes.
+    pub messages: Vec<Envelope>,
+    /// Committed entries to apply, per group, in order.
+    pub committed: Vec<(GroupId, Vec<Entry>)>,
+    /// Groups whose log entries or hard state were persisted (0 or 1 write for all of them).
+    pub persisted_groups: usize,
+    pub persisted_entries: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupsError {
+    #[error("no group {0} on this node")]
+    NoGroup(GroupId),
+    #[error("group {group}: {source}")]
+    Raft { group: GroupId, source: raft::Error },
+    #[error("persisting the log of {groups} groups: {reason}")]
+    Persist { groups: usize, reason: String },
+}
+
+struct Group<S: Storage> {
+    raw: RawNode<S>,
+    /// Not ticking: nothing happened since the leader quiesced it.
+    quiet: bool,
+    /// Ticks since the last proposal or append, on a leader.
+    idle_ticks: usize,
+}
+
+/// The Raft groups of one node.
+pub struct Groups<S: Storage = MemStorage> {
+    node: NodeId,
+    config: GroupsConfig,
+    groups: HashMap<GroupId, Group<S>>,
+    /// Groups that may have a Ready: only these are looked at by `ready`.
+    dirty: HashSet<GroupId>,
+    /// Quiesce notices produced by `tick`, sent with the next batch.
+    outbox: Vec<Envelope>,
+    logger: slog::Logger,
+}
+
+impl<S: GroupLog> Groups<S> {
+    pub fn new(node: NodeId, config: GroupsConfig) -> Self {
+        Groups {
+            node,
+            config,
+            groups: HashMap::new(),
+            dirty: HashSet::new(),
+            outbox: Vec::new(),
+            logger: raft_logger(),
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Starts this node's replica of `group` over `storage` (which holds its membership).
+    pub fn create(&mut self, group: GroupId, storage: S) -> Result<(), GroupsError> {
+        let applied = storage.initial_state().map_err(|source| GroupsError::Raft { group, source })?.hard_state.commit;
+        let config = raft::Config {
+            id: self.node,
+            election_tick: self.config.election_tick,
+            heartbeat_tick: self.config.heartbeat_tick,
+            applied,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&config, storage, &self.logger).map_err(|source| GroupsError::Raft { group, source })?;
+        self.groups.insert(group, Group { raw, quiet: false, idle_ticks: 0 });
+        self.dirty.insert(group);
+        Ok(())
+    }
+
+    fn group(&mut self, group: GroupId) -> Result<&mut Group<S>, GroupsError> {
+        self.groups.get_mut(&group).ok_or(GroupsError::NoGroup(group))
+    }
+
+    /// The group ticks again; `activity` (a proposal, a read, new entries: not a heartbeat)
+    /// also restarts its wait before it may quiesce.
+    fn wake(&mut self, group: GroupId, activity: bool) -> Result<&mut RawNode<S>, GroupsError> {
+        self.dirty.insert(group);
+        let entry = self.groups.get_mut(&group).ok_or(GroupsError::NoGroup(group))?;
+        entry.quiet = false;
+        if activity {
+            entry.idle_ticks = 0;
+        }
+        Ok(&mut entry.raw)
+    }
+
+    pub fn campaign(&mut self, group: GroupId) -> Result<(), GroupsError> {
+        self.wake(group, true)?.campaign().map_err(|source| GroupsError::Raft { group, source })
+    }
+
+    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(), GroupsError> {
+        self.wake(group, true)?.propose(Vec::new(), data).map_err(|source| GroupsError::Raft { group, source })
+    }
+
+    /// Delivers what another node sent.
+    pub fn step(&mut self, envelope: Envelope) -> Result<(), GroupsError> {
+        match envelope {
+            Envelope::Raft { group, message } => {
+                let raw = self.wake(group, !is_heartbeat(&message))?;
+                raw.step(message).map_err(|source| GroupsError::Raft { group, source })
+            }
+            Envelope::Quiesce { group, from, term, commit, .. } => {
+                let entry = self.group(group)?;
+                let raft = &entry.raw.raft;
+                let caught_up = raft.term == term
+                    && raft.leader_id == from
+                    && raft.raft_log.committed == commit
+                    && raft.raft_log.last_index() == commit;
+                entry.quiet = caught_up;
+                Ok(())
+            }
+        }
+    }
+
+    /// One tick of every group that is not quiet; leaders with nothing in flight quiesce.
+    /// Returns how many groups ticked.
+    pub fn tick(&mut self) -> usize {
+        let mut ticked = 0;
+        for (&id, group) in self.groups.iter_mut().filter(|(_, g)| !g.quiet) {
+            ticked += 1;
+            if group.raw.tick() {
+                self.dirty.insert(id);
+            }
+            group.idle_ticks += 1;
+            if self.config.quiesce
+                && group.idle_ticks >= self.config.quiesce_after_ticks
+                && let Some(followers) = quiescable(&group.raw)
+            {
+                let raft = &group.raw.raft;
+                let (term, commit) = (raft.term, raft.raft_log.committed);
+                self.outbox.extend(followers.into_iter().map(|to| Envelope::Quiesce {
+                    group: id,
+                    from: self.node,
+                    to,
+                    term,
+                    commit,
+                }));
+                group.quiet = true;
+            }
+        }
+        ticked
+    }
+
+    /// The node `node` stopped answering: the quiet groups it leads wake up, so that their
+    /// followers elect a new leader after the election timeout.
+    pub fn wake_groups_led_by(&mut self, node: NodeId) -> usize {
+        let led: Vec<GroupId> =
+            self.groups.iter().filter(|(_, g)| g.quiet && g.raw.raft.leader_id == node).map(|(id, _)| *id).collect();
+        for group in &led {
+            let _ = self.wake(*group, true);
+        }
+        led.len()
+    }
+
+    pub fn is_quiet(&self, group: GroupId) -> Option<bool> {
+        self.groups.get(&group).map(|g| g.quiet)
+    }
+
+    pub fn quiet_groups(&self) -> usize {
+        self.groups.values().filter(|g| g.quiet).count()
+    }
+
+    pub fn leader_of(&self, group: GroupId) -> Option<NodeId> {
+        self.groups.get(&group).map(|g| g.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID)
+    }
+
+    pub fn is_leader(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|g| g.raw.raft.state == StateRole::Leader)
+    }
+
+    pub fn committed(&self, group: GroupId) -> Option<u64> {
+        self.groups.get(&group).map(|g| g.raw.raft.raft_log.committed)
+    }
+
+    /// Gathers the Ready of every group that may have one; `persist` is called once with every
+    /// group's new entries and hard state (one write, one fsync for all of them); then each
+    /// group advances. Messages that may only leave once the log is durable are in the batch
+    /// after `persist` returned.
+    pub fn ready(
+        &mut self,
+        persist: impl FnOnce(&[Persist<'_>]) -> Result<(), String>,
+    ) -> Result<ReadyBatch, GroupsError> {
+        let mut batch = ReadyBatch { messages: std::mem::take(&mut self.outbox), ..Default::default() };
+        let mut readies = Vec::new();
+        for id in self.dirty.drain() {
+            let Some(group) = self.groups.get_mut(&id) else { continue };
+            if !group.raw.has_ready() {
+                continue;
+            }
+            let mut ready = group.raw.ready();
+            if !ready.entries().is_empty() {
+                group.idle_ticks = 0;
+            }
+            batch
+                .messages
+                .extend(ready.take_messages().into_iter().map(|message| Envelope::Raft { group: id, message }));
+            let committed = ready.take_committed_entries();
+            if !committed.is_empty() {
+                batch.committed.push((id, committed));
+            }
+            readies.push((id, ready));
+        }
+        let to_persist: Vec<Persist<'_>> = readies
+            .iter()
+            .filter(|(_, ready)| !ready.entries().is_empty() || ready.hs().is_some())
+            .map(|(group, ready)| Persist { group: *group, entries: ready.entries(), hard_state: ready.hs() })
+            .collect();
+        batch.persisted_groups = to_persist.len();
+        batch.persisted_entries = to_persist.iter().map(|p| p.entries.len()).sum();
+        if !to_persist.is_empty() {
+            let groups = to_persist.len();
+            persist(&to_persist).map_err(|reason| GroupsError::Persist { groups, reason })?;
+        }
+        drop(to_persist);
+        for (id, mut ready) in readies {
+            let Some(group) = self.groups.get_mut(&id) else { continue };
+            group
+                .raw
+                .mut_store()
+                .append_durable(ready.entries(), ready.hs())
+                .map_err(|source| GroupsError::Raft { group: id, source })?;
+            batch.messages.extend(
+                ready.take_persisted_messages().into_iter().map(|message| Envelope::Raft { group: id, message }),
+            );
+            let mut light = group.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                group.raw.mut_store().set_commit(commit);
+            }
+            batch
+                .messages
+                .extend(light.take_messages().into_iter().map(|message| Envelope::Raft { group: id, message }));
+            let committed = light.take_committed_entries();
+            if !committed.is_empty() {
+                batch.committed.push((id, committed));
+            }
+            group.raw.advance_apply();
+            if group.raw.has_ready() {
+                self.dirty.insert(id);
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// A leader's followers, if it may quiesce: nothing in flight, every follower has every entry
+/// and knows it is committed, no read or membership change pending.
+fn quiescable<S: Storage>(raw: &RawNode<S>) -> Option<Vec<NodeId>> {
+    let raft = &raw.raft;
+    let last = raft.raft_log.last_index();
+    if raft.state != StateRole::Leader
+        || raft.raft_log.committed != last
+        || raft.pending_read_count() > 0
+        || raft.has_pending_conf()
+        || !raft.msgs.is_empty()
+    {
+        return None;
+    }
+    let mut followers = Vec::new();
+    for (&id, progress) in raft.prs().iter() {
+        if id == raft.id {
+            continue;
+        }
+        if progress.matched != last || progress.committed_index != last {
+            return None;
+        }
+        followers.push(id);
+    }
+    Some(followers)
+}
+
+/// A group's storage for a new group whose voters are `voters` (ids of nodes).
+pub fn new_group_storage(voters: &[NodeId]) -> MemStorage {
+    MemStorage::new_with_conf_state(ConfState::from((voters.to_vec(), vec![])))
+}
+
+/// True for a Raft message that carries no new log entries (heartbeats and their answers).
+pub fn is_heartbeat(message: &Message) -> bool {
+    matches!(message.get_msg_type(), MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::LocalCluster;
+
+    const GROUPS: u64 = 20;
+
+    fn quiet_cluster() -> LocalCluster {
+        let mut cluster = LocalCluster::new(3, GROUPS, GroupsConfig::default()).unwrap();
+        cluster.elect_spread(GROUPS).unwrap();
+        for group in 1..=GROUPS {
+            let leader = cluster.agreed_leader(group).expect("every group elected a leader");
+            cluster.node(leader).propose(group, format!("write {group}").into_bytes()).unwrap();
+        }
+        for _ in 0..30 {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
+        cluster
+    }
+
+    #[test]
+    fn groups_elect_replicate_and_quiesce_then_send_nothing() {
+        let mut cluster = quiet_cluster();
+        for node in &cluster.nodes {
+            assert_eq!(node.quiet_groups(), GROUPS as usize, "node {} has groups still ticking", node.node());
+            for group in 1..=GROUPS {
+                let leader_commit = cluster.nodes.iter().find(|n| n.is_leader(group)).and_then(|n| n.committed(group));
+                assert_eq!(node.committed(group), leader_commit, "group {group} on node {}", node.node());
+            }
+        }
+        let delivered = cluster.delivered;
+        for _ in 0..100 {
+            assert_eq!(cluster.tick(), 0, "quiet groups do not tick");
+            cluster.settle(10).unwrap();
+        }
+        assert_eq!(cluster.delivered, delivered, "quiet groups send no heartbeats");
+    }
+
+    #[test]
+    fn a_proposal_wakes_a_quiet_group_and_it_quiesces_again() {
+        let mut cluster = quiet_cluster();
+        let leader = cluster.agreed_leader(7).unwrap();
+        let before = cluster.node(leader).committed(7).unwrap();
+        cluster.node(leader).propose(7, b"again".to_vec()).unwrap();
+        cluster.settle(100).unwrap();
+        for node in 1..=3 {
+            assert_eq!(cluster.node(node).committed(7), Some(before + 1), "node {node}");
+        }
+        for _ in 0..30 {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
+        assert!((1..=3).all(|node| cluster.node(node).is_quiet(7) == Some(true)));
+    }
+
+    #[test]
+    fn quiet_followers_elect_a_new_leader_when_their_leaders_node_goes_down() {
+        let mut cluster = quiet_cluster();
+        let led_by_1: Vec<GroupId> = (1..=GROUPS).filter(|g| cluster.agreed_leader(*g) == Some(1)).collect();
+        assert!(!led_by_1.is_empty());
+        cluster.down.insert(1);
+        // Without the liveness signal nothing happens: quiet followers do not tick.
+        for _ in 0..50 {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
+        assert!(led_by_1.iter().all(|g| cluster.node(2).leader_of(*g) == Some(1)));
+        for node in [2, 3] {
+            assert_eq!(cluster.node(node).wake_groups_led_by(1), led_by_1.len());
+        }
+        for _ in 0..50 {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
+        for group in led_by_1 {
+            let leader = cluster.agreed_leader(group);
+            assert!(matches!(leader, Some(2 | 3)), "group {group}: leader {leader:?}");
+            let leader = leader.unwrap_or_default();
+            cluster.node(leader).propose(group, b"after failover".to_vec()).unwrap();
+            cluster.settle(100).unwrap();
+            assert_eq!(cluster.node(2).committed(group), cluster.node(3).committed(group));
+        }
+    }
+
+    #[test]
+    fn one_persist_call_carries_every_group_with_new_entries() {
+        let mut cluster = quiet_cluster();
+        let led_by_2: Vec<GroupId> = (1..=GROUPS).filter(|g| cluster.agreed_leader(*g) == Some(2)).collect();
+        for group in &led_by_2 {
+            cluster.node(2).propose(*group, vec![1; 100]).unwrap();
+        }
+        let mut calls = 0;
+        let mut groups_seen = 0;
+        let batch = cluster
+            .node(2)
+            .ready(|persist| {
+                calls += 1;
+                groups_seen = persist.len();
+                assert!(persist.iter().all(|p| p.entries.len() == 1));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((calls, groups_seen, batch.persisted_entries), (1, led_by_2.len(), led_by_2.len()));
+        // A failed write is an error, and nothing was acknowledged for those groups.
+        cluster.node(2).propose(led_by_2[0], vec![2; 10]).unwrap();
+        let error = cluster.node(2).ready(|_| Err("disk full".into())).unwrap_err();
+        assert_eq!(error.to_string(), "persisting the log of 1 groups: disk full");
+    }
+}
