@@ -9,6 +9,7 @@
 //! node-level liveness check) and elects a new leader after the election timeout.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use raft::eraftpb::{ConfState, Entry, HardState, Message, MessageType};
 use raft::storage::MemStorage;
@@ -77,6 +78,8 @@ pub trait GroupLog: Storage {
     fn append_durable(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> raft::Result<()>;
     /// The commit index raft-rs advanced without a new hard state to persist.
     fn set_commit(&mut self, commit: u64);
+    /// The group's membership, saved with its hard state.
+    fn conf_state(&self) -> ConfState;
 }
 
 impl GroupLog for MemStorage {
@@ -92,13 +95,23 @@ impl GroupLog for MemStorage {
     fn set_commit(&mut self, commit: u64) {
         self.wl().mut_hard_state().commit = commit;
     }
+
+    fn conf_state(&self) -> ConfState {
+        self.initial_state().map(|state| state.conf_state).unwrap_or_default()
+    }
 }
 
 /// One group's part of a batch to persist.
 pub struct Persist<'a> {
     pub group: GroupId,
+    /// New entries; any with the same index as a stored one replace it.
     pub entries: &'a [Entry],
+    /// Indexes of stored entries past the new ones, which they make obsolete (a follower's
+    /// tail overwritten by a new leader): to delete.
+    pub stale: Range<u64>,
     pub hard_state: Option<&'a HardState>,
+    /// The group's membership, saved with the hard state.
+    pub conf_state: ConfState,
 }
 
 /// What one `ready` pass produced across all groups.
@@ -319,11 +332,23 @@ impl<S: GroupLog> Groups<S> {
             }
             readies.push((id, ready));
         }
-        let to_persist: Vec<Persist<'_>> = readies
-            .iter()
-            .filter(|(_, ready)| !ready.entries().is_empty() || ready.hs().is_some())
-            .map(|(group, ready)| Persist { group: *group, entries: ready.entries(), hard_state: ready.hs() })
-            .collect();
+        let mut to_persist: Vec<Persist<'_>> = Vec::new();
+        for (id, ready) in readies.iter().filter(|(_, r)| !r.entries().is_empty() || r.hs().is_some()) {
+            let Some(group) = self.groups.get(id) else { continue };
+            let store = group.raw.store();
+            let stored_last = store.last_index().unwrap_or(0);
+            let stale = match ready.entries().last() {
+                Some(last) if last.index < stored_last => last.index + 1..stored_last + 1,
+                _ => 0..0,
+            };
+            to_persist.push(Persist {
+                group: *id,
+                entries: ready.entries(),
+                stale,
+                hard_state: ready.hs(),
+                conf_state: store.conf_state(),
+            });
+        }
         batch.persisted_groups = to_persist.len();
         batch.persisted_entries = to_persist.iter().map(|p| p.entries.len()).sum();
         if !to_persist.is_empty() {

@@ -3,12 +3,15 @@
 //! Where things live: `groups` (the Raft groups of one node, driven together: one tick for all,
 //! messages stepped into their group, every group's Ready gathered into one batch so that a
 //! node writes and fsyncs its log once per batch, and idle groups quiesced so that they cost no
-//! ticks and no heartbeats), `logger` (raft-rs's slog records into tracing).
+//! ticks and no heartbeats), `log_store` (every group's log in one RocksDB column family, one
+//! fsynced write per batch), `logger` (raft-rs's slog records into tracing), `local` (several
+//! nodes in one process, for tests and benchmarks).
 //!
-//! Not here yet (issue 13): the log store on RocksDB, the transport between nodes, reads
+//! Not here yet (issue 13): log compaction and snapshots, the transport between nodes, reads
 //! (lease, ReadIndex, follower, stale), membership changes for moves, and the node's use of it.
 
 pub mod groups;
+pub mod log_store;
 pub mod logger;
 
 pub use groups::{Envelope, GroupId, Groups, GroupsConfig, NodeId, ReadyBatch};

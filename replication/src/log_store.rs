@@ -1,0 +1,380 @@
+//! One node's Raft logs on RocksDB: every group's entries and hard state in one column family,
+//! written for all the groups of a `ready` pass in one fsynced batch (`LogStore::write`). Each
+//! group reads its log through a `GroupStorage` (raft-rs's `Storage`), which keeps its bounds and
+//! hard state in memory and reads entries from RocksDB.
+//!
+//! Keys sort a group's entries by index: `e` + group (8 bytes, big-endian) + index (8 bytes,
+//! big-endian) -> the entry (protobuf); `s` + group -> the group's hard state and membership.
+//!
+//! Not yet: log compaction and snapshots (a group's log grows until issue 13 adds them; a
+//! snapshot request answers "temporarily unavailable").
+
+use std::path::Path;
+use std::sync::Arc;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+
+use crate::groups::{GroupId, GroupLog, NodeId, Persist};
+
+/// The column family of the Raft logs.
+pub const CF_RAFT: &str = "raft";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("RocksDB ({what}): {source}")]
+    Db { what: &'static str, source: rocksdb::Error },
+    #[error("the RocksDB column family {CF_RAFT:?} is missing")]
+    NoColumnFamily,
+    #[error("group {group}: a stored {what} does not decode: {reason}")]
+    Corrupt { group: GroupId, what: &'static str, reason: String },
+    #[error("group {0} already has a log on this node")]
+    Exists(GroupId),
+}
+
+fn entry_key(group: GroupId, index: u64) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = b'e';
+    key[1..9].copy_from_slice(&group.to_be_bytes());
+    key[9..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn state_key(group: GroupId) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b's';
+    key[1..].copy_from_slice(&group.to_be_bytes());
+    key
+}
+
+/// Hard state and membership: two length-prefixed protobuf messages.
+fn encode_state(state: &RaftState) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in [state.hard_state.write_to_bytes(), state.conf_state.write_to_bytes()] {
+        let part = part.unwrap_or_default();
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(&part);
+    }
+    out
+}
+
+fn decode_state(group: GroupId, bytes: &[u8]) -> Result<RaftState, LogError> {
+    let corrupt = |reason: String| LogError::Corrupt { group, what: "raft state", reason };
+    let mut parts = Vec::new();
+    let mut rest = bytes;
+    for _ in 0..2 {
+        let (length, tail) = rest.split_at_checked(4).ok_or_else(|| corrupt("truncated".into()))?;
+        let length = u32::from_be_bytes(length.try_into().map_err(|_| corrupt("length".into()))?) as usize;
+        let (part, tail) = tail.split_at_checked(length).ok_or_else(|| corrupt("truncated".into()))?;
+        parts.push(part);
+        rest = tail;
+    }
+    let hard_state = HardState::parse_from_bytes(parts[0]).map_err(|e| corrupt(e.to_string()))?;
+    let conf_state = ConfState::parse_from_bytes(parts[1]).map_err(|e| corrupt(e.to_string()))?;
+    Ok(RaftState { hard_state, conf_state })
+}
+
+/// The Raft logs of every group on one node.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    /// A store in its own RocksDB at `path` (tests, benchmarks).
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let families = vec![ColumnFamilyDescriptor::new(CF_RAFT, Options::default())];
+        let db = DB::open_cf_descriptors(&options, path, families)
+            .map_err(|source| LogError::Db { what: "open", source })?;
+        LogStore::with_db(Arc::new(db))
+    }
+
+    /// A store in a RocksDB opened with the column family `CF_RAFT` (the node's).
+    pub fn with_db(db: Arc<DB>) -> Result<Self, LogError> {
+        if db.cf_handle(CF_RAFT).is_none() {
+            return Err(LogError::NoColumnFamily);
+        }
+        Ok(LogStore { db })
+    }
+
+    fn cf(&self) -> Result<&rocksdb::ColumnFamily, LogError> {
+        self.db.cf_handle(CF_RAFT).ok_or(LogError::NoColumnFamily)
+    }
+
+    /// Creates the log of a new group whose voters are `voters`, durably.
+    pub fn create_group(&self, group: GroupId, voters: &[NodeId]) -> Result<GroupStorage, LogError> {
+        if self.open_group(group)?.is_some() {
+            return Err(LogError::Exists(group));
+        }
+        let state = RaftState::new(HardState::default(), ConfState::from((voters.to_vec(), vec![])));
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf()?, state_key(group), encode_state(&state));
+        self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "create a group", source })?;
+        Ok(GroupStorage { group, db: self.db.clone(), state, first_index: 1, last_index: 0, last_term: 0 })
+    }
+
+    /// The log of `group` as it was persisted, if this node has one.
+    pub fn open_group(&self, group: GroupId) -> Result<Option<GroupStorage>, LogError> {
+        let cf = self.cf()?;
+        let Some(bytes) =
+            self.db.get_cf(cf, state_key(group)).map_err(|source| LogError::Db { what: "read", source })?
+        else {
+            return Ok(None);
+        };
+        let state = decode_state(group, &bytes)?;
+        let mut storage =
+            GroupStorage { group, db: self.db.clone(), state, first_index: 1, last_index: 0, last_term: 0 };
+        let start = entry_key(group, 0);
+        let mut first = self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        if let Some(item) = first.next() {
+            let (key, _) = item.map_err(|source| LogError::Db { what: "scan", source })?;
+            if key.len() == 17 && key[..9] == start[..9] {
+                storage.first_index = u64::from_be_bytes(key[9..].try_into().unwrap_or_default());
+                let end = entry_key(group, u64::MAX);
+                let mut last = self.db.iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse));
+                if let Some(item) = last.next() {
+                    let (key, value) = item.map_err(|source| LogError::Db { what: "scan", source })?;
+                    let entry = Entry::parse_from_bytes(&value).map_err(|e| LogError::Corrupt {
+                        group,
+                        what: "entry",
+                        reason: e.to_string(),
+                    })?;
+                    if key[..9] == start[..9] {
+                        storage.last_index = entry.index;
+                        storage.last_term = entry.term;
+                    }
+                }
+            }
+        }
+        Ok(Some(storage))
+    }
+
+    /// Writes every group's new entries and hard state in one batch and fsyncs it: the entries
+    /// of a group that replace a longer tail (a follower's log overwritten by a new leader) also
+    /// delete what is left of that tail.
+    pub fn write(&self, persist: &[Persist<'_>]) -> Result<(), LogError> {
+        let cf = self.cf()?;
+        let mut batch = WriteBatch::default();
+        for part in persist {
+            for entry in part.entries {
+                let bytes = entry.write_to_bytes().map_err(|e| LogError::Corrupt {
+                    group: part.group,
+                    what: "entry",
+                    reason: e.to_string(),
+                })?;
+                batch.put_cf(cf, entry_key(part.group, entry.index), bytes);
+            }
+            for index in part.stale.clone() {
+                batch.delete_cf(cf, entry_key(part.group, index));
+            }
+            if let Some(hard_state) = part.hard_state {
+                let state = RaftState::new(hard_state.clone(), part.conf_state.clone());
+                batch.put_cf(cf, state_key(part.group), encode_state(&state));
+            }
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "write the log", source })
+    }
+}
+
+/// One group's log on this node, as raft-rs reads it.
+pub struct GroupStorage {
+    group: GroupId,
+    db: Arc<DB>,
+    state: RaftState,
+    first_index: u64,
+    last_index: u64,
+    last_term: u64,
+}
+
+impl GroupStorage {
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    fn read_entry(&self, index: u64) -> raft::Result<Entry> {
+        let unavailable = || raft::Error::Store(StorageError::Unavailable);
+        let cf = self.db.cf_handle(CF_RAFT).ok_or_else(unavailable)?;
+        let bytes =
+            self.db.get_cf(cf, entry_key(self.group, index)).map_err(|_| unavailable())?.ok_or_else(unavailable)?;
+        Entry::parse_from_bytes(&bytes).map_err(|_| unavailable())
+    }
+}
+
+impl Storage for GroupStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(self.state.clone())
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max_size = max_size.into();
+        let mut entries = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        for index in low..high {
+            let entry = self.read_entry(index)?;
+            size += u64::from(entry.compute_size());
+            if !entries.is_empty() && max_size.is_some_and(|max| size > max) {
+                break;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        if index == 0 || index + 1 == self.first_index {
+            return Ok(0);
+        }
+        if index < self.first_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if index > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if index == self.last_index {
+            return Ok(self.last_term);
+        }
+        Ok(self.read_entry(index)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+impl GroupLog for GroupStorage {
+    fn append_durable(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> raft::Result<()> {
+        if let Some(last) = entries.last() {
+            self.last_index = last.index;
+            self.last_term = last.term;
+        }
+        if let Some(hard_state) = hard_state {
+            self.state.hard_state = hard_state.clone();
+        }
+        Ok(())
+    }
+
+    fn set_commit(&mut self, commit: u64) {
+        self.state.hard_state.commit = commit;
+    }
+
+    fn conf_state(&self) -> ConfState {
+        self.state.conf_state.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::{Groups, GroupsConfig};
+
+    fn entry(index: u64, term: u64, data: &str) -> Entry {
+        Entry { index, term, data: data.as_bytes().to_vec().into(), ..Default::default() }
+    }
+
+    fn persist<'a>(
+        group: GroupId,
+        entries: &'a [Entry],
+        stale: Range,
+        hard_state: Option<&'a HardState>,
+    ) -> Persist<'a> {
+        Persist { group, entries, stale, hard_state, conf_state: ConfState::from((vec![1, 2, 3], vec![])) }
+    }
+
+    type Range = std::ops::Range<u64>;
+
+    #[test]
+    fn a_log_survives_reopening_and_an_overwritten_tail_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let mut group = store.create_group(7, &[1, 2, 3]).unwrap();
+        assert!(matches!(store.create_group(7, &[1]), Err(LogError::Exists(7))));
+        let first: Vec<Entry> = (1..=5).map(|i| entry(i, 1, &format!("a{i}"))).collect();
+        let hard_state = HardState { term: 1, commit: 2, ..Default::default() };
+        store.write(&[persist(7, &first, 0..0, Some(&hard_state))]).unwrap();
+        group.append_durable(&first, Some(&hard_state)).unwrap();
+        // A new leader at term 2 replaces entries 3.. with two of its own: 5 is stale.
+        let second = vec![entry(3, 2, "b3"), entry(4, 2, "b4")];
+        store.write(&[persist(7, &second, 5..6, None)]).unwrap();
+        group.append_durable(&second, None).unwrap();
+        for storage in [group, store.open_group(7).unwrap().expect("the group's log is found again")] {
+            assert_eq!((storage.first_index().unwrap(), storage.last_index().unwrap()), (1, 4));
+            assert_eq!((storage.term(2).unwrap(), storage.term(3).unwrap(), storage.term(4).unwrap()), (1, 2, 2));
+            let read = storage.entries(1, 5, None, GetEntriesContext::empty(false)).unwrap();
+            let data: Vec<&[u8]> = read.iter().map(|e| e.data.as_ref()).collect();
+            assert_eq!(data, [&b"a1"[..], b"a2", b"b3", b"b4"]);
+            let state = storage.initial_state().unwrap();
+            assert_eq!((state.hard_state.term, state.hard_state.commit), (1, 2));
+            assert_eq!(state.conf_state.voters, [1, 2, 3]);
+            assert!(matches!(storage.entries(1, 6, None, GetEntriesContext::empty(false)), Err(raft::Error::Store(_))));
+        }
+        assert!(store.open_group(8).unwrap().is_none(), "another group's keys are not this one's");
+    }
+
+    #[test]
+    fn a_group_driven_on_rocksdb_commits_and_recovers_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let mut groups: Groups<GroupStorage> = Groups::new(1, GroupsConfig::default());
+        groups.create(1, store.create_group(1, &[1]).unwrap()).unwrap();
+        groups.campaign(1).unwrap();
+        let mut writes = 0;
+        for round in 0..5 {
+            groups.propose(1, format!("put {round}").into_bytes()).unwrap();
+            groups
+                .ready(|persist| {
+                    writes += 1;
+                    store.write(persist).map_err(|e| e.to_string())
+                })
+                .unwrap();
+        }
+        let committed = groups.committed(1).unwrap();
+        assert_eq!(committed, 6, "the election's empty entry and five proposals");
+        assert!(writes >= 5);
+        drop(groups);
+        let recovered = store.open_group(1).unwrap().unwrap();
+        assert_eq!(recovered.last_index().unwrap(), 6);
+        let mut groups: Groups<GroupStorage> = Groups::new(1, GroupsConfig::default());
+        groups.create(1, recovered).unwrap();
+        groups.campaign(1).unwrap();
+        groups.propose(1, b"after restart".to_vec()).unwrap();
+        groups.ready(|persist| store.write(persist).map_err(|e| e.to_string())).unwrap();
+        assert_eq!(groups.committed(1), Some(8), "a new term's empty entry, then the proposal");
+        let log = store.open_group(1).unwrap().unwrap();
+        let entries = log.entries(1, 9, None, GetEntriesContext::empty(false)).unwrap();
+        let proposals: Vec<String> = entries
+            .iter()
+            .filter(|e| !e.data.is_empty())
+            .map(|e| String::from_utf8_lossy(&e.data).into_owned())
+            .collect();
+        assert_eq!(proposals, ["put 0", "put 1", "put 2", "put 3", "put 4", "after restart"]);
+    }
+}
