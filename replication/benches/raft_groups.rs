@@ -4,10 +4,11 @@
 //! 1. Idle: three nodes in this process, each holding a replica of every one of `--groups`
 //!    groups (leaders spread), ticked every 100 ms for `--seconds`, with quiescence off and on.
 //!    Reported per node: CPU (this process's user + system time / 3), ticks and messages.
-//! 2. Busy: `--busy-groups` groups on three nodes, each node with its own RocksDB log (fsynced
-//!    writes); rounds of one proposal to every group, replicated and committed. Reported: log
-//!    entries per fsync and committed entries per second, with every group's entries of a round
-//!    in one write batch (the driver's batching) and with one fsynced write per group.
+//! 2. Busy: `--busy-groups` groups on three nodes, each node with its own log store
+//!    (`kvfleet_replication::log_store`, RocksDB, fsynced writes); rounds of one proposal to every
+//!    group, replicated and committed. Reported: log entries per fsync and committed entries per
+//!    second, with every group's entries of a `ready` pass in one write (the driver's batching)
+//!    and with one fsynced write per group.
 //!
 //! Run: `cargo bench -p kvfleet-replication --bench raft_groups -- --groups 10000 --seconds 10`.
 //! The three nodes share this process and its cores, so the idle figure is an upper bound of one
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use kvfleet_replication::groups::{GroupsConfig, Persist};
 use kvfleet_replication::local::LocalCluster;
-use rocksdb::{DB, Options, WriteBatch, WriteOptions};
+use kvfleet_replication::log_store::LogStore;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -73,10 +74,9 @@ fn idle(groups: u64, seconds: u64, quiesce: bool) {
     );
 }
 
-/// One node's log: every entry of a write batch in one fsynced RocksDB write, or one fsynced
-/// write per group.
+/// One node's log store, written once per `ready` pass or once per group, counting fsyncs.
 struct Log {
-    db: DB,
+    store: LogStore,
     per_group: bool,
     fsyncs: u64,
     entries: u64,
@@ -84,28 +84,14 @@ struct Log {
 
 impl Log {
     fn write(&mut self, persist: &[Persist<'_>]) -> Result<(), String> {
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        let mut batch = WriteBatch::default();
-        for part in persist {
-            for entry in part.entries {
-                let key = format!("log/{:08}/{:020}", part.group, entry.index);
-                let mut value = entry.term.to_be_bytes().to_vec();
-                value.extend_from_slice(&entry.data);
-                batch.put(key, value);
-            }
-            if let Some(hard_state) = part.hard_state {
-                let value = [hard_state.term, hard_state.vote, hard_state.commit].map(u64::to_be_bytes).concat();
-                batch.put(format!("state/{:08}", part.group), value);
-            }
-            self.entries += part.entries.len() as u64;
-            if self.per_group {
-                self.db.write_opt(std::mem::take(&mut batch), &sync).map_err(|e| e.to_string())?;
+        self.entries += persist.iter().map(|p| p.entries.len() as u64).sum::<u64>();
+        if self.per_group {
+            for part in persist {
+                self.store.write(std::slice::from_ref(part)).map_err(|e| e.to_string())?;
                 self.fsyncs += 1;
             }
-        }
-        if !self.per_group {
-            self.db.write_opt(batch, &sync).map_err(|e| e.to_string())?;
+        } else {
+            self.store.write(persist).map_err(|e| e.to_string())?;
             self.fsyncs += 1;
         }
         Ok(())
@@ -116,10 +102,11 @@ fn busy(groups: u64, rounds: u64, per_group: bool) {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("a temporary directory")).collect();
     let mut logs: Vec<Log> = dirs
         .iter()
-        .map(|dir| {
-            let mut options = Options::default();
-            options.create_if_missing(true);
-            Log { db: DB::open(&options, dir.path()).expect("RocksDB opens"), per_group, fsyncs: 0, entries: 0 }
+        .map(|dir| Log {
+            store: LogStore::open(dir.path()).expect("the log store opens"),
+            per_group,
+            fsyncs: 0,
+            entries: 0,
         })
         .collect();
     let mut cluster = LocalCluster::new(3, groups, GroupsConfig::default()).expect("groups start");
