@@ -507,6 +507,43 @@ mod tests {
         }
     }
 
+    /// A leader cut off with entries nobody else has; the others elect a new leader and commit
+    /// their own; when the old leader is back, its uncommitted tail is replaced, and the driver
+    /// tells the log store which stored entries to delete.
+    #[test]
+    fn a_cut_off_leaders_uncommitted_tail_is_replaced_and_marked_stale() {
+        let config = GroupsConfig { quiesce: false, ..GroupsConfig::default() };
+        let mut cluster = LocalCluster::new(3, 1, config).unwrap();
+        cluster.node(1).campaign(1).unwrap();
+        cluster.settle(100).unwrap();
+        assert_eq!(cluster.agreed_leader(1), Some(1));
+        cluster.down.extend([2, 3]);
+        for n in 0..3 {
+            cluster.node(1).propose(1, format!("lost {n}").into_bytes()).unwrap();
+        }
+        cluster.settle(100).unwrap();
+        let committed_before = cluster.node(1).committed(1).unwrap();
+        cluster.down = [1].into();
+        for _ in 0..60 {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
+        let leader = cluster.agreed_leader(1).expect("nodes 2 and 3 elect a leader");
+        assert_ne!(leader, 1);
+        cluster.node(leader).propose(1, b"kept".to_vec()).unwrap();
+        cluster.settle(100).unwrap();
+        assert_eq!(cluster.stale_entries, 0);
+        cluster.down.clear();
+        for _ in 0..30 {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
+        assert_eq!(cluster.agreed_leader(1), Some(leader), "node 1 follows the new leader");
+        let commits: Vec<Option<u64>> = (1..=3).map(|node| cluster.node(node).committed(1)).collect();
+        assert!(commits.iter().all(|c| *c == commits[0] && c.unwrap_or(0) > committed_before), "{commits:?}");
+        assert!(cluster.stale_entries >= 1, "node 1's longer uncommitted tail was marked stale");
+    }
+
     #[test]
     fn one_persist_call_carries_every_group_with_new_entries() {
         let mut cluster = quiet_cluster();

@@ -12,13 +12,16 @@ pub struct LocalCluster {
     /// Messages delivered so far, and how many were Raft heartbeats or their answers.
     pub delivered: u64,
     pub heartbeats: u64,
+    /// Stored entries the nodes were told to delete (tails overwritten by a new leader).
+    pub stale_entries: u64,
 }
 
 impl LocalCluster {
     /// `nodes` nodes (ids 1..=nodes), each holding a replica of groups 1..=groups.
     pub fn new(nodes: u64, groups: u64, config: GroupsConfig) -> Result<Self, GroupsError> {
         let voters: Vec<NodeId> = (1..=nodes).collect();
-        let mut cluster = LocalCluster { nodes: Vec::new(), down: HashSet::new(), delivered: 0, heartbeats: 0 };
+        let mut cluster =
+            LocalCluster { nodes: Vec::new(), down: HashSet::new(), delivered: 0, heartbeats: 0, stale_entries: 0 };
         for node in 1..=nodes {
             let mut groups_of_node = Groups::new(node, config.clone());
             for group in 1..=groups {
@@ -52,10 +55,15 @@ impl LocalCluster {
     pub fn settle(&mut self, rounds: usize) -> Result<(), GroupsError> {
         for _ in 0..rounds {
             let mut in_flight = Vec::new();
+            let mut stale = 0;
             for node in self.nodes.iter_mut().filter(|n| !self.down.contains(&n.node())) {
-                let batch = node.ready(|_| Ok(()))?;
+                let batch = node.ready(|persist| {
+                    stale += persist.iter().map(|p| p.stale.end - p.stale.start).sum::<u64>();
+                    Ok(())
+                })?;
                 in_flight.extend(batch.messages);
             }
+            self.stale_entries += stale;
             if in_flight.is_empty() {
                 return Ok(());
             }
