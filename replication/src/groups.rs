@@ -126,6 +126,18 @@ pub struct ReadyBatch {
     pub persisted_entries: usize,
 }
 
+impl ReadyBatch {
+    fn send(&mut self, group: GroupId, messages: Vec<Message>) {
+        self.messages.extend(messages.into_iter().map(|message| Envelope::Raft { group, message }));
+    }
+
+    fn apply(&mut self, group: GroupId, entries: Vec<Entry>) {
+        if !entries.is_empty() {
+            self.committed.push((group, entries));
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GroupsError {
     #[error("no group {0} on this node")]
@@ -323,13 +335,8 @@ impl<S: GroupLog> Groups<S> {
             if !ready.entries().is_empty() {
                 group.idle_ticks = 0;
             }
-            batch
-                .messages
-                .extend(ready.take_messages().into_iter().map(|message| Envelope::Raft { group: id, message }));
-            let committed = ready.take_committed_entries();
-            if !committed.is_empty() {
-                batch.committed.push((id, committed));
-            }
+            batch.send(id, ready.take_messages());
+            batch.apply(id, ready.take_committed_entries());
             readies.push((id, ready));
         }
         let mut to_persist: Vec<Persist<'_>> = Vec::new();
@@ -363,20 +370,13 @@ impl<S: GroupLog> Groups<S> {
                 .mut_store()
                 .append_durable(ready.entries(), ready.hs())
                 .map_err(|source| GroupsError::Raft { group: id, source })?;
-            batch.messages.extend(
-                ready.take_persisted_messages().into_iter().map(|message| Envelope::Raft { group: id, message }),
-            );
+            batch.send(id, ready.take_persisted_messages());
             let mut light = group.raw.advance(ready);
             if let Some(commit) = light.commit_index() {
                 group.raw.mut_store().set_commit(commit);
             }
-            batch
-                .messages
-                .extend(light.take_messages().into_iter().map(|message| Envelope::Raft { group: id, message }));
-            let committed = light.take_committed_entries();
-            if !committed.is_empty() {
-                batch.committed.push((id, committed));
-            }
+            batch.send(id, light.take_messages());
+            batch.apply(id, light.take_committed_entries());
             group.raw.advance_apply();
             if group.raw.has_ready() {
                 self.dirty.insert(id);
