@@ -4,10 +4,11 @@
 //! hard state in memory and reads entries from RocksDB.
 //!
 //! Keys sort a group's entries by index: `e` + group (8 bytes, big-endian) + index (8 bytes,
-//! big-endian) -> the entry (protobuf); `s` + group -> the group's hard state and membership.
+//! big-endian) -> the entry (protobuf); `s` + group -> the group's hard state and membership;
+//! `t` + group -> the index and term of the last entry compacted away.
 //!
-//! Not yet: log compaction and snapshots (a group's log grows until issue 13 adds them; a
-//! snapshot request answers "temporarily unavailable").
+//! Not yet: snapshots (a snapshot request answers "temporarily unavailable"), so a log may only
+//! be compacted up to what every replica of the group already has.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,6 +33,10 @@ pub enum LogError {
     Corrupt { group: GroupId, what: &'static str, reason: String },
     #[error("group {0} already has a log on this node")]
     Exists(GroupId),
+    #[error(
+        "group {group}: cannot compact its log up to {up_to}: only entries up to {limit} may go (the commit index, and the last entry)"
+    )]
+    CompactTooFar { group: GroupId, up_to: u64, limit: u64 },
 }
 
 fn entry_key(group: GroupId, index: u64) -> [u8; 17] {
@@ -42,11 +47,19 @@ fn entry_key(group: GroupId, index: u64) -> [u8; 17] {
     key
 }
 
-fn state_key(group: GroupId) -> [u8; 9] {
+fn group_key(prefix: u8, group: GroupId) -> [u8; 9] {
     let mut key = [0u8; 9];
-    key[0] = b's';
+    key[0] = prefix;
     key[1..].copy_from_slice(&group.to_be_bytes());
     key
+}
+
+fn state_key(group: GroupId) -> [u8; 9] {
+    group_key(b's', group)
+}
+
+fn truncated_key(group: GroupId) -> [u8; 9] {
+    group_key(b't', group)
 }
 
 /// Hard state and membership: two length-prefixed protobuf messages.
@@ -117,7 +130,7 @@ impl LogStore {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf()?, state_key(group), encode_state(&state));
         self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "create a group", source })?;
-        Ok(GroupStorage { group, db: self.db.clone(), state, first_index: 1, last_index: 0, last_term: 0 })
+        Ok(GroupStorage::empty(group, self.db.clone(), state))
     }
 
     /// The log of `group` as it was persisted, if this node has one.
@@ -129,14 +142,27 @@ impl LogStore {
             return Ok(None);
         };
         let state = decode_state(group, &bytes)?;
-        let mut storage =
-            GroupStorage { group, db: self.db.clone(), state, first_index: 1, last_index: 0, last_term: 0 };
+        let mut storage = GroupStorage::empty(group, self.db.clone(), state);
+        let truncated =
+            self.db.get_cf(cf, truncated_key(group)).map_err(|source| LogError::Db { what: "read", source })?;
+        if let Some(bytes) = truncated {
+            let pair: [u8; 16] = bytes.as_slice().try_into().map_err(|_| LogError::Corrupt {
+                group,
+                what: "compaction mark",
+                reason: format!("{} bytes, not 16", bytes.len()),
+            })?;
+            let index = u64::from_be_bytes(pair[..8].try_into().unwrap_or_default());
+            let term = u64::from_be_bytes(pair[8..].try_into().unwrap_or_default());
+            storage.truncated = (index, term);
+            (storage.first_index, storage.last_index, storage.last_term) = (index + 1, index, term);
+        }
         let start = entry_key(group, 0);
         let mut first = self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
         if let Some(item) = first.next() {
             let (key, _) = item.map_err(|source| LogError::Db { what: "scan", source })?;
             if key.len() == 17 && key[..9] == start[..9] {
-                storage.first_index = u64::from_be_bytes(key[9..].try_into().unwrap_or_default());
+                let first_stored = u64::from_be_bytes(key[9..].try_into().unwrap_or_default());
+                storage.first_index = storage.first_index.max(first_stored);
                 let end = entry_key(group, u64::MAX);
                 let mut last = self.db.iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse));
                 if let Some(item) = last.next() {
@@ -154,6 +180,35 @@ impl LogStore {
             }
         }
         Ok(Some(storage))
+    }
+
+    /// Deletes the entries of `storage`'s group up to `up_to` (at most its commit index and its
+    /// last entry), remembering that entry's index and term, durably. Without snapshots yet, the
+    /// caller compacts only what every replica of the group already has.
+    pub fn compact(&self, storage: &mut GroupStorage, up_to: u64) -> Result<(), LogError> {
+        let group = storage.group;
+        let limit = storage.state.hard_state.commit.min(storage.last_index);
+        if up_to > limit {
+            return Err(LogError::CompactTooFar { group, up_to, limit });
+        }
+        if up_to < storage.first_index {
+            return Ok(());
+        }
+        let term = storage.term(up_to).map_err(|e| LogError::Corrupt {
+            group,
+            what: "entry",
+            reason: format!("term of {up_to}: {e}"),
+        })?;
+        let cf = self.cf()?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, entry_key(group, storage.first_index), entry_key(group, up_to + 1));
+        batch.put_cf(cf, truncated_key(group), [up_to.to_be_bytes(), term.to_be_bytes()].concat());
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "compact the log", source })?;
+        storage.truncated = (up_to, term);
+        storage.first_index = up_to + 1;
+        Ok(())
     }
 
     /// Writes every group's new entries and hard state in one batch and fsyncs it: the entries
@@ -193,9 +248,15 @@ pub struct GroupStorage {
     first_index: u64,
     last_index: u64,
     last_term: u64,
+    /// The index and term of the last entry compacted away ((0, 0): none).
+    truncated: (u64, u64),
 }
 
 impl GroupStorage {
+    fn empty(group: GroupId, db: Arc<DB>, state: RaftState) -> Self {
+        GroupStorage { group, db, state, first_index: 1, last_index: 0, last_term: 0, truncated: (0, 0) }
+    }
+
     pub fn group(&self) -> GroupId {
         self.group
     }
@@ -242,8 +303,8 @@ impl Storage for GroupStorage {
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
-        if index == 0 || index + 1 == self.first_index {
-            return Ok(0);
+        if index == self.truncated.0 {
+            return Ok(self.truncated.1);
         }
         if index < self.first_index {
             return Err(raft::Error::Store(StorageError::Compacted));
@@ -337,6 +398,37 @@ mod tests {
             assert!(matches!(storage.entries(1, 6, None, GetEntriesContext::empty(false)), Err(raft::Error::Store(_))));
         }
         assert!(store.open_group(8).unwrap().is_none(), "another group's keys are not this one's");
+    }
+
+    #[test]
+    fn a_compacted_log_keeps_its_tail_and_the_last_compacted_term_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let mut group = store.create_group(3, &[1, 2, 3]).unwrap();
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 5, &format!("e{i}"))).collect();
+        let hard_state = HardState { term: 3, commit: 8, ..Default::default() };
+        store.write(&[persist(3, &entries, 0..0, Some(&hard_state))]).unwrap();
+        group.append_durable(&entries, Some(&hard_state)).unwrap();
+        let refused = store.compact(&mut group, 9).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "group 3: cannot compact its log up to 9: only entries up to 8 may go (the commit index, and the last entry)"
+        );
+        store.compact(&mut group, 6).unwrap();
+        let more = vec![entry(11, 3, "e11")];
+        store.write(&[persist(3, &more, 0..0, None)]).unwrap();
+        group.append_durable(&more, None).unwrap();
+        for storage in [group, store.open_group(3).unwrap().unwrap()] {
+            assert_eq!((storage.first_index().unwrap(), storage.last_index().unwrap()), (7, 11));
+            assert_eq!(storage.term(6).unwrap(), 2, "the last compacted entry's term is kept");
+            assert!(matches!(storage.term(5), Err(raft::Error::Store(StorageError::Compacted))));
+            assert!(matches!(
+                storage.entries(5, 8, None, GetEntriesContext::empty(false)),
+                Err(raft::Error::Store(StorageError::Compacted))
+            ));
+            let tail = storage.entries(7, 12, None, GetEntriesContext::empty(false)).unwrap();
+            assert_eq!(tail.iter().map(|e| e.index).collect::<Vec<_>>(), [7, 8, 9, 10, 11]);
+        }
     }
 
     #[test]
