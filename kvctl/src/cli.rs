@@ -12,6 +12,7 @@ use kvfleet_proto::v1::{
     ReserveRangeIdsRequest, SplitRangeRequest,
 };
 use serde::Serialize;
+use tonic::transport::Channel;
 
 use crate::bench::{self, BenchArgs, BenchReport};
 use kvfleet_client::{Client, ClientConfig, ClientError};
@@ -291,15 +292,12 @@ const PLAYGROUND_CONTROLLER: &str = "127.0.0.1:7690";
 async fn reserve_range_ids(controller: Option<&str>, node_address: &str, count: u32) -> Result<Option<u64>, CliError> {
     let address = controller.unwrap_or(PLAYGROUND_CONTROLLER);
     let answer = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| tonic::Status::invalid_argument(format!("bad address: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
+        let mut api = status_api(address)
             .await
-            .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+            .map_err(|(code, what, error)| tonic::Status::new(code, format!("{what}: {error}")))?;
         let mut request = tonic::Request::new(ReserveRangeIdsRequest { count, node_address: node_address.to_string() });
         request.set_timeout(Duration::from_secs(30));
-        ControllerClient::new(channel).reserve_range_ids(request).await.map(tonic::Response::into_inner)
+        api.reserve_range_ids(request).await.map(tonic::Response::into_inner)
     }
     .await;
     match answer {
@@ -456,21 +454,27 @@ async fn status(client: &Client, controller: Option<&str>, json: bool) -> Result
     Ok(())
 }
 
-async fn controller_status(address: &str, json: bool) -> Result<(), CliError> {
-    let failed = |what: &str, error: String| CliError::Failed(format!("controller at {address}: {what}: {error}"));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| failed("bad address", e.to_string()))?
+/// A client of the resharding loop's status API at `address`, connected now; or why not (the
+/// gRPC code it stands for, what failed, the error).
+async fn status_api(address: &str) -> Result<ControllerClient<Channel>, (tonic::Code, &'static str, String)> {
+    let endpoint = kvfleet_client::channels::endpoint(address)
+        .map_err(|e| (tonic::Code::InvalidArgument, "bad address", e.reason))?;
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
-        .map_err(|e| failed("cannot connect", e.to_string()))?;
+        .map_err(|e| (tonic::Code::Unavailable, "cannot connect", e.to_string()))?;
+    Ok(ControllerClient::new(channel))
+}
+
+async fn controller_status(address: &str, json: bool) -> Result<(), CliError> {
+    let mut api = status_api(address)
+        .await
+        .map_err(|(_, what, error)| CliError::Failed(format!("controller at {address}: {what}: {error}")))?;
     let mut request = tonic::Request::new(ControllerStatusRequest {});
     request.set_timeout(Duration::from_secs(5));
-    let status = ControllerClient::new(channel)
-        .status(request)
-        .await
-        .map_err(|s| CliError::Rpc { address: address.to_string(), status: s })?
-        .into_inner();
+    let status =
+        api.status(request).await.map_err(|s| CliError::Rpc { address: address.to_string(), status: s })?.into_inner();
     if json {
         print_json(&kvfleet_view::to_json(&status))
     } else {
