@@ -121,21 +121,9 @@ fn busy(groups: u64, rounds: u64, per_group: bool) {
         }
         // Deliver until every proposal is committed everywhere: each node's Ready is persisted
         // into its own log.
-        for _ in 0..100 {
-            let mut in_flight = Vec::new();
-            for (node, log) in cluster.nodes.iter_mut().zip(logs.iter_mut()) {
-                let batch = node.ready(|persist| log.write(persist)).expect("ready");
-                committed += batch.committed.iter().map(|(_, entries)| entries.len() as u64).sum::<u64>();
-                in_flight.extend(batch.messages);
-            }
-            if in_flight.is_empty() {
-                break;
-            }
-            for envelope in in_flight {
-                let to = envelope.to();
-                cluster.node(to).step(envelope).expect("message stepped");
-            }
-        }
+        committed += cluster
+            .settle_with(100, |node, persist| logs[(node - 1) as usize].write(persist))
+            .expect("messages delivered");
     }
     let elapsed = started.elapsed();
     let (fsyncs, entries) = logs.iter().fold((0, 0), |(f, e), log| (f + log.fsyncs, e + log.entries));

@@ -121,8 +121,7 @@ pub struct ReadyBatch {
     pub messages: Vec<Envelope>,
     /// Committed entries to apply, per group, in order.
     pub committed: Vec<(GroupId, Vec<Entry>)>,
-    /// Groups whose log entries or hard state were persisted (0 or 1 write for all of them).
-    pub persisted_groups: usize,
+    /// Log entries persisted (0 or 1 write for all groups).
     pub persisted_entries: usize,
 }
 
@@ -356,7 +355,6 @@ impl<S: GroupLog> Groups<S> {
                 conf_state: store.conf_state(),
             });
         }
-        batch.persisted_groups = to_persist.len();
         batch.persisted_entries = to_persist.iter().map(|p| p.entries.len()).sum();
         if !to_persist.is_empty() {
             let groups = to_persist.len();

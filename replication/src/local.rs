@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use crate::groups::{Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, new_group_storage};
+use crate::groups::{Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, Persist, new_group_storage};
 
 pub struct LocalCluster {
     pub nodes: Vec<Groups>,
@@ -51,21 +51,35 @@ impl LocalCluster {
         self.nodes.iter_mut().filter(|n| !down.contains(&n.node())).map(Groups::tick).sum()
     }
 
-    /// Ready -> deliver rounds until no message is in flight, at most `rounds` of them.
+    /// Ready -> deliver rounds until no message is in flight, at most `rounds` of them, with
+    /// nothing written anywhere (the groups' in-memory logs are all there is).
     pub fn settle(&mut self, rounds: usize) -> Result<(), GroupsError> {
+        self.settle_with(rounds, |_, _| Ok(())).map(|_| ())
+    }
+
+    /// `settle`, each node's batch written by `write(node, batch)`; returns how many committed
+    /// entries the nodes were handed to apply.
+    pub fn settle_with(
+        &mut self,
+        rounds: usize,
+        mut write: impl FnMut(NodeId, &[Persist<'_>]) -> Result<(), String>,
+    ) -> Result<u64, GroupsError> {
+        let mut committed = 0;
         for _ in 0..rounds {
             let mut in_flight = Vec::new();
             let mut stale = 0;
             for node in self.nodes.iter_mut().filter(|n| !self.down.contains(&n.node())) {
+                let id = node.node();
                 let batch = node.ready(|persist| {
                     stale += persist.iter().map(|p| p.stale.end - p.stale.start).sum::<u64>();
-                    Ok(())
+                    write(id, persist)
                 })?;
+                committed += batch.committed.iter().map(|(_, entries)| entries.len() as u64).sum::<u64>();
                 in_flight.extend(batch.messages);
             }
             self.stale_entries += stale;
             if in_flight.is_empty() {
-                return Ok(());
+                return Ok(committed);
             }
             for envelope in in_flight {
                 if self.down.contains(&envelope.to()) {
@@ -81,7 +95,7 @@ impl LocalCluster {
                 self.node(to).step(envelope)?;
             }
         }
-        Ok(())
+        Ok(committed)
     }
 
     /// The leader every live replica of `group` agrees on, if they agree.
