@@ -72,6 +72,18 @@ impl Envelope {
     }
 }
 
+/// A Raft message as bytes, for a transport between nodes.
+pub fn encode_message(message: &Message) -> Vec<u8> {
+    use protobuf::Message as _;
+    message.write_to_bytes().unwrap_or_default()
+}
+
+/// A Raft message from the bytes `encode_message` made.
+pub fn decode_message(bytes: &[u8]) -> Result<Message, String> {
+    use protobuf::Message as _;
+    Message::parse_from_bytes(bytes).map_err(|e| format!("a Raft message does not decode: {e}"))
+}
+
 /// A group's log as raft-rs reads it, told what the node has just made durable.
 pub trait GroupLog: Storage {
     /// `entries` and `hard_state` are durable now (the batch they were in was written).
@@ -123,6 +135,8 @@ pub struct ReadyBatch {
     pub committed: Vec<(GroupId, Vec<Entry>)>,
     /// Log entries persisted (0 or 1 write for all groups).
     pub persisted_entries: usize,
+    /// Read indexes granted, per group: (the request's context, the index to wait for).
+    pub reads: Vec<(GroupId, Vec<u8>, u64)>,
 }
 
 impl ReadyBatch {
@@ -191,9 +205,19 @@ impl<S: GroupLog> Groups<S> {
         self.groups.is_empty()
     }
 
-    /// Starts this node's replica of `group` over `storage` (which holds its membership).
+    /// Starts this node's replica of `group` over `storage` (which holds its membership), with
+    /// everything committed so far taken as applied.
     pub fn create(&mut self, group: GroupId, storage: S) -> Result<(), GroupsError> {
-        let applied = storage.initial_state().map_err(|source| GroupsError::Raft { group, source })?.hard_state.commit;
+        self.create_applied(group, storage, u64::MAX)
+    }
+
+    /// Starts this node's replica of `group` over `storage`, whose state machine has applied the
+    /// log up to `applied`: later committed entries are handed out again by `ready`. An
+    /// `applied` past the persisted commit index (the commit index advanced in memory only
+    /// before a restart) is taken back to it: re-applying a prefix of the log is harmless.
+    pub fn create_applied(&mut self, group: GroupId, storage: S, applied: u64) -> Result<(), GroupsError> {
+        let committed = storage.initial_state().map_err(|source| GroupsError::Raft { group, source })?.hard_state.commit;
+        let applied = applied.min(committed);
         let config = raft::Config {
             id: self.node,
             election_tick: self.config.election_tick,
@@ -231,8 +255,31 @@ impl<S: GroupLog> Groups<S> {
         self.wake(group, true)?.campaign().map_err(|source| GroupsError::Raft { group, source })
     }
 
-    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(), GroupsError> {
-        self.wake(group, true)?.propose(Vec::new(), data).map_err(|source| GroupsError::Raft { group, source })
+    /// Appends `data` to the log of `group`, which this node must lead: returns the entry's
+    /// index and term. The proposal succeeded only if the entry committed at that index has
+    /// that term (a new leader may replace it).
+    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(u64, u64), GroupsError> {
+        let raw = self.wake(group, true)?;
+        raw.propose(Vec::new(), data).map_err(|source| GroupsError::Raft { group, source })?;
+        Ok((raw.raft.raft_log.last_index(), raw.raft.term))
+    }
+
+    /// Asks for a read index (ReadIndex: the leader confirms with a quorum that it still leads);
+    /// it arrives in a later batch's `reads` with `context`. A follower forwards the request to
+    /// its leader; with no leader known it is dropped, so the caller times out and retries.
+    pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), GroupsError> {
+        self.wake(group, true)?.read_index(context);
+        Ok(())
+    }
+
+    /// The term this node's replica of `group` is at, and whether it leads it.
+    pub fn term(&self, group: GroupId) -> Option<u64> {
+        self.groups.get(&group).map(|g| g.raw.raft.term)
+    }
+
+    /// The groups on this node.
+    pub fn ids(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.groups.keys().copied()
     }
 
     /// Delivers what another node sent.
@@ -336,6 +383,7 @@ impl<S: GroupLog> Groups<S> {
             }
             batch.send(id, ready.take_messages());
             batch.apply(id, ready.take_committed_entries());
+            batch.reads.extend(ready.take_read_states().into_iter().map(|r| (id, r.request_ctx, r.index)));
             readies.push((id, ready));
         }
         let mut to_persist: Vec<Persist<'_>> = Vec::new();
@@ -565,5 +613,31 @@ mod tests {
         cluster.node(2).propose(led_by_2[0], vec![2; 10]).unwrap();
         let error = cluster.node(2).ready(|_| Err("disk full".into())).unwrap_err();
         assert_eq!(error.to_string(), "persisting the log of 1 groups: disk full");
+    }
+
+    #[test]
+    fn read_indexes_need_a_quorum_and_cover_every_committed_write() {
+        let mut cluster = quiet_cluster();
+        let leader = cluster.agreed_leader(1).expect("group 1 has a leader");
+        let follower = (1..=3).find(|&n| n != leader).expect("a follower");
+        cluster.node(leader).propose(1, b"before the reads".to_vec()).unwrap();
+        cluster.settle(100).unwrap();
+        let committed = cluster.node(leader).committed(1).expect("group 1 is on the leader");
+
+        cluster.node(leader).read_index(1, b"on the leader".to_vec()).unwrap();
+        cluster.node(follower).read_index(1, b"on a follower".to_vec()).unwrap();
+        cluster.settle(100).unwrap();
+        let granted: Vec<_> = cluster.reads.drain(..).collect();
+        assert!(granted.contains(&(leader, 1, b"on the leader".to_vec(), committed)), "{granted:?}");
+        assert!(granted.contains(&(follower, 1, b"on a follower".to_vec(), committed)), "{granted:?}");
+
+        // Cut off from both followers, the leader cannot confirm it still leads: no read index.
+        cluster.down.extend((1..=3).filter(|&n| n != leader));
+        cluster.node(leader).read_index(1, b"cut off".to_vec()).unwrap();
+        for _ in 0..5 {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
+        assert!(cluster.reads.is_empty(), "a leader without a quorum granted a read: {:?}", cluster.reads);
     }
 }

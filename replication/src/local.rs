@@ -14,6 +14,8 @@ pub struct LocalCluster {
     pub heartbeats: u64,
     /// Stored entries the nodes were told to delete (tails overwritten by a new leader).
     pub stale_entries: u64,
+    /// Read indexes granted: (node, group, context, index).
+    pub reads: Vec<(NodeId, GroupId, Vec<u8>, u64)>,
 }
 
 impl LocalCluster {
@@ -21,7 +23,14 @@ impl LocalCluster {
     pub fn new(nodes: u64, groups: u64, config: GroupsConfig) -> Result<Self, GroupsError> {
         let voters: Vec<NodeId> = (1..=nodes).collect();
         let mut cluster =
-            LocalCluster { nodes: Vec::new(), down: HashSet::new(), delivered: 0, heartbeats: 0, stale_entries: 0 };
+            LocalCluster {
+            nodes: Vec::new(),
+            down: HashSet::new(),
+            delivered: 0,
+            heartbeats: 0,
+            stale_entries: 0,
+            reads: Vec::new(),
+        };
         for node in 1..=nodes {
             let mut groups_of_node = Groups::new(node, config.clone());
             for group in 1..=groups {
@@ -75,6 +84,7 @@ impl LocalCluster {
                     write(id, persist)
                 })?;
                 committed += batch.committed.iter().map(|(_, entries)| entries.len() as u64).sum::<u64>();
+                self.reads.extend(batch.reads.into_iter().map(|(group, context, index)| (id, group, context, index)));
                 in_flight.extend(batch.messages);
             }
             self.stale_entries += stale;
