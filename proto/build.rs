@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "kvfleet/v1/kv.proto",
                 "kvfleet/v1/admin.proto",
                 "kvfleet/v1/controller.proto",
+                "kvfleet/v1/raft.proto",
                 "google/rpc/status.proto",
                 "etcd/etcd_kv_subset.proto",
             ]

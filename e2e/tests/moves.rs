@@ -14,7 +14,7 @@ use kvfleet_proto::v1::*;
 const MOVE_ID: u64 = 7;
 
 fn replica(node: &NodeProcess) -> Replica {
-    Replica { node_id: node.node_id.clone(), address: node.address.clone(), role: ReplicaRole::Leader as i32 }
+    Replica { node_id: node.node_id.clone(), address: node.address.clone(), role: ReplicaRole::Leader as i32, raft_id: 0 }
 }
 
 async fn range_one(node: &NodeProcess) -> RangeDescriptor {

@@ -56,6 +56,13 @@ pub struct NodeConfig {
     #[arg(long, env = "KVFLEET_BOOTSTRAP")]
     pub bootstrap: bool,
 
+    /// Bootstraps range 1 replicated on these nodes (a Raft group), like etcd's
+    /// --initial-cluster: `node-a=host:port,node-b=host:port,node-c=host:port`, 1, 3 or 5 nodes,
+    /// this node among them, and the same list on every one. Done once, on a node with no
+    /// ranges yet; ignored afterwards.
+    #[arg(long, env = "KVFLEET_INITIAL_REPLICAS", value_delimiter = ',', conflicts_with = "bootstrap")]
+    pub initial_replicas: Vec<String>,
+
     #[arg(long, value_enum, env = "KVFLEET_DURABILITY", default_value = "sync")]
     pub durability: Durability,
 
@@ -120,6 +127,36 @@ impl NodeConfig {
         largest_payload * 2 + (1 << 20)
     }
 
+    /// `--initial-replicas` as (node id, address) pairs, checked: 1, 3 or 5 distinct nodes, this
+    /// node among them, every address host:port.
+    pub fn initial_members(&self) -> Result<Vec<(String, String)>, String> {
+        let mut members: Vec<(String, String)> = Vec::new();
+        for entry in &self.initial_replicas {
+            let Some((node_id, address)) = entry.trim().split_once('=') else {
+                return Err(format!("--initial-replicas: {entry:?} is not node-id=host:port"));
+            };
+            let (node_id, address) = (node_id.trim(), address.trim());
+            let port = address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+            if node_id.is_empty() || port.is_none_or(|p| p.parse::<u16>().is_err()) {
+                return Err(format!("--initial-replicas: {entry:?} is not node-id=host:port"));
+            }
+            if members.iter().any(|(id, _)| id == node_id) {
+                return Err(format!("--initial-replicas: node {node_id:?} is listed twice"));
+            }
+            members.push((node_id.to_string(), address.to_string()));
+        }
+        if ![1, 3, 5].contains(&members.len()) {
+            return Err(format!(
+                "--initial-replicas lists {} nodes; a range has 1, 3 or 5 replicas (a majority of an even count tolerates no more failures than one fewer)",
+                members.len()
+            ));
+        }
+        if !members.iter().any(|(id, _)| *id == self.node_id) {
+            return Err(format!("--initial-replicas does not list this node ({:?})", self.node_id));
+        }
+        Ok(members)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.node_id.is_empty() || self.node_id.len() > 253 {
             return Err(format!("--node-id must be 1 to 253 characters, got {}", self.node_id.len()));
@@ -135,6 +172,9 @@ impl NodeConfig {
         }
         if self.load_window_secs == 0 || self.load_window_secs > 600 {
             return Err(format!("--load-window-secs must be 1 to 600, got {}", self.load_window_secs));
+        }
+        if !self.initial_replicas.is_empty() {
+            self.initial_members()?;
         }
         if self.admin_listen == Some(self.listen) {
             return Err(format!("--admin-listen must differ from --listen ({})", self.listen));

@@ -40,6 +40,14 @@ pub enum NodeError {
     Fenced { epoch: u64, highest: u64 },
     #[error("asking node {node} at {address} failed: {message}")]
     PeerUnreachable { node: String, address: String, message: String },
+    /// A replicated range could not serve the request now (no leader, no quorum): retry.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(
+        "range {range_id} is replicated ({replicas} replicas): {action} of a replicated range is not built yet \
+         (it stays where it is; splits through the Raft log and moves as membership changes are next)"
+    )]
+    ReplicatedRange { range_id: u64, replicas: usize, action: &'static str },
 }
 
 impl From<NodeError> for Status {
@@ -53,8 +61,11 @@ impl From<NodeError> for Status {
             NodeError::ShuttingDown
             | NodeError::Forward { .. }
             | NodeError::PeerUnreachable { .. }
-            | NodeError::Frozen(_) => Status::unavailable(error.to_string()),
-            NodeError::Move(_) | NodeError::Fenced { .. } => Status::failed_precondition(error.to_string()),
+            | NodeError::Frozen(_)
+            | NodeError::Unavailable(_) => Status::unavailable(error.to_string()),
+            NodeError::Move(_) | NodeError::Fenced { .. } | NodeError::ReplicatedRange { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
             NodeError::Storage { .. } | NodeError::Io { .. } | NodeError::Corrupt(_) | NodeError::WriteFailed(_) => {
                 Status::internal(error.to_string())
             }

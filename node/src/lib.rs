@@ -3,7 +3,8 @@
 //! Where things live: `ranges` (key -> range on this node, split rules), `node` (serving keys
 //! from owned ranges, splits, load reports), `storage` (RocksDB and the group-commit write
 //! pipeline behind the durability modes), `load` (per-range load accounting), `moves` (online
-//! range moves, source and target side), `peers` (channels to other nodes), `service` (the gRPC
+//! range moves, source and target side), `peers` (channels to other nodes), `replica` (replicated ranges: Raft groups, their transport
+//! and state machine), `service` (the gRPC
 //! APIs), `unknown_method` (UNIMPLEMENTED with a message), `server` (wiring and shutdown), `metrics`, `config`, `error`.
 
 pub mod config;
@@ -15,6 +16,7 @@ pub mod moves;
 pub mod node;
 pub mod peers;
 pub mod ranges;
+pub mod replica;
 pub mod server;
 pub mod service;
 pub mod storage;

@@ -196,6 +196,7 @@ impl Node {
     ) -> Result<(u64, u64, tokio::sync::mpsc::Receiver<ExportChunk>), NodeError> {
         let range =
             self.table.read().by_id(request.range_id).cloned().ok_or(NodeError::UnknownRange(request.range_id))?;
+        refuse_replicated(&range.desc, "moving by copy")?;
         let _exclusive = range.gate.write().await;
         // A range frozen for this very move may be exported again (after a restart lost the
         // capture): it takes no writes, so a fresh snapshot is complete.
@@ -271,6 +272,7 @@ impl Node {
         self.export_session(request.range_id, request.move_id, 0)?;
         let range =
             self.table.read().by_id(request.range_id).cloned().ok_or(NodeError::UnknownRange(request.range_id))?;
+        refuse_replicated(&range.desc, "moving by copy")?;
         let _exclusive = range.gate.write().await;
         if range.is_replaced() {
             return Err(NodeError::Move(format!("range {} changed while freezing; retry", request.range_id)));
@@ -673,6 +675,7 @@ impl Node {
     /// the source's snapshot and catches up its tail. Returns once the backlog is small.
     pub async fn import_range(&self, request: &ImportRangeRequest) -> Result<ImportRangeResponse, NodeError> {
         let source = request.range.clone().ok_or_else(|| NodeError::Invalid("import needs the range".into()))?;
+        refuse_replicated(&source, "moving by copy")?;
         let session = Arc::new(ImportSession::new(request.move_id, request.source_address.clone()));
         let mut cursor = session.cursor.lock().await;
         {
@@ -961,4 +964,13 @@ impl Node {
         tracing::info!(range_id, move_id = request.move_id, "import aborted");
         Ok(())
     }
+}
+
+/// Refuses `action` on a replicated range: its replicas change by membership changes (not built
+/// yet), never by the single-copy protocols.
+pub(crate) fn refuse_replicated(desc: &RangeDescriptor, action: &'static str) -> Result<(), NodeError> {
+    if crate::replica::is_replicated(desc) {
+        return Err(NodeError::ReplicatedRange { range_id: desc.range_id, replicas: desc.replicas.len(), action });
+    }
+    Ok(())
 }

@@ -21,6 +21,7 @@ use crate::ranges::{
     MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, SplitPlan, bootstrap_descriptor, decode_descriptor,
     descriptor_write,
 };
+use crate::replica::{OpenGroup, ReplicaError, Replication, is_replicated, raft_id_of};
 use crate::storage::{CF_META, Storage, WriteOp};
 use kvfleet_proto::failpoint;
 
@@ -45,6 +46,8 @@ pub struct Node {
     pub(crate) fence: crate::fencing::Fence,
     /// Admin calls must carry it (none: open).
     pub(crate) admin_token: kvfleet_proto::admin_auth::AdminToken,
+    /// The Raft groups of this node's replicated ranges.
+    pub replication: Arc<Replication>,
 }
 
 /// A range held for the duration of one request (shared side of its gate).
@@ -121,7 +124,18 @@ impl Node {
             Some(token) => kvfleet_proto::admin_auth::AdminToken::new(token)
                 .map_err(|e| NodeError::Invalid(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?,
         };
+        let links = crate::replica::transport::PeerLinks::new(
+            &config.node_id,
+            raft_id_of(&config.node_id),
+            kvfleet_client::ChannelPool::new(kvfleet_client::ChannelConfig {
+                connect_timeout: Duration::from_secs(1),
+                ..kvfleet_client::ChannelConfig::default()
+            }),
+            admin_token.clone(),
+        );
+        let replication = Arc::new(Replication::start(&config.node_id, storage.db(), links)?);
         let node = Node {
+            replication,
             address,
             storage,
             metrics,
@@ -133,8 +147,12 @@ impl Node {
             fence,
             admin_token,
         };
+        node.open_groups()?;
         if node.config.bootstrap && !node.table.read().has_history() {
             node.bootstrap().await?;
+        }
+        if !node.config.initial_replicas.is_empty() && !node.table.read().has_history() {
+            node.bootstrap_replicated().await?;
         }
         node.update_range_gauge();
         Ok(node)
@@ -161,6 +179,127 @@ impl Node {
         Ok(desc)
     }
 
+    /// Starts the Raft group of every replicated range this node owns, from its log.
+    fn open_groups(&self) -> Result<(), NodeError> {
+        let log = self.log_store()?;
+        for desc in self.owned_ranges_raw().into_iter().filter(is_replicated) {
+            let range_id = desc.range_id;
+            let storage = log
+                .open_group(range_id)
+                .map_err(|e| NodeError::Corrupt(format!("the Raft log of range {range_id}: {e}")))?
+                .ok_or_else(|| {
+                    NodeError::Corrupt(format!("range {range_id} is replicated but this node has no Raft log for it"))
+                })?;
+            let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
+                .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
+            self.open_group(&desc, storage, applied, false)?;
+        }
+        Ok(())
+    }
+
+    fn log_store(&self) -> Result<kvfleet_replication::LogStore, NodeError> {
+        kvfleet_replication::LogStore::with_db(self.storage.db())
+            .map_err(|e| NodeError::Corrupt(format!("opening the Raft logs: {e}")))
+    }
+
+    fn open_group(
+        &self,
+        desc: &RangeDescriptor,
+        storage: kvfleet_replication::GroupStorage,
+        applied: u64,
+        campaign: bool,
+    ) -> Result<(), NodeError> {
+        let members = desc.replicas.iter().map(|r| (r.raft_id, r.address.clone())).collect();
+        self.replication
+            .open(OpenGroup { range_id: desc.range_id, storage, applied, members, campaign })
+            .map_err(|e| NodeError::Unavailable(e.to_string()))
+    }
+
+    /// Creates range 1 over the whole key space as a Raft group of the `--initial-replicas`
+    /// nodes, once. Every listed node does the same; the first listed campaigns at once.
+    pub async fn bootstrap_replicated(&self) -> Result<RangeDescriptor, NodeError> {
+        let members = self.config.initial_members().map_err(NodeError::Invalid)?;
+        let replicas: Vec<kvfleet_proto::v1::Replica> = members
+            .iter()
+            .map(|(node_id, address)| kvfleet_proto::v1::Replica {
+                node_id: node_id.clone(),
+                address: address.clone(),
+                role: kvfleet_proto::v1::ReplicaRole::Follower as i32,
+                raft_id: raft_id_of(node_id),
+            })
+            .collect();
+        let desc = RangeDescriptor { replicas, ..bootstrap_descriptor(&self.config.node_id, &self.address) };
+        let voters: Vec<u64> = desc.replicas.iter().map(|r| r.raft_id).collect();
+        let log = self.log_store()?;
+        // The log first: a crash before the descriptor is written leaves a log that the next
+        // attempt reuses.
+        let storage = match log.open_group(desc.range_id) {
+            Ok(Some(storage)) => Ok(storage),
+            Ok(None) => log.create_group(desc.range_id, &voters),
+            Err(error) => Err(error),
+        }
+        .map_err(|e| NodeError::Corrupt(format!("creating the Raft log of range 1: {e}")))?;
+        self.persist(&[&desc]).await?;
+        self.table.write().install(desc.clone(), || self.new_load())?;
+        let campaign = members.first().is_some_and(|(id, _)| *id == self.config.node_id);
+        self.open_group(&desc, storage, 0, campaign)?;
+        self.update_range_gauge();
+        tracing::info!(replicas = members.len(), "bootstrapped range 1 covering the whole key space, replicated");
+        Ok(desc)
+    }
+
+    /// Waits until a replicated range may serve a linearizable read here; nothing for a
+    /// single-copy range.
+    async fn read_barrier(&self, lease: &RangeLease, key: &[u8]) -> Result<(), NodeError> {
+        if !is_replicated(&lease.range.desc) {
+            return Ok(());
+        }
+        let outcome = self.replication.read_barrier(lease.range.desc.range_id).await;
+        outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error))
+    }
+
+    /// Writes `mutations` to the range: through its Raft log if it is replicated (OK once a
+    /// majority logged them and this node applied them), else through the committer.
+    async fn write_range(&self, lease: &RangeLease, key: &[u8], mutations: Vec<Mutation>) -> Result<(), NodeError> {
+        if is_replicated(&lease.range.desc) {
+            let outcome = self.replication.propose(lease.range.desc.range_id, mutations).await;
+            return outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error));
+        }
+        let ops = mutations
+            .into_iter()
+            .map(|m| match m.op() {
+                MutationOp::Delete => WriteOp::delete(m.key),
+                _ => WriteOp::put(m.key, m.value),
+            })
+            .collect();
+        self.storage.write(ops).await
+    }
+
+    /// What a client is told when a replicated range cannot serve it here: where the leader is
+    /// (NotOwner with the descriptor, leader marked), or to retry.
+    fn replica_error(&self, desc: &RangeDescriptor, key: &[u8], error: ReplicaError) -> NodeError {
+        match error {
+            ReplicaError::NotLeader { leader: Some(leader), range_id } if leader != self.replication.raft_id() => {
+                let hint = crate::replica::with_leader(desc.clone(), Some(leader));
+                let leader_name = hint.leader().map(|r| r.node_id.clone()).unwrap_or_default();
+                NodeError::NotOwner(Box::new(NotOwner {
+                    key: Bytes::copy_from_slice(key),
+                    node_id: self.config.node_id.clone(),
+                    hint: Some(hint),
+                    reason: format!(
+                        "node {} is a follower of range {range_id}; its leader is node {leader_name}",
+                        self.config.node_id
+                    ),
+                }))
+            }
+            ReplicaError::NotLeader { range_id, .. } => NodeError::Unavailable(format!(
+                "range {range_id} has no leader yet (an election is under way); retry"
+            )),
+            ReplicaError::Stopped(_) => NodeError::ShuttingDown,
+            other => NodeError::Unavailable(other.to_string()),
+        }
+    }
+
     pub(crate) fn update_range_gauge(&self) {
         self.metrics.ranges.set(self.table.read().owned_count() as i64);
     }
@@ -173,7 +312,12 @@ impl Node {
         self.started.elapsed()
     }
 
+    /// The ranges this node owns, replicated ones with the replica roles this node knows.
     pub fn owned_ranges(&self) -> Vec<RangeDescriptor> {
+        self.owned_ranges_raw().into_iter().map(|d| self.replication.with_roles(d)).collect()
+    }
+
+    fn owned_ranges_raw(&self) -> Vec<RangeDescriptor> {
         self.table.read().owned().map(|r| r.desc.clone()).collect()
     }
 
@@ -257,6 +401,7 @@ impl Node {
     ) -> Result<(ResponseHeader, Option<Bytes>), NodeError> {
         self.check_key(key)?;
         let lease = self.serving_lease(key, header).await?;
+        self.read_barrier(&lease, key).await?;
         let value = self.storage.get(key)?;
         lease.range.load.record_read(key, key.len() + value.as_ref().map_or(0, Bytes::len));
         Ok((lease.response_header(&self.config.node_id), value))
@@ -272,7 +417,8 @@ impl Node {
         self.check_value(&value)?;
         let lease = self.serving_lease(&key, header).await?;
         lease.range.load.record_write(&key, key.len() + value.len());
-        self.storage.write(vec![WriteOp::put(key, value)]).await?;
+        let mutation = Mutation { op: MutationOp::Put as i32, key: key.clone(), value };
+        self.write_range(&lease, &key, vec![mutation]).await?;
         Ok(lease.response_header(&self.config.node_id))
     }
 
@@ -280,7 +426,8 @@ impl Node {
         self.check_key(&key)?;
         let lease = self.serving_lease(&key, header).await?;
         lease.range.load.record_write(&key, key.len());
-        self.storage.write(vec![WriteOp::delete(key)]).await?;
+        let mutation = Mutation { op: MutationOp::Delete as i32, key: key.clone(), value: Bytes::new() };
+        self.write_range(&lease, &key, vec![mutation]).await?;
         Ok(lease.response_header(&self.config.node_id))
     }
 
@@ -294,16 +441,12 @@ impl Node {
             return Err(NodeError::Invalid("a batch needs at least one mutation".into()));
         };
         let mut total = 0usize;
-        let mut ops = Vec::with_capacity(mutations.len());
         for (index, mutation) in mutations.iter().enumerate() {
             self.check_key(&mutation.key)?;
             total += mutation.key.len() + mutation.value.len();
             match mutation.op() {
-                MutationOp::Put => {
-                    self.check_value(&mutation.value)?;
-                    ops.push(WriteOp::put(mutation.key.clone(), mutation.value.clone()));
-                }
-                MutationOp::Delete => ops.push(WriteOp::delete(mutation.key.clone())),
+                MutationOp::Put => self.check_value(&mutation.value)?,
+                MutationOp::Delete => {}
                 MutationOp::Unspecified => {
                     return Err(NodeError::Invalid(format!(
                         "mutation {index} has no op (expected OP_PUT or OP_DELETE)"
@@ -335,8 +478,8 @@ impl Node {
         for mutation in mutations {
             lease.range.load.record_write(&mutation.key, mutation.key.len() + mutation.value.len());
         }
-        let applied = ops.len() as u32;
-        self.storage.write(ops).await?;
+        let applied = mutations.len() as u32;
+        self.write_range(&lease, &first.key, mutations.to_vec()).await?;
         Ok((lease.response_header(&self.config.node_id), applied))
     }
 
@@ -363,6 +506,7 @@ impl Node {
             n => n.min(self.config.max_scan_limit),
         } as usize;
         let lease = self.serving_lease(start, header).await?;
+        self.read_barrier(&lease, start).await?;
         let range_end = lease.range.desc.end_key.clone();
         let range_ends_first = !range_end.is_empty() && (end.is_empty() || range_end.as_ref() < end);
         let bound = if range_ends_first { range_end.as_ref() } else { end };
@@ -382,6 +526,9 @@ impl Node {
         let range_id = request.range_id;
         let gate = {
             let table = self.table.read();
+            if let Some(range) = table.by_id(range_id) {
+                crate::moves::refuse_replicated(&range.desc, "splitting")?;
+            }
             table.plan_split(&request)?;
             table.by_id(range_id).map(|r| r.gate.clone()).ok_or(NodeError::UnknownRange(range_id))?
         };
@@ -411,6 +558,9 @@ impl Node {
         let gates = {
             let table = self.table.read();
             let plan = table.plan_merge(&request)?;
+            for retired in &plan.retired {
+                crate::moves::refuse_replicated(retired, "merging")?;
+            }
             // Left before right: every merge takes gates in key order, so two cannot deadlock.
             let gate = |d: &RangeDescriptor| table.by_id(d.range_id).map(|r| r.gate.clone());
             [gate(&plan.retired[0]), gate(&plan.retired[1])]

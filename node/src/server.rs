@@ -92,6 +92,11 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
             AdminServer::new(AdminService::reads_only(node.clone(), admin_listen))
         }
     };
+    let raft = kvfleet_proto::v1::raft_transport_server::RaftTransportServer::new(
+        crate::replica::transport::RaftTransportService::new(node.replication.clone(), node.admin_token.clone()),
+    )
+    .max_decoding_message_size(crate::replica::transport::MAX_BATCH_BYTES * 2)
+    .max_encoding_message_size(crate::replica::transport::MAX_BATCH_BYTES * 2);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     tracing::info!(
@@ -118,6 +123,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         .add_service(reflection)
         .add_service(kv)
         .add_service(admin)
+        .add_service(raft)
         .serve_with_incoming_shutdown(incoming, wait_until_true(shutdown_rx));
     tokio::pin!(server);
     tokio::select! {
@@ -128,6 +134,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period"),
     }
     let started = Instant::now();
+    node.replication.stop();
     node.storage.shutdown()?;
     tracing::info!(took = ?started.elapsed(), "stopped: writes flushed and WAL fsynced");
     Ok(())

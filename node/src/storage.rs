@@ -175,6 +175,8 @@ impl Storage {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_DATA, data_opts),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            // Every replicated range's Raft log (see `replica`).
+            ColumnFamilyDescriptor::new(kvfleet_replication::CF_RAFT, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| NodeError::Storage {
             context: format!("opening RocksDB at {}", dir.display()),
@@ -336,6 +338,12 @@ impl Storage {
         }
         iter.status().map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })?;
         Ok(out)
+    }
+
+    /// The RocksDB itself, for the Raft logs and the replicated ranges' state machine, which
+    /// write from the Raft thread rather than through the committer.
+    pub fn db(&self) -> Arc<DB> {
+        self.db.clone()
     }
 
     pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {

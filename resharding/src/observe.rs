@@ -313,6 +313,7 @@ pub fn leader_replica(member: &Member) -> kvfleet_proto::v1::Replica {
         node_id: member.node_id.clone(),
         address: member.address.clone(),
         role: ReplicaRole::Leader as i32,
+        raft_id: 0,
     }
 }
 

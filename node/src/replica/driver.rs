@@ -1,0 +1,312 @@
+//! The Raft thread: it owns every group of this node. Each pass takes what arrived (proposals,
+//! reads, messages from peers, groups to open), ticks every `TICK`, asks each group with reads
+//! waiting for one read index, gathers every group's Ready into one fsynced log write, sends
+//! the messages, applies what committed, and answers the requests it settled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Instant;
+
+use kvfleet_replication::{Entry, GroupStorage, Groups, GroupsConfig, GroupsError, LogStore};
+use parking_lot::RwLock;
+use rocksdb::DB;
+
+use super::transport::PeerLinks;
+use super::{GroupView, Input, OpenGroup, PROPOSAL_TIMEOUT, READ_INDEX_TIMEOUT, ReplicaError, Reply, TICK, apply};
+
+/// Most inputs taken in one pass (the rest wait for the next).
+const MAX_INPUTS_PER_PASS: usize = 8192;
+
+struct Proposal {
+    term: u64,
+    reply: Reply,
+    deadline: Instant,
+}
+
+struct ReadBatch {
+    range_id: u64,
+    replies: Vec<Reply>,
+    deadline: Instant,
+}
+
+pub struct Driver {
+    groups: Groups<GroupStorage>,
+    db: Arc<DB>,
+    log: LogStore,
+    peers: PeerLinks,
+    views: Arc<RwLock<HashMap<u64, GroupView>>>,
+    /// Proposals waiting to be applied, by (group, index).
+    proposals: HashMap<(u64, u64), Proposal>,
+    /// Reads that arrived this pass, per group: one read index for all of them.
+    reads_arrived: HashMap<u64, Vec<Reply>>,
+    /// Read indexes asked for, by request context.
+    reads_asked: HashMap<u64, ReadBatch>,
+    /// Read indexes granted, waiting for this node to apply up to them.
+    reads_granted: Vec<(u64, ReadBatch)>,
+    next_read_context: u64,
+    applied: HashMap<u64, u64>,
+}
+
+impl Driver {
+    pub fn new(
+        raft_id: u64,
+        db: Arc<DB>,
+        log: LogStore,
+        peers: PeerLinks,
+        views: Arc<RwLock<HashMap<u64, GroupView>>>,
+    ) -> Self {
+        Driver {
+            groups: Groups::new(raft_id, GroupsConfig::default()),
+            db,
+            log,
+            peers,
+            views,
+            proposals: HashMap::new(),
+            reads_arrived: HashMap::new(),
+            reads_asked: HashMap::new(),
+            reads_granted: Vec::new(),
+            next_read_context: 1,
+            applied: HashMap::new(),
+        }
+    }
+
+    pub fn run(mut self, inbox: Receiver<Input>) {
+        let mut next_tick = Instant::now() + super::TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(wait) {
+                Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(input) => {
+                    if !self.take(input) {
+                        return;
+                    }
+                    for _ in 0..MAX_INPUTS_PER_PASS {
+                        match inbox.try_recv() {
+                            Ok(Input::Stop) => return,
+                            Ok(input) => {
+                                self.take(input);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                self.tick();
+            }
+            self.ask_read_indexes();
+            if let Err(error) = self.pass() {
+                // The log could not be made durable: nothing this node says can be trusted
+                // any more. Stop the process, as TiKV and etcd do on a failed fsync.
+                tracing::error!(%error, "the Raft log write failed; stopping the node");
+                eprintln!("kvfleet-node: the Raft log write failed: {error}");
+                std::process::abort();
+            }
+        }
+    }
+
+    /// Takes one input; false to stop.
+    fn take(&mut self, input: Input) -> bool {
+        match input {
+            Input::Stop => return false,
+            Input::Open(group) => self.open(*group),
+            Input::Propose { range_id, command, reply } => self.propose(range_id, command, reply),
+            Input::Read { range_id, reply } => {
+                if self.groups.term(range_id).is_none() {
+                    let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
+                } else if !self.groups.is_leader(range_id) {
+                    let leader = self.groups.leader_of(range_id);
+                    let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
+                } else {
+                    self.reads_arrived.entry(range_id).or_default().push(reply);
+                }
+            }
+            Input::Deliver(envelopes) => {
+                for envelope in envelopes {
+                    match self.groups.step(envelope) {
+                        Ok(()) => {}
+                        Err(GroupsError::NoGroup(group)) => {
+                            tracing::debug!(group, "a Raft message for a group this node does not hold")
+                        }
+                        Err(error) => tracing::debug!(%error, "a Raft message was refused"),
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn open(&mut self, group: OpenGroup) {
+        let range_id = group.range_id;
+        for (raft_id, address) in &group.members {
+            self.peers.connect(*raft_id, address);
+        }
+        if let Err(error) = self.groups.create_applied(range_id, group.storage, group.applied) {
+            tracing::error!(range_id, %error, "cannot start the range's Raft group");
+            return;
+        }
+        self.applied.insert(range_id, group.applied);
+        if group.campaign
+            && let Err(error) = self.groups.campaign(range_id)
+        {
+            tracing::warn!(range_id, %error, "campaign failed");
+        }
+        tracing::info!(range_id, applied = group.applied, members = group.members.len(), "Raft group started");
+    }
+
+    fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply) {
+        if self.groups.term(range_id).is_none() {
+            let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
+            return;
+        }
+        if !self.groups.is_leader(range_id) {
+            let leader = self.groups.leader_of(range_id);
+            let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
+            return;
+        }
+        match self.groups.propose(range_id, command) {
+            Ok((index, term)) => {
+                let proposal = Proposal { term, reply, deadline: Instant::now() + PROPOSAL_TIMEOUT };
+                if let Some(replaced) = self.proposals.insert((range_id, index), proposal) {
+                    // The index was proposed at an older term and never applied here.
+                    let _ = replaced.reply.send(Err(ReplicaError::Superseded { range_id }));
+                }
+            }
+            Err(error) => {
+                let leader = self.groups.leader_of(range_id).filter(|&l| l != self.groups.node());
+                tracing::debug!(range_id, %error, "proposal dropped");
+                let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        for silent in self.peers.liveness().silent() {
+            self.groups.wake_groups_led_by(silent);
+        }
+        self.groups.tick();
+        let now = Instant::now();
+        let expired: Vec<(u64, u64)> =
+            self.proposals.iter().filter(|(_, p)| p.deadline <= now).map(|(key, _)| *key).collect();
+        for key in expired {
+            if let Some(proposal) = self.proposals.remove(&key) {
+                let reason = format!(
+                    "not committed within {} s (the leader may have lost its quorum)",
+                    PROPOSAL_TIMEOUT.as_secs()
+                );
+                let _ = proposal.reply.send(Err(ReplicaError::OutcomeUnknown { range_id: key.0, reason }));
+            }
+        }
+        let late: Vec<u64> =
+            self.reads_asked.iter().filter(|(_, r)| r.deadline <= now).map(|(context, _)| *context).collect();
+        for context in late {
+            if let Some(batch) = self.reads_asked.remove(&context) {
+                let range_id = batch.range_id;
+                batch.answer(Err(ReplicaError::ReadNotConfirmed { range_id }));
+            }
+        }
+        self.publish_all();
+    }
+
+    fn ask_read_indexes(&mut self) {
+        for (range_id, replies) in std::mem::take(&mut self.reads_arrived) {
+            let context = self.next_read_context;
+            self.next_read_context += 1;
+            let batch = ReadBatch { range_id, replies, deadline: Instant::now() + READ_INDEX_TIMEOUT };
+            match self.groups.read_index(range_id, context.to_be_bytes().to_vec()) {
+                Ok(()) => {
+                    self.reads_asked.insert(context, batch);
+                }
+                Err(_) => batch.answer(Err(ReplicaError::NoGroup { range_id })),
+            }
+        }
+    }
+
+    /// One ready pass over every group: persist, send, apply, answer.
+    fn pass(&mut self) -> Result<(), GroupsError> {
+        let log = &self.log;
+        let batch = self.groups.ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
+        self.peers.send(batch.messages);
+        let mut touched: Vec<u64> = Vec::new();
+        for (range_id, entries) in batch.committed {
+            touched.push(range_id);
+            self.apply(range_id, &entries);
+        }
+        for (range_id, context, index) in batch.reads {
+            let Ok(context) = <[u8; 8]>::try_from(context.as_slice()).map(u64::from_be_bytes) else { continue };
+            if let Some(read) = self.reads_asked.remove(&context) {
+                self.reads_granted.push((index, read));
+            }
+            touched.push(range_id);
+        }
+        self.answer_reads();
+        for range_id in touched {
+            self.publish(range_id);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, range_id: u64, entries: &[Entry]) {
+        let applied = match apply::apply_entries(&self.db, range_id, entries) {
+            Ok(applied) => applied,
+            Err(error) => {
+                tracing::error!(range_id, %error, "applying committed entries failed; stopping the node");
+                eprintln!("kvfleet-node: applying range {range_id}'s log failed: {error}");
+                std::process::abort();
+            }
+        };
+        for entry in applied {
+            if let Some(proposal) = self.proposals.remove(&(range_id, entry.index)) {
+                let outcome = if proposal.term == entry.term {
+                    entry.outcome
+                } else {
+                    Err(ReplicaError::Superseded { range_id })
+                };
+                let _ = proposal.reply.send(outcome);
+            }
+        }
+        if let Some(last) = entries.last() {
+            self.applied.insert(range_id, last.index);
+        }
+    }
+
+    fn answer_reads(&mut self) {
+        let applied = &self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_granted)
+            .into_iter()
+            .partition(|(index, read)| applied.get(&read.range_id).is_some_and(|a| a >= index));
+        self.reads_granted = waiting;
+        for (_, read) in ready {
+            read.answer(Ok(()));
+        }
+    }
+
+    fn publish(&self, range_id: u64) {
+        let view = GroupView {
+            leader: self.groups.leader_of(range_id),
+            term: self.groups.term(range_id).unwrap_or(0),
+            is_leader: self.groups.is_leader(range_id),
+            commit: self.groups.committed(range_id).unwrap_or(0),
+            applied: self.applied.get(&range_id).copied().unwrap_or(0),
+        };
+        self.views.write().insert(range_id, view);
+    }
+
+    fn publish_all(&self) {
+        let ids: Vec<u64> = self.groups.ids().collect();
+        for range_id in ids {
+            self.publish(range_id);
+        }
+    }
+}
+
+impl ReadBatch {
+    fn answer(self, outcome: Result<(), ReplicaError>) {
+        for reply in self.replies {
+            let _ = reply.send(outcome.clone());
+        }
+    }
+}

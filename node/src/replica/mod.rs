@@ -1,0 +1,216 @@
+//! Replicated ranges on this node: a range with several replicas is a Raft group (raft-rs,
+//! driven by `kvfleet-replication`). A write is proposed to the group's log and acknowledged once
+//! a majority of replicas has it durably and this node applied it; a linearizable read waits
+//! until this node has applied a read index the leader confirmed with a quorum (ReadIndex).
+//!
+//! Where things live: `driver` (the thread that owns every group of this node: ticks, proposals,
+//! reads, incoming messages, one fsynced log write per pass, applying what committed), `transport`
+//! (Raft messages between nodes, batched per peer, and which peers answer), `apply` (the commands
+//! a log carries and how they change the data).
+
+pub mod apply;
+pub mod driver;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvfleet_proto::v1::{Mutation, RangeDescriptor, ReplicaRole};
+use kvfleet_replication::{Envelope, GroupStorage};
+use parking_lot::RwLock;
+use tokio::sync::oneshot;
+
+/// One Raft tick. Elections time out after 10 to 20 ticks without a leader (1 to 2 s), leaders
+/// heartbeat every 2 ticks.
+pub const TICK: Duration = Duration::from_millis(100);
+/// A proposal not committed and applied within this long is answered "outcome unknown".
+pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A read whose read index is not granted within this long is answered "retry".
+pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A node's id in Raft groups: FNV-1a of its node id (never 0, raft-rs's "nobody"). Stable
+/// across restarts and computed the same by every node.
+pub fn raft_id_of(node_id: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in node_id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash.max(1)
+}
+
+/// Whether `desc` is a Raft group (more than one replica).
+pub fn is_replicated(desc: &RangeDescriptor) -> bool {
+    desc.replicas.len() > 1
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("this node does not lead range {range_id}")]
+    NotLeader { range_id: u64, leader: Option<u64> },
+    #[error("range {range_id} is not replicated on this node")]
+    NoGroup { range_id: u64 },
+    #[error(
+        "the write to range {range_id} was replaced by a new leader's log before it committed: it was not applied; retry"
+    )]
+    Superseded { range_id: u64 },
+    #[error("the write to range {range_id} may or may not have been applied: {reason}")]
+    OutcomeUnknown { range_id: u64, reason: String },
+    #[error(
+        "range {range_id}: leadership not confirmed by a quorum within {} ms (the leader may be cut off, or an election is under way); retry",
+        READ_INDEX_TIMEOUT.as_millis()
+    )]
+    ReadNotConfirmed { range_id: u64 },
+    #[error("a log command of range {range_id} does not encode: {reason}")]
+    BadCommand { range_id: u64, reason: String },
+    #[error("replication stopped: {0}")]
+    Stopped(String),
+}
+
+/// What the driver publishes about a group after each pass, for routing hints and status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupView {
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub is_leader: bool,
+    pub commit: u64,
+    pub applied: u64,
+}
+
+/// A group to start on this node.
+pub struct OpenGroup {
+    pub range_id: u64,
+    pub storage: GroupStorage,
+    /// The index the data already reflects (persisted with the data).
+    pub applied: u64,
+    /// Every replica's Raft id and address (this node's included).
+    pub members: Vec<(u64, String)>,
+    /// Campaign at once instead of waiting for an election timeout (bootstrap).
+    pub campaign: bool,
+}
+
+pub type Reply = oneshot::Sender<Result<(), ReplicaError>>;
+
+pub enum Input {
+    Open(Box<OpenGroup>),
+    Propose { range_id: u64, command: Vec<u8>, reply: Reply },
+    Read { range_id: u64, reply: Reply },
+    Deliver(Vec<Envelope>),
+    Stop,
+}
+
+/// This node's replication: a handle on the driver thread.
+pub struct Replication {
+    raft_id: u64,
+    inbox: std::sync::mpsc::Sender<Input>,
+    views: Arc<RwLock<HashMap<u64, GroupView>>>,
+    pub(crate) liveness: transport::Liveness,
+    driver: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Replication {
+    /// Starts the driver thread over the node's RocksDB (data and Raft logs share it).
+    pub fn start(
+        node_id: &str,
+        db: Arc<rocksdb::DB>,
+        peers: transport::PeerLinks,
+    ) -> Result<Self, crate::error::NodeError> {
+        let raft_id = raft_id_of(node_id);
+        let log = kvfleet_replication::LogStore::with_db(db.clone())
+            .map_err(|e| crate::error::NodeError::Corrupt(format!("opening the Raft logs: {e}")))?;
+        let (inbox, receiver) = std::sync::mpsc::channel();
+        let views: Arc<RwLock<HashMap<u64, GroupView>>> = Arc::default();
+        let liveness = peers.liveness();
+        let driver = driver::Driver::new(raft_id, db, log, peers, views.clone());
+        let handle = std::thread::Builder::new()
+            .name("kv-raft".into())
+            .spawn(move || driver.run(receiver))
+            .map_err(|source| crate::error::NodeError::Io { context: "spawning the Raft thread".into(), source })?;
+        Ok(Replication { raft_id, inbox, views, liveness, driver: parking_lot::Mutex::new(Some(handle)) })
+    }
+
+    pub fn raft_id(&self) -> u64 {
+        self.raft_id
+    }
+
+    fn send(&self, input: Input) -> Result<(), ReplicaError> {
+        self.inbox.send(input).map_err(|_| ReplicaError::Stopped("the Raft thread is gone".into()))
+    }
+
+    pub fn open(&self, group: OpenGroup) -> Result<(), ReplicaError> {
+        self.send(Input::Open(Box::new(group)))
+    }
+
+    /// Appends `mutations` to the log of `range_id` and waits until they are committed by a
+    /// majority and applied here.
+    pub async fn propose(&self, range_id: u64, mutations: Vec<Mutation>) -> Result<(), ReplicaError> {
+        let command = apply::encode_command(mutations);
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Propose { range_id, command, reply })?;
+        await_reply(answer).await
+    }
+
+    /// Waits until this node may serve a linearizable read of `range_id`: a read index confirmed
+    /// by a quorum is applied here.
+    pub async fn read_barrier(&self, range_id: u64) -> Result<(), ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Read { range_id, reply })?;
+        await_reply(answer).await
+    }
+
+    /// Hands messages from another node to their groups.
+    pub fn deliver(&self, envelopes: Vec<Envelope>) {
+        if !envelopes.is_empty() {
+            let _ = self.send(Input::Deliver(envelopes));
+        }
+    }
+
+    pub fn view(&self, range_id: u64) -> Option<GroupView> {
+        self.views.read().get(&range_id).copied()
+    }
+
+    /// `desc` with the replica roles this node knows: LEADER on the group's leader.
+    pub fn with_roles(&self, desc: RangeDescriptor) -> RangeDescriptor {
+        if !is_replicated(&desc) {
+            return desc;
+        }
+        let leader = self.view(desc.range_id).and_then(|v| v.leader);
+        with_leader(desc, leader)
+    }
+
+    /// Stops the driver after its current pass (the log is durable after every pass).
+    pub fn stop(&self) {
+        let _ = self.inbox.send(Input::Stop);
+        if let Some(handle) = self.driver.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// `desc` with LEADER on the replica whose Raft id is `leader`, FOLLOWER on the others.
+pub fn with_leader(mut desc: RangeDescriptor, leader: Option<u64>) -> RangeDescriptor {
+    for replica in &mut desc.replicas {
+        let role = if Some(replica.raft_id) == leader { ReplicaRole::Leader } else { ReplicaRole::Follower };
+        replica.role = role as i32;
+    }
+    desc
+}
+
+async fn await_reply(answer: oneshot::Receiver<Result<(), ReplicaError>>) -> Result<(), ReplicaError> {
+    answer.await.map_err(|_| ReplicaError::Stopped("the Raft thread dropped a request".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raft_ids_are_stable_distinct_and_never_zero() {
+        assert_eq!(raft_id_of("node-a"), raft_id_of("node-a"));
+        assert_ne!(raft_id_of("node-a"), raft_id_of("node-b"));
+        assert_ne!(raft_id_of(""), 0);
+        let ids: std::collections::HashSet<u64> = (0..10_000).map(|n| raft_id_of(&format!("kvfleet-{n}"))).collect();
+        assert_eq!(ids.len(), 10_000);
+    }
+}
