@@ -56,6 +56,27 @@ impl NodeProcess {
         Self::start_with_env(node_id, data_dir, extra_args, &[])
     }
 
+    /// Starts a node on `address` (a port chosen beforehand, when other nodes must know it).
+    pub fn start_at(node_id: &str, data_dir: &Path, address: &str, extra_args: &[&str]) -> Self {
+        let mut node = NodeProcess {
+            node_id: node_id.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            address: address.to_string(),
+            args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            child: None,
+        };
+        node.spawn();
+        node
+    }
+
+    /// Sends `signal` (e.g. "-STOP", "-CONT") to the running process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the node runs").to_string();
+        let sent = Command::new("kill").args([signal, &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill {signal} {pid} failed");
+    }
+
     pub fn start_with_env(node_id: &str, data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut node = NodeProcess {
             node_id: node_id.to_string(),
