@@ -1,0 +1,204 @@
+//! Replicated ranges on real node processes: range 1 is a Raft group of three nodes
+//! (`--initial-replicas`), driven over real gRPC between the nodes. Each test attacks one
+//! promise: a leader killed under load is replaced and no acknowledged write is lost, and no
+//! read goes back in time; a paused (SIGSTOP) leader that wakes up after a new leader took
+//! writes serves no stale read; a node cut off from the majority acknowledges neither reads nor
+//! writes; a whole fleet killed at once comes back with every acknowledged write.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfleet_client::{Client, ClientConfig};
+use kvfleet_e2e::NodeProcess;
+use kvfleet_e2e::control_plane::free_port;
+use kvfleet_e2e::history::HistoryWorkload;
+use kvfleet_proto::v1::{GetRequest, ListRangesRequest, PutRequest, ReplicaRole};
+
+/// Every loop in these tests ends within this long.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    nodes: Vec<NodeProcess>,
+}
+
+impl Fleet {
+    /// `count` nodes on loopback, range 1 replicated on all of them.
+    fn start(count: usize) -> Fleet {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let members: Vec<(String, String)> =
+            (1..=count).map(|n| (format!("replica-{n}"), format!("127.0.0.1:{}", free_port()))).collect();
+        let initial = members.iter().map(|(id, address)| format!("{id}={address}")).collect::<Vec<_>>().join(",");
+        let nodes = members
+            .iter()
+            .map(|(id, address)| {
+                NodeProcess::start_at(id, &dir.path().join(id), address, &["--initial-replicas", &initial])
+            })
+            .collect();
+        Fleet { _dir: dir, nodes }
+    }
+
+    fn client(&self) -> Client {
+        let mut config = ClientConfig::new(self.nodes.iter().map(|n| n.address.clone()));
+        config.deadline = Duration::from_secs(20);
+        // A paused node holds an attempt until this passes: short, so that clients move on.
+        config.attempt_timeout = Duration::from_secs(1);
+        Client::new(config).expect("client config")
+    }
+
+    /// The index of the node that says it leads range 1 (any but `not`), waiting for one.
+    async fn leader(&mut self, not: Option<usize>) -> usize {
+        let started = Instant::now();
+        let replicas = self.nodes.len();
+        while started.elapsed() < PATIENCE {
+            for (index, node) in self.nodes.iter_mut().enumerate() {
+                if Some(index) == not || !node.is_running() {
+                    continue;
+                }
+                let Ok(Ok(answer)) =
+                    tokio::time::timeout(Duration::from_secs(1), node.admin().list_ranges(ListRangesRequest {})).await
+                else {
+                    continue;
+                };
+                let answer = answer.into_inner();
+                let leads = answer
+                    .ranges
+                    .iter()
+                    .filter(|d| d.range_id == 1)
+                    .flat_map(|d| d.replicas.iter())
+                    .any(|r| r.node_id == answer.node_id && r.role() == ReplicaRole::Leader);
+                if leads && answer.ranges.iter().any(|d| d.replicas.len() == replicas) {
+                    return index;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no node leads range 1 after {PATIENCE:?}");
+    }
+}
+
+fn keys(count: usize) -> Vec<Bytes> {
+    (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_killed_under_load_is_replaced_and_no_acknowledged_write_is_lost() {
+    let mut fleet = Fleet::start(3);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    let workload = HistoryWorkload::start(client.clone(), keys(24), 4, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_kill = workload.space.acked_writes();
+    assert!(before_kill > 0, "no write was acknowledged before the kill");
+
+    fleet.nodes[leader].kill9();
+    let killed = Instant::now();
+    client.put("probe", "after the kill").await.expect("writes resume after the leader's kill -9");
+    let resumed = killed.elapsed();
+    let new_leader = fleet.leader(Some(leader)).await;
+    eprintln!("kill -9 of the leader: writes resumed after {resumed:?}, node {new_leader} leads");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The killed node comes back as a follower and catches up from the log.
+    fleet.nodes[leader].spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(space.acked_writes() > before_kill + 20, "writes did not go on after the failover");
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+
+    // Then the new leader dies too: the restarted node and the third must hold every
+    // acknowledged write (the restarted one only if it caught up, or it cannot be elected).
+    fleet.nodes[new_leader].kill9();
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "after the second leader's kill -9: {wrong:?}");
+    assert!(
+        report.writes > 0 && report.reads > 0,
+        "the workload neither wrote nor read: {} writes, {} reads",
+        report.writes,
+        report.reads
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_nothing() {
+    let mut fleet = Fleet::start(3);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    client.put("k", "old").await.expect("the first write");
+
+    // A connection to the leader, open before it is paused.
+    let mut paused = fleet.nodes[leader].kv();
+    let first = paused.get(GetRequest { header: None, key: Bytes::from("k") }).await.expect("a read on the leader");
+    assert_eq!(first.into_inner().value, Bytes::from("old"));
+
+    // Paused past its election timeout, the leader is replaced; the new leader takes a write.
+    fleet.nodes[leader].signal("-STOP");
+    client.put("k", "new").await.expect("the others elect a leader and take the write");
+    let new_leader = fleet.leader(Some(leader)).await;
+
+    // Reads reach the paused leader and wait in its socket; it wakes up still believing it
+    // leads, with "old" in its data: none of them may answer "old".
+    let reads: Vec<_> = (0..16)
+        .map(|_| {
+            let mut kv = paused.clone();
+            tokio::spawn(async move {
+                let request = GetRequest { header: None, key: Bytes::from("k") };
+                tokio::time::timeout(Duration::from_secs(5), kv.get(request)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet.nodes[leader].signal("-CONT");
+    for read in reads {
+        if let Ok(Ok(answer)) = read.await.expect("the read task") {
+            assert_eq!(answer.into_inner().value, Bytes::from("new"), "the woken leader served a stale read");
+        }
+    }
+
+    // Cut off from both others, a node acknowledges neither writes nor linearizable reads.
+    let alone = (0..3).find(|&i| i != new_leader).expect("a node other than the leader");
+    for index in (0..3).filter(|&i| i != alone) {
+        fleet.nodes[index].kill9();
+    }
+    let mut kv = fleet.nodes[alone].kv();
+    let write = tokio::time::timeout(
+        Duration::from_secs(4),
+        kv.put(PutRequest { header: None, key: Bytes::from("k"), value: Bytes::from("minority") }),
+    )
+    .await;
+    assert!(!matches!(write, Ok(Ok(_))), "a node without a majority acknowledged a write");
+    let read = tokio::time::timeout(Duration::from_secs(4), kv.get(GetRequest { header: None, key: Bytes::from("k") })).await;
+    assert!(!matches!(read, Ok(Ok(_))), "a node without a majority served a linearizable read: {read:?}");
+
+    // The majority back: the acknowledged value, never the refused one.
+    for index in (0..3).filter(|&i| i != alone) {
+        fleet.nodes[index].spawn();
+    }
+    let value = client.get("k").await.expect("the majority serves again");
+    assert_eq!(value, Some(Bytes::from("new")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_killed_at_once_comes_back_with_every_acknowledged_write() {
+    let mut fleet = Fleet::start(3);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let written = keys(200);
+    for key in &written {
+        client.put(key.clone(), key.clone()).await.expect("write");
+    }
+    for node in &mut fleet.nodes {
+        node.kill9();
+    }
+    for node in &mut fleet.nodes {
+        node.spawn();
+    }
+    fleet.leader(None).await;
+    let client = fleet.client();
+    for key in &written {
+        let value = client.get(key.clone()).await.expect("read after the restart");
+        assert_eq!(value.as_ref(), Some(key), "{key:?} after kill -9 of every node");
+    }
+}
