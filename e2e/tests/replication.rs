@@ -8,74 +8,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_client::{Client, ClientConfig};
-use kvfleet_e2e::NodeProcess;
-use kvfleet_e2e::control_plane::free_port;
 use kvfleet_e2e::history::HistoryWorkload;
-use kvfleet_proto::v1::{GetRequest, ListRangesRequest, PutRequest, ReplicaRole};
-
-/// Every loop in these tests ends within this long.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-struct Fleet {
-    _dir: tempfile::TempDir,
-    nodes: Vec<NodeProcess>,
-}
-
-impl Fleet {
-    /// `count` nodes on loopback, range 1 replicated on all of them.
-    fn start(count: usize) -> Fleet {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let members: Vec<(String, String)> =
-            (1..=count).map(|n| (format!("replica-{n}"), format!("127.0.0.1:{}", free_port()))).collect();
-        let initial = members.iter().map(|(id, address)| format!("{id}={address}")).collect::<Vec<_>>().join(",");
-        let nodes = members
-            .iter()
-            .map(|(id, address)| {
-                NodeProcess::start_at(id, &dir.path().join(id), address, &["--initial-replicas", &initial])
-            })
-            .collect();
-        Fleet { _dir: dir, nodes }
-    }
-
-    fn client(&self) -> Client {
-        let mut config = ClientConfig::new(self.nodes.iter().map(|n| n.address.clone()));
-        config.deadline = Duration::from_secs(20);
-        // A paused node holds an attempt until this passes: short, so that clients move on.
-        config.attempt_timeout = Duration::from_secs(1);
-        Client::new(config).expect("client config")
-    }
-
-    /// The index of the node that says it leads range 1 (any but `not`), waiting for one.
-    async fn leader(&mut self, not: Option<usize>) -> usize {
-        let started = Instant::now();
-        let replicas = self.nodes.len();
-        while started.elapsed() < PATIENCE {
-            for (index, node) in self.nodes.iter_mut().enumerate() {
-                if Some(index) == not || !node.is_running() {
-                    continue;
-                }
-                let Ok(Ok(answer)) =
-                    tokio::time::timeout(Duration::from_secs(1), node.admin().list_ranges(ListRangesRequest {})).await
-                else {
-                    continue;
-                };
-                let answer = answer.into_inner();
-                let leads = answer
-                    .ranges
-                    .iter()
-                    .filter(|d| d.range_id == 1)
-                    .flat_map(|d| d.replicas.iter())
-                    .any(|r| r.node_id == answer.node_id && r.role() == ReplicaRole::Leader);
-                if leads && answer.ranges.iter().any(|d| d.replicas.len() == replicas) {
-                    return index;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no node leads range 1 after {PATIENCE:?}");
-    }
-}
+use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
+use kvfleet_proto::v1::{GetRequest, PutRequest};
 
 fn keys(count: usize) -> Vec<Bytes> {
     (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()

@@ -1,0 +1,74 @@
+//! A fleet whose range 1 is replicated on every node (`--initial-replicas`), on loopback: for
+//! the replication tests and the failover benchmark.
+
+use std::time::{Duration, Instant};
+
+use kvfleet_client::{Client, ClientConfig};
+use kvfleet_proto::v1::{ListRangesRequest, ReplicaRole};
+
+use crate::NodeProcess;
+use crate::control_plane::free_port;
+
+/// How long `leader` waits for one.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+pub struct ReplicatedFleet {
+    _dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProcess>,
+}
+
+impl ReplicatedFleet {
+    /// `count` nodes on loopback, range 1 replicated on all of them.
+    pub fn start(count: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let members: Vec<(String, String)> =
+            (1..=count).map(|n| (format!("replica-{n}"), format!("127.0.0.1:{}", free_port()))).collect();
+        let initial = members.iter().map(|(id, address)| format!("{id}={address}")).collect::<Vec<_>>().join(",");
+        let nodes = members
+            .iter()
+            .map(|(id, address)| {
+                NodeProcess::start_at(id, &dir.path().join(id), address, &["--initial-replicas", &initial])
+            })
+            .collect();
+        ReplicatedFleet { _dir: dir, nodes }
+    }
+
+    /// A client seeded with every node, with short attempts: a paused node holds an attempt
+    /// until it times out, and the client should move on to the new leader quickly.
+    pub fn client(&self) -> Client {
+        let mut config = ClientConfig::new(self.nodes.iter().map(|n| n.address.clone()));
+        config.deadline = Duration::from_secs(20);
+        config.attempt_timeout = Duration::from_secs(1);
+        Client::new(config).expect("client config")
+    }
+
+    /// The index of the node that says it leads range 1 (any but `not`), waiting for one.
+    pub async fn leader(&mut self, not: Option<usize>) -> usize {
+        let started = Instant::now();
+        let replicas = self.nodes.len();
+        while started.elapsed() < PATIENCE {
+            for (index, node) in self.nodes.iter_mut().enumerate() {
+                if Some(index) == not || !node.is_running() {
+                    continue;
+                }
+                let Ok(Ok(answer)) =
+                    tokio::time::timeout(Duration::from_secs(1), node.admin().list_ranges(ListRangesRequest {})).await
+                else {
+                    continue;
+                };
+                let answer = answer.into_inner();
+                let leads = answer
+                    .ranges
+                    .iter()
+                    .filter(|d| d.range_id == 1 && d.replicas.len() == replicas)
+                    .flat_map(|d| d.replicas.iter())
+                    .any(|r| r.node_id == answer.node_id && r.role() == ReplicaRole::Leader);
+                if leads {
+                    return index;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no node leads range 1 after {PATIENCE:?}");
+    }
+}
