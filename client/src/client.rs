@@ -80,6 +80,16 @@ impl Route {
     fn address(&self) -> &str {
         self.range.leader().map_or("", |leader| leader.address.as_str())
     }
+
+    /// A random replica's address (the leader's for a single-copy range).
+    fn any_replica(&self) -> &str {
+        let replicas: Vec<&str> =
+            self.range.replicas.iter().map(|r| r.address.as_str()).filter(|a| !a.is_empty()).collect();
+        if replicas.is_empty() {
+            return self.address();
+        }
+        replicas[rand::random::<u64>() as usize % replicas.len()]
+    }
 }
 
 /// What a failed attempt means for the next one.
@@ -197,7 +207,17 @@ impl Client {
 
     /// Runs `attempt` against the owner of `key` until it succeeds, fails for good, or the
     /// deadline passes. `attempt` gets a channel to the owner, the routing header, and the range.
-    async fn execute<T, F, Fut>(&self, key: &[u8], mut attempt: F) -> Result<T, ClientError>
+    async fn execute<T, F, Fut>(&self, key: &[u8], attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel, RequestHeader, &RangeDescriptor) -> Result<Fut, ClientError>,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.execute_on(key, false, attempt).await
+    }
+
+    /// `execute`, sent to any replica of the range when `any_replica` (follower reads), else to
+    /// its leader.
+    async fn execute_on<T, F, Fut>(&self, key: &[u8], any_replica: bool, mut attempt: F) -> Result<T, ClientError>
     where
         F: FnMut(Channel, RequestHeader, &RangeDescriptor) -> Result<Fut, ClientError>,
         Fut: Future<Output = Result<T, Status>>,
@@ -213,7 +233,8 @@ impl Client {
             let attempt_started = Instant::now();
             let mut rerouted = false;
             if let Some(route) = self.route(key) {
-                let channel = self.channel(route.address())?;
+                let address = if any_replica { route.any_replica() } else { route.address() };
+                let channel = self.channel(address)?;
                 let call = attempt(channel, route.header, &route.range)?;
                 let timeout = deadline.saturating_duration_since(Instant::now()).min(self.inner.config.attempt_timeout);
                 let status = match tokio::time::timeout(timeout, call).await {
@@ -261,9 +282,20 @@ impl Client {
     }
 
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, ClientError> {
+        self.get_with(key, ReadConsistency::Linearizable).await
+    }
+
+    /// A read with the given consistency: `Follower` goes to a random replica of a replicated
+    /// range (see `ReadConsistency`).
+    pub async fn get_with(
+        &self,
+        key: impl Into<Bytes>,
+        consistency: ReadConsistency,
+    ) -> Result<Option<Bytes>, ClientError> {
         let key = key.into();
-        self.execute(&key, |channel, header, _| {
-            let request = GetRequest { header: Some(header), key: key.clone() };
+        let any_replica = consistency == ReadConsistency::Follower;
+        self.execute_on(&key, any_replica, |channel, header, _| {
+            let request = GetRequest { header: Some(header), key: key.clone(), consistency: consistency as i32 };
             Ok(async move {
                 let response = KvClient::new(channel).get(request).await?.into_inner();
                 Ok(response.found.then_some(response.value))
@@ -321,7 +353,14 @@ impl Client {
     ) -> Result<(Vec<KeyValue>, Option<Bytes>), ClientError> {
         self.execute(&start, |channel, header, _| {
             let request =
-                ScanRequest { header: Some(header), start_key: start.clone(), end_key: end.clone(), limit, keys_only };
+                ScanRequest {
+                header: Some(header),
+                start_key: start.clone(),
+                end_key: end.clone(),
+                limit,
+                keys_only,
+                consistency: 0,
+            };
             Ok(async move {
                 let response = KvClient::new(channel).scan(request).await?.into_inner();
                 Ok((response.kvs, response.more_remaining.then_some(response.resume_key)))

@@ -258,7 +258,7 @@ async fn owned(node: &NodeProcess) -> Vec<RangeDescriptor> {
 
 /// A GET straight to one node (no client routing, no forwarding).
 async fn get_from(node: &NodeProcess, key: &str) -> Result<Option<Bytes>, tonic::Status> {
-    let response = node.kv().get(GetRequest { header: None, key: Bytes::from(key.to_string()) }).await?.into_inner();
+    let response = node.kv().get(GetRequest { header: None, key: Bytes::from(key.to_string()), consistency: 0 }).await?.into_inner();
     Ok(response.found.then_some(response.value))
 }
 
@@ -335,7 +335,7 @@ async fn reads_wait_on_a_frozen_range_and_follow_the_handoff() {
     let started = Instant::now();
     let waiting = tokio::spawn({
         let mut kv = source.kv();
-        async move { kv.get(GetRequest { header: None, key: Bytes::from("k") }).await }
+        async move { kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "a read on a frozen range must wait, not answer from the frozen copy");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_e2e::history::HistoryWorkload;
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
-use kvfleet_proto::v1::{GetRequest, PutRequest};
+use kvfleet_proto::v1::{GetRequest, PutRequest, ReadConsistency};
 
 fn keys(count: usize) -> Vec<Bytes> {
     (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
@@ -65,7 +65,7 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
 
     // A connection to the leader, open before it is paused.
     let mut paused = fleet.nodes[leader].kv();
-    let first = paused.get(GetRequest { header: None, key: Bytes::from("k") }).await.expect("a read on the leader");
+    let first = paused.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.expect("a read on the leader");
     assert_eq!(first.into_inner().value, Bytes::from("old"));
 
     // Paused past its election timeout, the leader is replaced; the new leader takes a write.
@@ -79,7 +79,7 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
         .map(|_| {
             let mut kv = paused.clone();
             tokio::spawn(async move {
-                let request = GetRequest { header: None, key: Bytes::from("k") };
+                let request = GetRequest { header: None, key: Bytes::from("k"), consistency: 0 };
                 tokio::time::timeout(Duration::from_secs(5), kv.get(request)).await
             })
         })
@@ -104,7 +104,7 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
     )
     .await;
     assert!(!matches!(write, Ok(Ok(_))), "a node without a majority acknowledged a write");
-    let read = tokio::time::timeout(Duration::from_secs(4), kv.get(GetRequest { header: None, key: Bytes::from("k") })).await;
+    let read = tokio::time::timeout(Duration::from_secs(4), kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 })).await;
     assert!(!matches!(read, Ok(Ok(_))), "a node without a majority served a linearizable read: {read:?}");
 
     // The majority back: the acknowledged value, never the refused one.
@@ -136,4 +136,73 @@ async fn a_fleet_killed_at_once_comes_back_with_every_acknowledged_write() {
         let value = client.get(key.clone()).await.expect("read after the restart");
         assert_eq!(value.as_ref(), Some(key), "{key:?} after kill -9 of every node");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_reads_are_served_by_followers_and_never_miss_an_acknowledged_write() {
+    let mut fleet = Fleet::start(3);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let mut on_followers: Vec<_> = followers.iter().map(|&i| (fleet.nodes[i].node_id.clone(), fleet.nodes[i].kv())).collect();
+    let follower_read = || GetRequest {
+        header: None,
+        key: Bytes::from("k"),
+        consistency: ReadConsistency::Follower as i32,
+    };
+    for version in 1..=100u64 {
+        client.put("k", version.to_string()).await.expect("write");
+        // Acknowledged before the read starts: a follower must not answer anything older.
+        let (node_id, kv) = &mut on_followers[version as usize % 2];
+        let answer = kv.get(follower_read()).await.expect("a follower read").into_inner();
+        assert_eq!(answer.value, Bytes::from(version.to_string()), "follower {node_id} after write {version}");
+        assert_eq!(answer.header.map(|h| h.node_id).as_deref(), Some(node_id.as_str()), "served by the follower");
+    }
+    // The default (linearizable) read on a follower points at the leader instead.
+    let (_, kv) = &mut on_followers[0];
+    let status = kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    // Through the client, follower reads spread over the replicas and see the last write.
+    for _ in 0..20 {
+        let value = client.get_with("k", ReadConsistency::Follower).await.expect("a follower read via the client");
+        assert_eq!(value, Some(Bytes::from("100")));
+    }
+    // With the leader gone, a follower read is refused (no leader to confirm), never stale.
+    fleet.nodes[leader].kill9();
+    let (_, kv) = &mut on_followers[0];
+    let read = tokio::time::timeout(Duration::from_secs(3), kv.get(follower_read())).await;
+    if let Ok(Ok(answer)) = read {
+        assert_eq!(answer.into_inner().value, Bytes::from("100"), "a follower read after the leader died");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_replicas_survive_two_kills_and_refuse_writes_after_a_third() {
+    let mut fleet = Fleet::start(5);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    let workload = HistoryWorkload::start(client.clone(), keys(16), 2, 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The leader and one follower: three of five remain, a majority.
+    let follower = (0..5).find(|&i| i != leader).expect("a follower");
+    fleet.nodes[leader].kill9();
+    fleet.nodes[follower].kill9();
+    client.put("probe", "two of five down").await.expect("three of five still take writes");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+
+    // A third down: two of five cannot commit, and say so rather than acknowledge.
+    let third = fleet.leader(Some(leader)).await;
+    fleet.nodes[third].kill9();
+    let survivor = (0..5).find(|&i| fleet.nodes[i].is_running()).expect("a node still runs");
+    let mut kv = fleet.nodes[survivor].kv();
+    let write = tokio::time::timeout(
+        Duration::from_secs(4),
+        kv.put(PutRequest { header: None, key: Bytes::from("probe"), value: Bytes::from("minority") }),
+    )
+    .await;
+    assert!(!matches!(write, Ok(Ok(_))), "two of five acknowledged a write");
 }

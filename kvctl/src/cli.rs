@@ -105,8 +105,11 @@ struct RangeView {
     end: String,
     generation: u64,
     state: String,
+    /// The leader (or only owner), as the node that reported the range knows it.
     owner: String,
     address: String,
+    /// A replicated range's replicas (node ids), the leader first.
+    replicas: Vec<String>,
 }
 
 impl RangeView {
@@ -137,6 +140,11 @@ impl From<&RangeDescriptor> for RangeView {
             state: format!("{:?}", d.state()),
             owner: leader.map(|l| l.node_id.clone()).unwrap_or_default(),
             address: leader.map(|l| l.address.clone()).unwrap_or_default(),
+            replicas: {
+                let mut replicas: Vec<&kvfleet_proto::v1::Replica> = d.replicas.iter().collect();
+                replicas.sort_by_key(|r| r.role() != kvfleet_proto::v1::ReplicaRole::Leader);
+                replicas.iter().map(|r| r.node_id.clone()).collect()
+            },
         }
     }
 }
@@ -230,7 +238,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             if json {
                 print_json(&ranges)?;
             } else {
-                let mut out = table(&["range", "start", "end", "gen", "state", "owner", "address"]);
+                let mut out = table(&["range", "start", "end", "gen", "state", "leader", "address", "replicas"]);
                 for r in &ranges {
                     let end = r.end_or_inf();
                     out.add_row(vec![
@@ -241,6 +249,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         r.state.clone(),
                         r.owner.clone(),
                         r.address.clone(),
+                        r.replicas.len().to_string(),
                     ]);
                 }
                 println!("{out}");

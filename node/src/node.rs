@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
-    LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport,
+    LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, ReadConsistency, RangeDescriptor, RangeLoad as RangeLoadReport,
     RangeState, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
@@ -250,11 +250,17 @@ impl Node {
 
     /// Waits until a replicated range may serve a linearizable read here; nothing for a
     /// single-copy range.
-    async fn read_barrier(&self, lease: &RangeLease, key: &[u8]) -> Result<(), NodeError> {
+    async fn read_barrier(
+        &self,
+        lease: &RangeLease,
+        key: &[u8],
+        consistency: ReadConsistency,
+    ) -> Result<(), NodeError> {
         if !is_replicated(&lease.range.desc) {
             return Ok(());
         }
-        let outcome = self.replication.read_barrier(lease.range.desc.range_id).await;
+        let on_follower = consistency == ReadConsistency::Follower;
+        let outcome = self.replication.read_barrier(lease.range.desc.range_id, on_follower).await;
         outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error))
     }
 
@@ -398,10 +404,11 @@ impl Node {
         &self,
         header: Option<&RequestHeader>,
         key: &[u8],
+        consistency: ReadConsistency,
     ) -> Result<(ResponseHeader, Option<Bytes>), NodeError> {
         self.check_key(key)?;
         let lease = self.serving_lease(key, header).await?;
-        self.read_barrier(&lease, key).await?;
+        self.read_barrier(&lease, key, consistency).await?;
         let value = self.storage.get(key)?;
         lease.range.load.record_read(key, key.len() + value.as_ref().map_or(0, Bytes::len));
         Ok((lease.response_header(&self.config.node_id), value))
@@ -491,6 +498,7 @@ impl Node {
         end: &[u8],
         limit: u32,
         keys_only: bool,
+        consistency: ReadConsistency,
     ) -> Result<ScanPage, NodeError> {
         self.check_key(start)?;
         self.check_key(end)?;
@@ -506,7 +514,7 @@ impl Node {
             n => n.min(self.config.max_scan_limit),
         } as usize;
         let lease = self.serving_lease(start, header).await?;
-        self.read_barrier(&lease, start).await?;
+        self.read_barrier(&lease, start, consistency).await?;
         let range_end = lease.range.desc.end_key.clone();
         let range_ends_first = !range_end.is_empty() && (end.is_empty() || range_end.as_ref() < end);
         let bound = if range_ends_first { range_end.as_ref() } else { end };

@@ -129,7 +129,7 @@ impl KvService {
 impl Kv for KvService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let local = async |node: &Node, req: &GetRequest| {
-            let (header, value) = node.get(req.header.as_ref(), &req.key).await?;
+            let (header, value) = node.get(req.header.as_ref(), &req.key, req.consistency()).await?;
             Ok(GetResponse { header: Some(header), found: value.is_some(), value: value.unwrap_or_default() })
         };
         self.serve(Op::Get, request.into_inner(), local, async |mut peer, req| peer.get(forwarded(req)).await).await
@@ -154,7 +154,9 @@ impl Kv for KvService {
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let local = async |node: &Node, req: &ScanRequest| {
-            let page = node.scan(req.header.as_ref(), &req.start_key, &req.end_key, req.limit, req.keys_only).await?;
+            let page = node
+                .scan(req.header.as_ref(), &req.start_key, &req.end_key, req.limit, req.keys_only, req.consistency())
+                .await?;
             Ok(ScanResponse {
                 header: Some(page.header),
                 kvs: page.pairs.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),

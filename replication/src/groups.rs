@@ -342,6 +342,12 @@ impl<S: GroupLog> Groups<S> {
         led.len()
     }
 
+    /// Whether a `ready` pass has something to do (a group that may have a Ready, or quiesce
+    /// notices to send).
+    pub fn has_ready(&self) -> bool {
+        !self.dirty.is_empty() || !self.outbox.is_empty()
+    }
+
     pub fn is_quiet(&self, group: GroupId) -> Option<bool> {
         self.groups.get(&group).map(|g| g.quiet)
     }

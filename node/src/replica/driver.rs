@@ -17,6 +17,8 @@ use super::{GroupView, Input, OpenGroup, PROPOSAL_TIMEOUT, READ_INDEX_TIMEOUT, R
 
 /// Most inputs taken in one pass (the rest wait for the next).
 const MAX_INPUTS_PER_PASS: usize = 8192;
+/// Most ready passes in a row before the driver looks at its inputs again.
+const MAX_PASSES: usize = 4;
 
 struct Proposal {
     term: u64,
@@ -98,12 +100,19 @@ impl Driver {
                 self.tick();
             }
             self.ask_read_indexes();
-            if let Err(error) = self.pass() {
-                // The log could not be made durable: nothing this node says can be trusted
-                // any more. Stop the process, as TiKV and etcd do on a failed fsync.
-                tracing::error!(%error, "the Raft log write failed; stopping the node");
-                eprintln!("kvfleet-node: the Raft log write failed: {error}");
-                std::process::abort();
+            // A pass can leave work for another (a group whose advance produced a new Ready):
+            // do it now rather than at the next input or tick.
+            for _ in 0..MAX_PASSES {
+                if let Err(error) = self.pass() {
+                    // The log could not be made durable: nothing this node says can be trusted
+                    // any more. Stop the process, as TiKV and etcd do on a failed fsync.
+                    tracing::error!(%error, "the Raft log write failed; stopping the node");
+                    eprintln!("kvfleet-node: the Raft log write failed: {error}");
+                    std::process::abort();
+                }
+                if !self.groups.has_ready() {
+                    break;
+                }
             }
         }
     }
@@ -114,11 +123,11 @@ impl Driver {
             Input::Stop => return false,
             Input::Open(group) => self.open(*group),
             Input::Propose { range_id, command, reply } => self.propose(range_id, command, reply),
-            Input::Read { range_id, reply } => {
+            Input::Read { range_id, reply, on_follower } => {
+                let leader = self.groups.leader_of(range_id);
                 if self.groups.term(range_id).is_none() {
                     let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
-                } else if !self.groups.is_leader(range_id) {
-                    let leader = self.groups.leader_of(range_id);
+                } else if !self.groups.is_leader(range_id) && !(on_follower && leader.is_some()) {
                     let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
                 } else {
                     self.reads_arrived.entry(range_id).or_default().push(reply);
@@ -216,7 +225,10 @@ impl Driver {
             let context = self.next_read_context;
             self.next_read_context += 1;
             let batch = ReadBatch { range_id, replies, deadline: Instant::now() + READ_INDEX_TIMEOUT };
-            match self.groups.read_index(range_id, context.to_be_bytes().to_vec()) {
+            // The leader keeps pending reads by context: followers' contexts must not collide
+            // with its own or each other's, so the context names this node.
+            let wire_context = [self.groups.node().to_be_bytes(), context.to_be_bytes()].concat();
+            match self.groups.read_index(range_id, wire_context) {
                 Ok(()) => {
                     self.reads_asked.insert(context, batch);
                 }
@@ -236,7 +248,13 @@ impl Driver {
             self.apply(range_id, &entries);
         }
         for (range_id, context, index) in batch.reads {
-            let Ok(context) = <[u8; 8]>::try_from(context.as_slice()).map(u64::from_be_bytes) else { continue };
+            let Some(context) = context
+                .strip_prefix(&self.groups.node().to_be_bytes()[..])
+                .and_then(|c| <[u8; 8]>::try_from(c).ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
             if let Some(read) = self.reads_asked.remove(&context) {
                 self.reads_granted.push((index, read));
             }

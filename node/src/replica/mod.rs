@@ -95,7 +95,7 @@ pub type Reply = oneshot::Sender<Result<(), ReplicaError>>;
 pub enum Input {
     Open(Box<OpenGroup>),
     Propose { range_id: u64, command: Vec<u8>, reply: Reply },
-    Read { range_id: u64, reply: Reply },
+    Read { range_id: u64, reply: Reply, on_follower: bool },
     Deliver(Vec<Envelope>),
     Stop,
 }
@@ -152,10 +152,11 @@ impl Replication {
     }
 
     /// Waits until this node may serve a linearizable read of `range_id`: a read index confirmed
-    /// by a quorum is applied here.
-    pub async fn read_barrier(&self, range_id: u64) -> Result<(), ReplicaError> {
+    /// by a quorum is applied here. Only the leader asks, unless `on_follower` (a follower gets
+    /// the index from its leader).
+    pub async fn read_barrier(&self, range_id: u64, on_follower: bool) -> Result<(), ReplicaError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Input::Read { range_id, reply })?;
+        self.send(Input::Read { range_id, reply, on_follower })?;
         await_reply(answer).await
     }
 
