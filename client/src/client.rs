@@ -352,8 +352,7 @@ impl Client {
         keys_only: bool,
     ) -> Result<(Vec<KeyValue>, Option<Bytes>), ClientError> {
         self.execute(&start, |channel, header, _| {
-            let request =
-                ScanRequest {
+            let request = ScanRequest {
                 header: Some(header),
                 start_key: start.clone(),
                 end_key: end.clone(),

@@ -104,7 +104,12 @@ mod tests {
             end_key: Bytes::from(end.to_string()),
             generation,
             state: RangeState::Active as i32,
-            replicas: vec![Replica { node_id: addr.into(), address: addr.into(), role: ReplicaRole::Leader as i32, raft_id: 0 }],
+            replicas: vec![Replica {
+                node_id: addr.into(),
+                address: addr.into(),
+                role: ReplicaRole::Leader as i32,
+                raft_id: 0,
+            }],
             successors: vec![],
             move_intent: None,
         }

@@ -16,7 +16,13 @@ fn put(key: Bytes, value: Bytes) -> Mutation {
 }
 
 async fn absent(node: &NodeProcess, key: &[u8]) -> bool {
-    !node.kv().get(GetRequest { header: None, key: Bytes::copy_from_slice(key), consistency: 0 }).await.unwrap().into_inner().found
+    !node
+        .kv()
+        .get(GetRequest { header: None, key: Bytes::copy_from_slice(key), consistency: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +41,10 @@ async fn every_limit_is_enforced_with_a_named_error() {
     assert_eq!(status.message(), "max_key_bytes exceeded: 65 bytes, the limit is 64 bytes");
     let detail = limit_detail(&status).expect("typed LimitExceeded");
     assert_eq!((detail.limit.as_str(), detail.size, detail.max), ("max_key_bytes", 65, 64));
-    assert!(kv.get(GetRequest { header: None, key: long_key, consistency: 0 }).await.is_err(), "reads check the key limit too");
+    assert!(
+        kv.get(GetRequest { header: None, key: long_key, consistency: 0 }).await.is_err(),
+        "reads check the key limit too"
+    );
 
     let status = kv
         .put(PutRequest { header: None, key: Bytes::from("big"), value: Bytes::from(vec![0u8; 1025]) })
@@ -123,7 +132,8 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
 async fn bad_routing_maps_and_unknown_methods_get_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
-    let leader = Replica { node_id: "n9".into(), address: "127.0.0.1:9".into(), role: ReplicaRole::Leader as i32, raft_id: 0 };
+    let leader =
+        Replica { node_id: "n9".into(), address: "127.0.0.1:9".into(), role: ReplicaRole::Leader as i32, raft_id: 0 };
     let reversed = RangeDescriptor {
         range_id: 77,
         start_key: Bytes::from("m"),

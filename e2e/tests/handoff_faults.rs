@@ -64,7 +64,12 @@ fn member(node: &NodeProcess) -> Member {
 }
 
 fn replica(node: &NodeProcess) -> Replica {
-    Replica { node_id: node.node_id.clone(), address: node.address.clone(), role: ReplicaRole::Leader as i32, raft_id: 0 }
+    Replica {
+        node_id: node.node_id.clone(),
+        address: node.address.clone(),
+        role: ReplicaRole::Leader as i32,
+        raft_id: 0,
+    }
 }
 
 async fn owned(node: &NodeProcess) -> Vec<RangeDescriptor> {

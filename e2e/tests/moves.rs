@@ -14,7 +14,12 @@ use kvfleet_proto::v1::*;
 const MOVE_ID: u64 = 7;
 
 fn replica(node: &NodeProcess) -> Replica {
-    Replica { node_id: node.node_id.clone(), address: node.address.clone(), role: ReplicaRole::Leader as i32, raft_id: 0 }
+    Replica {
+        node_id: node.node_id.clone(),
+        address: node.address.clone(),
+        role: ReplicaRole::Leader as i32,
+        raft_id: 0,
+    }
 }
 
 async fn range_one(node: &NodeProcess) -> RangeDescriptor {
@@ -258,7 +263,11 @@ async fn owned(node: &NodeProcess) -> Vec<RangeDescriptor> {
 
 /// A GET straight to one node (no client routing, no forwarding).
 async fn get_from(node: &NodeProcess, key: &str) -> Result<Option<Bytes>, tonic::Status> {
-    let response = node.kv().get(GetRequest { header: None, key: Bytes::from(key.to_string()), consistency: 0 }).await?.into_inner();
+    let response = node
+        .kv()
+        .get(GetRequest { header: None, key: Bytes::from(key.to_string()), consistency: 0 })
+        .await?
+        .into_inner();
     Ok(response.found.then_some(response.value))
 }
 

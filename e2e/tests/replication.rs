@@ -65,7 +65,10 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
 
     // A connection to the leader, open before it is paused.
     let mut paused = fleet.nodes[leader].kv();
-    let first = paused.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.expect("a read on the leader");
+    let first = paused
+        .get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 })
+        .await
+        .expect("a read on the leader");
     assert_eq!(first.into_inner().value, Bytes::from("old"));
 
     // Paused past its election timeout, the leader is replaced; the new leader takes a write.
@@ -104,7 +107,11 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
     )
     .await;
     assert!(!matches!(write, Ok(Ok(_))), "a node without a majority acknowledged a write");
-    let read = tokio::time::timeout(Duration::from_secs(4), kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 })).await;
+    let read = tokio::time::timeout(
+        Duration::from_secs(4),
+        kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }),
+    )
+    .await;
     assert!(!matches!(read, Ok(Ok(_))), "a node without a majority served a linearizable read: {read:?}");
 
     // The majority back: the acknowledged value, never the refused one.
@@ -144,12 +151,10 @@ async fn follower_reads_are_served_by_followers_and_never_miss_an_acknowledged_w
     let leader = fleet.leader(None).await;
     let client = fleet.client();
     let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    let mut on_followers: Vec<_> = followers.iter().map(|&i| (fleet.nodes[i].node_id.clone(), fleet.nodes[i].kv())).collect();
-    let follower_read = || GetRequest {
-        header: None,
-        key: Bytes::from("k"),
-        consistency: ReadConsistency::Follower as i32,
-    };
+    let mut on_followers: Vec<_> =
+        followers.iter().map(|&i| (fleet.nodes[i].node_id.clone(), fleet.nodes[i].kv())).collect();
+    let follower_read =
+        || GetRequest { header: None, key: Bytes::from("k"), consistency: ReadConsistency::Follower as i32 };
     for version in 1..=100u64 {
         client.put("k", version.to_string()).await.expect("write");
         // Acknowledged before the read starts: a follower must not answer anything older.

@@ -21,7 +21,8 @@ async fn stale_generation_gets_not_owner_with_the_current_descriptor() {
         .expect("put at gen 1");
     node.split(1, "m", 2, 3).await;
 
-    let status = kv.get(GetRequest { header: header(1, 1, false), key: Bytes::from("z1"), consistency: 0 }).await.unwrap_err();
+    let status =
+        kv.get(GetRequest { header: header(1, 1, false), key: Bytes::from("z1"), consistency: 0 }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     let detail = not_owner_detail(&status).expect("typed NotOwner detail");
     let hint = detail.hint.expect("hint");
@@ -30,7 +31,11 @@ async fn stale_generation_gets_not_owner_with_the_current_descriptor() {
     assert_eq!(detail.node_id, "n1");
 
     // With the hint's routing the request is served.
-    let found = kv.get(GetRequest { header: header(3, 2, false), key: Bytes::from("z1"), consistency: 0 }).await.unwrap().into_inner();
+    let found = kv
+        .get(GetRequest { header: header(3, 2, false), key: Bytes::from("z1"), consistency: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(found.found);
     assert_eq!(found.header.unwrap().range_id, 3);
 }
@@ -77,7 +82,8 @@ async fn a_node_that_does_not_own_the_key_hints_or_forwards() {
         .expect("forwarded put")
         .into_inner();
     assert_eq!(put.header.unwrap().node_id, "n1", "served by the owner");
-    let got = owner.kv().get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.unwrap().into_inner();
+    let got =
+        owner.kv().get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.unwrap().into_inner();
     assert_eq!(got.value, Bytes::from("v"));
 
     // A client that only knows n2 learns the owner from n2's routing hints.

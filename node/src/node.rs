@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
-    LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, ReadConsistency, RangeDescriptor, RangeLoad as RangeLoadReport,
-    RangeState, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
+    LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport,
+    RangeState, ReadConsistency, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
 use tokio::sync::OwnedRwLockReadGuard;
@@ -298,9 +298,9 @@ impl Node {
                     ),
                 }))
             }
-            ReplicaError::NotLeader { range_id, .. } => NodeError::Unavailable(format!(
-                "range {range_id} has no leader yet (an election is under way); retry"
-            )),
+            ReplicaError::NotLeader { range_id, .. } => {
+                NodeError::Unavailable(format!("range {range_id} has no leader yet (an election is under way); retry"))
+            }
             ReplicaError::Stopped(_) => NodeError::ShuttingDown,
             other => NodeError::Unavailable(other.to_string()),
         }

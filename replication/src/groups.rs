@@ -216,7 +216,8 @@ impl<S: GroupLog> Groups<S> {
     /// `applied` past the persisted commit index (the commit index advanced in memory only
     /// before a restart) is taken back to it: re-applying a prefix of the log is harmless.
     pub fn create_applied(&mut self, group: GroupId, storage: S, applied: u64) -> Result<(), GroupsError> {
-        let committed = storage.initial_state().map_err(|source| GroupsError::Raft { group, source })?.hard_state.commit;
+        let committed =
+            storage.initial_state().map_err(|source| GroupsError::Raft { group, source })?.hard_state.commit;
         let applied = applied.min(committed);
         let config = raft::Config {
             id: self.node,

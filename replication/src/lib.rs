@@ -14,7 +14,9 @@ pub mod groups;
 pub mod log_store;
 pub mod logger;
 
-pub use groups::{Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, ReadyBatch, decode_message, encode_message};
+pub use groups::{
+    Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, ReadyBatch, decode_message, encode_message,
+};
 pub use log_store::{CF_RAFT, GroupStorage, LogError, LogStore};
 pub use raft::eraftpb::{Entry, EntryType};
 pub mod local;

@@ -22,8 +22,7 @@ impl LocalCluster {
     /// `nodes` nodes (ids 1..=nodes), each holding a replica of groups 1..=groups.
     pub fn new(nodes: u64, groups: u64, config: GroupsConfig) -> Result<Self, GroupsError> {
         let voters: Vec<NodeId> = (1..=nodes).collect();
-        let mut cluster =
-            LocalCluster {
+        let mut cluster = LocalCluster {
             nodes: Vec::new(),
             down: HashSet::new(),
             delivered: 0,

@@ -127,7 +127,7 @@ impl Driver {
                 let leader = self.groups.leader_of(range_id);
                 if self.groups.term(range_id).is_none() {
                     let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
-                } else if !self.groups.is_leader(range_id) && !(on_follower && leader.is_some()) {
+                } else if !(self.groups.is_leader(range_id) || on_follower && leader.is_some()) {
                     let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
                 } else {
                     self.reads_arrived.entry(range_id).or_default().push(reply);
