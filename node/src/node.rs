@@ -219,6 +219,10 @@ impl Node {
     /// nodes, once. Every listed node does the same; the first listed campaigns at once.
     pub async fn bootstrap_replicated(&self) -> Result<RangeDescriptor, NodeError> {
         let members = self.config.initial_members().map_err(NodeError::Invalid)?;
+        if members.len() == 1 {
+            // One replica is a single-copy range: no Raft group.
+            return self.bootstrap().await;
+        }
         let replicas: Vec<kvfleet_proto::v1::Replica> = members
             .iter()
             .map(|(node_id, address)| kvfleet_proto::v1::Replica {
