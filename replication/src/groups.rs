@@ -159,6 +159,27 @@ pub enum GroupsError {
     Raft { group: GroupId, source: raft::Error },
     #[error("persisting the log of {groups} groups: {reason}")]
     Persist { groups: usize, reason: String },
+    #[error("group {group}: a message from another node refused: {reason}")]
+    BadMessage { group: GroupId, reason: String },
+}
+
+/// Refuses what raft-rs would panic on or must never take from another node: messages for
+/// another node, local-only message types, proposals (only the leader's own), read index
+/// messages without exactly one context entry.
+fn check_remote(node: NodeId, message: &Message) -> Result<(), String> {
+    use MessageType::*;
+    if message.to != node {
+        return Err(format!("addressed to node {}, this is node {node}", message.to));
+    }
+    match message.get_msg_type() {
+        MsgHup | MsgBeat | MsgUnreachable | MsgSnapStatus | MsgCheckQuorum | MsgPropose => {
+            Err(format!("{:?} is not taken from another node", message.get_msg_type()))
+        }
+        MsgReadIndex | MsgReadIndexResp if message.entries.len() != 1 => {
+            Err(format!("{:?} with {} entries, not 1", message.get_msg_type(), message.entries.len()))
+        }
+        _ => Ok(()),
+    }
 }
 
 struct Group<S: Storage> {
@@ -208,16 +229,26 @@ impl<S: GroupLog> Groups<S> {
     /// Starts this node's replica of `group` over `storage` (which holds its membership), with
     /// everything committed so far taken as applied.
     pub fn create(&mut self, group: GroupId, storage: S) -> Result<(), GroupsError> {
-        self.create_applied(group, storage, u64::MAX)
+        self.create_applied(group, storage, u64::MAX).map(|_| ())
     }
 
     /// Starts this node's replica of `group` over `storage`, whose state machine has applied the
-    /// log up to `applied`: later committed entries are handed out again by `ready`. An
-    /// `applied` past the persisted commit index (the commit index advanced in memory only
-    /// before a restart) is taken back to it: re-applying a prefix of the log is harmless.
-    pub fn create_applied(&mut self, group: GroupId, storage: S, applied: u64) -> Result<(), GroupsError> {
-        let committed =
-            storage.initial_state().map_err(|source| GroupsError::Raft { group, source })?.hard_state.commit;
+    /// log up to `applied`: later committed entries are handed out again by `ready`. Returns
+    /// the applied index the group starts from.
+    ///
+    /// An `applied` past the persisted commit index (the commit index advanced in memory only
+    /// before a restart) raises the commit index to it, as TiKV does: only committed entries
+    /// are applied, and replaying them over newer data would take values back in time. One
+    /// past the stored log (which cannot happen unless the log was lost) is taken back to the
+    /// commit index.
+    pub fn create_applied(&mut self, group: GroupId, mut storage: S, applied: u64) -> Result<u64, GroupsError> {
+        let raft_error = |source| GroupsError::Raft { group, source };
+        let mut committed = storage.initial_state().map_err(raft_error)?.hard_state.commit;
+        let last = storage.last_index().map_err(raft_error)?;
+        if applied > committed && applied <= last {
+            storage.set_commit(applied);
+            committed = applied;
+        }
         let applied = applied.min(committed);
         let config = raft::Config {
             id: self.node,
@@ -233,7 +264,7 @@ impl<S: GroupLog> Groups<S> {
         let raw = RawNode::new(&config, storage, &self.logger).map_err(|source| GroupsError::Raft { group, source })?;
         self.groups.insert(group, Group { raw, quiet: false, idle_ticks: 0 });
         self.dirty.insert(group);
-        Ok(())
+        Ok(applied)
     }
 
     fn group(&mut self, group: GroupId) -> Result<&mut Group<S>, GroupsError> {
@@ -287,6 +318,7 @@ impl<S: GroupLog> Groups<S> {
     pub fn step(&mut self, envelope: Envelope) -> Result<(), GroupsError> {
         match envelope {
             Envelope::Raft { group, message } => {
+                check_remote(self.node, &message).map_err(|reason| GroupsError::BadMessage { group, reason })?;
                 let raw = self.wake(group, !is_heartbeat(&message))?;
                 raw.step(message).map_err(|source| GroupsError::Raft { group, source })
             }
@@ -646,5 +678,34 @@ mod tests {
             cluster.settle(100).unwrap();
         }
         assert!(cluster.reads.is_empty(), "a leader without a quorum granted a read: {:?}", cluster.reads);
+    }
+
+    #[test]
+    fn messages_raft_rs_would_panic_on_are_refused() {
+        let mut cluster = quiet_cluster();
+        let leader = cluster.agreed_leader(1).expect("group 1 has a leader");
+        let follower = (1..=3).find(|&n| n != leader).expect("a follower");
+        let message = |to: NodeId, kind: MessageType| {
+            let mut message = Message::default();
+            message.set_msg_type(kind);
+            message.to = to;
+            message.from = follower;
+            message
+        };
+        let refused = [
+            message(leader, MessageType::MsgReadIndex),
+            message(leader, MessageType::MsgPropose),
+            message(leader, MessageType::MsgHup),
+            message(follower, MessageType::MsgHeartbeatResponse),
+        ];
+        for message in refused {
+            let kind = message.get_msg_type();
+            let outcome = cluster.node(leader).step(Envelope::Raft { group: 1, message });
+            assert!(matches!(outcome, Err(GroupsError::BadMessage { .. })), "{kind:?}: {outcome:?}");
+        }
+        // The group still works.
+        cluster.node(leader).propose(1, b"after the bad messages".to_vec()).unwrap();
+        cluster.settle(100).unwrap();
+        assert_eq!(cluster.agreed_leader(1), Some(leader));
     }
 }

@@ -68,7 +68,9 @@ impl Driver {
             reads_arrived: HashMap::new(),
             reads_asked: HashMap::new(),
             reads_granted: Vec::new(),
-            next_read_context: 1,
+            // Random, so that a restarted node never reuses a context its leader (or a reply
+            // still in flight) knows from before: the leader keys pending reads by context.
+            next_read_context: rand::random::<u64>() >> 1,
             applied: HashMap::new(),
         }
     }
@@ -140,6 +142,7 @@ impl Driver {
                         Err(GroupsError::NoGroup(group)) => {
                             tracing::debug!(group, "a Raft message for a group this node does not hold")
                         }
+                        Err(error @ GroupsError::BadMessage { .. }) => tracing::warn!(%error, "Raft message refused"),
                         Err(error) => tracing::debug!(%error, "a Raft message was refused"),
                     }
                 }
@@ -153,11 +156,14 @@ impl Driver {
         for (raft_id, address) in &group.members {
             self.peers.connect(*raft_id, address);
         }
-        if let Err(error) = self.groups.create_applied(range_id, group.storage, group.applied) {
-            tracing::error!(range_id, %error, "cannot start the range's Raft group");
-            return;
-        }
-        self.applied.insert(range_id, group.applied);
+        let applied = match self.groups.create_applied(range_id, group.storage, group.applied) {
+            Ok(applied) => applied,
+            Err(error) => {
+                tracing::error!(range_id, %error, "cannot start the range's Raft group");
+                return;
+            }
+        };
+        self.applied.insert(range_id, applied);
         if group.campaign
             && let Err(error) = self.groups.campaign(range_id)
         {
@@ -217,6 +223,14 @@ impl Driver {
                 batch.answer(Err(ReplicaError::ReadNotConfirmed { range_id }));
             }
         }
+        // Granted but not applied in time (this replica is far behind or cut off): retry.
+        let (late, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.reads_granted).into_iter().partition(|(_, read)| read.deadline <= now);
+        self.reads_granted = waiting;
+        for (_, read) in late {
+            let range_id = read.range_id;
+            read.answer(Err(ReplicaError::ReadNotConfirmed { range_id }));
+        }
         self.publish_all();
     }
 
@@ -255,8 +269,13 @@ impl Driver {
             else {
                 continue;
             };
-            if let Some(read) = self.reads_asked.remove(&context) {
-                self.reads_granted.push((index, read));
+            match self.reads_asked.remove(&context) {
+                Some(read) if read.range_id == range_id => self.reads_granted.push((index, read)),
+                Some(read) => {
+                    tracing::warn!(range_id, asked = read.range_id, "a read index granted for another group");
+                    self.reads_asked.insert(context, read);
+                }
+                None => {}
             }
             touched.push(range_id);
         }

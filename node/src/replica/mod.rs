@@ -125,7 +125,15 @@ impl Replication {
         let driver = driver::Driver::new(raft_id, db, log, peers, views.clone());
         let handle = std::thread::Builder::new()
             .name("kv-raft".into())
-            .spawn(move || driver.run(receiver))
+            .spawn(move || {
+                // A panic in raft-rs (a bug, or a message it cannot take) must not leave a node
+                // that answers Deliver while no group runs: stop the process instead.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run(receiver))).is_err() {
+                    tracing::error!("the Raft thread panicked; stopping the node");
+                    eprintln!("kvfleet-node: the Raft thread panicked");
+                    std::process::abort();
+                }
+            })
             .map_err(|source| crate::error::NodeError::Io { context: "spawning the Raft thread".into(), source })?;
         Ok(Replication { raft_id, inbox, views, liveness, driver: parking_lot::Mutex::new(Some(handle)) })
     }
@@ -161,10 +169,8 @@ impl Replication {
     }
 
     /// Hands messages from another node to their groups.
-    pub fn deliver(&self, envelopes: Vec<Envelope>) {
-        if !envelopes.is_empty() {
-            let _ = self.send(Input::Deliver(envelopes));
-        }
+    pub fn deliver(&self, envelopes: Vec<Envelope>) -> Result<(), ReplicaError> {
+        self.send(Input::Deliver(envelopes))
     }
 
     pub fn view(&self, range_id: u64) -> Option<GroupView> {

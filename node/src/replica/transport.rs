@@ -218,7 +218,8 @@ impl RaftTransport for RaftTransportService {
                 }
             }
         }
-        self.replication.deliver(envelopes);
+        // Empty batches (probes) go through too: the answer says the Raft thread runs.
+        self.replication.deliver(envelopes).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(RaftBatchAck { node_id: String::new() }))
     }
 }
