@@ -156,7 +156,8 @@ fn to_mutation(op: &WriteOp) -> Option<Mutation> {
     }
 }
 
-fn from_mutation(mutation: &Mutation) -> Option<WriteOp> {
+/// The write a wire mutation makes (none for one without an op: callers refuse those first).
+pub(crate) fn from_mutation(mutation: &Mutation) -> Option<WriteOp> {
     match mutation.op() {
         MutationOp::Put => Some(WriteOp::put(mutation.key.clone(), mutation.value.clone())),
         MutationOp::Delete => Some(WriteOp::delete(mutation.key.clone())),

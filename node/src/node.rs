@@ -124,16 +124,12 @@ impl Node {
             Some(token) => kvfleet_proto::admin_auth::AdminToken::new(token)
                 .map_err(|e| NodeError::Invalid(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?,
         };
-        let links = crate::replica::transport::PeerLinks::new(
-            &config.node_id,
-            raft_id_of(&config.node_id),
-            kvfleet_client::ChannelPool::new(kvfleet_client::ChannelConfig {
-                connect_timeout: Duration::from_secs(1),
-                ..kvfleet_client::ChannelConfig::default()
-            }),
-            admin_token.clone(),
-        );
-        let replication = Arc::new(Replication::start(&config.node_id, storage.db(), links)?);
+        let raft_channels = kvfleet_client::ChannelPool::new(kvfleet_client::ChannelConfig {
+            connect_timeout: Duration::from_secs(1),
+            ..kvfleet_client::ChannelConfig::default()
+        });
+        let replication =
+            Arc::new(Replication::start(&config.node_id, storage.db(), raft_channels, admin_token.clone())?);
         let node = Node {
             replication,
             address,
@@ -275,13 +271,7 @@ impl Node {
             let outcome = self.replication.propose(lease.range.desc.range_id, mutations).await;
             return outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error));
         }
-        let ops = mutations
-            .into_iter()
-            .map(|m| match m.op() {
-                MutationOp::Delete => WriteOp::delete(m.key),
-                _ => WriteOp::put(m.key, m.value),
-            })
-            .collect();
+        let ops = mutations.iter().filter_map(crate::moves::from_mutation).collect();
         self.storage.write(ops).await
     }
 

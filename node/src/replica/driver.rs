@@ -9,11 +9,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
 use kvfleet_replication::{Entry, GroupStorage, Groups, GroupsConfig, GroupsError, LogStore};
-use parking_lot::RwLock;
 use rocksdb::DB;
 
 use super::transport::PeerLinks;
-use super::{GroupView, Input, OpenGroup, PROPOSAL_TIMEOUT, READ_INDEX_TIMEOUT, ReplicaError, Reply, TICK, apply};
+use super::{Input, Leaders, OpenGroup, PROPOSAL_TIMEOUT, READ_INDEX_TIMEOUT, ReplicaError, Reply, TICK, apply};
 
 /// Most inputs taken in one pass (the rest wait for the next).
 const MAX_INPUTS_PER_PASS: usize = 8192;
@@ -37,7 +36,7 @@ pub struct Driver {
     db: Arc<DB>,
     log: LogStore,
     peers: PeerLinks,
-    views: Arc<RwLock<HashMap<u64, GroupView>>>,
+    leaders: Leaders,
     /// Proposals waiting to be applied, by (group, index).
     proposals: HashMap<(u64, u64), Proposal>,
     /// Reads that arrived this pass, per group: one read index for all of them.
@@ -51,19 +50,13 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(
-        raft_id: u64,
-        db: Arc<DB>,
-        log: LogStore,
-        peers: PeerLinks,
-        views: Arc<RwLock<HashMap<u64, GroupView>>>,
-    ) -> Self {
+    pub fn new(raft_id: u64, db: Arc<DB>, log: LogStore, peers: PeerLinks, leaders: Leaders) -> Self {
         Driver {
             groups: Groups::new(raft_id, GroupsConfig::default()),
             db,
             log,
             peers,
-            views,
+            leaders,
             proposals: HashMap::new(),
             reads_arrived: HashMap::new(),
             reads_asked: HashMap::new(),
@@ -322,14 +315,7 @@ impl Driver {
     }
 
     fn publish(&self, range_id: u64) {
-        let view = GroupView {
-            leader: self.groups.leader_of(range_id),
-            term: self.groups.term(range_id).unwrap_or(0),
-            is_leader: self.groups.is_leader(range_id),
-            commit: self.groups.committed(range_id).unwrap_or(0),
-            applied: self.applied.get(&range_id).copied().unwrap_or(0),
-        };
-        self.views.write().insert(range_id, view);
+        self.leaders.write().insert(range_id, self.groups.leader_of(range_id));
     }
 
     fn publish_all(&self) {

@@ -68,15 +68,9 @@ pub enum ReplicaError {
     Stopped(String),
 }
 
-/// What the driver publishes about a group after each pass, for routing hints and status.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GroupView {
-    pub leader: Option<u64>,
-    pub term: u64,
-    pub is_leader: bool,
-    pub commit: u64,
-    pub applied: u64,
-}
+/// Each group's leader (Raft id) as the driver last saw it, for routing hints: published after
+/// the passes that touch a group and on every tick.
+pub type Leaders = Arc<RwLock<HashMap<u64, Option<u64>>>>;
 
 /// A group to start on this node.
 pub struct OpenGroup {
@@ -104,25 +98,28 @@ pub enum Input {
 pub struct Replication {
     raft_id: u64,
     inbox: std::sync::mpsc::Sender<Input>,
-    views: Arc<RwLock<HashMap<u64, GroupView>>>,
+    leaders: Leaders,
     pub(crate) liveness: transport::Liveness,
     driver: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Replication {
-    /// Starts the driver thread over the node's RocksDB (data and Raft logs share it).
+    /// Starts the driver thread over the node's RocksDB (data and Raft logs share it); it
+    /// reaches peers through `channels`, sending `token` on every call.
     pub fn start(
         node_id: &str,
         db: Arc<rocksdb::DB>,
-        peers: transport::PeerLinks,
+        channels: kvfleet_client::ChannelPool,
+        token: kvfleet_proto::admin_auth::AdminToken,
     ) -> Result<Self, crate::error::NodeError> {
         let raft_id = raft_id_of(node_id);
         let log = kvfleet_replication::LogStore::with_db(db.clone())
             .map_err(|e| crate::error::NodeError::Corrupt(format!("opening the Raft logs: {e}")))?;
         let (inbox, receiver) = std::sync::mpsc::channel();
-        let views: Arc<RwLock<HashMap<u64, GroupView>>> = Arc::default();
+        let leaders = Leaders::default();
+        let peers = transport::PeerLinks::new(node_id, raft_id, channels, token);
         let liveness = peers.liveness();
-        let driver = driver::Driver::new(raft_id, db, log, peers, views.clone());
+        let driver = driver::Driver::new(raft_id, db, log, peers, leaders.clone());
         let handle = std::thread::Builder::new()
             .name("kv-raft".into())
             .spawn(move || {
@@ -135,7 +132,7 @@ impl Replication {
                 }
             })
             .map_err(|source| crate::error::NodeError::Io { context: "spawning the Raft thread".into(), source })?;
-        Ok(Replication { raft_id, inbox, views, liveness, driver: parking_lot::Mutex::new(Some(handle)) })
+        Ok(Replication { raft_id, inbox, leaders, liveness, driver: parking_lot::Mutex::new(Some(handle)) })
     }
 
     pub fn raft_id(&self) -> u64 {
@@ -173,16 +170,12 @@ impl Replication {
         self.send(Input::Deliver(envelopes))
     }
 
-    pub fn view(&self, range_id: u64) -> Option<GroupView> {
-        self.views.read().get(&range_id).copied()
-    }
-
     /// `desc` with the replica roles this node knows: LEADER on the group's leader.
     pub fn with_roles(&self, desc: RangeDescriptor) -> RangeDescriptor {
         if !is_replicated(&desc) {
             return desc;
         }
-        let leader = self.view(desc.range_id).and_then(|v| v.leader);
+        let leader = self.leaders.read().get(&desc.range_id).copied().flatten();
         with_leader(desc, leader)
     }
 
