@@ -193,6 +193,13 @@ impl Node {
         Ok(())
     }
 
+    /// Stops the Raft thread after its current pass, then the write pipelines after the writes
+    /// already queued, and fsyncs the WAL. Later writes fail.
+    pub fn shutdown(&self) -> Result<(), NodeError> {
+        self.replication.stop();
+        self.storage.shutdown()
+    }
+
     fn log_store(&self) -> Result<kvfleet_replication::LogStore, NodeError> {
         kvfleet_replication::LogStore::with_db(self.storage.db())
             .map_err(|e| NodeError::Corrupt(format!("opening the Raft logs: {e}")))

@@ -134,8 +134,7 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period"),
     }
     let started = Instant::now();
-    node.replication.stop();
-    node.storage.shutdown()?;
+    node.shutdown()?;
     tracing::info!(took = ?started.elapsed(), "stopped: writes flushed and WAL fsynced");
     Ok(())
 }

@@ -62,8 +62,8 @@ async fn exports_nothing_can_use_are_dropped_and_a_frozen_ranges_is_kept() {
         SplitRangeRequest { range_id: 1, expected_generation: 1, split_key: Bytes::from("m"), left_id: 2, right_id: 3 };
     node.split(split).await.unwrap();
     assert_eq!(node.drop_stale_exports(Duration::from_secs(3600)), 1);
-    // Stop the write pipelines before the process exits (RocksDB must not be torn down under
-    // its own threads).
-    node.storage.shutdown().unwrap();
-    first.storage.shutdown().unwrap();
+    // Stop the Raft thread and the write pipelines before the process exits (RocksDB must not
+    // be torn down under its own threads).
+    node.shutdown().unwrap();
+    first.shutdown().unwrap();
 }

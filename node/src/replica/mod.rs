@@ -188,6 +188,14 @@ impl Replication {
     }
 }
 
+impl Drop for Replication {
+    /// Joins the driver thread, so that its handle on the DB is gone before the node's is: the
+    /// last handle closes RocksDB, and that must not race the process's exit on another thread.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `desc` with LEADER on the replica whose Raft id is `leader`, FOLLOWER on the others.
 pub fn with_leader(mut desc: RangeDescriptor, leader: Option<u64>) -> RangeDescriptor {
     for replica in &mut desc.replicas {
