@@ -20,6 +20,11 @@ pub struct ReplicatedFleet {
 impl ReplicatedFleet {
     /// `count` nodes on loopback, range 1 replicated on all of them.
     pub fn start(count: usize) -> Self {
+        Self::start_with(count, &[])
+    }
+
+    /// `start`, with `extra_args` for every node.
+    pub fn start_with(count: usize, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let members: Vec<(String, String)> =
             (1..=count).map(|n| (format!("replica-{n}"), format!("127.0.0.1:{}", free_port()))).collect();
@@ -27,7 +32,9 @@ impl ReplicatedFleet {
         let nodes = members
             .iter()
             .map(|(id, address)| {
-                NodeProcess::start_at(id, &dir.path().join(id), address, &["--initial-replicas", &initial])
+                let args: Vec<&str> =
+                    ["--initial-replicas", initial.as_str()].into_iter().chain(extra_args.iter().copied()).collect();
+                NodeProcess::start_at(id, &dir.path().join(id), address, &args)
             })
             .collect();
         ReplicatedFleet { _dir: dir, nodes }

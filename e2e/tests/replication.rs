@@ -4,7 +4,9 @@
 //! read goes back in time; a paused (SIGSTOP) leader that wakes up after a new leader took
 //! writes serves no stale read; a node cut off from the majority acknowledges neither reads nor
 //! writes; a whole fleet killed at once comes back with every acknowledged write; follower
-//! reads never miss an acknowledged write; five replicas survive two kills.
+//! reads never miss an acknowledged write; five replicas survive two kills; a follower the
+//! leader's compacted log cannot catch up gets a snapshot, even across crashes while installing
+//! it.
 
 use std::time::{Duration, Instant};
 
@@ -207,4 +209,85 @@ async fn five_replicas_survive_two_kills_and_refuse_writes_after_a_third() {
     fleet.nodes[third].kill9();
     let survivor = (0..5).find(|&i| fleet.nodes[i].is_running()).expect("a node still runs");
     assert!(!acknowledges_a_write(&fleet.nodes[survivor], "probe").await, "two of five acknowledged a write");
+}
+
+/// Waits (bounded) until `node`'s process exits by itself; whether it did.
+async fn exits_within(node: &mut NodeProcess, within: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if !node.is_running() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_the_compacted_log_gets_a_snapshot_even_across_crashes_while_installing_it() {
+    // Logs keep 20 applied entries: a follower down for 100 writes can only catch up by snapshot.
+    let mut fleet = Fleet::start_with(3, &["--raft-log-keep-entries", "20"]);
+    let leader = fleet.leader(None).await;
+    let (lagging, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let client = fleet.client();
+    let mut acked = std::collections::HashMap::new();
+    let mut deleted = std::collections::HashSet::new();
+    let write = async |acked: &mut std::collections::HashMap<Bytes, Bytes>, key: String, value: String| {
+        client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("write {key}: {e}"));
+        acked.insert(Bytes::from(key), Bytes::from(value));
+    };
+    for i in 0..50 {
+        write(&mut acked, format!("key{i:03}"), format!("first-{i}")).await;
+    }
+    // Each round: the follower misses 100 writes (overwrites and new keys) and deletes of keys it
+    // holds, the leader compacts, and the follower restarts armed to crash at one step
+    // of installing the snapshot; it must crash there (the snapshot path was taken), then come
+    // back clean and finish the install at start.
+    for (round, crash_at) in ["snapshot-install-before-data", "snapshot-install-before-applied"].iter().enumerate() {
+        fleet.nodes[lagging].kill9();
+        for i in 0..100 {
+            let key = format!("key{:03}", (i * 7 + round * 13) % 120);
+            write(&mut acked, key, format!("round{round}-{i}")).await;
+        }
+        for i in (round..50).step_by(5) {
+            let key = Bytes::from(format!("key{i:03}"));
+            client.delete(key.clone()).await.unwrap_or_else(|e| panic!("delete {key:?}: {e}"));
+            acked.remove(&key);
+            deleted.insert(key);
+        }
+        // Compaction runs once a second.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        fleet.nodes[lagging].env = vec![("KVFLEET_CRASH_AT".into(), crash_at.to_string())];
+        fleet.nodes[lagging].spawn();
+        assert!(
+            exits_within(&mut fleet.nodes[lagging], Duration::from_secs(30)).await,
+            "the restarted follower never reached {crash_at}: it did not install a snapshot"
+        );
+        fleet.nodes[lagging].kill9();
+        fleet.nodes[lagging].env.clear();
+        fleet.nodes[lagging].spawn();
+    }
+    // Without the other follower, the leader needs the one that took the snapshot to commit.
+    fleet.nodes[other].kill9();
+    for i in 0..20 {
+        write(&mut acked, format!("after{i:02}"), format!("after-{i}")).await;
+    }
+    deleted.retain(|key| !acked.contains_key(key));
+    assert!(!deleted.is_empty(), "the test deletes keys the follower held");
+    // Its own data holds every acknowledged write (follower reads are served from it).
+    let mut kv = fleet.nodes[lagging].kv();
+    for (key, value) in &acked {
+        let request = GetRequest { header: None, key: key.clone(), consistency: ReadConsistency::Follower as i32 };
+        let answer = kv.get(request).await.expect("a read on the follower that took the snapshot").into_inner();
+        assert_eq!(&answer.value, value, "key {key:?} on the follower that took the snapshot");
+    }
+    for key in &deleted {
+        let request = GetRequest { header: None, key: key.clone(), consistency: ReadConsistency::Follower as i32 };
+        let answer = kv.get(request).await.expect("a read on the follower that took the snapshot").into_inner();
+        assert!(!answer.found, "key {key:?} was deleted while the follower was down, and it still has it");
+    }
+    // And with the leader gone, it and the other follower still hold everything.
+    fleet.nodes[leader].kill9();
+    fleet.nodes[other].spawn();
+    kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
 }

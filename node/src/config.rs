@@ -63,6 +63,12 @@ pub struct NodeConfig {
     #[arg(long, env = "KVFLEET_INITIAL_REPLICAS", value_delimiter = ',', conflicts_with = "bootstrap")]
     pub initial_replicas: Vec<String>,
 
+    /// Applied entries a replicated range keeps in its Raft log for followers that fall behind
+    /// (a follower further behind gets a snapshot of the range instead). The log is compacted
+    /// when it holds twice this many.
+    #[arg(long, env = "KVFLEET_RAFT_LOG_KEEP_ENTRIES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub raft_log_keep_entries: u64,
+
     #[arg(long, value_enum, env = "KVFLEET_DURABILITY", default_value = "sync")]
     pub durability: Durability,
 

@@ -128,8 +128,13 @@ impl Node {
             connect_timeout: Duration::from_secs(1),
             ..kvfleet_client::ChannelConfig::default()
         });
+        let settings = crate::replica::ReplicationSettings {
+            data_dir: config.data_dir.clone(),
+            log_keep_entries: config.raft_log_keep_entries,
+            key_space_end: storage.key_space_end().to_vec(),
+        };
         let replication =
-            Arc::new(Replication::start(&config.node_id, storage.db(), raft_channels, admin_token.clone())?);
+            Arc::new(Replication::start(&config.node_id, storage.db(), raft_channels, admin_token.clone(), settings)?);
         let node = Node {
             replication,
             address,
@@ -186,10 +191,29 @@ impl Node {
                 .ok_or_else(|| {
                     NodeError::Corrupt(format!("range {range_id} is replicated but this node has no Raft log for it"))
                 })?;
+            if let Some((index, term)) = log
+                .pending_snapshot(range_id)
+                .map_err(|e| NodeError::Corrupt(format!("the Raft log of range {range_id}: {e}")))?
+            {
+                // The group took a snapshot and the node stopped before its data was installed.
+                let installer = crate::replica::snapshot::Installer {
+                    db: self.storage.db(),
+                    log: log.clone(),
+                    files: crate::replica::snapshot::SnapshotFiles::new(&self.config.data_dir),
+                    key_space_end: self.storage.key_space_end().to_vec(),
+                };
+                installer
+                    .install(range_id, &span_of(&desc), index, term, None)
+                    .map_err(|e| NodeError::Corrupt(format!("range {range_id}: installing its snapshot again: {e}")))?;
+                tracing::info!(range_id, index, "installed a snapshot taken before the restart");
+            }
             let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
                 .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
             self.open_group(&desc, storage, applied, false)?;
         }
+        // Every pending snapshot is installed: files left from before (made for followers, or
+        // fetched and never taken) are of no use any more.
+        crate::replica::snapshot::SnapshotFiles::new(&self.config.data_dir).remove_all();
         Ok(())
     }
 
@@ -214,7 +238,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         let members = desc.replicas.iter().map(|r| (r.raft_id, r.address.clone())).collect();
         self.replication
-            .open(OpenGroup { range_id: desc.range_id, storage, applied, members, campaign })
+            .open(OpenGroup { range_id: desc.range_id, storage, applied, members, campaign, span: span_of(desc) })
             .map_err(|e| NodeError::Unavailable(e.to_string()))
     }
 
@@ -654,4 +678,9 @@ fn nonzero_or_random(id: u64) -> u64 {
             return id;
         }
     }
+}
+
+/// The keys of the range `desc` describes.
+fn span_of(desc: &RangeDescriptor) -> crate::replica::snapshot::Span {
+    crate::replica::snapshot::Span { start: desc.start_key.to_vec(), end: desc.end_key.to_vec() }
 }

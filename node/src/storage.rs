@@ -346,6 +346,11 @@ impl Storage {
         self.db.clone()
     }
 
+    /// A key past every key a client may write (deletes to the end of the key space stop here).
+    pub fn key_space_end(&self) -> &[u8] {
+        &self.key_space_end
+    }
+
     pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
         let cf = self.cf(CF_META)?;
         self.db.get_cf(&cf, key).map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })

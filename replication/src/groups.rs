@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
-use raft::eraftpb::{ConfState, Entry, HardState, Message, MessageType};
+use raft::eraftpb::{ConfState, Entry, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole, Storage};
 
@@ -92,6 +92,8 @@ pub trait GroupLog: Storage {
     fn set_commit(&mut self, commit: u64);
     /// The group's membership, saved with its hard state.
     fn conf_state(&self) -> ConfState;
+    /// `snapshot` replaced the log and is durable: the log now starts after its index.
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> raft::Result<()>;
 }
 
 impl GroupLog for MemStorage {
@@ -111,6 +113,10 @@ impl GroupLog for MemStorage {
     fn conf_state(&self) -> ConfState {
         self.initial_state().map(|state| state.conf_state).unwrap_or_default()
     }
+
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> raft::Result<()> {
+        self.wl().apply_snapshot(snapshot.clone())
+    }
 }
 
 /// One group's part of a batch to persist.
@@ -124,6 +130,20 @@ pub struct Persist<'a> {
     pub hard_state: Option<&'a HardState>,
     /// The group's membership, saved with the hard state.
     pub conf_state: ConfState,
+    /// A snapshot from the leader that replaces the log up to its index (the entries, if any,
+    /// come after it). The state machine must be installed from it before anything after it
+    /// is applied.
+    pub snapshot: Option<&'a Snapshot>,
+}
+
+/// A snapshot a group took from its leader, now durable in its log: the node installs its data
+/// (`data` says where it is) before it applies the group's later entries.
+#[derive(Debug, Clone)]
+pub struct SnapshotToInstall {
+    pub group: GroupId,
+    pub index: u64,
+    pub term: u64,
+    pub data: Vec<u8>,
 }
 
 /// What one `ready` pass produced across all groups.
@@ -137,10 +157,16 @@ pub struct ReadyBatch {
     pub persisted_entries: usize,
     /// Read indexes granted, per group: (the request's context, the index to wait for).
     pub reads: Vec<(GroupId, Vec<u8>, u64)>,
+    /// Snapshots to install, before `committed` of the same group is applied.
+    pub snapshots: Vec<SnapshotToInstall>,
+    /// Snapshots sent to followers: (group, follower).
+    pub snapshots_sent: Vec<(GroupId, NodeId)>,
 }
 
 impl ReadyBatch {
     fn send(&mut self, group: GroupId, messages: Vec<Message>) {
+        self.snapshots_sent
+            .extend(messages.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| (group, m.to)));
         self.messages.extend(messages.into_iter().map(|message| Envelope::Raft { group, message }));
     }
 
@@ -397,6 +423,21 @@ impl<S: GroupLog> Groups<S> {
         self.groups.get(&group).is_some_and(|g| g.raw.raft.state == StateRole::Leader)
     }
 
+    /// The log of `group` (to compact it).
+    pub fn log_mut(&mut self, group: GroupId) -> Option<&mut S> {
+        self.groups.get_mut(&group).map(|g| g.raw.mut_store())
+    }
+
+    /// Whether the snapshot sent to `to` reached it (`delivered`: the leader goes on from the
+    /// snapshot's index) or not (it may send another). A no-op unless the leader waits on one.
+    pub fn report_snapshot(&mut self, group: GroupId, to: NodeId, delivered: bool) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            let status = if delivered { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+            g.raw.report_snapshot(to, status);
+            self.dirty.insert(group);
+        }
+    }
+
     pub fn committed(&self, group: GroupId) -> Option<u64> {
         self.groups.get(&group).map(|g| g.raw.raft.raft_log.committed)
     }
@@ -426,7 +467,9 @@ impl<S: GroupLog> Groups<S> {
             readies.push((id, ready));
         }
         let mut to_persist: Vec<Persist<'_>> = Vec::new();
-        for (id, ready) in readies.iter().filter(|(_, r)| !r.entries().is_empty() || r.hs().is_some()) {
+        for (id, ready) in
+            readies.iter().filter(|(_, r)| !r.entries().is_empty() || r.hs().is_some() || !r.snapshot().is_empty())
+        {
             let Some(group) = self.groups.get(id) else { continue };
             let store = group.raw.store();
             let stored_last = store.last_index().unwrap_or(0);
@@ -439,7 +482,12 @@ impl<S: GroupLog> Groups<S> {
                 entries: ready.entries(),
                 stale,
                 hard_state: ready.hs(),
-                conf_state: store.conf_state(),
+                conf_state: if ready.snapshot().is_empty() {
+                    store.conf_state()
+                } else {
+                    ready.snapshot().get_metadata().get_conf_state().clone()
+                },
+                snapshot: Some(ready.snapshot()).filter(|s| !s.is_empty()),
             });
         }
         batch.persisted_entries = to_persist.iter().map(|p| p.entries.len()).sum();
@@ -450,6 +498,21 @@ impl<S: GroupLog> Groups<S> {
         drop(to_persist);
         for (id, mut ready) in readies {
             let Some(group) = self.groups.get_mut(&id) else { continue };
+            if !ready.snapshot().is_empty() {
+                let snapshot = ready.snapshot();
+                group
+                    .raw
+                    .mut_store()
+                    .apply_snapshot(snapshot)
+                    .map_err(|source| GroupsError::Raft { group: id, source })?;
+                let metadata = snapshot.get_metadata();
+                batch.snapshots.push(SnapshotToInstall {
+                    group: id,
+                    index: metadata.index,
+                    term: metadata.term,
+                    data: snapshot.data.to_vec(),
+                });
+            }
             group
                 .raw
                 .mut_store()

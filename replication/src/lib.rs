@@ -7,16 +7,18 @@
 //! fsynced write per batch), `logger` (raft-rs's slog records into tracing), `local` (several
 //! nodes in one process, for tests and benchmarks).
 //!
-//! Not here yet (issue 13): log compaction and snapshots, the transport between nodes, reads
-//! (lease, ReadIndex, follower, stale), membership changes for moves, and the node's use of it.
+//! The node (`kvfleet-node`'s `replica` module) owns the transport between nodes, the state
+//! machine and the snapshots' data. Not here yet (issue 13): lease and stale reads, and
+//! membership changes for moves.
 
 pub mod groups;
 pub mod log_store;
 pub mod logger;
 
 pub use groups::{
-    Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, ReadyBatch, decode_message, encode_message,
+    Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, ReadyBatch, SnapshotToInstall, decode_message,
+    encode_message,
 };
-pub use log_store::{CF_RAFT, GroupStorage, LogError, LogStore};
-pub use raft::eraftpb::{Entry, EntryType};
+pub use log_store::{CF_RAFT, GroupStorage, LogError, LogStore, SnapshotSlot};
+pub use raft::eraftpb::{ConfState, Entry, EntryType, MessageType, Snapshot, SnapshotMetadata};
 pub mod local;

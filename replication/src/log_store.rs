@@ -5,13 +5,18 @@
 //!
 //! Keys sort a group's entries by index: `e` + group (8 bytes, big-endian) + index (8 bytes,
 //! big-endian) -> the entry (protobuf); `s` + group -> the group's hard state and membership;
-//! `t` + group -> the index and term of the last entry compacted away.
+//! `t` + group -> the index and term of the last entry compacted away; `p` + group -> the index
+//! and term of a snapshot taken from the leader whose data the node has not installed yet.
 //!
-//! Not yet: snapshots (a snapshot request answers "temporarily unavailable"), so a log may only
-//! be compacted up to what every replica of the group already has.
+//! Snapshots: raft-rs asks a leader's `GroupStorage::snapshot` when a follower needs entries the
+//! log no longer has. The node makes them (its state machine is not here): `SnapshotSlot` says a
+//! group wants one and takes the one the node made. A follower's snapshot replaces its log in the
+//! same fsynced write that records it as pending; the node clears that mark
+//! (`clear_pending_snapshot`) in the write that installs the data, and installs again after a
+//! crash while the mark is there.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -60,6 +65,23 @@ fn state_key(group: GroupId) -> [u8; 9] {
 
 fn truncated_key(group: GroupId) -> [u8; 9] {
     group_key(b't', group)
+}
+
+fn pending_snapshot_key(group: GroupId) -> [u8; 9] {
+    group_key(b'p', group)
+}
+
+fn decode_pair(group: GroupId, what: &'static str, bytes: &[u8]) -> Result<(u64, u64), LogError> {
+    let pair: [u8; 16] = bytes.try_into().map_err(|_| LogError::Corrupt {
+        group,
+        what,
+        reason: format!("{} bytes, not 16", bytes.len()),
+    })?;
+    let (first, second) = pair.split_at(8);
+    Ok((
+        u64::from_be_bytes(first.try_into().unwrap_or_default()),
+        u64::from_be_bytes(second.try_into().unwrap_or_default()),
+    ))
 }
 
 /// Hard state and membership: two length-prefixed protobuf messages.
@@ -146,13 +168,7 @@ impl LogStore {
         let truncated =
             self.db.get_cf(cf, truncated_key(group)).map_err(|source| LogError::Db { what: "read", source })?;
         if let Some(bytes) = truncated {
-            let pair: [u8; 16] = bytes.as_slice().try_into().map_err(|_| LogError::Corrupt {
-                group,
-                what: "compaction mark",
-                reason: format!("{} bytes, not 16", bytes.len()),
-            })?;
-            let index = u64::from_be_bytes(pair[..8].try_into().unwrap_or_default());
-            let term = u64::from_be_bytes(pair[8..].try_into().unwrap_or_default());
+            let (index, term) = decode_pair(group, "compaction mark", &bytes)?;
             storage.truncated = (index, term);
             (storage.first_index, storage.last_index, storage.last_term) = (index + 1, index, term);
         }
@@ -211,13 +227,50 @@ impl LogStore {
         Ok(())
     }
 
+    /// The snapshot (index, term) `group` took from its leader and whose data is not installed
+    /// yet, if any.
+    pub fn pending_snapshot(&self, group: GroupId) -> Result<Option<(u64, u64)>, LogError> {
+        let bytes = self
+            .db
+            .get_cf(self.cf()?, pending_snapshot_key(group))
+            .map_err(|source| LogError::Db { what: "read", source })?;
+        bytes.map(|b| decode_pair(group, "pending snapshot mark", &b)).transpose()
+    }
+
+    /// Adds to `batch` (the node's write that installs the snapshot's data) the removal of the
+    /// pending mark.
+    pub fn clear_pending_snapshot(&self, group: GroupId, batch: &mut WriteBatch) -> Result<(), LogError> {
+        batch.delete_cf(self.cf()?, pending_snapshot_key(group));
+        Ok(())
+    }
+
     /// Writes every group's new entries and hard state in one batch and fsyncs it: the entries
     /// of a group that replace a longer tail (a follower's log overwritten by a new leader) also
-    /// delete what is left of that tail.
+    /// delete what is left of that tail; a snapshot replaces the whole log and is marked pending.
     pub fn write(&self, persist: &[Persist<'_>]) -> Result<(), LogError> {
         let cf = self.cf()?;
         let mut batch = WriteBatch::default();
         for part in persist {
+            if let Some(snapshot) = part.snapshot {
+                let metadata = snapshot.get_metadata();
+                let pair = [metadata.index.to_be_bytes(), metadata.term.to_be_bytes()].concat();
+                batch.delete_range_cf(cf, entry_key(part.group, 0), entry_key(part.group, u64::MAX));
+                batch.put_cf(cf, truncated_key(part.group), &pair);
+                batch.put_cf(cf, pending_snapshot_key(part.group), &pair);
+                if part.hard_state.is_none() {
+                    let stored = self
+                        .db
+                        .get_cf(cf, state_key(part.group))
+                        .map_err(|source| LogError::Db { what: "read", source })?;
+                    let mut hard_state = match stored {
+                        Some(bytes) => decode_state(part.group, &bytes)?.hard_state,
+                        None => HardState::default(),
+                    };
+                    hard_state.commit = hard_state.commit.max(metadata.index);
+                    let state = RaftState::new(hard_state, part.conf_state.clone());
+                    batch.put_cf(cf, state_key(part.group), encode_state(&state));
+                }
+            }
             for entry in part.entries {
                 let bytes = entry.write_to_bytes().map_err(|e| LogError::Corrupt {
                     group: part.group,
@@ -250,15 +303,73 @@ pub struct GroupStorage {
     last_term: u64,
     /// The index and term of the last entry compacted away ((0, 0): none).
     truncated: (u64, u64),
+    snapshots: SnapshotSlot,
+}
+
+/// Where a leader's group asks for a snapshot and the node leaves the one it made.
+#[derive(Clone, Default)]
+pub struct SnapshotSlot(Arc<Mutex<SlotState>>);
+
+#[derive(Default)]
+struct SlotState {
+    wanted: bool,
+    made: Option<Snapshot>,
+}
+
+impl SnapshotSlot {
+    /// Whether raft-rs asked for a snapshot since the last call (the node then makes one).
+    pub fn take_wanted(&self) -> bool {
+        self.0.lock().map(|mut slot| std::mem::take(&mut slot.wanted)).unwrap_or(false)
+    }
+
+    /// A snapshot the node made: its metadata says the index, term and membership it reflects,
+    /// its data how a follower gets it.
+    pub fn offer(&self, snapshot: Snapshot) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.made = Some(snapshot);
+        }
+    }
+
+    /// The snapshot on offer, if it covers every entry compacted away (the follower then finds
+    /// the rest in the log); else asks for a new one.
+    fn usable(&self, compacted_to: u64) -> Option<Snapshot> {
+        let mut slot = self.0.lock().ok()?;
+        match &slot.made {
+            Some(snapshot) if snapshot.get_metadata().index >= compacted_to => Some(snapshot.clone()),
+            _ => {
+                slot.wanted = true;
+                None
+            }
+        }
+    }
 }
 
 impl GroupStorage {
     fn empty(group: GroupId, db: Arc<DB>, state: RaftState) -> Self {
-        GroupStorage { group, db, state, first_index: 1, last_index: 0, last_term: 0, truncated: (0, 0) }
+        GroupStorage {
+            group,
+            db,
+            state,
+            first_index: 1,
+            last_index: 0,
+            last_term: 0,
+            truncated: (0, 0),
+            snapshots: SnapshotSlot::default(),
+        }
     }
 
     pub fn group(&self) -> GroupId {
         self.group
+    }
+
+    /// Where this group asks the node for snapshots to send.
+    pub fn snapshot_slot(&self) -> SnapshotSlot {
+        self.snapshots.clone()
+    }
+
+    /// The first index still in the log.
+    pub fn first_log_index(&self) -> u64 {
+        self.first_index
     }
 
     fn read_entry(&self, index: u64) -> raft::Result<Entry> {
@@ -326,8 +437,10 @@ impl Storage for GroupStorage {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        self.snapshots
+            .usable(self.truncated.0.max(request_index))
+            .ok_or(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -350,6 +463,18 @@ impl GroupLog for GroupStorage {
     fn conf_state(&self) -> ConfState {
         self.state.conf_state.clone()
     }
+
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> raft::Result<()> {
+        let metadata = snapshot.get_metadata();
+        self.truncated = (metadata.index, metadata.term);
+        (self.first_index, self.last_index, self.last_term) = (metadata.index + 1, metadata.index, metadata.term);
+        self.state.conf_state = metadata.get_conf_state().clone();
+        self.state.hard_state.commit = self.state.hard_state.commit.max(metadata.index);
+        if self.state.hard_state.term < metadata.term {
+            self.state.hard_state.term = metadata.term;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -367,7 +492,14 @@ mod tests {
         stale: Range,
         hard_state: Option<&'a HardState>,
     ) -> Persist<'a> {
-        Persist { group, entries, stale, hard_state, conf_state: ConfState::from((vec![1, 2, 3], vec![])) }
+        Persist {
+            group,
+            entries,
+            stale,
+            hard_state,
+            conf_state: ConfState::from((vec![1, 2, 3], vec![])),
+            snapshot: None,
+        }
     }
 
     type Range = std::ops::Range<u64>;
@@ -398,6 +530,59 @@ mod tests {
             assert!(matches!(storage.entries(1, 6, None, GetEntriesContext::empty(false)), Err(raft::Error::Store(_))));
         }
         assert!(store.open_group(8).unwrap().is_none(), "another group's keys are not this one's");
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_log_stays_pending_until_cleared_and_is_offered_only_if_it_covers_the_compacted_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let mut group = store.create_group(4, &[1, 2, 3]).unwrap();
+        let old: Vec<Entry> = (1..=5).map(|i| entry(i, 1, &format!("old{i}"))).collect();
+        let hard_state = HardState { term: 1, commit: 5, ..Default::default() };
+        store.write(&[persist(4, &old, 0..0, Some(&hard_state))]).unwrap();
+        group.append_durable(&old, Some(&hard_state)).unwrap();
+
+        // A snapshot at (40, 3) with entry 41 after it, as a follower far behind gets them.
+        let mut snapshot = Snapshot::default();
+        snapshot.mut_metadata().index = 40;
+        snapshot.mut_metadata().term = 3;
+        snapshot.mut_metadata().set_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        let after = vec![entry(41, 3, "new41")];
+        let mut part = persist(4, &after, 0..0, None);
+        part.snapshot = Some(&snapshot);
+        store.write(&[part]).unwrap();
+        group.apply_snapshot(&snapshot).unwrap();
+        group.append_durable(&after, None).unwrap();
+        for storage in [group, store.open_group(4).unwrap().unwrap()] {
+            assert_eq!((storage.first_index().unwrap(), storage.last_index().unwrap()), (41, 41));
+            assert_eq!(storage.term(40).unwrap(), 3, "the snapshot's term answers for its index");
+            assert!(storage.initial_state().unwrap().hard_state.commit >= 40);
+            assert!(matches!(storage.term(5), Err(raft::Error::Store(StorageError::Compacted))), "old entries gone");
+        }
+        assert_eq!(store.pending_snapshot(4).unwrap(), Some((40, 3)));
+        let mut batch = WriteBatch::default();
+        store.clear_pending_snapshot(4, &mut batch).unwrap();
+        store.db.write(batch).unwrap();
+        assert_eq!(store.pending_snapshot(4).unwrap(), None);
+
+        // A leader offers a snapshot only if it covers what its log compacted away.
+        let mut leader = store.open_group(4).unwrap().unwrap();
+        let slot = leader.snapshot_slot();
+        assert!(leader.snapshot(0, 2).is_err(), "nothing on offer yet");
+        assert!(slot.take_wanted(), "the request reaches the node");
+        assert!(!slot.take_wanted(), "once");
+        let mut stale = snapshot.clone();
+        stale.mut_metadata().index = 39;
+        slot.offer(stale);
+        assert!(leader.snapshot(0, 2).is_err(), "index 39 does not cover the log compacted to 40");
+        slot.offer(snapshot.clone());
+        assert_eq!(leader.snapshot(0, 2).unwrap().get_metadata().index, 40);
+        let more: Vec<Entry> = (42..=50).map(|i| entry(i, 3, "x")).collect();
+        let hard_state = HardState { term: 3, commit: 50, ..Default::default() };
+        store.write(&[persist(4, &more, 0..0, Some(&hard_state))]).unwrap();
+        leader.append_durable(&more, Some(&hard_state)).unwrap();
+        store.compact(&mut leader, 45).unwrap();
+        assert!(leader.snapshot(0, 2).is_err(), "compacted past the snapshot: a new one is needed");
     }
 
     #[test]

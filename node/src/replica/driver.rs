@@ -1,18 +1,29 @@
 //! The Raft thread: it owns every group of this node. Each pass takes what arrived (proposals,
 //! reads, messages from peers, groups to open), ticks every `TICK`, asks each group with reads
 //! waiting for one read index, gathers every group's Ready into one fsynced log write, sends
-//! the messages, applies what committed, and answers the requests it settled.
+//! the messages, installs snapshots and applies what committed, and answers the requests it
+//! settled. Once a second it compacts logs that grew past twice `log_keep_entries` applied
+//! entries, and makes the snapshots leaders asked for (on a thread of their own).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
-use kvfleet_replication::{Entry, GroupStorage, Groups, GroupsConfig, GroupsError, LogStore};
+use kvfleet_replication::groups::GroupLog as _;
+use kvfleet_replication::{Entry, GroupStorage, Groups, GroupsConfig, GroupsError, LogStore, SnapshotSlot};
+use parking_lot::Mutex;
 use rocksdb::DB;
 
+use super::snapshot::{self, Installer, SnapshotFiles, Span};
 use super::transport::PeerLinks;
-use super::{Input, Leaders, OpenGroup, PROPOSAL_TIMEOUT, READ_INDEX_TIMEOUT, ReplicaError, Reply, TICK, apply};
+use super::{
+    Input, Leaders, OpenGroup, PROPOSAL_TIMEOUT, READ_INDEX_TIMEOUT, ReplicaError, ReplicationSettings, Reply,
+    SNAPSHOT_TRANSFER_TIMEOUT, TICK, apply,
+};
+
+/// Logs are looked at for compaction, and snapshot requests for making, every this many ticks.
+const HOUSEKEEPING_EVERY_TICKS: u64 = 10;
 
 /// Most inputs taken in one pass (the rest wait for the next).
 const MAX_INPUTS_PER_PASS: usize = 8192;
@@ -47,10 +58,29 @@ pub struct Driver {
     reads_granted: Vec<(u64, ReadBatch)>,
     next_read_context: u64,
     applied: HashMap<u64, u64>,
+    /// Each group's keys, and where its leader asks for snapshots.
+    spans: HashMap<u64, Span>,
+    snapshot_slots: HashMap<u64, SnapshotSlot>,
+    /// Groups whose snapshot is being made.
+    making_snapshots: Arc<Mutex<HashSet<u64>>>,
+    /// Snapshots sent, by (group, follower): when.
+    snapshots_sent: HashMap<(u64, u64), Instant>,
+    installer: Installer,
+    log_keep_entries: u64,
+    ticks: u64,
 }
 
 impl Driver {
-    pub fn new(raft_id: u64, db: Arc<DB>, log: LogStore, peers: PeerLinks, leaders: Leaders) -> Self {
+    pub fn new(
+        raft_id: u64,
+        db: Arc<DB>,
+        log: LogStore,
+        peers: PeerLinks,
+        leaders: Leaders,
+        files: SnapshotFiles,
+        settings: ReplicationSettings,
+    ) -> Self {
+        let installer = Installer { db: db.clone(), log: log.clone(), files, key_space_end: settings.key_space_end };
         Driver {
             groups: Groups::new(raft_id, GroupsConfig::default()),
             db,
@@ -65,6 +95,13 @@ impl Driver {
             // still in flight) knows from before: the leader keys pending reads by context.
             next_read_context: rand::random::<u64>() >> 1,
             applied: HashMap::new(),
+            spans: HashMap::new(),
+            snapshot_slots: HashMap::new(),
+            making_snapshots: Arc::default(),
+            snapshots_sent: HashMap::new(),
+            installer,
+            log_keep_entries: settings.log_keep_entries,
+            ticks: 0,
         }
     }
 
@@ -128,6 +165,10 @@ impl Driver {
                     self.reads_arrived.entry(range_id).or_default().push(reply);
                 }
             }
+            Input::SnapshotReport { range_id, to, delivered } => {
+                self.snapshots_sent.remove(&(range_id, to));
+                self.groups.report_snapshot(range_id, to, delivered);
+            }
             Input::Deliver(envelopes) => {
                 for envelope in envelopes {
                     match self.groups.step(envelope) {
@@ -149,6 +190,8 @@ impl Driver {
         for (raft_id, address) in &group.members {
             self.peers.connect(*raft_id, address);
         }
+        self.spans.insert(range_id, group.span.clone());
+        self.snapshot_slots.insert(range_id, group.storage.snapshot_slot());
         let applied = match self.groups.create_applied(range_id, group.storage, group.applied) {
             Ok(applied) => applied,
             Err(error) => {
@@ -196,6 +239,12 @@ impl Driver {
             self.groups.wake_groups_led_by(silent);
         }
         self.groups.tick();
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
+            self.compact_logs();
+            self.make_wanted_snapshots();
+            self.retry_lost_snapshots();
+        }
         let now = Instant::now();
         let expired: Vec<(u64, u64)> =
             self.proposals.iter().filter(|(_, p)| p.deadline <= now).map(|(key, _)| *key).collect();
@@ -227,6 +276,74 @@ impl Driver {
         self.publish_all();
     }
 
+    /// Compacts every log holding at least twice `log_keep_entries` applied entries down to
+    /// `log_keep_entries` (a follower further behind gets a snapshot).
+    fn compact_logs(&mut self) {
+        let keep = self.log_keep_entries;
+        let ids: Vec<u64> = self.groups.ids().collect();
+        for range_id in ids {
+            let applied = self.applied.get(&range_id).copied().unwrap_or(0);
+            let Some(storage) = self.groups.log_mut(range_id) else { continue };
+            let first = storage.first_log_index();
+            if applied < first || applied - first + 1 < 2 * keep {
+                continue;
+            }
+            let up_to = applied - keep;
+            match self.log.compact(storage, up_to) {
+                Ok(()) => tracing::debug!(range_id, up_to, "Raft log compacted"),
+                Err(error) => tracing::warn!(range_id, %error, "Raft log not compacted"),
+            }
+        }
+    }
+
+    /// Starts making the snapshots leaders asked for, one thread per snapshot, one at a time per
+    /// group. The leader asks again (at its next heartbeat) until one is on offer.
+    fn make_wanted_snapshots(&mut self) {
+        for (&range_id, slot) in &self.snapshot_slots {
+            if !slot.take_wanted() || !self.making_snapshots.lock().insert(range_id) {
+                continue;
+            }
+            let (Some(span), Some(storage)) = (self.spans.get(&range_id).cloned(), self.groups.log_mut(range_id))
+            else {
+                self.making_snapshots.lock().remove(&range_id);
+                continue;
+            };
+            let conf_state = storage.conf_state();
+            let (db, files, slot, making) =
+                (self.db.clone(), self.installer.files.clone(), slot.clone(), self.making_snapshots.clone());
+            let spawned = std::thread::Builder::new().name("kv-snapshot".into()).spawn(move || {
+                let started = Instant::now();
+                match snapshot::make(&db, &files, range_id, &span, conf_state) {
+                    Ok(made) => {
+                        let index = made.get_metadata().index;
+                        tracing::info!(range_id, index, took = ?started.elapsed(), "snapshot made for a follower");
+                        slot.offer(made);
+                    }
+                    Err(error) => tracing::warn!(range_id, %error, "making a snapshot failed"),
+                }
+                making.lock().remove(&range_id);
+            });
+            if let Err(error) = spawned {
+                tracing::warn!(range_id, %error, "cannot start a thread to make a snapshot");
+                self.making_snapshots.lock().remove(&range_id);
+            }
+        }
+    }
+
+    /// A follower sent a snapshot long ago and still not caught up is sent another.
+    fn retry_lost_snapshots(&mut self) {
+        let lost: Vec<(u64, u64)> = self
+            .snapshots_sent
+            .iter()
+            .filter(|(_, at)| at.elapsed() > SNAPSHOT_TRANSFER_TIMEOUT)
+            .map(|(key, _)| *key)
+            .collect();
+        for (range_id, to) in lost {
+            self.snapshots_sent.remove(&(range_id, to));
+            self.groups.report_snapshot(range_id, to, false);
+        }
+    }
+
     fn ask_read_indexes(&mut self) {
         for (range_id, replies) in std::mem::take(&mut self.reads_arrived) {
             let context = self.next_read_context;
@@ -249,7 +366,14 @@ impl Driver {
         let log = &self.log;
         let batch = self.groups.ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
         self.peers.send(batch.messages);
+        for sent in batch.snapshots_sent {
+            self.snapshots_sent.insert(sent, Instant::now());
+        }
         let mut touched: Vec<u64> = Vec::new();
+        // A snapshot comes before the group's entries committed in the same pass (they follow it).
+        for taken in batch.snapshots {
+            self.install(taken);
+        }
         for (range_id, entries) in batch.committed {
             touched.push(range_id);
             self.apply(range_id, &entries);
@@ -277,6 +401,32 @@ impl Driver {
             self.publish(range_id);
         }
         Ok(())
+    }
+
+    fn install(&mut self, taken: kvfleet_replication::SnapshotToInstall) {
+        let range_id = taken.group;
+        let outcome = snapshot::describe(range_id, &taken.data).and_then(|info| {
+            let span =
+                self.spans.get(&range_id).cloned().ok_or_else(|| "the range's keys are not known".to_string())?;
+            self.installer.install(range_id, &span, taken.index, taken.term, Some(info.pairs)).map(|()| info)
+        });
+        match outcome {
+            Ok(info) => {
+                tracing::info!(
+                    range_id,
+                    index = taken.index,
+                    pairs = info.pairs,
+                    "installed a snapshot from the leader"
+                );
+                self.applied.insert(range_id, taken.index);
+            }
+            Err(error) => {
+                // The log already says the data is there: the node must not serve it without.
+                tracing::error!(range_id, %error, "installing a snapshot failed; stopping the node");
+                eprintln!("kvfleet-node: installing a snapshot of range {range_id} failed: {error}");
+                std::process::abort();
+            }
+        }
     }
 
     fn apply(&mut self, range_id: u64, entries: &[Entry]) {

@@ -4,12 +4,15 @@
 //! until this node has applied a read index the leader confirmed with a quorum (ReadIndex).
 //!
 //! Where things live: `driver` (the thread that owns every group of this node: ticks, proposals,
-//! reads, incoming messages, one fsynced log write per pass, applying what committed), `transport`
-//! (Raft messages between nodes, batched per peer, and which peers answer), `apply` (the commands
-//! a log carries and how they change the data).
+//! reads, incoming messages, one fsynced log write per pass, applying what committed, compacting
+//! logs), `transport` (Raft messages between nodes, batched per peer, which peers answer, and
+//! snapshot files fetched from the leader), `apply` (the commands a log carries and how they
+//! change the data), `snapshot` (a range's data as one file, for a follower the log cannot
+//! catch up any more).
 
 pub mod apply;
 pub mod driver;
+pub mod snapshot;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -28,6 +31,9 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read whose read index is not granted within this long is answered "retry".
 pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
+/// A follower that has not caught up within this long after the leader sent it a snapshot is
+/// sent another (the fetch failed, or the follower restarted).
+pub const SNAPSHOT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A node's id in Raft groups: FNV-1a of its node id (never 0, raft-rs's "nobody"). Stable
 /// across restarts and computed the same by every node.
@@ -80,6 +86,8 @@ pub struct OpenGroup {
     pub applied: u64,
     /// Every replica's Raft id and address (this node's included).
     pub members: Vec<(u64, String)>,
+    /// The range's keys.
+    pub span: snapshot::Span,
     /// Campaign at once instead of waiting for an election timeout (bootstrap).
     pub campaign: bool,
 }
@@ -88,10 +96,36 @@ pub type Reply = oneshot::Sender<Result<(), ReplicaError>>;
 
 pub enum Input {
     Open(Box<OpenGroup>),
-    Propose { range_id: u64, command: Vec<u8>, reply: Reply },
-    Read { range_id: u64, reply: Reply, on_follower: bool },
+    Propose {
+        range_id: u64,
+        command: Vec<u8>,
+        reply: Reply,
+    },
+    Read {
+        range_id: u64,
+        reply: Reply,
+        on_follower: bool,
+    },
     Deliver(Vec<Envelope>),
+    /// A follower fetched (`delivered`) or failed to fetch the snapshot the leader sent it.
+    SnapshotReport {
+        range_id: u64,
+        to: u64,
+        delivered: bool,
+    },
     Stop,
+}
+
+/// How this node keeps its Raft logs and snapshots.
+#[derive(Debug, Clone)]
+pub struct ReplicationSettings {
+    /// Snapshot files go in `<data_dir>/raft-snapshots`.
+    pub data_dir: std::path::PathBuf,
+    /// Applied entries kept in a group's log for followers that fall behind; a follower further
+    /// behind gets a snapshot. The log is compacted once it holds twice this many.
+    pub log_keep_entries: u64,
+    /// A key past every key (the end of a range without an end, for deleting it).
+    pub key_space_end: Vec<u8>,
 }
 
 /// This node's replication: a handle on the driver thread.
@@ -101,6 +135,9 @@ pub struct Replication {
     leaders: Leaders,
     pub(crate) liveness: transport::Liveness,
     driver: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Every peer's address by Raft id (to fetch snapshots from).
+    addresses: RwLock<HashMap<u64, String>>,
+    pub(crate) fetcher: transport::SnapshotFetcher,
 }
 
 impl Replication {
@@ -111,15 +148,18 @@ impl Replication {
         db: Arc<rocksdb::DB>,
         channels: kvfleet_client::ChannelPool,
         token: kvfleet_proto::admin_auth::AdminToken,
+        settings: ReplicationSettings,
     ) -> Result<Self, crate::error::NodeError> {
         let raft_id = raft_id_of(node_id);
         let log = kvfleet_replication::LogStore::with_db(db.clone())
             .map_err(|e| crate::error::NodeError::Corrupt(format!("opening the Raft logs: {e}")))?;
         let (inbox, receiver) = std::sync::mpsc::channel();
         let leaders = Leaders::default();
+        let files = snapshot::SnapshotFiles::new(&settings.data_dir);
+        let fetcher = transport::SnapshotFetcher::new(files.clone(), channels.clone(), token.clone());
         let peers = transport::PeerLinks::new(node_id, raft_id, channels, token);
         let liveness = peers.liveness();
-        let driver = driver::Driver::new(raft_id, db, log, peers, leaders.clone());
+        let driver = driver::Driver::new(raft_id, db, log, peers, leaders.clone(), files, settings);
         let handle = std::thread::Builder::new()
             .name("kv-raft".into())
             .spawn(move || {
@@ -132,7 +172,15 @@ impl Replication {
                 }
             })
             .map_err(|source| crate::error::NodeError::Io { context: "spawning the Raft thread".into(), source })?;
-        Ok(Replication { raft_id, inbox, leaders, liveness, driver: parking_lot::Mutex::new(Some(handle)) })
+        Ok(Replication {
+            raft_id,
+            inbox,
+            leaders,
+            liveness,
+            driver: parking_lot::Mutex::new(Some(handle)),
+            addresses: RwLock::default(),
+            fetcher,
+        })
     }
 
     pub fn raft_id(&self) -> u64 {
@@ -144,7 +192,18 @@ impl Replication {
     }
 
     pub fn open(&self, group: OpenGroup) -> Result<(), ReplicaError> {
+        self.addresses.write().extend(group.members.iter().cloned());
         self.send(Input::Open(Box::new(group)))
+    }
+
+    /// Tells the group whether follower `to` fetched the snapshot it was sent.
+    pub fn report_snapshot(&self, range_id: u64, to: u64, delivered: bool) {
+        let _ = self.send(Input::SnapshotReport { range_id, to, delivered });
+    }
+
+    /// The address of the node with Raft id `raft_id`, if a group here has it as a member.
+    pub fn address_of(&self, raft_id: u64) -> Option<String> {
+        self.addresses.read().get(&raft_id).cloned()
     }
 
     /// Appends `mutations` to the log of `range_id` and waits until they are committed by a

@@ -3,6 +3,11 @@
 //! share travel together), and probes the peer with an empty batch when there is nothing to say.
 //! Incoming: the gRPC service hands envelopes to the driver. Which peers answered lately
 //! (`Liveness`) lets quiet groups led by a silent node wake up and elect a new leader.
+//!
+//! Snapshots travel beside the messages: a MsgSnapshot carries only which file to fetch; the
+//! follower fetches it from the sender (`RaftTransport.FetchSnapshot`, `SnapshotFetcher`) and
+//! only then hands the message to its group, so a group never takes a snapshot whose data the
+//! node does not have.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,13 +18,22 @@ use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::v1::raft_envelope::Body;
 use kvfleet_proto::v1::raft_transport_client::RaftTransportClient;
 use kvfleet_proto::v1::raft_transport_server::RaftTransport;
-use kvfleet_proto::v1::{Quiesce, RaftBatch, RaftBatchAck, RaftEnvelope};
-use kvfleet_replication::{Envelope, decode_message, encode_message};
+use kvfleet_proto::v1::{
+    FetchSnapshotRequest, Quiesce, RaftBatch, RaftBatchAck, RaftEnvelope, RaftSnapshotData, SnapshotChunk,
+};
+use kvfleet_replication::{Envelope, MessageType, decode_message, encode_message};
 use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::Replication;
+use super::snapshot::{self, SnapshotFiles};
+
+/// Bytes per chunk of a snapshot file.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// How long fetching one snapshot may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A peer with nothing to send is probed this often.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -188,17 +202,100 @@ impl Link {
     }
 }
 
+/// Fetches the snapshot files followers were sent, one fetch per file at a time.
+#[derive(Clone)]
+pub struct SnapshotFetcher {
+    files: SnapshotFiles,
+    channels: ChannelPool,
+    token: AdminToken,
+    in_flight: Arc<Mutex<std::collections::HashSet<(u64, u64, u64)>>>,
+}
+
+impl SnapshotFetcher {
+    pub fn new(files: SnapshotFiles, channels: ChannelPool, token: AdminToken) -> Self {
+        SnapshotFetcher { files, channels, token, in_flight: Arc::default() }
+    }
+
+    /// Hands `envelope` (a MsgSnapshot described by `info`) to the group once its file is here:
+    /// at once if it is (or there is none), else after fetching it from `address`. A failed fetch
+    /// drops the message; the leader sends another after `SNAPSHOT_TRANSFER_TIMEOUT`.
+    fn receive(&self, replication: Arc<Replication>, envelope: Envelope, info: RaftSnapshotData, address: String) {
+        let me = replication.raft_id();
+        let key = (info.range_id, info.index, info.term);
+        if info.pairs == 0 || self.files.path(key.0, key.1, key.2).exists() {
+            if let Err(error) = replication.deliver(vec![envelope]) {
+                tracing::debug!(%error, "a snapshot message not delivered");
+            }
+            return;
+        }
+        if !self.in_flight.lock().insert(key) {
+            return;
+        }
+        let fetcher = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(FETCH_TIMEOUT, fetcher.fetch(&address, &info, me)).await;
+            fetcher.in_flight.lock().remove(&key);
+            match outcome {
+                Ok(Ok(bytes)) => {
+                    tracing::info!(range_id = info.range_id, index = info.index, bytes, took = ?started.elapsed(), "snapshot fetched");
+                    if let Err(error) = replication.deliver(vec![envelope]) {
+                        tracing::debug!(%error, "a snapshot message not delivered");
+                    }
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(range_id = info.range_id, peer = %address, %error, "fetching a snapshot failed")
+                }
+                Err(_) => tracing::warn!(range_id = info.range_id, peer = %address, "fetching a snapshot timed out"),
+            }
+        });
+    }
+
+    /// Streams the file into a partial file, fsyncs it and renames it into place; its size.
+    async fn fetch(&self, address: &str, info: &RaftSnapshotData, me: u64) -> Result<u64, String> {
+        let (range_id, index, term) = (info.range_id, info.index, info.term);
+        let channel = self.channels.channel(address).map_err(|e| e.to_string())?;
+        let mut request = Request::new(FetchSnapshotRequest { range_id, index, term, from_raft_id: me });
+        self.token.attach(&mut request);
+        let mut stream = RaftTransportClient::new(channel)
+            .fetch_snapshot(request)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let partial = self.files.partial(range_id, index, term);
+        if let Some(dir) = partial.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        let mut file =
+            tokio::fs::File::create(&partial).await.map_err(|e| format!("creating {}: {e}", partial.display()))?;
+        let mut size = 0u64;
+        while let Some(chunk) = stream.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+            file.write_all(&chunk.data).await.map_err(|e| format!("writing {}: {e}", partial.display()))?;
+            size += chunk.data.len() as u64;
+        }
+        file.sync_all().await.map_err(|e| format!("syncing {}: {e}", partial.display()))?;
+        tokio::fs::rename(&partial, self.files.path(range_id, index, term))
+            .await
+            .map_err(|e| format!("renaming {}: {e}", partial.display()))?;
+        Ok(size)
+    }
+}
+
 /// The receiving side: `RaftTransport.Deliver`.
 pub struct RaftTransportService {
     replication: Arc<Replication>,
     token: AdminToken,
+    files: SnapshotFiles,
 }
 
 impl RaftTransportService {
     pub fn new(replication: Arc<Replication>, token: AdminToken) -> Self {
-        RaftTransportService { replication, token }
+        let files = replication.fetcher.files.clone();
+        RaftTransportService { replication, token, files }
     }
 }
+
+type ChunkStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RaftTransport for RaftTransportService {
@@ -209,6 +306,20 @@ impl RaftTransport for RaftTransportService {
         let mut envelopes = Vec::with_capacity(batch.envelopes.len());
         for envelope in batch.envelopes {
             match from_wire(envelope) {
+                Ok(Envelope::Raft { group, message }) if message.get_msg_type() == MessageType::MsgSnapshot => {
+                    let info = snapshot::describe(group, &message.get_snapshot().data)
+                        .map_err(|reason| Status::invalid_argument(format!("a Raft snapshot message: {reason}")))?;
+                    let Some(address) = self.replication.address_of(message.from) else {
+                        tracing::warn!(
+                            group,
+                            from = message.from,
+                            "a snapshot from a node this one does not know; dropped"
+                        );
+                        continue;
+                    };
+                    let envelope = Envelope::Raft { group, message };
+                    self.replication.fetcher.receive(self.replication.clone(), envelope, info, address);
+                }
                 Ok(envelope) => envelopes.push(envelope),
                 Err(reason) => {
                     return Err(Status::invalid_argument(format!(
@@ -221,5 +332,46 @@ impl RaftTransport for RaftTransportService {
         // Empty batches (probes) go through too: the answer says the Raft thread runs.
         self.replication.deliver(envelopes).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(RaftBatchAck { node_id: String::new() }))
+    }
+
+    type FetchSnapshotStream = ChunkStream;
+
+    async fn fetch_snapshot(
+        &self,
+        request: Request<FetchSnapshotRequest>,
+    ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
+        self.token.verify(request.metadata())?;
+        let FetchSnapshotRequest { range_id, index, term, from_raft_id } = request.into_inner();
+        let path = self.files.path(range_id, index, term);
+        let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+            Status::not_found(format!(
+                "the snapshot of range {range_id} at index {index} (term {term}) is not here ({e}): a newer one replaced it, or this node restarted"
+            ))
+        })?;
+        let (sender, receiver) = mpsc::channel(4);
+        let replication = self.replication.clone();
+        tokio::spawn(async move {
+            let delivered = loop {
+                let mut buffer = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                match file.read(&mut buffer).await {
+                    Ok(0) => break true,
+                    Ok(read) => {
+                        buffer.truncate(read);
+                        if sender.send(Ok(SnapshotChunk { data: buffer.into() })).await.is_err() {
+                            break false;
+                        }
+                    }
+                    Err(error) => {
+                        let _ =
+                            sender.send(Err(Status::internal(format!("reading {}: {error}", path.display())))).await;
+                        break false;
+                    }
+                }
+            };
+            // The group waits on this follower until told: sent, go on from the snapshot's
+            // index; not, send another.
+            replication.report_snapshot(range_id, from_raft_id, delivered);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 }
