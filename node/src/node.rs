@@ -200,10 +200,9 @@ impl Node {
                     db: self.storage.db(),
                     log: log.clone(),
                     files: crate::replica::snapshot::SnapshotFiles::new(&self.config.data_dir),
-                    key_space_end: self.storage.key_space_end().to_vec(),
                 };
                 installer
-                    .install(range_id, &span_of(&desc), index, term, None)
+                    .install(range_id, index, term)
                     .map_err(|e| NodeError::Corrupt(format!("range {range_id}: installing its snapshot again: {e}")))?;
                 tracing::info!(range_id, index, "installed a snapshot taken before the restart");
             }

@@ -323,11 +323,18 @@ impl SnapshotSlot {
     }
 
     /// A snapshot the node made: its metadata says the index, term and membership it reflects,
-    /// its data how a follower gets it.
+    /// its data how a follower gets it. Requests made while it was being made are answered by
+    /// it (raft-rs asks again at every heartbeat; if it is not enough, it asks again after).
     pub fn offer(&self, snapshot: Snapshot) {
         if let Ok(mut slot) = self.0.lock() {
             slot.made = Some(snapshot);
+            slot.wanted = false;
         }
+    }
+
+    /// The index of the snapshot on offer, if any.
+    pub fn offered_index(&self) -> Option<u64> {
+        self.0.lock().ok()?.made.as_ref().map(|s| s.get_metadata().index)
     }
 
     /// The snapshot on offer, if it covers every entry compacted away (the follower then finds

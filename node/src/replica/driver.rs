@@ -66,6 +66,7 @@ pub struct Driver {
     /// Snapshots sent, by (group, follower): when.
     snapshots_sent: HashMap<(u64, u64), Instant>,
     installer: Installer,
+    key_space_end: Vec<u8>,
     log_keep_entries: u64,
     ticks: u64,
 }
@@ -80,7 +81,7 @@ impl Driver {
         files: SnapshotFiles,
         settings: ReplicationSettings,
     ) -> Self {
-        let installer = Installer { db: db.clone(), log: log.clone(), files, key_space_end: settings.key_space_end };
+        let installer = Installer { db: db.clone(), log: log.clone(), files };
         Driver {
             groups: Groups::new(raft_id, GroupsConfig::default()),
             db,
@@ -100,6 +101,7 @@ impl Driver {
             making_snapshots: Arc::default(),
             snapshots_sent: HashMap::new(),
             installer,
+            key_space_end: settings.key_space_end,
             log_keep_entries: settings.log_keep_entries,
             ticks: 0,
         }
@@ -277,18 +279,28 @@ impl Driver {
     }
 
     /// Compacts every log holding at least twice `log_keep_entries` applied entries down to
-    /// `log_keep_entries` (a follower further behind gets a snapshot).
+    /// `log_keep_entries` (a follower further behind gets a snapshot). While a snapshot is on
+    /// its way to a follower, not past it: the follower goes on from there with the log (else a
+    /// follower of a busy range would chase snapshots for ever).
     fn compact_logs(&mut self) {
         let keep = self.log_keep_entries;
         let ids: Vec<u64> = self.groups.ids().collect();
         for range_id in ids {
             let applied = self.applied.get(&range_id).copied().unwrap_or(0);
+            let in_flight = self.snapshots_sent.keys().any(|(group, _)| *group == range_id);
+            let offered = self.snapshot_slots.get(&range_id).and_then(|slot| slot.offered_index());
             let Some(storage) = self.groups.log_mut(range_id) else { continue };
             let first = storage.first_log_index();
             if applied < first || applied - first + 1 < 2 * keep {
                 continue;
             }
-            let up_to = applied - keep;
+            let mut up_to = applied - keep;
+            if let (true, Some(offered)) = (in_flight, offered) {
+                up_to = up_to.min(offered);
+                if up_to < first {
+                    continue;
+                }
+            }
             match self.log.compact(storage, up_to) {
                 Ok(()) => tracing::debug!(range_id, up_to, "Raft log compacted"),
                 Err(error) => tracing::warn!(range_id, %error, "Raft log not compacted"),
@@ -300,7 +312,9 @@ impl Driver {
     /// group. The leader asks again (at its next heartbeat) until one is on offer.
     fn make_wanted_snapshots(&mut self) {
         for (&range_id, slot) in &self.snapshot_slots {
-            if !slot.take_wanted() || !self.making_snapshots.lock().insert(range_id) {
+            // Only a leader sends snapshots (a request left from before it stepped down is moot).
+            if !slot.take_wanted() || !self.groups.is_leader(range_id) || !self.making_snapshots.lock().insert(range_id)
+            {
                 continue;
             }
             let (Some(span), Some(storage)) = (self.spans.get(&range_id).cloned(), self.groups.log_mut(range_id))
@@ -309,11 +323,16 @@ impl Driver {
                 continue;
             };
             let conf_state = storage.conf_state();
-            let (db, files, slot, making) =
-                (self.db.clone(), self.installer.files.clone(), slot.clone(), self.making_snapshots.clone());
+            let (db, files, slot, making, end) = (
+                self.db.clone(),
+                self.installer.files.clone(),
+                slot.clone(),
+                self.making_snapshots.clone(),
+                self.key_space_end.clone(),
+            );
             let spawned = std::thread::Builder::new().name("kv-snapshot".into()).spawn(move || {
                 let started = Instant::now();
-                match snapshot::make(&db, &files, range_id, &span, conf_state) {
+                match snapshot::make(&db, &files, range_id, &span, &end, conf_state) {
                     Ok(made) => {
                         let index = made.get_metadata().index;
                         tracing::info!(range_id, index, took = ?started.elapsed(), "snapshot made for a follower");
@@ -405,11 +424,8 @@ impl Driver {
 
     fn install(&mut self, taken: kvfleet_replication::SnapshotToInstall) {
         let range_id = taken.group;
-        let outcome = snapshot::describe(range_id, &taken.data).and_then(|info| {
-            let span =
-                self.spans.get(&range_id).cloned().ok_or_else(|| "the range's keys are not known".to_string())?;
-            self.installer.install(range_id, &span, taken.index, taken.term, Some(info.pairs)).map(|()| info)
-        });
+        let outcome = snapshot::describe(range_id, &taken.data)
+            .and_then(|info| self.installer.install(range_id, taken.index, taken.term).map(|()| info));
         match outcome {
             Ok(info) => {
                 tracing::info!(

@@ -3,11 +3,14 @@
 //! `RaftTransport.FetchSnapshot` before its group takes the MsgSnapshot, and installs it in place
 //! of the range's data once the group made it durable (`install`).
 //!
-//! A snapshot is one SST file of the range's keys, read from one RocksDB snapshot together with
-//! the applied index (and term) it reflects, at `<data-dir>/raft-snapshots/<range>-<index>-<term>.sst`
-//! on both sides; an empty range has no file. Installing deletes the range's keys, ingests the
-//! file, and then records the applied index and clears the group's pending mark in one write:
-//! a crash in between leaves the mark, and the node installs again at start.
+//! A snapshot is one SST file: a range deletion of the range's whole span, then the range's keys,
+//! read from one RocksDB snapshot together with the applied index (and term) they reflect. The
+//! leader keeps the one it made in `<data-dir>/raft-snapshots/made/<range>-<index>-<term>.sst`;
+//! a follower fetches it into `.../fetched/`. Installing is one ingest (RocksDB applies the file
+//! atomically, and its range deletion does not cover the keys in the same file: a concurrent
+//! read sees the old data or the new, never a mix), then one write of the applied index that
+//! also clears the group's pending mark: a crash in between leaves the mark and the file, and
+//! the node installs again at start.
 
 use std::path::{Path, PathBuf};
 
@@ -28,10 +31,18 @@ pub struct Span {
     pub end: Vec<u8>,
 }
 
-/// Where snapshot files live, on the leader that made them and on the follower that fetched them.
+/// Where snapshot files live: those this node made as a leader, and those it fetched as a
+/// follower (apart, so that making one never touches a file waiting to be installed).
 #[derive(Debug, Clone)]
 pub struct SnapshotFiles {
     dir: PathBuf,
+}
+
+/// Which of a node's snapshot files.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    Made,
+    Fetched,
 }
 
 impl SnapshotFiles {
@@ -39,17 +50,31 @@ impl SnapshotFiles {
         SnapshotFiles { dir: data_dir.join("raft-snapshots") }
     }
 
-    pub fn path(&self, range_id: u64, index: u64, term: u64) -> PathBuf {
-        self.dir.join(format!("{range_id}-{index}-{term}.sst"))
+    fn side(&self, side: Side) -> PathBuf {
+        self.dir.join(match side {
+            Side::Made => "made",
+            Side::Fetched => "fetched",
+        })
     }
 
-    /// A file being written (made or fetched): renamed to `path` when complete.
-    pub fn partial(&self, range_id: u64, index: u64, term: u64) -> PathBuf {
-        self.dir.join(format!("{range_id}-{index}-{term}.sst.partial"))
+    pub fn path(&self, side: Side, range_id: u64, index: u64, term: u64) -> PathBuf {
+        self.side(side).join(format!("{range_id}-{index}-{term}.sst"))
     }
 
-    fn create_dir(&self) -> Result<(), String> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("creating {}: {e}", self.dir.display()))
+    /// A file being written: renamed to `path` when complete.
+    pub fn partial(&self, side: Side, range_id: u64, index: u64, term: u64) -> PathBuf {
+        self.side(side).join(format!("{range_id}-{index}-{term}.sst.partial"))
+    }
+
+    pub fn create_dir(&self, side: Side) -> Result<(), String> {
+        let dir = self.side(side);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))
+    }
+
+    /// Makes a rename into `side` durable (fsyncs the directory).
+    pub fn sync_dir(&self, side: Side) -> Result<(), String> {
+        let dir = self.side(side);
+        std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("syncing {}: {e}", dir.display()))
     }
 
     /// Deletes every snapshot file (at start, once the pending ones are installed).
@@ -61,9 +86,9 @@ impl SnapshotFiles {
         }
     }
 
-    /// Deletes the files of `range_id` other than `keep` (older snapshots nobody will fetch).
+    /// Deletes the made files of `range_id` other than `keep` (older snapshots nobody will fetch).
     fn remove_others(&self, range_id: u64, keep: &Path) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = std::fs::read_dir(self.side(Side::Made)) else { return };
         let prefix = format!("{range_id}-");
         for entry in entries.flatten() {
             let path = entry.path();
@@ -83,6 +108,7 @@ pub fn make(
     files: &SnapshotFiles,
     range_id: u64,
     span: &Span,
+    key_space_end: &[u8],
     conf_state: ConfState,
 ) -> Result<Snapshot, String> {
     let view = db.snapshot();
@@ -98,34 +124,34 @@ pub fn make(
         (index, Some(term)) if index > 0 => (index, term),
         _ => return Err(format!("range {range_id}: the applied entry's term is not known yet (retry after a write)")),
     };
-    files.create_dir()?;
-    let partial = files.partial(range_id, index, term);
-    let path = files.path(range_id, index, term);
+    files.create_dir(Side::Made)?;
+    let partial = files.partial(Side::Made, range_id, index, term);
+    let path = files.path(Side::Made, range_id, index, term);
+    let failed = |what: &str, e: rocksdb::Error| format!("{what} {}: {e}", partial.display());
+    let sst_options = Options::default();
+    let mut writer = SstFileWriter::create(&sst_options);
+    writer.open(&partial).map_err(|e| failed("creating", e))?;
+    // Whatever the follower holds in the span goes, atomically with the keys below.
+    let end = if span.end.is_empty() { key_space_end } else { &span.end };
+    writer.delete_range(span.start.as_slice(), end).map_err(|e| failed("writing", e))?;
     let mut read = ReadOptions::default();
     if !span.end.is_empty() {
         read.set_iterate_upper_bound(span.end.clone());
     }
-    let sst_options = Options::default();
-    let mut writer = SstFileWriter::create(&sst_options);
     let (mut pairs, mut bytes) = (0u64, 0u64);
     for item in view.iterator_cf_opt(data_cf, read, IteratorMode::From(&span.start, rocksdb::Direction::Forward)) {
         let (key, value) = item.map_err(|e| format!("reading range {range_id}: {e}"))?;
-        if pairs == 0 {
-            writer.open(&partial).map_err(|e| format!("creating {}: {e}", partial.display()))?;
-        }
-        writer.put(&key, &value).map_err(|e| format!("writing {}: {e}", partial.display()))?;
+        writer.put(&key, &value).map_err(|e| failed("writing", e))?;
         pairs += 1;
         bytes += (key.len() + value.len()) as u64;
     }
-    if pairs > 0 {
-        writer.finish().map_err(|e| format!("finishing {}: {e}", partial.display()))?;
-        std::fs::rename(&partial, &path).map_err(|e| format!("renaming {}: {e}", partial.display()))?;
-    }
+    writer.finish().map_err(|e| failed("finishing", e))?;
+    let file_bytes = std::fs::metadata(&partial).map_err(|e| format!("{}: {e}", partial.display()))?.len();
+    std::fs::rename(&partial, &path).map_err(|e| format!("renaming {}: {e}", partial.display()))?;
     files.remove_others(range_id, &path);
-    let data = RaftSnapshotData { range_id, index, term, pairs, bytes }.encode_to_vec();
+    let data = RaftSnapshotData { range_id, index, term, pairs, bytes, file_bytes }.encode_to_vec();
     let metadata = SnapshotMetadata { index, term, conf_state: Some(conf_state).into(), ..Default::default() };
-    let snapshot = Snapshot { data: data.into(), metadata: Some(metadata).into(), ..Default::default() };
-    Ok(snapshot)
+    Ok(Snapshot { data: data.into(), metadata: Some(metadata).into(), ..Default::default() })
 }
 
 /// What a MsgSnapshot's data says, checked against the group it came for.
@@ -137,46 +163,38 @@ pub fn describe(range_id: u64, data: &[u8]) -> Result<RaftSnapshotData, String> 
     Ok(info)
 }
 
-/// What installing snapshots needs: the node's DB, its Raft logs (for the pending marks), where
-/// the files are, and the end of the key space.
+/// What installing snapshots needs: the node's DB, its Raft logs (for the pending marks) and
+/// where the fetched files are.
 #[derive(Clone)]
 pub struct Installer {
     pub db: std::sync::Arc<DB>,
     pub log: LogStore,
     pub files: SnapshotFiles,
-    pub key_space_end: Vec<u8>,
 }
 
 impl Installer {
     /// Replaces `range_id`'s data with the snapshot at (`index`, `term`) (its file fetched before
     /// the group took it), records the applied index and clears the pending mark. Safe to repeat
-    /// after a crash: the mark stays until the last write, the file until after it. `pairs`: how
-    /// many keys the snapshot has, when known (a missing file is then an error unless it is 0).
-    pub fn install(&self, range_id: u64, span: &Span, index: u64, term: u64, pairs: Option<u64>) -> Result<(), String> {
+    /// after a crash: the mark stays until the last write, the file until after it.
+    pub fn install(&self, range_id: u64, index: u64, term: u64) -> Result<(), String> {
         let db = &self.db;
         let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
             (Some(data), Some(meta)) => (data, meta),
             _ => return Err("a column family is missing".into()),
         };
-        let path = self.files.path(range_id, index, term);
-        if pairs.is_some_and(|p| p > 0) && !path.exists() {
+        let path = self.files.path(Side::Fetched, range_id, index, term);
+        if !path.exists() {
             return Err(format!("the snapshot file {} is missing", path.display()));
         }
         kvfleet_proto::failpoint::hit("snapshot-install-before-data");
-        let end = if span.end.is_empty() { &self.key_space_end } else { &span.end };
+        let mut ingest = IngestExternalFileOptions::default();
+        // Copied, not moved: the file must survive a crash before the mark is cleared.
+        ingest.set_move_files(false);
+        db.ingest_external_file_cf_opts(data_cf, &ingest, vec![&path])
+            .map_err(|e| format!("ingesting {}: {e}", path.display()))?;
+        kvfleet_proto::failpoint::hit("snapshot-install-before-applied");
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        let mut clear = WriteBatch::default();
-        clear.delete_range_cf(data_cf, &span.start, end);
-        db.write_opt(clear, &sync).map_err(|e| format!("clearing range {range_id} for its snapshot: {e}"))?;
-        if path.exists() {
-            let mut ingest = IngestExternalFileOptions::default();
-            // Copied, not moved: the file must survive a crash before the mark is cleared.
-            ingest.set_move_files(false);
-            db.ingest_external_file_cf_opts(data_cf, &ingest, vec![&path])
-                .map_err(|e| format!("ingesting {}: {e}", path.display()))?;
-        }
-        kvfleet_proto::failpoint::hit("snapshot-install-before-applied");
         let mut done = WriteBatch::default();
         done.put_cf(meta_cf, apply::applied_key(range_id), apply::encode_applied(index, term));
         self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::Replication;
-use super::snapshot::{self, SnapshotFiles};
+use super::snapshot::{self, Side, SnapshotFiles};
 
 /// Bytes per chunk of a snapshot file.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
@@ -208,8 +208,13 @@ pub struct SnapshotFetcher {
     files: SnapshotFiles,
     channels: ChannelPool,
     token: AdminToken,
-    in_flight: Arc<Mutex<std::collections::HashSet<(u64, u64, u64)>>>,
+    /// Files being fetched, each with the latest message that sent it (a new leader may send the
+    /// same snapshot again: its message, not the old leader's, must reach the group).
+    in_flight: Arc<Mutex<HashMap<SnapshotKey, Envelope>>>,
 }
+
+/// A snapshot file: (range, index, term).
+type SnapshotKey = (u64, u64, u64);
 
 impl SnapshotFetcher {
     pub fn new(files: SnapshotFiles, channels: ChannelPool, token: AdminToken) -> Self {
@@ -222,24 +227,26 @@ impl SnapshotFetcher {
     fn receive(&self, replication: Arc<Replication>, envelope: Envelope, info: RaftSnapshotData, address: String) {
         let me = replication.raft_id();
         let key = (info.range_id, info.index, info.term);
-        if info.pairs == 0 || self.files.path(key.0, key.1, key.2).exists() {
+        if self.files.path(Side::Fetched, key.0, key.1, key.2).exists() {
             if let Err(error) = replication.deliver(vec![envelope]) {
                 tracing::debug!(%error, "a snapshot message not delivered");
             }
             return;
         }
-        if !self.in_flight.lock().insert(key) {
+        if self.in_flight.lock().insert(key, envelope).is_some() {
             return;
         }
         let fetcher = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let outcome = tokio::time::timeout(FETCH_TIMEOUT, fetcher.fetch(&address, &info, me)).await;
-            fetcher.in_flight.lock().remove(&key);
+            let latest = fetcher.in_flight.lock().remove(&key);
             match outcome {
                 Ok(Ok(bytes)) => {
                     tracing::info!(range_id = info.range_id, index = info.index, bytes, took = ?started.elapsed(), "snapshot fetched");
-                    if let Err(error) = replication.deliver(vec![envelope]) {
+                    if let Some(envelope) = latest
+                        && let Err(error) = replication.deliver(vec![envelope])
+                    {
                         tracing::debug!(%error, "a snapshot message not delivered");
                     }
                 }
@@ -251,7 +258,8 @@ impl SnapshotFetcher {
         });
     }
 
-    /// Streams the file into a partial file, fsyncs it and renames it into place; its size.
+    /// Streams the file into a partial file, checks its size, fsyncs it and renames it into
+    /// place (durably); its size.
     async fn fetch(&self, address: &str, info: &RaftSnapshotData, me: u64) -> Result<u64, String> {
         let (range_id, index, term) = (info.range_id, info.index, info.term);
         let channel = self.channels.channel(address).map_err(|e| e.to_string())?;
@@ -262,10 +270,8 @@ impl SnapshotFetcher {
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
-        let partial = self.files.partial(range_id, index, term);
-        if let Some(dir) = partial.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
+        let partial = self.files.partial(Side::Fetched, range_id, index, term);
+        self.files.create_dir(Side::Fetched)?;
         let mut file =
             tokio::fs::File::create(&partial).await.map_err(|e| format!("creating {}: {e}", partial.display()))?;
         let mut size = 0u64;
@@ -273,10 +279,15 @@ impl SnapshotFetcher {
             file.write_all(&chunk.data).await.map_err(|e| format!("writing {}: {e}", partial.display()))?;
             size += chunk.data.len() as u64;
         }
+        if size != info.file_bytes {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(format!("got {size} bytes of a {}-byte file", info.file_bytes));
+        }
         file.sync_all().await.map_err(|e| format!("syncing {}: {e}", partial.display()))?;
-        tokio::fs::rename(&partial, self.files.path(range_id, index, term))
+        tokio::fs::rename(&partial, self.files.path(Side::Fetched, range_id, index, term))
             .await
             .map_err(|e| format!("renaming {}: {e}", partial.display()))?;
+        self.files.sync_dir(Side::Fetched)?;
         Ok(size)
     }
 }
@@ -307,8 +318,13 @@ impl RaftTransport for RaftTransportService {
         for envelope in batch.envelopes {
             match from_wire(envelope) {
                 Ok(Envelope::Raft { group, message }) if message.get_msg_type() == MessageType::MsgSnapshot => {
-                    let info = snapshot::describe(group, &message.get_snapshot().data)
-                        .map_err(|reason| Status::invalid_argument(format!("a Raft snapshot message: {reason}")))?;
+                    let info = match snapshot::describe(group, &message.get_snapshot().data) {
+                        Ok(info) => info,
+                        Err(reason) => {
+                            tracing::warn!(group, from = message.from, %reason, "a Raft snapshot message refused");
+                            continue;
+                        }
+                    };
                     let Some(address) = self.replication.address_of(message.from) else {
                         tracing::warn!(
                             group,
@@ -342,12 +358,17 @@ impl RaftTransport for RaftTransportService {
     ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
         self.token.verify(request.metadata())?;
         let FetchSnapshotRequest { range_id, index, term, from_raft_id } = request.into_inner();
-        let path = self.files.path(range_id, index, term);
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
-            Status::not_found(format!(
-                "the snapshot of range {range_id} at index {index} (term {term}) is not here ({e}): a newer one replaced it, or this node restarted"
-            ))
-        })?;
+        let path = self.files.path(Side::Made, range_id, index, term);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(error) => {
+                // The group waits on this follower: let it send a snapshot it has.
+                self.replication.report_snapshot(range_id, from_raft_id, false);
+                return Err(Status::not_found(format!(
+                    "the snapshot of range {range_id} at index {index} (term {term}) is not here ({error}): a newer one replaced it, or this node restarted"
+                )));
+            }
+        };
         let (sender, receiver) = mpsc::channel(4);
         let replication = self.replication.clone();
         tokio::spawn(async move {
