@@ -40,6 +40,19 @@ struct ReadBatch {
     range_id: u64,
     replies: Vec<Reply>,
     deadline: Instant,
+    /// When the read index was asked, and the term, if this node asked as the leader: a grant
+    /// then extends its lease from that instant.
+    asked: Instant,
+    leader_term: Option<u64>,
+}
+
+/// A leader's lease on a group: until `until`, no other node can have been elected (see
+/// `LEASE`), so the leader may serve linearizable reads at its commit index without asking a
+/// quorum.
+#[derive(Clone, Copy)]
+struct Lease {
+    term: u64,
+    until: Instant,
 }
 
 pub struct Driver {
@@ -67,6 +80,9 @@ pub struct Driver {
     snapshots_sent: HashMap<(u64, u64), Instant>,
     installer: Installer,
     key_space_end: Vec<u8>,
+    leases: HashMap<u64, Lease>,
+    /// Votes are refused until then (see `take`).
+    votes_from: Instant,
     log_keep_entries: u64,
     ticks: u64,
 }
@@ -102,6 +118,8 @@ impl Driver {
             snapshots_sent: HashMap::new(),
             installer,
             key_space_end: settings.key_space_end,
+            leases: HashMap::new(),
+            votes_from: Instant::now() + super::ELECTION_TIMEOUT,
             log_keep_entries: settings.log_keep_entries,
             ticks: 0,
         }
@@ -172,7 +190,15 @@ impl Driver {
                 self.groups.report_snapshot(range_id, to, delivered);
             }
             Input::Deliver(envelopes) => {
+                let refuse_votes = Instant::now() < self.votes_from;
                 for envelope in envelopes {
+                    // A node that just started forgot which leader it heard last, so raft-rs's
+                    // check-quorum would let it vote at once: it could help elect a new leader
+                    // while the old one still holds a lease this node's acknowledgement helped
+                    // to grant. It waits one election timeout first.
+                    if refuse_votes && is_vote_request(&envelope) {
+                        continue;
+                    }
                     match self.groups.step(envelope) {
                         Ok(()) => {}
                         Err(GroupsError::NoGroup(group)) => {
@@ -364,10 +390,24 @@ impl Driver {
     }
 
     fn ask_read_indexes(&mut self) {
+        let now = Instant::now();
         for (range_id, replies) in std::mem::take(&mut self.reads_arrived) {
+            let leader_term = self.groups.term(range_id).filter(|_| self.groups.is_leader(range_id));
+            let deadline = now + READ_INDEX_TIMEOUT;
+            let batch = ReadBatch { range_id, replies, deadline, asked: now, leader_term };
+            // Under its lease, the leader's commit index covers every acknowledged write (it
+            // applied each before acknowledging it) and no other leader can exist.
+            let lease = self.leases.get(&range_id).copied();
+            if let (Some(term), Some(lease)) = (leader_term, lease)
+                && lease.term == term
+                && now < lease.until
+                && let Some(commit) = self.groups.committed(range_id)
+            {
+                self.reads_granted.push((commit, batch));
+                continue;
+            }
             let context = self.next_read_context;
             self.next_read_context += 1;
-            let batch = ReadBatch { range_id, replies, deadline: Instant::now() + READ_INDEX_TIMEOUT };
             // The leader keeps pending reads by context: followers' contexts must not collide
             // with its own or each other's, so the context names this node.
             let wire_context = [self.groups.node().to_be_bytes(), context.to_be_bytes()].concat();
@@ -406,7 +446,10 @@ impl Driver {
                 continue;
             };
             match self.reads_asked.remove(&context) {
-                Some(read) if read.range_id == range_id => self.reads_granted.push((index, read)),
+                Some(read) if read.range_id == range_id => {
+                    self.extend_lease(&read);
+                    self.reads_granted.push((index, read))
+                }
                 Some(read) => {
                     tracing::warn!(range_id, asked = read.range_id, "a read index granted for another group");
                     self.reads_asked.insert(context, read);
@@ -469,6 +512,20 @@ impl Driver {
         }
     }
 
+    /// A quorum confirmed this node's leadership in `read`'s term at some instant after the read
+    /// was asked: nobody else can be elected before `LEASE` after it.
+    fn extend_lease(&mut self, read: &ReadBatch) {
+        let Some(term) = read.leader_term else { return };
+        if self.groups.term(read.range_id) != Some(term) || !self.groups.is_leader(read.range_id) {
+            return;
+        }
+        let until = read.asked + super::LEASE;
+        let lease = self.leases.entry(read.range_id).or_insert(Lease { term, until });
+        if lease.term != term || lease.until < until {
+            *lease = Lease { term, until };
+        }
+    }
+
     fn answer_reads(&mut self) {
         let applied = &self.applied;
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_granted)
@@ -490,6 +547,12 @@ impl Driver {
             self.publish(range_id);
         }
     }
+}
+
+fn is_vote_request(envelope: &kvfleet_replication::Envelope) -> bool {
+    use kvfleet_replication::MessageType::{MsgRequestPreVote, MsgRequestVote};
+    matches!(envelope, kvfleet_replication::Envelope::Raft { message, .. }
+        if matches!(message.get_msg_type(), MsgRequestVote | MsgRequestPreVote))
 }
 
 impl ReadBatch {

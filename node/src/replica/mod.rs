@@ -27,6 +27,17 @@ use tokio::sync::oneshot;
 /// One Raft tick. Elections time out after 10 to 20 ticks without a leader (1 to 2 s), leaders
 /// heartbeat every 2 ticks.
 pub const TICK: Duration = Duration::from_millis(100);
+/// The shortest election timeout (10 ticks; raft-rs randomizes it up to twice that). A follower
+/// that heard from its leader rejects votes for this long (check-quorum), measured in its own
+/// ticks, which are never shorter than `TICK`.
+pub const ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A leader's lease: from the instant it asked a read index that a quorum then confirmed, it
+/// serves linearizable reads without asking again for this long. Every voter of that quorum
+/// heard from it after that instant and rejects votes for `ELECTION_TIMEOUT` (a restarted one
+/// refuses votes for as long after its start), so no other leader can be elected before it
+/// ends. The 200 ms margin covers clocks that run up to 20% apart; a paused leader (SIGSTOP)
+/// finds its lease expired when it wakes, because the monotonic clock ran on.
+pub const LEASE: Duration = Duration::from_millis(800);
 /// A proposal not committed and applied within this long is answered "outcome unknown".
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read whose read index is not granted within this long is answered "retry".
@@ -271,6 +282,13 @@ async fn await_reply(answer: oneshot::Receiver<Result<(), ReplicaError>>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_ends_before_a_new_leader_can_be_elected() {
+        let election_ticks = kvfleet_replication::GroupsConfig::default().election_tick as u32;
+        assert_eq!(TICK * election_ticks, ELECTION_TIMEOUT, "the driver's election timeout is raft-rs's");
+        assert!(LEASE * 5 <= ELECTION_TIMEOUT * 4, "a 20% clock-rate margin");
+    }
 
     #[test]
     fn raft_ids_are_stable_distinct_and_never_zero() {
