@@ -403,7 +403,8 @@ impl Driver {
                 && now < lease.until
                 && let Some(commit) = self.groups.committed(range_id)
             {
-                self.reads_granted.push((commit, batch));
+                // Served under the lease, not confirmed by a quorum: extends nothing.
+                self.reads_granted.push((commit, ReadBatch { leader_term: None, ..batch }));
                 continue;
             }
             let context = self.next_read_context;
@@ -533,12 +534,28 @@ impl Driver {
             .partition(|(index, read)| applied.get(&read.range_id).is_some_and(|a| a >= index));
         self.reads_granted = waiting;
         for (_, read) in ready {
+            self.publish_lease(&read);
             read.answer(Ok(()));
         }
     }
 
+    /// `read` (asked as the leader, granted by a quorum round, now applied here) lets the
+    /// request handlers serve reads on their own until its lease ends.
+    fn publish_lease(&self, read: &ReadBatch) {
+        let Some(lease) = self.leases.get(&read.range_id) else { return };
+        if read.leader_term != Some(lease.term) || self.groups.term(read.range_id) != Some(lease.term) {
+            return;
+        }
+        let until = read.asked + super::LEASE;
+        let mut published = self.leaders.read_leases.write();
+        let entry = published.entry(read.range_id).or_insert(until);
+        if *entry < until {
+            *entry = until;
+        }
+    }
+
     fn publish(&self, range_id: u64) {
-        self.leaders.write().insert(range_id, self.groups.leader_of(range_id));
+        self.leaders.leaders.write().insert(range_id, self.groups.leader_of(range_id));
     }
 
     fn publish_all(&self) {

@@ -17,7 +17,7 @@ pub mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvfleet_proto::v1::{Mutation, RangeDescriptor, ReplicaRole};
 use kvfleet_replication::{Envelope, GroupStorage};
@@ -85,9 +85,19 @@ pub enum ReplicaError {
     Stopped(String),
 }
 
-/// Each group's leader (Raft id) as the driver last saw it, for routing hints: published after
-/// the passes that touch a group and on every tick.
-pub type Leaders = Arc<RwLock<HashMap<u64, Option<u64>>>>;
+/// What the driver publishes for the request handlers: each group's leader (Raft id) as it last
+/// saw it, for routing hints (after the passes that touch a group and on every tick), and the
+/// leases under which this node serves linearizable reads without a hop through the driver.
+#[derive(Default)]
+pub struct Published {
+    pub leaders: RwLock<HashMap<u64, Option<u64>>>,
+    /// Per group, when this node's read lease ends. Published only once this node has applied
+    /// the read index that granted the lease: its data then holds every write acknowledged
+    /// before the lease began, and it acknowledges every later write only after applying it.
+    pub read_leases: RwLock<HashMap<u64, std::time::Instant>>,
+}
+
+pub type Leaders = Arc<Published>;
 
 /// A group to start on this node.
 pub struct OpenGroup {
@@ -230,6 +240,10 @@ impl Replication {
     /// by a quorum is applied here. Only the leader asks, unless `on_follower` (a follower gets
     /// the index from its leader).
     pub async fn read_barrier(&self, range_id: u64, on_follower: bool) -> Result<(), ReplicaError> {
+        // Under the lease (see `LEASE`), no other leader exists and the data here is current.
+        if !on_follower && self.leaders.read_leases.read().get(&range_id).is_some_and(|until| Instant::now() < *until) {
+            return Ok(());
+        }
         let (reply, answer) = oneshot::channel();
         self.send(Input::Read { range_id, reply, on_follower })?;
         await_reply(answer).await
@@ -245,7 +259,7 @@ impl Replication {
         if !is_replicated(&desc) {
             return desc;
         }
-        let leader = self.leaders.read().get(&desc.range_id).copied().flatten();
+        let leader = self.leaders.leaders.read().get(&desc.range_id).copied().flatten();
         with_leader(desc, leader)
     }
 
