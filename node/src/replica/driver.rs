@@ -199,6 +199,13 @@ impl Driver {
                     if refuse_votes && is_vote_request(&envelope) {
                         continue;
                     }
+                    // Nor does a leader vote while its lease runs (raft-rs would, once any
+                    // higher-term message made it a follower with no leader known).
+                    if is_vote_request(&envelope)
+                        && self.leases.get(&envelope.group()).is_some_and(|lease| Instant::now() < lease.until)
+                    {
+                        continue;
+                    }
                     match self.groups.step(envelope) {
                         Ok(()) => {}
                         Err(GroupsError::NoGroup(group)) => {

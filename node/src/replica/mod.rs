@@ -35,9 +35,11 @@ pub const ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);
 /// serves linearizable reads without asking again for this long. Every voter of that quorum
 /// heard from it after that instant and rejects votes for `ELECTION_TIMEOUT` (a restarted one
 /// refuses votes for as long after its start), so no other leader can be elected before it
-/// ends. The 200 ms margin covers clocks that run up to 20% apart; a paused leader (SIGSTOP)
+/// ends. Ten ticks after a heartbeat can take only nine full intervals (900 ms): the margin to
+/// that covers clocks that run up to 20% apart; the leader itself refuses votes while its lease
+/// runs; a paused leader (SIGSTOP)
 /// finds its lease expired when it wakes, because the monotonic clock ran on.
-pub const LEASE: Duration = Duration::from_millis(800);
+pub const LEASE: Duration = Duration::from_millis(750);
 /// A proposal not committed and applied within this long is answered "outcome unknown".
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read whose read index is not granted within this long is answered "retry".
@@ -301,7 +303,8 @@ mod tests {
     fn the_lease_ends_before_a_new_leader_can_be_elected() {
         let election_ticks = kvfleet_replication::GroupsConfig::default().election_tick as u32;
         assert_eq!(TICK * election_ticks, ELECTION_TIMEOUT, "the driver's election timeout is raft-rs's");
-        assert!(LEASE * 5 <= ELECTION_TIMEOUT * 4, "a 20% clock-rate margin");
+        let nine_intervals = TICK * (election_ticks - 1);
+        assert!(LEASE * 6 <= nine_intervals * 5, "a 20% clock-rate margin to nine tick intervals");
     }
 
     #[test]
