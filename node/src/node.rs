@@ -199,7 +199,7 @@ impl Node {
                 let installer = crate::replica::snapshot::Installer {
                     db: self.storage.db(),
                     log: log.clone(),
-                    files: crate::replica::snapshot::SnapshotFiles::new(&self.config.data_dir),
+                    files: self.replication.snapshot_files().clone(),
                 };
                 installer
                     .install(range_id, index, term)
@@ -212,7 +212,7 @@ impl Node {
         }
         // Every pending snapshot is installed: files left from before (made for followers, or
         // fetched and never taken) are of no use any more.
-        crate::replica::snapshot::SnapshotFiles::new(&self.config.data_dir).remove_all();
+        self.replication.snapshot_files().remove_all();
         Ok(())
     }
 

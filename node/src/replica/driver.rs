@@ -18,7 +18,7 @@ use rocksdb::DB;
 use super::snapshot::{self, Installer, SnapshotFiles, Span};
 use super::transport::PeerLinks;
 use super::{
-    Input, Leaders, OpenGroup, PROPOSAL_TIMEOUT, READ_INDEX_TIMEOUT, ReplicaError, ReplicationSettings, Reply,
+    Input, OpenGroup, PROPOSAL_TIMEOUT, Published, READ_INDEX_TIMEOUT, ReplicaError, ReplicationSettings, Reply,
     SNAPSHOT_TRANSFER_TIMEOUT, TICK, apply,
 };
 
@@ -60,7 +60,7 @@ pub struct Driver {
     db: Arc<DB>,
     log: LogStore,
     peers: PeerLinks,
-    leaders: Leaders,
+    published: Arc<Published>,
     /// Proposals waiting to be applied, by (group, index).
     proposals: HashMap<(u64, u64), Proposal>,
     /// Reads that arrived this pass, per group: one read index for all of them.
@@ -93,7 +93,7 @@ impl Driver {
         db: Arc<DB>,
         log: LogStore,
         peers: PeerLinks,
-        leaders: Leaders,
+        published: Arc<Published>,
         files: SnapshotFiles,
         settings: ReplicationSettings,
     ) -> Self {
@@ -103,7 +103,7 @@ impl Driver {
             db,
             log,
             peers,
-            leaders,
+            published,
             proposals: HashMap::new(),
             reads_arrived: HashMap::new(),
             reads_asked: HashMap::new(),
@@ -190,19 +190,17 @@ impl Driver {
                 self.groups.report_snapshot(range_id, to, delivered);
             }
             Input::Deliver(envelopes) => {
-                let refuse_votes = Instant::now() < self.votes_from;
+                let now = Instant::now();
+                let refuse_votes = now < self.votes_from;
                 for envelope in envelopes {
                     // A node that just started forgot which leader it heard last, so raft-rs's
                     // check-quorum would let it vote at once: it could help elect a new leader
                     // while the old one still holds a lease this node's acknowledgement helped
                     // to grant. It waits one election timeout first.
-                    if refuse_votes && is_vote_request(&envelope) {
-                        continue;
-                    }
                     // Nor does a leader vote while its lease runs (raft-rs would, once any
                     // higher-term message made it a follower with no leader known).
                     if is_vote_request(&envelope)
-                        && self.leases.get(&envelope.group()).is_some_and(|lease| Instant::now() < lease.until)
+                        && (refuse_votes || self.leases.get(&envelope.group()).is_some_and(|lease| now < lease.until))
                     {
                         continue;
                     }
@@ -554,7 +552,7 @@ impl Driver {
             return;
         }
         let until = read.asked + super::LEASE;
-        let mut published = self.leaders.read_leases.write();
+        let mut published = self.published.read_leases.write();
         let entry = published.entry(read.range_id).or_insert(until);
         if *entry < until {
             *entry = until;
@@ -562,7 +560,7 @@ impl Driver {
     }
 
     fn publish(&self, range_id: u64) {
-        self.leaders.leaders.write().insert(range_id, self.groups.leader_of(range_id));
+        self.published.leaders.write().insert(range_id, self.groups.leader_of(range_id));
     }
 
     fn publish_all(&self) {

@@ -35,10 +35,10 @@ pub const ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);
 /// serves linearizable reads without asking again for this long. Every voter of that quorum
 /// heard from it after that instant and rejects votes for `ELECTION_TIMEOUT` (a restarted one
 /// refuses votes for as long after its start), so no other leader can be elected before it
-/// ends. Ten ticks after a heartbeat can take only nine full intervals (900 ms): the margin to
-/// that covers clocks that run up to 20% apart; the leader itself refuses votes while its lease
-/// runs; a paused leader (SIGSTOP)
-/// finds its lease expired when it wakes, because the monotonic clock ran on.
+/// ends; the leader itself refuses votes while its lease runs. Ten ticks after a heartbeat can
+/// take only nine full intervals (900 ms): the margin to that covers clocks that run up to 20%
+/// apart. A paused leader (SIGSTOP) finds its lease expired when it wakes, because the monotonic
+/// clock ran on.
 pub const LEASE: Duration = Duration::from_millis(750);
 /// A proposal not committed and applied within this long is answered "outcome unknown".
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,8 +99,6 @@ pub struct Published {
     pub read_leases: RwLock<HashMap<u64, std::time::Instant>>,
 }
 
-pub type Leaders = Arc<Published>;
-
 /// A group to start on this node.
 pub struct OpenGroup {
     pub range_id: u64,
@@ -155,7 +153,7 @@ pub struct ReplicationSettings {
 pub struct Replication {
     raft_id: u64,
     inbox: std::sync::mpsc::Sender<Input>,
-    leaders: Leaders,
+    published: Arc<Published>,
     pub(crate) liveness: transport::Liveness,
     driver: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Every peer's address by Raft id (to fetch snapshots from).
@@ -177,12 +175,12 @@ impl Replication {
         let log = kvfleet_replication::LogStore::with_db(db.clone())
             .map_err(|e| crate::error::NodeError::Corrupt(format!("opening the Raft logs: {e}")))?;
         let (inbox, receiver) = std::sync::mpsc::channel();
-        let leaders = Leaders::default();
+        let published = Arc::new(Published::default());
         let files = snapshot::SnapshotFiles::new(&settings.data_dir);
         let fetcher = transport::SnapshotFetcher::new(files.clone(), channels.clone(), token.clone());
         let peers = transport::PeerLinks::new(node_id, raft_id, channels, token);
         let liveness = peers.liveness();
-        let driver = driver::Driver::new(raft_id, db, log, peers, leaders.clone(), files, settings);
+        let driver = driver::Driver::new(raft_id, db, log, peers, published.clone(), files, settings);
         let handle = std::thread::Builder::new()
             .name("kv-raft".into())
             .spawn(move || {
@@ -198,7 +196,7 @@ impl Replication {
         Ok(Replication {
             raft_id,
             inbox,
-            leaders,
+            published,
             liveness,
             driver: parking_lot::Mutex::new(Some(handle)),
             addresses: RwLock::default(),
@@ -224,6 +222,11 @@ impl Replication {
         let _ = self.send(Input::SnapshotReport { range_id, to, delivered });
     }
 
+    /// Where this node's snapshot files are.
+    pub fn snapshot_files(&self) -> &snapshot::SnapshotFiles {
+        self.fetcher.files()
+    }
+
     /// The address of the node with Raft id `raft_id`, if a group here has it as a member.
     pub fn address_of(&self, raft_id: u64) -> Option<String> {
         self.addresses.read().get(&raft_id).cloned()
@@ -243,7 +246,8 @@ impl Replication {
     /// the index from its leader).
     pub async fn read_barrier(&self, range_id: u64, on_follower: bool) -> Result<(), ReplicaError> {
         // Under the lease (see `LEASE`), no other leader exists and the data here is current.
-        if !on_follower && self.leaders.read_leases.read().get(&range_id).is_some_and(|until| Instant::now() < *until) {
+        if !on_follower && self.published.read_leases.read().get(&range_id).is_some_and(|until| Instant::now() < *until)
+        {
             return Ok(());
         }
         let (reply, answer) = oneshot::channel();
@@ -261,7 +265,7 @@ impl Replication {
         if !is_replicated(&desc) {
             return desc;
         }
-        let leader = self.leaders.leaders.read().get(&desc.range_id).copied().flatten();
+        let leader = self.published.leaders.read().get(&desc.range_id).copied().flatten();
         with_leader(desc, leader)
     }
 

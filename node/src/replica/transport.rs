@@ -221,6 +221,10 @@ impl SnapshotFetcher {
         SnapshotFetcher { files, channels, token, in_flight: Arc::default() }
     }
 
+    pub fn files(&self) -> &SnapshotFiles {
+        &self.files
+    }
+
     /// Hands `envelope` (a MsgSnapshot described by `info`) to the group once its file is here:
     /// at once if it is (or there is none), else after fetching it from `address`. A failed fetch
     /// drops the message; the leader sends another after `SNAPSHOT_TRANSFER_TIMEOUT`.
@@ -301,7 +305,7 @@ pub struct RaftTransportService {
 
 impl RaftTransportService {
     pub fn new(replication: Arc<Replication>, token: AdminToken) -> Self {
-        let files = replication.fetcher.files.clone();
+        let files = replication.snapshot_files().clone();
         RaftTransportService { replication, token, files }
     }
 }
