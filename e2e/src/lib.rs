@@ -143,6 +143,18 @@ impl NodeProcess {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// Waits (bounded) until the process exits by itself (a crash point); whether it did.
+    pub async fn exits_within(&mut self, within: Duration) -> bool {
+        let started = std::time::Instant::now();
+        while started.elapsed() < within {
+            if !self.is_running() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     pub fn channel(&self) -> Channel {
         Endpoint::from_shared(format!("http://{}", self.address))
             .expect("valid address")

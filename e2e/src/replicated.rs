@@ -51,6 +51,11 @@ impl ReplicatedFleet {
 
     /// The index of the node that says it leads range 1 (any but `not`), waiting for one.
     pub async fn leader(&mut self, not: Option<usize>) -> usize {
+        self.leader_of(1, not).await
+    }
+
+    /// The index of the node that says it leads range `range_id` (any but `not`), waiting for one.
+    pub async fn leader_of(&mut self, range_id: u64, not: Option<usize>) -> usize {
         let started = Instant::now();
         let replicas = self.nodes.len();
         while started.elapsed() < PATIENCE {
@@ -67,7 +72,7 @@ impl ReplicatedFleet {
                 let leads = answer
                     .ranges
                     .iter()
-                    .filter(|d| d.range_id == 1 && d.replicas.len() == replicas)
+                    .filter(|d| d.range_id == range_id && d.replicas.len() == replicas)
                     .flat_map(|d| d.replicas.iter())
                     .any(|r| r.node_id == answer.node_id && r.role() == ReplicaRole::Leader);
                 if leads {
@@ -76,6 +81,6 @@ impl ReplicatedFleet {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("no node leads range 1 after {PATIENCE:?}");
+        panic!("no node leads range {range_id} after {PATIENCE:?}");
     }
 }

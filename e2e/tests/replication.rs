@@ -211,18 +211,6 @@ async fn five_replicas_survive_two_kills_and_refuse_writes_after_a_third() {
     assert!(!acknowledges_a_write(&fleet.nodes[survivor], "probe").await, "two of five acknowledged a write");
 }
 
-/// Waits (bounded) until `node`'s process exits by itself; whether it did.
-async fn exits_within(node: &mut NodeProcess, within: Duration) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < within {
-        if !node.is_running() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_behind_the_compacted_log_gets_a_snapshot_even_across_crashes_while_installing_it() {
     // Logs keep 20 applied entries: a follower down for 100 writes can only catch up by snapshot.
@@ -260,7 +248,7 @@ async fn a_follower_behind_the_compacted_log_gets_a_snapshot_even_across_crashes
         fleet.nodes[lagging].env = vec![("KVFLEET_CRASH_AT".into(), crash_at.to_string())];
         fleet.nodes[lagging].spawn();
         assert!(
-            exits_within(&mut fleet.nodes[lagging], Duration::from_secs(30)).await,
+            fleet.nodes[lagging].exits_within(Duration::from_secs(30)).await,
             "the restarted follower never reached {crash_at}: it did not install a snapshot"
         );
         fleet.nodes[lagging].kill9();

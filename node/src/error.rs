@@ -45,7 +45,7 @@ pub enum NodeError {
     Unavailable(String),
     #[error(
         "range {range_id} is replicated ({replicas} replicas): {action} of a replicated range is not built yet \
-         (it stays where it is; splits through the Raft log and moves as membership changes are next)"
+         (it stays where it is; moves as membership changes and merges through the Raft log are next)"
     )]
     ReplicatedRange { range_id: u64, replicas: usize, action: &'static str },
 }

@@ -18,10 +18,10 @@ use crate::error::NodeError;
 use crate::load::RangeLoad;
 use crate::metrics::NodeMetrics;
 use crate::ranges::{
-    MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, SplitPlan, bootstrap_descriptor, decode_descriptor,
+    MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, bootstrap_descriptor, decode_descriptor,
     descriptor_write,
 };
-use crate::replica::{OpenGroup, ReplicaError, Replication, is_replicated, raft_id_of};
+use crate::replica::{OpenGroup, RangeChange, ReplicaError, Replication, is_replicated, raft_id_of};
 use crate::storage::{CF_META, Storage, WriteOp};
 use kvfleet_proto::failpoint;
 
@@ -37,7 +37,8 @@ pub struct Node {
     pub address: String,
     pub storage: Storage,
     pub metrics: NodeMetrics,
-    pub(crate) table: RwLock<RangeTable>,
+    /// Shared with the Raft thread, which installs the splits replicated ranges apply.
+    pub(crate) table: Arc<RwLock<RangeTable>>,
     started: Instant,
     /// Online moves this node takes part in (sessions in memory; persisted intents and move
     /// records cover restarts).
@@ -133,14 +134,38 @@ impl Node {
             log_keep_entries: config.raft_log_keep_entries,
             key_space_end: storage.key_space_end().to_vec(),
         };
-        let replication =
-            Arc::new(Replication::start(&config.node_id, storage.db(), raft_channels, admin_token.clone(), settings)?);
+        let table = Arc::new(RwLock::new(table));
+        let on_range_change: crate::replica::OnRangeChange = {
+            let (table, gauge) = (table.clone(), metrics.ranges.clone());
+            Box::new(move |change| {
+                let mut table = table.write();
+                let load = || Arc::new(RangeLoad::new(accounting, window));
+                let (range_id, known) = match change {
+                    RangeChange::Split(split) => {
+                        (split.left.range_id, table.apply_replicated_split(&split.left, &split.right, load))
+                    }
+                    RangeChange::Narrowed(desc) => (desc.range_id, table.narrow_replicated(desc)),
+                };
+                if !known {
+                    tracing::warn!(range_id, "a replicated range changed that this node does not own");
+                }
+                gauge.set(table.owned_count() as i64);
+            })
+        };
+        let replication = Arc::new(Replication::start(
+            &config.node_id,
+            storage.db(),
+            raft_channels,
+            admin_token.clone(),
+            settings,
+            on_range_change,
+        )?);
         let node = Node {
             replication,
             address,
             storage,
             metrics,
-            table: RwLock::new(table),
+            table,
             started: Instant::now(),
             config,
             moves,
@@ -191,7 +216,8 @@ impl Node {
                 .ok_or_else(|| {
                     NodeError::Corrupt(format!("range {range_id} is replicated but this node has no Raft log for it"))
                 })?;
-            if let Some((index, term)) = log
+            let mut desc = desc;
+            if let Some(pending) = log
                 .pending_snapshot(range_id)
                 .map_err(|e| NodeError::Corrupt(format!("the Raft log of range {range_id}: {e}")))?
             {
@@ -200,11 +226,16 @@ impl Node {
                     db: self.storage.db(),
                     log: log.clone(),
                     files: self.replication.snapshot_files().clone(),
+                    key_space_end: self.storage.key_space_end().to_vec(),
                 };
-                installer
-                    .install(range_id, index, term)
+                let changed = installer
+                    .install(range_id, pending.index, pending.term, &pending.data)
                     .map_err(|e| NodeError::Corrupt(format!("range {range_id}: installing its snapshot again: {e}")))?;
-                tracing::info!(range_id, index, "installed a snapshot taken before the restart");
+                if let Some(narrowed) = changed {
+                    self.table.write().narrow_replicated(&narrowed);
+                    desc = narrowed;
+                }
+                tracing::info!(range_id, index = pending.index, "installed a snapshot taken before the restart");
             }
             let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
                 .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
@@ -291,7 +322,32 @@ impl Node {
         }
         let on_follower = consistency == ReadConsistency::Follower;
         let outcome = self.replication.read_barrier(lease.range.desc.range_id, on_follower).await;
-        outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error))
+        outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error))?;
+        if lease.range.is_replaced() {
+            // A split applied while the read waited: the key may be in the new range now, whose
+            // writes this range's read index does not cover.
+            return Err(self.rerouted(&lease.range.desc, key));
+        }
+        Ok(())
+    }
+
+    /// NotOwner for a request that held `desc` while a split replaced it: the range that holds
+    /// `key` now is the hint.
+    fn rerouted(&self, desc: &RangeDescriptor, key: &[u8]) -> NodeError {
+        let hint = match self.table.read().route(key, None) {
+            Ok(range) => Some(self.replication.with_roles(range.desc.clone())),
+            Err(not_owner) => not_owner.hint,
+        };
+        NodeError::NotOwner(Box::new(NotOwner {
+            key: Bytes::copy_from_slice(key),
+            node_id: self.config.node_id.clone(),
+            hint,
+            reason: format!(
+                "range {} {} split while the request waited; retry on the range that holds the key now",
+                desc.range_id,
+                desc.span()
+            ),
+        }))
     }
 
     /// Writes `mutations` to the range: through its Raft log if it is replicated (OK once a
@@ -326,6 +382,8 @@ impl Node {
                 NodeError::Unavailable(format!("range {range_id} has no leader yet (an election is under way); retry"))
             }
             ReplicaError::Stopped(_) => NodeError::ShuttingDown,
+            ReplicaError::OutsideRange { .. } => self.rerouted(desc, key),
+            error @ ReplicaError::SplitRefused { .. } => NodeError::Move(error.to_string()),
             other => NodeError::Unavailable(other.to_string()),
         }
     }
@@ -551,16 +609,19 @@ impl Node {
 
     /// Splits a range in two on this node: new ids, generation + 1, one atomic fsynced write of
     /// the three descriptors (two halves, the retired parent). No data moves.
-    pub async fn split(&self, mut request: SplitRangeRequest) -> Result<SplitPlan, NodeError> {
+    /// A replicated range splits through its log instead (see `split_replicated`). Returns the
+    /// two halves.
+    pub async fn split(&self, mut request: SplitRangeRequest) -> Result<[RangeDescriptor; 2], NodeError> {
         self.check_key(&request.split_key)?;
         request.left_id = nonzero_or_random(request.left_id);
         request.right_id = nonzero_or_random(request.right_id);
         let range_id = request.range_id;
+        let replicated = self.table.read().by_id(range_id).is_some_and(|range| is_replicated(&range.desc));
+        if replicated {
+            return self.split_replicated(request).await;
+        }
         let gate = {
             let table = self.table.read();
-            if let Some(range) = table.by_id(range_id) {
-                crate::moves::refuse_replicated(&range.desc, "splitting")?;
-            }
             table.plan_split(&request)?;
             table.by_id(range_id).map(|r| r.gate.clone()).ok_or(NodeError::UnknownRange(range_id))?
         };
@@ -580,7 +641,45 @@ impl Node {
             generation = plan.left.generation,
             "split range"
         );
-        Ok(plan)
+        Ok([plan.left, plan.right])
+    }
+
+    /// Splits a replicated range through its Raft log: the leader proposes the split, and every
+    /// replica applies it at the same index, in the write that applies the entry (two
+    /// descriptors, the new range's log). The range keeps its id and Raft group for the left
+    /// half (`left_id` is unused); the right half is a new group on the same replicas. No data
+    /// moves, no request waits: a write ordered after the split to a key it moved away is
+    /// refused on every replica and retried on the new range.
+    async fn split_replicated(&self, request: SplitRangeRequest) -> Result<[RangeDescriptor; 2], NodeError> {
+        let range_id = request.range_id;
+        let right_id = request.right_id;
+        let desc = {
+            let table = self.table.read();
+            let desc = table.check_split(&request)?.clone();
+            if right_id == range_id || table.knows_id(right_id) {
+                return Err(NodeError::Invalid(format!("split id {right_id} must be new on this node")));
+            }
+            desc
+        };
+        let split = kvfleet_proto::v1::RaftSplit {
+            expected_generation: desc.generation,
+            split_key: request.split_key.clone(),
+            right_id,
+        };
+        let outcome = self.replication.propose_split(range_id, split).await;
+        outcome.map_err(|error| self.replica_error(&desc, &request.split_key, error))?;
+        let generation = desc.generation + 1;
+        let right =
+            RangeDescriptor { range_id: right_id, start_key: request.split_key.clone(), generation, ..desc.clone() };
+        let left = RangeDescriptor { end_key: request.split_key.clone(), generation, ..desc };
+        tracing::info!(
+            range_id,
+            right = right_id,
+            split_key = %kvfleet_proto::display_key(&request.split_key),
+            generation,
+            "split replicated range through its log"
+        );
+        Ok([self.replication.with_roles(left), self.replication.with_roles(right)])
     }
 
     /// Merges two adjacent ranges on this node into one: a new id, a generation above both, one

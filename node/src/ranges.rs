@@ -292,9 +292,10 @@ impl RangeTable {
         }
     }
 
-    /// Validates a split (the ids must be chosen already) and computes the new descriptors.
-    pub fn plan_split(&self, request: &SplitRangeRequest) -> Result<SplitPlan, NodeError> {
-        let SplitRangeRequest { range_id, expected_generation, ref split_key, left_id, right_id } = *request;
+    /// The range a split names, if it may split there: at the expected generation, active, the
+    /// key strictly inside.
+    pub fn check_split(&self, request: &SplitRangeRequest) -> Result<&RangeDescriptor, NodeError> {
+        let SplitRangeRequest { range_id, expected_generation, ref split_key, .. } = *request;
         let range = self.by_id(range_id).ok_or(NodeError::UnknownRange(range_id))?;
         let desc = &range.desc;
         if expected_generation != 0 && expected_generation != desc.generation {
@@ -317,6 +318,13 @@ impl RangeTable {
                 desc.span()
             )));
         }
+        Ok(desc)
+    }
+
+    /// Validates a split (the ids must be chosen already) and computes the new descriptors.
+    pub fn plan_split(&self, request: &SplitRangeRequest) -> Result<SplitPlan, NodeError> {
+        let SplitRangeRequest { range_id, ref split_key, left_id, right_id, .. } = *request;
+        let desc = self.check_split(request)?;
         if left_id == right_id || [left_id, right_id].iter().any(|&id| id == range_id || self.knows_id(id)) {
             return Err(NodeError::Invalid(format!(
                 "split ids {left_id} and {right_id} must be distinct and new on this node"
@@ -421,6 +429,43 @@ impl RangeTable {
             let range = Arc::new(OwnedRange::new(half.clone(), load()));
             self.owned.insert(half.start_key.clone(), range);
         }
+    }
+
+    /// Installs a split applied through a replicated range's log: the range keeps its id and
+    /// the keys before the split key (`left`), the new range `right` takes the rest. Requests
+    /// holding the old descriptor re-route. False if the range is not owned here any more.
+    pub fn apply_replicated_split(
+        &mut self,
+        left: &RangeDescriptor,
+        right: &RangeDescriptor,
+        load: impl FnOnce() -> Arc<RangeLoad>,
+    ) -> bool {
+        let Some(old) = self.owned.get(&left.start_key).filter(|o| o.desc.range_id == left.range_id).cloned() else {
+            return false;
+        };
+        // The replicas as this process knows them (its own address as advertised now).
+        let replicas = old.desc.replicas.clone();
+        let mut narrowed =
+            OwnedRange::new(RangeDescriptor { replicas: replicas.clone(), ..left.clone() }, old.load.clone());
+        narrowed.gate = old.gate.clone();
+        self.owned.insert(left.start_key.clone(), Arc::new(narrowed));
+        let right = RangeDescriptor { replicas, ..right.clone() };
+        self.owned.insert(right.start_key.clone(), Arc::new(OwnedRange::new(right, load())));
+        old.mark_replaced();
+        true
+    }
+
+    /// Installs the descriptor a snapshot brought for a replicated range this node owns (the
+    /// range is narrower: this replica missed a split). False if the range is not owned here.
+    pub fn narrow_replicated(&mut self, desc: &RangeDescriptor) -> bool {
+        let Some(old) = self.by_id(desc.range_id).cloned() else { return false };
+        self.owned.remove(&old.desc.start_key);
+        let replicas = old.desc.replicas.clone();
+        let mut narrowed = OwnedRange::new(RangeDescriptor { replicas, ..desc.clone() }, old.load.clone());
+        narrowed.gate = old.gate.clone();
+        self.owned.insert(desc.start_key.clone(), Arc::new(narrowed));
+        old.mark_replaced();
+        true
     }
 
     /// Replaces the routing hints with the descriptors in `ranges` that name another owner.

@@ -378,7 +378,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let result = to_completion(&self.node, move |node| async move { node.split(req).await })
             .await
-            .map(|plan| SplitRangeResponse { left: Some(plan.left), right: Some(plan.right) });
+            .map(|[left, right]| SplitRangeResponse { left: Some(left), right: Some(right) });
         self.node.metrics.observe(Op::Split, started.elapsed(), result.as_ref().err().map(Status::code));
         result.map(Response::new)
     }

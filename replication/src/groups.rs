@@ -438,6 +438,16 @@ impl<S: GroupLog> Groups<S> {
         }
     }
 
+    /// On the leader of `group`, the lowest index every replica is known to hold (`None` on a
+    /// follower, which does not know).
+    pub fn lowest_match(&self, group: GroupId) -> Option<u64> {
+        let g = self.groups.get(&group)?;
+        if g.raw.raft.state != raft::StateRole::Leader {
+            return None;
+        }
+        g.raw.raft.prs().iter().map(|(_, progress)| progress.matched).min()
+    }
+
     pub fn committed(&self, group: GroupId) -> Option<u64> {
         self.groups.get(&group).map(|g| g.raw.raft.raft_log.committed)
     }

@@ -8,7 +8,7 @@
 //! nodes in one process, for tests and benchmarks).
 //!
 //! The node (`kvfleet-node`'s `replica` module) owns the transport between nodes, the state
-//! machine and the snapshots' data. Not here yet (issue 13): lease and stale reads, and
+//! machine and the snapshots' data. Not here yet (issue 13): stale reads, and
 //! membership changes for moves.
 
 pub mod groups;
@@ -19,6 +19,6 @@ pub use groups::{
     Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, ReadyBatch, SnapshotToInstall, decode_message,
     encode_message,
 };
-pub use log_store::{CF_RAFT, GroupStorage, LogError, LogStore, SnapshotSlot};
+pub use log_store::{CF_RAFT, GroupStorage, LogError, LogStore, PendingSnapshot, SPLIT_LOG_START, SnapshotSlot};
 pub use raft::eraftpb::{ConfState, Entry, EntryType, MessageType, Snapshot, SnapshotMetadata};
 pub mod local;

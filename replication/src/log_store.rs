@@ -28,6 +28,10 @@ use crate::groups::{GroupId, GroupLog, NodeId, Persist};
 /// The column family of the Raft logs.
 pub const CF_RAFT: &str = "raft";
 
+/// Where the log of a group born from a split starts: its first entry is `SPLIT_LOG_START + 1`
+/// (TiKV's `RAFT_INIT_LOG_INDEX`; its data is as of that index, its term too).
+pub const SPLIT_LOG_START: u64 = 5;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("RocksDB ({what}): {source}")]
@@ -111,6 +115,14 @@ fn decode_state(group: GroupId, bytes: &[u8]) -> Result<RaftState, LogError> {
     Ok(RaftState { hard_state, conf_state })
 }
 
+/// A snapshot a group took whose data the node has not installed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSnapshot {
+    pub index: u64,
+    pub term: u64,
+    pub data: Vec<u8>,
+}
+
 /// The Raft logs of every group on one node.
 #[derive(Clone)]
 pub struct LogStore {
@@ -153,6 +165,26 @@ impl LogStore {
         batch.put_cf(self.cf()?, state_key(group), encode_state(&state));
         self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "create a group", source })?;
         Ok(GroupStorage::empty(group, self.db.clone(), state))
+    }
+
+    /// Adds to `batch` (the write that applies a split of another group) the log of `group`, a
+    /// group born from that split with voters `voters`: empty, as if compacted up to
+    /// `SPLIT_LOG_START` at term `SPLIT_LOG_START`, which is also its commit index. Every replica
+    /// starts the new group alike; one that missed the split (it has no log for the group) needs
+    /// entries before the start, which no log has, so it can only be caught up by a snapshot.
+    pub fn create_split_group(
+        &self,
+        group: GroupId,
+        voters: &[NodeId],
+        batch: &mut WriteBatch,
+    ) -> Result<(), LogError> {
+        let cf = self.cf()?;
+        let hard_state = HardState { term: SPLIT_LOG_START, commit: SPLIT_LOG_START, ..Default::default() };
+        let state = RaftState::new(hard_state, ConfState::from((voters.to_vec(), vec![])));
+        batch.put_cf(cf, state_key(group), encode_state(&state));
+        batch.put_cf(cf, truncated_key(group), [SPLIT_LOG_START.to_be_bytes(), SPLIT_LOG_START.to_be_bytes()].concat());
+        batch.delete_range_cf(cf, entry_key(group, 0), entry_key(group, u64::MAX));
+        Ok(())
     }
 
     /// The log of `group` as it was persisted, if this node has one.
@@ -227,14 +259,18 @@ impl LogStore {
         Ok(())
     }
 
-    /// The snapshot (index, term) `group` took from its leader and whose data is not installed
-    /// yet, if any.
-    pub fn pending_snapshot(&self, group: GroupId) -> Result<Option<(u64, u64)>, LogError> {
+    /// The snapshot `group` took from its leader and whose data is not installed yet, if any:
+    /// its index, term and data (what the node put in it; empty in marks written before the
+    /// data was kept).
+    pub fn pending_snapshot(&self, group: GroupId) -> Result<Option<PendingSnapshot>, LogError> {
         let bytes = self
             .db
             .get_cf(self.cf()?, pending_snapshot_key(group))
             .map_err(|source| LogError::Db { what: "read", source })?;
-        bytes.map(|b| decode_pair(group, "pending snapshot mark", &b)).transpose()
+        let Some(bytes) = bytes else { return Ok(None) };
+        let (pair, data) = bytes.split_at(bytes.len().min(16));
+        let (index, term) = decode_pair(group, "pending snapshot mark", pair)?;
+        Ok(Some(PendingSnapshot { index, term, data: data.to_vec() }))
     }
 
     /// Adds to `batch` (the node's write that installs the snapshot's data) the removal of the
@@ -256,7 +292,7 @@ impl LogStore {
                 let pair = [metadata.index.to_be_bytes(), metadata.term.to_be_bytes()].concat();
                 batch.delete_range_cf(cf, entry_key(part.group, 0), entry_key(part.group, u64::MAX));
                 batch.put_cf(cf, truncated_key(part.group), &pair);
-                batch.put_cf(cf, pending_snapshot_key(part.group), &pair);
+                batch.put_cf(cf, pending_snapshot_key(part.group), [pair.as_slice(), snapshot.get_data()].concat());
                 if part.hard_state.is_none() {
                     let stored = self
                         .db
@@ -540,6 +576,30 @@ mod tests {
     }
 
     #[test]
+    fn a_group_born_from_a_split_starts_at_the_split_log_start_with_its_voters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        store.create_split_group(9, &[1, 2, 3], &mut batch).unwrap();
+        assert!(store.open_group(9).unwrap().is_none(), "nothing until the split's write");
+        store.db.write(batch).unwrap();
+        let storage = store.open_group(9).unwrap().expect("the new group's log");
+        assert_eq!(
+            (storage.first_index().unwrap(), storage.last_index().unwrap()),
+            (SPLIT_LOG_START + 1, SPLIT_LOG_START)
+        );
+        assert_eq!(storage.term(SPLIT_LOG_START).unwrap(), SPLIT_LOG_START);
+        let state = storage.initial_state().unwrap();
+        assert_eq!((state.hard_state.term, state.hard_state.commit), (SPLIT_LOG_START, SPLIT_LOG_START));
+        assert_eq!(state.conf_state.voters, [1, 2, 3]);
+        // A replica without the group needs entries no log has: only a snapshot catches it up.
+        assert!(matches!(
+            storage.entries(1, SPLIT_LOG_START + 1, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+    }
+
+    #[test]
     fn a_snapshot_replaces_the_log_stays_pending_until_cleared_and_is_offered_only_if_it_covers_the_compacted_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path()).unwrap();
@@ -554,6 +614,7 @@ mod tests {
         snapshot.mut_metadata().index = 40;
         snapshot.mut_metadata().term = 3;
         snapshot.mut_metadata().set_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        snapshot.data = b"what the node keeps in it".to_vec().into();
         let after = vec![entry(41, 3, "new41")];
         let mut part = persist(4, &after, 0..0, None);
         part.snapshot = Some(&snapshot);
@@ -566,7 +627,8 @@ mod tests {
             assert!(storage.initial_state().unwrap().hard_state.commit >= 40);
             assert!(matches!(storage.term(5), Err(raft::Error::Store(StorageError::Compacted))), "old entries gone");
         }
-        assert_eq!(store.pending_snapshot(4).unwrap(), Some((40, 3)));
+        let pending = store.pending_snapshot(4).unwrap().expect("the snapshot is pending");
+        assert_eq!((pending.index, pending.term, pending.data.as_slice()), (40, 3, snapshot.get_data()));
         let mut batch = WriteBatch::default();
         store.clear_pending_snapshot(4, &mut batch).unwrap();
         store.db.write(batch).unwrap();

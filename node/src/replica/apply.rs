@@ -1,16 +1,21 @@
 //! The state machine of a replicated range: the command one log entry carries (mutations applied
-//! atomically) and how committed entries change the data, together with the index they reach.
+//! atomically, or a split) and how committed entries change the data, together with the index
+//! they reach.
 //!
 //! The data and the applied index (with its entry's term, which a snapshot of the data needs) go
 //! in one RocksDB write, not fsynced: the Raft log is the durable copy. After a crash the data is
 //! as of some applied index, never between two, and the group replays the log from there.
 
-use kvfleet_proto::v1::{Mutation, RaftCommand, mutation::Op as MutationOp};
-use kvfleet_replication::{Entry, EntryType};
+use kvfleet_proto::RangeBounds as _;
+use kvfleet_proto::failpoint;
+use kvfleet_proto::v1::{Mutation, RaftCommand, RaftSplit, RangeDescriptor, mutation::Op as MutationOp};
+use kvfleet_replication::{Entry, EntryType, LogStore, SPLIT_LOG_START};
 use prost::Message as _;
 use rocksdb::{DB, WriteBatch};
 
 use super::ReplicaError;
+use super::snapshot::Span;
+use crate::ranges::descriptor_key;
 use crate::storage::{CF_DATA, CF_META};
 
 const APPLIED_PREFIX: &[u8] = b"raft-applied/";
@@ -38,7 +43,11 @@ pub fn encode_applied(index: u64, term: u64) -> [u8; 16] {
 }
 
 pub fn encode_command(mutations: Vec<Mutation>) -> Vec<u8> {
-    RaftCommand { mutations }.encode_to_vec()
+    RaftCommand { mutations, split: None }.encode_to_vec()
+}
+
+pub fn encode_split(split: RaftSplit) -> Vec<u8> {
+    RaftCommand { mutations: Vec::new(), split: Some(split) }.encode_to_vec()
 }
 
 /// The log index the data of `range_id` reflects (0: none applied).
@@ -57,24 +66,61 @@ pub struct Applied {
     pub outcome: Result<(), ReplicaError>,
 }
 
+/// A split an applied entry made: the range's new descriptor (`left`, same id) and the new
+/// range's (`right`), both persisted with the entry, the right one's Raft log created.
+#[derive(Debug, Clone)]
+pub struct SplitApplied {
+    pub index: u64,
+    pub left: RangeDescriptor,
+    pub right: RangeDescriptor,
+}
+
+/// What applying a run of committed entries did.
+pub struct AppliedRun {
+    pub entries: Vec<Applied>,
+    pub splits: Vec<SplitApplied>,
+}
+
 /// Applies committed `entries` of `range_id` (in log order) in one write; returns each entry's
-/// outcome. Entries without a command (a new leader's empty entry) only advance the index.
-pub fn apply_entries(db: &DB, range_id: u64, entries: &[Entry]) -> Result<Vec<Applied>, String> {
+/// outcome and the splits among them. `span` is the range's keys, narrowed here by a split: an
+/// entry writing a key outside it (proposed before a split it was ordered after) is refused on
+/// every replica alike, and its writer told to retry. Entries without a command (a new leader's
+/// empty entry) only advance the index.
+pub fn apply_entries(
+    db: &DB,
+    log: &LogStore,
+    range_id: u64,
+    span: &mut Span,
+    entries: &[Entry],
+) -> Result<AppliedRun, String> {
     let (Some(data), Some(meta)) = (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) else {
         return Err("a column family is missing".into());
     };
     let mut batch = WriteBatch::default();
-    let mut outcomes = Vec::with_capacity(entries.len());
+    let mut run = AppliedRun { entries: Vec::with_capacity(entries.len()), splits: Vec::new() };
     for entry in entries {
         let mut outcome = Ok(());
         if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
             match RaftCommand::decode(entry.data.as_ref()) {
+                Ok(RaftCommand { split: Some(split), .. }) => {
+                    match split_range(db, log, range_id, entry.index, &split, &run.splits, &mut batch) {
+                        Ok(done) => {
+                            *span = Span { start: done.left.start_key.to_vec(), end: done.left.end_key.to_vec() };
+                            run.splits.push(done);
+                        }
+                        Err(refused) => outcome = Err(refused),
+                    }
+                }
                 Ok(command) => {
-                    for mutation in &command.mutations {
-                        match mutation.op() {
-                            MutationOp::Put => batch.put_cf(data, &mutation.key, &mutation.value),
-                            MutationOp::Delete => batch.delete_cf(data, &mutation.key),
-                            MutationOp::Unspecified => {}
+                    if command.mutations.iter().any(|m| !span.contains_key(&m.key)) {
+                        outcome = Err(ReplicaError::OutsideRange { range_id });
+                    } else {
+                        for mutation in &command.mutations {
+                            match mutation.op() {
+                                MutationOp::Put => batch.put_cf(data, &mutation.key, &mutation.value),
+                                MutationOp::Delete => batch.delete_cf(data, &mutation.key),
+                                MutationOp::Unspecified => {}
+                            }
                         }
                     }
                 }
@@ -84,11 +130,75 @@ pub fn apply_entries(db: &DB, range_id: u64, entries: &[Entry]) -> Result<Vec<Ap
                 }
             }
         }
-        outcomes.push(Applied { index: entry.index, term: entry.term, outcome });
+        run.entries.push(Applied { index: entry.index, term: entry.term, outcome });
     }
     if let Some(last) = entries.last() {
         batch.put_cf(meta, applied_key(range_id), encode_applied(last.index, last.term));
     }
+    if !run.splits.is_empty() {
+        failpoint::hit("split-apply-before-write");
+    }
     db.write(batch).map_err(|e| format!("applying range {range_id}'s log: {e}"))?;
-    Ok(outcomes)
+    Ok(run)
+}
+
+/// Adds a split of `range_id` to `batch`: both descriptors, the new range's log and applied
+/// index. Refused, alike on every replica (the decision reads only what the log made), if the
+/// range is not at the expected generation or the key is not strictly inside it.
+fn split_range(
+    db: &DB,
+    log: &LogStore,
+    range_id: u64,
+    index: u64,
+    split: &RaftSplit,
+    earlier: &[SplitApplied],
+    batch: &mut WriteBatch,
+) -> Result<SplitApplied, ReplicaError> {
+    let refused = |reason: String| ReplicaError::SplitRefused { range_id, reason };
+    let desc = match earlier.last() {
+        Some(done) => done.left.clone(),
+        None => stored_descriptor(db, range_id).map_err(|e| ReplicaError::BadCommand { range_id, reason: e })?,
+    };
+    if split.expected_generation != 0 && split.expected_generation != desc.generation {
+        return Err(refused(format!(
+            "it is at generation {}, the split expected {}",
+            desc.generation, split.expected_generation
+        )));
+    }
+    if !desc.is_interior(&split.split_key) {
+        return Err(refused(format!(
+            "split key {} is not strictly inside {}",
+            kvfleet_proto::display_key(&split.split_key),
+            desc.span()
+        )));
+    }
+    if split.right_id == 0 || split.right_id == range_id {
+        return Err(refused(format!("the new range's id {} must be new", split.right_id)));
+    }
+    let generation = desc.generation + 1;
+    let right =
+        RangeDescriptor { range_id: split.right_id, start_key: split.split_key.clone(), generation, ..desc.clone() };
+    let left = RangeDescriptor { end_key: split.split_key.clone(), generation, ..desc };
+    let meta = db
+        .cf_handle(CF_META)
+        .ok_or_else(|| ReplicaError::BadCommand { range_id, reason: "the meta column family is missing".into() })?;
+    for half in [&left, &right] {
+        batch.put_cf(meta, descriptor_key(half.range_id), half.encode_to_vec());
+    }
+    let voters: Vec<u64> = right.replicas.iter().map(|r| r.raft_id).collect();
+    log.create_split_group(right.range_id, &voters, batch)
+        .map_err(|e| ReplicaError::BadCommand { range_id, reason: e.to_string() })?;
+    batch.put_cf(meta, applied_key(right.range_id), encode_applied(SPLIT_LOG_START, SPLIT_LOG_START));
+    Ok(SplitApplied { index, left, right })
+}
+
+/// The descriptor of `range_id` as persisted on this node.
+pub fn stored_descriptor(db: &DB, range_id: u64) -> Result<RangeDescriptor, String> {
+    let meta = db.cf_handle(CF_META).ok_or("the meta column family is missing")?;
+    let key = descriptor_key(range_id);
+    let bytes = db
+        .get_cf(meta, &key)
+        .map_err(|e| format!("reading range {range_id}'s descriptor: {e}"))?
+        .ok_or_else(|| format!("range {range_id} has no descriptor on this node"))?;
+    crate::ranges::decode_descriptor(&key, &bytes).map_err(|e| e.to_string())
 }

@@ -81,6 +81,15 @@ pub struct Driver {
     installer: Installer,
     key_space_end: Vec<u8>,
     leases: HashMap<u64, Lease>,
+    /// Groups whose leader proposed a split at this index: no lease until it is applied (see
+    /// `propose`).
+    splits_proposed: HashMap<u64, u64>,
+    /// Groups that applied a split at this index: their leader keeps the log from there until
+    /// every replica has the split entry (see `compact_logs`).
+    splits_applied: HashMap<u64, u64>,
+    /// Told of every split applied here (and every range a snapshot narrowed), after it is
+    /// durable and before anyone is answered.
+    on_range_change: super::OnRangeChange,
     /// Votes are refused until then (see `take`).
     votes_from: Instant,
     log_keep_entries: u64,
@@ -94,10 +103,12 @@ impl Driver {
         log: LogStore,
         peers: PeerLinks,
         published: Arc<Published>,
-        files: SnapshotFiles,
         settings: ReplicationSettings,
+        on_range_change: super::OnRangeChange,
     ) -> Self {
-        let installer = Installer { db: db.clone(), log: log.clone(), files };
+        let files = SnapshotFiles::new(&settings.data_dir);
+        let key_space_end = settings.key_space_end.clone();
+        let installer = Installer { db: db.clone(), log: log.clone(), files, key_space_end };
         Driver {
             groups: Groups::new(raft_id, GroupsConfig::default()),
             db,
@@ -119,6 +130,9 @@ impl Driver {
             installer,
             key_space_end: settings.key_space_end,
             leases: HashMap::new(),
+            splits_proposed: HashMap::new(),
+            splits_applied: HashMap::new(),
+            on_range_change,
             votes_from: Instant::now() + super::ELECTION_TIMEOUT,
             log_keep_entries: settings.log_keep_entries,
             ticks: 0,
@@ -174,7 +188,7 @@ impl Driver {
         match input {
             Input::Stop => return false,
             Input::Open(group) => self.open(*group),
-            Input::Propose { range_id, command, reply } => self.propose(range_id, command, reply),
+            Input::Propose { range_id, command, reply, split } => self.propose(range_id, command, reply, split),
             Input::Read { range_id, reply, on_follower } => {
                 let leader = self.groups.leader_of(range_id);
                 if self.groups.term(range_id).is_none() {
@@ -241,7 +255,10 @@ impl Driver {
         tracing::info!(range_id, applied = group.applied, members = group.members.len(), "Raft group started");
     }
 
-    fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply) {
+    /// Proposes `command`. A `split` also ends the leader's lease until the split is applied
+    /// here: the replicas that apply it first may elect the new range's leader, which then
+    /// acknowledges writes to keys this node's lease would still serve from the old range.
+    fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply, split: bool) {
         if self.groups.term(range_id).is_none() {
             let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
             return;
@@ -253,6 +270,11 @@ impl Driver {
         }
         match self.groups.propose(range_id, command) {
             Ok((index, term)) => {
+                if split {
+                    self.leases.remove(&range_id);
+                    self.published.read_leases.write().remove(&range_id);
+                    self.splits_proposed.insert(range_id, index);
+                }
                 let proposal = Proposal { term, reply, deadline: Instant::now() + PROPOSAL_TIMEOUT };
                 if let Some(replaced) = self.proposals.insert((range_id, index), proposal) {
                     // The index was proposed at an older term and never applied here.
@@ -320,18 +342,30 @@ impl Driver {
             let applied = self.applied.get(&range_id).copied().unwrap_or(0);
             let in_flight = self.snapshots_sent.keys().any(|(group, _)| *group == range_id);
             let offered = self.snapshot_slots.get(&range_id).and_then(|slot| slot.offered_index());
-            let Some(storage) = self.groups.log_mut(range_id) else { continue };
-            let first = storage.first_log_index();
+            let Some(first) = self.groups.log_mut(range_id).map(|storage| storage.first_log_index()) else { continue };
             if applied < first || applied - first + 1 < 2 * keep {
                 continue;
             }
             let mut up_to = applied - keep;
+            if let Some(&split_index) = self.splits_applied.get(&range_id) {
+                // A replica that missed the split entry must get it from the log: a snapshot
+                // would skip it, and that replica would never start the new range's group.
+                if self.groups.lowest_match(range_id).is_some_and(|matched| matched >= split_index) {
+                    self.splits_applied.remove(&range_id);
+                } else if self.groups.is_leader(range_id) {
+                    up_to = up_to.min(split_index - 1);
+                }
+            }
             if let (true, Some(offered)) = (in_flight, offered) {
                 up_to = up_to.min(offered);
                 if up_to < first {
                     continue;
                 }
             }
+            if up_to < first {
+                continue;
+            }
+            let Some(storage) = self.groups.log_mut(range_id) else { continue };
             match self.log.compact(storage, up_to) {
                 Ok(()) => tracing::debug!(range_id, up_to, "Raft log compacted"),
                 Err(error) => tracing::warn!(range_id, %error, "Raft log not compacted"),
@@ -348,8 +382,7 @@ impl Driver {
             {
                 continue;
             }
-            let (Some(span), Some(storage)) = (self.spans.get(&range_id).cloned(), self.groups.log_mut(range_id))
-            else {
+            let Some(storage) = self.groups.log_mut(range_id) else {
                 self.making_snapshots.lock().remove(&range_id);
                 continue;
             };
@@ -363,7 +396,7 @@ impl Driver {
             );
             let spawned = std::thread::Builder::new().name("kv-snapshot".into()).spawn(move || {
                 let started = Instant::now();
-                match snapshot::make(&db, &files, range_id, &span, &end, conf_state) {
+                match snapshot::make(&db, &files, range_id, &end, conf_state) {
                     Ok(made) => {
                         let index = made.get_metadata().index;
                         tracing::info!(range_id, index, took = ?started.elapsed(), "snapshot made for a follower");
@@ -473,10 +506,21 @@ impl Driver {
 
     fn install(&mut self, taken: kvfleet_replication::SnapshotToInstall) {
         let range_id = taken.group;
-        let outcome = snapshot::describe(range_id, &taken.data)
-            .and_then(|info| self.installer.install(range_id, taken.index, taken.term).map(|()| info));
+        let outcome = snapshot::describe(range_id, &taken.data).and_then(|info| {
+            self.installer.install(range_id, taken.index, taken.term, &taken.data).map(|changed| (info, changed))
+        });
         match outcome {
-            Ok(info) => {
+            Ok((info, changed)) => {
+                if let Some(desc) = changed {
+                    tracing::warn!(
+                        range_id,
+                        span = %desc.span(),
+                        generation = desc.generation,
+                        "a snapshot narrowed the range: this replica missed a split, and holds no replica of the split's new range"
+                    );
+                    self.spans.insert(range_id, Span::of(&desc));
+                    (self.on_range_change)(super::RangeChange::Narrowed(&desc));
+                }
                 tracing::info!(
                     range_id,
                     index = taken.index,
@@ -495,15 +539,19 @@ impl Driver {
     }
 
     fn apply(&mut self, range_id: u64, entries: &[Entry]) {
-        let applied = match apply::apply_entries(&self.db, range_id, entries) {
-            Ok(applied) => applied,
+        let span = self.spans.entry(range_id).or_default();
+        let run = match apply::apply_entries(&self.db, &self.log, range_id, span, entries) {
+            Ok(run) => run,
             Err(error) => {
                 tracing::error!(range_id, %error, "applying committed entries failed; stopping the node");
                 eprintln!("kvfleet-node: applying range {range_id}'s log failed: {error}");
                 std::process::abort();
             }
         };
-        for entry in applied {
+        for split in &run.splits {
+            self.start_split_group(range_id, split);
+        }
+        for entry in run.entries {
             if let Some(proposal) = self.proposals.remove(&(range_id, entry.index)) {
                 let outcome = if proposal.term == entry.term {
                     entry.outcome
@@ -515,13 +563,69 @@ impl Driver {
         }
         if let Some(last) = entries.last() {
             self.applied.insert(range_id, last.index);
+            if self.splits_proposed.get(&range_id).is_some_and(|&index| index <= last.index) {
+                self.splits_proposed.remove(&range_id);
+            }
         }
+    }
+
+    /// A split of `range_id` is durable here: the new range's group starts (its log was created
+    /// with the split), the node's range table learns both halves, and the replica that leads
+    /// the old range campaigns for the new one at once (the others wait an election timeout, so
+    /// it normally wins: leaders stay where the load was).
+    fn start_split_group(&mut self, range_id: u64, split: &apply::SplitApplied) {
+        kvfleet_proto::failpoint::hit("split-apply-after-write");
+        let right_id = split.right.range_id;
+        let storage = match self.log.open_group(right_id) {
+            Ok(Some(storage)) => storage,
+            Ok(None) => {
+                tracing::error!(range_id, right_id, "the split's new range has no log; stopping the node");
+                eprintln!("kvfleet-node: range {right_id}, split from range {range_id}, has no Raft log");
+                std::process::abort();
+            }
+            Err(error) => {
+                tracing::error!(range_id, right_id, %error, "the split's new range's log does not open; stopping the node");
+                eprintln!("kvfleet-node: range {right_id}, split from range {range_id}: {error}");
+                std::process::abort();
+            }
+        };
+        self.splits_applied.insert(range_id, split.index);
+        self.spans.insert(right_id, Span { start: split.right.start_key.to_vec(), end: split.right.end_key.to_vec() });
+        self.snapshot_slots.insert(right_id, storage.snapshot_slot());
+        match self.groups.create_applied(right_id, storage, kvfleet_replication::SPLIT_LOG_START) {
+            Ok(applied) => {
+                self.applied.insert(right_id, applied);
+            }
+            Err(error) => {
+                tracing::error!(right_id, %error, "cannot start the split's new Raft group; stopping the node");
+                eprintln!("kvfleet-node: cannot start range {right_id}'s Raft group: {error}");
+                std::process::abort();
+            }
+        }
+        (self.on_range_change)(super::RangeChange::Split(split));
+        if self.groups.is_leader(range_id)
+            && let Err(error) = self.groups.campaign(right_id)
+        {
+            tracing::warn!(right_id, %error, "campaign failed");
+        }
+        self.publish(right_id);
+        tracing::info!(
+            range_id,
+            right_id,
+            index = split.index,
+            split_key = %kvfleet_proto::display_key(&split.right.start_key),
+            generation = split.left.generation,
+            "split applied"
+        );
     }
 
     /// A quorum confirmed this node's leadership in `read`'s term at some instant after the read
     /// was asked: nobody else can be elected before `LEASE` after it.
     fn extend_lease(&mut self, read: &ReadBatch) {
         let Some(term) = read.leader_term else { return };
+        if self.splits_proposed.contains_key(&read.range_id) {
+            return;
+        }
         if self.groups.term(read.range_id) != Some(term) || !self.groups.is_leader(read.range_id) {
             return;
         }

@@ -81,6 +81,12 @@ pub enum ReplicaError {
         READ_INDEX_TIMEOUT.as_millis()
     )]
     ReadNotConfirmed { range_id: u64 },
+    #[error(
+        "the write to range {range_id} was ordered after a split that moved some of its keys to another range: it was not applied; retry"
+    )]
+    OutsideRange { range_id: u64 },
+    #[error("range {range_id} was not split: {reason}")]
+    SplitRefused { range_id: u64, reason: String },
     #[error("a log command of range {range_id} does not encode: {reason}")]
     BadCommand { range_id: u64, reason: String },
     #[error("replication stopped: {0}")]
@@ -115,12 +121,26 @@ pub struct OpenGroup {
 
 pub type Reply = oneshot::Sender<Result<(), ReplicaError>>;
 
+/// A change of a replicated range's keys made on the Raft thread.
+pub enum RangeChange<'a> {
+    /// A split applied from the log.
+    Split(&'a apply::SplitApplied),
+    /// A snapshot taken after splits this replica missed: the range is narrower now.
+    Narrowed(&'a RangeDescriptor),
+}
+
+/// Called on the Raft thread with every `RangeChange`, once it is durable and before any request
+/// is answered from the changed ranges: the node's range table learns them.
+pub type OnRangeChange = Box<dyn Fn(RangeChange<'_>) + Send>;
+
 pub enum Input {
     Open(Box<OpenGroup>),
     Propose {
         range_id: u64,
         command: Vec<u8>,
         reply: Reply,
+        /// The command is a split (see `Driver::propose`).
+        split: bool,
     },
     Read {
         range_id: u64,
@@ -170,6 +190,7 @@ impl Replication {
         channels: kvfleet_client::ChannelPool,
         token: kvfleet_proto::admin_auth::AdminToken,
         settings: ReplicationSettings,
+        on_range_change: OnRangeChange,
     ) -> Result<Self, crate::error::NodeError> {
         let raft_id = raft_id_of(node_id);
         let log = kvfleet_replication::LogStore::with_db(db.clone())
@@ -177,10 +198,10 @@ impl Replication {
         let (inbox, receiver) = std::sync::mpsc::channel();
         let published = Arc::new(Published::default());
         let files = snapshot::SnapshotFiles::new(&settings.data_dir);
-        let fetcher = transport::SnapshotFetcher::new(files.clone(), channels.clone(), token.clone());
+        let fetcher = transport::SnapshotFetcher::new(files, channels.clone(), token.clone());
         let peers = transport::PeerLinks::new(node_id, raft_id, channels, token);
         let liveness = peers.liveness();
-        let driver = driver::Driver::new(raft_id, db, log, peers, published.clone(), files, settings);
+        let driver = driver::Driver::new(raft_id, db, log, peers, published.clone(), settings, on_range_change);
         let handle = std::thread::Builder::new()
             .name("kv-raft".into())
             .spawn(move || {
@@ -237,7 +258,16 @@ impl Replication {
     pub async fn propose(&self, range_id: u64, mutations: Vec<Mutation>) -> Result<(), ReplicaError> {
         let command = apply::encode_command(mutations);
         let (reply, answer) = oneshot::channel();
-        self.send(Input::Propose { range_id, command, reply })?;
+        self.send(Input::Propose { range_id, command, reply, split: false })?;
+        await_reply(answer).await
+    }
+
+    /// Splits `range_id` through its log: every replica applies the split at the same index
+    /// (see `apply`). Waits until it is committed and applied here.
+    pub async fn propose_split(&self, range_id: u64, split: kvfleet_proto::v1::RaftSplit) -> Result<(), ReplicaError> {
+        let command = apply::encode_split(split);
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Propose { range_id, command, reply, split: true })?;
         await_reply(answer).await
     }
 

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kvfleet_proto::v1::RaftSnapshotData;
+use kvfleet_proto::v1::{RaftSnapshotData, RangeDescriptor};
 use kvfleet_replication::{ConfState, LogStore, Snapshot, SnapshotMetadata};
 use prost::Message as _;
 use rocksdb::{
@@ -29,6 +29,22 @@ use crate::storage::{CF_DATA, CF_META};
 pub struct Span {
     pub start: Vec<u8>,
     pub end: Vec<u8>,
+}
+
+impl Span {
+    pub fn of(desc: &RangeDescriptor) -> Self {
+        Span { start: desc.start_key.to_vec(), end: desc.end_key.to_vec() }
+    }
+}
+
+impl kvfleet_proto::RangeBounds for Span {
+    fn start(&self) -> &[u8] {
+        &self.start
+    }
+
+    fn end(&self) -> &[u8] {
+        &self.end
+    }
 }
 
 /// Where snapshot files live: those this node made as a leader, and those it fetched as a
@@ -100,14 +116,14 @@ impl SnapshotFiles {
     }
 }
 
-/// Makes a snapshot of `range_id` as of its applied index: the data and the index come from one
-/// RocksDB snapshot, so they agree. `conf_state` is the group's membership (it cannot change
-/// between two indexes yet: there are no membership changes).
+/// Makes a snapshot of `range_id` as of its applied index: the data, the index and the range's
+/// descriptor (its keys) come from one RocksDB snapshot, so they agree. `conf_state` is the
+/// group's membership (it cannot change between two indexes yet: there are no membership
+/// changes).
 pub fn make(
     db: &DB,
     files: &SnapshotFiles,
     range_id: u64,
-    span: &Span,
     key_space_end: &[u8],
     conf_state: ConfState,
 ) -> Result<Snapshot, String> {
@@ -116,6 +132,13 @@ pub fn make(
         (Some(data), Some(meta)) => (data, meta),
         _ => return Err("a column family is missing".into()),
     };
+    let descriptor_key = crate::ranges::descriptor_key(range_id);
+    let descriptor = view
+        .get_cf(meta_cf, &descriptor_key)
+        .map_err(|e| format!("reading range {range_id}'s descriptor: {e}"))?
+        .ok_or_else(|| format!("range {range_id} has no descriptor"))?;
+    let descriptor = crate::ranges::decode_descriptor(&descriptor_key, &descriptor).map_err(|e| e.to_string())?;
+    let span = &Span::of(&descriptor);
     let applied = view
         .get_cf(meta_cf, apply::applied_key(range_id))
         .map_err(|e| format!("reading range {range_id}'s applied index: {e}"))?
@@ -149,7 +172,8 @@ pub fn make(
     let file_bytes = std::fs::metadata(&partial).map_err(|e| format!("{}: {e}", partial.display()))?.len();
     std::fs::rename(&partial, &path).map_err(|e| format!("renaming {}: {e}", partial.display()))?;
     files.remove_others(range_id, &path);
-    let data = RaftSnapshotData { range_id, index, term, pairs, bytes, file_bytes }.encode_to_vec();
+    let data = RaftSnapshotData { range_id, index, term, pairs, bytes, file_bytes, descriptor: Some(descriptor) }
+        .encode_to_vec();
     let metadata = SnapshotMetadata { index, term, conf_state: Some(conf_state).into(), ..Default::default() };
     Ok(Snapshot { data: data.into(), metadata: Some(metadata).into(), ..Default::default() })
 }
@@ -170,13 +194,28 @@ pub struct Installer {
     pub db: std::sync::Arc<DB>,
     pub log: LogStore,
     pub files: SnapshotFiles,
+    /// A key past every key (to delete to the end of the key space).
+    pub key_space_end: Vec<u8>,
 }
 
 impl Installer {
     /// Replaces `range_id`'s data with the snapshot at (`index`, `term`) (its file fetched before
-    /// the group took it), records the applied index and clears the pending mark. Safe to repeat
-    /// after a crash: the mark stays until the last write, the file until after it.
-    pub fn install(&self, range_id: u64, index: u64, term: u64) -> Result<(), String> {
+    /// the group took it; `data` is what the MsgSnapshot carried), records the applied index and
+    /// clears the pending mark. Safe to repeat after a crash: the mark stays until the last
+    /// write, the file until after it.
+    ///
+    /// A snapshot whose range is at a newer generation than this replica's comes after a split
+    /// this replica missed (its log was compacted past the split entry): the replica takes the
+    /// snapshot's descriptor, in the same last write, and drops the data of the keys the range
+    /// no longer has (they belong to the split's new range, of which this node holds no replica).
+    /// Returns that descriptor, if the range changed.
+    pub fn install(
+        &self,
+        range_id: u64,
+        index: u64,
+        term: u64,
+        data: &[u8],
+    ) -> Result<Option<RangeDescriptor>, String> {
         let db = &self.db;
         let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
             (Some(data), Some(meta)) => (data, meta),
@@ -196,10 +235,59 @@ impl Installer {
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         let mut done = WriteBatch::default();
+        let mut changed = None;
+        let sent = if data.is_empty() { None } else { describe(range_id, data)?.descriptor };
+        if let Some(sent) = sent {
+            let mine = apply::stored_descriptor(db, range_id)?;
+            if sent.generation > mine.generation {
+                for (start, end) in cut_off(&Span::of(&mine), &Span::of(&sent)) {
+                    let end = if end.is_empty() { self.key_space_end.clone() } else { end };
+                    done.delete_range_cf(data_cf, start, end);
+                }
+                done.put_cf(meta_cf, crate::ranges::descriptor_key(range_id), sent.encode_to_vec());
+                changed = Some(sent);
+            }
+        }
         done.put_cf(meta_cf, apply::applied_key(range_id), apply::encode_applied(index, term));
         self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
         db.write_opt(done, &sync).map_err(|e| format!("recording range {range_id}'s snapshot: {e}"))?;
         let _ = std::fs::remove_file(&path);
-        Ok(())
+        Ok(changed)
+    }
+}
+
+/// The parts of `old` outside `new` (each `[start, end)`, an empty end meaning the end of the
+/// key space).
+fn cut_off(old: &Span, new: &Span) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut parts = Vec::new();
+    if new.start > old.start {
+        parts.push((old.start.clone(), new.start.clone()));
+    }
+    if !new.end.is_empty() && (old.end.is_empty() || new.end < old.end) {
+        parts.push((new.end.clone(), old.end.clone()));
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: &str, end: &str) -> Span {
+        Span { start: start.into(), end: end.into() }
+    }
+
+    #[test]
+    fn a_narrowed_range_drops_exactly_the_keys_it_no_longer_has() {
+        let owned = |parts: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<(String, String)> {
+            parts.into_iter().map(|(s, e)| (String::from_utf8(s).unwrap(), String::from_utf8(e).unwrap())).collect()
+        };
+        assert_eq!(owned(cut_off(&span("", ""), &span("", "m"))), [("m".to_string(), String::new())]);
+        assert_eq!(owned(cut_off(&span("c", "x"), &span("c", "m"))), [("m".to_string(), "x".to_string())]);
+        assert_eq!(
+            owned(cut_off(&span("a", "z"), &span("c", "m"))),
+            [("a".to_string(), "c".to_string()), ("m".to_string(), "z".to_string())]
+        );
+        assert!(cut_off(&span("c", "m"), &span("c", "m")).is_empty());
     }
 }

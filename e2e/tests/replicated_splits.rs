@@ -1,0 +1,243 @@
+//! Splits of replicated ranges on real node processes (three nodes on loopback, range 1 a Raft
+//! group of all three): a split goes through the range's log, so every replica applies it at the
+//! same index, even one that was down when it was made; the new range is a Raft group of its
+//! own; writes and reads go on during the split and never go back in time; and every replica
+//! crashing at either step of applying the split (before its write, after it) comes back with
+//! the split made and nothing acknowledged lost.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfleet_e2e::history::HistoryWorkload;
+use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
+use kvfleet_proto::v1::{GetRequest, ListRangesRequest, RangeDescriptor, ReadConsistency, SplitRangeRequest};
+
+/// How long a restarted node may take to replay its log and start the split's groups.
+const CATCH_UP: Duration = Duration::from_secs(30);
+
+fn keys(count: usize) -> Vec<Bytes> {
+    (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
+}
+
+/// The ranges node `index` owns, if it answers.
+async fn ranges_on(fleet: &Fleet, index: usize) -> Option<Vec<RangeDescriptor>> {
+    let mut admin = fleet.nodes[index].admin();
+    match tokio::time::timeout(Duration::from_secs(2), admin.list_ranges(ListRangesRequest {})).await {
+        Ok(Ok(answer)) => Some(answer.into_inner().ranges),
+        _ => None,
+    }
+}
+
+/// Waits (bounded) until node `index` owns exactly the ranges `expected` (id and span).
+async fn wait_for_ranges(fleet: &Fleet, index: usize, expected: &[(u64, &[u8], &[u8])]) {
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while started.elapsed() < CATCH_UP {
+        if let Some(ranges) = ranges_on(fleet, index).await {
+            let text = |key: &[u8]| String::from_utf8_lossy(key).into_owned();
+            seen = ranges.iter().map(|d| (d.range_id, text(&d.start_key), text(&d.end_key))).collect();
+            seen.sort();
+            let mut want: Vec<_> = expected.iter().map(|(id, s, e)| (*id, text(s), text(e))).collect();
+            want.sort();
+            if seen == want {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("node {index} owns {seen:?} after {CATCH_UP:?}, expected {expected:?}");
+}
+
+async fn split(fleet: &Fleet, on: usize, range_id: u64, key: &'static str) -> [RangeDescriptor; 2] {
+    let request =
+        SplitRangeRequest { range_id, expected_generation: 0, split_key: Bytes::from(key), left_id: 0, right_id: 0 };
+    let answer = fleet.nodes[on].admin().split_range(request).await.expect("the leader splits").into_inner();
+    let (Some(left), Some(right)) = (answer.left, answer.right) else { panic!("a split answered without halves") };
+    assert_eq!(left.range_id, range_id, "a replicated range keeps its id for the left half");
+    assert_eq!((left.end_key.as_ref(), right.start_key.as_ref()), (key.as_bytes(), key.as_bytes()));
+    assert_eq!(right.replicas.len(), 3, "the new range has the same three replicas");
+    [left, right]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_goes_through_the_log_under_load_and_a_replica_down_during_it_makes_it_from_the_log() {
+    let mut fleet = Fleet::start(3);
+    let leader = fleet.leader(None).await;
+    let (lagging, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let client = fleet.client();
+    let workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A follower misses both splits and the writes around them.
+    fleet.nodes[lagging].kill9();
+    let [_, right] = split(&fleet, leader, 1, "key016").await;
+    let right_leader = fleet.leader_of(right.range_id, None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let [_, far_right] = split(&fleet, right_leader, right.range_id, "key032").await;
+    fleet.leader_of(far_right.range_id, None).await;
+    let before_restart = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(workload.space.acked_writes() > before_restart, "writes stopped after the splits");
+
+    // It comes back, replays range 1's log, and applies both splits where the others did.
+    fleet.nodes[lagging].spawn();
+    let expected: [(u64, &[u8], &[u8]); 3] =
+        [(1, b"", b"key016"), (right.range_id, b"key016", b"key032"), (far_right.range_id, b"key032", b"")];
+    for index in 0..3 {
+        wait_for_ranges(&fleet, index, &expected).await;
+    }
+    // It holds a replica of each new group: with the other follower down, every range still
+    // commits (the lagging node is the only second vote), and so does the first leader's loss
+    // afterwards with the other follower back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.nodes[other].kill9();
+    for key in ["key000-probe", "key020-probe", "key040-probe"] {
+        client.put(key, "with the lagging replica").await.unwrap_or_else(|e| panic!("{key} without {other}: {e}"));
+    }
+    fleet.nodes[other].spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.nodes[leader].kill9();
+    let after_kill = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (report, space) = workload.finish().await;
+    assert!(space.acked_writes() > after_kill, "writes stopped after the first leader's kill -9");
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_replica_crashing_at_either_step_of_applying_a_split_comes_back_split_with_every_write() {
+    for crash_at in ["split-apply-before-write", "split-apply-after-write"] {
+        let mut fleet = Fleet::start(3);
+        fleet.leader(None).await;
+        let client = fleet.client();
+        let mut acked: HashMap<Bytes, Bytes> = HashMap::new();
+        for i in 0..40 {
+            let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("before-{i}")));
+            client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?}: {e}"));
+            acked.insert(key, value);
+        }
+        // Every node restarts armed: each aborts the first time it applies the split (a node
+        // whose peers crashed first may learn of the commit only after they are back).
+        let marks = tempfile::tempdir().expect("a temporary directory");
+        let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
+        for index in 0..3 {
+            fleet.nodes[index].kill9();
+            fleet.nodes[index].env = vec![
+                ("KVFLEET_CRASH_AT".into(), crash_at.into()),
+                ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
+            ];
+            fleet.nodes[index].spawn();
+        }
+        let leader = fleet.leader(None).await;
+        let request = SplitRangeRequest { range_id: 1, split_key: Bytes::from("key020"), ..Default::default() };
+        let mut admin = fleet.nodes[leader].admin();
+        let answer = tokio::time::timeout(Duration::from_secs(20), admin.split_range(request)).await;
+        assert!(!matches!(answer, Ok(Ok(_))), "the leader answered a split it crashed applying ({crash_at})");
+        let started = Instant::now();
+        while (0..3).any(|index| !mark(index).exists()) && started.elapsed() < CATCH_UP {
+            for index in 0..3 {
+                if !fleet.nodes[index].is_running() {
+                    fleet.nodes[index].kill9();
+                    fleet.nodes[index].spawn();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for index in 0..3 {
+            assert!(mark(index).exists(), "node {index} never reached {crash_at}");
+            if !fleet.nodes[index].is_running() {
+                fleet.nodes[index].kill9();
+                fleet.nodes[index].spawn();
+            }
+        }
+        // Each comes back with the split made (replayed from the log, or found in its write).
+        let ranges = ranges_on(&fleet, leader).await;
+        let ranges = match ranges {
+            Some(ranges) if ranges.len() == 2 => ranges,
+            _ => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                ranges_on(&fleet, leader).await.expect("the restarted leader answers")
+            }
+        };
+        let right = ranges.iter().find(|d| d.start_key.as_ref() == b"key020").expect("the split's right half");
+        let expected: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key020"), (right.range_id, b"key020", b"")];
+        for index in 0..3 {
+            wait_for_ranges(&fleet, index, &expected).await;
+        }
+        // Both halves take writes, and nothing acknowledged before the crash is lost.
+        for i in (0..40).step_by(3) {
+            let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("after-{i}")));
+            client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?} after {crash_at}: {e}"));
+            acked.insert(key, value);
+        }
+        kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
+        // The new range is a Raft group of its own: its leader's loss is survived too.
+        let right_leader = fleet.leader_of(right.range_id, None).await;
+        fleet.nodes[right_leader].kill9();
+        client.put("key030", "after the right leader's loss").await.expect("the right half elects again");
+        acked.insert(Bytes::from("key030"), Bytes::from("after the right leader's loss"));
+        kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_that_narrows_its_range() {
+    // Logs keep 20 applied entries: a replica down for 100 writes is past what the log keeps.
+    let mut fleet = Fleet::start_with(3, &["--raft-log-keep-entries", "20"]);
+    let leader = fleet.leader(None).await;
+    let (lagging, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let client = fleet.client();
+    let mut acked: HashMap<Bytes, Bytes> = HashMap::new();
+    let mut write = async |key: String, value: String| {
+        client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("write {key}: {e}"));
+        acked.insert(Bytes::from(key), Bytes::from(value));
+    };
+
+    // While the leader that applied the split leads, it keeps range 1's log from the split entry
+    // on until every replica has it: the replica that was down makes the split from the log.
+    fleet.nodes[lagging].kill9();
+    let [_, right] = split(&fleet, leader, 1, "key050").await;
+    for i in 0..100 {
+        write(format!("key{:03}", i % 100), format!("a-{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    fleet.nodes[lagging].spawn();
+    let both: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key050"), (right.range_id, b"key050", b"")];
+    wait_for_ranges(&fleet, lagging, &both).await;
+
+    // A replica that missed a split and whose new leader compacted past it (a follower does not
+    // know who lacks the entry) gets a snapshot instead: it takes the range's narrower keys and
+    // drops the rest, and holds no replica of the split's new range.
+    fleet.nodes[lagging].kill9();
+    let [_, middle] = split(&fleet, leader, 1, "key025").await;
+    for i in 0..100 {
+        write(format!("key{:03}", i % 25), format!("b-{i}")).await;
+    }
+    write("key030".into(), "in the middle".into()).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    fleet.nodes[leader].kill9();
+    fleet.nodes[lagging].spawn();
+    let narrowed: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key025"), (right.range_id, b"key050", b"")];
+    wait_for_ranges(&fleet, lagging, &narrowed).await;
+    let mut kv = fleet.nodes[lagging].kv();
+    for i in 0..25 {
+        let key = Bytes::from(format!("key{i:03}"));
+        let request = GetRequest { header: None, key: key.clone(), consistency: ReadConsistency::Follower as i32 };
+        let answer = kv.get(request).await.unwrap_or_else(|e| panic!("{key:?} on the narrowed replica: {e}"));
+        assert_eq!(Some(&answer.into_inner().value), acked.get(&key), "{key:?} on the narrowed replica");
+    }
+    let request =
+        GetRequest { header: None, key: Bytes::from("key030"), consistency: ReadConsistency::Follower as i32 };
+    let refused = kv.get(request).await.expect_err("the narrowed replica serves a key it no longer has");
+    assert!(refused.message().contains("owns no range"), "{refused:?}");
+
+    // With the old leader back, the middle range has its two replicas again; nothing is lost.
+    fleet.nodes[leader].spawn();
+    fleet.leader_of(middle.range_id, None).await;
+    kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
+    assert!(fleet.nodes[other].is_running());
+}
