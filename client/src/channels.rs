@@ -19,6 +19,8 @@ pub struct ChannelConfig {
     pub keepalive_timeout: Duration,
     /// HTTP/2 connections per address; calls take them in turn.
     pub connections_per_address: usize,
+    /// The local address connections come from (none: the system picks).
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for ChannelConfig {
@@ -28,6 +30,7 @@ impl Default for ChannelConfig {
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(20),
             connections_per_address: 1,
+            local_address: None,
         }
     }
 }
@@ -80,7 +83,10 @@ impl ChannelPool {
     }
 
     fn connect_lazy(&self, address: &str) -> Result<Connections, BadAddress> {
-        let mut endpoint = endpoint(address)?.connect_timeout(self.config.connect_timeout).tcp_nodelay(true);
+        let mut endpoint = endpoint(address)?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .local_address(self.config.local_address);
         if let Some(interval) = self.config.keepalive_interval {
             endpoint = endpoint.http2_keep_alive_interval(interval).keep_alive_timeout(self.config.keepalive_timeout);
         }

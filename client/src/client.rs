@@ -118,6 +118,7 @@ impl Client {
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(20),
             connections_per_address: config.connections_per_node,
+            local_address: None,
         });
         let never = Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or_else(Instant::now);
         Ok(Client {

@@ -145,11 +145,19 @@ impl HistoryWorkload {
                 report
             }));
         }
-        for reader in 0..readers {
-            let (client, space, stop) = (client.clone(), space.clone(), stop.clone());
-            tasks.push(tokio::spawn(async move {
+        let mut workload = HistoryWorkload { space, stop, tasks };
+        workload.add_readers(&client, readers, 0);
+        workload
+    }
+
+    /// `count` more readers through `client` (e.g. one that knows a single node), their random
+    /// keys seeded from `seed` on.
+    pub fn add_readers(&mut self, client: &Client, count: usize, seed: u64) {
+        for reader in 0..count as u64 {
+            let (client, space, stop) = (client.clone(), self.space.clone(), self.stop.clone());
+            self.tasks.push(tokio::spawn(async move {
                 let mut report = Report::default();
-                let mut rng = StdRng::seed_from_u64(reader as u64);
+                let mut rng = StdRng::seed_from_u64(seed + reader);
                 let started = Instant::now();
                 for _ in 0..10_000_000u64 {
                     if stop.load(Ordering::Relaxed) || started.elapsed() > MAX_RUN {
@@ -170,7 +178,6 @@ impl HistoryWorkload {
                 report
             }));
         }
-        HistoryWorkload { space, stop, tasks }
     }
 
     /// Stops every task (bounded) and sums what they saw.

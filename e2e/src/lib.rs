@@ -7,6 +7,7 @@
 pub mod control_plane;
 pub mod history;
 pub mod kubelet;
+pub mod partition;
 pub mod replicated;
 
 use std::io::{BufRead, BufReader};

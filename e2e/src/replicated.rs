@@ -8,6 +8,7 @@ use kvfleet_proto::v1::{ListRangesRequest, ReplicaRole};
 
 use crate::NodeProcess;
 use crate::control_plane::free_port;
+use crate::partition::{Partitions, source_ip};
 
 /// How long `leader` waits for one.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -15,6 +16,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 pub struct ReplicatedFleet {
     _dir: tempfile::TempDir,
     pub nodes: Vec<NodeProcess>,
+    /// The proxies between the nodes, if the fleet was started partitionable.
+    pub partitions: Option<Partitions>,
 }
 
 impl ReplicatedFleet {
@@ -25,19 +28,39 @@ impl ReplicatedFleet {
 
     /// `start`, with `extra_args` for every node.
     pub fn start_with(count: usize, extra_args: &[&str]) -> Self {
+        Self::launch(count, extra_args, false)
+    }
+
+    /// `start`, with a proxy between the nodes that can cut them apart (`partitions`): each
+    /// node reaches the others through their proxies, from its own loopback address. Call from
+    /// a Tokio runtime.
+    pub fn start_partitionable(count: usize) -> Self {
+        Self::launch(count, &[], true)
+    }
+
+    fn launch(count: usize, extra_args: &[&str], partitionable: bool) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let members: Vec<(String, String)> =
-            (1..=count).map(|n| (format!("replica-{n}"), format!("127.0.0.1:{}", free_port()))).collect();
-        let initial = members.iter().map(|(id, address)| format!("{id}={address}")).collect::<Vec<_>>().join(",");
-        let nodes = members
+        let ids: Vec<String> = (1..=count).map(|n| format!("replica-{n}")).collect();
+        let listen: Vec<String> = (0..count).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let partitions = partitionable.then(|| Partitions::new(&listen));
+        let peers_reach = partitions.as_ref().map_or(&listen, |p| &p.addresses);
+        let initial =
+            ids.iter().zip(peers_reach).map(|(id, address)| format!("{id}={address}")).collect::<Vec<_>>().join(",");
+        let nodes = ids
             .iter()
-            .map(|(id, address)| {
-                let args: Vec<&str> =
-                    ["--initial-replicas", initial.as_str()].into_iter().chain(extra_args.iter().copied()).collect();
+            .zip(&listen)
+            .enumerate()
+            .map(|(index, (id, address))| {
+                let source = source_ip(index).to_string();
+                let mut args: Vec<&str> = vec!["--initial-replicas", initial.as_str()];
+                if partitionable {
+                    args.extend(["--peer-source-ip", source.as_str()]);
+                }
+                args.extend(extra_args.iter().copied());
                 NodeProcess::start_at(id, &dir.path().join(id), address, &args)
             })
             .collect();
-        ReplicatedFleet { _dir: dir, nodes }
+        ReplicatedFleet { _dir: dir, nodes, partitions }
     }
 
     /// A client seeded with every node, with short attempts: a paused node holds an attempt

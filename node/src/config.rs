@@ -48,6 +48,12 @@ pub struct NodeConfig {
     #[arg(long, env = "KVFLEET_ADVERTISE")]
     pub advertise: Option<String>,
 
+    /// The local IP address this node's connections to the other nodes of its Raft groups come
+    /// from (unset: the system picks): for hosts with several addresses, and for fault-injection
+    /// tests that tell nodes apart by address.
+    #[arg(long, env = "KVFLEET_PEER_SOURCE_IP")]
+    pub peer_source_ip: Option<std::net::IpAddr>,
+
     /// Prometheus metrics listen address (HTTP, path /metrics). Omit to disable.
     #[arg(long, env = "KVFLEET_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

@@ -127,6 +127,7 @@ impl Node {
         };
         let raft_channels = kvfleet_client::ChannelPool::new(kvfleet_client::ChannelConfig {
             connect_timeout: Duration::from_secs(1),
+            local_address: config.peer_source_ip,
             ..kvfleet_client::ChannelConfig::default()
         });
         let settings = crate::replica::ReplicationSettings {

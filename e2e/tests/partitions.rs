@@ -1,0 +1,81 @@
+//! Network partitions between replicated node processes (three nodes on loopback; a proxy in
+//! front of each node drops what a cut forbids, see `kvfleet_e2e::partition`), under writers and
+//! readers checked by the history checker, with extra readers that know only the first leader
+//! and keep asking it through the partition: a link cut between the leader and one follower
+//! changes nothing; a leader cut off from both followers acknowledges nothing and, once its
+//! lease has run out, serves no read older than what the majority's new leader acknowledged,
+//! while the majority elects and goes on; after healing, every acknowledged write is there.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfleet_client::{Client, ClientConfig};
+use kvfleet_e2e::NodeProcess;
+use kvfleet_e2e::history::HistoryWorkload;
+use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
+use kvfleet_proto::v1::PutRequest;
+
+fn keys(count: usize) -> Vec<Bytes> {
+    (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
+}
+
+/// Whether `node` acknowledged a write of "minority" to `key` within 4 s.
+async fn acknowledges_a_write(node: &NodeProcess, key: &'static str) -> bool {
+    let request = PutRequest { header: None, key: Bytes::from(key), value: Bytes::from("minority") };
+    matches!(tokio::time::timeout(Duration::from_secs(4), node.kv().put(request)).await, Ok(Ok(_)))
+}
+
+/// A client that knows only `node` (it follows the hints `node` gives, nothing else).
+fn client_of(node: &NodeProcess) -> Client {
+    let mut config = ClientConfig::new([node.address.clone()]);
+    config.deadline = Duration::from_secs(5);
+    config.attempt_timeout = Duration::from_secs(1);
+    Client::new(config).expect("client config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_its_followers_acknowledges_nothing_serves_nothing_stale_and_the_majority_goes_on() {
+    let mut fleet = Fleet::start_partitionable(3);
+    let leader = fleet.leader(None).await;
+    let (follower, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(24), 4, 2);
+    workload.add_readers(&client_of(&fleet.nodes[leader]), 4, 100);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(workload.space.acked_writes() > 0, "nothing acknowledged before the partitions");
+
+    // One link cut: the follower that no longer hears the leader asks for votes, and the other
+    // follower, which still hears the leader, refuses them (pre-vote, check-quorum).
+    let partitions = fleet.partitions.as_ref().expect("a partitionable fleet");
+    partitions.cut(leader, follower);
+    let before = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(workload.space.acked_writes() > before, "writes stopped with one link cut");
+    assert_eq!(fleet.leader(None).await, leader, "one cut link deposed the leader");
+    fleet.partitions.as_ref().expect("a partitionable fleet").heal();
+
+    // The leader cut off from both: the majority elects and takes writes; the old leader
+    // acknowledges nothing, and the readers that know only it get no stale answer.
+    fleet.partitions.as_ref().expect("a partitionable fleet").isolate(leader, 3);
+    let cut_at = Instant::now();
+    let new_leader = fleet.leader(Some(leader)).await;
+    assert!(new_leader == follower || new_leader == other);
+    client.put("probe", "after the partition").await.expect("the majority takes writes");
+    eprintln!("leader cut off: node {new_leader} leads and took a write {:?} after the cut", cut_at.elapsed());
+    let during = workload.space.acked_writes();
+    assert!(!acknowledges_a_write(&fleet.nodes[leader], "minority").await, "the cut-off leader acknowledged a write");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(workload.space.acked_writes() > during, "the majority's writes stopped");
+
+    // Healed: the old leader follows the new one.
+    fleet.partitions.as_ref().expect("a partitionable fleet").heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    // The write the cut-off leader took into its log was never committed, and is gone.
+    let minority = client.get("minority").await.expect("a read after healing");
+    assert_eq!(minority, None, "a write no majority logged was applied");
+}
