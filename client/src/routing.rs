@@ -69,7 +69,9 @@ impl RangeCache {
     }
 
     /// Rebuilds the map from what nodes reported: ranges a node owns win over routing hints,
-    /// and among overlapping descriptors the highest generation wins.
+    /// and among overlapping descriptors the highest generation wins; at one generation, a
+    /// replicated range as its leader reported it (the leader knows it leads, and how far
+    /// behind each replica is).
     pub fn rebuild(&mut self, reports: &[ListRangesResponse]) {
         let mut owned: Vec<RangeDescriptor> = Vec::new();
         let mut hints: Vec<RangeDescriptor> = Vec::new();
@@ -78,7 +80,8 @@ impl RangeCache {
             owned.extend(report.ranges.iter().cloned());
             hints.extend(report.routing.iter().cloned());
         }
-        owned.sort_by_key(|d| std::cmp::Reverse(d.generation));
+        let reported_by_leader = |d: &RangeDescriptor| d.replicas.iter().any(|r| r.behind_entries.is_some());
+        owned.sort_by_key(|d| (std::cmp::Reverse(d.generation), !reported_by_leader(d)));
         hints.sort_by_key(|d| std::cmp::Reverse(d.generation));
         self.by_start.clear();
         for desc in owned.into_iter().chain(hints) {
@@ -109,6 +112,7 @@ mod tests {
                 address: addr.into(),
                 role: ReplicaRole::Leader as i32,
                 raft_id: 0,
+                behind_entries: None,
             }],
             successors: vec![],
             move_intent: None,

@@ -132,8 +132,13 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
 async fn bad_routing_maps_and_unknown_methods_get_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
-    let leader =
-        Replica { node_id: "n9".into(), address: "127.0.0.1:9".into(), role: ReplicaRole::Leader as i32, raft_id: 0 };
+    let leader = Replica {
+        node_id: "n9".into(),
+        address: "127.0.0.1:9".into(),
+        role: ReplicaRole::Leader as i32,
+        raft_id: 0,
+        behind_entries: None,
+    };
     let reversed = RangeDescriptor {
         range_id: 77,
         start_key: Bytes::from("m"),

@@ -19,6 +19,7 @@ fn replica(node: &NodeProcess) -> Replica {
         address: node.address.clone(),
         role: ReplicaRole::Leader as i32,
         raft_id: 0,
+        behind_entries: None,
     }
 }
 

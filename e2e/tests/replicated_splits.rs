@@ -204,6 +204,16 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
     for i in 0..100 {
         write(format!("key{:03}", i % 100), format!("a-{i}")).await;
     }
+    // The leader says how far behind each replica is: the one that is down, by every write to
+    // range 1 since it went.
+    let reported = ranges_on(&fleet, leader).await.expect("the leader answers");
+    let range_1 = reported.iter().find(|d| d.range_id == 1).expect("range 1 on its leader");
+    let behind = |index: usize| {
+        let node_id = &fleet.nodes[index].node_id;
+        range_1.replicas.iter().find(|r| &r.node_id == node_id).and_then(|r| r.behind_entries)
+    };
+    assert_eq!(behind(leader), Some(0), "the leader lacks nothing");
+    assert!(behind(lagging).is_some_and(|n| n >= 50), "the replica that is down: {:?}", behind(lagging));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     fleet.nodes[lagging].spawn();
     let both: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key050"), (right.range_id, b"key050", b"")];

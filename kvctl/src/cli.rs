@@ -110,11 +110,32 @@ struct RangeView {
     address: String,
     /// A replicated range's replicas (node ids), the leader first.
     replicas: Vec<String>,
+    /// How many log entries each replica lacks, by node id, as the range's leader reported it
+    /// (empty if the report did not come from the leader).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    behind_entries: std::collections::BTreeMap<String, u64>,
 }
 
 impl RangeView {
     fn end_or_inf(&self) -> String {
         if self.end.is_empty() { "+inf".to_string() } else { self.end.clone() }
+    }
+
+    /// The replicas column: the leader first, each follower with how far behind it is.
+    fn replicas_text(&self) -> String {
+        if self.replicas.len() < 2 {
+            return self.replicas.len().to_string();
+        }
+        let described: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|node| match self.behind_entries.get(node) {
+                _ if *node == self.owner => format!("{node} (leader)"),
+                Some(behind) => format!("{node} ({behind} behind)"),
+                None => node.clone(),
+            })
+            .collect();
+        described.join(", ")
     }
 
     fn print_line(&self) {
@@ -145,6 +166,11 @@ impl From<&RangeDescriptor> for RangeView {
                 replicas.sort_by_key(|r| r.role() != kvfleet_proto::v1::ReplicaRole::Leader);
                 replicas.iter().map(|r| r.node_id.clone()).collect()
             },
+            behind_entries: d
+                .replicas
+                .iter()
+                .filter_map(|r| r.behind_entries.map(|behind| (r.node_id.clone(), behind)))
+                .collect(),
         }
     }
 }
@@ -249,7 +275,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         r.state.clone(),
                         r.owner.clone(),
                         r.address.clone(),
-                        r.replicas.len().to_string(),
+                        r.replicas_text(),
                     ]);
                 }
                 println!("{out}");

@@ -288,6 +288,7 @@ impl Node {
                 address: address.clone(),
                 role: kvfleet_proto::v1::ReplicaRole::Follower as i32,
                 raft_id: raft_id_of(node_id),
+                behind_entries: None,
             })
             .collect();
         let desc = RangeDescriptor { replicas, ..bootstrap_descriptor(&self.config.node_id, &self.address) };
@@ -404,6 +405,22 @@ impl Node {
     /// The ranges this node owns, replicated ones with the replica roles this node knows.
     pub fn owned_ranges(&self) -> Vec<RangeDescriptor> {
         self.owned_ranges_raw().into_iter().map(|d| self.replication.with_roles(d)).collect()
+    }
+
+    /// `owned_ranges`, with how far behind each replica is on the ranges this node leads.
+    pub async fn owned_ranges_with_lag(&self) -> Vec<RangeDescriptor> {
+        let mut ranges = self.owned_ranges();
+        if !ranges.iter().any(is_replicated) {
+            return ranges;
+        }
+        let Ok(lag) = self.replication.lag().await else { return ranges };
+        for desc in &mut ranges {
+            let Some(behind) = lag.get(&desc.range_id) else { continue };
+            for replica in &mut desc.replicas {
+                replica.behind_entries = behind.iter().find(|(id, _)| *id == replica.raft_id).map(|(_, n)| *n);
+            }
+        }
+        ranges
     }
 
     fn owned_ranges_raw(&self) -> Vec<RangeDescriptor> {

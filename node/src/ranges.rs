@@ -481,7 +481,13 @@ impl RangeTable {
 
 /// The replica entry for this node as leader.
 pub fn leader_replica(node_id: &str, address: &str) -> Replica {
-    Replica { node_id: node_id.to_string(), address: address.to_string(), role: ReplicaRole::Leader as i32, raft_id: 0 }
+    Replica {
+        node_id: node_id.to_string(),
+        address: address.to_string(),
+        role: ReplicaRole::Leader as i32,
+        raft_id: 0,
+        behind_entries: None,
+    }
 }
 
 /// The first range of a new cluster: the whole key space, owned by this node.

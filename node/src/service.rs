@@ -363,7 +363,7 @@ impl Admin for AdminService {
         Ok(Response::new(ListRangesResponse {
             node_id: self.node.config.node_id.clone(),
             address: self.node.address.clone(),
-            ranges: self.node.owned_ranges(),
+            ranges: self.node.owned_ranges_with_lag().await,
             routing: self.node.routing_hints(),
             importing: self.node.importing_ranges(),
             max_range_id,

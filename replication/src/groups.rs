@@ -438,6 +438,17 @@ impl<S: GroupLog> Groups<S> {
         }
     }
 
+    /// On the leader of `group`, how many log entries each replica lacks (0 for the leader and
+    /// for a replica that has them all); `None` on a follower, which does not know.
+    pub fn replica_lag(&self, group: GroupId) -> Option<Vec<(NodeId, u64)>> {
+        let g = self.groups.get(&group)?;
+        if g.raw.raft.state != raft::StateRole::Leader {
+            return None;
+        }
+        let last = g.raw.raft.raft_log.last_index();
+        Some(g.raw.raft.prs().iter().map(|(&id, progress)| (id, last.saturating_sub(progress.matched))).collect())
+    }
+
     /// On the leader of `group`, the lowest index every replica is known to hold (`None` on a
     /// follower, which does not know).
     pub fn lowest_match(&self, group: GroupId) -> Option<u64> {

@@ -314,6 +314,7 @@ pub fn leader_replica(member: &Member) -> kvfleet_proto::v1::Replica {
         address: member.address.clone(),
         role: ReplicaRole::Leader as i32,
         raft_id: 0,
+        behind_entries: None,
     }
 }
 

@@ -199,6 +199,11 @@ impl Driver {
                     self.reads_arrived.entry(range_id).or_default().push(reply);
                 }
             }
+            Input::Lag { reply } => {
+                let ids: Vec<u64> = self.groups.ids().collect();
+                let lag = ids.into_iter().filter_map(|id| self.groups.replica_lag(id).map(|lag| (id, lag))).collect();
+                let _ = reply.send(lag);
+            }
             Input::SnapshotReport { range_id, to, delivered } => {
                 self.snapshots_sent.remove(&(range_id, to));
                 self.groups.report_snapshot(range_id, to, delivered);

@@ -148,6 +148,10 @@ pub enum Input {
         on_follower: bool,
     },
     Deliver(Vec<Envelope>),
+    /// How far behind each replica of the groups this node leads is (see `Replication::lag`).
+    Lag {
+        reply: oneshot::Sender<HashMap<u64, Vec<(u64, u64)>>>,
+    },
     /// A follower fetched (`delivered`) or failed to fetch the snapshot the leader sent it.
     SnapshotReport {
         range_id: u64,
@@ -288,6 +292,14 @@ impl Replication {
     /// Hands messages from another node to their groups.
     pub fn deliver(&self, envelopes: Vec<Envelope>) -> Result<(), ReplicaError> {
         self.send(Input::Deliver(envelopes))
+    }
+
+    /// For every group this node leads: each replica's Raft id and how many log entries it
+    /// lacks. Asked of the Raft thread (only when someone looks: not computed every tick).
+    pub async fn lag(&self) -> Result<HashMap<u64, Vec<(u64, u64)>>, ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Lag { reply })?;
+        answer.await.map_err(|_| ReplicaError::Stopped("the Raft thread dropped a request".into()))
     }
 
     /// `desc` with the replica roles this node knows: LEADER on the group's leader.
