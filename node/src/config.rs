@@ -75,6 +75,12 @@ pub struct NodeConfig {
     #[arg(long, env = "KVFLEET_RAFT_LOG_KEEP_ENTRIES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub raft_log_keep_entries: u64,
 
+    /// The rate at which this node sends snapshot files to followers, all transfers together, in
+    /// MiB/s (TiKV's snap-io-max-bytes-per-sec), so that a follower catching up does not take the
+    /// disk and the network from foreground requests. 0: unlimited.
+    #[arg(long, env = "KVFLEET_SNAPSHOT_SEND_MIB_PER_SEC", default_value_t = 64)]
+    pub snapshot_send_mib_per_sec: u64,
+
     #[arg(long, value_enum, env = "KVFLEET_DURABILITY", default_value = "sync")]
     pub durability: Durability,
 

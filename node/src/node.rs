@@ -133,6 +133,7 @@ impl Node {
         let settings = crate::replica::ReplicationSettings {
             data_dir: config.data_dir.clone(),
             log_keep_entries: config.raft_log_keep_entries,
+            snapshot_send_bytes_per_sec: config.snapshot_send_mib_per_sec.saturating_mul(1 << 20),
             key_space_end: storage.key_space_end().to_vec(),
         };
         let table = Arc::new(RwLock::new(table));

@@ -201,6 +201,15 @@ fn check_remote(node: NodeId, message: &Message) -> Result<(), String> {
         MsgHup | MsgBeat | MsgUnreachable | MsgSnapStatus | MsgCheckQuorum | MsgPropose => {
             Err(format!("{:?} is not taken from another node", message.get_msg_type()))
         }
+        // A leadership transfer makes its target campaign past every voter's check-quorum, which
+        // a leader's read lease relies on; kvfleet transfers no leadership (a transfer will have
+        // to end the lease first), so none is taken from a peer.
+        MsgTransferLeader | MsgTimeoutNow => {
+            Err(format!("{:?}: kvfleet does not transfer leadership between nodes", message.get_msg_type()))
+        }
+        MsgRequestVote | MsgRequestPreVote if message.context.as_ref() == raft::CAMPAIGN_TRANSFER => {
+            Err(format!("{:?} of a leadership transfer: kvfleet transfers none", message.get_msg_type()))
+        }
         MsgReadIndex | MsgReadIndexResp if message.entries.len() != 1 => {
             Err(format!("{:?} with {} entries, not 1", message.get_msg_type(), message.entries.len()))
         }
@@ -781,6 +790,12 @@ mod tests {
             message(leader, MessageType::MsgPropose),
             message(leader, MessageType::MsgHup),
             message(follower, MessageType::MsgHeartbeatResponse),
+            message(leader, MessageType::MsgTransferLeader),
+            message(leader, MessageType::MsgTimeoutNow),
+            Message {
+                context: raft::CAMPAIGN_TRANSFER.to_vec().into(),
+                ..message(leader, MessageType::MsgRequestVote)
+            },
         ];
         for message in refused {
             let kind = message.get_msg_type();

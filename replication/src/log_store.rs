@@ -368,6 +368,11 @@ impl SnapshotSlot {
         }
     }
 
+    /// The data of the snapshot on offer (what the node put in it), if any.
+    pub fn offered_data(&self) -> Option<Vec<u8>> {
+        self.0.lock().ok()?.made.as_ref().map(|s| s.get_data().to_vec())
+    }
+
     /// The index of the snapshot on offer, if any.
     pub fn offered_index(&self) -> Option<u64> {
         self.0.lock().ok()?.made.as_ref().map(|s| s.get_metadata().index)

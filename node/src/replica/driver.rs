@@ -78,6 +78,9 @@ pub struct Driver {
     making_snapshots: Arc<Mutex<HashSet<u64>>>,
     /// Snapshots sent, by (group, follower): when.
     snapshots_sent: HashMap<(u64, u64), Instant>,
+    /// Snapshot files leave this node at most this fast (0: unlimited): a transfer is given
+    /// twice the time its file needs at that rate before another snapshot is sent.
+    snapshot_send_bytes_per_sec: u64,
     installer: Installer,
     key_space_end: Vec<u8>,
     leases: HashMap<u64, Lease>,
@@ -127,6 +130,7 @@ impl Driver {
             snapshot_slots: HashMap::new(),
             making_snapshots: Arc::default(),
             snapshots_sent: HashMap::new(),
+            snapshot_send_bytes_per_sec: settings.snapshot_send_bytes_per_sec,
             installer,
             key_space_end: settings.key_space_end,
             leases: HashMap::new(),
@@ -418,12 +422,24 @@ impl Driver {
         }
     }
 
-    /// A follower sent a snapshot long ago and still not caught up is sent another.
+    /// A follower sent a snapshot long ago and still not caught up is sent another: after
+    /// `SNAPSHOT_TRANSFER_TIMEOUT`, or twice the time the file takes at the send rate.
     fn retry_lost_snapshots(&mut self) {
+        let rate = self.snapshot_send_bytes_per_sec;
+        let patience = |range_id: &u64| {
+            let file_bytes = self
+                .snapshot_slots
+                .get(range_id)
+                .and_then(|slot| slot.offered_data())
+                .and_then(|data| snapshot::describe(*range_id, &data).ok())
+                .map_or(0, |info| info.file_bytes);
+            let at_rate = if rate == 0 { 0.0 } else { 2.0 * file_bytes as f64 / rate as f64 };
+            SNAPSHOT_TRANSFER_TIMEOUT.max(std::time::Duration::from_secs_f64(at_rate))
+        };
         let lost: Vec<(u64, u64)> = self
             .snapshots_sent
             .iter()
-            .filter(|(_, at)| at.elapsed() > SNAPSHOT_TRANSFER_TIMEOUT)
+            .filter(|((range_id, _), at)| at.elapsed() > patience(range_id))
             .map(|(key, _)| *key)
             .collect();
         for (range_id, to) in lost {
@@ -668,11 +684,16 @@ impl Driver {
         }
     }
 
-    fn publish(&self, range_id: u64) {
+    /// Publishes the group's leader; a node that no longer leads it drops its lease (the vote
+    /// refusal already keeps a leader with a lease from stepping down; this is the second lock).
+    fn publish(&mut self, range_id: u64) {
         self.published.leaders.write().insert(range_id, self.groups.leader_of(range_id));
+        if !self.groups.is_leader(range_id) && self.leases.remove(&range_id).is_some() {
+            self.published.read_leases.write().remove(&range_id);
+        }
     }
 
-    fn publish_all(&self) {
+    fn publish_all(&mut self) {
         let ids: Vec<u64> = self.groups.ids().collect();
         for range_id in ids {
             self.publish(range_id);

@@ -44,8 +44,9 @@ pub const LEASE: Duration = Duration::from_millis(750);
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read whose read index is not granted within this long is answered "retry".
 pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
-/// A follower that has not caught up within this long after the leader sent it a snapshot is
-/// sent another (the fetch failed, or the follower restarted).
+/// A follower that has not caught up within this long (or twice the time its file takes at the
+/// send rate, if longer) after the leader sent it a snapshot is sent another (the fetch failed,
+/// or the follower restarted).
 pub const SNAPSHOT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A node's id in Raft groups: FNV-1a of its node id (never 0, raft-rs's "nobody"). Stable
@@ -171,6 +172,8 @@ pub struct ReplicationSettings {
     pub log_keep_entries: u64,
     /// A key past every key (the end of a range without an end, for deleting it).
     pub key_space_end: Vec<u8>,
+    /// Snapshot files leave this node at most this fast, all together (0: unlimited).
+    pub snapshot_send_bytes_per_sec: u64,
 }
 
 /// This node's replication: a handle on the driver thread.
@@ -183,6 +186,7 @@ pub struct Replication {
     /// Every peer's address by Raft id (to fetch snapshots from).
     addresses: RwLock<HashMap<u64, String>>,
     pub(crate) fetcher: transport::SnapshotFetcher,
+    pub(crate) send_pacer: transport::SendPacer,
 }
 
 impl Replication {
@@ -197,6 +201,7 @@ impl Replication {
         on_range_change: OnRangeChange,
     ) -> Result<Self, crate::error::NodeError> {
         let raft_id = raft_id_of(node_id);
+        let send_pacer = transport::SendPacer::new(settings.snapshot_send_bytes_per_sec);
         let log = kvfleet_replication::LogStore::with_db(db.clone())
             .map_err(|e| crate::error::NodeError::Corrupt(format!("opening the Raft logs: {e}")))?;
         let (inbox, receiver) = std::sync::mpsc::channel();
@@ -226,6 +231,7 @@ impl Replication {
             driver: parking_lot::Mutex::new(Some(handle)),
             addresses: RwLock::default(),
             fetcher,
+            send_pacer,
         })
     }
 

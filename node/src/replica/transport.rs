@@ -297,6 +297,35 @@ impl SnapshotFetcher {
 }
 
 /// The receiving side: `RaftTransport.Deliver`.
+/// Paces the snapshot files this node sends, every transfer together, to a byte rate: each
+/// chunk reserves its share of time after the one before it, and waits for its turn.
+#[derive(Clone)]
+pub struct SendPacer {
+    bytes_per_sec: u64,
+    next_free: Arc<parking_lot::Mutex<tokio::time::Instant>>,
+}
+
+impl SendPacer {
+    /// 0: unlimited.
+    pub fn new(bytes_per_sec: u64) -> Self {
+        SendPacer { bytes_per_sec, next_free: Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now())) }
+    }
+
+    /// Waits until `bytes` more may leave.
+    pub async fn pace(&self, bytes: usize) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let turn = {
+            let mut next_free = self.next_free.lock();
+            let turn = (*next_free).max(tokio::time::Instant::now());
+            *next_free = turn + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+            turn
+        };
+        tokio::time::sleep_until(turn).await;
+    }
+}
+
 pub struct RaftTransportService {
     replication: Arc<Replication>,
     token: AdminToken,
@@ -382,6 +411,7 @@ impl RaftTransport for RaftTransportService {
                     Ok(0) => break true,
                     Ok(read) => {
                         buffer.truncate(read);
+                        replication.send_pacer.pace(read).await;
                         if sender.send(Ok(SnapshotChunk { data: buffer.into() })).await.is_err() {
                             break false;
                         }
@@ -398,5 +428,29 @@ impl RaftTransport for RaftTransportService {
             replication.report_snapshot(range_id, from_raft_id, delivered);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_pacer_holds_every_transfer_together_to_its_rate() {
+        let pacer = SendPacer::new(1_000_000);
+        let started = std::time::Instant::now();
+        // Two transfers at once, 200 kB each in 100 kB chunks: 400 kB at 1 MB/s. The first chunk
+        // goes at once, the last waits for the 300 kB before it.
+        let transfer = |pacer: SendPacer| async move {
+            for _ in 0..2 {
+                pacer.pace(100_000).await;
+            }
+        };
+        tokio::join!(transfer(pacer.clone()), transfer(pacer.clone()));
+        assert!(started.elapsed() >= Duration::from_millis(300), "400 kB left in {:?}", started.elapsed());
+        let unlimited = SendPacer::new(0);
+        let started = std::time::Instant::now();
+        unlimited.pace(1 << 30).await;
+        assert!(started.elapsed() < Duration::from_secs(1), "an unlimited pacer waited");
     }
 }
