@@ -197,8 +197,8 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
         acked.insert(Bytes::from(key), Bytes::from(value));
     };
 
-    // While the leader that applied the split leads, it keeps range 1's log from the split entry
-    // on until every replica has it: the replica that was down makes the split from the log.
+    // The replicas that applied the split keep range 1's log from where the one that is down
+    // stopped until it has the split entry: it makes the split from the log.
     fleet.nodes[lagging].kill9();
     let [_, right] = split(&fleet, leader, 1, "key050").await;
     for i in 0..100 {
@@ -219,15 +219,20 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
     let both: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key050"), (right.range_id, b"key050", b"")];
     wait_for_ranges(&fleet, lagging, &both).await;
 
-    // A replica that missed a split and whose new leader compacted past it (a follower does not
-    // know who lacks the entry) gets a snapshot instead: it takes the range's narrower keys and
-    // drops the rest, and holds no replica of the split's new range.
+    // A replica that missed a split after the replicas that kept the log for it restarted
+    // (the hold is in memory) gets a snapshot from its new leader instead: it takes the range's
+    // narrower keys, and holds no replica of the split's new range.
     fleet.nodes[lagging].kill9();
     let [_, middle] = split(&fleet, leader, 1, "key025").await;
     for i in 0..100 {
         write(format!("key{:03}", i % 25), format!("b-{i}")).await;
     }
     write("key030".into(), "in the middle".into()).await;
+    fleet.nodes[other].kill9();
+    fleet.nodes[other].spawn();
+    for i in 0..100 {
+        write(format!("key{:03}", i % 25), format!("c-{i}")).await;
+    }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     fleet.nodes[leader].kill9();
     fleet.nodes[lagging].spawn();

@@ -228,7 +228,6 @@ impl Node {
                     db: self.storage.db(),
                     log: log.clone(),
                     files: self.replication.snapshot_files().clone(),
-                    key_space_end: self.storage.key_space_end().to_vec(),
                 };
                 let changed = installer
                     .install(range_id, pending.index, pending.term, &pending.data)

@@ -108,7 +108,8 @@ pub fn apply_entries(
                             *span = Span { start: done.left.start_key.to_vec(), end: done.left.end_key.to_vec() };
                             run.splits.push(done);
                         }
-                        Err(refused) => outcome = Err(refused),
+                        Err(SplitFailure::Refused(refused)) => outcome = Err(refused),
+                        Err(SplitFailure::Fatal(reason)) => return Err(reason),
                     }
                 }
                 Ok(command) => {
@@ -142,9 +143,20 @@ pub fn apply_entries(
     Ok(run)
 }
 
+/// Why a split entry was not applied.
+enum SplitFailure {
+    /// Refused alike on every replica: the entry is skipped, the proposer told why.
+    Refused(ReplicaError),
+    /// Something about this replica alone (its stored state): applying on would make it
+    /// diverge from the others, so the node stops.
+    Fatal(String),
+}
+
 /// Adds a split of `range_id` to `batch`: both descriptors, the new range's log and applied
 /// index. Refused, alike on every replica (the decision reads only what the log made), if the
-/// range is not at the expected generation or the key is not strictly inside it.
+/// range is not at the expected generation or the key is not strictly inside it. The new id
+/// must be unknown here: a replica that knows it (ids reused by hand) stops rather than
+/// overwrite another range's log and votes.
 fn split_range(
     db: &DB,
     log: &LogStore,
@@ -153,11 +165,11 @@ fn split_range(
     split: &RaftSplit,
     earlier: &[SplitApplied],
     batch: &mut WriteBatch,
-) -> Result<SplitApplied, ReplicaError> {
-    let refused = |reason: String| ReplicaError::SplitRefused { range_id, reason };
+) -> Result<SplitApplied, SplitFailure> {
+    let refused = |reason: String| SplitFailure::Refused(ReplicaError::SplitRefused { range_id, reason });
     let desc = match earlier.last() {
         Some(done) => done.left.clone(),
-        None => stored_descriptor(db, range_id).map_err(|e| ReplicaError::BadCommand { range_id, reason: e })?,
+        None => stored_descriptor(db, range_id).map_err(SplitFailure::Fatal)?,
     };
     if split.expected_generation != 0 && split.expected_generation != desc.generation {
         return Err(refused(format!(
@@ -175,19 +187,22 @@ fn split_range(
     if split.right_id == 0 || split.right_id == range_id {
         return Err(refused(format!("the new range's id {} must be new", split.right_id)));
     }
+    let fatal = |what: &str| SplitFailure::Fatal(format!("range {range_id}'s split at index {index}: {what}"));
+    let meta = db.cf_handle(CF_META).ok_or_else(|| fatal("the meta column family is missing"))?;
+    let taken = db.get_cf(meta, descriptor_key(split.right_id)).map_err(|e| fatal(e.as_ref()))?.is_some()
+        || log.open_group(split.right_id).map_err(|e| fatal(&e.to_string()))?.is_some();
+    if taken {
+        return Err(fatal(&format!("the new range's id {} is already used on this node", split.right_id)));
+    }
     let generation = desc.generation + 1;
     let right =
         RangeDescriptor { range_id: split.right_id, start_key: split.split_key.clone(), generation, ..desc.clone() };
     let left = RangeDescriptor { end_key: split.split_key.clone(), generation, ..desc };
-    let meta = db
-        .cf_handle(CF_META)
-        .ok_or_else(|| ReplicaError::BadCommand { range_id, reason: "the meta column family is missing".into() })?;
     for half in [&left, &right] {
         batch.put_cf(meta, descriptor_key(half.range_id), half.encode_to_vec());
     }
     let voters: Vec<u64> = right.replicas.iter().map(|r| r.raft_id).collect();
-    log.create_split_group(right.range_id, &voters, batch)
-        .map_err(|e| ReplicaError::BadCommand { range_id, reason: e.to_string() })?;
+    log.create_split_group(right.range_id, &voters, batch).map_err(|e| fatal(&e.to_string()))?;
     batch.put_cf(meta, applied_key(right.range_id), encode_applied(SPLIT_LOG_START, SPLIT_LOG_START));
     Ok(SplitApplied { index, left, right })
 }

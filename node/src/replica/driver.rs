@@ -25,6 +25,9 @@ use super::{
 /// Logs are looked at for compaction, and snapshot requests for making, every this many ticks.
 const HOUSEKEEPING_EVERY_TICKS: u64 = 10;
 
+/// How long a replica keeps a split range's log for replicas that lack the split entry.
+const SPLIT_LOG_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Most inputs taken in one pass (the rest wait for the next).
 const MAX_INPUTS_PER_PASS: usize = 8192;
 /// Most ready passes in a row before the driver looks at its inputs again.
@@ -87,9 +90,10 @@ pub struct Driver {
     /// Groups whose leader proposed a split at this index: no lease until it is applied (see
     /// `propose`).
     splits_proposed: HashMap<u64, u64>,
-    /// Groups that applied a split at this index: their leader keeps the log from there until
-    /// every replica has the split entry (see `compact_logs`).
-    splits_applied: HashMap<u64, u64>,
+    /// Groups that applied a split: the latest split's index, and when this replica applied
+    /// it. The log is kept from where every replica is until each has the split entry (see
+    /// `compact_logs`).
+    splits_applied: HashMap<u64, (u64, Instant)>,
     /// Told of every split applied here (and every range a snapshot narrowed), after it is
     /// durable and before anyone is answered.
     on_range_change: super::OnRangeChange,
@@ -110,8 +114,7 @@ impl Driver {
         on_range_change: super::OnRangeChange,
     ) -> Self {
         let files = SnapshotFiles::new(&settings.data_dir);
-        let key_space_end = settings.key_space_end.clone();
-        let installer = Installer { db: db.clone(), log: log.clone(), files, key_space_end };
+        let installer = Installer { db: db.clone(), log: log.clone(), files };
         Driver {
             groups: Groups::new(raft_id, GroupsConfig::default()),
             db,
@@ -356,13 +359,18 @@ impl Driver {
                 continue;
             }
             let mut up_to = applied - keep;
-            if let Some(&split_index) = self.splits_applied.get(&range_id) {
+            if let Some(&(split_index, applied_at)) = self.splits_applied.get(&range_id) {
                 // A replica that missed the split entry must get it from the log: a snapshot
-                // would skip it, and that replica would never start the new range's group.
-                if self.groups.lowest_match(range_id).is_some_and(|matched| matched >= split_index) {
+                // would skip it, and that replica would hold no replica of the new range. So
+                // the leader keeps every entry some replica lacks; a follower (which does not
+                // know what the others have, and may lead next) compacts nothing. Until every
+                // replica has the split entry, or `SPLIT_LOG_HOLD` has passed: a replica down
+                // for longer is narrowed by a snapshot instead (see `snapshot::Installer`).
+                let lowest = self.groups.lowest_match(range_id);
+                if lowest.is_some_and(|matched| matched >= split_index) || applied_at.elapsed() > SPLIT_LOG_HOLD {
                     self.splits_applied.remove(&range_id);
-                } else if self.groups.is_leader(range_id) {
-                    up_to = up_to.min(split_index - 1);
+                } else {
+                    up_to = up_to.min(lowest.unwrap_or(0));
                 }
             }
             if let (true, Some(offered)) = (in_flight, offered) {
@@ -610,7 +618,7 @@ impl Driver {
                 std::process::abort();
             }
         };
-        self.splits_applied.insert(range_id, split.index);
+        self.splits_applied.insert(range_id, (split.index, Instant::now()));
         self.spans.insert(right_id, Span { start: split.right.start_key.to_vec(), end: split.right.end_key.to_vec() });
         self.snapshot_slots.insert(right_id, storage.snapshot_slot());
         match self.groups.create_applied(right_id, storage, kvfleet_replication::SPLIT_LOG_START) {

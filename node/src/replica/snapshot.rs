@@ -194,8 +194,6 @@ pub struct Installer {
     pub db: std::sync::Arc<DB>,
     pub log: LogStore,
     pub files: SnapshotFiles,
-    /// A key past every key (to delete to the end of the key space).
-    pub key_space_end: Vec<u8>,
 }
 
 impl Installer {
@@ -206,9 +204,10 @@ impl Installer {
     ///
     /// A snapshot whose range is at a newer generation than this replica's comes after a split
     /// this replica missed (its log was compacted past the split entry): the replica takes the
-    /// snapshot's descriptor, in the same last write, and drops the data of the keys the range
-    /// no longer has (they belong to the split's new range, of which this node holds no replica).
-    /// Returns that descriptor, if the range changed.
+    /// snapshot's descriptor, in the same last write. The data of the keys the range no longer
+    /// has stays, unserved (they belong to the split's new range, of which this node holds no
+    /// replica): deleting it could pull a key from under a read that began before. Returns that
+    /// descriptor, if the range changed.
     pub fn install(
         &self,
         range_id: u64,
@@ -240,10 +239,6 @@ impl Installer {
         if let Some(sent) = sent {
             let mine = apply::stored_descriptor(db, range_id)?;
             if sent.generation > mine.generation {
-                for (start, end) in cut_off(&Span::of(&mine), &Span::of(&sent)) {
-                    let end = if end.is_empty() { self.key_space_end.clone() } else { end };
-                    done.delete_range_cf(data_cf, start, end);
-                }
                 done.put_cf(meta_cf, crate::ranges::descriptor_key(range_id), sent.encode_to_vec());
                 changed = Some(sent);
             }
@@ -253,41 +248,5 @@ impl Installer {
         db.write_opt(done, &sync).map_err(|e| format!("recording range {range_id}'s snapshot: {e}"))?;
         let _ = std::fs::remove_file(&path);
         Ok(changed)
-    }
-}
-
-/// The parts of `old` outside `new` (each `[start, end)`, an empty end meaning the end of the
-/// key space).
-fn cut_off(old: &Span, new: &Span) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut parts = Vec::new();
-    if new.start > old.start {
-        parts.push((old.start.clone(), new.start.clone()));
-    }
-    if !new.end.is_empty() && (old.end.is_empty() || new.end < old.end) {
-        parts.push((new.end.clone(), old.end.clone()));
-    }
-    parts
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn span(start: &str, end: &str) -> Span {
-        Span { start: start.into(), end: end.into() }
-    }
-
-    #[test]
-    fn a_narrowed_range_drops_exactly_the_keys_it_no_longer_has() {
-        let owned = |parts: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<(String, String)> {
-            parts.into_iter().map(|(s, e)| (String::from_utf8(s).unwrap(), String::from_utf8(e).unwrap())).collect()
-        };
-        assert_eq!(owned(cut_off(&span("", ""), &span("", "m"))), [("m".to_string(), String::new())]);
-        assert_eq!(owned(cut_off(&span("c", "x"), &span("c", "m"))), [("m".to_string(), "x".to_string())]);
-        assert_eq!(
-            owned(cut_off(&span("a", "z"), &span("c", "m"))),
-            [("a".to_string(), "c".to_string()), ("m".to_string(), "z".to_string())]
-        );
-        assert!(cut_off(&span("c", "m"), &span("c", "m")).is_empty());
     }
 }
