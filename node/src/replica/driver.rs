@@ -344,13 +344,18 @@ impl Driver {
     }
 
     /// Compacts every log holding at least twice `log_keep_entries` applied entries down to
-    /// `log_keep_entries` (a follower further behind gets a snapshot). While a snapshot is on
-    /// its way to a follower, not past it: the follower goes on from there with the log (else a
-    /// follower of a busy range would chase snapshots for ever).
+    /// `log_keep_entries` (a follower further behind gets a snapshot). Not while a snapshot is
+    /// being made, and while one is on its way to a follower, not past it: the follower goes on
+    /// from there with the log (else a follower of a busy range would chase snapshots for ever).
     fn compact_logs(&mut self) {
         let keep = self.log_keep_entries;
         let ids: Vec<u64> = self.groups.ids().collect();
         for range_id in ids {
+            // A snapshot being made must still cover the log when it is done: else the follower
+            // needs entries compacted meanwhile, and the leader makes another, and another.
+            if self.making_snapshots.lock().contains(&range_id) {
+                continue;
+            }
             let applied = self.applied.get(&range_id).copied().unwrap_or(0);
             let in_flight = self.snapshots_sent.keys().any(|(group, _)| *group == range_id);
             let offered = self.snapshot_slots.get(&range_id).and_then(|slot| slot.offered_index());
