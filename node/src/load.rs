@@ -325,17 +325,24 @@ mod tests {
 
     #[test]
     fn key_samples_follow_load_and_are_bounded() {
-        let load = RangeLoad::new(true, 10);
-        for i in 0..80_000u32 {
-            let key = if i % 4 == 0 { b"a-light".to_vec() } else { format!("z-heavy{}", i % 50).into_bytes() };
-            load.record_write(&key, 1);
+        // Sampling is random: the share is averaged over independent ranges (one 64-key sample
+        // alone strays from 0.75 by more than 0.15 about once in a hundred runs).
+        let mut shares = Vec::new();
+        let mut total_weight = 0.0;
+        for _ in 0..8 {
+            let load = RangeLoad::new(true, 10);
+            for i in 0..80_000u32 {
+                let key = if i % 4 == 0 { b"a-light".to_vec() } else { format!("z-heavy{}", i % 50).into_bytes() };
+                load.record_write(&key, 1);
+            }
+            let samples = load.key_samples(64);
+            assert!(samples.len() <= 64);
+            let heavy = samples.iter().filter(|s| s.key.starts_with(b"z-heavy")).count() as f64;
+            shares.push(heavy / samples.len() as f64);
+            total_weight += samples.iter().map(|s| s.weight).sum::<f64>();
         }
-        let samples = load.key_samples(64);
-        assert!(samples.len() <= 64);
-        let heavy = samples.iter().filter(|s| s.key.starts_with(b"z-heavy")).count() as f64;
-        let share = heavy / samples.len() as f64;
-        assert!((0.6..0.9).contains(&share), "heavy share {share}");
-        let total_weight: f64 = samples.iter().map(|s| s.weight).sum();
+        let share = shares.iter().sum::<f64>() / shares.len() as f64;
+        assert!((0.65..0.85).contains(&share), "heavy share {share} (runs: {shares:?})");
         assert!(total_weight > 0.0);
     }
 }

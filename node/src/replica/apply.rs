@@ -217,3 +217,93 @@ pub fn stored_descriptor(db: &DB, range_id: u64) -> Result<RangeDescriptor, Stri
         .ok_or_else(|| format!("range {range_id} has no descriptor on this node"))?;
     crate::ranges::decode_descriptor(&key, &bytes).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use kvfleet_proto::v1::{RangeState, Replica};
+
+    fn entry(index: u64, data: Vec<u8>) -> Entry {
+        Entry { index, term: 2, data: data.into(), ..Default::default() }
+    }
+
+    fn put(key: &str, value: &str) -> Vec<u8> {
+        let mutation =
+            Mutation { op: MutationOp::Put as i32, key: Bytes::from(key.to_string()), value: value.to_string().into() };
+        encode_command(vec![mutation])
+    }
+
+    fn split(key: &str, right_id: u64, expected_generation: u64) -> Vec<u8> {
+        encode_split(RaftSplit { expected_generation, split_key: Bytes::from(key.to_string()), right_id })
+    }
+
+    #[tokio::test]
+    async fn a_split_is_applied_with_its_entry_and_writes_ordered_after_it_to_keys_it_moved_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let storage = crate::storage::Storage::open(
+            dir.path(),
+            crate::config::Durability::Sync,
+            std::time::Duration::from_secs(1),
+            4096,
+            metrics.storage,
+        )
+        .unwrap();
+        let db = storage.db();
+        let log = LogStore::with_db(db.clone()).unwrap();
+        let replica = |raft_id| Replica { node_id: format!("n{raft_id}"), raft_id, ..Default::default() };
+        let desc = RangeDescriptor {
+            range_id: 1,
+            generation: 1,
+            state: RangeState::Active as i32,
+            replicas: vec![replica(11), replica(12), replica(13)],
+            ..Default::default()
+        };
+        let meta = db.cf_handle(CF_META).unwrap();
+        db.put_cf(meta, descriptor_key(1), desc.encode_to_vec()).unwrap();
+
+        let entries = [
+            entry(1, put("a", "1")),
+            entry(2, split("m", 7, 1)),
+            entry(3, put("z", "proposed before the split, ordered after it")),
+            entry(4, put("b", "3")),
+            entry(5, split("f", 8, 1)),
+        ];
+        let mut span = Span::default();
+        let run = apply_entries(&db, &log, 1, &mut span, &entries).unwrap();
+        let outcomes: Vec<_> = run.entries.iter().map(|applied| applied.outcome.clone()).collect();
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[3].is_ok());
+        assert!(matches!(outcomes[2], Err(ReplicaError::OutsideRange { range_id: 1 })), "{:?}", outcomes[2]);
+        assert!(
+            matches!(&outcomes[4], Err(ReplicaError::SplitRefused { reason, .. }) if reason.contains("generation 2"))
+        );
+        assert_eq!((span.start.as_slice(), span.end.as_slice()), (&b""[..], &b"m"[..]));
+
+        let [done] = run.splits.as_slice() else { panic!("one split: {:?}", run.splits) };
+        assert_eq!((done.index, done.left.generation, done.right.generation), (2, 2, 2));
+        assert_eq!(
+            (done.left.end_key.as_ref(), done.right.start_key.as_ref(), done.right.range_id),
+            (&b"m"[..], &b"m"[..], 7)
+        );
+        assert_eq!(stored_descriptor(&db, 1).unwrap(), done.left);
+        assert_eq!(stored_descriptor(&db, 7).unwrap(), done.right);
+        assert_eq!(done.right.replicas, desc.replicas, "the new range has the same replicas");
+        let data = db.cf_handle(CF_DATA).unwrap();
+        assert_eq!(db.get_cf(data, "a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(db.get_cf(data, "b").unwrap().as_deref(), Some(&b"3"[..]));
+        assert_eq!(db.get_cf(data, "z").unwrap(), None, "a refused write was applied");
+        assert_eq!((applied_index(&db, 1).unwrap(), applied_index(&db, 7).unwrap()), (5, SPLIT_LOG_START));
+        let right_log = log.open_group(7).unwrap().expect("the new range's log");
+        assert_eq!(right_log.first_log_index(), SPLIT_LOG_START + 1);
+
+        // A replica that already knows the new id (reused by hand) stops rather than overwrite.
+        let reused = [entry(6, split("f", 7, 2))];
+        let error = apply_entries(&db, &log, 1, &mut span, &reused).err().expect("a reused id is fatal");
+        assert!(error.contains("already used"), "{error}");
+        assert_eq!(stored_descriptor(&db, 7).unwrap(), done.right, "the other range's descriptor is untouched");
+        // The write pipeline's threads hold the DB too: stop them before the process exits.
+        drop((log, db));
+        storage.shutdown().unwrap();
+    }
+}
