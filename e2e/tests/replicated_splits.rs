@@ -72,7 +72,9 @@ async fn a_split_goes_through_the_log_under_load_and_a_replica_down_during_it_ma
     // A follower misses both splits and the writes around them.
     fleet.nodes[lagging].kill9();
     let [_, right] = split(&fleet, leader, 1, "key016").await;
+    let split_done = Instant::now();
     let right_leader = fleet.leader_of(right.range_id, None).await;
+    eprintln!("the new range had a leader {:?} after the split answered", split_done.elapsed());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let [_, far_right] = split(&fleet, right_leader, right.range_id, "key032").await;
     fleet.leader_of(far_right.range_id, None).await;

@@ -28,6 +28,12 @@ const HOUSEKEEPING_EVERY_TICKS: u64 = 10;
 /// How long a replica keeps a split range's log for replicas that lack the split entry.
 const SPLIT_LOG_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Messages for a group this node does not hold are kept this long, at most this many for at
+/// most this many groups (see `deliver`).
+const EARLY_MESSAGES_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+const EARLY_MESSAGES_KEPT: usize = 64;
+const EARLY_GROUPS_KEPT: usize = 1024;
+
 /// Most inputs taken in one pass (the rest wait for the next).
 const MAX_INPUTS_PER_PASS: usize = 8192;
 /// Most ready passes in a row before the driver looks at its inputs again.
@@ -97,7 +103,9 @@ pub struct Driver {
     /// Told of every split applied here (and every range a snapshot narrowed), after it is
     /// durable and before anyone is answered.
     on_range_change: super::OnRangeChange,
-    /// Votes are refused until then (see `take`).
+    /// Messages for groups this node does not hold (yet), by group: since when, and what.
+    early_messages: HashMap<u64, (Instant, Vec<kvfleet_replication::Envelope>)>,
+    /// Votes are refused until then (see `deliver`).
     votes_from: Instant,
     log_keep_entries: u64,
     ticks: u64,
@@ -140,6 +148,7 @@ impl Driver {
             splits_proposed: HashMap::new(),
             splits_applied: HashMap::new(),
             on_range_change,
+            early_messages: HashMap::new(),
             votes_from: Instant::now() + super::ELECTION_TIMEOUT,
             log_keep_entries: settings.log_keep_entries,
             ticks: 0,
@@ -216,32 +225,56 @@ impl Driver {
                 self.groups.report_snapshot(range_id, to, delivered);
             }
             Input::Deliver(envelopes) => {
-                let now = Instant::now();
-                let refuse_votes = now < self.votes_from;
                 for envelope in envelopes {
-                    // A node that just started forgot which leader it heard last, so raft-rs's
-                    // check-quorum would let it vote at once: it could help elect a new leader
-                    // while the old one still holds a lease this node's acknowledgement helped
-                    // to grant. It waits one election timeout first.
-                    // Nor does a leader vote while its lease runs (raft-rs would, once any
-                    // higher-term message made it a follower with no leader known).
-                    if is_vote_request(&envelope)
-                        && (refuse_votes || self.leases.get(&envelope.group()).is_some_and(|lease| now < lease.until))
-                    {
-                        continue;
-                    }
-                    match self.groups.step(envelope) {
-                        Ok(()) => {}
-                        Err(GroupsError::NoGroup(group)) => {
-                            tracing::debug!(group, "a Raft message for a group this node does not hold")
-                        }
-                        Err(error @ GroupsError::BadMessage { .. }) => tracing::warn!(%error, "Raft message refused"),
-                        Err(error) => tracing::debug!(%error, "a Raft message was refused"),
-                    }
+                    self.deliver(envelope);
                 }
             }
         }
         true
+    }
+
+    /// Steps one message from a peer into its group. A message for a group this node does not
+    /// hold is kept a little while (`EARLY_MESSAGES_FOR`): it may be for a range a split here
+    /// has yet to apply, whose leader already campaigns; the split replays it.
+    fn deliver(&mut self, envelope: kvfleet_replication::Envelope) {
+        let now = Instant::now();
+        // A node that just started forgot which leader it heard last, so raft-rs's check-quorum
+        // would let it vote at once: it could help elect a new leader while the old one still
+        // holds a lease this node's acknowledgement helped to grant. It waits one election
+        // timeout first. Nor does a leader vote while its lease runs (raft-rs would, once any
+        // higher-term message made it a follower with no leader known).
+        if is_vote_request(&envelope)
+            && (now < self.votes_from || self.leases.get(&envelope.group()).is_some_and(|lease| now < lease.until))
+        {
+            return;
+        }
+        let group = envelope.group();
+        if self.groups.term(group).is_none() {
+            self.keep_early(envelope, now);
+            return;
+        }
+        match self.groups.step(envelope) {
+            Ok(()) => {}
+            Err(error @ GroupsError::BadMessage { .. }) => tracing::warn!(%error, "Raft message refused"),
+            Err(error) => tracing::debug!(%error, "a Raft message was refused"),
+        }
+    }
+
+    fn keep_early(&mut self, envelope: kvfleet_replication::Envelope, now: Instant) {
+        let group = envelope.group();
+        if !self.early_messages.contains_key(&group) && self.early_messages.len() >= EARLY_GROUPS_KEPT {
+            tracing::debug!(group, "a Raft message for a group this node does not hold");
+            return;
+        }
+        let (since, kept) = self.early_messages.entry(group).or_insert_with(|| (now, Vec::new()));
+        if now.duration_since(*since) < EARLY_MESSAGES_FOR && kept.len() < EARLY_MESSAGES_KEPT {
+            kept.push(envelope);
+        }
+    }
+
+    /// Drops messages kept for groups that never came.
+    fn forget_early_messages(&mut self) {
+        self.early_messages.retain(|_, (since, _)| since.elapsed() < EARLY_MESSAGES_FOR);
     }
 
     fn open(&mut self, group: OpenGroup) {
@@ -308,6 +341,7 @@ impl Driver {
         self.groups.tick();
         self.ticks += 1;
         if self.ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
+            self.forget_early_messages();
             self.compact_logs();
             self.make_wanted_snapshots();
             self.retry_lost_snapshots();
@@ -637,6 +671,14 @@ impl Driver {
             }
         }
         (self.on_range_change)(super::RangeChange::Split(split));
+        // The new group's leader may have asked for this replica's vote before it existed.
+        if let Some((since, early)) = self.early_messages.remove(&right_id)
+            && since.elapsed() < EARLY_MESSAGES_FOR
+        {
+            for envelope in early {
+                self.deliver(envelope);
+            }
+        }
         if self.groups.is_leader(range_id)
             && let Err(error) = self.groups.campaign(right_id)
         {
