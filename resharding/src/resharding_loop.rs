@@ -423,7 +423,11 @@ impl<P: Platform> ReshardingLoop<P> {
         .await;
         let why = reason.to_string();
         match result {
-            Ok(_) => {
+            Ok(answer) => {
+                // A replicated range keeps its id for the left half (the node says which ids).
+                let answer = answer.into_inner();
+                let left_id = answer.left.map_or(left_id, |d| d.range_id);
+                let right_id = answer.right.map_or(right_id, |d| d.range_id);
                 self.state.split_at.insert(left_id, now);
                 self.state.split_at.insert(right_id, now);
                 let text = format!(
