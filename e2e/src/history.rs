@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfleet_client::Client;
+use kvfleet_proto::v1::ReadConsistency;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// No task runs longer than this, whatever the test does.
@@ -153,6 +154,12 @@ impl HistoryWorkload {
     /// `count` more readers through `client` (e.g. one that knows a single node), their random
     /// keys seeded from `seed` on.
     pub fn add_readers(&mut self, client: &Client, count: usize, seed: u64) {
+        self.add_readers_with(client, count, seed, ReadConsistency::Linearizable);
+    }
+
+    /// `add_readers`, reading with `consistency` (`Follower`: any replica, after a read index
+    /// from the leader; held to the same history).
+    pub fn add_readers_with(&mut self, client: &Client, count: usize, seed: u64, consistency: ReadConsistency) {
         for reader in 0..count as u64 {
             let (client, space, stop) = (client.clone(), self.space.clone(), self.stop.clone());
             self.tasks.push(tokio::spawn(async move {
@@ -165,7 +172,7 @@ impl HistoryWorkload {
                     }
                     let index = rng.random_range(0..space.keys.len());
                     let floor = space.acked[index].load(Ordering::Acquire);
-                    match client.get(space.keys[index].clone()).await {
+                    match client.get_with(space.keys[index].clone(), consistency).await {
                         Ok(value) => {
                             report.reads += 1;
                             if let Err(why) = space.check_read(index, floor, value.as_ref()) {

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use kvfleet_client::{Client, ClientConfig};
-use kvfleet_proto::v1::{ListRangesRequest, ReplicaRole};
+use kvfleet_proto::v1::{ListRangesRequest, RangeDescriptor, ReplicaRole};
 
 use crate::NodeProcess;
 use crate::control_plane::free_port;
@@ -105,5 +105,34 @@ impl ReplicatedFleet {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("no node leads range {range_id} after {PATIENCE:?}");
+    }
+
+    /// The ranges node `index` owns, if it answers.
+    pub async fn ranges_on(&self, index: usize) -> Option<Vec<RangeDescriptor>> {
+        let mut admin = self.nodes[index].admin();
+        match tokio::time::timeout(Duration::from_secs(2), admin.list_ranges(ListRangesRequest {})).await {
+            Ok(Ok(answer)) => Some(answer.into_inner().ranges),
+            _ => None,
+        }
+    }
+
+    /// Waits (bounded) until node `index` owns exactly the ranges `expected` (id, start, end).
+    pub async fn wait_for_ranges(&self, index: usize, expected: &[(u64, &[u8], &[u8])]) {
+        let started = Instant::now();
+        let text = |key: &[u8]| String::from_utf8_lossy(key).into_owned();
+        let mut want: Vec<_> = expected.iter().map(|(id, s, e)| (*id, text(s), text(e))).collect();
+        want.sort();
+        let mut seen = Vec::new();
+        while started.elapsed() < PATIENCE {
+            if let Some(ranges) = self.ranges_on(index).await {
+                seen = ranges.iter().map(|d| (d.range_id, text(&d.start_key), text(&d.end_key))).collect();
+                seen.sort();
+                if seen == want {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("node {index} owns {seen:?} after {PATIENCE:?}, expected {want:?}");
     }
 }

@@ -4,7 +4,8 @@
 //! and keep asking it through the partition: a link cut between the leader and one follower
 //! changes nothing; a leader cut off from both followers acknowledges nothing and, once its
 //! lease has run out, serves no read older than what the majority's new leader acknowledged,
-//! while the majority elects and goes on; after healing, every acknowledged write is there.
+//! while the majority elects and goes on; after healing, every acknowledged write is there. A
+//! split proposed by a cut-off leader never happens, and the majority's leader splits instead.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use kvfleet_client::{Client, ClientConfig};
 use kvfleet_e2e::NodeProcess;
 use kvfleet_e2e::history::HistoryWorkload;
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
-use kvfleet_proto::v1::PutRequest;
+use kvfleet_proto::v1::{PutRequest, SplitRangeRequest};
 
 fn keys(count: usize) -> Vec<Bytes> {
     (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
@@ -78,4 +79,47 @@ async fn a_leader_cut_off_from_its_followers_acknowledges_nothing_serves_nothing
     // The write the cut-off leader took into its log was never committed, and is gone.
     let minority = client.get("minority").await.expect("a read after healing");
     assert_eq!(minority, None, "a write no majority logged was applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_proposed_by_a_cut_off_leader_never_happens_and_the_majority_splits_instead() {
+    let mut fleet = Fleet::start_partitionable(3);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    let mut acked = std::collections::HashMap::new();
+    for i in 0..30 {
+        let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("before-{i}")));
+        client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        acked.insert(key, value);
+    }
+    // The leader, cut off, proposes a split: it cannot commit, and is not answered OK.
+    fleet.partitions.as_ref().expect("a partitionable fleet").isolate(leader, 3);
+    let request = SplitRangeRequest { range_id: 1, split_key: Bytes::from("key015"), ..Default::default() };
+    let mut admin = fleet.nodes[leader].admin();
+    let answer = tokio::time::timeout(Duration::from_secs(15), admin.split_range(request)).await;
+    assert!(!matches!(answer, Ok(Ok(_))), "a cut-off leader answered a split OK: {answer:?}");
+    // The majority elects and takes writes meanwhile.
+    let new_leader = fleet.leader(Some(leader)).await;
+    for i in 30..40 {
+        let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("majority-{i}")));
+        client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        acked.insert(key, value);
+    }
+    // Healed: the split entry the old leader appended is replaced by the new leader's log, on it
+    // too. Nobody split.
+    fleet.partitions.as_ref().expect("a partitionable fleet").heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let whole: [(u64, &[u8], &[u8]); 1] = [(1, b"", b"")];
+    for index in 0..3 {
+        fleet.wait_for_ranges(index, &whole).await;
+    }
+    // The new leader splits at the same key; every node applies it, the old leader too.
+    let request = SplitRangeRequest { range_id: 1, split_key: Bytes::from("key015"), ..Default::default() };
+    let answer = fleet.nodes[new_leader].admin().split_range(request).await.expect("the new leader splits");
+    let right = answer.into_inner().right.expect("the right half");
+    let halves: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key015"), (right.range_id, b"key015", b"")];
+    for index in 0..3 {
+        fleet.wait_for_ranges(index, &halves).await;
+    }
+    kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
 }

@@ -11,42 +11,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_e2e::history::HistoryWorkload;
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
-use kvfleet_proto::v1::{GetRequest, ListRangesRequest, RangeDescriptor, ReadConsistency, SplitRangeRequest};
+use kvfleet_proto::v1::{GetRequest, RangeDescriptor, ReadConsistency, SplitRangeRequest};
 
-/// How long a restarted node may take to replay its log and start the split's groups.
+/// How long the crash test waits for every node to reach its crash point.
 const CATCH_UP: Duration = Duration::from_secs(30);
 
 fn keys(count: usize) -> Vec<Bytes> {
     (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
-}
-
-/// The ranges node `index` owns, if it answers.
-async fn ranges_on(fleet: &Fleet, index: usize) -> Option<Vec<RangeDescriptor>> {
-    let mut admin = fleet.nodes[index].admin();
-    match tokio::time::timeout(Duration::from_secs(2), admin.list_ranges(ListRangesRequest {})).await {
-        Ok(Ok(answer)) => Some(answer.into_inner().ranges),
-        _ => None,
-    }
-}
-
-/// Waits (bounded) until node `index` owns exactly the ranges `expected` (id and span).
-async fn wait_for_ranges(fleet: &Fleet, index: usize, expected: &[(u64, &[u8], &[u8])]) {
-    let started = Instant::now();
-    let mut seen = Vec::new();
-    while started.elapsed() < CATCH_UP {
-        if let Some(ranges) = ranges_on(fleet, index).await {
-            let text = |key: &[u8]| String::from_utf8_lossy(key).into_owned();
-            seen = ranges.iter().map(|d| (d.range_id, text(&d.start_key), text(&d.end_key))).collect();
-            seen.sort();
-            let mut want: Vec<_> = expected.iter().map(|(id, s, e)| (*id, text(s), text(e))).collect();
-            want.sort();
-            if seen == want {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("node {index} owns {seen:?} after {CATCH_UP:?}, expected {expected:?}");
 }
 
 /// `kvctl split <key>` against every node: the halves it printed (id, start, end).
@@ -88,7 +59,8 @@ async fn a_split_goes_through_the_log_under_load_and_a_replica_down_during_it_ma
     let leader = fleet.leader(None).await;
     let (lagging, other) = ((leader + 1) % 3, (leader + 2) % 3);
     let client = fleet.client();
-    let workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 4, 100, ReadConsistency::Follower);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A follower misses both splits and the writes around them.
@@ -114,7 +86,7 @@ async fn a_split_goes_through_the_log_under_load_and_a_replica_down_during_it_ma
     let expected: [(u64, &[u8], &[u8]); 3] =
         [(1, b"", b"key016"), (right.range_id, b"key016", b"key032"), (far_right.range_id, b"key032", b"")];
     for index in 0..3 {
-        wait_for_ranges(&fleet, index, &expected).await;
+        fleet.wait_for_ranges(index, &expected).await;
     }
     // It holds a replica of each new group: with the other follower down, every range still
     // commits (the lagging node is the only second vote), and so does the first leader's loss
@@ -184,18 +156,18 @@ async fn every_replica_crashing_at_either_step_of_applying_a_split_comes_back_sp
             }
         }
         // Each comes back with the split made (replayed from the log, or found in its write).
-        let ranges = ranges_on(&fleet, leader).await;
+        let ranges = fleet.ranges_on(leader).await;
         let ranges = match ranges {
             Some(ranges) if ranges.len() == 2 => ranges,
             _ => {
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                ranges_on(&fleet, leader).await.expect("the restarted leader answers")
+                fleet.ranges_on(leader).await.expect("the restarted leader answers")
             }
         };
         let right = ranges.iter().find(|d| d.start_key.as_ref() == b"key020").expect("the split's right half");
         let expected: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key020"), (right.range_id, b"key020", b"")];
         for index in 0..3 {
-            wait_for_ranges(&fleet, index, &expected).await;
+            fleet.wait_for_ranges(index, &expected).await;
         }
         // Both halves take writes, and nothing acknowledged before the crash is lost.
         for i in (0..40).step_by(3) {
@@ -235,7 +207,7 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
     }
     // The leader says how far behind each replica is: the one that is down, by every write to
     // range 1 since it went.
-    let reported = ranges_on(&fleet, leader).await.expect("the leader answers");
+    let reported = fleet.ranges_on(leader).await.expect("the leader answers");
     let range_1 = reported.iter().find(|d| d.range_id == 1).expect("range 1 on its leader");
     let behind = |index: usize| {
         let node_id = &fleet.nodes[index].node_id;
@@ -246,7 +218,7 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
     tokio::time::sleep(Duration::from_millis(2500)).await;
     fleet.nodes[lagging].spawn();
     let both: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key050"), (right.range_id, b"key050", b"")];
-    wait_for_ranges(&fleet, lagging, &both).await;
+    fleet.wait_for_ranges(lagging, &both).await;
 
     // A replica that missed a split after the replicas that kept the log for it restarted
     // (the hold is in memory) gets a snapshot from its new leader instead: it takes the range's
@@ -266,7 +238,7 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
     fleet.nodes[leader].kill9();
     fleet.nodes[lagging].spawn();
     let narrowed: [(u64, &[u8], &[u8]); 2] = [(1, b"", b"key025"), (right.range_id, b"key050", b"")];
-    wait_for_ranges(&fleet, lagging, &narrowed).await;
+    fleet.wait_for_ranges(lagging, &narrowed).await;
     let mut kv = fleet.nodes[lagging].kv();
     for i in 0..25 {
         let key = Bytes::from(format!("key{i:03}"));
