@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use kvfleet_client::{Client, ClientConfig};
-use kvfleet_proto::v1::{ListRangesRequest, RangeDescriptor, ReplicaRole};
+use kvfleet_proto::v1::{ListRangesRequest, PutRequest, RangeDescriptor, ReplicaRole};
 
 use crate::NodeProcess;
 use crate::control_plane::free_port;
@@ -134,5 +135,11 @@ impl ReplicatedFleet {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         panic!("node {index} owns {seen:?} after {PATIENCE:?}, expected {want:?}");
+    }
+
+    /// Whether node `index` acknowledges a write of "minority" to `key` within 4 s.
+    pub async fn acknowledges_a_write(&self, index: usize, key: &'static str) -> bool {
+        let request = PutRequest { header: None, key: Bytes::from(key), value: Bytes::from("minority") };
+        matches!(tokio::time::timeout(Duration::from_secs(4), self.nodes[index].kv().put(request)).await, Ok(Ok(_)))
     }
 }

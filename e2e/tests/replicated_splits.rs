@@ -3,7 +3,8 @@
 //! same index, even one that was down when it was made; the new range is a Raft group of its
 //! own; writes and reads go on during the split and never go back in time; and every replica
 //! crashing at either step of applying the split (before its write, after it) comes back with
-//! the split made and nothing acknowledged lost.
+//! the split made and nothing acknowledged lost; both halves of a five-replica range survive
+//! two replicas' loss.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ async fn split(fleet: &Fleet, on: usize, range_id: u64, key: &'static str) -> [R
     let (Some(left), Some(right)) = (answer.left, answer.right) else { panic!("a split answered without halves") };
     assert_eq!(left.range_id, range_id, "a replicated range keeps its id for the left half");
     assert_eq!((left.end_key.as_ref(), right.start_key.as_ref()), (key.as_bytes(), key.as_bytes()));
-    assert_eq!(right.replicas.len(), 3, "the new range has the same three replicas");
+    assert_eq!(right.replicas.len(), fleet.nodes.len(), "the new range has the same replicas");
     [left, right]
 }
 
@@ -256,4 +257,30 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
     fleet.leader_of(middle.range_id, None).await;
     kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
     assert!(fleet.nodes[other].is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_halves_of_a_split_five_replica_range_survive_the_loss_of_two_replicas() {
+    let mut fleet = Fleet::start(5);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    let workload = HistoryWorkload::start(client.clone(), keys(40), 4, 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let [_, right] = split(&fleet, leader, 1, "key020").await;
+    fleet.leader_of(right.range_id, None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Two of five down, the leader of both halves among them: each half elects and goes on.
+    let other = (leader + 1) % 5;
+    fleet.nodes[leader].kill9();
+    fleet.nodes[other].kill9();
+    let after_kills = workload.space.acked_writes();
+    for key in ["key005-probe", "key030-probe"] {
+        client.put(key, "three of five").await.unwrap_or_else(|e| panic!("{key} with two of five down: {e}"));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (report, space) = workload.finish().await;
+    assert!(space.acked_writes() > after_kills, "writes stopped with two of five down");
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
 }

@@ -11,16 +11,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::NodeProcess;
 use kvfleet_e2e::history::HistoryWorkload;
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
-use kvfleet_proto::v1::{GetRequest, PutRequest, ReadConsistency};
-
-/// Whether `node` acknowledged a write of "minority" to `key` within 4 s.
-async fn acknowledges_a_write(node: &NodeProcess, key: &'static str) -> bool {
-    let request = PutRequest { header: None, key: Bytes::from(key), value: Bytes::from("minority") };
-    matches!(tokio::time::timeout(Duration::from_secs(4), node.kv().put(request)).await, Ok(Ok(_)))
-}
+use kvfleet_proto::v1::{GetRequest, ReadConsistency};
 
 fn keys(count: usize) -> Vec<Bytes> {
     (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
@@ -110,7 +103,7 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
     for index in (0..3).filter(|&i| i != alone) {
         fleet.nodes[index].kill9();
     }
-    assert!(!acknowledges_a_write(&fleet.nodes[alone], "k").await, "a node without a majority acknowledged a write");
+    assert!(!fleet.acknowledges_a_write(alone, "k").await, "a node without a majority acknowledged a write");
     let mut kv = fleet.nodes[alone].kv();
     let read = tokio::time::timeout(
         Duration::from_secs(4),
@@ -208,7 +201,7 @@ async fn five_replicas_survive_two_kills_and_refuse_writes_after_a_third() {
     let third = fleet.leader(Some(leader)).await;
     fleet.nodes[third].kill9();
     let survivor = (0..5).find(|&i| fleet.nodes[i].is_running()).expect("a node still runs");
-    assert!(!acknowledges_a_write(&fleet.nodes[survivor], "probe").await, "two of five acknowledged a write");
+    assert!(!fleet.acknowledges_a_write(survivor, "probe").await, "two of five acknowledged a write");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
