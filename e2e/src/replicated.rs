@@ -134,7 +134,7 @@ impl ReplicatedFleet {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        panic!("node {index} owns {seen:?} after {PATIENCE:?}, expected {want:?}");
+        panic!("node {index} owns {seen:?} after {:?}, expected {want:?}", started.elapsed());
     }
 
     /// Whether node `index` acknowledges a write of "minority" to `key` within 4 s.

@@ -149,6 +149,9 @@ async fn every_replica_crashing_at_either_step_of_applying_a_split_comes_back_sp
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // A node writes its mark just before it aborts: let the last ones die before restarting
+        // whichever is down.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         for index in 0..3 {
             assert!(mark(index).exists(), "node {index} never reached {crash_at}");
             if !fleet.nodes[index].is_running() {

@@ -28,8 +28,8 @@ const HOUSEKEEPING_EVERY_TICKS: u64 = 10;
 /// How long a replica keeps a split range's log for replicas that lack the split entry.
 const SPLIT_LOG_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Messages for a group this node does not hold are kept this long, at most this many for at
-/// most this many groups (see `deliver`).
+/// Small messages (votes, heartbeats) for a group this node does not hold are kept this long,
+/// at most this many for at most this many groups (see `deliver`).
 const EARLY_MESSAGES_FOR: std::time::Duration = std::time::Duration::from_secs(3);
 const EARLY_MESSAGES_KEPT: usize = 64;
 const EARLY_GROUPS_KEPT: usize = 1024;
@@ -260,8 +260,20 @@ impl Driver {
         }
     }
 
+    /// Keeps a message for a group this node does not hold, if it is small: a vote request or a
+    /// heartbeat (what a new group's leader sends first). Entries and snapshots are not kept
+    /// (memory stays bounded; the leader sends them again).
     fn keep_early(&mut self, envelope: kvfleet_replication::Envelope, now: Instant) {
         let group = envelope.group();
+        let small = match &envelope {
+            kvfleet_replication::Envelope::Raft { message, .. } => {
+                message.entries.is_empty() && !message.has_snapshot()
+            }
+            _ => false,
+        };
+        if !small {
+            return;
+        }
         if !self.early_messages.contains_key(&group) && self.early_messages.len() >= EARLY_GROUPS_KEPT {
             tracing::debug!(group, "a Raft message for a group this node does not hold");
             return;
