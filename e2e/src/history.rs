@@ -17,6 +17,11 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 /// No task runs longer than this, whatever the test does.
 const MAX_RUN: Duration = Duration::from_secs(300);
 
+/// `count` keys, `key000` on.
+pub fn keys(count: usize) -> Vec<Bytes> {
+    (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
+}
+
 /// The keys under test and, per key, the last acknowledged and the last attempted version.
 pub struct KeySpace {
     pub keys: Vec<Bytes>,

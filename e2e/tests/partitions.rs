@@ -12,13 +12,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_client::{Client, ClientConfig};
 use kvfleet_e2e::NodeProcess;
-use kvfleet_e2e::history::HistoryWorkload;
+use kvfleet_e2e::history::{HistoryWorkload, keys};
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
 use kvfleet_proto::v1::SplitRangeRequest;
-
-fn keys(count: usize) -> Vec<Bytes> {
-    (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
-}
 
 /// A client that knows only `node` (it follows the hints `node` gives, nothing else).
 fn client_of(node: &NodeProcess) -> Client {

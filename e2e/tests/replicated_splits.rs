@@ -10,16 +10,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::history::HistoryWorkload;
+use kvfleet_e2e::history::{HistoryWorkload, keys};
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
 use kvfleet_proto::v1::{GetRequest, RangeDescriptor, ReadConsistency, SplitRangeRequest};
 
 /// How long the crash test waits for every node to reach its crash point.
 const CATCH_UP: Duration = Duration::from_secs(30);
-
-fn keys(count: usize) -> Vec<Bytes> {
-    (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
-}
 
 /// `kvctl split <key>` against every node: the halves it printed (id, start, end).
 fn kvctl_split(fleet: &Fleet, key: &str) -> Vec<(u64, String, String)> {

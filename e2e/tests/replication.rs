@@ -11,13 +11,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfleet_e2e::history::HistoryWorkload;
+use kvfleet_e2e::history::{HistoryWorkload, keys};
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
 use kvfleet_proto::v1::{GetRequest, ReadConsistency};
-
-fn keys(count: usize) -> Vec<Bytes> {
-    (0..count).map(|i| Bytes::from(format!("key{i:03}"))).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_killed_under_load_is_replaced_and_no_acknowledged_write_is_lost() {

@@ -269,7 +269,14 @@ impl Node {
     ) -> Result<(), NodeError> {
         let members = desc.replicas.iter().map(|r| (r.raft_id, r.address.clone())).collect();
         self.replication
-            .open(OpenGroup { range_id: desc.range_id, storage, applied, members, campaign, span: span_of(desc) })
+            .open(OpenGroup {
+                range_id: desc.range_id,
+                storage,
+                applied,
+                members,
+                campaign,
+                span: crate::replica::snapshot::Span::of(desc),
+            })
             .map_err(|e| NodeError::Unavailable(e.to_string()))
     }
 
@@ -333,13 +340,18 @@ impl Node {
         Ok(())
     }
 
+    /// The range that holds `key` as this node knows it: its own, or the best hint it has.
+    fn descriptor_holding(&self, key: &[u8]) -> Option<RangeDescriptor> {
+        match self.table.read().route(key, None) {
+            Ok(range) => Some(range.desc.clone()),
+            Err(not_owner) => not_owner.hint,
+        }
+    }
+
     /// NotOwner for a request that held `desc` while a split replaced it: the range that holds
     /// `key` now is the hint.
     fn rerouted(&self, desc: &RangeDescriptor, key: &[u8]) -> NodeError {
-        let hint = match self.table.read().route(key, None) {
-            Ok(range) => Some(self.replication.with_roles(range.desc.clone())),
-            Err(not_owner) => not_owner.hint,
-        };
+        let hint = self.descriptor_holding(key).map(|d| self.replication.with_roles(d));
         NodeError::NotOwner(Box::new(NotOwner {
             key: Bytes::copy_from_slice(key),
             node_id: self.config.node_id.clone(),
@@ -565,10 +577,7 @@ impl Node {
         let lease = self.serving_lease(&first.key, header).await?;
         if let Some(outside) = mutations.iter().find(|m| !lease.range.desc.contains_key(&m.key)) {
             // Not atomic across ranges: refuse the whole batch, and say where the key lives.
-            let hint = match self.table.read().route(&outside.key, None) {
-                Ok(range) => Some(range.desc.clone()),
-                Err(not_owner) => not_owner.hint,
-            };
+            let hint = self.descriptor_holding(&outside.key);
             let reason = format!(
                 "batch spans ranges: key {} is outside range {} {}; a batch is atomic only within one range",
                 kvfleet_proto::display_key(&outside.key),
@@ -686,15 +695,12 @@ impl Node {
         };
         let outcome = self.replication.propose_split(range_id, split).await;
         outcome.map_err(|error| self.replica_error(&desc, &request.split_key, error))?;
-        let generation = desc.generation + 1;
-        let right =
-            RangeDescriptor { range_id: right_id, start_key: request.split_key.clone(), generation, ..desc.clone() };
-        let left = RangeDescriptor { end_key: request.split_key.clone(), generation, ..desc };
+        let [left, right] = crate::replica::apply::split_halves(desc, &request.split_key, right_id);
         tracing::info!(
             range_id,
             right = right_id,
             split_key = %kvfleet_proto::display_key(&request.split_key),
-            generation,
+            generation = left.generation,
             "split replicated range through its log"
         );
         Ok([self.replication.with_roles(left), self.replication.with_roles(right)])
@@ -794,9 +800,4 @@ fn nonzero_or_random(id: u64) -> u64 {
             return id;
         }
     }
-}
-
-/// The keys of the range `desc` describes.
-fn span_of(desc: &RangeDescriptor) -> crate::replica::snapshot::Span {
-    crate::replica::snapshot::Span { start: desc.start_key.to_vec(), end: desc.end_key.to_vec() }
 }

@@ -440,23 +440,17 @@ impl RangeTable {
         right: &RangeDescriptor,
         load: impl FnOnce() -> Arc<RangeLoad>,
     ) -> bool {
-        let Some(old) = self.owned.get(&left.start_key).filter(|o| o.desc.range_id == left.range_id).cloned() else {
-            return false;
-        };
         // The replicas as this process knows them (its own address as advertised now).
-        let replicas = old.desc.replicas.clone();
-        let mut narrowed =
-            OwnedRange::new(RangeDescriptor { replicas: replicas.clone(), ..left.clone() }, old.load.clone());
-        narrowed.gate = old.gate.clone();
-        self.owned.insert(left.start_key.clone(), Arc::new(narrowed));
+        let Some(replicas) = self.by_id(left.range_id).map(|old| old.desc.replicas.clone()) else { return false };
+        self.narrow_replicated(left);
         let right = RangeDescriptor { replicas, ..right.clone() };
         self.owned.insert(right.start_key.clone(), Arc::new(OwnedRange::new(right, load())));
-        old.mark_replaced();
         true
     }
 
-    /// Installs the descriptor a snapshot brought for a replicated range this node owns (the
-    /// range is narrower: this replica missed a split). False if the range is not owned here.
+    /// Installs the narrower descriptor of a replicated range this node owns (a split, or a
+    /// snapshot after splits this replica missed), keeping its gate, load and replicas as this
+    /// process knows them. False if the range is not owned here.
     pub fn narrow_replicated(&mut self, desc: &RangeDescriptor) -> bool {
         let Some(old) = self.by_id(desc.range_id).cloned() else { return false };
         self.owned.remove(&old.desc.start_key);

@@ -450,22 +450,21 @@ impl<S: GroupLog> Groups<S> {
     /// On the leader of `group`, how many log entries each replica lacks (0 for the leader and
     /// for a replica that has them all); `None` on a follower, which does not know.
     pub fn replica_lag(&self, group: GroupId) -> Option<Vec<(NodeId, u64)>> {
-        let g = self.groups.get(&group)?;
-        if g.raw.raft.state != raft::StateRole::Leader {
-            return None;
-        }
-        let last = g.raw.raft.raft_log.last_index();
-        Some(g.raw.raft.prs().iter().map(|(&id, progress)| (id, last.saturating_sub(progress.matched))).collect())
+        let raft = self.leading(group)?;
+        let last = raft.raft_log.last_index();
+        Some(raft.prs().iter().map(|(&id, progress)| (id, last.saturating_sub(progress.matched))).collect())
     }
 
     /// On the leader of `group`, the lowest index every replica is known to hold (`None` on a
     /// follower, which does not know).
     pub fn lowest_match(&self, group: GroupId) -> Option<u64> {
-        let g = self.groups.get(&group)?;
-        if g.raw.raft.state != raft::StateRole::Leader {
-            return None;
-        }
-        g.raw.raft.prs().iter().map(|(_, progress)| progress.matched).min()
+        self.leading(group)?.prs().iter().map(|(_, progress)| progress.matched).min()
+    }
+
+    /// The Raft state of `group`, if this node leads it (only a leader tracks its replicas).
+    fn leading(&self, group: GroupId) -> Option<&raft::Raft<S>> {
+        let raft = &self.groups.get(&group)?.raw.raft;
+        (raft.state == StateRole::Leader).then_some(raft)
     }
 
     pub fn committed(&self, group: GroupId) -> Option<u64> {

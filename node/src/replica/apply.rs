@@ -105,7 +105,7 @@ pub fn apply_entries(
                 Ok(RaftCommand { split: Some(split), .. }) => {
                     match split_range(db, log, range_id, entry.index, &split, &run.splits, &mut batch) {
                         Ok(done) => {
-                            *span = Span { start: done.left.start_key.to_vec(), end: done.left.end_key.to_vec() };
+                            *span = Span::of(&done.left);
                             run.splits.push(done);
                         }
                         Err(SplitFailure::Refused(refused)) => outcome = Err(refused),
@@ -194,10 +194,7 @@ fn split_range(
     if taken {
         return Err(fatal(&format!("the new range's id {} is already used on this node", split.right_id)));
     }
-    let generation = desc.generation + 1;
-    let right =
-        RangeDescriptor { range_id: split.right_id, start_key: split.split_key.clone(), generation, ..desc.clone() };
-    let left = RangeDescriptor { end_key: split.split_key.clone(), generation, ..desc };
+    let [left, right] = split_halves(desc, &split.split_key, split.right_id);
     for half in [&left, &right] {
         batch.put_cf(meta, descriptor_key(half.range_id), half.encode_to_vec());
     }
@@ -205,6 +202,15 @@ fn split_range(
     log.create_split_group(right.range_id, &voters, batch).map_err(|e| fatal(&e.to_string()))?;
     batch.put_cf(meta, applied_key(right.range_id), encode_applied(SPLIT_LOG_START, SPLIT_LOG_START));
     Ok(SplitApplied { index, left, right })
+}
+
+/// The two halves of `desc` split at `split_key`: the left keeps the range's id, the right is
+/// range `right_id`; both at generation + 1, on the same replicas.
+pub fn split_halves(desc: RangeDescriptor, split_key: &bytes::Bytes, right_id: u64) -> [RangeDescriptor; 2] {
+    let generation = desc.generation + 1;
+    let right = RangeDescriptor { range_id: right_id, start_key: split_key.clone(), generation, ..desc.clone() };
+    let left = RangeDescriptor { end_key: split_key.clone(), generation, ..desc };
+    [left, right]
 }
 
 /// The descriptor of `range_id` as persisted on this node.

@@ -426,9 +426,6 @@ impl Driver {
             }
             if let (true, Some(offered)) = (in_flight, offered) {
                 up_to = up_to.min(offered);
-                if up_to < first {
-                    continue;
-                }
             }
             if up_to < first {
                 continue;
@@ -656,32 +653,27 @@ impl Driver {
     fn start_split_group(&mut self, range_id: u64, split: &apply::SplitApplied) {
         kvfleet_proto::failpoint::hit("split-apply-after-write");
         let right_id = split.right.range_id;
-        let storage = match self.log.open_group(right_id) {
-            Ok(Some(storage)) => storage,
-            Ok(None) => {
-                tracing::error!(range_id, right_id, "the split's new range has no log; stopping the node");
-                eprintln!("kvfleet-node: range {right_id}, split from range {range_id}, has no Raft log");
-                std::process::abort();
+        let started = match self.log.open_group(right_id) {
+            Ok(Some(storage)) => {
+                let slot = storage.snapshot_slot();
+                let applied = self.groups.create_applied(right_id, storage, kvfleet_replication::SPLIT_LOG_START);
+                applied.map(|applied| (applied, slot)).map_err(|e| e.to_string())
             }
+            Ok(None) => Err("it has no Raft log".to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        let (applied, slot) = match started {
+            Ok(started) => started,
             Err(error) => {
-                tracing::error!(range_id, right_id, %error, "the split's new range's log does not open; stopping the node");
-                eprintln!("kvfleet-node: range {right_id}, split from range {range_id}: {error}");
+                tracing::error!(range_id, right_id, %error, "cannot start the split's new Raft group; stopping the node");
+                eprintln!("kvfleet-node: cannot start range {right_id}, split from range {range_id}: {error}");
                 std::process::abort();
             }
         };
+        self.applied.insert(right_id, applied);
+        self.snapshot_slots.insert(right_id, slot);
         self.splits_applied.insert(range_id, (split.index, Instant::now()));
-        self.spans.insert(right_id, Span { start: split.right.start_key.to_vec(), end: split.right.end_key.to_vec() });
-        self.snapshot_slots.insert(right_id, storage.snapshot_slot());
-        match self.groups.create_applied(right_id, storage, kvfleet_replication::SPLIT_LOG_START) {
-            Ok(applied) => {
-                self.applied.insert(right_id, applied);
-            }
-            Err(error) => {
-                tracing::error!(right_id, %error, "cannot start the split's new Raft group; stopping the node");
-                eprintln!("kvfleet-node: cannot start range {right_id}'s Raft group: {error}");
-                std::process::abort();
-            }
-        }
+        self.spans.insert(right_id, Span::of(&split.right));
         (self.on_range_change)(super::RangeChange::Split(split));
         // The new group's leader may have asked for this replica's vote before it existed.
         if let Some((since, early)) = self.early_messages.remove(&right_id)
