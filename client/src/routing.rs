@@ -113,9 +113,11 @@ mod tests {
                 role: ReplicaRole::Leader as i32,
                 raft_id: 0,
                 behind_entries: None,
+                membership: 0,
             }],
             successors: vec![],
             move_intent: None,
+            conf_version: 0,
         }
     }
 

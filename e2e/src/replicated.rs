@@ -64,6 +64,26 @@ impl ReplicatedFleet {
         ReplicatedFleet { _dir: dir, nodes, partitions }
     }
 
+    /// Starts one more node, holding no replica (a move's target); returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let index = self.nodes.len();
+        let id = format!("replica-{}", index + 1);
+        let address = format!("127.0.0.1:{}", free_port());
+        self.nodes.push(NodeProcess::start_at(&id, &self._dir.path().join(&id), &address, &[]));
+        index
+    }
+
+    /// Node `index` as a replica move names it.
+    pub fn endpoint(&self, index: usize) -> kvfleet_resharding::replica_moves::Endpoint {
+        let node = &self.nodes[index];
+        kvfleet_resharding::replica_moves::Endpoint { node_id: node.node_id.clone(), address: node.address.clone() }
+    }
+
+    /// Every node's address.
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.address.clone()).collect()
+    }
+
     /// A client seeded with every node, with short attempts: a paused node holds an attempt
     /// until it times out, and the client should move on to the new leader quickly.
     pub fn client(&self) -> Client {
@@ -81,7 +101,6 @@ impl ReplicatedFleet {
     /// The index of the node that says it leads range `range_id` (any but `not`), waiting for one.
     pub async fn leader_of(&mut self, range_id: u64, not: Option<usize>) -> usize {
         let started = Instant::now();
-        let replicas = self.nodes.len();
         while started.elapsed() < PATIENCE {
             for (index, node) in self.nodes.iter_mut().enumerate() {
                 if Some(index) == not || !node.is_running() {
@@ -96,7 +115,7 @@ impl ReplicatedFleet {
                 let leads = answer
                     .ranges
                     .iter()
-                    .filter(|d| d.range_id == range_id && d.replicas.len() == replicas)
+                    .filter(|d| d.range_id == range_id && d.replicas.len() > 1)
                     .flat_map(|d| d.replicas.iter())
                     .any(|r| r.node_id == answer.node_id && r.role() == ReplicaRole::Leader);
                 if leads {

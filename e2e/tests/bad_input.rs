@@ -138,6 +138,7 @@ async fn bad_routing_maps_and_unknown_methods_get_named_errors() {
         role: ReplicaRole::Leader as i32,
         raft_id: 0,
         behind_entries: None,
+        membership: 0,
     };
     let reversed = RangeDescriptor {
         range_id: 77,

@@ -70,6 +70,7 @@ fn replica(node: &NodeProcess) -> Replica {
         role: ReplicaRole::Leader as i32,
         raft_id: 0,
         behind_entries: None,
+        membership: 0,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod fencing;
 pub mod load;
+pub mod membership;
 pub mod metrics;
 pub mod moves;
 pub mod node;

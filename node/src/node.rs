@@ -139,6 +139,8 @@ impl Node {
         let table = Arc::new(RwLock::new(table));
         let on_range_change: crate::replica::OnRangeChange = {
             let (table, gauge) = (table.clone(), metrics.ranges.clone());
+            let (db, key_space_end) = (storage.db(), storage.key_space_end().to_vec());
+            let runtime = tokio::runtime::Handle::current();
             Box::new(move |change| {
                 let mut table = table.write();
                 let load = || Arc::new(RangeLoad::new(accounting, window));
@@ -146,7 +148,31 @@ impl Node {
                     RangeChange::Split(split) => {
                         (split.left.range_id, table.apply_replicated_split(&split.left, &split.right, load))
                     }
-                    RangeChange::Narrowed(desc) => (desc.range_id, table.narrow_replicated(desc)),
+                    RangeChange::Replaced(desc) => (desc.range_id, table.replace_replicated(desc)),
+                    RangeChange::Added(desc) => (desc.range_id, table.add_replica(desc.clone(), load())),
+                    RangeChange::Removed(tombstone) => {
+                        let range_id = tombstone.range_id;
+                        let removed = table.by_id(range_id).cloned();
+                        table.retire_moved(tombstone.clone());
+                        let (db, end, tombstone) = (db.clone(), key_space_end.clone(), tombstone.clone());
+                        // Requests already serving from the replica finish first (its gate).
+                        runtime.spawn(async move {
+                            let _served = match removed {
+                                Some(range) => Some(range.gate.clone().write_owned().await),
+                                None => None,
+                            };
+                            let deleted = tokio::task::spawn_blocking(move || {
+                                crate::membership::delete_removed_data(&db, &end, &tombstone)
+                            })
+                            .await;
+                            match deleted {
+                                Ok(Ok(())) => tracing::info!("deleted the data of a removed replica"),
+                                Ok(Err(error)) => tracing::warn!(%error, "a removed replica's data not deleted (retried at the next start)"),
+                                Err(error) => tracing::warn!(%error, "a removed replica's data not deleted (retried at the next start)"),
+                            }
+                        });
+                        (range_id, true)
+                    }
                 };
                 if !known {
                     tracing::warn!(range_id, "a replicated range changed that this node does not own");
@@ -175,6 +201,7 @@ impl Node {
             fence,
             admin_token,
         };
+        node.delete_removed_replicas()?;
         node.open_groups()?;
         if node.config.bootstrap && !node.table.read().has_history() {
             node.bootstrap().await?;
@@ -218,26 +245,7 @@ impl Node {
                 .ok_or_else(|| {
                     NodeError::Corrupt(format!("range {range_id} is replicated but this node has no Raft log for it"))
                 })?;
-            let mut desc = desc;
-            if let Some(pending) = log
-                .pending_snapshot(range_id)
-                .map_err(|e| NodeError::Corrupt(format!("the Raft log of range {range_id}: {e}")))?
-            {
-                // The group took a snapshot and the node stopped before its data was installed.
-                let installer = crate::replica::snapshot::Installer {
-                    db: self.storage.db(),
-                    log: log.clone(),
-                    files: self.replication.snapshot_files().clone(),
-                };
-                let changed = installer
-                    .install(range_id, pending.index, pending.term, &pending.data)
-                    .map_err(|e| NodeError::Corrupt(format!("range {range_id}: installing its snapshot again: {e}")))?;
-                if let Some(narrowed) = changed {
-                    self.table.write().narrow_replicated(&narrowed);
-                    desc = narrowed;
-                }
-                tracing::info!(range_id, index = pending.index, "installed a snapshot taken before the restart");
-            }
+            let desc = self.install_pending_snapshot(&log, range_id)?.unwrap_or(desc);
             let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
                 .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
             self.open_group(&desc, storage, applied, false)?;
@@ -248,6 +256,40 @@ impl Node {
         Ok(())
     }
 
+    /// Installs the snapshot `range_id`'s group took before the node stopped, if its data was
+    /// not installed yet, and the range table learns what changed. Returns the range's
+    /// descriptor if a snapshot was installed.
+    pub(crate) fn install_pending_snapshot(
+        &self,
+        log: &kvfleet_replication::LogStore,
+        range_id: u64,
+    ) -> Result<Option<RangeDescriptor>, NodeError> {
+        let pending = log
+            .pending_snapshot(range_id)
+            .map_err(|e| NodeError::Corrupt(format!("the Raft log of range {range_id}: {e}")))?;
+        let Some(pending) = pending else { return Ok(None) };
+        let installer = crate::replica::snapshot::Installer {
+            db: self.storage.db(),
+            log: log.clone(),
+            files: self.replication.snapshot_files().clone(),
+        };
+        let changed = installer
+            .install(range_id, pending.index, pending.term, &pending.data)
+            .map_err(|e| NodeError::Corrupt(format!("range {range_id}: installing its snapshot again: {e}")))?;
+        let mut table = self.table.write();
+        match changed {
+            Some(crate::replica::snapshot::Installed::Added(desc)) => {
+                table.add_replica(desc, self.new_load());
+            }
+            Some(crate::replica::snapshot::Installed::Replaced { desc, .. }) => {
+                table.replace_replicated(&desc);
+            }
+            None => {}
+        }
+        tracing::info!(range_id, index = pending.index, "installed a snapshot taken before the restart");
+        Ok(table.by_id(range_id).map(|range| range.desc.clone()))
+    }
+
     /// Stops the Raft thread after its current pass, then the write pipelines after the writes
     /// already queued, and fsyncs the WAL. Later writes fail.
     pub fn shutdown(&self) -> Result<(), NodeError> {
@@ -255,12 +297,12 @@ impl Node {
         self.storage.shutdown()
     }
 
-    fn log_store(&self) -> Result<kvfleet_replication::LogStore, NodeError> {
+    pub(crate) fn log_store(&self) -> Result<kvfleet_replication::LogStore, NodeError> {
         kvfleet_replication::LogStore::with_db(self.storage.db())
             .map_err(|e| NodeError::Corrupt(format!("opening the Raft logs: {e}")))
     }
 
-    fn open_group(
+    pub(crate) fn open_group(
         &self,
         desc: &RangeDescriptor,
         storage: kvfleet_replication::GroupStorage,
@@ -295,7 +337,7 @@ impl Node {
                 address: address.clone(),
                 role: kvfleet_proto::v1::ReplicaRole::Follower as i32,
                 raft_id: raft_id_of(node_id),
-                behind_entries: None,
+                ..Default::default()
             })
             .collect();
         let desc = RangeDescriptor { replicas, ..bootstrap_descriptor(&self.config.node_id, &self.address) };
@@ -305,14 +347,14 @@ impl Node {
         // attempt reuses.
         let storage = match log.open_group(desc.range_id) {
             Ok(Some(storage)) => Ok(storage),
-            Ok(None) => log.create_group(desc.range_id, &voters),
+            Ok(None) => log.create_group_at_start(desc.range_id, &voters),
             Err(error) => Err(error),
         }
         .map_err(|e| NodeError::Corrupt(format!("creating the Raft log of range 1: {e}")))?;
         self.persist(&[&desc]).await?;
         self.table.write().install(desc.clone(), || self.new_load())?;
         let campaign = members.first().is_some_and(|(id, _)| *id == self.config.node_id);
-        self.open_group(&desc, storage, 0, campaign)?;
+        self.open_group(&desc, storage, kvfleet_replication::SPLIT_LOG_START, campaign)?;
         self.update_range_gauge();
         tracing::info!(replicas = members.len(), "bootstrapped range 1 covering the whole key space, replicated");
         Ok(desc)
@@ -377,7 +419,7 @@ impl Node {
 
     /// What a client is told when a replicated range cannot serve it here: where the leader is
     /// (NotOwner with the descriptor, leader marked), or to retry.
-    fn replica_error(&self, desc: &RangeDescriptor, key: &[u8], error: ReplicaError) -> NodeError {
+    pub(crate) fn replica_error(&self, desc: &RangeDescriptor, key: &[u8], error: ReplicaError) -> NodeError {
         match error {
             ReplicaError::NotLeader { leader: Some(leader), range_id } if leader != self.replication.raft_id() => {
                 let hint = crate::replica::with_leader(desc.clone(), Some(leader));

@@ -340,6 +340,7 @@ impl RangeTable {
             replicas: desc.replicas.clone(),
             successors: Vec::new(),
             move_intent: None,
+            conf_version: 0,
         };
         let left = half(left_id, &desc.start_key, split_key);
         let right = half(right_id, split_key, &desc.end_key);
@@ -397,6 +398,7 @@ impl RangeTable {
             replicas: l.replicas.clone(),
             successors: Vec::new(),
             move_intent: None,
+            conf_version: 0,
         };
         let retire = |d: &RangeDescriptor| RangeDescriptor {
             state: RangeState::Retired as i32,
@@ -442,23 +444,46 @@ impl RangeTable {
     ) -> bool {
         // The replicas as this process knows them (its own address as advertised now).
         let Some(replicas) = self.by_id(left.range_id).map(|old| old.desc.replicas.clone()) else { return false };
-        self.narrow_replicated(left);
+        self.replace_replicated(left);
         let right = RangeDescriptor { replicas, ..right.clone() };
         self.owned.insert(right.start_key.clone(), Arc::new(OwnedRange::new(right, load())));
         true
     }
 
-    /// Installs the narrower descriptor of a replicated range this node owns (a split, or a
-    /// snapshot after splits this replica missed), keeping its gate, load and replicas as this
-    /// process knows them. False if the range is not owned here.
-    pub fn narrow_replicated(&mut self, desc: &RangeDescriptor) -> bool {
+    /// Installs a newer descriptor of a replicated range this node owns (a split, a membership
+    /// change, or a snapshot after changes this replica missed: its keys may be fewer), keeping
+    /// its gate and load, and this node's address as this process advertises it. Requests
+    /// holding the old descriptor re-route. False if the range is not owned here.
+    pub fn replace_replicated(&mut self, desc: &RangeDescriptor) -> bool {
         let Some(old) = self.by_id(desc.range_id).cloned() else { return false };
         self.owned.remove(&old.desc.start_key);
-        let replicas = old.desc.replicas.clone();
-        let mut narrowed = OwnedRange::new(RangeDescriptor { replicas, ..desc.clone() }, old.load.clone());
-        narrowed.gate = old.gate.clone();
-        self.owned.insert(desc.start_key.clone(), Arc::new(narrowed));
+        let mut desc = desc.clone();
+        let own_address = old.desc.replicas.iter().find(|r| r.node_id == self.node_id).map(|r| r.address.clone());
+        for replica in desc.replicas.iter_mut().filter(|r| r.node_id == self.node_id) {
+            if let Some(address) = &own_address {
+                replica.address = address.clone();
+            }
+        }
+        let mut replaced = OwnedRange::new(desc, old.load.clone());
+        replaced.gate = old.gate.clone();
+        self.owned.insert(replaced.desc.start_key.clone(), Arc::new(replaced));
         old.mark_replaced();
+        true
+    }
+
+    /// A replica added to a replicated range installed its first snapshot: the range is owned
+    /// here from now on (a tombstone of an earlier replica here is replaced). False if it
+    /// overlaps another range owned here (which `create_replica` refuses).
+    pub fn add_replica(&mut self, desc: RangeDescriptor, load: Arc<RangeLoad>) -> bool {
+        if self.owned_overlapping(&desc).is_some_and(|other| other.desc.range_id != desc.range_id) {
+            return false;
+        }
+        if let Some(old) = self.by_id(desc.range_id).cloned() {
+            return self.replace_replicated(&desc) || old.is_replaced();
+        }
+        self.retired.remove(&desc.range_id);
+        let range = Arc::new(OwnedRange::new(desc, load));
+        self.owned.insert(range.desc.start_key.clone(), range);
         true
     }
 
@@ -481,6 +506,7 @@ pub fn leader_replica(node_id: &str, address: &str) -> Replica {
         role: ReplicaRole::Leader as i32,
         raft_id: 0,
         behind_entries: None,
+        membership: 0,
     }
 }
 
@@ -495,6 +521,7 @@ pub fn bootstrap_descriptor(node_id: &str, address: &str) -> RangeDescriptor {
         replicas: vec![leader_replica(node_id, address)],
         successors: Vec::new(),
         move_intent: None,
+        conf_version: 0,
     }
 }
 

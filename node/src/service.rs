@@ -429,6 +429,37 @@ impl Admin for AdminService {
         Ok(Response::new(PublishRoutingResponse { accepted }))
     }
 
+    async fn change_replicas(
+        &self,
+        request: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
+        let request = request.into_inner();
+        let range = to_completion(&self.node, move |node| async move { node.change_replicas(request).await }).await?;
+        Ok(Response::new(ChangeReplicasResponse { range: Some(range) }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
+        let request = request.into_inner();
+        let range = to_completion(&self.node, move |node| async move { node.transfer_leader(request).await }).await?;
+        Ok(Response::new(TransferLeaderResponse { range: Some(range) }))
+    }
+
+    async fn create_replica(
+        &self,
+        request: Request<CreateReplicaRequest>,
+    ) -> Result<Response<CreateReplicaResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
+        let range =
+            request.into_inner().range.ok_or_else(|| Status::invalid_argument("CreateReplica needs the range"))?;
+        to_completion(&self.node, move |node| async move { node.create_replica(range).await }).await?;
+        Ok(Response::new(CreateReplicaResponse {}))
+    }
+
     async fn bootstrap(&self, request: Request<BootstrapRequest>) -> Result<Response<BootstrapResponse>, Status> {
         self.admit(&request, Call::Change).await?;
         let range = to_completion(&self.node, move |node| async move { node.bootstrap().await }).await?;

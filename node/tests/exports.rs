@@ -47,8 +47,14 @@ async fn exports_nothing_can_use_are_dropped_and_a_frozen_ranges_is_kept() {
 
     // A frozen range keeps its export whatever its age.
     let export_id = export(&node, 1, 1, 8).await;
-    let target =
-        Replica { node_id: "n2".into(), address: "127.0.0.1:9".into(), role: 1, raft_id: 0, behind_entries: None };
+    let target = Replica {
+        node_id: "n2".into(),
+        address: "127.0.0.1:9".into(),
+        role: 1,
+        raft_id: 0,
+        behind_entries: None,
+        membership: 0,
+    };
     let freeze = FreezeForMoveRequest { range_id: 1, move_id: 8, target: Some(target), new_generation: 2 };
     node.freeze_for_move(&freeze).await.unwrap();
     assert_eq!(node.drop_stale_exports(Duration::ZERO), 0);

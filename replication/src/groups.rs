@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
-use raft::eraftpb::{ConfState, Entry, HardState, Message, MessageType, Snapshot};
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole, Storage};
 
@@ -55,19 +55,27 @@ pub enum Envelope {
         term: u64,
         commit: u64,
     },
+    /// The leader's membership (at `conf_version`, the node's own numbering) does not have
+    /// `to`: its replica was removed, and missed the change.
+    Removed {
+        group: GroupId,
+        from: NodeId,
+        to: NodeId,
+        conf_version: u64,
+    },
 }
 
 impl Envelope {
     pub fn group(&self) -> GroupId {
         match self {
-            Envelope::Raft { group, .. } | Envelope::Quiesce { group, .. } => *group,
+            Envelope::Raft { group, .. } | Envelope::Quiesce { group, .. } | Envelope::Removed { group, .. } => *group,
         }
     }
 
     pub fn to(&self) -> NodeId {
         match self {
             Envelope::Raft { message, .. } => message.to,
-            Envelope::Quiesce { to, .. } => *to,
+            Envelope::Quiesce { to, .. } | Envelope::Removed { to, .. } => *to,
         }
     }
 }
@@ -82,6 +90,12 @@ pub fn encode_message(message: &Message) -> Vec<u8> {
 pub fn decode_message(bytes: &[u8]) -> Result<Message, String> {
     use protobuf::Message as _;
     Message::parse_from_bytes(bytes).map_err(|e| format!("a Raft message does not decode: {e}"))
+}
+
+/// A membership change from the bytes of its log entry.
+pub fn decode_conf_change(bytes: &[u8]) -> Result<ConfChangeV2, String> {
+    use protobuf::Message as _;
+    ConfChangeV2::parse_from_bytes(bytes).map_err(|e| format!("a membership change does not decode: {e}"))
 }
 
 /// A group's log as raft-rs reads it, told what the node has just made durable.
@@ -202,14 +216,9 @@ fn check_remote(node: NodeId, message: &Message) -> Result<(), String> {
             Err(format!("{:?} is not taken from another node", message.get_msg_type()))
         }
         // A leadership transfer makes its target campaign past every voter's check-quorum, which
-        // a leader's read lease relies on; kvfleet transfers no leadership (a transfer will have
-        // to end the lease first), so none is taken from a peer.
-        MsgTransferLeader | MsgTimeoutNow => {
-            Err(format!("{:?}: kvfleet does not transfer leadership between nodes", message.get_msg_type()))
-        }
-        MsgRequestVote | MsgRequestPreVote if message.context.as_ref() == raft::CAMPAIGN_TRANSFER => {
-            Err(format!("{:?} of a leadership transfer: kvfleet transfers none", message.get_msg_type()))
-        }
+        // a leader's read lease relies on: only the leader starts one (`transfer_leader`), after
+        // ending its lease. A follower's request to transfer is not taken.
+        MsgTransferLeader => Err("MsgTransferLeader: only the leader's node starts a transfer".to_string()),
         MsgReadIndex | MsgReadIndexResp if message.entries.len() != 1 => {
             Err(format!("{:?} with {} entries, not 1", message.get_msg_type(), message.entries.len()))
         }
@@ -331,6 +340,87 @@ impl<S: GroupLog> Groups<S> {
         Ok((raw.raft.raft_log.last_index(), raw.raft.term))
     }
 
+    /// Proposes a membership change to `group`, which this node must lead: returns the entry's
+    /// index and term, as `propose` does.
+    pub fn propose_conf_change(
+        &mut self,
+        group: GroupId,
+        context: Vec<u8>,
+        change: ConfChangeV2,
+    ) -> Result<(u64, u64), GroupsError> {
+        let raw = self.wake(group, true)?;
+        raw.propose_conf_change(context, change).map_err(|source| GroupsError::Raft { group, source })?;
+        Ok((raw.raft.raft_log.last_index(), raw.raft.term))
+    }
+
+    /// Applies a committed membership change (the state machine calls it when it applies the
+    /// entry, unless it refuses the change on every replica alike): returns the new membership.
+    pub fn apply_conf_change(&mut self, group: GroupId, change: &ConfChangeV2) -> Result<ConfState, GroupsError> {
+        let raw = self.wake(group, true)?;
+        raw.apply_conf_change(change).map_err(|source| GroupsError::Raft { group, source })
+    }
+
+    /// The membership `group` applied last, on this node.
+    pub fn conf_state(&self, group: GroupId) -> Option<ConfState> {
+        self.groups.get(&group).map(|g| g.raw.raft.prs().conf().to_conf_state())
+    }
+
+    /// On the leader of `group`: whether `node` is not in its membership (a removed replica
+    /// that missed its removal still sends). `false` on a follower, which may be behind.
+    pub fn led_without(&self, group: GroupId, node: NodeId) -> bool {
+        self.leading(group).is_some_and(|raft| raft.prs().get(node).is_none())
+    }
+
+    /// Whether this node leads `group` and a membership change it proposed is not applied yet.
+    pub fn has_pending_conf(&self, group: GroupId) -> bool {
+        self.leading(group).is_some_and(|raft| raft.has_pending_conf())
+    }
+
+    /// On the leader: proposes leaving the joint membership `group` is in, if it is in one and no
+    /// other change is pending. Returns the entry's index and term if it proposed.
+    pub fn leave_joint(&mut self, group: GroupId) -> Result<Option<(u64, u64)>, GroupsError> {
+        let joint = self.leading(group).is_some_and(|raft| {
+            !raft.has_pending_conf() && !raft.prs().conf().to_conf_state().voters_outgoing.is_empty()
+        });
+        if !joint {
+            return Ok(None);
+        }
+        self.propose_conf_change(group, Vec::new(), ConfChangeV2::default()).map(Some)
+    }
+
+    /// Starts handing leadership of `group` to `to`: raft-rs brings it up to date and tells it
+    /// to campaign at once (MsgTimeoutNow); proposals are dropped meanwhile. The caller must
+    /// have ended this node's read lease: the target's campaign is granted past the voters'
+    /// check-quorum.
+    pub fn transfer_leader(&mut self, group: GroupId, to: NodeId) -> Result<(), GroupsError> {
+        self.wake(group, true)?.transfer_leader(to);
+        Ok(())
+    }
+
+    /// Whether this node leads `group` and hands leadership over (a transfer in progress).
+    pub fn is_transferring(&self, group: GroupId) -> bool {
+        self.leading(group).is_some_and(|raft| raft.lead_transferee.is_some())
+    }
+
+    /// On the leader: how many entries replica `node` lacks (`None` on a follower, or for a
+    /// node that is not a member). `u64::MAX` for a replica that has nothing the log still
+    /// holds (a new one before its snapshot).
+    pub fn lag_of(&self, group: GroupId, node: NodeId) -> Option<u64> {
+        let raft = self.leading(group)?;
+        let progress = raft.prs().get(node)?;
+        if progress.matched + 1 < raft.raft_log.first_index() {
+            return Some(u64::MAX);
+        }
+        Some(raft.raft_log.last_index().saturating_sub(progress.matched))
+    }
+
+    /// Stops and forgets this node's replica of `group` (removed from the group: its log is
+    /// deleted by the caller).
+    pub fn remove(&mut self, group: GroupId) -> bool {
+        self.dirty.remove(&group);
+        self.groups.remove(&group).is_some()
+    }
+
     /// Asks for a read index (ReadIndex: the leader confirms with a quorum that it still leads);
     /// it arrives in a later batch's `reads` with `context`. A follower forwards the request to
     /// its leader; with no leader known it is dropped, so the caller times out and retries.
@@ -367,6 +457,8 @@ impl<S: GroupLog> Groups<S> {
                 entry.quiet = caught_up;
                 Ok(())
             }
+            // The node acts on it (it holds the range's membership version), not the group.
+            Envelope::Removed { .. } => Ok(()),
         }
     }
 
@@ -790,11 +882,6 @@ mod tests {
             message(leader, MessageType::MsgHup),
             message(follower, MessageType::MsgHeartbeatResponse),
             message(leader, MessageType::MsgTransferLeader),
-            message(leader, MessageType::MsgTimeoutNow),
-            Message {
-                context: raft::CAMPAIGN_TRANSFER.to_vec().into(),
-                ..message(leader, MessageType::MsgRequestVote)
-            },
         ];
         for message in refused {
             let kind = message.get_msg_type();

@@ -8,17 +8,20 @@
 //! nodes in one process, for tests and benchmarks).
 //!
 //! The node (`kvfleet-node`'s `replica` module) owns the transport between nodes, the state
-//! machine and the snapshots' data. Not here yet (issue 13): stale reads, and
-//! membership changes for moves.
+//! machine, the snapshots' data and what a membership change means for a range. Not here yet
+//! (issue 13): stale reads.
 
 pub mod groups;
 pub mod log_store;
 pub mod logger;
 
 pub use groups::{
-    Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, ReadyBatch, SnapshotToInstall, decode_message,
-    encode_message,
+    Envelope, GroupId, Groups, GroupsConfig, GroupsError, NodeId, ReadyBatch, SnapshotToInstall, decode_conf_change,
+    decode_message, encode_message,
 };
 pub use log_store::{CF_RAFT, GroupStorage, LogError, LogStore, PendingSnapshot, SPLIT_LOG_START, SnapshotSlot};
-pub use raft::eraftpb::{ConfState, Entry, EntryType, MessageType, Snapshot, SnapshotMetadata};
+pub use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, MessageType,
+    Snapshot, SnapshotMetadata,
+};
 pub mod local;

@@ -187,6 +187,76 @@ impl LogStore {
         Ok(())
     }
 
+    /// Creates the log of a new group whose voters are `voters`, durably, as if compacted up to
+    /// `SPLIT_LOG_START` (as a split's new group is): a replica added later has no entry before
+    /// that, so it is caught up by a snapshot, which carries the membership, never by replaying
+    /// a log whose first membership is in no entry.
+    pub fn create_group_at_start(&self, group: GroupId, voters: &[NodeId]) -> Result<GroupStorage, LogError> {
+        if self.open_group(group)?.is_some() {
+            return Err(LogError::Exists(group));
+        }
+        let mut batch = WriteBatch::default();
+        self.create_split_group(group, voters, &mut batch)?;
+        self.write_synced(batch, "create a group")?;
+        self.open_group(group)?.ok_or(LogError::Exists(group))
+    }
+
+    /// Creates the log of this node's replica of `group` before it is added to the group: empty,
+    /// with no membership (not a voter, not a learner: it campaigns for nothing), durably. The
+    /// leader catches it up with a snapshot once the group adds it.
+    pub fn create_uninitialized_group(&self, group: GroupId) -> Result<GroupStorage, LogError> {
+        if let Some(storage) = self.open_group(group)? {
+            return Ok(storage);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf()?, state_key(group), encode_state(&RaftState::default()));
+        self.write_synced(batch, "create a group")?;
+        self.open_group(group)?.ok_or(LogError::Exists(group))
+    }
+
+    /// Adds to `batch` the deletion of `group`'s whole log: entries, hard state, membership and
+    /// marks (this node's replica was removed from the group).
+    pub fn delete_group(&self, group: GroupId, batch: &mut WriteBatch) -> Result<(), LogError> {
+        let cf = self.cf()?;
+        batch.delete_range_cf(cf, entry_key(group, 0), entry_key(group, u64::MAX));
+        for key in [state_key(group), truncated_key(group), pending_snapshot_key(group)] {
+            batch.delete_cf(cf, key);
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` (the write that applies the membership change at `index`) `storage`'s
+    /// group's new membership, with its hard state, and takes it for the group's later writes.
+    pub fn stage_conf_state(
+        &self,
+        storage: &mut GroupStorage,
+        conf_state: ConfState,
+        index: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<(), LogError> {
+        storage.state.conf_state = conf_state;
+        storage.last_conf_change = index;
+        batch.put_cf(self.cf()?, state_key(storage.group), encode_state(&storage.state));
+        Ok(())
+    }
+
+    /// The membership stored for `group`, read through `get` (a RocksDB snapshot of the DB,
+    /// so that it agrees with the data read through it). `None` if the group has no log.
+    pub fn stored_conf_state(
+        &self,
+        group: GroupId,
+        get: impl FnOnce(&rocksdb::ColumnFamily, &[u8]) -> Result<Option<Vec<u8>>, rocksdb::Error>,
+    ) -> Result<Option<ConfState>, LogError> {
+        let bytes = get(self.cf()?, &state_key(group)).map_err(|source| LogError::Db { what: "read", source })?;
+        bytes.map(|bytes| decode_state(group, &bytes).map(|state| state.conf_state)).transpose()
+    }
+
+    fn write_synced(&self, batch: WriteBatch, what: &'static str) -> Result<(), LogError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what, source })
+    }
+
     /// The log of `group` as it was persisted, if this node has one.
     pub fn open_group(&self, group: GroupId) -> Result<Option<GroupStorage>, LogError> {
         let cf = self.cf()?;
@@ -340,6 +410,10 @@ pub struct GroupStorage {
     /// The index and term of the last entry compacted away ((0, 0): none).
     truncated: (u64, u64),
     snapshots: SnapshotSlot,
+    /// The index of the last membership change applied in this process: a snapshot made before
+    /// it is not sent. A replica removed and added again (the same node) would replay its own
+    /// removal from such a snapshot; one made after it has the replica as it is now.
+    last_conf_change: u64,
 }
 
 /// Where a leader's group asks for a snapshot and the node leaves the one it made.
@@ -379,11 +453,17 @@ impl SnapshotSlot {
     }
 
     /// The snapshot on offer, if it covers every entry compacted away (the follower then finds
-    /// the rest in the log); else asks for a new one.
-    fn usable(&self, compacted_to: u64) -> Option<Snapshot> {
+    /// the rest in the log) and its membership has replica `to` (raft-rs drops a snapshot whose
+    /// membership lacks the replica: one made before `to` was added is of no use to it); else
+    /// asks for a new one.
+    fn usable(&self, compacted_to: u64, to: NodeId) -> Option<Snapshot> {
         let mut slot = self.0.lock().ok()?;
+        let has = |snapshot: &Snapshot| {
+            let conf = snapshot.get_metadata().get_conf_state();
+            conf.voters.contains(&to) || conf.learners.contains(&to) || conf.voters_outgoing.contains(&to)
+        };
         match &slot.made {
-            Some(snapshot) if snapshot.get_metadata().index >= compacted_to => Some(snapshot.clone()),
+            Some(snapshot) if snapshot.get_metadata().index >= compacted_to && has(snapshot) => Some(snapshot.clone()),
             _ => {
                 slot.wanted = true;
                 None
@@ -403,6 +483,7 @@ impl GroupStorage {
             last_term: 0,
             truncated: (0, 0),
             snapshots: SnapshotSlot::default(),
+            last_conf_change: 0,
         }
     }
 
@@ -485,9 +566,9 @@ impl Storage for GroupStorage {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         self.snapshots
-            .usable(self.truncated.0.max(request_index))
+            .usable(self.truncated.0.max(request_index).max(self.last_conf_change), to)
             .ok_or(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }

@@ -13,6 +13,7 @@ pub mod leadership;
 pub mod moves;
 pub mod observe;
 pub mod platform;
+pub mod replica_moves;
 pub mod resharding_loop;
 pub mod state;
 pub mod status;

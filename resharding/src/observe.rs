@@ -315,6 +315,7 @@ pub fn leader_replica(member: &Member) -> kvfleet_proto::v1::Replica {
         role: ReplicaRole::Leader as i32,
         raft_id: 0,
         behind_entries: None,
+        membership: 0,
     }
 }
 

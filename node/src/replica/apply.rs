@@ -1,6 +1,6 @@
 //! The state machine of a replicated range: the command one log entry carries (mutations applied
-//! atomically, or a split) and how committed entries change the data, together with the index
-//! they reach.
+//! atomically, a split, or a membership change) and how committed entries change the data,
+//! together with the index they reach.
 //!
 //! The data and the applied index (with its entry's term, which a snapshot of the data needs) go
 //! in one RocksDB write, not fsynced: the Raft log is the durable copy. After a crash the data is
@@ -8,8 +8,11 @@
 
 use kvfleet_proto::RangeBounds as _;
 use kvfleet_proto::failpoint;
-use kvfleet_proto::v1::{Mutation, RaftCommand, RaftSplit, RangeDescriptor, mutation::Op as MutationOp};
-use kvfleet_replication::{Entry, EntryType, LogStore, SPLIT_LOG_START};
+use kvfleet_proto::v1::{
+    Mutation, RaftCommand, RaftMembershipChange, RaftSplit, RangeDescriptor, RangeState, Replica, ReplicaMembership,
+    mutation::Op as MutationOp,
+};
+use kvfleet_replication::{ConfChangeV2, ConfState, Entry, EntryType, LogStore, SPLIT_LOG_START};
 use prost::Message as _;
 use rocksdb::{DB, WriteBatch};
 
@@ -75,10 +78,41 @@ pub struct SplitApplied {
     pub right: RangeDescriptor,
 }
 
+/// A membership change an applied entry made: the range's descriptor with its new replicas
+/// (persisted with the entry) and whether it left the group in a joint configuration.
+#[derive(Debug, Clone)]
+pub struct MembershipApplied {
+    pub index: u64,
+    pub desc: RangeDescriptor,
+    pub joint: bool,
+}
+
 /// What applying a run of committed entries did.
 pub struct AppliedRun {
     pub entries: Vec<Applied>,
     pub splits: Vec<SplitApplied>,
+    pub memberships: Vec<MembershipApplied>,
+    /// This replica was removed from the group by the last membership change: the range is
+    /// retired here (this descriptor, with the new replicas), its log deleted and its data
+    /// marked for deletion, all in the write that applied the change. Entries after it are not
+    /// applied.
+    pub removed: Option<RangeDescriptor>,
+}
+
+/// Applies a committed membership change to the group on the Raft thread (raft-rs's
+/// `apply_conf_change`) and stages the new membership in the write that applies the entry.
+/// `Refused` if raft-rs refuses it (alike on every replica): nothing changed.
+pub type ConfChanger<'a> = dyn FnMut(&ConfChangeV2, u64, &mut WriteBatch) -> Result<ConfState, Failure> + 'a;
+
+const REMOVED_PREFIX: &[u8] = b"raft-removed/";
+
+/// The mark of a removed replica's data still to delete: its key span, by range id.
+pub fn removed_key(range_id: u64) -> Vec<u8> {
+    [REMOVED_PREFIX, &range_id.to_be_bytes()].concat()
+}
+
+pub fn removed_prefix() -> &'static [u8] {
+    REMOVED_PREFIX
 }
 
 /// Applies committed `entries` of `range_id` (in log order) in one write; returns each entry's
@@ -86,30 +120,57 @@ pub struct AppliedRun {
 /// entry writing a key outside it (proposed before a split it was ordered after) is refused on
 /// every replica alike, and its writer told to retry. Entries without a command (a new leader's
 /// empty entry) only advance the index.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_entries(
     db: &DB,
     log: &LogStore,
     range_id: u64,
+    self_raft_id: u64,
     span: &mut Span,
     entries: &[Entry],
+    conf_changer: &mut ConfChanger<'_>,
 ) -> Result<AppliedRun, String> {
     let (Some(data), Some(meta)) = (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) else {
         return Err("a column family is missing".into());
     };
     let mut batch = WriteBatch::default();
-    let mut run = AppliedRun { entries: Vec::with_capacity(entries.len()), splits: Vec::new() };
+    let mut run = AppliedRun {
+        entries: Vec::with_capacity(entries.len()),
+        splits: Vec::new(),
+        memberships: Vec::new(),
+        removed: None,
+    };
+    let mut last_applied = None;
     for entry in entries {
         let mut outcome = Ok(());
-        if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+        last_applied = Some(entry);
+        if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+            match change_membership(db, range_id, self_raft_id, entry, &run, &mut batch, conf_changer) {
+                Ok(done) => {
+                    let removed = !done.desc.replicas.iter().any(|r| r.raft_id == self_raft_id);
+                    if removed {
+                        let tombstone = RangeDescriptor { state: RangeState::Retired as i32, ..done.desc.clone() };
+                        stage_removal(db, log, &tombstone, &mut batch)?;
+                        run.entries.push(Applied { index: entry.index, term: entry.term, outcome });
+                        run.removed = Some(tombstone);
+                        run.memberships.push(done);
+                        break;
+                    }
+                    run.memberships.push(done);
+                }
+                Err(Failure::Refused(refused)) => outcome = Err(refused),
+                Err(Failure::Fatal(reason)) => return Err(reason),
+            }
+        } else if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
             match RaftCommand::decode(entry.data.as_ref()) {
                 Ok(RaftCommand { split: Some(split), .. }) => {
-                    match split_range(db, log, range_id, entry.index, &split, &run.splits, &mut batch) {
+                    match split_range(db, log, range_id, entry.index, &split, &run, &mut batch) {
                         Ok(done) => {
                             *span = Span::of(&done.left);
                             run.splits.push(done);
                         }
-                        Err(SplitFailure::Refused(refused)) => outcome = Err(refused),
-                        Err(SplitFailure::Fatal(reason)) => return Err(reason),
+                        Err(Failure::Refused(refused)) => outcome = Err(refused),
+                        Err(Failure::Fatal(reason)) => return Err(reason),
                     }
                 }
                 Ok(command) => {
@@ -133,18 +194,137 @@ pub fn apply_entries(
         }
         run.entries.push(Applied { index: entry.index, term: entry.term, outcome });
     }
-    if let Some(last) = entries.last() {
+    if let (Some(last), None) = (last_applied, &run.removed) {
         batch.put_cf(meta, applied_key(range_id), encode_applied(last.index, last.term));
     }
     if !run.splits.is_empty() {
         failpoint::hit("split-apply-before-write");
     }
+    if !run.memberships.is_empty() {
+        failpoint::hit("membership-apply-before-write");
+    }
     db.write(batch).map_err(|e| format!("applying range {range_id}'s log: {e}"))?;
     Ok(run)
 }
 
-/// Why a split entry was not applied.
-enum SplitFailure {
+/// The range's descriptor as the entries applied so far in this run left it.
+fn current_descriptor(db: &DB, range_id: u64, run: &AppliedRun) -> Result<RangeDescriptor, Failure> {
+    let split = run.splits.last().map(|done| (done.index, &done.left));
+    let membership = run.memberships.last().map(|done| (done.index, &done.desc));
+    match split.into_iter().chain(membership).max_by_key(|(index, _)| *index) {
+        Some((_, desc)) => Ok(desc.clone()),
+        None => stored_descriptor(db, range_id).map_err(Failure::Fatal),
+    }
+}
+
+/// Applies a membership change entry: refused alike on every replica if the range's membership
+/// is not at the version the change expected (it was proposed from another membership) or if
+/// raft-rs refuses it; otherwise the range's descriptor takes the new replicas at the next
+/// membership version, in `batch`.
+fn change_membership(
+    db: &DB,
+    range_id: u64,
+    self_raft_id: u64,
+    entry: &Entry,
+    run: &AppliedRun,
+    batch: &mut WriteBatch,
+    conf_changer: &mut ConfChanger<'_>,
+) -> Result<MembershipApplied, Failure> {
+    let refused = |reason: String| Failure::Refused(ReplicaError::MembershipRefused { range_id, reason });
+    let change = kvfleet_replication::decode_conf_change(&entry.data).map_err(refused)?;
+    let context = if entry.context.is_empty() {
+        RaftMembershipChange::default()
+    } else {
+        RaftMembershipChange::decode(entry.context.as_ref()).map_err(|e| refused(e.to_string()))?
+    };
+    let desc = current_descriptor(db, range_id, run)?;
+    if !entry.context.is_empty() && context.expected_conf_version != desc.conf_version {
+        return Err(refused(format!(
+            "its membership is at version {}, the change expected {}",
+            desc.conf_version, context.expected_conf_version
+        )));
+    }
+    let conf_state = conf_changer(&change, entry.index, batch)?;
+    let replicas = replicas_of(&desc.replicas, &context.added, &conf_state);
+    let joint = !conf_state.voters_outgoing.is_empty();
+    let desc = RangeDescriptor { replicas, conf_version: desc.conf_version + 1, ..desc };
+    if desc.replicas.iter().any(|r| r.raft_id == self_raft_id) {
+        let meta = db.cf_handle(CF_META).ok_or_else(|| Failure::Fatal("the meta column family is missing".into()))?;
+        batch.put_cf(meta, descriptor_key(range_id), desc.encode_to_vec());
+    }
+    Ok(MembershipApplied { index: entry.index, desc, joint })
+}
+
+/// The replicas of a range whose membership is now `conf_state`: those it had and those the
+/// change added (by Raft id), each with its part, in that order; those in no set are gone.
+pub fn replicas_of(had: &[Replica], added: &[Replica], conf_state: &ConfState) -> Vec<Replica> {
+    let joint = !conf_state.voters_outgoing.is_empty();
+    let mut replicas: Vec<Replica> = Vec::new();
+    for replica in had.iter().chain(added) {
+        if replicas.iter().any(|r| r.raft_id == replica.raft_id) {
+            continue;
+        }
+        let (incoming, outgoing) =
+            (conf_state.voters.contains(&replica.raft_id), conf_state.voters_outgoing.contains(&replica.raft_id));
+        let membership = match (incoming, outgoing) {
+            (true, true) => ReplicaMembership::Voter,
+            (true, false) if joint => ReplicaMembership::Joining,
+            (true, false) => ReplicaMembership::Voter,
+            (false, true) => ReplicaMembership::Leaving,
+            (false, false)
+                if conf_state.learners.contains(&replica.raft_id)
+                    || conf_state.learners_next.contains(&replica.raft_id) =>
+            {
+                ReplicaMembership::Learner
+            }
+            (false, false) => continue,
+        };
+        replicas.push(Replica { membership: membership as i32, behind_entries: None, ..replica.clone() });
+    }
+    replicas
+}
+
+/// The membership a range's descriptor describes, as raft-rs keeps it.
+pub fn conf_state_of(desc: &RangeDescriptor) -> ConfState {
+    let mut conf_state = ConfState::default();
+    let joint =
+        desc.replicas.iter().any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
+    for replica in &desc.replicas {
+        let id = replica.raft_id;
+        match replica.membership() {
+            ReplicaMembership::Voter => {
+                conf_state.voters.push(id);
+                if joint {
+                    conf_state.voters_outgoing.push(id);
+                }
+            }
+            ReplicaMembership::Joining => conf_state.voters.push(id),
+            ReplicaMembership::Leaving => conf_state.voters_outgoing.push(id),
+            ReplicaMembership::Learner => conf_state.learners.push(id),
+        }
+    }
+    conf_state
+}
+
+/// Adds to `batch` the end of this node's replica of a range: its descriptor retired
+/// (`tombstone`), its applied index and Raft log deleted, and its data marked for deletion
+/// (the node deletes it once no request uses it, or at its next start).
+pub fn stage_removal(
+    db: &DB,
+    log: &LogStore,
+    tombstone: &RangeDescriptor,
+    batch: &mut WriteBatch,
+) -> Result<(), String> {
+    let meta = db.cf_handle(CF_META).ok_or("the meta column family is missing")?;
+    let range_id = tombstone.range_id;
+    batch.put_cf(meta, descriptor_key(range_id), tombstone.encode_to_vec());
+    batch.put_cf(meta, removed_key(range_id), tombstone.encode_to_vec());
+    batch.delete_cf(meta, applied_key(range_id));
+    log.delete_group(range_id, batch).map_err(|e| e.to_string())
+}
+
+/// Why an entry that changes the range (a split, a membership change) was not applied.
+pub enum Failure {
     /// Refused alike on every replica: the entry is skipped, the proposer told why.
     Refused(ReplicaError),
     /// Something about this replica alone (its stored state): applying on would make it
@@ -154,7 +334,8 @@ enum SplitFailure {
 
 /// Adds a split of `range_id` to `batch`: both descriptors, the new range's log and applied
 /// index. Refused, alike on every replica (the decision reads only what the log made), if the
-/// range is not at the expected generation or the key is not strictly inside it. The new id
+/// range is not at the expected generation, the key is not strictly inside it, or a
+/// membership change is under way (the new group starts with the range's voters). The new id
 /// must be unknown here: a replica that knows it (ids reused by hand) stops rather than
 /// overwrite another range's log and votes.
 fn split_range(
@@ -163,14 +344,14 @@ fn split_range(
     range_id: u64,
     index: u64,
     split: &RaftSplit,
-    earlier: &[SplitApplied],
+    run: &AppliedRun,
     batch: &mut WriteBatch,
-) -> Result<SplitApplied, SplitFailure> {
-    let refused = |reason: String| SplitFailure::Refused(ReplicaError::SplitRefused { range_id, reason });
-    let desc = match earlier.last() {
-        Some(done) => done.left.clone(),
-        None => stored_descriptor(db, range_id).map_err(SplitFailure::Fatal)?,
-    };
+) -> Result<SplitApplied, Failure> {
+    let refused = |reason: String| Failure::Refused(ReplicaError::SplitRefused { range_id, reason });
+    let desc = current_descriptor(db, range_id, run)?;
+    if desc.replicas.iter().any(|r| r.membership() != ReplicaMembership::Voter) {
+        return Err(refused("a membership change is under way (a learner, or a joint membership)".into()));
+    }
     if split.expected_generation != 0 && split.expected_generation != desc.generation {
         return Err(refused(format!(
             "it is at generation {}, the split expected {}",
@@ -187,7 +368,7 @@ fn split_range(
     if split.right_id == 0 || split.right_id == range_id {
         return Err(refused(format!("the new range's id {} must be new", split.right_id)));
     }
-    let fatal = |what: &str| SplitFailure::Fatal(format!("range {range_id}'s split at index {index}: {what}"));
+    let fatal = |what: &str| Failure::Fatal(format!("range {range_id}'s split at index {index}: {what}"));
     let meta = db.cf_handle(CF_META).ok_or_else(|| fatal("the meta column family is missing"))?;
     let taken = db.get_cf(meta, descriptor_key(split.right_id)).map_err(|e| fatal(e.as_ref()))?.is_some()
         || log.open_group(split.right_id).map_err(|e| fatal(&e.to_string()))?.is_some();
@@ -277,7 +458,10 @@ mod tests {
             entry(5, split("f", 8, 1)),
         ];
         let mut span = Span::default();
-        let run = apply_entries(&db, &log, 1, &mut span, &entries).unwrap();
+        let mut no_changes = |_: &ConfChangeV2, _: u64, _: &mut WriteBatch| -> Result<ConfState, Failure> {
+            Err(Failure::Fatal("no membership change in this log".into()))
+        };
+        let run = apply_entries(&db, &log, 1, 11, &mut span, &entries, &mut no_changes).unwrap();
         let outcomes: Vec<_> = run.entries.iter().map(|applied| applied.outcome.clone()).collect();
         assert!(outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[3].is_ok());
         assert!(matches!(outcomes[2], Err(ReplicaError::OutsideRange { range_id: 1 })), "{:?}", outcomes[2]);
@@ -305,7 +489,8 @@ mod tests {
 
         // A replica that already knows the new id (reused by hand) stops rather than overwrite.
         let reused = [entry(6, split("f", 7, 2))];
-        let error = apply_entries(&db, &log, 1, &mut span, &reused).err().expect("a reused id is fatal");
+        let error =
+            apply_entries(&db, &log, 1, 11, &mut span, &reused, &mut no_changes).err().expect("a reused id is fatal");
         assert!(error.contains("already used"), "{error}");
         assert_eq!(stored_descriptor(&db, 7).unwrap(), done.right, "the other range's descriptor is untouched");
         // The write pipeline's threads hold the DB too: stop them before the process exits.

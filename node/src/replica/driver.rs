@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
-use kvfleet_replication::groups::GroupLog as _;
 use kvfleet_replication::{Entry, GroupStorage, Groups, GroupsConfig, GroupsError, LogStore, SnapshotSlot};
 use parking_lot::Mutex;
 use rocksdb::DB;
@@ -21,6 +20,9 @@ use super::{
     Input, OpenGroup, PROPOSAL_TIMEOUT, Published, READ_INDEX_TIMEOUT, ReplicaError, ReplicationSettings, Reply,
     SNAPSHOT_TRANSFER_TIMEOUT, TICK, apply,
 };
+
+/// A learner lacking more log entries than this is not promoted yet.
+const MAX_PROMOTION_LAG: u64 = 1000;
 
 /// Logs are looked at for compaction, and snapshot requests for making, every this many ticks.
 const HOUSEKEEPING_EVERY_TICKS: u64 = 10;
@@ -107,11 +109,21 @@ pub struct Driver {
     early_messages: HashMap<u64, (Instant, Vec<kvfleet_replication::Envelope>)>,
     /// Votes are refused until then (see `deliver`).
     votes_from: Instant,
+    /// Groups whose leader started a leadership transfer in this term: it takes no lease again
+    /// in that term (see `transfer_leader`).
+    transfer_terms: HashMap<u64, u64>,
+    /// Groups whose applied membership is joint: their leader leaves it (see `leave_joints`).
+    joint: HashSet<u64>,
+    /// Every peer's address by Raft id, shared with the request handlers.
+    addresses: Arc<parking_lot::RwLock<HashMap<u64, String>>>,
+    /// Removed replicas told so, by (group, replica): when.
+    removed_told: HashMap<(u64, u64), Instant>,
     log_keep_entries: u64,
     ticks: u64,
 }
 
 impl Driver {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         raft_id: u64,
         db: Arc<DB>,
@@ -120,6 +132,7 @@ impl Driver {
         published: Arc<Published>,
         settings: ReplicationSettings,
         on_range_change: super::OnRangeChange,
+        addresses: Arc<parking_lot::RwLock<HashMap<u64, String>>>,
     ) -> Self {
         let files = SnapshotFiles::new(&settings.data_dir);
         let installer = Installer { db: db.clone(), log: log.clone(), files };
@@ -150,6 +163,10 @@ impl Driver {
             on_range_change,
             early_messages: HashMap::new(),
             votes_from: Instant::now() + super::ELECTION_TIMEOUT,
+            transfer_terms: HashMap::new(),
+            joint: HashSet::new(),
+            addresses,
+            removed_told: HashMap::new(),
             log_keep_entries: settings.log_keep_entries,
             ticks: 0,
         }
@@ -215,6 +232,10 @@ impl Driver {
                     self.reads_arrived.entry(range_id).or_default().push(reply);
                 }
             }
+            Input::ChangeMembership { range_id, change, context, promotes, reply } => {
+                self.change_membership(range_id, change, context, &promotes, reply)
+            }
+            Input::TransferLeader { range_id, to, reply } => self.transfer_leader(range_id, to, reply),
             Input::Lag { reply } => {
                 let ids: Vec<u64> = self.groups.ids().collect();
                 let lag = ids.into_iter().filter_map(|id| self.groups.replica_lag(id).map(|lag| (id, lag))).collect();
@@ -249,15 +270,78 @@ impl Driver {
             return;
         }
         let group = envelope.group();
+        if let kvfleet_replication::Envelope::Removed { conf_version, from, .. } = envelope {
+            self.removed_by_leader(group, from, conf_version);
+            return;
+        }
         if self.groups.term(group).is_none() {
             self.keep_early(envelope, now);
             return;
+        }
+        if let kvfleet_replication::Envelope::Raft { message, .. } = &envelope
+            && self.groups.led_without(group, message.from)
+        {
+            self.tell_removed(group, message.from, now);
         }
         match self.groups.step(envelope) {
             Ok(()) => {}
             Err(error @ GroupsError::BadMessage { .. }) => tracing::warn!(%error, "Raft message refused"),
             Err(error) => tracing::debug!(%error, "a Raft message was refused"),
         }
+    }
+
+    /// `to` sent a message for `group`, which this node leads and whose membership does not have
+    /// `to`: a replica removed while it was down or cut off. It is told (once a second at most),
+    /// with this membership's version, so that it drops its copy (TiKV's GC of stale peers).
+    fn tell_removed(&mut self, group: u64, to: u64, now: Instant) {
+        if self
+            .removed_told
+            .get(&(group, to))
+            .is_some_and(|at| now.duration_since(*at) < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        let Ok(desc) = apply::stored_descriptor(&self.db, group) else { return };
+        self.removed_told.insert((group, to), now);
+        let notice = kvfleet_replication::Envelope::Removed {
+            group,
+            from: self.groups.node(),
+            to,
+            conf_version: desc.conf_version,
+        };
+        self.peers.send(vec![notice]);
+    }
+
+    /// The leader of `group` says its membership (at `conf_version`) does not have this node. If
+    /// this replica's own membership is older, it was removed and missed the change: it ends as
+    /// if it had applied its removal (its copy is not counted by the range any more).
+    fn removed_by_leader(&mut self, group: u64, from: u64, conf_version: u64) {
+        if self.groups.term(group).is_none() {
+            return;
+        }
+        // A replica created to be added again (no descriptor yet, or the tombstone of the one
+        // removed before) is not the stale one: a late notice about that one leaves it alone.
+        let Ok(mine) = apply::stored_descriptor(&self.db, group) else { return };
+        if !mine.is_owned_state() || mine.conf_version >= conf_version {
+            return;
+        }
+        let tombstone =
+            kvfleet_proto::v1::RangeDescriptor { state: kvfleet_proto::v1::RangeState::Retired as i32, ..mine };
+        let mut batch = rocksdb::WriteBatch::default();
+        let written = apply::stage_removal(&self.db, &self.log, &tombstone, &mut batch)
+            .and_then(|()| self.db.write(batch).map_err(|e| e.to_string()));
+        if let Err(error) = written {
+            tracing::error!(range_id = group, %error, "removing a stale replica failed; stopping the node");
+            eprintln!("kvfleet-node: removing the stale replica of range {group} failed: {error}");
+            std::process::abort();
+        }
+        tracing::info!(
+            range_id = group,
+            leader = from,
+            conf_version,
+            "the range's leader says this replica was removed"
+        );
+        self.remove_group(group, &tombstone);
     }
 
     /// Keeps a message for a group this node does not hold, if it is small: a vote request or a
@@ -291,6 +375,10 @@ impl Driver {
 
     fn open(&mut self, group: OpenGroup) {
         let range_id = group.range_id;
+        if self.groups.term(range_id).is_some() {
+            // Already running (a replica created twice by a caller that retried).
+            return;
+        }
         for (raft_id, address) in &group.members {
             self.peers.connect(*raft_id, address);
         }
@@ -332,17 +420,124 @@ impl Driver {
                     self.published.read_leases.write().remove(&range_id);
                     self.splits_proposed.insert(range_id, index);
                 }
-                let proposal = Proposal { term, reply, deadline: Instant::now() + PROPOSAL_TIMEOUT };
-                if let Some(replaced) = self.proposals.insert((range_id, index), proposal) {
-                    // The index was proposed at an older term and never applied here.
-                    let _ = replaced.reply.send(Err(ReplicaError::Superseded { range_id }));
-                }
+                self.track_proposal(range_id, index, term, reply);
             }
             Err(error) => {
                 let leader = self.groups.leader_of(range_id).filter(|&l| l != self.groups.node());
                 tracing::debug!(range_id, %error, "proposal dropped");
                 let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
             }
+        }
+    }
+
+    /// Proposes a membership change, after checking what only the leader knows: no other change
+    /// is pending, and every learner to promote has caught up (a voter far behind would leave
+    /// the group one failure from a stall until it catches up).
+    fn change_membership(
+        &mut self,
+        range_id: u64,
+        change: kvfleet_replication::ConfChangeV2,
+        context: Vec<u8>,
+        promotes: &[u64],
+        reply: Reply,
+    ) {
+        if self.groups.term(range_id).is_none() {
+            let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
+            return;
+        }
+        if !self.groups.is_leader(range_id) {
+            let leader = self.groups.leader_of(range_id);
+            let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
+            return;
+        }
+        let refuse = |reason: String| Err(ReplicaError::MembershipRefused { range_id, reason });
+        let busy = |reason: String| Err(ReplicaError::MembershipBusy { range_id, reason });
+        if self.groups.has_pending_conf(range_id) {
+            let _ = reply.send(busy("another membership change is not applied yet; retry".into()));
+            return;
+        }
+        for &learner in promotes {
+            match self.groups.lag_of(range_id, learner) {
+                Some(lag) if lag <= MAX_PROMOTION_LAG => {}
+                Some(lag) => {
+                    let reason = if lag == u64::MAX {
+                        format!("replica {learner:#x} has not installed its snapshot yet; retry")
+                    } else {
+                        format!(
+                            "replica {learner:#x} lacks {lag} log entries (at most {MAX_PROMOTION_LAG} to be promoted): it is still catching up; retry"
+                        )
+                    };
+                    let _ = reply.send(busy(reason));
+                    return;
+                }
+                None => {
+                    let _ = reply.send(refuse(format!("replica {learner:#x} is not a member of the range")));
+                    return;
+                }
+            }
+        }
+        match self.groups.propose_conf_change(range_id, context, change) {
+            Ok((index, term)) => self.track_proposal(range_id, index, term, reply),
+            Err(error) => {
+                tracing::debug!(range_id, %error, "membership change dropped");
+                let _ = reply.send(refuse(format!("raft-rs refused to propose it: {error}")));
+            }
+        }
+    }
+
+    /// Starts a leadership transfer. The lease ends first and is not taken again in this term:
+    /// the target's campaign is granted past the voters' check-quorum (the lease's argument), so
+    /// only this node's consent keeps two leaders from serving reads, and a MsgTimeoutNow may
+    /// arrive late (after raft-rs gave up the transfer), whenever the target wakes.
+    fn transfer_leader(&mut self, range_id: u64, to: u64, reply: Reply) {
+        let Some(term) = self.groups.term(range_id) else {
+            let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
+            return;
+        };
+        if !self.groups.is_leader(range_id) {
+            let leader = self.groups.leader_of(range_id);
+            let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
+            return;
+        }
+        let is_voter = self.groups.conf_state(range_id).is_some_and(|conf| conf.voters.contains(&to));
+        if !is_voter || to == self.groups.node() {
+            let reason = format!("replica {to:#x} is not another voter of the range");
+            let _ = reply.send(Err(ReplicaError::MembershipRefused { range_id, reason }));
+            return;
+        }
+        self.leases.remove(&range_id);
+        self.published.read_leases.write().remove(&range_id);
+        self.transfer_terms.insert(range_id, term);
+        kvfleet_proto::failpoint::hit("transfer-leader-after-lease-ended");
+        let outcome = self
+            .groups
+            .transfer_leader(range_id, to)
+            .map_err(|error| ReplicaError::MembershipRefused { range_id, reason: error.to_string() });
+        let _ = reply.send(outcome);
+    }
+
+    /// The leader of every joint membership proposes leaving it (raft-rs's own automatic leave
+    /// is lost if the leader changes before it is applied).
+    fn leave_joints(&mut self) {
+        let joint: Vec<u64> = self.joint.iter().copied().collect();
+        for range_id in joint {
+            if self.groups.conf_state(range_id).is_none_or(|conf| conf.voters_outgoing.is_empty()) {
+                self.joint.remove(&range_id);
+                continue;
+            }
+            match self.groups.leave_joint(range_id) {
+                Ok(Some((index, _))) => tracing::info!(range_id, index, "proposed leaving the joint membership"),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(range_id, %error, "leaving the joint membership not proposed"),
+            }
+        }
+    }
+
+    fn track_proposal(&mut self, range_id: u64, index: u64, term: u64, reply: Reply) {
+        let proposal = Proposal { term, reply, deadline: Instant::now() + PROPOSAL_TIMEOUT };
+        if let Some(replaced) = self.proposals.insert((range_id, index), proposal) {
+            // The index was proposed at an older term and never applied here.
+            let _ = replaced.reply.send(Err(ReplicaError::Superseded { range_id }));
         }
     }
 
@@ -354,6 +549,7 @@ impl Driver {
         self.ticks += 1;
         if self.ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
             self.forget_early_messages();
+            self.leave_joints();
             self.compact_logs();
             self.make_wanted_snapshots();
             self.retry_lost_snapshots();
@@ -447,13 +643,9 @@ impl Driver {
             {
                 continue;
             }
-            let Some(storage) = self.groups.log_mut(range_id) else {
-                self.making_snapshots.lock().remove(&range_id);
-                continue;
-            };
-            let conf_state = storage.conf_state();
-            let (db, files, slot, making, end) = (
+            let (db, log, files, slot, making, end) = (
                 self.db.clone(),
+                self.log.clone(),
                 self.installer.files.clone(),
                 slot.clone(),
                 self.making_snapshots.clone(),
@@ -461,7 +653,7 @@ impl Driver {
             );
             let spawned = std::thread::Builder::new().name("kv-snapshot".into()).spawn(move || {
                 let started = Instant::now();
-                match snapshot::make(&db, &files, range_id, &end, conf_state) {
+                match snapshot::make(&db, &log, &files, range_id, &end) {
                     Ok(made) => {
                         let index = made.get_metadata().index;
                         tracing::info!(range_id, index, took = ?started.elapsed(), "snapshot made for a follower");
@@ -588,15 +780,26 @@ impl Driver {
         });
         match outcome {
             Ok((info, changed)) => {
-                if let Some(desc) = changed {
-                    tracing::warn!(
-                        range_id,
-                        span = %desc.span(),
-                        generation = desc.generation,
-                        "a snapshot narrowed the range: this replica missed a split, and holds no replica of the split's new range"
-                    );
-                    self.spans.insert(range_id, Span::of(&desc));
-                    (self.on_range_change)(super::RangeChange::Narrowed(&desc));
+                match changed {
+                    Some(snapshot::Installed::Added(desc)) => {
+                        self.spans.insert(range_id, Span::of(&desc));
+                        self.learn_addresses(&desc);
+                        (self.on_range_change)(super::RangeChange::Added(&desc));
+                    }
+                    Some(snapshot::Installed::Replaced { desc, narrowed }) => {
+                        if narrowed {
+                            tracing::warn!(
+                                range_id,
+                                span = %desc.span(),
+                                generation = desc.generation,
+                                "a snapshot narrowed the range: this replica missed a split, and holds no replica of the split's new range"
+                            );
+                        }
+                        self.spans.insert(range_id, Span::of(&desc));
+                        self.learn_addresses(&desc);
+                        (self.on_range_change)(super::RangeChange::Replaced(&desc));
+                    }
+                    None => {}
                 }
                 tracing::info!(
                     range_id,
@@ -617,7 +820,20 @@ impl Driver {
 
     fn apply(&mut self, range_id: u64, entries: &[Entry]) {
         let span = self.spans.entry(range_id).or_default();
-        let run = match apply::apply_entries(&self.db, &self.log, range_id, span, entries) {
+        let self_id = self.groups.node();
+        let (groups, log) = (&mut self.groups, &self.log);
+        let mut conf_changer = |change: &kvfleet_replication::ConfChangeV2,
+                                index: u64,
+                                batch: &mut rocksdb::WriteBatch| {
+            let conf_state = groups.apply_conf_change(range_id, change).map_err(|error| {
+                apply::Failure::Refused(ReplicaError::MembershipRefused { range_id, reason: error.to_string() })
+            })?;
+            let storage = groups.log_mut(range_id).ok_or_else(|| apply::Failure::Fatal("the group is gone".into()))?;
+            log.stage_conf_state(storage, conf_state.clone(), index, batch)
+                .map_err(|error| apply::Failure::Fatal(error.to_string()))?;
+            Ok(conf_state)
+        };
+        let run = match apply::apply_entries(&self.db, log, range_id, self_id, span, entries, &mut conf_changer) {
             Ok(run) => run,
             Err(error) => {
                 tracing::error!(range_id, %error, "applying committed entries failed; stopping the node");
@@ -627,6 +843,9 @@ impl Driver {
         };
         for split in &run.splits {
             self.start_split_group(range_id, split);
+        }
+        for change in &run.memberships {
+            self.membership_changed(range_id, change);
         }
         for entry in run.entries {
             if let Some(proposal) = self.proposals.remove(&(range_id, entry.index)) {
@@ -638,12 +857,83 @@ impl Driver {
                 let _ = proposal.reply.send(outcome);
             }
         }
+        if let Some(tombstone) = &run.removed {
+            self.remove_group(range_id, tombstone);
+            return;
+        }
         if let Some(last) = entries.last() {
             self.applied.insert(range_id, last.index);
             if self.splits_proposed.get(&range_id).is_some_and(|&index| index <= last.index) {
                 self.splits_proposed.remove(&range_id);
             }
         }
+    }
+
+    /// A membership change of `range_id` is applied here: every node of the new membership is
+    /// reachable, the node's range table learns the replicas, and a leader that entered a joint
+    /// membership proposes leaving it at once.
+    fn membership_changed(&mut self, range_id: u64, change: &apply::MembershipApplied) {
+        self.learn_addresses(&change.desc);
+        if change.joint {
+            self.joint.insert(range_id);
+        } else {
+            self.joint.remove(&range_id);
+        }
+        if change.desc.replicas.iter().any(|r| r.raft_id == self.groups.node()) {
+            (self.on_range_change)(super::RangeChange::Replaced(&change.desc));
+        }
+        kvfleet_proto::failpoint::hit("membership-apply-after-write");
+        tracing::info!(
+            range_id,
+            index = change.index,
+            conf_version = change.desc.conf_version,
+            replicas = %describe_replicas(&change.desc),
+            "membership change applied"
+        );
+        if change.joint {
+            self.leave_joints();
+        }
+    }
+
+    fn learn_addresses(&mut self, desc: &kvfleet_proto::v1::RangeDescriptor) {
+        let mut addresses = self.addresses.write();
+        for replica in desc.replicas.iter().filter(|r| r.raft_id != self.groups.node() && !r.address.is_empty()) {
+            self.peers.connect(replica.raft_id, &replica.address);
+            addresses.insert(replica.raft_id, replica.address.clone());
+        }
+    }
+
+    /// This node's replica of `range_id` was removed from the group (its log and descriptor are
+    /// already gone or retired, durably): the group stops, whatever waited on it is answered,
+    /// and the node retires the range and deletes its data.
+    fn remove_group(&mut self, range_id: u64, tombstone: &kvfleet_proto::v1::RangeDescriptor) {
+        let leader = self.groups.leader_of(range_id).filter(|&id| id != self.groups.node());
+        self.groups.remove(range_id);
+        self.applied.remove(&range_id);
+        self.spans.remove(&range_id);
+        self.snapshot_slots.remove(&range_id);
+        self.leases.remove(&range_id);
+        self.splits_proposed.remove(&range_id);
+        self.splits_applied.remove(&range_id);
+        self.transfer_terms.remove(&range_id);
+        self.joint.remove(&range_id);
+        self.published.read_leases.write().remove(&range_id);
+        self.published.leaders.write().remove(&range_id);
+        let pending: Vec<(u64, u64)> = self.proposals.keys().filter(|(id, _)| *id == range_id).copied().collect();
+        for key in pending {
+            if let Some(proposal) = self.proposals.remove(&key) {
+                let reason = "this replica was removed from the range before the write was applied here".to_string();
+                let _ = proposal.reply.send(Err(ReplicaError::OutcomeUnknown { range_id, reason }));
+            }
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.reads_granted).into_iter().partition(|(_, read)| read.range_id == range_id);
+        self.reads_granted = kept;
+        for (_, read) in gone {
+            read.answer(Err(ReplicaError::NotLeader { range_id, leader }));
+        }
+        (self.on_range_change)(super::RangeChange::Removed(tombstone));
+        tracing::info!(range_id, replicas = %describe_replicas(tombstone), "this replica was removed from the range");
     }
 
     /// A split of `range_id` is durable here: the new range's group starts (its log was created
@@ -703,7 +993,7 @@ impl Driver {
     /// was asked: nobody else can be elected before `LEASE` after it.
     fn extend_lease(&mut self, read: &ReadBatch) {
         let Some(term) = read.leader_term else { return };
-        if self.splits_proposed.contains_key(&read.range_id) {
+        if self.splits_proposed.contains_key(&read.range_id) || self.transfer_terms.get(&read.range_id) == Some(&term) {
             return;
         }
         if self.groups.term(read.range_id) != Some(term) || !self.groups.is_leader(read.range_id) {
@@ -758,6 +1048,22 @@ impl Driver {
             self.publish(range_id);
         }
     }
+}
+
+/// The replicas of `desc` for a log line: node ids with their part in the membership.
+pub fn describe_replicas(desc: &kvfleet_proto::v1::RangeDescriptor) -> String {
+    use kvfleet_proto::v1::ReplicaMembership;
+    let parts: Vec<String> = desc
+        .replicas
+        .iter()
+        .map(|r| match r.membership() {
+            ReplicaMembership::Voter => r.node_id.clone(),
+            ReplicaMembership::Learner => format!("{} (learner)", r.node_id),
+            ReplicaMembership::Leaving => format!("{} (leaving)", r.node_id),
+            ReplicaMembership::Joining => format!("{} (joining)", r.node_id),
+        })
+        .collect();
+    parts.join(", ")
 }
 
 fn is_vote_request(envelope: &kvfleet_replication::Envelope) -> bool {

@@ -88,6 +88,11 @@ pub enum ReplicaError {
     OutsideRange { range_id: u64 },
     #[error("range {range_id} was not split: {reason}")]
     SplitRefused { range_id: u64, reason: String },
+    #[error("range {range_id}'s membership was not changed: {reason}")]
+    MembershipRefused { range_id: u64, reason: String },
+    /// Not now: a learner still catching up, another change not applied yet.
+    #[error("range {range_id}'s membership was not changed yet: {reason}")]
+    MembershipBusy { range_id: u64, reason: String },
     #[error("a log command of range {range_id} does not encode: {reason}")]
     BadCommand { range_id: u64, reason: String },
     #[error("replication stopped: {0}")]
@@ -122,12 +127,19 @@ pub struct OpenGroup {
 
 pub type Reply = oneshot::Sender<Result<(), ReplicaError>>;
 
-/// A change of a replicated range's keys made on the Raft thread.
+/// A change of a replicated range made on the Raft thread.
 pub enum RangeChange<'a> {
     /// A split applied from the log.
     Split(&'a apply::SplitApplied),
-    /// A snapshot taken after splits this replica missed: the range is narrower now.
-    Narrowed(&'a RangeDescriptor),
+    /// The range's descriptor changed without a split here: a membership change applied from
+    /// the log, or a snapshot taken after splits or changes this replica missed (the range may
+    /// be narrower now).
+    Replaced(&'a RangeDescriptor),
+    /// A replica added to the range installed its first snapshot: this node holds it now.
+    Added(&'a RangeDescriptor),
+    /// This node's replica was removed from the range (the descriptor: the retired range, with
+    /// the replicas that remain). Its data is to be deleted once no request uses it.
+    Removed(&'a RangeDescriptor),
 }
 
 /// Called on the Raft thread with every `RangeChange`, once it is durable and before any request
@@ -149,6 +161,21 @@ pub enum Input {
         on_follower: bool,
     },
     Deliver(Vec<Envelope>),
+    /// A membership change for `range_id` (see `Replication::change_membership`).
+    ChangeMembership {
+        range_id: u64,
+        change: kvfleet_replication::ConfChangeV2,
+        context: Vec<u8>,
+        /// Learners the change makes voters: each must have caught up first.
+        promotes: Vec<u64>,
+        reply: Reply,
+    },
+    /// Hands leadership of `range_id` to the voter `to` (see `Replication::transfer_leader`).
+    TransferLeader {
+        range_id: u64,
+        to: u64,
+        reply: Reply,
+    },
     /// How far behind each replica of the groups this node leads is (see `Replication::lag`).
     Lag {
         reply: oneshot::Sender<HashMap<u64, Vec<(u64, u64)>>>,
@@ -183,8 +210,9 @@ pub struct Replication {
     published: Arc<Published>,
     pub(crate) liveness: transport::Liveness,
     driver: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Every peer's address by Raft id (to fetch snapshots from).
-    addresses: RwLock<HashMap<u64, String>>,
+    /// Every peer's address by Raft id (to fetch snapshots from), kept by the Raft thread too
+    /// as membership changes add replicas.
+    addresses: Arc<RwLock<HashMap<u64, String>>>,
     pub(crate) fetcher: transport::SnapshotFetcher,
     pub(crate) send_pacer: transport::SendPacer,
 }
@@ -210,7 +238,17 @@ impl Replication {
         let fetcher = transport::SnapshotFetcher::new(files, channels.clone(), token.clone());
         let peers = transport::PeerLinks::new(node_id, raft_id, channels, token);
         let liveness = peers.liveness();
-        let driver = driver::Driver::new(raft_id, db, log, peers, published.clone(), settings, on_range_change);
+        let addresses: Arc<RwLock<HashMap<u64, String>>> = Arc::default();
+        let driver = driver::Driver::new(
+            raft_id,
+            db,
+            log,
+            peers,
+            published.clone(),
+            settings,
+            on_range_change,
+            addresses.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name("kv-raft".into())
             .spawn(move || {
@@ -229,7 +267,7 @@ impl Replication {
             published,
             liveness,
             driver: parking_lot::Mutex::new(Some(handle)),
-            addresses: RwLock::default(),
+            addresses,
             fetcher,
             send_pacer,
         })
@@ -279,6 +317,39 @@ impl Replication {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Propose { range_id, command, reply, split: true })?;
         await_reply(answer).await
+    }
+
+    /// Proposes a membership change of `range_id` (this node must lead it) and waits until it
+    /// is committed and applied here. `context`: the membership version it expects and the
+    /// replicas it adds (`None` only to leave a joint membership). `promotes`: the learners it
+    /// makes voters, refused unless each has caught up with the log.
+    pub async fn change_membership(
+        &self,
+        range_id: u64,
+        change: kvfleet_replication::ConfChangeV2,
+        context: Option<kvfleet_proto::v1::RaftMembershipChange>,
+        promotes: Vec<u64>,
+    ) -> Result<(), ReplicaError> {
+        use prost::Message as _;
+        // Only leaving a joint membership goes without a context (as raft-rs's own does).
+        let context = context.map(|c| c.encode_to_vec()).unwrap_or_default();
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::ChangeMembership { range_id, change, context, promotes, reply })?;
+        await_reply(answer).await
+    }
+
+    /// Starts handing leadership of `range_id` (this node must lead it) to the voter with Raft id
+    /// `to`, after ending this node's read lease on it. Returns once the transfer started; the
+    /// caller watches `leader_of` for its end.
+    pub async fn transfer_leader(&self, range_id: u64, to: u64) -> Result<(), ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::TransferLeader { range_id, to, reply })?;
+        await_reply(answer).await
+    }
+
+    /// The leader of `range_id` as this node last saw it (its Raft id).
+    pub fn leader_of(&self, range_id: u64) -> Option<u64> {
+        self.published.leaders.read().get(&range_id).copied().flatten()
     }
 
     /// Waits until this node may serve a linearizable read of `range_id`: a read index confirmed

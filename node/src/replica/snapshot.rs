@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use kvfleet_proto::v1::{RaftSnapshotData, RangeDescriptor};
-use kvfleet_replication::{ConfState, LogStore, Snapshot, SnapshotMetadata};
+use kvfleet_replication::{LogStore, Snapshot, SnapshotMetadata};
 use prost::Message as _;
 use rocksdb::{
     DB, IngestExternalFileOptions, IteratorMode, Options, ReadOptions, SstFileWriter, WriteBatch, WriteOptions,
@@ -116,18 +116,21 @@ impl SnapshotFiles {
     }
 }
 
-/// Makes a snapshot of `range_id` as of its applied index: the data, the index and the range's
-/// descriptor (its keys) come from one RocksDB snapshot, so they agree. `conf_state` is the
-/// group's membership (it cannot change between two indexes yet: there are no membership
-/// changes).
+/// Makes a snapshot of `range_id` as of its applied index: the data, the index, the range's
+/// descriptor (its keys and replicas) and the group's membership come from one RocksDB
+/// snapshot, so they agree (a membership change writes its membership with its applied index).
 pub fn make(
     db: &DB,
+    log: &LogStore,
     files: &SnapshotFiles,
     range_id: u64,
     key_space_end: &[u8],
-    conf_state: ConfState,
 ) -> Result<Snapshot, String> {
     let view = db.snapshot();
+    let conf_state = log
+        .stored_conf_state(range_id, |cf, key| view.get_cf(cf, key))
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("range {range_id} has no Raft log"))?;
     let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
         (Some(data), Some(meta)) => (data, meta),
         _ => return Err("a column family is missing".into()),
@@ -187,6 +190,16 @@ pub fn describe(range_id: u64, data: &[u8]) -> Result<RaftSnapshotData, String> 
     Ok(info)
 }
 
+/// How an installed snapshot changed this node's replica of a range.
+#[derive(Debug, Clone)]
+pub enum Installed {
+    /// The replica's first snapshot (it was just added to the range): this node holds it now.
+    Added(RangeDescriptor),
+    /// The snapshot's range is newer than this replica's (splits or membership changes it
+    /// missed): the replica takes its descriptor; `narrowed` if its keys are fewer.
+    Replaced { desc: RangeDescriptor, narrowed: bool },
+}
+
 /// What installing snapshots needs: the node's DB, its Raft logs (for the pending marks) and
 /// where the fetched files are.
 #[derive(Clone)]
@@ -202,19 +215,14 @@ impl Installer {
     /// clears the pending mark. Safe to repeat after a crash: the mark stays until the last
     /// write, the file until after it.
     ///
-    /// A snapshot whose range is at a newer generation than this replica's comes after a split
-    /// this replica missed (its log was compacted past the split entry): the replica takes the
-    /// snapshot's descriptor, in the same last write. The data of the keys the range no longer
-    /// has stays, unserved (they belong to the split's new range, of which this node holds no
-    /// replica): deleting it could pull a key from under a read that began before. Returns that
-    /// descriptor, if the range changed.
-    pub fn install(
-        &self,
-        range_id: u64,
-        index: u64,
-        term: u64,
-        data: &[u8],
-    ) -> Result<Option<RangeDescriptor>, String> {
+    /// A snapshot whose range is at a newer generation (or membership version) than this
+    /// replica's comes after a split or membership change this replica missed (its log was
+    /// compacted past it): the replica takes the snapshot's descriptor, in the same last write.
+    /// The data of the keys the range no longer has stays, unserved (they belong to the split's
+    /// new range, of which this node holds no replica): deleting it could pull a key from under
+    /// a read that began before. A replica just added has no descriptor yet: it takes the
+    /// snapshot's. Returns how the replica changed, if it did.
+    pub fn install(&self, range_id: u64, index: u64, term: u64, data: &[u8]) -> Result<Option<Installed>, String> {
         let db = &self.db;
         let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
             (Some(data), Some(meta)) => (data, meta),
@@ -237,10 +245,17 @@ impl Installer {
         let mut changed = None;
         let sent = if data.is_empty() { None } else { describe(range_id, data)?.descriptor };
         if let Some(sent) = sent {
-            let mine = apply::stored_descriptor(db, range_id)?;
-            if sent.generation > mine.generation {
+            let mine = apply::stored_descriptor(db, range_id).ok().filter(|d| d.is_owned_state());
+            changed = match mine {
+                None => Some(Installed::Added(sent.clone())),
+                Some(mine) if (sent.generation, sent.conf_version) > (mine.generation, mine.conf_version) => {
+                    let narrowed = sent.start_key != mine.start_key || sent.end_key != mine.end_key;
+                    Some(Installed::Replaced { desc: sent.clone(), narrowed })
+                }
+                Some(_) => None,
+            };
+            if changed.is_some() {
                 done.put_cf(meta_cf, crate::ranges::descriptor_key(range_id), sent.encode_to_vec());
-                changed = Some(sent);
             }
         }
         done.put_cf(meta_cf, apply::applied_key(range_id), apply::encode_applied(index, term));

@@ -19,7 +19,7 @@ use kvfleet_proto::v1::raft_envelope::Body;
 use kvfleet_proto::v1::raft_transport_client::RaftTransportClient;
 use kvfleet_proto::v1::raft_transport_server::RaftTransport;
 use kvfleet_proto::v1::{
-    FetchSnapshotRequest, Quiesce, RaftBatch, RaftBatchAck, RaftEnvelope, RaftSnapshotData, SnapshotChunk,
+    FetchSnapshotRequest, Quiesce, RaftBatch, RaftBatchAck, RaftEnvelope, RaftSnapshotData, Removed, SnapshotChunk,
 };
 use kvfleet_replication::{Envelope, MessageType, decode_message, encode_message};
 use parking_lot::Mutex;
@@ -131,6 +131,10 @@ fn to_wire(envelope: &Envelope) -> RaftEnvelope {
             range_id: *group,
             body: Some(Body::Quiesce(Quiesce { from: *from, to: *to, term: *term, commit: *commit })),
         },
+        Envelope::Removed { group, from, to, conf_version } => RaftEnvelope {
+            range_id: *group,
+            body: Some(Body::Removed(Removed { from: *from, to: *to, conf_version: *conf_version })),
+        },
     }
 }
 
@@ -141,6 +145,7 @@ fn from_wire(envelope: RaftEnvelope) -> Result<Envelope, String> {
         Some(Body::Quiesce(q)) => {
             Ok(Envelope::Quiesce { group, from: q.from, to: q.to, term: q.term, commit: q.commit })
         }
+        Some(Body::Removed(r)) => Ok(Envelope::Removed { group, from: r.from, to: r.to, conf_version: r.conf_version }),
         None => Err(format!("an envelope for range {group} has no body")),
     }
 }

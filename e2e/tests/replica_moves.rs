@@ -1,0 +1,214 @@
+//! Moves of replicated ranges as membership changes, on real node processes: a replica moves to
+//! a node that held none (created empty, added as a learner and caught up by a snapshot,
+//! promoted in one joint change that removes the source) under load, with no write freeze and
+//! every read and write checked by the history checker; the moved range then commits with the
+//! new replica as a needed vote, and the removed one deletes its copy. Interrupted anywhere
+//! (the mover cut off at any instant, the leader killed, every replica crashing while it
+//! applies a change), a move is finished by running it again, and nothing acknowledged is lost.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfleet_e2e::history::{HistoryWorkload, keys};
+use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
+use kvfleet_proto::v1::{ReadConsistency, ReplicaMembership};
+use kvfleet_resharding::observe::NodeClients;
+use kvfleet_resharding::replica_moves::move_replica;
+
+const MOVE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The replicas of range 1 as node `index` reports them: (node id, membership), sorted.
+async fn members_on(fleet: &Fleet, index: usize) -> Option<Vec<(String, ReplicaMembership)>> {
+    let ranges = fleet.ranges_on(index).await?;
+    let range = ranges.into_iter().find(|d| d.range_id == 1)?;
+    let mut members: Vec<_> = range.replicas.iter().map(|r| (r.node_id.clone(), r.membership())).collect();
+    members.sort();
+    Some(members)
+}
+
+/// Waits (bounded) until node `index` holds range 1 with exactly the voters `voters`.
+async fn wait_for_members(fleet: &Fleet, index: usize, voters: &[usize]) {
+    let mut want: Vec<_> = voters.iter().map(|&i| (fleet.nodes[i].node_id.clone(), ReplicaMembership::Voter)).collect();
+    want.sort();
+    let started = Instant::now();
+    let mut seen = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        seen = members_on(fleet, index).await;
+        if seen.as_ref() == Some(&want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("node {index} holds range 1 as {seen:?}, expected {want:?}");
+}
+
+/// Waits (bounded) until node `index` no longer holds range 1.
+async fn wait_until_gone(fleet: &Fleet, index: usize) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if fleet.ranges_on(index).await.is_some_and(|ranges| ranges.iter().all(|d| d.range_id != 1)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("node {index} still holds range 1 after it was removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaders_replica_moves_to_a_new_node_under_load_without_a_freeze_and_the_new_replica_is_a_real_voter() {
+    let mut fleet = Fleet::start(3);
+    let target = fleet.add_node();
+    let source = fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 4, 100, ReadConsistency::Follower);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    let acked_before = workload.space.acked_writes();
+    let clients = NodeClients::default();
+    let moved =
+        move_replica(&clients, 1, &fleet.addresses(), &fleet.endpoint(source), &fleet.endpoint(target), MOVE_DEADLINE)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let took = started.elapsed();
+    eprintln!(
+        "moved the leader's replica in {took:?}: {} writes acknowledged meanwhile",
+        workload.space.acked_writes() - acked_before
+    );
+    assert!(moved.replicas.iter().all(|r| r.node_id != fleet.nodes[source].node_id), "{moved:?}");
+    let voters: Vec<usize> = (0..4).filter(|&i| i != source).collect();
+    for &index in &voters {
+        wait_for_members(&fleet, index, &voters).await;
+    }
+    wait_until_gone(&fleet, source).await;
+
+    // The new replica is a needed vote: with one of the two other voters down, every write
+    // commits on it.
+    let other = voters.iter().copied().find(|&i| i != target).expect("another voter");
+    let before = workload.space.acked_writes();
+    fleet.nodes[other].kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(workload.space.acked_writes() > before + 10, "writes stopped with the new replica as the second vote");
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_cut_off_at_any_instant_or_losing_its_leader_is_finished_by_running_it_again() {
+    let mut fleet = Fleet::start(3);
+    fleet.add_node();
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(32), 4, 4);
+    workload.add_readers_with(&client, 2, 200, ReadConsistency::Follower);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let clients = NodeClients::default();
+    // Replicas on 0, 1, 2; node 3 holds none. Each round moves one replica to the node without
+    // one, cut off after `cutoff` (the mover's crash: whatever step it was in stops there), and
+    // in one round the leader is killed too; then the move is run again to its end.
+    let mut holders = vec![0usize, 1, 2];
+    let mut spare = 3usize;
+    for (round, cutoff_ms) in [30u64, 150, 400, 900, 1600, 2500].into_iter().enumerate() {
+        let leader = fleet.leader(None).await;
+        let from =
+            if round % 2 == 0 { leader } else { holders.iter().copied().find(|&i| i != leader).unwrap_or(leader) };
+        let (source, target) = (fleet.endpoint(from), fleet.endpoint(spare));
+        let seeds = fleet.addresses();
+        let cut = tokio::time::timeout(
+            Duration::from_millis(cutoff_ms),
+            move_replica(&clients, 1, &seeds, &source, &target, MOVE_DEADLINE),
+        )
+        .await;
+        eprintln!("round {round}: move {from} -> {spare} cut off after {cutoff_ms} ms: finished = {}", cut.is_ok());
+        if round == 3 {
+            let leader = fleet.leader(None).await;
+            fleet.nodes[leader].kill9();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fleet.nodes[leader].spawn();
+        }
+        let seeds = fleet.addresses();
+        move_replica(&clients, 1, &seeds, &source, &target, MOVE_DEADLINE)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        holders.retain(|&i| i != from);
+        holders.push(spare);
+        spare = from;
+        holders.sort();
+        for &index in &holders {
+            wait_for_members(&fleet, index, &holders).await;
+        }
+        wait_until_gone(&fleet, spare).await;
+    }
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_replica_crashing_while_it_applies_a_membership_change_comes_back_in_a_valid_membership() {
+    for crash_at in
+        ["membership-apply-before-write", "membership-apply-after-write", "transfer-leader-after-lease-ended"]
+    {
+        let mut fleet = Fleet::start(3);
+        let target = fleet.add_node();
+        fleet.leader(None).await;
+        let client = fleet.client();
+        let mut acked: HashMap<Bytes, Bytes> = HashMap::new();
+        for i in 0..30 {
+            let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("before-{i}")));
+            client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?}: {e}"));
+            acked.insert(key, value);
+        }
+        // Every node restarts armed: each aborts the first time it reaches the crash point.
+        let marks = tempfile::tempdir().expect("a temporary directory");
+        let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
+        for index in 0..4 {
+            fleet.nodes[index].kill9();
+            fleet.nodes[index].env = vec![
+                ("KVFLEET_CRASH_AT".into(), crash_at.into()),
+                ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
+            ];
+            fleet.nodes[index].spawn();
+        }
+        let source = fleet.leader(None).await;
+        let clients = NodeClients::default();
+        let (from, to) = (fleet.endpoint(source), fleet.endpoint(target));
+        let started = Instant::now();
+        let mut done = None;
+        while done.is_none() && started.elapsed() < Duration::from_secs(90) {
+            let seeds = fleet.addresses();
+            let attempt = move_replica(&clients, 1, &seeds, &from, &to, Duration::from_secs(5)).await;
+            // A node that crashed is restarted (a second after its mark: it aborts just after
+            // writing it), still armed but past its one crash.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for index in 0..4 {
+                if mark(index).exists() && !fleet.nodes[index].is_running() {
+                    fleet.nodes[index].kill9();
+                    fleet.nodes[index].spawn();
+                }
+            }
+            done = attempt.ok();
+        }
+        assert!(done.is_some(), "{crash_at}: the move did not finish");
+        let crashed = (0..4).filter(|&i| mark(i).exists()).count();
+        eprintln!("{crash_at}: {crashed} nodes crashed at it; the move finished in {:?}", started.elapsed());
+        assert!(crashed > 0, "{crash_at}: no node reached the crash point (the test tested nothing)");
+        let voters: Vec<usize> = (0..4).filter(|&i| i != source).collect();
+        for &index in &voters {
+            wait_for_members(&fleet, index, &voters).await;
+        }
+        wait_until_gone(&fleet, source).await;
+        for (key, value) in &acked {
+            let got = client.get(key.clone()).await.unwrap_or_else(|e| panic!("{crash_at}: {key:?}: {e}"));
+            assert_eq!(got.as_ref(), Some(value), "{crash_at}: {key:?}");
+        }
+        client.put("after", "the move").await.unwrap_or_else(|e| panic!("{crash_at}: a write after the move: {e}"));
+    }
+}

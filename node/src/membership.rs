@@ -1,0 +1,375 @@
+//! Adding and removing replicas of a replicated range, the node's side of a move as a
+//! membership change: `create_replica` on the node that joins, `change_replicas` and
+//! `transfer_leader` on the range's leader, and deleting the data of a replica removed here.
+//! The order of the steps (and what to do after a crash between two) is the caller's:
+//! `kvfleet-resharding`'s `replica_moves`.
+
+use std::time::{Duration, Instant};
+
+use kvfleet_proto::RangeBounds as _;
+use kvfleet_proto::v1::{
+    ChangeReplicasRequest, RaftMembershipChange, RangeDescriptor, Replica, ReplicaChange, ReplicaMembership,
+    TransferLeaderRequest, replica_change::Kind as ChangeKind,
+};
+use kvfleet_replication::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
+use rocksdb::{DB, WriteBatch};
+
+use crate::error::NodeError;
+use crate::node::Node;
+use crate::replica::{ReplicaError, apply, is_replicated, raft_id_of};
+use crate::storage::{CF_DATA, CF_META};
+
+/// How long `transfer_leader` waits for the target to lead.
+const TRANSFER_WAIT: Duration = Duration::from_secs(3);
+
+impl Node {
+    /// Creates this node's empty replica of `desc`'s range, to be added as a learner next: an
+    /// uninitialized Raft group (no data, no membership) that the leader fills with a snapshot.
+    /// Idempotent: a replica already here (empty or not) is left as it is.
+    pub async fn create_replica(&self, desc: RangeDescriptor) -> Result<(), NodeError> {
+        let range_id = desc.range_id;
+        if range_id == 0 || desc.replicas.iter().all(|r| r.address.is_empty()) {
+            return Err(NodeError::Invalid("CreateReplica needs the range's id and its replicas' addresses".into()));
+        }
+        {
+            let table = self.table.read();
+            if table.by_id(range_id).is_some() {
+                return Ok(());
+            }
+            if let Some(other) = table.owned_overlapping(&desc) {
+                return Err(NodeError::Move(format!(
+                    "node {} holds range {} {}, which overlaps range {range_id} {}",
+                    self.config.node_id,
+                    other.desc.range_id,
+                    other.desc.span(),
+                    desc.span()
+                )));
+            }
+            if let Some(importing) = table.all_importing().find(|d| d.overlaps(&desc)) {
+                return Err(NodeError::Move(format!(
+                    "node {} is importing range {} {}, which overlaps range {range_id}",
+                    self.config.node_id,
+                    importing.range_id,
+                    importing.span()
+                )));
+            }
+        }
+        if let Some(removed) = self.removed_overlapping(&desc)? {
+            return Err(NodeError::Unavailable(format!(
+                "node {} is still deleting the data of its removed replica of range {} {}; retry",
+                self.config.node_id,
+                removed.range_id,
+                removed.span()
+            )));
+        }
+        let log = self.log_store()?;
+        let storage = log
+            .create_uninitialized_group(range_id)
+            .map_err(|e| NodeError::Corrupt(format!("creating the Raft log of range {range_id}: {e}")))?;
+        // A snapshot taken before a restart, not installed yet: install it now.
+        if let Some(desc) = self.install_pending_snapshot(&log, range_id)? {
+            let applied = apply::applied_index(&self.storage.db(), range_id)
+                .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
+            self.open_group(&desc, storage, applied, false)?;
+            return Ok(());
+        }
+        self.open_group(&desc, storage, 0, false)?;
+        tracing::info!(range_id, span = %desc.span(), "created an empty replica, to be added to the range");
+        Ok(())
+    }
+
+    /// Changes the membership of a replicated range this node leads, through its log; answers
+    /// once the change is applied here. Changes already in force are skipped (a caller that
+    /// retries after a crash is answered at once); several changes enter a joint membership,
+    /// which the leader then leaves.
+    pub async fn change_replicas(&self, request: ChangeReplicasRequest) -> Result<RangeDescriptor, NodeError> {
+        let range_id = request.range_id;
+        let desc = self.replicated_range(range_id)?;
+        if request.expected_conf_version != 0 && request.expected_conf_version != desc.conf_version {
+            return Err(NodeError::Move(format!(
+                "range {range_id}'s membership is at version {}, the request expected {}",
+                desc.conf_version, request.expected_conf_version
+            )));
+        }
+        let plan = plan_changes(&desc, &request.changes, self.replication.raft_id(), &self.config.node_id)?;
+        let Some(plan) = plan else {
+            return Ok(self.replication.with_roles(desc));
+        };
+        let joint = desc
+            .replicas
+            .iter()
+            .any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
+        if joint && !plan.leave_joint {
+            return Err(NodeError::Unavailable(format!(
+                "range {range_id} is in a joint membership, which its leader is leaving; retry"
+            )));
+        }
+        let context = (!plan.leave_joint)
+            .then(|| RaftMembershipChange { expected_conf_version: desc.conf_version, added: plan.added.clone() });
+        let outcome = self.replication.change_membership(range_id, plan.change, context, plan.promotes).await;
+        outcome.map_err(|error| match error {
+            ReplicaError::MembershipRefused { .. } => NodeError::Move(error.to_string()),
+            ReplicaError::MembershipBusy { .. } => NodeError::Unavailable(error.to_string()),
+            other => self.replica_error(&desc, &desc.start_key, other),
+        })?;
+        let changed = self.replicated_range(range_id)?;
+        tracing::info!(
+            range_id,
+            conf_version = changed.conf_version,
+            replicas = %crate::replica::driver::describe_replicas(&changed),
+            "membership changed"
+        );
+        Ok(self.replication.with_roles(changed))
+    }
+
+    /// Hands leadership of a replicated range this node leads to another voter, ending this
+    /// node's read lease first; answers once the target leads.
+    pub async fn transfer_leader(&self, request: TransferLeaderRequest) -> Result<RangeDescriptor, NodeError> {
+        let range_id = request.range_id;
+        let desc = self.replicated_range(range_id)?;
+        let target = desc.replicas.iter().find(|r| r.node_id == request.to_node_id).ok_or_else(|| {
+            NodeError::Invalid(format!("node {:?} holds no replica of range {range_id}", request.to_node_id))
+        })?;
+        if target.membership() != ReplicaMembership::Voter {
+            return Err(NodeError::Move(format!(
+                "node {} is not a voter of range {range_id} (it is {:?}): only a voter can lead",
+                target.node_id,
+                target.membership()
+            )));
+        }
+        let to = target.raft_id;
+        if self.replication.leader_of(range_id) != Some(to) {
+            let outcome = self.replication.transfer_leader(range_id, to).await;
+            outcome.map_err(|error| match error {
+                ReplicaError::MembershipRefused { .. } => NodeError::Move(error.to_string()),
+                other => self.replica_error(&desc, &desc.start_key, other),
+            })?;
+            let started = Instant::now();
+            while self.replication.leader_of(range_id) != Some(to) {
+                if started.elapsed() > TRANSFER_WAIT {
+                    return Err(NodeError::Unavailable(format!(
+                        "leadership of range {range_id} did not move to node {} within {} s; retry",
+                        request.to_node_id,
+                        TRANSFER_WAIT.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::info!(range_id, to = %request.to_node_id, "leadership transferred");
+        }
+        Ok(self.replication.with_roles(self.replicated_range(range_id)?))
+    }
+
+    /// A replicated range this node holds.
+    fn replicated_range(&self, range_id: u64) -> Result<RangeDescriptor, NodeError> {
+        let desc = self.table.read().by_id(range_id).map(|range| range.desc.clone());
+        let desc = desc.ok_or(NodeError::UnknownRange(range_id))?;
+        if !is_replicated(&desc) {
+            return Err(NodeError::Invalid(format!("range {range_id} is not replicated (one replica)")));
+        }
+        Ok(desc)
+    }
+
+    /// The removed replica whose data is still to delete here that overlaps `desc`, if any.
+    fn removed_overlapping(&self, desc: &RangeDescriptor) -> Result<Option<RangeDescriptor>, NodeError> {
+        for entry in self.storage.meta_entries(apply::removed_prefix())? {
+            let removed = crate::ranges::decode_descriptor(&entry.0, &entry.1)?;
+            if removed.range_id == desc.range_id || removed.overlaps(desc) {
+                return Ok(Some(removed));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the data of every replica removed here before the last stop (at start, before
+    /// anything is served).
+    pub(crate) fn delete_removed_replicas(&self) -> Result<(), NodeError> {
+        for entry in self.storage.meta_entries(apply::removed_prefix())? {
+            let removed = crate::ranges::decode_descriptor(&entry.0, &entry.1)?;
+            delete_removed_data(&self.storage.db(), self.storage.key_space_end(), &removed)
+                .map_err(NodeError::WriteFailed)?;
+            tracing::info!(range_id = removed.range_id, "deleted the data of a replica removed before the restart");
+        }
+        Ok(())
+    }
+}
+
+/// What `change_replicas` proposes: one ConfChangeV2.
+struct PlannedChange {
+    change: ConfChangeV2,
+    added: Vec<Replica>,
+    promotes: Vec<u64>,
+    leave_joint: bool,
+}
+
+/// The changes of a request that are not in force yet, as one membership change (`None`: all
+/// are in force). `self_raft_id`/`self_node`: the leader's, which cannot remove itself.
+fn plan_changes(
+    desc: &RangeDescriptor,
+    changes: &[ReplicaChange],
+    self_raft_id: u64,
+    self_node: &str,
+) -> Result<Option<PlannedChange>, NodeError> {
+    let range_id = desc.range_id;
+    if changes.is_empty() {
+        return Err(NodeError::Invalid("ChangeReplicas needs at least one change".into()));
+    }
+    let mut plan =
+        PlannedChange { change: ConfChangeV2::default(), added: Vec::new(), promotes: Vec::new(), leave_joint: false };
+    let mut singles = Vec::new();
+    for change in changes {
+        let kind = change.kind();
+        if kind == ChangeKind::LeaveJoint {
+            if changes.len() > 1 {
+                return Err(NodeError::Invalid("LEAVE_JOINT goes alone in a ChangeReplicas request".into()));
+            }
+            let joint = desc
+                .replicas
+                .iter()
+                .any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
+            if !joint {
+                return Ok(None);
+            }
+            plan.leave_joint = true;
+            return Ok(Some(plan));
+        }
+        let replica = change
+            .replica
+            .as_ref()
+            .filter(|r| !r.node_id.is_empty())
+            .ok_or_else(|| NodeError::Invalid(format!("a {kind:?} change needs the replica's node id")))?;
+        let raft_id = raft_id_of(&replica.node_id);
+        let member = desc.replicas.iter().find(|r| r.raft_id == raft_id);
+        let single =
+            |change_type: ConfChangeType| ConfChangeSingle { change_type, node_id: raft_id, ..Default::default() };
+        match (kind, member.map(|m| m.membership())) {
+            (ChangeKind::AddLearner, Some(_)) => {}
+            (ChangeKind::AddLearner, None) => {
+                if replica.address.is_empty() {
+                    return Err(NodeError::Invalid(format!("adding node {} needs its address", replica.node_id)));
+                }
+                singles.push(single(ConfChangeType::AddLearnerNode));
+                plan.added.push(Replica {
+                    node_id: replica.node_id.clone(),
+                    address: replica.address.clone(),
+                    raft_id,
+                    membership: ReplicaMembership::Learner as i32,
+                    ..Default::default()
+                });
+            }
+            (ChangeKind::Promote, Some(ReplicaMembership::Voter | ReplicaMembership::Joining)) => {}
+            (ChangeKind::Promote, Some(ReplicaMembership::Learner)) => {
+                singles.push(single(ConfChangeType::AddNode));
+                plan.promotes.push(raft_id);
+            }
+            (ChangeKind::Promote, other) => {
+                return Err(NodeError::Move(format!(
+                    "node {} cannot be promoted in range {range_id}: it is {}",
+                    replica.node_id,
+                    other.map_or("not a member".to_string(), |m| format!("{m:?}"))
+                )));
+            }
+            (ChangeKind::Remove, None) => {}
+            (ChangeKind::Remove, Some(_)) if raft_id == self_raft_id => {
+                return Err(NodeError::Move(format!(
+                    "node {self_node} leads range {range_id} and cannot remove itself: transfer its leadership first"
+                )));
+            }
+            (ChangeKind::Remove, Some(_)) => singles.push(single(ConfChangeType::RemoveNode)),
+            (ChangeKind::Unspecified | ChangeKind::LeaveJoint, _) => {
+                return Err(NodeError::Invalid("a change's kind is not set".into()));
+            }
+        }
+    }
+    if singles.is_empty() {
+        return Ok(None);
+    }
+    if singles.len() > 1 {
+        // Joint consensus, left by the leader on its own (explicitly: raft-rs's automatic leave
+        // is lost if the leader changes first).
+        plan.change.set_transition(ConfChangeTransition::Explicit);
+    }
+    plan.change.set_changes(singles.into());
+    Ok(Some(plan))
+}
+
+/// Deletes a removed replica's data (its keys) and its deletion mark, in one write. Only the
+/// removed range's keys: no other range of this node overlaps them (`create_replica` waits).
+pub(crate) fn delete_removed_data(db: &DB, key_space_end: &[u8], removed: &RangeDescriptor) -> Result<(), String> {
+    let (Some(data), Some(meta)) = (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) else {
+        return Err("a column family is missing".into());
+    };
+    let end = if removed.end_key.is_empty() { key_space_end } else { removed.end_key.as_ref() };
+    let mut batch = WriteBatch::default();
+    batch.delete_range_cf(data, removed.start_key.as_ref(), end);
+    batch.delete_cf(meta, apply::removed_key(removed.range_id));
+    db.write(batch).map_err(|e| format!("deleting the data of removed range {}: {e}", removed.range_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(node: &str, membership: ReplicaMembership) -> Replica {
+        Replica {
+            node_id: node.into(),
+            address: format!("127.0.0.1:{}", node.len()),
+            raft_id: raft_id_of(node),
+            membership: membership as i32,
+            ..Default::default()
+        }
+    }
+
+    fn change(kind: ChangeKind, node: &str) -> ReplicaChange {
+        ReplicaChange { kind: kind as i32, replica: Some(replica(node, ReplicaMembership::Voter)) }
+    }
+
+    fn range(replicas: Vec<Replica>) -> RangeDescriptor {
+        RangeDescriptor { range_id: 4, replicas, conf_version: 2, ..Default::default() }
+    }
+
+    #[test]
+    fn changes_in_force_are_skipped_and_a_move_is_one_joint_change() {
+        use ReplicaMembership::*;
+        let desc =
+            range(vec![replica("n1", Voter), replica("n2", Voter), replica("n3", Voter), replica("n4", Learner)]);
+        let me = raft_id_of("n1");
+        // Adding a member again, promoting a voter, removing a non-member: nothing to do.
+        let redone =
+            [change(ChangeKind::AddLearner, "n4"), change(ChangeKind::Promote, "n2"), change(ChangeKind::Remove, "n9")];
+        assert!(plan_changes(&desc, &redone, me, "n1").unwrap().is_none());
+
+        let plan =
+            plan_changes(&desc, &[change(ChangeKind::Promote, "n4"), change(ChangeKind::Remove, "n3")], me, "n1")
+                .unwrap()
+                .expect("a change");
+        assert_eq!(plan.change.get_transition(), ConfChangeTransition::Explicit);
+        let kinds: Vec<_> = plan.change.get_changes().iter().map(|c| (c.get_change_type(), c.node_id)).collect();
+        assert_eq!(
+            kinds,
+            [(ConfChangeType::AddNode, raft_id_of("n4")), (ConfChangeType::RemoveNode, raft_id_of("n3"))]
+        );
+        assert_eq!(plan.promotes, [raft_id_of("n4")]);
+
+        let add = plan_changes(&desc, &[change(ChangeKind::AddLearner, "n5")], me, "n1").unwrap().expect("a change");
+        assert_eq!(add.added.len(), 1);
+        assert_eq!(add.change.get_transition(), ConfChangeTransition::Auto, "one change is applied as it is");
+    }
+
+    #[test]
+    fn refused_changes_name_the_problem() {
+        use ReplicaMembership::*;
+        let desc = range(vec![replica("n1", Voter), replica("n2", Voter), replica("n3", Voter)]);
+        let me = raft_id_of("n1");
+        let error = plan_changes(&desc, &[change(ChangeKind::Remove, "n1")], me, "n1").err().unwrap();
+        assert!(error.to_string().contains("transfer its leadership first"), "{error}");
+        let error = plan_changes(&desc, &[change(ChangeKind::Promote, "n7")], me, "n1").err().unwrap();
+        assert!(error.to_string().contains("not a member"), "{error}");
+        let error = plan_changes(&desc, &[], me, "n1").err().unwrap();
+        assert!(error.to_string().contains("at least one change"), "{error}");
+        let leave = [change(ChangeKind::LeaveJoint, "n2"), change(ChangeKind::Remove, "n2")];
+        assert!(plan_changes(&desc, &leave, me, "n1").err().unwrap().to_string().contains("alone"));
+        // Not joint: leaving is a no-op.
+        assert!(plan_changes(&desc, &[change(ChangeKind::LeaveJoint, "n2")], me, "n1").unwrap().is_none());
+    }
+}

@@ -1,0 +1,247 @@
+//! Moving a replica of a replicated range from one node to another as membership changes, with
+//! no write freeze (TiKV PD's move-peer operator): create the replica on the target, add it as a
+//! learner (the leader sends it a snapshot, then the log), promote it and remove the source in
+//! one joint change once it has caught up (after handing leadership away if the source leads),
+//! and leave the joint membership. Every step reads the range's membership first and does only
+//! what is not in force yet, so a move interrupted anywhere (the caller, the leader or any
+//! replica killed) is finished by running it again; between two steps the membership is always
+//! a valid one.
+
+use std::time::{Duration, Instant};
+
+use kvfleet_proto::v1::{
+    ChangeReplicasRequest, CreateReplicaRequest, ListRangesRequest, RangeDescriptor, Replica, ReplicaChange,
+    ReplicaMembership, ReplicaRole, TransferLeaderRequest, replica_change::Kind,
+};
+
+use crate::observe::{NodeClients, describe_status, with_timeout};
+
+/// A node as a move names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub node_id: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("moving range {range_id}'s replica from {from} to {to}: {message}")]
+pub struct ReplicaMoveError {
+    pub range_id: u64,
+    pub from: String,
+    pub to: String,
+    pub message: String,
+}
+
+/// Where a move stands, read off the range's membership (see `next_step`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The target holds no replica: create it and add it as a learner.
+    AddLearner,
+    /// The source leads and must not: hand leadership to this voter first.
+    TransferLeader { to: String },
+    /// The target is a learner: promote it and remove the source, in one joint change.
+    PromoteAndRemove,
+    /// The target is a voter and the source still a member (a promotion done alone): remove it.
+    Remove,
+    /// The membership is joint: leave it.
+    LeaveJoint,
+    /// The target is a voter and the source is gone.
+    Done,
+}
+
+/// The next step of moving `from`'s replica of `desc` to `to`, given who leads it.
+pub fn next_step(desc: &RangeDescriptor, leader: &str, from: &str, to: &str) -> Step {
+    let membership = |node: &str| desc.replicas.iter().find(|r| r.node_id == node).map(Replica::membership);
+    let joint =
+        desc.replicas.iter().any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
+    if joint {
+        return Step::LeaveJoint;
+    }
+    let source_leads = leader == from;
+    let other_voter = || {
+        desc.replicas
+            .iter()
+            .find(|r| r.node_id != from && r.membership() == ReplicaMembership::Voter)
+            .map(|r| r.node_id.clone())
+    };
+    match (membership(to), membership(from)) {
+        (None, _) => Step::AddLearner,
+        (Some(ReplicaMembership::Voter), None) => Step::Done,
+        (Some(ReplicaMembership::Learner), _) | (Some(ReplicaMembership::Voter), Some(_)) if source_leads => {
+            match other_voter() {
+                Some(to) => Step::TransferLeader { to },
+                None => Step::AddLearner,
+            }
+        }
+        (Some(ReplicaMembership::Learner), Some(_)) => Step::PromoteAndRemove,
+        (Some(ReplicaMembership::Learner), None) => Step::PromoteAndRemove,
+        (Some(_), Some(_)) => Step::Remove,
+        (Some(_), None) => Step::Done,
+    }
+}
+
+/// Moves `from`'s replica of range `range_id` to `to`, step by step until done or `deadline`.
+/// `seeds`: addresses of nodes holding the range (any replica: the leader is found through
+/// them). Returns the range as its leader has it at the end.
+pub async fn move_replica(
+    clients: &NodeClients,
+    range_id: u64,
+    seeds: &[String],
+    from: &Endpoint,
+    to: &Endpoint,
+    deadline: Duration,
+) -> Result<RangeDescriptor, ReplicaMoveError> {
+    let fail =
+        |message: String| ReplicaMoveError { range_id, from: from.node_id.clone(), to: to.node_id.clone(), message };
+    let started = Instant::now();
+    let mut last_problem = String::from("no step was tried");
+    let mut seeds: Vec<String> = seeds.to_vec();
+    for address in [&from.address, &to.address] {
+        if !seeds.contains(address) {
+            seeds.push(address.clone());
+        }
+    }
+    while started.elapsed() < deadline {
+        let Some((desc, leader)) = find_leader(clients, range_id, &seeds).await else {
+            last_problem = format!("no replica of range {range_id} knows its leader");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for replica in &desc.replicas {
+            if !replica.address.is_empty() && !seeds.contains(&replica.address) {
+                seeds.push(replica.address.clone());
+            }
+        }
+        let step = next_step(&desc, &leader.node_id, &from.node_id, &to.node_id);
+        tracing::info!(range_id, ?step, leader = %leader.node_id, conf_version = desc.conf_version, "replica move step");
+        let outcome = match &step {
+            Step::Done => return Ok(desc),
+            Step::AddLearner => {
+                let created = call(clients, &to.address, |mut admin| {
+                    let request = CreateReplicaRequest { range: Some(desc.clone()) };
+                    async move { admin.create_replica(with_timeout(request, STEP_TIMEOUT)).await.map(|_| ()) }
+                })
+                .await;
+                kvfleet_proto::failpoint::hit("replica-move-after-create");
+                match created {
+                    Ok(()) => change(clients, &leader.address, &desc, vec![(Kind::AddLearner, to)]).await,
+                    Err(error) => Err(error),
+                }
+            }
+            Step::TransferLeader { to: new_leader } => {
+                let request = TransferLeaderRequest { range_id, to_node_id: new_leader.clone() };
+                call(clients, &leader.address, |mut admin| async move {
+                    admin.transfer_leader(with_timeout(request, STEP_TIMEOUT)).await.map(|_| ())
+                })
+                .await
+            }
+            Step::PromoteAndRemove => {
+                change(clients, &leader.address, &desc, vec![(Kind::Promote, to), (Kind::Remove, from)]).await
+            }
+            Step::Remove => change(clients, &leader.address, &desc, vec![(Kind::Remove, from)]).await,
+            Step::LeaveJoint => change(clients, &leader.address, &desc, vec![(Kind::LeaveJoint, to)]).await,
+        };
+        kvfleet_proto::failpoint::hit("replica-move-after-step");
+        if let Err(problem) = outcome {
+            tracing::info!(range_id, ?step, %problem, "replica move step not done; retrying");
+            last_problem = problem;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Err(fail(format!("not done within {} s; last: {last_problem}", deadline.as_secs())))
+}
+
+/// Every step's deadline.
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn change(
+    clients: &NodeClients,
+    leader: &str,
+    desc: &RangeDescriptor,
+    changes: Vec<(Kind, &Endpoint)>,
+) -> Result<(), String> {
+    let changes = changes
+        .into_iter()
+        .map(|(kind, node)| ReplicaChange {
+            kind: kind as i32,
+            replica: Some(Replica {
+                node_id: node.node_id.clone(),
+                address: node.address.clone(),
+                ..Default::default()
+            }),
+        })
+        .collect();
+    let request = ChangeReplicasRequest { range_id: desc.range_id, expected_conf_version: desc.conf_version, changes };
+    call(clients, leader, |mut admin| async move {
+        admin.change_replicas(with_timeout(request, STEP_TIMEOUT)).await.map(|_| ())
+    })
+    .await
+}
+
+async fn call<F, Fut>(clients: &NodeClients, address: &str, rpc: F) -> Result<(), String>
+where
+    F: FnOnce(crate::observe::Admin) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let admin = clients.admin(address)?;
+    rpc(admin).await.map_err(|status| format!("{address}: {}", describe_status(&status)))
+}
+
+/// The range as its leader has it, and the leader, asking the seeds: the answer of a node that
+/// reports itself the leader, at the highest membership version.
+async fn find_leader(clients: &NodeClients, range_id: u64, seeds: &[String]) -> Option<(RangeDescriptor, Replica)> {
+    let mut best: Option<(RangeDescriptor, Replica)> = None;
+    for address in seeds {
+        let Ok(mut admin) = clients.admin(address) else { continue };
+        let Ok(answer) = admin.list_ranges(with_timeout(ListRangesRequest {}, Duration::from_secs(2))).await else {
+            continue;
+        };
+        let answer = answer.into_inner();
+        let Some(desc) = answer.ranges.into_iter().find(|d| d.range_id == range_id) else { continue };
+        let Some(leader) = desc.replicas.iter().find(|r| r.role() == ReplicaRole::Leader).cloned() else { continue };
+        if leader.node_id != answer.node_id {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(known, _)| desc.conf_version > known.conf_version) {
+            best = Some((desc, leader));
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(replicas: &[(&str, ReplicaMembership)]) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: 3,
+            replicas: replicas
+                .iter()
+                .map(|(node, membership)| Replica {
+                    node_id: node.to_string(),
+                    membership: *membership as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_membership_on_the_way_has_one_next_step() {
+        use ReplicaMembership::*;
+        let start = range(&[("n1", Voter), ("n2", Voter), ("n3", Voter)]);
+        assert_eq!(next_step(&start, "n2", "n1", "n4"), Step::AddLearner);
+        let learner = range(&[("n1", Voter), ("n2", Voter), ("n3", Voter), ("n4", Learner)]);
+        assert_eq!(next_step(&learner, "n2", "n1", "n4"), Step::PromoteAndRemove);
+        assert_eq!(next_step(&learner, "n1", "n1", "n4"), Step::TransferLeader { to: "n2".into() });
+        let joint = range(&[("n1", Leaving), ("n2", Voter), ("n3", Voter), ("n4", Joining)]);
+        assert_eq!(next_step(&joint, "n2", "n1", "n4"), Step::LeaveJoint);
+        let promoted = range(&[("n1", Voter), ("n2", Voter), ("n3", Voter), ("n4", Voter)]);
+        assert_eq!(next_step(&promoted, "n2", "n1", "n4"), Step::Remove);
+        assert_eq!(next_step(&promoted, "n1", "n1", "n4"), Step::TransferLeader { to: "n2".into() });
+        let done = range(&[("n2", Voter), ("n3", Voter), ("n4", Voter)]);
+        assert_eq!(next_step(&done, "n4", "n1", "n4"), Step::Done);
+    }
+}
