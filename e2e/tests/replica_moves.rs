@@ -2,7 +2,8 @@
 //! a node that held none (created empty, added as a learner and caught up by a snapshot,
 //! promoted in one joint change that removes the source) under load, with no write freeze and
 //! every read and write checked by the history checker; the moved range then commits with the
-//! new replica as a needed vote, and the removed one deletes its copy. Interrupted anywhere
+//! new replica as a needed vote, and the removed one deletes its copy (the move made by `kvctl
+//! move-replica`, as a user makes it). Interrupted anywhere
 //! (the mover cut off at any instant, the leader killed, every replica crashing while it
 //! applies a change), a move is finished by running it again, and nothing acknowledged is lost.
 
@@ -65,19 +66,28 @@ async fn a_leaders_replica_moves_to_a_new_node_under_load_without_a_freeze_and_t
     workload.add_readers_with(&client, 4, 100, ReadConsistency::Follower);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    // As a user moves it: `kvctl move-replica <key> --from <node> --to <node>`.
     let started = Instant::now();
     let acked_before = workload.space.acked_writes();
-    let clients = NodeClients::default();
-    let moved =
-        move_replica(&clients, 1, &fleet.addresses(), &fleet.endpoint(source), &fleet.endpoint(target), MOVE_DEADLINE)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+    let (from, to) = (fleet.nodes[source].node_id.clone(), fleet.nodes[target].node_id.clone());
+    let output = tokio::process::Command::new(kvfleet_e2e::binary("kvctl"))
+        .args(["--endpoints", &fleet.addresses().join(","), "--output", "json", "move-replica", "key010"])
+        .args(["--from", &from, "--to", &to])
+        .output()
+        .await
+        .expect("kvctl runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "kvctl move-replica: {}", String::from_utf8_lossy(&output.stderr));
+    let moved: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     let took = started.elapsed();
-    eprintln!(
-        "moved the leader's replica in {took:?}: {} writes acknowledged meanwhile",
-        workload.space.acked_writes() - acked_before
-    );
-    assert!(moved.replicas.iter().all(|r| r.node_id != fleet.nodes[source].node_id), "{moved:?}");
+    let acked = workload.space.acked_writes() - acked_before;
+    eprintln!("moved the leader's replica in {took:?}: {acked} writes acknowledged meanwhile");
+    let mut replicas: Vec<String> =
+        moved["replicas"].as_array().into_iter().flatten().filter_map(|r| r.as_str().map(str::to_string)).collect();
+    replicas.sort();
+    let mut expected: Vec<String> = (0..4).filter(|&i| i != source).map(|i| fleet.nodes[i].node_id.clone()).collect();
+    expected.sort();
+    assert_eq!(replicas, expected, "kvctl printed {stdout}");
     let voters: Vec<usize> = (0..4).filter(|&i| i != source).collect();
     for &index in &voters {
         wait_for_members(&fleet, index, &voters).await;

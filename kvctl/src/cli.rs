@@ -79,6 +79,18 @@ pub enum Command {
     },
     /// Merge the range holding KEY with the range right after it (both on the same node).
     Merge { key: String },
+    /// Move the replica of the replicated range holding KEY from one node to another (both in
+    /// --endpoints): added as a learner, caught up, then swapped in by one joint membership
+    /// change; no write waits. Interrupted, it is finished by running it again.
+    MoveReplica {
+        key: String,
+        /// The node id of the replica to move.
+        #[arg(long)]
+        from: String,
+        /// The node id of the node to move it to (it holds no replica of the range).
+        #[arg(long)]
+        to: String,
+    },
     /// Nodes, their ranges, load and hot keys; with --controller, also what the resharding loop
     /// is doing and declining to do (moves in flight, hot keys, reasons).
     Status,
@@ -286,6 +298,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Merge { key } => merge(&client, cli.controller.as_deref(), key, json).await?,
         Command::Status => status(&client, cli.controller.as_deref(), json).await?,
+        Command::MoveReplica { key, from, to } => {
+            move_replica(&client, &cli.endpoints, cli.admin_token.as_deref(), [&key, &from, &to], json).await?
+        }
         Command::Bench(args) => {
             let report = bench::run(&args, &cli.endpoints, deadline).await.map_err(CliError::Failed)?;
             if json {
@@ -378,6 +393,78 @@ async fn split(
         print_json(&halves)?;
     } else {
         halves.iter().for_each(RangeView::print_line);
+    }
+    Ok(())
+}
+
+/// How long `move-replica` goes on trying (a snapshot of a large range takes a while).
+const MOVE_REPLICA_DEADLINE: Duration = Duration::from_secs(600);
+
+async fn move_replica(
+    client: &Client,
+    endpoints: &[String],
+    admin_token: Option<&str>,
+    [key, from, to]: [&str; 3],
+    json: bool,
+) -> Result<(), CliError> {
+    let (_, range) = range_holding(client, key.as_bytes()).await?;
+    if range.replicas.len() < 2 {
+        return Err(CliError::Failed(format!(
+            "range {} {} has one replica: it moves with the resharding loop's moves, not by membership changes",
+            range.range_id,
+            range.span()
+        )));
+    }
+    // Node ids to addresses, from the endpoints (the target holds no replica, so no range names it).
+    let mut addresses = std::collections::HashMap::new();
+    for address in endpoints {
+        let Ok(mut admin) = client.admin(address) else { continue };
+        let mut request = tonic::Request::new(NodeInfoRequest {});
+        request.set_timeout(Duration::from_secs(2));
+        if let Ok(info) = admin.node_info(request).await {
+            addresses.insert(info.into_inner().node_id, address.clone());
+        }
+    }
+    let endpoint = |node: &str| {
+        let address = addresses.get(node).cloned().ok_or_else(|| {
+            CliError::Failed(format!(
+                "no endpoint answers as node {node:?} (answering: {:?})",
+                addresses.keys().collect::<Vec<_>>()
+            ))
+        })?;
+        Ok::<_, CliError>(kvfleet_resharding::replica_moves::Endpoint { node_id: node.to_string(), address })
+    };
+    let (source, target) = (endpoint(from)?, endpoint(to)?);
+    let token = match admin_token {
+        Some(token) => kvfleet_proto::admin_auth::AdminToken::new(token)
+            .map_err(|e| CliError::Failed(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?,
+        None => kvfleet_proto::admin_auth::AdminToken::none(),
+    };
+    let clients = kvfleet_resharding::observe::NodeClients::new(Default::default(), token);
+    let started = std::time::Instant::now();
+    let moved = kvfleet_resharding::replica_moves::move_replica(
+        &clients,
+        range.range_id,
+        endpoints,
+        &source,
+        &target,
+        MOVE_REPLICA_DEADLINE,
+    )
+    .await
+    .map_err(|e| CliError::Failed(e.to_string()))?;
+    let view = RangeView::from(&moved);
+    if json {
+        print_json(&view)?;
+    } else {
+        println!(
+            "range {} [{}, {}) generation {}: replicas {} (moved in {:.1} s)",
+            view.range_id,
+            view.start,
+            view.end_or_inf(),
+            view.generation,
+            view.replicas_text(),
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

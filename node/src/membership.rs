@@ -31,11 +31,32 @@ impl Node {
         if range_id == 0 || desc.replicas.iter().all(|r| r.address.is_empty()) {
             return Err(NodeError::Invalid("CreateReplica needs the range's id and its replicas' addresses".into()));
         }
+        let stale = {
+            let table = self.table.read();
+            match table.by_id(range_id) {
+                // A replica that the range dropped while this node was down or cut off (it
+                // missed its removal): it goes first, and the caller retries.
+                Some(local)
+                    if local.desc.conf_version < desc.conf_version
+                        && !desc.replicas.iter().any(|r| r.node_id == self.config.node_id) =>
+                {
+                    Some(local.desc.conf_version)
+                }
+                Some(_) => return Ok(()),
+                None => None,
+            }
+        };
+        if let Some(version) = stale {
+            self.replication
+                .drop_stale(range_id, desc.conf_version)
+                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+            return Err(NodeError::Unavailable(format!(
+                "node {} held a replica of range {range_id} that the range removed (membership version {version}, the range is at {}): it is being deleted; retry",
+                self.config.node_id, desc.conf_version
+            )));
+        }
         {
             let table = self.table.read();
-            if table.by_id(range_id).is_some() {
-                return Ok(());
-            }
             if let Some(other) = table.owned_overlapping(&desc) {
                 return Err(NodeError::Move(format!(
                     "node {} holds range {} {}, which overlaps range {range_id} {}",

@@ -236,6 +236,7 @@ impl Driver {
                 self.change_membership(range_id, change, context, &promotes, reply)
             }
             Input::TransferLeader { range_id, to, reply } => self.transfer_leader(range_id, to, reply),
+            Input::DropStale { range_id, conf_version } => self.drop_stale(range_id, None, conf_version),
             Input::Lag { reply } => {
                 let ids: Vec<u64> = self.groups.ids().collect();
                 let lag = ids.into_iter().filter_map(|id| self.groups.replica_lag(id).map(|lag| (id, lag))).collect();
@@ -271,7 +272,7 @@ impl Driver {
         }
         let group = envelope.group();
         if let kvfleet_replication::Envelope::Removed { conf_version, from, .. } = envelope {
-            self.removed_by_leader(group, from, conf_version);
+            self.drop_stale(group, Some(from), conf_version);
             return;
         }
         if self.groups.term(group).is_none() {
@@ -312,10 +313,11 @@ impl Driver {
         self.peers.send(vec![notice]);
     }
 
-    /// The leader of `group` says its membership (at `conf_version`) does not have this node. If
-    /// this replica's own membership is older, it was removed and missed the change: it ends as
-    /// if it had applied its removal (its copy is not counted by the range any more).
-    fn removed_by_leader(&mut self, group: u64, from: u64, conf_version: u64) {
+    /// The range's membership at `conf_version` does not have this node (its leader `from` says
+    /// so, or a move about to add this node again). If this replica's own membership is older,
+    /// it was removed and missed the change: it ends as if it had applied its removal (its copy
+    /// is not counted by the range any more).
+    fn drop_stale(&mut self, group: u64, from: Option<u64>, conf_version: u64) {
         if self.groups.term(group).is_none() {
             return;
         }

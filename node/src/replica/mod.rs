@@ -176,6 +176,12 @@ pub enum Input {
         to: u64,
         reply: Reply,
     },
+    /// This node's replica of `range_id` is not in the range's membership at `conf_version`
+    /// (see `Replication::drop_stale`).
+    DropStale {
+        range_id: u64,
+        conf_version: u64,
+    },
     /// How far behind each replica of the groups this node leads is (see `Replication::lag`).
     Lag {
         reply: oneshot::Sender<HashMap<u64, Vec<(u64, u64)>>>,
@@ -345,6 +351,13 @@ impl Replication {
         let (reply, answer) = oneshot::channel();
         self.send(Input::TransferLeader { range_id, to, reply })?;
         await_reply(answer).await
+    }
+
+    /// Drops this node's replica of `range_id`, which the range's membership at `conf_version`
+    /// does not have (it missed its removal), if its own membership is older: as if it had
+    /// applied its removal.
+    pub fn drop_stale(&self, range_id: u64, conf_version: u64) -> Result<(), ReplicaError> {
+        self.send(Input::DropStale { range_id, conf_version })
     }
 
     /// The leader of `range_id` as this node last saw it (its Raft id).
