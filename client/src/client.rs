@@ -287,16 +287,40 @@ impl Client {
     }
 
     /// A read with the given consistency: `Follower` goes to a random replica of a replicated
-    /// range (see `ReadConsistency`).
+    /// range (see `ReadConsistency`; `Stale` needs a bound: `get_stale`).
     pub async fn get_with(
         &self,
         key: impl Into<Bytes>,
         consistency: ReadConsistency,
     ) -> Result<Option<Bytes>, ClientError> {
-        let key = key.into();
-        let any_replica = consistency == ReadConsistency::Follower;
+        self.read(key.into(), consistency, 0).await
+    }
+
+    /// A read of any replica whose data holds every write acknowledged more than
+    /// `max_staleness` before it (`ReadConsistency::Stale`: at most 60 s); the lowest latency.
+    pub async fn get_stale(
+        &self,
+        key: impl Into<Bytes>,
+        max_staleness: std::time::Duration,
+    ) -> Result<Option<Bytes>, ClientError> {
+        let millis = u32::try_from(max_staleness.as_millis()).unwrap_or(u32::MAX);
+        self.read(key.into(), ReadConsistency::Stale, millis).await
+    }
+
+    async fn read(
+        &self,
+        key: Bytes,
+        consistency: ReadConsistency,
+        max_staleness_ms: u32,
+    ) -> Result<Option<Bytes>, ClientError> {
+        let any_replica = matches!(consistency, ReadConsistency::Follower | ReadConsistency::Stale);
         self.execute_on(&key, any_replica, |channel, header, _| {
-            let request = GetRequest { header: Some(header), key: key.clone(), consistency: consistency as i32 };
+            let request = GetRequest {
+                header: Some(header),
+                key: key.clone(),
+                consistency: consistency as i32,
+                max_staleness_ms,
+            };
             Ok(async move {
                 let response = KvClient::new(channel).get(request).await?.into_inner();
                 Ok(response.found.then_some(response.value))
@@ -360,6 +384,7 @@ impl Client {
                 limit,
                 keys_only,
                 consistency: 0,
+                max_staleness_ms: 0,
             };
             Ok(async move {
                 let response = KvClient::new(channel).scan(request).await?.into_inner();

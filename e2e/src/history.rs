@@ -192,6 +192,48 @@ impl HistoryWorkload {
         }
     }
 
+    /// `count` readers of bounded staleness (`Client::get_stale` with `bound`), held to what
+    /// that promises: a read must return a version no older than one acknowledged `bound`
+    /// before it began. Each reader notes a key's acknowledged version, and reads the key at
+    /// least `bound` later against that note; reads in between (of random keys) are only
+    /// checked against values never written.
+    pub fn add_stale_readers(&mut self, client: &Client, count: usize, seed: u64, bound: Duration) {
+        for reader in 0..count as u64 {
+            let (client, space, stop) = (client.clone(), self.space.clone(), self.stop.clone());
+            self.tasks.push(tokio::spawn(async move {
+                let mut report = Report::default();
+                let mut rng = StdRng::seed_from_u64(seed + reader);
+                let mut noted: std::collections::VecDeque<(Instant, usize, u64)> = Default::default();
+                let started = Instant::now();
+                for _ in 0..10_000_000u64 {
+                    if stop.load(Ordering::Relaxed) || started.elapsed() > MAX_RUN {
+                        break;
+                    }
+                    let index = rng.random_range(0..space.keys.len());
+                    noted.push_back((Instant::now(), index, space.acked[index].load(Ordering::Acquire)));
+                    let (index, floor) = match noted.front() {
+                        Some(&(at, index, floor)) if at.elapsed() > bound => {
+                            noted.pop_front();
+                            (index, floor)
+                        }
+                        _ => (index, 0),
+                    };
+                    noted.truncate(10_000);
+                    match client.get_stale(space.keys[index].clone(), bound).await {
+                        Ok(value) => {
+                            report.reads += 1;
+                            if let Err(why) = space.check_read(index, floor, value.as_ref()) {
+                                report.violations.push(format!("a read of bounded staleness ({bound:?}): {why}"));
+                            }
+                        }
+                        Err(error) => report.errors.push(format!("stale get {:?}: {error}", space.keys[index])),
+                    }
+                }
+                report
+            }));
+        }
+    }
+
     /// Stops every task (bounded) and sums what they saw.
     pub async fn finish(self) -> (Report, Arc<KeySpace>) {
         self.stop.store(true, Ordering::Relaxed);

@@ -18,7 +18,7 @@ fn put(key: Bytes, value: Bytes) -> Mutation {
 async fn absent(node: &NodeProcess, key: &[u8]) -> bool {
     !node
         .kv()
-        .get(GetRequest { header: None, key: Bytes::copy_from_slice(key), consistency: 0 })
+        .get(GetRequest { header: None, key: Bytes::copy_from_slice(key), consistency: 0, max_staleness_ms: 0 })
         .await
         .unwrap()
         .into_inner()
@@ -42,7 +42,7 @@ async fn every_limit_is_enforced_with_a_named_error() {
     let detail = limit_detail(&status).expect("typed LimitExceeded");
     assert_eq!((detail.limit.as_str(), detail.size, detail.max), ("max_key_bytes", 65, 64));
     assert!(
-        kv.get(GetRequest { header: None, key: long_key, consistency: 0 }).await.is_err(),
+        kv.get(GetRequest { header: None, key: long_key, consistency: 0, max_staleness_ms: 0 }).await.is_err(),
         "reads check the key limit too"
     );
 
@@ -96,6 +96,7 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
             limit: 10,
             keys_only: false,
             consistency: 0,
+            max_staleness_ms: 0,
         })
         .await
         .unwrap_err();

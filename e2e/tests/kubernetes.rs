@@ -118,7 +118,8 @@ async fn assert_acked_readable(client: &mut KvClient<tonic::transport::Channel>,
     for (key, value) in acked {
         let mut last_error = None;
         for _ in 0..20 {
-            match client.get(GetRequest { header, key: key.clone().into(), consistency: 0 }).await {
+            match client.get(GetRequest { header, key: key.clone().into(), consistency: 0, max_staleness_ms: 0 }).await
+            {
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     assert!(reply.found, "acknowledged key {} is gone", String::from_utf8_lossy(key));

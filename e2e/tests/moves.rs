@@ -267,7 +267,7 @@ async fn owned(node: &NodeProcess) -> Vec<RangeDescriptor> {
 async fn get_from(node: &NodeProcess, key: &str) -> Result<Option<Bytes>, tonic::Status> {
     let response = node
         .kv()
-        .get(GetRequest { header: None, key: Bytes::from(key.to_string()), consistency: 0 })
+        .get(GetRequest { header: None, key: Bytes::from(key.to_string()), consistency: 0, max_staleness_ms: 0 })
         .await?
         .into_inner();
     Ok(response.found.then_some(response.value))
@@ -346,7 +346,7 @@ async fn reads_wait_on_a_frozen_range_and_follow_the_handoff() {
     let started = Instant::now();
     let waiting = tokio::spawn({
         let mut kv = source.kv();
-        async move { kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await }
+        async move { kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0, max_staleness_ms: 0 }).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "a read on a frozen range must wait, not answer from the frozen copy");

@@ -25,7 +25,12 @@ fn gets(kv: &KvClient<Channel>, count: usize, timeout: Duration) -> Vec<tokio::t
     (0..count)
         .map(|_| {
             let mut kv = kv.clone();
-            let mut request = tonic::Request::new(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 });
+            let mut request = tonic::Request::new(GetRequest {
+                header: None,
+                key: Bytes::from("k"),
+                consistency: 0,
+                max_staleness_ms: 0,
+            });
             request.set_timeout(timeout);
             tokio::spawn(async move { kv.get(request).await })
         })

@@ -242,12 +242,21 @@ async fn a_replica_down_during_a_split_gets_it_from_the_log_or_else_a_snapshot_t
     let mut kv = fleet.nodes[lagging].kv();
     for i in 0..25 {
         let key = Bytes::from(format!("key{i:03}"));
-        let request = GetRequest { header: None, key: key.clone(), consistency: ReadConsistency::Follower as i32 };
+        let request = GetRequest {
+            header: None,
+            key: key.clone(),
+            consistency: ReadConsistency::Follower as i32,
+            max_staleness_ms: 0,
+        };
         let answer = kv.get(request).await.unwrap_or_else(|e| panic!("{key:?} on the narrowed replica: {e}"));
         assert_eq!(Some(&answer.into_inner().value), acked.get(&key), "{key:?} on the narrowed replica");
     }
-    let request =
-        GetRequest { header: None, key: Bytes::from("key030"), consistency: ReadConsistency::Follower as i32 };
+    let request = GetRequest {
+        header: None,
+        key: Bytes::from("key030"),
+        consistency: ReadConsistency::Follower as i32,
+        max_staleness_ms: 0,
+    };
     let refused = kv.get(request).await.expect_err("the narrowed replica serves a key it no longer has");
     assert!(refused.message().contains("owns no range"), "{refused:?}");
 

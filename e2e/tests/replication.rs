@@ -6,6 +6,7 @@
 //! writes; a whole fleet killed at once comes back with every acknowledged write; follower
 //! reads never miss an acknowledged write; five replicas survive two kills; a follower the
 //! leader's compacted log cannot catch up gets a snapshot, even across crashes while installing
+//! it; reads of bounded staleness are never older than their bound, and need no leader within
 //! it.
 
 use std::time::{Duration, Instant};
@@ -65,7 +66,7 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
     // A connection to the leader, open before it is paused.
     let mut paused = fleet.nodes[leader].kv();
     let first = paused
-        .get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 })
+        .get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0, max_staleness_ms: 0 })
         .await
         .expect("a read on the leader");
     assert_eq!(first.into_inner().value, Bytes::from("old"));
@@ -81,7 +82,7 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
         .map(|_| {
             let mut kv = paused.clone();
             tokio::spawn(async move {
-                let request = GetRequest { header: None, key: Bytes::from("k"), consistency: 0 };
+                let request = GetRequest { header: None, key: Bytes::from("k"), consistency: 0, max_staleness_ms: 0 };
                 tokio::time::timeout(Duration::from_secs(5), kv.get(request)).await
             })
         })
@@ -103,7 +104,7 @@ async fn a_paused_leader_serves_no_stale_read_and_a_cut_off_node_acknowledges_no
     let mut kv = fleet.nodes[alone].kv();
     let read = tokio::time::timeout(
         Duration::from_secs(4),
-        kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }),
+        kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0, max_staleness_ms: 0 }),
     )
     .await;
     assert!(!matches!(read, Ok(Ok(_))), "a node without a majority served a linearizable read: {read:?}");
@@ -147,8 +148,12 @@ async fn follower_reads_are_served_by_followers_and_never_miss_an_acknowledged_w
     let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     let mut on_followers: Vec<_> =
         followers.iter().map(|&i| (fleet.nodes[i].node_id.clone(), fleet.nodes[i].kv())).collect();
-    let follower_read =
-        || GetRequest { header: None, key: Bytes::from("k"), consistency: ReadConsistency::Follower as i32 };
+    let follower_read = || GetRequest {
+        header: None,
+        key: Bytes::from("k"),
+        consistency: ReadConsistency::Follower as i32,
+        max_staleness_ms: 0,
+    };
     for version in 1..=100u64 {
         client.put("k", version.to_string()).await.expect("write");
         // Acknowledged before the read starts: a follower must not answer anything older.
@@ -159,7 +164,10 @@ async fn follower_reads_are_served_by_followers_and_never_miss_an_acknowledged_w
     }
     // The default (linearizable) read on a follower points at the leader instead.
     let (_, kv) = &mut on_followers[0];
-    let status = kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.unwrap_err();
+    let status = kv
+        .get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0, max_staleness_ms: 0 })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     // Through the client, follower reads spread over the replicas and see the last write.
     for _ in 0..20 {
@@ -254,12 +262,22 @@ async fn a_follower_behind_the_compacted_log_gets_a_snapshot_even_across_crashes
     // Its own data holds every acknowledged write (follower reads are served from it).
     let mut kv = fleet.nodes[lagging].kv();
     for (key, value) in &acked {
-        let request = GetRequest { header: None, key: key.clone(), consistency: ReadConsistency::Follower as i32 };
+        let request = GetRequest {
+            header: None,
+            key: key.clone(),
+            consistency: ReadConsistency::Follower as i32,
+            max_staleness_ms: 0,
+        };
         let answer = kv.get(request).await.expect("a read on the follower that took the snapshot").into_inner();
         assert_eq!(&answer.value, value, "key {key:?} on the follower that took the snapshot");
     }
     for key in &deleted {
-        let request = GetRequest { header: None, key: key.clone(), consistency: ReadConsistency::Follower as i32 };
+        let request = GetRequest {
+            header: None,
+            key: key.clone(),
+            consistency: ReadConsistency::Follower as i32,
+            max_staleness_ms: 0,
+        };
         let answer = kv.get(request).await.expect("a read on the follower that took the snapshot").into_inner();
         assert!(!answer.found, "key {key:?} was deleted while the follower was down, and it still has it");
     }
@@ -267,4 +285,56 @@ async fn a_follower_behind_the_compacted_log_gets_a_snapshot_even_across_crashes
     fleet.nodes[leader].kill9();
     fleet.nodes[other].spawn();
     kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
+}
+
+/// Reads of bounded staleness: served by followers, under load and a follower's kill -9 never
+/// older than their bound (the history checker notes each key's acknowledged version and reads
+/// it a bound later); with the leader paused, a follower that was current within the bound
+/// still answers at once (no round trip to the leader), while a follower read cannot; a bound
+/// of 0 or over 60 s is refused with the limit named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_reads_stay_within_their_bound_and_need_no_leader_within_it() {
+    let mut fleet = Fleet::start(3);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    let bound = Duration::from_millis(300);
+    let mut workload = HistoryWorkload::start(client.clone(), keys(24), 4, 2);
+    workload.add_stale_readers(&client, 6, 500, bound);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    fleet.nodes[follower].kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.nodes[follower].spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (report, _) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.reads > 100 && report.writes > 0, "{} reads, {} writes", report.reads, report.writes);
+
+    // A follower current a moment ago answers a read of a 60 s bound with the leader paused.
+    let other = (0..3).find(|&i| i != leader && i != follower).expect("another follower");
+    client.put("k", "last").await.expect("a write");
+    let mut kv = fleet.nodes[other].kv();
+    let read = |consistency: ReadConsistency, max_staleness_ms: u32| GetRequest {
+        header: None,
+        key: Bytes::from("k"),
+        consistency: consistency as i32,
+        max_staleness_ms,
+    };
+    let answer = kv.get(read(ReadConsistency::Stale, 60_000)).await.expect("a stale read").into_inner();
+    assert_eq!(answer.value, Bytes::from("last"), "the read made the follower current");
+    fleet.nodes[leader].signal("-STOP");
+    let started = Instant::now();
+    let answer = kv.get(read(ReadConsistency::Stale, 60_000)).await.expect("a stale read, leader paused");
+    assert_eq!(answer.into_inner().value, Bytes::from("last"));
+    assert!(started.elapsed() < Duration::from_millis(500), "served locally: {:?}", started.elapsed());
+    let follower_read =
+        tokio::time::timeout(Duration::from_millis(500), kv.get(read(ReadConsistency::Follower, 0))).await;
+    assert!(!matches!(follower_read, Ok(Ok(_))), "a follower read needs the paused leader: {follower_read:?}");
+    fleet.nodes[leader].signal("-CONT");
+
+    for bad in [0, 60_001] {
+        let status = kv.get(read(ReadConsistency::Stale, bad)).await.expect_err("a bad bound is refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("from 1 to 60000"), "{}", status.message());
+    }
 }

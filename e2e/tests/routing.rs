@@ -21,8 +21,10 @@ async fn stale_generation_gets_not_owner_with_the_current_descriptor() {
         .expect("put at gen 1");
     node.split(1, "m", 2, 3).await;
 
-    let status =
-        kv.get(GetRequest { header: header(1, 1, false), key: Bytes::from("z1"), consistency: 0 }).await.unwrap_err();
+    let status = kv
+        .get(GetRequest { header: header(1, 1, false), key: Bytes::from("z1"), consistency: 0, max_staleness_ms: 0 })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     let detail = not_owner_detail(&status).expect("typed NotOwner detail");
     let hint = detail.hint.expect("hint");
@@ -32,7 +34,7 @@ async fn stale_generation_gets_not_owner_with_the_current_descriptor() {
 
     // With the hint's routing the request is served.
     let found = kv
-        .get(GetRequest { header: header(3, 2, false), key: Bytes::from("z1"), consistency: 0 })
+        .get(GetRequest { header: header(3, 2, false), key: Bytes::from("z1"), consistency: 0, max_staleness_ms: 0 })
         .await
         .unwrap()
         .into_inner();
@@ -64,7 +66,10 @@ async fn a_node_that_does_not_own_the_key_hints_or_forwards() {
     let mut kv = other.kv();
 
     // Knows nothing yet: NotOwner without a hint.
-    let status = kv.get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.unwrap_err();
+    let status = kv
+        .get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0, max_staleness_ms: 0 })
+        .await
+        .unwrap_err();
     let detail = not_owner_detail(&status).expect("typed NotOwner");
     assert!(detail.hint.is_none());
     assert!(status.message().contains("knows no owner"), "{}", status.message());
@@ -82,8 +87,12 @@ async fn a_node_that_does_not_own_the_key_hints_or_forwards() {
         .expect("forwarded put")
         .into_inner();
     assert_eq!(put.header.unwrap().node_id, "n1", "served by the owner");
-    let got =
-        owner.kv().get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0 }).await.unwrap().into_inner();
+    let got = owner
+        .kv()
+        .get(GetRequest { header: None, key: Bytes::from("k"), consistency: 0, max_staleness_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.value, Bytes::from("v"));
 
     // A client that only knows n2 learns the owner from n2's routing hints.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
     LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport,
-    RangeState, ReadConsistency, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
+    RangeState, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
 use tokio::sync::OwnedRwLockReadGuard;
@@ -21,7 +21,7 @@ use crate::ranges::{
     MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, bootstrap_descriptor, decode_descriptor,
     descriptor_write,
 };
-use crate::replica::{OpenGroup, RangeChange, ReplicaError, Replication, is_replicated, raft_id_of};
+use crate::replica::{OpenGroup, RangeChange, ReadMode, ReplicaError, Replication, is_replicated, raft_id_of};
 use crate::storage::{CF_META, Storage, WriteOp};
 use kvfleet_proto::failpoint;
 
@@ -360,19 +360,18 @@ impl Node {
         Ok(desc)
     }
 
-    /// Waits until a replicated range may serve a linearizable read here; nothing for a
-    /// single-copy range.
-    async fn read_barrier(
-        &self,
-        lease: &RangeLease,
-        key: &[u8],
-        consistency: ReadConsistency,
-    ) -> Result<(), NodeError> {
+    /// Waits until a replicated range may serve the read here as `mode` promises; nothing for a
+    /// single-copy range (always linearizable).
+    async fn read_barrier(&self, lease: &RangeLease, key: &[u8], mode: ReadMode) -> Result<(), NodeError> {
         if !is_replicated(&lease.range.desc) {
             return Ok(());
         }
-        let on_follower = consistency == ReadConsistency::Follower;
-        let outcome = self.replication.read_barrier(lease.range.desc.range_id, on_follower).await;
+        let range_id = lease.range.desc.range_id;
+        let outcome = match mode {
+            ReadMode::Linearizable => self.replication.read_barrier(range_id, false).await,
+            ReadMode::Follower => self.replication.read_barrier(range_id, true).await,
+            ReadMode::Stale(bound) => self.replication.stale_barrier(range_id, bound).await,
+        };
         outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error))?;
         if lease.range.is_replaced() {
             // A split applied while the read waited: the key may be in the new range now, whose
@@ -558,11 +557,11 @@ impl Node {
         &self,
         header: Option<&RequestHeader>,
         key: &[u8],
-        consistency: ReadConsistency,
+        mode: ReadMode,
     ) -> Result<(ResponseHeader, Option<Bytes>), NodeError> {
         self.check_key(key)?;
         let lease = self.serving_lease(key, header).await?;
-        self.read_barrier(&lease, key, consistency).await?;
+        self.read_barrier(&lease, key, mode).await?;
         let value = self.storage.get(key)?;
         lease.range.load.record_read(key, key.len() + value.as_ref().map_or(0, Bytes::len));
         Ok((lease.response_header(&self.config.node_id), value))
@@ -649,7 +648,7 @@ impl Node {
         end: &[u8],
         limit: u32,
         keys_only: bool,
-        consistency: ReadConsistency,
+        mode: ReadMode,
     ) -> Result<ScanPage, NodeError> {
         self.check_key(start)?;
         self.check_key(end)?;
@@ -665,7 +664,7 @@ impl Node {
             n => n.min(self.config.max_scan_limit),
         } as usize;
         let lease = self.serving_lease(start, header).await?;
-        self.read_barrier(&lease, start, consistency).await?;
+        self.read_barrier(&lease, start, mode).await?;
         let range_end = lease.range.desc.end_key.clone();
         let range_ends_first = !range_end.is_empty() && (end.is_empty() || range_end.as_ref() < end);
         let bound = if range_ends_first { range_end.as_ref() } else { end };

@@ -16,6 +16,7 @@ use crate::error::NodeError;
 use crate::fencing::{self, Call};
 use crate::metrics::Op;
 use crate::node::Node;
+use crate::replica::ReadMode;
 
 /// Default number of load-weighted key samples and hot keys per range in a load report.
 const DEFAULT_SAMPLE_KEYS: usize = 64;
@@ -129,7 +130,8 @@ impl KvService {
 impl Kv for KvService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let local = async |node: &Node, req: &GetRequest| {
-            let (header, value) = node.get(req.header.as_ref(), &req.key, req.consistency()).await?;
+            let mode = ReadMode::of(req.consistency(), req.max_staleness_ms).map_err(NodeError::Invalid)?;
+            let (header, value) = node.get(req.header.as_ref(), &req.key, mode).await?;
             Ok(GetResponse { header: Some(header), found: value.is_some(), value: value.unwrap_or_default() })
         };
         self.serve(Op::Get, request.into_inner(), local, async |mut peer, req| peer.get(forwarded(req)).await).await
@@ -154,9 +156,9 @@ impl Kv for KvService {
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let local = async |node: &Node, req: &ScanRequest| {
-            let page = node
-                .scan(req.header.as_ref(), &req.start_key, &req.end_key, req.limit, req.keys_only, req.consistency())
-                .await?;
+            let mode = ReadMode::of(req.consistency(), req.max_staleness_ms).map_err(NodeError::Invalid)?;
+            let page =
+                node.scan(req.header.as_ref(), &req.start_key, &req.end_key, req.limit, req.keys_only, mode).await?;
             Ok(ScanResponse {
                 header: Some(page.header),
                 kvs: page.pairs.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),

@@ -921,6 +921,7 @@ impl Driver {
         self.joint.remove(&range_id);
         self.published.read_leases.write().remove(&range_id);
         self.published.leaders.write().remove(&range_id);
+        self.published.current_as_of.write().remove(&range_id);
         let pending: Vec<(u64, u64)> = self.proposals.keys().filter(|(id, _)| *id == range_id).copied().collect();
         for key in pending {
             if let Some(proposal) = self.proposals.remove(&key) {
@@ -1016,6 +1017,10 @@ impl Driver {
         self.reads_granted = waiting;
         for (_, read) in ready {
             self.publish_lease(&read);
+            let mut current = self.published.current_as_of.write();
+            let at = current.entry(read.range_id).or_insert(read.asked);
+            *at = (*at).max(read.asked);
+            drop(current);
             read.answer(Ok(()));
         }
     }

@@ -49,6 +49,40 @@ pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
 /// or the follower restarted).
 pub const SNAPSHOT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest staleness a STALE read may ask for.
+pub const MAX_STALENESS: Duration = Duration::from_secs(60);
+
+/// What a read promises, as a request asked it (see `ReadConsistency` in kv.proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    Linearizable,
+    Follower,
+    /// Any replica whose data holds every write acknowledged more than this long ago.
+    Stale(Duration),
+}
+
+impl ReadMode {
+    /// The mode a request asks for, checked: a STALE read names its bound, within
+    /// `MAX_STALENESS`.
+    pub fn of(consistency: kvfleet_proto::v1::ReadConsistency, max_staleness_ms: u32) -> Result<Self, String> {
+        use kvfleet_proto::v1::ReadConsistency::*;
+        match consistency {
+            Unspecified | Linearizable => Ok(ReadMode::Linearizable),
+            Follower => Ok(ReadMode::Follower),
+            Stale => {
+                let bound = Duration::from_millis(u64::from(max_staleness_ms));
+                if bound.is_zero() || bound > MAX_STALENESS {
+                    return Err(format!(
+                        "a STALE read needs max_staleness_ms from 1 to {}, got {max_staleness_ms}",
+                        MAX_STALENESS.as_millis()
+                    ));
+                }
+                Ok(ReadMode::Stale(bound))
+            }
+        }
+    }
+}
+
 /// A node's id in Raft groups: FNV-1a of its node id (never 0, raft-rs's "nobody"). Stable
 /// across restarts and computed the same by every node.
 pub fn raft_id_of(node_id: &str) -> u64 {
@@ -109,6 +143,10 @@ pub struct Published {
     /// the read index that granted the lease: its data then holds every write acknowledged
     /// before the lease began, and it acknowledges every later write only after applying it.
     pub read_leases: RwLock<HashMap<u64, std::time::Instant>>,
+    /// Per group, the latest instant as of which this replica's data is known current: it
+    /// applied a read index asked at that instant (which covers every write acknowledged
+    /// before it). STALE reads within their bound of it are served without a round trip.
+    pub current_as_of: RwLock<HashMap<u64, std::time::Instant>>,
 }
 
 /// A group to start on this node.
@@ -377,6 +415,17 @@ impl Replication {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Read { range_id, reply, on_follower })?;
         await_reply(answer).await
+    }
+
+    /// Waits until this replica of `range_id` holds every write acknowledged more than `bound`
+    /// ago: at once if it learned within `bound` that it was current, else after a read index
+    /// from the leader (which also makes the next STALE reads local).
+    pub async fn stale_barrier(&self, range_id: u64, bound: Duration) -> Result<(), ReplicaError> {
+        let current = self.published.current_as_of.read().get(&range_id).copied();
+        if current.is_some_and(|at| at.elapsed() <= bound) {
+            return Ok(());
+        }
+        self.read_barrier(range_id, true).await
     }
 
     /// Hands messages from another node to their groups.
