@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reads and writes on one range, N = 1 against N = 3 (majority, linearizable reads), with the
-# same harness (`kvctl bench`), release build, on loopback. Prints kvctl's tables.
+# same harness (`kvctl bench`), release build, on loopback; then one hot key read by each read
+# consistency (linearizable, follower, stale) on N = 3. Prints kvctl's tables.
 # Run: cargo build --release --bins && scripts/bench-replication.sh   (DURATION=10 CONCURRENCY=64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,3 +43,13 @@ done
 for n in 1 2 3; do wait_ready "$dir/r$n.log"; done
 sleep 3 # the first election
 bench "N = 3 (majority, linearizable reads)" 127.0.0.1:7821,127.0.0.1:7822,127.0.0.1:7823
+
+# One hot key (a single record), reads only, by each read consistency: linearizable reads go to
+# the leader; follower reads to any replica after a read index; stale reads to any replica,
+# with no round trip while it was current within the bound.
+for consistency in linearizable follower stale; do
+  echo "== N = 3, one hot key, reads only ($consistency), $concurrency clients, ${duration}s"
+  "$bin/kvctl" bench --endpoints 127.0.0.1:7821,127.0.0.1:7822,127.0.0.1:7823 --workload c --records 1 \
+    --concurrency "$concurrency" --duration "$duration" --read-consistency "$consistency" \
+    --max-staleness-ms 1000 --quiet
+done

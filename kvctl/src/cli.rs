@@ -659,14 +659,15 @@ async fn node_status(client: &Client, address: &str) -> NodeStatus {
 
 fn print_bench(report: &BenchReport) {
     println!(
-        "{} workload {:?} ({:?}), {} records x {} B, {} clients over {} connections",
+        "{} workload {:?} ({:?}), {} records x {} B, {} clients over {} connections, {} reads",
         report.target,
         report.workload,
         report.distribution,
         report.records,
         report.value_size,
         report.concurrency,
-        report.connections
+        report.connections,
+        report.read_consistency
     );
     if let (Some(seconds), Some(rate)) = (report.load_seconds, report.load_ops_per_sec) {
         println!("load: {seconds:.1} s ({rate:.0} writes/s)");

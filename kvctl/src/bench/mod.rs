@@ -51,6 +51,21 @@ pub struct BenchArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// How kvfleet reads: at the leader (linearizable), at any replica after a read index
+    /// (follower), or at any replica within --max-staleness-ms (stale).
+    #[arg(long, value_enum, default_value = "linearizable")]
+    pub read_consistency: ReadConsistencyArg,
+    /// The bound of --read-consistency stale, in milliseconds (1 to 60000).
+    #[arg(long, default_value_t = 1000)]
+    pub max_staleness_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadConsistencyArg {
+    Linearizable,
+    Follower,
+    Stale,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +94,8 @@ impl LatencySummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub target: String,
+    /// How kvfleet read: "linearizable", "follower" or "stale (<bound> ms)".
+    pub read_consistency: String,
     pub workload: Workload,
     pub distribution: Distribution,
     pub records: u64,
@@ -135,7 +152,17 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], deadline: Duration) -> 
     }
     let chooser = Arc::new(KeyChooser::new(args.distribution, args.records)?);
     let connection_count = args.connections.unwrap_or(args.concurrency).clamp(1, args.concurrency);
-    let connections = Connection::open_all(&args.target, endpoints, deadline, connection_count).await?;
+    let read_choice = match args.read_consistency {
+        ReadConsistencyArg::Linearizable => target::ReadChoice::Linearizable,
+        ReadConsistencyArg::Follower => target::ReadChoice::Follower,
+        ReadConsistencyArg::Stale if (1..=60_000).contains(&args.max_staleness_ms) => {
+            target::ReadChoice::Stale(Duration::from_millis(args.max_staleness_ms))
+        }
+        ReadConsistencyArg::Stale => {
+            return Err(format!("--max-staleness-ms must be from 1 to 60000, got {}", args.max_staleness_ms));
+        }
+    };
+    let connections = Connection::open_all(&args.target, endpoints, deadline, connection_count, read_choice).await?;
 
     let (load_seconds, load_ops_per_sec) = if args.skip_load {
         (None, None)
@@ -192,6 +219,11 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], deadline: Duration) -> 
     let first_problem = shared.first_problem.lock().clone();
     Ok(BenchReport {
         target: args.target.to_string(),
+        read_consistency: match read_choice {
+            target::ReadChoice::Linearizable => "linearizable".into(),
+            target::ReadChoice::Follower => "follower".into(),
+            target::ReadChoice::Stale(bound) => format!("stale ({} ms)", bound.as_millis()),
+        },
         workload: args.workload,
         distribution: args.distribution,
         records: args.records,

@@ -9,6 +9,7 @@ use kvfleet_proto::etcd::{PutRequest as EtcdPut, RangeRequest as EtcdRange};
 use tonic::transport::{Channel, Endpoint};
 
 use kvfleet_client::{Client, ClientConfig};
+use kvfleet_proto::v1::ReadConsistency;
 
 /// Where to send load, parsed from `--target`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,9 +50,18 @@ impl std::fmt::Display for TargetSpec {
 /// A handle to a target; workers share handles round-robin.
 #[derive(Clone)]
 pub enum Connection {
-    Kvfleet(Client),
+    /// How its reads are made (kvfleet's read consistencies).
+    Kvfleet(Client, ReadChoice),
     Redis(redis::aio::MultiplexedConnection),
     Etcd(EtcdKvClient<Channel>),
+}
+
+/// How a kvfleet benchmark reads (`--read-consistency`, `--max-staleness-ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadChoice {
+    Linearizable,
+    Follower,
+    Stale(Duration),
 }
 
 impl Connection {
@@ -62,12 +72,13 @@ impl Connection {
         endpoints: &[String],
         deadline: Duration,
         connections: usize,
+        reads: ReadChoice,
     ) -> Result<Vec<Self>, String> {
         if *spec == TargetSpec::Kvfleet {
             let mut config = ClientConfig::new(endpoints.iter().cloned());
             config.deadline = deadline;
             config.connections_per_node = connections;
-            return Ok(vec![Connection::Kvfleet(Client::new(config).map_err(|e| e.to_string())?)]);
+            return Ok(vec![Connection::Kvfleet(Client::new(config).map_err(|e| e.to_string())?, reads)]);
         }
         let mut handles = Vec::with_capacity(connections);
         for _ in 0..connections {
@@ -99,7 +110,15 @@ impl Connection {
 
     pub async fn get(&mut self, key: &[u8]) -> Result<Option<Bytes>, String> {
         match self {
-            Connection::Kvfleet(client) => client.get(Bytes::copy_from_slice(key)).await.map_err(|e| e.to_string()),
+            Connection::Kvfleet(client, reads) => {
+                let key = Bytes::copy_from_slice(key);
+                let read = match *reads {
+                    ReadChoice::Linearizable => client.get(key).await,
+                    ReadChoice::Follower => client.get_with(key, ReadConsistency::Follower).await,
+                    ReadChoice::Stale(bound) => client.get_stale(key, bound).await,
+                };
+                read.map_err(|e| e.to_string())
+            }
             Connection::Redis(connection) => redis::cmd("GET")
                 .arg(key)
                 .query_async::<Option<Vec<u8>>>(connection)
@@ -116,7 +135,7 @@ impl Connection {
 
     pub async fn put(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), String> {
         match self {
-            Connection::Kvfleet(client) => {
+            Connection::Kvfleet(client, _) => {
                 client.put(Bytes::copy_from_slice(key), value).await.map_err(|e| e.to_string())
             }
             Connection::Redis(connection) => {
