@@ -94,7 +94,8 @@ impl LatencySummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub target: String,
-    /// How kvfleet read: "linearizable", "follower" or "stale (<bound> ms)".
+    /// How kvfleet read: "linearizable", "follower" or "stale (<bound> ms)" ("the server's own"
+    /// for Redis and etcd).
     pub read_consistency: String,
     pub workload: Workload,
     pub distribution: Distribution,
@@ -220,6 +221,7 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], deadline: Duration) -> 
     Ok(BenchReport {
         target: args.target.to_string(),
         read_consistency: match read_choice {
+            _ if args.target != TargetSpec::Kvfleet => "the server's own".into(),
             target::ReadChoice::Linearizable => "linearizable".into(),
             target::ReadChoice::Follower => "follower".into(),
             target::ReadChoice::Stale(bound) => format!("stale ({} ms)", bound.as_millis()),

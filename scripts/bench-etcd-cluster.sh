@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Replicated writes and reads against etcd: kvfleet N = 3 (`majority`: OK once a majority fsynced
+# the entry) and a 3-member etcd cluster (Debian's etcd 3.4: OK once a majority fsynced it), all
+# six processes on loopback, the same harness (`kvctl bench`) and load for both: 64 clients,
+# RECORDS records of VALUE_SIZE bytes, puts only (workload w), then reads only (workload c:
+# kvfleet linearizable, under its leader's lease; etcd linearizable, ReadIndex). etcd's clients
+# all talk to one member, which forwards to its leader. Prints kvctl's tables.
+# Run: scripts/bench-etcd-cluster.sh   (DURATION=10 CONCURRENCY=64 RECORDS=10000 VALUE_SIZE=100)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+source scripts/bench-lib.sh
+bench_setup --bench
+duration="${DURATION:-10}"
+concurrency="${CONCURRENCY:-64}"
+records="${RECORDS:-10000}"
+value_size="${VALUE_SIZE:-100}"
+
+wait_for() { # file pattern seconds
+  for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" && return 0; sleep 0.1; done
+  echo "no '$2' in $1 after $3 s: $(tail -5 "$1")" >&2
+  exit 1
+}
+
+initial="r1=127.0.0.1:7851,r2=127.0.0.1:7852,r3=127.0.0.1:7853"
+for n in 1 2 3; do
+  "$bin/kvfleet-node" --node-id "r$n" --data-dir "$work/r$n" --listen "127.0.0.1:785$n" \
+    --initial-replicas "$initial" >"$work/r$n.log" 2>&1 &
+  pids+=($!)
+done
+cluster="e1=http://127.0.0.1:2481,e2=http://127.0.0.1:2483,e3=http://127.0.0.1:2485"
+for n in 1 2 3; do
+  peer=$((2479 + 2 * n))
+  client=$((peer + 1))
+  etcd --name "e$n" --data-dir "$work/e$n" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+    --initial-cluster "$cluster" --initial-cluster-state new >"$work/e$n.log" 2>&1 &
+  pids+=($!)
+done
+for n in 1 2 3; do wait_for "$work/r$n.log" "kvfleet-node ready" 10; done
+for n in 1 2 3; do wait_for "$work/e$n.log" "ready to serve client requests" 30; done
+sleep 3 # the first elections
+kvfleet=127.0.0.1:7851,127.0.0.1:7852,127.0.0.1:7853
+
+bench() { # label target workload extra...
+  local label=$1 target=$2 workload=$3
+  shift 3
+  echo "== $label, workload $workload (w: puts only, c: reads only), $concurrency clients, ${duration}s"
+  "$bin/kvctl" bench --endpoints "$kvfleet" --target "$target" --workload "$workload" --records "$records" \
+    --value-size "$value_size" --concurrency "$concurrency" --duration "$duration" --quiet "$@"
+}
+bench "kvfleet N = 3 (majority)" kvfleet w
+bench "etcd, 3 members" etcd://127.0.0.1:2482 w
+bench "kvfleet N = 3 (linearizable reads)" kvfleet c --skip-load
+bench "etcd, 3 members (linearizable reads)" etcd://127.0.0.1:2482 c --skip-load
+echo "etcd's leader: $(grep -h "elected leader" "$work"/e*.log | tail -1 | sed 's/.*elected leader/elected leader/')"
