@@ -222,3 +222,108 @@ async fn every_replica_crashing_while_it_applies_a_membership_change_comes_back_
         client.put("after", "the move").await.unwrap_or_else(|e| panic!("{crash_at}: a write after the move: {e}"));
     }
 }
+
+/// What another operator or a user may do while a move runs: a second move of the same range to
+/// another node, a third to the same target from another source, and a split, all at once under
+/// a checked history. The membership changes are serialized by their version; the moves that
+/// conflict are refused or end with a clear error, never with fewer voters than the range had;
+/// a split is refused while a learner or a joint membership is in force (checked with a learner
+/// added by hand first), and goes through otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_moves_and_a_split_during_a_move_keep_three_voters_and_every_write() {
+    let mut fleet = Fleet::start(3);
+    let (first, second) = (fleet.add_node(), fleet.add_node());
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(32), 4, 4);
+    workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A learner added by hand (the first steps of a move): a split is refused meanwhile.
+    let leader = fleet.leader(None).await;
+    let range = fleet.ranges_on(leader).await.and_then(|r| r.into_iter().find(|d| d.range_id == 1)).expect("range 1");
+    let target = fleet.endpoint(second);
+    let create = kvfleet_proto::v1::CreateReplicaRequest { range: Some(range.clone()) };
+    fleet.nodes[second].admin().create_replica(create).await.expect("an empty replica");
+    let learner = kvfleet_proto::v1::ReplicaChange {
+        kind: kvfleet_proto::v1::replica_change::Kind::AddLearner as i32,
+        replica: Some(kvfleet_proto::v1::Replica {
+            node_id: target.node_id.clone(),
+            address: target.address.clone(),
+            ..Default::default()
+        }),
+    };
+    let change = kvfleet_proto::v1::ChangeReplicasRequest {
+        range_id: 1,
+        expected_conf_version: range.conf_version,
+        changes: vec![learner],
+    };
+    fleet.nodes[leader].admin().change_replicas(change).await.expect("a learner added");
+    let split = kvfleet_proto::v1::SplitRangeRequest {
+        range_id: 1,
+        split_key: Bytes::from("key008"),
+        right_id: 76,
+        ..Default::default()
+    };
+    let refused = fleet.nodes[leader].admin().split_range(split).await.expect_err("no split with a learner");
+    assert!(refused.message().contains("membership change is under way"), "{}", refused.message());
+
+    let seeds = fleet.addresses();
+    let clients = NodeClients::default();
+    let mv = |from: usize, to: usize| {
+        let (seeds, clients, source, target) =
+            (seeds.clone(), clients.clone(), fleet.endpoint(from), fleet.endpoint(to));
+        tokio::spawn(async move { move_replica(&clients, 1, &seeds, &source, &target, MOVE_DEADLINE).await })
+    };
+    let moves = [mv(0, first), mv(1, second), mv(2, first)];
+    // A split while they run: refused during a membership change, else made.
+    let mut split_outcomes = Vec::new();
+    for _ in 0..20 {
+        let leader = fleet.leader(None).await;
+        let request = kvfleet_proto::v1::SplitRangeRequest {
+            range_id: 1,
+            split_key: Bytes::from("key016"),
+            right_id: 77,
+            ..Default::default()
+        };
+        match fleet.nodes[leader].admin().split_range(request).await {
+            Ok(_) => {
+                split_outcomes.push("made".to_string());
+                break;
+            }
+            Err(status) => split_outcomes.push(status.message().to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let mut outcomes = Vec::new();
+    for handle in moves {
+        outcomes.push(handle.await.expect("the mover task"));
+    }
+    eprintln!("moves: {outcomes:?}\nsplit attempts: {split_outcomes:?}");
+    assert!(outcomes.iter().any(Result::is_ok), "no move finished: {outcomes:?}");
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert!(refused.message.contains("fewer than the 3"), "an unclear failure: {refused}");
+    }
+    assert!(
+        split_outcomes
+            .iter()
+            .all(|o| o == "made" || o.contains("membership change is under way") || o.contains("leader")),
+        "{split_outcomes:?}"
+    );
+    // Every range (1, and 77 if the split was made) has three voters, the same on each holder.
+    let mut holders: Vec<usize> = Vec::new();
+    for index in 0..fleet.nodes.len() {
+        if let Some(ranges) = fleet.ranges_on(index).await
+            && ranges.iter().any(|d| d.range_id == 1)
+        {
+            holders.push(index);
+        }
+    }
+    assert_eq!(holders.len(), 3, "range 1 is held by {holders:?}");
+    for &index in &holders {
+        wait_for_members(&fleet, index, &holders).await;
+    }
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+}

@@ -101,6 +101,10 @@ pub async fn move_replica(
             seeds.push(address.clone());
         }
     }
+    // The voters the range had when the move began (the target aside): no step leaves it fewer
+    // (another change made meanwhile, e.g. a second move to the same target, must not make this
+    // one remove a replica that is no longer replaced).
+    let mut voters_floor: Option<usize> = None;
     while started.elapsed() < deadline {
         let Some((desc, leader)) = find_leader(clients, range_id, &seeds).await else {
             last_problem = format!("no replica of range {range_id} knows its leader");
@@ -112,7 +116,21 @@ pub async fn move_replica(
                 seeds.push(replica.address.clone());
             }
         }
+        let voters = desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter).count();
+        let floor = *voters_floor.get_or_insert_with(|| {
+            desc.replicas
+                .iter()
+                .filter(|r| r.membership() == ReplicaMembership::Voter && r.node_id != to.node_id)
+                .count()
+        });
         let step = next_step(&desc, &leader.node_id, &from.node_id, &to.node_id);
+        if step == Step::Remove && voters - 1 < floor {
+            return Err(fail(format!(
+                "removing {} would leave the range {} voters, fewer than the {floor} it had when the move began (another change was made meanwhile)",
+                from.node_id,
+                voters - 1
+            )));
+        }
         tracing::info!(range_id, ?step, leader = %leader.node_id, conf_version = desc.conf_version, "replica move step");
         let outcome = match &step {
             Step::Done => return Ok(desc),

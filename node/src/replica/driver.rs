@@ -424,6 +424,11 @@ impl Driver {
                 }
                 self.track_proposal(range_id, index, term, reply);
             }
+            Err(error) if self.groups.is_transferring(range_id) => {
+                tracing::debug!(range_id, %error, "proposal dropped during a leadership transfer");
+                let reason = "its leadership is being handed to another replica; retry".to_string();
+                let _ = reply.send(Err(ReplicaError::MembershipBusy { range_id, reason }));
+            }
             Err(error) => {
                 let leader = self.groups.leader_of(range_id).filter(|&l| l != self.groups.node());
                 tracing::debug!(range_id, %error, "proposal dropped");

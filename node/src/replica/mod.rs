@@ -124,8 +124,9 @@ pub enum ReplicaError {
     SplitRefused { range_id: u64, reason: String },
     #[error("range {range_id}'s membership was not changed: {reason}")]
     MembershipRefused { range_id: u64, reason: String },
-    /// Not now: a learner still catching up, another change not applied yet.
-    #[error("range {range_id}'s membership was not changed yet: {reason}")]
+    /// Not now: a learner still catching up, another change not applied yet, a leadership
+    /// transfer under way.
+    #[error("range {range_id} cannot take it now: {reason}")]
     MembershipBusy { range_id: u64, reason: String },
     #[error("a log command of range {range_id} does not encode: {reason}")]
     BadCommand { range_id: u64, reason: String },
