@@ -26,8 +26,12 @@ impl Node {
     /// Creates this node's empty replica of `desc`'s range, to be added as a learner next: an
     /// uninitialized Raft group (no data, no membership) that the leader fills with a snapshot.
     /// Idempotent: a replica already here (empty or not) is left as it is.
-    pub async fn create_replica(&self, desc: RangeDescriptor) -> Result<(), NodeError> {
+    pub async fn create_replica(&self, mut desc: RangeDescriptor) -> Result<(), NodeError> {
         let range_id = desc.range_id;
+        // Raft ids are derived from node ids, never taken from the caller.
+        for replica in &mut desc.replicas {
+            replica.raft_id = raft_id_of(&replica.node_id);
+        }
         if range_id == 0 || desc.replicas.iter().all(|r| r.address.is_empty()) {
             return Err(NodeError::Invalid("CreateReplica needs the range's id and its replicas' addresses".into()));
         }

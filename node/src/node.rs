@@ -165,9 +165,8 @@ impl Node {
                                 crate::membership::delete_removed_data(&db, &end, &tombstone)
                             })
                             .await;
-                            match deleted {
-                                Ok(Ok(())) => tracing::info!("deleted the data of a removed replica"),
-                                Ok(Err(error)) => tracing::warn!(%error, "a removed replica's data not deleted (retried at the next start)"),
+                            match deleted.map_err(|e| e.to_string()).and_then(|outcome| outcome) {
+                                Ok(()) => tracing::info!("deleted the data of a removed replica"),
                                 Err(error) => tracing::warn!(%error, "a removed replica's data not deleted (retried at the next start)"),
                             }
                         });
@@ -246,6 +245,20 @@ impl Node {
                     NodeError::Corrupt(format!("range {range_id} is replicated but this node has no Raft log for it"))
                 })?;
             let desc = self.install_pending_snapshot(&log, range_id)?.unwrap_or(desc);
+            let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
+                .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
+            self.open_group(&desc, storage, applied, false)?;
+        }
+        // A replica just added whose first snapshot was taken but not installed before the stop
+        // (its range is in no descriptor yet): installed now, and its group started.
+        let pending = log.pending_groups().map_err(|e| NodeError::Corrupt(format!("the Raft logs: {e}")))?;
+        for range_id in pending.into_iter().filter(|id| self.table.read().by_id(*id).is_none()) {
+            let storage = log
+                .open_group(range_id)
+                .map_err(|e| NodeError::Corrupt(format!("the Raft log of range {range_id}: {e}")))?;
+            let (Some(storage), Some(desc)) = (storage, self.install_pending_snapshot(&log, range_id)?) else {
+                continue;
+            };
             let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
                 .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
             self.open_group(&desc, storage, applied, false)?;

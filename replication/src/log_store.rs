@@ -343,6 +343,22 @@ impl LogStore {
         Ok(Some(PendingSnapshot { index, term, data: data.to_vec() }))
     }
 
+    /// The groups with a snapshot taken and not installed yet.
+    pub fn pending_groups(&self) -> Result<Vec<GroupId>, LogError> {
+        let cf = self.cf()?;
+        let mut groups = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(b"p", Direction::Forward)) {
+            let (key, _) = item.map_err(|source| LogError::Db { what: "scan", source })?;
+            if key.first() != Some(&b'p') {
+                break;
+            }
+            if let Ok(id) = <[u8; 8]>::try_from(&key[1..]) {
+                groups.push(u64::from_be_bytes(id));
+            }
+        }
+        Ok(groups)
+    }
+
     /// Adds to `batch` (the node's write that installs the snapshot's data) the removal of the
     /// pending mark.
     pub fn clear_pending_snapshot(&self, group: GroupId, batch: &mut WriteBatch) -> Result<(), LogError> {

@@ -58,10 +58,12 @@ pub fn next_step(desc: &RangeDescriptor, leader: &str, from: &str, to: &str) -> 
         return Step::LeaveJoint;
     }
     let source_leads = leader == from;
+    // The voter to hand leadership to: the target if it votes, else the voter least behind.
     let other_voter = || {
         desc.replicas
             .iter()
-            .find(|r| r.node_id != from && r.membership() == ReplicaMembership::Voter)
+            .filter(|r| r.node_id != from && r.membership() == ReplicaMembership::Voter)
+            .min_by_key(|r| (r.node_id != to, r.behind_entries.unwrap_or(u64::MAX)))
             .map(|r| r.node_id.clone())
     };
     match (membership(to), membership(from)) {
@@ -105,6 +107,8 @@ pub async fn move_replica(
     // (another change made meanwhile, e.g. a second move to the same target, must not make this
     // one remove a replica that is no longer replaced).
     let mut voters_floor: Option<usize> = None;
+    let mut first_look = true;
+    let mut failed_transfers: Vec<String> = Vec::new();
     while started.elapsed() < deadline {
         let Some((desc, leader)) = find_leader(clients, range_id, &seeds).await else {
             last_problem = format!("no replica of range {range_id} knows its leader");
@@ -123,7 +127,23 @@ pub async fn move_replica(
                 .filter(|r| r.membership() == ReplicaMembership::Voter && r.node_id != to.node_id)
                 .count()
         });
-        let step = next_step(&desc, &leader.node_id, &from.node_id, &to.node_id);
+        let mut step = next_step(&desc, &leader.node_id, &from.node_id, &to.node_id);
+        let member = |node: &str| desc.replicas.iter().any(|r| r.node_id == node);
+        if first_look && !member(&from.node_id) && !member(&to.node_id) {
+            return Err(fail(format!("node {} holds no replica of range {range_id}", from.node_id)));
+        }
+        first_look = false;
+        // A transfer to the voter least behind failed last time (it may be down): try another.
+        if let Step::TransferLeader { to: new_leader } = &step
+            && failed_transfers.contains(new_leader)
+            && let Some(other) = desc
+                .replicas
+                .iter()
+                .filter(|r| r.node_id != from.node_id && r.membership() == ReplicaMembership::Voter)
+                .find(|r| !failed_transfers.contains(&r.node_id))
+        {
+            step = Step::TransferLeader { to: other.node_id.clone() };
+        }
         if step == Step::Remove && voters - 1 < floor {
             return Err(fail(format!(
                 "removing {} would leave the range {} voters, fewer than the {floor} it had when the move began (another change was made meanwhile)",
@@ -148,13 +168,31 @@ pub async fn move_replica(
             }
             Step::TransferLeader { to: new_leader } => {
                 let request = TransferLeaderRequest { range_id, to_node_id: new_leader.clone() };
-                call(clients, &leader.address, |mut admin| async move {
+                let outcome = call(clients, &leader.address, |mut admin| async move {
                     admin.transfer_leader(with_timeout(request, STEP_TIMEOUT)).await.map(|_| ())
                 })
-                .await
+                .await;
+                if outcome.is_err() {
+                    failed_transfers.retain(|node| node != new_leader);
+                    failed_transfers.push(new_leader.clone());
+                    failed_transfers.truncate(desc.replicas.len().saturating_sub(2).max(1));
+                }
+                outcome
             }
             Step::PromoteAndRemove => {
-                change(clients, &leader.address, &desc, vec![(Kind::Promote, to), (Kind::Remove, from)]).await
+                // The target may have restarted before its first snapshot: its empty replica
+                // starts again (a no-op where it runs).
+                let created = call(clients, &to.address, |mut admin| {
+                    let request = CreateReplicaRequest { range: Some(desc.clone()) };
+                    async move { admin.create_replica(with_timeout(request, STEP_TIMEOUT)).await.map(|_| ()) }
+                })
+                .await;
+                match created {
+                    Ok(()) => {
+                        change(clients, &leader.address, &desc, vec![(Kind::Promote, to), (Kind::Remove, from)]).await
+                    }
+                    Err(error) => Err(error),
+                }
             }
             Step::Remove => change(clients, &leader.address, &desc, vec![(Kind::Remove, from)]).await,
             Step::LeaveJoint => change(clients, &leader.address, &desc, vec![(Kind::LeaveJoint, to)]).await,

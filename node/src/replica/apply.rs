@@ -67,6 +67,9 @@ pub struct Applied {
     pub index: u64,
     pub term: u64,
     pub outcome: Result<(), ReplicaError>,
+    /// The entry was a membership change (raft-rs turns a change it will not take into an
+    /// empty normal entry: a proposer of a change learns so from this).
+    pub membership: bool,
 }
 
 /// A split an applied entry made: the range's new descriptor (`left`, same id) and the new
@@ -151,7 +154,7 @@ pub fn apply_entries(
                     if removed {
                         let tombstone = RangeDescriptor { state: RangeState::Retired as i32, ..done.desc.clone() };
                         stage_removal(db, log, &tombstone, &mut batch)?;
-                        run.entries.push(Applied { index: entry.index, term: entry.term, outcome });
+                        run.entries.push(Applied { index: entry.index, term: entry.term, outcome, membership: true });
                         run.removed = Some(tombstone);
                         run.memberships.push(done);
                         break;
@@ -192,7 +195,8 @@ pub fn apply_entries(
                 }
             }
         }
-        run.entries.push(Applied { index: entry.index, term: entry.term, outcome });
+        let membership = entry.get_entry_type() == EntryType::EntryConfChangeV2;
+        run.entries.push(Applied { index: entry.index, term: entry.term, outcome, membership });
     }
     if let (Some(last), None) = (last_applied, &run.removed) {
         batch.put_cf(meta, applied_key(range_id), encode_applied(last.index, last.term));
@@ -282,28 +286,6 @@ pub fn replicas_of(had: &[Replica], added: &[Replica], conf_state: &ConfState) -
         replicas.push(Replica { membership: membership as i32, behind_entries: None, ..replica.clone() });
     }
     replicas
-}
-
-/// The membership a range's descriptor describes, as raft-rs keeps it.
-pub fn conf_state_of(desc: &RangeDescriptor) -> ConfState {
-    let mut conf_state = ConfState::default();
-    let joint =
-        desc.replicas.iter().any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
-    for replica in &desc.replicas {
-        let id = replica.raft_id;
-        match replica.membership() {
-            ReplicaMembership::Voter => {
-                conf_state.voters.push(id);
-                if joint {
-                    conf_state.voters_outgoing.push(id);
-                }
-            }
-            ReplicaMembership::Joining => conf_state.voters.push(id),
-            ReplicaMembership::Leaving => conf_state.voters_outgoing.push(id),
-            ReplicaMembership::Learner => conf_state.learners.push(id),
-        }
-    }
-    conf_state
 }
 
 /// Adds to `batch` the end of this node's replica of a range: its descriptor retired

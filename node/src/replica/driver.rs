@@ -118,6 +118,8 @@ pub struct Driver {
     addresses: Arc<parking_lot::RwLock<HashMap<u64, String>>>,
     /// Removed replicas told so, by (group, replica): when.
     removed_told: HashMap<(u64, u64), Instant>,
+    /// Proposals that are membership changes, by (group, index).
+    membership_proposals: HashSet<(u64, u64)>,
     log_keep_entries: u64,
     ticks: u64,
 }
@@ -167,6 +169,7 @@ impl Driver {
             joint: HashSet::new(),
             addresses,
             removed_told: HashMap::new(),
+            membership_proposals: HashSet::new(),
             log_keep_entries: settings.log_keep_entries,
             ticks: 0,
         }
@@ -271,6 +274,12 @@ impl Driver {
             return;
         }
         let group = envelope.group();
+        // A replica created to be added (no membership yet) votes for nobody: its Raft id is its
+        // node's, so a stale voter of an old membership (down while this node's earlier replica
+        // was removed) could otherwise win its vote with a log missing committed entries.
+        if is_vote_request(&envelope) && self.groups.conf_state(group).is_some_and(|conf| conf.voters.is_empty()) {
+            return;
+        }
         if let kvfleet_replication::Envelope::Removed { conf_version, from, .. } = envelope {
             self.drop_stale(group, Some(from), conf_version);
             return;
@@ -394,6 +403,7 @@ impl Driver {
             }
         };
         self.applied.insert(range_id, applied);
+        self.note_joint(range_id);
         if group.campaign
             && let Err(error) = self.groups.campaign(range_id)
         {
@@ -483,8 +493,16 @@ impl Driver {
                 }
             }
         }
+        let joint = self.groups.conf_state(range_id).is_some_and(|conf| !conf.voters_outgoing.is_empty());
+        if joint && !change.changes.is_empty() {
+            let _ = reply.send(busy("the range is in a joint membership, which its leader is leaving; retry".into()));
+            return;
+        }
         match self.groups.propose_conf_change(range_id, context, change) {
-            Ok((index, term)) => self.track_proposal(range_id, index, term, reply),
+            Ok((index, term)) => {
+                self.membership_proposals.insert((range_id, index));
+                self.track_proposal(range_id, index, term, reply)
+            }
             Err(error) => {
                 tracing::debug!(range_id, %error, "membership change dropped");
                 let _ = reply.send(refuse(format!("raft-rs refused to propose it: {error}")));
@@ -537,6 +555,14 @@ impl Driver {
                 Ok(None) => {}
                 Err(error) => tracing::debug!(range_id, %error, "leaving the joint membership not proposed"),
             }
+        }
+    }
+
+    /// Remembers `range_id` as joint if its membership is (a group opened or a snapshot taken
+    /// in a joint membership): its leader leaves it (see `leave_joints`).
+    fn note_joint(&mut self, range_id: u64) {
+        if self.groups.conf_state(range_id).is_some_and(|conf| !conf.voters_outgoing.is_empty()) {
+            self.joint.insert(range_id);
         }
     }
 
@@ -808,6 +834,7 @@ impl Driver {
                     }
                     None => {}
                 }
+                self.note_joint(range_id);
                 tracing::info!(
                     range_id,
                     index = taken.index,
@@ -826,6 +853,10 @@ impl Driver {
     }
 
     fn apply(&mut self, range_id: u64, entries: &[Entry]) {
+        if self.groups.term(range_id).is_none() {
+            // Removed earlier in this pass (a ready can hand out two runs of one group).
+            return;
+        }
         let span = self.spans.entry(range_id).or_default();
         let self_id = self.groups.node();
         let (groups, log) = (&mut self.groups, &self.log);
@@ -856,10 +887,14 @@ impl Driver {
         }
         for entry in run.entries {
             if let Some(proposal) = self.proposals.remove(&(range_id, entry.index)) {
-                let outcome = if proposal.term == entry.term {
-                    entry.outcome
-                } else {
+                let dropped = self.membership_proposals.remove(&(range_id, entry.index)) && !entry.membership;
+                let outcome = if proposal.term != entry.term {
                     Err(ReplicaError::Superseded { range_id })
+                } else if dropped {
+                    let reason = "raft-rs did not take the change (another one was in force); retry".to_string();
+                    Err(ReplicaError::MembershipBusy { range_id, reason })
+                } else {
+                    entry.outcome
                 };
                 let _ = proposal.reply.send(outcome);
             }
@@ -924,6 +959,9 @@ impl Driver {
         self.splits_applied.remove(&range_id);
         self.transfer_terms.remove(&range_id);
         self.joint.remove(&range_id);
+        self.removed_told.retain(|(group, _), _| *group != range_id);
+        self.snapshots_sent.retain(|(group, _), _| *group != range_id);
+        self.membership_proposals.retain(|(group, _)| *group != range_id);
         self.published.read_leases.write().remove(&range_id);
         self.published.leaders.write().remove(&range_id);
         self.published.current_as_of.write().remove(&range_id);
