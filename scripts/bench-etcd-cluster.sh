@@ -16,12 +16,6 @@ concurrency="${CONCURRENCY:-64}"
 records="${RECORDS:-10000}"
 value_size="${VALUE_SIZE:-100}"
 
-wait_for() { # file pattern seconds
-  for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" && return 0; sleep 0.1; done
-  echo "no '$2' in $1 after $3 s: $(tail -5 "$1")" >&2
-  exit 1
-}
-
 initial="r1=127.0.0.1:7851,r2=127.0.0.1:7852,r3=127.0.0.1:7853"
 for n in 1 2 3; do
   "$bin/kvfleet-node" --node-id "r$n" --data-dir "$work/r$n" --listen "127.0.0.1:785$n" \

@@ -17,12 +17,6 @@ value_size="${VALUE_SIZE:-1000}"
 move_secs="${MOVE_SECS:-60}"
 baseline="${BASELINE:-20}"
 
-wait_for() { # file pattern seconds
-  for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" && return 0; sleep 0.1; done
-  echo "no '$2' in $1 after $3 s: $(tail -5 "$1")" >&2
-  exit 1
-}
-
 initial="r1=127.0.0.1:7841,r2=127.0.0.1:7842,r3=127.0.0.1:7843"
 start() { # n, extra args...
   local n=$1

@@ -234,6 +234,17 @@ impl HistoryWorkload {
         }
     }
 
+    /// `finish`, then holds the run to its promises: no read broke the history, something was
+    /// written and read, and every key reads back its last acknowledged version through `client`.
+    pub async fn finish_checked(self, client: &Client) -> Report {
+        let (report, space) = self.finish().await;
+        assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+        assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+        let wrong = space.verify_final(client).await;
+        assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+        report
+    }
+
     /// Stops every task (bounded) and sums what they saw.
     pub async fn finish(self) -> (Report, Arc<KeySpace>) {
         self.stop.store(true, Ordering::Relaxed);

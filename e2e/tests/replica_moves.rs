@@ -101,11 +101,7 @@ async fn a_leaders_replica_moves_to_a_new_node_under_load_without_a_freeze_and_t
     fleet.nodes[other].kill9();
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(workload.space.acked_writes() > before + 10, "writes stopped with the new replica as the second vote");
-    let (report, space) = workload.finish().await;
-    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
-    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
-    let wrong = space.verify_final(&client).await;
-    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    workload.finish_checked(&client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -154,11 +150,7 @@ async fn a_move_cut_off_at_any_instant_or_losing_its_leader_is_finished_by_runni
         }
         wait_until_gone(&fleet, spare).await;
     }
-    let (report, space) = workload.finish().await;
-    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
-    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
-    let wrong = space.verify_final(&client).await;
-    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    workload.finish_checked(&client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -329,8 +321,5 @@ async fn concurrent_moves_and_a_split_during_a_move_keep_three_voters_and_every_
     for &index in &holders {
         wait_for_members(&fleet, index, &holders).await;
     }
-    let (report, space) = workload.finish().await;
-    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
-    let wrong = space.verify_final(&client).await;
-    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    workload.finish_checked(&client).await;
 }

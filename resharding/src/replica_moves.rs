@@ -296,7 +296,16 @@ mod tests {
         assert_eq!(next_step(&joint, "n2", "n1", "n4"), Step::LeaveJoint);
         let promoted = range(&[("n1", Voter), ("n2", Voter), ("n3", Voter), ("n4", Voter)]);
         assert_eq!(next_step(&promoted, "n2", "n1", "n4"), Step::Remove);
-        assert_eq!(next_step(&promoted, "n1", "n1", "n4"), Step::TransferLeader { to: "n2".into() });
+        assert_eq!(
+            next_step(&promoted, "n1", "n1", "n4"),
+            Step::TransferLeader { to: "n4".into() },
+            "the target first"
+        );
+        // Otherwise the voter least behind.
+        let mut behind = learner.clone();
+        behind.replicas[1].behind_entries = Some(40);
+        behind.replicas[2].behind_entries = Some(3);
+        assert_eq!(next_step(&behind, "n1", "n1", "n4"), Step::TransferLeader { to: "n3".into() });
         let done = range(&[("n2", Voter), ("n3", Voter), ("n4", Voter)]);
         assert_eq!(next_step(&done, "n4", "n1", "n4"), Step::Done);
     }

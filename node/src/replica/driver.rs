@@ -412,19 +412,26 @@ impl Driver {
         tracing::info!(range_id, applied = group.applied, members = group.members.len(), "Raft group started");
     }
 
-    /// Proposes `command`. A `split` also ends the leader's lease until the split is applied
-    /// here: the replicas that apply it first may elect the new range's leader, which then
-    /// acknowledges writes to keys this node's lease would still serve from the old range.
-    fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply, split: bool) {
+    /// `reply` back if this node leads `range_id`; else it is answered: no such group here, or
+    /// which node leads it.
+    fn as_leader(&self, range_id: u64, reply: Reply) -> Option<Reply> {
         if self.groups.term(range_id).is_none() {
             let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
-            return;
+            return None;
         }
         if !self.groups.is_leader(range_id) {
             let leader = self.groups.leader_of(range_id);
             let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
-            return;
+            return None;
         }
+        Some(reply)
+    }
+
+    /// Proposes `command`. A `split` also ends the leader's lease until the split is applied
+    /// here: the replicas that apply it first may elect the new range's leader, which then
+    /// acknowledges writes to keys this node's lease would still serve from the old range.
+    fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply, split: bool) {
+        let Some(reply) = self.as_leader(range_id, reply) else { return };
         match self.groups.propose(range_id, command) {
             Ok((index, term)) => {
                 if split {
@@ -458,15 +465,7 @@ impl Driver {
         promotes: &[u64],
         reply: Reply,
     ) {
-        if self.groups.term(range_id).is_none() {
-            let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
-            return;
-        }
-        if !self.groups.is_leader(range_id) {
-            let leader = self.groups.leader_of(range_id);
-            let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
-            return;
-        }
+        let Some(reply) = self.as_leader(range_id, reply) else { return };
         let refuse = |reason: String| Err(ReplicaError::MembershipRefused { range_id, reason });
         let busy = |reason: String| Err(ReplicaError::MembershipBusy { range_id, reason });
         if self.groups.has_pending_conf(range_id) {
@@ -515,15 +514,8 @@ impl Driver {
     /// only this node's consent keeps two leaders from serving reads, and a MsgTimeoutNow may
     /// arrive late (after raft-rs gave up the transfer), whenever the target wakes.
     fn transfer_leader(&mut self, range_id: u64, to: u64, reply: Reply) {
-        let Some(term) = self.groups.term(range_id) else {
-            let _ = reply.send(Err(ReplicaError::NoGroup { range_id }));
-            return;
-        };
-        if !self.groups.is_leader(range_id) {
-            let leader = self.groups.leader_of(range_id);
-            let _ = reply.send(Err(ReplicaError::NotLeader { range_id, leader }));
-            return;
-        }
+        let Some(reply) = self.as_leader(range_id, reply) else { return };
+        let term = self.groups.term(range_id).unwrap_or_default();
         let is_voter = self.groups.conf_state(range_id).is_some_and(|conf| conf.voters.contains(&to));
         if !is_voter || to == self.groups.node() {
             let reason = format!("replica {to:#x} is not another voter of the range");
