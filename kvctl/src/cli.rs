@@ -225,6 +225,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         config.admin_token = kvfleet_proto::admin_auth::AdminToken::new(token)
             .map_err(|e| CliError::Failed(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?;
     }
+    let admin_token = config.admin_token.clone();
     let client = Client::new(config)?;
     let json = cli.output == Output::Json;
     match cli.command {
@@ -299,7 +300,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Merge { key } => merge(&client, cli.controller.as_deref(), key, json).await?,
         Command::Status => status(&client, cli.controller.as_deref(), json).await?,
         Command::MoveReplica { key, from, to } => {
-            move_replica(&client, &cli.endpoints, cli.admin_token.as_deref(), [&key, &from, &to], json).await?
+            move_replica(&client, &cli.endpoints, admin_token, [&key, &from, &to], json).await?
         }
         Command::Bench(args) => {
             let report = bench::run(&args, &cli.endpoints, deadline).await.map_err(CliError::Failed)?;
@@ -403,7 +404,7 @@ const MOVE_REPLICA_DEADLINE: Duration = Duration::from_secs(600);
 async fn move_replica(
     client: &Client,
     endpoints: &[String],
-    admin_token: Option<&str>,
+    admin_token: kvfleet_proto::admin_auth::AdminToken,
     [key, from, to]: [&str; 3],
     json: bool,
 ) -> Result<(), CliError> {
@@ -435,12 +436,7 @@ async fn move_replica(
         Ok::<_, CliError>(kvfleet_resharding::replica_moves::Endpoint { node_id: node.to_string(), address })
     };
     let (source, target) = (endpoint(from)?, endpoint(to)?);
-    let token = match admin_token {
-        Some(token) => kvfleet_proto::admin_auth::AdminToken::new(token)
-            .map_err(|e| CliError::Failed(format!("--admin-token (KVFLEET_ADMIN_TOKEN): {e}")))?,
-        None => kvfleet_proto::admin_auth::AdminToken::none(),
-    };
-    let clients = kvfleet_resharding::observe::NodeClients::new(Default::default(), token);
+    let clients = kvfleet_resharding::observe::NodeClients::new(Default::default(), admin_token);
     let started = std::time::Instant::now();
     let moved = kvfleet_resharding::replica_moves::move_replica(
         &clients,

@@ -91,14 +91,10 @@ impl Node {
         let storage = log
             .create_uninitialized_group(range_id)
             .map_err(|e| NodeError::Corrupt(format!("creating the Raft log of range {range_id}: {e}")))?;
-        // A snapshot taken before a restart, not installed yet: install it now.
-        if let Some(desc) = self.install_pending_snapshot(&log, range_id)? {
-            let applied = apply::applied_index(&self.storage.db(), range_id)
-                .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
-            self.open_group(&desc, storage, applied, false)?;
-            return Ok(());
-        }
-        self.open_group(&desc, storage, 0, false)?;
+        // A snapshot taken before a restart, not installed yet: install it now. Otherwise the
+        // replica is empty (its applied index 0: a removed replica's was deleted with it).
+        let desc = self.install_pending_snapshot(&log, range_id)?.unwrap_or(desc);
+        self.start_group(&desc, storage)?;
         tracing::info!(range_id, span = %desc.span(), "created an empty replica, to be added to the range");
         Ok(())
     }
@@ -120,11 +116,7 @@ impl Node {
         let Some(plan) = plan else {
             return Ok(self.replication.with_roles(desc));
         };
-        let joint = desc
-            .replicas
-            .iter()
-            .any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
-        if joint && !plan.leave_joint {
+        if desc.in_joint_membership() && !plan.leave_joint {
             return Err(NodeError::Unavailable(format!(
                 "range {range_id} is in a joint membership, which its leader is leaving; retry"
             )));
@@ -195,22 +187,22 @@ impl Node {
         Ok(desc)
     }
 
+    /// The replicas removed here whose data is still to delete.
+    fn removed_replicas(&self) -> Result<Vec<RangeDescriptor>, NodeError> {
+        let entries = self.storage.meta_entries(apply::removed_prefix())?;
+        entries.iter().map(|(key, value)| crate::ranges::decode_descriptor(key, value)).collect()
+    }
+
     /// The removed replica whose data is still to delete here that overlaps `desc`, if any.
     fn removed_overlapping(&self, desc: &RangeDescriptor) -> Result<Option<RangeDescriptor>, NodeError> {
-        for entry in self.storage.meta_entries(apply::removed_prefix())? {
-            let removed = crate::ranges::decode_descriptor(&entry.0, &entry.1)?;
-            if removed.range_id == desc.range_id || removed.overlaps(desc) {
-                return Ok(Some(removed));
-            }
-        }
-        Ok(None)
+        let removed = self.removed_replicas()?;
+        Ok(removed.into_iter().find(|removed| removed.range_id == desc.range_id || removed.overlaps(desc)))
     }
 
     /// Deletes the data of every replica removed here before the last stop (at start, before
     /// anything is served).
     pub(crate) fn delete_removed_replicas(&self) -> Result<(), NodeError> {
-        for entry in self.storage.meta_entries(apply::removed_prefix())? {
-            let removed = crate::ranges::decode_descriptor(&entry.0, &entry.1)?;
+        for removed in self.removed_replicas()? {
             delete_removed_data(&self.storage.db(), self.storage.key_space_end(), &removed)
                 .map_err(NodeError::WriteFailed)?;
             tracing::info!(range_id = removed.range_id, "deleted the data of a replica removed before the restart");
@@ -248,11 +240,7 @@ fn plan_changes(
             if changes.len() > 1 {
                 return Err(NodeError::Invalid("LEAVE_JOINT goes alone in a ChangeReplicas request".into()));
             }
-            let joint = desc
-                .replicas
-                .iter()
-                .any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
-            if !joint {
+            if !desc.in_joint_membership() {
                 return Ok(None);
             }
             plan.leave_joint = true;

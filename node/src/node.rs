@@ -245,9 +245,7 @@ impl Node {
                     NodeError::Corrupt(format!("range {range_id} is replicated but this node has no Raft log for it"))
                 })?;
             let desc = self.install_pending_snapshot(&log, range_id)?.unwrap_or(desc);
-            let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
-                .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
-            self.open_group(&desc, storage, applied, false)?;
+            self.start_group(&desc, storage)?;
         }
         // A replica just added whose first snapshot was taken but not installed before the stop
         // (its range is in no descriptor yet): installed now, and its group started.
@@ -259,9 +257,7 @@ impl Node {
             let (Some(storage), Some(desc)) = (storage, self.install_pending_snapshot(&log, range_id)?) else {
                 continue;
             };
-            let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
-                .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
-            self.open_group(&desc, storage, applied, false)?;
+            self.start_group(&desc, storage)?;
         }
         // Every pending snapshot is installed: files left from before (made for followers, or
         // fetched and never taken) are of no use any more.
@@ -313,6 +309,18 @@ impl Node {
     pub(crate) fn log_store(&self) -> Result<kvfleet_replication::LogStore, NodeError> {
         kvfleet_replication::LogStore::with_db(self.storage.db())
             .map_err(|e| NodeError::Corrupt(format!("opening the Raft logs: {e}")))
+    }
+
+    /// Starts the Raft group of `desc`'s range over `storage`, from the index its data reflects.
+    pub(crate) fn start_group(
+        &self,
+        desc: &RangeDescriptor,
+        storage: kvfleet_replication::GroupStorage,
+    ) -> Result<(), NodeError> {
+        let range_id = desc.range_id;
+        let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
+            .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
+        self.open_group(desc, storage, applied, false)
     }
 
     pub(crate) fn open_group(

@@ -1,6 +1,6 @@
 //! Key-space arithmetic: which keys a range descriptor covers, and how keys are printed.
 
-use crate::v1::{MoveIntent, RangeDescriptor, RangeState, Replica, ReplicaRole};
+use crate::v1::{MoveIntent, RangeDescriptor, RangeState, Replica, ReplicaMembership, ReplicaRole};
 
 /// Half-open interval arithmetic over byte keys, where an empty end means "end of key space".
 pub trait RangeBounds {
@@ -37,6 +37,12 @@ impl RangeDescriptor {
     /// The leader replica (today, the one owner), if the descriptor names one.
     pub fn leader(&self) -> Option<&Replica> {
         self.replicas.iter().find(|r| r.role() == ReplicaRole::Leader).or_else(|| self.replicas.first())
+    }
+
+    /// Whether a replicated range is in a joint membership (a change that adds and removes
+    /// voters at once, not left yet): some replica is leaving or joining.
+    pub fn in_joint_membership(&self) -> bool {
+        self.replicas.iter().any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining))
     }
 
     pub fn is_owned_state(&self) -> bool {

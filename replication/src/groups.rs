@@ -376,13 +376,16 @@ impl<S: GroupLog> Groups<S> {
         self.leading(group).is_some_and(|raft| raft.has_pending_conf())
     }
 
+    /// Whether the membership `group` applied last on this node is joint (old and new voters
+    /// both form quorums until it is left).
+    pub fn is_joint(&self, group: GroupId) -> bool {
+        self.conf_state(group).is_some_and(|conf| !conf.voters_outgoing.is_empty())
+    }
+
     /// On the leader: proposes leaving the joint membership `group` is in, if it is in one and no
     /// other change is pending. Returns the entry's index and term if it proposed.
     pub fn leave_joint(&mut self, group: GroupId) -> Result<Option<(u64, u64)>, GroupsError> {
-        let joint = self.leading(group).is_some_and(|raft| {
-            !raft.has_pending_conf() && !raft.prs().conf().to_conf_state().voters_outgoing.is_empty()
-        });
-        if !joint {
+        if !self.is_leader(group) || self.has_pending_conf(group) || !self.is_joint(group) {
             return Ok(None);
         }
         self.propose_conf_change(group, Vec::new(), ConfChangeV2::default()).map(Some)

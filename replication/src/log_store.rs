@@ -159,11 +159,9 @@ impl LogStore {
             return Err(LogError::Exists(group));
         }
         let state = RaftState::new(HardState::default(), ConfState::from((voters.to_vec(), vec![])));
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf()?, state_key(group), encode_state(&state));
-        self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "create a group", source })?;
+        self.write_synced(batch, "create a group")?;
         Ok(GroupStorage::empty(group, self.db.clone(), state))
     }
 
@@ -321,9 +319,7 @@ impl LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, entry_key(group, storage.first_index), entry_key(group, up_to + 1));
         batch.put_cf(cf, truncated_key(group), [up_to.to_be_bytes(), term.to_be_bytes()].concat());
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "compact the log", source })?;
+        self.write_synced(batch, "compact the log")?;
         storage.truncated = (up_to, term);
         storage.first_index = up_to + 1;
         Ok(())
@@ -409,9 +405,7 @@ impl LogStore {
                 batch.put_cf(cf, state_key(part.group), encode_state(&state));
             }
         }
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what: "write the log", source })
+        self.write_synced(batch, "write the log")
     }
 }
 

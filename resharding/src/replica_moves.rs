@@ -52,9 +52,7 @@ pub enum Step {
 /// The next step of moving `from`'s replica of `desc` to `to`, given who leads it.
 pub fn next_step(desc: &RangeDescriptor, leader: &str, from: &str, to: &str) -> Step {
     let membership = |node: &str| desc.replicas.iter().find(|r| r.node_id == node).map(Replica::membership);
-    let joint =
-        desc.replicas.iter().any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining));
-    if joint {
+    if desc.in_joint_membership() {
         return Step::LeaveJoint;
     }
     let source_leads = leader == from;

@@ -268,16 +268,15 @@ impl Driver {
         // holds a lease this node's acknowledgement helped to grant. It waits one election
         // timeout first. Nor does a leader vote while its lease runs (raft-rs would, once any
         // higher-term message made it a follower with no leader known).
-        if is_vote_request(&envelope)
-            && (now < self.votes_from || self.leases.get(&envelope.group()).is_some_and(|lease| now < lease.until))
-        {
-            return;
-        }
+        // A replica created to be added (no membership yet) votes for nobody either: its Raft id
+        // is its node's, so a stale voter of an old membership (down while this node's earlier
+        // replica was removed) could otherwise win its vote with a log missing committed entries.
         let group = envelope.group();
-        // A replica created to be added (no membership yet) votes for nobody: its Raft id is its
-        // node's, so a stale voter of an old membership (down while this node's earlier replica
-        // was removed) could otherwise win its vote with a log missing committed entries.
-        if is_vote_request(&envelope) && self.groups.conf_state(group).is_some_and(|conf| conf.voters.is_empty()) {
+        if is_vote_request(&envelope)
+            && (now < self.votes_from
+                || self.leases.get(&group).is_some_and(|lease| now < lease.until)
+                || self.groups.conf_state(group).is_some_and(|conf| conf.voters.is_empty()))
+        {
             return;
         }
         if let kvfleet_replication::Envelope::Removed { conf_version, from, .. } = envelope {
@@ -348,9 +347,9 @@ impl Driver {
         }
         tracing::info!(
             range_id = group,
-            leader = from,
+            ?from,
             conf_version,
-            "the range's leader says this replica was removed"
+            "this replica was removed from the range while it was away"
         );
         self.remove_group(group, &tombstone);
     }
@@ -435,8 +434,7 @@ impl Driver {
         match self.groups.propose(range_id, command) {
             Ok((index, term)) => {
                 if split {
-                    self.leases.remove(&range_id);
-                    self.published.read_leases.write().remove(&range_id);
+                    self.end_lease(range_id);
                     self.splits_proposed.insert(range_id, index);
                 }
                 self.track_proposal(range_id, index, term, reply);
@@ -492,8 +490,7 @@ impl Driver {
                 }
             }
         }
-        let joint = self.groups.conf_state(range_id).is_some_and(|conf| !conf.voters_outgoing.is_empty());
-        if joint && !change.changes.is_empty() {
+        if self.groups.is_joint(range_id) && !change.changes.is_empty() {
             let _ = reply.send(busy("the range is in a joint membership, which its leader is leaving; retry".into()));
             return;
         }
@@ -522,8 +519,7 @@ impl Driver {
             let _ = reply.send(Err(ReplicaError::MembershipRefused { range_id, reason }));
             return;
         }
-        self.leases.remove(&range_id);
-        self.published.read_leases.write().remove(&range_id);
+        self.end_lease(range_id);
         self.transfer_terms.insert(range_id, term);
         kvfleet_proto::failpoint::hit("transfer-leader-after-lease-ended");
         let outcome = self
@@ -538,7 +534,7 @@ impl Driver {
     fn leave_joints(&mut self) {
         let joint: Vec<u64> = self.joint.iter().copied().collect();
         for range_id in joint {
-            if self.groups.conf_state(range_id).is_none_or(|conf| conf.voters_outgoing.is_empty()) {
+            if !self.groups.is_joint(range_id) {
                 self.joint.remove(&range_id);
                 continue;
             }
@@ -553,7 +549,7 @@ impl Driver {
     /// Remembers `range_id` as joint if its membership is (a group opened or a snapshot taken
     /// in a joint membership): its leader leaves it (see `leave_joints`).
     fn note_joint(&mut self, range_id: u64) {
-        if self.groups.conf_state(range_id).is_some_and(|conf| !conf.voters_outgoing.is_empty()) {
+        if self.groups.is_joint(range_id) {
             self.joint.insert(range_id);
         }
     }
@@ -805,14 +801,10 @@ impl Driver {
         });
         match outcome {
             Ok((info, changed)) => {
-                match changed {
-                    Some(snapshot::Installed::Added(desc)) => {
-                        self.spans.insert(range_id, Span::of(&desc));
-                        self.learn_addresses(&desc);
-                        (self.on_range_change)(super::RangeChange::Added(&desc));
-                    }
+                let change = match &changed {
+                    Some(snapshot::Installed::Added(desc)) => Some((desc, super::RangeChange::Added(desc))),
                     Some(snapshot::Installed::Replaced { desc, narrowed }) => {
-                        if narrowed {
+                        if *narrowed {
                             tracing::warn!(
                                 range_id,
                                 span = %desc.span(),
@@ -820,11 +812,14 @@ impl Driver {
                                 "a snapshot narrowed the range: this replica missed a split, and holds no replica of the split's new range"
                             );
                         }
-                        self.spans.insert(range_id, Span::of(&desc));
-                        self.learn_addresses(&desc);
-                        (self.on_range_change)(super::RangeChange::Replaced(&desc));
+                        Some((desc, super::RangeChange::Replaced(desc)))
                     }
-                    None => {}
+                    None => None,
+                };
+                if let Some((desc, change)) = change {
+                    self.spans.insert(range_id, Span::of(desc));
+                    self.learn_addresses(desc);
+                    (self.on_range_change)(change);
                 }
                 self.note_joint(range_id);
                 tracing::info!(
@@ -946,7 +941,7 @@ impl Driver {
         self.applied.remove(&range_id);
         self.spans.remove(&range_id);
         self.snapshot_slots.remove(&range_id);
-        self.leases.remove(&range_id);
+        self.end_lease(range_id);
         self.splits_proposed.remove(&range_id);
         self.splits_applied.remove(&range_id);
         self.transfer_terms.remove(&range_id);
@@ -954,7 +949,6 @@ impl Driver {
         self.removed_told.retain(|(group, _), _| *group != range_id);
         self.snapshots_sent.retain(|(group, _), _| *group != range_id);
         self.membership_proposals.retain(|(group, _)| *group != range_id);
-        self.published.read_leases.write().remove(&range_id);
         self.published.leaders.write().remove(&range_id);
         self.published.current_as_of.write().remove(&range_id);
         let pending: Vec<(u64, u64)> = self.proposals.keys().filter(|(id, _)| *id == range_id).copied().collect();
@@ -1079,9 +1073,15 @@ impl Driver {
     /// refusal already keeps a leader with a lease from stepping down; this is the second lock).
     fn publish(&mut self, range_id: u64) {
         self.published.leaders.write().insert(range_id, self.groups.leader_of(range_id));
-        if !self.groups.is_leader(range_id) && self.leases.remove(&range_id).is_some() {
-            self.published.read_leases.write().remove(&range_id);
+        if !self.groups.is_leader(range_id) && self.leases.contains_key(&range_id) {
+            self.end_lease(range_id);
         }
+    }
+
+    /// This node serves no linearizable read of `range_id` on its lease any more.
+    fn end_lease(&mut self, range_id: u64) {
+        self.leases.remove(&range_id);
+        self.published.read_leases.write().remove(&range_id);
     }
 
     fn publish_all(&mut self) {
