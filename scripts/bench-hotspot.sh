@@ -16,7 +16,7 @@ RECORDS="${RECORDS:-100000}"
 source scripts/bench-lib.sh
 bench_setup
 
-"$bin/kvfleet-operator" playground --nodes 3 --dir "$work/fleet" --base-port 0 --listen 127.0.0.1:0 --view none \
+"$bin/kvfleet-operator" playground --nodes 3 --replicas 1 --dir "$work/fleet" --base-port 0 --listen 127.0.0.1:0 --view none \
   >"$work/ready" 2>"$work/controller.log" &
 pids+=($!)
 for _ in $(seq 1 300); do grep -q "ready" "$work/ready" 2>/dev/null && break; sleep 0.1; done

@@ -145,6 +145,7 @@ async fn bench_size(megabytes: u64, moves: usize, splits: usize) {
             to: nodes[to].node_id.clone(),
             reason: "benchmark".into(),
             started_unix_ms: 0,
+            replica: false,
         };
         let timeouts = MoveTimeouts { import: Duration::from_secs(3600), step: Duration::from_secs(30) };
         let report = drive(NodeClients::default(), mv, desc, member(&nodes[from]), member(&nodes[to]), timeouts)

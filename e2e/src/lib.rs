@@ -225,6 +225,10 @@ impl Playground {
             .map(|s| s.to_string())
             .collect();
         args.extend(["--view", "none"].iter().map(|s| s.to_string()));
+        // Single copies unless a test asks for replicas (the freeze-and-copy moves and merges).
+        if !extra_args.contains(&"--replicas") {
+            args.extend(["--replicas", "1"].iter().map(|s| s.to_string()));
+        }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let mut playground = Playground {
             dir: dir.to_path_buf(),

@@ -32,6 +32,16 @@ impl ReplicatedFleet {
         Self::launch(count, extra_args, false)
     }
 
+    /// `count` nodes on loopback holding nothing: a new fleet for a controller to bootstrap.
+    pub fn start_empty(count: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut fleet = ReplicatedFleet { _dir: dir, nodes: Vec::new(), partitions: None };
+        for _ in 0..count {
+            fleet.add_node();
+        }
+        fleet
+    }
+
     /// `start`, with a proxy between the nodes that can cut them apart (`partitions`): each
     /// node reaches the others through their proxies, from its own loopback address. Call from
     /// a Tokio runtime.

@@ -128,6 +128,7 @@ async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
         to: target.node_id.clone(),
         reason: "test".into(),
         started_unix_ms: 0,
+        replica: false,
     };
     let timeouts = MoveTimeouts { import: Duration::from_secs(60), step: Duration::from_secs(10) };
     let without = drive(NodeClients::default(), mv.clone(), range.clone(), member(&source), member(&target), timeouts)

@@ -98,6 +98,7 @@ async fn move_range(
         to: nodes[to].node_id.clone(),
         reason: "test".into(),
         started_unix_ms: 0,
+        replica: false,
     };
     drive(NodeClients::default(), mv, desc.clone(), member(&nodes[from]), member(&nodes[to]), timeouts())
         .await
@@ -308,6 +309,7 @@ async fn run_case(crash: Crash, what: Meanwhile) {
         to: "n2".into(),
         reason: "test".into(),
         started_unix_ms: 0,
+        replica: false,
     };
     let took = match crash {
         Crash::ControllerAfterStep(steps) => {

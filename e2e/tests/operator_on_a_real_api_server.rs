@@ -449,7 +449,8 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{pod}")).unwrap().connect().await.unwrap();
         let mut stranger = kvfleet_proto::v1::admin_client::AdminClient::new(channel);
-        let refused = stranger.bootstrap(kvfleet_proto::v1::BootstrapRequest {}).await.expect_err("no admin token");
+        let refused =
+            stranger.bootstrap(kvfleet_proto::v1::BootstrapRequest::default()).await.expect_err("no admin token");
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
         assert!(refused.message().contains("admin token"), "{}", refused.message());
         // Even with the cluster's token, changes go to the admin port (which the cluster's
@@ -457,7 +458,7 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), NAMESPACE);
         let secret = secrets.get(&format!("{CLUSTER}-admin-token")).await.expect("the cluster's admin token Secret");
         let token = secret.data.and_then(|mut d| d.remove("token")).expect("a token").0;
-        let mut request = tonic::Request::new(kvfleet_proto::v1::BootstrapRequest {});
+        let mut request = tonic::Request::new(kvfleet_proto::v1::BootstrapRequest::default());
         let bearer = format!("Bearer {}", String::from_utf8(token).expect("ASCII"));
         request.metadata_mut().insert("authorization", bearer.parse().expect("a header"));
         let refused = stranger.bootstrap(request).await.expect_err("not on the data port");

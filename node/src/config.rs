@@ -153,25 +153,9 @@ impl NodeConfig {
             let Some((node_id, address)) = entry.trim().split_once('=') else {
                 return Err(format!("--initial-replicas: {entry:?} is not node-id=host:port"));
             };
-            let (node_id, address) = (node_id.trim(), address.trim());
-            let port = address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
-            if node_id.is_empty() || port.is_none_or(|p| p.parse::<u16>().is_err()) {
-                return Err(format!("--initial-replicas: {entry:?} is not node-id=host:port"));
-            }
-            if members.iter().any(|(id, _)| id == node_id) {
-                return Err(format!("--initial-replicas: node {node_id:?} is listed twice"));
-            }
-            members.push((node_id.to_string(), address.to_string()));
+            members.push((node_id.trim().to_string(), address.trim().to_string()));
         }
-        if ![1, 3, 5].contains(&members.len()) {
-            return Err(format!(
-                "--initial-replicas lists {} nodes; a range has 1, 3 or 5 replicas (a majority of an even count tolerates no more failures than one fewer)",
-                members.len()
-            ));
-        }
-        if !members.iter().any(|(id, _)| *id == self.node_id) {
-            return Err(format!("--initial-replicas does not list this node ({:?})", self.node_id));
-        }
+        check_members("--initial-replicas", &members, &self.node_id)?;
         Ok(members)
     }
 
@@ -199,4 +183,28 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// Checks the nodes a range is first replicated on (`what` names where they came from): each
+/// `node-id` and `host:port`, distinct, 1, 3 or 5 of them, `this_node` among them.
+pub fn check_members(what: &str, members: &[(String, String)], this_node: &str) -> Result<(), String> {
+    for (index, (node_id, address)) in members.iter().enumerate() {
+        let port = address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+        if node_id.is_empty() || port.is_none_or(|p| p.parse::<u16>().is_err()) {
+            return Err(format!("{what}: {node_id}={address} is not node-id=host:port"));
+        }
+        if members[..index].iter().any(|(id, _)| id == node_id) {
+            return Err(format!("{what}: node {node_id:?} is listed twice"));
+        }
+    }
+    if ![1, 3, 5].contains(&members.len()) {
+        return Err(format!(
+            "{what} lists {} nodes; a range has 1, 3 or 5 replicas (a majority of an even count tolerates no more failures than one fewer)",
+            members.len()
+        ));
+    }
+    if !members.iter().any(|(id, _)| id == this_node) {
+        return Err(format!("{what} does not list this node ({this_node:?})"));
+    }
+    Ok(())
 }

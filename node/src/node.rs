@@ -206,7 +206,8 @@ impl Node {
             node.bootstrap().await?;
         }
         if !node.config.initial_replicas.is_empty() && !node.table.read().has_history() {
-            node.bootstrap_replicated().await?;
+            let members = node.config.initial_members().map_err(NodeError::Invalid)?;
+            node.bootstrap_replicated(members).await?;
         }
         node.update_range_gauge();
         Ok(node)
@@ -343,13 +344,18 @@ impl Node {
             .map_err(|e| NodeError::Unavailable(e.to_string()))
     }
 
-    /// Creates range 1 over the whole key space as a Raft group of the `--initial-replicas`
-    /// nodes, once. Every listed node does the same; the first listed campaigns at once.
-    pub async fn bootstrap_replicated(&self) -> Result<RangeDescriptor, NodeError> {
-        let members = self.config.initial_members().map_err(NodeError::Invalid)?;
+    /// Creates range 1 over the whole key space as a Raft group of `members` (node id, address),
+    /// once. Every listed node does the same; the first listed campaigns at once. Asked again
+    /// with the same nodes, answers the range it made (a caller retrying after a crash).
+    pub async fn bootstrap_replicated(&self, members: Vec<(String, String)>) -> Result<RangeDescriptor, NodeError> {
+        crate::config::check_members("the bootstrap's replicas", &members, &self.config.node_id)
+            .map_err(NodeError::Invalid)?;
         if members.len() == 1 {
             // One replica is a single-copy range: no Raft group.
             return self.bootstrap().await;
+        }
+        if let Some(made) = self.bootstrapped_with(&members) {
+            return Ok(made);
         }
         let replicas: Vec<kvfleet_proto::v1::Replica> = members
             .iter()
@@ -379,6 +385,16 @@ impl Node {
         self.update_range_gauge();
         tracing::info!(replicas = members.len(), "bootstrapped range 1 covering the whole key space, replicated");
         Ok(desc)
+    }
+
+    /// Range 1 as this node bootstrapped it, if it did so replicated on exactly `members`.
+    fn bootstrapped_with(&self, members: &[(String, String)]) -> Option<RangeDescriptor> {
+        let desc = self.table.read().owned().find(|r| r.desc.range_id == 1).map(|r| r.desc.clone())?;
+        let mut held: Vec<&str> = desc.replicas.iter().map(|r| r.node_id.as_str()).collect();
+        let mut asked: Vec<&str> = members.iter().map(|(id, _)| id.as_str()).collect();
+        held.sort_unstable();
+        asked.sort_unstable();
+        (held == asked).then_some(desc)
     }
 
     /// Waits until a replicated range may serve the read here as `mode` promises; nothing for a
@@ -817,7 +833,7 @@ impl Node {
             let (approx_size_bytes, approx_keys) =
                 self.storage.approximate_size(&range.desc.start_key, &range.desc.end_key)?;
             reports.push(RangeLoadReport {
-                range: Some(range.desc.clone()),
+                range: Some(self.replication.with_roles(range.desc.clone())),
                 reads_per_sec: rates.reads,
                 writes_per_sec: rates.writes,
                 read_bytes_per_sec: rates.read_bytes,

@@ -464,7 +464,12 @@ impl Admin for AdminService {
 
     async fn bootstrap(&self, request: Request<BootstrapRequest>) -> Result<Response<BootstrapResponse>, Status> {
         self.admit(&request, Call::Change).await?;
-        let range = to_completion(&self.node, move |node| async move { node.bootstrap().await }).await?;
+        let members: Vec<(String, String)> =
+            request.into_inner().replicas.into_iter().map(|r| (r.node_id, r.address)).collect();
+        let range = to_completion(&self.node, move |node| async move {
+            if members.is_empty() { node.bootstrap().await } else { node.bootstrap_replicated(members).await }
+        })
+        .await?;
         Ok(Response::new(BootstrapResponse { range: Some(range) }))
     }
 }

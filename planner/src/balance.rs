@@ -3,50 +3,90 @@
 //! per move and a per-range cooldown keep ranges from ping-ponging; `max_concurrent_moves`
 //! bounds the work in flight.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::Policy;
 use crate::model::*;
 
-/// Where each range will be once in-flight moves land, and each node's totals from that.
+/// Where each range will be once in-flight moves land, and each node's totals from that. A
+/// range's load counts on its owner (the leader serves it); its size on every node holding a copy.
 struct Placement<'a> {
     view: &'a ClusterView,
-    ranges: Vec<(&'a RangeView, usize)>,
+    ranges: Vec<Placed<'a>>,
     ops: Vec<f64>,
     bytes: Vec<f64>,
+}
+
+struct Placed<'a> {
+    range: &'a RangeView,
+    owner: usize,
+    holders: Vec<usize>,
 }
 
 impl<'a> Placement<'a> {
     fn new(view: &'a ClusterView) -> Self {
         let nodes = view.nodes.len();
-        let moving_to: HashMap<RangeId, NodeId> = view
-            .in_flight
-            .iter()
-            .filter_map(|a| match a {
-                Action::Move { range, to, .. } => Some((*range, *to)),
-                _ => None,
-            })
-            .collect();
         let mut placement = Placement { view, ranges: Vec::new(), ops: vec![0.0; nodes], bytes: vec![0.0; nodes] };
         for range in &view.ranges {
-            let node = moving_to.get(&range.id).copied().unwrap_or(range.owner).0 as usize;
-            if node >= nodes {
+            let mut placed = Placed {
+                range,
+                owner: range.owner.0 as usize,
+                holders: range.holders().iter().map(|n| n.0 as usize).collect(),
+            };
+            for action in &view.in_flight {
+                match action {
+                    Action::Move { range: id, from, to, .. } if *id == range.id => {
+                        placed.replace(from.0 as usize, to.0 as usize);
+                    }
+                    Action::TransferLeader { range: id, to, .. } if *id == range.id => placed.owner = to.0 as usize,
+                    _ => {}
+                }
+            }
+            if placed.owner >= nodes || placed.holders.iter().any(|&h| h >= nodes) {
                 continue;
             }
-            placement.ops[node] += range.load.ops();
-            placement.bytes[node] += range.size_bytes as f64;
-            placement.ranges.push((range, node));
+            placement.ops[placed.owner] += range.load.ops();
+            for &holder in &placed.holders {
+                placement.bytes[holder] += range.size_bytes as f64;
+            }
+            placement.ranges.push(placed);
         }
         placement
     }
 
-    fn shift(&mut self, index: usize, to: usize) {
-        let (range, from) = self.ranges[index];
-        self.ops[from] -= range.load.ops();
-        self.bytes[from] -= range.size_bytes as f64;
-        self.ops[to] += range.load.ops();
-        self.bytes[to] += range.size_bytes as f64;
-        self.ranges[index].1 = to;
+    /// The copy on `from` moves to `to` (with the serving, if `from` served).
+    fn move_copy(&mut self, index: usize, from: usize, to: usize) {
+        let placed = &mut self.ranges[index];
+        let (ops, size) = (placed.range.load.ops(), placed.range.size_bytes as f64);
+        if placed.owner == from {
+            self.ops[from] -= ops;
+            self.ops[to] += ops;
+        }
+        self.bytes[from] -= size;
+        self.bytes[to] += size;
+        placed.replace(from, to);
+    }
+
+    /// Only the serving moves, to a node that holds a copy already.
+    fn move_leader(&mut self, index: usize, to: usize) {
+        let placed = &mut self.ranges[index];
+        let ops = placed.range.load.ops();
+        self.ops[placed.owner] -= ops;
+        self.ops[to] += ops;
+        placed.owner = to;
+    }
+}
+
+impl Placed<'_> {
+    fn replace(&mut self, from: usize, to: usize) {
+        for holder in &mut self.holders {
+            if *holder == from {
+                *holder = to;
+            }
+        }
+        if self.owner == from {
+            self.owner = to;
+        }
     }
 }
 
@@ -77,7 +117,8 @@ pub fn plan_moves(
     balance(BalanceMetric::Size, policy, now, &mut placement, &targets, touched, budget, plan);
 }
 
-/// Moves every range off draining nodes. Returns false if the budget ran out.
+/// Moves every copy off draining nodes (one per range per round: a range's copies move one at a
+/// time). Returns false if the budget ran out.
 fn drain(
     view: &ClusterView,
     placement: &mut Placement<'_>,
@@ -86,26 +127,30 @@ fn drain(
     budget: &mut usize,
     plan: &mut Plan,
 ) -> bool {
-    let draining: Vec<usize> = (0..placement.ranges.len())
-        .filter(|&i| {
-            let (range, node) = placement.ranges[i];
-            view.nodes[node].draining && !touched.contains(&range.id)
-        })
+    let draining: Vec<(usize, usize)> = (0..placement.ranges.len())
+        .filter(|&i| !touched.contains(&placement.ranges[i].range.id))
+        .filter_map(|i| placement.ranges[i].holders.iter().find(|&&h| view.nodes[h].draining).map(|&h| (i, h)))
         .collect();
-    for (done, index) in draining.iter().enumerate() {
+    for (done, &(index, from)) in draining.iter().enumerate() {
+        let range = placement.ranges[index].range;
+        let free: Vec<usize> =
+            targets.iter().copied().filter(|t| !placement.ranges[index].holders.contains(t)).collect();
+        if free.is_empty() {
+            plan.skipped.push(Skip::NoNodeForReplica { range: range.id, node: view.nodes[from].name.clone() });
+            continue;
+        }
         if *budget == 0 {
             plan.skipped.push(Skip::MoveBudgetExhausted { wanted: draining.len() - done });
             return false;
         }
-        let (range, from) = placement.ranges[*index];
-        let to = least_loaded(placement, targets);
+        let to = least_loaded(placement, &free);
         plan.actions.push(Action::Move {
             range: range.id,
             from: NodeId(from as u32),
             to: NodeId(to as u32),
             reason: MoveReason::Drain,
         });
-        placement.shift(*index, to);
+        placement.move_copy(index, from, to);
         touched.insert(range.id);
         *budget -= 1;
     }
@@ -157,7 +202,7 @@ fn balance(
         };
         let target =
             *targets.iter().min_by(|&&a, &&b| value(placement, a).total_cmp(&value(placement, b))).unwrap_or(&source);
-        let (high, low) = (value(placement, source), value(placement, target));
+        let high = value(placement, source);
         if metric == BalanceMetric::Size && high - mean < policy.min_size_imbalance_bytes as f64 {
             return;
         }
@@ -172,50 +217,176 @@ fn balance(
             return;
         }
         // The best range to move brings the two nodes closest together, and must lower the
-        // busiest node by a real margin.
+        // busiest node by a real margin. By load, a replicated range's serving moves to the least
+        // busy node already holding a copy (a leader transfer); by size, a copy moves to the
+        // smallest node not holding one.
         let limit = high - policy.min_move_gain * mean;
-        let mut best: Option<(usize, f64, bool)> = None;
-        for (index, &(range, node)) in placement.ranges.iter().enumerate() {
-            if node != source || touched.contains(&range.id) {
+        let mut best: Option<(usize, usize, f64, bool)> = None;
+        for (index, placed) in placement.ranges.iter().enumerate() {
+            let range = placed.range;
+            let on_source = match metric {
+                BalanceMetric::Load => placed.owner == source,
+                BalanceMetric::Size => placed.holders.contains(&source),
+            };
+            if !on_source || touched.contains(&range.id) {
                 continue;
             }
             if metric == BalanceMetric::Size && range.load.ops() > policy.merge_below_qps {
                 continue;
             }
+            let to = match metric {
+                BalanceMetric::Load if range.is_replicated() => placed
+                    .holders
+                    .iter()
+                    .copied()
+                    .filter(|h| *h != source && targets.contains(h))
+                    .min_by(|&a, &b| value(placement, a).total_cmp(&value(placement, b))),
+                _ if placed.holders.contains(&target) => None,
+                _ => Some(target),
+            };
+            let Some(to) = to else { continue };
             let moved = range_value(range);
-            let new_high = (high - moved).max(low + moved);
+            let new_high = (high - moved).max(value(placement, to) + moved);
             if moved <= 0.0 || new_high > limit {
                 continue;
             }
             let cooling = range.moved_at.is_some_and(|t| now < t + policy.move_cooldown_secs);
-            if best.is_none_or(|(_, score, _)| new_high < score) {
-                best = Some((index, new_high, cooling));
+            if best.is_none_or(|(_, _, score, _)| new_high < score) {
+                best = Some((index, to, new_high, cooling));
             }
         }
-        let Some((index, _, cooling)) = best else {
+        let Some((index, to, _, cooling)) = best else {
             let node = placement.view.nodes.get(source).map_or_else(|| format!("node {source}"), |n| n.name.clone());
             plan.skipped.push(Skip::NoBeneficialMove { node, metric, value: high });
             return;
         };
-        let (range, _) = placement.ranges[index];
+        let range = placement.ranges[index].range;
         if cooling {
             let seconds_left = range.moved_at.map_or(0, |t| (t + policy.move_cooldown_secs).saturating_sub(now));
             plan.skipped.push(Skip::Cooldown { range: range.id, seconds_left });
             touched.insert(range.id);
             continue;
         }
+        let low = value(placement, to);
         let reason = match metric {
             BalanceMetric::Load => MoveReason::BalanceLoad { from_load: high, to_load: low },
             BalanceMetric::Size => MoveReason::BalanceSize { from_bytes: high as u64, to_bytes: low as u64 },
         };
-        plan.actions.push(Action::Move {
-            range: range.id,
-            from: NodeId(source as u32),
-            to: NodeId(target as u32),
-            reason,
-        });
-        placement.shift(index, target);
+        let (from, to_node) = (NodeId(source as u32), NodeId(to as u32));
+        if metric == BalanceMetric::Load && range.is_replicated() {
+            plan.actions.push(Action::TransferLeader { range: range.id, from, to: to_node, reason });
+            placement.move_leader(index, to);
+        } else {
+            plan.actions.push(Action::Move { range: range.id, from, to: to_node, reason });
+            placement.move_copy(index, source, to);
+        }
         touched.insert(range.id);
         *budget -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::range_view;
+
+    fn nodes(count: usize, draining: &[usize]) -> Vec<NodeView> {
+        (0..count)
+            .map(|i| NodeView {
+                id: NodeId(i as u32),
+                name: format!("n{i}"),
+                schedulable: !draining.contains(&i),
+                draining: draining.contains(&i),
+            })
+            .collect()
+    }
+
+    fn replicated(id: RangeId, span: (u8, u8), leader: u32, replicas: &[u32], ops: f64) -> RangeView {
+        let end = if span.1 == 0 { Vec::new() } else { vec![span.1] };
+        let mut range = range_view(id, &[span.0], &end, leader);
+        range.replicas = replicas.iter().map(|&n| NodeId(n)).collect();
+        range.load.writes = ops;
+        range.size_bytes = 1 << 20;
+        range
+    }
+
+    fn plan(view: &ClusterView) -> Plan {
+        let policy = Policy { max_concurrent_moves: 8, ..Policy::default() };
+        let mut plan = Plan::default();
+        plan_moves(view, &policy, 1_000_000, &mut HashSet::new(), &mut policy.max_concurrent_moves.clone(), &mut plan);
+        plan
+    }
+
+    #[test]
+    fn a_draining_node_s_replicas_move_to_nodes_without_one() {
+        // n3 drains; range 1 has replicas on n0, n1, n3 (n3 leads), range 2 on n0, n1, n2.
+        let view = ClusterView {
+            nodes: nodes(5, &[3]),
+            ranges: vec![replicated(1, (0, 9), 3, &[0, 1, 3], 10.0), replicated(2, (9, 0), 0, &[0, 1, 2], 10.0)],
+            in_flight: Vec::new(),
+        };
+        let plan = plan(&view);
+        let moves: Vec<&Action> = plan.actions.iter().filter(|a| a.ranges() == vec![1]).collect();
+        match moves.as_slice() {
+            [Action::Move { from, to, reason: MoveReason::Drain, .. }] => {
+                assert_eq!(*from, NodeId(3));
+                assert!([NodeId(2), NodeId(4)].contains(to), "to a node holding no replica, got {to:?}");
+            }
+            other => panic!("expected one drain move of range 1, got {other:?}"),
+        }
+        assert!(!plan.actions.iter().any(|a| a.ranges() == vec![2] && matches!(a, Action::Move { .. })));
+    }
+
+    #[test]
+    fn a_replica_with_nowhere_to_go_is_a_reasoned_skip() {
+        // Three replicas on three nodes, one draining: no fourth node to take the copy.
+        let view = ClusterView {
+            nodes: nodes(3, &[2]),
+            ranges: vec![replicated(1, (0, 0), 0, &[0, 1, 2], 10.0)],
+            in_flight: Vec::new(),
+        };
+        let plan = plan(&view);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        assert!(plan.skipped.contains(&Skip::NoNodeForReplica { range: 1, node: "n2".into() }), "{:?}", plan.skipped);
+        assert!(plan.skipped.iter().any(|s| s.to_string().contains("every schedulable node holds one")));
+    }
+
+    #[test]
+    fn load_follows_leadership_to_nodes_holding_a_replica() {
+        // Every range on every node, all led by n0: balancing hands leaders over, moves no copy.
+        let ranges =
+            (0..6u8).map(|i| replicated(u64::from(i) + 1, (i * 10, i * 10 + 10), 0, &[0, 1, 2], 500.0)).collect();
+        let view = ClusterView { nodes: nodes(3, &[]), ranges, in_flight: Vec::new() };
+        let plan = plan(&view);
+        let transfers: Vec<(NodeId, NodeId)> = plan
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::TransferLeader { from, to, .. } => (*from, *to),
+                other => panic!("only leader transfers expected, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(transfers.len(), 4, "two leaders to each of n1 and n2: {transfers:?}");
+        for to in [NodeId(1), NodeId(2)] {
+            assert_eq!(transfers.iter().filter(|(from, t)| *from == NodeId(0) && *t == to).count(), 2);
+        }
+    }
+
+    #[test]
+    fn size_moves_a_copy_only_to_a_node_without_one() {
+        // n3 holds nothing; the cold ranges' copies are on n0..n2: copies move to n3.
+        let policy = Policy { max_concurrent_moves: 8, min_size_imbalance_bytes: 1, ..Policy::default() };
+        let ranges =
+            (0..4u8).map(|i| replicated(u64::from(i) + 1, (i * 10, i * 10 + 10), 0, &[0, 1, 2], 0.0)).collect();
+        let view = ClusterView { nodes: nodes(4, &[]), ranges, in_flight: Vec::new() };
+        let mut plan = Plan::default();
+        plan_moves(&view, &policy, 1_000_000, &mut HashSet::new(), &mut 8, &mut plan);
+        assert!(!plan.actions.is_empty(), "{:?}", plan.skipped);
+        for action in &plan.actions {
+            match action {
+                Action::Move { to, reason: MoveReason::BalanceSize { .. }, .. } => assert_eq!(*to, NodeId(3)),
+                other => panic!("expected size moves to n3, got {other:?}"),
+            }
+        }
     }
 }

@@ -44,6 +44,10 @@ pub fn plan_merges(
             plan.skipped.push(Skip::MergeDelay { left: left.id, right: right.id, seconds_left });
             continue;
         }
+        if left.is_replicated() || right.is_replicated() {
+            plan.skipped.push(Skip::ReplicatedMergeNotBuilt { left: left.id, right: right.id });
+            continue;
+        }
         if left.owner == right.owner {
             let cold_for = [left, right]
                 .iter()

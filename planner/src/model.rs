@@ -46,7 +46,10 @@ pub struct RangeView {
     pub start: Key,
     /// Exclusive; empty = end of the key space.
     pub end: Key,
+    /// The node that serves the range: a single copy's node, a replicated range's leader.
     pub owner: NodeId,
+    /// The nodes holding a voting replica, the owner among them. Empty for a single copy.
+    pub replicas: Vec<NodeId>,
     pub load: Load,
     pub size_bytes: u64,
     /// Keys sampled in proportion to load, with the operations each stands for.
@@ -69,6 +72,16 @@ impl RangeView {
     /// Strictly inside: a valid split point.
     pub fn is_interior(&self, key: &[u8]) -> bool {
         key > self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+
+    /// Every node holding a copy: the voting replicas, or the owner of a single copy.
+    pub fn holders(&self) -> Vec<NodeId> {
+        if self.replicas.is_empty() { vec![self.owner] } else { self.replicas.clone() }
+    }
+
+    /// A Raft group of several replicas (moves are membership changes, load follows the leader).
+    pub fn is_replicated(&self) -> bool {
+        self.replicas.len() > 1
     }
 
     /// True when the range holds exactly one key: `[k, k\0)`.
@@ -159,18 +172,43 @@ impl fmt::Display for MergeReason {
     }
 }
 
+/// A planned change. On a replicated range, `Move` moves the replica on `from` to `to` (a
+/// membership change; the leader's, if it leads, after handing leadership away) and
+/// `TransferLeader` moves only the serving, and its load, to a node already holding a replica.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Split { range: RangeId, key: Key, reason: SplitReason },
-    Move { range: RangeId, from: NodeId, to: NodeId, reason: MoveReason },
-    Merge { left: RangeId, right: RangeId, reason: MergeReason },
+    Split {
+        range: RangeId,
+        key: Key,
+        reason: SplitReason,
+    },
+    Move {
+        range: RangeId,
+        from: NodeId,
+        to: NodeId,
+        reason: MoveReason,
+    },
+    /// Hand a replicated range's leadership from `from` to `to`, which holds a voting replica.
+    TransferLeader {
+        range: RangeId,
+        from: NodeId,
+        to: NodeId,
+        reason: MoveReason,
+    },
+    Merge {
+        left: RangeId,
+        right: RangeId,
+        reason: MergeReason,
+    },
 }
 
 impl Action {
     /// The ranges this action works on.
     pub fn ranges(&self) -> Vec<RangeId> {
         match self {
-            Action::Split { range, .. } | Action::Move { range, .. } => vec![*range],
+            Action::Split { range, .. } | Action::Move { range, .. } | Action::TransferLeader { range, .. } => {
+                vec![*range]
+            }
             Action::Merge { left, right, .. } => vec![*left, *right],
         }
     }
@@ -180,6 +218,7 @@ impl Action {
         match self {
             Action::Split { .. } => ActionKind::Split,
             Action::Move { .. } => ActionKind::Move,
+            Action::TransferLeader { .. } => ActionKind::TransferLeader,
             Action::Merge { .. } => ActionKind::Merge,
         }
     }
@@ -189,24 +228,27 @@ impl Action {
 pub enum ActionKind {
     Split,
     Move,
+    TransferLeader,
     Merge,
 }
 
 impl ActionKind {
-    /// The metrics label: `split`, `move`, `merge`.
+    /// The metrics label: `split`, `move`, `transfer_leader`, `merge`.
     pub fn label(self) -> &'static str {
         match self {
             ActionKind::Split => "split",
             ActionKind::Move => "move",
+            ActionKind::TransferLeader => "transfer_leader",
             ActionKind::Merge => "merge",
         }
     }
 
-    /// The Kubernetes Event reason: `Split`, `Move`, `Merge`.
+    /// The Kubernetes Event reason: `Split`, `Move`, `TransferLeader`, `Merge`.
     pub fn event_reason(self) -> &'static str {
         match self {
             ActionKind::Split => "Split",
             ActionKind::Move => "Move",
+            ActionKind::TransferLeader => "TransferLeader",
             ActionKind::Merge => "Merge",
         }
     }
@@ -245,6 +287,10 @@ pub enum Skip {
     NoTargetNode,
     /// Cold neighbours, but one was split too recently to merge.
     MergeDelay { left: RangeId, right: RangeId, seconds_left: u64 },
+    /// Cold neighbours, but replicated: merges through the Raft log are not built yet.
+    ReplicatedMergeNotBuilt { left: RangeId, right: RangeId },
+    /// A replica must leave a draining node, but every schedulable node already holds one.
+    NoNodeForReplica { range: RangeId, node: String },
 }
 
 impl Skip {
@@ -256,7 +302,8 @@ impl Skip {
             | Skip::SingleKeyRange { range, .. }
             | Skip::TooSmallToSplit { range }
             | Skip::Cooldown { range, .. } => Some(*range),
-            Skip::MergeDelay { left, .. } => Some(*left),
+            Skip::MergeDelay { left, .. } | Skip::ReplicatedMergeNotBuilt { left, .. } => Some(*left),
+            Skip::NoNodeForReplica { range, .. } => Some(*range),
             Skip::Balanced { .. }
             | Skip::MoveBudgetExhausted { .. }
             | Skip::NoBeneficialMove { .. }
@@ -277,6 +324,8 @@ impl Skip {
             Skip::NoBeneficialMove { .. } => "no_beneficial_move",
             Skip::NoTargetNode => "no_target_node",
             Skip::MergeDelay { .. } => "merge_delay",
+            Skip::ReplicatedMergeNotBuilt { .. } => "replicated_merge_not_built",
+            Skip::NoNodeForReplica { .. } => "no_node_for_replica",
         }
     }
 }
@@ -318,6 +367,13 @@ impl fmt::Display for Skip {
             Skip::MergeDelay { left, right, seconds_left } => {
                 write!(f, "ranges {left} and {right}: cold, merge waits {seconds_left}s after their split")
             }
+            Skip::ReplicatedMergeNotBuilt { left, right } => {
+                write!(f, "ranges {left} and {right}: cold, but merging replicated ranges is not built yet")
+            }
+            Skip::NoNodeForReplica { range, node } => write!(
+                f,
+                "range {range}: its replica on draining {node} has nowhere to go: every schedulable node holds one"
+            ),
         }
     }
 }

@@ -30,6 +30,7 @@ pub fn range_view(id: RangeId, start: &[u8], end: &[u8], owner: u32) -> RangeVie
         start: start.to_vec(),
         end: end.to_vec(),
         owner: NodeId(owner),
+        replicas: Vec::new(),
         load: Load::default(),
         size_bytes: 0,
         samples: Vec::new(),
@@ -171,6 +172,7 @@ impl Simulator {
             start: range.start.clone(),
             end: range.end.clone(),
             owner: range.owner,
+            replicas: Vec::new(),
             load: Load { reads: ops, ..Load::default() },
             size_bytes: (high - low) * self.bytes_per_record,
             samples,
@@ -238,7 +240,7 @@ impl Simulator {
                 self.ranges.insert(index, half(right, key, &old.end));
                 self.ranges.insert(index, half(left, &old.start, key));
             }
-            Action::Move { range, from, to, .. } => {
+            Action::Move { range, from, to, .. } | Action::TransferLeader { range, from, to, .. } => {
                 if let Some(r) = self.ranges.iter_mut().find(|r| r.id == *range) {
                     r.owner = *to;
                     r.moved_at = Some(self.now);

@@ -299,6 +299,7 @@ pub fn discover_orphans(observation: &Observation, known: &[InFlightMove]) -> Ve
                 to: intent.target.as_ref().map(|t| t.node_id.clone()).unwrap_or_default(),
                 reason: "found frozen on its source after a controller restart".into(),
                 started_unix_ms: 0,
+                replica: false,
             });
         }
     }
@@ -351,6 +352,7 @@ mod tests {
         to: String::new(),
         reason: String::new(),
         started_unix_ms: 0,
+        replica: false,
     };
 
     fn mv() -> InFlightMove {

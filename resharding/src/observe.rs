@@ -106,12 +106,21 @@ impl ObservedNode {
 }
 
 /// The serving copy of a range: among owned descriptors that overlap, the newest generation.
+/// A replicated range is the one its leader reports.
 #[derive(Debug, Clone)]
 pub struct ObservedRange {
     pub desc: RangeDescriptor,
-    /// Index into `Observation::nodes`.
+    /// Index into `Observation::nodes`: the single copy's node, or the leader's.
     pub owner: usize,
+    /// The owner's load, plus the reads the other replicas served.
     pub load: RangeLoad,
+}
+
+impl ObservedRange {
+    /// A Raft group of several replicas.
+    pub fn is_replicated(&self) -> bool {
+        self.desc.replicas.len() > 1
+    }
 }
 
 /// Two owned ranges that overlap where one must have replaced the other: more than one node
@@ -130,6 +139,9 @@ pub struct Observation {
     /// overlapping; ranges in a conflict are left out.
     pub ranges: BTreeMap<u64, ObservedRange>,
     pub conflicts: Vec<Conflict>,
+    /// Replicated ranges some node holds but no node reports leading (an election under way):
+    /// missing from `ranges` this round.
+    pub leaderless: Vec<u64>,
 }
 
 impl Observation {
@@ -162,6 +174,15 @@ impl Observation {
         (max_range, max_move)
     }
 
+    /// The nodes (indices into `nodes`) holding a replica of `range`, as its leader has it;
+    /// replicas on nodes that are not members are left out.
+    pub fn holders(&self, range: &ObservedRange) -> Vec<usize> {
+        if !range.is_replicated() {
+            return vec![range.owner];
+        }
+        range.desc.replicas.iter().filter_map(|r| self.node_index(&r.node_id)).collect()
+    }
+
     /// The range map as published to nodes for routing hints: every serving descriptor.
     pub fn routing(&self) -> Vec<RangeDescriptor> {
         self.ranges.values().map(|r| r.desc.clone()).collect()
@@ -172,7 +193,8 @@ impl Observation {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         for range in self.ranges.values() {
-            (range.desc.range_id, range.desc.generation, range.owner, range.desc.state).hash(&mut hasher);
+            let desc = &range.desc;
+            (desc.range_id, desc.generation, desc.conf_version, range.owner, desc.state).hash(&mut hasher);
         }
         hasher.finish()
     }
@@ -183,7 +205,8 @@ pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Durat
     let nodes: Vec<ObservedNode> =
         members.into_iter().zip(reports).map(|(member, report)| ObservedNode { member, report }).collect();
     let (ranges, conflicts) = resolve_ownership(&nodes);
-    Observation { nodes, ranges, conflicts }
+    let leaderless = leaderless(&nodes, &ranges);
+    Observation { nodes, ranges, conflicts, leaderless }
 }
 
 /// Which owned descriptor serves each key. Newest generation first: generations only grow along
@@ -191,15 +214,33 @@ pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Durat
 /// newer one was replaced. An older frozen copy is the source of a handoff in progress (frozen
 /// until it retires) and is set aside; an older active one would still serve: a conflict, and
 /// both sides of it are left out of the map.
+///
+/// A replicated range's replicas all report it; only its leader's report is a candidate (a
+/// follower may not have applied the latest split yet), and of two nodes that both say they lead
+/// it (a deposed leader that has not heard yet) the newer descriptor is kept: Raft lets only one
+/// of them commit, so that is no conflict.
 fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, Vec<Conflict>) {
     let mut owned: Vec<ObservedRange> = Vec::new();
+    let mut led: BTreeMap<u64, ObservedRange> = BTreeMap::new();
     for (index, node) in nodes.iter().enumerate() {
         let Ok(report) = &node.report else { continue };
         for load in &report.load.ranges {
             let Some(desc) = &load.range else { continue };
-            owned.push(ObservedRange { desc: desc.clone(), owner: index, load: load.clone() });
+            let range = ObservedRange { desc: desc.clone(), owner: index, load: load.clone() };
+            if !range.is_replicated() {
+                owned.push(range);
+            } else if leads(desc, &node.member.node_id) {
+                let newer = |kept: &ObservedRange| {
+                    (desc.generation, desc.conf_version) > (kept.desc.generation, kept.desc.conf_version)
+                };
+                if led.get(&desc.range_id).is_none_or(newer) {
+                    led.insert(desc.range_id, range);
+                }
+            }
         }
     }
+    add_follower_reads(nodes, &mut led);
+    owned.extend(led.into_values());
     // Newest first; at equal generations active before frozen, then by node for determinism.
     owned.sort_by_key(|r| (std::cmp::Reverse(r.desc.generation), r.desc.state() != RangeState::Active, r.owner));
     // Accepted ranges never overlap each other, so the ones overlapping a candidate are the last
@@ -230,6 +271,43 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
     };
     let ranges = serving.into_values().filter(|r| !in_conflict(r)).map(|r| (r.desc.range_id, r)).collect();
     (ranges, conflicts)
+}
+
+/// Whether `node_id` reports itself the leader of replicated range `desc`.
+fn leads(desc: &RangeDescriptor, node_id: &str) -> bool {
+    desc.replicas.iter().any(|r| r.node_id == node_id && r.role() == ReplicaRole::Leader)
+}
+
+/// Reads served by followers (follower and stale reads) count toward their range's load.
+fn add_follower_reads(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRange>) {
+    for (index, node) in nodes.iter().enumerate() {
+        let Ok(report) = &node.report else { continue };
+        for load in &report.load.ranges {
+            let Some(desc) = &load.range else { continue };
+            let Some(range) = led.get_mut(&desc.range_id) else { continue };
+            if range.owner == index || desc.generation != range.desc.generation {
+                continue;
+            }
+            range.load.reads_per_sec += load.reads_per_sec;
+            range.load.read_bytes_per_sec += load.read_bytes_per_sec;
+        }
+    }
+}
+
+/// Replicated ranges some node reports that are not in the map and that no range in it covers
+/// the keys of.
+fn leaderless(nodes: &[ObservedNode], ranges: &BTreeMap<u64, ObservedRange>) -> Vec<u64> {
+    let mut missing: Vec<u64> = nodes
+        .iter()
+        .filter_map(|n| n.report.as_ref().ok())
+        .flat_map(|r| r.load.ranges.iter().filter_map(|l| l.range.as_ref()))
+        .filter(|d| d.replicas.len() > 1 && !ranges.contains_key(&d.range_id))
+        .filter(|d| !ranges.values().any(|r| r.desc.overlaps(*d) && r.desc.generation > d.generation))
+        .map(|d| d.range_id)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    missing
 }
 
 async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> Result<NodeReport, String> {
@@ -276,6 +354,11 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> Clust
                 start: range.desc.start_key.to_vec(),
                 end: range.desc.end_key.to_vec(),
                 owner: NodeId(range.owner as u32),
+                replicas: if range.is_replicated() {
+                    observation.holders(range).into_iter().map(|n| NodeId(n as u32)).collect()
+                } else {
+                    Vec::new()
+                },
                 load: Load {
                     reads: load.reads_per_sec,
                     writes: load.writes_per_sec,
@@ -387,5 +470,51 @@ mod tests {
         let (ranges, conflicts) = resolve_ownership(&nodes);
         assert_eq!(conflicts.len(), 1);
         assert!(ranges.is_empty());
+    }
+
+    /// Range `range_id` over `span` replicated on n1..n3, as `reporter` sees it: `leader` leads.
+    fn replicated(range_id: u64, span: (&str, &str), generation: u64, leader: &str) -> RangeDescriptor {
+        let replicas = ["n1", "n2", "n3"]
+            .iter()
+            .map(|id| kvfleet_proto::v1::Replica {
+                node_id: id.to_string(),
+                address: format!("{id}:1"),
+                role: if *id == leader { ReplicaRole::Leader } else { ReplicaRole::Follower } as i32,
+                ..Default::default()
+            })
+            .collect();
+        RangeDescriptor { replicas, ..range(range_id, span, generation, RangeState::Active) }
+    }
+
+    fn with_reads(mut node: ObservedNode, reads: f64) -> ObservedNode {
+        if let Ok(report) = &mut node.report {
+            report.load.ranges.iter_mut().for_each(|l| l.reads_per_sec = reads);
+        }
+        node
+    }
+
+    #[test]
+    fn a_replicated_range_is_its_leader_s_report_and_a_lagging_follower_is_no_conflict() {
+        // n1 leads range 1 after splitting it (range 7 led by n2); n3 has not applied the split
+        // yet, and n2 still thinks it leads range 1 from an older term.
+        let nodes = [
+            with_reads(node("n1", vec![replicated(1, ("", "m"), 2, "n1"), replicated(7, ("m", ""), 2, "n2")]), 10.0),
+            with_reads(node("n2", vec![replicated(1, ("", ""), 1, "n2"), replicated(7, ("m", ""), 2, "n2")]), 5.0),
+            with_reads(node("n3", vec![replicated(1, ("", ""), 1, "n1")]), 100.0),
+        ];
+        let (ranges, conflicts) = resolve_ownership(&nodes);
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        assert_eq!(serving(&ranges), vec![(1, 0), (7, 1)]);
+        // Reads served by followers count: range 7 is n2's 5 plus n1's 10. Older copies (n2's
+        // and n3's range 1 before the split) do not count toward range 1 as it is now.
+        assert_eq!(ranges[&7].load.reads_per_sec, 15.0);
+        assert_eq!(ranges[&1].load.reads_per_sec, 10.0);
+        assert!(leaderless(&nodes, &ranges).is_empty());
+
+        // Range 7's leader does not answer: it is missing this round, and said to be.
+        let nodes = [node("n1", vec![replicated(1, ("", "m"), 2, "n1"), replicated(7, ("m", ""), 2, "n2")])];
+        let (ranges, _) = resolve_ownership(&nodes);
+        assert_eq!(serving(&ranges), vec![(1, 0)]);
+        assert_eq!(leaderless(&nodes, &ranges), vec![7]);
     }
 }

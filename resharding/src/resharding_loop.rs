@@ -9,7 +9,10 @@ use std::time::Duration;
 use kvfleet_planner::{Action, ActionKind, MergeReason, MoveReason, NodeId, Plan, Planner, Policy, SplitReason};
 use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::display_key;
-use kvfleet_proto::v1::{BootstrapRequest, MergeRangesRequest, PublishRoutingRequest, RangeState, SplitRangeRequest};
+use kvfleet_proto::v1::{
+    BootstrapRequest, MergeRangesRequest, PublishRoutingRequest, RangeDescriptor, RangeState, Replica,
+    SplitRangeRequest, TransferLeaderRequest,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -17,6 +20,7 @@ use crate::leadership::Leadership;
 use crate::moves::{MoveError, MoveReport, MoveTimeouts, Recovery};
 use crate::observe::{NodeClients, Observation, describe_status, with_timeout};
 use crate::platform::{Platform, PlatformError};
+use crate::replica_moves::{Endpoint, ReplicaMoveError};
 use crate::state::{InFlightMove, ReshardingState, unix_now};
 use crate::status::{IdReservation, StatusBoard};
 use crate::{moves, observe};
@@ -38,6 +42,9 @@ pub struct LoopConfig {
     pub leadership: Leadership,
     /// The fleet's admin token, sent on every admin call (none: the nodes' admin API is open).
     pub admin_token: AdminToken,
+    /// How many replicas a new fleet's range 1 gets (1, 3 or 5); splits keep a range's replicas
+    /// and moves keep their count.
+    pub replication_factor: usize,
 }
 
 impl Default for LoopConfig {
@@ -50,6 +57,7 @@ impl Default for LoopConfig {
             republish_every: Duration::from_secs(30),
             leadership: Leadership::unconditional(),
             admin_token: AdminToken::none(),
+            replication_factor: 1,
         }
     }
 }
@@ -61,8 +69,24 @@ pub enum LoopError {
 }
 
 struct LiveMove {
-    task: JoinHandle<Result<MoveReport, MoveError>>,
+    task: MoveTask,
     reason: MoveReason,
+}
+
+enum MoveTask {
+    /// A single copy moving by freeze and copy (`moves`).
+    Copy(JoinHandle<Result<MoveReport, MoveError>>),
+    /// A replica moving by membership changes (`replica_moves`); the range as its leader has it.
+    Replica(JoinHandle<Result<RangeDescriptor, ReplicaMoveError>>),
+}
+
+impl MoveTask {
+    fn is_finished(&self) -> bool {
+        match self {
+            MoveTask::Copy(task) => task.is_finished(),
+            MoveTask::Replica(task) => task.is_finished(),
+        }
+    }
 }
 
 pub struct ReshardingLoop<P: Platform> {
@@ -172,7 +196,7 @@ impl<P: Platform> ReshardingLoop<P> {
         let observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
         let (max_range, max_move) = observation.max_ids();
         self.state.observe_ids(max_range, max_move);
-        if !self.state.bootstrapped {
+        if !self.state.bootstrapped || !self.state.bootstrap_pending.is_empty() {
             self.bootstrap(&observation, max_range).await?;
         }
         self.reap_moves(now);
@@ -183,7 +207,7 @@ impl<P: Platform> ReshardingLoop<P> {
         let plan = self.planner.plan(&view, now);
         // Ranges on unreachable nodes are missing from the view; the planner acts on what it sees
         // and moves nothing onto those nodes.
-        let degraded = observation.unreachable().next().is_some();
+        let degraded = observation.unreachable().next().is_some() || !observation.leaderless.is_empty();
         for (member, error) in observation.unreachable() {
             tracing::warn!(node = %member.node_id, %error, "node unreachable this round");
         }
@@ -209,7 +233,14 @@ impl<P: Platform> ReshardingLoop<P> {
             self.live_moves.iter().filter(|(_, live)| live.task.is_finished()).map(|(id, _)| *id).collect();
         for move_id in finished {
             let Some(live) = self.live_moves.remove(&move_id) else { continue };
-            let outcome = futures::FutureExt::now_or_never(live.task).and_then(Result::ok);
+            let task = match live.task {
+                MoveTask::Copy(task) => task,
+                MoveTask::Replica(task) => {
+                    self.reap_replica_move(move_id, task, now);
+                    continue;
+                }
+            };
+            let outcome = futures::FutureExt::now_or_never(task).and_then(Result::ok);
             match outcome {
                 Some(Ok(report)) => {
                     if let Some(mv) = self.state.finish_move(move_id) {
@@ -250,6 +281,36 @@ impl<P: Platform> ReshardingLoop<P> {
         }
     }
 
+    fn reap_replica_move(
+        &mut self,
+        move_id: u64,
+        task: JoinHandle<Result<RangeDescriptor, ReplicaMoveError>>,
+        now: u64,
+    ) {
+        match futures::FutureExt::now_or_never(task).and_then(Result::ok) {
+            Some(Ok(desc)) => {
+                if let Some(mv) = self.state.finish_move(move_id) {
+                    self.state.moved_at.insert(mv.range_id, now);
+                    let voters: Vec<&str> = desc.replicas.iter().map(|r| r.node_id.as_str()).collect();
+                    let text = format!(
+                        "moved range {}'s replica {} -> {}: replicas now {}",
+                        mv.range_id,
+                        mv.from,
+                        mv.to,
+                        voters.join(", ")
+                    );
+                    tracing::info!(move_id, range_id = mv.range_id, from = %mv.from, to = %mv.to, conf_version = desc.conf_version, "replica move finished");
+                    self.status.replica_move_finished(text);
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "replica move failed; it is run again from the membership next round");
+                self.status.action_failed(ActionKind::Move, format!("{error}; retrying"));
+            }
+            None => tracing::error!(move_id, "replica move task panicked or was cancelled; retrying next round"),
+        }
+    }
+
     /// Finishes or rolls back every move no task drives (failed, or from before a restart), and
     /// clears imports nothing accounts for.
     async fn recover_moves(&mut self, observation: &Observation) {
@@ -264,6 +325,11 @@ impl<P: Platform> ReshardingLoop<P> {
         }
         let pending: Vec<InFlightMove> =
             self.state.moves.iter().filter(|m| !self.live_moves.contains_key(&m.move_id)).cloned().collect();
+        let (replica_moves, pending): (Vec<InFlightMove>, Vec<InFlightMove>) =
+            pending.into_iter().partition(|m| m.replica);
+        for mv in replica_moves {
+            self.resume_replica_move(observation, mv);
+        }
         // Their imports were dealt with just now; the observation predates that.
         let handled: HashSet<u64> = pending.iter().map(|m| m.move_id).collect();
         for mv in pending {
@@ -298,6 +364,9 @@ impl<P: Platform> ReshardingLoop<P> {
     /// A new fleet: once every node answers and none has ever held a range, the first node
     /// creates range 1. Recorded in the state before the call, so it happens once per fleet.
     async fn bootstrap(&mut self, observation: &Observation, max_range_id: u64) -> Result<(), LoopError> {
+        if !self.state.bootstrap_pending.is_empty() {
+            return self.bootstrap_replicas(observation).await;
+        }
         if max_range_id > 0 {
             self.state.bootstrapped = true;
             return Ok(());
@@ -307,9 +376,27 @@ impl<P: Platform> ReshardingLoop<P> {
             tracing::info!("new fleet: waiting for every node to answer before creating range 1");
             return Ok(());
         }
+        let factor = self.config.replication_factor.max(1);
+        if factor > 1 {
+            if observation.nodes.len() < factor {
+                tracing::info!(
+                    nodes = observation.nodes.len(),
+                    factor,
+                    "new fleet: waiting for enough nodes to replicate range 1"
+                );
+                return Ok(());
+            }
+            self.state.bootstrapped = true;
+            self.state.bootstrap_pending = observation.nodes[..factor]
+                .iter()
+                .map(|n| (n.member.node_id.clone(), n.member.address.clone()))
+                .collect();
+            self.platform.save_state(&self.state).await?;
+            return self.bootstrap_replicas(observation).await;
+        }
         self.state.bootstrapped = true;
         self.platform.save_state(&self.state).await?;
-        let request = with_timeout(BootstrapRequest {}, self.config.rpc_timeout);
+        let request = with_timeout(BootstrapRequest { replicas: Vec::new() }, self.config.rpc_timeout);
         let result: Result<_, String> = async {
             self.clients.admin(first.member.admin_address())?.bootstrap(request).await.map_err(|s| describe_status(&s))
         }
@@ -324,6 +411,41 @@ impl<P: Platform> ReshardingLoop<P> {
                 self.state.bootstrapped = false;
                 tracing::warn!(node = %first.member.node_id, %error, "bootstrap failed");
             }
+        }
+        Ok(())
+    }
+
+    /// Asks every node still pending to create the replicated range 1 (each answers OK again if
+    /// it already did), until all have.
+    async fn bootstrap_replicas(&mut self, observation: &Observation) -> Result<(), LoopError> {
+        let all = self.state.bootstrap_pending.clone();
+        let replicas: Vec<Replica> = all
+            .iter()
+            .map(|(node_id, address)| Replica {
+                node_id: node_id.clone(),
+                address: address.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let mut done = Vec::new();
+        for (node_id, address) in &all {
+            let admin_address = observation.node(node_id).map_or(address.as_str(), |n| n.member.admin_address());
+            let request = with_timeout(BootstrapRequest { replicas: replicas.clone() }, self.config.rpc_timeout);
+            let result: Result<_, String> =
+                async { self.clients.admin(admin_address)?.bootstrap(request).await.map_err(|s| describe_status(&s)) }
+                    .await;
+            match result {
+                Ok(_) => done.push(node_id.clone()),
+                Err(error) => {
+                    tracing::warn!(node = %node_id, %error, "creating range 1's replica failed; retrying next round")
+                }
+            }
+        }
+        if done.len() == all.len() {
+            let names: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
+            self.status.event(format!("new fleet: range 1 (the whole key space) replicated on {}", names.join(", ")));
+            self.state.bootstrap_pending.clear();
+            self.platform.save_state(&self.state).await?;
         }
         Ok(())
     }
@@ -365,11 +487,12 @@ impl<P: Platform> ReshardingLoop<P> {
             .map(|a| match a {
                 Action::Split { .. } => 2,
                 Action::Merge { .. } => 1,
-                Action::Move { .. } => 0,
+                Action::Move { .. } | Action::TransferLeader { .. } => 0,
             })
             .sum();
         let moves = plan.actions.iter().filter(|a| matches!(a, Action::Move { .. })).count() as u64;
-        if needed + moves == 0 {
+        let transfers = plan.actions.iter().filter(|a| matches!(a, Action::TransferLeader { .. })).count() as u64;
+        if needed + moves + transfers == 0 {
             return Ok(());
         }
         let mut next_range_id = self.state.allocate_range_ids(needed);
@@ -391,6 +514,9 @@ impl<P: Platform> ReshardingLoop<P> {
                 Action::Move { range, from, to, reason } => {
                     let move_id = move_ids.pop().unwrap_or_else(|| self.state.allocate_move_id());
                     self.start_move(observation, move_id, *range, *from, *to, reason).await?;
+                }
+                Action::TransferLeader { range, to, reason, .. } => {
+                    self.transfer_leader(observation, *range, *to, reason, now).await;
                 }
             }
         }
@@ -510,10 +636,20 @@ impl<P: Platform> ReshardingLoop<P> {
             to: target.member.node_id.clone(),
             reason: why.clone(),
             started_unix_ms: unix_now().as_millis() as u64,
+            replica: range.is_replicated(),
         };
         // Recorded before any node hears of it: a restarted controller knows what to clean up.
         self.state.moves.push(mv.clone());
         self.platform.save_state(&self.state).await?;
+        if mv.replica {
+            tracing::info!(move_id, range_id, from = %mv.from, to = %mv.to, reason = %why, "replica move started");
+            self.status.action_done(
+                ActionKind::Move,
+                format!("moving range {range_id}'s replica {} -> {} ({why})", mv.from, mv.to),
+            );
+            self.spawn_replica_move(observation, &mv, reason.clone());
+            return Ok(());
+        }
         tracing::info!(move_id, range_id, from = %mv.from, to = %mv.to, reason = %why, "move started");
         self.status.action_done(ActionKind::Move, format!("moving range {range_id} {} -> {} ({why})", mv.from, mv.to));
         let timeouts = MoveTimeouts { import: self.config.import_timeout, step: self.config.rpc_timeout };
@@ -525,7 +661,84 @@ impl<P: Platform> ReshardingLoop<P> {
             target.member.clone(),
             timeouts,
         ));
-        self.live_moves.insert(move_id, LiveMove { task, reason: reason.clone() });
+        self.live_moves.insert(move_id, LiveMove { task: MoveTask::Copy(task), reason: reason.clone() });
         Ok(())
+    }
+
+    /// Runs replica move `mv` as a task: from wherever its range's membership stands (each step
+    /// does only what is not in force yet, so this both starts and resumes a move).
+    fn spawn_replica_move(&mut self, observation: &Observation, mv: &InFlightMove, reason: MoveReason) {
+        let endpoint = |node_id: &str| {
+            let member = observation.node(node_id).map(|n| &n.member);
+            let known = observation
+                .ranges
+                .get(&mv.range_id)
+                .and_then(|r| r.desc.replicas.iter().find(|r| r.node_id == node_id));
+            let address = member.map(|m| m.address.clone()).or_else(|| known.map(|r| r.address.clone()))?;
+            Some(Endpoint { node_id: node_id.to_string(), address })
+        };
+        let (Some(from), Some(to)) = (endpoint(&mv.from), endpoint(&mv.to)) else { return };
+        let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
+        let (clients, range_id, deadline) = (self.clients.clone(), mv.range_id, self.config.import_timeout);
+        let task = tokio::spawn(async move {
+            crate::replica_moves::move_replica(&clients, range_id, &seeds, &from, &to, deadline).await
+        });
+        self.live_moves.insert(mv.move_id, LiveMove { task: MoveTask::Replica(task), reason });
+    }
+
+    /// Resumes a replica move no task drives (it failed, or this controller restarted). One whose
+    /// target left the fleet is dropped: the membership is valid between any two steps, and a
+    /// learner left on a gone node holds no vote.
+    fn resume_replica_move(&mut self, observation: &Observation, mv: InFlightMove) {
+        if observation.node(&mv.to).is_none() {
+            self.state.finish_move(mv.move_id);
+            self.status.event(format!(
+                "dropped the move of range {}'s replica {} -> {}: {} is no longer a member",
+                mv.range_id, mv.from, mv.to, mv.to
+            ));
+            return;
+        }
+        tracing::info!(move_id = mv.move_id, range_id = mv.range_id, from = %mv.from, to = %mv.to, "resuming a replica move");
+        self.spawn_replica_move(observation, &mv, MoveReason::Drain);
+    }
+
+    /// Hands range `range_id`'s leadership to node `to` (which holds a voting replica).
+    async fn transfer_leader(
+        &mut self,
+        observation: &Observation,
+        range_id: u64,
+        to: NodeId,
+        reason: &MoveReason,
+        now: u64,
+    ) {
+        let (Some(range), Some(target)) = (observation.ranges.get(&range_id), observation.nodes.get(to.0 as usize))
+        else {
+            return;
+        };
+        let leader = &observation.nodes[range.owner].member;
+        let to_node_id = target.member.node_id.clone();
+        let request =
+            with_timeout(TransferLeaderRequest { range_id, to_node_id: to_node_id.clone() }, self.config.rpc_timeout);
+        let result: Result<_, String> = async {
+            self.clients.admin(leader.admin_address())?.transfer_leader(request).await.map_err(|s| describe_status(&s))
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                self.state.moved_at.insert(range_id, now);
+                tracing::info!(range_id, from = %leader.node_id, to = %to_node_id, %reason, "leadership transferred");
+                self.status.action_done(
+                    ActionKind::TransferLeader,
+                    format!("range {range_id}'s leadership {} -> {to_node_id} ({reason})", leader.node_id),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(range_id, %error, "leader transfer failed");
+                self.status.action_failed(
+                    ActionKind::TransferLeader,
+                    format!("leader transfer of range {range_id} to {to_node_id} failed: {error}"),
+                );
+            }
+        }
     }
 }

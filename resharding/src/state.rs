@@ -31,6 +31,10 @@ pub struct ReshardingState {
     /// if every node later reports nothing (that is lost data, not a new fleet).
     #[serde(default)]
     pub bootstrapped: bool,
+    /// The nodes a replicated range 1 is still to be created on (node id, address): every one
+    /// must, or the range cannot elect a leader. Recorded before the first is asked.
+    #[serde(default)]
+    pub bootstrap_pending: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +49,10 @@ pub struct InFlightMove {
     pub to: String,
     pub reason: String,
     pub started_unix_ms: u64,
+    /// A replica of a replicated range moving by membership changes (`replica_moves`), not a
+    /// single copy moving by the freeze-and-copy protocol (`moves`).
+    #[serde(default)]
+    pub replica: bool,
 }
 
 impl ReshardingState {
@@ -113,6 +121,7 @@ mod tests {
             to: "n2".into(),
             reason: "balance".into(),
             started_unix_ms: 1,
+            replica: true,
         });
         let json = serde_json::to_string(&state).unwrap();
         assert_eq!(serde_json::from_str::<ReshardingState>(&json).unwrap(), state);

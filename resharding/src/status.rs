@@ -273,6 +273,13 @@ impl StatusBoard {
         self.publish("MoveFinished", false, text);
     }
 
+    /// A replica's membership-change move finished (no freeze, nothing copied by the controller).
+    pub fn replica_move_finished(&self, text: String) {
+        let kind = ActionKind::Move.label();
+        self.metrics.actions.get_or_create(&self.labels(&[("kind", kind), ("outcome", "finished")])).inc();
+        self.publish("MoveFinished", false, text);
+    }
+
     /// Records what a round saw and decided; logs a decision not taken when it first appears for
     /// its range (most repeat every round, with only a number changing).
     pub fn record_round(

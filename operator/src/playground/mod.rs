@@ -56,6 +56,10 @@ pub struct PlaygroundArgs {
     pub metrics_listen: Option<SocketAddr>,
     #[arg(long, value_enum, default_value = "auto")]
     pub view: View,
+    /// Replicas of every range (1, 3 or 5; at most --nodes): each range a Raft group on that many
+    /// nodes. Decided when the fleet is created; a fleet kept in --dir keeps its own.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
     /// What OK means on the nodes: sync (fsynced) or async (in the OS, fsynced in the background).
     #[arg(long, default_value = "sync")]
     pub durability: String,
@@ -80,6 +84,12 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
         return Err(OperatorError::Invalid(format!(
             "--interval-secs must be in (0, 3600], got {}",
             args.interval_secs
+        )));
+    }
+    if ![1, 3, 5].contains(&args.replicas) || args.replicas > args.nodes {
+        return Err(OperatorError::Invalid(format!(
+            "--replicas must be 1, 3 or 5 and at most --nodes ({}), got {}: a majority of an even count tolerates no more failures than one fewer; --replicas 1 runs single copies",
+            args.nodes, args.replicas
         )));
     }
     let policy = args.policy.apply(playground_policy()).map_err(OperatorError::Invalid)?;
@@ -121,7 +131,12 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
 
     let mut registry = Registry::default();
     let board = StatusBoard::new(&mut registry);
-    let config = LoopConfig { interval: Duration::from_secs_f64(args.interval_secs), policy, ..LoopConfig::default() };
+    let config = LoopConfig {
+        interval: Duration::from_secs_f64(args.interval_secs),
+        policy,
+        replication_factor: args.replicas,
+        ..LoopConfig::default()
+    };
     let controller = match ReshardingLoop::new(platform.clone(), config, board.clone()).await {
         Ok(controller) => controller,
         Err(error) => {

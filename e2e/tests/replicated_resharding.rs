@@ -1,0 +1,253 @@
+//! The resharding loop on replicated fleets, on real node processes under a checked history: the
+//! controller creates range 1 on three nodes, splits it through the log, hands leaders over to
+//! balance load, and moves a draining node's replicas away as membership changes, while the
+//! controller crashes in the middle of its moves (with the tasks driving them) and a replica is
+//! killed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvfleet_e2e::history::{HistoryWorkload, keys};
+use kvfleet_e2e::replicated::ReplicatedFleet;
+use kvfleet_e2e::{NodeProcess, TestPlatform};
+use kvfleet_planner::Policy;
+use kvfleet_proto::v1::{RangeDescriptor, ReadConsistency, ReplicaMembership, ReplicaRole};
+use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
+use kvfleet_resharding::status::StatusBoard;
+use tokio::sync::watch;
+
+/// A controller on a runtime of its own: crashing it drops the runtime, and with it every task
+/// it was driving a move with (as a kill -9 of its process would). What it saved stays in the
+/// platform.
+struct Controller {
+    runtime: Option<tokio::runtime::Runtime>,
+    _shutdown: watch::Sender<bool>,
+}
+
+impl Controller {
+    fn start(platform: Arc<TestPlatform>, config: LoopConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("the controller's runtime");
+        let (shutdown, stop) = watch::channel(false);
+        runtime.spawn(async move {
+            let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
+            let controller = ReshardingLoop::new(platform, config, board).await.expect("the controller starts");
+            controller.run(stop).await
+        });
+        Controller { runtime: Some(runtime), _shutdown: shutdown }
+    }
+
+    fn crash(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn config() -> LoopConfig {
+    let policy = Policy {
+        split_qps: 150.0,
+        split_sustain_secs: 2,
+        move_cooldown_secs: 3,
+        max_concurrent_moves: 2,
+        ..Policy::default()
+    };
+    LoopConfig {
+        interval: Duration::from_millis(300),
+        policy,
+        rpc_timeout: Duration::from_secs(5),
+        replication_factor: 3,
+        ..LoopConfig::default()
+    }
+}
+
+/// Every range as its leader reports it (ranges whose leader did not answer are missing).
+async fn ranges_by_leader(fleet: &ReplicatedFleet) -> Vec<RangeDescriptor> {
+    let mut found: Vec<RangeDescriptor> = Vec::new();
+    for index in 0..fleet.nodes.len() {
+        let Some(ranges) = fleet.ranges_on(index).await else { continue };
+        let node_id = &fleet.nodes[index].node_id;
+        for desc in ranges {
+            let leads = desc.replicas.iter().any(|r| &r.node_id == node_id && r.role() == ReplicaRole::Leader);
+            if leads && !found.iter().any(|d| d.range_id == desc.range_id) {
+                found.push(desc);
+            }
+        }
+    }
+    found.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    found
+}
+
+/// Whether `ranges` tile the key space, each with exactly three voters and none on `not_on`.
+fn settled(ranges: &[RangeDescriptor], not_on: &str) -> bool {
+    let tiles = ranges.first().is_some_and(|d| d.start_key.is_empty())
+        && ranges.last().is_some_and(|d| d.end_key.is_empty())
+        && ranges.windows(2).all(|w| w[0].end_key == w[1].start_key);
+    tiles
+        && ranges.iter().all(|d| {
+            d.replicas.len() == 3
+                && d.replicas.iter().all(|r| r.membership() == ReplicaMembership::Voter && r.node_id != not_on)
+        })
+}
+
+async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, within: Duration, mut check: F) {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_its_moves() {
+    let mut fleet = ReplicatedFleet::start_empty(4);
+    let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
+    let platform = Arc::new(TestPlatform::new(&nodes, None));
+    let mut controller = Controller::start(platform.clone(), config());
+
+    // Range 1 on the first three nodes; the fourth holds nothing.
+    let leader = fleet.leader(None).await;
+    assert!(leader < 3, "range 1 is led by one of the three nodes it was created on");
+    assert_eq!(fleet.ranges_on(3).await.map(|r| r.len()), Some(0), "the fourth node holds no replica yet");
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 6, 4);
+    workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
+
+    // Load splits range 1 through its log; each half stays on the same three nodes.
+    wait_for("the controller to split range 1 under load", Duration::from_secs(60), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.len() >= 2 && settled(&ranges, "none")
+    })
+    .await;
+
+    // The halves' load all lands on one leader: the controller hands leaders to other replicas.
+    wait_for("the controller to spread the leaders by load", Duration::from_secs(60), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        let mut leaders: Vec<&str> = ranges.iter().filter_map(|d| d.leader()).map(|r| r.node_id.as_str()).collect();
+        leaders.sort_unstable();
+        leaders.dedup();
+        leaders.len() >= 2 && settled(&ranges, "none")
+    })
+    .await;
+
+    // Drain a node holding replicas, crash the controller twice while it moves them (at
+    // different instants of a move), and kill another replica once meanwhile.
+    let drained = fleet.nodes[0].node_id.clone();
+    platform.set_draining(&drained, true);
+    for (crash, delay) in [Duration::from_millis(150), Duration::from_millis(1200)].into_iter().enumerate() {
+        let moving = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.replica));
+        let started = Instant::now();
+        while !moving().await && started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !moving().await {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        eprintln!("crashing the controller {delay:?} into its move: {:?}", platform.state().map(|s| s.moves));
+        controller.crash();
+        if crash == 0 {
+            fleet.nodes[1].kill9();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            fleet.nodes[1].spawn();
+        }
+        controller = Controller::start(platform.clone(), config());
+    }
+    wait_for("every replica to leave the drained node", Duration::from_secs(120), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        settled(&ranges, &drained)
+    })
+    .await;
+    wait_for("the drained node to delete its copies", Duration::from_secs(30), async || {
+        fleet.ranges_on(0).await.is_some_and(|r| r.is_empty())
+    })
+    .await;
+    wait_for("the controller to record every move finished", Duration::from_secs(30), async || {
+        platform.state().is_some_and(|s| s.moves.is_empty())
+    })
+    .await;
+
+    let ranges = ranges_by_leader(&fleet).await;
+    let on_fourth = ranges.iter().filter(|d| d.replicas.iter().any(|r| r.node_id == fleet.nodes[3].node_id)).count();
+    assert_eq!(on_fourth, ranges.len(), "every range's third replica is on the one node left: {ranges:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+    controller.crash();
+}
+
+/// The playground as a user runs it (`--replicas 3`, real processes): range 1 on every node, split
+/// under load, the controller killed (-9) and restarted, one node killed (-9) and restarted by
+/// the playground; the history checker finds nothing, and every range keeps three voters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replicated_playground_splits_under_load_through_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--replicas",
+        "3",
+        "--interval-secs",
+        "0.5",
+        "--load-window-secs",
+        "3",
+        "--split-qps",
+        "150",
+        "--split-sustain-secs",
+        "2",
+        "--move-cooldown-secs",
+        "3",
+    ];
+    let mut playground = kvfleet_e2e::Playground::start(&dir.path().join("fleet"), 3, &args, &[]);
+    let client = playground.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 6, 4);
+    workload.add_readers_with(&client, 2, 400, ReadConsistency::Follower);
+    let split = async || {
+        let status = playground.status().await;
+        status.ranges.len() >= 2
+    };
+    wait_for("the playground to split under load", Duration::from_secs(60), split).await;
+
+    playground.kill9_controller();
+    let victim = playground.nodes[1].0.clone();
+    let pid = playground.node_pid(&victim).expect("the node's pid");
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    playground.spawn();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+    let addresses = playground.addresses();
+    let mut led = Vec::new();
+    for (node_id, address) in playground.nodes.iter() {
+        let Some(ranges) = list_ranges(address).await else { continue };
+        led.extend(ranges.into_iter().filter(|d| d.leader().is_some_and(|l| &l.node_id == node_id)));
+    }
+    led.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    led.dedup_by_key(|d| d.range_id);
+    assert!(led.len() >= 2 && settled(&led, "none"), "every range with three voters on {addresses:?}: {led:?}");
+    assert_eq!(playground.stop().code(), Some(0), "Ctrl-C (SIGTERM) stops the playground cleanly");
+}
+
+async fn list_ranges(address: &str) -> Option<Vec<RangeDescriptor>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let mut admin = kvfleet_proto::v1::admin_client::AdminClient::new(channel);
+    Some(admin.list_ranges(kvfleet_proto::v1::ListRangesRequest {}).await.ok()?.into_inner().ranges)
+}
