@@ -12,7 +12,7 @@ use kvfleet_planner::{Action, ClusterView, Load, NodeId, NodeView, RangeView};
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::v1::{
-    LoadReportRequest, LoadReportResponse, RangeDescriptor, RangeLoad, RangeState, ReplicaRole,
+    LoadReportRequest, LoadReportResponse, RangeDescriptor, RangeLoad, RangeState, ReplicaMembership, ReplicaRole,
     admin_client::AdminClient,
 };
 use tonic::service::interceptor::InterceptedService;
@@ -36,6 +36,9 @@ pub struct NodeClients {
     channels: ChannelPool,
     leadership: Leadership,
     admin_token: AdminToken,
+    /// Data address -> admin address, for nodes that take admin changes on a port of their own
+    /// (a replica move knows replicas by the address in their range's descriptor).
+    admin_routes: std::sync::Arc<parking_lot::RwLock<std::collections::HashMap<String, String>>>,
 }
 
 impl Default for NodeClients {
@@ -52,7 +55,16 @@ impl NodeClients {
             keepalive_interval: None,
             ..ChannelConfig::default()
         };
-        NodeClients { channels: ChannelPool::new(config), leadership, admin_token }
+        NodeClients { channels: ChannelPool::new(config), leadership, admin_token, admin_routes: Default::default() }
+    }
+
+    /// Sends admin calls meant for each member's data address to its admin address.
+    pub fn route_admin_calls(&self, members: &[Member]) {
+        let routes = members
+            .iter()
+            .filter_map(|m| m.admin_address.as_ref().map(|admin| (m.address.clone(), admin.clone())))
+            .collect();
+        *self.admin_routes.write() = routes;
     }
 
     pub fn leadership(&self) -> &Leadership {
@@ -60,6 +72,8 @@ impl NodeClients {
     }
 
     pub fn admin(&self, address: &str) -> Result<Admin, String> {
+        let routed = self.admin_routes.read().get(address).cloned();
+        let address = routed.as_deref().unwrap_or(address);
         let channel = self.channels.channel(address).map_err(|e| format!("node {e}"))?;
         // Load reports and routing maps of large clusters exceed tonic's 4 MiB default.
         Ok(AdminClient::with_interceptor(
@@ -181,6 +195,22 @@ impl Observation {
             return vec![range.owner];
         }
         range.desc.replicas.iter().filter_map(|r| self.node_index(&r.node_id)).collect()
+    }
+
+    /// Ranges with fewer voting replicas on answering nodes than `factor` (none when it is 1).
+    pub fn under_replicated(&self, factor: usize) -> Vec<u64> {
+        if factor <= 1 {
+            return Vec::new();
+        }
+        let answering = |node_id: &str| self.node(node_id).is_some_and(|n| n.report.is_ok());
+        self.ranges
+            .values()
+            .filter(|r| {
+                let voters = r.desc.replicas.iter().filter(|v| v.membership() == ReplicaMembership::Voter);
+                voters.filter(|v| answering(&v.node_id)).count() < factor
+            })
+            .map(|r| r.desc.range_id)
+            .collect()
     }
 
     /// The range map as published to nodes for routing hints: every serving descriptor.

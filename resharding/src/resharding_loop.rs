@@ -193,6 +193,7 @@ impl<P: Platform> ReshardingLoop<P> {
     pub async fn round(&mut self) -> Result<(), LoopError> {
         let now = unix_now().as_secs();
         let members = self.platform.members().await?;
+        self.clients.route_admin_calls(&members);
         let observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
         let (max_range, max_move) = observation.max_ids();
         self.state.observe_ids(max_range, max_move);
@@ -218,7 +219,8 @@ impl<P: Platform> ReshardingLoop<P> {
         }
         self.execute(&observation, &plan, now).await?;
         self.platform.save_state(&self.state).await?;
-        self.status.record_round(&observation, &plan, &self.state, &self.live_move_reasons(), degraded);
+        let factor = self.config.replication_factor;
+        self.status.record_round(&observation, &plan, &self.state, &self.live_move_reasons(), degraded, factor);
         Ok(())
     }
 

@@ -289,6 +289,7 @@ impl StatusBoard {
         state: &ReshardingState,
         live_moves: &HashMap<u64, MoveReason>,
         degraded: bool,
+        replication_factor: usize,
     ) {
         let labels = self.labels(&[]);
         self.metrics.rounds.get_or_create(&labels).inc();
@@ -350,9 +351,17 @@ impl StatusBoard {
                     size_bytes: r.load.approx_size_bytes,
                     hot_key: hot.map(|h| h.key.clone()).unwrap_or_default(),
                     hot_key_ops_per_sec: hot.map_or(0.0, |h| h.ops_per_sec),
+                    replicas: if r.is_replicated() {
+                        r.desc.replicas.iter().map(|v| v.node_id.clone()).collect()
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect();
+        status.replication_factor = replication_factor as u32;
+        status.under_replicated = observation.under_replicated(replication_factor);
+        status.leaderless = observation.leaderless.clone();
         status.moves = fleet.moves.iter().map(|m| move_status(m, now_ms)).collect();
         status.hot_keys = fleet
             .hot_keys

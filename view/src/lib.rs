@@ -76,8 +76,16 @@ pub fn render(status: &ControllerStatus) -> String {
     let total_ops: f64 = status.nodes.iter().map(|n| n.ops_per_sec).sum::<f64>() + 0.0;
     let busiest = status.nodes.iter().map(|n| n.ops_per_sec).fold(0.0, f64::max);
     let mean = total_ops / status.nodes.len().max(1) as f64;
+    let replication = match status.replication_factor {
+        0 | 1 => String::new(),
+        n => format!(
+            " · {n} replicas per range, {} under-replicated, {} without a leader",
+            status.under_replicated.len(),
+            status.leaderless.len()
+        ),
+    };
     out.push_str(&format!(
-        "round {} · {} ranges · {:.0} ops/s · busiest node at {:.2}x the mean · {} moves in flight\n{nodes}\n",
+        "round {} · {} ranges · {:.0} ops/s · busiest node at {:.2}x the mean · {} moves in flight{replication}\n{nodes}\n",
         status.round,
         status.ranges.len(),
         total_ops,
@@ -87,7 +95,17 @@ pub fn render(status: &ControllerStatus) -> String {
 
     let mut ranges: Vec<_> = status.ranges.iter().collect();
     ranges.sort_by(|a, b| b.ops_per_sec.total_cmp(&a.ops_per_sec).then(a.start_key.cmp(&b.start_key)));
-    let mut range_table = table(&["range", "span", "gen", "owner", "ops/s", "bytes/s", "size on disk", "hottest key"]);
+    let mut range_table = table(&[
+        "range",
+        "span",
+        "gen",
+        "owner (leader)",
+        "replicas",
+        "ops/s",
+        "bytes/s",
+        "size on disk",
+        "hottest key",
+    ]);
     for r in ranges.iter().take(MAX_RANGE_ROWS) {
         let hot = if r.hot_key.is_empty() {
             String::new()
@@ -99,6 +117,7 @@ pub fn render(status: &ControllerStatus) -> String {
             span(&r.start_key, &r.end_key),
             r.generation.to_string(),
             r.owner.clone(),
+            r.replicas.join(", "),
             format!("{:.0}", r.ops_per_sec),
             human_bytes(r.bytes_per_sec as u64),
             human_bytes(r.size_bytes),
@@ -155,6 +174,9 @@ pub fn to_json(status: &ControllerStatus) -> serde_json::Value {
         "round": status.round,
         "lastRoundUnixMs": status.last_round_unix_ms,
         "degradedRounds": status.degraded_rounds,
+        "replicationFactor": status.replication_factor,
+        "underReplicated": status.under_replicated,
+        "leaderless": status.leaderless,
         "nodes": status.nodes.iter().map(|n| json!({
             "nodeId": n.node_id, "address": n.address, "state": n.state, "ranges": n.ranges,
             "opsPerSec": n.ops_per_sec, "sizeBytes": n.size_bytes, "restarts": n.restarts,
@@ -164,6 +186,7 @@ pub fn to_json(status: &ControllerStatus) -> serde_json::Value {
             "generation": r.generation, "owner": r.owner, "state": format!("{:?}", r.state()),
             "opsPerSec": r.ops_per_sec, "bytesPerSec": r.bytes_per_sec, "sizeBytes": r.size_bytes,
             "hotKey": display_key(&r.hot_key), "hotKeyOpsPerSec": r.hot_key_ops_per_sec,
+            "replicas": r.replicas,
         })).collect::<Vec<_>>(),
         "moves": status.moves.iter().map(|m| json!({
             "moveId": m.move_id, "rangeId": m.range_id, "from": m.from, "to": m.to, "phase": m.phase,
@@ -205,8 +228,11 @@ mod tests {
                 hot_key: "user42".into(),
                 hot_key_ops_per_sec: 250.0,
                 owner: "n1".into(),
+                replicas: vec!["n1".into(), "n2".into(), "n3".into()],
                 ..Default::default()
             }],
+            replication_factor: 3,
+            under_replicated: vec![12],
             moves: vec![MoveStatus {
                 move_id: 3,
                 range_id: 12,
@@ -228,9 +254,16 @@ mod tests {
         let conflict_row =
             |l: &&str| l.contains(" 14 ") && l.contains(" n3 ") && l.contains(" 21 ") && l.contains(" n2 ");
         assert!(text.lines().any(|l| conflict_row(&l)), "no conflict row in:\n{text}");
-        for expected in
-            ["OWNERSHIP CONFLICTS", "round 7", "[user1, +inf)", "user42 (250/s)", "moves in flight", "cooldown"]
-        {
+        for expected in [
+            "OWNERSHIP CONFLICTS",
+            "round 7",
+            "[user1, +inf)",
+            "user42 (250/s)",
+            "moves in flight",
+            "cooldown",
+            "n1, n2, n3",
+            "3 replicas per range, 1 under-replicated",
+        ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }
     }

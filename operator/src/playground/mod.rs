@@ -57,9 +57,10 @@ pub struct PlaygroundArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub view: View,
     /// Replicas of every range (1, 3 or 5; at most --nodes): each range a Raft group on that many
-    /// nodes. Decided when the fleet is created; a fleet kept in --dir keeps its own.
-    #[arg(long, default_value_t = 3)]
-    pub replicas: usize,
+    /// nodes. Default 3, or 1 with fewer than 3 nodes. Decided when the fleet is created; a fleet
+    /// kept in --dir keeps its own.
+    #[arg(long)]
+    pub replicas: Option<usize>,
     /// What OK means on the nodes: sync (fsynced) or async (in the OS, fsynced in the background).
     #[arg(long, default_value = "sync")]
     pub durability: String,
@@ -86,10 +87,11 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
             args.interval_secs
         )));
     }
-    if ![1, 3, 5].contains(&args.replicas) || args.replicas > args.nodes {
+    let replicas = args.replicas.unwrap_or(if args.nodes >= 3 { 3 } else { 1 });
+    if ![1, 3, 5].contains(&replicas) || replicas > args.nodes {
         return Err(OperatorError::Invalid(format!(
-            "--replicas must be 1, 3 or 5 and at most --nodes ({}), got {}: a majority of an even count tolerates no more failures than one fewer; --replicas 1 runs single copies",
-            args.nodes, args.replicas
+            "--replicas must be 1, 3 or 5 and at most --nodes ({}), got {replicas}: a majority of an even count tolerates no more failures than one fewer; --replicas 1 runs single copies",
+            args.nodes
         )));
     }
     let policy = args.policy.apply(playground_policy()).map_err(OperatorError::Invalid)?;
@@ -134,7 +136,7 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
     let config = LoopConfig {
         interval: Duration::from_secs_f64(args.interval_secs),
         policy,
-        replication_factor: args.replicas,
+        replication_factor: replicas,
         ..LoopConfig::default()
     };
     let controller = match ReshardingLoop::new(platform.clone(), config, board.clone()).await {
