@@ -11,7 +11,7 @@ use kvfleet_e2e::history::{HistoryWorkload, keys};
 use kvfleet_e2e::replicated::ReplicatedFleet;
 use kvfleet_e2e::{NodeProcess, TestPlatform};
 use kvfleet_planner::Policy;
-use kvfleet_proto::v1::{RangeDescriptor, ReadConsistency, ReplicaMembership, ReplicaRole};
+use kvfleet_proto::v1::{BootstrapRequest, RangeDescriptor, ReadConsistency, Replica, ReplicaMembership, ReplicaRole};
 use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
 use kvfleet_resharding::status::StatusBoard;
 use tokio::sync::watch;
@@ -25,7 +25,7 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(platform: Arc<TestPlatform>, config: LoopConfig) -> Self {
+    fn start(platform: Arc<TestPlatform>, config: LoopConfig, board: StatusBoard) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -33,7 +33,6 @@ impl Controller {
             .expect("the controller's runtime");
         let (shutdown, stop) = watch::channel(false);
         runtime.spawn(async move {
-            let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
             let controller = ReshardingLoop::new(platform, config, board).await.expect("the controller starts");
             controller.run(stop).await
         });
@@ -117,12 +116,31 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
     let mut fleet = ReplicatedFleet::start_empty(4);
     let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
     let platform = Arc::new(TestPlatform::new(&nodes, None));
-    let mut controller = Controller::start(platform.clone(), config());
+    let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
+    let mut controller = Controller::start(platform.clone(), config(), board.clone());
 
     // Range 1 on the first three nodes; the fourth holds nothing.
     let leader = fleet.leader(None).await;
     assert!(leader < 3, "range 1 is led by one of the three nodes it was created on");
     assert_eq!(fleet.ranges_on(3).await.map(|r| r.len()), Some(0), "the fourth node holds no replica yet");
+    // Asked again (an answer the controller lost), a node that made range 1 says OK; asked with
+    // other replicas, it refuses before writing anything.
+    let made = fleet.ranges_on(leader).await.expect("the leader answers");
+    let replicas = made.iter().find(|d| d.range_id == 1).expect("range 1").replicas.clone();
+    let mut admin = fleet.nodes[leader].admin();
+    let again = admin.bootstrap(BootstrapRequest { replicas: replicas.clone() }).await;
+    assert!(again.is_ok(), "the same bootstrap again: {again:?}");
+    let mut other = replicas.clone();
+    other[2] = Replica {
+        node_id: fleet.nodes[3].node_id.clone(),
+        address: fleet.nodes[3].address.clone(),
+        ..Default::default()
+    };
+    if other.iter().all(|r| r.node_id != fleet.nodes[leader].node_id) {
+        other[0] = replicas.iter().find(|r| r.node_id == fleet.nodes[leader].node_id).cloned().expect("the leader");
+    }
+    let refused = admin.bootstrap(BootstrapRequest { replicas: other }).await.expect_err("another bootstrap");
+    assert!(refused.message().contains("bootstrapped only once"), "{refused:?}");
     let client = fleet.client();
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 6, 4);
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
@@ -140,7 +158,9 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
         let mut leaders: Vec<&str> = ranges.iter().filter_map(|d| d.leader()).map(|r| r.node_id.as_str()).collect();
         leaders.sort_unstable();
         leaders.dedup();
-        leaders.len() >= 2 && settled(&ranges, "none")
+        let transferred =
+            board.snapshot().recent_events.iter().any(|e| e.contains("leadership") && e.contains("balance load"));
+        leaders.len() >= 2 && settled(&ranges, "none") && transferred
     })
     .await;
 
@@ -148,6 +168,7 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
     // different instants of a move), and kill another replica once meanwhile.
     let drained = fleet.nodes[0].node_id.clone();
     platform.set_draining(&drained, true);
+    let mut crashed_mid_move = 0;
     for (crash, delay) in [Duration::from_millis(150), Duration::from_millis(1200)].into_iter().enumerate() {
         let moving = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.replica));
         let started = Instant::now();
@@ -158,15 +179,18 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
             break;
         }
         tokio::time::sleep(delay).await;
-        eprintln!("crashing the controller {delay:?} into its move: {:?}", platform.state().map(|s| s.moves));
+        let in_flight = platform.state().map(|s| s.moves).unwrap_or_default();
+        eprintln!("crashing the controller {delay:?} into its move: {in_flight:?}");
+        crashed_mid_move += usize::from(!in_flight.is_empty());
         controller.crash();
         if crash == 0 {
             fleet.nodes[1].kill9();
             tokio::time::sleep(Duration::from_secs(1)).await;
             fleet.nodes[1].spawn();
         }
-        controller = Controller::start(platform.clone(), config());
+        controller = Controller::start(platform.clone(), config(), board.clone());
     }
+    assert!(crashed_mid_move >= 1, "no crash hit a move in flight");
     wait_for("every replica to leave the drained node", Duration::from_secs(120), async || {
         let ranges = ranges_by_leader(&fleet).await;
         settled(&ranges, &drained)
@@ -181,18 +205,15 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
     })
     .await;
 
-    let ranges = ranges_by_leader(&fleet).await;
-    let on_fourth = ranges.iter().filter(|d| d.replicas.iter().any(|r| r.node_id == fleet.nodes[3].node_id)).count();
-    assert_eq!(on_fourth, ranges.len(), "every range's third replica is on the one node left: {ranges:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
     controller.crash();
 }
 
-/// The playground as a user runs it (`--replicas 3`, real processes): range 1 on every node, split
-/// under load, the controller killed (-9) and restarted, one node killed (-9) and restarted by
-/// the playground; the history checker finds nothing, and every range keeps three voters.
+/// The playground as a user runs it (`--replicas 3`, real processes): split under load, the
+/// controller killed (-9) and restarted, one node killed (-9) and restarted by the playground;
+/// the history checker finds nothing, and every range keeps three voters, one on each node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replicated_playground_splits_under_load_through_kills() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,19 +247,29 @@ async fn a_replicated_playground_splits_under_load_through_kills() {
     let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
     tokio::time::sleep(Duration::from_secs(1)).await;
     playground.spawn();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let round = playground.status().await.round;
+    wait_for("the restarted controller's rounds", Duration::from_secs(30), async || {
+        let status = playground.status().await;
+        status.round > round + 2 && status.replication_factor == 3
+    })
+    .await;
 
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
-    let addresses = playground.addresses();
-    let mut led = Vec::new();
-    for (node_id, address) in playground.nodes.iter() {
-        let Some(ranges) = list_ranges(address).await else { continue };
-        led.extend(ranges.into_iter().filter(|d| d.leader().is_some_and(|l| &l.node_id == node_id)));
-    }
-    led.sort_by(|a, b| a.start_key.cmp(&b.start_key));
-    led.dedup_by_key(|d| d.range_id);
-    assert!(led.len() >= 2 && settled(&led, "none"), "every range with three voters on {addresses:?}: {led:?}");
+    let nodes = playground.nodes.clone();
+    wait_for("every range to have three voters and a leader", Duration::from_secs(30), async || {
+        let mut led = Vec::new();
+        for (node_id, address) in &nodes {
+            let Some(ranges) = list_ranges(address).await else { continue };
+            led.extend(ranges.into_iter().filter(|d| d.leader().is_some_and(|l| &l.node_id == node_id)));
+        }
+        led.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+        led.dedup_by_key(|d| d.range_id);
+        led.len() >= 2
+            && settled(&led, "none")
+            && led.iter().all(|d| d.replicas.iter().all(|r| nodes.iter().any(|(n, _)| *n == r.node_id)))
+    })
+    .await;
     assert_eq!(playground.stop().code(), Some(0), "Ctrl-C (SIGTERM) stops the playground cleanly");
 }
 

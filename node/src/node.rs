@@ -346,7 +346,9 @@ impl Node {
 
     /// Creates range 1 over the whole key space as a Raft group of `members` (node id, address),
     /// once. Every listed node does the same; the first listed campaigns at once. Asked again
-    /// with the same nodes, answers the range it made (a caller retrying after a crash).
+    /// with the same nodes while range 1 still has exactly them, answers the range it made (a
+    /// caller retrying after a lost answer); refused on a node with any other range history,
+    /// before anything is written.
     pub async fn bootstrap_replicated(&self, members: Vec<(String, String)>) -> Result<RangeDescriptor, NodeError> {
         crate::config::check_members("the bootstrap's replicas", &members, &self.config.node_id)
             .map_err(NodeError::Invalid)?;
@@ -356,6 +358,12 @@ impl Node {
         }
         if let Some(made) = self.bootstrapped_with(&members) {
             return Ok(made);
+        }
+        if self.table.read().has_history() {
+            return Err(NodeError::Move(format!(
+                "node {} already holds or held ranges; a fleet is bootstrapped only once",
+                self.config.node_id
+            )));
         }
         let replicas: Vec<kvfleet_proto::v1::Replica> = members
             .iter()

@@ -25,7 +25,13 @@ fn cluster(nodes: u32, ranges: u64) -> ClusterView {
         })
         .collect();
     let nodes = (0..nodes)
-        .map(|i| NodeView { id: NodeId(i), name: format!("n{}", i + 1), schedulable: true, draining: false })
+        .map(|i| NodeView {
+            id: NodeId(i),
+            name: format!("n{}", i + 1),
+            schedulable: true,
+            draining: false,
+            restarting: false,
+        })
         .collect();
     ClusterView { nodes, ranges, in_flight: Vec::new() }
 }

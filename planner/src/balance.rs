@@ -118,7 +118,8 @@ pub fn plan_moves(
 }
 
 /// Moves every copy off draining nodes (one per range per round: a range's copies move one at a
-/// time). Returns false if the budget ran out.
+/// time); off a node draining only to restart, a replicated range moves its leadership instead.
+/// Returns false if the budget ran out.
 fn drain(
     view: &ClusterView,
     placement: &mut Placement<'_>,
@@ -127,34 +128,67 @@ fn drain(
     budget: &mut usize,
     plan: &mut Plan,
 ) -> bool {
-    let draining: Vec<(usize, usize)> = (0..placement.ranges.len())
+    let work: Vec<(usize, Drain)> = (0..placement.ranges.len())
         .filter(|&i| !touched.contains(&placement.ranges[i].range.id))
-        .filter_map(|i| placement.ranges[i].holders.iter().find(|&&h| view.nodes[h].draining).map(|&h| (i, h)))
+        .filter_map(|i| drain_of(view, &placement.ranges[i]).map(|d| (i, d)))
         .collect();
-    for (done, &(index, from)) in draining.iter().enumerate() {
-        let range = placement.ranges[index].range;
-        let free: Vec<usize> =
-            targets.iter().copied().filter(|t| !placement.ranges[index].holders.contains(t)).collect();
+    for (done, &(index, drain)) in work.iter().enumerate() {
+        let placed = &placement.ranges[index];
+        let range = placed.range;
+        let (from, free): (usize, Vec<usize>) = match drain {
+            Drain::Copy(from) => (from, targets.iter().copied().filter(|t| !placed.holders.contains(t)).collect()),
+            Drain::Leadership(from) => (from, targets.iter().copied().filter(|t| placed.holders.contains(t)).collect()),
+        };
         if free.is_empty() {
-            plan.skipped.push(Skip::NoNodeForReplica { range: range.id, node: view.nodes[from].name.clone() });
+            let node = view.nodes[from].name.clone();
+            plan.skipped.push(match drain {
+                Drain::Copy(_) => Skip::NoNodeForReplica { range: range.id, node },
+                Drain::Leadership(_) => Skip::NoNodeForLeader { range: range.id, node },
+            });
             continue;
         }
         if *budget == 0 {
-            plan.skipped.push(Skip::MoveBudgetExhausted { wanted: draining.len() - done });
+            plan.skipped.push(Skip::MoveBudgetExhausted { wanted: work.len() - done });
             return false;
         }
         let to = least_loaded(placement, &free);
-        plan.actions.push(Action::Move {
-            range: range.id,
-            from: NodeId(from as u32),
-            to: NodeId(to as u32),
-            reason: MoveReason::Drain,
-        });
-        placement.move_copy(index, from, to);
+        let (from_node, to_node, reason) = (NodeId(from as u32), NodeId(to as u32), MoveReason::Drain);
+        match drain {
+            Drain::Copy(_) => {
+                plan.actions.push(Action::Move { range: range.id, from: from_node, to: to_node, reason });
+                placement.move_copy(index, from, to);
+            }
+            Drain::Leadership(_) => {
+                plan.actions.push(Action::TransferLeader { range: range.id, from: from_node, to: to_node, reason });
+                placement.move_leader(index, to);
+            }
+        }
         touched.insert(range.id);
         *budget -= 1;
     }
     true
+}
+
+/// What a drain must do for one range.
+#[derive(Debug, Clone, Copy)]
+enum Drain {
+    /// Move the copy on this draining node to a node without one.
+    Copy(usize),
+    /// Hand the leadership on this restarting node to another replica.
+    Leadership(usize),
+}
+
+fn drain_of(view: &ClusterView, placed: &Placed<'_>) -> Option<Drain> {
+    let mut leadership = None;
+    for &holder in placed.holders.iter().filter(|&&h| view.nodes[h].draining) {
+        if !(placed.range.is_replicated() && view.nodes[holder].restarting) {
+            return Some(Drain::Copy(holder));
+        }
+        if placed.owner == holder {
+            leadership = Some(Drain::Leadership(holder));
+        }
+    }
+    leadership
 }
 
 fn least_loaded(placement: &Placement<'_>, targets: &[usize]) -> usize {
@@ -297,6 +331,7 @@ mod tests {
                 name: format!("n{i}"),
                 schedulable: !draining.contains(&i),
                 draining: draining.contains(&i),
+                restarting: false,
             })
             .collect()
     }
@@ -388,5 +423,48 @@ mod tests {
                 other => panic!("expected size moves to n3, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_node_drained_to_restart_hands_over_its_leaderships_and_keeps_its_replicas() {
+        // n2 restarts (a DrainFirst update): it leads range 1 and follows range 2; range 3 is a
+        // single copy on it.
+        let mut nodes = nodes(3, &[2]);
+        nodes[2].restarting = true;
+        let mut single = range_view(3, &[20], &[], 2);
+        single.size_bytes = 1 << 20;
+        let view = ClusterView {
+            nodes,
+            ranges: vec![
+                replicated(1, (0, 10), 2, &[0, 1, 2], 10.0),
+                replicated(2, (10, 20), 0, &[0, 1, 2], 10.0),
+                single,
+            ],
+            in_flight: Vec::new(),
+        };
+        let plan = plan(&view);
+        let drains: Vec<&Action> = plan
+            .actions
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Move { reason: MoveReason::Drain, .. }
+                        | Action::TransferLeader { reason: MoveReason::Drain, .. }
+                )
+            })
+            .collect();
+        assert_eq!(drains.len(), 2, "{:?}", plan.actions);
+        assert!(
+            drains
+                .iter()
+                .any(|a| matches!(a, Action::TransferLeader { range: 1, from: NodeId(2), to, .. } if *to != NodeId(2))),
+            "range 1's leadership leaves n2: {drains:?}"
+        );
+        assert!(
+            drains.iter().any(|a| matches!(a, Action::Move { range: 3, from: NodeId(2), .. })),
+            "the single copy moves off: {drains:?}"
+        );
+        assert!(!plan.actions.iter().any(|a| a.ranges() == vec![2]), "range 2 keeps its replica on n2");
     }
 }

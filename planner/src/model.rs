@@ -20,6 +20,9 @@ pub struct NodeView {
     pub schedulable: bool,
     /// Being emptied (scale-in): every range on it should move away.
     pub draining: bool,
+    /// Draining only to restart: replicated ranges keep their replica here and move only their
+    /// leadership away; single copies move off as in any drain.
+    pub restarting: bool,
 }
 
 /// Per-second rates over the node's load window.
@@ -291,6 +294,9 @@ pub enum Skip {
     ReplicatedMergeNotBuilt { left: RangeId, right: RangeId },
     /// A replica must leave a draining node, but every schedulable node already holds one.
     NoNodeForReplica { range: RangeId, node: String },
+    /// A leadership must leave a node about to restart, but no other replica is on a
+    /// schedulable node.
+    NoNodeForLeader { range: RangeId, node: String },
 }
 
 impl Skip {
@@ -303,7 +309,7 @@ impl Skip {
             | Skip::TooSmallToSplit { range }
             | Skip::Cooldown { range, .. } => Some(*range),
             Skip::MergeDelay { left, .. } | Skip::ReplicatedMergeNotBuilt { left, .. } => Some(*left),
-            Skip::NoNodeForReplica { range, .. } => Some(*range),
+            Skip::NoNodeForReplica { range, .. } | Skip::NoNodeForLeader { range, .. } => Some(*range),
             Skip::Balanced { .. }
             | Skip::MoveBudgetExhausted { .. }
             | Skip::NoBeneficialMove { .. }
@@ -326,6 +332,7 @@ impl Skip {
             Skip::MergeDelay { .. } => "merge_delay",
             Skip::ReplicatedMergeNotBuilt { .. } => "replicated_merge_not_built",
             Skip::NoNodeForReplica { .. } => "no_node_for_replica",
+            Skip::NoNodeForLeader { .. } => "no_node_for_leader",
         }
     }
 }
@@ -373,6 +380,10 @@ impl fmt::Display for Skip {
             Skip::NoNodeForReplica { range, node } => write!(
                 f,
                 "range {range}: its replica on draining {node} has nowhere to go: every schedulable node holds one"
+            ),
+            Skip::NoNodeForLeader { range, node } => write!(
+                f,
+                "range {range}: its leadership cannot leave {node} before it restarts: no other replica is on a schedulable node"
             ),
         }
     }

@@ -97,6 +97,7 @@ impl Simulator {
                     name: format!("n{}", i + 1),
                     schedulable: true,
                     draining: false,
+                    restarting: false,
                 })
                 .collect(),
             ranges: vec![SimRange {

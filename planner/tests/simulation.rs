@@ -161,7 +161,13 @@ fn every_split_of_a_hotspot_is_for_a_reason_and_runs_are_deterministic() {
 fn size_differences_below_the_floor_move_nothing_and_above_it_do() {
     use kvfleet_planner::sim::range_view;
     use kvfleet_planner::{ClusterView, MoveReason, NodeView};
-    let node = |id: u32| NodeView { id: NodeId(id), name: format!("n{}", id + 1), schedulable: true, draining: false };
+    let node = |id: u32| NodeView {
+        id: NodeId(id),
+        name: format!("n{}", id + 1),
+        schedulable: true,
+        draining: false,
+        restarting: false,
+    };
     let cold_ranges = |sizes: &[u64]| {
         sizes
             .iter()

@@ -51,6 +51,9 @@ pub struct FleetNode {
     /// Everything it holds, conflicting and superseded copies included: a node that holds
     /// anything must not look empty to a scale-in.
     pub ranges: u32,
+    /// Of those, replicas of replicated ranges it does not lead: they may restart with the node
+    /// (the other replicas serve meanwhile).
+    pub following: u32,
     pub ops_per_sec: f64,
     pub size_bytes: u64,
     /// Times the platform restarted its process.
@@ -137,6 +140,12 @@ pub struct FleetView {
     pub conflicts: Vec<Conflict>,
     /// Hottest first.
     pub hot_keys: Vec<HotKey>,
+    /// Replicas of every range the fleet was created with (1: single copies).
+    pub replication_factor: usize,
+    /// Ranges with fewer voting replicas on answering nodes than `replication_factor`.
+    pub under_replicated: Vec<u64>,
+    /// Replicated ranges no answering node leads.
+    pub leaderless: Vec<u64>,
 }
 
 impl FleetView {

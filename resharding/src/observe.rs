@@ -188,13 +188,14 @@ impl Observation {
         (max_range, max_move)
     }
 
-    /// The nodes (indices into `nodes`) holding a replica of `range`, as its leader has it;
-    /// replicas on nodes that are not members are left out.
+    /// The nodes (indices into `nodes`) holding a voting replica of `range`, as its leader has
+    /// it; replicas on nodes that are not members are left out.
     pub fn holders(&self, range: &ObservedRange) -> Vec<usize> {
         if !range.is_replicated() {
             return vec![range.owner];
         }
-        range.desc.replicas.iter().filter_map(|r| self.node_index(&r.node_id)).collect()
+        let voting = range.desc.replicas.iter().filter(|r| r.membership() != ReplicaMembership::Learner);
+        voting.filter_map(|r| self.node_index(&r.node_id)).collect()
     }
 
     /// Ranges with fewer voting replicas on answering nodes than `factor` (none when it is 1).
@@ -291,6 +292,11 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
         if range.desc.state() == RangeState::Frozen {
             continue;
         }
+        // A replicated range's older descriptor overlapping newer replicated ones is a leader
+        // that has not applied a split yet (splits go through the log): behind, not diverged.
+        if range.is_replicated() && newer.iter().all(|n| n.is_replicated()) {
+            continue;
+        }
         for newer in newer {
             conflicts
                 .push(Conflict { newer: (newer.owner, newer.desc.clone()), older: (range.owner, range.desc.clone()) });
@@ -304,7 +310,7 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
 }
 
 /// Whether `node_id` reports itself the leader of replicated range `desc`.
-fn leads(desc: &RangeDescriptor, node_id: &str) -> bool {
+pub fn leads(desc: &RangeDescriptor, node_id: &str) -> bool {
     desc.replicas.iter().any(|r| r.node_id == node_id && r.role() == ReplicaRole::Leader)
 }
 
@@ -372,6 +378,7 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> Clust
             name: node.member.node_id.clone(),
             schedulable: node.report.is_ok() && !node.member.draining,
             draining: node.member.draining,
+            restarting: node.member.restarting,
         })
         .collect();
     let ranges = observation

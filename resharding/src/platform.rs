@@ -18,6 +18,10 @@ pub struct Member {
     pub admin_address: Option<String>,
     /// Being emptied before it goes away: ranges move off it, none move onto it.
     pub draining: bool,
+    /// Draining only to restart (a DrainFirst update), not to go away: a replicated range keeps
+    /// its replica here and only its leadership leaves (the other replicas serve meanwhile);
+    /// single copies still move off.
+    pub restarting: bool,
     /// Times the platform restarted the node's process.
     pub restarts: u32,
 }
@@ -30,6 +34,7 @@ impl Member {
             address: address.to_string(),
             admin_address: None,
             draining: false,
+            restarting: false,
             restarts: 0,
         }
     }

@@ -10,8 +10,8 @@ use kvfleet_planner::{Action, ActionKind, MergeReason, MoveReason, NodeId, Plan,
 use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::{
-    BootstrapRequest, MergeRangesRequest, PublishRoutingRequest, RangeDescriptor, RangeState, Replica,
-    SplitRangeRequest, TransferLeaderRequest,
+    BootstrapRequest, ChangeReplicasRequest, MergeRangesRequest, PublishRoutingRequest, RangeDescriptor, RangeState,
+    Replica, ReplicaChange, ReplicaMembership, SplitRangeRequest, TransferLeaderRequest, replica_change,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -25,6 +25,9 @@ use crate::state::{InFlightMove, ReshardingState, unix_now};
 use crate::status::{IdReservation, StatusBoard};
 use crate::{moves, observe};
 use kvfleet_client::client::normalize_address;
+
+/// Rounds in a row a replica move's target may not answer before the move is given up.
+const GIVE_UP_AFTER_ROUNDS: u32 = 10;
 
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -98,6 +101,8 @@ pub struct ReshardingLoop<P: Platform> {
     live_moves: HashMap<u64, LiveMove>,
     status: StatusBoard,
     published: Option<(u64, std::time::Instant)>,
+    /// Node id -> rounds in a row it did not answer.
+    unanswered: HashMap<String, u32>,
 }
 
 impl<P: Platform> ReshardingLoop<P> {
@@ -116,6 +121,7 @@ impl<P: Platform> ReshardingLoop<P> {
             live_moves: HashMap::new(),
             status,
             published: None,
+            unanswered: HashMap::new(),
         })
     }
 
@@ -159,6 +165,13 @@ impl<P: Platform> ReshardingLoop<P> {
             tokio::time::sleep(Duration::from_millis(50)).await;
             self.reap_moves(unix_now().as_secs());
         }
+        // A replica move left running would race the next loop resuming it; resuming is the same
+        // code as going on, so stopping it here loses nothing.
+        for live in self.live_moves.values() {
+            if let MoveTask::Replica(task) = &live.task {
+                task.abort();
+            }
+        }
         self.platform.save_state(&self.state).await?;
         Ok(())
     }
@@ -199,7 +212,25 @@ impl<P: Platform> ReshardingLoop<P> {
         self.state.observe_ids(max_range, max_move);
         if !self.state.bootstrapped || !self.state.bootstrap_pending.is_empty() {
             self.bootstrap(&observation, max_range).await?;
+            if !self.state.bootstrap_pending.is_empty() {
+                // Range 1's replicas must not change before every one of them exists.
+                return Ok(());
+            }
         }
+        if self.state.replication_factor.is_none() && observation.unreachable().next().is_none() {
+            // Created before the factor was recorded: as many replicas as its ranges have.
+            let most = observation.ranges.values().map(|r| r.desc.replicas.len()).max();
+            self.state.replication_factor = most.map(|n| n.max(1));
+        }
+        for node in &observation.nodes {
+            match node.report {
+                Ok(_) => self.unanswered.remove(&node.member.node_id),
+                Err(_) => self
+                    .unanswered
+                    .insert(node.member.node_id.clone(), self.unanswered_rounds(&node.member.node_id) + 1),
+            };
+        }
+        self.stop_stuck_replica_moves(&observation);
         self.reap_moves(now);
         self.recover_moves(&observation).await;
         self.publish_routing(&observation).await;
@@ -219,7 +250,7 @@ impl<P: Platform> ReshardingLoop<P> {
         }
         self.execute(&observation, &plan, now).await?;
         self.platform.save_state(&self.state).await?;
-        let factor = self.config.replication_factor;
+        let factor = self.state.replication_factor.unwrap_or(self.config.replication_factor);
         self.status.record_round(&observation, &plan, &self.state, &self.live_move_reasons(), degraded, factor);
         Ok(())
     }
@@ -330,7 +361,7 @@ impl<P: Platform> ReshardingLoop<P> {
         let (replica_moves, pending): (Vec<InFlightMove>, Vec<InFlightMove>) =
             pending.into_iter().partition(|m| m.replica);
         for mv in replica_moves {
-            self.resume_replica_move(observation, mv);
+            self.resume_replica_move(observation, mv).await;
         }
         // Their imports were dealt with just now; the observation predates that.
         let handled: HashSet<u64> = pending.iter().map(|m| m.move_id).collect();
@@ -379,6 +410,7 @@ impl<P: Platform> ReshardingLoop<P> {
             return Ok(());
         }
         let factor = self.config.replication_factor.max(1);
+        self.state.replication_factor = Some(factor);
         if factor > 1 {
             if observation.nodes.len() < factor {
                 tracing::info!(
@@ -389,10 +421,11 @@ impl<P: Platform> ReshardingLoop<P> {
                 return Ok(());
             }
             self.state.bootstrapped = true;
-            self.state.bootstrap_pending = observation.nodes[..factor]
+            self.state.bootstrap_replicas = observation.nodes[..factor]
                 .iter()
                 .map(|n| (n.member.node_id.clone(), n.member.address.clone()))
                 .collect();
+            self.state.bootstrap_pending = self.state.bootstrap_replicas.iter().map(|(id, _)| id.clone()).collect();
             self.platform.save_state(&self.state).await?;
             return self.bootstrap_replicas(observation).await;
         }
@@ -417,11 +450,12 @@ impl<P: Platform> ReshardingLoop<P> {
         Ok(())
     }
 
-    /// Asks every node still pending to create the replicated range 1 (each answers OK again if
-    /// it already did), until all have.
+    /// Asks every node still pending to create the replicated range 1 (one whose answer was
+    /// lost answers OK again: nothing changes range 1's replicas before all have answered).
     async fn bootstrap_replicas(&mut self, observation: &Observation) -> Result<(), LoopError> {
-        let all = self.state.bootstrap_pending.clone();
-        let replicas: Vec<Replica> = all
+        let replicas: Vec<Replica> = self
+            .state
+            .bootstrap_replicas
             .iter()
             .map(|(node_id, address)| Replica {
                 node_id: node_id.clone(),
@@ -429,25 +463,29 @@ impl<P: Platform> ReshardingLoop<P> {
                 ..Default::default()
             })
             .collect();
-        let mut done = Vec::new();
-        for (node_id, address) in &all {
-            let admin_address = observation.node(node_id).map_or(address.as_str(), |n| n.member.admin_address());
+        for replica in &replicas {
+            if !self.state.bootstrap_pending.contains(&replica.node_id) {
+                continue;
+            }
+            let admin_address =
+                observation.node(&replica.node_id).map_or(replica.address.as_str(), |n| n.member.admin_address());
             let request = with_timeout(BootstrapRequest { replicas: replicas.clone() }, self.config.rpc_timeout);
             let result: Result<_, String> =
                 async { self.clients.admin(admin_address)?.bootstrap(request).await.map_err(|s| describe_status(&s)) }
                     .await;
             match result {
-                Ok(_) => done.push(node_id.clone()),
+                Ok(_) => {
+                    self.state.bootstrap_pending.retain(|id| *id != replica.node_id);
+                    self.platform.save_state(&self.state).await?;
+                }
                 Err(error) => {
-                    tracing::warn!(node = %node_id, %error, "creating range 1's replica failed; retrying next round")
+                    tracing::warn!(node = %replica.node_id, %error, "creating range 1's replica failed; retrying next round")
                 }
             }
         }
-        if done.len() == all.len() {
-            let names: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
+        if self.state.bootstrap_pending.is_empty() {
+            let names: Vec<&str> = replicas.iter().map(|r| r.node_id.as_str()).collect();
             self.status.event(format!("new fleet: range 1 (the whole key space) replicated on {}", names.join(", ")));
-            self.state.bootstrap_pending.clear();
-            self.platform.save_state(&self.state).await?;
         }
         Ok(())
     }
@@ -691,7 +729,7 @@ impl<P: Platform> ReshardingLoop<P> {
     /// Resumes a replica move no task drives (it failed, or this controller restarted). One whose
     /// target left the fleet is dropped: the membership is valid between any two steps, and a
     /// learner left on a gone node holds no vote.
-    fn resume_replica_move(&mut self, observation: &Observation, mv: InFlightMove) {
+    async fn resume_replica_move(&mut self, observation: &Observation, mv: InFlightMove) {
         if observation.node(&mv.to).is_none() {
             self.state.finish_move(mv.move_id);
             self.status.event(format!(
@@ -700,8 +738,81 @@ impl<P: Platform> ReshardingLoop<P> {
             ));
             return;
         }
+        if !self.target_usable(observation, &mv.to) {
+            self.abandon_replica_move(observation, mv).await;
+            return;
+        }
         tracing::info!(move_id = mv.move_id, range_id = mv.range_id, from = %mv.from, to = %mv.to, "resuming a replica move");
         self.spawn_replica_move(observation, &mv, MoveReason::Drain);
+    }
+
+    /// Gives up a replica move whose target stopped answering or drains, unless the target
+    /// votes already (then the move finishes, removing the source, once it answers again): a
+    /// learner added on it is removed, and the planner picks another target next round.
+    async fn abandon_replica_move(&mut self, observation: &Observation, mv: InFlightMove) {
+        let Some(range) = observation.ranges.get(&mv.range_id) else {
+            tracing::info!(move_id = mv.move_id, "the moving range has no leader this round; the move waits");
+            return;
+        };
+        let membership = range.desc.replicas.iter().find(|r| r.node_id == mv.to).map(|r| r.membership());
+        match membership {
+            Some(ReplicaMembership::Learner) => {
+                let request = ChangeReplicasRequest {
+                    range_id: mv.range_id,
+                    expected_conf_version: range.desc.conf_version,
+                    changes: vec![ReplicaChange {
+                        kind: replica_change::Kind::Remove as i32,
+                        replica: Some(Replica { node_id: mv.to.clone(), ..Default::default() }),
+                    }],
+                };
+                let leader = &observation.nodes[range.owner].member;
+                let request = with_timeout(request, self.config.rpc_timeout);
+                let result: Result<_, String> = async {
+                    self.clients
+                        .admin(leader.admin_address())?
+                        .change_replicas(request)
+                        .await
+                        .map_err(|s| describe_status(&s))
+                }
+                .await;
+                if let Err(error) = result {
+                    tracing::warn!(move_id = mv.move_id, %error, "removing the abandoned move's learner failed; retrying next round");
+                    return;
+                }
+            }
+            Some(_) => {
+                tracing::info!(move_id = mv.move_id, to = %mv.to, "the move's target votes already: it finishes once the target answers");
+                return;
+            }
+            None => {}
+        }
+        self.state.finish_move(mv.move_id);
+        self.status.event(format!(
+            "gave up moving range {}'s replica {} -> {}: {} does not answer or drains; another target is planned",
+            mv.range_id, mv.from, mv.to, mv.to
+        ));
+    }
+
+    fn unanswered_rounds(&self, node_id: &str) -> u32 {
+        self.unanswered.get(node_id).copied().unwrap_or(0)
+    }
+
+    /// Whether a replica move's target takes ranges: a member, not draining, and not silent for
+    /// `GIVE_UP_AFTER_ROUNDS` rounds in a row (a restart is a round or two).
+    fn target_usable(&self, observation: &Observation, node_id: &str) -> bool {
+        observation.node(node_id).is_some_and(|n| !n.member.draining)
+            && self.unanswered_rounds(node_id) < GIVE_UP_AFTER_ROUNDS
+    }
+
+    /// Stops the tasks of replica moves whose target stopped answering or drains; the next
+    /// round gives them up (`abandon_replica_move`).
+    fn stop_stuck_replica_moves(&mut self, observation: &Observation) {
+        for mv in self.state.moves.iter().filter(|m| m.replica && !self.target_usable(observation, &m.to)) {
+            if let Some(LiveMove { task: MoveTask::Replica(task), .. }) = self.live_moves.get(&mv.move_id) {
+                tracing::warn!(move_id = mv.move_id, to = %mv.to, "replica move target does not answer or drains; stopping the move");
+                task.abort();
+            }
+        }
     }
 
     /// Hands range `range_id`'s leadership to node `to` (which holds a voting replica).

@@ -31,10 +31,18 @@ pub struct ReshardingState {
     /// if every node later reports nothing (that is lost data, not a new fleet).
     #[serde(default)]
     pub bootstrapped: bool,
-    /// The nodes a replicated range 1 is still to be created on (node id, address): every one
-    /// must, or the range cannot elect a leader. Recorded before the first is asked.
+    /// The nodes a replicated range 1 is created on (node id, address), recorded before the
+    /// first is asked ...
     #[serde(default)]
-    pub bootstrap_pending: Vec<(String, String)>,
+    pub bootstrap_replicas: Vec<(String, String)>,
+    /// ... and the node ids of those that have not answered yet: every one must create it, or
+    /// the range cannot elect a leader. Nothing is planned until none is left.
+    #[serde(default)]
+    pub bootstrap_pending: Vec<String>,
+    /// The replicas per range this fleet was created with (None: created before this was
+    /// recorded; the loop takes the most replicas any range has).
+    #[serde(default)]
+    pub replication_factor: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -315,7 +315,7 @@ impl StatusBoard {
             entry.1 = skip.to_string();
         }
 
-        let fleet = fleet_view(board.fleet.round + 1, observation, plan, state, live_moves);
+        let fleet = fleet_view(board.fleet.round + 1, observation, plan, state, live_moves, replication_factor);
         let now_ms = unix_now().as_millis() as u64;
         let status = &mut board.status;
         status.round = fleet.round;
@@ -360,8 +360,8 @@ impl StatusBoard {
             })
             .collect();
         status.replication_factor = replication_factor as u32;
-        status.under_replicated = observation.under_replicated(replication_factor);
-        status.leaderless = observation.leaderless.clone();
+        status.under_replicated = fleet.under_replicated.clone();
+        status.leaderless = fleet.leaderless.clone();
         status.moves = fleet.moves.iter().map(|m| move_status(m, now_ms)).collect();
         status.hot_keys = fleet
             .hot_keys
@@ -423,6 +423,7 @@ fn fleet_view(
     plan: &Plan,
     state: &ReshardingState,
     live_moves: &HashMap<u64, MoveReason>,
+    replication_factor: usize,
 ) -> FleetView {
     let nodes = observation
         .nodes
@@ -435,11 +436,17 @@ fn fleet_view(
                 (Ok(_), true) => NodeState::Draining,
                 (Ok(_), false) => NodeState::Up,
             };
+            let following = owned
+                .iter()
+                .filter_map(|l| l.range.as_ref())
+                .filter(|d| d.replicas.len() > 1 && !crate::observe::leads(d, &node.member.node_id))
+                .count();
             FleetNode {
                 name: node.member.node_id.clone(),
                 address: node.member.address.clone(),
                 state,
                 ranges: owned.len() as u32,
+                following: following as u32,
                 // `+ 0.0`: an empty sum is -0.0, shown as "-0".
                 ops_per_sec: owned.iter().map(|l| l.reads_per_sec + l.writes_per_sec).sum::<f64>() + 0.0,
                 size_bytes: owned.iter().map(|l| l.approx_size_bytes).sum(),
@@ -485,6 +492,9 @@ fn fleet_view(
             .iter()
             .map(|(range_id, key, ops)| HotKey { range_id: *range_id, key: key.clone(), ops_per_sec: *ops })
             .collect(),
+        replication_factor,
+        under_replicated: observation.under_replicated(replication_factor),
+        leaderless: observation.leaderless.clone(),
     }
 }
 

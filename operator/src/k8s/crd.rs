@@ -37,6 +37,7 @@ pub const MAX_REPLICAS: i32 = 256;
     validation = Rule::new("self.metadata.name.size() <= 52 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label of at most 52 characters: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit (the Services and pods are named after it)")
 )]
 #[x_kube(validation = Rule::new("!has(self.updateStrategy) || !has(self.updateStrategy.type) || self.updateStrategy.type != 'DrainFirst' || self.replicas >= 2").message("spec.updateStrategy.type DrainFirst needs at least 2 replicas (a pod's ranges move to the others before it restarts); use Restart with 1 replica"))]
+#[x_kube(validation = Rule::new("!has(self.replication) || !has(self.replication.factor) || self.replication.factor <= self.replicas").message("spec.replication.factor must be at most spec.replicas: each of a range's replicas is on a different pod"))]
 #[serde(rename_all = "camelCase")]
 pub struct KeyValueClusterSpec {
     /// Number of storage pods. Scaling in moves every range off the pods being removed before
@@ -69,6 +70,9 @@ pub struct KeyValueClusterSpec {
     pub durability: Durability,
 
     #[serde(default)]
+    pub replication: ReplicationSpec,
+
+    #[serde(default)]
     pub sharding: ShardingSpec,
 
     #[serde(default)]
@@ -80,6 +84,30 @@ pub struct KeyValueClusterSpec {
     /// How pods pick up a changed spec (image, resources, durability, scheduling).
     #[serde(default)]
     pub update_strategy: UpdateStrategy,
+}
+
+/// How many copies of each range the cluster keeps.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSpec {
+    /// Replicas of each range, each on a different pod: 1, 3 or 5. A range of N replicas is a
+    /// Raft group: a write is acknowledged once a majority has it, and it survives the loss of
+    /// any minority of its pods. Default 3, or 1 with fewer than 3 pods. Applied when the
+    /// cluster is created: an existing cluster keeps the replicas its ranges were made with.
+    #[x_kube(validation = Rule::new("self == 1 || self == 3 || self == 5").message("spec.replication.factor must be 1, 3 or 5: a majority of an even count tolerates no more failures than one fewer"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<i32>,
+}
+
+impl KeyValueClusterSpec {
+    /// `spec.replication.factor`, or its default: 3, or 1 with fewer than 3 pods.
+    pub fn replication_factor(&self) -> usize {
+        match self.replication.factor {
+            Some(factor) => factor.max(1) as usize,
+            None if self.replicas >= 3 => 3,
+            None => 1,
+        }
+    }
 }
 
 /// How a spec change reaches the pods: always one pod at a time.
@@ -337,6 +365,9 @@ pub struct KeyValueClusterStatus {
     pub ranges: u32,
     #[serde(default)]
     pub moves_in_flight: u32,
+    /// Ranges with fewer replicas on answering pods than spec.replication.factor.
+    #[serde(default)]
+    pub under_replicated_ranges: u32,
     /// One entry per storage pod, from the last resharding round.
     #[serde(default)]
     pub pods: Vec<PodStatus>,
@@ -543,6 +574,14 @@ mod tests {
             (
                 json!({"replicas": 3, "sharding": {"splitMiB": 9_000_000_000_000_000i64}}),
                 "spec.sharding.splitMiB must be between 1 and 1048576 (1 TiB)",
+            ),
+            (
+                json!({"replicas": 4, "replication": {"factor": 2}}),
+                "spec.replication.factor must be 1, 3 or 5: a majority of an even count tolerates no more failures than one fewer",
+            ),
+            (
+                json!({"replicas": 3, "replication": {"factor": 5}}),
+                "spec.replication.factor must be at most spec.replicas: each of a range's replicas is on a different pod",
             ),
         ];
         for (spec, message) in cases {

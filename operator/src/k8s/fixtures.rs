@@ -36,6 +36,7 @@ pub fn fleet_status(pods: &[(&str, NodeState, u32)], moves: usize) -> FleetView 
                 address: format!("{name}:7700"),
                 state: state.clone(),
                 ranges: *ranges,
+                following: 0,
                 ops_per_sec: 0.0,
                 size_bytes: 0,
                 restarts: 0,

@@ -88,7 +88,8 @@ impl FleetManager {
         let platform =
             Arc::new(KubernetesPlatform::new(self.client.clone(), names.clone(), self.base.leadership.clone()));
         let admin_token = self.admin_key.as_ref().map(|key| key.admin_token(kvc)).unwrap_or_default();
-        let config = LoopConfig { policy: policy.clone(), admin_token, ..self.base.clone() };
+        let replication_factor = kvc.spec.replication_factor();
+        let config = LoopConfig { policy: policy.clone(), admin_token, replication_factor, ..self.base.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let boards = self.boards.clone();
         let task = tokio::spawn(async move {

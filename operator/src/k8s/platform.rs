@@ -79,6 +79,7 @@ pub fn members(kvc: &KeyValueCluster, names: &Names, statefulset_replicas: i32) 
                 address: names.pod_address(&pod, kvc.spec.ports.grpc),
                 admin_address: Some(names.pod_address(&pod, kvc.spec.ports.admin)),
                 draining: ordinal >= kvc.spec.replicas || updating == Some(pod.as_str()),
+                restarting: ordinal < kvc.spec.replicas && updating == Some(pod.as_str()),
                 node_id: pod,
                 restarts: 0,
             }

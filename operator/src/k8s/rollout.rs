@@ -96,7 +96,7 @@ impl RolloutStep {
                 format!("{}; moving ranges off {holding} before it restarts", left(*outdated))
             }
             RolloutStep::Restart { outdated, pod, .. } => {
-                format!("{}; {pod} holds no ranges: restarting it", left(*outdated))
+                format!("{}; {pod} holds no ranges it must move: restarting it", left(*outdated))
             }
         }
     }
@@ -152,7 +152,7 @@ pub fn decide(
         return wait(format!("every pod must be ready before the next one drains: {}", unavailable.join(", ")));
     }
     let target = outdated[0];
-    match scale::still_holding(fleet, &target.name) {
+    match scale::still_serving(fleet, &target.name) {
         Some(holding) => RolloutStep::Drain { outdated: count, pod: target.name.clone(), holding },
         None => RolloutStep::Restart { outdated: count, pod: target.name.clone(), uid: target.uid.clone() },
     }
@@ -228,6 +228,29 @@ mod tests {
         assert_eq!(
             decide(&n, &sts, &all_old, Some(&empty), &STEADY),
             RolloutStep::Restart { outdated: 3, pod: "demo-2".into(), uid: Some("uid-2".into()) }
+        );
+    }
+
+    #[test]
+    fn a_replicated_pod_restarts_once_it_leads_nothing_and_no_range_is_short_of_replicas() {
+        let (n, sts) = (names(), statefulset(3, 0));
+        let all_old = pods(&["old", "old", "old"]);
+        // demo-2 holds a replica of all 4 ranges and still leads one of them.
+        let mut replicated = fleet_status(&[("demo-0", Up, 4), ("demo-1", Up, 4), ("demo-2", Draining, 4)], 0);
+        replicated.replication_factor = 3;
+        replicated.nodes[2].following = 3;
+        let step = decide(&n, &sts, &all_old, Some(&replicated), &STEADY);
+        assert!(matches!(step, RolloutStep::Drain { ref holding, .. } if holding == "demo-2 (1 ranges)"), "{step:?}");
+        // It leads nothing: it restarts with its follower replicas (the others serve meanwhile).
+        replicated.nodes[2].following = 4;
+        let restart = RolloutStep::Restart { outdated: 3, pod: "demo-2".into(), uid: Some("uid-2".into()) };
+        assert_eq!(decide(&n, &sts, &all_old, Some(&replicated), &STEADY), restart);
+        // Not while a range is short of replicas: restarting demo-2 could cost it its majority.
+        replicated.under_replicated = vec![7];
+        let step = decide(&n, &sts, &all_old, Some(&replicated), &STEADY);
+        assert!(
+            matches!(step, RolloutStep::Drain { ref holding, .. } if holding.contains("ranges 7 have fewer than 3 replicas answering")),
+            "{step:?}"
         );
     }
 

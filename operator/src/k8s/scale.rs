@@ -80,6 +80,35 @@ pub(super) fn still_holding(fleet: Option<&FleetView>, pod: &str) -> Option<Stri
     }
 }
 
+/// What a pod about to restart (a DrainFirst update) still serves: its single copies and the
+/// replicated ranges it leads (the replicas it follows restart with it; the others serve
+/// meanwhile), or why restarting it now could make ranges unavailable.
+pub(super) fn still_serving(fleet: Option<&FleetView>, pod: &str) -> Option<String> {
+    let Some(fleet) = fleet.filter(|f| f.round > 0) else {
+        return Some(format!("{pod} (no resharding round yet)"));
+    };
+    let Some(node) = fleet.node(pod) else {
+        return Some(format!("{pod} (not seen yet)"));
+    };
+    if node.state != NodeState::Draining {
+        return Some(format!("{pod} ({})", node.state));
+    }
+    let short: Vec<String> = fleet.under_replicated.iter().chain(&fleet.leaderless).map(|id| id.to_string()).collect();
+    if !short.is_empty() {
+        return Some(format!(
+            "{pod} (ranges {} have fewer than {} replicas answering: restarting it could leave them without a majority)",
+            short.join(", "),
+            fleet.replication_factor
+        ));
+    }
+    let serving = node.ranges.saturating_sub(node.following);
+    match (serving, fleet.moves_touching(pod)) {
+        (0, 0) => None,
+        (serving, 0) => Some(format!("{pod} ({serving} ranges)")),
+        (serving, moves) => Some(format!("{pod} ({serving} ranges, {moves} moving)")),
+    }
+}
+
 pub fn decide(names: &Names, spec_replicas: i32, current: Option<i32>, fleet: Option<&FleetView>) -> ScaleStep {
     let Some(current) = current else { return ScaleStep::Create { replicas: spec_replicas } };
     if spec_replicas > current {

@@ -23,6 +23,9 @@ pub const API_REFUSED_REASON: &str = "ApiRefused";
 /// Ready past the bound.
 pub const STUCK_REASON: &str = "PodsNotReady";
 
+/// The Degraded condition's reason when ranges have fewer replicas answering than the spec asks.
+pub const UNDER_REPLICATED_REASON: &str = "UnderReplicated";
+
 /// Everything the status is computed from.
 pub struct Observed<'a> {
     pub kvc: &'a KeyValueCluster,
@@ -70,9 +73,19 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
     let stuck_text = stuck.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     let ranges = fleet.map_or(0, |f| f.ranges as u32);
     let moves = fleet.map_or(0, |f| f.moves.len() as u32);
+    let short: Vec<String> = fleet
+        .map(|f| f.under_replicated.iter().chain(&f.leaderless).map(|id| id.to_string()).collect())
+        .unwrap_or_default();
+    let under_replicated = fleet.map_or(0, |f| f.under_replicated.len() as u32);
+    let replicated = fleet.is_some_and(|f| f.replication_factor > 1);
     let scaling = matches!(step, ScaleStep::Grow { .. } | ScaleStep::Drain { .. } | ScaleStep::Shrink { .. });
 
-    let phase = if problem.is_some() || !conflicts.is_empty() || !down.is_empty() && ready > 0 || !stuck.is_empty() {
+    let phase = if problem.is_some()
+        || !conflicts.is_empty()
+        || !down.is_empty() && ready > 0
+        || !stuck.is_empty()
+        || !short.is_empty()
+    {
         Phase::Degraded
     } else if ready == 0 || ranges == 0 {
         Phase::Creating
@@ -123,10 +136,25 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
             conflicts.join("; ")
         );
         (true, OWNERSHIP_CONFLICT_REASON, message)
+    } else if !down.is_empty() && replicated {
+        let message = format!(
+            "unreachable: {} (replicated ranges go on serving from their other replicas; {} ranges under-replicated, {} without a leader)",
+            down.join(", "),
+            under_replicated,
+            fleet.map_or(0, |f| f.leaderless.len())
+        );
+        (true, "PodsUnreachable", message)
     } else if !down.is_empty() {
         (true, "PodsUnreachable", format!("unreachable: {} (their ranges are unavailable)", down.join(", ")))
     } else if !stuck.is_empty() {
         (true, STUCK_REASON, format!("pods not ready: {stuck_text}"))
+    } else if !short.is_empty() {
+        let factor = fleet.map_or(1, |f| f.replication_factor);
+        let message = format!(
+            "ranges with fewer than {factor} replicas answering (or no leader): {}; one more loss may make them unavailable",
+            short.join(", ")
+        );
+        (true, UNDER_REPLICATED_REASON, message)
     } else if !silent.is_empty() {
         let message = format!("not answering: {} (they hold no range, so nothing is unavailable)", silent.join(", "));
         (false, "NothingUnavailable", message)
@@ -152,6 +180,7 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
         ready_replicas: ready,
         ranges,
         moves_in_flight: moves,
+        under_replicated_ranges: under_replicated,
         pods: fleet
             .map(|f| {
                 f.nodes
@@ -283,6 +312,29 @@ mod tests {
         assert_eq!(status.pods[0].ops_per_sec, 123.5);
         assert_eq!(status.hot_keys[0].key, "user\\x01");
         assert_eq!(status.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn under_replicated_ranges_degrade_a_replicated_cluster_and_a_down_pod_is_no_outage() {
+        let kvc = cluster("demo", 3);
+        let steady = ScaleStep::Steady { replicas: 3 };
+        let mut fleet = fleet(&[("demo-0", Up, 2), ("demo-1", Up, 2), ("demo-2", Up, 2)], 0);
+        fleet.replication_factor = 3;
+        fleet.under_replicated = vec![4, 9];
+        let status = compute_at(&kvc, Some(&sts(&kvc, 3, 3)), Some(&fleet), &steady, 1);
+        assert_eq!(status.phase, Some(Phase::Degraded));
+        assert_eq!(status.under_replicated_ranges, 2);
+        assert_eq!(cond(&status, "Degraded").reason, UNDER_REPLICATED_REASON);
+        assert!(cond(&status, "Degraded").message.contains("fewer than 3 replicas answering (or no leader): 4, 9"));
+        // A pod down in a replicated cluster: its ranges serve from the other replicas.
+        fleet.nodes[2].state = down("connection refused");
+        let status = compute_at(&kvc, Some(&sts(&kvc, 3, 2)), Some(&fleet), &steady, 1);
+        assert_eq!(cond(&status, "Degraded").reason, "PodsUnreachable");
+        assert!(
+            cond(&status, "Degraded")
+                .message
+                .contains("go on serving from their other replicas; 2 ranges under-replicated")
+        );
     }
 
     #[test]

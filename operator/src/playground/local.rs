@@ -166,6 +166,7 @@ impl Platform for LocalPlatform {
                 address: node.address.lock().clone(),
                 admin_address: None,
                 draining: false,
+                restarting: false,
                 restarts: node.restarts.load(Ordering::Relaxed),
             })
             .collect())
