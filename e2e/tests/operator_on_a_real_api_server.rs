@@ -427,7 +427,8 @@ async fn wait_for_phase(plane: &ControlPlane, clusters: &Api<KeyValueCluster>, r
 }
 
 /// The cluster for real: pods run as node processes (the stand-in kubelet), the operator brings
-/// the cluster to Running, and a scale 3 -> 5 -> 3 under a read/write load loses no
+/// the cluster to Running with every range replicated on three pods, and a scale 3 -> 5 -> 3
+/// under a read/write load (replicas moved onto the new pods, then drained off them) loses no
 /// acknowledged write and never serves a stale read.
 #[test]
 fn a_cluster_runs_and_scales_without_losing_a_write() {
@@ -492,6 +493,22 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         .await;
         let ranges = clusters.get(CLUSTER).await.expect("the cluster").status.expect("a status").ranges;
         assert!(ranges >= 2, "the load split the key space: {ranges} ranges");
+        // Replicated (spec.replication.factor defaults to 3): every range has a replica on each
+        // of the three pods left, and none is short of one.
+        wait_until(&plane, Duration::from_secs(60), async || {
+            let status = clusters.get(CLUSTER).await.ok()?.status?;
+            let complete = status.under_replicated_ranges == 0
+                && status.pods.len() == 3
+                && status.pods.iter().all(|p| p.ranges == status.ranges);
+            let pods: Vec<(String, u32)> = status.pods.iter().map(|p| (p.name.clone(), p.ranges)).collect();
+            (!complete).then(|| {
+                format!(
+                    "{} ranges, {} under-replicated, replicas per pod {pods:?}",
+                    status.ranges, status.under_replicated_ranges
+                )
+            })
+        })
+        .await;
 
         let report = history_held(&plane, workload, &client, 100).await;
 

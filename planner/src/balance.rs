@@ -114,7 +114,64 @@ pub fn plan_moves(
     if total_ops >= policy.min_balance_qps {
         balance(BalanceMetric::Load, policy, now, &mut placement, &targets, touched, budget, plan);
     }
+    balance_replica_counts(policy, now, &mut placement, &targets, touched, budget, plan);
     balance(BalanceMetric::Size, policy, now, &mut placement, &targets, touched, budget, plan);
+}
+
+/// Evens out how many replicas of replicated ranges each node holds (TiKV PD's region count
+/// balance): a node that joins receives copies even before size or load tell, so that leaders can
+/// then be handed to it. Moves a follower's copy where it can (no leadership moves), the smallest
+/// first; never more than one copy above or below the mean.
+fn balance_replica_counts(
+    policy: &Policy,
+    now: u64,
+    placement: &mut Placement<'_>,
+    targets: &[usize],
+    touched: &mut HashSet<RangeId>,
+    budget: &mut usize,
+    plan: &mut Plan,
+) {
+    if !placement.ranges.iter().any(|p| p.range.is_replicated()) {
+        return;
+    }
+    let count = |p: &Placement<'_>, node: usize| {
+        p.ranges.iter().filter(|r| r.range.is_replicated() && r.holders.contains(&node)).count()
+    };
+    for _ in 0..placement.ranges.len().min(64) {
+        let counts: Vec<(usize, usize)> = targets.iter().map(|&n| (n, count(placement, n))).collect();
+        let (Some(&(source, high)), Some(&(target, low))) = (
+            counts.iter().max_by_key(|(n, c)| (*c, std::cmp::Reverse(*n))),
+            counts.iter().min_by_key(|(n, c)| (*c, *n)),
+        ) else {
+            return;
+        };
+        if high <= low + 1 {
+            return;
+        }
+        if *budget == 0 {
+            plan.skipped.push(Skip::MoveBudgetExhausted { wanted: 1 });
+            return;
+        }
+        let candidate = placement
+            .ranges
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.range.is_replicated() && p.holders.contains(&source) && !p.holders.contains(&target))
+            .filter(|(_, p)| !touched.contains(&p.range.id))
+            .filter(|(_, p)| p.range.moved_at.is_none_or(|t| now >= t + policy.move_cooldown_secs))
+            .min_by_key(|(_, p)| (p.owner == source, p.range.size_bytes))
+            .map(|(index, p)| (index, p.range.id));
+        let Some((index, range)) = candidate else {
+            let node = placement.view.nodes.get(source).map_or_else(|| format!("node {source}"), |n| n.name.clone());
+            plan.skipped.push(Skip::NoBeneficialMove { node, metric: BalanceMetric::Replicas, value: high as f64 });
+            return;
+        };
+        let reason = MoveReason::BalanceReplicas { from_count: high, to_count: low };
+        plan.actions.push(Action::Move { range, from: NodeId(source as u32), to: NodeId(target as u32), reason });
+        placement.move_copy(index, source, target);
+        touched.insert(range);
+        *budget -= 1;
+    }
 }
 
 /// Moves every copy off draining nodes (one per range per round: a range's copies move one at a
@@ -213,11 +270,12 @@ fn balance(
 ) {
     let value = |p: &Placement<'_>, node: usize| match metric {
         BalanceMetric::Load => p.ops[node],
-        BalanceMetric::Size => p.bytes[node],
+        // `balance_replica_counts` evens out replica counts; here Replicas is never asked.
+        BalanceMetric::Size | BalanceMetric::Replicas => p.bytes[node],
     };
     let range_value = |r: &RangeView| match metric {
         BalanceMetric::Load => r.load.ops(),
-        BalanceMetric::Size => r.size_bytes as f64,
+        BalanceMetric::Size | BalanceMetric::Replicas => r.size_bytes as f64,
     };
     let mean = targets.iter().map(|&n| value(placement, n)).sum::<f64>() / targets.len() as f64;
     if mean <= 0.0 {
@@ -260,7 +318,7 @@ fn balance(
             let range = placed.range;
             let on_source = match metric {
                 BalanceMetric::Load => placed.owner == source,
-                BalanceMetric::Size => placed.holders.contains(&source),
+                BalanceMetric::Size | BalanceMetric::Replicas => placed.holders.contains(&source),
             };
             if !on_source || touched.contains(&range.id) {
                 continue;
@@ -304,7 +362,9 @@ fn balance(
         let low = value(placement, to);
         let reason = match metric {
             BalanceMetric::Load => MoveReason::BalanceLoad { from_load: high, to_load: low },
-            BalanceMetric::Size => MoveReason::BalanceSize { from_bytes: high as u64, to_bytes: low as u64 },
+            BalanceMetric::Size | BalanceMetric::Replicas => {
+                MoveReason::BalanceSize { from_bytes: high as u64, to_bytes: low as u64 }
+            }
         };
         let (from, to_node) = (NodeId(source as u32), NodeId(to as u32));
         if metric == BalanceMetric::Load && range.is_replicated() {
@@ -409,7 +469,8 @@ mod tests {
 
     #[test]
     fn size_moves_a_copy_only_to_a_node_without_one() {
-        // n3 holds nothing; the cold ranges' copies are on n0..n2: copies move to n3.
+        // n3 holds nothing; the cold ranges' copies are on n0..n2: copies move to n3 only (by
+        // replica count first, then by size).
         let policy = Policy { max_concurrent_moves: 8, min_size_imbalance_bytes: 1, ..Policy::default() };
         let ranges =
             (0..4u8).map(|i| replicated(u64::from(i) + 1, (i * 10, i * 10 + 10), 0, &[0, 1, 2], 0.0)).collect();
@@ -419,8 +480,14 @@ mod tests {
         assert!(!plan.actions.is_empty(), "{:?}", plan.skipped);
         for action in &plan.actions {
             match action {
-                Action::Move { to, reason: MoveReason::BalanceSize { .. }, .. } => assert_eq!(*to, NodeId(3)),
-                other => panic!("expected size moves to n3, got {other:?}"),
+                Action::Move {
+                    to,
+                    reason: MoveReason::BalanceSize { .. } | MoveReason::BalanceReplicas { .. },
+                    ..
+                } => {
+                    assert_eq!(*to, NodeId(3))
+                }
+                other => panic!("expected copies to move to n3, got {other:?}"),
             }
         }
     }
@@ -466,5 +533,32 @@ mod tests {
             "the single copy moves off: {drains:?}"
         );
         assert!(!plan.actions.iter().any(|a| a.ranges() == vec![2]), "range 2 keeps its replica on n2");
+    }
+
+    #[test]
+    fn a_new_node_receives_replicas_until_counts_are_within_one() {
+        // Six ranges on n0..n2, n3 just joined: copies move to n3, followers' copies first.
+        let ranges = (0..6u8)
+            .map(|i| replicated(u64::from(i) + 1, (i * 10, i * 10 + 10), u32::from(i % 3), &[0, 1, 2], 1.0))
+            .collect();
+        let view = ClusterView { nodes: nodes(4, &[]), ranges, in_flight: Vec::new() };
+        let plan = plan(&view);
+        let moves: Vec<(RangeId, NodeId, NodeId)> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Move { range, from, to, reason: MoveReason::BalanceReplicas { .. } } => {
+                    Some((*range, *from, *to))
+                }
+                _ => None,
+            })
+            .collect();
+        // 18 copies over 4 nodes: n3 ends with 4 or 5, every other node within one of it.
+        assert!((4..=5).contains(&moves.len()), "{moves:?}");
+        assert!(moves.iter().all(|(_, _, to)| *to == NodeId(3)), "{moves:?}");
+        for (range, from, _) in &moves {
+            let leader = view.ranges.iter().find(|r| r.id == *range).map(|r| r.owner);
+            assert_ne!(leader, Some(*from), "a follower's copy moves, not the leader's: {moves:?}");
+        }
     }
 }

@@ -118,6 +118,8 @@ pub enum MoveReason {
     BalanceLoad { from_load: f64, to_load: f64 },
     /// Node sizes differ by more than the tolerance (load is balanced).
     BalanceSize { from_bytes: u64, to_bytes: u64 },
+    /// Nodes hold replicas of replicated ranges in numbers more than one apart.
+    BalanceReplicas { from_count: usize, to_count: usize },
     /// The owner is being drained.
     Drain,
     /// Put next to its cold neighbour so the two can merge.
@@ -157,6 +159,9 @@ impl fmt::Display for MoveReason {
                 *from_bytes as f64 / 1048576.0,
                 *to_bytes as f64 / 1048576.0
             ),
+            MoveReason::BalanceReplicas { from_count, to_count } => {
+                write!(f, "balance replicas: {from_count} vs {to_count} per node")
+            }
             MoveReason::Drain => write!(f, "drain"),
             MoveReason::ColocateForMerge { neighbour } => write!(f, "colocate with range {neighbour} to merge"),
         }
@@ -264,6 +269,8 @@ pub enum BalanceMetric {
     Load,
     /// Bytes stored (moving cold ranges only).
     Size,
+    /// Replicas of replicated ranges held.
+    Replicas,
 }
 
 /// A decision not taken, and why. Counted by `kind()` in metrics.
@@ -369,6 +376,9 @@ impl fmt::Display for Skip {
             }
             Skip::NoBeneficialMove { node, metric: BalanceMetric::Size, value } => {
                 write!(f, "{node} ({:.0} MiB): no cold range moves without making the target larger", value / 1048576.0)
+            }
+            Skip::NoBeneficialMove { node, metric: BalanceMetric::Replicas, value } => {
+                write!(f, "{node} ({value:.0} replicas): no replica can move to the node holding fewest")
             }
             Skip::NoTargetNode => write!(f, "no schedulable node to move ranges to"),
             Skip::MergeDelay { left, right, seconds_left } => {
