@@ -21,6 +21,8 @@ struct Placed<'a> {
     range: &'a RangeView,
     owner: usize,
     holders: Vec<usize>,
+    /// Reads other replicas serve, by node (`RangeView::follower_reads`).
+    follower_ops: Vec<(usize, f64)>,
 }
 
 impl<'a> Placement<'a> {
@@ -32,6 +34,7 @@ impl<'a> Placement<'a> {
                 range,
                 owner: range.owner.0 as usize,
                 holders: range.holders().iter().map(|n| n.0 as usize).collect(),
+                follower_ops: range.follower_reads.iter().map(|(n, ops)| (n.0 as usize, *ops)).collect(),
             };
             for action in &view.in_flight {
                 match action {
@@ -42,10 +45,15 @@ impl<'a> Placement<'a> {
                     _ => {}
                 }
             }
-            if placed.owner >= nodes || placed.holders.iter().any(|&h| h >= nodes) {
+            if placed.owner >= nodes
+                || placed.holders.iter().chain(placed.follower_ops.iter().map(|(n, _)| n)).any(|&h| h >= nodes)
+            {
                 continue;
             }
-            placement.ops[placed.owner] += range.load.ops();
+            placement.ops[placed.owner] += range.owner_ops();
+            for &(node, ops) in &placed.follower_ops {
+                placement.ops[node] += ops;
+            }
             for &holder in &placed.holders {
                 placement.bytes[holder] += range.size_bytes as f64;
             }
@@ -54,23 +62,26 @@ impl<'a> Placement<'a> {
         placement
     }
 
-    /// The copy on `from` moves to `to` (with the serving, if `from` served).
+    /// The copy on `from` moves to `to`, with what it serves (all the owner serves, if it owns).
     fn move_copy(&mut self, index: usize, from: usize, to: usize) {
         let placed = &mut self.ranges[index];
-        let (ops, size) = (placed.range.load.ops(), placed.range.size_bytes as f64);
+        let size = placed.range.size_bytes as f64;
+        let mut ops: f64 = placed.follower_ops.iter().filter(|(n, _)| *n == from).map(|(_, ops)| ops).sum();
         if placed.owner == from {
-            self.ops[from] -= ops;
-            self.ops[to] += ops;
+            ops += placed.range.owner_ops();
         }
+        self.ops[from] -= ops;
+        self.ops[to] += ops;
         self.bytes[from] -= size;
         self.bytes[to] += size;
         placed.replace(from, to);
     }
 
-    /// Only the serving moves, to a node that holds a copy already.
+    /// Only the serving moves, to a node that holds a copy already (reads other replicas serve
+    /// stay where they are).
     fn move_leader(&mut self, index: usize, to: usize) {
         let placed = &mut self.ranges[index];
-        let ops = placed.range.load.ops();
+        let ops = placed.range.owner_ops();
         self.ops[placed.owner] -= ops;
         self.ops[to] += ops;
         placed.owner = to;
@@ -79,7 +90,7 @@ impl<'a> Placement<'a> {
 
 impl Placed<'_> {
     fn replace(&mut self, from: usize, to: usize) {
-        for holder in &mut self.holders {
+        for holder in self.holders.iter_mut().chain(self.follower_ops.iter_mut().map(|(n, _)| n)) {
             if *holder == from {
                 *holder = to;
             }
@@ -274,7 +285,8 @@ fn balance(
         BalanceMetric::Size | BalanceMetric::Replicas => p.bytes[node],
     };
     let range_value = |r: &RangeView| match metric {
-        BalanceMetric::Load => r.load.ops(),
+        // What moves with the leadership (or the owner's copy): not other replicas' reads.
+        BalanceMetric::Load => r.owner_ops(),
         BalanceMetric::Size | BalanceMetric::Replicas => r.size_bytes as f64,
     };
     let mean = targets.iter().map(|&n| value(placement, n)).sum::<f64>() / targets.len() as f64;
@@ -560,5 +572,31 @@ mod tests {
             let leader = view.ranges.iter().find(|r| r.id == *range).map(|r| r.owner);
             assert_ne!(leader, Some(*from), "a follower's copy moves, not the leader's: {moves:?}");
         }
+    }
+
+    #[test]
+    fn reads_served_by_followers_count_on_their_nodes_not_the_leader_s() {
+        // n0 leads every range, but followers serve most reads (stale reads of hot keys): n0
+        // carries 100 ops/s per range, n1 and n2 200 each. Handing leaders over would not help.
+        let ranges: Vec<RangeView> = (0..6u8)
+            .map(|i| {
+                let mut range = replicated(u64::from(i) + 1, (i * 10, i * 10 + 10), 0, &[0, 1, 2], 0.0);
+                range.load.reads = 500.0;
+                range.follower_reads = vec![(NodeId(1), 200.0), (NodeId(2), 200.0)];
+                range
+            })
+            .collect();
+        let view = ClusterView { nodes: nodes(3, &[]), ranges, in_flight: Vec::new() };
+        let plan = plan(&view);
+        assert!(!plan.actions.iter().any(|a| matches!(a, Action::TransferLeader { .. })), "{:?}", plan.actions);
+        // Counted on the leader alone, the same load would move leaders away from n0.
+        let mut on_leader = view.clone();
+        on_leader.ranges.iter_mut().for_each(|r| r.follower_reads.clear());
+        let plan = super::tests::plan(&on_leader);
+        assert!(
+            plan.actions.iter().any(|a| matches!(a, Action::TransferLeader { from: NodeId(0), .. })),
+            "{:?}",
+            plan.actions
+        );
     }
 }

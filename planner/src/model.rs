@@ -53,7 +53,11 @@ pub struct RangeView {
     pub owner: NodeId,
     /// The nodes holding a voting replica, the owner among them. Empty for a single copy.
     pub replicas: Vec<NodeId>,
+    /// All of the range's load, wherever it was served ...
     pub load: Load,
+    /// ... of which these reads (ops/s) other replicas served (follower and stale reads), by
+    /// node: that load stays on their nodes when leadership moves.
+    pub follower_reads: Vec<(NodeId, f64)>,
     pub size_bytes: u64,
     /// Keys sampled in proportion to load, with the operations each stands for.
     pub samples: Vec<(Key, f64)>,
@@ -85,6 +89,11 @@ impl RangeView {
     /// A Raft group of several replicas (moves are membership changes, load follows the leader).
     pub fn is_replicated(&self) -> bool {
         self.replicas.len() > 1
+    }
+
+    /// The load the owner serves itself: all of it, less what other replicas served.
+    pub fn owner_ops(&self) -> f64 {
+        (self.load.ops() - self.follower_reads.iter().map(|(_, ops)| ops).sum::<f64>()).max(0.0)
     }
 
     /// True when the range holds exactly one key: `[k, k\0)`.

@@ -126,8 +126,10 @@ pub struct ObservedRange {
     pub desc: RangeDescriptor,
     /// Index into `Observation::nodes`: the single copy's node, or the leader's.
     pub owner: usize,
-    /// The owner's load, plus the reads the other replicas served.
+    /// The owner's load, plus the reads the other replicas served ...
     pub load: RangeLoad,
+    /// ... those reads (ops/s) by node (index into `Observation::nodes`).
+    pub follower_reads: Vec<(usize, f64)>,
 }
 
 impl ObservedRange {
@@ -257,7 +259,8 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
         let Ok(report) = &node.report else { continue };
         for load in &report.load.ranges {
             let Some(desc) = &load.range else { continue };
-            let range = ObservedRange { desc: desc.clone(), owner: index, load: load.clone() };
+            let range =
+                ObservedRange { desc: desc.clone(), owner: index, load: load.clone(), follower_reads: Vec::new() };
             if !range.is_replicated() {
                 owned.push(range);
             } else if leads(desc, &node.member.node_id) {
@@ -326,6 +329,7 @@ fn add_follower_reads(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRa
             }
             range.load.reads_per_sec += load.reads_per_sec;
             range.load.read_bytes_per_sec += load.read_bytes_per_sec;
+            range.follower_reads.push((index, load.reads_per_sec));
         }
     }
 }
@@ -396,6 +400,7 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> Clust
                 } else {
                     Vec::new()
                 },
+                follower_reads: range.follower_reads.iter().map(|(n, ops)| (NodeId(*n as u32), *ops)).collect(),
                 load: Load {
                     reads: load.reads_per_sec,
                     writes: load.writes_per_sec,
@@ -545,6 +550,7 @@ mod tests {
         // Reads served by followers count: range 7 is n2's 5 plus n1's 10. Older copies (n2's
         // and n3's range 1 before the split) do not count toward range 1 as it is now.
         assert_eq!(ranges[&7].load.reads_per_sec, 15.0);
+        assert_eq!(ranges[&7].follower_reads, vec![(0, 10.0)], "n1's reads of range 7, by node");
         assert_eq!(ranges[&1].load.reads_per_sec, 10.0);
         assert!(leaderless(&nodes, &ranges).is_empty());
 
