@@ -89,6 +89,15 @@ impl<'a> Placement<'a> {
 }
 
 impl Placed<'_> {
+    /// A replicated range with a replica on a node that does not answer, or that lost its copy:
+    /// no voluntary move (its membership change would need the replicas left to agree, one
+    /// more failure from unavailable).
+    fn short_of_replicas(&self, view: &ClusterView) -> bool {
+        self.range.is_replicated()
+            && (!self.range.lost.is_empty()
+                || self.holders.iter().any(|&h| view.nodes.get(h).is_some_and(|n| !n.schedulable && !n.draining)))
+    }
+
     fn replace(&mut self, from: usize, to: usize) {
         for holder in self.holders.iter_mut().chain(self.follower_ops.iter_mut().map(|(n, _)| n)) {
             if *holder == from {
@@ -116,6 +125,9 @@ pub fn plan_moves(
         if !view.ranges.is_empty() {
             plan.skipped.push(Skip::NoTargetNode);
         }
+        return;
+    }
+    if !replace_lost(view, &mut placement, &targets, touched, budget, plan) {
         return;
     }
     if !drain(view, &mut placement, &targets, touched, budget, plan) {
@@ -168,7 +180,7 @@ fn balance_replica_counts(
             .iter()
             .enumerate()
             .filter(|(_, p)| p.range.is_replicated() && p.holders.contains(&source) && !p.holders.contains(&target))
-            .filter(|(_, p)| !touched.contains(&p.range.id))
+            .filter(|(_, p)| !touched.contains(&p.range.id) && !p.short_of_replicas(placement.view))
             .filter(|(_, p)| p.range.moved_at.is_none_or(|t| now >= t + policy.move_cooldown_secs))
             .min_by_key(|(_, p)| (p.owner == source, p.range.size_bytes))
             .map(|(index, p)| (index, p.range.id));
@@ -232,6 +244,54 @@ fn drain(
             }
         }
         touched.insert(range.id);
+        *budget -= 1;
+    }
+    true
+}
+
+/// Re-creates replicas that lost their copy (before anything else: the range is a voter short):
+/// on the least loaded node holding none, or on the same node if every node holds one. Returns
+/// false if the budget ran out.
+fn replace_lost(
+    view: &ClusterView,
+    placement: &mut Placement<'_>,
+    targets: &[usize],
+    touched: &mut HashSet<RangeId>,
+    budget: &mut usize,
+    plan: &mut Plan,
+) -> bool {
+    let work: Vec<(usize, usize)> = (0..placement.ranges.len())
+        .filter(|&i| !touched.contains(&placement.ranges[i].range.id))
+        .filter_map(|i| placement.ranges[i].range.lost.first().map(|n| (i, n.0 as usize)))
+        .filter(|&(_, lost)| lost < view.nodes.len())
+        .collect();
+    for (done, &(index, lost)) in work.iter().enumerate() {
+        if *budget == 0 {
+            plan.skipped.push(Skip::MoveBudgetExhausted { wanted: work.len() - done });
+            return false;
+        }
+        let placed = &placement.ranges[index];
+        let range = placed.range.id;
+        let free: Vec<usize> = targets.iter().copied().filter(|t| !placed.holders.contains(t)).collect();
+        let to = if free.is_empty() {
+            if !targets.contains(&lost) {
+                plan.skipped.push(Skip::NoNodeForReplica { range, node: view.nodes[lost].name.clone() });
+                continue;
+            }
+            lost
+        } else {
+            least_loaded(placement, &free)
+        };
+        plan.actions.push(Action::Move {
+            range,
+            from: NodeId(lost as u32),
+            to: NodeId(to as u32),
+            reason: MoveReason::ReplaceLost,
+        });
+        if to != lost {
+            placement.move_copy(index, lost, to);
+        }
+        touched.insert(range);
         *budget -= 1;
     }
     true
@@ -332,7 +392,7 @@ fn balance(
                 BalanceMetric::Load => placed.owner == source,
                 BalanceMetric::Size | BalanceMetric::Replicas => placed.holders.contains(&source),
             };
-            if !on_source || touched.contains(&range.id) {
+            if !on_source || touched.contains(&range.id) || placed.short_of_replicas(placement.view) {
                 continue;
             }
             if metric == BalanceMetric::Size && range.load.ops() > policy.merge_below_qps {
@@ -597,6 +657,28 @@ mod tests {
             plan.actions.iter().any(|a| matches!(a, Action::TransferLeader { from: NodeId(0), .. })),
             "{:?}",
             plan.actions
+        );
+    }
+
+    #[test]
+    fn a_replica_that_lost_its_copy_is_recreated_elsewhere_or_on_its_own_node() {
+        // Range 1's replica on n2 lost its copy. With a fourth node, the copy goes there.
+        let mut range = replicated(1, (0, 0), 0, &[0, 1, 2], 10.0);
+        range.lost = vec![NodeId(2)];
+        let view = ClusterView { nodes: nodes(4, &[]), ranges: vec![range.clone()], in_flight: Vec::new() };
+        let plan = plan(&view);
+        assert_eq!(
+            plan.actions.first(),
+            Some(&Action::Move { range: 1, from: NodeId(2), to: NodeId(3), reason: MoveReason::ReplaceLost }),
+            "{:?}",
+            plan.actions
+        );
+        // Every node holds one: re-created on n2 itself.
+        let view = ClusterView { nodes: nodes(3, &[]), ranges: vec![range], in_flight: Vec::new() };
+        let plan = super::tests::plan(&view);
+        assert_eq!(
+            plan.actions,
+            vec![Action::Move { range: 1, from: NodeId(2), to: NodeId(2), reason: MoveReason::ReplaceLost }]
         );
     }
 }

@@ -58,6 +58,9 @@ pub struct RangeView {
     /// ... of which these reads (ops/s) other replicas served (follower and stale reads), by
     /// node: that load stays on their nodes when leadership moves.
     pub follower_reads: Vec<(NodeId, f64)>,
+    /// Voting replicas whose node answers but holds no copy (its disk was replaced): to be
+    /// re-created, elsewhere if a node holds none, else on the same node.
+    pub lost: Vec<NodeId>,
     pub size_bytes: u64,
     /// Keys sampled in proportion to load, with the operations each stands for.
     pub samples: Vec<(Key, f64)>,
@@ -133,6 +136,8 @@ pub enum MoveReason {
     Drain,
     /// Put next to its cold neighbour so the two can merge.
     ColocateForMerge { neighbour: RangeId },
+    /// The replica on `from` lost its copy; `to == from`: re-created on the same node.
+    ReplaceLost,
 }
 
 /// Why two neighbours merge.
@@ -172,6 +177,7 @@ impl fmt::Display for MoveReason {
                 write!(f, "balance replicas: {from_count} vs {to_count} per node")
             }
             MoveReason::Drain => write!(f, "drain"),
+            MoveReason::ReplaceLost => write!(f, "replace a replica that lost its copy"),
             MoveReason::ColocateForMerge { neighbour } => write!(f, "colocate with range {neighbour} to merge"),
         }
     }

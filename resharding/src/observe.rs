@@ -130,6 +130,9 @@ pub struct ObservedRange {
     pub load: RangeLoad,
     /// ... those reads (ops/s) by node (index into `Observation::nodes`).
     pub follower_reads: Vec<(usize, f64)>,
+    /// Voting replicas (node indices) whose node answers but has held no copy for a while (the
+    /// loop decides how long: `copies_missing` is one round's look).
+    pub lost: Vec<usize>,
 }
 
 impl ObservedRange {
@@ -200,20 +203,45 @@ impl Observation {
         voting.filter_map(|r| self.node_index(&r.node_id)).collect()
     }
 
-    /// Ranges with fewer voting replicas on answering nodes than `factor` (none when it is 1).
+    /// Ranges with fewer than `factor` voting replicas that count: on a node that answers and
+    /// holds a copy of the range's keys (none when the factor is 1). In a joint membership both
+    /// the outgoing and the incoming voters must have that many.
     pub fn under_replicated(&self, factor: usize) -> Vec<u64> {
         if factor <= 1 {
             return Vec::new();
         }
-        let answering = |node_id: &str| self.node(node_id).is_some_and(|n| n.report.is_ok());
+        let counts = |range: &ObservedRange, replica: &kvfleet_proto::v1::Replica| {
+            self.node(&replica.node_id).is_some_and(|n| n.report.is_ok() && n.owned().any(|d| d.overlaps(&range.desc)))
+        };
+        let short = |range: &ObservedRange, side: &[ReplicaMembership]| {
+            let voters = range.desc.replicas.iter().filter(|r| side.contains(&r.membership()));
+            voters.filter(|r| counts(range, r)).count() < factor
+        };
+        use ReplicaMembership::{Joining, Leaving, Voter};
         self.ranges
             .values()
-            .filter(|r| {
-                let voters = r.desc.replicas.iter().filter(|v| v.membership() == ReplicaMembership::Voter);
-                voters.filter(|v| answering(&v.node_id)).count() < factor
-            })
+            .filter(|r| short(r, &[Voter, Leaving]) || short(r, &[Voter, Joining]))
             .map(|r| r.desc.range_id)
             .collect()
+    }
+
+    /// Voting replicas (range id, node index) whose node answered this round holding no copy
+    /// of any part of the range's keys: not a follower behind on a split (it would hold the
+    /// range as it was), but one that lost its copy (a replaced disk).
+    pub fn copies_missing(&self) -> Vec<(u64, usize)> {
+        let mut missing = Vec::new();
+        for range in self.ranges.values().filter(|r| r.is_replicated() && !r.desc.in_joint_membership()) {
+            for replica in range.desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter) {
+                let Some(index) = self.node_index(&replica.node_id) else { continue };
+                if self.nodes[index].report.is_err() {
+                    continue;
+                }
+                if !self.nodes[index].owned().any(|d| d.overlaps(&range.desc)) {
+                    missing.push((range.desc.range_id, index));
+                }
+            }
+        }
+        missing
     }
 
     /// The range map as published to nodes for routing hints: every serving descriptor.
@@ -259,8 +287,13 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
         let Ok(report) = &node.report else { continue };
         for load in &report.load.ranges {
             let Some(desc) = &load.range else { continue };
-            let range =
-                ObservedRange { desc: desc.clone(), owner: index, load: load.clone(), follower_reads: Vec::new() };
+            let range = ObservedRange {
+                desc: desc.clone(),
+                owner: index,
+                load: load.clone(),
+                follower_reads: Vec::new(),
+                lost: Vec::new(),
+            };
             if !range.is_replicated() {
                 owned.push(range);
             } else if leads(desc, &node.member.node_id) {
@@ -401,6 +434,7 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> Clust
                     Vec::new()
                 },
                 follower_reads: range.follower_reads.iter().map(|(n, ops)| (NodeId(*n as u32), *ops)).collect(),
+                lost: range.lost.iter().map(|n| NodeId(*n as u32)).collect(),
                 load: Load {
                     reads: load.reads_per_sec,
                     writes: load.writes_per_sec,
@@ -419,15 +453,15 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> Clust
     let in_flight = state
         .moves
         .iter()
-        .map(|m| {
-            let from = observation.node_index(&m.from).unwrap_or(0);
-            let to = observation.node_index(&m.to).unwrap_or(from);
-            Action::Move {
+        .filter_map(|m| {
+            let from = observation.node_index(&m.from)?;
+            let to = observation.node_index(&m.to)?;
+            Some(Action::Move {
                 range: m.range_id,
                 from: NodeId(from as u32),
                 to: NodeId(to as u32),
                 reason: kvfleet_planner::MoveReason::Drain,
-            }
+            })
         })
         .collect();
     ClusterView { nodes, ranges, in_flight }

@@ -205,6 +205,106 @@ pub async fn move_replica(
     Err(fail(format!("not done within {} s; last: {last_problem}", deadline.as_secs())))
 }
 
+/// Where re-creating a lost replica on its own node stands (see `readd_replica`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaddStep {
+    /// The node is still a voter but holds no copy: remove it from the membership first.
+    RemoveLost,
+    /// The node is not a member: create its empty replica and add it as a learner.
+    AddLearner,
+    /// The node is a learner: promote it (refused until it has caught up).
+    Promote,
+    /// The membership is joint: leave it.
+    LeaveJoint,
+    /// The node votes and holds its copy.
+    Done,
+}
+
+/// The next step of re-creating `node`'s replica of `desc`, given whether `node` holds a copy.
+pub fn next_readd_step(desc: &RangeDescriptor, node: &str, holds_copy: bool) -> ReaddStep {
+    if desc.in_joint_membership() {
+        return ReaddStep::LeaveJoint;
+    }
+    match desc.replicas.iter().find(|r| r.node_id == node).map(Replica::membership) {
+        None => ReaddStep::AddLearner,
+        Some(ReplicaMembership::Learner) => ReaddStep::Promote,
+        Some(_) if holds_copy => ReaddStep::Done,
+        Some(_) => ReaddStep::RemoveLost,
+    }
+}
+
+/// Re-creates the replica of range `range_id` on `node`, which is listed as a voter but lost
+/// its copy (its disk was replaced): removes it from the membership, then adds it back as a
+/// learner (caught up by a snapshot) and promotes it. Used when no other node can take the copy
+/// (every schedulable node holds one). Like `move_replica`, each step reads the membership (and
+/// asks `node` whether it holds a copy) and does only what is not done, so running it again
+/// finishes it. The range has one voter fewer between the removal and the promotion.
+pub async fn readd_replica(
+    clients: &NodeClients,
+    range_id: u64,
+    seeds: &[String],
+    node: &Endpoint,
+    deadline: Duration,
+) -> Result<RangeDescriptor, ReplicaMoveError> {
+    let fail =
+        |message: String| ReplicaMoveError { range_id, from: node.node_id.clone(), to: node.node_id.clone(), message };
+    let started = Instant::now();
+    let mut last_problem = String::from("no step was tried");
+    let mut seeds: Vec<String> = seeds.to_vec();
+    if !seeds.contains(&node.address) {
+        seeds.push(node.address.clone());
+    }
+    while started.elapsed() < deadline {
+        let Some((desc, leader)) = find_leader(clients, range_id, &seeds).await else {
+            last_problem = format!("no replica of range {range_id} knows its leader");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if leader.node_id == node.node_id {
+            // It leads: it holds its copy (a node without one has no group to campaign with).
+            return Ok(desc);
+        }
+        let holds_copy = holds(clients, &node.address, range_id).await;
+        let step = next_readd_step(&desc, &node.node_id, holds_copy);
+        tracing::info!(range_id, ?step, node = %node.node_id, conf_version = desc.conf_version, "replica re-creation step");
+        let create = || async {
+            call(clients, &node.address, |mut admin| {
+                let request = CreateReplicaRequest { range: Some(desc.clone()) };
+                async move { admin.create_replica(with_timeout(request, STEP_TIMEOUT)).await.map(|_| ()) }
+            })
+            .await
+        };
+        let outcome = match step {
+            ReaddStep::Done => return Ok(desc),
+            ReaddStep::RemoveLost => change(clients, &leader.address, &desc, vec![(Kind::Remove, node)]).await,
+            ReaddStep::AddLearner => match create().await {
+                Ok(()) => change(clients, &leader.address, &desc, vec![(Kind::AddLearner, node)]).await,
+                Err(error) => Err(error),
+            },
+            ReaddStep::Promote => match create().await {
+                Ok(()) => change(clients, &leader.address, &desc, vec![(Kind::Promote, node)]).await,
+                Err(error) => Err(error),
+            },
+            ReaddStep::LeaveJoint => change(clients, &leader.address, &desc, vec![(Kind::LeaveJoint, node)]).await,
+        };
+        if let Err(problem) = outcome {
+            tracing::info!(range_id, ?step, %problem, "replica re-creation step not done; retrying");
+            last_problem = problem;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Err(fail(format!("not done within {} s; last: {last_problem}", deadline.as_secs())))
+}
+
+/// Whether the node at `address` reports holding range `range_id` (false if it does not answer).
+async fn holds(clients: &NodeClients, address: &str, range_id: u64) -> bool {
+    let Ok(mut admin) = clients.admin(address) else { return false };
+    let Ok(answer) = admin.list_ranges(with_timeout(ListRangesRequest {}, Duration::from_secs(2))).await else {
+        return false;
+    };
+    answer.into_inner().ranges.iter().any(|d| d.range_id == range_id)
+}
+
 /// Every step's deadline.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -306,5 +406,20 @@ mod tests {
         assert_eq!(next_step(&behind, "n1", "n1", "n4"), Step::TransferLeader { to: "n3".into() });
         let done = range(&[("n2", Voter), ("n3", Voter), ("n4", Voter)]);
         assert_eq!(next_step(&done, "n4", "n1", "n4"), Step::Done);
+    }
+
+    #[test]
+    fn a_lost_replica_is_removed_then_added_back_and_promoted() {
+        use ReplicaMembership::*;
+        let listed = range(&[("n1", Voter), ("n2", Voter), ("n3", Voter)]);
+        assert_eq!(next_readd_step(&listed, "n3", false), ReaddStep::RemoveLost);
+        assert_eq!(next_readd_step(&listed, "n3", true), ReaddStep::Done);
+        let removed = range(&[("n1", Voter), ("n2", Voter)]);
+        assert_eq!(next_readd_step(&removed, "n3", false), ReaddStep::AddLearner);
+        let learner = range(&[("n1", Voter), ("n2", Voter), ("n3", Learner)]);
+        assert_eq!(next_readd_step(&learner, "n3", false), ReaddStep::Promote);
+        assert_eq!(next_readd_step(&learner, "n3", true), ReaddStep::Promote);
+        let joint = range(&[("n1", Voter), ("n2", Voter), ("n3", Joining)]);
+        assert_eq!(next_readd_step(&joint, "n3", true), ReaddStep::LeaveJoint);
     }
 }

@@ -28,6 +28,9 @@ use kvfleet_client::client::normalize_address;
 
 /// Rounds in a row a replica move's target may not answer before the move is given up.
 const GIVE_UP_AFTER_ROUNDS: u32 = 10;
+/// Rounds in a row a voter's node must answer without a copy before its replica counts as lost
+/// (a node restarting, or opening its groups, is not).
+const LOST_AFTER_ROUNDS: u32 = 5;
 
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -103,6 +106,8 @@ pub struct ReshardingLoop<P: Platform> {
     published: Option<(u64, std::time::Instant)>,
     /// Node id -> rounds in a row it did not answer.
     unanswered: HashMap<String, u32>,
+    /// (range id, node id) -> rounds in a row that voter's node answered holding no copy.
+    missing: HashMap<(u64, String), u32>,
 }
 
 impl<P: Platform> ReshardingLoop<P> {
@@ -122,6 +127,7 @@ impl<P: Platform> ReshardingLoop<P> {
             status,
             published: None,
             unanswered: HashMap::new(),
+            missing: HashMap::new(),
         })
     }
 
@@ -207,7 +213,8 @@ impl<P: Platform> ReshardingLoop<P> {
         let now = unix_now().as_secs();
         let members = self.platform.members().await?;
         self.clients.route_admin_calls(&members);
-        let observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
+        let mut observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
+        self.mark_lost_replicas(&mut observation);
         let (max_range, max_move) = observation.max_ids();
         self.state.observe_ids(max_range, max_move);
         if !self.state.bootstrapped || !self.state.bootstrap_pending.is_empty() {
@@ -217,10 +224,21 @@ impl<P: Platform> ReshardingLoop<P> {
                 return Ok(());
             }
         }
-        if self.state.replication_factor.is_none() && observation.unreachable().next().is_none() {
-            // Created before the factor was recorded: as many replicas as its ranges have.
-            let most = observation.ranges.values().map(|r| r.desc.replicas.len()).max();
-            self.state.replication_factor = most.map(|n| n.max(1));
+        if self.state.replication_factor.is_none()
+            && self.state.moves.is_empty()
+            && observation.unreachable().next().is_none()
+            && observation.leaderless.is_empty()
+        {
+            // Created before the factor was recorded: as many voters as its ranges have (out of
+            // a membership change), as a factor: 1, 3 or 5.
+            let settled = observation.ranges.values().filter(|r| !r.desc.in_joint_membership());
+            let voters =
+                settled.map(|r| r.desc.replicas.iter().filter(|v| v.membership() == ReplicaMembership::Voter).count());
+            self.state.replication_factor = voters.max().map(|n| match n {
+                0..=2 => 1,
+                3..=4 => 3,
+                _ => 5,
+            });
         }
         for node in &observation.nodes {
             match node.report {
@@ -230,6 +248,7 @@ impl<P: Platform> ReshardingLoop<P> {
                     .insert(node.member.node_id.clone(), self.unanswered_rounds(&node.member.node_id) + 1),
             };
         }
+        self.unanswered.retain(|id, _| observation.node(id).is_some());
         self.stop_stuck_replica_moves(&observation);
         self.reap_moves(now);
         self.recover_moves(&observation).await;
@@ -721,7 +740,12 @@ impl<P: Platform> ReshardingLoop<P> {
         let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
         let (clients, range_id, deadline) = (self.clients.clone(), mv.range_id, self.config.import_timeout);
         let task = tokio::spawn(async move {
-            crate::replica_moves::move_replica(&clients, range_id, &seeds, &from, &to, deadline).await
+            if from == to {
+                // A replica that lost its copy, re-created on its own node.
+                crate::replica_moves::readd_replica(&clients, range_id, &seeds, &to, deadline).await
+            } else {
+                crate::replica_moves::move_replica(&clients, range_id, &seeds, &from, &to, deadline).await
+            }
         });
         self.live_moves.insert(mv.move_id, LiveMove { task: MoveTask::Replica(task), reason });
     }
@@ -781,7 +805,14 @@ impl<P: Platform> ReshardingLoop<P> {
                 }
             }
             Some(_) => {
-                tracing::info!(move_id = mv.move_id, to = %mv.to, "the move's target votes already: it finishes once the target answers");
+                // It votes already: going on only removes the source (or leaves the joint
+                // membership), which a drain of the target then undoes with a move of its own.
+                if observation.node(&mv.to).is_some_and(|n| n.report.is_ok()) {
+                    tracing::info!(move_id = mv.move_id, to = %mv.to, "the move's target votes already: finishing the move");
+                    self.spawn_replica_move(observation, &mv, MoveReason::Drain);
+                } else {
+                    tracing::info!(move_id = mv.move_id, to = %mv.to, "the move's target votes already: it finishes once the target answers");
+                }
                 return;
             }
             None => {}
@@ -793,14 +824,35 @@ impl<P: Platform> ReshardingLoop<P> {
         ));
     }
 
+    /// Marks the voting replicas whose node has answered without a copy for `LOST_AFTER_ROUNDS`
+    /// rounds in a row as lost (`ObservedRange::lost`), for the planner to re-create.
+    fn mark_lost_replicas(&mut self, observation: &mut Observation) {
+        let mut missing = HashMap::new();
+        for (range_id, index) in observation.copies_missing() {
+            let key = (range_id, observation.nodes[index].member.node_id.clone());
+            let rounds = self.missing.get(&key).copied().unwrap_or(0) + 1;
+            if rounds >= LOST_AFTER_ROUNDS
+                && let Some(range) = observation.ranges.get_mut(&range_id)
+            {
+                if range.lost.is_empty() {
+                    tracing::warn!(range_id, node = %key.1, rounds, "a voting replica's node holds no copy: re-creating it");
+                }
+                range.lost.push(index);
+            }
+            missing.insert(key, rounds);
+        }
+        self.missing = missing;
+    }
+
     fn unanswered_rounds(&self, node_id: &str) -> u32 {
         self.unanswered.get(node_id).copied().unwrap_or(0)
     }
 
-    /// Whether a replica move's target takes ranges: a member, not draining, and not silent for
-    /// `GIVE_UP_AFTER_ROUNDS` rounds in a row (a restart is a round or two).
+    /// Whether a replica move's target takes ranges: a member, not draining to go away (one
+    /// draining to restart comes back), and not silent for `GIVE_UP_AFTER_ROUNDS` rounds in a row
+    /// (a restart is a round or two).
     fn target_usable(&self, observation: &Observation, node_id: &str) -> bool {
-        observation.node(node_id).is_some_and(|n| !n.member.draining)
+        observation.node(node_id).is_some_and(|n| !n.member.draining || n.member.restarting)
             && self.unanswered_rounds(node_id) < GIVE_UP_AFTER_ROUNDS
     }
 

@@ -114,9 +114,11 @@ impl KeyValueClusterSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 pub struct UpdateStrategy {
     /// `Restart` (the default): the StatefulSet restarts pods one at a time; a pod's ranges are
-    /// unavailable while it restarts (seconds, plus WAL recovery). `DrainFirst`: zero downtime;
-    /// before a pod restarts, the operator moves all its ranges to the other pods (one copy of
-    /// the pod's data per update; needs at least 2 pods).
+    /// unavailable while it restarts (seconds, plus WAL recovery; replicated ranges it leads
+    /// until another replica is elected). `DrainFirst`: zero downtime; before a pod restarts, the
+    /// operator moves its single-copy ranges to the other pods (one copy of that data per update;
+    /// needs at least 2 pods) and hands the leaderships of its replicated ranges to their other
+    /// replicas.
     #[serde(default, rename = "type")]
     pub type_: UpdateType,
 }
@@ -365,7 +367,11 @@ pub struct KeyValueClusterStatus {
     pub ranges: u32,
     #[serde(default)]
     pub moves_in_flight: u32,
-    /// Ranges with fewer replicas on answering pods than spec.replication.factor.
+    /// Replicas of each range: the factor the cluster was created with.
+    #[serde(default)]
+    pub replication_factor: u32,
+    /// Ranges with fewer than `replicationFactor` voting replicas on pods that answer and hold
+    /// their copy.
     #[serde(default)]
     pub under_replicated_ranges: u32,
     /// One entry per storage pod, from the last resharding round.

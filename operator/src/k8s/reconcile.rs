@@ -146,6 +146,9 @@ pub fn validate(kvc: &KeyValueCluster) -> Result<(), String> {
              named after it)"
         ));
     }
+    if spec.replication.factor.is_some_and(|f| ![1, 3, 5].contains(&f) || f > spec.replicas) {
+        return Err(format!("spec.replication.factor must be 1, 3 or 5 and at most spec.replicas ({})", spec.replicas));
+    }
     if spec.update_strategy.type_ == super::crd::UpdateType::DrainFirst && spec.replicas < 2 {
         return Err("spec.updateStrategy.type DrainFirst needs at least 2 replicas; use Restart with 1".into());
     }
@@ -244,6 +247,18 @@ async fn reconcile_inner(kvc: &KeyValueCluster, ctx: &Context) -> Result<Action,
 
     let fleet = ctx.fleets.status(&cluster_key(kvc));
     if let Err(why) = validate(kvc) {
+        report_problem(ctx, kvc, &names, current.as_ref(), Problem::InvalidSpec(&why)).await?;
+        return Ok(Action::requeue(REFRESH * 6));
+    }
+    // What CEL cannot see: the factor the cluster's ranges were made with (the default depends
+    // on the pods at creation). Fewer pods could never hold every replica: nothing is changed.
+    if let Some(factor) = fleet.as_ref().filter(|f| f.round > 0).map(|f| f.replication_factor)
+        && factor as i32 > kvc.spec.replicas
+    {
+        let why = format!(
+            "spec.replicas {} is below the {factor} replicas each range of this cluster has (each on a different pod); scale to at least {factor}",
+            kvc.spec.replicas
+        );
         report_problem(ctx, kvc, &names, current.as_ref(), Problem::InvalidSpec(&why)).await?;
         return Ok(Action::requeue(REFRESH * 6));
     }

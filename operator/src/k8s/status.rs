@@ -138,7 +138,7 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
         (true, OWNERSHIP_CONFLICT_REASON, message)
     } else if !down.is_empty() && replicated {
         let message = format!(
-            "unreachable: {} (replicated ranges go on serving from their other replicas; {} ranges under-replicated, {} without a leader)",
+            "unreachable: {} (a replicated range serves while a majority of its replicas answers; {} ranges under-replicated, {} without a leader)",
             down.join(", "),
             under_replicated,
             fleet.map_or(0, |f| f.leaderless.len())
@@ -181,6 +181,7 @@ pub fn compute(observed: &Observed) -> KeyValueClusterStatus {
         ranges,
         moves_in_flight: moves,
         under_replicated_ranges: under_replicated,
+        replication_factor: fleet.map_or(0, |f| f.replication_factor as u32),
         pods: fleet
             .map(|f| {
                 f.nodes
@@ -333,7 +334,7 @@ mod tests {
         assert!(
             cond(&status, "Degraded")
                 .message
-                .contains("go on serving from their other replicas; 2 ranges under-replicated")
+                .contains("serves while a majority of its replicas answers; 2 ranges under-replicated")
         );
     }
 
