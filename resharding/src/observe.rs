@@ -22,6 +22,11 @@ use crate::leadership::{EpochStamp, Leadership};
 use crate::platform::Member;
 use crate::state::ReshardingState;
 
+/// A voter further behind its leader than this many log entries (or waiting for a snapshot)
+/// does not count toward its range's replicas: it cannot help commit soon (a pod just back from
+/// a restart, catching up).
+pub const MAX_BEHIND_ENTRIES: u64 = 1000;
+
 /// Key samples and hot keys asked of each range per round.
 const SAMPLE_KEYS: u32 = 64;
 const HOT_KEYS: u32 = 4;
@@ -101,6 +106,9 @@ pub struct NodeReport {
     /// The highest range id and move id the node ever recorded.
     pub max_range_id: u64,
     pub max_move_id: u64,
+    /// Its ranges as `ListRanges` gives them: on the ranges it leads, how far behind each
+    /// replica is (`Replica.behind_entries`).
+    pub listed: Vec<RangeDescriptor>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,15 +211,19 @@ impl Observation {
         voting.filter_map(|r| self.node_index(&r.node_id)).collect()
     }
 
-    /// Ranges with fewer than `factor` voting replicas that count: on a node that answers and
-    /// holds a copy of the range's keys (none when the factor is 1). In a joint membership both
+    /// Ranges with fewer than `factor` voting replicas that count: on a node that answers, holds
+    /// a copy of the range's keys and is at most `MAX_BEHIND_ENTRIES` behind its leader (none
+    /// when the factor is 1). In a joint membership both
     /// the outgoing and the incoming voters must have that many.
     pub fn under_replicated(&self, factor: usize) -> Vec<u64> {
         if factor <= 1 {
             return Vec::new();
         }
         let counts = |range: &ObservedRange, replica: &kvfleet_proto::v1::Replica| {
-            self.node(&replica.node_id).is_some_and(|n| n.report.is_ok() && n.owned().any(|d| d.overlaps(&range.desc)))
+            replica.behind_entries.is_none_or(|behind| behind <= MAX_BEHIND_ENTRIES)
+                && self
+                    .node(&replica.node_id)
+                    .is_some_and(|n| n.report.is_ok() && n.owned().any(|d| d.overlaps(&range.desc)))
         };
         let short = |range: &ObservedRange, side: &[ReplicaMembership]| {
             let voters = range.desc.replicas.iter().filter(|r| side.contains(&r.membership()));
@@ -307,6 +319,7 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
         }
     }
     add_follower_reads(nodes, &mut led);
+    add_lag(nodes, &mut led);
     owned.extend(led.into_values());
     // Newest first; at equal generations active before frozen, then by node for determinism.
     owned.sort_by_key(|r| (std::cmp::Reverse(r.desc.generation), r.desc.state() != RangeState::Active, r.owner));
@@ -367,6 +380,19 @@ fn add_follower_reads(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRa
     }
 }
 
+/// How far behind each replica is, as the leader's `ListRanges` said (same membership only).
+fn add_lag(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRange>) {
+    for range in led.values_mut() {
+        let Ok(report) = &nodes[range.owner].report else { continue };
+        let listed = report.listed.iter().find(|d| d.range_id == range.desc.range_id);
+        let Some(listed) = listed.filter(|d| d.conf_version == range.desc.conf_version) else { continue };
+        for replica in &mut range.desc.replicas {
+            let lag = listed.replicas.iter().find(|r| r.node_id == replica.node_id);
+            replica.behind_entries = lag.and_then(|r| r.behind_entries);
+        }
+    }
+}
+
 /// Replicated ranges some node reports that are not in the map and that no range in it covers
 /// the keys of.
 fn leaderless(nodes: &[ObservedNode], ranges: &BTreeMap<u64, ObservedRange>) -> Vec<u64> {
@@ -393,7 +419,13 @@ async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> R
     let load = load.map_err(|s| describe_status(&s))?.into_inner();
     let list = list.map_err(|s| describe_status(&s))?.into_inner();
     clients.leadership.saw_node_epoch(list.operator_epoch);
-    Ok(NodeReport { load, importing: list.importing, max_range_id: list.max_range_id, max_move_id: list.max_move_id })
+    Ok(NodeReport {
+        load,
+        importing: list.importing,
+        max_range_id: list.max_range_id,
+        max_move_id: list.max_move_id,
+        listed: list.ranges,
+    })
 }
 
 pub fn describe_status(status: &tonic::Status) -> String {
@@ -593,5 +625,30 @@ mod tests {
         let (ranges, _) = resolve_ownership(&nodes);
         assert_eq!(serving(&ranges), vec![(1, 0)]);
         assert_eq!(leaderless(&nodes, &ranges), vec![7]);
+    }
+
+    #[test]
+    fn a_voter_far_behind_or_without_a_copy_does_not_count_toward_its_replicas() {
+        let mut leader = node("n1", vec![replicated(1, ("", ""), 1, "n1")]);
+        let mut listed = replicated(1, ("", ""), 1, "n1");
+        listed.replicas[1].behind_entries = Some(5);
+        listed.replicas[2].behind_entries = Some(MAX_BEHIND_ENTRIES + 1);
+        if let Ok(report) = &mut leader.report {
+            report.listed = vec![listed];
+        }
+        let followers =
+            [node("n2", vec![replicated(1, ("", ""), 1, "n1")]), node("n3", vec![replicated(1, ("", ""), 1, "n1")])];
+        let nodes: Vec<ObservedNode> = std::iter::once(leader).chain(followers).collect();
+        let (ranges, _) = resolve_ownership(&nodes);
+        let observation = Observation { nodes: nodes.clone(), ranges, ..Default::default() };
+        assert_eq!(observation.under_replicated(3), vec![1], "n3 is catching up");
+        assert!(observation.under_replicated(1).is_empty());
+        // Caught up, but n3 lost its copy (a new disk): still short.
+        let mut caught_up = observation.clone();
+        caught_up.ranges.get_mut(&1).expect("range 1").desc.replicas[2].behind_entries = Some(0);
+        assert!(caught_up.under_replicated(3).is_empty());
+        caught_up.nodes[2] = node("n3", vec![]);
+        assert_eq!(caught_up.under_replicated(3), vec![1]);
+        assert_eq!(caught_up.copies_missing(), vec![(1, 2)]);
     }
 }
