@@ -4,8 +4,9 @@
 # start of the key space, so they all land on one node's range first), and prints, once a second,
 # the busiest node's load over the mean. Reports the time until it stays at or below 1.25 for 10 s.
 #
-#   scripts/bench-hotspot.sh                  # 180 s of load at most
+#   scripts/bench-hotspot.sh                  # 180 s of load at most, single copies
 #   DURATION=120 CONCURRENCY=32 scripts/bench-hotspot.sh
+#   REPLICAS=3 scripts/bench-hotspot.sh       # every range on all 3 nodes: balanced by leaders
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -13,10 +14,11 @@ source scripts/env.sh
 DURATION="${DURATION:-180}"
 CONCURRENCY="${CONCURRENCY:-32}"
 RECORDS="${RECORDS:-100000}"
+REPLICAS="${REPLICAS:-1}"
 source scripts/bench-lib.sh
 bench_setup
 
-"$bin/kvfleet-operator" playground --nodes 3 --replicas 1 --dir "$work/fleet" --base-port 0 --listen 127.0.0.1:0 --view none \
+"$bin/kvfleet-operator" playground --nodes 3 --replicas "$REPLICAS" --dir "$work/fleet" --base-port 0 --listen 127.0.0.1:0 --view none \
   >"$work/ready" 2>"$work/controller.log" &
 pids+=($!)
 for _ in $(seq 1 300); do grep -q "ready" "$work/ready" 2>/dev/null && break; sleep 0.1; done

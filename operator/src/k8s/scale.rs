@@ -2,7 +2,7 @@
 //! saw. Scale-in is two steps: the pods going away drain (their ranges move off), and only when
 //! they hold nothing does the StatefulSet shrink, so no volume that holds a range is deleted.
 
-use kvfleet_resharding::fleet::{FleetView, NodeState};
+use kvfleet_resharding::fleet::{FleetNode, FleetView, NodeState};
 
 use super::build::Names;
 
@@ -62,37 +62,21 @@ impl ScaleStep {
 
 /// What a pod being removed still holds, or why its emptiness is not known.
 pub(super) fn still_holding(fleet: Option<&FleetView>, pod: &str) -> Option<String> {
-    let Some(fleet) = fleet.filter(|f| f.round > 0) else {
-        return Some(format!("{pod} (no resharding round yet)"));
+    let (fleet, node) = match draining(fleet, pod) {
+        Ok(seen) => seen,
+        Err(why) => return Some(why),
     };
-    let Some(node) = fleet.node(pod) else {
-        return Some(format!("{pod} (not seen yet)"));
-    };
-    if node.state != NodeState::Draining {
-        // Up: the last round did not treat it as draining yet; down: what it holds is unknown.
-        return Some(format!("{pod} ({})", node.state));
-    }
-    let moves = fleet.moves_touching(pod);
-    match (node.ranges, moves) {
-        (0, 0) => None,
-        (ranges, 0) => Some(format!("{pod} ({ranges} ranges)")),
-        (ranges, moves) => Some(format!("{pod} ({ranges} ranges, {moves} moving)")),
-    }
+    left(pod, node.ranges, fleet.moves_touching(pod))
 }
 
 /// What a pod about to restart (a DrainFirst update) still serves: its single copies and the
 /// replicated ranges it leads (the replicas it follows restart with it; the others serve
 /// meanwhile), or why restarting it now could make ranges unavailable.
 pub(super) fn still_serving(fleet: Option<&FleetView>, pod: &str) -> Option<String> {
-    let Some(fleet) = fleet.filter(|f| f.round > 0) else {
-        return Some(format!("{pod} (no resharding round yet)"));
+    let (fleet, node) = match draining(fleet, pod) {
+        Ok(seen) => seen,
+        Err(why) => return Some(why),
     };
-    let Some(node) = fleet.node(pod) else {
-        return Some(format!("{pod} (not seen yet)"));
-    };
-    if node.state != NodeState::Draining {
-        return Some(format!("{pod} ({})", node.state));
-    }
     let short: Vec<String> = fleet.under_replicated.iter().chain(&fleet.leaderless).map(|id| id.to_string()).collect();
     if !short.is_empty() {
         return Some(format!(
@@ -101,11 +85,30 @@ pub(super) fn still_serving(fleet: Option<&FleetView>, pod: &str) -> Option<Stri
             fleet.replication_factor
         ));
     }
-    let serving = node.ranges.saturating_sub(node.following);
-    match (serving, fleet.moves_touching(pod)) {
+    left(pod, node.ranges.saturating_sub(node.following), fleet.moves_touching(pod))
+}
+
+/// The last round's view of `pod`, if that round drained it; else why its contents are unknown.
+fn draining<'a>(fleet: Option<&'a FleetView>, pod: &str) -> Result<(&'a FleetView, &'a FleetNode), String> {
+    let Some(fleet) = fleet.filter(|f| f.round > 0) else {
+        return Err(format!("{pod} (no resharding round yet)"));
+    };
+    let Some(node) = fleet.node(pod) else {
+        return Err(format!("{pod} (not seen yet)"));
+    };
+    if node.state != NodeState::Draining {
+        // Up: the last round did not treat it as draining yet; down: what it holds is unknown.
+        return Err(format!("{pod} ({})", node.state));
+    }
+    Ok((fleet, node))
+}
+
+/// What is left to move off `pod`, if anything.
+fn left(pod: &str, ranges: u32, moves: usize) -> Option<String> {
+    match (ranges, moves) {
         (0, 0) => None,
-        (serving, 0) => Some(format!("{pod} ({serving} ranges)")),
-        (serving, moves) => Some(format!("{pod} ({serving} ranges, {moves} moving)")),
+        (ranges, 0) => Some(format!("{pod} ({ranges} ranges)")),
+        (ranges, moves) => Some(format!("{pod} ({ranges} ranges, {moves} moving)")),
     }
 }
 
