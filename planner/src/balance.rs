@@ -260,10 +260,17 @@ fn replace_lost(
     budget: &mut usize,
     plan: &mut Plan,
 ) -> bool {
-    let work: Vec<(usize, usize)> = (0..placement.ranges.len())
+    // (range index, the node whose replica is lost; None: a voter is missing altogether).
+    let work: Vec<(usize, Option<usize>)> = (0..placement.ranges.len())
         .filter(|&i| !touched.contains(&placement.ranges[i].range.id))
-        .filter_map(|i| placement.ranges[i].range.lost.first().map(|n| (i, n.0 as usize)))
-        .filter(|&(_, lost)| lost < view.nodes.len())
+        .filter_map(|i| {
+            let range = placement.ranges[i].range;
+            match range.lost.first() {
+                Some(lost) => Some((i, Some(lost.0 as usize))),
+                None => (range.missing_voters > 0).then_some((i, None)),
+            }
+        })
+        .filter(|&(_, lost)| lost.is_none_or(|n| n < view.nodes.len()))
         .collect();
     for (done, &(index, lost)) in work.iter().enumerate() {
         if *budget == 0 {
@@ -273,14 +280,24 @@ fn replace_lost(
         let placed = &placement.ranges[index];
         let range = placed.range.id;
         let free: Vec<usize> = targets.iter().copied().filter(|t| !placed.holders.contains(t)).collect();
-        let to = if free.is_empty() {
-            if !targets.contains(&lost) {
+        // A node restarting (a DrainFirst update) still takes back its own lost replica.
+        let own_node_takes_it = |n: usize| targets.contains(&n) || view.nodes[n].restarting;
+        let (lost, to) = match (lost, free.is_empty()) {
+            (Some(lost), false) => (lost, least_loaded(placement, &free)),
+            (Some(lost), true) if own_node_takes_it(lost) => (lost, lost),
+            (None, false) => {
+                // A new voter: re-created "on its own node", which holds none yet.
+                let to = least_loaded(placement, &free);
+                (to, to)
+            }
+            (Some(lost), true) => {
                 plan.skipped.push(Skip::NoNodeForReplica { range, node: view.nodes[lost].name.clone() });
                 continue;
             }
-            lost
-        } else {
-            least_loaded(placement, &free)
+            (None, true) => {
+                plan.skipped.push(Skip::NoTargetNode);
+                continue;
+            }
         };
         plan.actions.push(Action::Move {
             range,
@@ -657,6 +674,19 @@ mod tests {
             plan.actions.iter().any(|a| matches!(a, Action::TransferLeader { from: NodeId(0), .. })),
             "{:?}",
             plan.actions
+        );
+    }
+
+    #[test]
+    fn a_range_short_of_voters_gets_one_on_a_node_holding_none() {
+        // Range 1 has two voters (a re-creation was cut off after removing the third).
+        let mut range = replicated(1, (0, 0), 0, &[0, 1], 10.0);
+        range.missing_voters = 1;
+        let view = ClusterView { nodes: nodes(3, &[]), ranges: vec![range], in_flight: Vec::new() };
+        let plan = plan(&view);
+        assert_eq!(
+            plan.actions,
+            vec![Action::Move { range: 1, from: NodeId(2), to: NodeId(2), reason: MoveReason::ReplaceLost }]
         );
     }
 

@@ -61,6 +61,9 @@ pub struct RangeView {
     /// Voting replicas whose node answers but holds no copy (its disk was replaced): to be
     /// re-created, elsewhere if a node holds none, else on the same node.
     pub lost: Vec<NodeId>,
+    /// How many voting replicas the range lacks for the fleet's replication factor (a replica
+    /// removed and not added back): one is added on a node holding none.
+    pub missing_voters: usize,
     pub size_bytes: u64,
     /// Keys sampled in proportion to load, with the operations each stands for.
     pub samples: Vec<(Key, f64)>,

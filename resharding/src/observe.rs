@@ -25,7 +25,7 @@ use crate::state::ReshardingState;
 /// A voter further behind its leader than this many log entries (or waiting for a snapshot)
 /// does not count toward its range's replicas: it cannot help commit soon (a pod just back from
 /// a restart, catching up).
-pub const MAX_BEHIND_ENTRIES: u64 = 1000;
+pub const MAX_BEHIND_ENTRIES: u64 = 10_000;
 
 /// Key samples and hot keys asked of each range per round.
 const SAMPLE_KEYS: u32 = 64;
@@ -220,10 +220,11 @@ impl Observation {
             return Vec::new();
         }
         let counts = |range: &ObservedRange, replica: &kvfleet_proto::v1::Replica| {
-            replica.behind_entries.is_none_or(|behind| behind <= MAX_BEHIND_ENTRIES)
-                && self
-                    .node(&replica.node_id)
-                    .is_some_and(|n| n.report.is_ok() && n.owned().any(|d| d.overlaps(&range.desc)))
+            replica.node_id == self.nodes[range.owner].member.node_id
+                || replica.behind_entries.is_none_or(|behind| behind <= MAX_BEHIND_ENTRIES)
+                    && self
+                        .node(&replica.node_id)
+                        .is_some_and(|n| n.report.is_ok() && n.owned().any(|d| d.overlaps(&range.desc)))
         };
         let short = |range: &ObservedRange, side: &[ReplicaMembership]| {
             let voters = range.desc.replicas.iter().filter(|r| side.contains(&r.membership()));
@@ -380,6 +381,19 @@ fn add_follower_reads(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRa
     }
 }
 
+/// Voting replicas a replicated range lacks for `factor`, out of a membership change (a joint
+/// membership or a learner on the way is a change under way: none then). A single copy is not
+/// a Raft group and takes no replicas: none.
+fn missing_voters(range: &ObservedRange, factor: usize) -> usize {
+    let changing = range.desc.in_joint_membership()
+        || range.desc.replicas.iter().any(|r| r.membership() == ReplicaMembership::Learner);
+    if !range.is_replicated() || changing {
+        return 0;
+    }
+    let voters = range.desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter).count();
+    factor.saturating_sub(voters)
+}
+
 /// How far behind each replica is, as the leader's `ListRanges` said (same membership only).
 fn add_lag(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRange>) {
     for range in led.values_mut() {
@@ -437,7 +451,7 @@ pub fn describe_status(status: &tonic::Status) -> String {
 }
 
 /// The planner's view: nodes by index, every serving range with its load, what is in flight.
-pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> ClusterView {
+pub fn cluster_view(observation: &Observation, state: &ReshardingState, replication_factor: usize) -> ClusterView {
     let nodes = observation
         .nodes
         .iter()
@@ -467,6 +481,7 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState) -> Clust
                 },
                 follower_reads: range.follower_reads.iter().map(|(n, ops)| (NodeId(*n as u32), *ops)).collect(),
                 lost: range.lost.iter().map(|n| NodeId(*n as u32)).collect(),
+                missing_voters: missing_voters(range, replication_factor),
                 load: Load {
                     reads: load.reads_per_sec,
                     writes: load.writes_per_sec,

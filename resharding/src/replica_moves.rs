@@ -254,6 +254,9 @@ pub async fn readd_replica(
     if !seeds.contains(&node.address) {
         seeds.push(node.address.clone());
     }
+    // Once the lost replica is out of the membership, a voter on `node` is the one this run
+    // added back: never removed again.
+    let mut removed = false;
     while started.elapsed() < deadline {
         let Some((desc, leader)) = find_leader(clients, range_id, &seeds).await else {
             last_problem = format!("no replica of range {range_id} knows its leader");
@@ -264,8 +267,15 @@ pub async fn readd_replica(
             // It leads: it holds its copy (a node without one has no group to campaign with).
             return Ok(desc);
         }
-        let holds_copy = holds(clients, &node.address, range_id).await;
-        let step = next_readd_step(&desc, &node.node_id, holds_copy);
+        let member = desc.replicas.iter().any(|r| r.node_id == node.node_id);
+        removed |= !member;
+        let Some(holds_copy) = holds(clients, &node.address, range_id).await else {
+            // Whether it holds a copy is unknown: a healthy voter must not be taken for lost.
+            last_problem = format!("node {} does not answer", node.node_id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let step = next_readd_step(&desc, &node.node_id, holds_copy || removed);
         tracing::info!(range_id, ?step, node = %node.node_id, conf_version = desc.conf_version, "replica re-creation step");
         let create = || async {
             call(clients, &node.address, |mut admin| {
@@ -296,13 +306,11 @@ pub async fn readd_replica(
     Err(fail(format!("not done within {} s; last: {last_problem}", deadline.as_secs())))
 }
 
-/// Whether the node at `address` reports holding range `range_id` (false if it does not answer).
-async fn holds(clients: &NodeClients, address: &str, range_id: u64) -> bool {
-    let Ok(mut admin) = clients.admin(address) else { return false };
-    let Ok(answer) = admin.list_ranges(with_timeout(ListRangesRequest {}, Duration::from_secs(2))).await else {
-        return false;
-    };
-    answer.into_inner().ranges.iter().any(|d| d.range_id == range_id)
+/// Whether the node at `address` reports holding range `range_id`; None if it does not answer.
+async fn holds(clients: &NodeClients, address: &str, range_id: u64) -> Option<bool> {
+    let mut admin = clients.admin(address).ok()?;
+    let answer = admin.list_ranges(with_timeout(ListRangesRequest {}, Duration::from_secs(2))).await.ok()?;
+    Some(answer.into_inner().ranges.iter().any(|d| d.range_id == range_id))
 }
 
 /// Every step's deadline.

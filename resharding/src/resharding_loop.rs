@@ -235,8 +235,8 @@ impl<P: Platform> ReshardingLoop<P> {
             let voters =
                 settled.map(|r| r.desc.replicas.iter().filter(|v| v.membership() == ReplicaMembership::Voter).count());
             self.state.replication_factor = voters.max().map(|n| match n {
-                0..=2 => 1,
-                3..=4 => 3,
+                0..=1 => 1,
+                2..=3 => 3,
                 _ => 5,
             });
         }
@@ -254,7 +254,8 @@ impl<P: Platform> ReshardingLoop<P> {
         self.recover_moves(&observation).await;
         self.publish_routing(&observation).await;
 
-        let view = observe::cluster_view(&observation, &self.state);
+        let factor = self.state.replication_factor.unwrap_or(self.config.replication_factor);
+        let view = observe::cluster_view(&observation, &self.state, factor);
         let plan = self.planner.plan(&view, now);
         // Ranges on unreachable nodes are missing from the view; the planner acts on what it sees
         // and moves nothing onto those nodes.
@@ -762,6 +763,15 @@ impl<P: Platform> ReshardingLoop<P> {
             ));
             return;
         }
+        if mv.from == mv.to {
+            // A re-creation is never given up while its node is a member: cut off between its
+            // removal and its promotion, the range would stay a voter short. It waits for the
+            // node to answer.
+            if observation.node(&mv.to).is_some_and(|n| n.report.is_ok()) {
+                self.spawn_replica_move(observation, &mv, MoveReason::ReplaceLost);
+            }
+            return;
+        }
         if !self.target_usable(observation, &mv.to) {
             self.abandon_replica_move(observation, mv).await;
             return;
@@ -859,7 +869,8 @@ impl<P: Platform> ReshardingLoop<P> {
     /// Stops the tasks of replica moves whose target stopped answering or drains; the next
     /// round gives them up (`abandon_replica_move`).
     fn stop_stuck_replica_moves(&mut self, observation: &Observation) {
-        for mv in self.state.moves.iter().filter(|m| m.replica && !self.target_usable(observation, &m.to)) {
+        let stuck = |m: &&InFlightMove| m.replica && m.from != m.to && !self.target_usable(observation, &m.to);
+        for mv in self.state.moves.iter().filter(stuck) {
             if let Some(LiveMove { task: MoveTask::Replica(task), .. }) = self.live_moves.get(&mv.move_id) {
                 tracing::warn!(move_id = mv.move_id, to = %mv.to, "replica move target does not answer or drains; stopping the move");
                 task.abort();
