@@ -414,8 +414,26 @@ async fn wait_for_phase(plane: &ControlPlane, clusters: &Api<KeyValueCluster>, r
         if running && status.ready_replicas == ready && status.replicas == ready {
             return None;
         }
+        // Where each pod is: scheduled onto which node, in which phase (a pod never scheduled
+        // points at the scheduler or the volume claims, not the operator).
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(clusters.clone().into_client(), NAMESPACE);
+        let pods: Vec<String> = pods
+            .list(&ListParams::default())
+            .await
+            .map(|list| {
+                list.items
+                    .iter()
+                    .map(|p| {
+                        let node =
+                            p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_else(|| "unscheduled".into());
+                        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                        format!("{} on {node} {phase}", p.name_any())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Some(format!(
-            "phase {:?}, {}/{} ready, {} ranges; conditions {:?}",
+            "phase {:?}, {}/{} ready, {} ranges; conditions {:?}; pods {pods:?}",
             status.phase,
             status.ready_replicas,
             status.replicas,

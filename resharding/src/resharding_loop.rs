@@ -76,7 +76,8 @@ pub enum LoopError {
 
 struct LiveMove {
     task: MoveTask,
-    reason: MoveReason,
+    /// Why this loop planned it; None for a move it resumed (its recorded reason is in the state).
+    reason: Option<MoveReason>,
 }
 
 enum MoveTask {
@@ -275,9 +276,10 @@ impl<P: Platform> ReshardingLoop<P> {
         Ok(())
     }
 
-    /// The reason of each move a task drives; the others are recovering.
+    /// The reason of each move this loop planned and a task drives; the others (resumed after a
+    /// restart or a failure) show as recovering, with the reason the state recorded.
     fn live_move_reasons(&self) -> HashMap<u64, MoveReason> {
-        self.live_moves.iter().map(|(id, live)| (*id, live.reason.clone())).collect()
+        self.live_moves.iter().filter_map(|(id, live)| Some((*id, live.reason.clone()?))).collect()
     }
 
     /// Collects the moves whose tasks ended. A failed move stays in the state for `recover_moves`.
@@ -446,7 +448,13 @@ impl<P: Platform> ReshardingLoop<P> {
                 .map(|n| (n.member.node_id.clone(), n.member.address.clone()))
                 .collect();
             self.state.bootstrap_pending = self.state.bootstrap_replicas.iter().map(|(id, _)| id.clone()).collect();
-            self.platform.save_state(&self.state).await?;
+            if let Err(error) = self.platform.save_state(&self.state).await {
+                // Not recorded, so not asked: the next round starts over.
+                self.state.bootstrapped = false;
+                self.state.bootstrap_replicas.clear();
+                self.state.bootstrap_pending.clear();
+                return Err(error.into());
+            }
             return self.bootstrap_replicas(observation).await;
         }
         self.state.bootstrapped = true;
@@ -707,7 +715,7 @@ impl<P: Platform> ReshardingLoop<P> {
                 ActionKind::Move,
                 format!("moving range {range_id}'s replica {} -> {} ({why})", mv.from, mv.to),
             );
-            self.spawn_replica_move(observation, &mv, reason.clone());
+            self.spawn_replica_move(observation, &mv, Some(reason.clone()));
             return Ok(());
         }
         tracing::info!(move_id, range_id, from = %mv.from, to = %mv.to, reason = %why, "move started");
@@ -721,13 +729,13 @@ impl<P: Platform> ReshardingLoop<P> {
             target.member.clone(),
             timeouts,
         ));
-        self.live_moves.insert(move_id, LiveMove { task: MoveTask::Copy(task), reason: reason.clone() });
+        self.live_moves.insert(move_id, LiveMove { task: MoveTask::Copy(task), reason: Some(reason.clone()) });
         Ok(())
     }
 
     /// Runs replica move `mv` as a task: from wherever its range's membership stands (each step
     /// does only what is not in force yet, so this both starts and resumes a move).
-    fn spawn_replica_move(&mut self, observation: &Observation, mv: &InFlightMove, reason: MoveReason) {
+    fn spawn_replica_move(&mut self, observation: &Observation, mv: &InFlightMove, reason: Option<MoveReason>) {
         let endpoint = |node_id: &str| {
             let member = observation.node(node_id).map(|n| &n.member);
             let known = observation
@@ -768,7 +776,7 @@ impl<P: Platform> ReshardingLoop<P> {
             // removal and its promotion, the range would stay a voter short. It waits for the
             // node to answer.
             if observation.node(&mv.to).is_some_and(|n| n.report.is_ok()) {
-                self.spawn_replica_move(observation, &mv, MoveReason::ReplaceLost);
+                self.spawn_replica_move(observation, &mv, None);
             }
             return;
         }
@@ -777,7 +785,7 @@ impl<P: Platform> ReshardingLoop<P> {
             return;
         }
         tracing::info!(move_id = mv.move_id, range_id = mv.range_id, from = %mv.from, to = %mv.to, "resuming a replica move");
-        self.spawn_replica_move(observation, &mv, MoveReason::Drain);
+        self.spawn_replica_move(observation, &mv, None);
     }
 
     /// Gives up a replica move whose target stopped answering or drains, unless the target
@@ -819,7 +827,7 @@ impl<P: Platform> ReshardingLoop<P> {
                 // membership), which a drain of the target then undoes with a move of its own.
                 if observation.node(&mv.to).is_some_and(|n| n.report.is_ok()) {
                     tracing::info!(move_id = mv.move_id, to = %mv.to, "the move's target votes already: finishing the move");
-                    self.spawn_replica_move(observation, &mv, MoveReason::Drain);
+                    self.spawn_replica_move(observation, &mv, None);
                 } else {
                     tracing::info!(move_id = mv.move_id, to = %mv.to, "the move's target votes already: it finishes once the target answers");
                 }
