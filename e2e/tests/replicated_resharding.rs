@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use kvfleet_e2e::history::{HistoryWorkload, keys};
 use kvfleet_e2e::replicated::ReplicatedFleet;
-use kvfleet_e2e::{NodeProcess, TestPlatform};
+use kvfleet_e2e::{NodeProcess, TestPlatform, wait_until};
 use kvfleet_planner::Policy;
-use kvfleet_proto::v1::{BootstrapRequest, RangeDescriptor, ReadConsistency, Replica, ReplicaMembership, ReplicaRole};
+use kvfleet_proto::v1::{BootstrapRequest, RangeDescriptor, ReadConsistency, Replica, ReplicaMembership};
 use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
 use kvfleet_resharding::status::StatusBoard;
 use tokio::sync::watch;
@@ -73,12 +73,17 @@ fn config() -> LoopConfig {
 
 /// Every range as its leader reports it (ranges whose leader did not answer are missing).
 async fn ranges_by_leader(fleet: &ReplicatedFleet) -> Vec<RangeDescriptor> {
+    let nodes: Vec<(String, String)> = fleet.nodes.iter().map(|n| (n.node_id.clone(), n.address.clone())).collect();
+    led_ranges(&nodes).await
+}
+
+/// Every range as its leader reports it, asking the nodes (node id, address).
+async fn led_ranges(nodes: &[(String, String)]) -> Vec<RangeDescriptor> {
     let mut found: Vec<RangeDescriptor> = Vec::new();
-    for index in 0..fleet.nodes.len() {
-        let Some(ranges) = fleet.ranges_on(index).await else { continue };
-        let node_id = &fleet.nodes[index].node_id;
+    for (node_id, address) in nodes {
+        let Some(ranges) = list_ranges(address).await else { continue };
         for desc in ranges {
-            let leads = desc.replicas.iter().any(|r| &r.node_id == node_id && r.role() == ReplicaRole::Leader);
+            let leads = kvfleet_resharding::observe::leads(&desc, node_id);
             if leads && !found.iter().any(|d| d.range_id == desc.range_id) {
                 found.push(desc);
             }
@@ -100,24 +105,28 @@ fn settled(ranges: &[RangeDescriptor], not_on: &str) -> bool {
         })
 }
 
-async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, within: Duration, mut check: F) {
-    let started = Instant::now();
-    while started.elapsed() < within {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("{what}: not within {within:?}");
+/// `count` empty nodes and a controller creating them a fleet of factor 3.
+fn controlled_fleet(count: usize) -> (ReplicatedFleet, Arc<TestPlatform>, StatusBoard, Controller) {
+    let fleet = ReplicatedFleet::start_empty(count);
+    let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
+    let platform = Arc::new(TestPlatform::new(&nodes, None));
+    let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
+    let controller = Controller::start(platform.clone(), config(), board.clone());
+    (fleet, platform, board, controller)
+}
+
+/// Waits until load has split range 1 through its log, each half on the same three voters.
+async fn wait_for_split(fleet: &ReplicatedFleet) {
+    wait_until("the controller to split range 1 under load", Duration::from_secs(60), async || {
+        let ranges = ranges_by_leader(fleet).await;
+        ranges.len() >= 2 && settled(&ranges, "none")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_its_moves() {
-    let mut fleet = ReplicatedFleet::start_empty(4);
-    let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
-    let platform = Arc::new(TestPlatform::new(&nodes, None));
-    let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
-    let mut controller = Controller::start(platform.clone(), config(), board.clone());
+    let (mut fleet, platform, board, mut controller) = controlled_fleet(4);
 
     // Range 1 on the first three nodes; the fourth holds nothing.
     let leader = fleet.leader(None).await;
@@ -146,14 +155,10 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
 
     // Load splits range 1 through its log; each half stays on the same three nodes.
-    wait_for("the controller to split range 1 under load", Duration::from_secs(60), async || {
-        let ranges = ranges_by_leader(&fleet).await;
-        ranges.len() >= 2 && settled(&ranges, "none")
-    })
-    .await;
+    wait_for_split(&fleet).await;
 
     // The halves' load all lands on one leader: the controller hands leaders to other replicas.
-    wait_for("the controller to spread the leaders by load", Duration::from_secs(60), async || {
+    wait_until("the controller to spread the leaders by load", Duration::from_secs(60), async || {
         let ranges = ranges_by_leader(&fleet).await;
         let mut leaders: Vec<&str> = ranges.iter().filter_map(|d| d.leader()).map(|r| r.node_id.as_str()).collect();
         leaders.sort_unstable();
@@ -191,16 +196,16 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
         controller = Controller::start(platform.clone(), config(), board.clone());
     }
     assert!(crashed_mid_move >= 1, "no crash hit a move in flight");
-    wait_for("every replica to leave the drained node", Duration::from_secs(120), async || {
+    wait_until("every replica to leave the drained node", Duration::from_secs(120), async || {
         let ranges = ranges_by_leader(&fleet).await;
         settled(&ranges, &drained)
     })
     .await;
-    wait_for("the drained node to delete its copies", Duration::from_secs(30), async || {
+    wait_until("the drained node to delete its copies", Duration::from_secs(30), async || {
         fleet.ranges_on(0).await.is_some_and(|r| r.is_empty())
     })
     .await;
-    wait_for("the controller to record every move finished", Duration::from_secs(30), async || {
+    wait_until("the controller to record every move finished", Duration::from_secs(30), async || {
         platform.state().is_some_and(|s| s.moves.is_empty())
     })
     .await;
@@ -239,7 +244,7 @@ async fn a_replicated_playground_splits_under_load_through_kills() {
         let status = playground.status().await;
         status.ranges.len() >= 2
     };
-    wait_for("the playground to split under load", Duration::from_secs(60), split).await;
+    wait_until("the playground to split under load", Duration::from_secs(60), split).await;
 
     playground.kill9_controller();
     let victim = playground.nodes[1].0.clone();
@@ -248,7 +253,7 @@ async fn a_replicated_playground_splits_under_load_through_kills() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     playground.spawn();
     let round = playground.status().await.round;
-    wait_for("the restarted controller's rounds", Duration::from_secs(30), async || {
+    wait_until("the restarted controller's rounds", Duration::from_secs(30), async || {
         let status = playground.status().await;
         status.round > round + 2 && status.replication_factor == 3
     })
@@ -257,14 +262,8 @@ async fn a_replicated_playground_splits_under_load_through_kills() {
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
     let nodes = playground.nodes.clone();
-    wait_for("every range to have three voters and a leader", Duration::from_secs(30), async || {
-        let mut led = Vec::new();
-        for (node_id, address) in &nodes {
-            let Some(ranges) = list_ranges(address).await else { continue };
-            led.extend(ranges.into_iter().filter(|d| d.leader().is_some_and(|l| &l.node_id == node_id)));
-        }
-        led.sort_by(|a, b| a.start_key.cmp(&b.start_key));
-        led.dedup_by_key(|d| d.range_id);
+    wait_until("every range to have three voters and a leader", Duration::from_secs(30), async || {
+        let led = led_ranges(&nodes).await;
         led.len() >= 2
             && settled(&led, "none")
             && led.iter().all(|d| d.replicas.iter().all(|r| nodes.iter().any(|(n, _)| *n == r.node_id)))
@@ -290,20 +289,12 @@ async fn list_ranges(address: &str) -> Option<Vec<RangeDescriptor>> {
 /// node killed afterwards, writes go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_lost_with_a_disk_are_recreated_on_their_node() {
-    let mut fleet = ReplicatedFleet::start_empty(3);
-    let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
-    let platform = Arc::new(TestPlatform::new(&nodes, None));
-    let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
-    let _controller = Controller::start(platform.clone(), config(), board.clone());
+    let (mut fleet, platform, _board, _controller) = controlled_fleet(3);
     fleet.leader(None).await;
     let client = fleet.client();
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
     workload.add_readers_with(&client, 2, 500, ReadConsistency::Follower);
-    wait_for("the controller to split range 1 under load", Duration::from_secs(60), async || {
-        let ranges = ranges_by_leader(&fleet).await;
-        ranges.len() >= 2 && settled(&ranges, "none")
-    })
-    .await;
+    wait_for_split(&fleet).await;
 
     let wiped = 2;
     fleet.nodes[wiped].kill9();
@@ -321,7 +312,7 @@ async fn replicas_lost_with_a_disk_are_recreated_on_their_node() {
     fleet.nodes[wiped].kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
     fleet.nodes[wiped].spawn();
-    wait_for("the lost replicas to be re-created on the wiped node", Duration::from_secs(120), async || {
+    wait_until("the lost replicas to be re-created on the wiped node", Duration::from_secs(120), async || {
         let ranges = ranges_by_leader(&fleet).await;
         let held = fleet.ranges_on(wiped).await.unwrap_or_default();
         settled(&ranges, "none") && ranges.iter().all(|d| held.iter().any(|h| h.range_id == d.range_id))

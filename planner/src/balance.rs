@@ -15,6 +15,8 @@ struct Placement<'a> {
     ranges: Vec<Placed<'a>>,
     ops: Vec<f64>,
     bytes: Vec<f64>,
+    /// Replicas of replicated ranges held.
+    replicas: Vec<usize>,
 }
 
 struct Placed<'a> {
@@ -28,7 +30,13 @@ struct Placed<'a> {
 impl<'a> Placement<'a> {
     fn new(view: &'a ClusterView) -> Self {
         let nodes = view.nodes.len();
-        let mut placement = Placement { view, ranges: Vec::new(), ops: vec![0.0; nodes], bytes: vec![0.0; nodes] };
+        let mut placement = Placement {
+            view,
+            ranges: Vec::new(),
+            ops: vec![0.0; nodes],
+            bytes: vec![0.0; nodes],
+            replicas: vec![0; nodes],
+        };
         for range in &view.ranges {
             let mut placed = Placed {
                 range,
@@ -56,6 +64,7 @@ impl<'a> Placement<'a> {
             }
             for &holder in &placed.holders {
                 placement.bytes[holder] += range.size_bytes as f64;
+                placement.replicas[holder] += usize::from(range.is_replicated());
             }
             placement.ranges.push(placed);
         }
@@ -74,6 +83,10 @@ impl<'a> Placement<'a> {
         self.ops[to] += ops;
         self.bytes[from] -= size;
         self.bytes[to] += size;
+        if placed.range.is_replicated() {
+            self.replicas[from] = self.replicas[from].saturating_sub(1);
+            self.replicas[to] += 1;
+        }
         placed.replace(from, to);
     }
 
@@ -157,11 +170,8 @@ fn balance_replica_counts(
     if !placement.ranges.iter().any(|p| p.range.is_replicated()) {
         return;
     }
-    let count = |p: &Placement<'_>, node: usize| {
-        p.ranges.iter().filter(|r| r.range.is_replicated() && r.holders.contains(&node)).count()
-    };
     for _ in 0..placement.ranges.len().min(64) {
-        let counts: Vec<(usize, usize)> = targets.iter().map(|&n| (n, count(placement, n))).collect();
+        let counts: Vec<(usize, usize)> = targets.iter().map(|&n| (n, placement.replicas[n])).collect();
         let (Some(&(source, high)), Some(&(target, low))) = (
             counts.iter().max_by_key(|(n, c)| (*c, std::cmp::Reverse(*n))),
             counts.iter().min_by_key(|(n, c)| (*c, *n)),

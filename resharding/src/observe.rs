@@ -412,8 +412,7 @@ fn add_lag(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRange>) {
 fn leaderless(nodes: &[ObservedNode], ranges: &BTreeMap<u64, ObservedRange>) -> Vec<u64> {
     let mut missing: Vec<u64> = nodes
         .iter()
-        .filter_map(|n| n.report.as_ref().ok())
-        .flat_map(|r| r.load.ranges.iter().filter_map(|l| l.range.as_ref()))
+        .flat_map(ObservedNode::owned)
         .filter(|d| d.replicas.len() > 1 && !ranges.contains_key(&d.range_id))
         .filter(|d| !ranges.values().any(|r| r.desc.overlaps(*d) && r.desc.generation > d.generation))
         .map(|d| d.range_id)

@@ -96,11 +96,7 @@ pub async fn move_replica(
     let started = Instant::now();
     let mut last_problem = String::from("no step was tried");
     let mut seeds: Vec<String> = seeds.to_vec();
-    for address in [&from.address, &to.address] {
-        if !seeds.contains(address) {
-            seeds.push(address.clone());
-        }
-    }
+    add_seeds(&mut seeds, [&from.address, &to.address]);
     // The voters the range had when the move began (the target aside): no step leaves it fewer
     // (another change made meanwhile, e.g. a second move to the same target, must not make this
     // one remove a replica that is no longer replaced).
@@ -113,11 +109,7 @@ pub async fn move_replica(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        for replica in &desc.replicas {
-            if !replica.address.is_empty() && !seeds.contains(&replica.address) {
-                seeds.push(replica.address.clone());
-            }
-        }
+        add_seeds(&mut seeds, desc.replicas.iter().map(|r| &r.address));
         let voters = desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter).count();
         let floor = *voters_floor.get_or_insert_with(|| {
             desc.replicas
@@ -251,9 +243,7 @@ pub async fn readd_replica(
     let started = Instant::now();
     let mut last_problem = String::from("no step was tried");
     let mut seeds: Vec<String> = seeds.to_vec();
-    if !seeds.contains(&node.address) {
-        seeds.push(node.address.clone());
-    }
+    add_seeds(&mut seeds, [&node.address]);
     // Once the lost replica is out of the membership, a voter on `node` is the one this run
     // added back: never removed again.
     let mut removed = false;
@@ -311,6 +301,15 @@ async fn holds(clients: &NodeClients, address: &str, range_id: u64) -> Option<bo
     let mut admin = clients.admin(address).ok()?;
     let answer = admin.list_ranges(with_timeout(ListRangesRequest {}, Duration::from_secs(2))).await.ok()?;
     Some(answer.into_inner().ranges.iter().any(|d| d.range_id == range_id))
+}
+
+/// Adds the addresses `seeds` lacks (and that are not empty) to it.
+fn add_seeds<'a>(seeds: &mut Vec<String>, addresses: impl IntoIterator<Item = &'a String>) {
+    for address in addresses {
+        if !address.is_empty() && !seeds.contains(address) {
+            seeds.push(address.clone());
+        }
+    }
 }
 
 /// Every step's deadline.

@@ -255,6 +255,7 @@ impl<P: Platform> ReshardingLoop<P> {
         self.recover_moves(&observation).await;
         self.publish_routing(&observation).await;
 
+        // The factor the fleet was created with, else (not bootstrapped yet) the configured one.
         let factor = self.state.replication_factor.unwrap_or(self.config.replication_factor);
         let view = observe::cluster_view(&observation, &self.state, factor);
         let plan = self.planner.plan(&view, now);
@@ -271,7 +272,6 @@ impl<P: Platform> ReshardingLoop<P> {
         }
         self.execute(&observation, &plan, now).await?;
         self.platform.save_state(&self.state).await?;
-        let factor = self.state.replication_factor.unwrap_or(self.config.replication_factor);
         self.status.record_round(&observation, &plan, &self.state, &self.live_move_reasons(), degraded, factor);
         Ok(())
     }

@@ -436,9 +436,8 @@ fn fleet_view(
                 (Ok(_), true) => NodeState::Draining,
                 (Ok(_), false) => NodeState::Up,
             };
-            let following = owned
-                .iter()
-                .filter_map(|l| l.range.as_ref())
+            let following = node
+                .owned()
                 .filter(|d| d.replicas.len() > 1 && !crate::observe::leads(d, &node.member.node_id))
                 .count();
             FleetNode {
