@@ -118,6 +118,7 @@ mod tests {
             successors: vec![],
             move_intent: None,
             conf_version: 0,
+            merge_freeze_index: 0,
         }
     }
 

@@ -77,7 +77,10 @@ pub enum Command {
         #[arg(long)]
         expected_generation: Option<u64>,
     },
-    /// Merge the range holding KEY with the range right after it (both on the same node).
+    /// Merge the range holding KEY with the range right after it: single copies on the same
+    /// node; replicated ranges with replicas on the same nodes, through their Raft logs (the
+    /// right range is frozen, then taken by the left; interrupted, it is finished by running it
+    /// again).
     Merge { key: String },
     /// Move the replica of the replicated range holding KEY from one node to another (both in
     /// --endpoints): added as a learner, caught up, then swapped in by one joint membership
@@ -297,7 +300,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Split { key, expected_generation } => {
             split(&client, cli.controller.as_deref(), key, expected_generation, json).await?
         }
-        Command::Merge { key } => merge(&client, cli.controller.as_deref(), key, json).await?,
+        Command::Merge { key } => merge(&client, cli.controller.as_deref(), admin_token, key, json).await?,
         Command::Status => status(&client, cli.controller.as_deref(), json).await?,
         Command::MoveReplica { key, from, to } => {
             move_replica(&client, &cli.endpoints, admin_token, [&key, &from, &to], json).await?
@@ -465,7 +468,13 @@ async fn move_replica(
     Ok(())
 }
 
-async fn merge(client: &Client, controller: Option<&str>, key: String, json: bool) -> Result<(), CliError> {
+async fn merge(
+    client: &Client,
+    controller: Option<&str>,
+    admin_token: kvfleet_proto::admin_auth::AdminToken,
+    key: String,
+    json: bool,
+) -> Result<(), CliError> {
     let (ranges, left) = range_holding(client, key.as_bytes()).await?;
     let left = &left;
     if left.end_key.is_empty() {
@@ -479,6 +488,9 @@ async fn merge(client: &Client, controller: Option<&str>, key: String, json: boo
         .iter()
         .find(|r| r.start_key == left.end_key)
         .ok_or_else(|| CliError::Failed(format!("no node reports the range after {}", left.span())))?;
+    if left.replicas.len() > 1 || right.replicas.len() > 1 {
+        return merge_replicated(admin_token, left, right, json).await;
+    }
     let (left_owner, right_owner) =
         (left.leader().cloned().unwrap_or_default(), right.leader().cloned().unwrap_or_default());
     if left_owner.node_id != right_owner.node_id {
@@ -509,6 +521,39 @@ async fn merge(client: &Client, controller: Option<&str>, key: String, json: boo
         print_json(&view)?;
     } else {
         view.print_line();
+    }
+    Ok(())
+}
+
+/// How long `merge` of replicated ranges goes on trying (a replica down holds the merge up).
+const MERGE_REPLICATED_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Merges two replicated ranges through their logs (`kvfleet_resharding::replica_merges`): their
+/// replicas must be on the same nodes already (`kvctl move-replica` puts them there).
+async fn merge_replicated(
+    admin_token: kvfleet_proto::admin_auth::AdminToken,
+    left: &RangeDescriptor,
+    right: &RangeDescriptor,
+    json: bool,
+) -> Result<(), CliError> {
+    let seeds: Vec<String> = left.replicas.iter().chain(&right.replicas).map(|r| r.address.clone()).collect();
+    let clients = kvfleet_resharding::observe::NodeClients::new(Default::default(), admin_token);
+    let started = std::time::Instant::now();
+    let merged = kvfleet_resharding::replica_merges::merge_replicated(
+        &clients,
+        left.range_id,
+        right.range_id,
+        &seeds,
+        MERGE_REPLICATED_DEADLINE,
+    )
+    .await
+    .map_err(|e| CliError::Failed(e.to_string()))?;
+    let view = RangeView::from(&merged);
+    if json {
+        print_json(&view)?;
+    } else {
+        view.print_line();
+        println!("(merged through the ranges' logs in {:.2} s)", started.elapsed().as_secs_f64());
     }
     Ok(())
 }

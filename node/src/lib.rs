@@ -3,7 +3,8 @@
 //! Where things live: `ranges` (key -> range on this node, split rules), `node` (serving keys
 //! from owned ranges, splits, load reports), `storage` (RocksDB and the group-commit write
 //! pipeline behind the durability modes), `load` (per-range load accounting), `moves` (online
-//! range moves, source and target side), `peers` (channels to other nodes), `replica` (replicated ranges: Raft groups, their transport
+//! range moves, source and target side), `membership` and `merges` (a replicated range's
+//! membership changes and merges, the node's side), `peers` (channels to other nodes), `replica` (replicated ranges: Raft groups, their transport
 //! and state machine), `service` (the gRPC
 //! APIs), `unknown_method` (UNIMPLEMENTED with a message), `server` (wiring and shutdown), `metrics`, `config`, `error`.
 
@@ -12,6 +13,7 @@ pub mod error;
 pub mod fencing;
 pub mod load;
 pub mod membership;
+pub mod merges;
 pub mod metrics;
 pub mod moves;
 pub mod node;

@@ -150,6 +150,11 @@ impl Node {
                     }
                     RangeChange::Replaced(desc) => (desc.range_id, table.replace_replicated(desc)),
                     RangeChange::Added(desc) => (desc.range_id, table.add_replica(desc.clone(), load())),
+                    RangeChange::Merged { left, right } => {
+                        let known = table.replace_replicated(left);
+                        table.retire_moved(right.clone());
+                        (left.range_id, known)
+                    }
                     RangeChange::Removed(tombstone) => {
                         let range_id = tombstone.range_id;
                         let removed = table.by_id(range_id).cloned();
@@ -483,7 +488,9 @@ impl Node {
             }
             ReplicaError::Stopped(_) => NodeError::ShuttingDown,
             ReplicaError::OutsideRange { .. } => self.rerouted(desc, key),
-            error @ ReplicaError::SplitRefused { .. } => NodeError::Move(error.to_string()),
+            error @ (ReplicaError::SplitRefused { .. } | ReplicaError::MergeRefused { .. }) => {
+                NodeError::Move(error.to_string())
+            }
             other => NodeError::Unavailable(other.to_string()),
         }
     }
@@ -794,7 +801,12 @@ impl Node {
 
     /// Merges two adjacent ranges on this node into one: a new id, a generation above both, one
     /// atomic fsynced write of the merged descriptor and the two retired ones. No data moves.
+    /// Two replicated ranges merge through their logs instead (see `merges`).
     pub async fn merge(&self, mut request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
+        let replicated = |id| self.table.read().by_id(id).is_some_and(|range| is_replicated(&range.desc));
+        if replicated(request.left_id) || replicated(request.right_id) {
+            return self.merge_replicated(request).await;
+        }
         request.merged_id = nonzero_or_random(request.merged_id);
         let gates = {
             let table = self.table.read();

@@ -341,6 +341,7 @@ impl RangeTable {
             successors: Vec::new(),
             move_intent: None,
             conf_version: 0,
+            merge_freeze_index: 0,
         };
         let left = half(left_id, &desc.start_key, split_key);
         let right = half(right_id, split_key, &desc.end_key);
@@ -399,6 +400,7 @@ impl RangeTable {
             successors: Vec::new(),
             move_intent: None,
             conf_version: 0,
+            merge_freeze_index: 0,
         };
         let retire = |d: &RangeDescriptor| RangeDescriptor {
             state: RangeState::Retired as i32,
@@ -522,6 +524,7 @@ pub fn bootstrap_descriptor(node_id: &str, address: &str) -> RangeDescriptor {
         successors: Vec::new(),
         move_intent: None,
         conf_version: 0,
+        merge_freeze_index: 0,
     }
 }
 

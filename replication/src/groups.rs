@@ -562,6 +562,14 @@ impl<S: GroupLog> Groups<S> {
         (raft.state == StateRole::Leader).then_some(raft)
     }
 
+    /// On the leader of `group`, whether every replica was heard from within the last election
+    /// timeout (raft-rs's `recent_active`, kept by check-quorum); `None` on a follower.
+    pub fn all_recently_active(&self, group: GroupId) -> Option<bool> {
+        let raft = self.leading(group)?;
+        let me = raft.id;
+        Some(raft.prs().iter().all(|(&id, progress)| id == me || progress.recent_active))
+    }
+
     pub fn committed(&self, group: GroupId) -> Option<u64> {
         self.groups.get(&group).map(|g| g.raw.raft.raft_log.committed)
     }

@@ -298,6 +298,32 @@ impl LogStore {
         Ok(Some(storage))
     }
 
+    /// The entries `low..=high` of `group` as this node persisted them, in order; an error if
+    /// any is missing (compacted, or never received). For a merge, which applies the rest of
+    /// the merged range's log here from this node's own copy of it.
+    pub fn read_entries(&self, group: GroupId, low: u64, high: u64) -> Result<Vec<Entry>, LogError> {
+        let cf = self.cf()?;
+        let mut entries = Vec::with_capacity(high.saturating_sub(low).saturating_add(1).min(1024) as usize);
+        for index in low..=high {
+            let bytes = self
+                .db
+                .get_cf(cf, entry_key(group, index))
+                .map_err(|source| LogError::Db { what: "read", source })?
+                .ok_or_else(|| LogError::Corrupt {
+                    group,
+                    what: "entry",
+                    reason: format!("entry {index} is missing"),
+                })?;
+            let entry = Entry::parse_from_bytes(&bytes).map_err(|e| LogError::Corrupt {
+                group,
+                what: "entry",
+                reason: e.to_string(),
+            })?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
     /// Deletes the entries of `storage`'s group up to `up_to` (at most its commit index and its
     /// last entry), remembering that entry's index and term, durably. Without snapshots yet, the
     /// caller compacts only what every replica of the group already has.

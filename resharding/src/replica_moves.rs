@@ -304,7 +304,7 @@ async fn holds(clients: &NodeClients, address: &str, range_id: u64) -> Option<bo
 }
 
 /// Adds the addresses `seeds` lacks (and that are not empty) to it.
-fn add_seeds<'a>(seeds: &mut Vec<String>, addresses: impl IntoIterator<Item = &'a String>) {
+pub(crate) fn add_seeds<'a>(seeds: &mut Vec<String>, addresses: impl IntoIterator<Item = &'a String>) {
     for address in addresses {
         if !address.is_empty() && !seeds.contains(address) {
             seeds.push(address.clone());
@@ -339,7 +339,7 @@ async fn change(
     .await
 }
 
-async fn call<F, Fut>(clients: &NodeClients, address: &str, rpc: F) -> Result<(), String>
+pub(crate) async fn call<F, Fut>(clients: &NodeClients, address: &str, rpc: F) -> Result<(), String>
 where
     F: FnOnce(crate::observe::Admin) -> Fut,
     Fut: std::future::Future<Output = Result<(), tonic::Status>>,
@@ -351,6 +351,15 @@ where
 /// The range as its leader has it, and the leader, asking the seeds: the answer of a node that
 /// reports itself the leader, at the highest membership version.
 async fn find_leader(clients: &NodeClients, range_id: u64, seeds: &[String]) -> Option<(RangeDescriptor, Replica)> {
+    find_leader_of(clients, seeds, |d| d.range_id == range_id).await
+}
+
+/// Like `find_leader`, for the range `wanted` picks (the first a node lists).
+pub(crate) async fn find_leader_of(
+    clients: &NodeClients,
+    seeds: &[String],
+    wanted: impl Fn(&RangeDescriptor) -> bool,
+) -> Option<(RangeDescriptor, Replica)> {
     let mut best: Option<(RangeDescriptor, Replica)> = None;
     for address in seeds {
         let Ok(mut admin) = clients.admin(address) else { continue };
@@ -358,12 +367,15 @@ async fn find_leader(clients: &NodeClients, range_id: u64, seeds: &[String]) -> 
             continue;
         };
         let answer = answer.into_inner();
-        let Some(desc) = answer.ranges.into_iter().find(|d| d.range_id == range_id) else { continue };
+        let Some(desc) = answer.ranges.into_iter().find(&wanted) else { continue };
         let Some(leader) = desc.replicas.iter().find(|r| r.role() == ReplicaRole::Leader).cloned() else { continue };
         if leader.node_id != answer.node_id {
             continue;
         }
-        if best.as_ref().is_none_or(|(known, _)| desc.conf_version > known.conf_version) {
+        if best
+            .as_ref()
+            .is_none_or(|(known, _)| (desc.generation, desc.conf_version) > (known.generation, known.conf_version))
+        {
             best = Some((desc, leader));
         }
     }

@@ -9,8 +9,8 @@
 use kvfleet_proto::RangeBounds as _;
 use kvfleet_proto::failpoint;
 use kvfleet_proto::v1::{
-    Mutation, RaftCommand, RaftMembershipChange, RaftSplit, RangeDescriptor, RangeState, Replica, ReplicaMembership,
-    mutation::Op as MutationOp,
+    Mutation, RaftCommand, RaftFreeze, RaftMembershipChange, RaftMerge, RaftSplit, RangeDescriptor, RangeState,
+    Replica, ReplicaMembership, mutation::Op as MutationOp,
 };
 use kvfleet_replication::{ConfChangeV2, ConfState, Entry, EntryType, LogStore, SPLIT_LOG_START};
 use prost::Message as _;
@@ -46,11 +46,19 @@ pub fn encode_applied(index: u64, term: u64) -> [u8; 16] {
 }
 
 pub fn encode_command(mutations: Vec<Mutation>) -> Vec<u8> {
-    RaftCommand { mutations, split: None }.encode_to_vec()
+    RaftCommand { mutations, ..Default::default() }.encode_to_vec()
 }
 
 pub fn encode_split(split: RaftSplit) -> Vec<u8> {
-    RaftCommand { mutations: Vec::new(), split: Some(split) }.encode_to_vec()
+    RaftCommand { split: Some(split), ..Default::default() }.encode_to_vec()
+}
+
+pub fn encode_freeze(freeze: RaftFreeze) -> Vec<u8> {
+    RaftCommand { freeze: Some(freeze), ..Default::default() }.encode_to_vec()
+}
+
+pub fn encode_merge(merge: RaftMerge) -> Vec<u8> {
+    RaftCommand { merge: Some(merge), ..Default::default() }.encode_to_vec()
 }
 
 /// The log index the data of `range_id` reflects (0: none applied).
@@ -81,6 +89,13 @@ pub struct SplitApplied {
     pub right: RangeDescriptor,
 }
 
+impl AppliedRun {
+    /// The range's descriptor as this run's last change left it (none: unchanged).
+    pub fn last_descriptor(&self) -> Option<&RangeDescriptor> {
+        self.descriptor.as_ref()
+    }
+}
+
 /// A membership change an applied entry made: the range's descriptor with its new replicas
 /// (persisted with the entry) and whether it left the group in a joint configuration.
 #[derive(Debug, Clone)]
@@ -90,11 +105,34 @@ pub struct MembershipApplied {
     pub joint: bool,
 }
 
+/// A freeze an applied entry made: the range's descriptor, frozen at the entry's index.
+#[derive(Debug, Clone)]
+pub struct FreezeApplied {
+    pub desc: RangeDescriptor,
+}
+
+/// A merge an applied entry made: the range's descriptor with the right neighbour's keys
+/// (`left`, same id) and the right neighbour's tombstone (`right`), both persisted with the
+/// entry, the right range's log deleted (its data stays: it is the left range's now).
+#[derive(Debug, Clone)]
+pub struct MergeApplied {
+    pub index: u64,
+    pub left: RangeDescriptor,
+    pub right: RangeDescriptor,
+}
+
 /// What applying a run of committed entries did.
 pub struct AppliedRun {
     pub entries: Vec<Applied>,
     pub splits: Vec<SplitApplied>,
     pub memberships: Vec<MembershipApplied>,
+    pub freezes: Vec<FreezeApplied>,
+    pub merges: Vec<MergeApplied>,
+    /// Splits of a merged-away range that this replica applied from its own log while merging
+    /// (it had not applied them yet): their new ranges' groups start too.
+    pub caught_up_splits: Vec<SplitApplied>,
+    /// The range's descriptor as the last change of this run left it.
+    descriptor: Option<RangeDescriptor>,
     /// This replica was removed from the group by the last membership change: the range is
     /// retired here (this descriptor, with the new replicas), its log deleted and its data
     /// marked for deletion, all in the write that applied the change. Entries after it are not
@@ -141,6 +179,10 @@ pub fn apply_entries(
         entries: Vec::with_capacity(entries.len()),
         splits: Vec::new(),
         memberships: Vec::new(),
+        freezes: Vec::new(),
+        merges: Vec::new(),
+        caught_up_splits: Vec::new(),
+        descriptor: None,
         removed: None,
     };
     let mut last_applied = None;
@@ -151,6 +193,7 @@ pub fn apply_entries(
             match change_membership(db, range_id, self_raft_id, entry, &run, &mut batch, conf_changer) {
                 Ok(done) => {
                     let removed = !done.desc.replicas.iter().any(|r| r.raft_id == self_raft_id);
+                    run.descriptor = Some(done.desc.clone());
                     if removed {
                         let tombstone = RangeDescriptor { state: RangeState::Retired as i32, ..done.desc.clone() };
                         stage_removal(db, log, &tombstone, &mut batch)?;
@@ -170,14 +213,39 @@ pub fn apply_entries(
                     match split_range(db, log, range_id, entry.index, &split, &run, &mut batch) {
                         Ok(done) => {
                             *span = Span::of(&done.left);
+                            run.descriptor = Some(done.left.clone());
                             run.splits.push(done);
                         }
                         Err(Failure::Refused(refused)) => outcome = Err(refused),
                         Err(Failure::Fatal(reason)) => return Err(reason),
                     }
                 }
+                Ok(RaftCommand { freeze: Some(freeze), .. }) => {
+                    match freeze_range(db, range_id, entry.index, &freeze, &run, &mut batch) {
+                        Ok(done) => {
+                            *span = Span::of(&done.desc);
+                            run.descriptor = Some(done.desc.clone());
+                            run.freezes.push(done);
+                        }
+                        Err(Failure::Refused(refused)) => outcome = Err(refused),
+                        Err(Failure::Fatal(reason)) => return Err(reason),
+                    }
+                }
+                Ok(RaftCommand { merge: Some(merge), .. }) => {
+                    match merge_range(db, log, range_id, self_raft_id, entry.index, &merge, &mut run, &mut batch) {
+                        Ok(done) => {
+                            *span = Span::of(&done.left);
+                            run.descriptor = Some(done.left.clone());
+                            run.merges.push(done);
+                        }
+                        Err(Failure::Refused(refused)) => outcome = Err(refused),
+                        Err(Failure::Fatal(reason)) => return Err(reason),
+                    }
+                }
                 Ok(command) => {
-                    if command.mutations.iter().any(|m| !span.contains_key(&m.key)) {
+                    if span.frozen && !command.mutations.is_empty() {
+                        outcome = Err(ReplicaError::Merging { range_id });
+                    } else if command.mutations.iter().any(|m| !span.contains_key(&m.key)) {
                         outcome = Err(ReplicaError::OutsideRange { range_id });
                     } else {
                         for mutation in &command.mutations {
@@ -207,16 +275,20 @@ pub fn apply_entries(
     if !run.memberships.is_empty() {
         failpoint::hit("membership-apply-before-write");
     }
+    if !run.freezes.is_empty() {
+        failpoint::hit("merge-freeze-apply-before-write");
+    }
+    if !run.merges.is_empty() {
+        failpoint::hit("merge-apply-before-write");
+    }
     db.write(batch).map_err(|e| format!("applying range {range_id}'s log: {e}"))?;
     Ok(run)
 }
 
 /// The range's descriptor as the entries applied so far in this run left it.
 fn current_descriptor(db: &DB, range_id: u64, run: &AppliedRun) -> Result<RangeDescriptor, Failure> {
-    let split = run.splits.last().map(|done| (done.index, &done.left));
-    let membership = run.memberships.last().map(|done| (done.index, &done.desc));
-    match split.into_iter().chain(membership).max_by_key(|(index, _)| *index) {
-        Some((_, desc)) => Ok(desc.clone()),
+    match &run.descriptor {
+        Some(desc) => Ok(desc.clone()),
         None => stored_descriptor(db, range_id).map_err(Failure::Fatal),
     }
 }
@@ -242,6 +314,9 @@ fn change_membership(
         RaftMembershipChange::decode(entry.context.as_ref()).map_err(|e| refused(e.to_string()))?
     };
     let desc = current_descriptor(db, range_id, run)?;
+    if super::snapshot::is_frozen_for_merge(&desc) {
+        return Err(refused("it is frozen to be merged into its left neighbour".into()));
+    }
     if !entry.context.is_empty() && context.expected_conf_version != desc.conf_version {
         return Err(refused(format!(
             "its membership is at version {}, the change expected {}",
@@ -331,6 +406,9 @@ fn split_range(
 ) -> Result<SplitApplied, Failure> {
     let refused = |reason: String| Failure::Refused(ReplicaError::SplitRefused { range_id, reason });
     let desc = current_descriptor(db, range_id, run)?;
+    if super::snapshot::is_frozen_for_merge(&desc) {
+        return Err(refused("it is frozen to be merged into its left neighbour".into()));
+    }
     if desc.replicas.iter().any(|r| r.membership() != ReplicaMembership::Voter) {
         return Err(refused("a membership change is under way (a learner, or a joint membership)".into()));
     }
@@ -365,6 +443,170 @@ fn split_range(
     log.create_split_group(right.range_id, &voters, batch).map_err(|e| fatal(&e.to_string()))?;
     batch.put_cf(meta, applied_key(right.range_id), encode_applied(SPLIT_LOG_START, SPLIT_LOG_START));
     Ok(SplitApplied { index, left, right })
+}
+
+/// Adds a freeze of `range_id` to `batch` (see RaftFreeze): its descriptor frozen at `index`.
+/// Refused, alike on every replica, if the range is frozen already, not at the expected
+/// generation, or changing its membership (the merge needs its replicas where they are).
+fn freeze_range(
+    db: &DB,
+    range_id: u64,
+    index: u64,
+    freeze: &RaftFreeze,
+    run: &AppliedRun,
+    batch: &mut WriteBatch,
+) -> Result<FreezeApplied, Failure> {
+    let refused = |reason: String| Failure::Refused(ReplicaError::MergeRefused { range_id, reason });
+    let desc = current_descriptor(db, range_id, run)?;
+    if super::snapshot::is_frozen_for_merge(&desc) {
+        return Err(refused(format!("it is frozen to be merged already (at index {})", desc.merge_freeze_index)));
+    }
+    if freeze.expected_generation != desc.generation {
+        return Err(refused(format!(
+            "it is at generation {}, the freeze expected {}",
+            desc.generation, freeze.expected_generation
+        )));
+    }
+    if desc.replicas.iter().any(|r| r.membership() != ReplicaMembership::Voter) {
+        return Err(refused("a membership change is under way (a learner, or a joint membership)".into()));
+    }
+    let desc = RangeDescriptor { state: RangeState::Frozen as i32, merge_freeze_index: index, ..desc };
+    let meta = db.cf_handle(CF_META).ok_or_else(|| Failure::Fatal("the meta column family is missing".into()))?;
+    batch.put_cf(meta, descriptor_key(range_id), desc.encode_to_vec());
+    Ok(FreezeApplied { desc })
+}
+
+/// The node ids of `desc`'s replicas, sorted.
+fn replica_nodes(desc: &RangeDescriptor) -> Vec<u64> {
+    let mut nodes: Vec<u64> = desc.replicas.iter().map(|r| r.raft_id).collect();
+    nodes.sort_unstable();
+    nodes
+}
+
+/// Adds a merge of the frozen right neighbour into `range_id` to `batch` (see RaftMerge).
+/// Refused, alike on every replica (the decision reads only what the logs made), unless the
+/// range is at the expected generation and membership version, all voters, on the same nodes
+/// as the right range, which it adjoins and which is frozen. Then this node's replica of the
+/// right range must hold its data as of the freeze: if it has not applied its log that far, it
+/// does so now from its own copy of the log (which has those entries: the merge is proposed only
+/// once every replica has them). A node without them stops rather than serve keys it lacks.
+#[allow(clippy::too_many_arguments)]
+fn merge_range(
+    db: &DB,
+    log: &LogStore,
+    range_id: u64,
+    self_raft_id: u64,
+    index: u64,
+    merge: &RaftMerge,
+    run: &mut AppliedRun,
+    batch: &mut WriteBatch,
+) -> Result<MergeApplied, Failure> {
+    let refused = |reason: String| Failure::Refused(ReplicaError::MergeRefused { range_id, reason });
+    let left = current_descriptor(db, range_id, run)?;
+    let Some(right) = merge.right.clone() else { return Err(refused("the merge names no right range".into())) };
+    let right_id = right.range_id;
+    if super::snapshot::is_frozen_for_merge(&left) {
+        return Err(refused("it is frozen to be merged itself".into()));
+    }
+    if (left.generation, left.conf_version) != (merge.expected_generation, merge.expected_conf_version) {
+        return Err(refused(format!(
+            "it is at generation {} and membership version {}, the merge expected {} and {}",
+            left.generation, left.conf_version, merge.expected_generation, merge.expected_conf_version
+        )));
+    }
+    if !super::snapshot::is_frozen_for_merge(&right) || right_id == range_id {
+        return Err(refused(format!("range {right_id} is not frozen to be merged")));
+    }
+    if left.end_key != right.start_key || left.end_key.is_empty() {
+        return Err(refused(format!("range {right_id} {} does not start where it ends", right.span())));
+    }
+    if left.replicas.iter().chain(&right.replicas).any(|r| r.membership() != ReplicaMembership::Voter) {
+        return Err(refused("a membership change is under way (a learner, or a joint membership)".into()));
+    }
+    if replica_nodes(&left) != replica_nodes(&right) {
+        return Err(refused(format!("range {right_id}'s replicas are on other nodes")));
+    }
+    let fatal =
+        |what: String| Failure::Fatal(format!("range {range_id}'s merge of range {right_id} at index {index}: {what}"));
+    let frozen_at = right.merge_freeze_index;
+    let caught_up = catch_up_frozen(db, log, right_id, self_raft_id, frozen_at).map_err(&fatal)?;
+    run.caught_up_splits.extend(caught_up);
+    let mine = stored_descriptor(db, right_id).map_err(&fatal)?;
+    if !super::snapshot::is_frozen_for_merge(&mine) || mine.merge_freeze_index != frozen_at {
+        return Err(fatal(format!(
+            "this node's replica of range {right_id} is {:?} (frozen at index {}), not frozen at index {frozen_at}",
+            mine.state(),
+            mine.merge_freeze_index
+        )));
+    }
+    let merged = RangeDescriptor {
+        end_key: right.end_key.clone(),
+        generation: left.generation.max(right.generation) + 1,
+        ..left
+    };
+    let tombstone = RangeDescriptor {
+        state: RangeState::Retired as i32,
+        generation: right.generation + 1,
+        replicas: merged.replicas.clone(),
+        successors: vec![range_id],
+        ..right
+    };
+    let meta = db.cf_handle(CF_META).ok_or_else(|| fatal("the meta column family is missing".into()))?;
+    batch.put_cf(meta, descriptor_key(range_id), merged.encode_to_vec());
+    stage_subsumed(db, log, &tombstone, batch).map_err(fatal)?;
+    Ok(MergeApplied { index, left: merged, right: tombstone })
+}
+
+/// Adds to `batch` the end of this node's replica of a range whose keys another range took (a
+/// merge): its descriptor retired (`tombstone`), its applied index and Raft log deleted. Unlike
+/// a removal, its data stays: it is the other range's now.
+pub fn stage_subsumed(
+    db: &DB,
+    log: &LogStore,
+    tombstone: &RangeDescriptor,
+    batch: &mut WriteBatch,
+) -> Result<(), String> {
+    let meta = db.cf_handle(CF_META).ok_or("the meta column family is missing")?;
+    let range_id = tombstone.range_id;
+    batch.put_cf(meta, descriptor_key(range_id), tombstone.encode_to_vec());
+    batch.delete_cf(meta, applied_key(range_id));
+    log.delete_group(range_id, batch).map_err(|e| e.to_string())
+}
+
+/// Applies `range_id`'s log on this node up to `frozen_at` (its freeze) from the entries this
+/// node holds, if it has not yet; returns the splits that made (their groups are to start).
+/// Membership changes among them are not applied to a Raft group: the range's group ends with
+/// the merge.
+fn catch_up_frozen(
+    db: &DB,
+    log: &LogStore,
+    range_id: u64,
+    self_raft_id: u64,
+    frozen_at: u64,
+) -> Result<Vec<SplitApplied>, String> {
+    let applied = applied_index(db, range_id)?;
+    if applied >= frozen_at {
+        return Ok(Vec::new());
+    }
+    let desc = stored_descriptor(db, range_id)?;
+    if !desc.is_owned_state() {
+        return Err(format!("this node's replica of range {range_id} is {:?}", desc.state()));
+    }
+    let entries = log
+        .read_entries(range_id, applied + 1, frozen_at)
+        .map_err(|e| format!("this node lacks range {range_id}'s log up to its freeze: {e}"))?;
+    tracing::info!(range_id, from = applied + 1, to = frozen_at, "applying a merged range's log up to its freeze");
+    let mut span = Span::of(&desc);
+    let mut membership_unchanged = |_: &ConfChangeV2, _: u64, _: &mut WriteBatch| -> Result<ConfState, Failure> {
+        Err(Failure::Refused(ReplicaError::MembershipRefused {
+            range_id,
+            reason: "applied while merging the range away".into(),
+        }))
+    };
+    let run = apply_entries(db, log, range_id, self_raft_id, &mut span, &entries, &mut membership_unchanged)?;
+    let mut splits = run.splits;
+    splits.extend(run.caught_up_splits);
+    Ok(splits)
 }
 
 /// The two halves of `desc` split at `split_key`: the left keeps the range's id, the right is

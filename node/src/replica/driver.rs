@@ -240,6 +240,10 @@ impl Driver {
             }
             Input::TransferLeader { range_id, to, reply } => self.transfer_leader(range_id, to, reply),
             Input::DropStale { range_id, conf_version } => self.drop_stale(range_id, None, conf_version),
+            Input::LowestMatch { range_id, reply } => {
+                let active = self.groups.all_recently_active(range_id);
+                let _ = reply.send(self.groups.lowest_match(range_id).zip(active));
+            }
             Input::Lag { reply } => {
                 let ids: Vec<u64> = self.groups.ids().collect();
                 let lag = ids.into_iter().filter_map(|id| self.groups.replica_lag(id).map(|lag| (id, lag))).collect();
@@ -820,6 +824,7 @@ impl Driver {
                     self.spans.insert(range_id, Span::of(desc));
                     self.learn_addresses(desc);
                     (self.on_range_change)(change);
+                    self.retire_overlapped(range_id, &desc.clone());
                 }
                 self.note_joint(range_id);
                 tracing::info!(
@@ -836,6 +841,47 @@ impl Driver {
                 eprintln!("kvfleet-node: installing a snapshot of range {range_id} failed: {error}");
                 std::process::abort();
             }
+        }
+    }
+
+    /// A snapshot widened `range_id` over ranges this node still holds: this replica missed a
+    /// merge, and the snapshot's data replaced theirs. Each older one is retired here as merged
+    /// into the range (its group stops, its log goes; the data is the range's).
+    fn retire_overlapped(&mut self, range_id: u64, desc: &kvfleet_proto::v1::RangeDescriptor) {
+        use kvfleet_proto::RangeBounds as _;
+        let span = Span::of(desc);
+        let overlapped: Vec<u64> =
+            self.spans.iter().filter(|(id, s)| **id != range_id && s.overlaps(&span)).map(|(id, _)| *id).collect();
+        for other in overlapped {
+            let Ok(mine) = apply::stored_descriptor(&self.db, other) else { continue };
+            if mine.generation >= desc.generation {
+                tracing::error!(
+                    range_id,
+                    other,
+                    span = %desc.span(),
+                    other_span = %mine.span(),
+                    "a snapshot overlaps a range held here that is not older: both kept"
+                );
+                continue;
+            }
+            let tombstone = kvfleet_proto::v1::RangeDescriptor {
+                state: kvfleet_proto::v1::RangeState::Retired as i32,
+                generation: mine.generation + 1,
+                successors: vec![range_id],
+                replicas: desc.replicas.clone(),
+                ..mine
+            };
+            let mut batch = rocksdb::WriteBatch::default();
+            let written = apply::stage_subsumed(&self.db, &self.log, &tombstone, &mut batch)
+                .and_then(|()| self.db.write(batch).map_err(|e| e.to_string()));
+            if let Err(error) = written {
+                tracing::error!(range_id = other, %error, "retiring a merged-away replica failed; stopping the node");
+                eprintln!("kvfleet-node: retiring range {other}, merged into range {range_id}, failed: {error}");
+                std::process::abort();
+            }
+            self.stop_group(other, |range_id| ReplicaError::Merging { range_id });
+            (self.on_range_change)(super::RangeChange::Merged { left: desc, right: &tombstone });
+            tracing::info!(range_id, other, "a snapshot of a merged range retired the replica of a range it took");
         }
     }
 
@@ -866,11 +912,27 @@ impl Driver {
                 std::process::abort();
             }
         };
-        for split in &run.splits {
-            self.start_split_group(range_id, split);
+        // Merges first: a split applied after one in this run may start where the merged
+        // range did. The last change's descriptor is the range's in the end, whatever the order.
+        for merge in &run.merges {
+            self.merged(range_id, merge);
+        }
+        for split in run.caught_up_splits.iter().chain(&run.splits) {
+            self.start_split_group(split.left.range_id, split);
         }
         for change in &run.memberships {
             self.membership_changed(range_id, change);
+        }
+        if let (Some(desc), None) = (run.last_descriptor(), &run.removed) {
+            (self.on_range_change)(super::RangeChange::Replaced(desc));
+        }
+        for freeze in &run.freezes {
+            tracing::info!(
+                range_id,
+                index = freeze.desc.merge_freeze_index,
+                span = %freeze.desc.span(),
+                "frozen to be merged into its left neighbour"
+            );
         }
         for entry in run.entries {
             if let Some(proposal) = self.proposals.remove(&(range_id, entry.index)) {
@@ -936,6 +998,36 @@ impl Driver {
     /// already gone or retired, durably): the group stops, whatever waited on it is answered,
     /// and the node retires the range and deletes its data.
     fn remove_group(&mut self, range_id: u64, tombstone: &kvfleet_proto::v1::RangeDescriptor) {
+        let reason = "this replica was removed from the range before the write was applied here";
+        self.stop_group(range_id, |range_id| ReplicaError::OutcomeUnknown { range_id, reason: reason.to_string() });
+        (self.on_range_change)(super::RangeChange::Removed(tombstone));
+        tracing::info!(range_id, replicas = %describe_replicas(tombstone), "this replica was removed from the range");
+    }
+
+    /// `range_id` took its frozen right neighbour's keys (durably: the neighbour's log is gone and
+    /// its descriptor retired here): the neighbour's group stops here (a write still waiting on it
+    /// was ordered after its freeze, so it is not applied), and the node's range table retires
+    /// it and widens the range.
+    fn merged(&mut self, range_id: u64, merge: &apply::MergeApplied) {
+        kvfleet_proto::failpoint::hit("merge-apply-after-write");
+        let right_id = merge.right.range_id;
+        self.stop_group(right_id, |range_id| ReplicaError::Merging { range_id });
+        self.splits_applied.remove(&range_id);
+        (self.on_range_change)(super::RangeChange::Merged { left: &merge.left, right: &merge.right });
+        self.publish(range_id);
+        tracing::info!(
+            range_id,
+            right_id,
+            index = merge.index,
+            span = %merge.left.span(),
+            generation = merge.left.generation,
+            "merge applied"
+        );
+    }
+
+    /// Stops this node's group of `range_id` and answers whatever waited on it (a proposal with
+    /// `unapplied`).
+    fn stop_group(&mut self, range_id: u64, unapplied: impl Fn(u64) -> ReplicaError) {
         let leader = self.groups.leader_of(range_id).filter(|&id| id != self.groups.node());
         self.groups.remove(range_id);
         self.applied.remove(&range_id);
@@ -954,8 +1046,7 @@ impl Driver {
         let pending: Vec<(u64, u64)> = self.proposals.keys().filter(|(id, _)| *id == range_id).copied().collect();
         for key in pending {
             if let Some(proposal) = self.proposals.remove(&key) {
-                let reason = "this replica was removed from the range before the write was applied here".to_string();
-                let _ = proposal.reply.send(Err(ReplicaError::OutcomeUnknown { range_id, reason }));
+                let _ = proposal.reply.send(Err(unapplied(range_id)));
             }
         }
         let (gone, kept): (Vec<_>, Vec<_>) =
@@ -964,8 +1055,6 @@ impl Driver {
         for (_, read) in gone {
             read.answer(Err(ReplicaError::NotLeader { range_id, leader }));
         }
-        (self.on_range_change)(super::RangeChange::Removed(tombstone));
-        tracing::info!(range_id, replicas = %describe_replicas(tombstone), "this replica was removed from the range");
     }
 
     /// A split of `range_id` is durable here: the new range's group starts (its log was created

@@ -120,6 +120,12 @@ pub enum ReplicaError {
         "the write to range {range_id} was ordered after a split that moved some of its keys to another range: it was not applied; retry"
     )]
     OutsideRange { range_id: u64 },
+    #[error(
+        "range {range_id} is frozen to be merged into its left neighbour: the write was not applied; retry (the merged range will take it)"
+    )]
+    Merging { range_id: u64 },
+    #[error("range {range_id} was not merged: {reason}")]
+    MergeRefused { range_id: u64, reason: String },
     #[error("range {range_id} was not split: {reason}")]
     SplitRefused { range_id: u64, reason: String },
     #[error("range {range_id}'s membership was not changed: {reason}")]
@@ -179,6 +185,10 @@ pub enum RangeChange<'a> {
     /// This node's replica was removed from the range (the descriptor: the retired range, with
     /// the replicas that remain). Its data is to be deleted once no request uses it.
     Removed(&'a RangeDescriptor),
+    /// The range took its frozen right neighbour's keys (a merge applied from the log, or a
+    /// snapshot taken after one): `left` is its new descriptor, `right` the neighbour's tombstone
+    /// here. The data stays.
+    Merged { left: &'a RangeDescriptor, right: &'a RangeDescriptor },
 }
 
 /// Called on the Raft thread with every `RangeChange`, once it is durable and before any request
@@ -220,6 +230,12 @@ pub enum Input {
     DropStale {
         range_id: u64,
         conf_version: u64,
+    },
+    /// On the leader of `range_id`: the lowest log index every replica holds, and whether
+    /// every replica was heard from lately (see `Replication::lowest_match`).
+    LowestMatch {
+        range_id: u64,
+        reply: oneshot::Sender<Option<(u64, bool)>>,
     },
     /// How far behind each replica of the groups this node leads is (see `Replication::lag`).
     Lag {
@@ -353,6 +369,37 @@ impl Replication {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Propose { range_id, command, reply, split: false })?;
         await_reply(answer).await
+    }
+
+    /// Freezes `range_id` through its log to be merged into its left neighbour (see
+    /// `apply::freeze_range`); waits until it is committed and applied here.
+    pub async fn propose_freeze(
+        &self,
+        range_id: u64,
+        freeze: kvfleet_proto::v1::RaftFreeze,
+    ) -> Result<(), ReplicaError> {
+        let command = apply::encode_freeze(freeze);
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Propose { range_id, command, reply, split: false })?;
+        await_reply(answer).await
+    }
+
+    /// Merges the frozen right neighbour into `range_id` through its log (see
+    /// `apply::merge_range`); waits until it is committed and applied here.
+    pub async fn propose_merge(&self, range_id: u64, merge: kvfleet_proto::v1::RaftMerge) -> Result<(), ReplicaError> {
+        let command = apply::encode_merge(merge);
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Propose { range_id, command, reply, split: false })?;
+        await_reply(answer).await
+    }
+
+    /// If this node leads `range_id`: the lowest log index every replica of it holds, and
+    /// whether every replica was heard from within an election timeout; `None` on a follower,
+    /// which does not know.
+    pub async fn lowest_match(&self, range_id: u64) -> Result<Option<(u64, bool)>, ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::LowestMatch { range_id, reply })?;
+        answer.await.map_err(|_| ReplicaError::Stopped("the Raft thread dropped a request".into()))
     }
 
     /// Splits `range_id` through its log: every replica applies the split at the same index

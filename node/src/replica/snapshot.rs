@@ -24,16 +24,23 @@ use rocksdb::{
 use super::apply;
 use crate::storage::{CF_DATA, CF_META};
 
-/// A range's key span: `[start, end)`, an empty end meaning the end of the key space.
+/// A range's key span: `[start, end)`, an empty end meaning the end of the key space; and
+/// whether the range is frozen to be merged (it applies no write any more).
 #[derive(Debug, Clone, Default)]
 pub struct Span {
     pub start: Vec<u8>,
     pub end: Vec<u8>,
+    pub frozen: bool,
+}
+
+/// Whether `desc` is a replicated range frozen to be merged into its left neighbour.
+pub fn is_frozen_for_merge(desc: &RangeDescriptor) -> bool {
+    desc.merge_freeze_index > 0 && desc.state() == kvfleet_proto::v1::RangeState::Frozen
 }
 
 impl Span {
     pub fn of(desc: &RangeDescriptor) -> Self {
-        Span { start: desc.start_key.to_vec(), end: desc.end_key.to_vec() }
+        Span { start: desc.start_key.to_vec(), end: desc.end_key.to_vec(), frozen: is_frozen_for_merge(desc) }
     }
 }
 

@@ -1,0 +1,193 @@
+//! Merges of replicated ranges on real node processes (three nodes on loopback, every range a
+//! Raft group of all three): `kvctl merge` freezes the right range through its log and merges it
+//! into the left one through the left one's log, with no data copied; the two ranges led by
+//! different nodes first; under a checked history of writes and linearizable and follower reads
+//! (no read goes back in time, nothing acknowledged is lost); then the merged range survives its
+//! leader's loss. And every replica crashing at every step of a merge (applying the freeze,
+//! between the freeze and the merge, applying the merge before and after its write) comes back
+//! with nothing acknowledged lost, and the merge is finished by asking again.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfleet_e2e::history::{HistoryWorkload, keys};
+use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
+use kvfleet_proto::v1::{ReadConsistency, SplitRangeRequest, TransferLeaderRequest};
+
+/// How long the crash test waits for every node to reach its crash point.
+const CATCH_UP: Duration = Duration::from_secs(30);
+
+/// `kvctl merge <key>` against every node: the merged range (id, start, end), or kvctl's error.
+fn kvctl_merge(endpoints: &[String], key: &str) -> Result<(u64, String, String), String> {
+    let output = std::process::Command::new(kvfleet_e2e::binary("kvctl"))
+        .args(["--endpoints", &endpoints.join(","), "--output", "json", "merge", key])
+        .env_remove("KVFLEET_CONTROLLER")
+        .output()
+        .expect("kvctl runs");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| format!("{e}: {stdout}"))?;
+    let text = |field: &str| json[field].as_str().unwrap_or_default().to_string();
+    Ok((json["range_id"].as_u64().unwrap_or(0), text("start"), text("end")))
+}
+
+/// Range 1 over the whole key space, as kvctl prints it (the empty start key quoted).
+fn whole_key_space() -> (u64, String, String) {
+    (1, "\"\"".to_string(), String::new())
+}
+
+/// Splits range 1 at `key` on its leader; the right half's id.
+async fn split(fleet: &mut Fleet, key: &'static str) -> u64 {
+    let leader = fleet.leader(None).await;
+    let request = SplitRangeRequest { range_id: 1, split_key: Bytes::from(key), ..Default::default() };
+    let answer = fleet.nodes[leader].admin().split_range(request).await.expect("the leader splits").into_inner();
+    answer.right.expect("the right half").range_id
+}
+
+/// Hands the leadership of `range_id` to a node other than the one leading range 1.
+async fn lead_elsewhere(fleet: &mut Fleet, range_id: u64) -> usize {
+    let left_leader = fleet.leader(None).await;
+    let target = (left_leader + 1) % fleet.nodes.len();
+    for _ in 0..20 {
+        let leader = fleet.leader_of(range_id, None).await;
+        if leader != left_leader {
+            return leader;
+        }
+        let request = TransferLeaderRequest { range_id, to_node_id: fleet.endpoint(target).node_id };
+        let _ = fleet.nodes[leader].admin().transfer_leader(request).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!("range {range_id} stays led by node {left_leader}, which leads range 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_goes_through_both_logs_under_load_and_the_merged_range_survives_its_leaders_loss() {
+    let mut fleet = Fleet::start(3);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let right_id = split(&mut fleet, "key024").await;
+    let right_leader = lead_elsewhere(&mut fleet, right_id).await;
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 4, 100, ReadConsistency::Follower);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    let merged = kvctl_merge(&fleet.addresses(), "key000").unwrap_or_else(|e| panic!("kvctl merge: {e}"));
+    eprintln!("merged in {:?} (the right range was led by node {right_leader})", started.elapsed());
+    assert_eq!(merged, whole_key_space(), "range 1 takes the whole key space");
+    for index in 0..3 {
+        fleet.wait_for_ranges(index, &[(1, b"", b"")]).await;
+    }
+    let after_merge = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(workload.space.acked_writes() > after_merge, "writes stopped after the merge");
+
+    // Asked again, the merge has nothing left to do and says so.
+    let again = kvctl_merge(&fleet.addresses(), "key000");
+    assert!(again.is_err(), "a second merge of the last range answered {again:?}");
+
+    // The merged range is one Raft group on all three nodes: its leader's loss is survived.
+    let leader = fleet.leader(None).await;
+    fleet.nodes[leader].kill9();
+    let after_kill = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (report, space) = workload.finish().await;
+    assert!(space.acked_writes() > after_kill, "writes stopped after the merged range's leader was killed");
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_replica_crashing_at_every_step_of_a_merge_comes_back_with_every_write_and_the_merge_finishes() {
+    let steps = [
+        ("merge-freeze-apply-before-write", true),
+        ("merge-after-freeze", false),
+        ("merge-apply-before-write", true),
+        ("merge-apply-after-write", true),
+    ];
+    for (crash_at, on_every_replica) in steps {
+        let mut fleet = Fleet::start(3);
+        fleet.leader(None).await;
+        let client = fleet.client();
+        let right_id = split(&mut fleet, "key020").await;
+        let mut acked: HashMap<Bytes, Bytes> = HashMap::new();
+        for i in 0..40 {
+            let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("before-{i}")));
+            client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?}: {e}"));
+            acked.insert(key, value);
+        }
+        // Every node restarts armed: each aborts the first time it reaches the step.
+        let marks = tempfile::tempdir().expect("a temporary directory");
+        let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
+        for index in 0..3 {
+            fleet.nodes[index].kill9();
+            fleet.nodes[index].env = vec![
+                ("KVFLEET_CRASH_AT".into(), crash_at.into()),
+                ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
+            ];
+            fleet.nodes[index].spawn();
+        }
+        fleet.leader(None).await;
+        fleet.leader_of(right_id, None).await;
+        // kvctl retries while nodes crash; they are restarted meanwhile.
+        let endpoints = fleet.addresses();
+        let first = std::thread::spawn(move || kvctl_merge(&endpoints, "key000"));
+        let started = Instant::now();
+        let crashed = |index: usize| mark(index).exists();
+        while started.elapsed() < CATCH_UP && if on_every_replica { !(0..3).all(crashed) } else { !(0..3).any(crashed) }
+        {
+            for index in 0..3 {
+                if !fleet.nodes[index].is_running() {
+                    fleet.nodes[index].kill9();
+                    fleet.nodes[index].spawn();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A node writes its mark just before it aborts: let the last ones die first.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let reached = (0..3).filter(|&index| crashed(index)).count();
+        assert!(reached == 3 || (!on_every_replica && reached >= 1), "{reached} nodes reached {crash_at}");
+        for index in 0..3 {
+            if !fleet.nodes[index].is_running() {
+                fleet.nodes[index].kill9();
+                fleet.nodes[index].spawn();
+            }
+        }
+        // kvctl finished the merge, or else, asked again (as often as it takes while elections
+        // settle), it does.
+        let first = tokio::task::spawn_blocking(move || first.join().expect("kvctl's thread")).await.expect("joined");
+        eprintln!("{crash_at}: the first kvctl merge answered {first:?}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let merged = loop {
+            match kvctl_merge(&fleet.addresses(), "key000") {
+                Ok(merged) => break Some(merged),
+                Err(_) if fleet.ranges_on(0).await.is_some_and(|r| r.len() == 1 && r[0].end_key.is_empty()) => {
+                    break None;
+                }
+                Err(error) if Instant::now() > deadline => panic!("the merge never finished after {crash_at}: {error}"),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        };
+        if let Some(merged) = merged {
+            assert_eq!(merged, whole_key_space(), "after {crash_at}");
+        }
+        for index in 0..3 {
+            fleet.wait_for_ranges(index, &[(1, b"", b"")]).await;
+        }
+        // Nothing acknowledged is lost, and the merged range takes writes on both sides.
+        kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
+        for i in (0..40).step_by(3) {
+            let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("after-{i}")));
+            client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?} after {crash_at}: {e}"));
+            acked.insert(key, value);
+        }
+        kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
+        eprintln!("{crash_at}: merged after the crash, nothing lost");
+    }
+}
