@@ -329,3 +329,73 @@ async fn replicas_lost_with_a_disk_are_recreated_on_their_node() {
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
+
+/// Merges on a replicated fleet: load splits range 1 on four nodes, and the controller spreads
+/// the copies over the fourth node, so the halves' replicas end up on different nodes. Then the
+/// controller (restarted with a policy under which every range is cold) aligns them by replica
+/// moves and merges them back through their logs, under a checked history, while the node
+/// coordinating the merge is killed right after it froze the right range and the controller is
+/// crashed with it: the next controller finishes the frozen merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_replicated_ranges_are_aligned_and_merged_back_through_a_crash_mid_merge() {
+    let (mut fleet, platform, board, controller) = controlled_fleet(4);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 6, 4);
+    workload.add_readers_with(&client, 2, 700, ReadConsistency::Follower);
+    wait_for_split(&fleet).await;
+    wait_until("the controller to give the fourth node replicas", Duration::from_secs(90), async || {
+        fleet.ranges_on(3).await.is_some_and(|r| !r.is_empty())
+    })
+    .await;
+
+    // Every node crashes (once) right after it freezes a range for a merge it coordinates.
+    let marks = tempfile::tempdir().expect("a temporary directory");
+    let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
+    for index in 0..4 {
+        fleet.nodes[index].kill9();
+        fleet.nodes[index].env = vec![
+            ("KVFLEET_CRASH_AT".into(), "merge-after-freeze".into()),
+            ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
+        ];
+        fleet.nodes[index].spawn();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    controller.crash();
+    let cold = Policy { split_qps: 1e9, merge_below_qps: 1e9, merge_delay_secs: 3, ..config().policy };
+    let cold_config = LoopConfig { policy: cold, ..config() };
+    let mut controller = Controller::start(platform.clone(), cold_config.clone(), board.clone());
+    let started = Instant::now();
+    let crashed = |index: usize| mark(index).exists();
+    while !(0..4).any(crashed) && started.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let coordinator = (0..4).find(|&index| crashed(index)).expect("a node froze a range for a merge within 120 s");
+    controller.crash();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.nodes[coordinator].kill9();
+    fleet.nodes[coordinator].spawn();
+    let frozen = async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.iter().any(|d| d.merge_freeze_index > 0)
+    };
+    eprintln!("node {coordinator} crashed after a freeze; a range frozen for the merge: {}", frozen().await);
+    controller = Controller::start(platform.clone(), cold_config, board.clone());
+
+    wait_until("the ranges to merge back into one on three voters", Duration::from_secs(180), async || {
+        for index in 0..4 {
+            if !fleet.nodes[index].is_running() {
+                fleet.nodes[index].kill9();
+                fleet.nodes[index].spawn();
+            }
+        }
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.len() == 1 && settled(&ranges, "none")
+    })
+    .await;
+    let events = board.snapshot().recent_events;
+    assert!(events.iter().any(|e| e.contains("through their logs")), "no merge event: {events:?}");
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+    controller.crash();
+}

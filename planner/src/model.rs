@@ -148,6 +148,9 @@ pub enum MoveReason {
 pub enum MergeReason {
     /// Both stayed below the merge thresholds for the merge delay; together they still are.
     Cold { ops: f64, size_bytes: u64, cold_for: u64 },
+    /// The right range is frozen for a merge already (one interrupted): it serves nothing until
+    /// the merge is finished.
+    Frozen,
 }
 
 impl fmt::Display for SplitReason {
@@ -189,6 +192,7 @@ impl fmt::Display for MoveReason {
 impl fmt::Display for MergeReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            MergeReason::Frozen => write!(f, "finishing a merge: the right range is frozen for it"),
             MergeReason::Cold { ops, size_bytes, cold_for } => write!(
                 f,
                 "cold: {ops:.0} ops/s and {:.1} MiB together, cold for {cold_for}s",
@@ -315,13 +319,35 @@ pub enum Skip {
     NoTargetNode,
     /// Cold neighbours, but one was split too recently to merge.
     MergeDelay { left: RangeId, right: RangeId, seconds_left: u64 },
-    /// Cold neighbours, but replicated: merges through the Raft log are not built yet.
-    ReplicatedMergeNotBuilt { left: RangeId, right: RangeId },
+    /// Cold neighbours, replicated, that cannot merge or align their replicas now.
+    ReplicatedMergeHeld { left: RangeId, right: RangeId, reason: MergeHeld },
     /// A replica must leave a draining node, but every schedulable node already holds one.
     NoNodeForReplica { range: RangeId, node: String },
     /// A leadership must leave a node about to restart, but no other replica is on a
     /// schedulable node.
     NoNodeForLeader { range: RangeId, node: String },
+}
+
+/// Why two cold replicated neighbours are not merged (or aligned for it) this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeHeld {
+    /// One of them has a single copy, the other replicas (fleets are one or the other).
+    SingleCopyNeighbour,
+    /// A replica of one of them is down, lost or missing: a merge needs every replica.
+    ReplicaDown,
+    /// Their replicas are on different nodes and none of the larger one's nodes can take a
+    /// replica of the smaller one (draining, or not answering).
+    NoNodeToAlign,
+}
+
+impl fmt::Display for MergeHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MergeHeld::SingleCopyNeighbour => "one has a single copy, the other replicas",
+            MergeHeld::ReplicaDown => "a replica of one of them is down, lost or missing (a merge needs every replica)",
+            MergeHeld::NoNodeToAlign => "their replicas are on different nodes, and no node can take one to align them",
+        })
+    }
 }
 
 impl Skip {
@@ -333,7 +359,7 @@ impl Skip {
             | Skip::SingleKeyRange { range, .. }
             | Skip::TooSmallToSplit { range }
             | Skip::Cooldown { range, .. } => Some(*range),
-            Skip::MergeDelay { left, .. } | Skip::ReplicatedMergeNotBuilt { left, .. } => Some(*left),
+            Skip::MergeDelay { left, .. } | Skip::ReplicatedMergeHeld { left, .. } => Some(*left),
             Skip::NoNodeForReplica { range, .. } | Skip::NoNodeForLeader { range, .. } => Some(*range),
             Skip::Balanced { .. }
             | Skip::MoveBudgetExhausted { .. }
@@ -355,7 +381,9 @@ impl Skip {
             Skip::NoBeneficialMove { .. } => "no_beneficial_move",
             Skip::NoTargetNode => "no_target_node",
             Skip::MergeDelay { .. } => "merge_delay",
-            Skip::ReplicatedMergeNotBuilt { .. } => "replicated_merge_not_built",
+            Skip::ReplicatedMergeHeld { reason: MergeHeld::SingleCopyNeighbour, .. } => "merge_single_copy_neighbour",
+            Skip::ReplicatedMergeHeld { reason: MergeHeld::ReplicaDown, .. } => "merge_replica_down",
+            Skip::ReplicatedMergeHeld { reason: MergeHeld::NoNodeToAlign, .. } => "merge_no_node_to_align",
             Skip::NoNodeForReplica { .. } => "no_node_for_replica",
             Skip::NoNodeForLeader { .. } => "no_node_for_leader",
         }
@@ -402,8 +430,8 @@ impl fmt::Display for Skip {
             Skip::MergeDelay { left, right, seconds_left } => {
                 write!(f, "ranges {left} and {right}: cold, merge waits {seconds_left}s after their split")
             }
-            Skip::ReplicatedMergeNotBuilt { left, right } => {
-                write!(f, "ranges {left} and {right}: cold, but merging replicated ranges is not built yet")
+            Skip::ReplicatedMergeHeld { left, right, reason } => {
+                write!(f, "ranges {left} and {right}: cold, but not merged now: {reason}")
             }
             Skip::NoNodeForReplica { range, node } => write!(
                 f,

@@ -203,6 +203,19 @@ impl Observation {
 
     /// The nodes (indices into `nodes`) holding a voting replica of `range`, as its leader has
     /// it; replicas on nodes that are not members are left out.
+    /// Merges under way: each replicated range frozen to be merged, with its left neighbour
+    /// (the range ending where it starts), as (left, right). A range frozen serves nothing until
+    /// its merge is finished.
+    pub fn frozen_merges(&self) -> Vec<(u64, u64)> {
+        let frozen = self.ranges.values().filter(|r| r.is_replicated() && r.desc.merge_freeze_index > 0);
+        frozen
+            .filter_map(|right| {
+                let left = self.ranges.values().find(|l| l.desc.end_key == right.desc.start_key)?;
+                Some((left.desc.range_id, right.desc.range_id))
+            })
+            .collect()
+    }
+
     pub fn holders(&self, range: &ObservedRange) -> Vec<usize> {
         if !range.is_replicated() {
             return vec![range.owner];
@@ -496,20 +509,22 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState, replicat
             }
         })
         .collect();
-    let in_flight = state
-        .moves
-        .iter()
-        .filter_map(|m| {
-            let from = observation.node_index(&m.from)?;
-            let to = observation.node_index(&m.to)?;
-            Some(Action::Move {
-                range: m.range_id,
-                from: NodeId(from as u32),
-                to: NodeId(to as u32),
-                reason: kvfleet_planner::MoveReason::Drain,
-            })
+    let moves = state.moves.iter().filter_map(|m| {
+        let from = observation.node_index(&m.from)?;
+        let to = observation.node_index(&m.to)?;
+        Some(Action::Move {
+            range: m.range_id,
+            from: NodeId(from as u32),
+            to: NodeId(to as u32),
+            reason: kvfleet_planner::MoveReason::Drain,
         })
-        .collect();
+    });
+    let merges = observation.frozen_merges().into_iter().map(|(left, right)| Action::Merge {
+        left,
+        right,
+        reason: kvfleet_planner::MergeReason::Frozen,
+    });
+    let in_flight = moves.chain(merges).collect();
     ClusterView { nodes, ranges, in_flight }
 }
 

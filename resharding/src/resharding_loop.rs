@@ -23,7 +23,7 @@ use crate::platform::{Platform, PlatformError};
 use crate::replica_moves::{Endpoint, ReplicaMoveError};
 use crate::state::{InFlightMove, ReshardingState, unix_now};
 use crate::status::{IdReservation, StatusBoard};
-use crate::{moves, observe};
+use crate::{moves, observe, replica_merges};
 use kvfleet_client::client::normalize_address;
 
 /// Rounds in a row a replica move's target may not answer before the move is given up.
@@ -31,6 +31,9 @@ const GIVE_UP_AFTER_ROUNDS: u32 = 10;
 /// Rounds in a row a voter's node must answer without a copy before its replica counts as lost
 /// (a node restarting, or opening its groups, is not).
 const LOST_AFTER_ROUNDS: u32 = 5;
+/// How long a round spends on one replicated merge (a freeze, a wait for every replica, the
+/// merge): one not done by then is finished in a later round.
+const REPLICA_MERGE_DEADLINE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -253,6 +256,7 @@ impl<P: Platform> ReshardingLoop<P> {
         self.stop_stuck_replica_moves(&observation);
         self.reap_moves(now);
         self.recover_moves(&observation).await;
+        self.finish_frozen_merges(&observation).await?;
         self.publish_routing(&observation).await;
 
         // The factor the fleet was created with, else (not bootstrapped yet) the configured one.
@@ -647,6 +651,10 @@ impl<P: Platform> ReshardingLoop<P> {
         merged_id: u64,
     ) {
         let (Some(l), Some(r)) = (observation.ranges.get(&left), observation.ranges.get(&right)) else { return };
+        if l.is_replicated() || r.is_replicated() {
+            self.merge_replicated(observation, (left, right), reason).await;
+            return;
+        }
         if l.owner != r.owner {
             return;
         }
@@ -676,6 +684,62 @@ impl<P: Platform> ReshardingLoop<P> {
                 self.status.action_failed(ActionKind::Merge, format!("merge of {left} + {right} failed: {error}"));
             }
         }
+    }
+
+    /// Merges two replicated ranges through their logs (`replica_merges`): their replicas are on
+    /// the same nodes (the planner aligned them); a merge interrupted before is finished.
+    async fn merge_replicated(&mut self, observation: &Observation, (left, right): (u64, u64), reason: &MergeReason) {
+        let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
+        let started = std::time::Instant::now();
+        let merged = replica_merges::merge_replicated(&self.clients, left, right, &seeds, REPLICA_MERGE_DEADLINE).await;
+        match merged {
+            Ok(merged) => {
+                let took_ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(left, right, merged = merged.range_id, %reason, took_ms, "merged replicated ranges");
+                self.status.action_done(
+                    ActionKind::Merge,
+                    format!(
+                        "merged ranges {left} + {right} -> {} {} through their logs ({reason})",
+                        merged.range_id,
+                        merged.span()
+                    ),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(left, right, %error, "replicated merge not done");
+                self.status.action_failed(ActionKind::Merge, error.to_string());
+            }
+        }
+    }
+
+    /// Finishes the merges whose right range is frozen (interrupted by a crash of this loop or
+    /// of a node): a frozen range serves nothing until it is merged. If the left neighbour's
+    /// replicas are on other nodes (moved meanwhile, by hand), one moves onto the frozen range's
+    /// nodes first: the frozen range's replicas cannot move.
+    async fn finish_frozen_merges(&mut self, observation: &Observation) -> Result<(), LoopError> {
+        for (left, right) in observation.frozen_merges() {
+            let (Some(l), Some(r)) = (observation.ranges.get(&left), observation.ranges.get(&right)) else { continue };
+            if self.state.moves.iter().any(|m| m.range_id == left) {
+                continue;
+            }
+            let nodes = |desc: &RangeDescriptor| {
+                let mut nodes: Vec<String> = desc.replicas.iter().map(|r| r.node_id.clone()).collect();
+                nodes.sort_unstable();
+                nodes
+            };
+            let (left_nodes, right_nodes) = (nodes(&l.desc), nodes(&r.desc));
+            if left_nodes == right_nodes {
+                self.merge_replicated(observation, (left, right), &MergeReason::Frozen).await;
+                continue;
+            }
+            let from = left_nodes.iter().find(|n| !right_nodes.contains(n)).and_then(|n| observation.node_index(n));
+            let to = right_nodes.iter().find(|n| !left_nodes.contains(n)).and_then(|n| observation.node_index(n));
+            let (Some(from), Some(to)) = (from, to) else { continue };
+            let move_id = self.state.allocate_move_id();
+            let reason = MoveReason::ColocateForMerge { neighbour: right };
+            self.start_move(observation, move_id, left, NodeId(from as u32), NodeId(to as u32), &reason).await?;
+        }
+        Ok(())
     }
 
     async fn start_move(
