@@ -721,4 +721,131 @@ mod tests {
         drop((log, db));
         storage.shutdown().unwrap();
     }
+
+    fn freeze(expected_generation: u64) -> Vec<u8> {
+        encode_freeze(RaftFreeze { expected_generation })
+    }
+
+    #[tokio::test]
+    async fn a_frozen_range_applies_no_write_split_or_second_freeze_and_a_merge_takes_it_catching_up_from_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let storage = crate::storage::Storage::open(
+            dir.path(),
+            crate::config::Durability::Sync,
+            std::time::Duration::from_secs(1),
+            4096,
+            metrics.storage,
+        )
+        .unwrap();
+        let db = storage.db();
+        let log = LogStore::with_db(db.clone()).unwrap();
+        let replica = |raft_id| Replica { node_id: format!("n{raft_id}"), raft_id, ..Default::default() };
+        let range = |range_id, span: (&'static str, &'static str), raft_ids: &[u64]| RangeDescriptor {
+            range_id,
+            start_key: Bytes::from(span.0),
+            end_key: Bytes::from(span.1),
+            generation: 2,
+            state: RangeState::Active as i32,
+            replicas: raft_ids.iter().map(|&id| replica(id)).collect(),
+            ..Default::default()
+        };
+        let (left, right) = (range(1, ("", "m"), &[11, 12, 13]), range(2, ("m", ""), &[13, 12, 11]));
+        let meta = db.cf_handle(CF_META).unwrap();
+        for desc in [&left, &right] {
+            db.put_cf(meta, descriptor_key(desc.range_id), desc.encode_to_vec()).unwrap();
+        }
+        let mut no_changes = |_: &ConfChangeV2, _: u64, _: &mut WriteBatch| -> Result<ConfState, Failure> {
+            Err(Failure::Fatal("no membership change in this log".into()))
+        };
+
+        // The right range's log as this replica holds it: writes, the freeze at index 3, then a
+        // write, a split and a second freeze ordered after it.
+        let right_log = [
+            entry(1, put("n", "1")),
+            entry(2, put("q", "2")),
+            entry(3, freeze(2)),
+            entry(4, put("r", "after the freeze")),
+            entry(5, split("t", 9, 2)),
+            entry(6, freeze(2)),
+        ];
+        log.create_group(2, &[11, 12, 13]).unwrap();
+        let persist = kvfleet_replication::groups::Persist {
+            group: 2,
+            entries: &right_log,
+            stale: 0..0,
+            hard_state: None,
+            conf_state: ConfState::default(),
+            snapshot: None,
+        };
+        log.write(&[persist]).unwrap();
+        // This replica applied only the first entry: the merge applies the rest up to the freeze.
+        let mut right_span = Span::of(&right);
+        apply_entries(&db, &log, 2, 11, &mut right_span, &right_log[..1], &mut no_changes).unwrap();
+
+        // What the right range's leader applied (on another node): the freeze refuses the rest.
+        let other = tempfile::tempdir().unwrap();
+        let other_storage = crate::storage::Storage::open(
+            other.path(),
+            crate::config::Durability::Sync,
+            std::time::Duration::from_secs(1),
+            4096,
+            crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default()).storage,
+        )
+        .unwrap();
+        let other_db = other_storage.db();
+        let other_log = LogStore::with_db(other_db.clone()).unwrap();
+        other_db.put_cf(other_db.cf_handle(CF_META).unwrap(), descriptor_key(2), right.encode_to_vec()).unwrap();
+        let mut leader_span = Span::of(&right);
+        let run = apply_entries(&other_db, &other_log, 2, 12, &mut leader_span, &right_log, &mut no_changes).unwrap();
+        let outcomes: Vec<_> = run.entries.iter().map(|applied| applied.outcome.clone()).collect();
+        assert!(outcomes[..3].iter().all(Result::is_ok), "{outcomes:?}");
+        assert!(matches!(outcomes[3], Err(ReplicaError::Merging { range_id: 2 })), "{:?}", outcomes[3]);
+        assert!(matches!(&outcomes[4], Err(ReplicaError::SplitRefused { reason, .. }) if reason.contains("frozen")));
+        assert!(matches!(&outcomes[5], Err(ReplicaError::MergeRefused { reason, .. }) if reason.contains("already")));
+        let frozen = stored_descriptor(&other_db, 2).unwrap();
+        assert!(super::super::snapshot::is_frozen_for_merge(&frozen) && frozen.merge_freeze_index == 3);
+        assert!(leader_span.frozen);
+
+        // The left range's log: merges refused alike on every replica (wrong generation, right
+        // range on other nodes), then the merge.
+        let merge = |expected_generation, right: &RangeDescriptor| {
+            encode_merge(RaftMerge { expected_generation, expected_conf_version: 0, right: Some(right.clone()) })
+        };
+        let elsewhere = RangeDescriptor { replicas: vec![replica(11), replica(12), replica(14)], ..frozen.clone() };
+        let left_log = [
+            entry(1, put("a", "1")),
+            entry(2, merge(1, &frozen)),
+            entry(3, merge(2, &elsewhere)),
+            entry(4, merge(2, &frozen)),
+        ];
+        let mut left_span = Span::of(&left);
+        let run = apply_entries(&db, &log, 1, 11, &mut left_span, &left_log, &mut no_changes).unwrap();
+        let outcomes: Vec<_> = run.entries.iter().map(|applied| applied.outcome.clone()).collect();
+        assert!(
+            matches!(&outcomes[1], Err(ReplicaError::MergeRefused { reason, .. }) if reason.contains("generation 2"))
+        );
+        assert!(
+            matches!(&outcomes[2], Err(ReplicaError::MergeRefused { reason, .. }) if reason.contains("other nodes"))
+        );
+        assert!(outcomes[3].is_ok(), "{:?}", outcomes[3]);
+        let [done] = run.merges.as_slice() else { panic!("one merge: {:?}", run.merges) };
+        assert_eq!(
+            (done.left.start_key.as_ref(), done.left.end_key.as_ref(), done.left.generation),
+            (&b""[..], &b""[..], 3)
+        );
+        assert_eq!(stored_descriptor(&db, 1).unwrap(), done.left);
+        let tombstone = stored_descriptor(&db, 2).unwrap();
+        assert_eq!((tombstone.state(), tombstone.successors.clone()), (RangeState::Retired, vec![1]));
+        assert!(log.open_group(2).unwrap().is_none(), "the merged range's log is deleted");
+        assert!(left_span.end.is_empty() && !left_span.frozen);
+        let data = db.cf_handle(CF_DATA).unwrap();
+        for (key, value) in [("a", Some("1")), ("n", Some("1")), ("q", Some("2")), ("r", None)] {
+            let found = db.get_cf(data, key).unwrap();
+            assert_eq!(found.as_deref(), value.map(str::as_bytes), "key {key}: applied up to the freeze only");
+        }
+        drop((log, db, other_log, other_db));
+        storage.shutdown().unwrap();
+        other_storage.shutdown().unwrap();
+    }
 }
