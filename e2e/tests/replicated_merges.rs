@@ -5,7 +5,8 @@
 //! (no read goes back in time, nothing acknowledged is lost); then the merged range survives its
 //! leader's loss. And every replica crashing at every step of a merge (applying the freeze,
 //! between the freeze and the merge, applying the merge before and after its write) comes back
-//! with nothing acknowledged lost, and the merge is finished by asking again.
+//! with nothing acknowledged lost, and the merge is finished by asking again; a follower
+//! crashing as it applies the merge comes back merged, a voter of the merged range.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -190,4 +191,60 @@ async fn every_replica_crashing_at_every_step_of_a_merge_comes_back_with_every_w
         kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
         eprintln!("{crash_at}: merged after the crash, nothing lost");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_crashing_as_it_applies_a_merge_comes_back_merged_and_votes_after_writes_it_missed() {
+    // Logs keep 20 applied entries: a replica down for 100 writes is past what the log keeps.
+    let mut fleet = Fleet::start_with(3, &["--raft-log-keep-entries", "20"]);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let right_id = split(&mut fleet, "key020").await;
+    let left_leader = fleet.leader(None).await;
+    let lagging = (left_leader + 1) % 3;
+    let other = (left_leader + 2) % 3;
+    // The lagging follower crashes as it applies the merge (after applying the freeze).
+    let marks = tempfile::tempdir().expect("a temporary directory");
+    let mark = marks.path().join("crashed");
+    fleet.nodes[lagging].kill9();
+    fleet.nodes[lagging].env = vec![
+        ("KVFLEET_CRASH_AT".into(), "merge-apply-before-write".into()),
+        ("KVFLEET_CRASH_ONCE".into(), mark.display().to_string()),
+    ];
+    fleet.nodes[lagging].spawn();
+    fleet.leader_of(right_id, None).await;
+    let mut acked: HashMap<Bytes, Bytes> = HashMap::new();
+    for i in 0..40 {
+        let (key, value) = (Bytes::from(format!("key{i:03}")), Bytes::from(format!("before-{i}")));
+        client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        acked.insert(key, value);
+    }
+    let merged = kvctl_merge(&fleet.addresses(), "key000").unwrap_or_else(|e| panic!("kvctl merge: {e}"));
+    assert_eq!(merged, whole_key_space());
+    let started = Instant::now();
+    while !mark.exists() && started.elapsed() < CATCH_UP {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(mark.exists(), "the lagging follower never applied the merge");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.nodes[lagging].kill9();
+    // 100 writes on both sides of the old boundary while it is down: the log moves past the merge.
+    for i in 0..100 {
+        let (key, value) = (Bytes::from(format!("key{:03}", i % 40)), Bytes::from(format!("while-down-{i}")));
+        client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        acked.insert(key, value);
+    }
+    fleet.nodes[lagging].spawn();
+    // It comes back with the merged range (its own log has the merge; the writes it missed come
+    // from the log or a snapshot), its copy of the right range retired.
+    fleet.wait_for_ranges(lagging, &[(1, b"", b"")]).await;
+    // It is a real voter of the merged range: with the other follower down, writes commit.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.nodes[other].kill9();
+    for key in ["key005", "key030"] {
+        let value = Bytes::from(format!("{key} with the lagging replica"));
+        client.put(key, value.clone()).await.unwrap_or_else(|e| panic!("{key} without node {other}: {e}"));
+        acked.insert(Bytes::from(key), value);
+    }
+    kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
 }

@@ -15,6 +15,18 @@ pub enum Durability {
     Async,
 }
 
+/// What an OK for a write to a replicated range promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReplicationDurability {
+    /// OK after a majority of the range's replicas have fsynced the write's log entry (and the
+    /// leader applied it). Survives the loss of any minority of replicas.
+    Majority,
+    /// OK after the leader alone has fsynced the write's log entry; the followers catch up in
+    /// the background. Loses what the leader acknowledged and had not replicated yet if it is
+    /// lost or deposed first (see `kvfleet_fast_ack_unreplicated_seconds`).
+    Fast,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -83,6 +95,10 @@ pub struct NodeConfig {
 
     #[arg(long, value_enum, env = "KVFLEET_DURABILITY", default_value = "sync")]
     pub durability: Durability,
+
+    /// What OK means for a write to a replicated range (single-copy ranges follow --durability).
+    #[arg(long, value_enum, env = "KVFLEET_REPLICATION_DURABILITY", default_value = "majority")]
+    pub replication_durability: ReplicationDurability,
 
     /// In async mode, how often the WAL is fsynced in the background.
     #[arg(long, env = "KVFLEET_FSYNC_INTERVAL_MS", default_value_t = 1000)]

@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use kvfleet_proto::v1::{MergeRangesRequest, RaftFreeze, RaftMerge, RangeDescriptor, ReplicaMembership};
+use kvfleet_proto::v1::{
+    ListRangesRequest, MergeRangesRequest, RaftFreeze, RaftMerge, RangeDescriptor, ReplicaMembership,
+};
 
 use crate::error::NodeError;
 use crate::node::Node;
@@ -101,16 +103,18 @@ impl Node {
         }
     }
 
-    /// Waits until every replica of the frozen `right` range holds its log up to the freeze
-    /// (this node must lead it: only the leader knows); then each applies the merge from data it
-    /// has, catching up from its own log if it has not applied that far.
+    /// Waits until every replica of the frozen `right` range has applied the freeze: first until
+    /// each holds the log up to it (this node must lead it: only the leader knows), then until
+    /// each node reports the range frozen at that index. Every node applying the merge then has
+    /// the range's data as of the freeze. (One that lost its applied state in a power loss
+    /// applies its own log up to the freeze as it merges.)
     async fn wait_for_freeze_everywhere(&self, right: &RangeDescriptor) -> Result<(), NodeError> {
         let (range_id, frozen_at) = (right.range_id, right.merge_freeze_index);
         let deadline = Instant::now() + FREEZE_REACH_WAIT;
         loop {
             let lowest = self.replication.lowest_match(range_id).await;
             match lowest.map_err(|error| self.replica_error(right, &right.start_key, error))? {
-                Some((held, _)) if held >= frozen_at => return Ok(()),
+                Some((held, _)) if held >= frozen_at && self.every_replica_frozen(right).await => return Ok(()),
                 Some(_) => {}
                 None => {
                     let error = crate::replica::ReplicaError::NotLeader {
@@ -129,6 +133,28 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl Node {
+    /// Whether every other replica's node lists `right` frozen at its freeze index (it applied
+    /// the freeze).
+    async fn every_replica_frozen(&self, right: &RangeDescriptor) -> bool {
+        for replica in right.replicas.iter().filter(|r| r.node_id != self.config.node_id) {
+            let Ok(mut admin) = self.peers.admin(&replica.address) else { return false };
+            let mut request = tonic::Request::new(ListRangesRequest {});
+            request.set_timeout(Duration::from_secs(2));
+            let Ok(answer) = admin.list_ranges(request).await else { return false };
+            let frozen = answer.into_inner().ranges.iter().any(|d| {
+                d.range_id == right.range_id
+                    && is_frozen_for_merge(d)
+                    && d.merge_freeze_index == right.merge_freeze_index
+            });
+            if !frozen {
+                return false;
+            }
+        }
+        true
     }
 }
 

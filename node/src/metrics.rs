@@ -64,6 +64,7 @@ pub struct NodeMetrics {
     pub not_owner: Counter,
     pub forwarded: Counter,
     pub storage: StorageMetrics,
+    pub fast_ack: crate::replica::fast_ack::FastAckMetrics,
 }
 
 /// Metrics of the write pipeline (group commit and fsyncs).
@@ -139,7 +140,21 @@ impl NodeMetrics {
             storage.background_fsync_seconds.clone(),
         );
 
-        NodeMetrics { ops: Arc::new(ops), outcomes, ranges, not_owner, forwarded, storage }
+        let fast_ack =
+            crate::replica::fast_ack::FastAckMetrics { unreplicated: latency_histogram(), lost: Counter::default() };
+        registry.register(
+            "kvfleet_fast_ack_unreplicated_seconds",
+            "Replicated writes acknowledged early (fast durability): time from the acknowledgement to the \
+             leader applying it (a majority held it by then), during which the leader's loss would lose it",
+            fast_ack.unreplicated.clone(),
+        );
+        registry.register(
+            "kvfleet_fast_ack_lost",
+            "Replicated writes acknowledged early (fast durability) that another leader's log replaced: lost",
+            fast_ack.lost.clone(),
+        );
+
+        NodeMetrics { ops: Arc::new(ops), outcomes, ranges, not_owner, forwarded, storage, fast_ack }
     }
 
     pub fn observe(&self, op: Op, took: Duration, code: Option<tonic::Code>) {

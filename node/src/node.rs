@@ -135,6 +135,10 @@ impl Node {
             log_keep_entries: config.raft_log_keep_entries,
             snapshot_send_bytes_per_sec: config.snapshot_send_mib_per_sec.saturating_mul(1 << 20),
             key_space_end: storage.key_space_end().to_vec(),
+            fast_ack: match config.replication_durability {
+                crate::config::ReplicationDurability::Majority => None,
+                crate::config::ReplicationDurability::Fast => Some(metrics.fast_ack.clone()),
+            },
         };
         let table = Arc::new(RwLock::new(table));
         let on_range_change: crate::replica::OnRangeChange = {
@@ -242,6 +246,10 @@ impl Node {
     /// Starts the Raft group of every replicated range this node owns, from its log.
     fn open_groups(&self) -> Result<(), NodeError> {
         let log = self.log_store()?;
+        // Pending snapshots first: one of a merged range retires the ranges it took.
+        for desc in self.owned_ranges_raw().into_iter().filter(is_replicated) {
+            self.install_pending_snapshot(&log, desc.range_id)?;
+        }
         for desc in self.owned_ranges_raw().into_iter().filter(is_replicated) {
             let range_id = desc.range_id;
             let storage = log
@@ -250,7 +258,6 @@ impl Node {
                 .ok_or_else(|| {
                     NodeError::Corrupt(format!("range {range_id} is replicated but this node has no Raft log for it"))
                 })?;
-            let desc = self.install_pending_snapshot(&log, range_id)?.unwrap_or(desc);
             self.start_group(&desc, storage)?;
         }
         // A replica just added whose first snapshot was taken but not installed before the stop
@@ -288,10 +295,15 @@ impl Node {
             log: log.clone(),
             files: self.replication.snapshot_files().clone(),
         };
-        let changed = installer
+        let outcome = installer
             .install(range_id, pending.index, pending.term, &pending.data)
             .map_err(|e| NodeError::Corrupt(format!("range {range_id}: installing its snapshot again: {e}")))?;
+        let (changed, retired) = (outcome.changed, outcome.retired);
         let mut table = self.table.write();
+        for tombstone in retired {
+            tracing::info!(range_id, taken = tombstone.range_id, "the snapshot retired a range it took");
+            table.retire_moved(tombstone);
+        }
         match changed {
             Some(crate::replica::snapshot::Installed::Added(desc)) => {
                 table.add_replica(desc, self.new_load());

@@ -537,6 +537,11 @@ impl GroupStorage {
         self.first_index
     }
 
+    /// The last index in the log (persisted).
+    pub fn last_log_index(&self) -> u64 {
+        self.last_index
+    }
+
     fn read_entry(&self, index: u64) -> raft::Result<Entry> {
         let unavailable = || raft::Error::Store(StorageError::Unavailable);
         let cf = self.db.cf_handle(CF_RAFT).ok_or_else(unavailable)?;

@@ -122,6 +122,10 @@ pub struct Driver {
     membership_proposals: HashSet<(u64, u64)>,
     log_keep_entries: u64,
     ticks: u64,
+    /// Early acknowledgements (`fast` durability).
+    fast: super::fast_ack::FastAcks,
+    /// Per group, the term of the last entry applied here.
+    applied_terms: HashMap<u64, u64>,
 }
 
 impl Driver {
@@ -172,6 +176,8 @@ impl Driver {
             membership_proposals: HashSet::new(),
             log_keep_entries: settings.log_keep_entries,
             ticks: 0,
+            fast: super::fast_ack::FastAcks::new(settings.fast_ack),
+            applied_terms: HashMap::new(),
         }
     }
 
@@ -224,7 +230,7 @@ impl Driver {
         match input {
             Input::Stop => return false,
             Input::Open(group) => self.open(*group),
-            Input::Propose { range_id, command, reply, split } => self.propose(range_id, command, reply, split),
+            Input::Propose { range_id, command, reply, kind } => self.propose(range_id, command, reply, kind),
             Input::Read { range_id, reply, on_follower } => {
                 let leader = self.groups.leader_of(range_id);
                 if self.groups.term(range_id).is_none() {
@@ -430,18 +436,24 @@ impl Driver {
         Some(reply)
     }
 
-    /// Proposes `command`. A `split` also ends the leader's lease until the split is applied
+    /// Proposes `command`. A split (or freeze) also ends the leader's lease until it is applied
     /// here: the replicas that apply it first may elect the new range's leader, which then
-    /// acknowledges writes to keys this node's lease would still serve from the old range.
-    fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply, split: bool) {
+    /// acknowledges writes to keys this node's lease would still serve from the old range. In
+    /// `fast` durability a write is acknowledged as soon as this node's log holds it, if nothing
+    /// can refuse it before it applies (see `fast_ack`).
+    fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply, kind: super::ProposalKind) {
         let Some(reply) = self.as_leader(range_id, reply) else { return };
         match self.groups.propose(range_id, command) {
             Ok((index, term)) => {
-                if split {
+                if kind == super::ProposalKind::Narrowing {
                     self.end_lease(range_id);
                     self.splits_proposed.insert(range_id, index);
                 }
                 self.track_proposal(range_id, index, term, reply);
+                let settled = self.applied_terms.get(&range_id) == Some(&term);
+                if kind == super::ProposalKind::Write && settled && !self.splits_proposed.contains_key(&range_id) {
+                    self.fast.candidate(range_id, index);
+                }
             }
             Err(error) if self.groups.is_transferring(range_id) => {
                 tracing::debug!(range_id, %error, "proposal dropped during a leadership transfer");
@@ -757,6 +769,7 @@ impl Driver {
     fn pass(&mut self) -> Result<(), GroupsError> {
         let log = &self.log;
         let batch = self.groups.ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
+        self.ack_early();
         self.peers.send(batch.messages);
         for sent in batch.snapshots_sent {
             self.snapshots_sent.insert(sent, Instant::now());
@@ -798,13 +811,34 @@ impl Driver {
         Ok(())
     }
 
+    /// In `fast` durability: acknowledges the writes proposed since the last pass, now that this
+    /// node's log holds them durably (the write `ready` just made), if it still leads at their
+    /// term. Any other is answered when it applies, as in `majority`.
+    fn ack_early(&mut self) {
+        for (range_id, index) in self.fast.take_candidates() {
+            let Some(term) = self.groups.term(range_id) else { continue };
+            let held = self.groups.log_mut(range_id).is_some_and(|log| log.last_log_index() >= index);
+            if !held || !self.groups.is_leader(range_id) {
+                continue;
+            }
+            if self.proposals.get(&(range_id, index)).is_none_or(|p| p.term != term) {
+                continue;
+            }
+            let Some(proposal) = self.proposals.remove(&(range_id, index)) else { continue };
+            self.fast.acked(range_id, index, term);
+            // Before the answer: a read that starts once the writer has it must wait for it.
+            self.published.unapplied_acks.write().insert(range_id);
+            let _ = proposal.reply.send(Ok(()));
+        }
+    }
+
     fn install(&mut self, taken: kvfleet_replication::SnapshotToInstall) {
         let range_id = taken.group;
         let outcome = snapshot::describe(range_id, &taken.data).and_then(|info| {
-            self.installer.install(range_id, taken.index, taken.term, &taken.data).map(|changed| (info, changed))
+            self.installer.install(range_id, taken.index, taken.term, &taken.data).map(|outcome| (info, outcome))
         });
         match outcome {
-            Ok((info, changed)) => {
+            Ok((info, snapshot::InstallOutcome { changed, retired })) => {
                 let change = match &changed {
                     Some(snapshot::Installed::Added(desc)) => Some((desc, super::RangeChange::Added(desc))),
                     Some(snapshot::Installed::Replaced { desc, narrowed }) => {
@@ -824,7 +858,9 @@ impl Driver {
                     self.spans.insert(range_id, Span::of(desc));
                     self.learn_addresses(desc);
                     (self.on_range_change)(change);
-                    self.retire_overlapped(range_id, &desc.clone());
+                    for tombstone in &retired {
+                        self.retire_taken(desc, tombstone);
+                    }
                 }
                 self.note_joint(range_id);
                 tracing::info!(
@@ -844,45 +880,24 @@ impl Driver {
         }
     }
 
-    /// A snapshot widened `range_id` over ranges this node still holds: this replica missed a
-    /// merge, and the snapshot's data replaced theirs. Each older one is retired here as merged
-    /// into the range (its group stops, its log goes; the data is the range's).
-    fn retire_overlapped(&mut self, range_id: u64, desc: &kvfleet_proto::v1::RangeDescriptor) {
-        use kvfleet_proto::RangeBounds as _;
-        let span = Span::of(desc);
-        let overlapped: Vec<u64> =
-            self.spans.iter().filter(|(id, s)| **id != range_id && s.overlaps(&span)).map(|(id, _)| *id).collect();
-        for other in overlapped {
-            let Ok(mine) = apply::stored_descriptor(&self.db, other) else { continue };
-            if mine.generation >= desc.generation {
-                tracing::error!(
-                    range_id,
-                    other,
-                    span = %desc.span(),
-                    other_span = %mine.span(),
-                    "a snapshot overlaps a range held here that is not older: both kept"
-                );
-                continue;
-            }
-            let tombstone = kvfleet_proto::v1::RangeDescriptor {
-                state: kvfleet_proto::v1::RangeState::Retired as i32,
-                generation: mine.generation + 1,
-                successors: vec![range_id],
-                replicas: desc.replicas.clone(),
-                ..mine
-            };
-            let mut batch = rocksdb::WriteBatch::default();
-            let written = apply::stage_subsumed(&self.db, &self.log, &tombstone, &mut batch)
-                .and_then(|()| self.db.write(batch).map_err(|e| e.to_string()));
-            if let Err(error) = written {
-                tracing::error!(range_id = other, %error, "retiring a merged-away replica failed; stopping the node");
-                eprintln!("kvfleet-node: retiring range {other}, merged into range {range_id}, failed: {error}");
-                std::process::abort();
-            }
-            self.stop_group(other, |range_id| ReplicaError::Merging { range_id });
-            (self.on_range_change)(super::RangeChange::Merged { left: desc, right: &tombstone });
-            tracing::info!(range_id, other, "a snapshot of a merged range retired the replica of a range it took");
-        }
+    /// A snapshot of `desc`'s range took `tombstone`'s range here (this replica missed their
+    /// merge; the snapshot's write retired it): its group stops and the range table retires it.
+    fn retire_taken(
+        &mut self,
+        desc: &kvfleet_proto::v1::RangeDescriptor,
+        tombstone: &kvfleet_proto::v1::RangeDescriptor,
+    ) {
+        let taken = tombstone.range_id;
+        self.stop_group(taken, |range_id, _| {
+            let reason = "a snapshot of the range that took it replaced this replica".to_string();
+            ReplicaError::OutcomeUnknown { range_id, reason }
+        });
+        (self.on_range_change)(super::RangeChange::Merged { left: desc, right: tombstone });
+        tracing::info!(
+            range_id = desc.range_id,
+            taken,
+            "a snapshot of a merged range retired the replica of a range it took"
+        );
     }
 
     fn apply(&mut self, range_id: u64, entries: &[Entry]) {
@@ -914,11 +929,15 @@ impl Driver {
         };
         // Merges first: a split applied after one in this run may start where the merged
         // range did. The last change's descriptor is the range's in the end, whatever the order.
+        // Splits of a merged-away range first: it must still be in the table.
+        for split in &run.caught_up_splits {
+            self.start_split_group(split.left.range_id, split);
+        }
         for merge in &run.merges {
             self.merged(range_id, merge);
         }
-        for split in run.caught_up_splits.iter().chain(&run.splits) {
-            self.start_split_group(split.left.range_id, split);
+        for split in &run.splits {
+            self.start_split_group(range_id, split);
         }
         for change in &run.memberships {
             self.membership_changed(range_id, change);
@@ -934,7 +953,11 @@ impl Driver {
                 "frozen to be merged into its left neighbour"
             );
         }
+        let mut all_early_applied = true;
         for entry in run.entries {
+            if self.fast.enabled() {
+                all_early_applied = self.fast.applied(range_id, entry.index, entry.term);
+            }
             if let Some(proposal) = self.proposals.remove(&(range_id, entry.index)) {
                 let dropped = self.membership_proposals.remove(&(range_id, entry.index)) && !entry.membership;
                 let outcome = if proposal.term != entry.term {
@@ -952,8 +975,12 @@ impl Driver {
             self.remove_group(range_id, tombstone);
             return;
         }
+        if all_early_applied && self.fast.enabled() {
+            self.published.unapplied_acks.write().remove(&range_id);
+        }
         if let Some(last) = entries.last() {
             self.applied.insert(range_id, last.index);
+            self.applied_terms.insert(range_id, last.term);
             if self.splits_proposed.get(&range_id).is_some_and(|&index| index <= last.index) {
                 self.splits_proposed.remove(&range_id);
             }
@@ -999,7 +1026,7 @@ impl Driver {
     /// and the node retires the range and deletes its data.
     fn remove_group(&mut self, range_id: u64, tombstone: &kvfleet_proto::v1::RangeDescriptor) {
         let reason = "this replica was removed from the range before the write was applied here";
-        self.stop_group(range_id, |range_id| ReplicaError::OutcomeUnknown { range_id, reason: reason.to_string() });
+        self.stop_group(range_id, |range_id, _| ReplicaError::OutcomeUnknown { range_id, reason: reason.to_string() });
         (self.on_range_change)(super::RangeChange::Removed(tombstone));
         tracing::info!(range_id, replicas = %describe_replicas(tombstone), "this replica was removed from the range");
     }
@@ -1010,9 +1037,17 @@ impl Driver {
     /// it and widens the range.
     fn merged(&mut self, range_id: u64, merge: &apply::MergeApplied) {
         kvfleet_proto::failpoint::hit("merge-apply-after-write");
-        let right_id = merge.right.range_id;
-        self.stop_group(right_id, |range_id| ReplicaError::Merging { range_id });
-        self.splits_applied.remove(&range_id);
+        let (right_id, frozen_at) = (merge.right.range_id, merge.right.merge_freeze_index);
+        // A write after the freeze was refused (or will be, on the replicas still applying); one
+        // before it may have been applied here by the merge itself, unanswered.
+        self.stop_group(right_id, |range_id, index| {
+            if index > frozen_at {
+                ReplicaError::Merging { range_id }
+            } else {
+                let reason = "the range was merged into its left neighbour while the write was applied".to_string();
+                ReplicaError::OutcomeUnknown { range_id, reason }
+            }
+        });
         (self.on_range_change)(super::RangeChange::Merged { left: &merge.left, right: &merge.right });
         self.publish(range_id);
         tracing::info!(
@@ -1027,8 +1062,11 @@ impl Driver {
 
     /// Stops this node's group of `range_id` and answers whatever waited on it (a proposal with
     /// `unapplied`).
-    fn stop_group(&mut self, range_id: u64, unapplied: impl Fn(u64) -> ReplicaError) {
+    fn stop_group(&mut self, range_id: u64, unapplied: impl Fn(u64, u64) -> ReplicaError) {
         let leader = self.groups.leader_of(range_id).filter(|&id| id != self.groups.node());
+        self.fast.forget(range_id);
+        self.published.unapplied_acks.write().remove(&range_id);
+        self.applied_terms.remove(&range_id);
         self.groups.remove(range_id);
         self.applied.remove(&range_id);
         self.spans.remove(&range_id);
@@ -1046,7 +1084,7 @@ impl Driver {
         let pending: Vec<(u64, u64)> = self.proposals.keys().filter(|(id, _)| *id == range_id).copied().collect();
         for key in pending {
             if let Some(proposal) = self.proposals.remove(&key) {
-                let _ = proposal.reply.send(Err(unapplied(range_id)));
+                let _ = proposal.reply.send(Err(unapplied(range_id, key.1)));
             }
         }
         let (gone, kept): (Vec<_>, Vec<_>) =
@@ -1128,10 +1166,13 @@ impl Driver {
     }
 
     fn answer_reads(&mut self) {
-        let applied = &self.applied;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_granted)
-            .into_iter()
-            .partition(|(index, read)| applied.get(&read.range_id).is_some_and(|a| a >= index));
+        let (applied, fast) = (&self.applied, &self.fast);
+        // A read waits for the read index, and for every write this node acknowledged early.
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.reads_granted).into_iter().partition(|(index, read)| {
+                let wanted = fast.unapplied(read.range_id).map_or(*index, |early| early.max(*index));
+                applied.get(&read.range_id).is_some_and(|a| *a >= wanted)
+            });
         self.reads_granted = waiting;
         for (_, read) in ready {
             self.publish_lease(&read);

@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod driver;
+pub mod fast_ack;
 pub mod snapshot;
 pub mod transport;
 
@@ -154,6 +155,9 @@ pub struct Published {
     /// applied a read index asked at that instant (which covers every write acknowledged
     /// before it). STALE reads within their bound of it are served without a round trip.
     pub current_as_of: RwLock<HashMap<u64, std::time::Instant>>,
+    /// Groups with writes this node acknowledged early (`fast` durability) and has not applied
+    /// yet: no read is served from the lease until it has.
+    pub unapplied_acks: RwLock<std::collections::HashSet<u64>>,
 }
 
 /// A group to start on this node.
@@ -195,14 +199,25 @@ pub enum RangeChange<'a> {
 /// is answered from the changed ranges: the node's range table learns them.
 pub type OnRangeChange = Box<dyn Fn(RangeChange<'_>) + Send>;
 
+/// What a proposal is, for what the leader does meanwhile (see `Driver::propose`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProposalKind {
+    /// Mutations: may be acknowledged before a majority has them, in `fast` durability.
+    Write,
+    /// A split or a freeze: it changes which keys the range serves once applied, so the leader
+    /// holds no lease and acknowledges nothing early until it is.
+    Narrowing,
+    /// Anything else (a merge).
+    Other,
+}
+
 pub enum Input {
     Open(Box<OpenGroup>),
     Propose {
         range_id: u64,
         command: Vec<u8>,
         reply: Reply,
-        /// The command is a split (see `Driver::propose`).
-        split: bool,
+        kind: ProposalKind,
     },
     Read {
         range_id: u64,
@@ -262,6 +277,8 @@ pub struct ReplicationSettings {
     pub key_space_end: Vec<u8>,
     /// Snapshot files leave this node at most this fast, all together (0: unlimited).
     pub snapshot_send_bytes_per_sec: u64,
+    /// `fast` durability (see `fast_ack`), with its metrics; `None`: `majority`.
+    pub fast_ack: Option<fast_ack::FastAckMetrics>,
 }
 
 /// This node's replication: a handle on the driver thread.
@@ -367,7 +384,7 @@ impl Replication {
     pub async fn propose(&self, range_id: u64, mutations: Vec<Mutation>) -> Result<(), ReplicaError> {
         let command = apply::encode_command(mutations);
         let (reply, answer) = oneshot::channel();
-        self.send(Input::Propose { range_id, command, reply, split: false })?;
+        self.send(Input::Propose { range_id, command, reply, kind: ProposalKind::Write })?;
         await_reply(answer).await
     }
 
@@ -380,7 +397,7 @@ impl Replication {
     ) -> Result<(), ReplicaError> {
         let command = apply::encode_freeze(freeze);
         let (reply, answer) = oneshot::channel();
-        self.send(Input::Propose { range_id, command, reply, split: false })?;
+        self.send(Input::Propose { range_id, command, reply, kind: ProposalKind::Narrowing })?;
         await_reply(answer).await
     }
 
@@ -389,7 +406,7 @@ impl Replication {
     pub async fn propose_merge(&self, range_id: u64, merge: kvfleet_proto::v1::RaftMerge) -> Result<(), ReplicaError> {
         let command = apply::encode_merge(merge);
         let (reply, answer) = oneshot::channel();
-        self.send(Input::Propose { range_id, command, reply, split: false })?;
+        self.send(Input::Propose { range_id, command, reply, kind: ProposalKind::Other })?;
         await_reply(answer).await
     }
 
@@ -407,7 +424,7 @@ impl Replication {
     pub async fn propose_split(&self, range_id: u64, split: kvfleet_proto::v1::RaftSplit) -> Result<(), ReplicaError> {
         let command = apply::encode_split(split);
         let (reply, answer) = oneshot::channel();
-        self.send(Input::Propose { range_id, command, reply, split: true })?;
+        self.send(Input::Propose { range_id, command, reply, kind: ProposalKind::Narrowing })?;
         await_reply(answer).await
     }
 
@@ -456,7 +473,9 @@ impl Replication {
     /// the index from its leader).
     pub async fn read_barrier(&self, range_id: u64, on_follower: bool) -> Result<(), ReplicaError> {
         // Under the lease (see `LEASE`), no other leader exists and the data here is current.
-        if !on_follower && self.published.read_leases.read().get(&range_id).is_some_and(|until| Instant::now() < *until)
+        if !on_follower
+            && self.published.read_leases.read().get(&range_id).is_some_and(|until| Instant::now() < *until)
+            && !self.published.unapplied_acks.read().contains(&range_id)
         {
             return Ok(());
         }

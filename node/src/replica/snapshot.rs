@@ -216,6 +216,13 @@ pub struct Installer {
     pub files: SnapshotFiles,
 }
 
+/// What installing a snapshot changed: the range's descriptor (if it changed), and the ranges
+/// held here that it took (this replica missed their merge into it): retired in the same write.
+pub struct InstallOutcome {
+    pub changed: Option<Installed>,
+    pub retired: Vec<RangeDescriptor>,
+}
+
 impl Installer {
     /// Replaces `range_id`'s data with the snapshot at (`index`, `term`) (its file fetched before
     /// the group took it; `data` is what the MsgSnapshot carried), records the applied index and
@@ -228,8 +235,9 @@ impl Installer {
     /// The data of the keys the range no longer has stays, unserved (they belong to the split's
     /// new range, of which this node holds no replica): deleting it could pull a key from under
     /// a read that began before. A replica just added has no descriptor yet: it takes the
-    /// snapshot's. Returns how the replica changed, if it did.
-    pub fn install(&self, range_id: u64, index: u64, term: u64, data: &[u8]) -> Result<Option<Installed>, String> {
+    /// snapshot's. A snapshot taken after a merge retires the ranges held here that it took, in
+    /// the same last write. Returns how the replica changed, if it did.
+    pub fn install(&self, range_id: u64, index: u64, term: u64, data: &[u8]) -> Result<InstallOutcome, String> {
         let db = &self.db;
         let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
             (Some(data), Some(meta)) => (data, meta),
@@ -250,12 +258,17 @@ impl Installer {
         sync.set_sync(true);
         let mut done = WriteBatch::default();
         let mut changed = None;
+        let mut retired = Vec::new();
         let sent = if data.is_empty() { None } else { describe(range_id, data)?.descriptor };
         if let Some(sent) = sent {
             let mine = apply::stored_descriptor(db, range_id).ok().filter(|d| d.is_owned_state());
             changed = match mine {
                 None => Some(Installed::Added(sent.clone())),
-                Some(mine) if (sent.generation, sent.conf_version) > (mine.generation, mine.conf_version) => {
+                // A freeze changes neither the generation nor the membership version.
+                Some(mine)
+                    if (sent.generation, sent.conf_version, sent.merge_freeze_index)
+                        > (mine.generation, mine.conf_version, mine.merge_freeze_index) =>
+                {
                     let narrowed = sent.start_key != mine.start_key || sent.end_key != mine.end_key;
                     Some(Installed::Replaced { desc: sent.clone(), narrowed })
                 }
@@ -263,12 +276,136 @@ impl Installer {
             };
             if changed.is_some() {
                 done.put_cf(meta_cf, crate::ranges::descriptor_key(range_id), sent.encode_to_vec());
+                retired = self.stage_taken(&sent, &mut done)?;
             }
         }
         done.put_cf(meta_cf, apply::applied_key(range_id), apply::encode_applied(index, term));
         self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
         db.write_opt(done, &sync).map_err(|e| format!("recording range {range_id}'s snapshot: {e}"))?;
         let _ = std::fs::remove_file(&path);
-        Ok(changed)
+        Ok(InstallOutcome { changed, retired })
+    }
+
+    /// Stages in `done` the retirement of every older range held here whose keys `sent` covers
+    /// (merged into it while this replica was behind; the snapshot's data replaced theirs), and
+    /// returns their tombstones.
+    fn stage_taken(&self, sent: &RangeDescriptor, done: &mut WriteBatch) -> Result<Vec<RangeDescriptor>, String> {
+        use kvfleet_proto::RangeBounds as _;
+        let meta_cf = self.db.cf_handle(CF_META).ok_or("the meta column family is missing")?;
+        let prefix = crate::ranges::RANGE_PREFIX;
+        let mut retired = Vec::new();
+        for item in self.db.iterator_cf(meta_cf, IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
+            let (key, value) = item.map_err(|e| format!("reading range descriptors: {e}"))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let held = crate::ranges::decode_descriptor(&key, &value).map_err(|e| e.to_string())?;
+            let taken = held.range_id != sent.range_id
+                && held.is_owned_state()
+                && held.replicas.len() > 1
+                && held.overlaps(sent)
+                && held.generation < sent.generation;
+            if !taken {
+                continue;
+            }
+            let tombstone = RangeDescriptor {
+                state: kvfleet_proto::v1::RangeState::Retired as i32,
+                generation: held.generation + 1,
+                successors: vec![sent.range_id],
+                replicas: sent.replicas.clone(),
+                ..held
+            };
+            apply::stage_subsumed(&self.db, &self.log, &tombstone, done)?;
+            retired.push(tombstone);
+        }
+        Ok(retired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use kvfleet_proto::v1::{RangeState, Replica};
+
+    fn open(dir: &Path) -> crate::storage::Storage {
+        let metrics = crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let durability = crate::config::Durability::Sync;
+        crate::storage::Storage::open(dir, durability, std::time::Duration::from_secs(1), 4096, metrics.storage)
+            .unwrap()
+    }
+
+    fn range(range_id: u64, span: (&'static str, &'static str), generation: u64, frozen_at: u64) -> RangeDescriptor {
+        let replica = |raft_id| Replica { node_id: format!("n{raft_id}"), raft_id, ..Default::default() };
+        RangeDescriptor {
+            range_id,
+            start_key: Bytes::from(span.0),
+            end_key: Bytes::from(span.1),
+            generation,
+            state: if frozen_at > 0 { RangeState::Frozen } else { RangeState::Active } as i32,
+            replicas: vec![replica(11), replica(12), replica(13)],
+            merge_freeze_index: frozen_at,
+            ..Default::default()
+        }
+    }
+
+    /// Writes `desc`, its applied index and `pairs` to `db`.
+    fn hold(db: &DB, log: &LogStore, desc: &RangeDescriptor, applied: (u64, u64), pairs: &[(&str, &str)]) {
+        let (meta, data) = (db.cf_handle(CF_META).unwrap(), db.cf_handle(CF_DATA).unwrap());
+        db.put_cf(meta, crate::ranges::descriptor_key(desc.range_id), desc.encode_to_vec()).unwrap();
+        db.put_cf(meta, apply::applied_key(desc.range_id), apply::encode_applied(applied.0, applied.1)).unwrap();
+        for (key, value) in pairs {
+            db.put_cf(data, key, value).unwrap();
+        }
+        log.create_group(desc.range_id, &[11, 12, 13]).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_taken_after_a_merge_retires_the_taken_range_in_its_own_write() {
+        // The leader's replica: range 1 merged over range 2's keys, at index 50.
+        let (leader_dir, lagging_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = open(leader_dir.path());
+        let (leader_db, leader_log) = (leader.db(), LogStore::with_db(leader.db()).unwrap());
+        let merged = range(1, ("", ""), 3, 0);
+        hold(&leader_db, &leader_log, &merged, (50, 2), &[("a", "1"), ("n", "after the merge")]);
+        let leader_files = SnapshotFiles::new(leader_dir.path());
+        let snapshot = make(&leader_db, &leader_log, &leader_files, 1, leader.key_space_end()).unwrap();
+
+        // A replica that applied range 2's freeze and never the merge.
+        let lagging = open(lagging_dir.path());
+        let (db, log) = (lagging.db(), LogStore::with_db(lagging.db()).unwrap());
+        hold(&db, &log, &range(1, ("", "m"), 2, 0), (20, 2), &[("a", "0")]);
+        hold(&db, &log, &range(2, ("m", ""), 2, 7), (7, 2), &[("n", "before the merge")]);
+        let files = SnapshotFiles::new(lagging_dir.path());
+        files.create_dir(Side::Fetched).unwrap();
+        std::fs::copy(leader_files.path(Side::Made, 1, 50, 2), files.path(Side::Fetched, 1, 50, 2)).unwrap();
+
+        let installer = Installer { db: db.clone(), log: log.clone(), files };
+        let outcome = installer.install(1, 50, 2, &snapshot.data).unwrap();
+        assert!(matches!(&outcome.changed, Some(Installed::Replaced { desc, .. }) if *desc == merged));
+        let [tombstone] = outcome.retired.as_slice() else { panic!("one range retired: {:?}", outcome.retired) };
+        assert_eq!(
+            (tombstone.range_id, tombstone.state(), tombstone.successors.clone()),
+            (2, RangeState::Retired, vec![1])
+        );
+        assert_eq!(apply::stored_descriptor(&db, 2).unwrap(), *tombstone);
+        assert_eq!(apply::stored_descriptor(&db, 1).unwrap(), merged);
+        assert!(log.open_group(2).unwrap().is_none(), "the taken range's log is deleted");
+        let data = db.cf_handle(CF_DATA).unwrap();
+        assert_eq!(db.get_cf(data, "n").unwrap().as_deref(), Some(&b"after the merge"[..]));
+
+        // A snapshot taken after a freeze carries it to a replica that missed it (neither the
+        // generation nor the membership version changed).
+        let frozen = range(3, ("x", "z"), 2, 9);
+        hold(&leader_db, &leader_log, &frozen, (12, 2), &[("y", "1")]);
+        let snapshot = make(&leader_db, &leader_log, &leader_files, 3, leader.key_space_end()).unwrap();
+        hold(&db, &log, &range(3, ("x", "z"), 2, 0), (4, 2), &[]);
+        std::fs::copy(leader_files.path(Side::Made, 3, 12, 2), installer.files.path(Side::Fetched, 3, 12, 2)).unwrap();
+        let outcome = installer.install(3, 12, 2, &snapshot.data).unwrap();
+        assert!(matches!(&outcome.changed, Some(Installed::Replaced { desc, .. }) if *desc == frozen));
+        assert!(is_frozen_for_merge(&apply::stored_descriptor(&db, 3).unwrap()));
+        drop((leader_db, leader_log, db, log, installer));
+        leader.shutdown().unwrap();
+        lagging.shutdown().unwrap();
     }
 }
