@@ -49,6 +49,11 @@ impl ReplicatedFleet {
         Self::launch(count, &[], true)
     }
 
+    /// Like `start_partitionable`, every node started with `extra_args`.
+    pub fn start_partitionable_with(count: usize, extra_args: &[&str]) -> Self {
+        Self::launch(count, extra_args, true)
+    }
+
     fn launch(count: usize, extra_args: &[&str], partitionable: bool) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let ids: Vec<String> = (1..=count).map(|n| format!("replica-{n}")).collect();

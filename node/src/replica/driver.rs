@@ -55,6 +55,9 @@ struct ReadBatch {
     /// then extends its lease from that instant.
     asked: Instant,
     leader_term: Option<u64>,
+    /// The highest index this node had acknowledged early (`fast` durability) when the read
+    /// was asked: the read also waits until that is applied here.
+    early_acked: u64,
 }
 
 /// A leader's lease on a group: until `until`, no other node can have been elected (see
@@ -738,7 +741,8 @@ impl Driver {
         for (range_id, replies) in std::mem::take(&mut self.reads_arrived) {
             let leader_term = self.groups.term(range_id).filter(|_| self.groups.is_leader(range_id));
             let deadline = now + READ_INDEX_TIMEOUT;
-            let batch = ReadBatch { range_id, replies, deadline, asked: now, leader_term };
+            let early_acked = self.fast.unapplied(range_id).unwrap_or(0);
+            let batch = ReadBatch { range_id, replies, deadline, asked: now, leader_term, early_acked };
             // Under its lease, the leader's commit index covers every acknowledged write (it
             // applied each before acknowledging it) and no other leader can exist.
             let lease = self.leases.get(&range_id).copied();
@@ -1166,12 +1170,12 @@ impl Driver {
     }
 
     fn answer_reads(&mut self) {
-        let (applied, fast) = (&self.applied, &self.fast);
-        // A read waits for the read index, and for every write this node acknowledged early.
+        let applied = &self.applied;
+        // A read waits for the read index, and for every write this node acknowledged early
+        // before it was asked.
         let (ready, waiting): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.reads_granted).into_iter().partition(|(index, read)| {
-                let wanted = fast.unapplied(read.range_id).map_or(*index, |early| early.max(*index));
-                applied.get(&read.range_id).is_some_and(|a| *a >= wanted)
+                applied.get(&read.range_id).is_some_and(|a| *a >= (*index).max(read.early_acked))
             });
         self.reads_granted = waiting;
         for (_, read) in ready {

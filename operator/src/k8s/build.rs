@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use super::crd::{AntiAffinity, Durability, KeyValueCluster, UpdateType, VolumePolicy};
+use super::crd::{AntiAffinity, Durability, KeyValueCluster, ReplicationDurability, UpdateType, VolumePolicy};
 
 pub const MANAGER: &str = "kvfleet-operator";
 pub const DATA_DIR: &str = "/data";
@@ -130,6 +130,12 @@ pub fn node_config(kvc: &KeyValueCluster) -> Result<ConfigMap, BuildError> {
         ("KVFLEET_DURABILITY".to_string(), durability.to_string()),
         ("KVFLEET_LOG_FORMAT".to_string(), "json".to_string()),
     ]);
+    let mut data = data;
+    // Only when not the node's default: the configuration hash (and so every pod) stays as it
+    // was for clusters that do not ask.
+    if kvc.spec.replication.durability == Some(ReplicationDurability::Fast) {
+        data.insert("KVFLEET_REPLICATION_DURABILITY".to_string(), "fast".to_string());
+    }
     Ok(ConfigMap { metadata: metadata(kvc, &names, &names.node_config)?, data: Some(data), ..Default::default() })
 }
 
@@ -653,6 +659,13 @@ mod tests {
         kvc.spec.durability = Durability::Async;
         assert_ne!(hash(&kvc), before);
         assert_eq!(node_config(&kvc).unwrap().data.unwrap()["KVFLEET_DURABILITY"], "async");
+        let before = hash(&kvc);
+        kvc.spec.replication.durability = Some(ReplicationDurability::Majority);
+        assert_eq!(hash(&kvc), before, "the default said out loud restarts nothing");
+        assert!(!node_config(&kvc).unwrap().data.unwrap().contains_key("KVFLEET_REPLICATION_DURABILITY"));
+        kvc.spec.replication.durability = Some(ReplicationDurability::Fast);
+        assert_ne!(hash(&kvc), before);
+        assert_eq!(node_config(&kvc).unwrap().data.unwrap()["KVFLEET_REPLICATION_DURABILITY"], "fast");
     }
 
     #[test]

@@ -97,6 +97,22 @@ pub struct ReplicationSpec {
     #[x_kube(validation = Rule::new("self == 1 || self == 3 || self == 5").message("spec.replication.factor must be 1, 3 or 5: a majority of an even count tolerates no more failures than one fewer"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<i32>,
+    /// What OK means for a write to a replicated range: `majority` (the default: a majority of
+    /// the range's replicas fsynced it; survives the loss of any minority of pods) or `fast`
+    /// (the range's leader alone fsynced it, the others catch up in the background: a leader
+    /// lost or cut off before it replicated loses the writes it acknowledged meanwhile; see the
+    /// README). Single-copy ranges follow `spec.durability`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<ReplicationDurability>,
+}
+
+/// What OK means for a write to a replicated range (see `ReplicationSpec::durability`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationDurability {
+    #[default]
+    Majority,
+    Fast,
 }
 
 impl KeyValueClusterSpec {

@@ -64,6 +64,10 @@ pub struct PlaygroundArgs {
     /// What OK means on the nodes: sync (fsynced) or async (in the OS, fsynced in the background).
     #[arg(long, default_value = "sync")]
     pub durability: String,
+    /// What OK means for a write to a replicated range: majority (a majority of its replicas
+    /// fsynced it) or fast (its leader alone did; lost if the leader is lost before replicating).
+    #[arg(long, default_value = "majority")]
+    pub replication_durability: String,
     /// Seconds between control rounds.
     #[arg(long, default_value_t = 2.0)]
     pub interval_secs: f64,
@@ -94,6 +98,17 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
             args.nodes
         )));
     }
+    for (flag, value, allowed) in [
+        ("--durability", &args.durability, ["sync", "async"]),
+        ("--replication-durability", &args.replication_durability, ["majority", "fast"]),
+    ] {
+        if !allowed.contains(&value.as_str()) {
+            return Err(OperatorError::Invalid(format!(
+                "{flag} must be {} or {}, got {value:?}",
+                allowed[0], allowed[1]
+            )));
+        }
+    }
     let policy = args.policy.apply(playground_policy()).map_err(OperatorError::Invalid)?;
     std::fs::create_dir_all(&args.dir).map_err(|source| OperatorError::Io {
         what: "creating",
@@ -117,6 +132,8 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
     let node_args = vec![
         "--durability".to_string(),
         args.durability.clone(),
+        "--replication-durability".to_string(),
+        args.replication_durability.clone(),
         "--load-window-secs".to_string(),
         args.load_window_secs.to_string(),
     ];
