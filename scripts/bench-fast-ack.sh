@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `majority` against `fast` durability on a 3-replica range, same harness (`kvctl bench`, updates
-# only), release build, on loopback; then the loss window of `fast`: how long each write stayed
+# `majority` against `fast` durability on a 3-replica range, same harness (`kvctl bench`: updates
+# only, then half linearizable reads), release build, on loopback; then the loss window of `fast`: how long each write stayed
 # acknowledged but held by the leader alone (kvfleet_fast_ack_unreplicated_seconds, from the
 # acknowledgement to the leader applying it, by which time a majority held it), as quantiles over
 # every write of the run.
@@ -21,22 +21,25 @@ wait_ready() { # log file
   echo "a node did not start: $(cat "$1")" >&2; exit 1
 }
 
+port=785 # each mode on ports of its own: a killed node's may not be free at once
 for mode in majority fast; do
-  initial="r1=127.0.0.1:7851,r2=127.0.0.1:7852,r3=127.0.0.1:7853"
+  initial="r1=127.0.0.1:${port}1,r2=127.0.0.1:${port}2,r3=127.0.0.1:${port}3"
   for n in 1 2 3; do
-    "$bin/kvfleet-node" --node-id "r$n" --data-dir "$dir/$mode-r$n" --listen "127.0.0.1:785$n" \
-      --metrics-listen "127.0.0.1:786$n" --initial-replicas "$initial" --replication-durability "$mode" \
+    "$bin/kvfleet-node" --node-id "r$n" --data-dir "$dir/$mode-r$n" --listen "127.0.0.1:$port$n" \
+      --metrics-listen "127.0.0.1:$((port + 1))$n" --initial-replicas "$initial" --replication-durability "$mode" \
       >"$dir/$mode-r$n.log" 2>&1 &
     pids+=($!); disown
   done
   for n in 1 2 3; do wait_ready "$dir/$mode-r$n.log"; done
   sleep 3 # the first election
-  echo "== N = 3, $mode durability, updates only, $concurrency clients, ${duration}s"
-  "$bin/kvctl" bench --endpoints 127.0.0.1:7851,127.0.0.1:7852,127.0.0.1:7853 --workload w \
-    --concurrency "$concurrency" --duration "$duration" --records 10000 --quiet
+  for workload in w a; do
+    echo "== N = 3, $mode durability, workload $workload (w: updates only, a: 50% linearizable reads), $concurrency clients, ${duration}s"
+    "$bin/kvctl" bench --endpoints "127.0.0.1:${port}1,127.0.0.1:${port}2,127.0.0.1:${port}3" --workload "$workload" \
+      --concurrency "$concurrency" --duration "$duration" --records 10000 --quiet
+  done
   if [ "$mode" = fast ]; then
     for n in 1 2 3; do
-      exec 3<>"/dev/tcp/127.0.0.1/786$n"
+      exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))$n"
       printf 'GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3
       cat <&3 >"$dir/metrics-$n.txt"
       exec 3<&-
@@ -65,4 +68,5 @@ print(f"  lost (replaced by another leader's entries): {lost:.0f}")
 PY
   fi
   kill -9 "${pids[@]}"; pids=()
+  port=$((port + 2))
 done
