@@ -4,22 +4,15 @@
 # acknowledged but held by the leader alone (kvfleet_fast_ack_unreplicated_seconds, from the
 # acknowledgement to the leader applying it, by which time a majority held it), as quantiles over
 # every write of the run.
-# Run: cargo build --release --bins && scripts/bench-fast-ack.sh   (DURATION=10 CONCURRENCY=64)
+# Run: scripts/bench-fast-ack.sh   (DURATION=10 CONCURRENCY=64; builds the release binaries first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-bin="$CARGO_TARGET_DIR/release"
+source scripts/bench-lib.sh
+bench_setup
 duration="${DURATION:-10}"
 concurrency="${CONCURRENCY:-64}"
-dir="$(mktemp -d)"
-pids=()
-cleanup() { kill -9 "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-
-wait_ready() { # log file
-  for _ in $(seq 1 100); do grep -q "kvfleet-node ready" "$1" && return 0; sleep 0.1; done
-  echo "a node did not start: $(cat "$1")" >&2; exit 1
-}
+dir="$work"
 
 port=785 # each mode on ports of its own: a killed node's may not be free at once
 for mode in majority fast; do
@@ -30,7 +23,7 @@ for mode in majority fast; do
       >"$dir/$mode-r$n.log" 2>&1 &
     pids+=($!); disown
   done
-  for n in 1 2 3; do wait_ready "$dir/$mode-r$n.log"; done
+  for n in 1 2 3; do wait_for "$dir/$mode-r$n.log" "kvfleet-node ready" 10; done
   sleep 3 # the first election
   for workload in w a; do
     echo "== N = 3, $mode durability, workload $workload (w: updates only, a: 50% linearizable reads), $concurrency clients, ${duration}s"

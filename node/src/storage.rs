@@ -152,6 +152,13 @@ pub struct Storage {
 }
 
 impl Storage {
+    /// A store in `dir` for unit tests: `sync`, defaults otherwise, its metrics registered nowhere.
+    #[cfg(test)]
+    pub fn open_for_tests(dir: &Path) -> Storage {
+        let metrics = crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default());
+        Storage::open(dir, Durability::Sync, Duration::from_secs(1), 4096, metrics.storage).expect("a store opens")
+    }
+
     pub fn open(
         dir: &Path,
         durability: Durability,

@@ -49,6 +49,15 @@ pub fn encode_command(mutations: Vec<Mutation>) -> Vec<u8> {
     RaftCommand { mutations, ..Default::default() }.encode_to_vec()
 }
 
+/// The keys of a command's mutations (`None` if it does not decode, or is not mutations).
+pub fn command_keys(command: &[u8]) -> Option<Vec<bytes::Bytes>> {
+    let command = RaftCommand::decode(command).ok()?;
+    if command.split.is_some() || command.freeze.is_some() || command.merge.is_some() {
+        return None;
+    }
+    Some(command.mutations.into_iter().map(|m| m.key).collect())
+}
+
 pub fn encode_split(split: RaftSplit) -> Vec<u8> {
     RaftCommand { split: Some(split), ..Default::default() }.encode_to_vec()
 }
@@ -652,15 +661,7 @@ mod tests {
     #[tokio::test]
     async fn a_split_is_applied_with_its_entry_and_writes_ordered_after_it_to_keys_it_moved_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default());
-        let storage = crate::storage::Storage::open(
-            dir.path(),
-            crate::config::Durability::Sync,
-            std::time::Duration::from_secs(1),
-            4096,
-            metrics.storage,
-        )
-        .unwrap();
+        let storage = crate::storage::Storage::open_for_tests(dir.path());
         let db = storage.db();
         let log = LogStore::with_db(db.clone()).unwrap();
         let replica = |raft_id| Replica { node_id: format!("n{raft_id}"), raft_id, ..Default::default() };
@@ -729,15 +730,7 @@ mod tests {
     #[tokio::test]
     async fn a_frozen_range_applies_no_write_split_or_second_freeze_and_a_merge_takes_it_catching_up_from_its_log() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default());
-        let storage = crate::storage::Storage::open(
-            dir.path(),
-            crate::config::Durability::Sync,
-            std::time::Duration::from_secs(1),
-            4096,
-            metrics.storage,
-        )
-        .unwrap();
+        let storage = crate::storage::Storage::open_for_tests(dir.path());
         let db = storage.db();
         let log = LogStore::with_db(db.clone()).unwrap();
         let replica = |raft_id| Replica { node_id: format!("n{raft_id}"), raft_id, ..Default::default() };
@@ -785,14 +778,7 @@ mod tests {
 
         // What the right range's leader applied (on another node): the freeze refuses the rest.
         let other = tempfile::tempdir().unwrap();
-        let other_storage = crate::storage::Storage::open(
-            other.path(),
-            crate::config::Durability::Sync,
-            std::time::Duration::from_secs(1),
-            4096,
-            crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default()).storage,
-        )
-        .unwrap();
+        let other_storage = crate::storage::Storage::open_for_tests(other.path());
         let other_db = other_storage.db();
         let other_log = LogStore::with_db(other_db.clone()).unwrap();
         other_db.put_cf(other_db.cf_handle(CF_META).unwrap(), descriptor_key(2), right.encode_to_vec()).unwrap();

@@ -446,6 +446,11 @@ impl Driver {
     /// can refuse it before it applies (see `fast_ack`).
     fn propose(&mut self, range_id: u64, command: Vec<u8>, reply: Reply, kind: super::ProposalKind) {
         let Some(reply) = self.as_leader(range_id, reply) else { return };
+        let command_keys = if kind == super::ProposalKind::Write && self.fast.enabled() {
+            apply::command_keys(&command)
+        } else {
+            None
+        };
         match self.groups.propose(range_id, command) {
             Ok((index, term)) => {
                 if kind == super::ProposalKind::Narrowing {
@@ -453,8 +458,10 @@ impl Driver {
                     self.splits_proposed.insert(range_id, index);
                 }
                 self.track_proposal(range_id, index, term, reply);
-                let settled = self.applied_terms.get(&range_id) == Some(&term);
-                if kind == super::ProposalKind::Write && settled && !self.splits_proposed.contains_key(&range_id) {
+                if kind == super::ProposalKind::Write
+                    && self.fast.enabled()
+                    && self.may_ack_early(range_id, term, &command_keys)
+                {
                     self.fast.candidate(range_id, index);
                 }
             }
@@ -741,7 +748,7 @@ impl Driver {
         for (range_id, replies) in std::mem::take(&mut self.reads_arrived) {
             let leader_term = self.groups.term(range_id).filter(|_| self.groups.is_leader(range_id));
             let deadline = now + READ_INDEX_TIMEOUT;
-            let early_acked = self.fast.unapplied(range_id).unwrap_or(0);
+            let early_acked = leader_term.and_then(|term| self.fast.unapplied(range_id, term)).unwrap_or(0);
             let batch = ReadBatch { range_id, replies, deadline, asked: now, leader_term, early_acked };
             // Under its lease, the leader's commit index covers every acknowledged write (it
             // applied each before acknowledging it) and no other leader can exist.
@@ -815,6 +822,23 @@ impl Driver {
         Ok(())
     }
 
+    /// Whether a write proposed now in `term` (its keys: `keys`) may be acknowledged before a
+    /// majority has it: nothing can refuse it before it applies (every entry of earlier terms
+    /// applied, no split or freeze pending, the range not frozen and holding every key), and no
+    /// planned step can depose this leader first (no leadership transfer this term, no
+    /// membership change pending).
+    fn may_ack_early(&mut self, range_id: u64, term: u64, keys: &Option<Vec<bytes::Bytes>>) -> bool {
+        use kvfleet_proto::RangeBounds as _;
+        let Some(keys) = keys else { return false };
+        let span = self.spans.get(&range_id);
+        self.applied_terms.get(&range_id) == Some(&term)
+            && !self.splits_proposed.contains_key(&range_id)
+            && span.is_some_and(|span| !span.frozen && keys.iter().all(|key| span.contains_key(key)))
+            && self.transfer_terms.get(&range_id) != Some(&term)
+            && !self.groups.has_pending_conf(range_id)
+            && !self.joint.contains(&range_id)
+    }
+
     /// In `fast` durability: acknowledges the writes proposed since the last pass, now that this
     /// node's log holds them durably (the write `ready` just made), if it still leads at their
     /// term. Any other is answered when it applies, as in `majority`.
@@ -867,6 +891,7 @@ impl Driver {
                     }
                 }
                 self.note_joint(range_id);
+                self.fast.snapshot_installed(range_id, taken.index);
                 tracing::info!(
                     range_id,
                     index = taken.index,
@@ -1209,6 +1234,9 @@ impl Driver {
         self.published.leaders.write().insert(range_id, self.groups.leader_of(range_id));
         if !self.groups.is_leader(range_id) && self.leases.contains_key(&range_id) {
             self.end_lease(range_id);
+        }
+        if !self.groups.is_leader(range_id) && self.fast.stopped_leading(range_id) {
+            self.published.unapplied_acks.write().remove(&range_id);
         }
     }
 

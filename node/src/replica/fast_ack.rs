@@ -6,10 +6,12 @@
 //! (`kvfleet_fast_ack_lost_total`).
 //!
 //! A write is acknowledged early only when nothing between its proposal and its application can
-//! refuse it: this leader has applied every entry of earlier terms (a split a previous leader
-//! proposed is applied), and no split or freeze it proposed is pending. Reads on the leader wait
-//! until it has applied every write it acknowledged (a leader never answers older than its own
-//! acknowledgements); follower and stale reads see committed writes only.
+//! refuse it, and no planned step can depose the leader first: this leader has applied every
+//! entry of earlier terms (a split a previous leader proposed is applied), no split or freeze it
+//! proposed is pending, the range is not frozen and holds every key of the write, and no
+//! leadership transfer or membership change is under way. Reads on the leader wait until it has
+//! applied every write it acknowledged before they began (a leader never answers older than its
+//! own acknowledgements); follower and stale reads see committed writes only.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -32,8 +34,9 @@ pub struct FastAcks {
     metrics: Option<FastAckMetrics>,
     /// Proposals that may be acknowledged once this node's log holds them: (group, index).
     candidates: Vec<(u64, u64)>,
-    /// Per group, the highest index acknowledged early and not applied here yet.
-    ahead: HashMap<u64, u64>,
+    /// Per group, the highest index acknowledged early and not applied here yet, and the term
+    /// this node led in when it acknowledged it.
+    ahead: HashMap<u64, (u64, u64)>,
     /// Per early-acknowledged entry (group, index): when, and at which term.
     acked_at: HashMap<(u64, u64), (Instant, u64)>,
 }
@@ -62,15 +65,31 @@ impl FastAcks {
 
     /// `index` of `group`, proposed at `term`, was acknowledged.
     pub fn acked(&mut self, group: u64, index: u64, term: u64) {
-        let ahead = self.ahead.entry(group).or_insert(index);
-        *ahead = (*ahead).max(index);
+        let ahead = self.ahead.entry(group).or_insert((index, term));
+        *ahead = if ahead.1 == term { (ahead.0.max(index), term) } else { (index, term) };
         self.acked_at.insert((group, index), (Instant::now(), term));
     }
 
-    /// The index `group` must have applied before a read on this node may answer: the highest
-    /// acknowledged early, if any is not applied yet.
-    pub fn unapplied(&self, group: u64) -> Option<u64> {
-        self.ahead.get(&group).copied()
+    /// The index `group` must have applied before a read this node serves as its leader in
+    /// `term` may answer: the highest acknowledged early in that term, if not applied yet.
+    pub fn unapplied(&self, group: u64, term: u64) -> Option<u64> {
+        self.ahead.get(&group).filter(|(_, acked_term)| *acked_term == term).map(|(index, _)| *index)
+    }
+
+    /// This node no longer leads `group`: reads here no longer wait for what it acknowledged
+    /// (a follower's reads see committed writes only; whether those writes were lost is settled
+    /// when their indexes apply).
+    pub fn stopped_leading(&mut self, group: u64) -> bool {
+        self.ahead.remove(&group).is_some()
+    }
+
+    /// A snapshot up to `index` was installed for `group`: the early acknowledgements it covers
+    /// are settled without being applied one by one (their fate is not known here).
+    pub fn snapshot_installed(&mut self, group: u64, index: u64) {
+        self.acked_at.retain(|(g, i), _| *g != group || *i > index);
+        if self.ahead.get(&group).is_some_and(|(ahead, _)| *ahead <= index) {
+            self.ahead.remove(&group);
+        }
     }
 
     /// `group` applied an entry at `index` and `term`: an early acknowledgement of it is settled
@@ -92,7 +111,7 @@ impl FastAcks {
             }
         }
         match self.ahead.get(&group) {
-            Some(&ahead) if index >= ahead => {
+            Some(&(ahead, _)) if index >= ahead => {
                 self.ahead.remove(&group);
                 true
             }

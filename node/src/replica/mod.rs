@@ -293,6 +293,8 @@ pub struct Replication {
     addresses: Arc<RwLock<HashMap<u64, String>>>,
     pub(crate) fetcher: transport::SnapshotFetcher,
     pub(crate) send_pacer: transport::SendPacer,
+    /// `fast` durability: reads check `Published::unapplied_acks`.
+    fast_ack: bool,
 }
 
 impl Replication {
@@ -317,6 +319,7 @@ impl Replication {
         let peers = transport::PeerLinks::new(node_id, raft_id, channels, token);
         let liveness = peers.liveness();
         let addresses: Arc<RwLock<HashMap<u64, String>>> = Arc::default();
+        let fast_ack = settings.fast_ack.is_some();
         let driver = driver::Driver::new(
             raft_id,
             db,
@@ -348,6 +351,7 @@ impl Replication {
             addresses,
             fetcher,
             send_pacer,
+            fast_ack,
         })
     }
 
@@ -475,7 +479,7 @@ impl Replication {
         // Under the lease (see `LEASE`), no other leader exists and the data here is current.
         if !on_follower
             && self.published.read_leases.read().get(&range_id).is_some_and(|until| Instant::now() < *until)
-            && !self.published.unapplied_acks.read().contains(&range_id)
+            && !(self.fast_ack && self.published.unapplied_acks.read().contains(&range_id))
         {
             return Ok(());
         }
@@ -486,7 +490,8 @@ impl Replication {
 
     /// Waits until this replica of `range_id` holds every write acknowledged more than `bound`
     /// ago: at once if it learned within `bound` that it was current, else after a read index
-    /// from the leader (which also makes the next STALE reads local).
+    /// from the leader (which also makes the next STALE reads local). In `fast` durability,
+    /// every write committed more than `bound` ago (one acknowledged early may commit later).
     pub async fn stale_barrier(&self, range_id: u64, bound: Duration) -> Result<(), ReplicaError> {
         let current = self.published.current_as_of.read().get(&range_id).copied();
         if current.is_some_and(|at| at.elapsed() <= bound) {

@@ -328,13 +328,6 @@ mod tests {
     use bytes::Bytes;
     use kvfleet_proto::v1::{RangeState, Replica};
 
-    fn open(dir: &Path) -> crate::storage::Storage {
-        let metrics = crate::metrics::NodeMetrics::new(&mut prometheus_client::registry::Registry::default());
-        let durability = crate::config::Durability::Sync;
-        crate::storage::Storage::open(dir, durability, std::time::Duration::from_secs(1), 4096, metrics.storage)
-            .unwrap()
-    }
-
     fn range(range_id: u64, span: (&'static str, &'static str), generation: u64, frozen_at: u64) -> RangeDescriptor {
         let replica = |raft_id| Replica { node_id: format!("n{raft_id}"), raft_id, ..Default::default() };
         RangeDescriptor {
@@ -364,7 +357,7 @@ mod tests {
     fn a_snapshot_taken_after_a_merge_retires_the_taken_range_in_its_own_write() {
         // The leader's replica: range 1 merged over range 2's keys, at index 50.
         let (leader_dir, lagging_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let leader = open(leader_dir.path());
+        let leader = crate::storage::Storage::open_for_tests(leader_dir.path());
         let (leader_db, leader_log) = (leader.db(), LogStore::with_db(leader.db()).unwrap());
         let merged = range(1, ("", ""), 3, 0);
         hold(&leader_db, &leader_log, &merged, (50, 2), &[("a", "1"), ("n", "after the merge")]);
@@ -372,7 +365,7 @@ mod tests {
         let snapshot = make(&leader_db, &leader_log, &leader_files, 1, leader.key_space_end()).unwrap();
 
         // A replica that applied range 2's freeze and never the merge.
-        let lagging = open(lagging_dir.path());
+        let lagging = crate::storage::Storage::open_for_tests(lagging_dir.path());
         let (db, log) = (lagging.db(), LogStore::with_db(lagging.db()).unwrap());
         hold(&db, &log, &range(1, ("", "m"), 2, 0), (20, 2), &[("a", "0")]);
         hold(&db, &log, &range(2, ("m", ""), 2, 7), (7, 2), &[("n", "before the merge")]);
