@@ -4,6 +4,8 @@
 //! controller killed at each step of a move (crash points abort the process like kill -9, at an
 //! exact step, once; the Local platform restarts a node, the test restarts the controller).
 //! And a node drained, then restarted, as a scale-in or a DrainFirst update does on Kubernetes.
+//! And the hotspot on five nodes with three (and five) replicas per range: split, spread, merged
+//! back.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -418,4 +420,79 @@ async fn a_node_drained_then_restarted_fails_no_request() {
         .expect("the control loop stops")
         .expect("the control loop did not panic")
         .expect("the control loop ends cleanly");
+}
+
+/// The same Zipfian hotspot on five nodes with three replicas per range (`--replicas 3`): the
+/// controller splits the hot range through its log, spreads replicas over all five nodes (replica
+/// moves as membership changes) and leaders over several, with no client error and no stale read;
+/// idle, the cold ranges are aligned onto the same nodes and merged back through their logs;
+/// every acknowledged write is read back at each stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zipfian_load_on_five_nodes_with_three_replicas_is_split_spread_and_merged_back() {
+    replicated_hotspot(5, 3).await;
+}
+
+/// The same with five replicas per range on five nodes (every node holds every range).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zipfian_load_on_five_nodes_with_five_replicas_is_split_and_merged_back() {
+    replicated_hotspot(5, 5).await;
+}
+
+async fn replicated_hotspot(nodes: usize, replicas: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = FAST_POLICY.to_vec();
+    let replicas_arg = replicas.to_string();
+    args.extend(["--replicas", replicas_arg.as_str(), "--merge-delay-secs", "3"]);
+    let playground = Playground::start(&dir.path().join("fleet"), nodes, &args, &[]);
+    let workload = Workload::start(playground.client());
+    wait_until(
+        "splits, replicas on every node, leaders on two, nothing in flight",
+        Duration::from_secs(150),
+        async || {
+            let status = playground.status().await;
+            let mut holders: Vec<&str> =
+                status.ranges.iter().flat_map(|r| r.replicas.iter().map(String::as_str)).collect();
+            holders.sort_unstable();
+            holders.dedup();
+            status.ranges.len() >= 3
+                && holders.len() == nodes
+                && owners(&status) >= 2
+                && status.moves.is_empty()
+                && status.ranges.iter().all(|r| r.replicas.len() == replicas)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcome = workload.finish().await;
+    let client = playground.client();
+    assert!(outcome.errors.is_empty(), "client errors: {:?}", &outcome.errors[..outcome.errors.len().min(3)]);
+    assert!(
+        outcome.stale_reads.is_empty(),
+        "stale reads: {:?}",
+        &outcome.stale_reads[..outcome.stale_reads.len().min(3)]
+    );
+    assert!(outcome.acked.len() > 100, "only {} keys written", outcome.acked.len());
+    assert_all_acked_readable(&client, &outcome.acked).await;
+    let busiest = playground.status().await.ranges.len();
+
+    // Idle, the ranges go cold: aligned and merged back, each still on its replicas.
+    wait_until("cold replicated ranges to merge", Duration::from_secs(150), async || {
+        let status = playground.status().await;
+        status.ranges.len() < busiest && status.ranges.iter().all(|r| r.replicas.len() == replicas)
+    })
+    .await;
+    let status = playground.status().await;
+    assert!(
+        status.recent_events.iter().any(|e| e.contains("through their logs")),
+        "no merge through the logs in {:?}",
+        status.recent_events
+    );
+    assert_all_acked_readable(&client, &outcome.acked).await;
+    println!(
+        "{nodes} nodes, {replicas} replicas: {} ops, {} keys; {} ranges after merging: {:#?}",
+        outcome.ops,
+        outcome.acked.len(),
+        status.ranges.len(),
+        status.recent_events
+    );
 }

@@ -133,7 +133,7 @@ pub fn node_config(kvc: &KeyValueCluster) -> Result<ConfigMap, BuildError> {
     let mut data = data;
     // Only when not the node's default: the configuration hash (and so every pod) stays as it
     // was for clusters that do not ask.
-    if kvc.spec.replication.durability == Some(ReplicationDurability::Fast) {
+    if kvc.spec.replication.durability == ReplicationDurability::Fast {
         data.insert("KVFLEET_REPLICATION_DURABILITY".to_string(), "fast".to_string());
     }
     Ok(ConfigMap { metadata: metadata(kvc, &names, &names.node_config)?, data: Some(data), ..Default::default() })
@@ -660,10 +660,10 @@ mod tests {
         assert_ne!(hash(&kvc), before);
         assert_eq!(node_config(&kvc).unwrap().data.unwrap()["KVFLEET_DURABILITY"], "async");
         let before = hash(&kvc);
-        kvc.spec.replication.durability = Some(ReplicationDurability::Majority);
+        kvc.spec.replication.durability = ReplicationDurability::Majority;
         assert_eq!(hash(&kvc), before, "the default said out loud restarts nothing");
         assert!(!node_config(&kvc).unwrap().data.unwrap().contains_key("KVFLEET_REPLICATION_DURABILITY"));
-        kvc.spec.replication.durability = Some(ReplicationDurability::Fast);
+        kvc.spec.replication.durability = ReplicationDurability::Fast;
         assert_ne!(hash(&kvc), before);
         assert_eq!(node_config(&kvc).unwrap().data.unwrap()["KVFLEET_REPLICATION_DURABILITY"], "fast");
     }

@@ -102,8 +102,8 @@ pub struct ReplicationSpec {
     /// (the range's leader alone fsynced it, the others catch up in the background: a leader
     /// lost or cut off before it replicated loses the writes it acknowledged meanwhile; see the
     /// README). Single-copy ranges follow `spec.durability`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub durability: Option<ReplicationDurability>,
+    #[serde(default)]
+    pub durability: ReplicationDurability,
 }
 
 /// What OK means for a write to a replicated range (see `ReplicationSpec::durability`).
