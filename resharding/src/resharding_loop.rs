@@ -728,6 +728,13 @@ impl<P: Platform> ReshardingLoop<P> {
                 nodes
             };
             let (left_nodes, right_nodes) = (nodes(&l.desc), nodes(&r.desc));
+            // The merge waits for every replica of the frozen range: not worth a round's time
+            // while one of their nodes does not answer.
+            let answering = |node: &String| observation.node(node).is_some_and(|n| n.report.is_ok());
+            if !right_nodes.iter().all(answering) {
+                tracing::info!(left, right, "a range frozen for a merge waits for its replicas' nodes to answer");
+                continue;
+            }
             if left_nodes == right_nodes {
                 self.merge_replicated(observation, (left, right), &MergeReason::Frozen).await;
                 continue;
