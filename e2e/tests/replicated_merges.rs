@@ -248,3 +248,135 @@ async fn a_replica_crashing_as_it_applies_a_merge_comes_back_merged_and_votes_af
     }
     kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
 }
+
+/// Every range as its leader reports it, asking every node of the fleet.
+async fn led_ranges(fleet: &Fleet) -> Vec<kvfleet_proto::v1::RangeDescriptor> {
+    let mut found: Vec<kvfleet_proto::v1::RangeDescriptor> = Vec::new();
+    for (index, node) in fleet.nodes.iter().enumerate() {
+        let Some(ranges) = fleet.ranges_on(index).await else { continue };
+        for desc in ranges {
+            let leads = kvfleet_resharding::observe::leads(&desc, &node.node_id);
+            if leads && !found.iter().any(|d| d.range_id == desc.range_id) {
+                found.push(desc);
+            }
+        }
+    }
+    found.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    found
+}
+
+/// A merge raced, in every round, by a split of its left range and by a second merger of the
+/// same pair (another operator, or kvctl by hand), under a checked history: whatever wins, no
+/// acknowledged write is lost, no read goes back in time, a range frozen for a merge is always
+/// finished (into whichever range ends where it starts), and the ranges tile the key space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merges_raced_by_splits_and_a_second_merger_keep_every_write_and_a_tiled_key_space() {
+    let mut fleet = Fleet::start(3);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 2);
+    workload.add_readers_with(&client, 2, 900, ReadConsistency::Follower);
+    let clients = kvfleet_resharding::observe::NodeClients::default();
+    let seeds = fleet.addresses();
+    for round in 0..3 {
+        // Two neighbours: the range holding key040 and the one before it.
+        let ranges = led_ranges(&fleet).await;
+        let holding = |key: &[u8]| {
+            ranges.iter().find(|d| d.start_key.as_ref() <= key && (d.end_key.is_empty() || key < d.end_key.as_ref()))
+        };
+        let right = match holding(b"key040") {
+            Some(desc) if !desc.start_key.is_empty() => desc.clone(),
+            _ => {
+                let leader = fleet.leader_of(ranges[0].range_id, None).await;
+                let request = SplitRangeRequest {
+                    range_id: ranges.last().expect("a range").range_id,
+                    split_key: Bytes::from("key036"),
+                    ..Default::default()
+                };
+                let _ = fleet.nodes[leader].admin().split_range(request).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let ranges = led_ranges(&fleet).await;
+                ranges.iter().find(|d| d.start_key.as_ref() == b"key036").expect("the split's right half").clone()
+            }
+        };
+        let ranges = led_ranges(&fleet).await;
+        let left = ranges.iter().find(|d| d.end_key == right.start_key).expect("the left neighbour").clone();
+        let left_leader = fleet.leader_of(left.range_id, None).await;
+        // A key strictly inside the left range, for the racing split.
+        let inside = |k: &String| left.start_key.as_ref() < k.as_bytes() && k.as_bytes() < left.end_key.as_ref();
+        let candidates: Vec<String> = (1..48).map(|i| format!("key{i:03}")).filter(inside).collect();
+        let Some(split_key) = candidates.get(candidates.len() / 2).cloned() else {
+            panic!("round {round}: no key inside the left range {left:?}");
+        };
+        // Race: two mergers of the pair, and a split of the left range.
+        let first = kvfleet_resharding::replica_merges::merge_replicated(
+            &clients,
+            left.range_id,
+            right.range_id,
+            &seeds,
+            Duration::from_secs(30),
+        );
+        let second = kvfleet_resharding::replica_merges::merge_replicated(
+            &clients,
+            left.range_id,
+            right.range_id,
+            &seeds,
+            Duration::from_secs(30),
+        );
+        let mut admin = fleet.nodes[left_leader].admin();
+        let split = async {
+            // Before the merge starts, during it, after it.
+            tokio::time::sleep(Duration::from_millis([0, 150, 400][round])).await;
+            let request = SplitRangeRequest {
+                range_id: left.range_id,
+                split_key: Bytes::from(split_key.clone()),
+                ..Default::default()
+            };
+            admin.split_range(request).await
+        };
+        let (first, second, split) = tokio::join!(first, second, split);
+        eprintln!(
+            "round {round}: merges {:?} / {:?}, split of the left range {:?}",
+            first.as_ref().map(|d| d.range_id).map_err(|e| e.message.clone()),
+            second.as_ref().map(|d| d.range_id).map_err(|e| e.message.clone()),
+            split.as_ref().map(|_| ()).map_err(|s| s.message().to_string())
+        );
+        // A range left frozen is finished by asking again (its left neighbour is whichever range
+        // ends where it starts).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ranges = led_ranges(&fleet).await;
+            let tiles = ranges.first().is_some_and(|d| d.start_key.is_empty())
+                && ranges.last().is_some_and(|d| d.end_key.is_empty())
+                && ranges.windows(2).all(|w| w[0].end_key == w[1].start_key);
+            let frozen = ranges.iter().find(|d| d.merge_freeze_index > 0);
+            match frozen {
+                None if tiles => break,
+                Some(frozen) => {
+                    let left = ranges.iter().find(|d| d.end_key == frozen.start_key).map_or(0, |d| d.range_id);
+                    let finished = kvfleet_resharding::replica_merges::merge_replicated(
+                        &clients,
+                        left,
+                        frozen.range_id,
+                        &seeds,
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                    eprintln!(
+                        "round {round}: finishing frozen range {}: {:?}",
+                        frozen.range_id,
+                        finished.map(|d| d.range_id)
+                    );
+                }
+                None => {}
+            }
+            assert!(Instant::now() < deadline, "round {round}: the ranges never settled: {ranges:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 100 && report.reads > 100, "{} writes, {} reads", report.writes, report.reads);
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+}

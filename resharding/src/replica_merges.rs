@@ -64,9 +64,10 @@ fn nodes(desc: &RangeDescriptor) -> Vec<&str> {
     nodes
 }
 
-/// Merges range `right_id` into its left neighbour `left_id` (see the module), step by step
-/// until done or `deadline`. `seeds`: addresses of nodes holding the ranges. Returns the merged
-/// range as its leader has it.
+/// Merges range `right_id` into its left neighbour (see the module), step by step until done or
+/// `deadline`: into whichever range ends where it starts (`left_id` is the one the caller saw, for
+/// messages). `seeds`: addresses of nodes holding the ranges. Returns the merged range as its
+/// leader has it (also when another merger finished it).
 pub async fn merge_replicated(
     clients: &NodeClients,
     left_id: u64,
@@ -82,40 +83,28 @@ pub async fn merge_replicated(
     // Where the right range starts, once seen: its left neighbour is the range ending there.
     let mut right_start = None;
     while started.elapsed() < deadline {
-        let right = find_leader_of(clients, &seeds, |d| d.range_id == right_id).await;
-        if let Some((desc, _)) = &right {
-            right_start = Some(desc.start_key.clone());
-            add_seeds(&mut seeds, desc.replicas.iter().map(|r| &r.address));
-        }
-        // The right range's neighbour, else (merged already) the left range as it is now.
-        let neighbour = match &right_start {
-            Some(start) => find_leader_of(clients, &seeds, |d| d.end_key == *start).await,
-            None => None,
-        };
-        let left = match neighbour {
-            Some(found) => Some(found),
-            None => find_leader_of(clients, &seeds, |d| d.range_id == left_id).await,
-        };
-        let Some((left, left_leader)) = left else {
-            last_problem =
-                format!("no replica of range {left_id} (or of the range before {right_id}) knows its leader");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        if right.is_none() && right_start.is_none() {
-            last_problem = format!("no replica of range {right_id} knows its leader");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        let covers_right = right_start
-            .as_ref()
-            .is_some_and(|start| left.start_key <= *start && (left.end_key.is_empty() || left.end_key > *start));
-        if covers_right {
-            return Ok(left);
-        }
-        let Some((right, right_leader)) = right else {
+        let Some((right, right_leader)) = find_leader_of(clients, &seeds, |d| d.range_id == right_id).await else {
+            // Gone: merged (by this call before, or by another merger, into whichever range
+            // ended where it starts), if another range holds its first key now.
+            if let Some(start) = &right_start {
+                let holds = |d: &RangeDescriptor| {
+                    d.range_id != right_id && d.start_key <= *start && (d.end_key.is_empty() || d.end_key > *start)
+                };
+                if let Some((holder, _)) = find_leader_of(clients, &seeds, holds).await {
+                    return Ok(holder);
+                }
+            }
             last_problem =
                 format!("no replica of range {right_id} knows its leader (an election, or the merge is applying)");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        right_start = Some(right.start_key.clone());
+        add_seeds(&mut seeds, right.replicas.iter().map(|r| &r.address));
+        // Its left neighbour: whichever range ends where it starts (a split of the left range
+        // since makes another one the neighbour).
+        let Some((left, left_leader)) = find_leader_of(clients, &seeds, |d| d.end_key == right.start_key).await else {
+            last_problem = format!("no replica of the range before range {right_id} knows its leader");
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
