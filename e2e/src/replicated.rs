@@ -79,6 +79,28 @@ impl ReplicatedFleet {
         ReplicatedFleet { _dir: dir, nodes, partitions }
     }
 
+    /// Restarts node `index` armed to abort (as kill -9 would) the first time it reaches crash
+    /// point `crash_at`, writing `mark` just before; past that one crash it runs on.
+    pub fn arm_crash_once(&mut self, index: usize, crash_at: &str, mark: &std::path::Path) {
+        let node = &mut self.nodes[index];
+        node.kill9();
+        node.env = vec![
+            ("KVFLEET_CRASH_AT".into(), crash_at.into()),
+            ("KVFLEET_CRASH_ONCE".into(), mark.display().to_string()),
+        ];
+        node.spawn();
+    }
+
+    /// Starts again every node that is down (one that aborted at its crash point).
+    pub fn restart_stopped(&mut self) {
+        for node in &mut self.nodes {
+            if !node.is_running() {
+                node.kill9();
+                node.spawn();
+            }
+        }
+    }
+
     /// Starts one more node, holding no replica (a move's target); returns its index.
     pub fn add_node(&mut self) -> usize {
         let index = self.nodes.len();

@@ -179,12 +179,7 @@ async fn every_replica_crashing_while_it_applies_a_membership_change_comes_back_
         let marks = tempfile::tempdir().expect("a temporary directory");
         let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
         for index in 0..4 {
-            fleet.nodes[index].kill9();
-            fleet.nodes[index].env = vec![
-                ("KVFLEET_CRASH_AT".into(), crash_at.into()),
-                ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
-            ];
-            fleet.nodes[index].spawn();
+            fleet.arm_crash_once(index, crash_at, &mark(index));
         }
         let source = fleet.leader(None).await;
         let clients = NodeClients::default();
@@ -197,12 +192,7 @@ async fn every_replica_crashing_while_it_applies_a_membership_change_comes_back_
             // A node that crashed is restarted (a second after its mark: it aborts just after
             // writing it), still armed but past its one crash.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            for index in 0..4 {
-                if mark(index).exists() && !fleet.nodes[index].is_running() {
-                    fleet.nodes[index].kill9();
-                    fleet.nodes[index].spawn();
-                }
-            }
+            fleet.restart_stopped();
             done = attempt.ok();
         }
         assert!(done.is_some(), "{crash_at}: the move did not finish");

@@ -126,12 +126,7 @@ async fn every_replica_crashing_at_every_step_of_a_merge_comes_back_with_every_w
         let marks = tempfile::tempdir().expect("a temporary directory");
         let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
         for index in 0..3 {
-            fleet.nodes[index].kill9();
-            fleet.nodes[index].env = vec![
-                ("KVFLEET_CRASH_AT".into(), crash_at.into()),
-                ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
-            ];
-            fleet.nodes[index].spawn();
+            fleet.arm_crash_once(index, crash_at, &mark(index));
         }
         fleet.leader(None).await;
         fleet.leader_of(right_id, None).await;
@@ -142,24 +137,14 @@ async fn every_replica_crashing_at_every_step_of_a_merge_comes_back_with_every_w
         let crashed = |index: usize| mark(index).exists();
         while started.elapsed() < CATCH_UP && if on_every_replica { !(0..3).all(crashed) } else { !(0..3).any(crashed) }
         {
-            for index in 0..3 {
-                if !fleet.nodes[index].is_running() {
-                    fleet.nodes[index].kill9();
-                    fleet.nodes[index].spawn();
-                }
-            }
+            fleet.restart_stopped();
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // A node writes its mark just before it aborts: let the last ones die first.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let reached = (0..3).filter(|&index| crashed(index)).count();
         assert!(reached == 3 || (!on_every_replica && reached >= 1), "{reached} nodes reached {crash_at}");
-        for index in 0..3 {
-            if !fleet.nodes[index].is_running() {
-                fleet.nodes[index].kill9();
-                fleet.nodes[index].spawn();
-            }
-        }
+        fleet.restart_stopped();
         // kvctl finished the merge, or else, asked again (as often as it takes while elections
         // settle), it does.
         let first = tokio::task::spawn_blocking(move || first.join().expect("kvctl's thread")).await.expect("joined");
@@ -206,12 +191,7 @@ async fn a_replica_crashing_as_it_applies_a_merge_comes_back_merged_and_votes_af
     // The lagging follower crashes as it applies the merge (after applying the freeze).
     let marks = tempfile::tempdir().expect("a temporary directory");
     let mark = marks.path().join("crashed");
-    fleet.nodes[lagging].kill9();
-    fleet.nodes[lagging].env = vec![
-        ("KVFLEET_CRASH_AT".into(), "merge-apply-before-write".into()),
-        ("KVFLEET_CRASH_ONCE".into(), mark.display().to_string()),
-    ];
-    fleet.nodes[lagging].spawn();
+    fleet.arm_crash_once(lagging, "merge-apply-before-write", &mark);
     fleet.leader_of(right_id, None).await;
     let mut acked: HashMap<Bytes, Bytes> = HashMap::new();
     for i in 0..40 {

@@ -353,12 +353,7 @@ async fn cold_replicated_ranges_are_aligned_and_merged_back_through_a_crash_mid_
     let marks = tempfile::tempdir().expect("a temporary directory");
     let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
     for index in 0..4 {
-        fleet.nodes[index].kill9();
-        fleet.nodes[index].env = vec![
-            ("KVFLEET_CRASH_AT".into(), "merge-after-freeze".into()),
-            ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
-        ];
-        fleet.nodes[index].spawn();
+        fleet.arm_crash_once(index, "merge-after-freeze", &mark(index));
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     controller.crash();
@@ -383,12 +378,7 @@ async fn cold_replicated_ranges_are_aligned_and_merged_back_through_a_crash_mid_
     controller = Controller::start(platform.clone(), cold_config, board.clone());
 
     wait_until("the ranges to merge back into one on three voters", Duration::from_secs(180), async || {
-        for index in 0..4 {
-            if !fleet.nodes[index].is_running() {
-                fleet.nodes[index].kill9();
-                fleet.nodes[index].spawn();
-            }
-        }
+        fleet.restart_stopped();
         let ranges = ranges_by_leader(&fleet).await;
         ranges.len() == 1 && settled(&ranges, "none")
     })

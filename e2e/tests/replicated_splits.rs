@@ -123,12 +123,7 @@ async fn every_replica_crashing_at_either_step_of_applying_a_split_comes_back_sp
         let marks = tempfile::tempdir().expect("a temporary directory");
         let mark = |index: usize| marks.path().join(format!("crashed-{index}"));
         for index in 0..3 {
-            fleet.nodes[index].kill9();
-            fleet.nodes[index].env = vec![
-                ("KVFLEET_CRASH_AT".into(), crash_at.into()),
-                ("KVFLEET_CRASH_ONCE".into(), mark(index).display().to_string()),
-            ];
-            fleet.nodes[index].spawn();
+            fleet.arm_crash_once(index, crash_at, &mark(index));
         }
         let leader = fleet.leader(None).await;
         let request = SplitRangeRequest { range_id: 1, split_key: Bytes::from("key020"), ..Default::default() };
@@ -137,12 +132,7 @@ async fn every_replica_crashing_at_either_step_of_applying_a_split_comes_back_sp
         assert!(!matches!(answer, Ok(Ok(_))), "the leader answered a split it crashed applying ({crash_at})");
         let started = Instant::now();
         while (0..3).any(|index| !mark(index).exists()) && started.elapsed() < CATCH_UP {
-            for index in 0..3 {
-                if !fleet.nodes[index].is_running() {
-                    fleet.nodes[index].kill9();
-                    fleet.nodes[index].spawn();
-                }
-            }
+            fleet.restart_stopped();
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // A node writes its mark just before it aborts: let the last ones die before restarting
@@ -150,11 +140,8 @@ async fn every_replica_crashing_at_either_step_of_applying_a_split_comes_back_sp
         tokio::time::sleep(Duration::from_secs(1)).await;
         for index in 0..3 {
             assert!(mark(index).exists(), "node {index} never reached {crash_at}");
-            if !fleet.nodes[index].is_running() {
-                fleet.nodes[index].kill9();
-                fleet.nodes[index].spawn();
-            }
         }
+        fleet.restart_stopped();
         // Each comes back with the split made (replayed from the log, or found in its write).
         let ranges = fleet.ranges_on(leader).await;
         let ranges = match ranges {

@@ -103,6 +103,40 @@ impl AppliedRun {
     pub fn last_descriptor(&self) -> Option<&RangeDescriptor> {
         self.descriptor.as_ref()
     }
+
+    /// Records what an entry that changes the range did: the change made (the range's keys and
+    /// descriptor follow it), or its refusal (the entry's outcome); a fatal failure stops the run.
+    fn record(&mut self, change: Result<Change, Failure>, span: &mut Span) -> Result<Result<(), ReplicaError>, String> {
+        let desc = match change {
+            Ok(Change::Split(done)) => {
+                let desc = done.left.clone();
+                self.splits.push(done);
+                desc
+            }
+            Ok(Change::Freeze(done)) => {
+                let desc = done.desc.clone();
+                self.freezes.push(done);
+                desc
+            }
+            Ok(Change::Merge(done)) => {
+                let desc = done.left.clone();
+                self.merges.push(done);
+                desc
+            }
+            Err(Failure::Refused(refused)) => return Ok(Err(refused)),
+            Err(Failure::Fatal(reason)) => return Err(reason),
+        };
+        *span = Span::of(&desc);
+        self.descriptor = Some(desc);
+        Ok(Ok(()))
+    }
+}
+
+/// A change of the range's keys or state an entry made (see `AppliedRun::record`).
+enum Change {
+    Split(SplitApplied),
+    Freeze(FreezeApplied),
+    Merge(MergeApplied),
 }
 
 /// A membership change an applied entry made: the range's descriptor with its new replicas
@@ -219,37 +253,16 @@ pub fn apply_entries(
         } else if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
             match RaftCommand::decode(entry.data.as_ref()) {
                 Ok(RaftCommand { split: Some(split), .. }) => {
-                    match split_range(db, log, range_id, entry.index, &split, &run, &mut batch) {
-                        Ok(done) => {
-                            *span = Span::of(&done.left);
-                            run.descriptor = Some(done.left.clone());
-                            run.splits.push(done);
-                        }
-                        Err(Failure::Refused(refused)) => outcome = Err(refused),
-                        Err(Failure::Fatal(reason)) => return Err(reason),
-                    }
+                    let split = split_range(db, log, range_id, entry.index, &split, &run, &mut batch);
+                    outcome = run.record(split.map(Change::Split), span)?;
                 }
                 Ok(RaftCommand { freeze: Some(freeze), .. }) => {
-                    match freeze_range(db, range_id, entry.index, &freeze, &run, &mut batch) {
-                        Ok(done) => {
-                            *span = Span::of(&done.desc);
-                            run.descriptor = Some(done.desc.clone());
-                            run.freezes.push(done);
-                        }
-                        Err(Failure::Refused(refused)) => outcome = Err(refused),
-                        Err(Failure::Fatal(reason)) => return Err(reason),
-                    }
+                    let freeze = freeze_range(db, range_id, entry.index, &freeze, &run, &mut batch);
+                    outcome = run.record(freeze.map(Change::Freeze), span)?;
                 }
                 Ok(RaftCommand { merge: Some(merge), .. }) => {
-                    match merge_range(db, log, range_id, self_raft_id, entry.index, &merge, &mut run, &mut batch) {
-                        Ok(done) => {
-                            *span = Span::of(&done.left);
-                            run.descriptor = Some(done.left.clone());
-                            run.merges.push(done);
-                        }
-                        Err(Failure::Refused(refused)) => outcome = Err(refused),
-                        Err(Failure::Fatal(reason)) => return Err(reason),
-                    }
+                    let merge = merge_range(db, log, range_id, self_raft_id, entry.index, &merge, &mut run, &mut batch);
+                    outcome = run.record(merge.map(Change::Merge), span)?;
                 }
                 Ok(command) => {
                     if span.frozen && !command.mutations.is_empty() {
