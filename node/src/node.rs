@@ -298,6 +298,9 @@ impl Node {
         let outcome = installer
             .install(range_id, pending.index, pending.term, &pending.data)
             .map_err(|e| NodeError::Corrupt(format!("range {range_id}: installing its snapshot again: {e}")))?;
+        if let Some(newer) = outcome.obsolete {
+            tracing::warn!(range_id, newer, "a snapshot of a range merged into another here was not installed");
+        }
         let (changed, retired) = (outcome.changed, outcome.retired);
         let mut table = self.table.write();
         for tombstone in retired {

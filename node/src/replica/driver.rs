@@ -862,11 +862,27 @@ impl Driver {
 
     fn install(&mut self, taken: kvfleet_replication::SnapshotToInstall) {
         let range_id = taken.group;
+        if self.groups.term(range_id).is_none() {
+            // Stopped earlier in this pass (merged away, or retired by another snapshot).
+            return;
+        }
         let outcome = snapshot::describe(range_id, &taken.data).and_then(|info| {
             self.installer.install(range_id, taken.index, taken.term, &taken.data).map(|outcome| (info, outcome))
         });
         match outcome {
-            Ok((info, snapshot::InstallOutcome { changed, retired })) => {
+            Ok((_, snapshot::InstallOutcome { obsolete: Some(newer), .. })) => {
+                tracing::warn!(
+                    range_id,
+                    newer,
+                    index = taken.index,
+                    "a snapshot of a range merged into another here was not installed; its replica stops"
+                );
+                self.stop_group(range_id, |range_id, _| {
+                    let reason = "the range was merged into another on this node".to_string();
+                    ReplicaError::OutcomeUnknown { range_id, reason }
+                });
+            }
+            Ok((info, snapshot::InstallOutcome { changed, retired, .. })) => {
                 let change = match &changed {
                     Some(snapshot::Installed::Added(desc)) => Some((desc, super::RangeChange::Added(desc))),
                     Some(snapshot::Installed::Replaced { desc, narrowed }) => {

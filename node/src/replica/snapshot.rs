@@ -221,6 +221,10 @@ pub struct Installer {
 pub struct InstallOutcome {
     pub changed: Option<Installed>,
     pub retired: Vec<RangeDescriptor>,
+    /// The snapshot was not installed: a newer range held here has its keys (this range was
+    /// merged into it), whose data the snapshot's would have replaced. The range's group is to
+    /// stop here.
+    pub obsolete: Option<u64>,
 }
 
 impl Installer {
@@ -247,6 +251,14 @@ impl Installer {
         if !path.exists() {
             return Err(format!("the snapshot file {} is missing", path.display()));
         }
+        let sent = if data.is_empty() { None } else { describe(range_id, data)?.descriptor };
+        if let Some(newer) = sent.as_ref().map(|sent| self.newer_overlapping(sent)).transpose()?.flatten() {
+            let mut done = WriteBatch::default();
+            self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
+            db.write(done).map_err(|e| format!("dropping range {range_id}'s snapshot: {e}"))?;
+            let _ = std::fs::remove_file(&path);
+            return Ok(InstallOutcome { changed: None, retired: Vec::new(), obsolete: Some(newer) });
+        }
         kvfleet_proto::failpoint::hit("snapshot-install-before-data");
         let mut ingest = IngestExternalFileOptions::default();
         // Copied, not moved: the file must survive a crash before the mark is cleared.
@@ -259,7 +271,6 @@ impl Installer {
         let mut done = WriteBatch::default();
         let mut changed = None;
         let mut retired = Vec::new();
-        let sent = if data.is_empty() { None } else { describe(range_id, data)?.descriptor };
         if let Some(sent) = sent {
             let mine = apply::stored_descriptor(db, range_id).ok().filter(|d| d.is_owned_state());
             changed = match mine {
@@ -283,7 +294,30 @@ impl Installer {
         self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
         db.write_opt(done, &sync).map_err(|e| format!("recording range {range_id}'s snapshot: {e}"))?;
         let _ = std::fs::remove_file(&path);
-        Ok(InstallOutcome { changed, retired })
+        Ok(InstallOutcome { changed, retired, obsolete: None })
+    }
+
+    /// A range held here, at a higher generation than `sent`, that has some of its keys: one
+    /// `sent`'s range was merged into (on this node already).
+    fn newer_overlapping(&self, sent: &RangeDescriptor) -> Result<Option<u64>, String> {
+        use kvfleet_proto::RangeBounds as _;
+        let meta_cf = self.db.cf_handle(CF_META).ok_or("the meta column family is missing")?;
+        let prefix = crate::ranges::RANGE_PREFIX;
+        for item in self.db.iterator_cf(meta_cf, IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
+            let (key, value) = item.map_err(|e| format!("reading range descriptors: {e}"))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let held = crate::ranges::decode_descriptor(&key, &value).map_err(|e| e.to_string())?;
+            if held.range_id != sent.range_id
+                && held.is_owned_state()
+                && held.overlaps(sent)
+                && held.generation > sent.generation
+            {
+                return Ok(Some(held.range_id));
+            }
+        }
+        Ok(None)
     }
 
     /// Stages in `done` the retirement of every older range held here whose keys `sent` covers
@@ -387,16 +421,34 @@ mod tests {
         let data = db.cf_handle(CF_DATA).unwrap();
         assert_eq!(db.get_cf(data, "n").unwrap().as_deref(), Some(&b"after the merge"[..]));
 
+        // A snapshot of the taken range itself, arriving late, is not installed: its data would
+        // replace the merged range's newer data for those keys.
+        let late = tempfile::tempdir().unwrap();
+        let late_storage = crate::storage::Storage::open_for_tests(late.path());
+        let (late_db, late_log) = (late_storage.db(), LogStore::with_db(late_storage.db()).unwrap());
+        hold(&late_db, &late_log, &range(2, ("m", ""), 2, 7), (9, 2), &[("n", "before the merge")]);
+        let late_files = SnapshotFiles::new(late.path());
+        let old_snapshot = make(&late_db, &late_log, &late_files, 2, late_storage.key_space_end()).unwrap();
+        std::fs::copy(late_files.path(Side::Made, 2, 9, 2), installer.files.path(Side::Fetched, 2, 9, 2)).unwrap();
+        let outcome = installer.install(2, 9, 2, &old_snapshot.data).unwrap();
+        assert_eq!(outcome.obsolete, Some(1), "the late snapshot was installed");
+        assert_eq!(db.get_cf(data, "n").unwrap().as_deref(), Some(&b"after the merge"[..]));
+
         // A snapshot taken after a freeze carries it to a replica that missed it (neither the
         // generation nor the membership version changed).
         let frozen = range(3, ("x", "z"), 2, 9);
         hold(&leader_db, &leader_log, &frozen, (12, 2), &[("y", "1")]);
         let snapshot = make(&leader_db, &leader_log, &leader_files, 3, leader.key_space_end()).unwrap();
-        hold(&db, &log, &range(3, ("x", "z"), 2, 0), (4, 2), &[]);
-        std::fs::copy(leader_files.path(Side::Made, 3, 12, 2), installer.files.path(Side::Fetched, 3, 12, 2)).unwrap();
-        let outcome = installer.install(3, 12, 2, &snapshot.data).unwrap();
+        hold(&late_db, &late_log, &range(3, ("x", "z"), 2, 0), (4, 2), &[]);
+        let late_installer = Installer { db: late_db.clone(), log: late_log.clone(), files: late_files };
+        late_installer.files.create_dir(Side::Fetched).unwrap();
+        std::fs::copy(leader_files.path(Side::Made, 3, 12, 2), late_installer.files.path(Side::Fetched, 3, 12, 2))
+            .unwrap();
+        let outcome = late_installer.install(3, 12, 2, &snapshot.data).unwrap();
         assert!(matches!(&outcome.changed, Some(Installed::Replaced { desc, .. }) if *desc == frozen));
-        assert!(is_frozen_for_merge(&apply::stored_descriptor(&db, 3).unwrap()));
+        assert!(is_frozen_for_merge(&apply::stored_descriptor(&late_db, 3).unwrap()));
+        drop((late_db, late_log, late_installer));
+        late_storage.shutdown().unwrap();
         drop((leader_db, leader_log, db, log, installer));
         leader.shutdown().unwrap();
         lagging.shutdown().unwrap();
