@@ -17,7 +17,6 @@ use kvfleet_proto::v1::{
 use crate::error::NodeError;
 use crate::node::Node;
 use crate::ranges::MergePlan;
-use crate::replica::snapshot::is_frozen_for_merge;
 use crate::replica::{apply, is_replicated};
 
 /// How long a merge waits for every replica of the right range to hold its log up to the freeze.
@@ -31,7 +30,7 @@ impl Node {
         let (left_id, right_id) = (request.left_id, request.right_id);
         let (left, right) = self.merge_pair(left_id, right_id)?;
         check_mergeable(&request, &left, &right)?;
-        if !is_frozen_for_merge(&right) {
+        if !right.is_frozen_for_merge() {
             self.check_replicas_answer(&right).await?;
             let freeze = RaftFreeze { expected_generation: right.generation };
             let frozen = self.replication.propose_freeze(right_id, freeze).await;
@@ -39,7 +38,7 @@ impl Node {
             kvfleet_proto::failpoint::hit("merge-after-freeze");
         }
         let right = self.stored_descriptor(right_id)?;
-        if !is_frozen_for_merge(&right) {
+        if !right.is_frozen_for_merge() {
             return Err(NodeError::Move(format!("range {right_id} is not frozen after its freeze applied")));
         }
         self.wait_for_freeze_everywhere(&right).await?;
@@ -147,7 +146,7 @@ impl Node {
             let Ok(answer) = admin.list_ranges(request).await else { return false };
             let frozen = answer.into_inner().ranges.iter().any(|d| {
                 d.range_id == right.range_id
-                    && is_frozen_for_merge(d)
+                    && d.is_frozen_for_merge()
                     && d.merge_freeze_index == right.merge_freeze_index
             });
             if !frozen {
@@ -186,7 +185,7 @@ fn check_mergeable(
             return Err(NodeError::GenerationMismatch { range_id: desc.range_id, expected, actual: desc.generation });
         }
     }
-    if is_frozen_for_merge(left) {
+    if left.is_frozen_for_merge() {
         return Err(NodeError::Move(format!("range {left_id} is frozen to be merged into its own left neighbour")));
     }
     if left.replicas.iter().chain(&right.replicas).any(|r| r.membership() != ReplicaMembership::Voter) {
@@ -194,17 +193,12 @@ fn check_mergeable(
             "range {left_id} or {right_id} is changing its membership (a learner, or a joint membership); retry once it is done"
         )));
     }
-    let nodes = |desc: &RangeDescriptor| {
-        let mut nodes: Vec<String> = desc.replicas.iter().map(|r| r.node_id.clone()).collect();
-        nodes.sort_unstable();
-        nodes
-    };
-    if nodes(left) != nodes(right) {
+    if left.replica_nodes() != right.replica_nodes() {
         return Err(NodeError::Move(format!(
             "range {left_id}'s replicas are on nodes {} and range {right_id}'s on {}: ranges merge only with replicas \
              on the same nodes (move them first; the resharding loop does)",
-            nodes(left).join(", "),
-            nodes(right).join(", ")
+            left.replica_nodes().join(", "),
+            right.replica_nodes().join(", ")
         )));
     }
     Ok(())

@@ -54,6 +54,19 @@ impl RangeDescriptor {
         self.move_intent.as_ref().filter(|i| i.move_id == move_id && self.state() == RangeState::Frozen)
     }
 
+    /// Whether this replicated range is frozen to be merged into its left neighbour (its
+    /// `merge_freeze_index` set, its state FROZEN).
+    pub fn is_frozen_for_merge(&self) -> bool {
+        self.merge_freeze_index > 0 && self.state() == RangeState::Frozen
+    }
+
+    /// The node ids of its replicas, sorted: two ranges with the same are on the same nodes.
+    pub fn replica_nodes(&self) -> Vec<&str> {
+        let mut nodes: Vec<&str> = self.replicas.iter().map(|r| r.node_id.as_str()).collect();
+        nodes.sort_unstable();
+        nodes
+    }
+
     /// `[start, end)` for people: keys escaped, the open end shown as `+inf`.
     pub fn span(&self) -> String {
         let end = if self.end_key.is_empty() { "+inf".to_string() } else { display_key(&self.end_key) };

@@ -49,19 +49,13 @@ pub fn next_merge_step(
         return MergeStep::Done;
     }
     let frozen = right.merge_freeze_index > 0;
-    if !frozen && nodes(left) != nodes(right) {
+    if !frozen && left.replica_nodes() != right.replica_nodes() {
         return MergeStep::NotAligned;
     }
     if left_leader != right_leader {
         return MergeStep::TransferRightLeader { to: left_leader.to_string() };
     }
     MergeStep::Merge
-}
-
-fn nodes(desc: &RangeDescriptor) -> Vec<&str> {
-    let mut nodes: Vec<&str> = desc.replicas.iter().map(|r| r.node_id.as_str()).collect();
-    nodes.sort_unstable();
-    nodes
 }
 
 /// Merges range `right_id` into its left neighbour (see the module), step by step until done or
@@ -123,8 +117,8 @@ pub async fn merge_replicated(
                     format!(
                         "range {}'s replicas are on {} and range {right_id}'s on {}: move them onto the same nodes first",
                         left.range_id,
-                        nodes(&left).join(", "),
-                        nodes(&right).join(", ")
+                        left.replica_nodes().join(", "),
+                        right.replica_nodes().join(", ")
                     ),
                     true,
                 ));

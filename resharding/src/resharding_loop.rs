@@ -722,15 +722,10 @@ impl<P: Platform> ReshardingLoop<P> {
             if self.state.moves.iter().any(|m| m.range_id == left) {
                 continue;
             }
-            let nodes = |desc: &RangeDescriptor| {
-                let mut nodes: Vec<String> = desc.replicas.iter().map(|r| r.node_id.clone()).collect();
-                nodes.sort_unstable();
-                nodes
-            };
-            let (left_nodes, right_nodes) = (nodes(&l.desc), nodes(&r.desc));
+            let (left_nodes, right_nodes) = (l.desc.replica_nodes(), r.desc.replica_nodes());
             // The merge waits for every replica of the frozen range: not worth a round's time
             // while one of their nodes does not answer.
-            let answering = |node: &String| observation.node(node).is_some_and(|n| n.report.is_ok());
+            let answering = |node: &&str| observation.node(node).is_some_and(|n| n.report.is_ok());
             if !right_nodes.iter().all(answering) {
                 tracing::info!(left, right, "a range frozen for a merge waits for its replicas' nodes to answer");
                 continue;

@@ -336,7 +336,7 @@ fn change_membership(
         RaftMembershipChange::decode(entry.context.as_ref()).map_err(|e| refused(e.to_string()))?
     };
     let desc = current_descriptor(db, range_id, run)?;
-    if super::snapshot::is_frozen_for_merge(&desc) {
+    if desc.is_frozen_for_merge() {
         return Err(refused("it is frozen to be merged into its left neighbour".into()));
     }
     if !entry.context.is_empty() && context.expected_conf_version != desc.conf_version {
@@ -428,7 +428,7 @@ fn split_range(
 ) -> Result<SplitApplied, Failure> {
     let refused = |reason: String| Failure::Refused(ReplicaError::SplitRefused { range_id, reason });
     let desc = current_descriptor(db, range_id, run)?;
-    if super::snapshot::is_frozen_for_merge(&desc) {
+    if desc.is_frozen_for_merge() {
         return Err(refused("it is frozen to be merged into its left neighbour".into()));
     }
     if desc.replicas.iter().any(|r| r.membership() != ReplicaMembership::Voter) {
@@ -480,7 +480,7 @@ fn freeze_range(
 ) -> Result<FreezeApplied, Failure> {
     let refused = |reason: String| Failure::Refused(ReplicaError::MergeRefused { range_id, reason });
     let desc = current_descriptor(db, range_id, run)?;
-    if super::snapshot::is_frozen_for_merge(&desc) {
+    if desc.is_frozen_for_merge() {
         return Err(refused(format!("it is frozen to be merged already (at index {})", desc.merge_freeze_index)));
     }
     if freeze.expected_generation != desc.generation {
@@ -527,7 +527,7 @@ fn merge_range(
     let left = current_descriptor(db, range_id, run)?;
     let Some(right) = merge.right.clone() else { return Err(refused("the merge names no right range".into())) };
     let right_id = right.range_id;
-    if super::snapshot::is_frozen_for_merge(&left) {
+    if left.is_frozen_for_merge() {
         return Err(refused("it is frozen to be merged itself".into()));
     }
     if (left.generation, left.conf_version) != (merge.expected_generation, merge.expected_conf_version) {
@@ -536,7 +536,7 @@ fn merge_range(
             left.generation, left.conf_version, merge.expected_generation, merge.expected_conf_version
         )));
     }
-    if !super::snapshot::is_frozen_for_merge(&right) || right_id == range_id {
+    if !right.is_frozen_for_merge() || right_id == range_id {
         return Err(refused(format!("range {right_id} is not frozen to be merged")));
     }
     if left.end_key != right.start_key || left.end_key.is_empty() {
@@ -554,7 +554,7 @@ fn merge_range(
     let caught_up = catch_up_frozen(db, log, right_id, self_raft_id, frozen_at).map_err(&fatal)?;
     run.caught_up_splits.extend(caught_up);
     let mine = stored_descriptor(db, right_id).map_err(&fatal)?;
-    if !super::snapshot::is_frozen_for_merge(&mine) || mine.merge_freeze_index != frozen_at {
+    if !mine.is_frozen_for_merge() || mine.merge_freeze_index != frozen_at {
         return Err(fatal(format!(
             "this node's replica of range {right_id} is {:?} (frozen at index {}), not frozen at index {frozen_at}",
             mine.state(),
@@ -803,7 +803,7 @@ mod tests {
         assert!(matches!(&outcomes[4], Err(ReplicaError::SplitRefused { reason, .. }) if reason.contains("frozen")));
         assert!(matches!(&outcomes[5], Err(ReplicaError::MergeRefused { reason, .. }) if reason.contains("already")));
         let frozen = stored_descriptor(&other_db, 2).unwrap();
-        assert!(super::super::snapshot::is_frozen_for_merge(&frozen) && frozen.merge_freeze_index == 3);
+        assert!(frozen.is_frozen_for_merge() && frozen.merge_freeze_index == 3);
         assert!(leader_span.frozen);
 
         // The left range's log: merges refused alike on every replica (wrong generation, right

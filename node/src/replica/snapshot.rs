@@ -33,14 +33,9 @@ pub struct Span {
     pub frozen: bool,
 }
 
-/// Whether `desc` is a replicated range frozen to be merged into its left neighbour.
-pub fn is_frozen_for_merge(desc: &RangeDescriptor) -> bool {
-    desc.merge_freeze_index > 0 && desc.state() == kvfleet_proto::v1::RangeState::Frozen
-}
-
 impl Span {
     pub fn of(desc: &RangeDescriptor) -> Self {
-        Span { start: desc.start_key.to_vec(), end: desc.end_key.to_vec(), frozen: is_frozen_for_merge(desc) }
+        Span { start: desc.start_key.to_vec(), end: desc.end_key.to_vec(), frozen: desc.is_frozen_for_merge() }
     }
 }
 
@@ -446,7 +441,7 @@ mod tests {
             .unwrap();
         let outcome = late_installer.install(3, 12, 2, &snapshot.data).unwrap();
         assert!(matches!(&outcome.changed, Some(Installed::Replaced { desc, .. }) if *desc == frozen));
-        assert!(is_frozen_for_merge(&apply::stored_descriptor(&late_db, 3).unwrap()));
+        assert!(apply::stored_descriptor(&late_db, 3).unwrap().is_frozen_for_merge());
         drop((late_db, late_log, late_installer));
         late_storage.shutdown().unwrap();
         drop((leader_db, leader_log, db, log, installer));
