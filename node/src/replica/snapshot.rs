@@ -331,7 +331,7 @@ impl Installer {
             let held = crate::ranges::decode_descriptor(&key, &value).map_err(|e| e.to_string())?;
             let taken = held.range_id != sent.range_id
                 && held.is_owned_state()
-                && held.is_raft_group()
+                && held.replicas.len() > 1
                 && held.overlaps(sent)
                 && held.generation < sent.generation;
             if !taken {
