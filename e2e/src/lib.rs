@@ -104,7 +104,8 @@ impl NodeProcess {
             .arg("--listen")
             .arg(&self.address)
             .args(&self.args)
-            .env("RUST_LOG", "warn");
+            // `KVFLEET_TEST_NODE_LOG=info cargo test ...` shows what the nodes did.
+            .env("RUST_LOG", std::env::var("KVFLEET_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()));
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let (child, address) =
             spawn_until_ready(&mut command, &format!("node {}", self.node_id), Duration::from_secs(30), |line| {
