@@ -247,7 +247,11 @@ impl Installer {
             return Err(format!("the snapshot file {} is missing", path.display()));
         }
         let sent = if data.is_empty() { None } else { describe(range_id, data)?.descriptor };
-        if let Some(newer) = sent.as_ref().map(|sent| self.newer_overlapping(sent)).transpose()?.flatten() {
+        let overlapping = sent.as_ref().map(|sent| self.held_overlapping(sent)).transpose()?.unwrap_or_default();
+        // A range held here at a higher generation that has some of the snapshot's keys: the
+        // snapshot's range was merged into it (on this node already).
+        let newer = overlapping.iter().find(|held| sent.as_ref().is_some_and(|s| held.generation > s.generation));
+        if let Some(newer) = newer.map(|held| held.range_id) {
             let mut done = WriteBatch::default();
             self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
             db.write(done).map_err(|e| format!("dropping range {range_id}'s snapshot: {e}"))?;
@@ -282,7 +286,7 @@ impl Installer {
             };
             if changed.is_some() {
                 done.put_cf(meta_cf, crate::ranges::descriptor_key(range_id), sent.encode_to_vec());
-                retired = self.stage_taken(&sent, &mut done)?;
+                retired = self.stage_taken(&sent, overlapping, &mut done)?;
             }
         }
         done.put_cf(meta_cf, apply::applied_key(range_id), apply::encode_applied(index, term));
@@ -292,49 +296,37 @@ impl Installer {
         Ok(InstallOutcome { changed, retired, obsolete: None })
     }
 
-    /// A range held here, at a higher generation than `sent`, that has some of its keys: one
-    /// `sent`'s range was merged into (on this node already).
-    fn newer_overlapping(&self, sent: &RangeDescriptor) -> Result<Option<u64>, String> {
+    /// The ranges held here (owned, other than `sent`'s) that have some of `sent`'s keys.
+    fn held_overlapping(&self, sent: &RangeDescriptor) -> Result<Vec<RangeDescriptor>, String> {
         use kvfleet_proto::RangeBounds as _;
         let meta_cf = self.db.cf_handle(CF_META).ok_or("the meta column family is missing")?;
         let prefix = crate::ranges::RANGE_PREFIX;
+        let mut overlapping = Vec::new();
         for item in self.db.iterator_cf(meta_cf, IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
             let (key, value) = item.map_err(|e| format!("reading range descriptors: {e}"))?;
             if !key.starts_with(prefix) {
                 break;
             }
             let held = crate::ranges::decode_descriptor(&key, &value).map_err(|e| e.to_string())?;
-            if held.range_id != sent.range_id
-                && held.is_owned_state()
-                && held.overlaps(sent)
-                && held.generation > sent.generation
-            {
-                return Ok(Some(held.range_id));
+            if held.range_id != sent.range_id && held.is_owned_state() && held.overlaps(sent) {
+                overlapping.push(held);
             }
         }
-        Ok(None)
+        Ok(overlapping)
     }
 
-    /// Stages in `done` the retirement of every older range held here whose keys `sent` covers
-    /// (merged into it while this replica was behind; the snapshot's data replaced theirs), and
-    /// returns their tombstones.
-    fn stage_taken(&self, sent: &RangeDescriptor, done: &mut WriteBatch) -> Result<Vec<RangeDescriptor>, String> {
-        use kvfleet_proto::RangeBounds as _;
-        let meta_cf = self.db.cf_handle(CF_META).ok_or("the meta column family is missing")?;
-        let prefix = crate::ranges::RANGE_PREFIX;
+    /// Stages in `done` the retirement of every older replicated range among `overlapping`
+    /// (held here, with some of `sent`'s keys: merged into it while this replica was behind; the
+    /// snapshot's data replaced theirs), and returns their tombstones.
+    fn stage_taken(
+        &self,
+        sent: &RangeDescriptor,
+        overlapping: Vec<RangeDescriptor>,
+        done: &mut WriteBatch,
+    ) -> Result<Vec<RangeDescriptor>, String> {
         let mut retired = Vec::new();
-        for item in self.db.iterator_cf(meta_cf, IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
-            let (key, value) = item.map_err(|e| format!("reading range descriptors: {e}"))?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            let held = crate::ranges::decode_descriptor(&key, &value).map_err(|e| e.to_string())?;
-            let taken = held.range_id != sent.range_id
-                && held.is_owned_state()
-                && held.replicas.len() > 1
-                && held.overlaps(sent)
-                && held.generation < sent.generation;
-            if !taken {
+        for held in overlapping {
+            if held.replicas.len() <= 1 || held.generation >= sent.generation {
                 continue;
             }
             let tombstone = RangeDescriptor {
