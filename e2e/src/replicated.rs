@@ -152,7 +152,7 @@ impl ReplicatedFleet {
                 let leads = answer
                     .ranges
                     .iter()
-                    .filter(|d| d.range_id == range_id && d.replicas.len() > 1)
+                    .filter(|d| d.range_id == range_id && d.is_raft_group())
                     .flat_map(|d| d.replicas.iter())
                     .any(|r| r.node_id == answer.node_id && r.role() == ReplicaRole::Leader);
                 if leads {

@@ -77,14 +77,15 @@ pub enum Command {
         #[arg(long)]
         expected_generation: Option<u64>,
     },
-    /// Merge the range holding KEY with the range right after it: single copies on the same
-    /// node; replicated ranges with replicas on the same nodes, through their Raft logs (the
-    /// right range is frozen, then taken by the left; interrupted, it is finished by running it
-    /// again).
+    /// Merge the range holding KEY with the range right after it, with replicas on the same
+    /// nodes, through their Raft logs (the right range is frozen, then taken by the left;
+    /// interrupted, it is finished by running it again). Single copies made by earlier versions
+    /// merge on their node.
     Merge { key: String },
-    /// Move the replica of the replicated range holding KEY from one node to another (both in
+    /// Move the replica of the range holding KEY from one node to another (both in
     /// --endpoints): added as a learner, caught up, then swapped in by one joint membership
-    /// change; no write waits. Interrupted, it is finished by running it again.
+    /// change (a single copy's one voter hands its leadership over inside it); no write waits.
+    /// Interrupted, it is finished by running it again.
     MoveReplica {
         key: String,
         /// The node id of the replica to move.
@@ -378,13 +379,21 @@ async fn split(
     let key = Bytes::from(key);
     let (_, range) = range_holding(client, &key).await?;
     let address = range.leader().map(|l| l.address.clone()).unwrap_or_default();
-    let first = reserve_range_ids(controller, &address, 2).await?;
+    // A Raft group keeps its id for the left half: one new id; a single copy of an earlier
+    // version takes two.
+    let raft = range.is_raft_group();
+    let first = reserve_range_ids(controller, &address, if raft { 1 } else { 2 }).await?;
+    let (left_id, right_id) = match first {
+        Some(id) if raft => (0, id),
+        Some(id) => (id, id + 1),
+        None => (0, 0),
+    };
     let request = SplitRangeRequest {
         range_id: range.range_id,
         expected_generation: expected_generation.unwrap_or(range.generation),
         split_key: key,
-        left_id: first.unwrap_or(0),
-        right_id: first.map_or(0, |id| id + 1),
+        left_id,
+        right_id,
     };
     let response = client
         .admin(&address)?
@@ -412,9 +421,9 @@ async fn move_replica(
     json: bool,
 ) -> Result<(), CliError> {
     let (_, range) = range_holding(client, key.as_bytes()).await?;
-    if range.replicas.len() < 2 {
+    if !range.is_raft_group() {
         return Err(CliError::Failed(format!(
-            "range {} {} has one replica: it moves with the resharding loop's moves, not by membership changes",
+            "range {} {} is a single copy made by an earlier version (not a Raft group): only the resharding loop's freeze-and-copy moves move it",
             range.range_id,
             range.span()
         )));
@@ -488,7 +497,7 @@ async fn merge(
         .iter()
         .find(|r| r.start_key == left.end_key)
         .ok_or_else(|| CliError::Failed(format!("no node reports the range after {}", left.span())))?;
-    if left.replicas.len() > 1 || right.replicas.len() > 1 {
+    if left.is_raft_group() || right.is_raft_group() {
         return merge_replicated(admin_token, left, right, json).await;
     }
     let (left_owner, right_owner) =

@@ -16,7 +16,7 @@ use rocksdb::{DB, WriteBatch};
 
 use crate::error::NodeError;
 use crate::node::Node;
-use crate::replica::{ReplicaError, apply, is_replicated, raft_id_of};
+use crate::replica::{ReplicaError, apply, raft_id_of};
 use crate::storage::{CF_DATA, CF_META};
 
 /// How long `transfer_leader` waits for the target to lead.
@@ -147,7 +147,7 @@ impl Node {
         let target = desc.replicas.iter().find(|r| r.node_id == request.to_node_id).ok_or_else(|| {
             NodeError::Invalid(format!("node {:?} holds no replica of range {range_id}", request.to_node_id))
         })?;
-        if target.membership() != ReplicaMembership::Voter {
+        if !matches!(target.membership(), ReplicaMembership::Voter | ReplicaMembership::Joining) {
             return Err(NodeError::Move(format!(
                 "node {} is not a voter of range {range_id} (it is {:?}): only a voter can lead",
                 target.node_id,
@@ -181,7 +181,7 @@ impl Node {
     fn replicated_range(&self, range_id: u64) -> Result<RangeDescriptor, NodeError> {
         let desc = self.table.read().by_id(range_id).map(|range| range.desc.clone());
         let desc = desc.ok_or(NodeError::UnknownRange(range_id))?;
-        if !is_replicated(&desc) {
+        if !desc.is_raft_group() {
             return Err(NodeError::Invalid(format!("range {range_id} is not replicated (one replica)")));
         }
         Ok(desc)
@@ -234,6 +234,7 @@ fn plan_changes(
     let mut plan =
         PlannedChange { change: ConfChangeV2::default(), added: Vec::new(), promotes: Vec::new(), leave_joint: false };
     let mut singles = Vec::new();
+    let mut removes_self = false;
     for change in changes {
         let kind = change.kind();
         if kind == ChangeKind::LeaveJoint {
@@ -242,6 +243,12 @@ fn plan_changes(
             }
             if !desc.in_joint_membership() {
                 return Ok(None);
+            }
+            let leader = desc.replicas.iter().find(|r| r.raft_id == self_raft_id);
+            if leader.is_some_and(|r| r.membership() == ReplicaMembership::Leaving) {
+                return Err(NodeError::Unavailable(format!(
+                    "node {self_node} leads range {range_id} and the joint membership removes it: it hands its leadership to a joining voter before the membership is left; retry"
+                )));
             }
             plan.leave_joint = true;
             return Ok(Some(plan));
@@ -284,9 +291,8 @@ fn plan_changes(
             }
             (ChangeKind::Remove, None) => {}
             (ChangeKind::Remove, Some(_)) if raft_id == self_raft_id => {
-                return Err(NodeError::Move(format!(
-                    "node {self_node} leads range {range_id} and cannot remove itself: transfer its leadership first"
-                )));
+                removes_self = true;
+                singles.push(single(ConfChangeType::RemoveNode));
             }
             (ChangeKind::Remove, Some(_)) => singles.push(single(ConfChangeType::RemoveNode)),
             (ChangeKind::Unspecified | ChangeKind::LeaveJoint, _) => {
@@ -296,6 +302,13 @@ fn plan_changes(
     }
     if singles.is_empty() {
         return Ok(None);
+    }
+    if removes_self && plan.promotes.is_empty() {
+        // Only a joint membership keeps it a voter (of the outgoing half) while it hands the
+        // lead to the promoted one, as a single copy's move needs; otherwise, first hand it over.
+        return Err(NodeError::Move(format!(
+            "node {self_node} leads range {range_id} and cannot remove itself unless the same change promotes another replica: transfer its leadership first"
+        )));
     }
     if singles.len() > 1 {
         // Joint consensus, left by the leader on its own (explicitly: raft-rs's automatic leave
@@ -384,5 +397,21 @@ mod tests {
         assert!(plan_changes(&desc, &leave, me, "n1").err().unwrap().to_string().contains("alone"));
         // Not joint: leaving is a no-op.
         assert!(plan_changes(&desc, &[change(ChangeKind::LeaveJoint, "n2")], me, "n1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_single_copy_leader_leaves_through_a_joint_membership_it_does_not_leave_itself() {
+        use ReplicaMembership::*;
+        let me = raft_id_of("n1");
+        let learner = range(vec![replica("n1", Voter), replica("n2", Learner)]);
+        let swap = [change(ChangeKind::Promote, "n2"), change(ChangeKind::Remove, "n1")];
+        let plan = plan_changes(&learner, &swap, me, "n1").unwrap().expect("a change");
+        assert_eq!(plan.change.get_transition(), ConfChangeTransition::Explicit, "a joint membership");
+        let joint = range(vec![replica("n1", Leaving), replica("n2", Joining)]);
+        let error = plan_changes(&joint, &[change(ChangeKind::LeaveJoint, "n2")], me, "n1").err().unwrap();
+        assert!(error.to_string().contains("hands its leadership to a joining voter"), "{error}");
+        let by_the_joining_leader =
+            plan_changes(&joint, &[change(ChangeKind::LeaveJoint, "n2")], raft_id_of("n2"), "n2");
+        assert!(by_the_joining_leader.unwrap().is_some_and(|plan| plan.leave_joint));
     }
 }

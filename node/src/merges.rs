@@ -17,7 +17,7 @@ use kvfleet_proto::v1::{
 use crate::error::NodeError;
 use crate::node::Node;
 use crate::ranges::MergePlan;
-use crate::replica::{apply, is_replicated};
+use crate::replica::apply;
 
 /// How long a merge waits for every replica of the right range to hold its log up to the freeze.
 const FREEZE_REACH_WAIT: Duration = Duration::from_secs(10);
@@ -166,7 +166,7 @@ fn check_mergeable(
     right: &RangeDescriptor,
 ) -> Result<(), NodeError> {
     let (left_id, right_id) = (left.range_id, right.range_id);
-    if !is_replicated(left) || !is_replicated(right) {
+    if !left.is_raft_group() || !right.is_raft_group() {
         return Err(NodeError::Invalid(format!(
             "range {left_id} has {} replicas and range {right_id} {}: only ranges with the same replicas merge",
             left.replicas.len(),

@@ -970,7 +970,7 @@ impl Node {
 /// Refuses `action` on a replicated range: its replicas change by membership changes (not built
 /// yet), never by the single-copy protocols.
 pub(crate) fn refuse_replicated(desc: &RangeDescriptor, action: &'static str) -> Result<(), NodeError> {
-    if crate::replica::is_replicated(desc) {
+    if desc.is_raft_group() {
         return Err(NodeError::ReplicatedRange { range_id: desc.range_id, replicas: desc.replicas.len(), action });
     }
     Ok(())

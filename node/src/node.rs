@@ -21,7 +21,7 @@ use crate::ranges::{
     MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, bootstrap_descriptor, decode_descriptor,
     descriptor_write,
 };
-use crate::replica::{OpenGroup, RangeChange, ReadMode, ReplicaError, Replication, is_replicated, raft_id_of};
+use crate::replica::{OpenGroup, RangeChange, ReadMode, ReplicaError, Replication, raft_id_of};
 use crate::storage::{CF_META, Storage, WriteOp};
 use kvfleet_proto::failpoint;
 
@@ -139,6 +139,7 @@ impl Node {
                 crate::config::ReplicationDurability::Majority => None,
                 crate::config::ReplicationDurability::Fast => Some(metrics.fast_ack.clone()),
             },
+            unsynced_single_copies: config.durability == crate::config::Durability::Async,
         };
         let table = Arc::new(RwLock::new(table));
         let on_range_change: crate::replica::OnRangeChange = {
@@ -247,10 +248,10 @@ impl Node {
     fn open_groups(&self) -> Result<(), NodeError> {
         let log = self.log_store()?;
         // Pending snapshots first: one of a merged range retires the ranges it took.
-        for desc in self.owned_ranges_raw().into_iter().filter(is_replicated) {
+        for desc in self.owned_ranges_raw().into_iter().filter(RangeDescriptor::is_raft_group) {
             self.install_pending_snapshot(&log, desc.range_id)?;
         }
-        for desc in self.owned_ranges_raw().into_iter().filter(is_replicated) {
+        for desc in self.owned_ranges_raw().into_iter().filter(RangeDescriptor::is_raft_group) {
             let range_id = desc.range_id;
             let storage = log
                 .open_group(range_id)
@@ -341,7 +342,10 @@ impl Node {
         let range_id = desc.range_id;
         let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
             .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
-        self.open_group(desc, storage, applied, false)
+        // A single copy's one voter leads again at once rather than after an election timeout
+        // (nobody else can lead it; a campaign wrongly judged so is refused by the others).
+        let lone_voter = matches!(desc.replicas.as_slice(), [only] if only.node_id == self.config.node_id);
+        self.open_group(desc, storage, applied, lone_voter)
     }
 
     pub(crate) fn open_group(
@@ -372,10 +376,6 @@ impl Node {
     pub async fn bootstrap_replicated(&self, members: Vec<(String, String)>) -> Result<RangeDescriptor, NodeError> {
         crate::config::check_members("the bootstrap's replicas", &members, &self.config.node_id)
             .map_err(NodeError::Invalid)?;
-        if members.len() == 1 {
-            // One replica is a single-copy range: no Raft group.
-            return self.bootstrap().await;
-        }
         if let Some(made) = self.bootstrapped_with(&members) {
             return Ok(made);
         }
@@ -428,7 +428,7 @@ impl Node {
     /// Waits until a replicated range may serve the read here as `mode` promises; nothing for a
     /// single-copy range (always linearizable).
     async fn read_barrier(&self, lease: &RangeLease, key: &[u8], mode: ReadMode) -> Result<(), NodeError> {
-        if !is_replicated(&lease.range.desc) {
+        if !lease.range.desc.is_raft_group() {
             return Ok(());
         }
         let range_id = lease.range.desc.range_id;
@@ -473,7 +473,7 @@ impl Node {
     /// Writes `mutations` to the range: through its Raft log if it is replicated (OK once a
     /// majority logged them and this node applied them), else through the committer.
     async fn write_range(&self, lease: &RangeLease, key: &[u8], mutations: Vec<Mutation>) -> Result<(), NodeError> {
-        if is_replicated(&lease.range.desc) {
+        if lease.range.desc.is_raft_group() {
             let outcome = self.replication.propose(lease.range.desc.range_id, mutations).await;
             return outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error));
         }
@@ -530,7 +530,7 @@ impl Node {
     /// `owned_ranges`, with how far behind each replica is on the ranges this node leads.
     pub async fn owned_ranges_with_lag(&self) -> Vec<RangeDescriptor> {
         let mut ranges = self.owned_ranges();
-        if !ranges.iter().any(is_replicated) {
+        if !ranges.iter().any(RangeDescriptor::is_raft_group) {
             return ranges;
         }
         let Ok(lag) = self.replication.lag().await else { return ranges };
@@ -751,7 +751,7 @@ impl Node {
         request.left_id = nonzero_or_random(request.left_id);
         request.right_id = nonzero_or_random(request.right_id);
         let range_id = request.range_id;
-        let replicated = self.table.read().by_id(range_id).is_some_and(|range| is_replicated(&range.desc));
+        let replicated = self.table.read().by_id(range_id).is_some_and(|range| range.desc.is_raft_group());
         if replicated {
             return self.split_replicated(request).await;
         }
@@ -818,7 +818,7 @@ impl Node {
     /// atomic fsynced write of the merged descriptor and the two retired ones. No data moves.
     /// Two replicated ranges merge through their logs instead (see `merges`).
     pub async fn merge(&self, mut request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
-        let replicated = |id| self.table.read().by_id(id).is_some_and(|range| is_replicated(&range.desc));
+        let replicated = |id| self.table.read().by_id(id).is_some_and(|range| range.desc.is_raft_group());
         if replicated(request.left_id) || replicated(request.right_id) {
             return self.merge_replicated(request).await;
         }

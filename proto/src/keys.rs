@@ -45,6 +45,13 @@ impl RangeDescriptor {
         self.replicas.iter().any(|r| matches!(r.membership(), ReplicaMembership::Leaving | ReplicaMembership::Joining))
     }
 
+    /// Whether the range is a Raft group (its replicas carry Raft ids), of one voter or more.
+    /// A range made by the single-copy protocol of earlier versions is not: it has one replica,
+    /// with no Raft id.
+    pub fn is_raft_group(&self) -> bool {
+        self.replicas.iter().any(|r| r.raft_id != 0)
+    }
+
     pub fn is_owned_state(&self) -> bool {
         matches!(self.state(), RangeState::Active | RangeState::Frozen)
     }

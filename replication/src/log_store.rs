@@ -127,6 +127,8 @@ pub struct PendingSnapshot {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// Whether a pass whose groups are all lone voters may skip the fsync (see `write`).
+    lone_voters_unsynced: bool,
 }
 
 impl LogStore {
@@ -146,7 +148,17 @@ impl LogStore {
         if db.cf_handle(CF_RAFT).is_none() {
             return Err(LogError::NoColumnFamily);
         }
-        Ok(LogStore { db })
+        Ok(LogStore { db, lone_voters_unsynced: false })
+    }
+
+    /// The same store, writing the passes of single-copy groups without an fsync (a node whose
+    /// single copies acknowledge writes once they are in the OS page cache, as its `async`
+    /// durability promises; the WAL is fsynced in the background). Raft's safety needs a log
+    /// that does not forget what it told another member, so only a lone voter's plain entries
+    /// qualify: a pass that holds a membership change, a snapshot, or a group with any other
+    /// member is fsynced, and with it every write before it.
+    pub fn with_lone_voters_unsynced(self) -> Self {
+        LogStore { lone_voters_unsynced: true, ..self }
     }
 
     fn cf(&self) -> Result<&rocksdb::ColumnFamily, LogError> {
@@ -388,7 +400,8 @@ impl LogStore {
         Ok(())
     }
 
-    /// Writes every group's new entries and hard state in one batch and fsyncs it: the entries
+    /// Writes every group's new entries and hard state in one batch and fsyncs it (unless every
+    /// group is a lone voter and the store was opened `with_lone_voters_unsynced`): the entries
     /// of a group that replace a longer tail (a follower's log overwritten by a new leader) also
     /// delete what is left of that tail; a snapshot replaces the whole log and is marked pending.
     pub fn write(&self, persist: &[Persist<'_>]) -> Result<(), LogError> {
@@ -431,8 +444,23 @@ impl LogStore {
                 batch.put_cf(cf, state_key(part.group), encode_state(&state));
             }
         }
+        if self.lone_voters_unsynced && persist.iter().all(is_lone_voters_plain_write) {
+            return self.db.write(batch).map_err(|source| LogError::Db { what: "write the log", source });
+        }
         self.write_synced(batch, "write the log")
     }
+}
+
+/// Whether `part` is a group of one voter and nothing else (no learner, no joint membership)
+/// writing plain entries: no other member can have been told of them.
+fn is_lone_voters_plain_write(part: &Persist<'_>) -> bool {
+    let conf = &part.conf_state;
+    conf.voters.len() == 1
+        && conf.learners.is_empty()
+        && conf.voters_outgoing.is_empty()
+        && conf.learners_next.is_empty()
+        && part.snapshot.is_none()
+        && part.entries.iter().all(|e| e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal)
 }
 
 /// One group's log on this node, as raft-rs reads it.
@@ -700,6 +728,31 @@ mod tests {
             assert!(matches!(storage.entries(1, 6, None, GetEntriesContext::empty(false)), Err(raft::Error::Store(_))));
         }
         assert!(store.open_group(8).unwrap().is_none(), "another group's keys are not this one's");
+    }
+
+    #[test]
+    fn only_a_lone_voters_plain_entries_may_skip_the_fsync() {
+        let plain = vec![entry(6, 1, "a")];
+        let lone =
+            |entries| Persist { conf_state: ConfState::from((vec![1], vec![])), ..persist(7, entries, 0..0, None) };
+        assert!(is_lone_voters_plain_write(&lone(&plain)));
+        assert!(!is_lone_voters_plain_write(&persist(7, &plain, 0..0, None)), "three voters");
+        let with_learner = Persist { conf_state: ConfState::from((vec![1], vec![2])), ..lone(&plain) };
+        assert!(!is_lone_voters_plain_write(&with_learner), "a learner is told the entries");
+        let mut joint = lone(&plain);
+        joint.conf_state.voters_outgoing = vec![2];
+        assert!(!is_lone_voters_plain_write(&joint), "a joint membership");
+        let change = vec![Entry { entry_type: raft::eraftpb::EntryType::EntryConfChangeV2, ..entry(6, 1, "") }];
+        assert!(!is_lone_voters_plain_write(&lone(&change)), "the entry that adds a learner");
+        let snapshot = Snapshot::default();
+        assert!(!is_lone_voters_plain_write(&Persist { snapshot: Some(&snapshot), ..lone(&plain) }));
+        // Written unsynced, the entries are stored all the same.
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap().with_lone_voters_unsynced();
+        store.create_group(7, &[1]).unwrap();
+        let entries: Vec<Entry> = (1..=3).map(|i| entry(i, 1, "x")).collect();
+        store.write(&[lone(&entries)]).unwrap();
+        assert_eq!(store.open_group(7).unwrap().expect("the group").last_index().unwrap(), 3);
     }
 
     #[test]

@@ -144,9 +144,16 @@ pub struct ObservedRange {
 }
 
 impl ObservedRange {
-    /// A Raft group of several replicas.
+    /// A Raft group of several replicas (the planner places a Raft group of one voter as it
+    /// places any single copy).
     pub fn is_replicated(&self) -> bool {
         self.desc.replicas.len() > 1
+    }
+
+    /// A Raft group (of one voter or more): it moves by membership changes and merges through
+    /// its log. Not a single copy made by the freeze-and-copy protocol of earlier versions.
+    pub fn is_raft_group(&self) -> bool {
+        self.desc.is_raft_group()
     }
 }
 
@@ -207,7 +214,7 @@ impl Observation {
     /// (the range ending where it starts), as (left, right). A range frozen serves nothing until
     /// its merge is finished.
     pub fn frozen_merges(&self) -> Vec<(u64, u64)> {
-        let frozen = self.ranges.values().filter(|r| r.is_replicated() && r.desc.merge_freeze_index > 0);
+        let frozen = self.ranges.values().filter(|r| r.is_raft_group() && r.desc.merge_freeze_index > 0);
         frozen
             .filter_map(|right| {
                 let left = self.ranges.values().find(|l| l.desc.end_key == right.desc.start_key)?;
@@ -357,7 +364,7 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
         }
         // A replicated range's older descriptor overlapping newer replicated ones is a leader
         // that has not applied a split yet (splits go through the log): behind, not diverged.
-        if range.is_replicated() && newer.iter().all(|n| n.is_replicated()) {
+        if range.is_raft_group() && newer.iter().all(|n| n.is_raft_group()) {
             continue;
         }
         for newer in newer {

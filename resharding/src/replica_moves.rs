@@ -43,16 +43,39 @@ pub enum Step {
     PromoteAndRemove,
     /// The target is a voter and the source still a member (a promotion done alone): remove it.
     Remove,
-    /// The membership is joint: leave it.
+    /// The membership is joint and its leader joins it: leave it.
     LeaveJoint,
     /// The target is a voter and the source is gone.
     Done,
+}
+
+impl Step {
+    /// The crash point (`kvfleet_proto::failpoint`) right after this step was done.
+    fn crash_point(&self) -> &'static str {
+        match self {
+            Step::AddLearner => "replica-move-after-add-learner",
+            Step::TransferLeader { .. } => "replica-move-after-transfer-leader",
+            Step::PromoteAndRemove => "replica-move-after-promote-and-remove",
+            Step::Remove => "replica-move-after-remove",
+            Step::LeaveJoint => "replica-move-after-leave-joint",
+            Step::Done => "replica-move-done",
+        }
+    }
 }
 
 /// The next step of moving `from`'s replica of `desc` to `to`, given who leads it.
 pub fn next_step(desc: &RangeDescriptor, leader: &str, from: &str, to: &str) -> Step {
     let membership = |node: &str| desc.replicas.iter().find(|r| r.node_id == node).map(Replica::membership);
     if desc.in_joint_membership() {
+        // A single copy's move enters the joint membership led by the source, which leaves:
+        // the joining voter leads before the membership is left (a leader must not remove
+        // itself). A crash can also hand the lead back to a leaving voter.
+        if membership(leader) == Some(ReplicaMembership::Leaving) {
+            let joining = desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Joining);
+            if let Some(next) = joining.min_by_key(|r| (r.node_id != to, r.behind_entries.unwrap_or(u64::MAX))) {
+                return Step::TransferLeader { to: next.node_id.clone() };
+            }
+        }
         return Step::LeaveJoint;
     }
     let source_leads = leader == from;
@@ -68,9 +91,12 @@ pub fn next_step(desc: &RangeDescriptor, leader: &str, from: &str, to: &str) -> 
         (None, _) => Step::AddLearner,
         (Some(ReplicaMembership::Voter), None) => Step::Done,
         (Some(ReplicaMembership::Learner), _) | (Some(ReplicaMembership::Voter), Some(_)) if source_leads => {
-            match other_voter() {
-                Some(to) => Step::TransferLeader { to },
-                None => Step::AddLearner,
+            match (other_voter(), membership(to)) {
+                (Some(to), _) => Step::TransferLeader { to },
+                // The source is the only voter (a single copy): it promotes the target and
+                // leaves in one joint change, and hands over the lead inside it.
+                (None, Some(ReplicaMembership::Learner)) => Step::PromoteAndRemove,
+                (None, _) => Step::AddLearner,
             }
         }
         (Some(ReplicaMembership::Learner), Some(_)) => Step::PromoteAndRemove,
@@ -187,7 +213,9 @@ pub async fn move_replica(
             Step::Remove => change(clients, &leader.address, &desc, vec![(Kind::Remove, from)]).await,
             Step::LeaveJoint => change(clients, &leader.address, &desc, vec![(Kind::LeaveJoint, to)]).await,
         };
-        kvfleet_proto::failpoint::hit("replica-move-after-step");
+        if outcome.is_ok() {
+            kvfleet_proto::failpoint::hit(step.crash_point());
+        }
         if let Err(problem) = outcome {
             tracing::info!(range_id, ?step, %problem, "replica move step not done; retrying");
             last_problem = problem;
@@ -425,6 +453,20 @@ mod tests {
         assert_eq!(next_step(&behind, "n1", "n1", "n4"), Step::TransferLeader { to: "n3".into() });
         let done = range(&[("n2", Voter), ("n3", Voter), ("n4", Voter)]);
         assert_eq!(next_step(&done, "n4", "n1", "n4"), Step::Done);
+    }
+
+    #[test]
+    fn a_single_copy_moves_through_a_joint_membership_it_hands_the_lead_in() {
+        use ReplicaMembership::*;
+        let start = range(&[("n1", Voter)]);
+        assert_eq!(next_step(&start, "n1", "n1", "n2"), Step::AddLearner);
+        let learner = range(&[("n1", Voter), ("n2", Learner)]);
+        assert_eq!(next_step(&learner, "n1", "n1", "n2"), Step::PromoteAndRemove, "no other voter to lead first");
+        let joint = range(&[("n1", Leaving), ("n2", Joining)]);
+        assert_eq!(next_step(&joint, "n1", "n1", "n2"), Step::TransferLeader { to: "n2".into() });
+        assert_eq!(next_step(&joint, "n2", "n1", "n2"), Step::LeaveJoint);
+        let done = range(&[("n2", Voter)]);
+        assert_eq!(next_step(&done, "n2", "n1", "n2"), Step::Done);
     }
 
     #[test]

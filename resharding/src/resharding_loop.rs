@@ -420,8 +420,9 @@ impl<P: Platform> ReshardingLoop<P> {
     }
 
     /// Sends the range map to every node as routing hints when it changed, and periodically.
-    /// A new fleet: once every node answers and none has ever held a range, the first node
-    /// creates range 1. Recorded in the state before the call, so it happens once per fleet.
+    /// A new fleet: once every node answers and none has ever held a range, the first
+    /// `replication_factor` nodes create range 1 as a Raft group (of one voter for single
+    /// copies). Recorded in the state before the first call, so it happens once per fleet.
     async fn bootstrap(&mut self, observation: &Observation, max_range_id: u64) -> Result<(), LoopError> {
         if !self.state.bootstrap_pending.is_empty() {
             return self.bootstrap_replicas(observation).await;
@@ -430,56 +431,35 @@ impl<P: Platform> ReshardingLoop<P> {
             self.state.bootstrapped = true;
             return Ok(());
         }
-        let Some(first) = observation.nodes.first() else { return Ok(()) };
+        if observation.nodes.is_empty() {
+            return Ok(());
+        }
         if observation.unreachable().next().is_some() {
             tracing::info!("new fleet: waiting for every node to answer before creating range 1");
             return Ok(());
         }
         let factor = self.config.replication_factor.max(1);
         self.state.replication_factor = Some(factor);
-        if factor > 1 {
-            if observation.nodes.len() < factor {
-                tracing::info!(
-                    nodes = observation.nodes.len(),
-                    factor,
-                    "new fleet: waiting for enough nodes to replicate range 1"
-                );
-                return Ok(());
-            }
-            self.state.bootstrapped = true;
-            self.state.bootstrap_replicas = observation.nodes[..factor]
-                .iter()
-                .map(|n| (n.member.node_id.clone(), n.member.address.clone()))
-                .collect();
-            self.state.bootstrap_pending = self.state.bootstrap_replicas.iter().map(|(id, _)| id.clone()).collect();
-            if let Err(error) = self.platform.save_state(&self.state).await {
-                // Not recorded, so not asked: the next round starts over.
-                self.state.bootstrapped = false;
-                self.state.bootstrap_replicas.clear();
-                self.state.bootstrap_pending.clear();
-                return Err(error.into());
-            }
-            return self.bootstrap_replicas(observation).await;
+        if observation.nodes.len() < factor {
+            tracing::info!(
+                nodes = observation.nodes.len(),
+                factor,
+                "new fleet: waiting for enough nodes to replicate range 1"
+            );
+            return Ok(());
         }
         self.state.bootstrapped = true;
-        self.platform.save_state(&self.state).await?;
-        let request = with_timeout(BootstrapRequest { replicas: Vec::new() }, self.config.rpc_timeout);
-        let result: Result<_, String> = async {
-            self.clients.admin(first.member.admin_address())?.bootstrap(request).await.map_err(|s| describe_status(&s))
+        self.state.bootstrap_replicas =
+            observation.nodes[..factor].iter().map(|n| (n.member.node_id.clone(), n.member.address.clone())).collect();
+        self.state.bootstrap_pending = self.state.bootstrap_replicas.iter().map(|(id, _)| id.clone()).collect();
+        if let Err(error) = self.platform.save_state(&self.state).await {
+            // Not recorded, so not asked: the next round starts over.
+            self.state.bootstrapped = false;
+            self.state.bootstrap_replicas.clear();
+            self.state.bootstrap_pending.clear();
+            return Err(error.into());
         }
-        .await;
-        match result {
-            Ok(_) => {
-                self.status.event(format!("new fleet: {} created range 1 (the whole key space)", first.member.node_id))
-            }
-            Err(error) => {
-                // Not bootstrapped after all; the next round tries again (the node refuses a
-                // second bootstrap, so a call that did land is harmless).
-                self.state.bootstrapped = false;
-                tracing::warn!(node = %first.member.node_id, %error, "bootstrap failed");
-            }
-        }
-        Ok(())
+        self.bootstrap_replicas(observation).await
     }
 
     /// Asks every node still pending to create the replicated range 1 (one whose answer was
@@ -651,7 +631,7 @@ impl<P: Platform> ReshardingLoop<P> {
         merged_id: u64,
     ) {
         let (Some(l), Some(r)) = (observation.ranges.get(&left), observation.ranges.get(&right)) else { return };
-        if l.is_replicated() || r.is_replicated() {
+        if l.is_raft_group() || r.is_raft_group() {
             self.merge_replicated(observation, (left, right), reason).await;
             return;
         }
@@ -770,7 +750,7 @@ impl<P: Platform> ReshardingLoop<P> {
             to: target.member.node_id.clone(),
             reason: why.clone(),
             started_unix_ms: unix_now().as_millis() as u64,
-            replica: range.is_replicated(),
+            replica: range.is_raft_group(),
         };
         // Recorded before any node hears of it: a restarted controller knows what to clean up.
         self.state.moves.push(mv.clone());

@@ -351,7 +351,7 @@ impl StatusBoard {
                     size_bytes: r.load.approx_size_bytes,
                     hot_key: hot.map(|h| h.key.clone()).unwrap_or_default(),
                     hot_key_ops_per_sec: hot.map_or(0.0, |h| h.ops_per_sec),
-                    replicas: if r.is_replicated() {
+                    replicas: if r.is_raft_group() {
                         r.desc.replicas.iter().map(|v| v.node_id.clone()).collect()
                     } else {
                         Vec::new()

@@ -538,30 +538,57 @@ impl Driver {
     /// arrive late (after raft-rs gave up the transfer), whenever the target wakes.
     fn transfer_leader(&mut self, range_id: u64, to: u64, reply: Reply) {
         let Some(reply) = self.as_leader(range_id, reply) else { return };
+        let _ = reply.send(self.hand_over(range_id, to));
+    }
+
+    /// `transfer_leader` on a group this node leads: `to` must be another voter (of the
+    /// incoming half of a joint membership).
+    fn hand_over(&mut self, range_id: u64, to: u64) -> Result<(), ReplicaError> {
         let term = self.groups.term(range_id).unwrap_or_default();
         let is_voter = self.groups.conf_state(range_id).is_some_and(|conf| conf.voters.contains(&to));
         if !is_voter || to == self.groups.node() {
             let reason = format!("replica {to:#x} is not another voter of the range");
-            let _ = reply.send(Err(ReplicaError::MembershipRefused { range_id, reason }));
-            return;
+            return Err(ReplicaError::MembershipRefused { range_id, reason });
         }
         self.end_lease(range_id);
         self.transfer_terms.insert(range_id, term);
         kvfleet_proto::failpoint::hit("transfer-leader-after-lease-ended");
-        let outcome = self
-            .groups
+        self.groups
             .transfer_leader(range_id, to)
-            .map_err(|error| ReplicaError::MembershipRefused { range_id, reason: error.to_string() });
-        let _ = reply.send(outcome);
+            .map_err(|error| ReplicaError::MembershipRefused { range_id, reason: error.to_string() })
     }
 
     /// The leader of every joint membership proposes leaving it (raft-rs's own automatic leave
-    /// is lost if the leader changes before it is applied).
+    /// is lost if the leader changes before it is applied). A leader that the joint membership
+    /// removes (a single copy's source, which had no other voter to hand the lead to first)
+    /// hands the lead to an incoming voter instead, once per term: a leader must not apply its
+    /// own removal (raft-rs keeps it leading a group it is not in).
     fn leave_joints(&mut self) {
         let joint: Vec<u64> = self.joint.iter().copied().collect();
         for range_id in joint {
-            if !self.groups.is_joint(range_id) {
+            let Some(conf) = self.groups.conf_state(range_id).filter(|conf| !conf.voters_outgoing.is_empty()) else {
                 self.joint.remove(&range_id);
+                continue;
+            };
+            if !conf.voters.contains(&self.groups.node()) {
+                let term = self.groups.term(range_id);
+                let handing = self.transfer_terms.get(&range_id).is_some_and(|t| Some(*t) == term);
+                if self.groups.is_leader(range_id) && !handing {
+                    let next = conf
+                        .voters
+                        .iter()
+                        .copied()
+                        .min_by_key(|&id| self.groups.lag_of(range_id, id).unwrap_or(u64::MAX));
+                    if let Some(next) = next {
+                        let outcome = self.hand_over(range_id, next);
+                        tracing::info!(
+                            range_id,
+                            to = next,
+                            ?outcome,
+                            "handing the lead of a joint membership that removes this node"
+                        );
+                    }
+                }
                 continue;
             }
             match self.groups.leave_joint(range_id) {

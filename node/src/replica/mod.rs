@@ -95,11 +95,6 @@ pub fn raft_id_of(node_id: &str) -> u64 {
     hash.max(1)
 }
 
-/// Whether `desc` is a Raft group (more than one replica).
-pub fn is_replicated(desc: &RangeDescriptor) -> bool {
-    desc.replicas.len() > 1
-}
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReplicaError {
     #[error("this node does not lead range {range_id}")]
@@ -279,6 +274,9 @@ pub struct ReplicationSettings {
     pub snapshot_send_bytes_per_sec: u64,
     /// `fast` durability (see `fast_ack`), with its metrics; `None`: `majority`.
     pub fast_ack: Option<fast_ack::FastAckMetrics>,
+    /// `async` durability for single copies: the log writes of ranges of one voter are not
+    /// fsynced before their writes are acknowledged (`LogStore::with_lone_voters_unsynced`).
+    pub unsynced_single_copies: bool,
 }
 
 /// This node's replication: a handle on the driver thread.
@@ -310,8 +308,11 @@ impl Replication {
     ) -> Result<Self, crate::error::NodeError> {
         let raft_id = raft_id_of(node_id);
         let send_pacer = transport::SendPacer::new(settings.snapshot_send_bytes_per_sec);
-        let log = kvfleet_replication::LogStore::with_db(db.clone())
+        let mut log = kvfleet_replication::LogStore::with_db(db.clone())
             .map_err(|e| crate::error::NodeError::Corrupt(format!("opening the Raft logs: {e}")))?;
+        if settings.unsynced_single_copies {
+            log = log.with_lone_voters_unsynced();
+        }
         let (inbox, receiver) = std::sync::mpsc::channel();
         let published = Arc::new(Published::default());
         let files = snapshot::SnapshotFiles::new(&settings.data_dir);
@@ -515,7 +516,7 @@ impl Replication {
 
     /// `desc` with the replica roles this node knows: LEADER on the group's leader.
     pub fn with_roles(&self, desc: RangeDescriptor) -> RangeDescriptor {
-        if !is_replicated(&desc) {
+        if !desc.is_raft_group() {
             return desc;
         }
         let leader = self.published.leaders.read().get(&desc.range_id).copied().flatten();

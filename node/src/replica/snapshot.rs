@@ -326,7 +326,7 @@ impl Installer {
     ) -> Result<Vec<RangeDescriptor>, String> {
         let mut retired = Vec::new();
         for held in overlapping {
-            if held.replicas.len() <= 1 || held.generation >= sent.generation {
+            if !held.is_raft_group() || held.generation >= sent.generation {
                 continue;
             }
             let tombstone = RangeDescriptor {
