@@ -52,6 +52,9 @@ impl Node {
         };
         let merged = self.replication.propose_merge(left_id, merge).await;
         merged.map_err(|error| self.replica_error(&left, &left.start_key, error))?;
+        // Range metadata is durable before OK in every mode: a single copy's log entries may
+        // not be fsynced yet (`--durability async`).
+        self.storage.sync_wal().await?;
         let merged = self.stored_descriptor(left_id)?;
         tracing::info!(
             left_id,

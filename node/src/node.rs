@@ -803,6 +803,9 @@ impl Node {
         };
         let outcome = self.replication.propose_split(range_id, split).await;
         outcome.map_err(|error| self.replica_error(&desc, &request.split_key, error))?;
+        // Range metadata is durable before OK in every mode: a single copy's log entries may
+        // not be fsynced yet (`--durability async`).
+        self.storage.sync_wal().await?;
         let [left, right] = crate::replica::apply::split_halves(desc, &request.split_key, right_id);
         tracing::info!(
             range_id,

@@ -178,6 +178,17 @@ pub struct ReadyBatch {
 }
 
 impl ReadyBatch {
+    /// Whether a message carries log entries or a snapshot to another node: what it tells must
+    /// be durable here first (see `LogStore::sync_unsynced`).
+    pub fn tells_entries(&self) -> bool {
+        self.messages.iter().any(|envelope| match envelope {
+            Envelope::Raft { message, .. } => {
+                !message.entries.is_empty() || message.get_msg_type() == MessageType::MsgSnapshot
+            }
+            _ => false,
+        })
+    }
+
     fn send(&mut self, group: GroupId, messages: Vec<Message>) {
         self.snapshots_sent
             .extend(messages.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| (group, m.to)));

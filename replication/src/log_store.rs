@@ -129,6 +129,8 @@ pub struct LogStore {
     db: Arc<DB>,
     /// Whether a pass whose groups are all lone voters may skip the fsync (see `write`).
     lone_voters_unsynced: bool,
+    /// Whether a write since the last fsync was not fsynced (shared by the clones).
+    unsynced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LogStore {
@@ -148,7 +150,7 @@ impl LogStore {
         if db.cf_handle(CF_RAFT).is_none() {
             return Err(LogError::NoColumnFamily);
         }
-        Ok(LogStore { db, lone_voters_unsynced: false })
+        Ok(LogStore { db, lone_voters_unsynced: false, unsynced: Arc::default() })
     }
 
     /// The same store, writing the passes of single-copy groups without an fsync (a node whose
@@ -264,6 +266,8 @@ impl LogStore {
     fn write_synced(&self, batch: WriteBatch, what: &'static str) -> Result<(), LogError> {
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
+        // A synced write syncs the whole WAL, the unsynced writes before it too.
+        self.unsynced.store(false, std::sync::atomic::Ordering::Release);
         self.db.write_opt(batch, &sync).map_err(|source| LogError::Db { what, source })
     }
 
@@ -445,9 +449,23 @@ impl LogStore {
             }
         }
         if self.lone_voters_unsynced && persist.iter().all(is_lone_voters_plain_write) {
-            return self.db.write(batch).map_err(|source| LogError::Db { what: "write the log", source });
+            self.db.write(batch).map_err(|source| LogError::Db { what: "write the log", source })?;
+            self.unsynced.store(true, std::sync::atomic::Ordering::Release);
+            return Ok(());
         }
         self.write_synced(batch, "write the log")
+    }
+
+    /// Fsyncs the WAL if a write since the last fsync skipped it: before this node tells another
+    /// one of log entries (a lone voter's membership, as it applies, may already have a learner
+    /// that its stored membership does not show yet). Raft's log matching needs every entry a
+    /// node sent to survive on it: one lost in a power loss could come back at the same index
+    /// and term with other data.
+    pub fn sync_unsynced(&self) -> Result<(), LogError> {
+        if self.unsynced.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.db.flush_wal(true).map_err(|source| LogError::Db { what: "fsync the WAL", source })?;
+        }
+        Ok(())
     }
 }
 

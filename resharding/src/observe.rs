@@ -128,7 +128,7 @@ impl ObservedNode {
 }
 
 /// The serving copy of a range: among owned descriptors that overlap, the newest generation.
-/// A replicated range is the one its leader reports.
+/// A Raft group (one voter or more) is the one its leader reports.
 #[derive(Debug, Clone)]
 pub struct ObservedRange {
     pub desc: RangeDescriptor,
@@ -327,7 +327,7 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
                 follower_reads: Vec::new(),
                 lost: Vec::new(),
             };
-            if !range.is_replicated() {
+            if !range.is_raft_group() {
                 owned.push(range);
             } else if leads(desc, &node.member.node_id) {
                 let newer = |kept: &ObservedRange| {
@@ -427,13 +427,13 @@ fn add_lag(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRange>) {
     }
 }
 
-/// Replicated ranges some node reports that are not in the map and that no range in it covers
+/// Raft groups some node reports that are not in the map and that no range in it covers
 /// the keys of.
 fn leaderless(nodes: &[ObservedNode], ranges: &BTreeMap<u64, ObservedRange>) -> Vec<u64> {
     let mut missing: Vec<u64> = nodes
         .iter()
         .flat_map(ObservedNode::owned)
-        .filter(|d| d.replicas.len() > 1 && !ranges.contains_key(&d.range_id))
+        .filter(|d| d.is_raft_group() && !ranges.contains_key(&d.range_id))
         .filter(|d| !ranges.values().any(|r| r.desc.overlaps(*d) && r.desc.generation > d.generation))
         .map(|d| d.range_id)
         .collect();
@@ -620,10 +620,12 @@ mod tests {
     fn replicated(range_id: u64, span: (&str, &str), generation: u64, leader: &str) -> RangeDescriptor {
         let replicas = ["n1", "n2", "n3"]
             .iter()
-            .map(|id| kvfleet_proto::v1::Replica {
+            .enumerate()
+            .map(|(index, id)| kvfleet_proto::v1::Replica {
                 node_id: id.to_string(),
                 address: format!("{id}:1"),
                 role: if *id == leader { ReplicaRole::Leader } else { ReplicaRole::Follower } as i32,
+                raft_id: index as u64 + 1,
                 ..Default::default()
             })
             .collect();

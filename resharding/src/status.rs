@@ -436,10 +436,8 @@ fn fleet_view(
                 (Ok(_), true) => NodeState::Draining,
                 (Ok(_), false) => NodeState::Up,
             };
-            let following = node
-                .owned()
-                .filter(|d| d.replicas.len() > 1 && !crate::observe::leads(d, &node.member.node_id))
-                .count();
+            let following =
+                node.owned().filter(|d| d.is_raft_group() && !crate::observe::leads(d, &node.member.node_id)).count();
             FleetNode {
                 name: node.member.node_id.clone(),
                 address: node.member.address.clone(),

@@ -26,6 +26,9 @@ const MAX_PROMOTION_LAG: u64 = 1000;
 
 /// Logs are looked at for compaction, and snapshot requests for making, every this many ticks.
 const HOUSEKEEPING_EVERY_TICKS: u64 = 10;
+/// A leader that a joint membership removes tries again to hand the lead over after this long
+/// (raft-rs gives a transfer up after an election timeout).
+const HANDOVER_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a replica keeps a split range's log for replicas that lack the split entry.
 const SPLIT_LOG_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
@@ -129,6 +132,9 @@ pub struct Driver {
     fast: super::fast_ack::FastAcks,
     /// Per group, the term of the last entry applied here.
     applied_terms: HashMap<u64, u64>,
+    /// Per group this node leads in a joint membership that removes it: when it last tried to
+    /// hand the lead over.
+    handovers: HashMap<u64, Instant>,
 }
 
 impl Driver {
@@ -181,6 +187,7 @@ impl Driver {
             ticks: 0,
             fast: super::fast_ack::FastAcks::new(settings.fast_ack),
             applied_terms: HashMap::new(),
+            handovers: HashMap::new(),
         }
     }
 
@@ -561,19 +568,22 @@ impl Driver {
     /// The leader of every joint membership proposes leaving it (raft-rs's own automatic leave
     /// is lost if the leader changes before it is applied). A leader that the joint membership
     /// removes (a single copy's source, which had no other voter to hand the lead to first)
-    /// hands the lead to an incoming voter instead, once per term: a leader must not apply its
-    /// own removal (raft-rs keeps it leading a group it is not in).
+    /// hands the lead to an incoming voter instead (again every `HANDOVER_RETRY` while it leads):
+    /// a leader must not apply its own removal (raft-rs keeps it leading a group it is not in).
     fn leave_joints(&mut self) {
         let joint: Vec<u64> = self.joint.iter().copied().collect();
         for range_id in joint {
             let Some(conf) = self.groups.conf_state(range_id).filter(|conf| !conf.voters_outgoing.is_empty()) else {
                 self.joint.remove(&range_id);
+                self.handovers.remove(&range_id);
                 continue;
             };
             if !conf.voters.contains(&self.groups.node()) {
-                let term = self.groups.term(range_id);
-                let handing = self.transfer_terms.get(&range_id).is_some_and(|t| Some(*t) == term);
-                if self.groups.is_leader(range_id) && !handing {
+                // Again after an abandoned attempt (the target may have dropped the campaign
+                // order, not having applied the joint membership yet).
+                let tried = self.handovers.get(&range_id).is_some_and(|at| at.elapsed() < HANDOVER_RETRY);
+                if self.groups.is_leader(range_id) && !self.groups.is_transferring(range_id) && !tried {
+                    self.handovers.insert(range_id, Instant::now());
                     let next = conf
                         .voters
                         .iter()
@@ -807,6 +817,9 @@ impl Driver {
     fn pass(&mut self) -> Result<(), GroupsError> {
         let log = &self.log;
         let batch = self.groups.ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
+        if batch.tells_entries() {
+            log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
+        }
         self.ack_early();
         self.peers.send(batch.messages);
         for sent in batch.snapshots_sent {
@@ -1148,6 +1161,7 @@ impl Driver {
         self.splits_applied.remove(&range_id);
         self.transfer_terms.remove(&range_id);
         self.joint.remove(&range_id);
+        self.handovers.remove(&range_id);
         self.removed_told.retain(|(group, _), _| *group != range_id);
         self.snapshots_sent.retain(|(group, _), _| *group != range_id);
         self.membership_proposals.retain(|(group, _)| *group != range_id);
