@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reads and writes on one range, N = 1 against N = 3 (majority, linearizable reads), with the
 # same harness (`kvctl bench`), release build, on loopback; then one hot key read by each read
-# consistency (linearizable, follower, stale) on N = 3. Prints kvctl's tables.
+# consistency (linearizable, follower, stale) on N = 3. Prints kvctl's tables. N = 1 twice: a
+# single copy of the earlier protocol (`--bootstrap`, the committer thread) and a Raft group of
+# one voter (what new fleets run), each in `sync` and `async`.
 # Run: cargo build --release --bins && scripts/bench-replication.sh   (DURATION=10 CONCURRENCY=64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,12 +29,22 @@ bench() { # label endpoints
   done
 }
 
-"$bin/kvfleet-node" --node-id single --data-dir "$dir/single" --listen 127.0.0.1:7811 --bootstrap \
-  >"$dir/single.log" 2>&1 &
-pids+=($!); disown
-wait_ready "$dir/single.log"
-bench "N = 1 (sync)" 127.0.0.1:7811
-kill -9 "${pids[@]}"; pids=()
+port=7812
+for durability in sync async; do
+  "$bin/kvfleet-node" --node-id "solo-$durability" --data-dir "$dir/solo-$durability" --listen "127.0.0.1:$port" \
+    --initial-replicas "solo-$durability=127.0.0.1:$port" --durability "$durability" >"$dir/solo-$durability.log" 2>&1 &
+  pids+=($!); disown
+  wait_ready "$dir/solo-$durability.log"
+  bench "N = 1, a Raft group of one voter ($durability)" "127.0.0.1:$port"
+  kill -9 "${pids[@]}"; pids=()
+  "$bin/kvfleet-node" --node-id "legacy-$durability" --data-dir "$dir/legacy-$durability" --listen "127.0.0.1:$((port + 100))" \
+    --bootstrap --durability "$durability" >"$dir/legacy-$durability.log" 2>&1 &
+  pids+=($!); disown
+  wait_ready "$dir/legacy-$durability.log"
+  bench "N = 1, a single copy of the earlier protocol ($durability)" "127.0.0.1:$((port + 100))"
+  kill -9 "${pids[@]}"; pids=()
+  port=$((port + 1))
+done
 
 initial="r1=127.0.0.1:7821,r2=127.0.0.1:7822,r3=127.0.0.1:7823"
 for n in 1 2 3; do

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-/// What an OK for a write promises.
+/// What an OK for a write to a single copy promises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Durability {
-    /// OK after the write is fsynced to the WAL; concurrent writers share fsyncs.
+    /// OK after the write (its log entry, for a Raft group of one voter) is fsynced to the WAL;
+    /// concurrent writers share fsyncs.
     Sync,
     /// OK after the write is in the WAL (OS page cache); fsynced every --fsync-interval-ms.
     Async,
@@ -70,14 +71,16 @@ pub struct NodeConfig {
     #[arg(long, env = "KVFLEET_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// On a node with no ranges yet, create one range covering the whole key space.
+    /// On a node with no ranges yet, create one range covering the whole key space as a single
+    /// copy of the earlier protocol (not a Raft group; it moves by freeze-and-copy). New fleets
+    /// use --initial-replicas with this node alone instead: a Raft group of one voter.
     #[arg(long, env = "KVFLEET_BOOTSTRAP")]
     pub bootstrap: bool,
 
-    /// Bootstraps range 1 replicated on these nodes (a Raft group), like etcd's
-    /// --initial-cluster: `node-a=host:port,node-b=host:port,node-c=host:port`, 1, 3 or 5 nodes,
-    /// this node among them, and the same list on every one. Done once, on a node with no
-    /// ranges yet; ignored afterwards.
+    /// Bootstraps range 1 as a Raft group on these nodes, like etcd's --initial-cluster:
+    /// `node-a=host:port,node-b=host:port,node-c=host:port`, 1, 3 or 5 nodes (1: a single copy,
+    /// a group of one voter), this node among them, and the same list on every one. Done once,
+    /// on a node with no ranges yet; ignored afterwards.
     #[arg(long, env = "KVFLEET_INITIAL_REPLICAS", value_delimiter = ',', conflicts_with = "bootstrap")]
     pub initial_replicas: Vec<String>,
 
@@ -96,7 +99,7 @@ pub struct NodeConfig {
     #[arg(long, value_enum, env = "KVFLEET_DURABILITY", default_value = "sync")]
     pub durability: Durability,
 
-    /// What OK means for a write to a replicated range (single-copy ranges follow --durability).
+    /// What OK means for a write to a replicated range (single copies follow --durability).
     #[arg(long, value_enum, env = "KVFLEET_REPLICATION_DURABILITY", default_value = "majority")]
     pub replication_durability: ReplicationDurability,
 
