@@ -43,6 +43,11 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A `kvfleet-node` process under test. Killed (SIGKILL) on drop.
+/// The nodes' log filter in tests: warnings, and the replication layer's steps (elections,
+/// membership changes, snapshots, hand-overs), which say what happened when a test fails. The
+/// lines are named by node and captured with the test's output, so a passing test shows none.
+const NODE_LOG: &str = "warn,raft=info,kvfleet_node::replica=info,kvfleet_node::membership=info";
+
 pub struct NodeProcess {
     pub node_id: String,
     pub data_dir: PathBuf,
@@ -104,8 +109,8 @@ impl NodeProcess {
             .arg("--listen")
             .arg(&self.address)
             .args(&self.args)
-            // `KVFLEET_TEST_NODE_LOG=info cargo test ...` shows what the nodes did.
-            .env("RUST_LOG", std::env::var("KVFLEET_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()));
+            // `KVFLEET_TEST_NODE_LOG=info cargo test ...` shows more of what the nodes did.
+            .env("RUST_LOG", std::env::var("KVFLEET_TEST_NODE_LOG").unwrap_or_else(|_| NODE_LOG.into()));
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let (child, address) =
             spawn_until_ready(&mut command, &format!("node {}", self.node_id), Duration::from_secs(30), |line| {
@@ -348,9 +353,17 @@ fn spawn_until_ready(
     within: Duration,
     ready: fn(&str) -> Option<String>,
 ) -> (Child, String) {
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().unwrap_or_else(|error| panic!("cannot spawn {what}: {error}"));
     let stdout = child.stdout.take().expect("piped stdout");
+    // The process's log lines, each named by the process (several nodes write at once).
+    let stderr = child.stderr.take().expect("piped stderr");
+    let prefix = what.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[{prefix}] {line}");
+        }
+    });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {

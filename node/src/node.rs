@@ -342,8 +342,9 @@ impl Node {
         let range_id = desc.range_id;
         let applied = crate::replica::apply::applied_index(&self.storage.db(), range_id)
             .map_err(|e| NodeError::Corrupt(format!("range {range_id}: {e}")))?;
-        // A single copy's one voter leads again at once rather than after an election timeout
-        // (nobody else can lead it; a campaign wrongly judged so is refused by the others).
+        // A single copy's one voter campaigns without waiting for raft-rs's randomized election
+        // timeout (nobody else can lead it; a campaign wrongly judged so is refused by the
+        // others), once the node has been up one election timeout (see the driver's `open`).
         let lone_voter = matches!(desc.replicas.as_slice(), [only] if only.node_id == self.config.node_id);
         self.open_group(desc, storage, applied, lone_voter)
     }

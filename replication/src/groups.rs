@@ -316,7 +316,8 @@ impl<S: GroupLog> Groups<S> {
             max_inflight_msgs: 256,
             ..Default::default()
         };
-        let raw = RawNode::new(&config, storage, &self.logger).map_err(|source| GroupsError::Raft { group, source })?;
+        let logger = self.logger.new(slog::o!("range_id" => group));
+        let raw = RawNode::new(&config, storage, &logger).map_err(|source| GroupsError::Raft { group, source })?;
         self.groups.insert(group, Group { raw, quiet: false, idle_ticks: 0 });
         self.dirty.insert(group);
         Ok(applied)

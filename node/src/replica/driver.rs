@@ -113,8 +113,10 @@ pub struct Driver {
     on_range_change: super::OnRangeChange,
     /// Messages for groups this node does not hold (yet), by group: since when, and what.
     early_messages: HashMap<u64, (Instant, Vec<kvfleet_replication::Envelope>)>,
-    /// Votes are refused until then (see `deliver`).
+    /// Votes are refused until then (see `deliver`), this node's own included: a group asked to
+    /// campaign at once (`OpenGroup::campaign`) before then waits in `campaigns_deferred`.
     votes_from: Instant,
+    campaigns_deferred: Vec<u64>,
     /// Groups whose leader started a leadership transfer in this term: it takes no lease again
     /// in that term (see `transfer_leader`).
     transfer_terms: HashMap<u64, u64>,
@@ -178,6 +180,7 @@ impl Driver {
             on_range_change,
             early_messages: HashMap::new(),
             votes_from: Instant::now() + super::ELECTION_TIMEOUT,
+            campaigns_deferred: Vec::new(),
             transfer_terms: HashMap::new(),
             joint: HashSet::new(),
             addresses,
@@ -423,10 +426,15 @@ impl Driver {
         };
         self.applied.insert(range_id, applied);
         self.note_joint(range_id);
-        if group.campaign
-            && let Err(error) = self.groups.campaign(range_id)
-        {
-            tracing::warn!(range_id, %error, "campaign failed");
+        if group.campaign {
+            if Instant::now() < self.votes_from {
+                // A lone voter's campaign is its own vote: like any vote of a node that just
+                // started, it waits until no lease this node helped to grant can still run (a
+                // leader that counted its acknowledgement, before a restart, may still serve).
+                self.campaigns_deferred.push(range_id);
+            } else if let Err(error) = self.groups.campaign(range_id) {
+                tracing::warn!(range_id, %error, "campaign failed");
+            }
         }
         tracing::info!(range_id, applied = group.applied, members = group.members.len(), "Raft group started");
     }
@@ -631,6 +639,14 @@ impl Driver {
         }
         self.groups.tick();
         self.ticks += 1;
+        if !self.campaigns_deferred.is_empty() && Instant::now() >= self.votes_from {
+            for range_id in std::mem::take(&mut self.campaigns_deferred) {
+                let leaderless = self.groups.term(range_id).is_some() && self.groups.leader_of(range_id).is_none();
+                if leaderless && let Err(error) = self.groups.campaign(range_id) {
+                    tracing::warn!(range_id, %error, "campaign failed");
+                }
+            }
+        }
         if self.ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {
             self.forget_early_messages();
             self.leave_joints();

@@ -165,7 +165,8 @@ pub struct OpenGroup {
     pub members: Vec<(u64, String)>,
     /// The range's keys.
     pub span: snapshot::Span,
-    /// Campaign at once instead of waiting for an election timeout (bootstrap).
+    /// Campaign without waiting for raft-rs's election timeout (bootstrap, a lone voter); not
+    /// before the node has been up one election timeout, though (see the driver's `open`).
     pub campaign: bool,
 }
 
