@@ -91,9 +91,11 @@ impl Node {
         let storage = log
             .create_uninitialized_group(range_id)
             .map_err(|e| NodeError::Corrupt(format!("creating the Raft log of range {range_id}: {e}")))?;
-        // A snapshot taken before a restart, not installed yet: install it now. Otherwise the
-        // replica is empty (its applied index 0: a removed replica's was deleted with it).
-        let desc = self.install_pending_snapshot(&log, range_id)?.unwrap_or(desc);
+        // The replica is empty (its applied index 0: a removed replica's was deleted with it), or
+        // already running (asked again while its first snapshot is in flight). A snapshot pending
+        // here is the Raft thread's to install (the node installed those from before a restart
+        // at start): installing it here too could ingest it again after the thread applied later
+        // entries over it, taking those writes back.
         self.start_group(&desc, storage)?;
         tracing::info!(range_id, span = %desc.span(), "created an empty replica, to be added to the range");
         Ok(())

@@ -10,7 +10,9 @@
 //! atomically, and its range deletion does not cover the keys in the same file: a concurrent
 //! read sees the old data or the new, never a mix), then one write of the applied index that
 //! also clears the group's pending mark: a crash in between leaves the mark and the file, and
-//! the node installs again at start.
+//! the node installs again at start. Installs run one at a time, and never over a replica that
+//! already applied the snapshot's index: the file's range deletion and keys would take back
+//! every write applied since.
 
 use std::path::{Path, PathBuf};
 
@@ -202,6 +204,9 @@ pub enum Installed {
     Replaced { desc: RangeDescriptor, narrowed: bool },
 }
 
+/// Held by every install in this process, from the applied-index check to the write that ends it.
+static INSTALLING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 /// What installing snapshots needs: the node's DB, its Raft logs (for the pending marks) and
 /// where the fetched files are.
 #[derive(Clone)]
@@ -237,7 +242,13 @@ impl Installer {
     /// snapshot's. A snapshot taken after a merge retires the ranges held here that it took, in
     /// the same last write. Returns how the replica changed, if it did.
     pub fn install(&self, range_id: u64, index: u64, term: u64, data: &[u8]) -> Result<InstallOutcome, String> {
+        let _one_at_a_time = INSTALLING.lock();
         let db = &self.db;
+        let applied = apply::applied_index(db, range_id)?;
+        if applied >= index {
+            tracing::warn!(range_id, index, applied, "a snapshot this replica already applied was not installed again");
+            return Ok(InstallOutcome { changed: None, retired: Vec::new(), obsolete: None });
+        }
         let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
             (Some(data), Some(meta)) => (data, meta),
             _ => return Err("a column family is missing".into()),
@@ -372,6 +383,40 @@ mod tests {
             db.put_cf(data, key, value).unwrap();
         }
         log.create_group(desc.range_id, &[11, 12, 13]).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_is_not_installed_again_over_the_writes_applied_after_it() {
+        let (leader_dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = crate::storage::Storage::open_for_tests(leader_dir.path());
+        let (leader_db, leader_log) = (leader.db(), LogStore::with_db(leader.db()).unwrap());
+        hold(&leader_db, &leader_log, &range(1, ("", ""), 1, 0), (30, 2), &[("k", "v30")]);
+        let leader_files = SnapshotFiles::new(leader_dir.path());
+        let snapshot = make(&leader_db, &leader_log, &leader_files, 1, leader.key_space_end()).unwrap();
+
+        let follower = crate::storage::Storage::open_for_tests(follower_dir.path());
+        let (db, log) = (follower.db(), LogStore::with_db(follower.db()).unwrap());
+        let files = SnapshotFiles::new(follower_dir.path());
+        files.create_dir(Side::Fetched).unwrap();
+        let fetched = files.path(Side::Fetched, 1, 30, 2);
+        std::fs::copy(leader_files.path(Side::Made, 1, 30, 2), &fetched).unwrap();
+        let installer = Installer { db: db.clone(), log: log.clone(), files };
+        let outcome = installer.install(1, 30, 2, &snapshot.data).unwrap();
+        assert!(matches!(outcome.changed, Some(Installed::Added(_))), "the first install adds the replica");
+
+        // The Raft thread applies entry 31 over the snapshot; then the same snapshot is asked to
+        // be installed again, its file still there (a second caller that raced the first).
+        let (meta, data) = (db.cf_handle(CF_META).unwrap(), db.cf_handle(CF_DATA).unwrap());
+        db.put_cf(data, "k", "v31").unwrap();
+        db.put_cf(meta, apply::applied_key(1), apply::encode_applied(31, 2)).unwrap();
+        std::fs::copy(leader_files.path(Side::Made, 1, 30, 2), &fetched).unwrap();
+        let again = installer.install(1, 30, 2, &snapshot.data).unwrap();
+        assert!(again.changed.is_none() && again.obsolete.is_none(), "nothing changed the second time");
+        assert_eq!(db.get_cf(data, "k").unwrap().as_deref(), Some(&b"v31"[..]), "the write after the snapshot stays");
+        assert_eq!(apply::applied_index(&db, 1).unwrap(), 31);
+        drop((leader_db, leader_log, db, log, installer));
+        leader.shutdown().unwrap();
+        follower.shutdown().unwrap();
     }
 
     #[test]
