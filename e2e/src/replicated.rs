@@ -91,6 +91,14 @@ impl ReplicatedFleet {
         node.spawn();
     }
 
+    /// Restarts node `index` to hold the thread that first reaches `point` for `millis` ms.
+    pub fn arm_pause_once(&mut self, index: usize, point: &str, millis: u64) {
+        let node = &mut self.nodes[index];
+        node.kill9();
+        node.env = vec![("KVFLEET_PAUSE_AT".into(), format!("{point}={millis}"))];
+        node.spawn();
+    }
+
     /// Starts again every node that is down (one that aborted at its crash point).
     pub fn restart_stopped(&mut self) {
         for node in &mut self.nodes {

@@ -394,3 +394,34 @@ async fn a_single_copy_moves_through_a_crash_at_every_step_and_loses_nothing() {
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
+
+/// The target of a single copy's move installs its first snapshot slowly (its Raft thread held
+/// 1.5 s between taking the snapshot and installing it: a slow disk), while the mover, waiting
+/// for it, asks it again and again to create its replica. The snapshot is installed once, by
+/// the Raft thread: the target does not abort on a file another install took, no write applied
+/// after the snapshot is taken back by a second ingest of it, and no read goes back in time once
+/// the target leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_slow_to_install_its_snapshot_installs_it_once_while_the_mover_asks_again() {
+    let mut fleet = Fleet::start(1);
+    let target = fleet.add_node();
+    fleet.arm_pause_once(target, "snapshot-install-before-data", 1500);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let workload = HistoryWorkload::start(client.clone(), keys(32), 4, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let clients = NodeClients::default();
+    let seeds = fleet.addresses();
+    let (source, to) = (fleet.endpoint(0), fleet.endpoint(target));
+    let moved = move_replica(&clients, 1, &seeds, &source, &to, MOVE_DEADLINE).await.expect("the move finishes");
+    assert_eq!(moved.replicas.len(), 1, "one copy after the move: {moved:?}");
+    assert!(fleet.nodes[target].is_running(), "the target did not abort while it installed its snapshot");
+    wait_for_members(&fleet, target, &[target]).await;
+    wait_until_gone(&fleet, 0).await;
+    // Reads of every key from the new leader, each after a write acknowledged before it.
+    let acked_before = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(workload.space.acked_writes() > acked_before, "writes go on after the move");
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100 && report.reads > 100, "the load went on: {report:?}");
+}
