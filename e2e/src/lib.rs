@@ -42,12 +42,12 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A `kvfleet-node` process under test. Killed (SIGKILL) on drop.
 /// The nodes' log filter in tests: warnings, and the replication layer's steps (elections,
 /// membership changes, snapshots, hand-overs), which say what happened when a test fails. The
 /// lines are named by node and captured with the test's output, so a passing test shows none.
 const NODE_LOG: &str = "warn,raft=info,kvfleet_node::replica=info,kvfleet_node::membership=info";
 
+/// A `kvfleet-node` process under test. Killed (SIGKILL) on drop.
 pub struct NodeProcess {
     pub node_id: String,
     pub data_dir: PathBuf,
@@ -360,8 +360,12 @@ fn spawn_until_ready(
     let stderr = child.stderr.take().expect("piped stderr");
     let prefix = what.to_string();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[{prefix}] {line}");
+        // Drained to the end whatever it holds: a closed pipe would fail the process's writes.
+        let mut reader = BufReader::new(stderr);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).is_ok_and(|read| read > 0) {
+            eprintln!("[{prefix}] {}", String::from_utf8_lossy(&line).trim_end());
+            line.clear();
         }
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -91,11 +91,15 @@ impl ReplicatedFleet {
         node.spawn();
     }
 
-    /// Restarts node `index` to hold the thread that first reaches `point` for `millis` ms.
-    pub fn arm_pause_once(&mut self, index: usize, point: &str, millis: u64) {
+    /// Restarts node `index` to hold the thread that first reaches `point` for `millis` ms,
+    /// writing `mark` as it does.
+    pub fn arm_pause_once(&mut self, index: usize, point: &str, millis: u64, mark: &std::path::Path) {
         let node = &mut self.nodes[index];
         node.kill9();
-        node.env = vec![("KVFLEET_PAUSE_AT".into(), format!("{point}={millis}"))];
+        node.env = vec![
+            ("KVFLEET_PAUSE_AT".into(), format!("{point}={millis}")),
+            ("KVFLEET_PAUSE_MARK".into(), mark.display().to_string()),
+        ];
         node.spawn();
     }
 

@@ -405,7 +405,9 @@ async fn a_single_copy_moves_through_a_crash_at_every_step_and_loses_nothing() {
 async fn a_target_slow_to_install_its_snapshot_installs_it_once_while_the_mover_asks_again() {
     let mut fleet = Fleet::start(1);
     let target = fleet.add_node();
-    fleet.arm_pause_once(target, "snapshot-install-before-data", 1500);
+    let marks = tempfile::tempdir().expect("a temporary directory");
+    let paused = marks.path().join("paused");
+    fleet.arm_pause_once(target, "snapshot-install-before-data", 1500, &paused);
     fleet.leader(None).await;
     let client = fleet.client();
     let workload = HistoryWorkload::start(client.clone(), keys(32), 4, 4);
@@ -415,6 +417,7 @@ async fn a_target_slow_to_install_its_snapshot_installs_it_once_while_the_mover_
     let (source, to) = (fleet.endpoint(0), fleet.endpoint(target));
     let moved = move_replica(&clients, 1, &seeds, &source, &to, MOVE_DEADLINE).await.expect("the move finishes");
     assert_eq!(moved.replicas.len(), 1, "one copy after the move: {moved:?}");
+    assert!(paused.exists(), "the target's snapshot install was held");
     assert!(fleet.nodes[target].is_running(), "the target did not abort while it installed its snapshot");
     wait_for_members(&fleet, target, &[target]).await;
     wait_until_gone(&fleet, 0).await;

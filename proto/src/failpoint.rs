@@ -3,7 +3,8 @@
 //! step. With `KVFLEET_CRASH_ONCE=<file>`, only the first process to reach it aborts (it creates
 //! the file first), so a supervisor's restart, or the other processes of a fleet sharing the
 //! environment, run on. `KVFLEET_PAUSE_AT=<name>=<millis>` instead holds the thread that first
-//! reaches the step that long (a slow disk at the worst moment), once per process.
+//! reaches the step that long (a slow disk at the worst moment), once per process, having created
+//! the file `KVFLEET_PAUSE_MARK` if set (so a test knows the pause happened).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,14 +15,18 @@ static PAUSED: AtomicBool = AtomicBool::new(false);
 
 pub fn hit(name: &str) {
     let pause = PAUSE_AT.get_or_init(|| {
-        let value = std::env::var("KVFLEET_PAUSE_AT").ok()?;
-        let (point, millis) = value.rsplit_once('=')?;
-        Some((point.to_string(), millis.parse().ok()?))
+        let value = std::env::var("KVFLEET_PAUSE_AT").ok().filter(|v| !v.is_empty())?;
+        let parsed = value.rsplit_once('=').and_then(|(point, millis)| Some((point.to_string(), millis.parse().ok()?)));
+        assert!(parsed.is_some(), "KVFLEET_PAUSE_AT={value:?}: expected <point>=<milliseconds>");
+        parsed
     });
     if let Some((point, millis)) = pause
         && point == name
         && !PAUSED.swap(true, Ordering::AcqRel)
     {
+        if let Some(mark) = std::env::var_os("KVFLEET_PAUSE_MARK") {
+            let _ = std::fs::write(mark, name);
+        }
         eprintln!("pause point {name} reached (KVFLEET_PAUSE_AT), holding {millis} ms");
         std::thread::sleep(std::time::Duration::from_millis(*millis));
     }

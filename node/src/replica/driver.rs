@@ -970,7 +970,8 @@ impl Driver {
                     pairs = info.pairs,
                     "installed a snapshot from the leader"
                 );
-                self.applied.insert(range_id, taken.index);
+                let applied = self.applied.entry(range_id).or_default();
+                *applied = (*applied).max(taken.index);
             }
             Err(error) => {
                 // The log already says the data is there: the node must not serve it without.
@@ -1178,6 +1179,7 @@ impl Driver {
         self.transfer_terms.remove(&range_id);
         self.joint.remove(&range_id);
         self.handovers.remove(&range_id);
+        self.campaigns_deferred.retain(|&id| id != range_id);
         self.removed_told.retain(|(group, _), _| *group != range_id);
         self.snapshots_sent.retain(|(group, _), _| *group != range_id);
         self.membership_proposals.retain(|(group, _)| *group != range_id);

@@ -245,15 +245,22 @@ impl Installer {
         let _one_at_a_time = INSTALLING.lock();
         let db = &self.db;
         let applied = apply::applied_index(db, range_id)?;
+        let path = self.files.path(Side::Fetched, range_id, index, term);
         if applied >= index {
             tracing::warn!(range_id, index, applied, "a snapshot this replica already applied was not installed again");
+            let pending = self.log.pending_snapshot(range_id).map_err(|e| e.to_string())?;
+            if pending.is_some_and(|p| (p.index, p.term) == (index, term)) {
+                let mut done = WriteBatch::default();
+                self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
+                db.write(done).map_err(|e| format!("dropping range {range_id}'s snapshot: {e}"))?;
+            }
+            let _ = std::fs::remove_file(&path);
             return Ok(InstallOutcome { changed: None, retired: Vec::new(), obsolete: None });
         }
         let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
             (Some(data), Some(meta)) => (data, meta),
             _ => return Err("a column family is missing".into()),
         };
-        let path = self.files.path(Side::Fetched, range_id, index, term);
         if !path.exists() {
             return Err(format!("the snapshot file {} is missing", path.display()));
         }
@@ -412,6 +419,7 @@ mod tests {
         std::fs::copy(leader_files.path(Side::Made, 1, 30, 2), &fetched).unwrap();
         let again = installer.install(1, 30, 2, &snapshot.data).unwrap();
         assert!(again.changed.is_none() && again.obsolete.is_none(), "nothing changed the second time");
+        assert!(!fetched.exists(), "the file of a snapshot already applied is removed");
         assert_eq!(db.get_cf(data, "k").unwrap().as_deref(), Some(&b"v31"[..]), "the write after the snapshot stays");
         assert_eq!(apply::applied_index(&db, 1).unwrap(), 31);
         drop((leader_db, leader_log, db, log, installer));
