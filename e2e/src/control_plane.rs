@@ -34,7 +34,22 @@ pub fn binaries() -> PathBuf {
 }
 
 /// A free port on 127.0.0.1 (released before use: good enough for tests on one machine).
+/// A loopback port for a process to listen on, free now. Taken below the kernel's ephemeral range
+/// (32768 on), so that no outgoing connection of any process takes it as its local port before
+/// the listener binds it, and never handed out twice in this test process.
 pub fn free_port() -> u16 {
+    use rand::Rng as _;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(20_000..32_000);
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
