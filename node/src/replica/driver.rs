@@ -408,12 +408,14 @@ impl Driver {
 
     fn open(&mut self, group: OpenGroup) {
         let range_id = group.range_id;
-        if self.groups.term(range_id).is_some() {
-            // Already running (a replica created twice by a caller that retried).
-            return;
-        }
+        // Even when the group runs already (a replica created again by a caller that retried):
+        // the caller's membership may name a leader elected since, whom an empty replica could
+        // not answer otherwise (it learns addresses from memberships it applies, and has none).
         for (raft_id, address) in &group.members {
             self.peers.connect(*raft_id, address);
+        }
+        if self.groups.term(range_id).is_some() {
+            return;
         }
         self.spans.insert(range_id, group.span.clone());
         self.snapshot_slots.insert(range_id, group.storage.snapshot_slot());
