@@ -33,7 +33,6 @@ pub fn binaries() -> PathBuf {
     dir
 }
 
-/// A free port on 127.0.0.1 (released before use: good enough for tests on one machine).
 /// A loopback port for a process to listen on, free now. Taken below the kernel's ephemeral range
 /// (32768 on), so that no outgoing connection of any process takes it as its local port before
 /// the listener binds it, and never handed out twice in this test process.

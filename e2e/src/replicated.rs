@@ -82,24 +82,28 @@ impl ReplicatedFleet {
     /// Restarts node `index` armed to abort (as kill -9 would) the first time it reaches crash
     /// point `crash_at`, writing `mark` just before; past that one crash it runs on.
     pub fn arm_crash_once(&mut self, index: usize, crash_at: &str, mark: &std::path::Path) {
-        let node = &mut self.nodes[index];
-        node.kill9();
-        node.env = vec![
+        let env = vec![
             ("KVFLEET_CRASH_AT".into(), crash_at.into()),
             ("KVFLEET_CRASH_ONCE".into(), mark.display().to_string()),
         ];
-        node.spawn();
+        self.restart_with(index, env);
     }
 
     /// Restarts node `index` to hold the thread that first reaches `point` for `millis` ms,
     /// writing `mark` as it does.
     pub fn arm_pause_once(&mut self, index: usize, point: &str, millis: u64, mark: &std::path::Path) {
-        let node = &mut self.nodes[index];
-        node.kill9();
-        node.env = vec![
+        let env = vec![
             ("KVFLEET_PAUSE_AT".into(), format!("{point}={millis}")),
             ("KVFLEET_PAUSE_MARK".into(), mark.display().to_string()),
         ];
+        self.restart_with(index, env);
+    }
+
+    /// Kills node `index` (SIGKILL) and starts it again with `env`.
+    fn restart_with(&mut self, index: usize, env: Vec<(String, String)>) {
+        let node = &mut self.nodes[index];
+        node.kill9();
+        node.env = env;
         node.spawn();
     }
 

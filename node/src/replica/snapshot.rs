@@ -250,11 +250,10 @@ impl Installer {
             tracing::warn!(range_id, index, applied, "a snapshot this replica already applied was not installed again");
             let pending = self.log.pending_snapshot(range_id).map_err(|e| e.to_string())?;
             if pending.is_some_and(|p| (p.index, p.term) == (index, term)) {
-                let mut done = WriteBatch::default();
-                self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
-                db.write(done).map_err(|e| format!("dropping range {range_id}'s snapshot: {e}"))?;
+                self.drop_pending(range_id, &path)?;
+            } else {
+                let _ = std::fs::remove_file(&path);
             }
-            let _ = std::fs::remove_file(&path);
             return Ok(InstallOutcome { changed: None, retired: Vec::new(), obsolete: None });
         }
         let (data_cf, meta_cf) = match (db.cf_handle(CF_DATA), db.cf_handle(CF_META)) {
@@ -270,10 +269,7 @@ impl Installer {
         // snapshot's range was merged into it (on this node already).
         let newer = overlapping.iter().find(|held| sent.as_ref().is_some_and(|s| held.generation > s.generation));
         if let Some(newer) = newer.map(|held| held.range_id) {
-            let mut done = WriteBatch::default();
-            self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
-            db.write(done).map_err(|e| format!("dropping range {range_id}'s snapshot: {e}"))?;
-            let _ = std::fs::remove_file(&path);
+            self.drop_pending(range_id, &path)?;
             return Ok(InstallOutcome { changed: None, retired: Vec::new(), obsolete: Some(newer) });
         }
         kvfleet_proto::failpoint::hit("snapshot-install-before-data");
@@ -312,6 +308,16 @@ impl Installer {
         db.write_opt(done, &sync).map_err(|e| format!("recording range {range_id}'s snapshot: {e}"))?;
         let _ = std::fs::remove_file(&path);
         Ok(InstallOutcome { changed, retired, obsolete: None })
+    }
+
+    /// Clears `range_id`'s pending mark and deletes the snapshot's file at `path`: a snapshot
+    /// not installed, for good.
+    fn drop_pending(&self, range_id: u64, path: &Path) -> Result<(), String> {
+        let mut done = WriteBatch::default();
+        self.log.clear_pending_snapshot(range_id, &mut done).map_err(|e| e.to_string())?;
+        self.db.write(done).map_err(|e| format!("dropping range {range_id}'s snapshot: {e}"))?;
+        let _ = std::fs::remove_file(path);
+        Ok(())
     }
 
     /// The ranges held here (owned, other than `sent`'s) that have some of `sent`'s keys.
