@@ -85,14 +85,12 @@ fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
 /// Nodes started with the cluster's admin token refuse admin calls without it (with an error
 /// that says what is missing), serve the data API and range metadata to anyone, and a move
 /// between two of them works: the controller sends the token, and so do the nodes on their calls
-/// to each other.
+/// to each other (Raft messages and snapshots).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
     use kvfleet_proto::admin_auth::AdminToken;
-    use kvfleet_resharding::moves::{MoveTimeouts, drive};
     use kvfleet_resharding::observe::NodeClients;
-    use kvfleet_resharding::platform::Member;
-    use kvfleet_resharding::state::InFlightMove;
+    use kvfleet_resharding::replica_moves::{Endpoint, move_replica};
 
     let dir = tempfile::tempdir().unwrap();
     let env = [("KVFLEET_ADMIN_TOKEN", TOKEN)];
@@ -119,27 +117,19 @@ async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
 
     let listed = admin.list_ranges(with_token(ListRangesRequest {}, Some(TOKEN))).await.expect("with the token");
     let range = listed.into_inner().ranges.remove(0);
-    let member = |node: &NodeProcess| Member::at(&node.node_id, &node.address);
-    let mv = InFlightMove {
-        move_id: 1,
-        range_id: range.range_id,
-        generation: range.generation,
-        from: source.node_id.clone(),
-        to: target.node_id.clone(),
-        reason: "test".into(),
-        started_unix_ms: 0,
-        replica: false,
-    };
-    let timeouts = MoveTimeouts { import: Duration::from_secs(60), step: Duration::from_secs(10) };
-    let without = drive(NodeClients::default(), mv.clone(), range.clone(), member(&source), member(&target), timeouts)
+    let endpoint = |node: &NodeProcess| Endpoint { node_id: node.node_id.clone(), address: node.address.clone() };
+    let (from, to) = (endpoint(&source), endpoint(&target));
+    let seeds = [source.address.clone()];
+    let without = move_replica(&NodeClients::default(), range.range_id, &seeds, &from, &to, Duration::from_secs(3))
         .await
         .expect_err("a controller without the token moves nothing");
     assert!(without.to_string().contains("admin token"), "{without}");
     let clients = NodeClients::new(Default::default(), AdminToken::new(TOKEN).unwrap());
-    let moved = drive(clients, InFlightMove { move_id: 2, ..mv }, range, member(&source), member(&target), timeouts)
+    let moved = move_replica(&clients, range.range_id, &seeds, &from, &to, Duration::from_secs(60))
         .await
-        .expect("the move, with the token on every call (the target pulls from the source with it too)");
-    assert_eq!(moved.new_owner.leader().map(|r| r.node_id.as_str()), Some("n2"));
+        .expect("the move, with the token on every call (the target fetches its snapshot with it too)");
+    let replicas: Vec<&str> = moved.replicas.iter().map(|r| r.node_id.as_str()).collect();
+    assert_eq!(replicas, ["n2"], "{moved:?}");
     for i in 0..200 {
         let value = client.get(format!("key{i:03}")).await.expect("a read after the move");
         assert_eq!(value.as_deref(), Some(format!("value{i}").as_bytes()), "key{i:03}");

@@ -72,8 +72,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
 
     /// On a node with no ranges yet, create one range covering the whole key space as a single
-    /// copy of the earlier protocol (not a Raft group; it moves by freeze-and-copy). New fleets
-    /// use --initial-replicas with this node alone instead: a Raft group of one voter.
+    /// copy: a Raft group of this node alone (the same as --initial-replicas naming only this
+    /// node). Ignored once the node holds or held any range.
     #[arg(long, env = "KVFLEET_BOOTSTRAP")]
     pub bootstrap: bool,
 

@@ -21,7 +21,7 @@ use crate::ranges::{
     MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, bootstrap_descriptor, decode_descriptor,
     descriptor_write,
 };
-use crate::replica::{OpenGroup, RangeChange, ReadMode, ReplicaError, Replication, raft_id_of};
+use crate::replica::{Campaign, OpenGroup, RangeChange, ReadMode, ReplicaError, Replication, raft_id_of};
 use crate::storage::{CF_META, Storage, WriteOp};
 use kvfleet_proto::failpoint;
 
@@ -223,25 +223,10 @@ impl Node {
         Ok(node)
     }
 
-    /// Creates range 1 over the whole key space, once: refused on a node with any range history.
+    /// Creates range 1 over the whole key space as a Raft group of this node alone (a single
+    /// copy), once: refused on a node with any other range history.
     pub async fn bootstrap(&self) -> Result<RangeDescriptor, NodeError> {
-        if self.table.read().has_history() {
-            return Err(NodeError::Move(format!(
-                "node {} already holds or held ranges; a fleet is bootstrapped only once",
-                self.config.node_id
-            )));
-        }
-        let desc = bootstrap_descriptor(&self.config.node_id, &self.address);
-        self.persist(&[&desc]).await?;
-        let mut table = self.table.write();
-        if table.has_history() {
-            return Err(NodeError::Move(format!("node {} bootstrapped concurrently", self.config.node_id)));
-        }
-        table.install(desc.clone(), || self.new_load())?;
-        drop(table);
-        self.update_range_gauge();
-        tracing::info!("bootstrapped range 1 covering the whole key space");
-        Ok(desc)
+        self.bootstrap_replicated(vec![(self.config.node_id.clone(), self.address.clone())]).await
     }
 
     /// Starts the Raft group of every replicated range this node owns, from its log.
@@ -346,7 +331,8 @@ impl Node {
         // timeout (nobody else can lead it; a campaign wrongly judged so is refused by the
         // others), once the node has been up one election timeout (see the driver's `open`).
         let lone_voter = matches!(desc.replicas.as_slice(), [only] if only.node_id == self.config.node_id);
-        self.open_group(desc, storage, applied, lone_voter)
+        let campaign = if lone_voter { Campaign::OnceVotesOpen } else { Campaign::OnTimeout };
+        self.open_group(desc, storage, applied, campaign)
     }
 
     pub(crate) fn open_group(
@@ -354,7 +340,7 @@ impl Node {
         desc: &RangeDescriptor,
         storage: kvfleet_replication::GroupStorage,
         applied: u64,
-        campaign: bool,
+        campaign: Campaign,
     ) -> Result<(), NodeError> {
         let members = desc.replicas.iter().map(|r| (r.raft_id, r.address.clone())).collect();
         self.replication
@@ -409,7 +395,9 @@ impl Node {
         .map_err(|e| NodeError::Corrupt(format!("creating the Raft log of range 1: {e}")))?;
         self.persist(&[&desc]).await?;
         self.table.write().install(desc.clone(), || self.new_load())?;
-        let campaign = members.first().is_some_and(|(id, _)| *id == self.config.node_id);
+        // Nobody has ever led the new group: its first listed replica campaigns at once.
+        let first = members.first().is_some_and(|(id, _)| *id == self.config.node_id);
+        let campaign = if first { Campaign::Now } else { Campaign::OnTimeout };
         self.open_group(&desc, storage, kvfleet_replication::SPLIT_LOG_START, campaign)?;
         self.update_range_gauge();
         tracing::info!(replicas = members.len(), "bootstrapped range 1 covering the whole key space, replicated");

@@ -17,8 +17,8 @@ use rocksdb::DB;
 use super::snapshot::{self, Installer, SnapshotFiles, Span};
 use super::transport::PeerLinks;
 use super::{
-    Input, OpenGroup, PROPOSAL_TIMEOUT, Published, READ_INDEX_TIMEOUT, ReplicaError, ReplicationSettings, Reply,
-    SNAPSHOT_TRANSFER_TIMEOUT, TICK, apply,
+    Campaign, Input, OpenGroup, PROPOSAL_TIMEOUT, Published, READ_INDEX_TIMEOUT, ReplicaError, ReplicationSettings,
+    Reply, SNAPSHOT_TRANSFER_TIMEOUT, TICK, apply,
 };
 
 /// A learner lacking more log entries than this is not promoted yet.
@@ -117,6 +117,9 @@ pub struct Driver {
     /// campaign at once (`OpenGroup::campaign`) before then waits in `campaigns_deferred`.
     votes_from: Instant,
     campaigns_deferred: Vec<u64>,
+    /// Requests for a group in `campaigns_deferred`: taken again once it campaigned (it leads
+    /// at once, being its only voter), rather than refused for want of a leader meanwhile.
+    awaiting_campaign: Vec<Input>,
     /// Groups whose leader started a leadership transfer in this term: it takes no lease again
     /// in that term (see `transfer_leader`).
     transfer_terms: HashMap<u64, u64>,
@@ -181,6 +184,7 @@ impl Driver {
             early_messages: HashMap::new(),
             votes_from: Instant::now() + super::ELECTION_TIMEOUT,
             campaigns_deferred: Vec::new(),
+            awaiting_campaign: Vec::new(),
             transfer_terms: HashMap::new(),
             joint: HashSet::new(),
             addresses,
@@ -240,6 +244,15 @@ impl Driver {
 
     /// Takes one input; false to stop.
     fn take(&mut self, input: Input) -> bool {
+        if let Input::Propose { range_id, .. }
+        | Input::Read { range_id, .. }
+        | Input::ChangeMembership { range_id, .. }
+        | Input::TransferLeader { range_id, .. } = &input
+            && self.campaigns_deferred.contains(range_id)
+        {
+            self.awaiting_campaign.push(input);
+            return true;
+        }
         match input {
             Input::Stop => return false,
             Input::Open(group) => self.open(*group),
@@ -428,8 +441,8 @@ impl Driver {
         };
         self.applied.insert(range_id, applied);
         self.note_joint(range_id);
-        if group.campaign {
-            if Instant::now() < self.votes_from {
+        if group.campaign != Campaign::OnTimeout {
+            if group.campaign == Campaign::OnceVotesOpen && Instant::now() < self.votes_from {
                 // A lone voter's campaign is its own vote: like any vote of a node that just
                 // started, it waits until no lease this node helped to grant can still run (a
                 // leader that counted its acknowledgement, before a restart, may still serve).
@@ -641,12 +654,16 @@ impl Driver {
         }
         self.groups.tick();
         self.ticks += 1;
-        if !self.campaigns_deferred.is_empty() && Instant::now() >= self.votes_from {
+        let deferred = !self.campaigns_deferred.is_empty() || !self.awaiting_campaign.is_empty();
+        if deferred && Instant::now() >= self.votes_from {
             for range_id in std::mem::take(&mut self.campaigns_deferred) {
                 let leaderless = self.groups.term(range_id).is_some() && self.groups.leader_of(range_id).is_none();
                 if leaderless && let Err(error) = self.groups.campaign(range_id) {
                     tracing::warn!(range_id, %error, "campaign failed");
                 }
+            }
+            for input in std::mem::take(&mut self.awaiting_campaign) {
+                self.take(input);
             }
         }
         if self.ticks.is_multiple_of(HOUSEKEEPING_EVERY_TICKS) {

@@ -165,9 +165,20 @@ pub struct OpenGroup {
     pub members: Vec<(u64, String)>,
     /// The range's keys.
     pub span: snapshot::Span,
-    /// Campaign without waiting for raft-rs's election timeout (bootstrap, a lone voter); not
-    /// before the node has been up one election timeout, though (see the driver's `open`).
-    pub campaign: bool,
+    pub campaign: Campaign,
+}
+
+/// Whether a group opened on this node campaigns without waiting for raft-rs's election timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Campaign {
+    /// When raft-rs's election timeout says so.
+    OnTimeout,
+    /// At once, but not before the node has been up one election timeout (a lone voter opened
+    /// from its log: its vote may have counted for a lease before a restart; see the driver's
+    /// `open`).
+    OnceVotesOpen,
+    /// At once: a group this node creates now (bootstrap), which nobody has ever led.
+    Now,
 }
 
 pub type Reply = oneshot::Sender<Result<(), ReplicaError>>;
