@@ -316,6 +316,8 @@ pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Durat
 fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, Vec<Conflict>) {
     let mut owned: Vec<ObservedRange> = Vec::new();
     let mut led: BTreeMap<u64, ObservedRange> = BTreeMap::new();
+    // Two groups under one range id (two fleets glued together): left out, like overlaps.
+    let mut diverged: Vec<Conflict> = Vec::new();
     for (index, node) in nodes.iter().enumerate() {
         let Ok(report) = &node.report else { continue };
         for load in &report.load.ranges {
@@ -330,14 +332,29 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
             if !range.is_raft_group() {
                 owned.push(range);
             } else if leads(desc, &node.member.node_id) {
+                let kept = led.get(&desc.range_id);
+                if let Some(kept) = kept
+                    && separate_groups(kept, &nodes[kept.owner].member.node_id, &range, &node.member.node_id)
+                {
+                    let version = |r: &ObservedRange| (r.desc.generation, r.desc.conf_version);
+                    let (newer, older) = if version(&range) > version(kept) { (&range, kept) } else { (kept, &range) };
+                    diverged.push(Conflict {
+                        newer: (newer.owner, newer.desc.clone()),
+                        older: (older.owner, older.desc.clone()),
+                    });
+                    continue;
+                }
                 let newer = |kept: &ObservedRange| {
                     (desc.generation, desc.conf_version) > (kept.desc.generation, kept.desc.conf_version)
                 };
-                if led.get(&desc.range_id).is_none_or(newer) {
+                if kept.is_none_or(newer) {
                     led.insert(desc.range_id, range);
                 }
             }
         }
+    }
+    for conflict in &diverged {
+        led.remove(&conflict.newer.1.range_id);
     }
     add_follower_reads(nodes, &mut led);
     add_lag(nodes, &mut led);
@@ -347,7 +364,7 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
     // Accepted ranges never overlap each other, so the ones overlapping a candidate are the last
     // starting at or before its start and those starting inside it.
     let mut serving: BTreeMap<Bytes, ObservedRange> = BTreeMap::new();
-    let mut conflicts = Vec::new();
+    let mut conflicts = diverged;
     for range in owned {
         let (start, end) = (&range.desc.start_key, &range.desc.end_key);
         let before = serving.range::<Bytes, _>(..=start).next_back().map(|(_, r)| r);
@@ -377,6 +394,15 @@ fn resolve_ownership(nodes: &[ObservedNode]) -> (BTreeMap<u64, ObservedRange>, V
     };
     let ranges = serving.into_values().filter(|r| !in_conflict(r)).map(|r| (r.desc.range_id, r)).collect();
     (ranges, conflicts)
+}
+
+/// Whether two nodes that each say they lead a range of the same id lead two different Raft
+/// groups: neither is a member of the range as the other has it. Replicas of one group always
+/// list each other (a deposed leader lists the members it knew, the new leader among them; a
+/// removed replica still lists the ones that replaced it).
+fn separate_groups(a: &ObservedRange, a_node: &str, b: &ObservedRange, b_node: &str) -> bool {
+    let lists = |range: &ObservedRange, node: &str| range.desc.replicas.iter().any(|r| r.node_id == node);
+    a_node != b_node && !lists(a, b_node) && !lists(b, a_node)
 }
 
 /// Whether `node_id` reports itself the leader of replicated range `desc`.

@@ -832,6 +832,12 @@ impl<P: Platform> ReshardingLoop<P> {
             }
             return;
         }
+        if let Some(why) = overtaken(observation, &mv) {
+            self.state.finish_move(mv.move_id);
+            self.status
+                .event(format!("dropped the move of range {}'s replica {} -> {}: {why}", mv.range_id, mv.from, mv.to));
+            return;
+        }
         if !self.target_usable(observation, &mv.to) {
             self.abandon_replica_move(observation, mv).await;
             return;
@@ -977,4 +983,19 @@ impl<P: Platform> ReshardingLoop<P> {
             }
         }
     }
+}
+
+/// Why replica move `mv` (between two nodes) has nothing left to do, if so: done by others
+/// meanwhile (a user or a second controller moved the range on: neither node holds a replica of
+/// it), or its range is gone (merged away: no node holds it, and every node answered).
+fn overtaken(observation: &Observation, mv: &InFlightMove) -> Option<String> {
+    if let Some(range) = observation.ranges.get(&mv.range_id) {
+        let member = |node: &str| range.desc.replicas.iter().any(|r| r.node_id == node);
+        let (from, to) = (mv.from.as_str(), mv.to.as_str());
+        return (!member(from) && !member(to))
+            .then(|| format!("neither {from} nor {to} holds a replica of it any more (it was moved on meanwhile)"));
+    }
+    let all_answered = observation.unreachable().next().is_none();
+    let held = observation.nodes.iter().any(|n| n.holds(mv.range_id).is_some());
+    (all_answered && !held).then(|| "no node holds the range any more (it was merged away)".to_string())
 }
