@@ -116,7 +116,6 @@ mod tests {
                 membership: 0,
             }],
             successors: vec![],
-            move_intent: None,
             conf_version: 0,
             merge_freeze_index: 0,
         }

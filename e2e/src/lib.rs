@@ -182,14 +182,14 @@ impl NodeProcess {
         client_for(&[self])
     }
 
-    /// Splits `range_id` at `key` into ranges `left_id` and `right_id`; panics on failure.
-    pub async fn split(&self, range_id: u64, key: &str, left_id: u64, right_id: u64) -> SplitRangeResponse {
+    /// Splits `range_id` at `key`: it keeps the left half, `right_id` (0: the node picks) takes
+    /// the right one; panics on failure.
+    pub async fn split(&self, range_id: u64, key: &str, right_id: u64) -> SplitRangeResponse {
         self.admin()
             .split_range(SplitRangeRequest {
                 range_id,
                 expected_generation: 0,
                 split_key: Bytes::from(key.to_string()),
-                left_id,
                 right_id,
             })
             .await
@@ -471,39 +471,35 @@ impl kvfleet_resharding::platform::Platform for TestPlatform {
     }
 }
 
-/// The owned ranges every node at `addresses` reports, and the ranges they are importing.
-pub async fn owned_and_importing(addresses: &[String]) -> (Vec<RangeDescriptor>, Vec<RangeDescriptor>) {
-    let (mut owned, mut importing) = (Vec::new(), Vec::new());
+/// The ranges every node at `addresses` reports holding (a range once per replica).
+pub async fn reported_ranges(addresses: &[String]) -> Vec<RangeDescriptor> {
+    let mut ranges = Vec::new();
     for address in addresses {
         let channel = Endpoint::from_shared(format!("http://{address}"))
             .expect("valid address")
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        let ranges = AdminClient::new(channel).list_ranges(ListRangesRequest {}).await.expect("list ranges");
-        let ranges = ranges.into_inner();
-        owned.extend(ranges.ranges);
-        importing.extend(ranges.importing);
+        let listed = AdminClient::new(channel).list_ranges(ListRangesRequest {}).await.expect("list ranges");
+        ranges.extend(listed.into_inner().ranges);
     }
-    (owned, importing)
+    ranges
 }
 
-/// Checks that the ranges the nodes at `addresses` own are all active and tile the key space:
-/// exactly one owner per key, no gap, no overlap. A Raft group counts once, as its most recent
+/// Checks that the ranges the nodes at `addresses` hold are all active and tile the key space:
+/// exactly one owner per key, no gap, no overlap. A range counts once, as its most recent
 /// descriptor (highest generation, then membership version): every member reports it (both
 /// nodes of a single copy's move, for a moment), and a member behind reports an older one.
 pub async fn assert_one_owner_per_key(addresses: &[String]) {
-    let (reported, _) = owned_and_importing(addresses).await;
-    let mut owned: Vec<RangeDescriptor> = reported.iter().filter(|d| !d.is_raft_group()).cloned().collect();
     let mut groups: std::collections::BTreeMap<u64, RangeDescriptor> = std::collections::BTreeMap::new();
-    for desc in reported.into_iter().filter(RangeDescriptor::is_raft_group) {
+    for desc in reported_ranges(addresses).await {
         let newer =
             |kept: &RangeDescriptor| (desc.generation, desc.conf_version) > (kept.generation, kept.conf_version);
         if groups.get(&desc.range_id).is_none_or(newer) {
             groups.insert(desc.range_id, desc);
         }
     }
-    owned.extend(groups.into_values());
+    let mut owned: Vec<RangeDescriptor> = groups.into_values().collect();
     assert!(owned.iter().all(|d| d.state() == RangeState::Active), "a range is left frozen: {owned:?}");
     owned.sort_by(|a, b| a.start_key.cmp(&b.start_key));
     let mut expected_start = Bytes::new();

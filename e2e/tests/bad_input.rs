@@ -104,7 +104,7 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     assert!(status.message().contains("not after start"), "{}", status.message());
 
     // A batch whose keys straddle a range boundary is refused whole, with a NotOwner detail.
-    node.split(1, "m", 2, 3).await;
+    node.split(1, "m", 3).await;
     let mutations = vec![put(Bytes::from("a"), Bytes::from("1")), put(Bytes::from("z"), Bytes::from("2"))];
     let status = kv.batch(BatchRequest { header: None, mutations }).await.unwrap_err();
     assert!(status.message().contains("batch spans ranges"), "{}", status.message());

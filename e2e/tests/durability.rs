@@ -51,7 +51,6 @@ async fn sync_mode_keeps_every_acknowledged_write_across_kill_9() {
             .split_range(kvfleet_proto::v1::SplitRangeRequest {
                 range_id: 1,
                 split_key: Bytes::from("w08"),
-                left_id: 2,
                 right_id: 3,
                 ..Default::default()
             })

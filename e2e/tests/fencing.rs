@@ -23,7 +23,6 @@ fn split(range_id: u64, key: &str) -> SplitRangeRequest {
         range_id,
         expected_generation: 0,
         split_key: bytes::Bytes::copy_from_slice(key.as_bytes()),
-        left_id: 0,
         right_id: 0,
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfleet_e2e::history::HistoryWorkload;
-use kvfleet_e2e::{NodeProcess, TestPlatform, assert_one_owner_per_key, client_for, owned_and_importing};
+use kvfleet_e2e::{NodeProcess, TestPlatform, assert_one_owner_per_key, client_for, reported_ranges};
 use kvfleet_planner::Policy;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::*;
@@ -151,8 +151,8 @@ async fn set_up(dirs: &[tempfile::TempDir]) -> Vec<NodeProcess> {
         .enumerate()
         .map(|(i, id)| NodeProcess::start(id, dirs[i].path(), if i == 0 { &["--bootstrap"] } else { &[] }))
         .collect();
-    nodes[0].split(1, "k", 0, R).await;
-    nodes[0].split(R, "t", 0, B).await;
+    nodes[0].split(1, "k", R).await;
+    nodes[0].split(R, "t", B).await;
     move_range(&nodes, B, 0, 1).await.expect("moving B to n2");
     nodes
 }
@@ -218,7 +218,6 @@ async fn meanwhile(nodes: &mut [NodeProcess], what: Meanwhile) -> String {
                 range_id: desc.range_id,
                 expected_generation: desc.generation,
                 split_key: Bytes::from(INSIDE_R),
-                left_id: 0,
                 right_id: 601,
             };
             let result = nodes[owner].admin().split_range(split).await;
@@ -238,7 +237,6 @@ async fn meanwhile(nodes: &mut [NodeProcess], what: Meanwhile) -> String {
                 right_id: r.range_id,
                 expected_left_generation: l.generation,
                 expected_right_generation: r.generation,
-                merged_id: 0,
             };
             let result = nodes[owner].admin().merge_ranges(merge).await;
             format!("merge {} + {} on {}: {:?}", l.range_id, r.range_id, nodes[owner].node_id, result.map(|_| ()))
@@ -296,7 +294,7 @@ async fn recover(nodes: &[NodeProcess], state: ReshardingState) {
     loop {
         controller.round().await.expect("a recovery round");
         let settled_state = platform.state().is_some_and(|s| s.moves.is_empty());
-        let (owned, _) = owned_and_importing(&addresses).await;
+        let owned = reported_ranges(&addresses).await;
         let status = board.snapshot();
         let done = settled_state && settled(&owned) && status.conflicts.is_empty();
         settled_rounds = if done { settled_rounds + 1 } else { 0 };
@@ -341,7 +339,6 @@ async fn run_case(crash: Crash, what: Meanwhile) {
         to: "n2".into(),
         reason: "test".into(),
         started_unix_ms: 0,
-        replica: true,
     };
     let took = match crash {
         Crash::ControllerAt(milestone) => {
@@ -370,7 +367,6 @@ async fn run_case(crash: Crash, what: Meanwhile) {
                 range_id: R,
                 expected_generation: r.generation,
                 split_key: Bytes::from("m"),
-                left_id: 0,
                 right_id: 801,
             };
             let result = nodes[0].admin().split_range(split).await;

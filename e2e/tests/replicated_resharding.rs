@@ -175,7 +175,7 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
     platform.set_draining(&drained, true);
     let mut crashed_mid_move = 0;
     for (crash, delay) in [Duration::from_millis(150), Duration::from_millis(1200)].into_iter().enumerate() {
-        let moving = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.replica));
+        let moving = async || platform.state().is_some_and(|s| !s.moves.is_empty());
         let started = Instant::now();
         while !moving().await && started.elapsed() < Duration::from_secs(60) {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -40,8 +40,7 @@ fn kvctl_split(fleet: &Fleet, key: &str) -> Vec<(u64, String, String)> {
 }
 
 async fn split(fleet: &Fleet, on: usize, range_id: u64, key: &'static str) -> [RangeDescriptor; 2] {
-    let request =
-        SplitRangeRequest { range_id, expected_generation: 0, split_key: Bytes::from(key), left_id: 0, right_id: 0 };
+    let request = SplitRangeRequest { range_id, expected_generation: 0, split_key: Bytes::from(key), right_id: 0 };
     let answer = fleet.nodes[on].admin().split_range(request).await.expect("the leader splits").into_inner();
     let (Some(left), Some(right)) = (answer.left, answer.right) else { panic!("a split answered without halves") };
     assert_eq!(left.range_id, range_id, "a replicated range keeps its id for the left half");

@@ -19,7 +19,7 @@ async fn stale_generation_gets_not_owner_with_the_current_descriptor() {
     kv.put(PutRequest { header: header(1, 1, false), key: Bytes::from("z1"), value: Bytes::from("v") })
         .await
         .expect("put at gen 1");
-    node.split(1, "m", 2, 3).await;
+    node.split(1, "m", 3).await;
 
     let status = kv
         .get(GetRequest { header: header(1, 1, false), key: Bytes::from("z1"), consistency: 0, max_staleness_ms: 0 })
@@ -50,7 +50,7 @@ async fn client_recovers_from_a_stale_cache() {
     client.put(Bytes::from("a"), Bytes::from("1")).await.unwrap();
     client.put(Bytes::from("z"), Bytes::from("2")).await.unwrap();
     assert_eq!(client.cached_ranges().len(), 1);
-    node.split(1, "m", 2, 3).await;
+    node.split(1, "m", 3).await;
     // The client still routes to range 1 at generation 1; it must learn the split and retry.
     assert_eq!(client.get(Bytes::from("z")).await.unwrap(), Some(Bytes::from("2")));
     assert_eq!(client.get(Bytes::from("a")).await.unwrap(), Some(Bytes::from("1")));

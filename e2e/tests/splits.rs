@@ -124,7 +124,6 @@ async fn splits_under_concurrent_writes_lose_nothing() {
                 expected_generation: range.generation,
                 split_key: Bytes::from(split_key.to_string()),
                 right_id: 101 + n as u64,
-                ..Default::default()
             })
             .await
             .expect("split");
@@ -184,7 +183,7 @@ async fn merge_survives_a_crash_at_every_step() {
         let dir = tempfile::tempdir().unwrap();
         let mut node =
             NodeProcess::start_with_env("n1", dir.path(), &["--bootstrap"], &[("KVFLEET_CRASH_AT", crash_point)]);
-        node.split(1, "k0100", 0, 11).await;
+        node.split(1, "k0100", 11).await;
         let written = write_keys(&node, 200).await;
         let request = MergeRangesRequest { left_id: 1, right_id: 11, ..Default::default() };
         assert!(node.admin().merge_ranges(request).await.is_err(), "{crash_point}: the node should have died");
@@ -220,7 +219,7 @@ async fn merge_under_concurrent_writes_loses_nothing_and_clients_follow() {
     use kvfleet_proto::v1::MergeRangesRequest;
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProcess::start("n1", dir.path(), &["--bootstrap"]);
-    node.split(1, "m", 0, 11).await;
+    node.split(1, "m", 11).await;
     let client = node.client();
     client.put(Bytes::from("a"), Bytes::from("0")).await.unwrap();
     assert_eq!(client.cached_ranges().len(), 2);

@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::controller_client::ControllerClient;
 use kvfleet_proto::v1::{
-    ControllerStatusRequest, Durability, LoadReportRequest, MergeRangesRequest, NodeInfoRequest, RangeDescriptor,
-    ReserveRangeIdsRequest, SplitRangeRequest,
+    ControllerStatusRequest, Durability, LoadReportRequest, NodeInfoRequest, RangeDescriptor, ReserveRangeIdsRequest,
+    SplitRangeRequest,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -34,8 +34,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "KVFLEET_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// The resharding loop's status API. `status` adds what the loop does and declines to do;
-    /// `split` and `merge` take their new range ids from it (without this flag they try the
-    /// playground's, 127.0.0.1:7690, and if it does not answer the node picks random ids).
+    /// `split` takes the new range's id from it (without this flag it tries the playground's,
+    /// 127.0.0.1:7690, and if it does not answer the node picks a random id).
     #[arg(long, global = true, env = "KVFLEET_CONTROLLER")]
     pub controller: Option<String>,
     #[command(subcommand)]
@@ -79,8 +79,7 @@ pub enum Command {
     },
     /// Merge the range holding KEY with the range right after it, with replicas on the same
     /// nodes, through their Raft logs (the right range is frozen, then taken by the left;
-    /// interrupted, it is finished by running it again). Single copies made by earlier versions
-    /// merge on their node.
+    /// interrupted, it is finished by running it again). The left range keeps its id.
     Merge { key: String },
     /// Move the replica of the range holding KEY from one node to another (both in
     /// --endpoints): added as a learner, caught up, then swapped in by one joint membership
@@ -301,7 +300,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Split { key, expected_generation } => {
             split(&client, cli.controller.as_deref(), key, expected_generation, json).await?
         }
-        Command::Merge { key } => merge(&client, cli.controller.as_deref(), admin_token, key, json).await?,
+        Command::Merge { key } => merge(&client, admin_token, key, json).await?,
         Command::Status => status(&client, cli.controller.as_deref(), json).await?,
         Command::MoveReplica { key, from, to } => {
             move_replica(&client, &cli.endpoints, admin_token, [&key, &from, &to], json).await?
@@ -379,20 +378,12 @@ async fn split(
     let key = Bytes::from(key);
     let (_, range) = range_holding(client, &key).await?;
     let address = range.leader().map(|l| l.address.clone()).unwrap_or_default();
-    // A Raft group keeps its id for the left half: one new id; a single copy of an earlier
-    // version takes two.
-    let raft = range.is_raft_group();
-    let first = reserve_range_ids(controller, &address, if raft { 1 } else { 2 }).await?;
-    let (left_id, right_id) = match first {
-        Some(id) if raft => (0, id),
-        Some(id) => (id, id + 1),
-        None => (0, 0),
-    };
+    // The range keeps its id for the left half: one new id, for the right one.
+    let right_id = reserve_range_ids(controller, &address, 1).await?.unwrap_or(0);
     let request = SplitRangeRequest {
         range_id: range.range_id,
         expected_generation: expected_generation.unwrap_or(range.generation),
         split_key: key,
-        left_id,
         right_id,
     };
     let response = client
@@ -421,13 +412,6 @@ async fn move_replica(
     json: bool,
 ) -> Result<(), CliError> {
     let (_, range) = range_holding(client, key.as_bytes()).await?;
-    if !range.is_raft_group() {
-        return Err(CliError::Failed(format!(
-            "range {} {} is a single copy made by an earlier version (not a Raft group): only the resharding loop's freeze-and-copy moves move it",
-            range.range_id,
-            range.span()
-        )));
-    }
     // Node ids to addresses, from the endpoints (the target holds no replica, so no range names it).
     let mut addresses = std::collections::HashMap::new();
     for address in endpoints {
@@ -479,7 +463,6 @@ async fn move_replica(
 
 async fn merge(
     client: &Client,
-    controller: Option<&str>,
     admin_token: kvfleet_proto::admin_auth::AdminToken,
     key: String,
     json: bool,
@@ -497,48 +480,14 @@ async fn merge(
         .iter()
         .find(|r| r.start_key == left.end_key)
         .ok_or_else(|| CliError::Failed(format!("no node reports the range after {}", left.span())))?;
-    if left.is_raft_group() || right.is_raft_group() {
-        return merge_replicated(admin_token, left, right, json).await;
-    }
-    let (left_owner, right_owner) =
-        (left.leader().cloned().unwrap_or_default(), right.leader().cloned().unwrap_or_default());
-    if left_owner.node_id != right_owner.node_id {
-        return Err(CliError::Failed(format!(
-            "ranges {} and {} live on different nodes ({} and {}); move one next to the other first",
-            left.range_id, right.range_id, left_owner.node_id, right_owner.node_id
-        )));
-    }
-    let address = left_owner.address;
-    let merged_id = reserve_range_ids(controller, &address, 1).await?.unwrap_or(0);
-    let request = MergeRangesRequest {
-        left_id: left.range_id,
-        right_id: right.range_id,
-        expected_left_generation: left.generation,
-        expected_right_generation: right.generation,
-        merged_id,
-    };
-    let merged = client
-        .admin(&address)?
-        .merge_ranges(request)
-        .await
-        .map_err(|status| CliError::Rpc { address: address.clone(), status })?
-        .into_inner()
-        .merged
-        .unwrap_or_default();
-    let view = RangeView::from(&merged);
-    if json {
-        print_json(&view)?;
-    } else {
-        view.print_line();
-    }
-    Ok(())
+    merge_replicated(admin_token, left, right, json).await
 }
 
-/// How long `merge` of replicated ranges goes on trying (a replica down holds the merge up).
+/// How long `merge` goes on trying (a replica down holds the merge up).
 const MERGE_REPLICATED_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Merges two replicated ranges through their logs (`kvfleet_resharding::replica_merges`): their
-/// replicas must be on the same nodes already (`kvctl move-replica` puts them there).
+/// Merges two ranges through their logs (`kvfleet_resharding::replica_merges`): their replicas
+/// must be on the same nodes already (`kvctl move-replica` puts them there).
 async fn merge_replicated(
     admin_token: kvfleet_proto::admin_auth::AdminToken,
     left: &RangeDescriptor,

@@ -26,7 +26,7 @@ pub enum NodeError {
     UnknownRange(u64),
     #[error("range {range_id} is at generation {actual}, the request expected {expected}")]
     GenerationMismatch { range_id: u64, expected: u64, actual: u64 },
-    #[error("range {0} is frozen for a move; retry shortly (it will be served by its new owner)")]
+    #[error("range {0} is frozen to be merged into its left neighbour; retry shortly (the merged range serves it)")]
     Frozen(u64),
     #[error("{0}")]
     Move(String),
@@ -43,11 +43,6 @@ pub enum NodeError {
     /// A replicated range could not serve the request now (no leader, no quorum): retry.
     #[error("{0}")]
     Unavailable(String),
-    #[error(
-        "range {range_id} is replicated ({replicas} replicas): {action} of a replicated range is not built yet \
-         (it stays where it is; moves as membership changes and merges through the Raft log are next)"
-    )]
-    ReplicatedRange { range_id: u64, replicas: usize, action: &'static str },
 }
 
 impl From<NodeError> for Status {
@@ -63,9 +58,7 @@ impl From<NodeError> for Status {
             | NodeError::PeerUnreachable { .. }
             | NodeError::Frozen(_)
             | NodeError::Unavailable(_) => Status::unavailable(error.to_string()),
-            NodeError::Move(_) | NodeError::Fenced { .. } | NodeError::ReplicatedRange { .. } => {
-                Status::failed_precondition(error.to_string())
-            }
+            NodeError::Move(_) | NodeError::Fenced { .. } => Status::failed_precondition(error.to_string()),
             NodeError::Storage { .. } | NodeError::Io { .. } | NodeError::Corrupt(_) | NodeError::WriteFailed(_) => {
                 Status::internal(error.to_string())
             }

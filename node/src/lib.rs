@@ -2,11 +2,12 @@
 //!
 //! Where things live: `ranges` (key -> range on this node, split rules), `node` (serving keys
 //! from owned ranges, splits, load reports), `storage` (RocksDB and the group-commit write
-//! pipeline behind the durability modes), `load` (per-range load accounting), `moves` (online
-//! range moves, source and target side), `membership` and `merges` (a replicated range's
-//! membership changes and merges, the node's side), `peers` (channels to other nodes), `replica` (replicated ranges: Raft groups, their transport
-//! and state machine), `service` (the gRPC
-//! APIs), `unknown_method` (UNIMPLEMENTED with a message), `server` (wiring and shutdown), `metrics`, `config`, `error`.
+//! pipeline behind the durability modes), `load` (per-range load accounting), `membership` and
+//! `merges` (a range's membership changes, which move it, and merges, the node's side), `peers`
+//! (channels to other nodes), `replica` (every range a Raft group: the groups, their transport
+//! and state machine), `upgrade` (ranges of earlier versions), `service` (the gRPC APIs),
+//! `unknown_method` (UNIMPLEMENTED with a message), `server` (wiring and shutdown), `metrics`,
+//! `config`, `error`.
 
 pub mod config;
 pub mod error;
@@ -15,7 +16,6 @@ pub mod load;
 pub mod membership;
 pub mod merges;
 pub mod metrics;
-pub mod moves;
 pub mod node;
 pub mod peers;
 pub mod ranges;
@@ -24,3 +24,4 @@ pub mod server;
 pub mod service;
 pub mod storage;
 pub mod unknown_method;
+pub mod upgrade;

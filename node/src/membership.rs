@@ -59,25 +59,14 @@ impl Node {
                 self.config.node_id, desc.conf_version
             )));
         }
-        {
-            let table = self.table.read();
-            if let Some(other) = table.owned_overlapping(&desc) {
-                return Err(NodeError::Move(format!(
-                    "node {} holds range {} {}, which overlaps range {range_id} {}",
-                    self.config.node_id,
-                    other.desc.range_id,
-                    other.desc.span(),
-                    desc.span()
-                )));
-            }
-            if let Some(importing) = table.all_importing().find(|d| d.overlaps(&desc)) {
-                return Err(NodeError::Move(format!(
-                    "node {} is importing range {} {}, which overlaps range {range_id}",
-                    self.config.node_id,
-                    importing.range_id,
-                    importing.span()
-                )));
-            }
+        if let Some(other) = self.table.read().owned_overlapping(&desc) {
+            return Err(NodeError::Move(format!(
+                "node {} holds range {} {}, which overlaps range {range_id} {}",
+                self.config.node_id,
+                other.desc.range_id,
+                other.desc.span(),
+                desc.span()
+            )));
         }
         if let Some(removed) = self.removed_overlapping(&desc)? {
             return Err(NodeError::Unavailable(format!(
@@ -179,14 +168,10 @@ impl Node {
         Ok(self.replication.with_roles(self.replicated_range(range_id)?))
     }
 
-    /// A replicated range this node holds.
+    /// A range this node holds.
     fn replicated_range(&self, range_id: u64) -> Result<RangeDescriptor, NodeError> {
         let desc = self.table.read().by_id(range_id).map(|range| range.desc.clone());
-        let desc = desc.ok_or(NodeError::UnknownRange(range_id))?;
-        if !desc.is_raft_group() {
-            return Err(NodeError::Invalid(format!("range {range_id} is not replicated (one replica)")));
-        }
-        Ok(desc)
+        desc.ok_or(NodeError::UnknownRange(range_id))
     }
 
     /// The replicas removed here whose data is still to delete.

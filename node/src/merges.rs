@@ -23,10 +23,9 @@ use crate::replica::apply;
 const FREEZE_REACH_WAIT: Duration = Duration::from_secs(10);
 
 impl Node {
-    /// Merges `request.right_id` into `request.left_id`, both replicated, through their logs
-    /// (see the module). The left range keeps its id; `merged_id` is not used. Returns the merged
-    /// range and the two as they were.
-    pub(crate) async fn merge_replicated(&self, request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
+    /// Merges `request.right_id` into `request.left_id` through their logs (see the module).
+    /// The left range keeps its id. Returns the merged range and the two as they were.
+    pub async fn merge(&self, request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
         let (left_id, right_id) = (request.left_id, request.right_id);
         let (left, right) = self.merge_pair(left_id, right_id)?;
         check_mergeable(&request, &left, &right)?;
@@ -160,7 +159,7 @@ impl Node {
     }
 }
 
-/// What the node checks before it freezes anything: both ranges replicated, adjacent, at the
+/// What the node checks before it freezes anything: both ranges adjacent, at the
 /// generations asked, with only voters, on the same nodes. The log entries check again (what
 /// the logs made may have changed since).
 fn check_mergeable(
@@ -169,13 +168,6 @@ fn check_mergeable(
     right: &RangeDescriptor,
 ) -> Result<(), NodeError> {
     let (left_id, right_id) = (left.range_id, right.range_id);
-    if !left.is_raft_group() || !right.is_raft_group() {
-        return Err(NodeError::Invalid(format!(
-            "range {left_id} has {} replicas and range {right_id} {}: only ranges with the same replicas merge",
-            left.replicas.len(),
-            right.replicas.len()
-        )));
-    }
     if left.end_key != right.start_key || left.end_key.is_empty() {
         return Err(NodeError::Invalid(format!(
             "ranges {left_id} {} and {right_id} {} are not adjacent (left first)",

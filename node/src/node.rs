@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{
-    LoadReportResponse, MergeRangesRequest, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport,
-    RangeState, RequestHeader, ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
+    LoadReportResponse, Mutation, NotOwner, RangeDescriptor, RangeLoad as RangeLoadReport, RangeState, RequestHeader,
+    ResponseHeader, SplitRangeRequest, mutation::Op as MutationOp,
 };
 use parking_lot::RwLock;
 use tokio::sync::OwnedRwLockReadGuard;
@@ -18,12 +18,10 @@ use crate::error::NodeError;
 use crate::load::RangeLoad;
 use crate::metrics::NodeMetrics;
 use crate::ranges::{
-    MergePlan, NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, bootstrap_descriptor, decode_descriptor,
-    descriptor_write,
+    NODE_ID_KEY, OwnedRange, RANGE_PREFIX, RangeTable, bootstrap_descriptor, decode_descriptor, descriptor_write,
 };
 use crate::replica::{Campaign, OpenGroup, RangeChange, ReadMode, ReplicaError, Replication, raft_id_of};
 use crate::storage::{CF_META, Storage, WriteOp};
-use kvfleet_proto::failpoint;
 
 /// Most bytes one Scan page carries, whatever its pair limit.
 const MAX_SCAN_PAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -40,9 +38,6 @@ pub struct Node {
     /// Shared with the Raft thread, which installs the splits replicated ranges apply.
     pub(crate) table: Arc<RwLock<RangeTable>>,
     started: Instant,
-    /// Online moves this node takes part in (sessions in memory; persisted intents and move
-    /// records cover restarts).
-    pub(crate) moves: crate::moves::MoveSessions,
     pub(crate) peers: crate::peers::Peers,
     pub(crate) fence: crate::fencing::Fence,
     /// Admin calls must carry it (none: open).
@@ -116,9 +111,9 @@ impl Node {
                     replica.address = address.clone();
                 }
             }
+            crate::upgrade::refuse_mid_move(&desc)?;
             table.install(desc, || Arc::new(RangeLoad::new(accounting, window)))?;
         }
-        let moves = crate::moves::MoveSessions::recover(&storage)?;
         let fence = crate::fencing::Fence::recover(&storage)?;
         let admin_token = match config.admin_token.as_deref() {
             None => kvfleet_proto::admin_auth::AdminToken::none(),
@@ -157,13 +152,13 @@ impl Node {
                     RangeChange::Added(desc) => (desc.range_id, table.add_replica(desc.clone(), load())),
                     RangeChange::Merged { left, right } => {
                         let known = table.replace_replicated(left);
-                        table.retire_moved(right.clone());
+                        table.retire(right.clone());
                         (left.range_id, known)
                     }
                     RangeChange::Removed(tombstone) => {
                         let range_id = tombstone.range_id;
                         let removed = table.by_id(range_id).cloned();
-                        table.retire_moved(tombstone.clone());
+                        table.retire(tombstone.clone());
                         let (db, end, tombstone) = (db.clone(), key_space_end.clone(), tombstone.clone());
                         // Requests already serving from the replica finish first (its gate).
                         runtime.spawn(async move {
@@ -205,12 +200,12 @@ impl Node {
             table,
             started: Instant::now(),
             config,
-            moves,
             peers: crate::peers::Peers::new(admin_token.clone()),
             fence,
             admin_token,
         };
         node.delete_removed_replicas()?;
+        node.adopt_legacy_ranges()?;
         node.open_groups()?;
         if node.config.bootstrap && !node.table.read().has_history() {
             node.bootstrap().await?;
@@ -233,10 +228,10 @@ impl Node {
     fn open_groups(&self) -> Result<(), NodeError> {
         let log = self.log_store()?;
         // Pending snapshots first: one of a merged range retires the ranges it took.
-        for desc in self.owned_ranges_raw().into_iter().filter(RangeDescriptor::is_raft_group) {
+        for desc in self.owned_ranges_raw() {
             self.install_pending_snapshot(&log, desc.range_id)?;
         }
-        for desc in self.owned_ranges_raw().into_iter().filter(RangeDescriptor::is_raft_group) {
+        for desc in self.owned_ranges_raw() {
             let range_id = desc.range_id;
             let storage = log
                 .open_group(range_id)
@@ -291,7 +286,7 @@ impl Node {
         let mut table = self.table.write();
         for tombstone in retired {
             tracing::info!(range_id, taken = tombstone.range_id, "the snapshot retired a range it took");
-            table.retire_moved(tombstone);
+            table.retire(tombstone);
         }
         match changed {
             Some(crate::replica::snapshot::Installed::Added(desc)) => {
@@ -414,12 +409,8 @@ impl Node {
         (held == asked).then_some(desc)
     }
 
-    /// Waits until a replicated range may serve the read here as `mode` promises; nothing for a
-    /// single-copy range (always linearizable).
+    /// Waits until the range may serve the read here as `mode` promises.
     async fn read_barrier(&self, lease: &RangeLease, key: &[u8], mode: ReadMode) -> Result<(), NodeError> {
-        if !lease.range.desc.is_raft_group() {
-            return Ok(());
-        }
         let range_id = lease.range.desc.range_id;
         let outcome = match mode {
             ReadMode::Linearizable => self.replication.read_barrier(range_id, false).await,
@@ -459,15 +450,11 @@ impl Node {
         }))
     }
 
-    /// Writes `mutations` to the range: through its Raft log if it is replicated (OK once a
-    /// majority logged them and this node applied them), else through the committer.
+    /// Writes `mutations` to the range through its Raft log: OK once a majority logged them
+    /// (see the durability modes) and this node applied them.
     async fn write_range(&self, lease: &RangeLease, key: &[u8], mutations: Vec<Mutation>) -> Result<(), NodeError> {
-        if lease.range.desc.is_raft_group() {
-            let outcome = self.replication.propose(lease.range.desc.range_id, mutations).await;
-            return outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error));
-        }
-        let ops = mutations.iter().filter_map(crate::moves::from_mutation).collect();
-        self.storage.write(ops).await
+        let outcome = self.replication.propose(lease.range.desc.range_id, mutations).await;
+        outcome.map_err(|error| self.replica_error(&lease.range.desc, key, error))
     }
 
     /// What a client is told when a replicated range cannot serve it here: where the leader is
@@ -519,9 +506,6 @@ impl Node {
     /// `owned_ranges`, with how far behind each replica is on the ranges this node leads.
     pub async fn owned_ranges_with_lag(&self) -> Vec<RangeDescriptor> {
         let mut ranges = self.owned_ranges();
-        if !ranges.iter().any(RangeDescriptor::is_raft_group) {
-            return ranges;
-        }
         let Ok(lag) = self.replication.lag().await else { return ranges };
         for desc in &mut ranges {
             let Some(behind) = lag.get(&desc.range_id) else { continue };
@@ -532,18 +516,13 @@ impl Node {
         ranges
     }
 
-    fn owned_ranges_raw(&self) -> Vec<RangeDescriptor> {
+    pub(crate) fn owned_ranges_raw(&self) -> Vec<RangeDescriptor> {
         self.table.read().owned().map(|r| r.desc.clone()).collect()
     }
 
-    pub fn importing_ranges(&self) -> Vec<RangeDescriptor> {
-        self.table.read().all_importing().cloned().collect()
-    }
-
-    /// The highest range id and move id this node ever recorded (see `ListRangesResponse`).
-    pub fn max_ids(&self) -> (u64, u64) {
-        let (range, mv) = self.table.read().max_ids();
-        (range, mv.max(self.max_recorded_move_id()))
+    /// The highest range id this node ever recorded (see `ListRangesResponse`).
+    pub fn max_range_id(&self) -> u64 {
+        self.table.read().max_range_id()
     }
 
     /// Admits an admin call from operator `epoch` (see `fencing`).
@@ -579,10 +558,9 @@ impl Node {
         Err(NodeError::Invalid("the range map kept changing while routing; retry".into()))
     }
 
-    /// Like `lease`, for serving a request: while a range is frozen (the last moments of a
-    /// move), reads and writes wait until it is retired (and NotOwner points at the new owner)
-    /// or unfrozen. Reads wait too: from the handoff on, the new owner may acknowledge writes
-    /// this copy has not seen.
+    /// Like `lease`, for serving a request: while a range is frozen to be merged, reads and
+    /// writes wait until it is retired (and NotOwner points at the merged range) or unfrozen.
+    /// Reads wait too: the merged range may acknowledge writes this one has not seen.
     pub async fn serving_lease(&self, key: &[u8], header: Option<&RequestHeader>) -> Result<RangeLease, NodeError> {
         let deadline = tokio::time::Instant::now() + FROZEN_WAIT;
         loop {
@@ -731,50 +709,14 @@ impl Node {
         Ok(ScanPage { header: lease.response_header(&self.config.node_id), pairs, resume_key })
     }
 
-    /// Splits a range in two on this node: new ids, generation + 1, one atomic fsynced write of
-    /// the three descriptors (two halves, the retired parent). No data moves.
-    /// A replicated range splits through its log instead (see `split_replicated`). Returns the
-    /// two halves.
+    /// Splits a range through its Raft log: the leader proposes the split, and every replica
+    /// applies it at the same index, in the write that applies the entry (two descriptors, the
+    /// new range's log). The range keeps its id and Raft group for the left half; the right half
+    /// is a new group on the same replicas. No data moves, no request waits: a write ordered after the split to a key it moved away is
+    /// refused on every replica and retried on the new range.
     pub async fn split(&self, mut request: SplitRangeRequest) -> Result<[RangeDescriptor; 2], NodeError> {
         self.check_key(&request.split_key)?;
-        request.left_id = nonzero_or_random(request.left_id);
         request.right_id = nonzero_or_random(request.right_id);
-        let range_id = request.range_id;
-        let replicated = self.table.read().by_id(range_id).is_some_and(|range| range.desc.is_raft_group());
-        if replicated {
-            return self.split_replicated(request).await;
-        }
-        let gate = {
-            let table = self.table.read();
-            table.plan_split(&request)?;
-            table.by_id(range_id).map(|r| r.gate.clone()).ok_or(NodeError::UnknownRange(range_id))?
-        };
-        // Wait for in-flight requests on the range, then re-validate: it may have changed.
-        let _exclusive = gate.write().await;
-        let plan = self.table.read().plan_split(&request)?;
-        failpoint::hit("split-before-persist");
-        self.persist(&[&plan.left, &plan.right, &plan.retired]).await?;
-        failpoint::hit("split-after-persist");
-        self.table.write().apply_split(&plan, || self.new_load());
-        self.update_range_gauge();
-        tracing::info!(
-            range_id,
-            left = plan.left.range_id,
-            right = plan.right.range_id,
-            split_key = %kvfleet_proto::display_key(&request.split_key),
-            generation = plan.left.generation,
-            "split range"
-        );
-        Ok([plan.left, plan.right])
-    }
-
-    /// Splits a replicated range through its Raft log: the leader proposes the split, and every
-    /// replica applies it at the same index, in the write that applies the entry (two
-    /// descriptors, the new range's log). The range keeps its id and Raft group for the left
-    /// half (`left_id` is unused); the right half is a new group on the same replicas. No data
-    /// moves, no request waits: a write ordered after the split to a key it moved away is
-    /// refused on every replica and retried on the new range.
-    async fn split_replicated(&self, request: SplitRangeRequest) -> Result<[RangeDescriptor; 2], NodeError> {
         let range_id = request.range_id;
         let right_id = request.right_id;
         let desc = {
@@ -804,46 +746,6 @@ impl Node {
             "split replicated range through its log"
         );
         Ok([self.replication.with_roles(left), self.replication.with_roles(right)])
-    }
-
-    /// Merges two adjacent ranges on this node into one: a new id, a generation above both, one
-    /// atomic fsynced write of the merged descriptor and the two retired ones. No data moves.
-    /// Two replicated ranges merge through their logs instead (see `merges`).
-    pub async fn merge(&self, mut request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
-        let replicated = |id| self.table.read().by_id(id).is_some_and(|range| range.desc.is_raft_group());
-        if replicated(request.left_id) || replicated(request.right_id) {
-            return self.merge_replicated(request).await;
-        }
-        request.merged_id = nonzero_or_random(request.merged_id);
-        let gates = {
-            let table = self.table.read();
-            let plan = table.plan_merge(&request)?;
-            for retired in &plan.retired {
-                crate::moves::refuse_replicated(retired, "merging")?;
-            }
-            // Left before right: every merge takes gates in key order, so two cannot deadlock.
-            let gate = |d: &RangeDescriptor| table.by_id(d.range_id).map(|r| r.gate.clone());
-            [gate(&plan.retired[0]), gate(&plan.retired[1])]
-        };
-        let [Some(left_gate), Some(right_gate)] = gates else {
-            return Err(NodeError::UnknownRange(request.left_id));
-        };
-        let _left = left_gate.write().await;
-        let _right = right_gate.write().await;
-        let plan = self.table.read().plan_merge(&request)?;
-        failpoint::hit("merge-before-persist");
-        self.persist(&[&plan.merged, &plan.retired[0], &plan.retired[1]]).await?;
-        failpoint::hit("merge-after-persist");
-        self.table.write().apply_merge(&plan, || self.new_load());
-        self.update_range_gauge();
-        tracing::info!(
-            left = request.left_id,
-            right = request.right_id,
-            merged = plan.merged.range_id,
-            generation = plan.merged.generation,
-            "merged ranges"
-        );
-        Ok(plan)
     }
 
     /// Writes descriptors to the metadata column family in one fsynced batch.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::{
-    MergeRangesRequest, NotOwner, RangeDescriptor, RangeState, Replica, ReplicaRole, RequestHeader, SplitRangeRequest,
+    NotOwner, RangeDescriptor, RangeState, Replica, ReplicaRole, RequestHeader, SplitRangeRequest,
 };
 use prost::Message;
 
@@ -87,14 +87,6 @@ pub struct MergePlan {
     pub retired: [RangeDescriptor; 2],
 }
 
-/// The outcome of validating a split: the descriptors to persist, then to install.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SplitPlan {
-    pub left: RangeDescriptor,
-    pub right: RangeDescriptor,
-    pub retired: RangeDescriptor,
-}
-
 #[derive(Debug, Default)]
 pub struct RangeTable {
     node_id: String,
@@ -104,8 +96,6 @@ pub struct RangeTable {
     retired: HashMap<u64, RangeDescriptor>,
     /// Hints about ranges owned elsewhere, by start key (from PublishRouting).
     routing: BTreeMap<Bytes, RangeDescriptor>,
-    /// Ranges being copied onto this node by an online move, by id. Not served.
-    importing: HashMap<u64, RangeDescriptor>,
 }
 
 impl RangeTable {
@@ -115,10 +105,6 @@ impl RangeTable {
 
     /// Installs a persisted descriptor (at start-up). Owned ranges must not overlap.
     pub fn install(&mut self, desc: RangeDescriptor, load: impl FnOnce() -> Arc<RangeLoad>) -> Result<(), NodeError> {
-        if desc.state() == RangeState::Importing {
-            self.importing.insert(desc.range_id, desc);
-            return Ok(());
-        }
         if !desc.is_owned_state() {
             self.retired.insert(desc.range_id, desc);
             return Ok(());
@@ -153,24 +139,20 @@ impl RangeTable {
         self.owned.values().find(|o| o.desc.range_id == range_id)
     }
 
-    /// True when `range_id` names a range this node owns, owned or is importing.
+    /// True when `range_id` names a range this node owns or owned.
     pub fn knows_id(&self, range_id: u64) -> bool {
-        self.retired.contains_key(&range_id) || self.importing.contains_key(&range_id) || self.by_id(range_id).is_some()
+        self.retired.contains_key(&range_id) || self.by_id(range_id).is_some()
     }
 
-    /// The highest range id and move id any descriptor here mentions (owned, retired,
-    /// importing; successors and move intents included).
-    pub fn max_ids(&self) -> (u64, u64) {
-        let all = self.owned.values().map(|o| &o.desc).chain(self.retired.values()).chain(self.importing.values());
-        all.fold((0, 0), |(range, mv), d| {
-            let successor = d.successors.iter().copied().max().unwrap_or(0);
-            (range.max(d.range_id).max(successor), mv.max(d.move_intent.as_ref().map_or(0, |i| i.move_id)))
-        })
+    /// The highest range id any descriptor here mentions (owned, retired; successors included).
+    pub fn max_range_id(&self) -> u64 {
+        let all = self.owned.values().map(|o| &o.desc).chain(self.retired.values());
+        all.map(|d| d.successors.iter().copied().max().unwrap_or(0).max(d.range_id)).max().unwrap_or(0)
     }
 
-    /// True when this node owns, owned or is importing any range: it is part of a fleet's history.
+    /// True when this node owns or owned any range: it is part of a fleet's history.
     pub fn has_history(&self) -> bool {
-        !self.owned.is_empty() || !self.retired.is_empty() || !self.importing.is_empty()
+        !self.owned.is_empty() || !self.retired.is_empty()
     }
 
     /// The tombstone of a range this node no longer owns.
@@ -178,54 +160,18 @@ impl RangeTable {
         self.retired.get(&range_id)
     }
 
-    pub fn importing(&self, range_id: u64) -> Option<&RangeDescriptor> {
-        self.importing.get(&range_id)
-    }
-
-    pub fn all_importing(&self) -> impl Iterator<Item = &RangeDescriptor> {
-        self.importing.values()
-    }
-
     /// An owned range overlapping `[start, end)`, if any.
     pub fn owned_overlapping(&self, desc: &RangeDescriptor) -> Option<&Arc<OwnedRange>> {
         self.owned.values().find(|o| o.desc.overlaps(desc))
     }
 
-    /// Replaces an owned range's descriptor (freeze, unfreeze), keeping its gate and load.
-    /// The caller holds the range's gate exclusively.
-    pub fn replace_owned(&mut self, desc: RangeDescriptor) {
-        let Some(old) = self.owned.get(&desc.start_key).filter(|o| o.desc.range_id == desc.range_id).cloned() else {
-            return;
-        };
-        let mut range = OwnedRange::new(desc, old.load.clone());
-        range.gate = old.gate.clone();
-        self.owned.insert(range.desc.start_key.clone(), Arc::new(range));
-        old.mark_replaced();
-    }
-
-    /// Records a range handed to another node: no longer owned, retired with the new owner as
-    /// the hint. The caller holds the range's gate exclusively.
-    pub fn retire_moved(&mut self, tombstone: RangeDescriptor) {
+    /// Records a range no longer owned here (merged into its left neighbour, or this replica
+    /// removed from it), kept as a tombstone whose replicas are the routing hint.
+    pub fn retire(&mut self, tombstone: RangeDescriptor) {
         if let Some(old) = self.owned.remove(&tombstone.start_key) {
             old.mark_replaced();
         }
         self.retired.insert(tombstone.range_id, tombstone);
-    }
-
-    pub fn start_import(&mut self, desc: RangeDescriptor) {
-        self.importing.insert(desc.range_id, desc);
-    }
-
-    pub fn forget_import(&mut self, range_id: u64) -> Option<RangeDescriptor> {
-        self.importing.remove(&range_id)
-    }
-
-    /// An import completed: the range is owned here from now on.
-    pub fn activate_import(&mut self, desc: RangeDescriptor, load: Arc<RangeLoad>) {
-        self.importing.remove(&desc.range_id);
-        self.retired.remove(&desc.range_id);
-        let range = Arc::new(OwnedRange::new(desc, load));
-        self.owned.insert(range.desc.start_key.clone(), range);
     }
 
     fn containing(&self, key: &[u8]) -> Option<&Arc<OwnedRange>> {
@@ -321,120 +267,6 @@ impl RangeTable {
         Ok(desc)
     }
 
-    /// Validates a split (the ids must be chosen already) and computes the new descriptors.
-    pub fn plan_split(&self, request: &SplitRangeRequest) -> Result<SplitPlan, NodeError> {
-        let SplitRangeRequest { range_id, ref split_key, left_id, right_id, .. } = *request;
-        let desc = self.check_split(request)?;
-        if left_id == right_id || [left_id, right_id].iter().any(|&id| id == range_id || self.knows_id(id)) {
-            return Err(NodeError::Invalid(format!(
-                "split ids {left_id} and {right_id} must be distinct and new on this node"
-            )));
-        }
-        let generation = desc.generation + 1;
-        let half = |range_id, start_key: &[u8], end_key: &[u8]| RangeDescriptor {
-            range_id,
-            start_key: Bytes::copy_from_slice(start_key),
-            end_key: Bytes::copy_from_slice(end_key),
-            generation,
-            state: RangeState::Active as i32,
-            replicas: desc.replicas.clone(),
-            successors: Vec::new(),
-            move_intent: None,
-            conf_version: 0,
-            merge_freeze_index: 0,
-        };
-        let left = half(left_id, &desc.start_key, split_key);
-        let right = half(right_id, split_key, &desc.end_key);
-        let mut retired = desc.clone();
-        retired.state = RangeState::Retired as i32;
-        retired.generation = generation;
-        retired.successors = vec![left_id, right_id];
-        Ok(SplitPlan { left, right, retired })
-    }
-
-    /// Validates a merge of two adjacent owned ranges (the id chosen already) and computes the
-    /// merged descriptor and the two retired ones.
-    pub fn plan_merge(&self, request: &MergeRangesRequest) -> Result<MergePlan, NodeError> {
-        let left = self.by_id(request.left_id).ok_or(NodeError::UnknownRange(request.left_id))?;
-        let right = self.by_id(request.right_id).ok_or(NodeError::UnknownRange(request.right_id))?;
-        for (range, expected) in [(left, request.expected_left_generation), (right, request.expected_right_generation)]
-        {
-            let desc = &range.desc;
-            if expected != 0 && expected != desc.generation {
-                return Err(NodeError::GenerationMismatch {
-                    range_id: desc.range_id,
-                    expected,
-                    actual: desc.generation,
-                });
-            }
-            if desc.state() != RangeState::Active {
-                return Err(NodeError::Invalid(format!(
-                    "range {} is {:?}, only active ranges merge",
-                    desc.range_id,
-                    desc.state()
-                )));
-            }
-        }
-        let (l, r) = (&left.desc, &right.desc);
-        if l.end_key.is_empty() || l.end_key != r.start_key {
-            return Err(NodeError::Invalid(format!(
-                "ranges {} {} and {} {} are not adjacent (left's end must be right's start)",
-                l.range_id,
-                l.span(),
-                r.range_id,
-                r.span()
-            )));
-        }
-        let merged_id = request.merged_id;
-        if merged_id == l.range_id || merged_id == r.range_id || self.knows_id(merged_id) {
-            return Err(NodeError::Invalid(format!("merged id {merged_id} must be new on this node")));
-        }
-        let generation = l.generation.max(r.generation) + 1;
-        let merged = RangeDescriptor {
-            range_id: merged_id,
-            start_key: l.start_key.clone(),
-            end_key: r.end_key.clone(),
-            generation,
-            state: RangeState::Active as i32,
-            replicas: l.replicas.clone(),
-            successors: Vec::new(),
-            move_intent: None,
-            conf_version: 0,
-            merge_freeze_index: 0,
-        };
-        let retire = |d: &RangeDescriptor| RangeDescriptor {
-            state: RangeState::Retired as i32,
-            generation,
-            successors: vec![merged_id],
-            ..d.clone()
-        };
-        Ok(MergePlan { merged, retired: [retire(l), retire(r)] })
-    }
-
-    /// Installs a persisted merge. The caller holds both ranges' gates exclusively.
-    pub fn apply_merge(&mut self, plan: &MergePlan, load: impl Fn() -> Arc<RangeLoad>) {
-        for retired in &plan.retired {
-            if let Some(old) = self.owned.remove(&retired.start_key) {
-                old.mark_replaced();
-            }
-            self.retired.insert(retired.range_id, retired.clone());
-        }
-        let range = Arc::new(OwnedRange::new(plan.merged.clone(), load()));
-        self.owned.insert(plan.merged.start_key.clone(), range);
-    }
-
-    /// Installs a persisted split. The caller holds the old range's gate exclusively.
-    pub fn apply_split(&mut self, plan: &SplitPlan, load: impl Fn() -> Arc<RangeLoad>) {
-        if let Some(old) = self.owned.remove(&plan.retired.start_key) {
-            old.mark_replaced();
-        }
-        self.retired.insert(plan.retired.range_id, plan.retired.clone());
-        for half in [&plan.left, &plan.right] {
-            let range = Arc::new(OwnedRange::new(half.clone(), load()));
-            self.owned.insert(half.start_key.clone(), range);
-        }
-    }
-
     /// Installs a split applied through a replicated range's log: the range keeps its id and
     /// the keys before the split key (`left`), the new range `right` takes the rest. Requests
     /// holding the old descriptor re-route. False if the range is not owned here any more.
@@ -522,7 +354,6 @@ pub fn bootstrap_descriptor(node_id: &str, address: &str) -> RangeDescriptor {
         state: RangeState::Active as i32,
         replicas: vec![leader_replica(node_id, address)],
         successors: Vec::new(),
-        move_intent: None,
         conf_version: 0,
         merge_freeze_index: 0,
     }
@@ -542,8 +373,15 @@ mod tests {
         table
     }
 
-    fn split(range_id: u64, expected_generation: u64, key: &[u8], left_id: u64, right_id: u64) -> SplitRangeRequest {
-        SplitRangeRequest { range_id, expected_generation, split_key: Bytes::copy_from_slice(key), left_id, right_id }
+    fn split(range_id: u64, expected_generation: u64, key: &[u8], right_id: u64) -> SplitRangeRequest {
+        SplitRangeRequest { range_id, expected_generation, split_key: Bytes::copy_from_slice(key), right_id }
+    }
+
+    /// A split as the log applies it: checked, then installed (the left half keeps the id).
+    fn apply_split(table: &mut RangeTable, request: &SplitRangeRequest) {
+        let desc = table.check_split(request).unwrap().clone();
+        let [left, right] = crate::replica::apply::split_halves(desc, &request.split_key, request.right_id);
+        assert!(table.apply_replicated_split(&left, &right, load));
     }
 
     fn header(range_id: u64, generation: u64) -> RequestHeader {
@@ -561,21 +399,19 @@ mod tests {
     #[test]
     fn split_tiles_the_parent_and_bumps_generation() {
         let mut table = table_with_bootstrap();
-        let plan = table.plan_split(&split(1, 1, b"m", 10, 11)).unwrap();
-        assert_eq!((plan.left.start_key.as_ref(), plan.left.end_key.as_ref()), (&b""[..], &b"m"[..]));
-        assert_eq!((plan.right.start_key.as_ref(), plan.right.end_key.as_ref()), (&b"m"[..], &b""[..]));
-        assert_eq!(plan.left.generation, 2);
-        table.apply_split(&plan, load);
-        assert_eq!(table.route(b"a", None).unwrap().desc.range_id, 10);
-        assert_eq!(table.route(b"m", None).unwrap().desc.range_id, 11);
+        apply_split(&mut table, &split(1, 1, b"m", 11));
+        let left = table.route(b"a", None).unwrap().desc.clone();
+        let right = table.route(b"m", None).unwrap().desc.clone();
+        assert_eq!((left.range_id, left.start_key.as_ref(), left.end_key.as_ref()), (1, &b""[..], &b"m"[..]));
+        assert_eq!((right.range_id, right.start_key.as_ref(), right.end_key.as_ref()), (11, &b"m"[..], &b""[..]));
+        assert_eq!((left.generation, right.generation), (2, 2));
         assert_eq!(table.owned_count(), 2);
     }
 
     #[test]
     fn stale_cache_gets_not_owner_with_current_descriptor() {
         let mut table = table_with_bootstrap();
-        let plan = table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap();
-        table.apply_split(&plan, load);
+        apply_split(&mut table, &split(1, 0, b"m", 11));
         let err = table.route(b"z", Some(&header(1, 1))).unwrap_err();
         let hint = err.hint.unwrap();
         assert_eq!((hint.range_id, hint.generation), (11, 2));
@@ -583,53 +419,35 @@ mod tests {
     }
 
     #[test]
-    fn split_rejects_bad_keys_ids_and_generations() {
+    fn split_rejects_bad_keys_and_generations() {
         let mut table = table_with_bootstrap();
-        assert!(matches!(table.plan_split(&split(9, 0, b"m", 10, 11)), Err(NodeError::UnknownRange(9))));
-        assert!(matches!(table.plan_split(&split(1, 5, b"m", 10, 11)), Err(NodeError::GenerationMismatch { .. })));
-        assert!(matches!(table.plan_split(&split(1, 0, b"", 10, 11)), Err(NodeError::Invalid(_))));
-        assert!(matches!(table.plan_split(&split(1, 0, b"m", 10, 10)), Err(NodeError::Invalid(_))));
-        let plan = table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap();
-        table.apply_split(&plan, load);
-        assert!(matches!(table.plan_split(&split(10, 0, b"m", 12, 13)), Err(NodeError::Invalid(_))));
-        assert!(matches!(table.plan_split(&split(10, 0, b"c", 1, 13)), Err(NodeError::Invalid(_))));
+        assert!(matches!(table.check_split(&split(9, 0, b"m", 11)), Err(NodeError::UnknownRange(9))));
+        assert!(matches!(table.check_split(&split(1, 5, b"m", 11)), Err(NodeError::GenerationMismatch { .. })));
+        assert!(matches!(table.check_split(&split(1, 0, b"", 11)), Err(NodeError::Invalid(_))));
+        apply_split(&mut table, &split(1, 0, b"m", 11));
+        assert!(matches!(table.check_split(&split(1, 0, b"m", 13)), Err(NodeError::Invalid(_))));
+        assert!(matches!(table.check_split(&split(1, 0, b"q", 13)), Err(NodeError::Invalid(_))));
+        assert!(table.knows_id(11) && !table.knows_id(13));
     }
 
     #[test]
-    fn adjacent_ranges_merge_into_one_with_a_higher_generation() {
+    fn a_merged_away_range_points_stale_requests_at_the_merged_one() {
         let mut table = table_with_bootstrap();
-        table.apply_split(&table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap(), load);
-        let request = MergeRangesRequest { left_id: 10, right_id: 11, merged_id: 12, ..Default::default() };
-        let plan = table.plan_merge(&request).unwrap();
-        assert_eq!((plan.merged.start_key.as_ref(), plan.merged.end_key.as_ref()), (&b""[..], &b""[..]));
-        assert_eq!(plan.merged.generation, 3);
-        table.apply_merge(&plan, load);
+        apply_split(&mut table, &split(1, 0, b"m", 11));
+        let right = table.by_id(11).unwrap().desc.clone();
+        let merged = RangeDescriptor { end_key: Bytes::new(), generation: 3, ..table.by_id(1).unwrap().desc.clone() };
+        assert!(table.replace_replicated(&merged));
+        table.retire(RangeDescriptor {
+            state: RangeState::Retired as i32,
+            generation: 3,
+            successors: vec![1],
+            ..right
+        });
         assert_eq!(table.owned_count(), 1);
-        assert_eq!(table.route(b"z", None).unwrap().desc.range_id, 12);
-        // Stale routing to a merged-away range gets the merged descriptor as its hint.
+        assert_eq!(table.route(b"z", None).unwrap().desc.range_id, 1);
         let hint = table.route(b"z", Some(&header(11, 2))).unwrap_err().hint.unwrap();
-        assert_eq!((hint.range_id, hint.generation), (12, 3));
-    }
-
-    #[test]
-    fn merge_refuses_non_adjacent_or_unknown_ranges() {
-        let mut table = table_with_bootstrap();
-        table.apply_split(&table.plan_split(&split(1, 0, b"m", 10, 11)).unwrap(), load);
-        table.apply_split(&table.plan_split(&split(11, 0, b"t", 20, 21)).unwrap(), load);
-        let gap = MergeRangesRequest { left_id: 10, right_id: 21, merged_id: 30, ..Default::default() };
-        assert!(matches!(table.plan_merge(&gap), Err(NodeError::Invalid(m)) if m.contains("not adjacent")));
-        let reversed = MergeRangesRequest { left_id: 20, right_id: 10, merged_id: 30, ..Default::default() };
-        assert!(matches!(table.plan_merge(&reversed), Err(NodeError::Invalid(_))));
-        let unknown = MergeRangesRequest { left_id: 10, right_id: 99, merged_id: 30, ..Default::default() };
-        assert!(matches!(table.plan_merge(&unknown), Err(NodeError::UnknownRange(99))));
-        let stale = MergeRangesRequest {
-            left_id: 10,
-            right_id: 20,
-            expected_left_generation: 1,
-            merged_id: 30,
-            ..Default::default()
-        };
-        assert!(matches!(table.plan_merge(&stale), Err(NodeError::GenerationMismatch { .. })));
+        assert_eq!((hint.range_id, hint.generation), (1, 3));
+        assert_eq!(table.max_range_id(), 11);
     }
 
     #[test]

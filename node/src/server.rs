@@ -44,11 +44,6 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Streams a client may reset before the node accepted them, per connection (see `run`).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
-/// An export of an active range whose tail nobody read for this long was abandoned.
-const EXPORT_IDLE_LIMIT: Duration = Duration::from_secs(300);
-/// A range frozen longer than this has lost its move's driver (the freeze itself lasts
-/// milliseconds): the node asks the target how the move ended.
-const STALE_FREEZE_AFTER: Duration = Duration::from_secs(2);
 
 pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
@@ -70,7 +65,6 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         kvfleet_proto::metrics_http::spawn(addr, registry, readiness.clone(), shutdown);
     }
     tokio::spawn(tick_load(node.clone(), shutdown_rx.clone()));
-    tokio::spawn(settle_stale_freezes(node.clone(), shutdown_rx.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KvServer<KvService>>().await;
@@ -200,20 +194,5 @@ async fn tick_load(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         let now = Instant::now();
         node.tick_load(now - last);
         last = now;
-    }
-}
-
-/// About once a second: settles freezes that outlived their move's driver
-/// (`Node::settle_stale_freezes`) and drops exports nothing can use any more.
-async fn settle_stale_freezes(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-        node.settle_stale_freezes(STALE_FREEZE_AFTER).await;
-        node.drop_stale_exports(EXPORT_IDLE_LIMIT);
     }
 }

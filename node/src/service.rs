@@ -231,110 +231,8 @@ where
         .map_err(Status::from)
 }
 
-type ExportStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ExportChunk, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl Admin for AdminService {
-    type ExportSnapshotStream = ExportStream;
-
-    async fn export_snapshot(
-        &self,
-        request: Request<ExportSnapshotRequest>,
-    ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
-        self.admit(&request, Call::Read).await?;
-        use tokio_stream::StreamExt;
-        let request = request.into_inner();
-        let range_id = request.range_id;
-        let (tail_from_seq, export_id, chunks) = self.node.export_snapshot(&request).await?;
-        let node = self.node.clone();
-        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(move |chunk| {
-            node.touch_export(range_id, export_id);
-            chunk
-                .map(|pairs| ExportChunk {
-                    pairs: pairs.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),
-                    tail_from_seq,
-                    export_id,
-                })
-                .map_err(Status::from)
-        });
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn export_tail(&self, request: Request<ExportTailRequest>) -> Result<Response<ExportTailResponse>, Status> {
-        self.admit(&request, Call::Read).await?;
-        Ok(Response::new(self.node.export_tail(&request.into_inner())?))
-    }
-
-    async fn freeze_for_move(
-        &self,
-        request: Request<FreezeForMoveRequest>,
-    ) -> Result<Response<FreezeForMoveResponse>, Status> {
-        self.admit(&request, Call::Change).await?;
-        let request = request.into_inner();
-        let final_seq =
-            to_completion(&self.node, move |node| async move { node.freeze_for_move(&request).await }).await?;
-        Ok(Response::new(FreezeForMoveResponse { final_seq }))
-    }
-
-    async fn retire_moved(
-        &self,
-        request: Request<RetireMovedRequest>,
-    ) -> Result<Response<RetireMovedResponse>, Status> {
-        self.admit(&request, Call::Change).await?;
-        let request = request.into_inner();
-        to_completion(&self.node, move |node| async move { node.retire_moved(&request).await }).await?;
-        Ok(Response::new(RetireMovedResponse {}))
-    }
-
-    async fn abort_export(
-        &self,
-        request: Request<AbortExportRequest>,
-    ) -> Result<Response<AbortExportResponse>, Status> {
-        self.admit(&request, Call::Change).await?;
-        let request = request.into_inner();
-        to_completion(&self.node, move |node| async move { node.abort_export(&request).await }).await?;
-        Ok(Response::new(AbortExportResponse {}))
-    }
-
-    async fn import_range(
-        &self,
-        request: Request<ImportRangeRequest>,
-    ) -> Result<Response<ImportRangeResponse>, Status> {
-        self.admit(&request, Call::Change).await?;
-        let request = request.into_inner();
-        Ok(Response::new(
-            to_completion(&self.node, move |node| async move { node.import_range(&request).await }).await?,
-        ))
-    }
-
-    async fn complete_import(
-        &self,
-        request: Request<CompleteImportRequest>,
-    ) -> Result<Response<CompleteImportResponse>, Status> {
-        self.admit(&request, Call::Change).await?;
-        let request = request.into_inner();
-        let range = to_completion(&self.node, move |node| async move { node.complete_import(&request).await }).await?;
-        Ok(Response::new(CompleteImportResponse { range: Some(range) }))
-    }
-
-    async fn abort_import(
-        &self,
-        request: Request<AbortImportRequest>,
-    ) -> Result<Response<AbortImportResponse>, Status> {
-        self.admit(&request, Call::Change).await?;
-        let request = request.into_inner();
-        to_completion(&self.node, move |node| async move { node.abort_import(&request).await }).await?;
-        Ok(Response::new(AbortImportResponse {}))
-    }
-
-    async fn import_outcome(
-        &self,
-        request: Request<ImportOutcomeRequest>,
-    ) -> Result<Response<ImportOutcomeResponse>, Status> {
-        self.admit(&request, Call::Read).await?;
-        Ok(Response::new(self.node.import_outcome(request.into_inner().move_id)))
-    }
-
     async fn node_info(&self, request: Request<NodeInfoRequest>) -> Result<Response<NodeInfoResponse>, Status> {
         self.admit(&request, Call::Open).await?;
         let config = &self.node.config;
@@ -361,15 +259,12 @@ impl Admin for AdminService {
 
     async fn list_ranges(&self, request: Request<ListRangesRequest>) -> Result<Response<ListRangesResponse>, Status> {
         self.admit(&request, Call::Open).await?;
-        let (max_range_id, max_move_id) = self.node.max_ids();
         Ok(Response::new(ListRangesResponse {
             node_id: self.node.config.node_id.clone(),
             address: self.node.address.clone(),
             ranges: self.node.owned_ranges_with_lag().await,
             routing: self.node.routing_hints(),
-            importing: self.node.importing_ranges(),
-            max_range_id,
-            max_move_id,
+            max_range_id: self.node.max_range_id(),
             operator_epoch: self.node.operator_epoch(),
         }))
     }

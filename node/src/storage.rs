@@ -1,10 +1,12 @@
-//! RocksDB underneath the node: column families, the group-commit write pipeline that gives each
-//! durability mode its meaning, point reads, snapshot scans and size estimates.
+//! RocksDB underneath the node: column families, the metadata write pipeline, point reads,
+//! snapshot scans and size estimates. Data and Raft logs are written by the Raft thread (see
+//! `replica`), straight to the RocksDB `db()`.
 //!
-//! Every write goes through one committer thread. It takes everything queued since its last
-//! write, applies it as one RocksDB `WriteBatch` and, in `sync` mode, one fsync, then answers all
-//! the writers: concurrent writers share fsyncs (group commit), and each request's mutations stay
-//! atomic because they are never split across batches.
+//! Metadata (node identity, operator epochs, range descriptors written outside a log) goes
+//! through one committer thread. It takes everything queued since its last write, applies it as
+//! one RocksDB `WriteBatch` and one fsync, then answers all the writers: concurrent writers share
+//! fsyncs (group commit), and each request's writes stay atomic because they are never split
+//! across batches. In `async` durability a background thread fsyncs the WAL every interval.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -65,82 +67,13 @@ enum CommitterMsg {
     Stop,
 }
 
-/// Whether a write is fsynced before it is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SyncPolicy {
-    /// As the node's durability mode says.
-    Mode,
-    /// Always (metadata).
-    Always,
-    /// Never by itself (bulk copies, made durable later by an `Always` write behind them: the
-    /// WAL is sequential, so one fsync covers everything before it).
-    Deferred,
-}
-
 struct PendingWrite {
     ops: Vec<WriteOp>,
-    sync: SyncPolicy,
     done: oneshot::Sender<Result<(), String>>,
 }
 
-/// The writes to a key span, recorded by the committer in commit order, numbered from 1: the
-/// tail of an online move. Entries are dropped once read past.
-#[derive(Debug)]
-pub struct Capture {
-    start: Bytes,
-    end: Bytes,
-    log: parking_lot::Mutex<CaptureLog>,
-}
-
-#[derive(Debug, Default)]
-struct CaptureLog {
-    entries: std::collections::VecDeque<(u64, WriteOp)>,
-    next_seq: u64,
-}
-
-impl Capture {
-    fn contains(&self, key: &[u8]) -> bool {
-        key >= self.start.as_ref() && (self.end.is_empty() || key < self.end.as_ref())
-    }
-
-    fn record(&self, op: &WriteOp) {
-        let key = match op {
-            WriteOp::Put { cf: CF_DATA, key, .. } | WriteOp::Delete { cf: CF_DATA, key } => key,
-            _ => return,
-        };
-        if self.contains(key) {
-            let mut log = self.log.lock();
-            let seq = log.next_seq;
-            log.next_seq += 1;
-            log.entries.push_back((seq, op.clone()));
-        }
-    }
-
-    /// The sequence number the next captured write will get.
-    pub fn next_seq(&self) -> u64 {
-        self.log.lock().next_seq
-    }
-
-    /// Up to `max` entries from `from_seq` on (older ones are dropped), the sequence number after
-    /// them, and how many remain after those.
-    pub fn read_from(&self, from_seq: u64, max: usize) -> (Vec<(u64, WriteOp)>, u64, u64) {
-        let mut log = self.log.lock();
-        while log.entries.front().is_some_and(|(seq, _)| *seq < from_seq) {
-            log.entries.pop_front();
-        }
-        let entries: Vec<(u64, WriteOp)> = log.entries.iter().take(max).cloned().collect();
-        let next = entries.last().map_or(from_seq.max(1), |(seq, _)| seq + 1);
-        let backlog = (log.entries.len() - entries.len()) as u64;
-        (entries, next, backlog)
-    }
-}
-
-/// A snapshot chunk of an export: (key, value) pairs in key order.
-pub type ExportChunk = Result<Vec<(Bytes, Bytes)>, NodeError>;
-
 /// The node's RocksDB and its write pipeline.
 pub struct Storage {
-    captures: Arc<parking_lot::RwLock<Vec<Arc<Capture>>>>,
     db: Arc<DB>,
     queue: std_mpsc::Sender<CommitterMsg>,
     committer: parking_lot::Mutex<Option<JoinHandle<()>>>,
@@ -194,15 +127,13 @@ impl Storage {
 
         let (queue, receiver) = std_mpsc::channel();
         let key_space_end = vec![0xff; max_key_bytes + 1];
-        let captures: Arc<parking_lot::RwLock<Vec<Arc<Capture>>>> = Arc::default();
         let committer = {
             let db = db.clone();
             let metrics = metrics.clone();
             let key_space_end = key_space_end.clone();
-            let captures = captures.clone();
             std::thread::Builder::new()
                 .name("kv-committer".into())
-                .spawn(move || run_committer(&db, receiver, durability, &key_space_end, &captures, &metrics))
+                .spawn(move || run_committer(&db, receiver, &key_space_end, &metrics))
                 .map_err(|source| NodeError::Io { context: "spawning the committer thread".into(), source })?
         };
         let wal_syncer = match durability {
@@ -219,7 +150,6 @@ impl Storage {
             }
         };
         Ok(Storage {
-            captures,
             db,
             queue,
             committer: parking_lot::Mutex::new(Some(committer)),
@@ -229,39 +159,24 @@ impl Storage {
         })
     }
 
-    /// Applies `ops` atomically; returns when the node's durability mode says the write is OK.
-    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<(), NodeError> {
-        self.submit(ops, SyncPolicy::Mode).await
-    }
-
     /// Applies `ops` atomically and fsyncs them, whatever the durability mode (metadata).
     pub async fn write_durable(&self, ops: Vec<WriteOp>) -> Result<(), NodeError> {
-        self.submit(ops, SyncPolicy::Always).await
+        let (done, wait) = oneshot::channel();
+        self.queue.send(CommitterMsg::Write(PendingWrite { ops, done })).map_err(|_| NodeError::ShuttingDown)?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(NodeError::WriteFailed(message)),
+            Err(_) => Err(NodeError::ShuttingDown),
+        }
     }
 
-    /// Applies `ops` atomically without an fsync of their own; a later `write_durable` makes
-    /// them durable.
-    pub async fn write_deferred(&self, ops: Vec<WriteOp>) -> Result<(), NodeError> {
-        self.submit(ops, SyncPolicy::Deferred).await
-    }
-
-    /// Fsyncs the WAL: everything written so far, deferred writes included, becomes durable.
+    /// Fsyncs the WAL: everything written so far becomes durable.
     pub async fn sync_wal(&self) -> Result<(), NodeError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush_wal(true))
             .await
             .map_err(|e| NodeError::WriteFailed(format!("WAL sync task: {e}")))?
             .map_err(|source| NodeError::Storage { context: "syncing the WAL".into(), source })
-    }
-
-    async fn submit(&self, ops: Vec<WriteOp>, sync: SyncPolicy) -> Result<(), NodeError> {
-        let (done, wait) = oneshot::channel();
-        self.queue.send(CommitterMsg::Write(PendingWrite { ops, sync, done })).map_err(|_| NodeError::ShuttingDown)?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(NodeError::WriteFailed(message)),
-            Err(_) => Err(NodeError::ShuttingDown),
-        }
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>, NodeError> {
@@ -363,69 +278,6 @@ impl Storage {
         self.db.get_cf(&cf, key).map_err(|source| NodeError::Storage { context: "reading metadata".into(), source })
     }
 
-    /// Starts recording writes to `[start, end)` in commit order. The caller must make sure no
-    /// write to the span is in flight (it holds the range's gate exclusively).
-    pub fn start_capture(&self, start: Bytes, end: Bytes) -> Arc<Capture> {
-        let capture = Arc::new(Capture {
-            start,
-            end,
-            log: parking_lot::Mutex::new(CaptureLog { entries: Default::default(), next_seq: 1 }),
-        });
-        self.captures.write().push(capture.clone());
-        capture
-    }
-
-    pub fn stop_capture(&self, capture: &Arc<Capture>) {
-        self.captures.write().retain(|c| !Arc::ptr_eq(c, capture));
-    }
-
-    /// Streams `[start, end)` from a RocksDB snapshot on a blocking thread, `chunk_pairs` pairs
-    /// at a time, with backpressure (a few chunks buffered). `taken` fires once the snapshot
-    /// exists, so the caller can let writes resume.
-    pub fn stream_snapshot(
-        &self,
-        start: Bytes,
-        end: Bytes,
-        chunk_pairs: usize,
-    ) -> (oneshot::Receiver<()>, tokio::sync::mpsc::Receiver<ExportChunk>) {
-        let (taken_tx, taken_rx) = oneshot::channel();
-        let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel(4);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let Some(cf) = db.cf_handle(CF_DATA) else {
-                let _ = chunks_tx.blocking_send(Err(NodeError::Corrupt("column family data is missing".into())));
-                return;
-            };
-            let snapshot = db.snapshot();
-            let _ = taken_tx.send(());
-            let mut read_opts = ReadOptions::default();
-            if !end.is_empty() {
-                read_opts.set_iterate_upper_bound(end.to_vec());
-            }
-            let mut iter = snapshot.raw_iterator_cf_opt(&cf, read_opts);
-            iter.seek(&start);
-            let mut chunk = Vec::with_capacity(chunk_pairs);
-            while iter.valid() {
-                if let (Some(key), Some(value)) = (iter.key(), iter.value()) {
-                    chunk.push((Bytes::copy_from_slice(key), Bytes::copy_from_slice(value)));
-                }
-                if chunk.len() >= chunk_pairs {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_pairs));
-                    if chunks_tx.blocking_send(Ok(full)).is_err() {
-                        return;
-                    }
-                }
-                iter.next();
-            }
-            let outcome = match iter.status() {
-                Ok(()) => Ok(chunk),
-                Err(source) => Err(NodeError::Storage { context: "reading a snapshot for export".into(), source }),
-            };
-            let _ = chunks_tx.blocking_send(outcome);
-        });
-        (taken_rx, chunks_rx)
-    }
-
     /// Stops the write pipeline after the writes already queued, then fsyncs the WAL. Later
     /// writes fail with `ShuttingDown`.
     pub fn shutdown(&self) -> Result<(), NodeError> {
@@ -447,7 +299,7 @@ impl Storage {
     }
 }
 
-fn group_commit(db: &DB, group: &[PendingWrite], durability: Durability, key_space_end: &[u8]) -> Result<bool, String> {
+fn group_commit(db: &DB, group: &[PendingWrite], key_space_end: &[u8]) -> Result<(), String> {
     let mut batch = WriteBatch::default();
     for pending in group {
         for op in &pending.ops {
@@ -463,26 +315,13 @@ fn group_commit(db: &DB, group: &[PendingWrite], durability: Durability, key_spa
             }
         }
     }
-    let sync = group.iter().any(|p| match p.sync {
-        SyncPolicy::Mode => durability == Durability::Sync,
-        SyncPolicy::Always => true,
-        SyncPolicy::Deferred => false,
-    });
     let mut write_opts = WriteOptions::default();
-    write_opts.set_sync(sync);
-    db.write_opt(batch, &write_opts).map_err(|e| e.to_string())?;
-    Ok(sync)
+    write_opts.set_sync(true);
+    db.write_opt(batch, &write_opts).map_err(|e| e.to_string())
 }
 
 /// The committer loop: block for one write, take all that queued behind it, commit them as one.
-fn run_committer(
-    db: &DB,
-    receiver: std_mpsc::Receiver<CommitterMsg>,
-    durability: Durability,
-    key_space_end: &[u8],
-    captures: &parking_lot::RwLock<Vec<Arc<Capture>>>,
-    metrics: &StorageMetrics,
-) {
+fn run_committer(db: &DB, receiver: std_mpsc::Receiver<CommitterMsg>, key_space_end: &[u8], metrics: &StorageMetrics) {
     const MAX_GROUP: usize = 1024;
     let mut group: Vec<PendingWrite> = Vec::with_capacity(MAX_GROUP);
     let mut stop = false;
@@ -502,15 +341,8 @@ fn run_committer(
             }
         }
         let started = Instant::now();
-        let result = group_commit(db, &group, durability, key_space_end);
-        metrics.observe_commit(group.len(), started.elapsed(), matches!(result, Ok(true)));
-        let result = result.map(|_| ());
-        if result.is_ok() {
-            let captures = captures.read();
-            for capture in captures.iter() {
-                group.iter().flat_map(|p| &p.ops).for_each(|op| capture.record(op));
-            }
-        }
+        let result = group_commit(db, &group, key_space_end);
+        metrics.observe_commit(group.len(), started.elapsed(), result.is_ok());
         for pending in group.drain(..) {
             let _ = pending.done.send(result.clone());
         }

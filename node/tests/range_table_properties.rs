@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use kvfleet_node::load::RangeLoad;
 use kvfleet_node::ranges::{RangeTable, bootstrap_descriptor};
+use kvfleet_node::replica::apply::split_halves;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::{RangeDescriptor, SplitRangeRequest};
 use proptest::prelude::*;
@@ -37,15 +38,16 @@ proptest! {
                 range_id: target.range_id,
                 expected_generation: target.generation,
                 split_key: key.clone().into(),
-                left_id: next_id,
-                right_id: next_id + 1,
+                right_id: next_id,
             };
-            match table.plan_split(&request) {
-                Ok(plan) => {
+            // As the log applies a split: checked, then installed (the left half keeps the id).
+            match table.check_split(&request) {
+                Ok(desc) => {
                     prop_assert!(target.is_interior(&key));
-                    prop_assert!(plan.left.generation > before && plan.right.generation > before);
-                    table.apply_split(&plan, load);
-                    next_id += 2;
+                    let [left, right] = split_halves(desc.clone(), &request.split_key, next_id);
+                    prop_assert!(left.generation > before && right.generation > before);
+                    prop_assert!(table.apply_replicated_split(&left, &right, load));
+                    next_id += 1;
                 }
                 // Refusals must be for a reason: the key is not strictly inside the range.
                 Err(_) => prop_assert!(!target.is_interior(&key)),

@@ -1,6 +1,6 @@
 //! Key-space arithmetic: which keys a range descriptor covers, and how keys are printed.
 
-use crate::v1::{MoveIntent, RangeDescriptor, RangeState, Replica, ReplicaMembership, ReplicaRole};
+use crate::v1::{RangeDescriptor, RangeState, Replica, ReplicaMembership, ReplicaRole};
 
 /// Half-open interval arithmetic over byte keys, where an empty end means "end of key space".
 pub trait RangeBounds {
@@ -46,19 +46,14 @@ impl RangeDescriptor {
     }
 
     /// Whether the range is a Raft group (its replicas carry Raft ids), of one voter or more.
-    /// A range made by the single-copy protocol of earlier versions is not: it has one replica,
-    /// with no Raft id.
+    /// Every range is, but for one written by an earlier version's single-copy protocol, which
+    /// a node adopts as a group when it starts (a retired one stays as it was: a routing hint).
     pub fn is_raft_group(&self) -> bool {
         self.replicas.iter().any(|r| r.raft_id != 0)
     }
 
     pub fn is_owned_state(&self) -> bool {
         matches!(self.state(), RangeState::Active | RangeState::Frozen)
-    }
-
-    /// The intent of move `move_id`, if this range is frozen for it.
-    pub fn frozen_for(&self, move_id: u64) -> Option<&MoveIntent> {
-        self.move_intent.as_ref().filter(|i| i.move_id == move_id && self.state() == RangeState::Frozen)
     }
 
     /// Whether this replicated range is frozen to be merged into its left neighbour (its

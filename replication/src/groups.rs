@@ -539,6 +539,15 @@ impl<S: GroupLog> Groups<S> {
         self.groups.get(&group).is_some_and(|g| g.raw.raft.state == StateRole::Leader)
     }
 
+    /// Whether this node leads `group` and has committed an entry in its term. raft-rs drops
+    /// a read index asked of a leader before that (its commit index may still lag what its
+    /// predecessor committed).
+    pub fn leads_with_commit_in_term(&self, group: GroupId) -> bool {
+        self.groups
+            .get(&group)
+            .is_some_and(|g| g.raw.raft.state == StateRole::Leader && g.raw.raft.commit_to_current_term())
+    }
+
     /// The log of `group` (to compact it).
     pub fn log_mut(&mut self, group: GroupId) -> Option<&mut S> {
         self.groups.get_mut(&group).map(|g| g.raw.mut_store())

@@ -3,14 +3,13 @@
 //! through the nodes' admin API -> persist -> report status. No Kubernetes, no command line.
 //!
 //! Where things live: `resharding_loop` (the rounds), `observe` (what the nodes report, and the
-//! planner's view built from it), `moves` (the move protocol, driven and recovered), `replica_moves` and `replica_merges` (a replicated range's moves and merges, step by step), `platform`
-//! (the trait a platform implements: which nodes exist, where the state is saved), `state` (what
+//! planner's view built from it), `replica_moves` and `replica_merges` (a range's moves, as
+//! membership changes, and merges, step by step), `platform` (the trait a platform implements: which nodes exist, where the state is saved), `state` (what
 //! the loop persists), `fleet` (the typed fleet view the loop exports), `status` (the status API,
 //! metrics and events), `leadership` (whether this loop may act, and its epoch).
 
 pub mod fleet;
 pub mod leadership;
-pub mod moves;
 pub mod observe;
 pub mod platform;
 pub mod replica_merges;

@@ -101,11 +101,8 @@ pub fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 #[derive(Debug, Clone, Default)]
 pub struct NodeReport {
     pub load: LoadReportResponse,
-    /// Ranges being imported here (not served yet).
-    pub importing: Vec<RangeDescriptor>,
-    /// The highest range id and move id the node ever recorded.
+    /// The highest range id the node ever recorded.
     pub max_range_id: u64,
-    pub max_move_id: u64,
     /// Its ranges as `ListRanges` gives them: on the ranges it leads, how far behind each
     /// replica is (`Replica.behind_entries`).
     pub listed: Vec<RangeDescriptor>,
@@ -191,21 +188,17 @@ impl Observation {
         self.nodes.iter().filter_map(|n| n.report.as_ref().err().map(|e| (&n.member, e.as_str())))
     }
 
-    /// The highest range id and move id any node mentions or ever recorded.
-    pub fn max_ids(&self) -> (u64, u64) {
+    /// The highest range id any node mentions or ever recorded.
+    pub fn max_range_id(&self) -> u64 {
         let mut max_range = 0;
-        let mut max_move = 0;
         for node in &self.nodes {
             let Ok(report) = &node.report else { continue };
             max_range = max_range.max(report.max_range_id);
-            max_move = max_move.max(report.max_move_id);
-            let descs = report.load.ranges.iter().filter_map(|l| l.range.as_ref()).chain(&report.importing);
-            for desc in descs {
+            for desc in report.load.ranges.iter().filter_map(|l| l.range.as_ref()) {
                 max_range = max_range.max(desc.range_id).max(desc.successors.iter().copied().max().unwrap_or(0));
-                max_move = max_move.max(desc.move_intent.as_ref().map_or(0, |i| i.move_id));
             }
         }
-        (max_range, max_move)
+        max_range
     }
 
     /// The nodes (indices into `nodes`) holding a voting replica of `range`, as its leader has
@@ -478,13 +471,7 @@ async fn report_of(clients: &NodeClients, address: &str, timeout: Duration) -> R
     let load = load.map_err(|s| describe_status(&s))?.into_inner();
     let list = list.map_err(|s| describe_status(&s))?.into_inner();
     clients.leadership.saw_node_epoch(list.operator_epoch);
-    Ok(NodeReport {
-        load,
-        importing: list.importing,
-        max_range_id: list.max_range_id,
-        max_move_id: list.max_move_id,
-        listed: list.ranges,
-    })
+    Ok(NodeReport { load, max_range_id: list.max_range_id, listed: list.ranges })
 }
 
 pub fn describe_status(status: &tonic::Status) -> String {

@@ -136,7 +136,6 @@ pub async fn merge_replicated(
                     right_id,
                     expected_left_generation: left.generation,
                     expected_right_generation: right.generation,
-                    merged_id: 0,
                 };
                 let admin = clients.admin(&left_leader.address);
                 match admin {

@@ -10,20 +10,19 @@ use kvfleet_planner::{Action, ActionKind, MergeReason, MoveReason, NodeId, Plan,
 use kvfleet_proto::admin_auth::AdminToken;
 use kvfleet_proto::display_key;
 use kvfleet_proto::v1::{
-    BootstrapRequest, ChangeReplicasRequest, MergeRangesRequest, PublishRoutingRequest, RangeDescriptor, RangeState,
-    Replica, ReplicaChange, ReplicaMembership, SplitRangeRequest, TransferLeaderRequest, replica_change,
+    BootstrapRequest, ChangeReplicasRequest, PublishRoutingRequest, RangeDescriptor, RangeState, Replica,
+    ReplicaChange, ReplicaMembership, SplitRangeRequest, TransferLeaderRequest, replica_change,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::leadership::Leadership;
-use crate::moves::{MoveError, MoveReport, MoveTimeouts, Recovery};
 use crate::observe::{NodeClients, Observation, describe_status, with_timeout};
 use crate::platform::{Platform, PlatformError};
 use crate::replica_moves::{Endpoint, ReplicaMoveError};
 use crate::state::{InFlightMove, ReshardingState, unix_now};
 use crate::status::{IdReservation, StatusBoard};
-use crate::{moves, observe, replica_merges};
+use crate::{observe, replica_merges};
 use kvfleet_client::client::normalize_address;
 
 /// Rounds in a row a replica move's target may not answer before the move is given up.
@@ -77,26 +76,11 @@ pub enum LoopError {
     Platform(#[from] PlatformError),
 }
 
+/// A replica move a task drives (`replica_moves`), ending with the range as its leader has it.
 struct LiveMove {
-    task: MoveTask,
+    task: JoinHandle<Result<RangeDescriptor, ReplicaMoveError>>,
     /// Why this loop planned it; None for a move it resumed (its recorded reason is in the state).
     reason: Option<MoveReason>,
-}
-
-enum MoveTask {
-    /// A single copy moving by freeze and copy (`moves`).
-    Copy(JoinHandle<Result<MoveReport, MoveError>>),
-    /// A replica moving by membership changes (`replica_moves`); the range as its leader has it.
-    Replica(JoinHandle<Result<RangeDescriptor, ReplicaMoveError>>),
-}
-
-impl MoveTask {
-    fn is_finished(&self) -> bool {
-        match self {
-            MoveTask::Copy(task) => task.is_finished(),
-            MoveTask::Replica(task) => task.is_finished(),
-        }
-    }
 }
 
 pub struct ReshardingLoop<P: Platform> {
@@ -178,9 +162,7 @@ impl<P: Platform> ReshardingLoop<P> {
         // A replica move left running would race the next loop resuming it; resuming is the same
         // code as going on, so stopping it here loses nothing.
         for live in self.live_moves.values() {
-            if let MoveTask::Replica(task) = &live.task {
-                task.abort();
-            }
+            live.task.abort();
         }
         self.platform.save_state(&self.state).await?;
         Ok(())
@@ -219,8 +201,8 @@ impl<P: Platform> ReshardingLoop<P> {
         self.clients.route_admin_calls(&members);
         let mut observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
         self.mark_lost_replicas(&mut observation);
-        let (max_range, max_move) = observation.max_ids();
-        self.state.observe_ids(max_range, max_move);
+        let max_range = observation.max_range_id();
+        self.state.observe_range_ids(max_range);
         if !self.state.bootstrapped || !self.state.bootstrap_pending.is_empty() {
             self.bootstrap(&observation, max_range).await?;
             if !self.state.bootstrap_pending.is_empty() {
@@ -292,60 +274,11 @@ impl<P: Platform> ReshardingLoop<P> {
             self.live_moves.iter().filter(|(_, live)| live.task.is_finished()).map(|(id, _)| *id).collect();
         for move_id in finished {
             let Some(live) = self.live_moves.remove(&move_id) else { continue };
-            let task = match live.task {
-                MoveTask::Copy(task) => task,
-                MoveTask::Replica(task) => {
-                    self.reap_replica_move(move_id, task, now);
-                    continue;
-                }
-            };
-            let outcome = futures::FutureExt::now_or_never(task).and_then(Result::ok);
-            match outcome {
-                Some(Ok(report)) => {
-                    if let Some(mv) = self.state.finish_move(move_id) {
-                        self.state.moved_at.insert(mv.range_id, now);
-                        let text = format!(
-                            "moved range {} {} -> {}: {:.1} MB copied in {:.2}s, writes frozen {:.1} ms",
-                            mv.range_id,
-                            mv.from,
-                            mv.to,
-                            report.bytes_copied as f64 / 1e6,
-                            report.copy.as_secs_f64(),
-                            report.freeze.as_secs_f64() * 1e3
-                        );
-                        tracing::info!(
-                            move_id,
-                            range_id = mv.range_id,
-                            from = %mv.from,
-                            to = %mv.to,
-                            bytes = report.bytes_copied,
-                            pairs = report.pairs_copied,
-                            copy_ms = report.copy.as_millis() as u64,
-                            freeze_ms = report.freeze.as_secs_f64() * 1e3,
-                            total_ms = report.total.as_millis() as u64,
-                            generation = report.new_owner.generation,
-                            "move finished"
-                        );
-                        self.status.move_finished(&report, text);
-                    }
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "move failed; it will be finished or rolled back from the nodes' state");
-                    self.status.action_failed(ActionKind::Move, format!("{error}; recovering"));
-                }
-                None => {
-                    tracing::error!(move_id, "move task panicked or was cancelled; recovering from the nodes' state");
-                }
-            }
+            self.reap_move(move_id, live.task, now);
         }
     }
 
-    fn reap_replica_move(
-        &mut self,
-        move_id: u64,
-        task: JoinHandle<Result<RangeDescriptor, ReplicaMoveError>>,
-        now: u64,
-    ) {
+    fn reap_move(&mut self, move_id: u64, task: JoinHandle<Result<RangeDescriptor, ReplicaMoveError>>, now: u64) {
         match futures::FutureExt::now_or_never(task).and_then(Result::ok) {
             Some(Ok(desc)) => {
                 if let Some(mv) = self.state.finish_move(move_id) {
@@ -359,7 +292,8 @@ impl<P: Platform> ReshardingLoop<P> {
                         voters.join(", ")
                     );
                     tracing::info!(move_id, range_id = mv.range_id, from = %mv.from, to = %mv.to, conf_version = desc.conf_version, "replica move finished");
-                    self.status.replica_move_finished(text);
+                    let took = (unix_now().as_millis() as u64).saturating_sub(mv.started_unix_ms);
+                    self.status.move_finished(Duration::from_millis(took), text);
                 }
             }
             Some(Err(error)) => {
@@ -370,52 +304,13 @@ impl<P: Platform> ReshardingLoop<P> {
         }
     }
 
-    /// Finishes or rolls back every move no task drives (failed, or from before a restart), and
-    /// clears imports nothing accounts for.
+    /// Resumes every move no task drives (failed, or from before a restart): each goes on from
+    /// wherever its range's membership stands.
     async fn recover_moves(&mut self, observation: &Observation) {
-        let orphans = moves::discover_orphans(observation, &self.state.moves);
-        for orphan in orphans {
-            tracing::warn!(
-                move_id = orphan.move_id,
-                range_id = orphan.range_id,
-                "found a move the state did not record"
-            );
-            self.state.moves.push(orphan);
-        }
         let pending: Vec<InFlightMove> =
             self.state.moves.iter().filter(|m| !self.live_moves.contains_key(&m.move_id)).cloned().collect();
-        let (replica_moves, pending): (Vec<InFlightMove>, Vec<InFlightMove>) =
-            pending.into_iter().partition(|m| m.replica);
-        for mv in replica_moves {
-            self.resume_replica_move(observation, mv).await;
-        }
-        // Their imports were dealt with just now; the observation predates that.
-        let handled: HashSet<u64> = pending.iter().map(|m| m.move_id).collect();
         for mv in pending {
-            match moves::recover(&self.clients, observation, &mv, self.config.rpc_timeout).await {
-                Ok(Recovery::Completed(owner)) => {
-                    self.state.finish_move(mv.move_id);
-                    self.state.moved_at.insert(mv.range_id, unix_now().as_secs());
-                    self.status.event(format!(
-                        "recovered move {}: range {} now on {} at generation {}",
-                        mv.move_id, mv.range_id, mv.to, owner.generation
-                    ));
-                }
-                Ok(Recovery::RolledBack) => {
-                    self.state.finish_move(mv.move_id);
-                    self.status
-                        .event(format!("rolled back move {}: range {} stays on {}", mv.move_id, mv.range_id, mv.from));
-                }
-                Ok(Recovery::Waiting(why)) => tracing::info!(move_id = mv.move_id, %why, "move recovery waits"),
-                Err(error) => tracing::warn!(move_id = mv.move_id, %error, "move recovery failed; retrying next round"),
-            }
-        }
-        let stray = moves::stray_imports(observation, &self.state.moves);
-        for (node, range_id, move_id) in stray.into_iter().filter(|(_, _, move_id)| !handled.contains(move_id)) {
-            match moves::abort_stray_import(&self.clients, &node, range_id, move_id, self.config.rpc_timeout).await {
-                Ok(()) => self.status.event(format!("cleared a stray import of range {range_id} on {}", node.node_id)),
-                Err(error) => tracing::warn!(%error, "could not clear a stray import"),
-            }
+            self.resume_replica_move(observation, mv).await;
         }
     }
 
@@ -537,9 +432,9 @@ impl<P: Platform> ReshardingLoop<P> {
             .actions
             .iter()
             .map(|a| match a {
-                Action::Split { .. } => 2,
-                Action::Merge { .. } => 1,
-                Action::Move { .. } | Action::TransferLeader { .. } => 0,
+                // The right half's: the left one keeps the range's id, as a merged range does.
+                Action::Split { .. } => 1,
+                Action::Merge { .. } | Action::Move { .. } | Action::TransferLeader { .. } => 0,
             })
             .sum();
         let moves = plan.actions.iter().filter(|a| matches!(a, Action::Move { .. })).count() as u64;
@@ -554,14 +449,12 @@ impl<P: Platform> ReshardingLoop<P> {
         for action in &plan.actions {
             match action {
                 Action::Split { range, key, reason } => {
-                    let ids = (next_range_id, next_range_id + 1);
-                    next_range_id += 2;
-                    self.split(observation, *range, key, reason, ids, now).await;
+                    let right_id = next_range_id;
+                    next_range_id += 1;
+                    self.split(observation, *range, key, reason, right_id, now).await;
                 }
                 Action::Merge { left, right, reason } => {
-                    let id = next_range_id;
-                    next_range_id += 1;
-                    self.merge(observation, (*left, *right), reason, id).await;
+                    self.merge(observation, (*left, *right), reason).await;
                 }
                 Action::Move { range, from, to, reason } => {
                     let move_id = move_ids.pop().unwrap_or_else(|| self.state.allocate_move_id());
@@ -581,7 +474,7 @@ impl<P: Platform> ReshardingLoop<P> {
         range_id: u64,
         key: &[u8],
         reason: &SplitReason,
-        (left_id, right_id): (u64, u64),
+        right_id: u64,
         now: u64,
     ) {
         let Some(range) = observation.ranges.get(&range_id) else { return };
@@ -590,7 +483,6 @@ impl<P: Platform> ReshardingLoop<P> {
             range_id,
             expected_generation: range.desc.generation,
             split_key: key.to_vec().into(),
-            left_id,
             right_id,
         };
         let started = std::time::Instant::now();
@@ -602,9 +494,9 @@ impl<P: Platform> ReshardingLoop<P> {
         let why = reason.to_string();
         match result {
             Ok(answer) => {
-                // A replicated range keeps its id for the left half (the node says which ids).
+                // The range keeps its id for the left half (the node says which ids).
                 let answer = answer.into_inner();
-                let left_id = answer.left.map_or(left_id, |d| d.range_id);
+                let left_id = answer.left.map_or(range_id, |d| d.range_id);
                 let right_id = answer.right.map_or(right_id, |d| d.range_id);
                 self.state.split_at.insert(left_id, now);
                 self.state.split_at.insert(right_id, now);
@@ -623,58 +515,9 @@ impl<P: Platform> ReshardingLoop<P> {
         }
     }
 
-    async fn merge(
-        &mut self,
-        observation: &Observation,
-        (left, right): (u64, u64),
-        reason: &MergeReason,
-        merged_id: u64,
-    ) {
-        let (Some(l), Some(r)) = (observation.ranges.get(&left), observation.ranges.get(&right)) else { return };
-        if l.is_raft_group() != r.is_raft_group() {
-            // A single copy made by an earlier version next to a Raft group: neither protocol
-            // merges the two (the planner cannot tell them apart).
-            tracing::info!(left, right, "not merged: a single copy of an earlier version next to a Raft group");
-            return;
-        }
-        if l.is_raft_group() {
-            self.merge_replicated(observation, (left, right), reason).await;
-            return;
-        }
-        if l.owner != r.owner {
-            return;
-        }
-        let owner = &observation.nodes[l.owner].member;
-        let request = MergeRangesRequest {
-            left_id: left,
-            right_id: right,
-            expected_left_generation: l.desc.generation,
-            expected_right_generation: r.desc.generation,
-            merged_id,
-        };
-        let result: Result<_, String> = async {
-            let request = with_timeout(request, self.config.rpc_timeout);
-            self.clients.admin(owner.admin_address())?.merge_ranges(request).await.map_err(|s| describe_status(&s))
-        }
-        .await;
-        match result {
-            Ok(_) => {
-                tracing::info!(left, right, merged_id, node = %owner.node_id, %reason, "merged");
-                self.status.action_done(
-                    ActionKind::Merge,
-                    format!("merged ranges {left} + {right} -> {merged_id} on {} ({reason})", owner.node_id),
-                );
-            }
-            Err(error) => {
-                tracing::warn!(left, right, %error, "merge failed");
-                self.status.action_failed(ActionKind::Merge, format!("merge of {left} + {right} failed: {error}"));
-            }
-        }
-    }
-
-    /// Merges two replicated ranges through their logs (`replica_merges`): their replicas are on
-    /// the same nodes (the planner aligned them); a merge interrupted before is finished.
-    async fn merge_replicated(&mut self, observation: &Observation, (left, right): (u64, u64), reason: &MergeReason) {
+    /// Merges two ranges through their logs (`replica_merges`): their replicas are on the same
+    /// nodes (the planner aligned them); a merge interrupted before is finished.
+    async fn merge(&mut self, observation: &Observation, (left, right): (u64, u64), reason: &MergeReason) {
         let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
         let started = std::time::Instant::now();
         let merged = replica_merges::merge_replicated(&self.clients, left, right, &seeds, REPLICA_MERGE_DEADLINE).await;
@@ -717,7 +560,7 @@ impl<P: Platform> ReshardingLoop<P> {
                 continue;
             }
             if left_nodes == right_nodes {
-                self.merge_replicated(observation, (left, right), &MergeReason::Frozen).await;
+                self.merge(observation, (left, right), &MergeReason::Frozen).await;
                 continue;
             }
             let from = left_nodes.iter().find(|n| !right_nodes.contains(n)).and_then(|n| observation.node_index(n));
@@ -756,32 +599,16 @@ impl<P: Platform> ReshardingLoop<P> {
             to: target.member.node_id.clone(),
             reason: why.clone(),
             started_unix_ms: unix_now().as_millis() as u64,
-            replica: range.is_raft_group(),
         };
-        // Recorded before any node hears of it: a restarted controller knows what to clean up.
+        // Recorded before any node hears of it: a restarted controller knows what to resume.
         self.state.moves.push(mv.clone());
         self.platform.save_state(&self.state).await?;
-        if mv.replica {
-            tracing::info!(move_id, range_id, from = %mv.from, to = %mv.to, reason = %why, "replica move started");
-            self.status.action_done(
-                ActionKind::Move,
-                format!("moving range {range_id}'s replica {} -> {} ({why})", mv.from, mv.to),
-            );
-            self.spawn_replica_move(observation, &mv, Some(reason.clone()));
-            return Ok(());
-        }
-        tracing::info!(move_id, range_id, from = %mv.from, to = %mv.to, reason = %why, "move started");
-        self.status.action_done(ActionKind::Move, format!("moving range {range_id} {} -> {} ({why})", mv.from, mv.to));
-        let timeouts = MoveTimeouts { import: self.config.import_timeout, step: self.config.rpc_timeout };
-        let task = tokio::spawn(moves::drive(
-            self.clients.clone(),
-            mv,
-            range.desc.clone(),
-            source.member.clone(),
-            target.member.clone(),
-            timeouts,
-        ));
-        self.live_moves.insert(move_id, LiveMove { task: MoveTask::Copy(task), reason: Some(reason.clone()) });
+        tracing::info!(move_id, range_id, from = %mv.from, to = %mv.to, reason = %why, "replica move started");
+        self.status.action_done(
+            ActionKind::Move,
+            format!("moving range {range_id}'s replica {} -> {} ({why})", mv.from, mv.to),
+        );
+        self.spawn_replica_move(observation, &mv, Some(reason.clone()));
         Ok(())
     }
 
@@ -808,7 +635,7 @@ impl<P: Platform> ReshardingLoop<P> {
                 crate::replica_moves::move_replica(&clients, range_id, &seeds, &from, &to, deadline).await
             }
         });
-        self.live_moves.insert(mv.move_id, LiveMove { task: MoveTask::Replica(task), reason });
+        self.live_moves.insert(mv.move_id, LiveMove { task, reason });
     }
 
     /// Resumes a replica move no task drives (it failed, or this controller restarted). One whose
@@ -935,9 +762,9 @@ impl<P: Platform> ReshardingLoop<P> {
     /// Stops the tasks of replica moves whose target stopped answering or drains; the next
     /// round gives them up (`abandon_replica_move`).
     fn stop_stuck_replica_moves(&mut self, observation: &Observation) {
-        let stuck = |m: &&InFlightMove| m.replica && m.from != m.to && !self.target_usable(observation, &m.to);
+        let stuck = |m: &&InFlightMove| m.from != m.to && !self.target_usable(observation, &m.to);
         for mv in self.state.moves.iter().filter(stuck) {
-            if let Some(LiveMove { task: MoveTask::Replica(task), .. }) = self.live_moves.get(&mv.move_id) {
+            if let Some(LiveMove { task, .. }) = self.live_moves.get(&mv.move_id) {
                 tracing::warn!(move_id = mv.move_id, to = %mv.to, "replica move target does not answer or drains; stopping the move");
                 task.abort();
             }

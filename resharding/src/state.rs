@@ -57,10 +57,6 @@ pub struct InFlightMove {
     pub to: String,
     pub reason: String,
     pub started_unix_ms: u64,
-    /// A replica of a replicated range moving by membership changes (`replica_moves`), not a
-    /// single copy moving by the freeze-and-copy protocol (`moves`).
-    #[serde(default)]
-    pub replica: bool,
 }
 
 impl ReshardingState {
@@ -77,11 +73,10 @@ impl ReshardingState {
         id
     }
 
-    /// Never allocate an id at or below one already seen on a node (the state file may be older
-    /// than the nodes, or gone).
-    pub fn observe_ids(&mut self, max_range_id: u64, max_move_id: u64) {
+    /// Never allocate a range id at or below one already seen on a node (the state file may be
+    /// older than the nodes, or gone). Move ids live in the state only.
+    pub fn observe_range_ids(&mut self, max_range_id: u64) {
         self.next_range_id = self.next_range_id.max(max_range_id + 1);
-        self.next_move_id = self.next_move_id.max(max_move_id + 1);
     }
 
     /// Drops the history of ranges that no longer exist.
@@ -109,12 +104,12 @@ mod tests {
         let mut state = ReshardingState::default();
         assert_eq!(state.allocate_range_ids(2), 1);
         assert_eq!(state.next_range_id, 3);
-        state.observe_ids(10, 4);
+        state.observe_range_ids(10);
         assert_eq!(state.allocate_range_ids(2), 11);
-        assert_eq!(state.allocate_move_id(), 5);
-        state.observe_ids(3, 1);
+        assert_eq!(state.allocate_move_id(), 1);
+        state.observe_range_ids(3);
         assert_eq!(state.allocate_range_ids(1), 13);
-        assert_eq!(state.allocate_move_id(), 6);
+        assert_eq!(state.allocate_move_id(), 2);
     }
 
     #[test]
@@ -129,9 +124,17 @@ mod tests {
             to: "n2".into(),
             reason: "balance".into(),
             started_unix_ms: 1,
-            replica: true,
         });
         let json = serde_json::to_string(&state).unwrap();
         assert_eq!(serde_json::from_str::<ReshardingState>(&json).unwrap(), state);
+    }
+
+    #[test]
+    fn a_state_saved_before_every_move_was_a_membership_change_still_loads() {
+        // Its moves in flight name their kind (`replica`); each is resumed as a replica move.
+        let json = r#"{"nextRangeId":7,"nextMoveId":3,"moves":[{"moveId":2,"rangeId":5,"generation":4,
+            "from":"n1","to":"n2","reason":"balance","startedUnixMs":1,"replica":false}]}"#;
+        let state: ReshardingState = serde_json::from_str(json).unwrap();
+        assert_eq!((state.moves[0].move_id, state.moves[0].from.as_str()), (2, "n1"));
     }
 }

@@ -21,7 +21,6 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::fleet::{Conflict, FleetMove, FleetNode, FleetView, HotKey, MoveCause, MovePhase, NodeState};
-use crate::moves::MoveReport;
 use crate::observe::Observation;
 use crate::state::ReshardingState;
 use crate::state::unix_now;
@@ -32,8 +31,9 @@ const RECENT_EVENTS: usize = 20;
 /// the playground), then the metric's (`kind`, `outcome`, `reason`).
 type Labels = Vec<(&'static str, String)>;
 
-fn freeze_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 14))
+/// 0.1 s to about 7 hours: a move's duration is mostly its snapshot's transfer.
+fn move_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.1, 2.0, 18))
 }
 
 /// The controller's metrics, one family each, shared by every fleet of the process; a fleet's
@@ -44,8 +44,7 @@ pub struct LoopMetrics {
     actions: Family<Labels, Counter>,
     skips: Family<Labels, Counter>,
     moves_in_flight: Family<Labels, Gauge>,
-    move_freeze: Family<Labels, Histogram, fn() -> Histogram>,
-    move_bytes: Family<Labels, Counter>,
+    move_duration: Family<Labels, Histogram, fn() -> Histogram>,
     ranges: Family<Labels, Gauge>,
     conflicts: Family<Labels, Gauge>,
 }
@@ -58,8 +57,7 @@ impl LoopMetrics {
             actions: Family::default(),
             skips: Family::default(),
             moves_in_flight: Family::default(),
-            move_freeze: Family::new_with_constructor(freeze_histogram),
-            move_bytes: Family::default(),
+            move_duration: Family::new_with_constructor(move_histogram),
             ranges: Family::default(),
             conflicts: Family::default(),
         };
@@ -69,8 +67,11 @@ impl LoopMetrics {
         r.register("actions", "Splits, merges and moves, by outcome", metrics.actions.clone());
         r.register("skips", "Planner decisions not taken, by reason", metrics.skips.clone());
         r.register("moves_in_flight", "Moves started and not finished", metrics.moves_in_flight.clone());
-        r.register("move_freeze_seconds", "Write freeze window of each move", metrics.move_freeze.clone());
-        r.register("move_copied_bytes", "Bytes copied by moves", metrics.move_bytes.clone());
+        r.register(
+            "move_duration_seconds",
+            "Time from a move's start to its target voting and its source removed (resumed moves included)",
+            metrics.move_duration.clone(),
+        );
         r.register("ranges", "Ranges in the cluster", metrics.ranges.clone());
         r.register(
             "ownership_conflicts",
@@ -86,8 +87,7 @@ impl LoopMetrics {
         self.actions.remove(labels);
         self.skips.remove(labels);
         self.moves_in_flight.remove(labels);
-        self.move_freeze.remove(labels);
-        self.move_bytes.remove(labels);
+        self.move_duration.remove(labels);
         self.ranges.remove(labels);
         self.conflicts.remove(labels);
     }
@@ -264,19 +264,11 @@ impl StatusBoard {
         self.publish("ActionFailed", true, text);
     }
 
-    pub fn move_finished(&self, report: &MoveReport, text: String) {
+    /// A move finished (its target votes, its source is removed) after `took`.
+    pub fn move_finished(&self, took: std::time::Duration, text: String) {
         let kind = ActionKind::Move.label();
         self.metrics.actions.get_or_create(&self.labels(&[("kind", kind), ("outcome", "finished")])).inc();
-        let labels = self.labels(&[]);
-        self.metrics.move_freeze.get_or_create(&labels).observe(report.freeze.as_secs_f64());
-        self.metrics.move_bytes.get_or_create(&labels).inc_by(report.bytes_copied);
-        self.publish("MoveFinished", false, text);
-    }
-
-    /// A replica's membership-change move finished (no freeze, nothing copied by the controller).
-    pub fn replica_move_finished(&self, text: String) {
-        let kind = ActionKind::Move.label();
-        self.metrics.actions.get_or_create(&self.labels(&[("kind", kind), ("outcome", "finished")])).inc();
+        self.metrics.move_duration.get_or_create(&self.labels(&[])).observe(took.as_secs_f64());
         self.publish("MoveFinished", false, text);
     }
 

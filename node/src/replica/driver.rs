@@ -82,6 +82,9 @@ pub struct Driver {
     proposals: HashMap<(u64, u64), Proposal>,
     /// Reads that arrived this pass, per group: one read index for all of them.
     reads_arrived: HashMap<u64, Vec<Reply>>,
+    /// Reads that arrived while this node led a group without having committed an entry in
+    /// its term yet (see `ask_read_indexes`), since when.
+    reads_held: HashMap<u64, (Instant, Vec<Reply>)>,
     /// Read indexes asked for, by request context.
     reads_asked: HashMap<u64, ReadBatch>,
     /// Read indexes granted, waiting for this node to apply up to them.
@@ -164,6 +167,7 @@ impl Driver {
             published,
             proposals: HashMap::new(),
             reads_arrived: HashMap::new(),
+            reads_held: HashMap::new(),
             reads_asked: HashMap::new(),
             reads_granted: Vec::new(),
             // Random, so that a restarted node never reuses a context its leader (or a reply
@@ -234,6 +238,10 @@ impl Driver {
                     tracing::error!(%error, "the Raft log write failed; stopping the node");
                     eprintln!("kvfleet-node: the Raft log write failed: {error}");
                     std::process::abort();
+                }
+                if !self.reads_held.is_empty() {
+                    // The pass may have committed a new leader's first entry.
+                    self.ask_read_indexes();
                 }
                 if !self.groups.has_ready() {
                     break;
@@ -817,9 +825,25 @@ impl Driver {
 
     fn ask_read_indexes(&mut self) {
         let now = Instant::now();
-        for (range_id, replies) in std::mem::take(&mut self.reads_arrived) {
+        let held = std::mem::take(&mut self.reads_held).into_iter().map(|(id, (since, replies))| (id, since, replies));
+        let arrived = std::mem::take(&mut self.reads_arrived).into_iter().map(|(id, replies)| (id, now, replies));
+        for (range_id, since, replies) in held.chain(arrived) {
+            let deadline = since + READ_INDEX_TIMEOUT;
+            // A leader just elected: asked now, raft-rs would drop the read index; it is asked
+            // once the leader's first entry commits (a pass or two), or given up at the deadline.
+            if self.groups.is_leader(range_id) && !self.groups.leads_with_commit_in_term(range_id) {
+                if now >= deadline {
+                    for reply in replies {
+                        let _ = reply.send(Err(ReplicaError::ReadNotConfirmed { range_id }));
+                    }
+                } else {
+                    let (first, waiting) = self.reads_held.entry(range_id).or_insert((since, Vec::new()));
+                    *first = (*first).min(since);
+                    waiting.extend(replies);
+                }
+                continue;
+            }
             let leader_term = self.groups.term(range_id).filter(|_| self.groups.is_leader(range_id));
-            let deadline = now + READ_INDEX_TIMEOUT;
             let early_acked = leader_term.and_then(|term| self.fast.unapplied(range_id, term)).unwrap_or(0);
             let batch = ReadBatch { range_id, replies, deadline, asked: now, leader_term, early_acked };
             // Under its lease, the leader's commit index covers every acknowledged write (it
