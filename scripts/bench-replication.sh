@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Reads and writes on one range, N = 1 against N = 3 (majority, linearizable reads), with the
 # same harness (`kvctl bench`), release build, on loopback; then one hot key read by each read
-# consistency (linearizable, follower, stale) on N = 3. Prints kvctl's tables. N = 1 twice: a
-# single copy of the earlier protocol (`--bootstrap`, the committer thread) and a Raft group of
-# one voter (what new fleets run), each in `sync` and `async`.
+# consistency (linearizable, follower, stale) on N = 3. Prints kvctl's tables. N = 1 (a Raft
+# group of one voter) in `sync` and in `async`.
 # Run: cargo build --release --bins && scripts/bench-replication.sh   (DURATION=10 CONCURRENCY=64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,12 +35,6 @@ for durability in sync async; do
   pids+=($!); disown
   wait_ready "$dir/solo-$durability.log"
   bench "N = 1, a Raft group of one voter ($durability)" "127.0.0.1:$port"
-  kill -9 "${pids[@]}"; pids=()
-  "$bin/kvfleet-node" --node-id "legacy-$durability" --data-dir "$dir/legacy-$durability" --listen "127.0.0.1:$((port + 100))" \
-    --bootstrap --durability "$durability" >"$dir/legacy-$durability.log" 2>&1 &
-  pids+=($!); disown
-  wait_ready "$dir/legacy-$durability.log"
-  bench "N = 1, a single copy of the earlier protocol ($durability)" "127.0.0.1:$((port + 100))"
   kill -9 "${pids[@]}"; pids=()
   port=$((port + 1))
 done

@@ -513,6 +513,18 @@ pub async fn assert_one_owner_per_key(addresses: &[String]) {
     assert!(expected_start.is_empty(), "the last range does not reach the end of the key space: {owned:?}");
 }
 
+/// Sends the log lines of code running in the test process (a resharding loop the test drives)
+/// to the test's captured output, shown when it fails: `warn,kvfleet_resharding=info`, or
+/// `KVFLEET_TEST_CONTROLLER_LOG`. Once per process; later calls do nothing.
+pub fn log_in_process_controller() {
+    let filter = std::env::var("KVFLEET_TEST_CONTROLLER_LOG").unwrap_or_else(|_| "warn,kvfleet_resharding=info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Polls `check` every 200 ms until it holds; panics naming `what` after `within`.
 pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
     let until = Instant::now() + within;

@@ -26,6 +26,7 @@ struct Controller {
 
 impl Controller {
     fn start(platform: Arc<TestPlatform>, config: LoopConfig, board: StatusBoard) -> Self {
+        kvfleet_e2e::log_in_process_controller();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -377,12 +378,23 @@ async fn cold_replicated_ranges_are_aligned_and_merged_back_through_a_crash_mid_
     eprintln!("node {coordinator} crashed after a freeze; a range frozen for the merge: {}", frozen().await);
     controller = Controller::start(platform.clone(), cold_config, board.clone());
 
-    wait_until("the ranges to merge back into one on three voters", Duration::from_secs(180), async || {
+    let until = Instant::now() + Duration::from_secs(180);
+    loop {
         fleet.restart_stopped();
         let ranges = ranges_by_leader(&fleet).await;
-        ranges.len() == 1 && settled(&ranges, "none")
-    })
-    .await;
+        if ranges.len() == 1 && settled(&ranges, "none") {
+            break;
+        }
+        if Instant::now() > until {
+            panic!(
+                "the ranges did not merge back into one on three voters within 180 s: ranges {ranges:?}; the \
+                 controller's state {:?}; its status {:?}",
+                platform.state(),
+                board.snapshot()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let events = board.snapshot().recent_events;
     assert!(events.iter().any(|e| e.contains("through their logs")), "no merge event: {events:?}");
     let report = workload.finish_checked(&client).await;

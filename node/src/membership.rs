@@ -77,6 +77,7 @@ impl Node {
             )));
         }
         let log = self.log_store()?;
+        let existed = log.open_group(range_id).map_err(|e| NodeError::Corrupt(e.to_string()))?.is_some();
         let storage = log
             .create_uninitialized_group(range_id)
             .map_err(|e| NodeError::Corrupt(format!("creating the Raft log of range {range_id}: {e}")))?;
@@ -86,7 +87,11 @@ impl Node {
         // at start): installing it here too could ingest it again after the thread applied later
         // entries over it, taking those writes back.
         self.start_group(&desc, storage)?;
-        tracing::info!(range_id, span = %desc.span(), "created an empty replica, to be added to the range");
+        if existed {
+            tracing::debug!(range_id, "asked again to create a replica that exists here already");
+        } else {
+            tracing::info!(range_id, span = %desc.span(), "created an empty replica, to be added to the range");
+        }
         Ok(())
     }
 

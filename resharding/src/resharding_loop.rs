@@ -437,14 +437,15 @@ impl<P: Platform> ReshardingLoop<P> {
                 Action::Merge { .. } | Action::Move { .. } | Action::TransferLeader { .. } => 0,
             })
             .sum();
-        let moves = plan.actions.iter().filter(|a| matches!(a, Action::Move { .. })).count() as u64;
-        let transfers = plan.actions.iter().filter(|a| matches!(a, Action::TransferLeader { .. })).count() as u64;
-        if needed + moves + transfers == 0 {
+        if plan.actions.is_empty() {
             return Ok(());
         }
+        let moves = plan.actions.iter().filter(|a| matches!(a, Action::Move { .. })).count() as u64;
         let mut next_range_id = self.state.allocate_range_ids(needed);
         let mut move_ids: Vec<u64> = (0..moves).map(|_| self.state.allocate_move_id()).collect();
-        self.platform.save_state(&self.state).await?;
+        if needed + moves > 0 {
+            self.platform.save_state(&self.state).await?;
+        }
 
         for action in &plan.actions {
             match action {
