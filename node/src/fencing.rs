@@ -18,9 +18,6 @@ pub enum Call {
     /// Cluster metadata (node info, range descriptors, load): open to anyone who may use the
     /// data API (clients route with it). An epoch counts only from a caller with the token.
     Open,
-    /// Reads for the operator and peers only (exports, move outcomes): never fenced, but a newer
-    /// epoch still raises the fence, so a new operator's first round fences every node.
-    Read,
     /// Changes ranges or routing: refused from an epoch below the fence.
     Change,
 }
