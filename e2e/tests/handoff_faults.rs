@@ -23,7 +23,7 @@ use kvfleet_e2e::{NodeProcess, TestPlatform, assert_one_owner_per_key, client_fo
 use kvfleet_planner::Policy;
 use kvfleet_proto::RangeBounds;
 use kvfleet_proto::v1::*;
-use kvfleet_resharding::observe::NodeClients;
+use kvfleet_resharding::observe::{NodeClients, leads};
 use kvfleet_resharding::replica_moves::{Endpoint, move_replica};
 use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
 use kvfleet_resharding::state::{InFlightMove, ReshardingState};
@@ -100,7 +100,7 @@ async fn newest(nodes: &[NodeProcess], range_id: u64) -> Option<(RangeDescriptor
     let mut best: Option<(RangeDescriptor, Option<String>)> = None;
     for node in nodes {
         for desc in owned(node).await.into_iter().filter(|d| d.range_id == range_id) {
-            let leads = desc.replicas.iter().any(|r| r.node_id == node.node_id && r.role() == ReplicaRole::Leader);
+            let leads = leads(&desc, &node.node_id);
             let newer = best
                 .as_ref()
                 .is_none_or(|(kept, _)| (desc.generation, desc.conf_version) > (kept.generation, kept.conf_version));
@@ -135,7 +135,7 @@ fn reached(desc: &RangeDescriptor, leader: Option<&str>, milestone: Milestone) -
 async fn leader_of_key(nodes: &[NodeProcess], key: &str) -> Option<(usize, RangeDescriptor)> {
     for (index, node) in nodes.iter().enumerate() {
         for desc in owned(node).await {
-            let leads = desc.replicas.iter().any(|r| r.node_id == node.node_id && r.role() == ReplicaRole::Leader);
+            let leads = leads(&desc, &node.node_id);
             if leads && desc.contains_key(key.as_bytes()) {
                 return Some((index, desc));
             }

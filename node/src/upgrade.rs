@@ -40,11 +40,11 @@ impl Node {
     /// Turns every active single copy of an earlier version into a Raft group of this node
     /// alone: its data stays where it is; its log starts empty at `SPLIT_LOG_START` (as a
     /// split's new range does), the data counts as applied there, and its descriptor names this
-    /// node as the one voter, in one fsynced write per range. Returns the ranges adopted.
-    pub(crate) fn adopt_legacy_ranges(&self) -> Result<Vec<u64>, NodeError> {
+    /// node as the one voter, in one fsynced write per range.
+    pub(crate) fn adopt_legacy_ranges(&self) -> Result<(), NodeError> {
         let legacy: Vec<RangeDescriptor> = self.owned_ranges_raw().into_iter().filter(is_legacy).collect();
         if legacy.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let log = self.log_store()?;
         let db = self.storage.db();
@@ -52,7 +52,6 @@ impl Node {
             db.cf_handle(CF_META).ok_or_else(|| NodeError::Corrupt("the meta column family is missing".into()))?;
         let node_id = self.config.node_id.clone();
         let raft_id = raft_id_of(&node_id);
-        let mut adopted = Vec::new();
         for desc in legacy {
             let (range_id, span) = (desc.range_id, desc.span());
             let replica = Replica {
@@ -79,8 +78,7 @@ impl Node {
                 .map_err(|e| NodeError::Corrupt(format!("adopting range {range_id} as a Raft group: {e}")))?;
             self.table.write().replace_replicated(&group);
             tracing::info!(range_id, %span, "adopted a single copy of an earlier version as a Raft group of this node alone");
-            adopted.push(range_id);
         }
-        Ok(adopted)
+        Ok(())
     }
 }
