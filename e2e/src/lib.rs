@@ -525,6 +525,21 @@ pub fn log_in_process_controller() {
         .try_init();
 }
 
+/// Polls `check` every 200 ms until it answers `Ok`; after `within`, panics naming `what` and
+/// the last reason `check` gave for not being done (what a failure on a slow machine needs).
+pub async fn wait_until_explained(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let until = Instant::now() + within;
+    let mut last = String::from("not checked yet");
+    while Instant::now() < until {
+        match check().await {
+            Ok(()) => return,
+            Err(reason) => last = reason,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {within:?} waiting for {what}; last: {last}");
+}
+
 /// Polls `check` every 200 ms until it holds; panics naming `what` after `within`.
 pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
     let until = Instant::now() + within;
