@@ -225,7 +225,7 @@ fn plan_changes(
     }
     let mut plan =
         PlannedChange { change: ConfChangeV2::default(), added: Vec::new(), promotes: Vec::new(), leave_joint: false };
-    let mut singles = Vec::new();
+    let mut singles: Vec<ConfChangeSingle> = Vec::new();
     let mut removes_self = false;
     for change in changes {
         let kind = change.kind();
@@ -306,6 +306,18 @@ fn plan_changes(
         // Joint consensus, left by the leader on its own (explicitly: raft-rs's automatic leave
         // is lost if the leader changes first).
         plan.change.set_transition(ConfChangeTransition::Explicit);
+        // A voter the joint change replaces is demoted to a learner, not removed: it applies the
+        // end of the joint membership and stays in the group until the leader removes it alone.
+        // Removed outright, it would stop as it applied that end, and a new voter that missed
+        // the commit (a crash, a lost message) would be left in the joint membership needing
+        // the stopped replica's vote for good.
+        for single in singles.iter_mut().filter(|s| s.change_type == ConfChangeType::RemoveNode) {
+            let voter =
+                desc.replicas.iter().any(|r| r.raft_id == single.node_id && r.membership() == ReplicaMembership::Voter);
+            if voter {
+                single.change_type = ConfChangeType::AddLearnerNode;
+            }
+        }
     }
     plan.change.set_changes(singles.into());
     Ok(Some(plan))
@@ -365,9 +377,18 @@ mod tests {
         let kinds: Vec<_> = plan.change.get_changes().iter().map(|c| (c.get_change_type(), c.node_id)).collect();
         assert_eq!(
             kinds,
-            [(ConfChangeType::AddNode, raft_id_of("n4")), (ConfChangeType::RemoveNode, raft_id_of("n3"))]
+            [(ConfChangeType::AddNode, raft_id_of("n4")), (ConfChangeType::AddLearnerNode, raft_id_of("n3"))],
+            "the replaced voter is demoted to a learner, not removed, by the joint change"
         );
         assert_eq!(plan.promotes, [raft_id_of("n4")]);
+
+        // Out of the joint membership, the demoted learner is removed in a change of its own.
+        let demoted =
+            range(vec![replica("n1", Voter), replica("n2", Voter), replica("n4", Voter), replica("n3", Demoted)]);
+        let plan = plan_changes(&demoted, &[change(ChangeKind::Remove, "n3")], me, "n1").unwrap().expect("a change");
+        let kinds: Vec<_> = plan.change.get_changes().iter().map(|c| (c.get_change_type(), c.node_id)).collect();
+        assert_eq!(kinds, [(ConfChangeType::RemoveNode, raft_id_of("n3"))]);
+        assert_eq!(plan.change.get_transition(), ConfChangeTransition::Auto);
 
         let add = plan_changes(&desc, &[change(ChangeKind::AddLearner, "n5")], me, "n1").unwrap().expect("a change");
         assert_eq!(add.added.len(), 1);

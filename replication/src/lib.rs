@@ -21,7 +21,7 @@ pub use groups::{
 };
 pub use log_store::{CF_RAFT, GroupStorage, LogError, LogStore, PendingSnapshot, SPLIT_LOG_START, SnapshotSlot};
 pub use raft::eraftpb::{
-    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, MessageType,
-    Snapshot, SnapshotMetadata,
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
+    MessageType, Snapshot, SnapshotMetadata,
 };
 pub mod local;

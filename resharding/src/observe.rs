@@ -220,7 +220,11 @@ impl Observation {
         if !range.is_replicated() {
             return vec![range.owner];
         }
-        let voting = range.desc.replicas.iter().filter(|r| r.membership() != ReplicaMembership::Learner);
+        let voting = range
+            .desc
+            .replicas
+            .iter()
+            .filter(|r| !matches!(r.membership(), ReplicaMembership::Learner | ReplicaMembership::Demoted));
         voting.filter_map(|r| self.node_index(&r.node_id)).collect()
     }
 
@@ -425,7 +429,11 @@ fn add_follower_reads(nodes: &[ObservedNode], led: &mut BTreeMap<u64, ObservedRa
 /// a Raft group and takes no replicas: none.
 fn missing_voters(range: &ObservedRange, factor: usize) -> usize {
     let changing = range.desc.in_joint_membership()
-        || range.desc.replicas.iter().any(|r| r.membership() == ReplicaMembership::Learner);
+        || range
+            .desc
+            .replicas
+            .iter()
+            .any(|r| matches!(r.membership(), ReplicaMembership::Learner | ReplicaMembership::Demoted));
     if !range.is_replicated() || changing {
         return 0;
     }

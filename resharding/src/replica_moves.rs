@@ -41,7 +41,9 @@ pub enum Step {
     TransferLeader { to: String },
     /// The target is a learner: promote it and remove the source, in one joint change.
     PromoteAndRemove,
-    /// The target is a voter and the source still a member (a promotion done alone): remove it.
+    /// The target is a voter and the source still a member (a promotion done alone, or the
+    /// source demoted to a learner by the joint change, which its leader removes by itself
+    /// too): remove it.
     Remove,
     /// The membership is joint and its leader joins it: leave it.
     LeaveJoint,
@@ -160,7 +162,9 @@ pub async fn move_replica(
         {
             step = Step::TransferLeader { to: other.node_id.clone() };
         }
-        if step == Step::Remove && voters - 1 < floor {
+        let source_votes =
+            desc.replicas.iter().any(|r| r.node_id == from.node_id && r.membership() == ReplicaMembership::Voter);
+        if step == Step::Remove && source_votes && voters - 1 < floor {
             return Err(fail(format!(
                 "removing {} would leave the range {} voters, fewer than the {floor} it had when the move began (another change was made meanwhile)",
                 from.node_id,

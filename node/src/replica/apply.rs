@@ -372,6 +372,13 @@ pub fn replicas_of(had: &[Replica], added: &[Replica], conf_state: &ConfState) -
             (true, false) if joint => ReplicaMembership::Joining,
             (true, false) => ReplicaMembership::Voter,
             (false, true) => ReplicaMembership::Leaving,
+            // Demoted by the joint change that replaced it: a learner on its way out.
+            (false, false)
+                if conf_state.learners.contains(&replica.raft_id)
+                    && matches!(replica.membership(), ReplicaMembership::Leaving | ReplicaMembership::Demoted) =>
+            {
+                ReplicaMembership::Demoted
+            }
             (false, false)
                 if conf_state.learners.contains(&replica.raft_id)
                     || conf_state.learners_next.contains(&replica.raft_id) =>

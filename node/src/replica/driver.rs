@@ -126,7 +126,8 @@ pub struct Driver {
     /// Groups whose leader started a leadership transfer in this term: it takes no lease again
     /// in that term (see `transfer_leader`).
     transfer_terms: HashMap<u64, u64>,
-    /// Groups whose applied membership is joint: their leader leaves it (see `leave_joints`).
+    /// Groups whose applied membership is in flux (joint, or with a learner that may be a demoted
+    /// voter): their leader settles it (see `leave_joints`).
     joint: HashSet<u64>,
     /// Every peer's address by Raft id, shared with the request handlers.
     addresses: Arc<parking_lot::RwLock<HashMap<u64, String>>>,
@@ -596,20 +597,33 @@ impl Driver {
             .map_err(|error| ReplicaError::MembershipRefused { range_id, reason: error.to_string() })
     }
 
-    /// The leader of every joint membership proposes leaving it (raft-rs's own automatic leave
-    /// is lost if the leader changes before it is applied). A leader that the joint membership
-    /// removes (a single copy's source, which had no other voter to hand the lead to first)
-    /// hands the lead to an incoming voter instead (again every `HANDOVER_RETRY` while it leads):
-    /// a leader must not apply its own removal (raft-rs keeps it leading a group it is not in).
+    /// Settles every membership in flux (see `joint`). The leader of a joint membership proposes
+    /// leaving it (raft-rs's own automatic leave is lost if the leader changes before it is
+    /// applied). A leader that the joint membership removes (a single copy's source, which had no
+    /// other voter to hand the lead to first) hands the lead to an incoming voter instead (again
+    /// every `HANDOVER_RETRY` while it leads): a leader must not apply its own removal. Out of
+    /// the joint membership, the voter that left it stays as a demoted learner (see
+    /// `plan_changes`): a leader that is one hands its lead to a voter; a leader that votes
+    /// removes it, in a change of its own.
     fn leave_joints(&mut self) {
-        let joint: Vec<u64> = self.joint.iter().copied().collect();
-        for range_id in joint {
-            let Some(conf) = self.groups.conf_state(range_id).filter(|conf| !conf.voters_outgoing.is_empty()) else {
+        let unsettled: Vec<u64> = self.joint.iter().copied().collect();
+        for range_id in unsettled {
+            let Some(conf) = self.groups.conf_state(range_id) else {
                 self.joint.remove(&range_id);
                 self.handovers.remove(&range_id);
                 continue;
             };
-            if !conf.voters.contains(&self.groups.node()) {
+            let me = self.groups.node();
+            if conf.voters_outgoing.is_empty() && conf.learners.is_empty() {
+                self.joint.remove(&range_id);
+                self.handovers.remove(&range_id);
+                continue;
+            }
+            if !conf.voters.contains(&me) && !self.groups.is_leader(range_id) {
+                self.ask_if_removed(range_id, &conf.voters);
+                continue;
+            }
+            if !conf.voters.contains(&me) {
                 // Again after an abandoned attempt (the target may have dropped the campaign
                 // order, not having applied the joint membership yet).
                 let tried = self.handovers.get(&range_id).is_some_and(|at| at.elapsed() < HANDOVER_RETRY);
@@ -626,24 +640,101 @@ impl Driver {
                             range_id,
                             to = next,
                             ?outcome,
-                            "handing the lead of a joint membership that removes this node"
+                            "handing over the lead of a range whose membership removes this node"
                         );
                     }
                 }
                 continue;
             }
-            match self.groups.leave_joint(range_id) {
-                Ok(Some((index, _))) => tracing::info!(range_id, index, "proposed leaving the joint membership"),
-                Ok(None) => {}
-                Err(error) => tracing::debug!(range_id, %error, "leaving the joint membership not proposed"),
+            if !conf.voters_outgoing.is_empty() {
+                match self.groups.leave_joint(range_id) {
+                    Ok(Some((index, _))) => tracing::info!(range_id, index, "proposed leaving the joint membership"),
+                    Ok(None) => {}
+                    Err(error) => tracing::debug!(range_id, %error, "leaving the joint membership not proposed"),
+                }
+                continue;
             }
+            self.remove_demoted(range_id);
         }
     }
 
-    /// Remembers `range_id` as joint if its membership is (a group opened or a snapshot taken
-    /// in a joint membership): its leader leaves it (see `leave_joints`).
+    /// A demoted learner here (not a learner being added): it never campaigns, so its leader may
+    /// have removed it while it was down or cut off without it ever sending a message that
+    /// would have been answered with `Envelope::Removed` (see `tell_removed`). It sends each
+    /// voter a heartbeat response (harmless to a leader that still has it) once per
+    /// housekeeping pass until it is removed.
+    fn ask_if_removed(&mut self, range_id: u64, voters: &[u64]) {
+        let me = self.groups.node();
+        let demoted = apply::stored_descriptor(&self.db, range_id).is_ok_and(|desc| {
+            desc.replicas
+                .iter()
+                .any(|r| r.raft_id == me && r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted)
+        });
+        let Some(term) = self.groups.term(range_id).filter(|_| demoted) else { return };
+        let probes = voters.iter().map(|&to| {
+            let mut message = kvfleet_replication::Message::default();
+            message.set_msg_type(kvfleet_replication::MessageType::MsgHeartbeatResponse);
+            (message.from, message.to, message.term) = (me, to, term);
+            kvfleet_replication::Envelope::Raft { group: range_id, message }
+        });
+        self.peers.send(probes.collect());
+    }
+
+    /// On the leader, a voter: proposes removing the learners that the end of a joint
+    /// membership demoted (the descriptor names them), once no other change is pending. Forgets
+    /// the range once it has none (a follower keeps it: it may lead next).
+    fn remove_demoted(&mut self, range_id: u64) {
+        let desc = match apply::stored_descriptor(&self.db, range_id) {
+            Ok(desc) => desc,
+            Err(error) => {
+                tracing::warn!(range_id, %error, "cannot read the range to remove its demoted learners");
+                return;
+            }
+        };
+        let demoted: Vec<u64> = desc
+            .replicas
+            .iter()
+            .filter(|r| r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted)
+            .map(|r| r.raft_id)
+            .collect();
+        if demoted.is_empty() {
+            self.joint.remove(&range_id);
+            return;
+        }
+        if !self.groups.is_leader(range_id) || self.groups.has_pending_conf(range_id) {
+            return;
+        }
+        let mut change = kvfleet_replication::ConfChangeV2::default();
+        change.set_changes(
+            demoted
+                .iter()
+                .map(|&node_id| kvfleet_replication::ConfChangeSingle {
+                    change_type: kvfleet_replication::ConfChangeType::RemoveNode,
+                    node_id,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        let context =
+            kvfleet_proto::v1::RaftMembershipChange { expected_conf_version: desc.conf_version, added: Vec::new() };
+        match self.groups.propose_conf_change(range_id, prost::Message::encode_to_vec(&context), change) {
+            Ok((index, _)) => {
+                self.membership_proposals.insert((range_id, index));
+                tracing::info!(range_id, index, replicas = %describe_replicas(&desc), "proposed removing the demoted learners");
+            }
+            Err(error) => tracing::debug!(range_id, %error, "removing the demoted learners not proposed"),
+        }
+    }
+
+    /// Remembers `range_id` as in flux if its membership is joint or has a learner (a group
+    /// opened, or a snapshot taken, in such a membership): see `leave_joints`.
     fn note_joint(&mut self, range_id: u64) {
-        if self.groups.is_joint(range_id) {
+        if self
+            .groups
+            .conf_state(range_id)
+            .is_some_and(|conf| !conf.voters_outgoing.is_empty() || !conf.learners.is_empty())
+        {
             self.joint.insert(range_id);
         }
     }
@@ -1137,7 +1228,9 @@ impl Driver {
     /// membership proposes leaving it at once.
     fn membership_changed(&mut self, range_id: u64, change: &apply::MembershipApplied) {
         self.learn_addresses(&change.desc);
-        if change.joint {
+        let demoted =
+            change.desc.replicas.iter().any(|r| r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted);
+        if change.joint || demoted {
             self.joint.insert(range_id);
         } else {
             self.joint.remove(&range_id);
@@ -1153,7 +1246,7 @@ impl Driver {
             replicas = %describe_replicas(&change.desc),
             "membership change applied"
         );
-        if change.joint {
+        if change.joint || demoted {
             self.leave_joints();
         }
     }
@@ -1383,6 +1476,7 @@ pub fn describe_replicas(desc: &kvfleet_proto::v1::RangeDescriptor) -> String {
             ReplicaMembership::Learner => format!("{} (learner)", r.node_id),
             ReplicaMembership::Leaving => format!("{} (leaving)", r.node_id),
             ReplicaMembership::Joining => format!("{} (joining)", r.node_id),
+            ReplicaMembership::Demoted => format!("{} (demoted)", r.node_id),
         })
         .collect();
     parts.join(", ")
