@@ -470,6 +470,9 @@ cases! {
     target_dies_applying_a_membership_change: Crash::MoveNode(1, "membership-apply-before-write");
     target_dies_after_applying_a_membership_change: Crash::MoveNode(1, "membership-apply-after-write");
     source_dies_handing_its_lead_over: Crash::MoveNode(0, "transfer-leader-after-lease-ended");
+    // The source holds the end of the joint membership, uncommitted: it may win the next
+    // election and commit it as leader, demoting itself, then hand its lead to the target.
+    target_dies_as_the_source_acknowledges_the_joint_end: Crash::MoveNode(1, "leave-joint-acknowledged");
     split_dies_applying: Crash::Split("split-apply-before-write");
     split_dies_after_applying: Crash::Split("split-apply-after-write");
     merge_dies_freezing: Crash::Merge("merge-freeze-apply-before-write");

@@ -144,6 +144,9 @@ pub struct Driver {
     /// Per group this node leads in a joint membership that removes it: when it last tried to
     /// hand the lead over.
     handovers: HashMap<u64, Instant>,
+    /// Per group: the index of the end of its joint membership this node proposed, until another
+    /// member acknowledges it (the `leave-joint-acknowledged` crash point, for tests).
+    leaving_joint: HashMap<u64, u64>,
 }
 
 impl Driver {
@@ -200,6 +203,7 @@ impl Driver {
             fast: super::fast_ack::FastAcks::new(settings.fast_ack),
             applied_terms: HashMap::new(),
             handovers: HashMap::new(),
+            leaving_joint: HashMap::new(),
         }
     }
 
@@ -327,6 +331,15 @@ impl Driver {
         if let kvfleet_replication::Envelope::Removed { conf_version, from, .. } = envelope {
             self.drop_stale(group, Some(from), conf_version);
             return;
+        }
+        if let kvfleet_replication::Envelope::Raft { message, .. } = &envelope
+            && message.get_msg_type() == kvfleet_replication::MessageType::MsgAppendResponse
+            && !message.reject
+            && self.leaving_joint.get(&group).is_some_and(|&index| message.index >= index)
+        {
+            // Another member holds the end of the joint membership; this node has not counted it.
+            self.leaving_joint.remove(&group);
+            kvfleet_proto::failpoint::hit("leave-joint-acknowledged");
         }
         if self.groups.term(group).is_none() {
             self.keep_early(envelope, now);
@@ -559,8 +572,12 @@ impl Driver {
             let _ = reply.send(busy("the range is in a joint membership, which its leader is leaving; retry".into()));
             return;
         }
+        let leaves_joint = change.changes.is_empty();
         match self.groups.propose_conf_change(range_id, context, change) {
             Ok((index, term)) => {
+                if leaves_joint {
+                    self.leaving_joint.insert(range_id, index);
+                }
                 self.membership_proposals.insert((range_id, index));
                 self.track_proposal(range_id, index, term, reply)
             }
@@ -648,7 +665,10 @@ impl Driver {
             }
             if !conf.voters_outgoing.is_empty() {
                 match self.groups.leave_joint(range_id) {
-                    Ok(Some((index, _))) => tracing::info!(range_id, index, "proposed leaving the joint membership"),
+                    Ok(Some((index, _))) => {
+                        self.leaving_joint.insert(range_id, index);
+                        tracing::info!(range_id, index, "proposed leaving the joint membership");
+                    }
                     Ok(None) => {}
                     Err(error) => tracing::debug!(range_id, %error, "leaving the joint membership not proposed"),
                 }
@@ -661,7 +681,7 @@ impl Driver {
     /// A demoted learner here (not a learner being added): it never campaigns, so its leader may
     /// have removed it while it was down or cut off without it ever sending a message that
     /// would have been answered with `Envelope::Removed` (see `tell_removed`). It sends each
-    /// voter a heartbeat response (harmless to a leader that still has it) once per
+    /// voter a stale heartbeat response (harmless to a leader that still has it) once per
     /// housekeeping pass until it is removed.
     fn ask_if_removed(&mut self, range_id: u64, voters: &[u64]) {
         let me = self.groups.node();
@@ -670,11 +690,16 @@ impl Driver {
                 .iter()
                 .any(|r| r.raft_id == me && r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted)
         });
-        let Some(term) = self.groups.term(range_id).filter(|_| demoted) else { return };
+        if !demoted {
+            return;
+        }
         let probes = voters.iter().map(|&to| {
             let mut message = kvfleet_replication::Message::default();
             message.set_msg_type(kvfleet_replication::MessageType::MsgHeartbeatResponse);
-            (message.from, message.to, message.term) = (me, to, term);
+            // Term 1, which no leader is behind: raft-rs ignores it as stale, or takes it as the
+            // learner's answer to a heartbeat; never as news of a later term, which would depose
+            // the leader. The node reads who sent it before raft-rs does.
+            (message.from, message.to, message.term) = (me, to, 1);
             kvfleet_replication::Envelope::Raft { group: range_id, message }
         });
         self.peers.send(probes.collect());
@@ -1230,6 +1255,9 @@ impl Driver {
         self.learn_addresses(&change.desc);
         let demoted =
             change.desc.replicas.iter().any(|r| r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted);
+        if !change.joint {
+            self.leaving_joint.remove(&range_id);
+        }
         if change.joint || demoted {
             self.joint.insert(range_id);
         } else {
@@ -1315,6 +1343,7 @@ impl Driver {
         self.transfer_terms.remove(&range_id);
         self.joint.remove(&range_id);
         self.handovers.remove(&range_id);
+        self.leaving_joint.remove(&range_id);
         self.campaigns_deferred.retain(|&id| id != range_id);
         self.removed_told.retain(|(group, _), _| *group != range_id);
         self.snapshots_sent.retain(|(group, _), _| *group != range_id);
