@@ -331,6 +331,70 @@ async fn replicas_lost_with_a_disk_are_recreated_on_their_node() {
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
 
+/// A node gone for good (kill -9, never restarted within `replace_down_after`): the controller
+/// re-creates its replicas on the fourth node, by moves from the dead node (its replica demoted,
+/// then removed, with the remaining voters' majority), under a checked history. Then the dead
+/// node comes back with its old disk: told by the ranges' leaders that it was removed, it drops
+/// every copy, and nothing it held is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_down_for_good_has_its_replicas_replaced_and_drops_them_when_it_returns() {
+    let fleet = ReplicatedFleet::start_empty(4);
+    let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
+    let platform = Arc::new(TestPlatform::new(&nodes, None));
+    let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
+    let replace_down_after = Duration::from_secs(3);
+    let controller = Controller::start(platform.clone(), LoopConfig { replace_down_after, ..config() }, board.clone());
+    let mut fleet = fleet;
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
+    wait_for_split(&fleet).await;
+
+    // Range 1 was made on the first three nodes: the first one holds replicas.
+    let dead = 0;
+    let dead_id = fleet.nodes[dead].node_id.clone();
+    let held = fleet.ranges_on(dead).await.expect("the node answers").len();
+    assert!(held > 0, "the node to kill holds replicas");
+    fleet.nodes[dead].kill9();
+    let killed = Instant::now();
+    wait_until("the dead node's replicas to be re-created elsewhere", Duration::from_secs(120), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        settled(&ranges, &dead_id)
+    })
+    .await;
+    let replaced_after = killed.elapsed();
+    assert!(
+        replaced_after >= replace_down_after,
+        "replicas were replaced {replaced_after:?} after the kill, before the {replace_down_after:?} allowed"
+    );
+    wait_until("the controller to record every move finished", Duration::from_secs(30), async || {
+        platform.state().is_some_and(|s| s.moves.is_empty())
+    })
+    .await;
+
+    // Back with its old disk, the node learns it was removed from each range and drops it (the
+    // controller may meanwhile give it new replicas to balance the counts: those are members).
+    fleet.nodes[dead].spawn();
+    wait_until("the returned node to drop every removed replica", Duration::from_secs(60), async || {
+        let Some(held) = fleet.ranges_on(dead).await else { return false };
+        let ranges = ranges_by_leader(&fleet).await;
+        held.iter().all(|copy| {
+            ranges.iter().any(|d| d.range_id == copy.range_id && d.replicas.iter().any(|r| r.node_id == dead_id))
+        })
+    })
+    .await;
+    wait_until("every range on three voters", Duration::from_secs(60), async || {
+        settled(&ranges_by_leader(&fleet).await, "none")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+    println!("{held} replicas on the dead node, replaced {replaced_after:?} after its kill");
+    controller.crash();
+}
+
 /// Merges on a replicated fleet: load splits range 1 on four nodes, and the controller spreads
 /// the copies over the fourth node, so the halves' replicas end up on different nodes. Then the
 /// controller (restarted with a policy under which every range is cold) aligns them by replica

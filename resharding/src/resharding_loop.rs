@@ -53,6 +53,11 @@ pub struct LoopConfig {
     /// How many replicas a new fleet's range 1 gets (1, 3 or 5); splits keep a range's replicas
     /// and moves keep their count.
     pub replication_factor: usize,
+    /// A replicated range's voter on a node that has not answered for this long is replaced on
+    /// another node (TiKV PD's `max-store-down-time`): the range is one more failure from losing
+    /// its majority until then. A node that comes back after it finds those replicas removed and
+    /// drops them. Single copies are never replaced: their data is on that node only.
+    pub replace_down_after: Duration,
 }
 
 impl Default for LoopConfig {
@@ -66,6 +71,7 @@ impl Default for LoopConfig {
             leadership: Leadership::unconditional(),
             admin_token: AdminToken::none(),
             replication_factor: 1,
+            replace_down_after: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -96,6 +102,8 @@ pub struct ReshardingLoop<P: Platform> {
     unanswered: HashMap<String, u32>,
     /// (range id, node id) -> rounds in a row that voter's node answered holding no copy.
     missing: HashMap<(u64, String), u32>,
+    /// Node id -> when it stopped answering (this silence), for `LoopConfig::replace_down_after`.
+    silent_since: HashMap<String, std::time::Instant>,
 }
 
 impl<P: Platform> ReshardingLoop<P> {
@@ -116,6 +124,7 @@ impl<P: Platform> ReshardingLoop<P> {
             published: None,
             unanswered: HashMap::new(),
             missing: HashMap::new(),
+            silent_since: HashMap::new(),
         })
     }
 
@@ -728,9 +737,50 @@ impl<P: Platform> ReshardingLoop<P> {
         ));
     }
 
+    /// Marks as lost (`ObservedRange::lost`, for the planner to re-create elsewhere) the voting
+    /// replicas of replicated ranges whose node has not answered for `replace_down_after`.
+    fn mark_replicas_on_down_nodes(&mut self, observation: &mut Observation) {
+        let now = std::time::Instant::now();
+        for node in &observation.nodes {
+            let id = &node.member.node_id;
+            if node.report.is_ok() {
+                self.silent_since.remove(id);
+            } else if !self.silent_since.contains_key(id) {
+                self.silent_since.insert(id.clone(), now);
+            }
+        }
+        self.silent_since.retain(|id, _| observation.node(id).is_some());
+        let after = self.config.replace_down_after;
+        let down: Vec<usize> = (0..observation.nodes.len())
+            .filter(|&i| {
+                let silent = self.silent_since.get(&observation.nodes[i].member.node_id);
+                silent.is_some_and(|since| now.duration_since(*since) >= after)
+            })
+            .collect();
+        if down.is_empty() {
+            return;
+        }
+        let mut replaced: Vec<(u64, usize)> = Vec::new();
+        for range in observation.ranges.values_mut().filter(|r| r.is_replicated() && !r.desc.in_joint_membership()) {
+            for replica in range.desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter) {
+                let index = observation.nodes.iter().position(|n| n.member.node_id == replica.node_id);
+                if let Some(index) = index.filter(|i| down.contains(i) && !range.lost.contains(i)) {
+                    range.lost.push(index);
+                    replaced.push((range.desc.range_id, index));
+                }
+            }
+        }
+        for (range_id, index) in replaced {
+            let node = &observation.nodes[index].member.node_id;
+            tracing::warn!(range_id, %node, after_secs = after.as_secs(), "a voter's node has not answered for too long: replacing its replica elsewhere");
+        }
+    }
+
     /// Marks the voting replicas whose node has answered without a copy for `LOST_AFTER_ROUNDS`
-    /// rounds in a row as lost (`ObservedRange::lost`), for the planner to re-create.
+    /// rounds in a row as lost (`ObservedRange::lost`), for the planner to re-create; then those
+    /// on nodes down too long (`mark_replicas_on_down_nodes`).
     fn mark_lost_replicas(&mut self, observation: &mut Observation) {
+        self.mark_replicas_on_down_nodes(observation);
         let mut missing = HashMap::new();
         for (range_id, index) in observation.copies_missing() {
             let key = (range_id, observation.nodes[index].member.node_id.clone());

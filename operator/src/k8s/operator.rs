@@ -58,6 +58,11 @@ pub struct OperatorArgs {
     /// Seconds between two resharding rounds of a cluster.
     #[arg(long, env = "KVFLEET_RESHARD_INTERVAL_SECS", default_value_t = 5)]
     pub interval_secs: u64,
+    /// Seconds a node may not answer before the replicas it holds of replicated ranges are
+    /// re-created on other nodes (TiKV PD's max-store-down-time). A pod that comes back later
+    /// drops them. Single copies are never replaced.
+    #[arg(long, env = "KVFLEET_REPLACE_DOWN_AFTER_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(10..))]
+    pub replace_down_after_secs: u64,
 }
 
 pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
@@ -90,6 +95,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let reporter = Reporter { controller: "kvfleet-operator".into(), instance: Some(identity) };
     let base = LoopConfig {
         interval: Duration::from_secs(args.interval_secs.max(1)),
+        replace_down_after: Duration::from_secs(args.replace_down_after_secs),
         leadership: leadership.clone(),
         ..LoopConfig::default()
     };

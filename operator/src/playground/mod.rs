@@ -74,6 +74,10 @@ pub struct PlaygroundArgs {
     /// The nodes' load window, in seconds (rates are averaged over it).
     #[arg(long, default_value_t = 10)]
     pub load_window_secs: u64,
+    /// Seconds a node may not answer before its replicas of replicated ranges are re-created
+    /// on other nodes; a node that comes back later drops them.
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
+    pub replace_down_after_secs: u64,
     /// The kvfleet-node binary (default: next to this one).
     #[arg(long)]
     pub node_binary: Option<PathBuf>,
@@ -154,6 +158,7 @@ pub async fn run(args: PlaygroundArgs) -> Result<(), OperatorError> {
         interval: Duration::from_secs_f64(args.interval_secs),
         policy,
         replication_factor: replicas,
+        replace_down_after: Duration::from_secs(args.replace_down_after_secs),
         ..LoopConfig::default()
     };
     let controller = match ReshardingLoop::new(platform.clone(), config, board.clone()).await {
