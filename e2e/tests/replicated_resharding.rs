@@ -108,11 +108,19 @@ fn settled(ranges: &[RangeDescriptor], not_on: &str) -> bool {
 
 /// `count` empty nodes and a controller creating them a fleet of factor 3.
 fn controlled_fleet(count: usize) -> (ReplicatedFleet, Arc<TestPlatform>, StatusBoard, Controller) {
+    controlled_fleet_with(count, config())
+}
+
+/// `controlled_fleet` with a controller configured by `config`.
+fn controlled_fleet_with(
+    count: usize,
+    config: LoopConfig,
+) -> (ReplicatedFleet, Arc<TestPlatform>, StatusBoard, Controller) {
     let fleet = ReplicatedFleet::start_empty(count);
     let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
     let platform = Arc::new(TestPlatform::new(&nodes, None));
     let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
-    let controller = Controller::start(platform.clone(), config(), board.clone());
+    let controller = Controller::start(platform.clone(), config, board.clone());
     (fleet, platform, board, controller)
 }
 
@@ -338,13 +346,9 @@ async fn replicas_lost_with_a_disk_are_recreated_on_their_node() {
 /// every copy, and nothing it held is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_down_for_good_has_its_replicas_replaced_and_drops_them_when_it_returns() {
-    let fleet = ReplicatedFleet::start_empty(4);
-    let nodes: Vec<&NodeProcess> = fleet.nodes.iter().collect();
-    let platform = Arc::new(TestPlatform::new(&nodes, None));
-    let board = StatusBoard::new(&mut prometheus_client::registry::Registry::default());
     let replace_down_after = Duration::from_secs(3);
-    let controller = Controller::start(platform.clone(), LoopConfig { replace_down_after, ..config() }, board.clone());
-    let mut fleet = fleet;
+    let (mut fleet, platform, _board, controller) =
+        controlled_fleet_with(4, LoopConfig { replace_down_after, ..config() });
     fleet.leader(None).await;
     let client = fleet.client();
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);

@@ -47,6 +47,9 @@ pub enum Step {
     Remove,
     /// The membership is joint and its leader joins it: leave it.
     LeaveJoint,
+    /// The target holds a demoted replica (a move off it ended a moment ago), which its leader
+    /// removes by itself: wait, then add it afresh.
+    AwaitRemoval,
     /// The target is a voter and the source is gone.
     Done,
 }
@@ -60,6 +63,7 @@ impl Step {
             Step::PromoteAndRemove => "replica-move-after-promote-and-remove",
             Step::Remove => "replica-move-after-remove",
             Step::LeaveJoint => "replica-move-after-leave-joint",
+            Step::AwaitRemoval => "replica-move-after-await-removal",
             Step::Done => "replica-move-done",
         }
     }
@@ -91,6 +95,7 @@ pub fn next_step(desc: &RangeDescriptor, leader: &str, from: &str, to: &str) -> 
     };
     match (membership(to), membership(from)) {
         (None, _) => Step::AddLearner,
+        (Some(ReplicaMembership::Demoted), _) => Step::AwaitRemoval,
         (Some(ReplicaMembership::Voter), None) => Step::Done,
         (Some(ReplicaMembership::Learner), _) | (Some(ReplicaMembership::Voter), Some(_)) if source_leads => {
             match (other_voter(), membership(to)) {
@@ -215,6 +220,10 @@ pub async fn move_replica(
                 }
             }
             Step::Remove => change(clients, &leader.address, &desc, vec![(Kind::Remove, from)]).await,
+            Step::AwaitRemoval => Err(format!(
+                "node {} holds a demoted replica of range {range_id}, which its leader removes first; retrying",
+                to.node_id
+            )),
             Step::LeaveJoint => change(clients, &leader.address, &desc, vec![(Kind::LeaveJoint, to)]).await,
         };
         if outcome.is_ok() {
@@ -252,6 +261,8 @@ pub fn next_readd_step(desc: &RangeDescriptor, node: &str, holds_copy: bool) -> 
     match desc.replicas.iter().find(|r| r.node_id == node).map(Replica::membership) {
         None => ReaddStep::AddLearner,
         Some(ReplicaMembership::Learner) => ReaddStep::Promote,
+        // On its way out (its leader removes it too): not a copy that counts.
+        Some(ReplicaMembership::Demoted) => ReaddStep::RemoveLost,
         Some(_) if holds_copy => ReaddStep::Done,
         Some(_) => ReaddStep::RemoveLost,
     }
@@ -471,6 +482,22 @@ mod tests {
         assert_eq!(next_step(&joint, "n2", "n1", "n2"), Step::LeaveJoint);
         let done = range(&[("n2", Voter)]);
         assert_eq!(next_step(&done, "n2", "n1", "n2"), Step::Done);
+    }
+
+    #[test]
+    fn a_demoted_source_is_removed_and_a_demoted_target_waits() {
+        use ReplicaMembership::*;
+        // Out of the joint membership the source is a demoted learner: removed (by the mover,
+        // or by its leader first); if it still leads, it hands the lead over first.
+        let demoted = range(&[("n1", Demoted), ("n2", Voter)]);
+        assert_eq!(next_step(&demoted, "n2", "n1", "n2"), Step::Remove);
+        assert_eq!(next_step(&demoted, "n1", "n1", "n2"), Step::TransferLeader { to: "n2".into() });
+        // A target still holding a demoted replica (moved off it a moment ago) is not a member
+        // that counts: neither done nor removed from, until its leader removed it.
+        let back = range(&[("n1", Voter), ("n2", Demoted)]);
+        assert_eq!(next_step(&back, "n1", "n1", "n2"), Step::AwaitRemoval);
+        assert_eq!(next_step(&range(&[("n2", Demoted), ("n3", Voter)]), "n3", "n1", "n2"), Step::AwaitRemoval);
+        assert_eq!(next_readd_step(&back, "n2", true), ReaddStep::RemoveLost);
     }
 
     #[test]

@@ -761,10 +761,24 @@ impl<P: Platform> ReshardingLoop<P> {
             return;
         }
         let mut replaced: Vec<(u64, usize)> = Vec::new();
-        for range in observation.ranges.values_mut().filter(|r| r.is_replicated() && !r.desc.in_joint_membership()) {
-            for replica in range.desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter) {
-                let index = observation.nodes.iter().position(|n| n.member.node_id == replica.node_id);
-                if let Some(index) = index.filter(|i| down.contains(i) && !range.lost.contains(i)) {
+        let nodes = &observation.nodes;
+        for range in observation.ranges.values_mut().filter(|r| !r.desc.in_joint_membership()) {
+            let on_down: Vec<usize> = range
+                .desc
+                .replicas
+                .iter()
+                .filter(|r| r.membership() == ReplicaMembership::Voter)
+                .filter_map(|r| nodes.iter().position(|n| n.member.node_id == r.node_id))
+                .filter(|i| down.contains(i))
+                .collect();
+            let voters = range.desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter).count();
+            // A single copy (one voter, maybe with a learner on the way) has its data there only;
+            // a range whose majority is down cannot change its membership: both wait.
+            if voters < 2 || (voters - on_down.len()) * 2 <= voters {
+                continue;
+            }
+            for index in on_down {
+                if !range.lost.contains(&index) {
                     range.lost.push(index);
                     replaced.push((range.desc.range_id, index));
                 }

@@ -321,6 +321,13 @@ impl Driver {
         // is its node's, so a stale voter of an old membership (down while this node's earlier
         // replica was removed) could otherwise win its vote with a log missing committed entries.
         let group = envelope.group();
+        // First, whatever it is: a removed replica that missed its removal is told so even while
+        // its vote requests are not taken (this node just started, or holds a lease).
+        if let kvfleet_replication::Envelope::Raft { message, .. } = &envelope
+            && self.groups.led_without(group, message.from)
+        {
+            self.tell_removed(group, message.from, now);
+        }
         if is_vote_request(&envelope)
             && (now < self.votes_from
                 || self.leases.get(&group).is_some_and(|lease| now < lease.until)
@@ -344,11 +351,6 @@ impl Driver {
         if self.groups.term(group).is_none() {
             self.keep_early(envelope, now);
             return;
-        }
-        if let kvfleet_replication::Envelope::Raft { message, .. } = &envelope
-            && self.groups.led_without(group, message.from)
-        {
-            self.tell_removed(group, message.from, now);
         }
         match self.groups.step(envelope) {
             Ok(()) => {}
@@ -705,8 +707,8 @@ impl Driver {
         self.peers.send(probes.collect());
     }
 
-    /// On the leader, a voter: proposes removing the learners that the end of a joint
-    /// membership demoted (the descriptor names them), once no other change is pending. Forgets
+    /// On the leader, a voter: proposes removing a learner that the end of a joint membership
+    /// demoted (the descriptor names them), once no other change is pending. Forgets
     /// the range once it has none (a follower keeps it: it may lead next).
     fn remove_demoted(&mut self, range_id: u64) {
         let desc = match apply::stored_descriptor(&self.db, range_id) {
@@ -716,39 +718,32 @@ impl Driver {
                 return;
             }
         };
-        let demoted: Vec<u64> = desc
-            .replicas
-            .iter()
-            .filter(|r| r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted)
-            .map(|r| r.raft_id)
-            .collect();
-        if demoted.is_empty() {
+        let demoted = desc.replicas.iter().find(|r| r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted);
+        let Some(demoted) = demoted.map(|r| r.raft_id) else {
             self.joint.remove(&range_id);
             return;
-        }
+        };
         if !self.groups.is_leader(range_id) || self.groups.has_pending_conf(range_id) {
             return;
         }
+        // One at a time: raft-rs takes a ConfChangeV2 of more than one change as joint.
         let mut change = kvfleet_replication::ConfChangeV2::default();
         change.set_changes(
-            demoted
-                .iter()
-                .map(|&node_id| kvfleet_replication::ConfChangeSingle {
-                    change_type: kvfleet_replication::ConfChangeType::RemoveNode,
-                    node_id,
-                    ..Default::default()
-                })
-                .collect::<Vec<_>>()
-                .into(),
+            vec![kvfleet_replication::ConfChangeSingle {
+                change_type: kvfleet_replication::ConfChangeType::RemoveNode,
+                node_id: demoted,
+                ..Default::default()
+            }]
+            .into(),
         );
         let context =
             kvfleet_proto::v1::RaftMembershipChange { expected_conf_version: desc.conf_version, added: Vec::new() };
         match self.groups.propose_conf_change(range_id, prost::Message::encode_to_vec(&context), change) {
             Ok((index, _)) => {
                 self.membership_proposals.insert((range_id, index));
-                tracing::info!(range_id, index, replicas = %describe_replicas(&desc), "proposed removing the demoted learners");
+                tracing::info!(range_id, index, replicas = %describe_replicas(&desc), "proposed removing a demoted learner");
             }
-            Err(error) => tracing::debug!(range_id, %error, "removing the demoted learners not proposed"),
+            Err(error) => tracing::debug!(range_id, %error, "removing a demoted learner not proposed"),
         }
     }
 
@@ -947,7 +942,13 @@ impl Driver {
             let deadline = since + READ_INDEX_TIMEOUT;
             // A leader just elected: asked now, raft-rs would drop the read index; it is asked
             // once the leader's first entry commits (a pass or two), or given up at the deadline.
-            if self.groups.is_leader(range_id) && !self.groups.leads_with_commit_in_term(range_id) {
+            // A leader that does not vote (demoted by the end of a joint membership it committed,
+            // handing its lead over): raft-rs would grant the read index at once, its voters
+            // being one other node, which may already lead a later term; asked again once it
+            // follows (the follower asks the leader).
+            if self.groups.is_leader(range_id)
+                && (!self.groups.leads_with_commit_in_term(range_id) || !self.votes_in(range_id))
+            {
                 if now >= deadline {
                     for reply in replies {
                         let _ = reply.send(Err(ReplicaError::ReadNotConfirmed { range_id }));
@@ -1257,6 +1258,9 @@ impl Driver {
             change.desc.replicas.iter().any(|r| r.membership() == kvfleet_proto::v1::ReplicaMembership::Demoted);
         if !change.joint {
             self.leaving_joint.remove(&range_id);
+            // Demoted by this change while leading: hand over now, whenever it last tried to in
+            // the joint membership.
+            self.handovers.remove(&range_id);
         }
         if change.joint || demoted {
             self.joint.insert(range_id);
@@ -1419,8 +1423,19 @@ impl Driver {
 
     /// A quorum confirmed this node's leadership in `read`'s term at some instant after the read
     /// was asked: nobody else can be elected before `LEASE` after it.
+    /// Whether this node is a voter of `range_id` (of either half of a joint membership).
+    fn votes_in(&self, range_id: u64) -> bool {
+        let me = self.groups.node();
+        self.groups
+            .conf_state(range_id)
+            .is_some_and(|conf| conf.voters.contains(&me) || conf.voters_outgoing.contains(&me))
+    }
+
     fn extend_lease(&mut self, read: &ReadBatch) {
         let Some(term) = read.leader_term else { return };
+        if !self.votes_in(read.range_id) {
+            return;
+        }
         if self.splits_proposed.contains_key(&read.range_id) || self.transfer_terms.get(&read.range_id) == Some(&term) {
             return;
         }
