@@ -94,6 +94,28 @@ async fn a_leaders_replica_moves_to_a_new_node_under_load_without_a_freeze_and_t
     }
     wait_until_gone(&fleet, source).await;
 
+    // `kvctl status`, given one node, lists every replica's node (not only the leader's), each
+    // with the copy it holds.
+    let output = tokio::process::Command::new(kvfleet_e2e::binary("kvctl"))
+        .args(["--endpoints", &fleet.nodes[target].address, "--output", "json", "status"])
+        .output()
+        .await
+        .expect("kvctl runs");
+    assert!(output.status.success(), "kvctl status: {}", String::from_utf8_lossy(&output.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("kvctl status prints JSON");
+    let listed: Vec<(String, usize)> = status
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| (n["node_id"].as_str().unwrap_or_default().to_string(), n["ranges"].as_array().map_or(0, Vec::len)))
+        .collect();
+    for id in &expected {
+        assert!(
+            listed.iter().any(|(node, ranges)| node == id && *ranges == 1),
+            "{id} not listed with its copy: {listed:?}"
+        );
+    }
+
     // The new replica is a needed vote: with one of the two other voters down, every write
     // commits on it.
     let other = voters.iter().copied().find(|&i| i != target).expect("another voter");

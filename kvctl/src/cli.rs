@@ -520,10 +520,19 @@ async fn status(client: &Client, controller: Option<&str>, json: bool) -> Result
     if let Some(address) = controller {
         return controller_status(address, json).await;
     }
-    // Learn every node first, then ask each for its info and load.
+    // Learn every node first (owners, and every replica of a replicated range), then ask each
+    // for its info and load.
     let _ = client.refresh(std::time::Instant::now()).await;
+    let mut addresses = client.known_nodes();
+    let replicas = client.cached_ranges().into_iter().flat_map(|d| d.replicas).map(|r| r.address);
+    for address in replicas.filter(|a| !a.is_empty()) {
+        if !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    addresses.sort();
     let mut nodes = Vec::new();
-    for address in client.known_nodes() {
+    for address in addresses {
         nodes.push(node_status(client, &address).await);
     }
     if json {
@@ -550,8 +559,20 @@ async fn status(client: &Client, controller: Option<&str>, json: bool) -> Result
         ]);
     }
     println!("{node_table}");
-    let mut range_table =
-        table(&["range", "span", "gen", "owner", "reads/s", "writes/s", "bytes/s", "size on disk", "keys", "hot keys"]);
+    // One row per copy: each replica of a replicated range reports the load it served.
+    let mut range_table = table(&[
+        "range",
+        "span",
+        "gen",
+        "on",
+        "owner",
+        "reads/s",
+        "writes/s",
+        "bytes/s",
+        "size on disk",
+        "keys",
+        "hot keys",
+    ]);
     for node in &nodes {
         for r in &node.ranges {
             let end = r.range.end_or_inf();
@@ -561,6 +582,7 @@ async fn status(client: &Client, controller: Option<&str>, json: bool) -> Result
                 r.range.range_id.to_string(),
                 format!("[{}, {})", r.range.start, end),
                 r.range.generation.to_string(),
+                node.node_id.clone(),
                 r.range.owner.clone(),
                 format!("{:.0}", r.reads_per_sec),
                 format!("{:.0}", r.writes_per_sec),
