@@ -388,6 +388,12 @@ impl<S: GroupLog> Groups<S> {
         self.leading(group).is_some_and(|raft| raft.has_pending_conf())
     }
 
+    /// Whether this node votes in `group` (in either half of a joint membership), without
+    /// building the membership (read-path code asks it per batch).
+    pub fn votes(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|g| g.raw.raft.prs().conf().voters().contains(self.node))
+    }
+
     /// Whether the membership `group` applied last on this node is joint (old and new voters
     /// both form quorums until it is left).
     pub fn is_joint(&self, group: GroupId) -> bool {

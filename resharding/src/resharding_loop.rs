@@ -98,12 +98,16 @@ pub struct ReshardingLoop<P: Platform> {
     live_moves: HashMap<u64, LiveMove>,
     status: StatusBoard,
     published: Option<(u64, std::time::Instant)>,
-    /// Node id -> rounds in a row it did not answer.
-    unanswered: HashMap<String, u32>,
+    /// Node id -> how long it has not answered (rounds in a row, and since when).
+    unanswered: HashMap<String, Silence>,
     /// (range id, node id) -> rounds in a row that voter's node answered holding no copy.
     missing: HashMap<(u64, String), u32>,
-    /// Node id -> when it stopped answering (this silence), for `LoopConfig::replace_down_after`.
-    silent_since: HashMap<String, std::time::Instant>,
+}
+
+/// A node's current silence: rounds in a row it did not answer, and the first round's time.
+struct Silence {
+    rounds: u32,
+    since: std::time::Instant,
 }
 
 impl<P: Platform> ReshardingLoop<P> {
@@ -124,7 +128,6 @@ impl<P: Platform> ReshardingLoop<P> {
             published: None,
             unanswered: HashMap::new(),
             missing: HashMap::new(),
-            silent_since: HashMap::new(),
         })
     }
 
@@ -235,13 +238,14 @@ impl<P: Platform> ReshardingLoop<P> {
                 _ => 5,
             });
         }
+        let observed_at = std::time::Instant::now();
         for node in &observation.nodes {
-            match node.report {
-                Ok(_) => self.unanswered.remove(&node.member.node_id),
-                Err(_) => self
-                    .unanswered
-                    .insert(node.member.node_id.clone(), self.unanswered_rounds(&node.member.node_id) + 1),
-            };
+            let id = &node.member.node_id;
+            if node.report.is_ok() {
+                self.unanswered.remove(id);
+            } else {
+                self.unanswered.entry(id.clone()).or_insert(Silence { rounds: 0, since: observed_at }).rounds += 1;
+            }
         }
         self.unanswered.retain(|id, _| observation.node(id).is_some());
         self.stop_stuck_replica_moves(&observation);
@@ -738,55 +742,37 @@ impl<P: Platform> ReshardingLoop<P> {
     }
 
     /// Marks as lost (`ObservedRange::lost`, for the planner to re-create elsewhere) the voting
-    /// replicas of replicated ranges whose node has not answered for `replace_down_after`.
-    fn mark_replicas_on_down_nodes(&mut self, observation: &mut Observation) {
-        let now = std::time::Instant::now();
-        for node in &observation.nodes {
-            let id = &node.member.node_id;
-            if node.report.is_ok() {
-                self.silent_since.remove(id);
-            } else if !self.silent_since.contains_key(id) {
-                self.silent_since.insert(id.clone(), now);
-            }
-        }
-        self.silent_since.retain(|id, _| observation.node(id).is_some());
+    /// replicas of replicated ranges whose node has not answered for `replace_down_after` (as of
+    /// the rounds before this one).
+    fn mark_replicas_on_down_nodes(&self, observation: &mut Observation) {
         let after = self.config.replace_down_after;
-        let down: Vec<usize> = (0..observation.nodes.len())
-            .filter(|&i| {
-                let silent = self.silent_since.get(&observation.nodes[i].member.node_id);
-                silent.is_some_and(|since| now.duration_since(*since) >= after)
-            })
-            .collect();
-        if down.is_empty() {
-            return;
-        }
-        let mut replaced: Vec<(u64, usize)> = Vec::new();
+        let down = |node_id: &str| self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= after);
         let nodes = &observation.nodes;
         for range in observation.ranges.values_mut().filter(|r| !r.desc.in_joint_membership()) {
-            let on_down: Vec<usize> = range
+            let voters: Vec<&str> = range
                 .desc
                 .replicas
                 .iter()
                 .filter(|r| r.membership() == ReplicaMembership::Voter)
-                .filter_map(|r| nodes.iter().position(|n| n.member.node_id == r.node_id))
-                .filter(|i| down.contains(i))
+                .map(|r| r.node_id.as_str())
                 .collect();
-            let voters = range.desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Voter).count();
+            let on_down: Vec<usize> = voters
+                .iter()
+                .filter(|id| down(id))
+                .filter_map(|id| nodes.iter().position(|n| n.member.node_id == *id))
+                .collect();
             // A single copy (one voter, maybe with a learner on the way) has its data there only;
             // a range whose majority is down cannot change its membership: both wait.
-            if voters < 2 || (voters - on_down.len()) * 2 <= voters {
+            if voters.len() < 2 || (voters.len() - on_down.len()) * 2 <= voters.len() {
                 continue;
             }
             for index in on_down {
                 if !range.lost.contains(&index) {
                     range.lost.push(index);
-                    replaced.push((range.desc.range_id, index));
+                    let node = &nodes[index].member.node_id;
+                    tracing::warn!(range_id = range.desc.range_id, %node, after_secs = after.as_secs(), "a voter's node has not answered for too long: replacing its replica elsewhere");
                 }
             }
-        }
-        for (range_id, index) in replaced {
-            let node = &observation.nodes[index].member.node_id;
-            tracing::warn!(range_id, %node, after_secs = after.as_secs(), "a voter's node has not answered for too long: replacing its replica elsewhere");
         }
     }
 
@@ -813,7 +799,7 @@ impl<P: Platform> ReshardingLoop<P> {
     }
 
     fn unanswered_rounds(&self, node_id: &str) -> u32 {
-        self.unanswered.get(node_id).copied().unwrap_or(0)
+        self.unanswered.get(node_id).map_or(0, |silence| silence.rounds)
     }
 
     /// Whether a replica move's target takes ranges: a member, not draining to go away (one

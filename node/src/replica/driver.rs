@@ -312,14 +312,6 @@ impl Driver {
     /// has yet to apply, whose leader already campaigns; the split replays it.
     fn deliver(&mut self, envelope: kvfleet_replication::Envelope) {
         let now = Instant::now();
-        // A node that just started forgot which leader it heard last, so raft-rs's check-quorum
-        // would let it vote at once: it could help elect a new leader while the old one still
-        // holds a lease this node's acknowledgement helped to grant. It waits one election
-        // timeout first. Nor does a leader vote while its lease runs (raft-rs would, once any
-        // higher-term message made it a follower with no leader known).
-        // A replica created to be added (no membership yet) votes for nobody either: its Raft id
-        // is its node's, so a stale voter of an old membership (down while this node's earlier
-        // replica was removed) could otherwise win its vote with a log missing committed entries.
         let group = envelope.group();
         // First, whatever it is: a removed replica that missed its removal is told so even while
         // its vote requests are not taken (this node just started, or holds a lease).
@@ -328,6 +320,14 @@ impl Driver {
         {
             self.tell_removed(group, message.from, now);
         }
+        // A node that just started forgot which leader it heard last, so raft-rs's check-quorum
+        // would let it vote at once: it could help elect a new leader while the old one still
+        // holds a lease this node's acknowledgement helped to grant. It waits one election
+        // timeout first. Nor does a leader vote while its lease runs (raft-rs would, once any
+        // higher-term message made it a follower with no leader known).
+        // A replica created to be added (no membership yet) votes for nobody either: its Raft id
+        // is its node's, so a stale voter of an old membership (down while this node's earlier
+        // replica was removed) could otherwise win its vote with a log missing committed entries.
         if is_vote_request(&envelope)
             && (now < self.votes_from
                 || self.leases.get(&group).is_some_and(|lease| now < lease.until)
@@ -947,7 +947,7 @@ impl Driver {
             // being one other node, which may already lead a later term; asked again once it
             // follows (the follower asks the leader).
             if self.groups.is_leader(range_id)
-                && (!self.groups.leads_with_commit_in_term(range_id) || !self.votes_in(range_id))
+                && (!self.groups.leads_with_commit_in_term(range_id) || !self.groups.votes(range_id))
             {
                 if now >= deadline {
                     for reply in replies {
@@ -1423,17 +1423,9 @@ impl Driver {
 
     /// A quorum confirmed this node's leadership in `read`'s term at some instant after the read
     /// was asked: nobody else can be elected before `LEASE` after it.
-    /// Whether this node is a voter of `range_id` (of either half of a joint membership).
-    fn votes_in(&self, range_id: u64) -> bool {
-        let me = self.groups.node();
-        self.groups
-            .conf_state(range_id)
-            .is_some_and(|conf| conf.voters.contains(&me) || conf.voters_outgoing.contains(&me))
-    }
-
     fn extend_lease(&mut self, read: &ReadBatch) {
         let Some(term) = read.leader_term else { return };
-        if !self.votes_in(read.range_id) {
+        if !self.groups.votes(read.range_id) {
             return;
         }
         if self.splits_proposed.contains_key(&read.range_id) || self.transfer_terms.get(&read.range_id) == Some(&term) {
