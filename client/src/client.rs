@@ -17,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::bundler::{BundleConfig, Bundlers};
 use crate::channels::{ChannelConfig, ChannelPool, endpoint};
 use crate::error::ClientError;
 use crate::routing::RangeCache;
@@ -36,6 +37,8 @@ pub struct ClientConfig {
     /// Sent on admin calls (`kvctl split`, `merge`): nodes started with an admin token refuse
     /// changes without it. Range metadata, which routing reads, needs none.
     pub admin_token: AdminToken,
+    /// How gets, puts and deletes sent to one node at the same moment share calls.
+    pub bundling: BundleConfig,
 }
 
 impl ClientConfig {
@@ -47,6 +50,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(1),
             connections_per_node: 4,
             admin_token: AdminToken::none(),
+            bundling: BundleConfig::default(),
         }
     }
 }
@@ -66,6 +70,7 @@ struct Inner {
     config: ClientConfig,
     cache: RwLock<RangeCache>,
     channels: ChannelPool,
+    bundlers: Bundlers,
     /// One refresh at a time; others wait for it and use its result.
     refresh: tokio::sync::Mutex<Instant>,
 }
@@ -120,12 +125,14 @@ impl Client {
             connections_per_address: config.connections_per_node,
             local_address: None,
         });
+        let bundlers = Bundlers::new(config.bundling, channels.clone(), config.attempt_timeout);
         let never = Instant::now().checked_sub(Duration::from_secs(3600)).unwrap_or_else(Instant::now);
         Ok(Client {
             inner: Arc::new(Inner {
                 config,
                 cache: RwLock::new(cache),
                 channels,
+                bundlers,
                 refresh: tokio::sync::Mutex::new(never),
             }),
         })
@@ -207,10 +214,10 @@ impl Client {
     }
 
     /// Runs `attempt` against the owner of `key` until it succeeds, fails for good, or the
-    /// deadline passes. `attempt` gets a channel to the owner, the routing header, and the range.
+    /// deadline passes. `attempt` gets the owner's address, the routing header, and the range.
     async fn execute<T, F, Fut>(&self, key: &[u8], attempt: F) -> Result<T, ClientError>
     where
-        F: FnMut(Channel, RequestHeader, &RangeDescriptor) -> Result<Fut, ClientError>,
+        F: FnMut(&str, RequestHeader, &RangeDescriptor) -> Result<Fut, ClientError>,
         Fut: Future<Output = Result<T, Status>>,
     {
         self.execute_on(key, false, attempt).await
@@ -220,7 +227,7 @@ impl Client {
     /// its leader.
     async fn execute_on<T, F, Fut>(&self, key: &[u8], any_replica: bool, mut attempt: F) -> Result<T, ClientError>
     where
-        F: FnMut(Channel, RequestHeader, &RangeDescriptor) -> Result<Fut, ClientError>,
+        F: FnMut(&str, RequestHeader, &RangeDescriptor) -> Result<Fut, ClientError>,
         Fut: Future<Output = Result<T, Status>>,
     {
         let started = Instant::now();
@@ -235,8 +242,7 @@ impl Client {
             let mut rerouted = false;
             if let Some(route) = self.route(key) {
                 let address = if any_replica { route.any_replica() } else { route.address() };
-                let channel = self.channel(address)?;
-                let call = attempt(channel, route.header, &route.range)?;
+                let call = attempt(address, route.header, &route.range)?;
                 let timeout = deadline.saturating_duration_since(Instant::now()).min(self.inner.config.attempt_timeout);
                 let status = match tokio::time::timeout(timeout, call).await {
                     Ok(Ok(value)) => return Ok(value),
@@ -314,15 +320,16 @@ impl Client {
         max_staleness_ms: u32,
     ) -> Result<Option<Bytes>, ClientError> {
         let any_replica = matches!(consistency, ReadConsistency::Follower | ReadConsistency::Stale);
-        self.execute_on(&key, any_replica, |channel, header, _| {
+        self.execute_on(&key, any_replica, |address, header, _| {
             let request = GetRequest {
                 header: Some(header),
                 key: key.clone(),
                 consistency: consistency as i32,
                 max_staleness_ms,
             };
+            let address = address.to_string();
             Ok(async move {
-                let response = KvClient::new(channel).get(request).await?.into_inner();
+                let response = self.inner.bundlers.get(&address, request).await?;
                 Ok(response.found.then_some(response.value))
             })
         })
@@ -331,18 +338,20 @@ impl Client {
 
     pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<(), ClientError> {
         let (key, value) = (key.into(), value.into());
-        self.execute(&key, |channel, header, _| {
+        self.execute(&key, |address, header, _| {
             let request = PutRequest { header: Some(header), key: key.clone(), value: value.clone() };
-            Ok(async move { KvClient::new(channel).put(request).await.map(|_| ()) })
+            let address = address.to_string();
+            Ok(async move { self.inner.bundlers.put(&address, request).await.map(|_| ()) })
         })
         .await
     }
 
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<(), ClientError> {
         let key = key.into();
-        self.execute(&key, |channel, header, _| {
+        self.execute(&key, |address, header, _| {
             let request = DeleteRequest { header: Some(header), key: key.clone() };
-            Ok(async move { KvClient::new(channel).delete(request).await.map(|_| ()) })
+            let address = address.to_string();
+            Ok(async move { self.inner.bundlers.delete(&address, request).await.map(|_| ()) })
         })
         .await
     }
@@ -353,7 +362,7 @@ impl Client {
         let Some(first) = mutations.first().map(|m| m.key.clone()) else {
             return Err(ClientError::Config("a batch needs at least one mutation".into()));
         };
-        self.execute(&first, |channel, header, range| {
+        self.execute(&first, |address, header, range| {
             if let Some(outside) = mutations.iter().find(|m| !range.contains_key(&m.key)) {
                 return Err(ClientError::BatchSpansRanges {
                     key: outside.key.clone(),
@@ -362,6 +371,7 @@ impl Client {
                 });
             }
             let request = BatchRequest { header: Some(header), mutations: mutations.clone() };
+            let channel = self.channel(address)?;
             Ok(async move { Ok(KvClient::new(channel).batch(request).await?.into_inner().applied) })
         })
         .await
@@ -376,7 +386,8 @@ impl Client {
         limit: u32,
         keys_only: bool,
     ) -> Result<(Vec<KeyValue>, Option<Bytes>), ClientError> {
-        self.execute(&start, |channel, header, _| {
+        self.execute(&start, |address, header, _| {
+            let channel = self.channel(address)?;
             let request = ScanRequest {
                 header: Some(header),
                 start_key: start.clone(),

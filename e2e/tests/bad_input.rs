@@ -166,6 +166,64 @@ async fn bad_routing_maps_and_unknown_methods_get_named_errors() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_answers_each_request_with_its_own_outcome_and_refuses_more_than_its_limit() {
+    use kvfleet_proto::v1::{
+        BundleRequest, BundledRequest, DeleteRequest, RequestHeader, bundled_request::Request as Asked,
+        bundled_response::Response as Answer,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start("n1", dir.path(), &["--bootstrap", "--max-key-bytes", "64"]);
+    let mut kv = node.kv();
+    kv.put(PutRequest { header: None, key: Bytes::from("old"), value: Bytes::from("1") }).await.unwrap();
+    let wrong_range = RequestHeader { range_id: 99, generation: 1, allow_forward: false };
+    let asked = vec![
+        Asked::Put(PutRequest { header: None, key: Bytes::from("a"), value: Bytes::from("1") }),
+        Asked::Put(PutRequest { header: None, key: Bytes::from(vec![b'k'; 65]), value: Bytes::from("2") }),
+        Asked::Delete(DeleteRequest { header: None, key: Bytes::from("old") }),
+        Asked::Get(GetRequest {
+            header: Some(wrong_range),
+            key: Bytes::from("a"),
+            consistency: 0,
+            max_staleness_ms: 0,
+        }),
+    ];
+    let mut requests: Vec<BundledRequest> = asked.into_iter().map(|r| BundledRequest { request: Some(r) }).collect();
+    requests.push(BundledRequest { request: None });
+    let mut answers = kv.bundle(BundleRequest { requests }).await.unwrap().into_inner();
+    let mut by_index = std::collections::BTreeMap::new();
+    while let Some(message) = answers.message().await.unwrap() {
+        for answer in message.responses {
+            assert!(by_index.insert(answer.index, answer.response.unwrap()).is_none(), "index {} twice", answer.index);
+        }
+    }
+    assert_eq!(by_index.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4], "every request answered once");
+    assert!(matches!(by_index[&0], Answer::Put(_)), "{:?}", by_index[&0]);
+    assert!(matches!(by_index[&2], Answer::Delete(_)), "{:?}", by_index[&2]);
+    let status = |index: u32| match by_index[&index].clone() {
+        Answer::Error(error) => kvfleet_proto::errors::bundled_status(error),
+        other => panic!("request {index} should have failed: {other:?}"),
+    };
+    assert_eq!(status(1).message(), "max_key_bytes exceeded: 65 bytes, the limit is 64 bytes");
+    assert_eq!(limit_detail(&status(1)).map(|d| d.max), Some(64));
+    assert!(not_owner_detail(&status(3)).is_some(), "a typed NotOwner: {:?}", status(3));
+    assert_eq!(status(4).code(), Code::InvalidArgument);
+    assert!(status(4).message().contains("names no operation"), "{:?}", status(4));
+    // The good requests took effect, the bad ones did not spoil them.
+    assert!(!absent(&node, b"a").await);
+    assert!(absent(&node, b"old").await);
+
+    let too_many = (0..1025)
+        .map(|_| BundledRequest {
+            request: Some(Asked::Put(PutRequest { header: None, key: Bytes::from("x"), value: Bytes::new() })),
+        })
+        .collect();
+    let refused = kv.bundle(BundleRequest { requests: too_many }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(refused.message(), "a bundle holds at most 1024 requests; this one holds 1025");
+    assert!(absent(&node, b"x").await, "nothing of a refused bundle is written");
+}
+
 /// Sends `payload` as the body of a unary gRPC call, bypassing protobuf encoding.
 async fn raw_unary(node: &NodeProcess, path: &'static str, payload: Bytes) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(node.channel());

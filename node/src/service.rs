@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvfleet_proto::bundle::{self, BundleAnswers};
 use kvfleet_proto::v1::admin_server::Admin;
 use kvfleet_proto::v1::kv_client::KvClient;
 use kvfleet_proto::v1::kv_server::Kv;
@@ -175,6 +176,12 @@ impl Kv for KvService {
             Ok(BatchResponse { header: Some(header), applied })
         };
         self.serve(Op::Batch, request.into_inner(), local, async |mut peer, req| peer.batch(forwarded(req)).await).await
+    }
+
+    type BundleStream = BundleAnswers;
+
+    async fn bundle(&self, request: Request<BundleRequest>) -> Result<Response<BundleAnswers>, Status> {
+        Ok(Response::new(bundle::serve(self, request.into_inner())?))
     }
 }
 

@@ -5,7 +5,7 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use crate::google_rpc;
-use crate::v1::{LimitExceeded, NotOwner};
+use crate::v1::{BundledError, LimitExceeded, NotOwner};
 
 const TYPE_PREFIX: &str = "type.googleapis.com/";
 const NOT_OWNER: &str = "kvfleet.v1.NotOwner";
@@ -54,6 +54,20 @@ pub fn limit_detail(status: &Status) -> Option<LimitExceeded> {
     find_detail(status, LIMIT_EXCEEDED)
 }
 
+/// A request's status carried inside a `Bundle` answer, details and all.
+pub fn bundled_error(status: &Status) -> BundledError {
+    BundledError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: status.details().to_vec().into(),
+    }
+}
+
+/// The status a bundled request failed with, as if it had been sent alone.
+pub fn bundled_status(error: BundledError) -> Status {
+    Status::with_details(Code::from_i32(error.code), error.message, error.details)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +85,17 @@ mod tests {
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert_eq!(not_owner_detail(&status), Some(detail));
         assert_eq!(limit_detail(&status), None);
+    }
+
+    #[test]
+    fn a_bundled_error_keeps_code_message_and_details() {
+        let detail = NotOwner { node_id: "n2".into(), reason: "range 3 split".into(), ..Default::default() };
+        let status = bundled_status(bundled_error(&not_owner_status(detail.clone())));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.message(), "not owner: range 3 split");
+        assert_eq!(not_owner_detail(&status), Some(detail));
+        let plain = bundled_status(bundled_error(&Status::unavailable("node stopping")));
+        assert_eq!((plain.code(), plain.message(), plain.details().len()), (Code::Unavailable, "node stopping", 0));
     }
 
     #[test]

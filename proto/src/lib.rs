@@ -2,6 +2,7 @@
 //! ranges (which keys a descriptor covers), typed error details, and printing keys.
 
 pub mod admin_auth;
+pub mod bundle;
 pub mod errors;
 pub mod failpoint;
 pub mod keys;

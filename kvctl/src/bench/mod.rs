@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use clap::builder::TypedValueParser as _;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use kvfleet_client::BundleConfig;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -58,6 +60,13 @@ pub struct BenchArgs {
     /// The bound of --read-consistency stale, in milliseconds (1 to 60000).
     #[arg(long, default_value_t = 1000)]
     pub max_staleness_ms: u64,
+    /// kvfleet: most requests one call to a node carries; the client bundles the requests its
+    /// clients send a node while its calls are busy (1: every request in its own call).
+    #[arg(long, default_value_t = BundleConfig::default().max_requests, value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
+    pub bundle_max_requests: usize,
+    /// kvfleet: calls in flight to one node at once.
+    #[arg(long, default_value_t = BundleConfig::default().max_in_flight, value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
+    pub bundle_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -163,7 +172,9 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], deadline: Duration) -> 
             return Err(format!("--max-staleness-ms must be from 1 to 60000, got {}", args.max_staleness_ms));
         }
     };
-    let connections = Connection::open_all(&args.target, endpoints, deadline, connection_count, read_choice).await?;
+    let bundling = BundleConfig { max_requests: args.bundle_max_requests, max_in_flight: args.bundle_in_flight };
+    let connections =
+        Connection::open_all(&args.target, endpoints, deadline, connection_count, read_choice, bundling).await?;
 
     let (load_seconds, load_ops_per_sec) = if args.skip_load {
         (None, None)

@@ -8,7 +8,7 @@ use kvfleet_proto::etcd::kv_client::KvClient as EtcdKvClient;
 use kvfleet_proto::etcd::{PutRequest as EtcdPut, RangeRequest as EtcdRange};
 use tonic::transport::{Channel, Endpoint};
 
-use kvfleet_client::{Client, ClientConfig};
+use kvfleet_client::{BundleConfig, Client, ClientConfig};
 use kvfleet_proto::v1::ReadConsistency;
 
 /// Where to send load, parsed from `--target`.
@@ -73,11 +73,13 @@ impl Connection {
         deadline: Duration,
         connections: usize,
         reads: ReadChoice,
+        bundling: BundleConfig,
     ) -> Result<Vec<Self>, String> {
         if *spec == TargetSpec::Kvfleet {
             let mut config = ClientConfig::new(endpoints.iter().cloned());
             config.deadline = deadline;
             config.connections_per_node = connections;
+            config.bundling = bundling;
             return Ok(vec![Connection::Kvfleet(Client::new(config).map_err(|e| e.to_string())?, reads)]);
         }
         let mut handles = Vec::with_capacity(connections);

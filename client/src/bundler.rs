@@ -1,0 +1,459 @@
+//! Coalesces the gets, puts and deletes that a process's tasks send one node at the same moment
+//! into `Bundle` calls, as TiKV's client batches its commands: under load, one gRPC call carries
+//! many requests, which saves the node (and the client) most of a call's cost per request. No
+//! request waits for company: a request goes out at once when a call slot is free, and only
+//! requests that queued while every slot was busy share a call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kvfleet_proto::errors::bundled_status;
+use kvfleet_proto::v1::kv_client::KvClient;
+use kvfleet_proto::v1::{
+    BundleRequest, BundleResponse, BundledRequest, DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest,
+    PutResponse, bundled_request, bundled_response,
+};
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::{Code, Status};
+
+use crate::channels::ChannelPool;
+
+/// How requests to one node are coalesced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BundleConfig {
+    /// Most requests in one call; 1 sends every request in its own call.
+    pub max_requests: usize,
+    /// Calls in flight to one node at once. Requests arriving while all are in flight queue, and
+    /// leave together in the next call.
+    pub max_in_flight: usize,
+}
+
+impl Default for BundleConfig {
+    fn default() -> Self {
+        BundleConfig { max_requests: 128, max_in_flight: 8 }
+    }
+}
+
+/// One queued request and where its answer goes.
+struct Pending {
+    request: bundled_request::Request,
+    reply: oneshot::Sender<Result<bundled_response::Response, Status>>,
+}
+
+/// The bundling queues of every node, one task each, started on first use.
+pub(crate) struct Bundlers {
+    config: BundleConfig,
+    channels: ChannelPool,
+    call_timeout: Duration,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Pending>>>,
+}
+
+impl Bundlers {
+    pub(crate) fn new(config: BundleConfig, channels: ChannelPool, call_timeout: Duration) -> Self {
+        Bundlers { config, channels, call_timeout, queues: Mutex::default() }
+    }
+
+    pub(crate) async fn get(&self, address: &str, request: GetRequest) -> Result<GetResponse, Status> {
+        match self.call(address, bundled_request::Request::Get(request)).await? {
+            bundled_response::Response::Get(response) => Ok(response),
+            other => Err(mismatch("get", &other)),
+        }
+    }
+
+    pub(crate) async fn put(&self, address: &str, request: PutRequest) -> Result<PutResponse, Status> {
+        match self.call(address, bundled_request::Request::Put(request)).await? {
+            bundled_response::Response::Put(response) => Ok(response),
+            other => Err(mismatch("put", &other)),
+        }
+    }
+
+    pub(crate) async fn delete(&self, address: &str, request: DeleteRequest) -> Result<DeleteResponse, Status> {
+        match self.call(address, bundled_request::Request::Delete(request)).await? {
+            bundled_response::Response::Delete(response) => Ok(response),
+            other => Err(mismatch("delete", &other)),
+        }
+    }
+
+    async fn call(
+        &self,
+        address: &str,
+        request: bundled_request::Request,
+    ) -> Result<bundled_response::Response, Status> {
+        if self.config.max_requests <= 1 {
+            return self.call_to(address).alone(request).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let mut pending = Pending { request, reply };
+        // A queue whose task ended (its runtime shut down) is replaced once.
+        for _ in 0..2 {
+            let queue = self.queue(address, false);
+            match queue.send(pending) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(returned)) => {
+                    pending = returned;
+                    self.queue(address, true);
+                }
+            }
+        }
+        match answer.await {
+            Ok(Ok(bundled_response::Response::Error(error))) => Err(bundled_status(error)),
+            Ok(answer) => answer,
+            Err(_) => Err(Status::cancelled(format!("the call carrying this request to {address} was dropped"))),
+        }
+    }
+
+    fn queue(&self, address: &str, replace: bool) -> mpsc::UnboundedSender<Pending> {
+        let mut queues = self.queues.lock();
+        if !replace && let Some(queue) = queues.get(address) {
+            return queue.clone();
+        }
+        let (queue, requests) = mpsc::unbounded_channel();
+        let node = NodeQueue { config: self.config, call: self.call_to(address) };
+        tokio::spawn(node.run(requests));
+        queues.insert(address.to_string(), queue.clone());
+        queue
+    }
+}
+
+impl Bundlers {
+    fn call_to(&self, address: &str) -> Call {
+        Call {
+            address: address.to_string(),
+            channels: self.channels.clone(),
+            call_timeout: self.call_timeout,
+            bundles_served: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+fn mismatch(asked: &str, answer: &bundled_response::Response) -> Status {
+    Status::internal(format!("the node answered a {asked} with {answer:?}"))
+}
+
+/// The task sending one node's queued requests.
+struct NodeQueue {
+    config: BundleConfig,
+    call: Call,
+}
+
+impl NodeQueue {
+    async fn run(self, mut requests: mpsc::UnboundedReceiver<Pending>) {
+        let slots = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
+        let max_requests = self.config.max_requests.max(1);
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let Some(first) = requests.recv().await else { return };
+            let mut bundle = vec![first];
+            while bundle.len() < max_requests
+                && let Ok(next) = requests.try_recv()
+            {
+                bundle.push(next);
+            }
+            // Requests whose callers stopped waiting (their attempt timed out) are not sent.
+            bundle.retain(|pending| !pending.reply.is_closed());
+            let call = self.call.clone();
+            tokio::spawn(async move {
+                call.send(bundle).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Calls to one node: a bundle, or a lone request.
+#[derive(Clone)]
+struct Call {
+    address: String,
+    channels: ChannelPool,
+    call_timeout: Duration,
+    /// Cleared when the node answers UNIMPLEMENTED (a version without `Bundle`): from then on
+    /// every request goes in its own call.
+    bundles_served: Arc<AtomicBool>,
+}
+
+impl Call {
+    async fn send(&self, bundle: Vec<Pending>) {
+        if bundle.len() > 1 && self.bundles_served.load(Ordering::Relaxed) {
+            match self.bundle(bundle).await {
+                Ok(()) => return,
+                Err(unserved) => {
+                    tracing::info!(node = %self.address, "the node does not serve Bundle; sending requests one by one");
+                    self.bundles_served.store(false, Ordering::Relaxed);
+                    return self.each_alone(unserved).await;
+                }
+            }
+        }
+        self.each_alone(bundle).await
+    }
+
+    /// Sends `bundle` as one call and hands each answer to its caller as it arrives. Gives the
+    /// requests back if the node does not serve `Bundle`.
+    async fn bundle(&self, bundle: Vec<Pending>) -> Result<(), Vec<Pending>> {
+        let requests = bundle.iter().map(|p| BundledRequest { request: Some(p.request.clone()) }).collect();
+        let mut replies: Vec<Option<Pending>> = bundle.into_iter().map(Some).collect();
+        let mut answers = match self.open_bundle(requests).await {
+            Ok(answers) => answers,
+            Err(status) if status.code() == Code::Unimplemented => return Err(replies.into_iter().flatten().collect()),
+            Err(status) => {
+                answer_rest(replies, &status);
+                return Ok(());
+            }
+        };
+        let ended = loop {
+            match answers.message().await {
+                Ok(Some(message)) => {
+                    for answer in message.responses {
+                        let Some(pending) = replies.get_mut(answer.index as usize).and_then(Option::take) else {
+                            continue;
+                        };
+                        let answer = answer.response.ok_or_else(|| Status::internal("the node sent an empty answer"));
+                        let _ = pending.reply.send(answer);
+                    }
+                    if replies.iter().all(Option::is_none) {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => {
+                    break Status::internal(format!("{} ended a bundle before answering every request", self.address));
+                }
+                Err(status) => break status,
+            }
+        };
+        answer_rest(replies, &ended);
+        Ok(())
+    }
+
+    async fn open_bundle(&self, requests: Vec<BundledRequest>) -> Result<tonic::Streaming<BundleResponse>, Status> {
+        let mut client = self.client()?;
+        let mut request = tonic::Request::new(BundleRequest { requests });
+        request.set_timeout(self.call_timeout);
+        Ok(client.bundle(request).await?.into_inner())
+    }
+
+    async fn each_alone(&self, bundle: Vec<Pending>) {
+        let alone = bundle.into_iter().map(|pending| async move {
+            let answer = self.alone(pending.request).await;
+            let _ = pending.reply.send(answer);
+        });
+        futures::future::join_all(alone).await;
+    }
+
+    async fn alone(&self, asked: bundled_request::Request) -> Result<bundled_response::Response, Status> {
+        use bundled_request::Request as Asked;
+        use bundled_response::Response as Answer;
+        let mut client = self.client()?;
+        let timeout = self.call_timeout;
+        Ok(match asked {
+            Asked::Get(req) => Answer::Get(client.get(timed(req, timeout)).await?.into_inner()),
+            Asked::Put(req) => Answer::Put(client.put(timed(req, timeout)).await?.into_inner()),
+            Asked::Delete(req) => Answer::Delete(client.delete(timed(req, timeout)).await?.into_inner()),
+        })
+    }
+
+    fn client(&self) -> Result<KvClient<tonic::transport::Channel>, Status> {
+        let channel = self.channels.channel(&self.address).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(KvClient::new(channel))
+    }
+}
+
+fn timed<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// Answers every request not answered yet with `status`.
+fn answer_rest(replies: Vec<Option<Pending>>, status: &Status) {
+    for pending in replies.into_iter().flatten() {
+        let _ = pending.reply.send(Err(status.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use kvfleet_proto::bundle::{self, BundleAnswers};
+    use kvfleet_proto::errors::{limit_detail, limit_status};
+    use kvfleet_proto::v1::kv_server::{Kv, KvServer};
+    use kvfleet_proto::v1::*;
+    use tonic::{Request, Response};
+
+    use super::*;
+    use crate::channels::ChannelConfig;
+
+    /// A Kv server for these tests: puts succeed, a get of `slow` takes `SLOW`, a put of `big`
+    /// fails with a limit, and it counts the calls it gets (a request that came over the network
+    /// rather than out of a bundle has a remote address).
+    #[derive(Clone, Default)]
+    struct Server {
+        serves_bundles: bool,
+        bundles: Arc<AtomicUsize>,
+        bundled: Arc<AtomicUsize>,
+        alone: Arc<AtomicUsize>,
+    }
+
+    impl Server {
+        fn count_alone<T>(&self, request: &Request<T>) {
+            if request.remote_addr().is_some() {
+                self.alone.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    const SLOW: Duration = Duration::from_millis(1500);
+
+    #[tonic::async_trait]
+    impl Kv for Server {
+        async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+            self.count_alone(&request);
+            let key = request.into_inner().key;
+            if key == "slow" {
+                tokio::time::sleep(SLOW).await;
+            }
+            Ok(Response::new(GetResponse { header: None, found: true, value: key }))
+        }
+
+        async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+            self.count_alone(&request);
+            if request.get_ref().key == "big" {
+                return Err(limit_status("max_value_bytes", 9, 8));
+            }
+            Ok(Response::new(PutResponse { header: None }))
+        }
+
+        async fn delete(&self, _: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+            Ok(Response::new(DeleteResponse { header: None }))
+        }
+
+        async fn scan(&self, _: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn batch(&self, _: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        type BundleStream = BundleAnswers;
+
+        async fn bundle(&self, request: Request<BundleRequest>) -> Result<Response<BundleAnswers>, Status> {
+            if !self.serves_bundles {
+                return Err(Status::unimplemented("an older node"));
+            }
+            self.bundles.fetch_add(1, Ordering::Relaxed);
+            self.bundled.fetch_add(request.get_ref().requests.len(), Ordering::Relaxed);
+            Ok(Response::new(bundle::serve(self, request.into_inner())?))
+        }
+    }
+
+    /// Starts `server` on a loopback port; returns its address.
+    async fn start(server: Server) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(KvServer::new(server))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        address
+    }
+
+    fn bundlers(max_requests: usize) -> Bundlers {
+        let config = BundleConfig { max_requests, max_in_flight: 1 };
+        Bundlers::new(config, ChannelPool::new(ChannelConfig::default()), Duration::from_secs(5))
+    }
+
+    fn put(key: &'static str) -> PutRequest {
+        PutRequest { header: None, key: Bytes::from(key), value: Bytes::from("v") }
+    }
+
+    fn get(key: &'static str) -> GetRequest {
+        GetRequest { header: None, key: Bytes::from(key), consistency: 0, max_staleness_ms: 0 }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_calls_and_a_slow_one_holds_up_no_other() {
+        let server = Server { serves_bundles: true, ..Server::default() };
+        let address = start(server.clone()).await;
+        let bundlers = Arc::new(bundlers(128));
+        // The first request takes the one call slot; the rest queue behind it and share the next.
+        let slow = {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            tokio::spawn(async move { bundlers.get(&address, get("slow")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let mut calls = Vec::new();
+        for i in 0..50 {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            calls.push(tokio::spawn(async move {
+                match i {
+                    0 => bundlers.get(&address, get("slow")).await.map(|r| r.value),
+                    1 => bundlers.put(&address, put("big")).await.map(|_| Bytes::new()),
+                    _ => bundlers.put(&address, put("k")).await.map(|_| Bytes::new()),
+                }
+            }));
+        }
+        let mut fast = Vec::new();
+        for call in calls.drain(2..) {
+            fast.push(call.await.unwrap());
+            // Answered while the slow gets of both calls are still being served.
+            assert!(started.elapsed() < SLOW, "a put waited {:?} for a slow get", started.elapsed());
+        }
+        assert!(fast.iter().all(Result::is_ok), "{fast:?}");
+        let refused = calls.pop().unwrap().await.unwrap().unwrap_err();
+        assert_eq!(limit_detail(&refused).map(|d| d.limit), Some("max_value_bytes".to_string()), "{refused:?}");
+        assert_eq!(calls.pop().unwrap().await.unwrap().unwrap(), Bytes::from("slow"));
+        assert_eq!(slow.await.unwrap().unwrap().value, Bytes::from("slow"));
+        // The lone first request went alone; the 50 behind it shared a call.
+        assert_eq!(server.alone.load(Ordering::Relaxed), 1);
+        assert_eq!(server.bundles.load(Ordering::Relaxed), 1);
+        assert_eq!(server.bundled.load(Ordering::Relaxed), 50);
+    }
+
+    #[tokio::test]
+    async fn a_node_without_bundles_gets_each_request_alone() {
+        let server = Server { serves_bundles: false, ..Server::default() };
+        let address = start(server.clone()).await;
+        let bundlers = Arc::new(bundlers(128));
+        let first = {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            tokio::spawn(async move { bundlers.get(&address, get("slow")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let calls: Vec<_> = (0..10)
+            .map(|_| {
+                let (bundlers, address) = (bundlers.clone(), address.clone());
+                tokio::spawn(async move { bundlers.put(&address, put("k")).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        first.await.unwrap().unwrap();
+        assert_eq!(server.bundles.load(Ordering::Relaxed), 0);
+        assert_eq!(server.alone.load(Ordering::Relaxed), 11);
+    }
+
+    #[tokio::test]
+    async fn bundling_off_sends_every_request_alone() {
+        let server = Server { serves_bundles: true, ..Server::default() };
+        let address = start(server.clone()).await;
+        let bundlers = Arc::new(bundlers(1));
+        let calls: Vec<_> = (0..10)
+            .map(|_| {
+                let (bundlers, address) = (bundlers.clone(), address.clone());
+                tokio::spawn(async move { bundlers.put(&address, put("k")).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!((server.bundles.load(Ordering::Relaxed), server.alone.load(Ordering::Relaxed)), (0, 10));
+    }
+}
