@@ -4,7 +4,9 @@
 # six processes on loopback, the same harness (`kvctl bench`) and load for both: 64 clients,
 # RECORDS records of VALUE_SIZE bytes, puts only (workload w), then reads only (workload c:
 # kvfleet linearizable, under its leader's lease; etcd linearizable, ReadIndex). etcd's clients
-# all talk to one member, which forwards to its leader. Prints kvctl's tables.
+# all talk to one member, which forwards to its leader. kvfleet runs twice: with its client's
+# bundling (concurrent requests to one node share a call, the default) and without it. Prints
+# kvctl's tables.
 # Run: scripts/bench-etcd-cluster.sh   (DURATION=10 CONCURRENCY=64 RECORDS=10000 VALUE_SIZE=100)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +47,9 @@ bench() { # label target workload extra...
     --value-size "$value_size" --concurrency "$concurrency" --duration "$duration" --quiet "$@"
 }
 bench "kvfleet N = 3 (majority)" kvfleet w
+bench "kvfleet N = 3 (majority), every request in its own call" kvfleet w --bundle-max-requests 1
 bench "etcd, 3 members" etcd://127.0.0.1:2482 w
 bench "kvfleet N = 3 (linearizable reads)" kvfleet c --skip-load
+bench "kvfleet N = 3 (linearizable reads), every request in its own call" kvfleet c --skip-load --bundle-max-requests 1
 bench "etcd, 3 members (linearizable reads)" etcd://127.0.0.1:2482 c --skip-load
 echo "etcd's leader: $(grep -h "elected leader" "$work"/e*.log | tail -1 | sed 's/.*elected leader/elected leader/')"
