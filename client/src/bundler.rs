@@ -5,9 +5,9 @@
 //! requests that queued while every slot was busy share a call.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvfleet_proto::errors::bundled_status;
 use kvfleet_proto::v1::kv_client::KvClient;
@@ -16,7 +16,7 @@ use kvfleet_proto::v1::{
     PutResponse, bundled_request, bundled_response,
 };
 use parking_lot::Mutex;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tonic::{Code, Status};
 
 use crate::channels::ChannelPool;
@@ -36,6 +36,23 @@ impl Default for BundleConfig {
         BundleConfig { max_requests: 128, max_in_flight: 8 }
     }
 }
+
+/// A bundle's requests stop at about this many bytes (a larger request goes alone), so that a
+/// bundle of requests that each fit a node's message limit fits it too.
+const MAX_BUNDLE_BYTES: usize = 1 << 20;
+
+/// The largest answer message a bundle call takes: the node splits its answers into messages of
+/// about `MAX_BUNDLE_BYTES`, but a single answer (a large value) is as large as it is.
+const MAX_ANSWER_MESSAGE_BYTES: usize = 256 << 20;
+
+/// How long a node that refused a bundle gets each request alone before it is asked again (it
+/// may have been upgraded meanwhile).
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// A call gives its slot up after this long even if unanswered: the slots exist to gather
+/// requests while calls are busy, and a call held up (a range electing a leader, a node that
+/// stopped answering) must not keep the node's other requests waiting.
+const SLOT_HELD_AT_MOST: Duration = Duration::from_millis(50);
 
 /// One queued request and where its answer goes.
 struct Pending {
@@ -89,9 +106,7 @@ impl Bundlers {
         // A free slot means nothing waits in the queue (slots go to the queue's task first):
         // the request leaves at once from this task, without a hop through the queue.
         if let Ok(slot) = node.slots.clone().try_acquire_owned() {
-            let answer = node.call.alone(request).await;
-            drop(slot);
-            return answer;
+            return holding(slot, node.call.alone(request)).await;
         }
         let (reply, answer) = oneshot::channel();
         let mut pending = Pending { request, reply };
@@ -117,7 +132,7 @@ impl Bundlers {
             address: address.to_string(),
             channels: self.channels.clone(),
             call_timeout: self.call_timeout,
-            bundles_served: Arc::new(AtomicBool::new(true)),
+            bundles_refused: Arc::default(),
         };
         let node = Arc::new(NodeQueue {
             queue,
@@ -152,26 +167,49 @@ impl NodeQueue {
         // The task holds the node only weakly, so that dropping the client ends it.
         let node = Arc::downgrade(&self);
         drop(self);
+        // A request taken from the queue that did not fit in the last bundle.
+        let mut left_over: Option<Pending> = None;
         loop {
-            let Some(first) = requests.recv().await else { return };
+            let first = match left_over.take() {
+                Some(first) => first,
+                None => match requests.recv().await {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
             let Some((slots, call, max_requests)) =
                 node.upgrade().map(|n| (n.slots.clone(), n.call.clone(), n.max_requests))
             else {
                 return;
             };
             let Ok(slot) = slots.acquire_owned().await else { return };
+            let mut bytes = first.request.encoded_len();
             let mut bundle = vec![first];
             while bundle.len() < max_requests
                 && let Ok(next) = requests.try_recv()
             {
+                bytes += next.request.encoded_len();
+                if bytes > MAX_BUNDLE_BYTES {
+                    left_over = Some(next);
+                    break;
+                }
                 bundle.push(next);
             }
             // Requests whose callers stopped waiting (their attempt timed out) are not sent.
             bundle.retain(|pending| !pending.reply.is_closed());
-            tokio::spawn(async move {
-                call.send(bundle).await;
-                drop(slot);
-            });
+            tokio::spawn(async move { holding(slot, call.send(bundle)).await });
+        }
+    }
+}
+
+/// Runs `call` holding a call slot until it ends or for `SLOT_HELD_AT_MOST`, whichever is first.
+async fn holding<T>(slot: OwnedSemaphorePermit, call: impl Future<Output = T>) -> T {
+    tokio::pin!(call);
+    tokio::select! {
+        ended = &mut call => ended,
+        () = tokio::time::sleep(SLOT_HELD_AT_MOST) => {
+            drop(slot);
+            call.await
         }
     }
 }
@@ -182,19 +220,20 @@ struct Call {
     address: String,
     channels: ChannelPool,
     call_timeout: Duration,
-    /// Cleared when the node answers UNIMPLEMENTED (a version without `Bundle`): from then on
-    /// every request goes in its own call.
-    bundles_served: Arc<AtomicBool>,
+    /// When the node last answered a bundle UNIMPLEMENTED (a version without `Bundle`): for
+    /// `ASK_AGAIN_AFTER` from then, every request goes in its own call.
+    bundles_refused: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Call {
     async fn send(&self, bundle: Vec<Pending>) {
-        if bundle.len() > 1 && self.bundles_served.load(Ordering::Relaxed) {
+        let refused_lately = self.bundles_refused.lock().is_some_and(|at| at.elapsed() < ASK_AGAIN_AFTER);
+        if bundle.len() > 1 && !refused_lately {
             match self.bundle(bundle).await {
                 Ok(()) => return,
                 Err(unserved) => {
                     tracing::info!(node = %self.address, "the node does not serve Bundle; sending requests one by one");
-                    self.bundles_served.store(false, Ordering::Relaxed);
+                    *self.bundles_refused.lock() = Some(Instant::now());
                     return self.each_alone(unserved).await;
                 }
             }
@@ -230,7 +269,11 @@ impl Call {
                     }
                 }
                 Ok(None) => {
-                    break Status::internal(format!("{} ended a bundle before answering every request", self.address));
+                    // Like a connection lost mid-call: whether the rest took effect is unknown.
+                    break Status::unavailable(format!(
+                        "{} ended a bundle before answering every request",
+                        self.address
+                    ));
                 }
                 Err(status) => break status,
             }
@@ -240,7 +283,7 @@ impl Call {
     }
 
     async fn open_bundle(&self, requests: Vec<BundledRequest>) -> Result<tonic::Streaming<BundleResponse>, Status> {
-        let mut client = self.client()?;
+        let mut client = self.client()?.max_decoding_message_size(MAX_ANSWER_MESSAGE_BYTES);
         let mut request = tonic::Request::new(BundleRequest { requests });
         request.set_timeout(self.call_timeout);
         Ok(client.bundle(request).await?.into_inner())
@@ -287,8 +330,7 @@ fn answer_rest(replies: Vec<Option<Pending>>, status: &Status) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-    use std::time::Instant;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
     use kvfleet_proto::bundle::{self, BundleAnswers};
@@ -397,13 +439,12 @@ mod tests {
         let server = Server { serves_bundles: true, ..Server::default() };
         let address = start(server.clone()).await;
         let bundlers = Arc::new(bundlers(128));
-        // The first request takes the one call slot for PAUSE; the rest queue behind it and
-        // leave together when it is answered.
+        // The first request takes the one call slot; the rest, sent at the same moment, queue
+        // behind it and leave together when it gives the slot up.
         let first = {
             let (bundlers, address) = (bundlers.clone(), address.clone());
             tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
         let started = Instant::now();
         let mut calls = Vec::new();
         for i in 0..50 {
@@ -419,7 +460,7 @@ mod tests {
         for call in calls.drain(2..) {
             assert!(call.await.unwrap().is_ok());
         }
-        // Answered once the first call ended, while the slow get of their bundle still runs.
+        // Answered while the slow get of their bundle still runs.
         assert!(started.elapsed() < SLOW / 2, "the puts waited {:?} for a slow get", started.elapsed());
         let refused = calls.pop().unwrap().await.unwrap().unwrap_err();
         assert_eq!(limit_detail(&refused).map(|d| d.limit), Some("max_value_bytes".to_string()), "{refused:?}");
@@ -433,6 +474,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_bundle_stops_at_its_byte_budget() {
+        let server = Server { serves_bundles: true, ..Server::default() };
+        let address = start(server.clone()).await;
+        let bundlers = Arc::new(bundlers(128));
+        let first = {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
+        };
+        // 12 puts of 400 KB: 4.8 MB together, more than the server decodes in one message.
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let (bundlers, address) = (bundlers.clone(), address.clone());
+                let request =
+                    PutRequest { header: None, key: Bytes::from("k"), value: Bytes::from(vec![1u8; 400_000]) };
+                tokio::spawn(async move { bundlers.put(&address, request).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        first.await.unwrap().unwrap();
+        // Two of them fit in MAX_BUNDLE_BYTES, three do not.
+        assert_eq!((server.bundles.load(Ordering::Relaxed), server.bundled.load(Ordering::Relaxed)), (6, 12));
+    }
+
+    #[tokio::test]
+    async fn a_call_held_up_gives_its_slot_up() {
+        let server = Server { serves_bundles: true, ..Server::default() };
+        let address = start(server.clone()).await;
+        let bundlers = Arc::new(bundlers(128));
+        let slow = {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            tokio::spawn(async move { bundlers.get(&address, get("slow")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = Instant::now();
+        bundlers.put(&address, put("k")).await.unwrap();
+        assert!(started.elapsed() < SLOW / 2, "a put waited {:?} for the only slot", started.elapsed());
+        slow.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn a_node_without_bundles_gets_each_request_alone() {
         let server = Server { serves_bundles: false, ..Server::default() };
         let address = start(server.clone()).await;
@@ -441,7 +524,6 @@ mod tests {
             let (bundlers, address) = (bundlers.clone(), address.clone());
             tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
         let calls: Vec<_> = (0..10)
             .map(|_| {
                 let (bundlers, address) = (bundlers.clone(), address.clone());

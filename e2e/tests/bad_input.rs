@@ -213,6 +213,38 @@ async fn a_bundle_answers_each_request_with_its_own_outcome_and_refuses_more_tha
     assert!(!absent(&node, b"a").await);
     assert!(absent(&node, b"old").await);
 
+    // Answers too large for one message (6 x 900 KB, over a client's 4 MiB default) come in
+    // several.
+    for i in 0..6 {
+        let value = Bytes::from(vec![b'v'; 900_000]);
+        kv.put(PutRequest { header: None, key: Bytes::from(format!("large{i}")), value }).await.unwrap();
+    }
+    let requests = (0..6)
+        .map(|i| BundledRequest {
+            request: Some(Asked::Get(GetRequest {
+                header: None,
+                key: Bytes::from(format!("large{i}")),
+                consistency: 0,
+                max_staleness_ms: 0,
+            })),
+        })
+        .collect();
+    let mut answers = kv.bundle(BundleRequest { requests }).await.unwrap().into_inner();
+    let (mut messages, mut values) = (0, 0);
+    while let Some(message) = answers.message().await.unwrap() {
+        messages += 1;
+        for answer in message.responses {
+            assert!(
+                matches!(answer.response, Some(Answer::Get(ref get)) if get.value.len() == 900_000),
+                "{}",
+                answer.index
+            );
+            values += 1;
+        }
+    }
+    assert_eq!(values, 6);
+    assert!(messages >= 6, "900 KB answers leave one per message: {messages} messages");
+
     let too_many = (0..1025)
         .map(|_| BundledRequest {
             request: Some(Asked::Put(PutRequest { header: None, key: Bytes::from("x"), value: Bytes::new() })),

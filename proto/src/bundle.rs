@@ -4,6 +4,7 @@
 use std::pin::Pin;
 
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use prost::Message as _;
 use tonic::{Request, Status};
 
 use crate::errors::bundled_error;
@@ -34,7 +35,35 @@ pub fn serve<S: Kv + Clone>(service: &S, bundle: BundleRequest) -> Result<Bundle
             async move { serve_one(&service, index as u32, bundled).await }
         })
         .collect();
-    Ok(Box::pin(serving.ready_chunks(MAX_BUNDLED_REQUESTS).map(|responses| Ok(BundleResponse { responses }))))
+    let messages = serving.ready_chunks(MAX_BUNDLED_REQUESTS).flat_map(|answers| {
+        futures::stream::iter(
+            by_size(answers, MAX_ANSWER_BYTES).into_iter().map(|responses| Ok(BundleResponse { responses })),
+        )
+    });
+    Ok(Box::pin(messages))
+}
+
+/// Answers finished together leave in messages of about this many bytes at most (one answer
+/// larger than that leaves alone), so that no message grows past what a client decodes.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// `answers` in groups of at most `max_bytes` encoded, in order; an answer larger than that
+/// makes a group of its own.
+fn by_size(answers: Vec<BundledResponse>, max_bytes: usize) -> Vec<Vec<BundledResponse>> {
+    let mut groups: Vec<Vec<BundledResponse>> = Vec::new();
+    let mut bytes = 0;
+    for answer in answers {
+        let size = answer.encoded_len();
+        match groups.last_mut() {
+            Some(group) if bytes + size <= max_bytes => group.push(answer),
+            _ => {
+                groups.push(vec![answer]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    groups
 }
 
 async fn serve_one<S: Kv>(service: &S, index: u32, bundled: BundledRequest) -> BundledResponse {
@@ -47,4 +76,24 @@ async fn serve_one<S: Kv>(service: &S, index: u32, bundled: BundledRequest) -> B
         None => Err(Status::invalid_argument("a bundled request names no operation (get, put or delete)")),
     };
     BundledResponse { index, response: Some(answer.unwrap_or_else(|status| Answer::Error(bundled_error(&status)))) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::GetResponse;
+
+    fn answer(index: u32, value_bytes: usize) -> BundledResponse {
+        let get = GetResponse { header: None, found: true, value: vec![7u8; value_bytes].into() };
+        BundledResponse { index, response: Some(bundled_response::Response::Get(get)) }
+    }
+
+    #[test]
+    fn answers_are_grouped_by_size_in_order_and_a_large_one_goes_alone() {
+        let answers = vec![answer(0, 400), answer(1, 400), answer(2, 2000), answer(3, 100), answer(4, 100)];
+        let groups = by_size(answers, 1000);
+        let indexes: Vec<Vec<u32>> = groups.iter().map(|g| g.iter().map(|a| a.index).collect()).collect();
+        assert_eq!(indexes, vec![vec![0, 1], vec![2], vec![3, 4]]);
+        assert!(by_size(Vec::new(), 1000).is_empty());
+    }
 }
