@@ -122,9 +122,13 @@ impl Bundlers {
         }
     }
 
+    /// The node's queue; with `replace`, a new one if its task ended (callers racing to replace
+    /// it get the same new one).
     fn node(&self, address: &str, replace: bool) -> Arc<NodeQueue> {
         let mut nodes = self.nodes.lock();
-        if !replace && let Some(node) = nodes.get(address) {
+        if let Some(node) = nodes.get(address)
+            && !(replace && node.queue.is_closed())
+        {
             return node.clone();
         }
         let (queue, requests) = mpsc::unbounded_channel();
@@ -246,6 +250,7 @@ impl Call {
     async fn bundle(&self, bundle: Vec<Pending>) -> Result<(), Vec<Pending>> {
         let requests = bundle.iter().map(|p| BundledRequest { request: Some(p.request.clone()) }).collect();
         let mut replies: Vec<Option<Pending>> = bundle.into_iter().map(Some).collect();
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut answers = match self.open_bundle(requests).await {
             Ok(answers) => answers,
             Err(status) if status.code() == Code::Unimplemented => return Err(replies.into_iter().flatten().collect()),
@@ -255,7 +260,15 @@ impl Call {
             }
         };
         let ended = loop {
-            match answers.message().await {
+            let Ok(message) = tokio::time::timeout_at(deadline, answers.message()).await else {
+                // Dropping the stream stops the node's work on the rest, as with a lone call.
+                let timeout = self.call_timeout;
+                break Status::deadline_exceeded(format!(
+                    "{} answered only part of a bundle within {timeout:?}",
+                    self.address
+                ));
+            };
+            match message {
                 Ok(Some(message)) => {
                     for answer in message.responses {
                         let Some(pending) = replies.get_mut(answer.index as usize).and_then(Option::take) else {
@@ -351,6 +364,8 @@ mod tests {
         bundles: Arc<AtomicUsize>,
         bundled: Arc<AtomicUsize>,
         alone: Arc<AtomicUsize>,
+        /// Slow gets served to their end.
+        slow_finished: Arc<AtomicUsize>,
     }
 
     impl Server {
@@ -371,7 +386,10 @@ mod tests {
             let key = request.into_inner().key;
             match &key[..] {
                 b"pause" => tokio::time::sleep(PAUSE).await,
-                b"slow" => tokio::time::sleep(SLOW).await,
+                b"slow" => {
+                    tokio::time::sleep(SLOW).await;
+                    self.slow_finished.fetch_add(1, Ordering::Relaxed);
+                }
                 _ => {}
             }
             Ok(Response::new(GetResponse { header: None, found: true, value: key }))
@@ -405,7 +423,7 @@ mod tests {
             }
             self.bundles.fetch_add(1, Ordering::Relaxed);
             self.bundled.fetch_add(request.get_ref().requests.len(), Ordering::Relaxed);
-            Ok(Response::new(bundle::serve(self, request.into_inner())?))
+            Ok(Response::new(bundle::serve(self, request)?))
         }
     }
 
@@ -422,8 +440,12 @@ mod tests {
     }
 
     fn bundlers(max_requests: usize) -> Bundlers {
+        bundlers_timing_out(max_requests, Duration::from_secs(5))
+    }
+
+    fn bundlers_timing_out(max_requests: usize, call_timeout: Duration) -> Bundlers {
         let config = BundleConfig { max_requests, max_in_flight: 1 };
-        Bundlers::new(config, ChannelPool::new(ChannelConfig::default()), Duration::from_secs(5))
+        Bundlers::new(config, ChannelPool::new(ChannelConfig::default()), call_timeout)
     }
 
     fn put(key: &'static str) -> PutRequest {
@@ -513,6 +535,34 @@ mod tests {
         bundlers.put(&address, put("k")).await.unwrap();
         assert!(started.elapsed() < SLOW / 2, "a put waited {:?} for the only slot", started.elapsed());
         slow.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bundle_past_its_deadline_is_answered_and_the_node_stops_its_work() {
+        let server = Server { serves_bundles: true, ..Server::default() };
+        let address = start(server.clone()).await;
+        let bundlers = Arc::new(bundlers_timing_out(128, Duration::from_millis(500)));
+        let first = {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
+        };
+        let started = Instant::now();
+        let slow = {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            tokio::spawn(async move { bundlers.get(&address, get("slow")).await })
+        };
+        let quick = {
+            let (bundlers, address) = (bundlers.clone(), address.clone());
+            tokio::spawn(async move { bundlers.put(&address, put("k")).await })
+        };
+        quick.await.unwrap().unwrap();
+        let late = slow.await.unwrap().unwrap_err();
+        assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+        assert!(started.elapsed() < SLOW / 2, "answered after {:?}", started.elapsed());
+        first.await.unwrap().unwrap();
+        assert_eq!(server.bundles.load(Ordering::Relaxed), 1, "the slow get and the put shared a call");
+        tokio::time::sleep(SLOW).await;
+        assert_eq!(server.slow_finished.load(Ordering::Relaxed), 0, "the node stopped serving the late get");
     }
 
     #[tokio::test]

@@ -181,7 +181,7 @@ impl Kv for KvService {
     type BundleStream = BundleAnswers;
 
     async fn bundle(&self, request: Request<BundleRequest>) -> Result<Response<BundleAnswers>, Status> {
-        Ok(Response::new(bundle::serve(self, request.into_inner())?))
+        Ok(Response::new(bundle::serve(self, request)?))
     }
 }
 

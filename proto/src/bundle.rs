@@ -1,9 +1,12 @@
 //! Serving a `Kv.Bundle` call on any `Kv` service: each request goes to the service's own get,
 //! put or delete, as if it had come alone, and the answers stream back in the order they finish.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use futures::FutureExt as _;
+use futures::stream::{Stream, StreamExt};
 use prost::Message as _;
 use tonic::{Request, Status};
 
@@ -17,30 +20,84 @@ pub const MAX_BUNDLED_REQUESTS: usize = 1024;
 /// The answers of one `Bundle` call, in the order they finish.
 pub type BundleAnswers = Pin<Box<dyn Stream<Item = Result<BundleResponse, Status>> + Send>>;
 
-/// Serves every request of `bundle` on `service`, all at once. Answers that finish together
-/// leave in one message.
-pub fn serve<S: Kv + Clone>(service: &S, bundle: BundleRequest) -> Result<BundleAnswers, Status> {
-    let requests = bundle.requests;
+/// Serves every request of `bundle` on `service`, each as a task of its own (they run on every
+/// core, and go on while the caller reads slowly), within the call's deadline (`grpc-timeout`,
+/// as tonic bounds a lone call). Answers that finish together leave in one message. Dropping the
+/// answers (the caller went away) stops the requests not finished, as it stops a lone call.
+pub fn serve<S: Kv + Clone>(service: &S, bundle: Request<BundleRequest>) -> Result<BundleAnswers, Status> {
+    let deadline = deadline_of(bundle.metadata()).map(|timeout| tokio::time::Instant::now() + timeout);
+    let requests = bundle.into_inner().requests;
     if requests.len() > MAX_BUNDLED_REQUESTS {
         return Err(Status::invalid_argument(format!(
             "a bundle holds at most {MAX_BUNDLED_REQUESTS} requests; this one holds {}",
             requests.len()
         )));
     }
-    let serving: FuturesUnordered<_> = requests
-        .into_iter()
-        .enumerate()
-        .map(|(index, bundled)| {
-            let service = service.clone();
-            async move { serve_one(&service, index as u32, bundled).await }
-        })
-        .collect();
-    let messages = serving.ready_chunks(MAX_BUNDLED_REQUESTS).flat_map(|answers| {
+    let mut serving = tokio::task::JoinSet::new();
+    for (index, bundled) in requests.into_iter().enumerate() {
+        let service = service.clone();
+        serving.spawn(answered(index as u32, deadline, async move { serve_one(&service, bundled).await }));
+    }
+    let answers = futures::stream::unfold(serving, |mut serving| async move {
+        loop {
+            // A task ends with an error only if aborted, which happens when the answers are
+            // dropped (a request that panics is answered, see `answered`).
+            if let Ok(answer) = serving.join_next().await? {
+                return Some((answer, serving));
+            }
+        }
+    });
+    let messages = answers.ready_chunks(MAX_BUNDLED_REQUESTS).flat_map(|answers| {
         futures::stream::iter(
             by_size(answers, MAX_ANSWER_BYTES).into_iter().map(|responses| Ok(BundleResponse { responses })),
         )
     });
     Ok(Box::pin(messages))
+}
+
+/// The answer to request `index`: what `served` gives, or the error that it panicked or missed
+/// the deadline.
+async fn answered(
+    index: u32,
+    deadline: Option<tokio::time::Instant>,
+    served: impl Future<Output = Result<bundled_response::Response, Status>>,
+) -> BundledResponse {
+    let served = std::panic::AssertUnwindSafe(served).catch_unwind();
+    let outcome = match deadline {
+        None => served.await,
+        Some(deadline) => match tokio::time::timeout_at(deadline, served).await {
+            Ok(outcome) => outcome,
+            Err(_) => Ok(Err(Status::deadline_exceeded("the bundle's deadline passed before this request was served"))),
+        },
+    };
+    let answer = match outcome {
+        Ok(answer) => answer,
+        Err(_) => Err(Status::internal("serving this request failed (a panic in the node; see its log)")),
+    };
+    BundledResponse {
+        index,
+        response: Some(answer.unwrap_or_else(|status| bundled_response::Response::Error(bundled_error(&status)))),
+    }
+}
+
+/// The call's `grpc-timeout`, if it has a valid one (gRPC over HTTP/2: at most 8 digits and a
+/// unit, H M S m u n).
+fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let digits = value.get(..value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match &value[digits.len()..] {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// Answers finished together leave in messages of about this many bytes at most (one answer
@@ -66,16 +123,15 @@ fn by_size(answers: Vec<BundledResponse>, max_bytes: usize) -> Vec<Vec<BundledRe
     groups
 }
 
-async fn serve_one<S: Kv>(service: &S, index: u32, bundled: BundledRequest) -> BundledResponse {
+async fn serve_one<S: Kv>(service: &S, bundled: BundledRequest) -> Result<bundled_response::Response, Status> {
     use bundled_request::Request as Asked;
     use bundled_response::Response as Answer;
-    let answer = match bundled.request {
+    match bundled.request {
         Some(Asked::Get(req)) => service.get(Request::new(req)).await.map(|r| Answer::Get(r.into_inner())),
         Some(Asked::Put(req)) => service.put(Request::new(req)).await.map(|r| Answer::Put(r.into_inner())),
         Some(Asked::Delete(req)) => service.delete(Request::new(req)).await.map(|r| Answer::Delete(r.into_inner())),
         None => Err(Status::invalid_argument("a bundled request names no operation (get, put or delete)")),
-    };
-    BundledResponse { index, response: Some(answer.unwrap_or_else(|status| Answer::Error(bundled_error(&status)))) }
+    }
 }
 
 #[cfg(test)]
@@ -95,5 +151,20 @@ mod tests {
         let indexes: Vec<Vec<u32>> = groups.iter().map(|g| g.iter().map(|a| a.index).collect()).collect();
         assert_eq!(indexes, vec![vec![0, 1], vec![2], vec![3, 4]]);
         assert!(by_size(Vec::new(), 1000).is_empty());
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_bad_ones_ignored() {
+        let with = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            deadline_of(&metadata)
+        };
+        assert_eq!(with("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(with("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(with("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(with("7u"), Some(Duration::from_micros(7)));
+        assert_eq!((with("S"), with("123456789S"), with("5x"), with("-5S")), (None, None, None, None));
+        assert_eq!(deadline_of(&tonic::metadata::MetadataMap::new()), None);
     }
 }

@@ -201,8 +201,6 @@ impl Observation {
         max_range
     }
 
-    /// The nodes (indices into `nodes`) holding a voting replica of `range`, as its leader has
-    /// it; replicas on nodes that are not members are left out.
     /// Merges under way: each replicated range frozen to be merged, with its left neighbour
     /// (the range ending where it starts), as (left, right). A range frozen serves nothing until
     /// its merge is finished.
@@ -216,6 +214,8 @@ impl Observation {
             .collect()
     }
 
+    /// The nodes (indices into `nodes`) holding a voting replica of `range`, as its leader has
+    /// it; replicas on nodes that are not members are left out.
     pub fn holders(&self, range: &ObservedRange) -> Vec<usize> {
         if !range.is_replicated() {
             return vec![range.owner];
