@@ -350,6 +350,7 @@ mod tests {
     use kvfleet_proto::errors::{limit_detail, limit_status};
     use kvfleet_proto::v1::kv_server::{Kv, KvServer};
     use kvfleet_proto::v1::*;
+    use tokio::task::JoinHandle;
     use tonic::{Request, Response};
 
     use super::*;
@@ -439,100 +440,90 @@ mod tests {
         address
     }
 
-    fn bundlers(max_requests: usize) -> Bundlers {
-        bundlers_timing_out(max_requests, Duration::from_secs(5))
+    /// A server for one test and bundlers calling it (one call slot), each request its own task.
+    struct Caller {
+        server: Server,
+        address: String,
+        bundlers: Arc<Bundlers>,
     }
 
-    fn bundlers_timing_out(max_requests: usize, call_timeout: Duration) -> Bundlers {
-        let config = BundleConfig { max_requests, max_in_flight: 1 };
-        Bundlers::new(config, ChannelPool::new(ChannelConfig::default()), call_timeout)
-    }
+    impl Caller {
+        async fn start(server: Server, max_requests: usize, call_timeout: Duration) -> Self {
+            let address = start(server.clone()).await;
+            let config = BundleConfig { max_requests, max_in_flight: 1 };
+            let bundlers = Bundlers::new(config, ChannelPool::new(ChannelConfig::default()), call_timeout);
+            Caller { server, address, bundlers: Arc::new(bundlers) }
+        }
 
-    fn put(key: &'static str) -> PutRequest {
-        PutRequest { header: None, key: Bytes::from(key), value: Bytes::from("v") }
-    }
+        async fn bundling(serves_bundles: bool) -> Self {
+            Self::start(Server { serves_bundles, ..Server::default() }, 128, Duration::from_secs(5)).await
+        }
 
-    fn get(key: &'static str) -> GetRequest {
-        GetRequest { header: None, key: Bytes::from(key), consistency: 0, max_staleness_ms: 0 }
+        fn get(&self, key: &'static str) -> JoinHandle<Result<GetResponse, Status>> {
+            let (bundlers, address) = (self.bundlers.clone(), self.address.clone());
+            let request = GetRequest { header: None, key: Bytes::from(key), consistency: 0, max_staleness_ms: 0 };
+            tokio::spawn(async move { bundlers.get(&address, request).await })
+        }
+
+        fn put(&self, key: &'static str, value_bytes: usize) -> JoinHandle<Result<PutResponse, Status>> {
+            let (bundlers, address) = (self.bundlers.clone(), self.address.clone());
+            let request =
+                PutRequest { header: None, key: Bytes::from(key), value: Bytes::from(vec![1u8; value_bytes]) };
+            tokio::spawn(async move { bundlers.put(&address, request).await })
+        }
+
+        fn count(&self, calls: &AtomicUsize) -> usize {
+            calls.load(Ordering::Relaxed)
+        }
     }
 
     #[tokio::test]
     async fn concurrent_requests_share_calls_and_a_slow_one_holds_up_no_other() {
-        let server = Server { serves_bundles: true, ..Server::default() };
-        let address = start(server.clone()).await;
-        let bundlers = Arc::new(bundlers(128));
+        let caller = Caller::bundling(true).await;
         // The first request takes the one call slot; the rest, sent at the same moment, queue
         // behind it and leave together when it gives the slot up.
-        let first = {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
-        };
+        let first = caller.get("pause");
         let started = Instant::now();
-        let mut calls = Vec::new();
-        for i in 0..50 {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            calls.push(tokio::spawn(async move {
-                match i {
-                    0 => bundlers.get(&address, get("slow")).await.map(|r| r.value),
-                    1 => bundlers.put(&address, put("big")).await.map(|_| Bytes::new()),
-                    _ => bundlers.put(&address, put("k")).await.map(|_| Bytes::new()),
-                }
-            }));
-        }
-        for call in calls.drain(2..) {
-            assert!(call.await.unwrap().is_ok());
+        let slow = caller.get("slow");
+        let refused = caller.put("big", 1);
+        let puts: Vec<_> = (0..48).map(|_| caller.put("k", 1)).collect();
+        for put in puts {
+            put.await.unwrap().unwrap();
         }
         // Answered while the slow get of their bundle still runs.
         assert!(started.elapsed() < SLOW / 2, "the puts waited {:?} for a slow get", started.elapsed());
-        let refused = calls.pop().unwrap().await.unwrap().unwrap_err();
+        let refused = refused.await.unwrap().unwrap_err();
         assert_eq!(limit_detail(&refused).map(|d| d.limit), Some("max_value_bytes".to_string()), "{refused:?}");
-        assert_eq!(calls.pop().unwrap().await.unwrap().unwrap(), Bytes::from("slow"));
+        assert_eq!(slow.await.unwrap().unwrap().value, Bytes::from("slow"));
         assert!(started.elapsed() >= SLOW);
         assert_eq!(first.await.unwrap().unwrap().value, Bytes::from("pause"));
         // The first request went alone; the 50 behind it shared one call.
-        assert_eq!(server.alone.load(Ordering::Relaxed), 1);
-        assert_eq!(server.bundles.load(Ordering::Relaxed), 1);
-        assert_eq!(server.bundled.load(Ordering::Relaxed), 50);
+        let server = &caller.server;
+        let calls = (caller.count(&server.alone), caller.count(&server.bundles), caller.count(&server.bundled));
+        assert_eq!(calls, (1, 1, 50));
     }
 
     #[tokio::test]
     async fn a_bundle_stops_at_its_byte_budget() {
-        let server = Server { serves_bundles: true, ..Server::default() };
-        let address = start(server.clone()).await;
-        let bundlers = Arc::new(bundlers(128));
-        let first = {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
-        };
+        let caller = Caller::bundling(true).await;
+        let first = caller.get("pause");
         // 12 puts of 400 KB: 4.8 MB together, more than the server decodes in one message.
-        let calls: Vec<_> = (0..12)
-            .map(|_| {
-                let (bundlers, address) = (bundlers.clone(), address.clone());
-                let request =
-                    PutRequest { header: None, key: Bytes::from("k"), value: Bytes::from(vec![1u8; 400_000]) };
-                tokio::spawn(async move { bundlers.put(&address, request).await })
-            })
-            .collect();
-        for call in calls {
-            call.await.unwrap().unwrap();
+        let puts: Vec<_> = (0..12).map(|_| caller.put("k", 400_000)).collect();
+        for put in puts {
+            put.await.unwrap().unwrap();
         }
         first.await.unwrap().unwrap();
         // Two of them fit in MAX_BUNDLE_BYTES, three do not.
-        assert_eq!((server.bundles.load(Ordering::Relaxed), server.bundled.load(Ordering::Relaxed)), (6, 12));
+        assert_eq!((caller.count(&caller.server.bundles), caller.count(&caller.server.bundled)), (6, 12));
     }
 
     #[tokio::test]
     async fn a_call_held_up_gives_its_slot_up() {
-        let server = Server { serves_bundles: true, ..Server::default() };
-        let address = start(server.clone()).await;
-        let bundlers = Arc::new(bundlers(128));
-        let slow = {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            tokio::spawn(async move { bundlers.get(&address, get("slow")).await })
-        };
+        let caller = Caller::bundling(true).await;
+        let slow = caller.get("slow");
         tokio::time::sleep(Duration::from_millis(10)).await;
         let started = Instant::now();
-        bundlers.put(&address, put("k")).await.unwrap();
+        caller.put("k", 1).await.unwrap().unwrap();
         assert!(started.elapsed() < SLOW / 2, "a put waited {:?} for the only slot", started.elapsed());
         slow.await.unwrap().unwrap();
     }
@@ -540,68 +531,40 @@ mod tests {
     #[tokio::test]
     async fn a_bundle_past_its_deadline_is_answered_and_the_node_stops_its_work() {
         let server = Server { serves_bundles: true, ..Server::default() };
-        let address = start(server.clone()).await;
-        let bundlers = Arc::new(bundlers_timing_out(128, Duration::from_millis(500)));
-        let first = {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
-        };
+        let caller = Caller::start(server, 128, Duration::from_millis(500)).await;
+        let first = caller.get("pause");
         let started = Instant::now();
-        let slow = {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            tokio::spawn(async move { bundlers.get(&address, get("slow")).await })
-        };
-        let quick = {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            tokio::spawn(async move { bundlers.put(&address, put("k")).await })
-        };
-        quick.await.unwrap().unwrap();
+        let slow = caller.get("slow");
+        caller.put("k", 1).await.unwrap().unwrap();
         let late = slow.await.unwrap().unwrap_err();
         assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
         assert!(started.elapsed() < SLOW / 2, "answered after {:?}", started.elapsed());
         first.await.unwrap().unwrap();
-        assert_eq!(server.bundles.load(Ordering::Relaxed), 1, "the slow get and the put shared a call");
+        assert_eq!(caller.count(&caller.server.bundles), 1, "the slow get and the put shared a call");
         tokio::time::sleep(SLOW).await;
-        assert_eq!(server.slow_finished.load(Ordering::Relaxed), 0, "the node stopped serving the late get");
+        assert_eq!(caller.count(&caller.server.slow_finished), 0, "the node stopped serving the late get");
     }
 
     #[tokio::test]
     async fn a_node_without_bundles_gets_each_request_alone() {
-        let server = Server { serves_bundles: false, ..Server::default() };
-        let address = start(server.clone()).await;
-        let bundlers = Arc::new(bundlers(128));
-        let first = {
-            let (bundlers, address) = (bundlers.clone(), address.clone());
-            tokio::spawn(async move { bundlers.get(&address, get("pause")).await })
-        };
-        let calls: Vec<_> = (0..10)
-            .map(|_| {
-                let (bundlers, address) = (bundlers.clone(), address.clone());
-                tokio::spawn(async move { bundlers.put(&address, put("k")).await })
-            })
-            .collect();
-        for call in calls {
-            call.await.unwrap().unwrap();
+        let caller = Caller::bundling(false).await;
+        let first = caller.get("pause");
+        let puts: Vec<_> = (0..10).map(|_| caller.put("k", 1)).collect();
+        for put in puts {
+            put.await.unwrap().unwrap();
         }
         first.await.unwrap().unwrap();
-        assert_eq!(server.bundles.load(Ordering::Relaxed), 0);
-        assert_eq!(server.alone.load(Ordering::Relaxed), 11);
+        assert_eq!((caller.count(&caller.server.bundles), caller.count(&caller.server.alone)), (0, 11));
     }
 
     #[tokio::test]
     async fn bundling_off_sends_every_request_alone() {
         let server = Server { serves_bundles: true, ..Server::default() };
-        let address = start(server.clone()).await;
-        let bundlers = Arc::new(bundlers(1));
-        let calls: Vec<_> = (0..10)
-            .map(|_| {
-                let (bundlers, address) = (bundlers.clone(), address.clone());
-                tokio::spawn(async move { bundlers.put(&address, put("k")).await })
-            })
-            .collect();
-        for call in calls {
-            call.await.unwrap().unwrap();
+        let caller = Caller::start(server, 1, Duration::from_secs(5)).await;
+        let puts: Vec<_> = (0..10).map(|_| caller.put("k", 1)).collect();
+        for put in puts {
+            put.await.unwrap().unwrap();
         }
-        assert_eq!((server.bundles.load(Ordering::Relaxed), server.alone.load(Ordering::Relaxed)), (0, 10));
+        assert_eq!((caller.count(&caller.server.bundles), caller.count(&caller.server.alone)), (0, 10));
     }
 }
