@@ -138,15 +138,11 @@ impl Bundlers {
             call_timeout: self.call_timeout,
             bundles_refused: Arc::default(),
         };
-        let node = Arc::new(NodeQueue {
-            queue,
-            slots: Arc::new(Semaphore::new(self.config.max_in_flight.max(1))),
-            call,
-            max_requests: self.config.max_requests.max(1),
-        });
+        let slots = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
         if self.config.max_requests > 1 {
-            tokio::spawn(node.clone().run(requests));
+            tokio::spawn(send_queued(requests, slots.clone(), call.clone(), self.config.max_requests));
         }
+        let node = Arc::new(NodeQueue { queue, slots, call });
         nodes.insert(address.to_string(), node.clone());
         node
     }
@@ -162,47 +158,43 @@ struct NodeQueue {
     /// Calls in flight to the node, lone or bundled, take one each.
     slots: Arc<Semaphore>,
     call: Call,
-    max_requests: usize,
 }
 
-impl NodeQueue {
-    /// Sends what queued up, a bundle per free slot. Ends when the queue's senders are gone.
-    async fn run(self: Arc<Self>, mut requests: mpsc::UnboundedReceiver<Pending>) {
-        // The task holds the node only weakly, so that dropping the client ends it.
-        let node = Arc::downgrade(&self);
-        drop(self);
-        // A request taken from the queue that did not fit in the last bundle.
-        let mut left_over: Option<Pending> = None;
-        loop {
-            let first = match left_over.take() {
+/// The task of one node's queue: sends what queued up, a bundle per free slot. It ends when the
+/// queue's sender is gone (the client was dropped).
+async fn send_queued(
+    mut requests: mpsc::UnboundedReceiver<Pending>,
+    slots: Arc<Semaphore>,
+    call: Call,
+    max_requests: usize,
+) {
+    // A request taken from the queue that did not fit in the last bundle.
+    let mut left_over: Option<Pending> = None;
+    loop {
+        let first = match left_over.take() {
+            Some(first) => first,
+            None => match requests.recv().await {
                 Some(first) => first,
-                None => match requests.recv().await {
-                    Some(first) => first,
-                    None => return,
-                },
-            };
-            let Some((slots, call, max_requests)) =
-                node.upgrade().map(|n| (n.slots.clone(), n.call.clone(), n.max_requests))
-            else {
-                return;
-            };
-            let Ok(slot) = slots.acquire_owned().await else { return };
-            let mut bytes = first.request.encoded_len();
-            let mut bundle = vec![first];
-            while bundle.len() < max_requests
-                && let Ok(next) = requests.try_recv()
-            {
-                bytes += next.request.encoded_len();
-                if bytes > MAX_BUNDLE_BYTES {
-                    left_over = Some(next);
-                    break;
-                }
-                bundle.push(next);
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut bytes = first.request.encoded_len();
+        let mut bundle = vec![first];
+        while bundle.len() < max_requests
+            && let Ok(next) = requests.try_recv()
+        {
+            bytes += next.request.encoded_len();
+            if bytes > MAX_BUNDLE_BYTES {
+                left_over = Some(next);
+                break;
             }
-            // Requests whose callers stopped waiting (their attempt timed out) are not sent.
-            bundle.retain(|pending| !pending.reply.is_closed());
-            tokio::spawn(async move { holding(slot, call.send(bundle)).await });
+            bundle.push(next);
         }
+        // Requests whose callers stopped waiting (their attempt timed out) are not sent.
+        bundle.retain(|pending| !pending.reply.is_closed());
+        let call = call.clone();
+        tokio::spawn(async move { holding(slot, call.send(bundle)).await });
     }
 }
 
