@@ -445,6 +445,11 @@ impl TestPlatform {
         members.iter_mut().filter(|m| m.node_id == node_id).for_each(|m| m.draining = draining);
     }
 
+    /// Takes `node_id` out of the members without a drain (a StatefulSet shrunk by hand).
+    pub fn remove_member(&self, node_id: &str) {
+        self.members.lock().expect("members lock").retain(|m| m.node_id != node_id);
+    }
+
     /// The state the controller saved last.
     pub fn state(&self) -> Option<kvfleet_resharding::state::ReshardingState> {
         self.state.lock().expect("state lock").clone()

@@ -225,6 +225,57 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
     controller.crash();
 }
 
+/// A node taken out of the fleet without a drain (a StatefulSet shrunk by hand: its pod is
+/// deleted, its voters stay in their ranges' memberships): the controller says so and
+/// re-creates those replicas on the members by membership changes, through a crash of the
+/// controller in the middle of one (the next one resumes it although the node is no longer
+/// anywhere in its list), under a checked history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() {
+    let (mut fleet, platform, board, mut controller) = controlled_fleet(4);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
+    wait_for_split(&fleet).await;
+
+    // Range 1 was made on the first three nodes: the first one votes in ranges.
+    let gone = 0;
+    let gone_id = fleet.nodes[gone].node_id.clone();
+    let held = fleet.ranges_on(gone).await.expect("the node answers").len();
+    assert!(held > 0, "the node to remove holds replicas");
+    fleet.nodes[gone].kill9();
+    platform.remove_member(&gone_id);
+
+    let moving_off = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.from == gone_id));
+    wait_until("a move off the removed node to start", Duration::from_secs(60), moving_off).await;
+    let warned = board.snapshot().recent_events.iter().any(|e| e.contains(&format!("node {gone_id} is not a member")));
+    assert!(warned, "the controller says the node left the fleet: {:?}", board.snapshot().recent_events);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let in_flight = platform.state().map(|s| s.moves).unwrap_or_default();
+    eprintln!("crashing the controller during its moves off {gone_id}: {in_flight:?}");
+    controller.crash();
+    controller = Controller::start(platform.clone(), config(), board.clone());
+
+    wait_until("every replica on the three members", Duration::from_secs(120), async || {
+        settled(&ranges_by_leader(&fleet).await, &gone_id)
+    })
+    .await;
+    wait_until("the controller to record every move finished", Duration::from_secs(30), async || {
+        platform.state().is_some_and(|s| s.moves.is_empty())
+    })
+    .await;
+    wait_until("the controller to report no range short of voters", Duration::from_secs(10), async || {
+        board.snapshot().under_replicated.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+    println!("{held} replicas on the removed node, re-created on members");
+    controller.crash();
+}
+
 /// The playground as a user runs it (`--replicas 3`, real processes): split under load, the
 /// controller killed (-9) and restarted, one node killed (-9) and restarted by the playground;
 /// the history checker finds nothing, and every range keeps three voters, one on each node.

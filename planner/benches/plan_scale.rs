@@ -31,6 +31,7 @@ fn cluster(nodes: u32, ranges: u64) -> ClusterView {
             schedulable: true,
             draining: false,
             restarting: false,
+            departed: false,
         })
         .collect();
     ClusterView { nodes, ranges, in_flight: Vec::new() }

@@ -102,13 +102,13 @@ impl<'a> Placement<'a> {
 }
 
 impl Placed<'_> {
-    /// A replicated range with a replica on a node that does not answer, or that lost its copy:
-    /// no voluntary move (its membership change would need the replicas left to agree, one
-    /// more failure from unavailable).
+    /// A replicated range with a replica on a node that does not answer, that lost its copy or
+    /// that left the fleet: no voluntary move (its membership change would need the replicas
+    /// left to agree, one more failure from unavailable).
     fn short_of_replicas(&self, view: &ClusterView) -> bool {
+        let down = |n: &NodeView| n.departed || (!n.schedulable && !n.draining);
         self.range.is_replicated()
-            && (!self.range.lost.is_empty()
-                || self.holders.iter().any(|&h| view.nodes.get(h).is_some_and(|n| !n.schedulable && !n.draining)))
+            && (!self.range.lost.is_empty() || self.holders.iter().any(|&h| view.nodes.get(h).is_some_and(down)))
     }
 
     fn replace(&mut self, from: usize, to: usize) {
@@ -242,7 +242,8 @@ fn drain(
             return false;
         }
         let to = least_loaded(placement, &free);
-        let (from_node, to_node, reason) = (NodeId(from as u32), NodeId(to as u32), MoveReason::Drain);
+        let reason = if view.nodes[from].departed { MoveReason::LeftFleet } else { MoveReason::Drain };
+        let (from_node, to_node) = (NodeId(from as u32), NodeId(to as u32));
         match drain {
             Drain::Copy(_) => {
                 plan.actions.push(Action::Move { range: range.id, from: from_node, to: to_node, reason });
@@ -491,6 +492,7 @@ mod tests {
                 schedulable: !draining.contains(&i),
                 draining: draining.contains(&i),
                 restarting: false,
+                departed: false,
             })
             .collect()
     }
@@ -720,5 +722,30 @@ mod tests {
             plan.actions,
             vec![Action::Move { range: 1, from: NodeId(2), to: NodeId(2), reason: MoveReason::ReplaceLost }]
         );
+    }
+
+    #[test]
+    fn a_voter_on_a_node_that_left_the_fleet_is_recreated_on_a_member_once() {
+        // n3 left the fleet (a StatefulSet shrunk by hand) holding range 1's third voter; n2
+        // holds no replica of range 1. Range 2 is on n0..n2 and carries all the load.
+        let mut view_nodes = nodes(4, &[]);
+        view_nodes[3] = NodeView { schedulable: false, draining: true, departed: true, ..view_nodes[3].clone() };
+        let ranges = vec![replicated(1, (0, 10), 0, &[0, 1, 3], 1.0), replicated(2, (10, 0), 0, &[0, 1, 2], 900.0)];
+        let view = ClusterView { nodes: view_nodes, ranges, in_flight: Vec::new() };
+        let plan = plan(&view);
+        let on_range_1: Vec<&Action> = plan.actions.iter().filter(|a| a.ranges().contains(&1)).collect();
+        assert_eq!(
+            on_range_1,
+            vec![&Action::Move { range: 1, from: NodeId(3), to: NodeId(2), reason: MoveReason::LeftFleet }],
+            "{:?}",
+            plan.actions
+        );
+        assert!(plan.actions.iter().all(|a| !matches!(a, Action::Move { to: NodeId(3), .. })), "{:?}", plan.actions);
+        // While that move runs, range 1 is left alone, and nothing lands on n3.
+        let in_flight = vec![on_range_1[0].clone()];
+        let view = ClusterView { in_flight, ..view };
+        let plan = super::tests::plan(&view);
+        assert!(plan.actions.iter().all(|a| !a.ranges().contains(&1)), "{:?}", plan.actions);
+        assert!(plan.actions.iter().all(|a| !matches!(a, Action::Move { to: NodeId(3), .. })), "{:?}", plan.actions);
     }
 }

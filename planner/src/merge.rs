@@ -165,6 +165,7 @@ mod tests {
                 schedulable: !down.contains(&i),
                 draining: false,
                 restarting: false,
+                departed: false,
             })
             .collect()
     }

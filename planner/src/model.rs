@@ -23,6 +23,10 @@ pub struct NodeView {
     /// Draining only to restart: replicated ranges keep their replica here and move only their
     /// leadership away; single copies move off as in any drain.
     pub restarting: bool,
+    /// No longer a member of the fleet (gone from the platform's list: a StatefulSet shrunk by
+    /// hand) yet still a voter of replicated ranges: never schedulable, and drained as a node
+    /// that does not answer (its replicas are re-created on members by membership changes).
+    pub departed: bool,
 }
 
 /// Per-second rates over the node's load window.
@@ -141,6 +145,8 @@ pub enum MoveReason {
     ColocateForMerge { neighbour: RangeId },
     /// The replica on `from` lost its copy; `to == from`: re-created on the same node.
     ReplaceLost,
+    /// `from` is no longer a member of the fleet.
+    LeftFleet,
 }
 
 /// Why two neighbours merge.
@@ -184,6 +190,7 @@ impl fmt::Display for MoveReason {
             }
             MoveReason::Drain => write!(f, "drain"),
             MoveReason::ReplaceLost => write!(f, "replace a replica that lost its copy"),
+            MoveReason::LeftFleet => write!(f, "replace a replica on a node that left the fleet"),
             MoveReason::ColocateForMerge { neighbour } => write!(f, "colocate with range {neighbour} to merge"),
         }
     }

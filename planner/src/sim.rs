@@ -101,6 +101,7 @@ impl Simulator {
                     schedulable: true,
                     draining: false,
                     restarting: false,
+                    departed: false,
                 })
                 .collect(),
             ranges: vec![SimRange {

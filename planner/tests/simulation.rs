@@ -167,6 +167,7 @@ fn size_differences_below_the_floor_move_nothing_and_above_it_do() {
         schedulable: true,
         draining: false,
         restarting: false,
+        departed: false,
     };
     let cold_ranges = |sizes: &[u64]| {
         sizes

@@ -173,6 +173,10 @@ pub struct Observation {
     /// Replicated ranges some node holds but no node reports leading (an election under way):
     /// missing from `ranges` this round.
     pub leaderless: Vec<u64>,
+    /// Nodes that are not members yet hold a voting replica of a range in `ranges`, as its
+    /// leader has it: they left the fleet without being drained (a StatefulSet shrunk by hand).
+    /// Never asked for a report. Node indices past `nodes` are these: `nodes.len() + i`.
+    pub departed: Vec<Member>,
 }
 
 impl Observation {
@@ -182,6 +186,25 @@ impl Observation {
 
     pub fn node_index(&self, node_id: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.member.node_id == node_id)
+    }
+
+    /// A node's index among the members, then the departed nodes after them (as the planner
+    /// numbers them).
+    pub fn any_node_index(&self, node_id: &str) -> Option<usize> {
+        self.node_index(node_id)
+            .or_else(|| self.departed.iter().position(|m| m.node_id == node_id).map(|i| self.nodes.len() + i))
+    }
+
+    /// The member or departed node at `index` (as `any_node_index` numbers them).
+    pub fn any_node(&self, index: usize) -> Option<&Member> {
+        match self.nodes.get(index) {
+            Some(node) => Some(&node.member),
+            None => self.departed.get(index - self.nodes.len()),
+        }
+    }
+
+    pub fn is_departed(&self, node_id: &str) -> bool {
+        self.departed.iter().any(|m| m.node_id == node_id)
     }
 
     pub fn unreachable(&self) -> impl Iterator<Item = (&Member, &str)> {
@@ -214,8 +237,8 @@ impl Observation {
             .collect()
     }
 
-    /// The nodes (indices into `nodes`) holding a voting replica of `range`, as its leader has
-    /// it; replicas on nodes that are not members are left out.
+    /// The nodes (indices as `any_node_index` gives them) holding a voting replica of `range`,
+    /// as its leader has it; replicas on nodes neither members nor `departed` are left out.
     pub fn holders(&self, range: &ObservedRange) -> Vec<usize> {
         if !range.is_replicated() {
             return vec![range.owner];
@@ -225,7 +248,7 @@ impl Observation {
             .replicas
             .iter()
             .filter(|r| !matches!(r.membership(), ReplicaMembership::Learner | ReplicaMembership::Demoted));
-        voting.filter_map(|r| self.node_index(&r.node_id)).collect()
+        voting.filter_map(|r| self.any_node_index(&r.node_id)).collect()
     }
 
     /// Ranges with fewer than `factor` voting replicas that count: on a node that answers, holds
@@ -297,7 +320,25 @@ pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Durat
         members.into_iter().zip(reports).map(|(member, report)| ObservedNode { member, report }).collect();
     let (ranges, conflicts) = resolve_ownership(&nodes);
     let leaderless = leaderless(&nodes, &ranges);
-    Observation { nodes, ranges, conflicts, leaderless }
+    let departed = departed(&nodes, &ranges);
+    Observation { nodes, ranges, conflicts, leaderless, departed }
+}
+
+/// The nodes that vote in some range of `ranges` (as its leader has it) but are not among
+/// `nodes`, by node id, at the address the range's descriptor gives.
+fn departed(nodes: &[ObservedNode], ranges: &BTreeMap<u64, ObservedRange>) -> Vec<Member> {
+    let mut departed: BTreeMap<&str, &str> = BTreeMap::new();
+    for range in ranges.values().filter(|r| r.is_replicated()) {
+        let voting = range
+            .desc
+            .replicas
+            .iter()
+            .filter(|r| !matches!(r.membership(), ReplicaMembership::Learner | ReplicaMembership::Demoted));
+        for replica in voting.filter(|r| !nodes.iter().any(|n| n.member.node_id == r.node_id)) {
+            departed.entry(&replica.node_id).or_insert(&replica.address);
+        }
+    }
+    departed.into_iter().map(|(node_id, address)| Member { draining: true, ..Member::at(node_id, address) }).collect()
 }
 
 /// Which owned descriptor serves each key. Newest generation first: generations only grow along
@@ -502,7 +543,16 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState, replicat
             schedulable: node.report.is_ok() && !node.member.draining,
             draining: node.member.draining,
             restarting: node.member.restarting,
+            departed: false,
         })
+        .chain(observation.departed.iter().enumerate().map(|(index, member)| NodeView {
+            id: NodeId((observation.nodes.len() + index) as u32),
+            name: member.node_id.clone(),
+            schedulable: false,
+            draining: true,
+            restarting: false,
+            departed: true,
+        }))
         .collect();
     let ranges = observation
         .ranges
@@ -538,8 +588,8 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState, replicat
         })
         .collect();
     let moves = state.moves.iter().filter_map(|m| {
-        let from = observation.node_index(&m.from)?;
-        let to = observation.node_index(&m.to)?;
+        let from = observation.any_node_index(&m.from)?;
+        let to = observation.any_node_index(&m.to)?;
         Some(Action::Move {
             range: m.range_id,
             from: NodeId(from as u32),
@@ -709,5 +759,50 @@ mod tests {
         caught_up.nodes[2] = node("n3", vec![]);
         assert_eq!(caught_up.under_replicated(3), vec![1]);
         assert_eq!(caught_up.copies_missing(), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn a_voter_on_a_node_that_is_not_a_member_is_a_departed_node_the_planner_drains() {
+        // Members n1, n2 and n4; range 1's third voter is on n3, which left the fleet.
+        let nodes = vec![
+            node("n1", vec![replicated(1, ("", ""), 1, "n1")]),
+            node("n2", vec![replicated(1, ("", ""), 1, "n1")]),
+            node("n4", vec![]),
+        ];
+        let (ranges, _) = resolve_ownership(&nodes);
+        let left = departed(&nodes, &ranges);
+        assert_eq!(left.iter().map(|m| (m.node_id.as_str(), m.address.as_str())).collect::<Vec<_>>(), [("n3", "n3:1")]);
+        let observation = Observation { nodes, ranges, departed: left, ..Default::default() };
+        assert_eq!(observation.any_node_index("n3"), Some(3));
+        assert_eq!(observation.any_node(3).map(|m| m.node_id.as_str()), Some("n3"));
+        assert_eq!(observation.under_replicated(3), vec![1], "a departed voter does not count");
+
+        let mut state = ReshardingState::default();
+        let view = cluster_view(&observation, &state, 3);
+        let n3 = &view.nodes[3];
+        assert!(n3.departed && n3.draining && !n3.schedulable, "{n3:?}");
+        assert_eq!(view.ranges[0].replicas, vec![NodeId(0), NodeId(1), NodeId(3)]);
+        assert_eq!(view.ranges[0].missing_voters, 0, "its voter is there, on a node to drain");
+        // A move off the departed node in flight is in flight for the planner too.
+        state.moves.push(crate::state::InFlightMove {
+            move_id: 1,
+            range_id: 1,
+            generation: 1,
+            from: "n3".into(),
+            to: "n4".into(),
+            reason: "replace a replica on a node that left the fleet".into(),
+            started_unix_ms: 0,
+        });
+        let view = cluster_view(&observation, &state, 3);
+        assert!(
+            matches!(view.in_flight.as_slice(), [Action::Move { range: 1, from: NodeId(3), to: NodeId(2), .. }]),
+            "{:?}",
+            view.in_flight
+        );
+        // Once every voter is on a member, nothing is departed.
+        let nodes = vec![node("n1", vec![replicated(1, ("", ""), 1, "n1")])];
+        let (ranges, _) = resolve_ownership(&nodes);
+        let members = ["n1", "n2", "n3"].map(|id| node(id, vec![]));
+        assert!(departed(&members, &ranges).is_empty());
     }
 }

@@ -30,6 +30,9 @@ const GIVE_UP_AFTER_ROUNDS: u32 = 10;
 /// Rounds in a row a voter's node must answer without a copy before its replica counts as lost
 /// (a node restarting, or opening its groups, is not).
 const LOST_AFTER_ROUNDS: u32 = 5;
+/// Rounds in a row a node must be missing from the members yet vote in ranges before its
+/// replicas are re-created on members (a members list read in the middle of a change is not).
+const DEPARTED_AFTER_ROUNDS: u32 = 3;
 /// How long a round spends on one replicated merge (a freeze, a wait for every replica, the
 /// merge): one not done by then is finished in a later round.
 const REPLICA_MERGE_DEADLINE: Duration = Duration::from_secs(20);
@@ -102,6 +105,8 @@ pub struct ReshardingLoop<P: Platform> {
     unanswered: HashMap<String, Silence>,
     /// (range id, node id) -> rounds in a row that voter's node answered holding no copy.
     missing: HashMap<(u64, String), u32>,
+    /// Node id -> rounds in a row it voted in ranges without being a member.
+    departed: HashMap<String, u32>,
 }
 
 /// A node's current silence: rounds in a row it did not answer, and the first round's time.
@@ -128,6 +133,7 @@ impl<P: Platform> ReshardingLoop<P> {
             published: None,
             unanswered: HashMap::new(),
             missing: HashMap::new(),
+            departed: HashMap::new(),
         })
     }
 
@@ -212,6 +218,7 @@ impl<P: Platform> ReshardingLoop<P> {
         let members = self.platform.members().await?;
         self.clients.route_admin_calls(&members);
         let mut observation = observe::collect(&self.clients, members, self.config.rpc_timeout).await;
+        self.settle_departed(&mut observation);
         self.mark_lost_replicas(&mut observation);
         let max_range = observation.max_range_id();
         self.state.observe_range_ids(max_range);
@@ -599,8 +606,9 @@ impl<P: Platform> ReshardingLoop<P> {
         let Some(range) = observation.ranges.get(&range_id).filter(|r| r.desc.state() == RangeState::Active) else {
             return Ok(());
         };
+        // The source may have left the fleet (`Observation::departed`); the target is a member.
         let (Some(source), Some(target)) =
-            (observation.nodes.get(from.0 as usize), observation.nodes.get(to.0 as usize))
+            (observation.any_node(from.0 as usize), observation.nodes.get(to.0 as usize))
         else {
             return Ok(());
         };
@@ -609,7 +617,7 @@ impl<P: Platform> ReshardingLoop<P> {
             move_id,
             range_id,
             generation: range.desc.generation,
-            from: source.member.node_id.clone(),
+            from: source.node_id.clone(),
             to: target.member.node_id.clone(),
             reason: why.clone(),
             started_unix_ms: unix_now().as_millis() as u64,
@@ -741,12 +749,41 @@ impl<P: Platform> ReshardingLoop<P> {
         ));
     }
 
+    /// Keeps in `observation.departed` only the nodes missing from the members for
+    /// `DEPARTED_AFTER_ROUNDS` rounds in a row, or that a move in flight takes a replica off;
+    /// says so when a node first counts as departed.
+    fn settle_departed(&mut self, observation: &mut Observation) {
+        let mut departed = HashMap::new();
+        for member in &observation.departed {
+            let rounds = self.departed.get(&member.node_id).copied().unwrap_or(0) + 1;
+            departed.insert(member.node_id.clone(), rounds);
+            if rounds == DEPARTED_AFTER_ROUNDS {
+                let voting =
+                    observation.ranges.values().filter(|r| r.desc.replicas.iter().any(|v| v.node_id == member.node_id));
+                let ranges: Vec<String> = voting.map(|r| r.desc.range_id.to_string()).collect();
+                tracing::warn!(node = %member.node_id, ranges = %ranges.join(","), "a node that is not a member of the fleet votes in ranges: re-creating its replicas on members");
+                self.status.node_left_fleet(format!(
+                    "node {} is not a member of the fleet but votes in ranges {}: their replicas there are re-created on members",
+                    member.node_id,
+                    ranges.join(", ")
+                ));
+            }
+        }
+        self.departed = departed;
+        let moving_off = |node_id: &str| self.state.moves.iter().any(|m| m.from == node_id);
+        observation.departed.retain(|m| {
+            self.departed.get(&m.node_id).is_some_and(|&rounds| rounds >= DEPARTED_AFTER_ROUNDS)
+                || moving_off(&m.node_id)
+        });
+    }
+
     /// Marks as lost (`ObservedRange::lost`, for the planner to re-create elsewhere) the voting
     /// replicas of replicated ranges whose node has not answered for `replace_down_after` (as of
     /// the rounds before this one).
     fn mark_replicas_on_down_nodes(&self, observation: &mut Observation) {
         let after = self.config.replace_down_after;
         let down = |node_id: &str| self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= after);
+        let departed = &observation.departed;
         let nodes = &observation.nodes;
         for range in observation.ranges.values_mut().filter(|r| !r.desc.in_joint_membership()) {
             let voters: Vec<&str> = range
@@ -762,8 +799,9 @@ impl<P: Platform> ReshardingLoop<P> {
                 .filter_map(|id| nodes.iter().position(|n| n.member.node_id == *id))
                 .collect();
             // A single copy (one voter, maybe with a learner on the way) has its data there only;
-            // a range whose majority is down cannot change its membership: both wait.
-            if voters.len() < 2 || (voters.len() - on_down.len()) * 2 <= voters.len() {
+            // a range whose majority is down (or departed) cannot change its membership: both wait.
+            let departed_voters = voters.iter().filter(|id| departed.iter().any(|m| m.node_id == **id)).count();
+            if voters.len() < 2 || (voters.len() - on_down.len() - departed_voters) * 2 <= voters.len() {
                 continue;
             }
             for index in on_down {

@@ -241,6 +241,11 @@ impl StatusBoard {
         self.publish("Resharding", false, text);
     }
 
+    /// A node that is not a member of the fleet still votes in ranges.
+    pub fn node_left_fleet(&self, text: String) {
+        self.publish("NodeLeftFleet", true, text);
+    }
+
     fn publish(&self, reason: &'static str, warning: bool, text: String) {
         let mut board = self.board.lock();
         if let Some(sink) = &board.sink {
