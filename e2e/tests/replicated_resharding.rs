@@ -244,18 +244,33 @@ async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() 
     let gone_id = fleet.nodes[gone].node_id.clone();
     let held = fleet.ranges_on(gone).await.expect("the node answers").len();
     assert!(held > 0, "the node to remove holds replicas");
+    let (events, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    board.set_event_sink(events);
     fleet.nodes[gone].kill9();
     platform.remove_member(&gone_id);
 
-    let moving_off = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.from == gone_id));
-    wait_until("a move off the removed node to start", Duration::from_secs(60), moving_off).await;
-    let warned = board.snapshot().recent_events.iter().any(|e| e.contains(&format!("node {gone_id} is not a member")));
-    assert!(warned, "the controller says the node left the fleet: {:?}", board.snapshot().recent_events);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let in_flight = platform.state().map(|s| s.moves).unwrap_or_default();
-    eprintln!("crashing the controller during its moves off {gone_id}: {in_flight:?}");
-    controller.crash();
-    controller = Controller::start(platform.clone(), config(), board.clone());
+    // Crash the controller twice while it moves replicas off the removed node: at once, and
+    // some way into the moves.
+    let mut crashed_mid_move = 0;
+    for delay in [Duration::ZERO, Duration::from_millis(700)] {
+        let moving_off = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.from == gone_id));
+        let started = Instant::now();
+        while !moving_off().await && started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(delay).await;
+        let in_flight = platform.state().map(|s| s.moves).unwrap_or_default();
+        eprintln!("crashing the controller {delay:?} into its moves off {gone_id}: {in_flight:?}");
+        crashed_mid_move += usize::from(in_flight.iter().any(|m| m.from == gone_id));
+        controller.crash();
+        controller = Controller::start(platform.clone(), config(), board.clone());
+    }
+    assert!(crashed_mid_move >= 1, "no crash hit a move off the removed node in flight");
+    let mut warned = false;
+    while let Ok(event) = heard.try_recv() {
+        warned |= event.reason == "NodeLeftFleet" && event.text.contains(&format!("node {gone_id} is not a member"));
+    }
+    assert!(warned, "the controller says the node left the fleet");
 
     wait_until("every replica on the three members", Duration::from_secs(120), async || {
         settled(&ranges_by_leader(&fleet).await, &gone_id)

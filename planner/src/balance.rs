@@ -729,10 +729,14 @@ mod tests {
         // n3 left the fleet (a StatefulSet shrunk by hand) holding range 1's third voter; n2
         // holds no replica of range 1. Range 2 is on n0..n2 and carries all the load.
         let mut view_nodes = nodes(4, &[]);
-        view_nodes[3] = NodeView { schedulable: false, draining: true, departed: true, ..view_nodes[3].clone() };
+        view_nodes[3] = NodeView { schedulable: false, draining: false, departed: true, ..view_nodes[3].clone() };
         let ranges = vec![replicated(1, (0, 10), 0, &[0, 1, 3], 1.0), replicated(2, (10, 0), 0, &[0, 1, 2], 900.0)];
-        let view = ClusterView { nodes: view_nodes, ranges, in_flight: Vec::new() };
-        let plan = plan(&view);
+        let mut view = ClusterView { nodes: view_nodes, ranges, in_flight: Vec::new() };
+        // Not drained yet (the loop waits a few rounds): range 1 is only left alone.
+        let plan = super::tests::plan(&view);
+        assert!(plan.actions.iter().all(|a| !a.ranges().contains(&1)), "{:?}", plan.actions);
+        view.nodes[3].draining = true;
+        let plan = super::tests::plan(&view);
         let on_range_1: Vec<&Action> = plan.actions.iter().filter(|a| a.ranges().contains(&1)).collect();
         assert_eq!(
             on_range_1,

@@ -24,8 +24,9 @@ pub struct NodeView {
     /// leadership away; single copies move off as in any drain.
     pub restarting: bool,
     /// No longer a member of the fleet (gone from the platform's list: a StatefulSet shrunk by
-    /// hand) yet still a voter of replicated ranges: never schedulable, and drained as a node
-    /// that does not answer (its replicas are re-created on members by membership changes).
+    /// hand) yet still a voter of replicated ranges: never schedulable, taken to be down (no
+    /// voluntary move on its ranges), and once `draining`, drained as a node that does not
+    /// answer (its replicas are re-created on members by membership changes).
     pub departed: bool,
 }
 

@@ -175,7 +175,8 @@ pub struct Observation {
     pub leaderless: Vec<u64>,
     /// Nodes that are not members yet hold a voting replica of a range in `ranges`, as its
     /// leader has it: they left the fleet without being drained (a StatefulSet shrunk by hand).
-    /// Never asked for a report. Node indices past `nodes` are these: `nodes.len() + i`.
+    /// Never asked for a report; drained once `draining` (the loop decides when). Node indices
+    /// past `nodes` are these: `nodes.len() + i`.
     pub departed: Vec<Member>,
 }
 
@@ -201,10 +202,6 @@ impl Observation {
             Some(node) => Some(&node.member),
             None => self.departed.get(index - self.nodes.len()),
         }
-    }
-
-    pub fn is_departed(&self, node_id: &str) -> bool {
-        self.departed.iter().any(|m| m.node_id == node_id)
     }
 
     pub fn unreachable(&self) -> impl Iterator<Item = (&Member, &str)> {
@@ -338,7 +335,7 @@ fn departed(nodes: &[ObservedNode], ranges: &BTreeMap<u64, ObservedRange>) -> Ve
             departed.entry(&replica.node_id).or_insert(&replica.address);
         }
     }
-    departed.into_iter().map(|(node_id, address)| Member { draining: true, ..Member::at(node_id, address) }).collect()
+    departed.into_iter().map(|(node_id, address)| Member::at(node_id, address)).collect()
 }
 
 /// Which owned descriptor serves each key. Newest generation first: generations only grow along
@@ -549,7 +546,7 @@ pub fn cluster_view(observation: &Observation, state: &ReshardingState, replicat
             id: NodeId((observation.nodes.len() + index) as u32),
             name: member.node_id.clone(),
             schedulable: false,
-            draining: true,
+            draining: member.draining,
             restarting: false,
             departed: true,
         }))
@@ -772,7 +769,7 @@ mod tests {
         let (ranges, _) = resolve_ownership(&nodes);
         let left = departed(&nodes, &ranges);
         assert_eq!(left.iter().map(|m| (m.node_id.as_str(), m.address.as_str())).collect::<Vec<_>>(), [("n3", "n3:1")]);
-        let observation = Observation { nodes, ranges, departed: left, ..Default::default() };
+        let mut observation = Observation { nodes, ranges, departed: left, ..Default::default() };
         assert_eq!(observation.any_node_index("n3"), Some(3));
         assert_eq!(observation.any_node(3).map(|m| m.node_id.as_str()), Some("n3"));
         assert_eq!(observation.under_replicated(3), vec![1], "a departed voter does not count");
@@ -780,7 +777,10 @@ mod tests {
         let mut state = ReshardingState::default();
         let view = cluster_view(&observation, &state, 3);
         let n3 = &view.nodes[3];
-        assert!(n3.departed && n3.draining && !n3.schedulable, "{n3:?}");
+        assert!(n3.departed && !n3.draining && !n3.schedulable, "not drained before the loop says so: {n3:?}");
+        observation.departed[0].draining = true;
+        let view = cluster_view(&observation, &state, 3);
+        assert!(view.nodes[3].draining);
         assert_eq!(view.ranges[0].replicas, vec![NodeId(0), NodeId(1), NodeId(3)]);
         assert_eq!(view.ranges[0].missing_voters, 0, "its voter is there, on a node to drain");
         // A move off the departed node in flight is in flight for the planner too.

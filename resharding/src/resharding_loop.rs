@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::leadership::Leadership;
 use crate::observe::{NodeClients, Observation, describe_status, with_timeout};
-use crate::platform::{Platform, PlatformError};
+use crate::platform::{Member, Platform, PlatformError};
 use crate::replica_moves::{Endpoint, ReplicaMoveError};
 use crate::state::{InFlightMove, ReshardingState, unix_now};
 use crate::status::{IdReservation, StatusBoard};
@@ -646,7 +646,11 @@ impl<P: Platform> ReshardingLoop<P> {
             let address = member.map(|m| m.address.clone()).or_else(|| known.map(|r| r.address.clone()))?;
             Some(Endpoint { node_id: node_id.to_string(), address })
         };
-        let (Some(from), Some(to)) = (endpoint(&mv.from), endpoint(&mv.to)) else { return };
+        let Some(to) = endpoint(&mv.to) else { return };
+        // A source neither a member nor in the membership any more (it left the fleet, and the
+        // move removed it before a crash) needs no address: the move reads its end from the
+        // membership and finishes.
+        let from = endpoint(&mv.from).unwrap_or_else(|| Endpoint { node_id: mv.from.clone(), address: String::new() });
         let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
         let (clients, range_id, deadline) = (self.clients.clone(), mv.range_id, self.config.import_timeout);
         let task = tokio::spawn(async move {
@@ -749,9 +753,12 @@ impl<P: Platform> ReshardingLoop<P> {
         ));
     }
 
-    /// Keeps in `observation.departed` only the nodes missing from the members for
-    /// `DEPARTED_AFTER_ROUNDS` rounds in a row, or that a move in flight takes a replica off;
-    /// says so when a node first counts as departed.
+    /// Drains (`Member::draining`) only the departed nodes missing from the members for
+    /// `DEPARTED_AFTER_ROUNDS` rounds in a row or that a move in flight takes a replica off; the
+    /// others are only held to be down meanwhile (no voluntary move on their ranges). Adds every
+    /// non-member a move in flight takes a replica off, voting or not any more: the move stays in
+    /// flight for the planner, which plans nothing else on its range. Says so when a node first
+    /// counts as departed.
     fn settle_departed(&mut self, observation: &mut Observation) {
         let mut departed = HashMap::new();
         for member in &observation.departed {
@@ -771,10 +778,17 @@ impl<P: Platform> ReshardingLoop<P> {
         }
         self.departed = departed;
         let moving_off = |node_id: &str| self.state.moves.iter().any(|m| m.from == node_id);
-        observation.departed.retain(|m| {
-            self.departed.get(&m.node_id).is_some_and(|&rounds| rounds >= DEPARTED_AFTER_ROUNDS)
-                || moving_off(&m.node_id)
-        });
+        for member in &mut observation.departed {
+            member.draining = self.departed.get(&member.node_id).is_some_and(|&rounds| rounds >= DEPARTED_AFTER_ROUNDS)
+                || moving_off(&member.node_id);
+        }
+        for mv in &self.state.moves {
+            let known =
+                |id: &str| observation.node(id).is_some() || observation.departed.iter().any(|m| m.node_id == id);
+            if !known(&mv.from) {
+                observation.departed.push(Member { draining: true, ..Member::at(&mv.from, "") });
+            }
+        }
     }
 
     /// Marks as lost (`ObservedRange::lost`, for the planner to re-create elsewhere) the voting
