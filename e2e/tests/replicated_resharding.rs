@@ -11,7 +11,10 @@ use kvfleet_e2e::history::{HistoryWorkload, keys};
 use kvfleet_e2e::replicated::ReplicatedFleet;
 use kvfleet_e2e::{NodeProcess, TestPlatform, wait_until};
 use kvfleet_planner::Policy;
-use kvfleet_proto::v1::{BootstrapRequest, RangeDescriptor, ReadConsistency, Replica, ReplicaMembership};
+use kvfleet_proto::v1::{
+    BootstrapRequest, ChangeReplicasRequest, CreateReplicaRequest, RangeDescriptor, ReadConsistency, Replica,
+    ReplicaChange, ReplicaMembership, replica_change,
+};
 use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
 use kvfleet_resharding::status::StatusBoard;
 use tokio::sync::watch;
@@ -225,7 +228,8 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
     controller.crash();
 }
 
-/// A node taken out of the fleet without a drain (a StatefulSet shrunk by hand: its pod is
+/// A learner on a node that is not a member is removed. Then a node taken out of the fleet
+/// without a drain (a StatefulSet shrunk by hand: its pod is
 /// deleted, its voters stay in their ranges' memberships): the controller says so and
 /// re-creates those replicas on the members by membership changes, through a crash of the
 /// controller in the middle of one (the next one resumes it although the node is no longer
@@ -239,13 +243,55 @@ async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() 
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
     wait_for_split(&fleet).await;
 
+    let (events, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    board.set_event_sink(events);
+
+    // A learner on a node that is not a member (as a move leaves one whose target was scaled
+    // away): the controller removes it.
+    let stranger = fleet.add_node();
+    let stranger_id = fleet.nodes[stranger].node_id.clone();
+    let mut added: Option<u64> = None;
+    for _ in 0..20 {
+        let ranges = ranges_by_leader(&fleet).await;
+        let Some(desc) = ranges.iter().find(|d| d.replicas.iter().all(|r| r.membership() == ReplicaMembership::Voter))
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let leader = desc.leader().map(|r| r.node_id.clone()).unwrap_or_default();
+        let Some(leader) = fleet.nodes.iter().position(|n| n.node_id == leader) else { continue };
+        let mut admin = fleet.nodes[stranger].admin();
+        let created = admin.create_replica(CreateReplicaRequest { range: Some(desc.clone()) }).await;
+        created.expect("the stranger creates an empty replica");
+        let learner = Replica {
+            node_id: stranger_id.clone(),
+            address: fleet.nodes[stranger].address.clone(),
+            ..Default::default()
+        };
+        let change = ChangeReplicasRequest {
+            range_id: desc.range_id,
+            expected_conf_version: desc.conf_version,
+            changes: vec![ReplicaChange { kind: replica_change::Kind::AddLearner as i32, replica: Some(learner) }],
+        };
+        if fleet.nodes[leader].admin().change_replicas(change).await.is_ok() {
+            added = Some(desc.range_id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let with_learner = added.expect("a learner added on the stranger");
+    wait_until("the controller to remove the stranger's learner", Duration::from_secs(30), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        let range = ranges.iter().find(|d| d.range_id == with_learner);
+        range.is_some_and(|d| d.replicas.iter().all(|r| r.node_id != stranger_id))
+    })
+    .await;
+
     // Range 1 was made on the first three nodes: the first one votes in ranges.
     let gone = 0;
     let gone_id = fleet.nodes[gone].node_id.clone();
     let held = fleet.ranges_on(gone).await.expect("the node answers").len();
     assert!(held > 0, "the node to remove holds replicas");
-    let (events, mut heard) = tokio::sync::mpsc::unbounded_channel();
-    board.set_event_sink(events);
     fleet.nodes[gone].kill9();
     platform.remove_member(&gone_id);
 
@@ -266,11 +312,13 @@ async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() 
         controller = Controller::start(platform.clone(), config(), board.clone());
     }
     assert!(crashed_mid_move >= 1, "no crash hit a move off the removed node in flight");
-    let mut warned = false;
+    let (mut warned, mut learner_removed) = (false, false);
     while let Ok(event) = heard.try_recv() {
         warned |= event.reason == "NodeLeftFleet" && event.text.contains(&format!("node {gone_id} is not a member"));
+        learner_removed |= event.text.contains(&format!("range {with_learner}'s learner on {stranger_id}"));
     }
     assert!(warned, "the controller says the node left the fleet");
+    assert!(learner_removed, "the controller says it removed the stranger's learner");
 
     wait_until("every replica on the three members", Duration::from_secs(120), async || {
         settled(&ranges_by_leader(&fleet).await, &gone_id)

@@ -173,8 +173,9 @@ pub struct Observation {
     /// Replicated ranges some node holds but no node reports leading (an election under way):
     /// missing from `ranges` this round.
     pub leaderless: Vec<u64>,
-    /// Nodes that are not members yet hold a voting replica of a range in `ranges`, as its
-    /// leader has it: they left the fleet without being drained (a StatefulSet shrunk by hand).
+    /// Nodes that are not members yet hold a replica (a voter, or a learner a move left behind)
+    /// of a range in `ranges`, as its leader has it: they left the fleet without being drained
+    /// (a StatefulSet shrunk by hand, a move's target scaled away).
     /// Never asked for a report; drained once `draining` (the loop decides when). Node indices
     /// past `nodes` are these: `nodes.len() + i`.
     pub departed: Vec<Member>,
@@ -321,17 +322,14 @@ pub async fn collect(clients: &NodeClients, members: Vec<Member>, timeout: Durat
     Observation { nodes, ranges, conflicts, leaderless, departed }
 }
 
-/// The nodes that vote in some range of `ranges` (as its leader has it) but are not among
-/// `nodes`, by node id, at the address the range's descriptor gives.
+/// The nodes that are voters or learners of some range of `ranges` (as its leader has it) but
+/// are not among `nodes`, by node id, at the address the range's descriptor gives. (A demoted
+/// replica is not: its leader removes it.)
 fn departed(nodes: &[ObservedNode], ranges: &BTreeMap<u64, ObservedRange>) -> Vec<Member> {
     let mut departed: BTreeMap<&str, &str> = BTreeMap::new();
     for range in ranges.values().filter(|r| r.is_replicated()) {
-        let voting = range
-            .desc
-            .replicas
-            .iter()
-            .filter(|r| !matches!(r.membership(), ReplicaMembership::Learner | ReplicaMembership::Demoted));
-        for replica in voting.filter(|r| !nodes.iter().any(|n| n.member.node_id == r.node_id)) {
+        let held = range.desc.replicas.iter().filter(|r| r.membership() != ReplicaMembership::Demoted);
+        for replica in held.filter(|r| !nodes.iter().any(|n| n.member.node_id == r.node_id)) {
             departed.entry(&replica.node_id).or_insert(&replica.address);
         }
     }

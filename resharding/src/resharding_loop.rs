@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::leadership::Leadership;
-use crate::observe::{NodeClients, Observation, describe_status, with_timeout};
+use crate::observe::{NodeClients, Observation, ObservedRange, describe_status, with_timeout};
 use crate::platform::{Member, Platform, PlatformError};
 use crate::replica_moves::{Endpoint, ReplicaMoveError};
 use crate::state::{InFlightMove, ReshardingState, unix_now};
@@ -258,6 +258,7 @@ impl<P: Platform> ReshardingLoop<P> {
         self.stop_stuck_replica_moves(&observation);
         self.reap_moves(now);
         self.recover_moves(&observation).await;
+        self.remove_stray_learners(&observation).await;
         self.finish_frozen_merges(&observation).await?;
         self.publish_routing(&observation).await;
 
@@ -710,25 +711,7 @@ impl<P: Platform> ReshardingLoop<P> {
         let membership = range.desc.replicas.iter().find(|r| r.node_id == mv.to).map(|r| r.membership());
         match membership {
             Some(ReplicaMembership::Learner) => {
-                let request = ChangeReplicasRequest {
-                    range_id: mv.range_id,
-                    expected_conf_version: range.desc.conf_version,
-                    changes: vec![ReplicaChange {
-                        kind: replica_change::Kind::Remove as i32,
-                        replica: Some(Replica { node_id: mv.to.clone(), ..Default::default() }),
-                    }],
-                };
-                let leader = &observation.nodes[range.owner].member;
-                let request = with_timeout(request, self.config.rpc_timeout);
-                let result: Result<_, String> = async {
-                    self.clients
-                        .admin(leader.admin_address())?
-                        .change_replicas(request)
-                        .await
-                        .map_err(|s| describe_status(&s))
-                }
-                .await;
-                if let Err(error) = result {
+                if let Err(error) = self.remove_learner(observation, range, &mv.to).await {
                     tracing::warn!(move_id = mv.move_id, %error, "removing the abandoned move's learner failed; retrying next round");
                     return;
                 }
@@ -768,9 +751,9 @@ impl<P: Platform> ReshardingLoop<P> {
                 let voting =
                     observation.ranges.values().filter(|r| r.desc.replicas.iter().any(|v| v.node_id == member.node_id));
                 let ranges: Vec<String> = voting.map(|r| r.desc.range_id.to_string()).collect();
-                tracing::warn!(node = %member.node_id, ranges = %ranges.join(","), "a node that is not a member of the fleet votes in ranges: re-creating its replicas on members");
+                tracing::warn!(node = %member.node_id, ranges = %ranges.join(","), "a node that is not a member of the fleet holds replicas: re-creating them on members");
                 self.status.node_left_fleet(format!(
-                    "node {} is not a member of the fleet but votes in ranges {}: their replicas there are re-created on members",
+                    "node {} is not a member of the fleet but holds replicas of ranges {}: they are re-created on members (learners removed)",
                     member.node_id,
                     ranges.join(", ")
                 ));
@@ -787,6 +770,52 @@ impl<P: Platform> ReshardingLoop<P> {
                 |id: &str| observation.node(id).is_some() || observation.departed.iter().any(|m| m.node_id == id);
             if !known(&mv.from) {
                 observation.departed.push(Member { draining: true, ..Member::at(&mv.from, "") });
+            }
+        }
+    }
+
+    /// Removes `node_id`'s learner from `range`, through its leader.
+    async fn remove_learner(
+        &self,
+        observation: &Observation,
+        range: &ObservedRange,
+        node_id: &str,
+    ) -> Result<(), String> {
+        let request = ChangeReplicasRequest {
+            range_id: range.desc.range_id,
+            expected_conf_version: range.desc.conf_version,
+            changes: vec![ReplicaChange {
+                kind: replica_change::Kind::Remove as i32,
+                replica: Some(Replica { node_id: node_id.to_string(), ..Default::default() }),
+            }],
+        };
+        let leader = &observation.nodes[range.owner].member;
+        let request = with_timeout(request, self.config.rpc_timeout);
+        self.clients.admin(leader.admin_address())?.change_replicas(request).await.map_err(|s| describe_status(&s))?;
+        Ok(())
+    }
+
+    /// Removes the learners left on departed nodes being drained (a move whose target left the
+    /// fleet is dropped, and its learner would stay: the leader would send it appends forever,
+    /// and a range with a learner counts as changing its membership, so it would get no voter
+    /// it lacks). Not while a move of the range is in flight or its membership is joint.
+    async fn remove_stray_learners(&mut self, observation: &Observation) {
+        for range in observation.ranges.values().filter(|r| !r.desc.in_joint_membership()) {
+            if self.state.moves.iter().any(|m| m.range_id == range.desc.range_id) {
+                continue;
+            }
+            let stray = range.desc.replicas.iter().filter(|r| r.membership() == ReplicaMembership::Learner);
+            let stray = stray.filter(|r| observation.departed.iter().any(|m| m.node_id == r.node_id && m.draining));
+            let Some(learner) = stray.map(|r| r.node_id.clone()).next() else { continue };
+            let range_id = range.desc.range_id;
+            match self.remove_learner(observation, range, &learner).await {
+                Ok(()) => {
+                    tracing::info!(range_id, node = %learner, "removed a learner left on a node that left the fleet");
+                    self.status.event(format!("removed range {range_id}'s learner on {learner}, which left the fleet"));
+                }
+                Err(error) => {
+                    tracing::warn!(range_id, node = %learner, %error, "removing a learner on a node that left the fleet failed; retrying next round")
+                }
             }
         }
     }
