@@ -1,6 +1,7 @@
 //! Raft messages between nodes. Outgoing: one queue and one task per peer node, which sends
-//! whatever queued up as one `RaftTransport.Deliver` call (messages of every group two nodes
-//! share travel together), and probes the peer with an empty batch when there is nothing to say.
+//! whatever queued up as one batch (messages of every group two nodes share travel together) on
+//! a long-lived `RaftTransport.DeliverStream` call (one `Deliver` call per batch to an older
+//! peer), and probes the peer with an empty batch when there is nothing to say.
 //! Incoming: the gRPC service hands envelopes to the driver. Which peers answered lately
 //! (`Liveness`) lets quiet groups led by a silent node wake up and elect a new leader.
 //!
@@ -39,6 +40,10 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// How long one Deliver call may take.
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Batches a stream may hold unacked (beyond, the sender waits: the peer is behind).
+const STREAM_IN_FLIGHT: usize = 64;
+/// A peer that took no stream (an older version) is asked again this often.
+const ASK_FOR_A_STREAM_AGAIN_AFTER: Duration = Duration::from_secs(60);
 /// Most envelopes in one call.
 const MAX_BATCH: usize = 4096;
 /// Most bytes in one call (a message past it goes in the next call; raft-rs keeps one append
@@ -162,6 +167,9 @@ struct Link {
 
 impl Link {
     async fn run(self, mut queue: mpsc::UnboundedReceiver<RaftEnvelope>) {
+        let mut stream: Option<OutboundStream> = None;
+        // Set while the peer has no DeliverStream (an older version): calls until then.
+        let mut calls_until: Option<Instant> = None;
         loop {
             let mut envelopes = match tokio::time::timeout(PROBE_EVERY, queue.recv()).await {
                 Ok(Some(first)) => vec![first],
@@ -178,6 +186,8 @@ impl Link {
                     Err(_) => break,
                 }
             }
+            let batch =
+                RaftBatch { from_node_id: self.from_node_id.clone(), from_raft_id: self.from_raft_id, envelopes };
             let channel = match self.channels.channel(&self.address) {
                 Ok(channel) => channel,
                 Err(error) => {
@@ -186,24 +196,107 @@ impl Link {
                     continue;
                 }
             };
-            let mut request = Request::new(RaftBatch {
-                from_node_id: self.from_node_id.clone(),
-                from_raft_id: self.from_raft_id,
-                envelopes,
-            });
-            request.set_timeout(DELIVER_TIMEOUT);
-            self.token.attach(&mut request);
-            match RaftTransportClient::new(channel).deliver(request).await {
-                Ok(_) => self.liveness.heard_from(self.to),
-                Err(status) => {
-                    tracing::debug!(peer = %self.address, code = ?status.code(), message = status.message(), "Raft messages not delivered");
-                    // Raft resends what matters; what queued while this peer did not answer is
-                    // dropped rather than piled up.
-                    while queue.try_recv().is_ok() {}
-                    tokio::time::sleep(PROBE_EVERY / 2).await;
+            let delivered = if calls_until.is_some_and(|until| Instant::now() < until) {
+                self.call(channel, batch).await
+            } else {
+                if stream.as_ref().is_some_and(OutboundStream::broken) {
+                    stream = None;
                 }
+                if stream.is_none() {
+                    match OutboundStream::open(&self, channel.clone()).await {
+                        Ok(opened) => stream = Some(opened),
+                        Err(status) if status.code() == tonic::Code::Unimplemented => {
+                            tracing::info!(peer = %self.address, "the Raft peer takes no stream (an older version): one call per batch");
+                            calls_until = Some(Instant::now() + ASK_FOR_A_STREAM_AGAIN_AFTER);
+                        }
+                        Err(status) => {
+                            tracing::debug!(peer = %self.address, code = ?status.code(), message = status.message(), "no Raft stream to the peer")
+                        }
+                    }
+                }
+                match (&stream, calls_until.is_some_and(|until| Instant::now() < until)) {
+                    (_, true) => self.call(channel, batch).await,
+                    (Some(open), false) => open.send(batch).await,
+                    (None, false) => false,
+                }
+            };
+            if !delivered {
+                stream = None;
+                // Raft resends what matters; what queued while this peer did not answer is
+                // dropped rather than piled up.
+                while queue.try_recv().is_ok() {}
+                tokio::time::sleep(PROBE_EVERY / 2).await;
             }
         }
+    }
+
+    /// Sends `batch` as one `Deliver` call; whether the peer took it.
+    async fn call(&self, channel: tonic::transport::Channel, batch: RaftBatch) -> bool {
+        let mut request = Request::new(batch);
+        request.set_timeout(DELIVER_TIMEOUT);
+        self.token.attach(&mut request);
+        match RaftTransportClient::new(channel).deliver(request).await {
+            Ok(_) => {
+                self.liveness.heard_from(self.to);
+                true
+            }
+            Err(status) => {
+                tracing::debug!(peer = %self.address, code = ?status.code(), message = status.message(), "Raft messages not delivered");
+                false
+            }
+        }
+    }
+}
+
+/// A `DeliverStream` call to a peer: batches go out on it, and a task reads the peer's acks
+/// (each one says the peer's Raft thread took the oldest batch not acked yet).
+struct OutboundStream {
+    batches: mpsc::Sender<RaftBatch>,
+    /// When each batch not acked yet was sent, oldest first.
+    unacked: Arc<Mutex<std::collections::VecDeque<Instant>>>,
+    acks: tokio::task::JoinHandle<()>,
+}
+
+impl OutboundStream {
+    async fn open(link: &Link, channel: tonic::transport::Channel) -> Result<Self, Status> {
+        let (batches, outgoing) = mpsc::channel(STREAM_IN_FLIGHT);
+        let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+        link.token.attach(&mut request);
+        let mut client = RaftTransportClient::new(channel);
+        let mut answers = match tokio::time::timeout(DELIVER_TIMEOUT, client.deliver_stream(request)).await {
+            Ok(answer) => answer?.into_inner(),
+            Err(_) => return Err(Status::deadline_exceeded("the peer did not answer the stream's opening")),
+        };
+        let unacked: Arc<Mutex<std::collections::VecDeque<Instant>>> = Arc::default();
+        let (liveness, to, acked) = (link.liveness.clone(), link.to, unacked.clone());
+        let acks = tokio::spawn(async move {
+            while let Ok(Some(_)) = answers.message().await {
+                acked.lock().pop_front();
+                liveness.heard_from(to);
+            }
+        });
+        Ok(OutboundStream { batches, unacked, acks })
+    }
+
+    /// The peer stopped acking (the oldest batch unacked for `DELIVER_TIMEOUT`), or the stream
+    /// ended.
+    fn broken(&self) -> bool {
+        self.acks.is_finished() || self.unacked.lock().front().is_some_and(|sent| sent.elapsed() > DELIVER_TIMEOUT)
+    }
+
+    /// Queues `batch` on the stream; false if the stream is broken or full for `DELIVER_TIMEOUT`.
+    async fn send(&self, batch: RaftBatch) -> bool {
+        if self.broken() {
+            return false;
+        }
+        self.unacked.lock().push_back(Instant::now());
+        tokio::time::timeout(DELIVER_TIMEOUT, self.batches.send(batch)).await.is_ok_and(|sent| sent.is_ok())
+    }
+}
+
+impl Drop for OutboundStream {
+    fn drop(&mut self) {
+        self.acks.abort();
     }
 }
 
@@ -331,6 +424,44 @@ impl SendPacer {
     }
 }
 
+/// Hands a batch's envelopes to the Raft thread (a snapshot message only once its file is
+/// fetched). Empty batches (probes) go through too: the answer says the Raft thread runs.
+fn take_batch(replication: &Arc<Replication>, batch: RaftBatch) -> Result<(), Status> {
+    replication.liveness.heard_from(batch.from_raft_id);
+    let mut envelopes = Vec::with_capacity(batch.envelopes.len());
+    for envelope in batch.envelopes {
+        match from_wire(envelope) {
+            Ok(Envelope::Raft { group, message }) if message.get_msg_type() == MessageType::MsgSnapshot => {
+                let info = match snapshot::describe(group, &message.get_snapshot().data) {
+                    Ok(info) => info,
+                    Err(reason) => {
+                        tracing::warn!(group, from = message.from, %reason, "a Raft snapshot message refused");
+                        continue;
+                    }
+                };
+                let Some(address) = replication.address_of(message.from) else {
+                    tracing::warn!(
+                        group,
+                        from = message.from,
+                        "a snapshot from a node this one does not know; dropped"
+                    );
+                    continue;
+                };
+                let envelope = Envelope::Raft { group, message };
+                replication.fetcher.receive(replication.clone(), envelope, info, address);
+            }
+            Ok(envelope) => envelopes.push(envelope),
+            Err(reason) => {
+                return Err(Status::invalid_argument(format!(
+                    "a Raft batch from node {:?}: {reason}",
+                    batch.from_node_id
+                )));
+            }
+        }
+    }
+    replication.deliver(envelopes).map_err(|e| Status::unavailable(e.to_string()))
+}
+
 pub struct RaftTransportService {
     replication: Arc<Replication>,
     token: AdminToken,
@@ -345,47 +476,37 @@ impl RaftTransportService {
 }
 
 type ChunkStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotChunk, Status>> + Send>>;
+type AckStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<RaftBatchAck, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RaftTransport for RaftTransportService {
     async fn deliver(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatchAck>, Status> {
         self.token.verify(request.metadata())?;
-        let batch = request.into_inner();
-        self.replication.liveness.heard_from(batch.from_raft_id);
-        let mut envelopes = Vec::with_capacity(batch.envelopes.len());
-        for envelope in batch.envelopes {
-            match from_wire(envelope) {
-                Ok(Envelope::Raft { group, message }) if message.get_msg_type() == MessageType::MsgSnapshot => {
-                    let info = match snapshot::describe(group, &message.get_snapshot().data) {
-                        Ok(info) => info,
-                        Err(reason) => {
-                            tracing::warn!(group, from = message.from, %reason, "a Raft snapshot message refused");
-                            continue;
-                        }
-                    };
-                    let Some(address) = self.replication.address_of(message.from) else {
-                        tracing::warn!(
-                            group,
-                            from = message.from,
-                            "a snapshot from a node this one does not know; dropped"
-                        );
-                        continue;
-                    };
-                    let envelope = Envelope::Raft { group, message };
-                    self.replication.fetcher.receive(self.replication.clone(), envelope, info, address);
-                }
-                Ok(envelope) => envelopes.push(envelope),
-                Err(reason) => {
-                    return Err(Status::invalid_argument(format!(
-                        "a Raft batch from node {:?}: {reason}",
-                        batch.from_node_id
-                    )));
+        take_batch(&self.replication, request.into_inner())?;
+        Ok(Response::new(RaftBatchAck { node_id: String::new() }))
+    }
+
+    type DeliverStreamStream = AckStream;
+
+    async fn deliver_stream(
+        &self,
+        request: Request<tonic::Streaming<RaftBatch>>,
+    ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        self.token.verify(request.metadata())?;
+        let mut batches = request.into_inner();
+        let (acks, answers) = mpsc::channel(STREAM_IN_FLIGHT);
+        let replication = self.replication.clone();
+        tokio::spawn(async move {
+            // Ends with the sender's stream; a batch refused ends it too, with the reason.
+            while let Ok(Some(batch)) = batches.message().await {
+                let ack = take_batch(&replication, batch).map(|()| RaftBatchAck { node_id: String::new() });
+                let refused = ack.is_err();
+                if acks.send(ack).await.is_err() || refused {
+                    return;
                 }
             }
-        }
-        // Empty batches (probes) go through too: the answer says the Raft thread runs.
-        self.replication.deliver(envelopes).map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(RaftBatchAck { node_id: String::new() }))
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(answers))))
     }
 
     type FetchSnapshotStream = ChunkStream;
@@ -439,6 +560,134 @@ impl RaftTransport for RaftTransportService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvfleet_client::ChannelConfig;
+    use kvfleet_proto::v1::raft_transport_server::RaftTransportServer;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A peer node's transport that records what reaches it: over a stream, or (as an older
+    /// version, `streams == false`) only by calls. `stalled`: takes nothing from its streams.
+    #[derive(Clone, Default)]
+    struct Peer {
+        streams: bool,
+        stalled: Arc<AtomicBool>,
+        by_call: Arc<Mutex<Vec<u64>>>,
+        by_stream: Arc<Mutex<Vec<u64>>>,
+        streams_opened: Arc<Mutex<usize>>,
+    }
+
+    fn commits(batch: &RaftBatch) -> impl Iterator<Item = u64> + '_ {
+        batch.envelopes.iter().filter_map(|e| match &e.body {
+            Some(Body::Quiesce(q)) => Some(q.commit),
+            _ => None,
+        })
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for Peer {
+        async fn deliver(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatchAck>, Status> {
+            self.by_call.lock().extend(commits(request.get_ref()));
+            Ok(Response::new(RaftBatchAck::default()))
+        }
+
+        type DeliverStreamStream = AckStream;
+
+        async fn deliver_stream(
+            &self,
+            request: Request<tonic::Streaming<RaftBatch>>,
+        ) -> Result<Response<AckStream>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("an older version"));
+            }
+            *self.streams_opened.lock() += 1;
+            let mut batches = request.into_inner();
+            let (acks, answers) = mpsc::channel(STREAM_IN_FLIGHT);
+            let peer = self.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(batch)) = batches.message().await {
+                    if peer.stalled.load(Ordering::SeqCst) {
+                        // A stalled peer: holds the stream, takes and answers nothing.
+                        std::future::pending::<()>().await;
+                    }
+                    peer.by_stream.lock().extend(commits(&batch));
+                    if acks.send(Ok(RaftBatchAck::default())).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(answers))))
+        }
+
+        type FetchSnapshotStream = ChunkStream;
+
+        async fn fetch_snapshot(&self, _: Request<FetchSnapshotRequest>) -> Result<Response<ChunkStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// Serves `peer` on a loopback port; links from node 1 to it as node 2.
+    async fn linked(peer: Peer) -> (PeerLinks, Liveness) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let address = listener.local_addr().expect("its address").to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut links = PeerLinks::new("n1", 1, ChannelPool::new(ChannelConfig::default()), AdminToken::none());
+        links.connect(2, &address);
+        let liveness = links.liveness();
+        (links, liveness)
+    }
+
+    fn quiesce(commit: u64) -> Envelope {
+        Envelope::Quiesce { group: 7, from: 1, to: 2, term: 1, commit }
+    }
+
+    async fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_go_in_order_over_one_stream_which_is_replaced_when_the_peer_stops_answering() {
+        let peer = Peer { streams: true, ..Peer::default() };
+        let (links, liveness) = linked(peer.clone()).await;
+        for commit in 1..=500 {
+            links.send(vec![quiesce(commit)]);
+        }
+        wait_for("500 messages", || peer.by_stream.lock().len() == 500).await;
+        assert_eq!(*peer.by_stream.lock(), (1..=500).collect::<Vec<_>>(), "every message once, in order");
+        assert!(peer.by_call.lock().is_empty());
+        assert_eq!(*peer.streams_opened.lock(), 1, "one stream carried them all");
+        assert!(liveness.silent().is_empty(), "the acks say the peer answers");
+
+        // The peer stalls: it goes silent, and the link gives the stream up and opens another,
+        // which carries what is sent once the peer takes messages again.
+        peer.stalled.store(true, Ordering::SeqCst);
+        links.send(vec![quiesce(501)]);
+        wait_for("the stalled peer to count as silent", || liveness.silent() == vec![2]).await;
+        peer.stalled.store(false, Ordering::SeqCst);
+        wait_for("a new stream", || *peer.streams_opened.lock() >= 2).await;
+        links.send(vec![quiesce(502)]);
+        wait_for("a message after the stall", || peer.by_stream.lock().contains(&502)).await;
+        assert!(liveness.silent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_streams_gets_one_call_per_batch() {
+        let peer = Peer { streams: false, ..Peer::default() };
+        let (links, liveness) = linked(peer.clone()).await;
+        for commit in 1..=200 {
+            links.send(vec![quiesce(commit)]);
+        }
+        wait_for("200 messages", || peer.by_call.lock().len() == 200).await;
+        assert_eq!(*peer.by_call.lock(), (1..=200).collect::<Vec<_>>(), "every message once, in order");
+        assert!(peer.by_stream.lock().is_empty());
+        assert!(liveness.silent().is_empty(), "the calls' answers say the peer answers");
+    }
 
     #[tokio::test]
     async fn the_pacer_holds_every_transfer_together_to_its_rate() {
