@@ -108,6 +108,14 @@ async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
     stranger.metadata_mut().insert(OPERATOR_EPOCH_HEADER, "999".parse().unwrap());
     let listed = admin.list_ranges(stranger).await.expect("metadata is open").into_inner();
     assert_eq!(listed.operator_epoch, 0, "the stranger's epoch was ignored");
+    // So is the Raft transport, both ways of calling it: a stranger's Raft messages are refused.
+    let mut raft = kvfleet_proto::v1::raft_transport_client::RaftTransportClient::new(source.channel());
+    let batch =
+        || kvfleet_proto::v1::RaftBatch { from_node_id: "stranger".into(), from_raft_id: 99, envelopes: Vec::new() };
+    let called = raft.deliver(batch()).await.expect_err("a Deliver call without the token");
+    assert_eq!(called.code(), Code::Unauthenticated, "{called:?}");
+    let streamed = raft.deliver_stream(futures::stream::iter([batch()])).await.expect_err("a stream without the token");
+    assert_eq!(streamed.code(), Code::Unauthenticated, "{streamed:?}");
     // The data API stays open.
     let client = kvfleet_e2e::client_for(&[&source, &target]);
     for i in 0..200 {
