@@ -87,7 +87,11 @@ pub async fn run(mut config: NodeConfig) -> Result<(), ServeError> {
         }
     };
     let raft = kvfleet_proto::v1::raft_transport_server::RaftTransportServer::new(
-        crate::replica::transport::RaftTransportService::new(node.replication.clone(), node.admin_token.clone()),
+        crate::replica::transport::RaftTransportService::new(
+            node.replication.clone(),
+            node.admin_token.clone(),
+            shutdown_rx.clone(),
+        ),
     )
     .max_decoding_message_size(crate::replica::transport::MAX_BATCH_BYTES * 2)
     .max_encoding_message_size(crate::replica::transport::MAX_BATCH_BYTES * 2);

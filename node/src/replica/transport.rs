@@ -42,6 +42,9 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Batches a stream may hold unacked (beyond, the sender waits: the peer is behind).
 const STREAM_IN_FLIGHT: usize = 64;
+/// A stream that brings nothing for this long (its sender probes every `PROBE_EVERY`) is ended
+/// by its receiver: the sender went away without closing it.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that took no stream (an older version) is asked again this often.
 const ASK_FOR_A_STREAM_AGAIN_AFTER: Duration = Duration::from_secs(60);
 /// Most envelopes in one call.
@@ -249,39 +252,57 @@ impl Link {
 }
 
 /// A `DeliverStream` call to a peer: batches go out on it, and a task reads the peer's acks
-/// (each one says the peer's Raft thread took the oldest batch not acked yet).
+/// (each one says the peer handed the oldest batch not acked yet to its Raft thread).
 struct OutboundStream {
     batches: mpsc::Sender<RaftBatch>,
-    /// When each batch not acked yet was sent, oldest first.
-    unacked: Arc<Mutex<std::collections::VecDeque<Instant>>>,
+    acked: Arc<Mutex<Acks>>,
     acks: tokio::task::JoinHandle<()>,
+    /// Set when this stream is given up: the batches still queued for it are not sent.
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the peer acked of a stream.
+struct Acks {
+    /// When each batch not acked yet was queued, oldest first.
+    unacked: std::collections::VecDeque<Instant>,
+    last_ack: Instant,
 }
 
 impl OutboundStream {
     async fn open(link: &Link, channel: tonic::transport::Channel) -> Result<Self, Status> {
         let (batches, outgoing) = mpsc::channel(STREAM_IN_FLIGHT);
-        let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let given_up = dropped.clone();
+        let outgoing =
+            tokio_stream::StreamExt::take_while(tokio_stream::wrappers::ReceiverStream::new(outgoing), move |_| {
+                !given_up.load(std::sync::atomic::Ordering::Relaxed)
+            });
+        let mut request = Request::new(outgoing);
         link.token.attach(&mut request);
         let mut client = RaftTransportClient::new(channel);
         let mut answers = match tokio::time::timeout(DELIVER_TIMEOUT, client.deliver_stream(request)).await {
             Ok(answer) => answer?.into_inner(),
             Err(_) => return Err(Status::deadline_exceeded("the peer did not answer the stream's opening")),
         };
-        let unacked: Arc<Mutex<std::collections::VecDeque<Instant>>> = Arc::default();
-        let (liveness, to, acked) = (link.liveness.clone(), link.to, unacked.clone());
+        let acked = Arc::new(Mutex::new(Acks { unacked: Default::default(), last_ack: Instant::now() }));
+        let (liveness, to, acking) = (link.liveness.clone(), link.to, acked.clone());
         let acks = tokio::spawn(async move {
             while let Ok(Some(_)) = answers.message().await {
-                acked.lock().pop_front();
+                let mut acked = acking.lock();
+                acked.unacked.pop_front();
+                acked.last_ack = Instant::now();
                 liveness.heard_from(to);
             }
         });
-        Ok(OutboundStream { batches, unacked, acks })
+        Ok(OutboundStream { batches, acked, acks, dropped })
     }
 
-    /// The peer stopped acking (the oldest batch unacked for `DELIVER_TIMEOUT`), or the stream
-    /// ended.
+    /// The stream ended, or the peer acked nothing for `DELIVER_TIMEOUT` while a batch waited
+    /// (a peer slowly working through a long queue, acking as it goes, is not broken).
     fn broken(&self) -> bool {
-        self.acks.is_finished() || self.unacked.lock().front().is_some_and(|sent| sent.elapsed() > DELIVER_TIMEOUT)
+        let acked = self.acked.lock();
+        let waiting_since = acked.unacked.front().map(|queued| (*queued).max(acked.last_ack));
+        self.acks.is_finished() || waiting_since.is_some_and(|since| since.elapsed() > DELIVER_TIMEOUT)
     }
 
     /// Queues `batch` on the stream; false if the stream is broken or full for `DELIVER_TIMEOUT`.
@@ -289,13 +310,14 @@ impl OutboundStream {
         if self.broken() {
             return false;
         }
-        self.unacked.lock().push_back(Instant::now());
+        self.acked.lock().unacked.push_back(Instant::now());
         tokio::time::timeout(DELIVER_TIMEOUT, self.batches.send(batch)).await.is_ok_and(|sent| sent.is_ok())
     }
 }
 
 impl Drop for OutboundStream {
     fn drop(&mut self) {
+        self.dropped.store(true, std::sync::atomic::Ordering::Relaxed);
         self.acks.abort();
     }
 }
@@ -466,12 +488,15 @@ pub struct RaftTransportService {
     replication: Arc<Replication>,
     token: AdminToken,
     files: SnapshotFiles,
+    /// Turns true when the node stops: its streams end, so that the server's graceful shutdown
+    /// does not wait on them (a peer keeps a stream open for good).
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftTransportService {
-    pub fn new(replication: Arc<Replication>, token: AdminToken) -> Self {
+    pub fn new(replication: Arc<Replication>, token: AdminToken, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
         let files = replication.snapshot_files().clone();
-        RaftTransportService { replication, token, files }
+        RaftTransportService { replication, token, files, stopping }
     }
 }
 
@@ -495,10 +520,17 @@ impl RaftTransport for RaftTransportService {
         self.token.verify(request.metadata())?;
         let mut batches = request.into_inner();
         let (acks, answers) = mpsc::channel(STREAM_IN_FLIGHT);
-        let replication = self.replication.clone();
+        let (replication, mut stopping) = (self.replication.clone(), self.stopping.clone());
         tokio::spawn(async move {
-            // Ends with the sender's stream; a batch refused ends it too, with the reason.
-            while let Ok(Some(batch)) = batches.message().await {
+            // Ends with the sender's stream, when a batch is refused (with the reason), when the
+            // sender sends nothing for `STREAM_IDLE_TIMEOUT` (it went away without closing), or
+            // when this node stops.
+            loop {
+                let next = tokio::select! {
+                    next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, batches.message()) => next,
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                };
+                let Ok(Ok(Some(batch))) = next else { return };
                 let ack = take_batch(&replication, batch).map(|()| RaftBatchAck { node_id: String::new() });
                 let refused = ack.is_err();
                 if acks.send(ack).await.is_err() || refused {
@@ -670,9 +702,14 @@ mod tests {
         links.send(vec![quiesce(501)]);
         wait_for("the stalled peer to count as silent", || liveness.silent() == vec![2]).await;
         peer.stalled.store(false, Ordering::SeqCst);
-        wait_for("a new stream", || *peer.streams_opened.lock() >= 2).await;
-        links.send(vec![quiesce(502)]);
-        wait_for("a message after the stall", || peer.by_stream.lock().contains(&502)).await;
+        // Sent again until one arrives: a replacement stream opened just before the stall ended
+        // stalls too, and is replaced in turn.
+        wait_for("a message after the stall", || {
+            links.send(vec![quiesce(502)]);
+            peer.by_stream.lock().contains(&502)
+        })
+        .await;
+        assert!(*peer.streams_opened.lock() >= 2, "the stalled stream was replaced");
         assert!(liveness.silent().is_empty());
     }
 
