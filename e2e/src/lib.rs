@@ -450,6 +450,12 @@ impl TestPlatform {
         self.members.lock().expect("members lock").retain(|m| m.node_id != node_id);
     }
 
+    /// Adds `node` back to the members (a StatefulSet scaled back up), after the others.
+    pub fn add_member(&self, node: &NodeProcess) {
+        let member = kvfleet_resharding::platform::Member::at(&node.node_id, &node.address);
+        self.members.lock().expect("members lock").push(member);
+    }
+
     /// The state the controller saved last.
     pub fn state(&self) -> Option<kvfleet_resharding::state::ReshardingState> {
         self.state.lock().expect("state lock").clone()

@@ -339,6 +339,39 @@ async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() 
     controller.crash();
 }
 
+/// A node removed without a drain comes back (its pod, with its old disk, and its place among
+/// the members: the StatefulSet scaled back up) while the controller is moving its replicas
+/// off it: the moves finish or are overtaken, every range ends on three voters, the key space
+/// stays tiled, and the history shows nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_node_added_back_while_its_replicas_move_off_it_loses_nothing() {
+    let (mut fleet, platform, _board, controller) = controlled_fleet(4);
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    wait_for_split(&fleet).await;
+
+    let gone = 0;
+    let gone_id = fleet.nodes[gone].node_id.clone();
+    fleet.nodes[gone].kill9();
+    platform.remove_member(&gone_id);
+    let moving_off = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.from == gone_id));
+    wait_until("a move off the removed node to start", Duration::from_secs(60), moving_off).await;
+    fleet.nodes[gone].spawn();
+    platform.add_member(&fleet.nodes[gone]);
+
+    wait_until("every range on three voters, every move finished", Duration::from_secs(120), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        settled(&ranges, "none") && platform.state().is_some_and(|s| s.moves.is_empty())
+    })
+    .await;
+    kvfleet_e2e::assert_one_owner_per_key(&fleet.addresses()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+    controller.crash();
+}
+
 /// The playground as a user runs it (`--replicas 3`, real processes): split under load, the
 /// controller killed (-9) and restarted, one node killed (-9) and restarted by the playground;
 /// the history checker finds nothing, and every range keeps three voters, one on each node.
