@@ -6,6 +6,7 @@
 //! lease has run out, serves no read older than what the majority's new leader acknowledged,
 //! while the majority elects and goes on; after healing, every acknowledged write is there. A
 //! split proposed by a cut-off leader never happens, and the majority's leader splits instead.
+//! Five replicas split two against three behave the same way, whichever side the leader is on.
 
 use std::time::{Duration, Instant};
 
@@ -112,4 +113,64 @@ async fn a_split_proposed_by_a_cut_off_leader_never_happens_and_the_majority_spl
         fleet.wait_for_ranges(index, &halves).await;
     }
     kvfleet_e2e::assert_all_acked_readable(&client, &acked).await;
+}
+
+/// Cuts every node of `side` off from every node not in it, among `count` nodes.
+fn split_apart(fleet: &Fleet, side: &[usize], count: usize) {
+    let partitions = fleet.partitions.as_ref().expect("a partitionable fleet");
+    for &a in side {
+        for b in (0..count).filter(|b| !side.contains(b)) {
+            partitions.cut(a, b);
+        }
+    }
+}
+
+/// Five replicas split two against three, the leader on the side of two (with readers that
+/// know only it): those two acknowledge nothing and, once the lease has run out, serve no stale
+/// read, while the three elect and go on. Healed, then split again with the leader among the
+/// three: its writers do not notice. Every acknowledged write is there at the end (checked
+/// history), and the write the side of two took into its log never is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_replicas_split_two_against_three_go_on_on_the_side_of_three_only() {
+    let mut fleet = Fleet::start_partitionable(5);
+    let leader = fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(24), 4, 2);
+    workload.add_readers(&client_of(&fleet.nodes[leader]), 4, 100);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(workload.space.acked_writes() > 0, "nothing acknowledged before the partitions");
+
+    let two = [leader, (leader + 1) % 5];
+    split_apart(&fleet, &two, 5);
+    let cut_at = Instant::now();
+    let new_leader = fleet.leader(Some(leader)).await;
+    assert!(!two.contains(&new_leader), "node {new_leader} leads from the side of two");
+    client.put("probe", "after the partition").await.expect("the side of three takes writes");
+    eprintln!("two against three: node {new_leader} leads and took a write {:?} after the cut", cut_at.elapsed());
+    for index in two {
+        assert!(!fleet.acknowledges_a_write(index, "minority").await, "node {index} of the side of two acknowledged");
+    }
+    let during = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(workload.space.acked_writes() > during, "the side of three stopped taking writes");
+    fleet.partitions.as_ref().expect("a partitionable fleet").heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The leader on the side of three this time: nothing changes for the writers.
+    let leader = fleet.leader(None).await;
+    split_apart(&fleet, &[(leader + 1) % 5, (leader + 2) % 5], 5);
+    let before = workload.space.acked_writes();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(workload.space.acked_writes() > before, "writes stopped with the leader among three");
+    assert_eq!(fleet.leader(None).await, leader, "a side of two deposed the leader");
+    fleet.partitions.as_ref().expect("a partitionable fleet").heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+    let wrong = space.verify_final(&client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    let minority = client.get("minority").await.expect("a read after healing");
+    assert_eq!(minority, None, "a write no majority logged was applied");
 }
