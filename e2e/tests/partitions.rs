@@ -25,6 +25,18 @@ fn client_of(node: &NodeProcess) -> Client {
     Client::new(config).expect("client config")
 }
 
+/// After healing: the history has no violation, every acknowledged write is there, and the
+/// write a minority took into its log ("minority", see `acknowledges_a_write`) never committed.
+async fn assert_nothing_lost_and_no_minority_write(workload: HistoryWorkload, client: &Client) {
+    let (report, space) = workload.finish().await;
+    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
+    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
+    let wrong = space.verify_final(client).await;
+    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
+    let minority = client.get("minority").await.expect("a read after healing");
+    assert_eq!(minority, None, "a write no majority logged was applied");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_its_followers_acknowledges_nothing_serves_nothing_stale_and_the_majority_goes_on() {
     let mut fleet = Fleet::start_partitionable(3);
@@ -62,14 +74,7 @@ async fn a_leader_cut_off_from_its_followers_acknowledges_nothing_serves_nothing
     // Healed: the old leader follows the new one.
     fleet.partitions.as_ref().expect("a partitionable fleet").heal();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (report, space) = workload.finish().await;
-    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
-    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
-    let wrong = space.verify_final(&client).await;
-    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
-    // The write the cut-off leader took into its log was never committed, and is gone.
-    let minority = client.get("minority").await.expect("a read after healing");
-    assert_eq!(minority, None, "a write no majority logged was applied");
+    assert_nothing_lost_and_no_minority_write(workload, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -166,11 +171,5 @@ async fn five_replicas_split_two_against_three_go_on_on_the_side_of_three_only()
     fleet.partitions.as_ref().expect("a partitionable fleet").heal();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let (report, space) = workload.finish().await;
-    assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
-    assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
-    let wrong = space.verify_final(&client).await;
-    assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
-    let minority = client.get("minority").await.expect("a read after healing");
-    assert_eq!(minority, None, "a write no majority logged was applied");
+    assert_nothing_lost_and_no_minority_write(workload, &client).await;
 }
