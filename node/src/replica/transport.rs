@@ -199,29 +199,24 @@ impl Link {
                     continue;
                 }
             };
-            let delivered = if calls_until.is_some_and(|until| Instant::now() < until) {
-                self.call(channel, batch).await
-            } else {
-                if stream.as_ref().is_some_and(OutboundStream::broken) {
-                    stream = None;
-                }
-                if stream.is_none() {
-                    match OutboundStream::open(&self, channel.clone()).await {
-                        Ok(opened) => stream = Some(opened),
-                        Err(status) if status.code() == tonic::Code::Unimplemented => {
-                            tracing::info!(peer = %self.address, "the Raft peer takes no stream (an older version): one call per batch");
-                            calls_until = Some(Instant::now() + ASK_FOR_A_STREAM_AGAIN_AFTER);
-                        }
-                        Err(status) => {
-                            tracing::debug!(peer = %self.address, code = ?status.code(), message = status.message(), "no Raft stream to the peer")
-                        }
+            let calls_only = |until: Option<Instant>| until.is_some_and(|until| Instant::now() < until);
+            if !calls_only(calls_until) && stream.as_ref().is_none_or(OutboundStream::broken) {
+                stream = None;
+                match OutboundStream::open(&self, channel.clone()).await {
+                    Ok(opened) => stream = Some(opened),
+                    Err(status) if status.code() == tonic::Code::Unimplemented => {
+                        tracing::info!(peer = %self.address, "the Raft peer takes no stream (an older version): one call per batch");
+                        calls_until = Some(Instant::now() + ASK_FOR_A_STREAM_AGAIN_AFTER);
+                    }
+                    Err(status) => {
+                        tracing::debug!(peer = %self.address, code = ?status.code(), message = status.message(), "no Raft stream to the peer")
                     }
                 }
-                match (&stream, calls_until.is_some_and(|until| Instant::now() < until)) {
-                    (_, true) => self.call(channel, batch).await,
-                    (Some(open), false) => open.send(batch).await,
-                    (None, false) => false,
-                }
+            }
+            let delivered = match &stream {
+                _ if calls_only(calls_until) => self.call(channel, batch).await,
+                Some(open) => open.send(batch).await,
+                None => false,
             };
             if !delivered {
                 stream = None;
@@ -447,8 +442,9 @@ impl SendPacer {
 }
 
 /// Hands a batch's envelopes to the Raft thread (a snapshot message only once its file is
-/// fetched). Empty batches (probes) go through too: the answer says the Raft thread runs.
-fn take_batch(replication: &Arc<Replication>, batch: RaftBatch) -> Result<(), Status> {
+/// fetched), and the ack that says so. Empty batches (probes) go through too: the ack says the
+/// Raft thread runs.
+fn take_batch(replication: &Arc<Replication>, batch: RaftBatch) -> Result<RaftBatchAck, Status> {
     replication.liveness.heard_from(batch.from_raft_id);
     let mut envelopes = Vec::with_capacity(batch.envelopes.len());
     for envelope in batch.envelopes {
@@ -481,7 +477,8 @@ fn take_batch(replication: &Arc<Replication>, batch: RaftBatch) -> Result<(), St
             }
         }
     }
-    replication.deliver(envelopes).map_err(|e| Status::unavailable(e.to_string()))
+    replication.deliver(envelopes).map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(RaftBatchAck { node_id: String::new() })
 }
 
 pub struct RaftTransportService {
@@ -507,8 +504,7 @@ type AckStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<RaftBa
 impl RaftTransport for RaftTransportService {
     async fn deliver(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatchAck>, Status> {
         self.token.verify(request.metadata())?;
-        take_batch(&self.replication, request.into_inner())?;
-        Ok(Response::new(RaftBatchAck { node_id: String::new() }))
+        take_batch(&self.replication, request.into_inner()).map(Response::new)
     }
 
     type DeliverStreamStream = AckStream;
@@ -531,7 +527,7 @@ impl RaftTransport for RaftTransportService {
                     _ = stopping.wait_for(|stop| *stop) => return,
                 };
                 let Ok(Ok(Some(batch))) = next else { return };
-                let ack = take_batch(&replication, batch).map(|()| RaftBatchAck { node_id: String::new() });
+                let ack = take_batch(&replication, batch);
                 let refused = ack.is_err();
                 if acks.send(ack).await.is_err() || refused {
                     return;
