@@ -766,9 +766,7 @@ impl<P: Platform> ReshardingLoop<P> {
                 || moving_off(&member.node_id);
         }
         for mv in &self.state.moves {
-            let known =
-                |id: &str| observation.node(id).is_some() || observation.departed.iter().any(|m| m.node_id == id);
-            if !known(&mv.from) {
+            if observation.any_node_index(&mv.from).is_none() {
                 observation.departed.push(Member { draining: true, ..Member::at(&mv.from, "") });
             }
         }
