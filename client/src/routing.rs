@@ -115,9 +115,7 @@ mod tests {
                 behind_entries: None,
                 membership: 0,
             }],
-            successors: vec![],
-            conf_version: 0,
-            merge_freeze_index: 0,
+            ..Default::default()
         }
     }
 

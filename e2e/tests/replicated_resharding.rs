@@ -616,3 +616,108 @@ async fn cold_replicated_ranges_are_aligned_and_merged_back_through_a_crash_mid_
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
     controller.crash();
 }
+
+/// A merge frozen with a replica of its right range on a node lost for good: the merge needs
+/// every replica, so it can never finish, and the frozen range would serve nothing for ever.
+/// The node coordinating the merge dies right after the freeze, a second node is killed for good
+/// before the coordinator comes back, and a controller starts: it undoes the freeze (the left
+/// range refuses the merge for good, then the right one is thawed), the range serves again, the
+/// dead node's replicas are re-created on the fourth node, and the two ranges still merge by
+/// hand afterwards; all under a checked history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the_range_serves_again() {
+    let replace_down_after = Duration::from_secs(3);
+    // No split or merge of the controller's own: only the one made by hand below.
+    let still = Policy { split_qps: 1e9, merge_below_qps: 0.0, ..config().policy };
+    let still_config = LoopConfig { replace_down_after, policy: still, ..config() };
+    let (mut fleet, platform, board, controller) = controlled_fleet_with(4, still_config.clone());
+    fleet.leader(None).await;
+    wait_until("range 1 on three voters", Duration::from_secs(60), async || {
+        settled(&ranges_by_leader(&fleet).await, "none")
+    })
+    .await;
+    controller.crash();
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
+
+    // Split by hand; then every holder (the first three nodes) dies once right after it froze the
+    // right half for a merge it coordinates.
+    let leader = fleet.leader(None).await;
+    let split = kvfleet_proto::v1::SplitRangeRequest {
+        range_id: 1,
+        split_key: bytes::Bytes::from("key024"),
+        ..Default::default()
+    };
+    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
+    let right_id = right.right.expect("the right half").range_id;
+    // One mark for all: the first to reach the point dies, the others run on past it.
+    let marks = tempfile::tempdir().expect("a temporary directory");
+    let mark = marks.path().join("crashed");
+    for index in 0..3 {
+        fleet.arm_crash_once(index, "merge-after-freeze", &mark);
+    }
+    fleet.leader(None).await;
+    fleet.leader_of(right_id, None).await;
+    let seeds = fleet.addresses();
+    let merger = tokio::spawn(async move {
+        let clients = kvfleet_resharding::observe::NodeClients::default();
+        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
+            .await
+    });
+    wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
+    let mut coordinator = None;
+    for _ in 0..50 {
+        coordinator = (0..3).find(|&index| !fleet.nodes[index].is_running());
+        if coordinator.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let coordinator = coordinator.expect("the node that froze the right range died");
+    // Lost for good before the coordinator is back: the merge can never have every replica.
+    let lost = (coordinator + 1) % 3;
+    let lost_id = fleet.nodes[lost].node_id.clone();
+    fleet.nodes[lost].kill9();
+    fleet.nodes[coordinator].kill9();
+    fleet.nodes[coordinator].spawn();
+    fleet.leader_of(right_id, None).await;
+    let frozen = fleet.ranges_on(coordinator).await.unwrap_or_default();
+    let frozen = frozen.iter().find(|d| d.range_id == right_id).cloned();
+    let frozen = frozen.filter(|d| d.merge_freeze_index > 0).expect("the right range is frozen on the coordinator");
+    assert_eq!((frozen.merge_left_id, frozen.state()), (1, kvfleet_proto::v1::RangeState::Frozen));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    merger.abort();
+    // A key of the right range that the history does not write: a write cut off here must not
+    // surprise its checker if it is applied later.
+    let put = || client.put(bytes::Bytes::from("probe-after-freeze"), bytes::Bytes::from("thawed"));
+    let early = tokio::time::timeout(Duration::from_secs(2), put()).await;
+    assert!(!matches!(early, Ok(Ok(_))), "the frozen range took a write");
+
+    let controller = Controller::start(platform.clone(), still_config, board.clone());
+    wait_until("the freeze undone and the lost node's replicas re-created", Duration::from_secs(120), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.len() == 2 && ranges.iter().all(|d| d.merge_freeze_index == 0) && settled(&ranges, &lost_id)
+    })
+    .await;
+    put().await.expect("the thawed range takes writes");
+    let events = board.snapshot().recent_events;
+    assert!(
+        events.iter().any(|e| e.contains(&format!("range {right_id}")) && e.contains("freeze undone")),
+        "no event tells of the undone freeze: {events:?}"
+    );
+    controller.crash();
+
+    // The left range's refusal was of that freeze only: with both ranges cold, the controller
+    // merges them again.
+    let cold = Policy { split_qps: 1e9, merge_below_qps: 1e9, merge_delay_secs: 3, ..config().policy };
+    let controller = Controller::start(platform.clone(), LoopConfig { policy: cold, ..config() }, board.clone());
+    wait_until("the two ranges merged again", Duration::from_secs(120), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.len() == 1 && settled(&ranges, &lost_id)
+    })
+    .await;
+    controller.crash();
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+}

@@ -5,19 +5,30 @@
 //! nodes first (the caller moves them: `kvfleet-resharding`'s `replica_merges`), so every node
 //! that applies the merge holds the right range's data already: nothing is copied.
 //!
-//! A freeze is never undone: once it is applied, the right range serves nothing and the merge is
-//! finished by asking again (whoever leads the ranges then), never rolled back.
+//! Once a freeze is applied, the right range serves nothing until the merge is finished by
+//! asking again (whoever leads the ranges then). If it cannot finish (a replica of the right range
+//! is on a node lost for good, and the merge needs every replica), `abort_merge` undoes it: the
+//! left range refuses that merge for good through its log (`RaftMergeFence`, applied only if no
+//! merge was ordered before it), then the right range is thawed through its own (`RaftThaw`).
 
 use std::time::{Duration, Instant};
 
 use kvfleet_proto::v1::{
-    ListRangesRequest, MergeRangesRequest, RaftFreeze, RaftMerge, RangeDescriptor, ReplicaMembership,
+    AbortMergeRequest, ListRangesRequest, MergeRangesRequest, NodeInfoRequest, RaftFreeze, RaftMerge, RaftMergeFence,
+    RaftThaw, RangeDescriptor, ReplicaMembership,
 };
 
 use crate::error::NodeError;
 use crate::node::Node;
 use crate::ranges::MergePlan;
 use crate::replica::apply;
+
+/// What this version can do that earlier ones could not (`NodeInfoResponse::features`).
+pub const FEATURES: &[&str] = &[MERGE_ABORT_FEATURE];
+
+/// The feature of applying RaftMergeFence and RaftThaw entries: a node without it takes them for
+/// empty entries, so its replica of a thawed range would stay frozen while the others take writes.
+const MERGE_ABORT_FEATURE: &str = "merge-abort";
 
 /// How long a merge waits for every replica of the right range to hold its log up to the freeze.
 const FREEZE_REACH_WAIT: Duration = Duration::from_secs(10);
@@ -27,11 +38,13 @@ impl Node {
     /// The left range keeps its id. Returns the merged range and the two as they were.
     pub async fn merge(&self, request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
         let (left_id, right_id) = (request.left_id, request.right_id);
+        let _claim = self.key_changes.claim(left_id)?;
         let (left, right) = self.merge_pair(left_id, right_id)?;
         check_mergeable(&request, &left, &right)?;
         if !right.is_frozen_for_merge() {
             self.check_replicas_answer(&right).await?;
-            let freeze = RaftFreeze { expected_generation: right.generation };
+            let freeze =
+                RaftFreeze { expected_generation: right.generation, left_id, left_generation: left.generation };
             let frozen = self.replication.propose_freeze(right_id, freeze).await;
             frozen.map_err(|error| self.replica_error(&right, &right.start_key, error))?;
             kvfleet_proto::failpoint::hit("merge-after-freeze");
@@ -63,6 +76,60 @@ impl Node {
             "merged replicated ranges through their logs"
         );
         Ok(MergePlan { merged: self.replication.with_roles(merged), retired: [left, right] })
+    }
+
+    /// Undoes the freeze of `request.right_id` (see the module): on the node leading both ranges.
+    /// Returns the right range, active again, and the left one after its fence. Asking again
+    /// after either step is answered alike.
+    pub async fn abort_merge(
+        &self,
+        request: AbortMergeRequest,
+    ) -> Result<(RangeDescriptor, RangeDescriptor), NodeError> {
+        let (left_id, right_id) = (request.left_id, request.right_id);
+        let _claim = self.key_changes.claim(left_id)?;
+        let (left, right) = self.merge_pair(left_id, right_id)?;
+        if !right.is_frozen_for_merge() {
+            if left.merge_fenced_range_id == right_id {
+                return Ok((right, left));
+            }
+            return Err(NodeError::Invalid(format!("range {right_id} is not frozen to be merged")));
+        }
+        let frozen_at = right.merge_freeze_index;
+        if request.freeze_index != 0 && request.freeze_index != frozen_at {
+            return Err(NodeError::Invalid(format!(
+                "range {right_id} is frozen at index {frozen_at}, not {}",
+                request.freeze_index
+            )));
+        }
+        if right.merge_left_id == 0 {
+            return Err(NodeError::Move(format!(
+                "range {right_id} was frozen by an earlier version, which did not record the range it merges into: \
+                 its freeze cannot be undone, only its merge finished"
+            )));
+        }
+        if right.merge_left_id != left_id {
+            return Err(NodeError::Invalid(format!(
+                "range {right_id} is frozen to be merged into range {}, not {left_id}",
+                right.merge_left_id
+            )));
+        }
+        self.check_replicas_can_thaw(&left, &right).await?;
+        let fence =
+            RaftMergeFence { right_id, freeze_index: frozen_at, expected_generation: right.merge_left_generation };
+        let fenced = self.replication.propose_merge_fence(left_id, fence).await;
+        fenced.map_err(|error| self.replica_error(&left, &left.start_key, error))?;
+        kvfleet_proto::failpoint::hit("merge-abort-after-fence");
+        let thawed = self.replication.propose_thaw(right_id, RaftThaw { freeze_index: frozen_at }).await;
+        thawed.map_err(|error| self.replica_error(&right, &right.start_key, error))?;
+        self.storage.sync_wal().await?;
+        let (left, right) = (self.stored_descriptor(left_id)?, self.stored_descriptor(right_id)?);
+        tracing::warn!(
+            left_id,
+            right_id,
+            frozen_at,
+            "merge aborted: the left range refuses it for good, the right one is thawed"
+        );
+        Ok((self.replication.with_roles(right), self.replication.with_roles(left)))
     }
 
     /// The two ranges as this node's table has them.
@@ -138,6 +205,27 @@ impl Node {
 }
 
 impl Node {
+    /// Before a fence and a thaw: every other replica's node that answers must know how to apply
+    /// them (one that does not answer is lost, and is being replaced).
+    async fn check_replicas_can_thaw(&self, left: &RangeDescriptor, right: &RangeDescriptor) -> Result<(), NodeError> {
+        let others = left.replicas.iter().chain(&right.replicas).filter(|r| r.node_id != self.config.node_id);
+        for replica in others {
+            let Ok(mut admin) = self.peers.admin(&replica.address) else { continue };
+            let mut request = tonic::Request::new(NodeInfoRequest {});
+            request.set_timeout(Duration::from_secs(2));
+            let Ok(answer) = admin.node_info(request).await else { continue };
+            let answer = answer.into_inner();
+            if !answer.features.iter().any(|f| f == MERGE_ABORT_FEATURE) {
+                return Err(NodeError::Move(format!(
+                    "node {} (version {}) cannot apply the undoing of a freeze (feature \"{MERGE_ABORT_FEATURE}\"): \
+                     upgrade it first, or let the merge finish",
+                    replica.node_id, answer.version
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether every other replica's node lists `right` frozen at its freeze index (it applied
     /// the freeze).
     async fn every_replica_frozen(&self, right: &RangeDescriptor) -> bool {

@@ -44,6 +44,37 @@ pub struct Node {
     pub(crate) admin_token: kvfleet_proto::admin_auth::AdminToken,
     /// The Raft groups of this node's replicated ranges.
     pub replication: Arc<Replication>,
+    /// Ranges whose keys a split or a merge proposed here is changing (see `KeyChanges`).
+    pub(crate) key_changes: KeyChanges,
+}
+
+/// The ranges a split, or a merge from before its freeze to its end, is under way on here: one
+/// at a time per range. The freeze records the left range's generation, which a split would
+/// bump: the frozen range could then be neither merged nor thawed.
+#[derive(Default)]
+pub(crate) struct KeyChanges(parking_lot::Mutex<std::collections::HashSet<u64>>);
+
+impl KeyChanges {
+    /// Claims `range_id` until the claim is dropped; refused while another claim holds it.
+    pub(crate) fn claim(&self, range_id: u64) -> Result<KeyChangeClaim<'_>, NodeError> {
+        if !self.0.lock().insert(range_id) {
+            return Err(NodeError::Move(format!(
+                "a split or merge of range {range_id} is under way on this node; retry once it is done"
+            )));
+        }
+        Ok(KeyChangeClaim { changes: self, range_id })
+    }
+}
+
+pub(crate) struct KeyChangeClaim<'a> {
+    changes: &'a KeyChanges,
+    range_id: u64,
+}
+
+impl Drop for KeyChangeClaim<'_> {
+    fn drop(&mut self) {
+        self.changes.0.lock().remove(&self.range_id);
+    }
 }
 
 /// A range held for the duration of one request (shared side of its gate).
@@ -203,6 +234,7 @@ impl Node {
             peers: crate::peers::Peers::new(admin_token.clone()),
             fence,
             admin_token,
+            key_changes: KeyChanges::default(),
         };
         node.delete_removed_replicas()?;
         node.adopt_legacy_ranges()?;
@@ -719,6 +751,7 @@ impl Node {
         request.right_id = nonzero_or_random(request.right_id);
         let range_id = request.range_id;
         let right_id = request.right_id;
+        let _claim = self.key_changes.claim(range_id)?;
         let desc = {
             let table = self.table.read();
             let desc = table.check_split(&request)?.clone();

@@ -264,6 +264,16 @@ impl RangeTable {
                 desc.span()
             )));
         }
+        // The freeze recorded this range's generation: a split would bump it, and the frozen
+        // range could then neither be merged nor thawed.
+        let frozen_into = self.owned().find(|r| r.desc.is_frozen_for_merge() && r.desc.merge_left_id == range_id);
+        if let Some(frozen) = frozen_into {
+            return Err(NodeError::Move(format!(
+                "range {range_id}'s right neighbour, range {}, is frozen to be merged into it: split once the merge \
+                 is done (or undone); retry",
+                frozen.desc.range_id
+            )));
+        }
         Ok(desc)
     }
 
@@ -353,9 +363,7 @@ pub fn bootstrap_descriptor(node_id: &str, address: &str) -> RangeDescriptor {
         generation: 1,
         state: RangeState::Active as i32,
         replicas: vec![leader_replica(node_id, address)],
-        successors: Vec::new(),
-        conf_version: 0,
-        merge_freeze_index: 0,
+        ..Default::default()
     }
 }
 

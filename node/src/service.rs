@@ -261,6 +261,7 @@ impl Admin for AdminService {
                 max_scan_limit: config.max_scan_limit,
             }),
             load_accounting: config.load_accounting,
+            features: crate::merges::FEATURES.iter().map(|f| f.to_string()).collect(),
         }))
     }
 
@@ -297,6 +298,17 @@ impl Admin for AdminService {
         let result = to_completion(&self.node, move |node| async move { node.merge(request).await })
             .await
             .map(|plan| MergeRangesResponse { merged: Some(plan.merged) });
+        self.node.metrics.observe(Op::Merge, started.elapsed(), result.as_ref().err().map(Status::code));
+        result.map(Response::new)
+    }
+
+    async fn abort_merge(&self, request: Request<AbortMergeRequest>) -> Result<Response<AbortMergeResponse>, Status> {
+        self.admit(&request, Call::Change).await?;
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = to_completion(&self.node, move |node| async move { node.abort_merge(request).await })
+            .await
+            .map(|(right, left)| AbortMergeResponse { right: Some(right), left: Some(left) });
         self.node.metrics.observe(Op::Merge, started.elapsed(), result.as_ref().err().map(Status::code));
         result.map(Response::new)
     }

@@ -4,12 +4,12 @@
 //! freeze the right range, wait until every replica has its log up to the freeze, merge). Every
 //! step reads where the ranges stand first, so a merge interrupted anywhere (the caller, a leader
 //! or any replica killed) is finished by running it again. Once the right range is frozen the
-//! merge is finished, never abandoned: its left neighbour is then whichever range ends where it
-//! starts (a split of the left range meanwhile changes which).
+//! merge is finished, unless it cannot be (a replica of the frozen range on a node lost for
+//! good): then `abort_frozen_merge` undoes the freeze, as the node leading both ranges.
 
 use std::time::{Duration, Instant};
 
-use kvfleet_proto::v1::{MergeRangesRequest, RangeDescriptor, TransferLeaderRequest};
+use kvfleet_proto::v1::{AbortMergeRequest, MergeRangesRequest, RangeDescriptor, TransferLeaderRequest};
 
 use crate::observe::{NodeClients, describe_status, with_timeout};
 use crate::replica_moves::{add_seeds, call, find_leader_of};
@@ -157,6 +157,76 @@ pub async fn merge_replicated(
         }
     }
     Err(fail(format!("not done within {} s; last: {last_problem}", deadline.as_secs()), false))
+}
+
+/// Undoes the freeze of range `right_id` (its merge cannot finish: see the module), step by step
+/// until done or `deadline`: the node leading the left range the freeze names must lead the
+/// frozen range too (its leadership moves there, or the left range's comes to its leader), then
+/// that node fences the left range and thaws the right one (kvfleet-node's `abort_merge`).
+/// Returns the right range, active again, as its leader has it.
+pub async fn abort_frozen_merge(
+    clients: &NodeClients,
+    right_id: u64,
+    seeds: &[String],
+    deadline: Duration,
+) -> Result<RangeDescriptor, String> {
+    let started = Instant::now();
+    let mut seeds = seeds.to_vec();
+    let mut last_problem = String::from("no step was tried");
+    while started.elapsed() < deadline {
+        let Some((right, right_leader)) = find_leader_of(clients, &seeds, |d| d.range_id == right_id).await else {
+            last_problem = format!("no replica of range {right_id} knows its leader (or it was merged meanwhile)");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if right.merge_freeze_index == 0 {
+            return Ok(right);
+        }
+        let left_id = right.merge_left_id;
+        if left_id == 0 {
+            return Err(format!(
+                "range {right_id} was frozen by an earlier version, which did not record the range it merges into: \
+                 it can only be merged"
+            ));
+        }
+        add_seeds(&mut seeds, right.replicas.iter().map(|r| &r.address));
+        let Some((left, left_leader)) = find_leader_of(clients, &seeds, |d| d.range_id == left_id).await else {
+            last_problem = format!("no replica of range {left_id} knows its leader");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let outcome = if left_leader.node_id != right_leader.node_id {
+            // One node must lead both: whichever leader is a voter of the other range.
+            let (range_id, leader, to) = if right.replica_nodes().contains(&left_leader.node_id.as_str()) {
+                (right_id, &right_leader.address, left_leader.node_id.clone())
+            } else {
+                (left_id, &left_leader.address, right_leader.node_id.clone())
+            };
+            let request = TransferLeaderRequest { range_id, to_node_id: to };
+            call(clients, leader, |mut admin| async move {
+                admin.transfer_leader(with_timeout(request, STEP_TIMEOUT)).await.map(|_| ())
+            })
+            .await
+        } else {
+            let request = AbortMergeRequest { left_id, right_id, freeze_index: right.merge_freeze_index };
+            match clients.admin(&left_leader.address) {
+                Ok(mut admin) => match admin.abort_merge(with_timeout(request, STEP_TIMEOUT)).await {
+                    Ok(answer) => match answer.into_inner().right {
+                        Some(thawed) => return Ok(thawed),
+                        None => Err(format!("{}: the abort answered no range", left_leader.address)),
+                    },
+                    Err(status) => Err(format!("{}: {}", left_leader.address, describe_status(&status))),
+                },
+                Err(error) => Err(error),
+            }
+        };
+        if let Err(problem) = outcome {
+            tracing::info!(left = left.range_id, right = right_id, %problem, "undoing a freeze: step not done; retrying");
+            last_problem = problem;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Err(format!("undoing range {right_id}'s freeze: not done within {} s; last: {last_problem}", deadline.as_secs()))
 }
 
 /// Every step's deadline.

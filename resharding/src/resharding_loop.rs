@@ -578,7 +578,16 @@ impl<P: Platform> ReshardingLoop<P> {
             // while one of their nodes does not answer.
             let answering = |node: &&str| observation.node(node).is_some_and(|n| n.report.is_ok());
             if !right_nodes.iter().all(answering) {
-                tracing::info!(left, right, "a range frozen for a merge waits for its replicas' nodes to answer");
+                // Lost for good (down too long, or gone from the fleet): the merge will never have
+                // every replica, so the freeze is undone while a majority can do it.
+                let lost = right_nodes.iter().filter(|node| self.lost_for_good(node)).count();
+                let majority_answers =
+                    right_nodes.iter().filter(|node| answering(node)).count() * 2 > right_nodes.len();
+                if lost > 0 && majority_answers {
+                    self.abort_frozen_merge(observation, right).await;
+                } else {
+                    tracing::info!(left, right, "a range frozen for a merge waits for its replicas' nodes to answer");
+                }
                 continue;
             }
             if left_nodes == right_nodes {
@@ -593,6 +602,36 @@ impl<P: Platform> ReshardingLoop<P> {
             self.start_move(observation, move_id, left, NodeId(from as u32), NodeId(to as u32), &reason).await?;
         }
         Ok(())
+    }
+
+    /// Whether `node_id` holds replicas that will not come back: a member silent for
+    /// `replace_down_after`, or a node gone from the members for `DEPARTED_AFTER_ROUNDS` rounds.
+    fn lost_for_good(&self, node_id: &str) -> bool {
+        self.down_too_long(node_id) || self.departed.get(node_id).is_some_and(|&rounds| rounds >= DEPARTED_AFTER_ROUNDS)
+    }
+
+    /// Undoes the freeze of `right`, whose merge cannot finish (see `finish_frozen_merges`): it
+    /// serves again, and its replicas on lost nodes are then replaced as any range's are.
+    async fn abort_frozen_merge(&mut self, observation: &Observation, right: u64) {
+        let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
+        match replica_merges::abort_frozen_merge(&self.clients, right, &seeds, REPLICA_MERGE_DEADLINE).await {
+            Ok(thawed) => {
+                tracing::warn!(
+                    right,
+                    generation = thawed.generation,
+                    "undid a merge's freeze: a replica of the frozen range is on a node lost for good"
+                );
+                self.status.merge_aborted(format!(
+                    "range {right} {} is serving again: it was frozen to be merged, but a replica of it is on a node \
+                     lost for good, so its merge was refused for good and its freeze undone",
+                    thawed.span()
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(right, %error, "undoing a merge's freeze failed; retrying next round");
+                self.status.action_failed(ActionKind::Merge, error);
+            }
+        }
     }
 
     async fn start_move(
@@ -823,7 +862,7 @@ impl<P: Platform> ReshardingLoop<P> {
     /// the rounds before this one).
     fn mark_replicas_on_down_nodes(&self, observation: &mut Observation) {
         let after = self.config.replace_down_after;
-        let down = |node_id: &str| self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= after);
+        let down = |node_id: &str| self.down_too_long(node_id);
         let departed = &observation.departed;
         let nodes = &observation.nodes;
         for range in observation.ranges.values_mut().filter(|r| !r.desc.in_joint_membership()) {
@@ -875,6 +914,12 @@ impl<P: Platform> ReshardingLoop<P> {
             missing.insert(key, rounds);
         }
         self.missing = missing;
+    }
+
+    /// Whether member `node_id` has not answered for `replace_down_after`.
+    fn down_too_long(&self, node_id: &str) -> bool {
+        let after = self.config.replace_down_after;
+        self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= after)
     }
 
     fn unanswered_rounds(&self, node_id: &str) -> u32 {

@@ -246,6 +246,10 @@ impl StatusBoard {
         self.publish("NodeLeftFleet", true, text);
     }
 
+    pub fn merge_aborted(&self, text: String) {
+        self.publish("MergeAborted", true, text);
+    }
+
     fn publish(&self, reason: &'static str, warning: bool, text: String) {
         let mut board = self.board.lock();
         if let Some(sink) = &board.sink {

@@ -9,8 +9,8 @@
 use kvfleet_proto::RangeBounds as _;
 use kvfleet_proto::failpoint;
 use kvfleet_proto::v1::{
-    Mutation, RaftCommand, RaftFreeze, RaftMembershipChange, RaftMerge, RaftSplit, RangeDescriptor, RangeState,
-    Replica, ReplicaMembership, mutation::Op as MutationOp,
+    Mutation, RaftCommand, RaftFreeze, RaftMembershipChange, RaftMerge, RaftMergeFence, RaftSplit, RaftThaw,
+    RangeDescriptor, RangeState, Replica, ReplicaMembership, mutation::Op as MutationOp,
 };
 use kvfleet_replication::{ConfChangeV2, ConfState, Entry, EntryType, LogStore, SPLIT_LOG_START};
 use prost::Message as _;
@@ -64,6 +64,14 @@ pub fn encode_split(split: RaftSplit) -> Vec<u8> {
 
 pub fn encode_freeze(freeze: RaftFreeze) -> Vec<u8> {
     RaftCommand { freeze: Some(freeze), ..Default::default() }.encode_to_vec()
+}
+
+pub fn encode_merge_fence(fence: RaftMergeFence) -> Vec<u8> {
+    RaftCommand { merge_fence: Some(fence), ..Default::default() }.encode_to_vec()
+}
+
+pub fn encode_thaw(thaw: RaftThaw) -> Vec<u8> {
+    RaftCommand { thaw: Some(thaw), ..Default::default() }.encode_to_vec()
 }
 
 pub fn encode_merge(merge: RaftMerge) -> Vec<u8> {
@@ -123,6 +131,11 @@ impl AppliedRun {
                 self.merges.push(done);
                 desc
             }
+            Ok(Change::Fence(desc)) => desc,
+            Ok(Change::Thaw(desc)) => {
+                self.thaws.push(desc.clone());
+                desc
+            }
             Err(Failure::Refused(refused)) => return Ok(Err(refused)),
             Err(Failure::Fatal(reason)) => return Err(reason),
         };
@@ -137,6 +150,10 @@ enum Change {
     Split(SplitApplied),
     Freeze(FreezeApplied),
     Merge(MergeApplied),
+    /// The range's descriptor after a RaftMergeFence.
+    Fence(RangeDescriptor),
+    /// The range's descriptor after a RaftThaw.
+    Thaw(RangeDescriptor),
 }
 
 /// A membership change an applied entry made: the range's descriptor with its new replicas
@@ -171,6 +188,8 @@ pub struct AppliedRun {
     pub memberships: Vec<MembershipApplied>,
     pub freezes: Vec<FreezeApplied>,
     pub merges: Vec<MergeApplied>,
+    /// The range's descriptor as each thaw applied in this run left it (active again).
+    pub thaws: Vec<RangeDescriptor>,
     /// Splits of a merged-away range that this replica applied from its own log while merging
     /// (it had not applied them yet): their new ranges' groups start too.
     pub caught_up_splits: Vec<SplitApplied>,
@@ -224,6 +243,7 @@ pub fn apply_entries(
         memberships: Vec::new(),
         freezes: Vec::new(),
         merges: Vec::new(),
+        thaws: Vec::new(),
         caught_up_splits: Vec::new(),
         descriptor: None,
         removed: None,
@@ -263,6 +283,14 @@ pub fn apply_entries(
                 Ok(RaftCommand { merge: Some(merge), .. }) => {
                     let merge = merge_range(db, log, range_id, self_raft_id, entry.index, &merge, &mut run, &mut batch);
                     outcome = run.record(merge.map(Change::Merge), span)?;
+                }
+                Ok(RaftCommand { merge_fence: Some(fence), .. }) => {
+                    let fence = fence_merge(db, range_id, &fence, &run, &mut batch);
+                    outcome = run.record(fence.map(Change::Fence), span)?;
+                }
+                Ok(RaftCommand { thaw: Some(thaw), .. }) => {
+                    let thaw = thaw_range(db, range_id, &thaw, &run, &mut batch);
+                    outcome = run.record(thaw.map(Change::Thaw), span)?;
                 }
                 Ok(command) => {
                     if span.frozen && !command.mutations.is_empty() {
@@ -499,10 +527,83 @@ fn freeze_range(
     if desc.replicas.iter().any(|r| r.membership() != ReplicaMembership::Voter) {
         return Err(refused("a membership change is under way (a learner, or a joint membership)".into()));
     }
-    let desc = RangeDescriptor { state: RangeState::Frozen as i32, merge_freeze_index: index, ..desc };
+    let desc = RangeDescriptor {
+        state: RangeState::Frozen as i32,
+        merge_freeze_index: index,
+        merge_left_id: freeze.left_id,
+        merge_left_generation: freeze.left_generation,
+        ..desc
+    };
     let meta = db.cf_handle(CF_META).ok_or_else(|| Failure::Fatal("the meta column family is missing".into()))?;
     batch.put_cf(meta, descriptor_key(range_id), desc.encode_to_vec());
     Ok(FreezeApplied { desc })
+}
+
+/// Adds a fence against the merge of a frozen right neighbour to `batch` (see RaftMergeFence):
+/// the range's generation bumped (every merge of that freeze expects the generation the freeze
+/// recorded) and the fence recorded. Refused, alike on every replica, unless the range is at the
+/// generation expected: then something ordered before the fence changed it, perhaps the merge
+/// itself. A fence already in force is applied again as it is, so asking again is answered alike.
+fn fence_merge(
+    db: &DB,
+    range_id: u64,
+    fence: &RaftMergeFence,
+    run: &AppliedRun,
+    batch: &mut WriteBatch,
+) -> Result<RangeDescriptor, Failure> {
+    let refused = |reason: String| Failure::Refused(ReplicaError::MergeRefused { range_id, reason });
+    let desc = current_descriptor(db, range_id, run)?;
+    let fenced = (desc.merge_fenced_range_id, desc.merge_fenced_freeze_index) == (fence.right_id, fence.freeze_index);
+    if fenced && fence.right_id != 0 {
+        return Ok(desc);
+    }
+    if desc.generation != fence.expected_generation {
+        return Err(refused(format!(
+            "it is at generation {}, not {} as when range {} was frozen: a merge or a split was applied first",
+            desc.generation, fence.expected_generation, fence.right_id
+        )));
+    }
+    let desc = RangeDescriptor {
+        generation: desc.generation + 1,
+        merge_fenced_range_id: fence.right_id,
+        merge_fenced_freeze_index: fence.freeze_index,
+        ..desc
+    };
+    let meta = db.cf_handle(CF_META).ok_or_else(|| Failure::Fatal("the meta column family is missing".into()))?;
+    batch.put_cf(meta, descriptor_key(range_id), desc.encode_to_vec());
+    Ok(desc)
+}
+
+/// Adds the thaw of a frozen range to `batch` (see RaftThaw): active again, at generation + 1,
+/// its freeze forgotten. Refused, alike on every replica, unless it is frozen at the index asked.
+fn thaw_range(
+    db: &DB,
+    range_id: u64,
+    thaw: &RaftThaw,
+    run: &AppliedRun,
+    batch: &mut WriteBatch,
+) -> Result<RangeDescriptor, Failure> {
+    let refused = |reason: String| Failure::Refused(ReplicaError::MergeRefused { range_id, reason });
+    let desc = current_descriptor(db, range_id, run)?;
+    if !desc.is_frozen_for_merge() || desc.merge_freeze_index != thaw.freeze_index {
+        return Err(refused(format!(
+            "it is not frozen at index {} (state {:?}, frozen at index {})",
+            thaw.freeze_index,
+            desc.state(),
+            desc.merge_freeze_index
+        )));
+    }
+    let desc = RangeDescriptor {
+        state: RangeState::Active as i32,
+        generation: desc.generation + 1,
+        merge_freeze_index: 0,
+        merge_left_id: 0,
+        merge_left_generation: 0,
+        ..desc
+    };
+    let meta = db.cf_handle(CF_META).ok_or_else(|| Failure::Fatal("the meta column family is missing".into()))?;
+    batch.put_cf(meta, descriptor_key(range_id), desc.encode_to_vec());
+    Ok(desc)
 }
 
 /// The node ids of `desc`'s replicas, sorted.
@@ -545,6 +646,15 @@ fn merge_range(
     }
     if !right.is_frozen_for_merge() || right_id == range_id {
         return Err(refused(format!("range {right_id} is not frozen to be merged")));
+    }
+    // A freeze that recorded its left neighbour is merged only into that range at that
+    // generation: a fence (or any split or merge) since bumped it, and a thaw may follow.
+    if right.merge_left_id != 0 && (right.merge_left_id, right.merge_left_generation) != (range_id, left.generation) {
+        return Err(refused(format!(
+            "range {right_id} was frozen to be merged into range {} at generation {}; this is range {range_id} at \
+             generation {} (the merge was refused for good, or the range changed since)",
+            right.merge_left_id, right.merge_left_generation, left.generation
+        )));
     }
     if left.end_key != right.start_key || left.end_key.is_empty() {
         return Err(refused(format!("range {right_id} {} does not start where it ends", right.span())));
@@ -744,7 +854,121 @@ mod tests {
     }
 
     fn freeze(expected_generation: u64) -> Vec<u8> {
-        encode_freeze(RaftFreeze { expected_generation })
+        encode_freeze(RaftFreeze { expected_generation, ..Default::default() })
+    }
+
+    fn outcomes(run: &AppliedRun) -> Vec<Result<(), ReplicaError>> {
+        run.entries.iter().map(|applied| applied.outcome.clone()).collect()
+    }
+
+    fn refused_for(outcome: &Result<(), ReplicaError>, words: &str) -> bool {
+        matches!(outcome, Err(ReplicaError::MergeRefused { reason, .. }) if reason.contains(words))
+    }
+
+    #[tokio::test]
+    async fn whichever_of_a_merge_and_a_fence_the_left_log_orders_first_wins_and_a_fenced_freeze_is_thawed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::Storage::open_for_tests(dir.path());
+        let db = storage.db();
+        let log = LogStore::with_db(db.clone()).unwrap();
+        let replica = |raft_id| Replica { node_id: format!("n{raft_id}"), raft_id, ..Default::default() };
+        let range = |range_id, span: (&'static str, &'static str)| RangeDescriptor {
+            range_id,
+            start_key: Bytes::from(span.0),
+            end_key: Bytes::from(span.1),
+            generation: 2,
+            state: RangeState::Active as i32,
+            replicas: [11, 12, 13].into_iter().map(replica).collect(),
+            ..Default::default()
+        };
+        // Two pairs: 1 | 2 (the fence comes first) and 5 | 6 (the merge comes first).
+        let meta = db.cf_handle(CF_META).unwrap();
+        for desc in [range(1, ("", "f")), range(2, ("f", "m")), range(5, ("m", "t")), range(6, ("t", ""))] {
+            db.put_cf(meta, descriptor_key(desc.range_id), desc.encode_to_vec()).unwrap();
+            log.create_group(desc.range_id, &[11, 12, 13]).unwrap();
+        }
+        let no_changes = |_: &ConfChangeV2, _: u64, _: &mut WriteBatch| -> Result<ConfState, Failure> {
+            Err(Failure::Fatal("no membership change in this log".into()))
+        };
+        let freeze_into = |left_id| encode_freeze(RaftFreeze { expected_generation: 2, left_id, left_generation: 2 });
+        let fence = |right_id, expected_generation| {
+            encode_merge_fence(RaftMergeFence { right_id, freeze_index: 2, expected_generation })
+        };
+        let merge = |expected_generation, right: &RangeDescriptor| {
+            encode_merge(RaftMerge { expected_generation, expected_conf_version: 0, right: Some(right.clone()) })
+        };
+        let apply = |range_id, entries: &[Entry]| {
+            let mut span = Span::of(&stored_descriptor(&db, range_id).unwrap());
+            apply_entries(&db, &log, range_id, 11, &mut span, entries, &mut no_changes.clone()).unwrap()
+        };
+
+        // Both right ranges freeze at index 2, recording their left neighbour at generation 2.
+        for (left_id, right_id) in [(1, 2), (5, 6)] {
+            apply(
+                right_id,
+                &[entry(1, put(if right_id == 2 { "g" } else { "u" }, "1")), entry(2, freeze_into(left_id))],
+            );
+            let frozen = stored_descriptor(&db, right_id).unwrap();
+            assert_eq!(
+                (frozen.merge_freeze_index, frozen.merge_left_id, frozen.merge_left_generation),
+                (2, left_id, 2)
+            );
+        }
+        let frozen_2 = stored_descriptor(&db, 2).unwrap();
+        let frozen_6 = stored_descriptor(&db, 6).unwrap();
+
+        // The fence first: it bumps the generation, so no merge of that freeze applies after it,
+        // whatever generation the merge expects; asking again is answered alike.
+        let run = apply(
+            1,
+            &[
+                entry(1, fence(2, 2)),
+                entry(2, fence(2, 2)),
+                entry(3, merge(3, &frozen_2)),
+                entry(4, merge(2, &frozen_2)),
+            ],
+        );
+        let done = outcomes(&run);
+        assert!(done[0].is_ok() && done[1].is_ok(), "{done:?}");
+        assert!(refused_for(&done[2], "frozen to be merged into range 1 at generation 2"), "{:?}", done[2]);
+        assert!(refused_for(&done[3], "generation 3"), "{:?}", done[3]);
+        let fenced = stored_descriptor(&db, 1).unwrap();
+        assert_eq!((fenced.generation, fenced.end_key.as_ref()), (3, &b"f"[..]));
+        assert_eq!((fenced.merge_fenced_range_id, fenced.merge_fenced_freeze_index), (2, 2));
+        // Then the thaw: range 2 takes writes again, at a new generation; a second thaw is refused.
+        let run = apply(
+            2,
+            &[
+                entry(3, put("h", "refused: frozen")),
+                entry(4, encode_thaw(RaftThaw { freeze_index: 2 })),
+                entry(5, put("h", "2")),
+                entry(6, encode_thaw(RaftThaw { freeze_index: 2 })),
+            ],
+        );
+        let done = outcomes(&run);
+        assert!(matches!(done[0], Err(ReplicaError::Merging { range_id: 2 })), "{:?}", done[0]);
+        assert!(done[1].is_ok() && done[2].is_ok(), "{done:?}");
+        assert!(refused_for(&done[3], "not frozen"), "{:?}", done[3]);
+        let thawed = stored_descriptor(&db, 2).unwrap();
+        assert_eq!(
+            (thawed.state(), thawed.generation, thawed.merge_freeze_index, thawed.merge_left_id),
+            (RangeState::Active, 3, 0, 0)
+        );
+        assert_eq!(run.thaws, vec![thawed]);
+        let data = db.cf_handle(CF_DATA).unwrap();
+        assert_eq!(db.get_cf(data, "h").unwrap().as_deref(), Some(&b"2"[..]));
+
+        // The merge first: the fence that follows is refused (the merge changed the generation),
+        // and the merged range keeps the right range's keys.
+        let run = apply(5, &[entry(1, merge(2, &frozen_6)), entry(2, fence(6, 2))]);
+        let done = outcomes(&run);
+        assert!(done[0].is_ok(), "{:?}", done[0]);
+        assert!(refused_for(&done[1], "a merge or a split was applied first"), "{:?}", done[1]);
+        let merged = stored_descriptor(&db, 5).unwrap();
+        assert_eq!((merged.end_key.as_ref(), merged.merge_fenced_range_id), (&b""[..], 0));
+        assert_eq!(stored_descriptor(&db, 6).unwrap().state(), RangeState::Retired);
+        drop((log, db));
+        storage.shutdown().unwrap();
     }
 
     #[tokio::test]

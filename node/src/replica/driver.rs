@@ -1215,6 +1215,9 @@ impl Driver {
                 "frozen to be merged into its left neighbour"
             );
         }
+        for thawed in &run.thaws {
+            tracing::warn!(range_id, generation = thawed.generation, span = %thawed.span(), "thawed: its merge was refused for good; serving again");
+        }
         let mut all_early_applied = true;
         for entry in run.entries {
             if self.fast.enabled() {

@@ -418,6 +418,28 @@ impl Replication {
         await_reply(answer).await
     }
 
+    /// Makes `range_id` refuse, for good, the merge of its frozen right neighbour (see
+    /// `apply::fence_merge`); waits until it is committed and applied here.
+    pub async fn propose_merge_fence(
+        &self,
+        range_id: u64,
+        fence: kvfleet_proto::v1::RaftMergeFence,
+    ) -> Result<(), ReplicaError> {
+        let command = apply::encode_merge_fence(fence);
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Propose { range_id, command, reply, kind: ProposalKind::Other })?;
+        await_reply(answer).await
+    }
+
+    /// Thaws the frozen `range_id` (see `apply::thaw_range`), once its left neighbour has
+    /// refused its merge for good; waits until it is committed and applied here.
+    pub async fn propose_thaw(&self, range_id: u64, thaw: kvfleet_proto::v1::RaftThaw) -> Result<(), ReplicaError> {
+        let command = apply::encode_thaw(thaw);
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Propose { range_id, command, reply, kind: ProposalKind::Other })?;
+        await_reply(answer).await
+    }
+
     /// Merges the frozen right neighbour into `range_id` through its log (see
     /// `apply::merge_range`); waits until it is committed and applied here.
     pub async fn propose_merge(&self, range_id: u64, merge: kvfleet_proto::v1::RaftMerge) -> Result<(), ReplicaError> {
