@@ -621,7 +621,8 @@ async fn cold_replicated_ranges_are_aligned_and_merged_back_through_a_crash_mid_
 /// every replica, so it can never finish, and the frozen range would serve nothing for ever.
 /// The node coordinating the merge dies right after the freeze, a second node is killed for good
 /// before the coordinator comes back, and a controller starts: it undoes the freeze (the left
-/// range refuses the merge for good, then the right one is thawed), the range serves again, the
+/// range refuses the merge for good, then the right one is thawed; the node doing it dies once
+/// between the two), the range serves again, the
 /// dead node's replicas are re-created on the fourth node, and the two ranges still merge by
 /// hand afterwards; all under a checked history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -694,12 +695,30 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     let early = tokio::time::timeout(Duration::from_secs(2), put()).await;
     assert!(!matches!(early, Ok(Ok(_))), "the frozen range took a write");
 
+    // Whichever survivor undoes the freeze dies once between the fence and the thaw: asked
+    // again, the fenced left range answers alike and the thaw follows.
+    let undone_mark = marks.path().join("undoing");
+    for index in [coordinator, (coordinator + 2) % 3] {
+        fleet.arm_crash_once(index, "merge-abort-after-fence", &undone_mark);
+    }
     let controller = Controller::start(platform.clone(), still_config, board.clone());
-    wait_until("the freeze undone and the lost node's replicas re-created", Duration::from_secs(120), async || {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        fleet.restart_stopped();
+        fleet.nodes[lost].kill9();
         let ranges = ranges_by_leader(&fleet).await;
-        ranges.len() == 2 && ranges.iter().all(|d| d.merge_freeze_index == 0) && settled(&ranges, &lost_id)
-    })
-    .await;
+        if ranges.len() == 2 && ranges.iter().all(|d| d.merge_freeze_index == 0) && settled(&ranges, &lost_id) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the freeze was not undone and the lost node's replicas re-created within 120 s: {ranges:?}; the \
+             controller's status {:?}",
+            board.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(undone_mark.exists(), "no node died between the fence and the thaw");
     put().await.expect("the thawed range takes writes");
     let events = board.snapshot().recent_events;
     assert!(
