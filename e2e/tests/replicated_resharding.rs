@@ -638,6 +638,11 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     })
     .await;
     controller.crash();
+    let mut voters: Vec<String> =
+        ranges_by_leader(&fleet).await[0].replicas.iter().map(|r| r.node_id.clone()).collect();
+    voters.sort();
+    let first_three: Vec<String> = fleet.nodes[..3].iter().map(|n| n.node_id.clone()).collect();
+    assert_eq!(voters, first_three, "range 1 is made on the first three nodes");
     let client = fleet.client();
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
@@ -704,8 +709,13 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     let controller = Controller::start(platform.clone(), still_config, board.clone());
     let until = Instant::now() + Duration::from_secs(120);
     loop {
-        fleet.restart_stopped();
-        fleet.nodes[lost].kill9();
+        // The survivors only: the lost node must stay silent.
+        for index in [coordinator, (coordinator + 2) % 3] {
+            if !fleet.nodes[index].is_running() {
+                fleet.nodes[index].kill9();
+                fleet.nodes[index].spawn();
+            }
+        }
         let ranges = ranges_by_leader(&fleet).await;
         if ranges.len() == 2 && ranges.iter().all(|d| d.merge_freeze_index == 0) && settled(&ranges, &lost_id) {
             break;

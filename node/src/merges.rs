@@ -41,8 +41,26 @@ impl Node {
         let _claim = self.key_changes.claim(left_id)?;
         let (left, right) = self.merge_pair(left_id, right_id)?;
         check_mergeable(&request, &left, &right)?;
+        if right.is_frozen_for_merge() && right.merge_left_id != 0 && right.merge_left_id != left_id {
+            return Err(NodeError::Move(format!(
+                "range {right_id} is frozen to be merged into range {}, not {left_id}",
+                right.merge_left_id
+            )));
+        }
+        if self.table.read().owned().any(|r| r.desc.is_frozen_for_merge() && r.desc.merge_left_id == right_id) {
+            return Err(NodeError::Move(format!(
+                "range {right_id}'s own right neighbour is frozen to be merged into it: merge that first; retry"
+            )));
+        }
         if !right.is_frozen_for_merge() {
             self.check_replicas_answer(&right).await?;
+            // The left range's generation as its log stands (this node must lead it): everything
+            // committed so far applied here, a split a previous leader left in the log included.
+            // The freeze records it, and only that generation of the left range may merge it.
+            let barrier = self.replication.read_barrier(left_id, false).await;
+            barrier.map_err(|error| self.replica_error(&left, &left.start_key, error))?;
+            let (left, _) = self.merge_pair(left_id, right_id)?;
+            check_mergeable(&request, &left, &right)?;
             let freeze =
                 RaftFreeze { expected_generation: right.generation, left_id, left_generation: left.generation };
             let frozen = self.replication.propose_freeze(right_id, freeze).await;
@@ -86,16 +104,21 @@ impl Node {
         request: AbortMergeRequest,
     ) -> Result<(RangeDescriptor, RangeDescriptor), NodeError> {
         let (left_id, right_id) = (request.left_id, request.right_id);
+        if request.freeze_index == 0 {
+            return Err(NodeError::Invalid(format!(
+                "name the index of range {right_id}'s freeze to undo (freeze_index): a retry must not undo a later one"
+            )));
+        }
         let _claim = self.key_changes.claim(left_id)?;
         let (left, right) = self.merge_pair(left_id, right_id)?;
         if !right.is_frozen_for_merge() {
-            if left.merge_fenced_range_id == right_id {
+            if (left.merge_fenced_range_id, left.merge_fenced_freeze_index) == (right_id, request.freeze_index) {
                 return Ok((right, left));
             }
             return Err(NodeError::Invalid(format!("range {right_id} is not frozen to be merged")));
         }
         let frozen_at = right.merge_freeze_index;
-        if request.freeze_index != 0 && request.freeze_index != frozen_at {
+        if request.freeze_index != frozen_at {
             return Err(NodeError::Invalid(format!(
                 "range {right_id} is frozen at index {frozen_at}, not {}",
                 request.freeze_index
@@ -113,7 +136,7 @@ impl Node {
                 right.merge_left_id
             )));
         }
-        self.check_replicas_can_thaw(&left, &right).await?;
+        self.check_replicas_can_thaw(&left, &right, &request.lost_node_ids).await?;
         let fence =
             RaftMergeFence { right_id, freeze_index: frozen_at, expected_generation: right.merge_left_generation };
         let fenced = self.replication.propose_merge_fence(left_id, fence).await;
@@ -205,15 +228,27 @@ impl Node {
 }
 
 impl Node {
-    /// Before a fence and a thaw: every other replica's node that answers must know how to apply
-    /// them (one that does not answer is lost, and is being replaced).
-    async fn check_replicas_can_thaw(&self, left: &RangeDescriptor, right: &RangeDescriptor) -> Result<(), NodeError> {
+    /// Before a fence and a thaw: every other replica's node must answer that it knows how to
+    /// apply them, but those the caller names lost (down for good, being replaced).
+    async fn check_replicas_can_thaw(
+        &self,
+        left: &RangeDescriptor,
+        right: &RangeDescriptor,
+        lost: &[String],
+    ) -> Result<(), NodeError> {
         let others = left.replicas.iter().chain(&right.replicas).filter(|r| r.node_id != self.config.node_id);
-        for replica in others {
-            let Ok(mut admin) = self.peers.admin(&replica.address) else { continue };
+        for replica in others.filter(|r| !lost.contains(&r.node_id)) {
+            let unanswered = |why: String| {
+                NodeError::Unavailable(format!(
+                    "node {} holds a replica of range {} or {} and did not say whether it can apply the undoing of a \
+                     freeze ({why}); retry, or name it lost",
+                    replica.node_id, left.range_id, right.range_id
+                ))
+            };
+            let mut admin = self.peers.admin(&replica.address).map_err(|e| unanswered(e.to_string()))?;
             let mut request = tonic::Request::new(NodeInfoRequest {});
             request.set_timeout(Duration::from_secs(2));
-            let Ok(answer) = admin.node_info(request).await else { continue };
+            let answer = admin.node_info(request).await.map_err(|status| unanswered(status.message().to_string()))?;
             let answer = answer.into_inner();
             if !answer.features.iter().any(|f| f == MERGE_ABORT_FEATURE) {
                 return Err(NodeError::Move(format!(

@@ -163,10 +163,12 @@ pub async fn merge_replicated(
 /// until done or `deadline`: the node leading the left range the freeze names must lead the
 /// frozen range too (its leadership moves there, or the left range's comes to its leader), then
 /// that node fences the left range and thaws the right one (kvfleet-node's `abort_merge`).
+/// `lost_node_ids`: the nodes lost for good (the others must answer that they can apply it).
 /// Returns the right range, active again, as its leader has it.
 pub async fn abort_frozen_merge(
     clients: &NodeClients,
     right_id: u64,
+    lost_node_ids: &[String],
     seeds: &[String],
     deadline: Duration,
 ) -> Result<RangeDescriptor, String> {
@@ -208,7 +210,12 @@ pub async fn abort_frozen_merge(
             })
             .await
         } else {
-            let request = AbortMergeRequest { left_id, right_id, freeze_index: right.merge_freeze_index };
+            let request = AbortMergeRequest {
+                left_id,
+                right_id,
+                freeze_index: right.merge_freeze_index,
+                lost_node_ids: lost_node_ids.to_vec(),
+            };
             match clients.admin(&left_leader.address) {
                 Ok(mut admin) => match admin.abort_merge(with_timeout(request, STEP_TIMEOUT)).await {
                     Ok(answer) => match answer.into_inner().right {

@@ -580,11 +580,17 @@ impl<P: Platform> ReshardingLoop<P> {
             if !right_nodes.iter().all(answering) {
                 // Lost for good (down too long, or gone from the fleet): the merge will never have
                 // every replica, so the freeze is undone while a majority can do it.
-                let lost = right_nodes.iter().filter(|node| self.lost_for_good(node)).count();
+                let mut lost: Vec<String> = Vec::new();
+                for node in right_nodes.iter().chain(&left_nodes).filter(|node| self.lost_for_good(node)) {
+                    if !lost.iter().any(|n| n == node) {
+                        lost.push(node.to_string());
+                    }
+                }
+                let right_lost = right_nodes.iter().any(|node| lost.iter().any(|n| n == node));
                 let majority_answers =
                     right_nodes.iter().filter(|node| answering(node)).count() * 2 > right_nodes.len();
-                if lost > 0 && majority_answers {
-                    self.abort_frozen_merge(observation, right).await;
+                if right_lost && majority_answers {
+                    self.abort_frozen_merge(observation, right, &lost).await;
                 } else {
                     tracing::info!(left, right, "a range frozen for a merge waits for its replicas' nodes to answer");
                 }
@@ -612,9 +618,9 @@ impl<P: Platform> ReshardingLoop<P> {
 
     /// Undoes the freeze of `right`, whose merge cannot finish (see `finish_frozen_merges`): it
     /// serves again, and its replicas on lost nodes are then replaced as any range's are.
-    async fn abort_frozen_merge(&mut self, observation: &Observation, right: u64) {
+    async fn abort_frozen_merge(&mut self, observation: &Observation, right: u64, lost: &[String]) {
         let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
-        match replica_merges::abort_frozen_merge(&self.clients, right, &seeds, REPLICA_MERGE_DEADLINE).await {
+        match replica_merges::abort_frozen_merge(&self.clients, right, lost, &seeds, REPLICA_MERGE_DEADLINE).await {
             Ok(thawed) => {
                 tracing::warn!(
                     right,

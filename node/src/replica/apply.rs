@@ -553,6 +553,9 @@ fn fence_merge(
 ) -> Result<RangeDescriptor, Failure> {
     let refused = |reason: String| Failure::Refused(ReplicaError::MergeRefused { range_id, reason });
     let desc = current_descriptor(db, range_id, run)?;
+    if desc.is_frozen_for_merge() {
+        return Err(refused("it is frozen to be merged itself".into()));
+    }
     let fenced = (desc.merge_fenced_range_id, desc.merge_fenced_freeze_index) == (fence.right_id, fence.freeze_index);
     if fenced && fence.right_id != 0 {
         return Ok(desc);
@@ -646,6 +649,14 @@ fn merge_range(
     }
     if !right.is_frozen_for_merge() || right_id == range_id {
         return Err(refused(format!("range {right_id} is not frozen to be merged")));
+    }
+    // Refused for good by a fence (whatever the descriptor carried: one an earlier version
+    // stored records no left neighbour).
+    if (left.merge_fenced_range_id, left.merge_fenced_freeze_index) == (right_id, right.merge_freeze_index) {
+        return Err(refused(format!(
+            "the merge of range {right_id} frozen at index {} was refused for good (its freeze is undone)",
+            right.merge_freeze_index
+        )));
     }
     // A freeze that recorded its left neighbour is merged only into that range at that
     // generation: a fence (or any split or merge) since bumped it, and a thaw may follow.
@@ -926,12 +937,15 @@ mod tests {
                 entry(2, fence(2, 2)),
                 entry(3, merge(3, &frozen_2)),
                 entry(4, merge(2, &frozen_2)),
+                // As an earlier version stored the freeze: no left neighbour recorded.
+                entry(5, merge(3, &RangeDescriptor { merge_left_id: 0, merge_left_generation: 0, ..frozen_2.clone() })),
             ],
         );
         let done = outcomes(&run);
         assert!(done[0].is_ok() && done[1].is_ok(), "{done:?}");
-        assert!(refused_for(&done[2], "frozen to be merged into range 1 at generation 2"), "{:?}", done[2]);
+        assert!(refused_for(&done[2], "refused for good"), "{:?}", done[2]);
         assert!(refused_for(&done[3], "generation 3"), "{:?}", done[3]);
+        assert!(refused_for(&done[4], "refused for good"), "{:?}", done[4]);
         let fenced = stored_descriptor(&db, 1).unwrap();
         assert_eq!((fenced.generation, fenced.end_key.as_ref()), (3, &b"f"[..]));
         assert_eq!((fenced.merge_fenced_range_id, fenced.merge_fenced_freeze_index), (2, 2));
