@@ -33,6 +33,9 @@ const LOST_AFTER_ROUNDS: u32 = 5;
 /// Rounds in a row a node must be missing from the members yet vote in ranges before its
 /// replicas are re-created on members (a members list read in the middle of a change is not).
 const DEPARTED_AFTER_ROUNDS: u32 = 3;
+/// How long a range frozen for a merge (serving nothing) waits for a silent replica's node
+/// before the freeze is undone: the range then serves from the others, and merges later.
+const FROZEN_MERGE_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a round spends on one replicated merge (a freeze, a wait for every replica, the
 /// merge): one not done by then is finished in a later round.
 const REPLICA_MERGE_DEADLINE: Duration = Duration::from_secs(20);
@@ -578,10 +581,10 @@ impl<P: Platform> ReshardingLoop<P> {
             // while one of their nodes does not answer.
             let answering = |node: &&str| observation.node(node).is_some_and(|n| n.report.is_ok());
             if !right_nodes.iter().all(answering) {
-                // Lost for good (down too long, or gone from the fleet): the merge will never have
-                // every replica, so the freeze is undone while a majority can do it.
+                // Silent too long (or gone from the fleet): rather than serve nothing until the
+                // node is back, if ever, the freeze is undone while a majority can do it.
                 let mut lost: Vec<String> = Vec::new();
-                for node in right_nodes.iter().chain(&left_nodes).filter(|node| self.lost_for_good(node)) {
+                for node in right_nodes.iter().chain(&left_nodes).filter(|node| self.stalls_frozen_merge(node)) {
                     if !lost.iter().any(|n| n == node) {
                         lost.push(node.to_string());
                     }
@@ -610,14 +613,18 @@ impl<P: Platform> ReshardingLoop<P> {
         Ok(())
     }
 
-    /// Whether `node_id` holds replicas that will not come back: a member silent for
-    /// `replace_down_after`, or a node gone from the members for `DEPARTED_AFTER_ROUNDS` rounds.
-    fn lost_for_good(&self, node_id: &str) -> bool {
-        self.down_too_long(node_id) || self.departed.get(node_id).is_some_and(|&rounds| rounds >= DEPARTED_AFTER_ROUNDS)
+    /// Whether a frozen range's merge has waited long enough for `node_id`: a member silent for
+    /// `FROZEN_MERGE_PATIENCE` (or `replace_down_after`, if shorter), or a node gone from the
+    /// members for `DEPARTED_AFTER_ROUNDS` rounds.
+    fn stalls_frozen_merge(&self, node_id: &str) -> bool {
+        let patience = FROZEN_MERGE_PATIENCE.min(self.config.replace_down_after);
+        self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= patience)
+            || self.departed.get(node_id).is_some_and(|&rounds| rounds >= DEPARTED_AFTER_ROUNDS)
     }
 
-    /// Undoes the freeze of `right`, whose merge cannot finish (see `finish_frozen_merges`): it
-    /// serves again, and its replicas on lost nodes are then replaced as any range's are.
+    /// Undoes the freeze of `right`, whose merge waits for silent nodes (`lost`; see
+    /// `finish_frozen_merges`): it serves again from the others, its replicas on nodes down for
+    /// good are replaced as any range's are, and the planner may merge it later.
     async fn abort_frozen_merge(&mut self, observation: &Observation, right: u64, lost: &[String]) {
         let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
         match replica_merges::abort_frozen_merge(&self.clients, right, lost, &seeds, REPLICA_MERGE_DEADLINE).await {
@@ -625,12 +632,16 @@ impl<P: Platform> ReshardingLoop<P> {
                 tracing::warn!(
                     right,
                     generation = thawed.generation,
-                    "undid a merge's freeze: a replica of the frozen range is on a node lost for good"
+                    ?lost,
+                    "undid a merge's freeze: a replica of the frozen range is on a silent node"
                 );
                 self.status.merge_aborted(format!(
-                    "range {right} {} is serving again: it was frozen to be merged, but a replica of it is on a node \
-                     lost for good, so its merge was refused for good and its freeze undone",
-                    thawed.span()
+                    "range {right} {} is serving again: it was frozen to be merged, but a replica of it is on node(s) \
+                     {} (silent for {} s, or gone from the fleet), so its merge was refused for good and its freeze \
+                     undone",
+                    thawed.span(),
+                    lost.join(", "),
+                    FROZEN_MERGE_PATIENCE.min(self.config.replace_down_after).as_secs()
                 ));
             }
             Err(error) => {
