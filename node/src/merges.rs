@@ -9,13 +9,14 @@
 //! asking again (whoever leads the ranges then). If it cannot finish (a replica of the right range
 //! is on a node lost for good, and the merge needs every replica), `abort_merge` undoes it: the
 //! left range refuses that merge for good through its log (`RaftMergeFence`, applied only if no
-//! merge was ordered before it), then the right range is thawed through its own (`RaftThaw`).
+//! merge was ordered before it) unless its log can no longer take it, then the right range is
+//! thawed through its own (`RaftThaw`).
 
 use std::time::{Duration, Instant};
 
 use kvfleet_proto::v1::{
     AbortMergeRequest, ListRangesRequest, MergeRangesRequest, NodeInfoRequest, RaftFreeze, RaftMerge, RaftMergeFence,
-    RaftThaw, RangeDescriptor, ReplicaMembership,
+    RaftThaw, RangeDescriptor, RangeState, ReplicaMembership,
 };
 
 use crate::error::NodeError;
@@ -38,7 +39,7 @@ impl Node {
     /// The left range keeps its id. Returns the merged range and the two as they were.
     pub async fn merge(&self, request: MergeRangesRequest) -> Result<MergePlan, NodeError> {
         let (left_id, right_id) = (request.left_id, request.right_id);
-        let _claim = self.key_changes.claim(left_id)?;
+        let _claims = (self.key_changes.claim(left_id)?, self.key_changes.claim(right_id)?);
         let (left, right) = self.merge_pair(left_id, right_id)?;
         check_mergeable(&request, &left, &right)?;
         if right.is_frozen_for_merge() && right.merge_left_id != 0 && right.merge_left_id != left_id {
@@ -96,26 +97,33 @@ impl Node {
         Ok(MergePlan { merged: self.replication.with_roles(merged), retired: [left, right] })
     }
 
-    /// Undoes the freeze of `request.right_id` (see the module): on the node leading both ranges.
-    /// Returns the right range, active again, and the left one after its fence. Asking again
-    /// after either step is answered alike.
+    /// Undoes the freeze of `request.right_id` (see the module): on the node leading both ranges
+    /// (or the right one, if the left one was merged away here). Returns the right range, active
+    /// again, and the left one as it stands here, if it still does. Asking again is answered alike.
+    ///
+    /// The thaw is safe once the left range's log, applied here up to now, can never apply the
+    /// merge of this freeze and has not (this node's replica of the right range is still frozen,
+    /// where the merge would have retired it): the left range refused it for good (a fence), or
+    /// is at another generation than the freeze recorded (a split or fence since: every merge of
+    /// the freeze expects that generation), or is frozen itself or merged away (its log takes no
+    /// merge after its own freeze). Otherwise it is fenced first.
     pub async fn abort_merge(
         &self,
         request: AbortMergeRequest,
-    ) -> Result<(RangeDescriptor, RangeDescriptor), NodeError> {
+    ) -> Result<(RangeDescriptor, Option<RangeDescriptor>), NodeError> {
         let (left_id, right_id) = (request.left_id, request.right_id);
         if request.freeze_index == 0 {
             return Err(NodeError::Invalid(format!(
                 "name the index of range {right_id}'s freeze to undo (freeze_index): a retry must not undo a later one"
             )));
         }
-        let _claim = self.key_changes.claim(left_id)?;
-        let (left, right) = self.merge_pair(left_id, right_id)?;
+        let _claims = (self.key_changes.claim(left_id)?, self.key_changes.claim(right_id)?);
+        let right = {
+            let table = self.table.read();
+            table.by_id(right_id).map(|r| r.desc.clone()).ok_or(NodeError::UnknownRange(right_id))?
+        };
         if !right.is_frozen_for_merge() {
-            if (left.merge_fenced_range_id, left.merge_fenced_freeze_index) == (right_id, request.freeze_index) {
-                return Ok((right, left));
-            }
-            return Err(NodeError::Invalid(format!("range {right_id} is not frozen to be merged")));
+            return Ok((right, self.table.read().by_id(left_id).map(|r| r.desc.clone())));
         }
         let frozen_at = right.merge_freeze_index;
         if request.freeze_index != frozen_at {
@@ -136,23 +144,56 @@ impl Node {
                 right.merge_left_id
             )));
         }
-        self.check_replicas_can_thaw(&left, &right, &request.lost_node_ids).await?;
-        let fence =
-            RaftMergeFence { right_id, freeze_index: frozen_at, expected_generation: right.merge_left_generation };
-        let fenced = self.replication.propose_merge_fence(left_id, fence).await;
-        fenced.map_err(|error| self.replica_error(&left, &left.start_key, error))?;
-        kvfleet_proto::failpoint::hit("merge-abort-after-fence");
+        let left = self.table.read().by_id(left_id).map(|r| r.desc.clone());
+        self.check_replicas_can_thaw(left.as_ref(), &right, &request.lost_node_ids).await?;
+        let merged_away_here = || {
+            self.stored_descriptor(left_id).is_ok_and(|d| d.state() == RangeState::Retired && !d.successors.is_empty())
+        };
+        let can_never_merge = match left {
+            None if merged_away_here() => true,
+            None => return Err(NodeError::UnknownRange(left_id)),
+            Some(left) => {
+                // The left range's log as it stands, applied here (this node must lead it).
+                let barrier = self.replication.read_barrier(left_id, false).await;
+                barrier.map_err(|error| self.replica_error(&left, &left.start_key, error))?;
+                match self.table.read().by_id(left_id).map(|r| r.desc.clone()) {
+                    None => merged_away_here(),
+                    Some(left) => {
+                        left.is_frozen_for_merge()
+                            || left.generation != right.merge_left_generation
+                            || (left.merge_fenced_range_id, left.merge_fenced_freeze_index) == (right_id, frozen_at)
+                    }
+                }
+            }
+        };
+        let still_frozen = self.stored_descriptor(right_id)?;
+        if !still_frozen.is_frozen_for_merge() || still_frozen.merge_freeze_index != frozen_at {
+            return Err(NodeError::Move(format!(
+                "range {right_id} was merged (or thawed) meanwhile: it is {:?}",
+                still_frozen.state()
+            )));
+        }
+        if !can_never_merge {
+            let fence =
+                RaftMergeFence { right_id, freeze_index: frozen_at, expected_generation: right.merge_left_generation };
+            let fenced = self.replication.propose_merge_fence(left_id, fence).await;
+            let left = self.stored_descriptor(left_id)?;
+            fenced.map_err(|error| self.replica_error(&left, &left.start_key, error))?;
+            kvfleet_proto::failpoint::hit("merge-abort-after-fence");
+        }
         let thawed = self.replication.propose_thaw(right_id, RaftThaw { freeze_index: frozen_at }).await;
         thawed.map_err(|error| self.replica_error(&right, &right.start_key, error))?;
         self.storage.sync_wal().await?;
-        let (left, right) = (self.stored_descriptor(left_id)?, self.stored_descriptor(right_id)?);
+        let right = self.stored_descriptor(right_id)?;
+        let left = self.table.read().by_id(left_id).map(|r| self.replication.with_roles(r.desc.clone()));
         tracing::warn!(
             left_id,
             right_id,
             frozen_at,
-            "merge aborted: the left range refuses it for good, the right one is thawed"
+            fenced = !can_never_merge,
+            "merge aborted: the right range is thawed"
         );
-        Ok((self.replication.with_roles(right), self.replication.with_roles(left)))
+        Ok((self.replication.with_roles(right), left))
     }
 
     /// The two ranges as this node's table has them.
@@ -232,17 +273,22 @@ impl Node {
     /// apply them, but those the caller names lost (down for good, being replaced).
     async fn check_replicas_can_thaw(
         &self,
-        left: &RangeDescriptor,
+        left: Option<&RangeDescriptor>,
         right: &RangeDescriptor,
         lost: &[String],
     ) -> Result<(), NodeError> {
-        let others = left.replicas.iter().chain(&right.replicas).filter(|r| r.node_id != self.config.node_id);
-        for replica in others.filter(|r| !lost.contains(&r.node_id)) {
+        let mut asked: Vec<&str> = vec![self.config.node_id.as_str()];
+        let replicas = left.into_iter().flat_map(|l| &l.replicas).chain(&right.replicas);
+        for replica in replicas.filter(|r| !lost.contains(&r.node_id)) {
+            if asked.contains(&replica.node_id.as_str()) {
+                continue;
+            }
+            asked.push(&replica.node_id);
             let unanswered = |why: String| {
                 NodeError::Unavailable(format!(
-                    "node {} holds a replica of range {} or {} and did not say whether it can apply the undoing of a \
-                     freeze ({why}); retry, or name it lost",
-                    replica.node_id, left.range_id, right.range_id
+                    "node {} holds a replica of range {} or its left neighbour and did not say whether it can apply \
+                     the undoing of a freeze ({why}); retry, or name it lost",
+                    replica.node_id, right.range_id
                 ))
             };
             let mut admin = self.peers.admin(&replica.address).map_err(|e| unanswered(e.to_string()))?;

@@ -308,7 +308,7 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let result = to_completion(&self.node, move |node| async move { node.abort_merge(request).await })
             .await
-            .map(|(right, left)| AbortMergeResponse { right: Some(right), left: Some(left) });
+            .map(|(right, left)| AbortMergeResponse { right: Some(right), left });
         self.node.metrics.observe(Op::Merge, started.elapsed(), result.as_ref().err().map(Status::code));
         result.map(Response::new)
     }

@@ -192,11 +192,10 @@ pub async fn abort_frozen_merge(
             ));
         }
         add_seeds(&mut seeds, right.replicas.iter().map(|r| &r.address));
-        let Some((left, left_leader)) = find_leader_of(clients, &seeds, |d| d.range_id == left_id).await else {
-            last_problem = format!("no replica of range {left_id} knows its leader");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
+        // No leader of the left range: merged away (the right range's leader decides: its own
+        // copy tells), or an election.
+        let left = find_leader_of(clients, &seeds, |d| d.range_id == left_id).await;
+        let left_leader = left.map_or_else(|| right_leader.clone(), |(_, leader)| leader);
         let outcome = if left_leader.node_id != right_leader.node_id {
             // One node must lead both: whichever leader is a voter of the other range.
             let (range_id, leader, to) = if right.replica_nodes().contains(&left_leader.node_id.as_str()) {
@@ -228,7 +227,7 @@ pub async fn abort_frozen_merge(
             }
         };
         if let Err(problem) = outcome {
-            tracing::info!(left = left.range_id, right = right_id, %problem, "undoing a freeze: step not done; retrying");
+            tracing::info!(left = left_id, right = right_id, %problem, "undoing a freeze: step not done; retrying");
             last_problem = problem;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -577,26 +577,46 @@ impl<P: Platform> ReshardingLoop<P> {
                 continue;
             }
             let (left_nodes, right_nodes) = (l.desc.replica_nodes(), r.desc.replica_nodes());
+            let answering = |node: &&str| observation.node(node).is_some_and(|n| n.report.is_ok());
+            // The left range the freeze recorded changed since (split, merged away, frozen
+            // itself, or its refusal of this merge applied and the thaw not yet): the merge can
+            // never be applied; the freeze is undone.
+            let recorded = (r.desc.merge_left_id, r.desc.merge_left_generation);
+            let left_changed =
+                recorded.0 != 0 && (recorded != (left, l.desc.generation) || l.desc.is_frozen_for_merge());
+            // Silent too long (or gone from the fleet): rather than serve nothing until the node
+            // is back, if ever, the freeze is undone while a majority can do it.
+            let mut stalling: Vec<String> = Vec::new();
+            for node in right_nodes.iter().chain(&left_nodes).filter(|node| self.stalls_frozen_merge(node)) {
+                if !stalling.iter().any(|n| n == node) {
+                    stalling.push(node.to_string());
+                }
+            }
+            let right_stalled = right_nodes.iter().any(|node| stalling.iter().any(|n| n == node));
+            let majority_answers = right_nodes.iter().filter(|node| answering(node)).count() * 2 > right_nodes.len();
+            if (left_changed || right_stalled) && majority_answers {
+                let why = if left_changed {
+                    format!(
+                        "the range it was to merge into (range {} at generation {}) changed since",
+                        recorded.0, recorded.1
+                    )
+                } else {
+                    format!(
+                        "a replica of it is on node(s) {} (silent for {} s, or gone from the fleet)",
+                        stalling.join(", "),
+                        FROZEN_MERGE_PATIENCE.min(self.config.replace_down_after).as_secs()
+                    )
+                };
+                self.abort_frozen_merge(observation, right, &stalling, why).await;
+                continue;
+            }
+            if left_changed {
+                continue;
+            }
             // The merge waits for every replica of the frozen range: not worth a round's time
             // while one of their nodes does not answer.
-            let answering = |node: &&str| observation.node(node).is_some_and(|n| n.report.is_ok());
             if !right_nodes.iter().all(answering) {
-                // Silent too long (or gone from the fleet): rather than serve nothing until the
-                // node is back, if ever, the freeze is undone while a majority can do it.
-                let mut lost: Vec<String> = Vec::new();
-                for node in right_nodes.iter().chain(&left_nodes).filter(|node| self.stalls_frozen_merge(node)) {
-                    if !lost.iter().any(|n| n == node) {
-                        lost.push(node.to_string());
-                    }
-                }
-                let right_lost = right_nodes.iter().any(|node| lost.iter().any(|n| n == node));
-                let majority_answers =
-                    right_nodes.iter().filter(|node| answering(node)).count() * 2 > right_nodes.len();
-                if right_lost && majority_answers {
-                    self.abort_frozen_merge(observation, right, &lost).await;
-                } else {
-                    tracing::info!(left, right, "a range frozen for a merge waits for its replicas' nodes to answer");
-                }
+                tracing::info!(left, right, "a range frozen for a merge waits for its replicas' nodes to answer");
                 continue;
             }
             if left_nodes == right_nodes {
@@ -625,23 +645,20 @@ impl<P: Platform> ReshardingLoop<P> {
     /// Undoes the freeze of `right`, whose merge waits for silent nodes (`lost`; see
     /// `finish_frozen_merges`): it serves again from the others, its replicas on nodes down for
     /// good are replaced as any range's are, and the planner may merge it later.
-    async fn abort_frozen_merge(&mut self, observation: &Observation, right: u64, lost: &[String]) {
+    async fn abort_frozen_merge(&mut self, observation: &Observation, right: u64, lost: &[String], why: String) {
         let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
         match replica_merges::abort_frozen_merge(&self.clients, right, lost, &seeds, REPLICA_MERGE_DEADLINE).await {
             Ok(thawed) => {
                 tracing::warn!(
                     right,
                     generation = thawed.generation,
-                    ?lost,
-                    "undid a merge's freeze: a replica of the frozen range is on a silent node"
+                    %why,
+                    "undid a merge's freeze"
                 );
                 self.status.merge_aborted(format!(
-                    "range {right} {} is serving again: it was frozen to be merged, but a replica of it is on node(s) \
-                     {} (silent for {} s, or gone from the fleet), so its merge was refused for good and its freeze \
-                     undone",
-                    thawed.span(),
-                    lost.join(", "),
-                    FROZEN_MERGE_PATIENCE.min(self.config.replace_down_after).as_secs()
+                    "range {right} {} is serving again: it was frozen to be merged, but {why}; so its merge was \
+                     refused for good and its freeze undone",
+                    thawed.span()
                 ));
             }
             Err(error) => {

@@ -553,12 +553,12 @@ fn fence_merge(
 ) -> Result<RangeDescriptor, Failure> {
     let refused = |reason: String| Failure::Refused(ReplicaError::MergeRefused { range_id, reason });
     let desc = current_descriptor(db, range_id, run)?;
-    if desc.is_frozen_for_merge() {
-        return Err(refused("it is frozen to be merged itself".into()));
-    }
     let fenced = (desc.merge_fenced_range_id, desc.merge_fenced_freeze_index) == (fence.right_id, fence.freeze_index);
     if fenced && fence.right_id != 0 {
         return Ok(desc);
+    }
+    if desc.is_frozen_for_merge() {
+        return Err(refused("it is frozen to be merged itself".into()));
     }
     if desc.generation != fence.expected_generation {
         return Err(refused(format!(
