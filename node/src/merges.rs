@@ -146,8 +146,12 @@ impl Node {
         }
         let left = self.table.read().by_id(left_id).map(|r| r.desc.clone());
         self.check_replicas_can_thaw(left.as_ref(), &right, &request.lost_node_ids).await?;
+        // Retired here by a merge of its own freeze: its log took no merge after that freeze. (A
+        // range retired because a snapshot of another overlapped it has successors too, but its
+        // log may go on elsewhere; one retired by a removal has none.)
         let merged_away_here = || {
-            self.stored_descriptor(left_id).is_ok_and(|d| d.state() == RangeState::Retired && !d.successors.is_empty())
+            self.stored_descriptor(left_id)
+                .is_ok_and(|d| d.state() == RangeState::Retired && !d.successors.is_empty() && d.merge_freeze_index > 0)
         };
         let can_never_merge = match left {
             None if merged_away_here() => true,
@@ -301,6 +305,23 @@ impl Node {
                     "node {} (version {}) cannot apply the undoing of a freeze (feature \"{MERGE_ABORT_FEATURE}\"): \
                      upgrade it first, or let the merge finish",
                     replica.node_id, answer.version
+                )));
+            }
+            // A copy of the freeze stored by an earlier version records no left neighbour: a merge
+            // carrying it is not held to the recorded one, so the freeze is only merged.
+            let mut request = tonic::Request::new(ListRangesRequest {});
+            request.set_timeout(Duration::from_secs(2));
+            let ranges = admin.list_ranges(request).await.map_err(|status| unanswered(status.message().to_string()))?;
+            let unrecorded = ranges
+                .into_inner()
+                .ranges
+                .into_iter()
+                .find(|d| d.range_id == right.range_id && d.is_frozen_for_merge() && d.merge_left_id == 0);
+            if unrecorded.is_some() {
+                return Err(NodeError::Move(format!(
+                    "node {} stored range {}'s freeze without its left neighbour (applied by an earlier version): \
+                     the freeze cannot be undone, only its merge finished",
+                    replica.node_id, right.range_id
                 )));
             }
         }

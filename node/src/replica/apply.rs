@@ -193,6 +193,9 @@ pub struct AppliedRun {
     /// Splits of a merged-away range that this replica applied from its own log while merging
     /// (it had not applied them yet): their new ranges' groups start too.
     pub caught_up_splits: Vec<SplitApplied>,
+    /// Merges into a merged-away range that this replica applied from its own log while merging
+    /// it: their right ranges' groups stop too.
+    pub caught_up_merges: Vec<MergeApplied>,
     /// The range's descriptor as the last change of this run left it.
     descriptor: Option<RangeDescriptor>,
     /// This replica was removed from the group by the last membership change: the range is
@@ -245,6 +248,7 @@ pub fn apply_entries(
         merges: Vec::new(),
         thaws: Vec::new(),
         caught_up_splits: Vec::new(),
+        caught_up_merges: Vec::new(),
         descriptor: None,
         removed: None,
     };
@@ -679,8 +683,9 @@ fn merge_range(
     let fatal =
         |what: String| Failure::Fatal(format!("range {range_id}'s merge of range {right_id} at index {index}: {what}"));
     let frozen_at = right.merge_freeze_index;
-    let caught_up = catch_up_frozen(db, log, right_id, self_raft_id, frozen_at).map_err(&fatal)?;
-    run.caught_up_splits.extend(caught_up);
+    let (splits, merges) = catch_up_frozen(db, log, right_id, self_raft_id, frozen_at).map_err(&fatal)?;
+    run.caught_up_splits.extend(splits);
+    run.caught_up_merges.extend(merges);
     let mine = stored_descriptor(db, right_id).map_err(&fatal)?;
     if !mine.is_frozen_for_merge() || mine.merge_freeze_index != frozen_at {
         return Err(fatal(format!(
@@ -724,7 +729,8 @@ pub fn stage_subsumed(
 }
 
 /// Applies `range_id`'s log on this node up to `frozen_at` (its freeze) from the entries this
-/// node holds, if it has not yet; returns the splits that made (their groups are to start).
+/// node holds, if it has not yet; returns the splits that made (their groups are to start) and
+/// the merges (their right ranges' groups are to stop).
 /// Membership changes among them are not applied to a Raft group: the range's group ends with
 /// the merge.
 fn catch_up_frozen(
@@ -733,10 +739,10 @@ fn catch_up_frozen(
     range_id: u64,
     self_raft_id: u64,
     frozen_at: u64,
-) -> Result<Vec<SplitApplied>, String> {
+) -> Result<(Vec<SplitApplied>, Vec<MergeApplied>), String> {
     let applied = applied_index(db, range_id)?;
     if applied >= frozen_at {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let desc = stored_descriptor(db, range_id)?;
     if !desc.is_owned_state() {
@@ -756,7 +762,9 @@ fn catch_up_frozen(
     let run = apply_entries(db, log, range_id, self_raft_id, &mut span, &entries, &mut membership_unchanged)?;
     let mut splits = run.splits;
     splits.extend(run.caught_up_splits);
-    Ok(splits)
+    let mut merges = run.caught_up_merges;
+    merges.extend(run.merges);
+    Ok((splits, merges))
 }
 
 /// The two halves of `desc` split at `split_key`: the left keeps the range's id, the right is

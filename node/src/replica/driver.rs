@@ -1195,6 +1195,9 @@ impl Driver {
         for split in &run.caught_up_splits {
             self.start_split_group(split.left.range_id, split);
         }
+        for merge in &run.caught_up_merges {
+            self.merged(merge.left.range_id, merge);
+        }
         for merge in &run.merges {
             self.merged(range_id, merge);
         }
