@@ -48,7 +48,7 @@ impl Node {
                 right.merge_left_id
             )));
         }
-        if self.table.read().owned().any(|r| r.desc.is_frozen_for_merge() && r.desc.merge_left_id == right_id) {
+        if self.table.read().frozen_into(right_id).is_some() {
             return Err(NodeError::Move(format!(
                 "range {right_id}'s own right neighbour is frozen to be merged into it: merge that first; retry"
             )));
@@ -118,12 +118,9 @@ impl Node {
             )));
         }
         let _claims = (self.key_changes.claim(left_id)?, self.key_changes.claim(right_id)?);
-        let right = {
-            let table = self.table.read();
-            table.by_id(right_id).map(|r| r.desc.clone()).ok_or(NodeError::UnknownRange(right_id))?
-        };
+        let right = self.owned_descriptor(right_id).ok_or(NodeError::UnknownRange(right_id))?;
         if !right.is_frozen_for_merge() {
-            return Ok((right, self.table.read().by_id(left_id).map(|r| r.desc.clone())));
+            return Ok((right, self.owned_descriptor(left_id)));
         }
         let frozen_at = right.merge_freeze_index;
         if request.freeze_index != frozen_at {
@@ -144,7 +141,7 @@ impl Node {
                 right.merge_left_id
             )));
         }
-        let left = self.table.read().by_id(left_id).map(|r| r.desc.clone());
+        let left = self.owned_descriptor(left_id);
         self.check_replicas_can_thaw(left.as_ref(), &right, &request.lost_node_ids).await?;
         // Retired here by a merge of its own freeze: its log took no merge after that freeze. (A
         // range retired because a snapshot of another overlapped it has successors too, but its
@@ -160,7 +157,7 @@ impl Node {
                 // The left range's log as it stands, applied here (this node must lead it).
                 let barrier = self.replication.read_barrier(left_id, false).await;
                 barrier.map_err(|error| self.replica_error(&left, &left.start_key, error))?;
-                match self.table.read().by_id(left_id).map(|r| r.desc.clone()) {
+                match self.owned_descriptor(left_id) {
                     None => merged_away_here(),
                     Some(left) => {
                         left.is_frozen_for_merge()
@@ -189,7 +186,7 @@ impl Node {
         thawed.map_err(|error| self.replica_error(&right, &right.start_key, error))?;
         self.storage.sync_wal().await?;
         let right = self.stored_descriptor(right_id)?;
-        let left = self.table.read().by_id(left_id).map(|r| self.replication.with_roles(r.desc.clone()));
+        let left = self.owned_descriptor(left_id).map(|desc| self.replication.with_roles(desc));
         tracing::warn!(
             left_id,
             right_id,
@@ -202,9 +199,13 @@ impl Node {
 
     /// The two ranges as this node's table has them.
     fn merge_pair(&self, left_id: u64, right_id: u64) -> Result<(RangeDescriptor, RangeDescriptor), NodeError> {
-        let table = self.table.read();
-        let desc = |id| table.by_id(id).map(|r| r.desc.clone()).ok_or(NodeError::UnknownRange(id));
+        let desc = |id| self.owned_descriptor(id).ok_or(NodeError::UnknownRange(id));
         Ok((desc(left_id)?, desc(right_id)?))
+    }
+
+    /// Range `range_id`'s descriptor as this node's table has it, if it holds the range.
+    fn owned_descriptor(&self, range_id: u64) -> Option<RangeDescriptor> {
+        self.table.read().by_id(range_id).map(|r| r.desc.clone())
     }
 
     fn stored_descriptor(&self, range_id: u64) -> Result<RangeDescriptor, NodeError> {

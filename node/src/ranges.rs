@@ -266,8 +266,7 @@ impl RangeTable {
         }
         // The freeze recorded this range's generation: a split would bump it, and the frozen
         // range could then neither be merged nor thawed.
-        let frozen_into = self.owned().find(|r| r.desc.is_frozen_for_merge() && r.desc.merge_left_id == range_id);
-        if let Some(frozen) = frozen_into {
+        if let Some(frozen) = self.frozen_into(range_id) {
             return Err(NodeError::Move(format!(
                 "range {range_id}'s right neighbour, range {}, is frozen to be merged into it: split once the merge \
                  is done (or undone); retry",
@@ -275,6 +274,11 @@ impl RangeTable {
             )));
         }
         Ok(desc)
+    }
+
+    /// A range held here frozen to be merged into range `left_id`, if any.
+    pub fn frozen_into(&self, left_id: u64) -> Option<&Arc<OwnedRange>> {
+        self.owned().find(|r| r.desc.is_frozen_for_merge() && r.desc.merge_left_id == left_id)
     }
 
     /// Installs a split applied through a replicated range's log: the range keeps its id and

@@ -637,8 +637,7 @@ impl<P: Platform> ReshardingLoop<P> {
     /// `FROZEN_MERGE_PATIENCE` (or `replace_down_after`, if shorter), or a node gone from the
     /// members for `DEPARTED_AFTER_ROUNDS` rounds.
     fn stalls_frozen_merge(&self, node_id: &str) -> bool {
-        let patience = FROZEN_MERGE_PATIENCE.min(self.config.replace_down_after);
-        self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= patience)
+        self.silent_for(node_id, FROZEN_MERGE_PATIENCE.min(self.config.replace_down_after))
             || self.departed.get(node_id).is_some_and(|&rounds| rounds >= DEPARTED_AFTER_ROUNDS)
     }
 
@@ -952,8 +951,12 @@ impl<P: Platform> ReshardingLoop<P> {
 
     /// Whether member `node_id` has not answered for `replace_down_after`.
     fn down_too_long(&self, node_id: &str) -> bool {
-        let after = self.config.replace_down_after;
-        self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= after)
+        self.silent_for(node_id, self.config.replace_down_after)
+    }
+
+    /// Whether member `node_id` has not answered for `at_least` (as of the rounds so far).
+    fn silent_for(&self, node_id: &str, at_least: Duration) -> bool {
+        self.unanswered.get(node_id).is_some_and(|silence| silence.since.elapsed() >= at_least)
     }
 
     fn unanswered_rounds(&self, node_id: &str) -> u32 {
