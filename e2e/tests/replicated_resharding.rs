@@ -750,3 +750,149 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
+
+/// A merge frozen while a replica's node is down for a while (a pod being rescheduled) is
+/// undone once the node has been silent for the frozen-merge patience (10 s); the node comes
+/// back in the middle of the undo, after the left range took its refusal of the merge and before
+/// the right range is thawed, so the controller sees every replica answer and must not finish
+/// the merge: it sees the left range changed and finishes the undo. The returning node's
+/// replicas catch up on the refusal and the thaw from the logs (every copy agrees), the range
+/// serves again, and the two ranges merge later; all under a checked history with follower
+/// reads, which the returning node serves too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_undo_catches_up() {
+    // No split or merge of the controller's own, and no replica replaced: the node comes back.
+    let still = Policy { split_qps: 1e9, merge_below_qps: 0.0, ..config().policy };
+    let still_config = LoopConfig { policy: still, ..config() };
+    let (mut fleet, platform, board, controller) = controlled_fleet_with(3, still_config.clone());
+    fleet.leader(None).await;
+    wait_until("range 1 on three voters", Duration::from_secs(60), async || {
+        settled(&ranges_by_leader(&fleet).await, "none")
+    })
+    .await;
+    controller.crash();
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
+
+    let leader = fleet.leader(None).await;
+    let split = kvfleet_proto::v1::SplitRangeRequest {
+        range_id: 1,
+        split_key: bytes::Bytes::from("key024"),
+        ..Default::default()
+    };
+    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
+    let right_id = right.right.expect("the right half").range_id;
+    let marks = tempfile::tempdir().expect("a temporary directory");
+    let mark = marks.path().join("crashed");
+    for index in 0..3 {
+        fleet.arm_crash_once(index, "merge-after-freeze", &mark);
+    }
+    fleet.leader(None).await;
+    fleet.leader_of(right_id, None).await;
+    let seeds = fleet.addresses();
+    let merger = tokio::spawn(async move {
+        let clients = kvfleet_resharding::observe::NodeClients::default();
+        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
+            .await
+    });
+    wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
+    let mut coordinator = None;
+    for _ in 0..50 {
+        coordinator = (0..3).find(|&index| !fleet.nodes[index].is_running());
+        if coordinator.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let coordinator = coordinator.expect("the node that froze the right range died");
+    // Down before the coordinator is back: the merge cannot have every replica until it returns.
+    let down = (coordinator + 1) % 3;
+    let survivors = [coordinator, (coordinator + 2) % 3];
+    fleet.nodes[down].kill9();
+    fleet.nodes[coordinator].kill9();
+    fleet.nodes[coordinator].spawn();
+    fleet.leader_of(right_id, None).await;
+    let frozen = fleet.ranges_on(coordinator).await.unwrap_or_default();
+    let frozen = frozen.iter().find(|d| d.range_id == right_id).cloned();
+    let frozen = frozen.filter(|d| d.merge_freeze_index > 0).expect("the right range is frozen on the coordinator");
+    assert_eq!((frozen.merge_left_id, frozen.state()), (1, kvfleet_proto::v1::RangeState::Frozen));
+    merger.abort();
+
+    // The survivor that undoes the freeze dies between the left range's refusal and the thaw.
+    let undone_mark = marks.path().join("undoing");
+    for index in survivors {
+        fleet.arm_crash_once(index, "merge-abort-after-fence", &undone_mark);
+    }
+    let controller = Controller::start(platform.clone(), still_config.clone(), board.clone());
+    wait_until("the undo to be cut off between its two steps", Duration::from_secs(90), async || undone_mark.exists())
+        .await;
+    // The controller dies too, with the undo it was retrying; nothing can thaw the range
+    // meanwhile (one node of three answers).
+    controller.crash();
+    // Back in the gap: every replica answers now, and a new controller, which never saw a node
+    // silent, must still not finish the merge: the left range it was to merge into changed.
+    fleet.nodes[down].spawn();
+    for index in survivors {
+        if !fleet.nodes[index].is_running() {
+            fleet.nodes[index].kill9();
+            fleet.nodes[index].spawn();
+        }
+    }
+    fleet.leader(None).await;
+    let controller = Controller::start(platform.clone(), still_config, board.clone());
+    let mut agreed = Vec::new();
+    let until = Instant::now() + Duration::from_secs(120);
+    while agreed.len() != 2 {
+        let ranges = ranges_by_leader(&fleet).await;
+        if ranges.len() == 2 && ranges.iter().all(|d| d.merge_freeze_index == 0) && settled(&ranges, "none") {
+            // Every node's copies, the returning node's too, as their leaders report them.
+            let mut copies = Vec::new();
+            for index in 0..3 {
+                copies.push(fleet.ranges_on(index).await.unwrap_or_default());
+            }
+            let same = |leader: &RangeDescriptor| {
+                copies.iter().all(|on| {
+                    on.iter().any(|d| {
+                        d.range_id == leader.range_id
+                            && d.generation == leader.generation
+                            && d.state() == kvfleet_proto::v1::RangeState::Active
+                            && d.merge_freeze_index == 0
+                    })
+                })
+            };
+            if ranges.iter().all(same) {
+                agreed = ranges.clone();
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "the freeze was not undone on every replica within 120 s: {ranges:?}; the controller's status {:?}",
+            board.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(agreed[1].range_id, right_id, "the right range came back, not a merge: {agreed:?}");
+    assert!(agreed[0].generation > frozen.merge_left_generation, "the left range took the merge's refusal: {agreed:?}");
+    client
+        .put(bytes::Bytes::from("probe-after-undo"), bytes::Bytes::from("thawed"))
+        .await
+        .expect("the thawed range takes writes");
+    let events = board.snapshot().recent_events;
+    assert!(
+        events.iter().any(|e| e.contains(&format!("range {right_id}")) && e.contains("freeze undone")),
+        "no event tells of the undone freeze: {events:?}"
+    );
+    controller.crash();
+
+    let cold = Policy { split_qps: 1e9, merge_below_qps: 1e9, merge_delay_secs: 3, ..config().policy };
+    let controller = Controller::start(platform.clone(), LoopConfig { policy: cold, ..config() }, board.clone());
+    wait_until("the two ranges merged again", Duration::from_secs(120), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.len() == 1 && settled(&ranges, "none")
+    })
+    .await;
+    controller.crash();
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+}
