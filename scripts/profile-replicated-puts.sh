@@ -6,7 +6,8 @@
 # /proc/<pid>/stat, the leader marked), and, if `perf` is installed (Debian's linux-perf), the
 # nodes' syscalls and context switches per put. The numbers in docs/benchmarks.md ("Where N = 3's
 # put time goes") come from this script.
-# Run: scripts/profile-replicated-puts.sh   (DURATION=15 MEASURE=5 CONCURRENCY=64)
+# Run: scripts/profile-replicated-puts.sh   (DURATION=15 MEASURE=5 CONCURRENCY=64 NODES=3; NODES=1
+# for a single copy, a Raft group of one voter, `sync`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -15,18 +16,25 @@ bench_setup
 duration="${DURATION:-15}"
 measure="${MEASURE:-5}"
 concurrency="${CONCURRENCY:-64}"
+count="${NODES:-3}"
 ((duration >= measure + 6)) || { echo "DURATION must be at least MEASURE + 6 s" >&2; exit 1; }
+[[ $count == 1 || $count == 3 ]] || { echo "NODES must be 1 or 3" >&2; exit 1; }
 
-initial="r1=127.0.0.1:7861,r2=127.0.0.1:7862,r3=127.0.0.1:7863"
-for n in 1 2 3; do
+initial=""
+endpoints=""
+for n in $(seq 1 "$count"); do
+  initial+="${initial:+,}r$n=127.0.0.1:786$n"
+  endpoints+="${endpoints:+,}127.0.0.1:786$n"
+done
+for n in $(seq 1 "$count"); do
   "$bin/kvfleet-node" --node-id "r$n" --data-dir "$work/r$n" --listen "127.0.0.1:786$n" \
     --initial-replicas "$initial" >"$work/r$n.log" 2>&1 &
   pids+=($!)
 done
 nodes=("${pids[@]}")
-for n in 1 2 3; do wait_for "$work/r$n.log" "kvfleet-node ready" 10; done
+for n in $(seq 1 "$count"); do wait_for "$work/r$n.log" "kvfleet-node ready" 10; done
 sleep 3 # the first election
-"$bin/kvctl" bench --endpoints 127.0.0.1:7861,127.0.0.1:7862,127.0.0.1:7863 --target kvfleet --workload w \
+"$bin/kvctl" bench --endpoints "$endpoints" --target kvfleet --workload w \
   --records 10000 --value-size 100 --concurrency "$concurrency" --duration "$duration" --quiet >"$work/bench.out" 2>&1 &
 bench_pid=$!
 pids+=("$bench_pid")
@@ -56,7 +64,7 @@ total=$(((user1 - user0) + (system1 - system0) + (idle1 - idle0)))
 echo "== $ops puts/s at $concurrency clients ($duration s run; measured over $measure s: about $puts puts)"
 awk -v u=$((user1 - user0)) -v s=$((system1 - system0)) -v i=$((idle1 - idle0)) -v t="$total" \
   'BEGIN {printf "machine: user %.0f%%, system %.0f%%, idle %.0f%%\n", 100 * u / t, 100 * s / t, 100 * i / t}'
-for n in 1 2 3; do
+for n in $(seq 1 "$count"); do
   pid=${nodes[$((n - 1))]}
   # The one node whose log tells of an election won; with several (leadership moved), unknown.
   role=follower
@@ -71,6 +79,6 @@ done
 awk -v t=$((after[$bench_pid] - before[$bench_pid])) -v hz="$hz" -v m="$measure" -v p="$puts" \
   'BEGIN {printf "%-16s %5.0f%% of a core, %5.1f us per put\n", "kvctl bench", 100 * t / hz / m, 1e6 * t / hz / p}'
 if [[ -s "$work/perf.csv" ]]; then
-  echo "the three nodes, per put:"
+  echo "the nodes together, per put:"
   awk -F, -v p="$puts" '$1 ~ /^[0-9]+$/ {sub("syscalls:sys_enter_", "", $3); printf "  %-18s %.2f\n", $3, $1 / p}' "$work/perf.csv"
 fi
