@@ -100,7 +100,7 @@ impl ReplicatedFleet {
     }
 
     /// Kills node `index` (SIGKILL) and starts it again with `env`.
-    fn restart_with(&mut self, index: usize, env: Vec<(String, String)>) {
+    pub fn restart_with(&mut self, index: usize, env: Vec<(String, String)>) {
         let node = &mut self.nodes[index];
         node.kill9();
         node.env = env;

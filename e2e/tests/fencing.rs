@@ -111,7 +111,7 @@ async fn admin_calls_need_the_clusters_token_and_moves_still_work() {
     // So is the Raft transport, both ways of calling it: a stranger's Raft messages are refused.
     let mut raft = kvfleet_proto::v1::raft_transport_client::RaftTransportClient::new(source.channel());
     let batch =
-        || kvfleet_proto::v1::RaftBatch { from_node_id: "stranger".into(), from_raft_id: 99, envelopes: Vec::new() };
+        || kvfleet_proto::v1::RaftBatch { from_node_id: "stranger".into(), from_raft_id: 99, ..Default::default() };
     let called = raft.deliver(batch()).await.expect_err("a Deliver call without the token");
     assert_eq!(called.code(), Code::Unauthenticated, "{called:?}");
     let streamed = raft.deliver_stream(futures::stream::iter([batch()])).await.expect_err("a stream without the token");

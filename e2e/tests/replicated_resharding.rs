@@ -896,3 +896,108 @@ async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_und
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
+
+/// A merge frozen while a replica's node is down is not undone if that node was last heard
+/// running a version that cannot apply the undo (played here by a node that tells its peers no
+/// features): back on such a version, it would keep its copy frozen while the others took
+/// writes. The controller's attempts are refused with the reason, the range waits frozen, and
+/// once the node answers again the merge finishes; all under a checked history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_version() {
+    let still = Policy { split_qps: 1e9, merge_below_qps: 0.0, ..config().policy };
+    let still_config = LoopConfig { policy: still, ..config() };
+    let (mut fleet, platform, board, controller) = controlled_fleet_with(3, still_config.clone());
+    fleet.leader(None).await;
+    wait_until("range 1 on three voters", Duration::from_secs(60), async || {
+        settled(&ranges_by_leader(&fleet).await, "none")
+    })
+    .await;
+    controller.crash();
+    // Node 2 plays an earlier version to the others from now on; nodes 0 and 1 die right after
+    // freezing a range for a merge they coordinate.
+    let old = 2;
+    fleet.restart_with(old, vec![("KVFLEET_TEST_FEATURES".into(), String::new())]);
+    let marks = tempfile::tempdir().expect("a temporary directory");
+    let mark = marks.path().join("crashed");
+    for index in 0..2 {
+        fleet.arm_crash_once(index, "merge-after-freeze", &mark);
+    }
+    fleet.leader(None).await;
+    let client = fleet.client();
+    let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
+    workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
+
+    let leader = fleet.leader(None).await;
+    let split = kvfleet_proto::v1::SplitRangeRequest {
+        range_id: 1,
+        split_key: bytes::Bytes::from("key024"),
+        ..Default::default()
+    };
+    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
+    let right_id = right.right.expect("the right half").range_id;
+    // Both ranges led by node 0, which then coordinates the merge.
+    let coordinator = 0;
+    for range_id in [1, right_id] {
+        let to_node_id = fleet.nodes[coordinator].node_id.clone();
+        wait_until("node 0 to lead the range", Duration::from_secs(30), async || {
+            let leader = fleet.leader_of(range_id, None).await;
+            if leader == coordinator {
+                return true;
+            }
+            let request = kvfleet_proto::v1::TransferLeaderRequest { range_id, to_node_id: to_node_id.clone() };
+            let _ = fleet.nodes[leader].admin().transfer_leader(request).await;
+            false
+        })
+        .await;
+    }
+    let seeds = fleet.addresses();
+    let merger = tokio::spawn(async move {
+        let clients = kvfleet_resharding::observe::NodeClients::default();
+        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
+            .await
+    });
+    wait_until("node 0 to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
+    wait_until("node 0 to be down", Duration::from_secs(5), async || !fleet.nodes[coordinator].is_running()).await;
+    fleet.nodes[old].kill9();
+    fleet.nodes[coordinator].kill9();
+    fleet.nodes[coordinator].spawn();
+    merger.abort();
+    fleet.leader_of(right_id, None).await;
+    let frozen_on = |ranges: Option<Vec<RangeDescriptor>>| {
+        ranges.unwrap_or_default().into_iter().any(|d| d.range_id == right_id && d.is_frozen_for_merge())
+    };
+    assert!(frozen_on(fleet.ranges_on(coordinator).await), "the right range is frozen on the coordinator");
+
+    // Past the frozen-merge patience (10 s) the controller tries to undo the freeze, and is told
+    // why not; the range stays frozen.
+    let controller = Controller::start(platform.clone(), still_config, board.clone());
+    let refusal = "last heard running a version without it";
+    wait_until("the undo to be refused for the node's version", Duration::from_secs(60), async || {
+        board.snapshot().recent_events.iter().any(|e| e.contains(refusal))
+    })
+    .await;
+    for index in [0, 1] {
+        assert!(frozen_on(fleet.ranges_on(index).await), "node {index} still holds the right range frozen");
+    }
+    let probe = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.put(bytes::Bytes::from("probe-while-frozen"), bytes::Bytes::from("x")),
+    )
+    .await;
+    assert!(!matches!(probe, Ok(Ok(_))), "the frozen range took a write");
+
+    // The node answers again: the merge finishes.
+    fleet.nodes[old].spawn();
+    wait_until("the merge finished once every replica answers", Duration::from_secs(120), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.len() == 1 && settled(&ranges, "none")
+    })
+    .await;
+    let events = board.snapshot().recent_events;
+    assert!(!events.iter().any(|e| e.contains("freeze undone")), "a freeze was undone: {events:?}");
+    controller.crash();
+    // Writers that waited on the frozen range go on on the merged one for a while.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+}

@@ -23,9 +23,21 @@ use crate::error::NodeError;
 use crate::node::Node;
 use crate::ranges::MergePlan;
 use crate::replica::apply;
+use crate::replica::peer_features::PeerSupport;
 
 /// What this version can do that earlier ones could not (`NodeInfoResponse::features`).
 pub const FEATURES: &[&str] = &[MERGE_ABORT_FEATURE];
+
+/// The features this node tells its peers (with its Raft messages) and its callers (NodeInfo):
+/// `FEATURES`, or, for fault tests that play an earlier version to the other nodes, the
+/// comma-separated list in `KVFLEET_TEST_FEATURES` (what the node applies is unchanged).
+pub fn advertised_features() -> &'static [String] {
+    static ADVERTISED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    ADVERTISED.get_or_init(|| match std::env::var("KVFLEET_TEST_FEATURES") {
+        Ok(list) => list.split(',').filter(|f| !f.is_empty()).map(str::to_string).collect(),
+        Err(_) => FEATURES.iter().map(|f| f.to_string()).collect(),
+    })
+}
 
 /// The feature of applying RaftMergeFence and RaftThaw entries: a node without it takes them for
 /// empty entries, so its replica of a thawed range would stay frozen while the others take writes.
@@ -282,9 +294,25 @@ impl Node {
         right: &RangeDescriptor,
         lost: &[String],
     ) -> Result<(), NodeError> {
+        let replicas = || left.into_iter().flat_map(|l| &l.replicas).chain(&right.replicas);
+        // A silent node is skipped only if it was last heard running a version that applies the
+        // undo: when it comes back, it must thaw its copy from the log as the others did.
+        for replica in replicas().filter(|r| lost.contains(&r.node_id) && r.node_id != self.config.node_id) {
+            let raft_id = crate::replica::raft_id_of(&replica.node_id);
+            let last_heard = match self.replication.peer_features.support(raft_id, MERGE_ABORT_FEATURE) {
+                PeerSupport::Has => continue,
+                PeerSupport::Lacks => "was last heard running a version without it",
+                PeerSupport::NeverHeard => "was never heard from by this node, so its version is unknown",
+            };
+            return Err(NodeError::Move(format!(
+                "node {} does not answer and {last_heard} (feature \"{MERGE_ABORT_FEATURE}\"): back on such a \
+                 version, it would take the undoing of range {}'s freeze for empty entries and keep its copy \
+                 frozen; the freeze waits for it to answer (then the merge finishes)",
+                replica.node_id, right.range_id
+            )));
+        }
         let mut asked: Vec<&str> = vec![self.config.node_id.as_str()];
-        let replicas = left.into_iter().flat_map(|l| &l.replicas).chain(&right.replicas);
-        for replica in replicas.filter(|r| !lost.contains(&r.node_id)) {
+        for replica in replicas().filter(|r| !lost.contains(&r.node_id)) {
             if asked.contains(&replica.node_id.as_str()) {
                 continue;
             }

@@ -261,7 +261,7 @@ impl Admin for AdminService {
                 max_scan_limit: config.max_scan_limit,
             }),
             load_accounting: config.load_accounting,
-            features: crate::merges::FEATURES.iter().map(|f| f.to_string()).collect(),
+            features: crate::merges::advertised_features().to_vec(),
         }))
     }
 

@@ -13,6 +13,7 @@
 pub mod apply;
 pub mod driver;
 pub mod fast_ack;
+pub mod peer_features;
 pub mod snapshot;
 pub mod transport;
 
@@ -303,6 +304,8 @@ pub struct Replication {
     addresses: Arc<RwLock<HashMap<u64, String>>>,
     pub(crate) fetcher: transport::SnapshotFetcher,
     pub(crate) send_pacer: transport::SendPacer,
+    /// What each peer node was last heard to support.
+    pub(crate) peer_features: peer_features::PeerFeatures,
     /// `fast` durability: reads check `Published::unapplied_acks`.
     fast_ack: bool,
 }
@@ -320,6 +323,7 @@ impl Replication {
     ) -> Result<Self, crate::error::NodeError> {
         let raft_id = raft_id_of(node_id);
         let send_pacer = transport::SendPacer::new(settings.snapshot_send_bytes_per_sec);
+        let peer_features = peer_features::PeerFeatures::load(db.clone()).map_err(crate::error::NodeError::Corrupt)?;
         let mut log = kvfleet_replication::LogStore::with_db(db.clone())
             .map_err(|e| crate::error::NodeError::Corrupt(format!("opening the Raft logs: {e}")))?;
         if settings.unsynced_single_copies {
@@ -364,6 +368,7 @@ impl Replication {
             addresses,
             fetcher,
             send_pacer,
+            peer_features,
             fast_ack,
         })
     }

@@ -189,8 +189,12 @@ impl Link {
                     Err(_) => break,
                 }
             }
-            let batch =
-                RaftBatch { from_node_id: self.from_node_id.clone(), from_raft_id: self.from_raft_id, envelopes };
+            let batch = RaftBatch {
+                from_node_id: self.from_node_id.clone(),
+                from_raft_id: self.from_raft_id,
+                envelopes,
+                features: crate::merges::advertised_features().to_vec(),
+            };
             let channel = match self.channels.channel(&self.address) {
                 Ok(channel) => channel,
                 Err(error) => {
@@ -446,6 +450,7 @@ impl SendPacer {
 /// Raft thread runs.
 fn take_batch(replication: &Arc<Replication>, batch: RaftBatch) -> Result<RaftBatchAck, Status> {
     replication.liveness.heard_from(batch.from_raft_id);
+    replication.peer_features.heard(batch.from_raft_id, &batch.features);
     let mut envelopes = Vec::with_capacity(batch.envelopes.len());
     for envelope in batch.envelopes {
         match from_wire(envelope) {
