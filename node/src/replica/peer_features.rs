@@ -60,10 +60,14 @@ impl PeerFeatures {
     /// Records that peer `raft_id` sent `features` (none: an earlier version); written to disk
     /// only when they differ from what was known.
     pub fn heard(&self, raft_id: u64, features: &[String]) {
-        let features: BTreeSet<String> = features.iter().cloned().collect();
-        if self.heard.read().get(&raft_id) == Some(&features) {
+        // Every batch carries them: the usual case, nothing new, allocates nothing.
+        let known = |stored: &BTreeSet<String>| {
+            features.iter().all(|f| stored.contains(f.as_str())) && stored.iter().all(|s| features.contains(s))
+        };
+        if self.heard.read().get(&raft_id).is_some_and(known) {
             return;
         }
+        let features: BTreeSet<String> = features.iter().cloned().collect();
         let value = features.iter().cloned().collect::<Vec<_>>().join("\n");
         let stored = self.db.cf_handle(CF_META).map(|cf| {
             let mut key = KEY_PREFIX.to_vec();
