@@ -647,53 +647,9 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
 
-    // Split by hand; then every holder (the first three nodes) dies once right after it froze the
-    // right half for a merge it coordinates.
-    let leader = fleet.leader(None).await;
-    let split = kvfleet_proto::v1::SplitRangeRequest {
-        range_id: 1,
-        split_key: bytes::Bytes::from("key024"),
-        ..Default::default()
-    };
-    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
-    let right_id = right.right.expect("the right half").range_id;
-    // One mark for all: the first to reach the point dies, the others run on past it.
-    let marks = tempfile::tempdir().expect("a temporary directory");
-    let mark = marks.path().join("crashed");
-    for index in 0..3 {
-        fleet.arm_crash_once(index, "merge-after-freeze", &mark);
-    }
-    fleet.leader(None).await;
-    fleet.leader_of(right_id, None).await;
-    let seeds = fleet.addresses();
-    let merger = tokio::spawn(async move {
-        let clients = kvfleet_resharding::observe::NodeClients::default();
-        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
-            .await
-    });
-    wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
-    let mut coordinator = None;
-    for _ in 0..50 {
-        coordinator = (0..3).find(|&index| !fleet.nodes[index].is_running());
-        if coordinator.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let coordinator = coordinator.expect("the node that froze the right range died");
-    // Lost for good before the coordinator is back: the merge can never have every replica.
-    let lost = (coordinator + 1) % 3;
+    let FrozenMerge { right_id, coordinator, down: lost, marks } = freeze_a_merge_with_a_holder_down(&mut fleet).await;
+    // Lost for good: the merge can never have every replica.
     let lost_id = fleet.nodes[lost].node_id.clone();
-    fleet.nodes[lost].kill9();
-    fleet.nodes[coordinator].kill9();
-    fleet.nodes[coordinator].spawn();
-    fleet.leader_of(right_id, None).await;
-    let frozen = fleet.ranges_on(coordinator).await.unwrap_or_default();
-    let frozen = frozen.iter().find(|d| d.range_id == right_id).cloned();
-    let frozen = frozen.filter(|d| d.merge_freeze_index > 0).expect("the right range is frozen on the coordinator");
-    assert_eq!((frozen.merge_left_id, frozen.state()), (1, kvfleet_proto::v1::RangeState::Frozen));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    merger.abort();
     // A key of the right range that the history does not write: a write cut off here must not
     // surprise its checker if it is applied later.
     let put = || client.put(bytes::Bytes::from("probe-after-freeze"), bytes::Bytes::from("thawed"));
@@ -730,25 +686,98 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     }
     assert!(undone_mark.exists(), "no node died between the fence and the thaw");
     put().await.expect("the thawed range takes writes");
+    controller.crash();
+    undone_then_merged_again(&fleet, &platform, &board, right_id, &lost_id).await;
+    let report = workload.finish_checked(&client).await;
+    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+}
+
+/// Checks that an event told of range `right_id`'s freeze undone, then has a controller with a
+/// cold policy merge range 1 and it again (the left range refused that freeze only), on three
+/// voters, none on node `not_on`.
+async fn undone_then_merged_again(
+    fleet: &ReplicatedFleet,
+    platform: &Arc<TestPlatform>,
+    board: &StatusBoard,
+    right_id: u64,
+    not_on: &str,
+) {
     let events = board.snapshot().recent_events;
     assert!(
         events.iter().any(|e| e.contains(&format!("range {right_id}")) && e.contains("freeze undone")),
         "no event tells of the undone freeze: {events:?}"
     );
-    controller.crash();
-
-    // The left range's refusal was of that freeze only: with both ranges cold, the controller
-    // merges them again.
     let cold = Policy { split_qps: 1e9, merge_below_qps: 1e9, merge_delay_secs: 3, ..config().policy };
     let controller = Controller::start(platform.clone(), LoopConfig { policy: cold, ..config() }, board.clone());
     wait_until("the two ranges merged again", Duration::from_secs(120), async || {
-        let ranges = ranges_by_leader(&fleet).await;
-        ranges.len() == 1 && settled(&ranges, &lost_id)
+        let ranges = ranges_by_leader(fleet).await;
+        ranges.len() == 1 && settled(&ranges, not_on)
     })
     .await;
     controller.crash();
-    let report = workload.finish_checked(&client).await;
-    assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+}
+
+/// A merge of range 1's halves frozen on nodes 0-2, with one holder of them down.
+struct FrozenMerge {
+    right_id: u64,
+    /// The node that froze the right half and died, started again.
+    coordinator: usize,
+    /// `(coordinator + 1) % 3`, killed before the coordinator was back.
+    down: usize,
+    /// Where the crash marks are (more can be put there).
+    marks: tempfile::TempDir,
+}
+
+/// Splits range 1 (on nodes 0-2) at key024 and merges the halves back with every holder armed to
+/// die right after it froze the right half for a merge it coordinates; kills node
+/// `(coordinator + 1) % 3` before the coordinator starts again, so the merge cannot have every
+/// replica; returns once the coordinator is back and holds the right half frozen into range 1.
+async fn freeze_a_merge_with_a_holder_down(fleet: &mut ReplicatedFleet) -> FrozenMerge {
+    let leader = fleet.leader(None).await;
+    let split = kvfleet_proto::v1::SplitRangeRequest {
+        range_id: 1,
+        split_key: bytes::Bytes::from("key024"),
+        ..Default::default()
+    };
+    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
+    let right_id = right.right.expect("the right half").range_id;
+    // One mark for all: the first to reach the point dies, the others run on past it.
+    let marks = tempfile::tempdir().expect("a temporary directory");
+    let mark = marks.path().join("crashed");
+    for index in 0..3 {
+        fleet.arm_crash_once(index, "merge-after-freeze", &mark);
+    }
+    fleet.leader(None).await;
+    fleet.leader_of(right_id, None).await;
+    let seeds = fleet.addresses();
+    let merger = tokio::spawn(async move {
+        let clients = kvfleet_resharding::observe::NodeClients::default();
+        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
+            .await
+    });
+    wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
+    let mut coordinator = None;
+    for _ in 0..50 {
+        coordinator = (0..3).find(|&index| !fleet.nodes[index].is_running());
+        if coordinator.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let coordinator = coordinator.expect("the node that froze the right range died");
+    let down = (coordinator + 1) % 3;
+    fleet.nodes[down].kill9();
+    fleet.nodes[coordinator].kill9();
+    fleet.nodes[coordinator].spawn();
+    fleet.leader_of(right_id, None).await;
+    let frozen = fleet.ranges_on(coordinator).await.unwrap_or_default();
+    let frozen = frozen.iter().find(|d| d.range_id == right_id).cloned();
+    let frozen = frozen.filter(|d| d.merge_freeze_index > 0).expect("the right range is frozen on the coordinator");
+    assert_eq!((frozen.merge_left_id, frozen.state()), (1, kvfleet_proto::v1::RangeState::Frozen));
+    // The merge's own retries cannot finish it either.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    merger.abort();
+    FrozenMerge { right_id, coordinator, down, marks }
 }
 
 /// A merge frozen while a replica's node is down for a while (a pod being rescheduled) is
@@ -775,49 +804,10 @@ async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_und
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
 
-    let leader = fleet.leader(None).await;
-    let split = kvfleet_proto::v1::SplitRangeRequest {
-        range_id: 1,
-        split_key: bytes::Bytes::from("key024"),
-        ..Default::default()
-    };
-    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
-    let right_id = right.right.expect("the right half").range_id;
-    let marks = tempfile::tempdir().expect("a temporary directory");
-    let mark = marks.path().join("crashed");
-    for index in 0..3 {
-        fleet.arm_crash_once(index, "merge-after-freeze", &mark);
-    }
-    fleet.leader(None).await;
-    fleet.leader_of(right_id, None).await;
-    let seeds = fleet.addresses();
-    let merger = tokio::spawn(async move {
-        let clients = kvfleet_resharding::observe::NodeClients::default();
-        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
-            .await
-    });
-    wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
-    let mut coordinator = None;
-    for _ in 0..50 {
-        coordinator = (0..3).find(|&index| !fleet.nodes[index].is_running());
-        if coordinator.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let coordinator = coordinator.expect("the node that froze the right range died");
-    // Down before the coordinator is back: the merge cannot have every replica until it returns.
-    let down = (coordinator + 1) % 3;
+    let FrozenMerge { right_id, coordinator, down, marks } = freeze_a_merge_with_a_holder_down(&mut fleet).await;
     let survivors = [coordinator, (coordinator + 2) % 3];
-    fleet.nodes[down].kill9();
-    fleet.nodes[coordinator].kill9();
-    fleet.nodes[coordinator].spawn();
-    fleet.leader_of(right_id, None).await;
     let frozen = fleet.ranges_on(coordinator).await.unwrap_or_default();
-    let frozen = frozen.iter().find(|d| d.range_id == right_id).cloned();
-    let frozen = frozen.filter(|d| d.merge_freeze_index > 0).expect("the right range is frozen on the coordinator");
-    assert_eq!((frozen.merge_left_id, frozen.state()), (1, kvfleet_proto::v1::RangeState::Frozen));
-    merger.abort();
+    let frozen = frozen.into_iter().find(|d| d.range_id == right_id).expect("the right range on the coordinator");
 
     // The survivor that undoes the freeze dies between the left range's refusal and the thaw.
     let undone_mark = marks.path().join("undoing");
@@ -878,21 +868,8 @@ async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_und
         .put(bytes::Bytes::from("probe-after-undo"), bytes::Bytes::from("thawed"))
         .await
         .expect("the thawed range takes writes");
-    let events = board.snapshot().recent_events;
-    assert!(
-        events.iter().any(|e| e.contains(&format!("range {right_id}")) && e.contains("freeze undone")),
-        "no event tells of the undone freeze: {events:?}"
-    );
     controller.crash();
-
-    let cold = Policy { split_qps: 1e9, merge_below_qps: 1e9, merge_delay_secs: 3, ..config().policy };
-    let controller = Controller::start(platform.clone(), LoopConfig { policy: cold, ..config() }, board.clone());
-    wait_until("the two ranges merged again", Duration::from_secs(120), async || {
-        let ranges = ranges_by_leader(&fleet).await;
-        ranges.len() == 1 && settled(&ranges, "none")
-    })
-    .await;
-    controller.crash();
+    undone_then_merged_again(&fleet, &platform, &board, right_id, "none").await;
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
