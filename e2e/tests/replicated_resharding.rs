@@ -692,6 +692,46 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
 
+/// Splits range 1 at key024 through its leader; the right half's id.
+async fn split_range_1_at_key024(fleet: &mut ReplicatedFleet) -> u64 {
+    let leader = fleet.leader(None).await;
+    let split = kvfleet_proto::v1::SplitRangeRequest {
+        range_id: 1,
+        split_key: bytes::Bytes::from("key024"),
+        ..Default::default()
+    };
+    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
+    right.right.expect("the right half").range_id
+}
+
+/// Merges range `right_id` back into range 1, as a task (`merge_replicated`, 60 s at most).
+fn start_merging(
+    fleet: &ReplicatedFleet,
+    right_id: u64,
+) -> tokio::task::JoinHandle<Result<RangeDescriptor, kvfleet_resharding::replica_merges::ReplicaMergeError>> {
+    let seeds = fleet.addresses();
+    tokio::spawn(async move {
+        let clients = kvfleet_resharding::observe::NodeClients::default();
+        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
+            .await
+    })
+}
+
+/// Three nodes and a controller that made range 1 on them, crashed; returns the controller
+/// settings to start it again with: no split or merge of its own.
+async fn three_nodes_holding_range_1() -> (ReplicatedFleet, Arc<TestPlatform>, StatusBoard, LoopConfig) {
+    let still = Policy { split_qps: 1e9, merge_below_qps: 0.0, ..config().policy };
+    let still_config = LoopConfig { policy: still, ..config() };
+    let (mut fleet, platform, board, controller) = controlled_fleet_with(3, still_config.clone());
+    fleet.leader(None).await;
+    wait_until("range 1 on three voters", Duration::from_secs(60), async || {
+        settled(&ranges_by_leader(&fleet).await, "none")
+    })
+    .await;
+    controller.crash();
+    (fleet, platform, board, still_config)
+}
+
 /// Checks that an event told of range `right_id`'s freeze undone, then has a controller with a
 /// cold policy merge range 1 and it again (the left range refused that freeze only), on three
 /// voters, none on node `not_on`.
@@ -733,14 +773,7 @@ struct FrozenMerge {
 /// `(coordinator + 1) % 3` before the coordinator starts again, so the merge cannot have every
 /// replica; returns once the coordinator is back and holds the right half frozen into range 1.
 async fn freeze_a_merge_with_a_holder_down(fleet: &mut ReplicatedFleet) -> FrozenMerge {
-    let leader = fleet.leader(None).await;
-    let split = kvfleet_proto::v1::SplitRangeRequest {
-        range_id: 1,
-        split_key: bytes::Bytes::from("key024"),
-        ..Default::default()
-    };
-    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
-    let right_id = right.right.expect("the right half").range_id;
+    let right_id = split_range_1_at_key024(fleet).await;
     // One mark for all: the first to reach the point dies, the others run on past it.
     let marks = tempfile::tempdir().expect("a temporary directory");
     let mark = marks.path().join("crashed");
@@ -749,12 +782,7 @@ async fn freeze_a_merge_with_a_holder_down(fleet: &mut ReplicatedFleet) -> Froze
     }
     fleet.leader(None).await;
     fleet.leader_of(right_id, None).await;
-    let seeds = fleet.addresses();
-    let merger = tokio::spawn(async move {
-        let clients = kvfleet_resharding::observe::NodeClients::default();
-        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
-            .await
-    });
+    let merger = start_merging(fleet, right_id);
     wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
     let mut coordinator = None;
     for _ in 0..50 {
@@ -790,16 +818,8 @@ async fn freeze_a_merge_with_a_holder_down(fleet: &mut ReplicatedFleet) -> Froze
 /// reads, which the returning node serves too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_undo_catches_up() {
-    // No split or merge of the controller's own, and no replica replaced: the node comes back.
-    let still = Policy { split_qps: 1e9, merge_below_qps: 0.0, ..config().policy };
-    let still_config = LoopConfig { policy: still, ..config() };
-    let (mut fleet, platform, board, controller) = controlled_fleet_with(3, still_config.clone());
-    fleet.leader(None).await;
-    wait_until("range 1 on three voters", Duration::from_secs(60), async || {
-        settled(&ranges_by_leader(&fleet).await, "none")
-    })
-    .await;
-    controller.crash();
+    // No replica replaced: the node comes back.
+    let (mut fleet, platform, board, still_config) = three_nodes_holding_range_1().await;
     let client = fleet.client();
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
@@ -881,15 +901,7 @@ async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_und
 /// once the node answers again the merge finishes; all under a checked history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_version() {
-    let still = Policy { split_qps: 1e9, merge_below_qps: 0.0, ..config().policy };
-    let still_config = LoopConfig { policy: still, ..config() };
-    let (mut fleet, platform, board, controller) = controlled_fleet_with(3, still_config.clone());
-    fleet.leader(None).await;
-    wait_until("range 1 on three voters", Duration::from_secs(60), async || {
-        settled(&ranges_by_leader(&fleet).await, "none")
-    })
-    .await;
-    controller.crash();
+    let (mut fleet, platform, board, still_config) = three_nodes_holding_range_1().await;
     // Node 2 plays an earlier version to the others from now on; nodes 0 and 1 die right after
     // freezing a range for a merge they coordinate.
     let old = 2;
@@ -904,14 +916,7 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
     let mut workload = HistoryWorkload::start(client.clone(), keys(48), 4, 4);
     workload.add_readers_with(&client, 2, 300, ReadConsistency::Follower);
 
-    let leader = fleet.leader(None).await;
-    let split = kvfleet_proto::v1::SplitRangeRequest {
-        range_id: 1,
-        split_key: bytes::Bytes::from("key024"),
-        ..Default::default()
-    };
-    let right = fleet.nodes[leader].admin().split_range(split).await.expect("the leader splits").into_inner();
-    let right_id = right.right.expect("the right half").range_id;
+    let right_id = split_range_1_at_key024(&mut fleet).await;
     // Both ranges led by node 0, which then coordinates the merge.
     let coordinator = 0;
     for range_id in [1, right_id] {
@@ -927,12 +932,7 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
         })
         .await;
     }
-    let seeds = fleet.addresses();
-    let merger = tokio::spawn(async move {
-        let clients = kvfleet_resharding::observe::NodeClients::default();
-        kvfleet_resharding::replica_merges::merge_replicated(&clients, 1, right_id, &seeds, Duration::from_secs(60))
-            .await
-    });
+    let merger = start_merging(&fleet, right_id);
     wait_until("node 0 to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
     wait_until("node 0 to be down", Duration::from_secs(5), async || !fleet.nodes[coordinator].is_running()).await;
     fleet.nodes[old].kill9();
