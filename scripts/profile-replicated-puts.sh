@@ -48,16 +48,18 @@ read -r user0 system0 idle0 <<<"$(machine_ticks)"
 if command -v perf >/dev/null; then
   events=""
   for call in fdatasync write writev recvfrom futex epoll_wait; do events+="syscalls:sys_enter_$call,"; done
-  perf stat -x, -e "${events}context-switches" -p "$(IFS=,; echo "${nodes[*]}")" -- sleep "$measure" 2>"$work/perf.csv" || true
-else
-  sleep "$measure"
+  # Beside the window, not as it: a perf that cannot attach must not shorten it.
+  perf stat -x, -e "${events}context-switches" -p "$(IFS=,; echo "${nodes[*]}")" -- sleep "$measure" 2>"$work/perf.csv" &
+  perf_pid=$!
 fi
+sleep "$measure"
+if [[ -n "${perf_pid:-}" ]]; then wait "$perf_pid" || echo "perf could not count the syscalls: $(head -3 "$work/perf.csv")" >&2; fi
 for pid in "${nodes[@]}" "$bench_pid"; do after[$pid]=$(process_ticks "$pid"); done
 read -r user1 system1 idle1 <<<"$(machine_ticks)"
 wait "$bench_pid"
 ops=$(awk '/^run:/ {print $4}' "$work/bench.out")
 [[ -n "$ops" ]] || { echo "the bench printed no result: $(tail -5 "$work/bench.out")" >&2; exit 1; }
-puts=$((ops * measure))
+puts=$((ops * measure)) # at the run's average rate
 hz=$(getconf CLK_TCK)
 total=$(((user1 - user0) + (system1 - system0) + (idle1 - idle0)))
 

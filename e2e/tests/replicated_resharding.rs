@@ -918,12 +918,11 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
 
     let right_id = split_range_1_at_key024(&mut fleet).await;
     // Both ranges led by node 0, which then coordinates the merge.
-    let coordinator = 0;
     for range_id in [1, right_id] {
-        let to_node_id = fleet.nodes[coordinator].node_id.clone();
+        let to_node_id = fleet.nodes[0].node_id.clone();
         wait_until("node 0 to lead the range", Duration::from_secs(30), async || {
             let leader = fleet.leader_of(range_id, None).await;
-            if leader == coordinator {
+            if leader == 0 {
                 return true;
             }
             let request = kvfleet_proto::v1::TransferLeaderRequest { range_id, to_node_id: to_node_id.clone() };
@@ -933,8 +932,17 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
         .await;
     }
     let merger = start_merging(&fleet, right_id);
-    wait_until("node 0 to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
-    wait_until("node 0 to be down", Duration::from_secs(5), async || !fleet.nodes[coordinator].is_running()).await;
+    wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
+    // Node 0 as asked, or node 1 if leadership moved meanwhile (both are armed; node 2 is not).
+    let mut coordinator = None;
+    for _ in 0..50 {
+        coordinator = (0..2).find(|&index| !fleet.nodes[index].is_running());
+        if coordinator.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let coordinator = coordinator.expect("the node that froze the right range died");
     fleet.nodes[old].kill9();
     fleet.nodes[coordinator].kill9();
     fleet.nodes[coordinator].spawn();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvfleet_proto::v1::{
     AbortMergeRequest, ListRangesRequest, MergeRangesRequest, NodeInfoRequest, RaftFreeze, RaftMerge, RaftMergeFence,
-    RaftThaw, RangeDescriptor, RangeState, ReplicaMembership,
+    RaftThaw, RangeDescriptor, RangeState, Replica, ReplicaMembership,
 };
 
 use crate::error::NodeError;
@@ -287,36 +287,23 @@ impl Node {
 
 impl Node {
     /// Before a fence and a thaw: every other replica's node must answer that it knows how to
-    /// apply them, but those the caller names lost (down for good, being replaced).
+    /// apply them. One the caller names lost (down for good, being replaced) may stay silent,
+    /// but only if it was last heard running a version that applies them: when it comes back,
+    /// it must thaw its copy from the log as the others did.
     async fn check_replicas_can_thaw(
         &self,
         left: Option<&RangeDescriptor>,
         right: &RangeDescriptor,
         lost: &[String],
     ) -> Result<(), NodeError> {
-        let replicas = || left.into_iter().flat_map(|l| &l.replicas).chain(&right.replicas);
-        // A silent node is skipped only if it was last heard running a version that applies the
-        // undo: when it comes back, it must thaw its copy from the log as the others did.
-        for replica in replicas().filter(|r| lost.contains(&r.node_id) && r.node_id != self.config.node_id) {
-            let raft_id = crate::replica::raft_id_of(&replica.node_id);
-            let last_heard = match self.replication.peer_features.support(raft_id, MERGE_ABORT_FEATURE) {
-                PeerSupport::Has => continue,
-                PeerSupport::Lacks => "was last heard running a version without it",
-                PeerSupport::NeverHeard => "was never heard from by this node, so its version is unknown",
-            };
-            return Err(NodeError::Move(format!(
-                "node {} does not answer and {last_heard} (feature \"{MERGE_ABORT_FEATURE}\"): back on such a \
-                 version, it would take the undoing of range {}'s freeze for empty entries and keep its copy \
-                 frozen; the freeze waits for it to answer (then the merge finishes)",
-                replica.node_id, right.range_id
-            )));
-        }
         let mut asked: Vec<&str> = vec![self.config.node_id.as_str()];
-        for replica in replicas().filter(|r| !lost.contains(&r.node_id)) {
+        let replicas = left.into_iter().flat_map(|l| &l.replicas).chain(&right.replicas);
+        for replica in replicas {
             if asked.contains(&replica.node_id.as_str()) {
                 continue;
             }
             asked.push(&replica.node_id);
+            let is_lost = lost.contains(&replica.node_id);
             let unanswered = |why: String| {
                 NodeError::Unavailable(format!(
                     "node {} holds a replica of range {} or its left neighbour and did not say whether it can apply \
@@ -324,11 +311,21 @@ impl Node {
                     replica.node_id, right.range_id
                 ))
             };
+            // Asked even if named lost: it may be back, on another version.
+            let wait = if is_lost { Duration::from_secs(1) } else { Duration::from_secs(2) };
             let mut admin = self.peers.admin(&replica.address).map_err(|e| unanswered(e.to_string()))?;
             let mut request = tonic::Request::new(NodeInfoRequest {});
-            request.set_timeout(Duration::from_secs(2));
-            let answer = admin.node_info(request).await.map_err(|status| unanswered(status.message().to_string()))?;
-            let answer = answer.into_inner();
+            request.set_timeout(wait);
+            let answer = match admin.node_info(request).await {
+                Ok(answer) => answer.into_inner(),
+                Err(_) if is_lost => {
+                    self.check_silent_can_thaw(replica, right.range_id)?;
+                    continue;
+                }
+                Err(status) => return Err(unanswered(status.message().to_string())),
+            };
+            let raft_id = crate::replica::raft_id_of(&replica.node_id);
+            self.replication.peer_features.heard(raft_id, &answer.features);
             if !answer.features.iter().any(|f| f == MERGE_ABORT_FEATURE) {
                 return Err(NodeError::Move(format!(
                     "node {} (version {}) cannot apply the undoing of a freeze (feature \"{MERGE_ABORT_FEATURE}\"): \
@@ -355,6 +352,22 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Whether silent `replica`'s node was last heard with the feature the undo needs.
+    fn check_silent_can_thaw(&self, replica: &Replica, right_id: u64) -> Result<(), NodeError> {
+        let raft_id = crate::replica::raft_id_of(&replica.node_id);
+        let last_heard = match self.replication.peer_features.support(raft_id, MERGE_ABORT_FEATURE) {
+            PeerSupport::Has => return Ok(()),
+            PeerSupport::Lacks => "was last heard running a version without it",
+            PeerSupport::NeverHeard => "was never heard from by this node, so its version is unknown",
+        };
+        Err(NodeError::Move(format!(
+            "node {} does not answer and {last_heard} (feature \"{MERGE_ABORT_FEATURE}\"): back on such a version, \
+             it would take the undoing of range {right_id}'s freeze for empty entries and keep its copy frozen; the \
+             freeze waits for it to answer (then the merge finishes)",
+            replica.node_id
+        )))
     }
 
     /// Whether every other replica's node lists `right` frozen at its freeze index (it applied

@@ -67,6 +67,11 @@ impl PeerFeatures {
         if self.heard.read().get(&raft_id).is_some_and(known) {
             return;
         }
+        // One writer at a time: what is on disk and in memory stay the same.
+        let mut heard = self.heard.write();
+        if heard.get(&raft_id).is_some_and(known) {
+            return;
+        }
         let features: BTreeSet<String> = features.iter().cloned().collect();
         let value = features.iter().cloned().collect::<Vec<_>>().join("\n");
         let stored = self.db.cf_handle(CF_META).map(|cf| {
@@ -77,7 +82,7 @@ impl PeerFeatures {
         match stored {
             Some(Ok(())) => {
                 tracing::info!(peer = raft_id, features = ?features, "a peer's features");
-                self.heard.write().insert(raft_id, features);
+                heard.insert(raft_id, features);
             }
             // Not remembered: the next batch from the peer tries again.
             Some(Err(error)) => tracing::warn!(peer = raft_id, %error, "the peer's features not stored"),

@@ -450,7 +450,10 @@ impl SendPacer {
 /// Raft thread runs.
 fn take_batch(replication: &Arc<Replication>, batch: RaftBatch) -> Result<RaftBatchAck, Status> {
     replication.liveness.heard_from(batch.from_raft_id);
-    replication.peer_features.heard(batch.from_raft_id, &batch.features);
+    // Only a sender whose Raft id is its node id's, as every node's is.
+    if batch.from_raft_id == super::raft_id_of(&batch.from_node_id) {
+        replication.peer_features.heard(batch.from_raft_id, &batch.features);
+    }
     let mut envelopes = Vec::with_capacity(batch.envelopes.len());
     for envelope in batch.envelopes {
         match from_wire(envelope) {
