@@ -704,6 +704,17 @@ async fn split_range_1_at_key024(fleet: &mut ReplicatedFleet) -> u64 {
     right.right.expect("the right half").range_id
 }
 
+/// The first of nodes `among` found down within 5 s: the one that froze the right range and died.
+async fn the_node_down(fleet: &mut ReplicatedFleet, among: std::ops::Range<usize>) -> usize {
+    for _ in 0..50 {
+        if let Some(index) = among.clone().find(|&index| !fleet.nodes[index].is_running()) {
+            return index;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("none of nodes {among:?} died after freezing the right range");
+}
+
 /// Merges range `right_id` back into range 1, as a task (`merge_replicated`, 60 s at most).
 fn start_merging(
     fleet: &ReplicatedFleet,
@@ -784,15 +795,7 @@ async fn freeze_a_merge_with_a_holder_down(fleet: &mut ReplicatedFleet) -> Froze
     fleet.leader_of(right_id, None).await;
     let merger = start_merging(fleet, right_id);
     wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
-    let mut coordinator = None;
-    for _ in 0..50 {
-        coordinator = (0..3).find(|&index| !fleet.nodes[index].is_running());
-        if coordinator.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let coordinator = coordinator.expect("the node that froze the right range died");
+    let coordinator = the_node_down(fleet, 0..3).await;
     let down = (coordinator + 1) % 3;
     fleet.nodes[down].kill9();
     fleet.nodes[coordinator].kill9();
@@ -934,15 +937,7 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
     let merger = start_merging(&fleet, right_id);
     wait_until("a node to freeze the right range and die", Duration::from_secs(60), async || mark.exists()).await;
     // Node 0 as asked, or node 1 if leadership moved meanwhile (both are armed; node 2 is not).
-    let mut coordinator = None;
-    for _ in 0..50 {
-        coordinator = (0..2).find(|&index| !fleet.nodes[index].is_running());
-        if coordinator.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let coordinator = coordinator.expect("the node that froze the right range died");
+    let coordinator = the_node_down(&mut fleet, 0..2).await;
     fleet.nodes[old].kill9();
     fleet.nodes[coordinator].kill9();
     fleet.nodes[coordinator].spawn();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvfleet_proto::v1::{
     AbortMergeRequest, ListRangesRequest, MergeRangesRequest, NodeInfoRequest, RaftFreeze, RaftMerge, RaftMergeFence,
-    RaftThaw, RangeDescriptor, RangeState, Replica, ReplicaMembership,
+    RaftThaw, RangeDescriptor, RangeState, ReplicaMembership,
 };
 
 use crate::error::NodeError;
@@ -303,6 +303,7 @@ impl Node {
                 continue;
             }
             asked.push(&replica.node_id);
+            let raft_id = crate::replica::raft_id_of(&replica.node_id);
             let is_lost = lost.contains(&replica.node_id);
             let unanswered = |why: String| {
                 NodeError::Unavailable(format!(
@@ -319,12 +320,11 @@ impl Node {
             let answer = match admin.node_info(request).await {
                 Ok(answer) => answer.into_inner(),
                 Err(_) if is_lost => {
-                    self.check_silent_can_thaw(replica, right.range_id)?;
+                    self.check_silent_can_thaw(&replica.node_id, raft_id, right.range_id)?;
                     continue;
                 }
                 Err(status) => return Err(unanswered(status.message().to_string())),
             };
-            let raft_id = crate::replica::raft_id_of(&replica.node_id);
             self.replication.peer_features.heard(raft_id, &answer.features);
             if !answer.features.iter().any(|f| f == MERGE_ABORT_FEATURE) {
                 return Err(NodeError::Move(format!(
@@ -354,19 +354,18 @@ impl Node {
         Ok(())
     }
 
-    /// Whether silent `replica`'s node was last heard with the feature the undo needs.
-    fn check_silent_can_thaw(&self, replica: &Replica, right_id: u64) -> Result<(), NodeError> {
-        let raft_id = crate::replica::raft_id_of(&replica.node_id);
+    /// Whether silent node `node_id` (Raft id `raft_id`) was last heard with the feature the undo
+    /// needs.
+    fn check_silent_can_thaw(&self, node_id: &str, raft_id: u64, right_id: u64) -> Result<(), NodeError> {
         let last_heard = match self.replication.peer_features.support(raft_id, MERGE_ABORT_FEATURE) {
             PeerSupport::Has => return Ok(()),
             PeerSupport::Lacks => "was last heard running a version without it",
             PeerSupport::NeverHeard => "was never heard from by this node, so its version is unknown",
         };
         Err(NodeError::Move(format!(
-            "node {} does not answer and {last_heard} (feature \"{MERGE_ABORT_FEATURE}\"): back on such a version, \
+            "node {node_id} does not answer and {last_heard} (feature \"{MERGE_ABORT_FEATURE}\"): back on such a version, \
              it would take the undoing of range {right_id}'s freeze for empty entries and keep its copy frozen; the \
              freeze waits for it to answer (then the merge finishes)",
-            replica.node_id
         )))
     }
 

@@ -221,13 +221,16 @@ pub async fn abort_frozen_merge(
                         Some(thawed) => return Ok(thawed),
                         None => Err(format!("{}: the abort answered no range", left_leader.address)),
                     },
-                    // Refused for what the fleet is (a replica's node that must answer first, a
-                    // version that cannot apply it, another split or merge on the node): not
-                    // worth retrying within this call; the caller asks again later.
-                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                        return Err(format!("{}: {}", left_leader.address, describe_status(&status)));
+                    Err(status) => {
+                        let problem = format!("{}: {}", left_leader.address, describe_status(&status));
+                        // Refused for what the fleet is (a replica's node that must answer first,
+                        // a version that cannot apply it, another split or merge on the node): not
+                        // worth retrying within this call; the caller asks again later.
+                        if status.code() == tonic::Code::FailedPrecondition {
+                            return Err(problem);
+                        }
+                        Err(problem)
                     }
-                    Err(status) => Err(format!("{}: {}", left_leader.address, describe_status(&status))),
                 },
                 Err(error) => Err(error),
             }
