@@ -16,6 +16,7 @@ use kvfleet_proto::v1::{
     ReplicaChange, ReplicaMembership, replica_change,
 };
 use kvfleet_resharding::resharding_loop::{LoopConfig, ReshardingLoop};
+use kvfleet_resharding::state::InFlightMove;
 use kvfleet_resharding::status::StatusBoard;
 use tokio::sync::watch;
 
@@ -250,36 +251,50 @@ async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() 
     // away): the controller removes it.
     let stranger = fleet.add_node();
     let stranger_id = fleet.nodes[stranger].node_id.clone();
-    let mut added: Option<u64> = None;
-    for _ in 0..20 {
+    // The controller may split the chosen range meanwhile (the stranger's empty replica then
+    // overlaps the halves) or change its membership: try again, on any range, for a while.
+    let (mut added, mut refused): (Option<u64>, Vec<String>) = (None, Vec::new());
+    let trying = Instant::now();
+    while added.is_none() && trying.elapsed() < Duration::from_secs(30) {
         let ranges = ranges_by_leader(&fleet).await;
-        let Some(desc) = ranges.iter().find(|d| d.replicas.iter().all(|r| r.membership() == ReplicaMembership::Voter))
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+        let voters_only = |d: &&RangeDescriptor| d.replicas.iter().all(|r| r.membership() == ReplicaMembership::Voter);
+        let leader_of = |d: &RangeDescriptor| {
+            let leader = d.leader().map(|r| r.node_id.clone()).unwrap_or_default();
+            fleet.nodes.iter().position(|n| n.node_id == leader)
         };
-        let leader = desc.leader().map(|r| r.node_id.clone()).unwrap_or_default();
-        let Some(leader) = fleet.nodes.iter().position(|n| n.node_id == leader) else { continue };
-        let mut admin = fleet.nodes[stranger].admin();
-        let created = admin.create_replica(CreateReplicaRequest { range: Some(desc.clone()) }).await;
-        created.expect("the stranger creates an empty replica");
-        let learner = Replica {
-            node_id: stranger_id.clone(),
-            address: fleet.nodes[stranger].address.clone(),
-            ..Default::default()
-        };
-        let change = ChangeReplicasRequest {
-            range_id: desc.range_id,
-            expected_conf_version: desc.conf_version,
-            changes: vec![ReplicaChange { kind: replica_change::Kind::AddLearner as i32, replica: Some(learner) }],
-        };
-        if fleet.nodes[leader].admin().change_replicas(change).await.is_ok() {
-            added = Some(desc.range_id);
-            break;
+        if let Some((desc, leader)) = ranges.iter().filter(voters_only).find_map(|d| Some((d, leader_of(d)?))) {
+            let mut admin = fleet.nodes[stranger].admin();
+            match admin.create_replica(CreateReplicaRequest { range: Some(desc.clone()) }).await {
+                Err(status) => refused.push(format!("CreateReplica of range {}: {status:?}", desc.range_id)),
+                Ok(_) => {
+                    let learner = Replica {
+                        node_id: stranger_id.clone(),
+                        address: fleet.nodes[stranger].address.clone(),
+                        ..Default::default()
+                    };
+                    let change = ChangeReplicasRequest {
+                        range_id: desc.range_id,
+                        expected_conf_version: desc.conf_version,
+                        changes: vec![ReplicaChange {
+                            kind: replica_change::Kind::AddLearner as i32,
+                            replica: Some(learner),
+                        }],
+                    };
+                    match fleet.nodes[leader].admin().change_replicas(change).await {
+                        Ok(_) => added = Some(desc.range_id),
+                        Err(status) => refused.push(format!("ChangeReplicas of range {}: {status:?}", desc.range_id)),
+                    }
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if added.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
-    let with_learner = added.expect("a learner added on the stranger");
+    if !refused.is_empty() {
+        eprintln!("refused before the learner was added: {refused:#?}");
+    }
+    let with_learner = added.unwrap_or_else(|| panic!("no learner added on the stranger in 30 s: {refused:#?}"));
     wait_until("the controller to remove the stranger's learner", Duration::from_secs(30), async || {
         let ranges = ranges_by_leader(&fleet).await;
         let range = ranges.iter().find(|d| d.range_id == with_learner);
@@ -292,14 +307,19 @@ async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() 
     let gone_id = fleet.nodes[gone].node_id.clone();
     let held = fleet.ranges_on(gone).await.expect("the node answers").len();
     assert!(held > 0, "the node to remove holds replicas");
+    // A move off the node may have started before it left (to balance): the crashes aim at the
+    // moves its leaving starts.
+    let moved_before: Vec<u64> =
+        platform.state().map(|s| s.moves.iter().map(|m| m.move_id).collect()).unwrap_or_default();
     fleet.nodes[gone].kill9();
     platform.remove_member(&gone_id);
+    let off_the_gone_node = |m: &InFlightMove| m.from == gone_id && !moved_before.contains(&m.move_id);
 
     // Crash the controller twice while it moves replicas off the removed node: at once, and
     // some way into the moves.
     let mut crashed_mid_move = 0;
     for delay in [Duration::ZERO, Duration::from_millis(700)] {
-        let moving_off = async || platform.state().is_some_and(|s| s.moves.iter().any(|m| m.from == gone_id));
+        let moving_off = async || platform.state().is_some_and(|s| s.moves.iter().any(off_the_gone_node));
         let started = Instant::now();
         while !moving_off().await && started.elapsed() < Duration::from_secs(60) {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -307,13 +327,16 @@ async fn a_node_removed_without_a_drain_has_its_replicas_recreated_on_members() 
         tokio::time::sleep(delay).await;
         let in_flight = platform.state().map(|s| s.moves).unwrap_or_default();
         eprintln!("crashing the controller {delay:?} into its moves off {gone_id}: {in_flight:?}");
-        crashed_mid_move += usize::from(in_flight.iter().any(|m| m.from == gone_id));
+        crashed_mid_move += usize::from(in_flight.iter().any(off_the_gone_node));
         controller.crash();
         controller = Controller::start(platform.clone(), config(), board.clone());
     }
     assert!(crashed_mid_move >= 1, "no crash hit a move off the removed node in flight");
+    // The controller said so as it went (the last one started may not have yet).
     let (mut warned, mut learner_removed) = (false, false);
-    while let Ok(event) = heard.try_recv() {
+    let listening = Instant::now();
+    while !(warned && learner_removed) && listening.elapsed() < Duration::from_secs(30) {
+        let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(1), heard.recv()).await else { continue };
         warned |= event.reason == "NodeLeftFleet" && event.text.contains(&format!("node {gone_id} is not a member"));
         learner_removed |= event.text.contains(&format!("range {with_learner}'s learner on {stranger_id}"));
     }
