@@ -60,9 +60,12 @@ impl PeerFeatures {
     /// Records that peer `raft_id` sent `features` (none: an earlier version); written to disk
     /// only when they differ from what was known.
     pub fn heard(&self, raft_id: u64, features: &[String]) {
+        // Stored newline-separated: a name that is empty or holds a newline (never one of ours)
+        // would read back as other names after a restart, so it is not remembered at all.
+        let names = || features.iter().map(String::as_str).filter(|f| !f.is_empty() && !f.contains('\n'));
         // Every batch carries them: the usual case, nothing new, allocates nothing.
         let known = |stored: &BTreeSet<String>| {
-            features.iter().all(|f| stored.contains(f.as_str())) && stored.iter().all(|s| features.contains(s))
+            names().all(|f| stored.contains(f)) && stored.iter().all(|s| names().any(|f| f == s))
         };
         if self.heard.read().get(&raft_id).is_some_and(known) {
             return;
@@ -72,7 +75,7 @@ impl PeerFeatures {
         if heard.get(&raft_id).is_some_and(known) {
             return;
         }
-        let features: BTreeSet<String> = features.iter().cloned().collect();
+        let features: BTreeSet<String> = names().map(str::to_string).collect();
         let value = features.iter().cloned().collect::<Vec<_>>().join("\n");
         let stored = self.db.cf_handle(CF_META).map(|cf| {
             let mut key = KEY_PREFIX.to_vec();
@@ -131,5 +134,19 @@ mod tests {
         assert_eq!(reopened.support(9, "merge-abort"), PeerSupport::Lacks);
         assert_eq!(reopened.support(11, "merge-abort"), PeerSupport::Lacks);
         assert_eq!(reopened.support(13, "merge-abort"), PeerSupport::NeverHeard);
+    }
+
+    #[test]
+    fn a_name_that_would_read_back_as_others_is_not_remembered() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let features = PeerFeatures::load(open(dir.path())).expect("loaded");
+        features.heard(7, &["other\nmerge-abort".to_string(), String::new()]);
+        assert_eq!(features.support(7, "merge-abort"), PeerSupport::Lacks);
+        assert_eq!(features.support(7, ""), PeerSupport::Lacks);
+        drop(features);
+
+        let reopened = PeerFeatures::load(open(dir.path())).expect("loaded again");
+        assert_eq!(reopened.support(7, "merge-abort"), PeerSupport::Lacks, "the same answer after a restart");
+        assert_eq!(reopened.support(7, "other"), PeerSupport::Lacks);
     }
 }
