@@ -95,6 +95,20 @@ impl KeySpace {
     pub fn acked_writes(&self) -> u64 {
         self.acked.iter().map(|a| a.load(Ordering::Relaxed)).sum()
     }
+
+    /// Waits up to 30 s for the acknowledged writes to pass `count` (after a fault, an election
+    /// and the clients' back-off take longer on a loaded machine); panics with `stopped`.
+    pub async fn wait_for_writes_past(&self, count: u64, stopped: &str) {
+        let started = std::time::Instant::now();
+        while self.acked_writes() <= count {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{stopped}: {} acknowledged, not past {count} in 30 s",
+                self.acked_writes()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// What the workload saw.

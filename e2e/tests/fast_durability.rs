@@ -25,7 +25,7 @@ async fn fast_acknowledgements_are_read_back_under_a_checked_history_through_a_f
     fleet.nodes[follower].kill9();
     let before = workload.space.acked_writes();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(workload.space.acked_writes() > before, "writes stopped with a follower down");
+    workload.space.wait_for_writes_past(before, "writes stopped with a follower down").await;
     fleet.nodes[follower].spawn();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (report, space) = workload.finish().await;

@@ -169,8 +169,10 @@ async fn arm(node: &mut NodeProcess, crash_point: &str, once: &std::path::Path) 
     node.kill9();
     node.spawn();
     let node = &*node;
-    kvfleet_e2e::wait_until("the restarted node to lead its single copies", Duration::from_secs(10), async || {
-        owned(node).await.iter().all(|d| match d.replicas.as_slice() {
+    kvfleet_e2e::wait_until("the restarted node to lead its single copies", Duration::from_secs(30), async || {
+        // Not answering is not leading.
+        let Ok(listed) = node.admin().list_ranges(ListRangesRequest {}).await else { return false };
+        listed.into_inner().ranges.iter().all(|d| match d.replicas.as_slice() {
             [only] if only.node_id == node.node_id => only.role() == ReplicaRole::Leader,
             _ => true,
         })
@@ -389,7 +391,8 @@ async fn run_case(crash: Crash, what: Meanwhile) {
         // Retried while the restarted node has no leader yet (bounded); refused for good when
         // the gap's action made the two ranges unmergeable.
         let mut again = Ok(());
-        for _ in 0..40 {
+        let asking = Instant::now();
+        while asking.elapsed() < Duration::from_secs(60) {
             let merge = MergeRangesRequest { left_id: 1, right_id: R, ..Default::default() };
             again = nodes[0].admin().merge_ranges(merge).await.map(|_| ());
             match &again {

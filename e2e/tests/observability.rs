@@ -57,8 +57,16 @@ async fn metrics_and_load_report_show_the_traffic() {
     }
     // Rates are closed once a second; wait for a tick to include this traffic.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let report =
-        node.admin().load_report(LoadReportRequest { sample_keys: 16, hot_keys: 3 }).await.unwrap().into_inner();
+    let started = std::time::Instant::now();
+    let report = loop {
+        let report =
+            node.admin().load_report(LoadReportRequest { sample_keys: 16, hot_keys: 3 }).await.unwrap().into_inner();
+        if report.ranges.first().is_some_and(|r| r.writes_per_sec > 0.0) || started.elapsed() > Duration::from_secs(10)
+        {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(report.load_accounting);
     let range = &report.ranges[0];
     assert!(range.writes_per_sec > 0.0, "{range:?}");

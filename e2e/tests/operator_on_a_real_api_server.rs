@@ -160,10 +160,10 @@ fn operator_logs(plane: &ControlPlane) -> String {
 }
 
 /// Polls `check` every 500 ms until it answers None; panics with its last answer after `within`.
-async fn wait_until(plane: &ControlPlane, within: Duration, mut check: impl AsyncFnMut() -> Option<String>) {
+async fn wait_until(plane: &ControlPlane, within: Duration, mut check: impl AsyncFnMut() -> Result<(), String>) {
     let started = Instant::now();
     loop {
-        let Some(pending) = check().await else { return };
+        let Err(pending) = check().await else { return };
         if started.elapsed() > within {
             panic!(
                 "after {within:?}: {pending}\nrefused: {:?}\n{}",
@@ -173,6 +173,11 @@ async fn wait_until(plane: &ControlPlane, within: Duration, mut check: impl Asyn
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A `wait_until` check's answer from what is still missing (`None`: nothing, done).
+fn pending(missing: Option<String>) -> Result<(), String> {
+    missing.map_or(Ok(()), Err)
 }
 
 fn owned_by_cluster(meta: &ObjectMeta) -> bool {
@@ -231,37 +236,37 @@ async fn the_operator_creates_everything_as_its_service_account() {
     let budgets: Api<DynamicObject> = Api::namespaced_with(admin.clone(), NAMESPACE, &pdb_v1beta1);
     let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(admin.clone(), NAMESPACE);
     wait_until(&plane, Duration::from_secs(90), async || {
-        let sts = statefulsets.get_opt(CLUSTER).await.ok().flatten();
-        let Some(sts) = sts else { return Some("no StatefulSet yet".into()) };
+        let sts = statefulsets.get_opt(CLUSTER).await.map_err(|e| e.to_string())?;
+        let sts = sts.ok_or("no StatefulSet yet")?;
         if !owned_by_cluster(&sts.metadata) {
-            return Some("the StatefulSet is not owned by the cluster".into());
+            return Err("the StatefulSet is not owned by the cluster".into());
         }
-        let services = services.list(&ListParams::default()).await.ok()?.items;
+        let services = services.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
         let owned_services = services.iter().filter(|s| owned_by_cluster(&s.metadata)).count();
         if owned_services < 2 {
-            return Some(format!("{owned_services} of 2 Services"));
+            return Err(format!("{owned_services} of 2 Services"));
         }
-        let configmaps = configmaps.list(&ListParams::default()).await.ok()?.items;
+        let configmaps = configmaps.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
         if !configmaps.iter().any(|c| owned_by_cluster(&c.metadata)) {
-            return Some("no ConfigMap".into());
+            return Err("no ConfigMap".into());
         }
-        let pdbs = budgets.list(&ListParams::default()).await.ok()?.items;
+        let pdbs = budgets.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
         if !pdbs.iter().any(|p| owned_by_cluster(&p.metadata)) {
-            return Some("no PodDisruptionBudget (policy/v1beta1 on 1.20)".into());
+            return Err("no PodDisruptionBudget (policy/v1beta1 on 1.20)".into());
         }
-        let policy = policies.get_opt(CLUSTER).await.ok().flatten();
+        let policy = policies.get_opt(CLUSTER).await.map_err(|e| e.to_string())?;
         if !policy.as_ref().is_some_and(|p| owned_by_cluster(&p.metadata)) {
-            return Some("no NetworkPolicy for the nodes' admin port".into());
+            return Err("no NetworkPolicy for the nodes' admin port".into());
         }
-        let status = clusters.get(CLUSTER).await.ok()?.status;
+        let status = clusters.get(CLUSTER).await.map_err(|e| e.to_string())?.status;
         if status.as_ref().and_then(|s| s.phase.as_ref()).is_none() {
-            return Some("no status phase".into());
+            return Err("no status phase".into());
         }
-        let events = events.list(&ListParams::default()).await.ok()?.items;
+        let events = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
         if !events.iter().any(|e| e.reason.as_deref() == Some("Created")) {
-            return Some("no Created event".into());
+            return Err("no Created event".into());
         }
-        None
+        Ok(())
     })
     .await;
     let refused = plane.refused_requests(&operator_user());
@@ -270,22 +275,22 @@ async fn the_operator_creates_everything_as_its_service_account() {
     // No kubelet runs here: the pods never become Ready. Past the bound, the status and a
     // Warning event say which pods and why, in the scheduler's words.
     wait_until(&plane, Duration::from_secs(90), async || {
-        let status = clusters.get(CLUSTER).await.ok()?.status?;
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
-        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded")?;
+        let status = clusters.get(CLUSTER).await.map_err(|e| e.to_string())?.status.ok_or("no status")?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").ok_or("no Ready condition")?;
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").ok_or("no Degraded condition")?;
         if ready.reason != "PodsNotReady"
             || !ready.message.contains("demo-0: Unschedulable")
             || degraded.status != "True"
         {
-            return Some(format!(
+            return Err(format!(
                 "Ready: {} {}; Degraded: {} {}",
                 ready.reason, ready.message, degraded.status, degraded.message
             ));
         }
-        let events = events.list(&ListParams::default()).await.ok()?.items;
+        let events = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
         let warned =
             events.iter().any(|e| e.reason.as_deref() == Some("PodsNotReady") && e.type_.as_deref() == Some("Warning"));
-        (!warned).then(|| "no PodsNotReady Warning event".to_string())
+        pending((!warned).then(|| "no PodsNotReady Warning event".to_string()))
     })
     .await;
 
@@ -298,33 +303,37 @@ async fn the_operator_creates_everything_as_its_service_account() {
     bad.spec.resources = Some(serde_json::from_value(resources).expect("resources"));
     clusters.create(&PostParams::default(), &bad).await.expect("apply the bad cluster");
     wait_until(&plane, Duration::from_secs(60), async || {
-        let status = clusters.get("bad").await.ok()?.status?;
-        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded")?;
+        let status = clusters.get("bad").await.map_err(|e| e.to_string())?.status.ok_or("no status")?;
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").ok_or("no Degraded condition")?;
         if degraded.status != "True" || degraded.reason != "ApiRefused" {
-            return Some(format!("Degraded is {} / {}", degraded.status, degraded.reason));
+            return Err(format!("Degraded is {} / {}", degraded.status, degraded.reason));
         }
         if !degraded.message.contains("lots") {
-            return Some(format!("the condition does not carry the API's message: {}", degraded.message));
+            return Err(format!("the condition does not carry the API's message: {}", degraded.message));
         }
-        let events = events.list(&ListParams::default()).await.ok()?.items;
+        let events = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
         let warned =
             events.iter().any(|e| e.reason.as_deref() == Some("ApiRefused") && e.type_.as_deref() == Some("Warning"));
-        (!warned).then(|| "no ApiRefused Warning event".to_string())
+        pending((!warned).then(|| "no ApiRefused Warning event".to_string()))
     })
     .await;
     clusters.delete("bad", &DeleteParams::default()).await.expect("delete the bad cluster");
 
     let series = format!("cluster=\"{NAMESPACE}/{CLUSTER}\"");
-    assert!(operator.metrics().await.contains(&series), "the cluster's resharding loop reports its metrics");
+    wait_until(&plane, Duration::from_secs(30), async || {
+        let page = operator.metrics().await;
+        pending((!page.contains(&series)).then(|| format!("the cluster's resharding loop reports no metrics:\n{page}")))
+    })
+    .await;
     clusters.delete(CLUSTER, &DeleteParams::default()).await.expect("delete the cluster");
     wait_until(&plane, Duration::from_secs(90), async || {
-        let left = statefulsets.get_opt(CLUSTER).await.ok().flatten();
-        left.map(|_| "the StatefulSet is still there after its cluster was deleted".to_string())
+        let left = statefulsets.get_opt(CLUSTER).await.map_err(|e| e.to_string())?;
+        pending(left.map(|_| "the StatefulSet is still there after its cluster was deleted".to_string()))
     })
     .await;
     wait_until(&plane, Duration::from_secs(30), async || {
         let page = operator.metrics().await;
-        page.contains(&series).then(|| format!("the deleted cluster's series are still on /metrics:\n{page}"))
+        pending(page.contains(&series).then(|| format!("the deleted cluster's series are still on /metrics:\n{page}")))
     })
     .await;
 
@@ -408,11 +417,10 @@ fn pod_addresses(count: usize) -> Vec<String> {
 
 async fn wait_for_phase(plane: &ControlPlane, clusters: &Api<KeyValueCluster>, ready: i32, within: Duration) {
     wait_until(plane, within, async || {
-        let status = clusters.get(CLUSTER).await.ok()?.status;
-        let Some(status) = status else { return Some("no status".into()) };
+        let status = clusters.get(CLUSTER).await.map_err(|e| e.to_string())?.status.ok_or("no status")?;
         let running = status.phase == Some(kvfleet_operator::k8s::crd::Phase::Running);
         if running && status.ready_replicas == ready && status.replicas == ready {
-            return None;
+            return Ok(());
         }
         // Where each pod is: scheduled onto which node, in which phase (a pod never scheduled
         // points at the scheduler or the volume claims, not the operator).
@@ -432,7 +440,7 @@ async fn wait_for_phase(plane: &ControlPlane, clusters: &Api<KeyValueCluster>, r
                     .collect()
             })
             .unwrap_or_default();
-        Some(format!(
+        Err(format!(
             "phase {:?}, {}/{} ready, {} ranges; conditions {:?}; pods {pods:?}",
             status.phase,
             status.ready_replicas,
@@ -493,10 +501,10 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         wait_for_phase(&plane, &clusters, 5, Duration::from_secs(180)).await;
         // The new pods take ranges (the load spreads), so that the scale-in has to drain them.
         wait_until(&plane, Duration::from_secs(120), async || {
-            let status = clusters.get(CLUSTER).await.ok()?.status?;
+            let status = clusters.get(CLUSTER).await.map_err(|e| e.to_string())?.status.ok_or("no status")?;
             let new_pods: u32 =
                 status.pods.iter().filter(|p| p.name.ends_with("-3") || p.name.ends_with("-4")).map(|p| p.ranges).sum();
-            (new_pods == 0).then(|| format!("the new pods hold no range yet: {:?}", status.pods))
+            pending((new_pods == 0).then(|| format!("the new pods hold no range yet: {:?}", status.pods)))
         })
         .await;
         let patch = kube::api::Patch::Merge(scale(3));
@@ -504,9 +512,9 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(300)).await;
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), NAMESPACE);
         wait_until(&plane, Duration::from_secs(60), async || {
-            let names: Vec<String> =
-                pods.list(&ListParams::default()).await.ok()?.items.iter().map(|p| p.name_any()).collect();
-            (names.len() != 3).then(|| format!("pods after the scale-in: {names:?}"))
+            let listed = pods.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+            let names: Vec<String> = listed.items.iter().map(|p| p.name_any()).collect();
+            pending((names.len() != 3).then(|| format!("pods after the scale-in: {names:?}")))
         })
         .await;
         let ranges = clusters.get(CLUSTER).await.expect("the cluster").status.expect("a status").ranges;
@@ -514,17 +522,17 @@ fn a_cluster_runs_and_scales_without_losing_a_write() {
         // Replicated (spec.replication.factor defaults to 3): every range has a replica on each
         // of the three pods left, and none is short of one.
         wait_until(&plane, Duration::from_secs(60), async || {
-            let status = clusters.get(CLUSTER).await.ok()?.status?;
+            let status = clusters.get(CLUSTER).await.map_err(|e| e.to_string())?.status.ok_or("no status")?;
             let complete = status.under_replicated_ranges == 0
                 && status.pods.len() == 3
                 && status.pods.iter().all(|p| p.ranges == status.ranges);
             let pods: Vec<(String, u32)> = status.pods.iter().map(|p| (p.name.clone(), p.ranges)).collect();
-            (!complete).then(|| {
+            pending((!complete).then(|| {
                 format!(
                     "{} ranges, {} under-replicated, replicas per pod {pods:?}",
                     status.ranges, status.under_replicated_ranges
                 )
-            })
+            }))
         })
         .await;
 
@@ -578,7 +586,7 @@ async fn lease_holder(admin: &Client) -> Option<(String, u64)> {
 async fn wait_for_holder(plane: &ControlPlane, admin: &Client, identity: &str, within: Duration) {
     wait_until(plane, within, async || {
         let holder = lease_holder(admin).await;
-        (holder.as_ref().map(|h| h.0.as_str()) != Some(identity)).then(|| format!("lease: {holder:?}"))
+        pending((holder.as_ref().map(|h| h.0.as_str()) != Some(identity)).then(|| format!("lease: {holder:?}")))
     })
     .await;
 }
@@ -650,7 +658,9 @@ fn only_the_leader_acts_and_a_stalled_leader_is_fenced_off() {
         // The new leader's first round fences every node.
         wait_until(&plane, Duration::from_secs(30), async || {
             let epochs = node_epochs(4).await;
-            epochs.iter().any(|e| *e != third_epoch).then(|| format!("node epochs {epochs:?}, want {third_epoch}"))
+            pending(
+                epochs.iter().any(|e| *e != third_epoch).then(|| format!("node epochs {epochs:?}, want {third_epoch}")),
+            )
         })
         .await;
 
@@ -729,13 +739,13 @@ fn a_drain_first_update_restarts_every_pod_without_losing_a_write() {
         let patch = kube::api::Patch::Merge(serde_json::json!({ "spec": { "durability": "async" } }));
         clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("change the durability");
         wait_until(&plane, Duration::from_secs(420), async || {
-            let status = statefulsets.get(CLUSTER).await.ok()?.status?;
+            let status = statefulsets.get(CLUSTER).await.map_err(|e| e.to_string())?.status.ok_or("no status")?;
             // (1.20 never moves currentRevision forward under OnDelete: updated pods are counted.)
             let done = status.update_revision.is_some()
                 && status.update_revision != old_revision
                 && status.updated_replicas == Some(3)
                 && status.ready_replicas == Some(3);
-            (!done).then(|| format!("StatefulSet status {status:?}"))
+            pending((!done).then(|| format!("StatefulSet status {status:?}")))
         })
         .await;
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(120)).await;
@@ -786,23 +796,27 @@ fn growing_the_volumes_replaces_the_statefulset_without_restarting_a_pod() {
         clusters.patch(CLUSTER, &kube::api::PatchParams::default(), &patch).await.expect("grow the volumes");
         let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = Api::namespaced(admin.clone(), NAMESPACE);
         wait_until(&plane, Duration::from_secs(120), async || {
-            let sts = statefulsets.get_opt(CLUSTER).await.ok()??;
+            let sts = statefulsets.get_opt(CLUSTER).await.map_err(|e| e.to_string())?;
+            let sts = sts.ok_or("no StatefulSet (being replaced)")?;
             if sts.uid() == old_uid {
-                return Some("the StatefulSet was not replaced yet".into());
+                return Err("the StatefulSet was not replaced yet".into());
             }
-            let template = sts.spec.volume_claim_templates.as_ref()?.first()?.clone();
-            let size = template.spec?.resources?.requests?.get("storage")?.0.clone();
+            let asked = |sts: &StatefulSet| {
+                let template = sts.spec.volume_claim_templates.as_ref()?.first()?.clone();
+                Some(template.spec?.resources?.requests?.get("storage")?.0.clone())
+            };
+            let size = asked(&sts).ok_or("the new StatefulSet's claim template asks no storage size")?;
             if size != "2Gi" {
-                return Some(format!("the claim template asks {size}"));
+                return Err(format!("the claim template asks {size}"));
             }
-            let listed = claims.list(&ListParams::default()).await.ok()?.items;
+            let listed = claims.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
             let sizes: Vec<String> = listed
                 .iter()
                 .filter_map(|c| {
                     c.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").map(|q| q.0.clone())
                 })
                 .collect();
-            (sizes.len() != 3 || sizes.iter().any(|s| s != "2Gi")).then(|| format!("claims ask {sizes:?}"))
+            pending((sizes.len() != 3 || sizes.iter().any(|s| s != "2Gi")).then(|| format!("claims ask {sizes:?}")))
         })
         .await;
         wait_for_phase(&plane, &clusters, 3, Duration::from_secs(120)).await;

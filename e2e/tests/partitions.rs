@@ -46,7 +46,7 @@ async fn a_leader_cut_off_from_its_followers_acknowledges_nothing_serves_nothing
     let mut workload = HistoryWorkload::start(client.clone(), keys(24), 4, 2);
     workload.add_readers(&client_of(&fleet.nodes[leader]), 4, 100);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(workload.space.acked_writes() > 0, "nothing acknowledged before the partitions");
+    workload.space.wait_for_writes_past(0, "nothing acknowledged before the partitions").await;
 
     // One link cut: the follower that no longer hears the leader asks for votes, and the other
     // follower, which still hears the leader, refuses them (pre-vote, check-quorum).
@@ -54,7 +54,7 @@ async fn a_leader_cut_off_from_its_followers_acknowledges_nothing_serves_nothing
     partitions.cut(leader, follower);
     let before = workload.space.acked_writes();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(workload.space.acked_writes() > before, "writes stopped with one link cut");
+    workload.space.wait_for_writes_past(before, "writes stopped with one link cut").await;
     assert_eq!(fleet.leader(None).await, leader, "one cut link deposed the leader");
     fleet.partitions.as_ref().expect("a partitionable fleet").heal();
 
@@ -69,7 +69,7 @@ async fn a_leader_cut_off_from_its_followers_acknowledges_nothing_serves_nothing
     let during = workload.space.acked_writes();
     assert!(!fleet.acknowledges_a_write(leader, "minority").await, "the cut-off leader acknowledged a write");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(workload.space.acked_writes() > during, "the majority's writes stopped");
+    workload.space.wait_for_writes_past(during, "the majority's writes stopped").await;
 
     // Healed: the old leader follows the new one.
     fleet.partitions.as_ref().expect("a partitionable fleet").heal();
@@ -143,7 +143,7 @@ async fn five_replicas_split_two_against_three_go_on_on_the_side_of_three_only()
     let mut workload = HistoryWorkload::start(client.clone(), keys(24), 4, 2);
     workload.add_readers(&client_of(&fleet.nodes[leader]), 4, 100);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(workload.space.acked_writes() > 0, "nothing acknowledged before the partitions");
+    workload.space.wait_for_writes_past(0, "nothing acknowledged before the partitions").await;
 
     let two = [leader, (leader + 1) % 5];
     split_apart(&fleet, &two, 5);
@@ -157,7 +157,7 @@ async fn five_replicas_split_two_against_three_go_on_on_the_side_of_three_only()
     }
     let during = workload.space.acked_writes();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(workload.space.acked_writes() > during, "the side of three stopped taking writes");
+    workload.space.wait_for_writes_past(during, "the side of three stopped taking writes").await;
     fleet.partitions.as_ref().expect("a partitionable fleet").heal();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -166,7 +166,7 @@ async fn five_replicas_split_two_against_three_go_on_on_the_side_of_three_only()
     split_apart(&fleet, &[(leader + 1) % 5, (leader + 2) % 5], 5);
     let before = workload.space.acked_writes();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(workload.space.acked_writes() > before, "writes stopped with the leader among three");
+    workload.space.wait_for_writes_past(before, "writes stopped with the leader among three").await;
     assert_eq!(fleet.leader(None).await, leader, "a side of two deposed the leader");
     fleet.partitions.as_ref().expect("a partitionable fleet").heal();
     tokio::time::sleep(Duration::from_secs(3)).await;

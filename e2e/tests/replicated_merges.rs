@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvfleet_e2e::history::{HistoryWorkload, keys};
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
-use kvfleet_proto::v1::{ReadConsistency, SplitRangeRequest, TransferLeaderRequest};
+use kvfleet_proto::v1::{RangeDescriptor, ReadConsistency, SplitRangeRequest, TransferLeaderRequest};
 
 /// How long the crash test waits for every node to reach its crash point.
-const CATCH_UP: Duration = Duration::from_secs(30);
+const CATCH_UP: Duration = Duration::from_secs(90);
 
 /// `kvctl merge <key>` against every node: the merged range (id, start, end), or kvctl's error.
 fn kvctl_merge(endpoints: &[String], key: &str) -> Result<(u64, String, String), String> {
@@ -84,7 +84,7 @@ async fn a_merge_goes_through_both_logs_under_load_and_the_merged_range_survives
     }
     let after_merge = workload.space.acked_writes();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(workload.space.acked_writes() > after_merge, "writes stopped after the merge");
+    workload.space.wait_for_writes_past(after_merge, "writes stopped after the merge").await;
 
     // Asked again, the merge has nothing left to do and says so.
     let again = kvctl_merge(&fleet.addresses(), "key000");
@@ -95,8 +95,8 @@ async fn a_merge_goes_through_both_logs_under_load_and_the_merged_range_survives
     fleet.nodes[leader].kill9();
     let after_kill = workload.space.acked_writes();
     tokio::time::sleep(Duration::from_secs(4)).await;
+    workload.space.wait_for_writes_past(after_kill, "writes stopped after the merged range's leader was killed").await;
     let (report, space) = workload.finish().await;
-    assert!(space.acked_writes() > after_kill, "writes stopped after the merged range's leader was killed");
     assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
     assert!(report.writes > 0 && report.reads > 0, "the workload neither wrote nor read");
     let wrong = space.verify_final(&client).await;
@@ -157,7 +157,11 @@ async fn every_replica_crashing_at_every_step_of_a_merge_comes_back_with_every_w
                     break None;
                 }
                 Err(error) if Instant::now() > deadline => panic!("the merge never finished after {crash_at}: {error}"),
-                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                Err(_) => {
+                    // A node that died after the first second is brought back too.
+                    fleet.restart_stopped();
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
             }
         };
         if let Some(merged) = merged {
@@ -230,8 +234,8 @@ async fn a_replica_crashing_as_it_applies_a_merge_comes_back_merged_and_votes_af
 }
 
 /// Every range as its leader reports it, asking every node of the fleet.
-async fn led_ranges(fleet: &Fleet) -> Vec<kvfleet_proto::v1::RangeDescriptor> {
-    let mut found: Vec<kvfleet_proto::v1::RangeDescriptor> = Vec::new();
+async fn led_ranges(fleet: &Fleet) -> Vec<RangeDescriptor> {
+    let mut found: Vec<RangeDescriptor> = Vec::new();
     for (index, node) in fleet.nodes.iter().enumerate() {
         let Some(ranges) = fleet.ranges_on(index).await else { continue };
         for desc in ranges {
@@ -243,6 +247,23 @@ async fn led_ranges(fleet: &Fleet) -> Vec<kvfleet_proto::v1::RangeDescriptor> {
     }
     found.sort_by(|a, b| a.start_key.cmp(&b.start_key));
     found
+}
+
+/// `led_ranges` once they tile the key space (a range whose leader is being elected is missing
+/// for a moment); fails after 30 s.
+async fn tiled_led_ranges(fleet: &Fleet) -> Vec<RangeDescriptor> {
+    let started = Instant::now();
+    loop {
+        let ranges = led_ranges(fleet).await;
+        let tiles = ranges.first().is_some_and(|d| d.start_key.is_empty())
+            && ranges.last().is_some_and(|d| d.end_key.is_empty())
+            && ranges.windows(2).all(|w| w[0].end_key == w[1].start_key);
+        if tiles {
+            return ranges;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the led ranges do not tile the key space: {ranges:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A merge raced, in every round, by a split of its left range and by a second merger of the
@@ -260,26 +281,35 @@ async fn merges_raced_by_splits_and_a_second_merger_keep_every_write_and_a_tiled
     let seeds = fleet.addresses();
     for round in 0..3 {
         // Two neighbours: the range holding key040 and the one before it.
-        let ranges = led_ranges(&fleet).await;
-        let holding = |key: &[u8]| {
-            ranges.iter().find(|d| d.start_key.as_ref() <= key && (d.end_key.is_empty() || key < d.end_key.as_ref()))
+        let mut ranges = tiled_led_ranges(&fleet).await;
+        let holding = |ranges: &[RangeDescriptor], key: &[u8]| {
+            let holds = |d: &&RangeDescriptor| {
+                d.start_key.as_ref() <= key && (d.end_key.is_empty() || key < d.end_key.as_ref())
+            };
+            ranges.iter().find(holds).cloned()
         };
-        let right = match holding(b"key040") {
-            Some(desc) if !desc.start_key.is_empty() => desc.clone(),
-            _ => {
-                let leader = fleet.leader_of(ranges[0].range_id, None).await;
-                let request = SplitRangeRequest {
-                    range_id: ranges.last().expect("a range").range_id,
-                    split_key: Bytes::from("key036"),
-                    ..Default::default()
-                };
-                let _ = fleet.nodes[leader].admin().split_range(request).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let ranges = led_ranges(&fleet).await;
-                ranges.iter().find(|d| d.start_key.as_ref() == b"key036").expect("the split's right half").clone()
+        let splitting = Instant::now();
+        let right = loop {
+            match holding(&ranges, b"key040") {
+                Some(desc) if !desc.start_key.is_empty() => break desc,
+                Some(whole) => {
+                    assert!(
+                        splitting.elapsed() < Duration::from_secs(30),
+                        "round {round}: key036 not split off in 30 s"
+                    );
+                    let leader = fleet.leader_of(whole.range_id, None).await;
+                    let request = SplitRangeRequest {
+                        range_id: whole.range_id,
+                        split_key: Bytes::from("key036"),
+                        ..Default::default()
+                    };
+                    let _ = fleet.nodes[leader].admin().split_range(request).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    ranges = tiled_led_ranges(&fleet).await;
+                }
+                None => panic!("round {round}: no range holds key040 in {ranges:?}"),
             }
         };
-        let ranges = led_ranges(&fleet).await;
         let left = ranges.iter().find(|d| d.end_key == right.start_key).expect("the left neighbour").clone();
         let left_leader = fleet.leader_of(left.range_id, None).await;
         // A key strictly inside the left range, for the racing split.

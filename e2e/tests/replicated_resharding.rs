@@ -184,11 +184,15 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
 
     // Drain a node holding replicas, crash the controller twice while it moves them (at
     // different instants of a move), and kill another replica once meanwhile.
+    // A balance move may be in flight already: the crashes aim at the moves the drain starts.
     let drained = fleet.nodes[0].node_id.clone();
+    let moved_before: Vec<u64> =
+        platform.state().map(|s| s.moves.iter().map(|m| m.move_id).collect()).unwrap_or_default();
     platform.set_draining(&drained, true);
+    let draining_move = |m: &InFlightMove| m.from == drained && !moved_before.contains(&m.move_id);
     let mut crashed_mid_move = 0;
     for (crash, delay) in [Duration::from_millis(150), Duration::from_millis(1200)].into_iter().enumerate() {
-        let moving = async || platform.state().is_some_and(|s| !s.moves.is_empty());
+        let moving = async || platform.state().is_some_and(|s| s.moves.iter().any(draining_move));
         let started = Instant::now();
         while !moving().await && started.elapsed() < Duration::from_secs(60) {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -199,7 +203,7 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
         tokio::time::sleep(delay).await;
         let in_flight = platform.state().map(|s| s.moves).unwrap_or_default();
         eprintln!("crashing the controller {delay:?} into its move: {in_flight:?}");
-        crashed_mid_move += usize::from(!in_flight.is_empty());
+        crashed_mid_move += usize::from(in_flight.iter().any(draining_move));
         controller.crash();
         if crash == 0 {
             fleet.nodes[1].kill9();
@@ -208,7 +212,7 @@ async fn the_controller_replicates_splits_balances_and_drains_with_crashes_at_it
         }
         controller = Controller::start(platform.clone(), config(), board.clone());
     }
-    assert!(crashed_mid_move >= 1, "no crash hit a move in flight");
+    assert!(crashed_mid_move >= 1, "no crash hit a move off the drained node in flight");
     wait_until("every replica to leave the drained node", Duration::from_secs(120), async || {
         let ranges = ranges_by_leader(&fleet).await;
         settled(&ranges, &drained)
@@ -503,7 +507,7 @@ async fn replicas_lost_with_a_disk_are_recreated_on_their_node() {
     let before = workload.space.acked_writes();
     fleet.nodes[other].kill9();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(workload.space.acked_writes() > before + 10, "writes stopped with the re-created replicas as votes");
+    workload.space.wait_for_writes_past(before + 10, "writes stopped with the re-created replicas as votes").await;
     fleet.nodes[other].spawn();
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
@@ -633,8 +637,10 @@ async fn cold_replicated_ranges_are_aligned_and_merged_back_through_a_crash_mid_
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let events = board.snapshot().recent_events;
-    assert!(events.iter().any(|e| e.contains("through their logs")), "no merge event: {events:?}");
+    wait_until("the controller's event of the merge", Duration::from_secs(30), async || {
+        board.snapshot().recent_events.iter().any(|e| e.contains("through their logs"))
+    })
+    .await;
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
     controller.crash();
@@ -709,8 +715,9 @@ async fn a_merge_frozen_with_a_replica_on_a_node_lost_for_good_is_undone_and_the
     }
     assert!(undone_mark.exists(), "no node died between the fence and the thaw");
     put().await.expect("the thawed range takes writes");
+    told_of_the_undo(&board, right_id).await;
     controller.crash();
-    undone_then_merged_again(&fleet, &platform, &board, right_id, &lost_id).await;
+    undone_then_merged_again(&fleet, &platform, &board, &lost_id).await;
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
@@ -766,21 +773,24 @@ async fn three_nodes_holding_range_1() -> (ReplicatedFleet, Arc<TestPlatform>, S
     (fleet, platform, board, still_config)
 }
 
-/// Checks that an event told of range `right_id`'s freeze undone, then has a controller with a
-/// cold policy merge range 1 and it again (the left range refused that freeze only), on three
-/// voters, none on node `not_on`.
+/// Waits (30 s) for the controller's event telling of range `right_id`'s freeze undone: it is
+/// recorded after the nodes have thawed.
+async fn told_of_the_undo(board: &StatusBoard, right_id: u64) {
+    wait_until("an event telling of the undone freeze", Duration::from_secs(30), async || {
+        let events = board.snapshot().recent_events;
+        events.iter().any(|e| e.contains(&format!("range {right_id}")) && e.contains("freeze undone"))
+    })
+    .await;
+}
+
+/// Has a controller with a cold policy merge range 1 and range `right_id` again (the left range
+/// refused that freeze only), on three voters, none on node `not_on`.
 async fn undone_then_merged_again(
     fleet: &ReplicatedFleet,
     platform: &Arc<TestPlatform>,
     board: &StatusBoard,
-    right_id: u64,
     not_on: &str,
 ) {
-    let events = board.snapshot().recent_events;
-    assert!(
-        events.iter().any(|e| e.contains(&format!("range {right_id}")) && e.contains("freeze undone")),
-        "no event tells of the undone freeze: {events:?}"
-    );
     let cold = Policy { split_qps: 1e9, merge_below_qps: 1e9, merge_delay_secs: 3, ..config().policy };
     let controller = Controller::start(platform.clone(), LoopConfig { policy: cold, ..config() }, board.clone());
     wait_until("the two ranges merged again", Duration::from_secs(120), async || {
@@ -914,8 +924,9 @@ async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_und
         .put(bytes::Bytes::from("probe-after-undo"), bytes::Bytes::from("thawed"))
         .await
         .expect("the thawed range takes writes");
+    told_of_the_undo(&board, right_id).await;
     controller.crash();
-    undone_then_merged_again(&fleet, &platform, &board, right_id, "none").await;
+    undone_then_merged_again(&fleet, &platform, &board, "none").await;
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }

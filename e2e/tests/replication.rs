@@ -37,9 +37,9 @@ async fn a_leader_killed_under_load_is_replaced_and_no_acknowledged_write_is_los
     // The killed node comes back as a follower and catches up from the log.
     fleet.nodes[leader].spawn();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    workload.space.wait_for_writes_past(before_kill + 20, "writes did not go on after the failover").await;
     let (report, space) = workload.finish().await;
     assert!(report.violations.is_empty(), "history violations: {:?}", report.violations);
-    assert!(space.acked_writes() > before_kill + 20, "writes did not go on after the failover");
     let wrong = space.verify_final(&client).await;
     assert!(wrong.is_empty(), "acknowledged writes lost: {wrong:?}");
 
@@ -270,8 +270,8 @@ async fn a_follower_behind_the_compacted_log_gets_a_snapshot_even_across_crashes
             acked.remove(&key);
             deleted.insert(key);
         }
-        // Compaction runs once a second.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // Compaction runs once a second (given five, for a loaded machine).
+        tokio::time::sleep(Duration::from_secs(5)).await;
         fleet.nodes[lagging].env = vec![("KVFLEET_CRASH_AT".into(), crash_at.to_string())];
         fleet.nodes[lagging].spawn();
         assert!(
@@ -359,7 +359,8 @@ async fn stale_reads_stay_within_their_bound_and_need_no_leader_within_it() {
     let started = Instant::now();
     let answer = kv.get(read(ReadConsistency::Stale, 60_000)).await.expect("a stale read, leader paused");
     assert_eq!(answer.into_inner().value, Bytes::from("last"));
-    assert!(started.elapsed() < Duration::from_millis(500), "served locally: {:?}", started.elapsed());
+    // No round trip to the paused leader (it would never answer): served locally.
+    assert!(started.elapsed() < Duration::from_secs(2), "served locally: {:?}", started.elapsed());
     let follower_read =
         tokio::time::timeout(Duration::from_millis(500), kv.get(read(ReadConsistency::Follower, 0))).await;
     assert!(!matches!(follower_read, Ok(Ok(_))), "a follower read needs the paused leader: {follower_read:?}");
