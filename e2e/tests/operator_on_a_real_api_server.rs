@@ -295,20 +295,32 @@ async fn the_operator_creates_everything_as_its_service_account() {
     .await;
 
     // What the API server refuses shows in the status and as a Warning event, with its message:
-    // a malformed quantity the CRD does not catch on 1.20 (no CEL) is refused in the
-    // StatefulSet's pod template.
+    // here a namespace quota of one StatefulSet (no schema can foresee one) refuses a second
+    // cluster's.
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let quotas: Api<ResourceQuota> = Api::namespaced(admin.clone(), NAMESPACE);
+    let quota: ResourceQuota = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "one-statefulset" },
+        "spec": { "hard": { "count/statefulsets.apps": "1" } }
+    }))
+    .expect("a quota");
+    quotas.create(&PostParams::default(), &quota).await.expect("create the quota");
+    wait_until(&plane, Duration::from_secs(60), async || {
+        let quota = quotas.get("one-statefulset").await.map_err(|e| e.to_string())?;
+        let counted = quota.status.and_then(|s| s.used).is_some_and(|used| used.contains_key("count/statefulsets.apps"));
+        pending((!counted).then(|| "the quota controller has not counted the StatefulSets yet".to_string()))
+    })
+    .await;
     let mut bad = example();
     bad.metadata.name = Some("bad".into());
-    let resources = serde_json::json!({"requests": {"cpu": "lots"}});
-    bad.spec.resources = Some(serde_json::from_value(resources).expect("resources"));
-    clusters.create(&PostParams::default(), &bad).await.expect("apply the bad cluster");
+    clusters.create(&PostParams::default(), &bad).await.expect("apply the second cluster");
     wait_until(&plane, Duration::from_secs(60), async || {
         let status = clusters.get("bad").await.map_err(|e| e.to_string())?.status.ok_or("no status")?;
         let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").ok_or("no Degraded condition")?;
         if degraded.status != "True" || degraded.reason != "ApiRefused" {
             return Err(format!("Degraded is {} / {}", degraded.status, degraded.reason));
         }
-        if !degraded.message.contains("lots") {
+        if !degraded.message.contains("one-statefulset") {
             return Err(format!("the condition does not carry the API's message: {}", degraded.message));
         }
         let events = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items;
@@ -317,6 +329,7 @@ async fn the_operator_creates_everything_as_its_service_account() {
         pending((!warned).then(|| "no ApiRefused Warning event".to_string()))
     })
     .await;
+    quotas.delete("one-statefulset", &DeleteParams::default()).await.expect("delete the quota");
     clusters.delete("bad", &DeleteParams::default()).await.expect("delete the bad cluster");
 
     let series = format!("cluster=\"{NAMESPACE}/{CLUSTER}\"");
