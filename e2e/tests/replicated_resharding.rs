@@ -931,13 +931,20 @@ async fn a_merge_frozen_while_a_node_is_down_is_undone_and_the_node_back_mid_und
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
 }
 
-/// A merge frozen while a replica's node is down is not undone if that node was last heard
-/// running a version that cannot apply the undo (played here by a node that tells its peers no
-/// features): back on such a version, it would keep its copy frozen while the others took
-/// writes. The controller's attempts are refused with the reason, the range waits frozen, and
-/// once the node answers again the merge finishes; all under a checked history.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_version() {
+/// A merge frozen on nodes 0-2 (range 1's halves) while node `old`, last heard on an earlier
+/// version, is down; a controller running, which has tried to undo the freeze and was refused
+/// for the node's version; a checked workload.
+struct OldSilentFreeze {
+    fleet: ReplicatedFleet,
+    board: StatusBoard,
+    controller: Controller,
+    client: kvfleet_client::Client,
+    workload: HistoryWorkload,
+    right_id: u64,
+    old: usize,
+}
+
+async fn frozen_past_an_old_silent_node() -> OldSilentFreeze {
     let (mut fleet, platform, board, still_config) = three_nodes_holding_range_1().await;
     // Node 2 plays an earlier version to the others from now on; nodes 0 and 1 die right after
     // freezing a range for a merge they coordinate.
@@ -1000,6 +1007,18 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
     .await;
     assert!(!matches!(probe, Ok(Ok(_))), "the frozen range took a write");
 
+    OldSilentFreeze { fleet, board, controller, client, workload, right_id, old }
+}
+
+/// A merge frozen while a replica's node is down is not undone if that node was last heard
+/// running a version that cannot apply the undo (played here by a node that tells its peers no
+/// features): back on such a version, it would keep its copy frozen while the others took
+/// writes. The controller's attempts are refused with the reason, the range waits frozen, and
+/// once the node answers again the merge finishes; all under a checked history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_version() {
+    let OldSilentFreeze { mut fleet, board, controller, client, workload, old, .. } =
+        frozen_past_an_old_silent_node().await;
     // The node answers again: the merge finishes.
     fleet.nodes[old].spawn();
     wait_until("the merge finished once every replica answers", Duration::from_secs(120), async || {
@@ -1014,4 +1033,54 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
     tokio::time::sleep(Duration::from_secs(3)).await;
     let report = workload.finish_checked(&client).await;
     assert!(report.writes > 100, "the load went on: {} writes", report.writes);
+}
+
+/// The same freeze, and the node last heard on an earlier version is lost for good with its
+/// disk: only a person can say so. `kvctl abort-merge --lost` is refused at once, naming the
+/// node's version and the way out; `--decommissioned` undoes the freeze, the range serves
+/// again from the two nodes left, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_freeze_past_a_node_on_an_earlier_version_is_undone_once_an_operator_says_its_disk_is_gone() {
+    let OldSilentFreeze { fleet, controller, client, workload, right_id, old, .. } =
+        frozen_past_an_old_silent_node().await;
+    // Its attempts would hold the ranges for a moment, and kvctl's be refused meanwhile ("retry").
+    controller.crash();
+    let old_id = fleet.nodes[old].node_id.clone();
+    let endpoints: Vec<String> = fleet.nodes.iter().map(|n| n.address.clone()).collect();
+    let kvctl = |flag: &str| {
+        let output = std::process::Command::new(kvfleet_e2e::binary("kvctl"))
+            .args(["--endpoints", &endpoints.join(","), "abort-merge", &right_id.to_string(), flag, &old_id])
+            .env_remove("KVFLEET_CONTROLLER")
+            .output()
+            .expect("kvctl runs");
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (output.status.success(), text(&output.stdout), text(&output.stderr))
+    };
+
+    let started = Instant::now();
+    let (undone, _, refusal) = tokio::task::block_in_place(|| kvctl("--lost"));
+    assert!(!undone, "undone past a node last heard on an earlier version");
+    assert!(refusal.contains("last heard running a version without it"), "the refusal names why: {refusal}");
+    assert!(refusal.contains("--decommissioned"), "the refusal names the way out: {refusal}");
+    assert!(started.elapsed() < Duration::from_secs(30), "refused at once, not after retries: {:?}", started.elapsed());
+
+    // (The node stays down: it is gone.)
+    let (undone, said, refusal) = tokio::task::block_in_place(|| kvctl("--decommissioned"));
+    assert!(undone, "kvctl abort-merge --decommissioned failed: {refusal}");
+    assert!(said.contains("serves again"), "{said}");
+    let (again, said, refusal) = tokio::task::block_in_place(|| kvctl("--decommissioned"));
+    assert!(again && said.contains("nothing to undo"), "asked again: {said} {refusal}");
+    client
+        .put(bytes::Bytes::from("probe-after-undo"), bytes::Bytes::from("thawed"))
+        .await
+        .expect("the thawed range takes writes");
+    wait_until("the right range's leader to hold it thawed", Duration::from_secs(30), async || {
+        let ranges = ranges_by_leader(&fleet).await;
+        ranges.iter().any(|d| d.range_id == right_id && !d.is_frozen_for_merge())
+    })
+    .await;
+    // The writers held up by the freeze go on, on both ranges, with two of three replicas.
+    let after_undo = workload.space.acked_writes();
+    workload.space.wait_for_writes_past(after_undo + 50, "writes stopped after the freeze was undone").await;
+    workload.finish_checked(&client).await;
 }

@@ -81,6 +81,23 @@ pub enum Command {
     /// nodes, through their Raft logs (the right range is frozen, then taken by the left;
     /// interrupted, it is finished by running it again). The left range keeps its id.
     Merge { key: String },
+    /// Undo the freeze of range RANGE_ID, frozen for a merge that cannot finish (a replica's
+    /// node is lost): the merge is refused for good through the left range's log and the range
+    /// serves again. Every replica's node must answer that it can apply that, except the ones
+    /// named here. The controller does this on its own for nodes down past its patience; this
+    /// is for what it cannot decide.
+    AbortMerge {
+        range_id: u64,
+        /// A node down for good that need not answer; it must have been last heard running a
+        /// version that applies the undo.
+        #[arg(long)]
+        lost: Vec<String>,
+        /// A node whose disk is destroyed (it will never run again with its data): need not
+        /// answer, whatever version it last ran. Back with its old disk, its copy would stay
+        /// frozen: wipe its disk before it runs again.
+        #[arg(long)]
+        decommissioned: Vec<String>,
+    },
     /// Move the replica of the range holding KEY from one node to another (both in
     /// --endpoints): added as a learner, caught up, then swapped in by one joint membership
     /// change (a single copy's one voter hands its leadership over inside it); no write waits.
@@ -301,6 +318,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             split(&client, cli.controller.as_deref(), key, expected_generation, json).await?
         }
         Command::Merge { key } => merge(&client, admin_token, key, json).await?,
+        Command::AbortMerge { range_id, lost, decommissioned } => {
+            abort_merge(&cli.endpoints, admin_token, range_id, [lost.as_slice(), decommissioned.as_slice()], json)
+                .await?
+        }
         Command::Status => status(&client, cli.controller.as_deref(), json).await?,
         Command::MoveReplica { key, from, to } => {
             move_replica(&client, &cli.endpoints, admin_token, [&key, &from, &to], json).await?
@@ -483,7 +504,42 @@ async fn merge(
     merge_replicated(admin_token, left, right, json).await
 }
 
-/// How long `merge` goes on trying (a replica down holds the merge up).
+/// Undoes range `range_id`'s freeze for a merge (`kvfleet_resharding::replica_merges`), asking
+/// the nodes at `endpoints`; `[lost, decommissioned]` node ids.
+async fn abort_merge(
+    endpoints: &[String],
+    admin_token: kvfleet_proto::admin_auth::AdminToken,
+    range_id: u64,
+    [lost, decommissioned]: [&[String]; 2],
+    json: bool,
+) -> Result<(), CliError> {
+    let clients = kvfleet_resharding::observe::NodeClients::new(Default::default(), admin_token);
+    let started = std::time::Instant::now();
+    let thawed = kvfleet_resharding::replica_merges::abort_frozen_merge(
+        &clients,
+        range_id,
+        lost,
+        decommissioned,
+        endpoints,
+        MERGE_REPLICATED_DEADLINE,
+    )
+    .await
+    .map_err(CliError::Failed)?;
+    let view = RangeView::from(&thawed.range);
+    if json {
+        print_json(&view)?;
+    } else {
+        view.print_line();
+        if thawed.by_this_call {
+            println!("(its freeze undone in {:.2} s: it serves again)", started.elapsed().as_secs_f64());
+        } else {
+            println!("(range {range_id} is not frozen for a merge: nothing to undo)");
+        }
+    }
+    Ok(())
+}
+
+/// How long `merge` and `abort-merge` go on trying (a replica down holds a merge up).
 const MERGE_REPLICATED_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Merges two ranges through their logs (`kvfleet_resharding::replica_merges`): their replicas

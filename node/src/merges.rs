@@ -154,7 +154,8 @@ impl Node {
             )));
         }
         let left = self.owned_descriptor(left_id);
-        self.check_replicas_can_thaw(left.as_ref(), &right, &request.lost_node_ids).await?;
+        let silent = SilentNodes { lost: &request.lost_node_ids, decommissioned: &request.decommissioned_node_ids };
+        self.check_replicas_can_thaw(left.as_ref(), &right, silent).await?;
         // Retired here by a merge of its own freeze: its log took no merge after that freeze. (A
         // range retired because a snapshot of another overlapped it has successors too, but its
         // log may go on elsewhere; one retired by a removal has none.)
@@ -285,16 +286,26 @@ impl Node {
     }
 }
 
+/// The replicas' nodes an undo's caller names as not expected to answer.
+#[derive(Clone, Copy)]
+struct SilentNodes<'a> {
+    /// Down for good, being replaced.
+    lost: &'a [String],
+    /// Lost for good with their disks.
+    decommissioned: &'a [String],
+}
+
 impl Node {
     /// Before a fence and a thaw: every other replica's node must answer that it knows how to
     /// apply them. One the caller names lost (down for good, being replaced) may stay silent,
     /// but only if it was last heard running a version that applies them: when it comes back,
-    /// it must thaw its copy from the log as the others did.
+    /// it must thaw its copy from the log as the others did. One named decommissioned (its disk
+    /// destroyed, as the caller states) may stay silent whatever it ran.
     async fn check_replicas_can_thaw(
         &self,
         left: Option<&RangeDescriptor>,
         right: &RangeDescriptor,
-        lost: &[String],
+        silent: SilentNodes<'_>,
     ) -> Result<(), NodeError> {
         let mut asked: Vec<&str> = vec![self.config.node_id.as_str()];
         let replicas = left.into_iter().flat_map(|l| &l.replicas).chain(&right.replicas);
@@ -304,7 +315,8 @@ impl Node {
             }
             asked.push(&replica.node_id);
             let raft_id = crate::replica::raft_id_of(&replica.node_id);
-            let is_lost = lost.contains(&replica.node_id);
+            let decommissioned = silent.decommissioned.contains(&replica.node_id);
+            let is_lost = decommissioned || silent.lost.contains(&replica.node_id);
             let unanswered = |why: String| {
                 NodeError::Unavailable(format!(
                     "node {} holds a replica of range {} or its left neighbour and did not say whether it can apply \
@@ -319,6 +331,14 @@ impl Node {
             request.set_timeout(wait);
             let answer = match admin.node_info(request).await {
                 Ok(answer) => answer.into_inner(),
+                Err(_) if decommissioned => {
+                    tracing::warn!(
+                        node = %replica.node_id,
+                        right = right.range_id,
+                        "a silent node named decommissioned: not held to the version it was last heard running"
+                    );
+                    continue;
+                }
                 Err(_) if is_lost => {
                     self.check_silent_can_thaw(&replica.node_id, raft_id, right.range_id)?;
                     continue;
@@ -365,7 +385,8 @@ impl Node {
         Err(NodeError::Move(format!(
             "node {node_id} does not answer and {last_heard} (feature \"{MERGE_ABORT_FEATURE}\"): back on such a version, \
              it would take the undoing of range {right_id}'s freeze for empty entries and keep its copy frozen; the \
-             freeze waits for it to answer (then the merge finishes)",
+             freeze waits for it to answer (then the merge finishes), or for it to be named decommissioned (its disk \
+             destroyed: kvctl abort-merge {right_id} --decommissioned {node_id})",
         )))
     }
 

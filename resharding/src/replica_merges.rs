@@ -163,18 +163,22 @@ pub async fn merge_replicated(
 /// until done or `deadline`: the node leading the left range the freeze names must lead the
 /// frozen range too (its leadership moves there, or the left range's comes to its leader), then
 /// that node fences the left range and thaws the right one (kvfleet-node's `abort_merge`).
-/// `lost_node_ids`: the nodes lost for good (the others must answer that they can apply it).
+/// `lost_node_ids`: the nodes lost for good (the others must answer that they can apply it);
+/// `decommissioned_node_ids`: those whose disks are destroyed too, as an operator states (not
+/// held to the version they were last heard running).
 /// Returns the right range, active again, as its leader has it.
 pub async fn abort_frozen_merge(
     clients: &NodeClients,
     right_id: u64,
     lost_node_ids: &[String],
+    decommissioned_node_ids: &[String],
     seeds: &[String],
     deadline: Duration,
-) -> Result<RangeDescriptor, String> {
+) -> Result<Thawed, String> {
     let started = Instant::now();
     let mut seeds = seeds.to_vec();
     let mut last_problem = String::from("no step was tried");
+    let mut asked = false;
     while started.elapsed() < deadline {
         let Some((right, right_leader)) = find_leader_of(clients, &seeds, |d| d.range_id == right_id).await else {
             last_problem = format!("no replica of range {right_id} knows its leader (or it was merged meanwhile)");
@@ -182,7 +186,7 @@ pub async fn abort_frozen_merge(
             continue;
         };
         if right.merge_freeze_index == 0 {
-            return Ok(right);
+            return Ok(Thawed { range: right, by_this_call: asked });
         }
         let left_id = right.merge_left_id;
         if left_id == 0 {
@@ -214,11 +218,13 @@ pub async fn abort_frozen_merge(
                 right_id,
                 freeze_index: right.merge_freeze_index,
                 lost_node_ids: lost_node_ids.to_vec(),
+                decommissioned_node_ids: decommissioned_node_ids.to_vec(),
             };
+            asked = true;
             match clients.admin(&left_leader.address) {
                 Ok(mut admin) => match admin.abort_merge(with_timeout(request, STEP_TIMEOUT)).await {
                     Ok(answer) => match answer.into_inner().right {
-                        Some(thawed) => return Ok(thawed),
+                        Some(thawed) => return Ok(Thawed { range: thawed, by_this_call: true }),
                         None => Err(format!("{}: the abort answered no range", left_leader.address)),
                     },
                     Err(status) => {
@@ -242,6 +248,15 @@ pub async fn abort_frozen_merge(
         }
     }
     Err(format!("undoing range {right_id}'s freeze: not done within {} s; last: {last_problem}", deadline.as_secs()))
+}
+
+/// What `abort_frozen_merge` found at the end.
+#[derive(Debug, Clone)]
+pub struct Thawed {
+    /// The right range, active again, as its leader has it.
+    pub range: RangeDescriptor,
+    /// Whether this call asked for an undo (false: the range was not frozen when first looked at).
+    pub by_this_call: bool,
 }
 
 /// Every step's deadline.

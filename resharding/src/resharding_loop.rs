@@ -646,8 +646,10 @@ impl<P: Platform> ReshardingLoop<P> {
     /// good are replaced as any range's are, and the planner may merge it later.
     async fn abort_frozen_merge(&mut self, observation: &Observation, right: u64, lost: &[String], why: String) {
         let seeds: Vec<String> = observation.nodes.iter().map(|n| n.member.admin_address().to_string()).collect();
-        match replica_merges::abort_frozen_merge(&self.clients, right, lost, &seeds, REPLICA_MERGE_DEADLINE).await {
-            Ok(thawed) => {
+        // Never decommissioned: only a person can say that a node's disk is gone for good.
+        match replica_merges::abort_frozen_merge(&self.clients, right, lost, &[], &seeds, REPLICA_MERGE_DEADLINE).await
+        {
+            Ok(replica_merges::Thawed { range: thawed, .. }) => {
                 tracing::warn!(
                     right,
                     generation = thawed.generation,
