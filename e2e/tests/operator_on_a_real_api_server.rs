@@ -307,7 +307,8 @@ async fn the_operator_creates_everything_as_its_service_account() {
     quotas.create(&PostParams::default(), &quota).await.expect("create the quota");
     wait_until(&plane, Duration::from_secs(60), async || {
         let quota = quotas.get("one-statefulset").await.map_err(|e| e.to_string())?;
-        let counted = quota.status.and_then(|s| s.used).is_some_and(|used| used.contains_key("count/statefulsets.apps"));
+        let counted =
+            quota.status.and_then(|s| s.used).is_some_and(|used| used.contains_key("count/statefulsets.apps"));
         pending((!counted).then(|| "the quota controller has not counted the StatefulSets yet".to_string()))
     })
     .await;

@@ -177,9 +177,36 @@ pub fn validate(kvc: &KeyValueCluster) -> Result<(), String> {
             }
         }
     }
+    let ports = &spec.ports;
+    for (name, port) in [("grpc", ports.grpc), ("metrics", ports.metrics), ("admin", ports.admin)] {
+        if !(1..=65535).contains(&port) {
+            return Err(format!("spec.ports.{name} is {port}; it must be a port number (1-65535)"));
+        }
+    }
+    if ports.grpc == ports.metrics {
+        return Err(format!("spec.ports.grpc and spec.ports.metrics must differ (both {})", ports.grpc));
+    }
+    if ports.admin == ports.grpc || ports.admin == ports.metrics {
+        return Err(format!(
+            "spec.ports.admin ({}) must differ from spec.ports.grpc and spec.ports.metrics",
+            ports.admin
+        ));
+    }
     for toleration in &spec.scheduling.tolerations {
         if let Some(operator) = toleration.operator.as_deref().filter(|o| !matches!(*o, "Exists" | "Equal")) {
             return Err(format!("spec.scheduling.tolerations: operator {operator:?} must be Exists or Equal"));
+        }
+        let effect = toleration.effect.as_deref().unwrap_or_default();
+        if !matches!(effect, "" | "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            return Err(format!(
+                "spec.scheduling.tolerations: effect {effect:?} must be NoSchedule, PreferNoSchedule or NoExecute (or \
+                 empty for all)"
+            ));
+        }
+        if toleration.operator.as_deref() == Some("Exists")
+            && toleration.value.as_deref().is_some_and(|v| !v.is_empty())
+        {
+            return Err("spec.scheduling.tolerations: a toleration with operator Exists must not have a value".into());
         }
     }
     spec.sharding.policy().validate().map_err(|error| error.describe(Surface::Resource))
@@ -952,7 +979,7 @@ pub(crate) mod tests {
         };
         assert_eq!(with(&|_| {}), Ok(()));
         type Edit<'a> = &'a dyn Fn(&mut KeyValueCluster);
-        let cases: [(Edit, &str); 6] = [
+        let cases: [(Edit, &str); 10] = [
             (&|k| k.metadata.name = Some("a".repeat(53)), "must be a DNS-1035 label of at most 52"),
             (&|k| k.metadata.name = Some("Demo".into()), "must be a DNS-1035 label"),
             (
@@ -977,6 +1004,19 @@ pub(crate) mod tests {
                 &|k| k.spec.scheduling.tolerations = serde_json::from_value(json!([{"operator": "Matches"}])).unwrap(),
                 "operator \"Matches\" must be Exists or Equal",
             ),
+            (
+                &|k| k.spec.scheduling.tolerations = serde_json::from_value(json!([{"effect": "Sometimes"}])).unwrap(),
+                "effect \"Sometimes\" must be NoSchedule, PreferNoSchedule or NoExecute",
+            ),
+            (
+                &|k| {
+                    let toleration = json!([{"key": "dedicated", "operator": "Exists", "value": "kv"}]);
+                    k.spec.scheduling.tolerations = serde_json::from_value(toleration).unwrap();
+                },
+                "operator Exists must not have a value",
+            ),
+            (&|k| k.spec.ports.admin = 70000, "spec.ports.admin is 70000; it must be a port number (1-65535)"),
+            (&|k| k.spec.ports.metrics = k.spec.ports.grpc, "spec.ports.grpc and spec.ports.metrics must differ"),
         ];
         for (edit, expected) in cases {
             let refused = with(edit).expect_err(expected);
