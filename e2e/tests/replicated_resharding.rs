@@ -1041,10 +1041,10 @@ async fn a_freeze_is_not_undone_past_a_silent_node_last_heard_on_an_earlier_vers
 /// again from the two nodes left, and nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_freeze_past_a_node_on_an_earlier_version_is_undone_once_an_operator_says_its_disk_is_gone() {
+    // The controller goes on trying (and being refused) meanwhile: its attempts and kvctl's take
+    // turns on the ranges.
     let OldSilentFreeze { fleet, controller, client, workload, right_id, old, .. } =
         frozen_past_an_old_silent_node().await;
-    // Its attempts would hold the ranges for a moment, and kvctl's be refused meanwhile ("retry").
-    controller.crash();
     let old_id = fleet.nodes[old].node_id.clone();
     let endpoints: Vec<String> = fleet.nodes.iter().map(|n| n.address.clone()).collect();
     let kvctl = |flag: &str| {
@@ -1082,5 +1082,6 @@ async fn a_freeze_past_a_node_on_an_earlier_version_is_undone_once_an_operator_s
     // The writers held up by the freeze go on, on both ranges, with two of three replicas.
     let after_undo = workload.space.acked_writes();
     workload.space.wait_for_writes_past(after_undo + 50, "writes stopped after the freeze was undone").await;
+    controller.crash();
     workload.finish_checked(&client).await;
 }

@@ -58,7 +58,8 @@ impl KeyChanges {
     /// Claims `range_id` until the claim is dropped; refused while another claim holds it.
     pub(crate) fn claim(&self, range_id: u64) -> Result<KeyChangeClaim<'_>, NodeError> {
         if !self.0.lock().insert(range_id) {
-            return Err(NodeError::Move(format!(
+            // Transient (the other one ends soon): callers retry it as they retry an election.
+            return Err(NodeError::Unavailable(format!(
                 "a split or merge of range {range_id} is under way on this node; retry once it is done"
             )));
         }
