@@ -482,6 +482,14 @@ impl kvfleet_resharding::platform::Platform for TestPlatform {
     }
 }
 
+/// Whether `ranges`, sorted by start key, tile the key space: from the empty start key to the
+/// empty end key, each ending where the next starts.
+pub fn tile_the_key_space(ranges: &[RangeDescriptor]) -> bool {
+    ranges.first().is_some_and(|d| d.start_key.is_empty())
+        && ranges.last().is_some_and(|d| d.end_key.is_empty())
+        && ranges.windows(2).all(|w| w[0].end_key == w[1].start_key)
+}
+
 /// The ranges every node at `addresses` reports holding (a range once per replica).
 pub async fn reported_ranges(addresses: &[String]) -> Vec<RangeDescriptor> {
     let mut ranges = Vec::new();

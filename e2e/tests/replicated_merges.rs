@@ -255,10 +255,7 @@ async fn tiled_led_ranges(fleet: &Fleet) -> Vec<RangeDescriptor> {
     let started = Instant::now();
     loop {
         let ranges = led_ranges(fleet).await;
-        let tiles = ranges.first().is_some_and(|d| d.start_key.is_empty())
-            && ranges.last().is_some_and(|d| d.end_key.is_empty())
-            && ranges.windows(2).all(|w| w[0].end_key == w[1].start_key);
-        if tiles {
+        if kvfleet_e2e::tile_the_key_space(&ranges) {
             return ranges;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "the led ranges do not tile the key space: {ranges:?}");
@@ -356,9 +353,7 @@ async fn merges_raced_by_splits_and_a_second_merger_keep_every_write_and_a_tiled
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ranges = led_ranges(&fleet).await;
-            let tiles = ranges.first().is_some_and(|d| d.start_key.is_empty())
-                && ranges.last().is_some_and(|d| d.end_key.is_empty())
-                && ranges.windows(2).all(|w| w[0].end_key == w[1].start_key);
+            let tiles = kvfleet_e2e::tile_the_key_space(&ranges);
             let frozen = ranges.iter().find(|d| d.merge_freeze_index > 0);
             match frozen {
                 None if tiles => break,

@@ -100,10 +100,7 @@ async fn led_ranges(nodes: &[(String, String)]) -> Vec<RangeDescriptor> {
 
 /// Whether `ranges` tile the key space, each with exactly three voters and none on `not_on`.
 fn settled(ranges: &[RangeDescriptor], not_on: &str) -> bool {
-    let tiles = ranges.first().is_some_and(|d| d.start_key.is_empty())
-        && ranges.last().is_some_and(|d| d.end_key.is_empty())
-        && ranges.windows(2).all(|w| w[0].end_key == w[1].start_key);
-    tiles
+    kvfleet_e2e::tile_the_key_space(ranges)
         && ranges.iter().all(|d| {
             d.replicas.len() == 3
                 && d.replicas.iter().all(|r| r.membership() == ReplicaMembership::Voter && r.node_id != not_on)

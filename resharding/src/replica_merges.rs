@@ -229,9 +229,9 @@ pub async fn abort_frozen_merge(
                     },
                     Err(status) => {
                         let problem = format!("{}: {}", left_leader.address, describe_status(&status));
-                        // Refused for what the fleet is (a replica's node that must answer first,
-                        // a version that cannot apply it, another split or merge on the node): not
-                        // worth retrying within this call; the caller asks again later.
+                        // Refused for what the fleet is (a replica's node that cannot apply it,
+                        // or last heard on a version that cannot): not worth retrying within this
+                        // call; the caller asks again later.
                         if status.code() == tonic::Code::FailedPrecondition {
                             return Err(problem);
                         }
