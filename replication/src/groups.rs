@@ -142,6 +142,11 @@ pub struct Persist<'a> {
     /// tail overwritten by a new leader): to delete.
     pub stale: Range<u64>,
     pub hard_state: Option<&'a HardState>,
+    /// Whether `hard_state` changes the term or the vote, which must be durable before any
+    /// message of this pass leaves; a change of the commit index alone need not be (a node
+    /// that restarts with an older one learns it again, and one behind its applied index is
+    /// raised to it: `create_applied`).
+    pub term_or_vote_changed: bool,
     /// The group's membership, saved with the hard state.
     pub conf_state: ConfState,
     /// A snapshot from the leader that replaces the log up to its index (the entries, if any,
@@ -254,6 +259,8 @@ pub struct Groups<S: Storage = MemStorage> {
     dirty: HashSet<GroupId>,
     /// Quiesce notices produced by `tick`, sent with the next batch.
     outbox: Vec<Envelope>,
+    /// Readies taken by `take_ready`, not persisted yet.
+    taken: Vec<(GroupId, raft::Ready)>,
     logger: slog::Logger,
 }
 
@@ -265,6 +272,7 @@ impl<S: GroupLog> Groups<S> {
             groups: HashMap::new(),
             dirty: HashSet::new(),
             outbox: Vec::new(),
+            taken: Vec::new(),
             logger: raft_logger(),
         }
     }
@@ -314,6 +322,10 @@ impl<S: GroupLog> Groups<S> {
             pre_vote: true,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            // A new commit index reaches followers with the next append or heartbeat, not in an
+            // empty append of its own (TiKV's setting): under load that halves the messages and
+            // the follower passes per write; only applying on followers waits for it.
+            skip_bcast_commit: true,
             ..Default::default()
         };
         let logger = self.logger.new(slog::o!("range_id" => group));
@@ -439,6 +451,7 @@ impl<S: GroupLog> Groups<S> {
     /// deleted by the caller).
     pub fn remove(&mut self, group: GroupId) -> bool {
         self.dirty.remove(&group);
+        self.taken.retain(|(taken, _)| *taken != group);
         self.groups.remove(&group).is_some()
     }
 
@@ -601,16 +614,32 @@ impl<S: GroupLog> Groups<S> {
         self.groups.get(&group).map(|g| g.raw.raft.raft_log.committed)
     }
 
-    /// Gathers the Ready of every group that may have one; `persist` is called once with every
-    /// group's new entries and hard state (one write, one fsync for all of them); then each
-    /// group advances. Messages that may only leave once the log is durable are in the batch
-    /// after `persist` returned.
+    /// One pass over every group that may have a Ready: `take_ready`, then `finish_ready`.
     pub fn ready(
         &mut self,
         persist: impl FnOnce(&[Persist<'_>]) -> Result<(), String>,
     ) -> Result<ReadyBatch, GroupsError> {
-        let mut batch = ReadyBatch { messages: std::mem::take(&mut self.outbox), ..Default::default() };
-        let mut readies = Vec::new();
+        let mut batch = self.take_ready();
+        let rest = self.finish_ready(persist)?;
+        batch.messages.extend(rest.messages);
+        batch.committed.extend(rest.committed);
+        batch.persisted_entries = rest.persisted_entries;
+        batch.reads.extend(rest.reads);
+        batch.snapshots = rest.snapshots;
+        batch.snapshots_sent.extend(rest.snapshots_sent);
+        Ok(batch)
+    }
+
+    /// Takes the Ready of every group that may have one, and hands out what need not wait for
+    /// this pass's log write: the entries committed before it (raft-rs hands out only entries
+    /// this node has made durable; raft-rs's own example applies them before it persists), the
+    /// read indexes granted, and a leader's messages (raft-rs's `messages`, as opposed to the
+    /// `persisted_messages` of a follower). The caller sends them after `LogStore::sync_unsynced`
+    /// if they tell entries. A group whose Ready carries a snapshot keeps its committed
+    /// entries for `finish_ready` (they apply after the snapshot is installed). Until
+    /// `finish_ready`, the caller may apply what it got and propose, but not take messages in.
+    pub fn take_ready(&mut self) -> ReadyBatch {
+        let mut batch = ReadyBatch::default();
         for id in self.dirty.drain() {
             let Some(group) = self.groups.get_mut(&id) else { continue };
             if !group.raw.has_ready() {
@@ -620,10 +649,37 @@ impl<S: GroupLog> Groups<S> {
             if !ready.entries().is_empty() {
                 group.idle_ticks = 0;
             }
-            batch.send(id, ready.take_messages());
-            batch.apply(id, ready.take_committed_entries());
+            if ready.snapshot().is_empty() {
+                batch.apply(id, ready.take_committed_entries());
+                // A leader's appends leave before its own log write (Raft thesis 10.2.1: it
+                // counts itself toward a commit only once the write is durable), unless this
+                // Ready also changes its term or vote, which must be durable before anything
+                // it says in that term (a lone voter that lost it could win the same term again
+                // and send other entries at the same index and term).
+                let stored = group.raw.store().initial_state().map(|state| state.hard_state).unwrap_or_default();
+                if ready.hs().is_none_or(|hs| hs.term == stored.term && hs.vote == stored.vote) {
+                    batch.send(id, ready.take_messages());
+                }
+            }
             batch.reads.extend(ready.take_read_states().into_iter().map(|r| (id, r.request_ctx, r.index)));
-            readies.push((id, ready));
+            self.taken.push((id, ready));
+        }
+        batch
+    }
+
+    /// Persists the Ready taken by `take_ready`: `persist` is called once with every group's
+    /// new entries and hard state (one write, one fsync for all of them); then each group
+    /// advances. Messages that may only leave once the log is durable are in the batch after
+    /// `persist` returned.
+    pub fn finish_ready(
+        &mut self,
+        persist: impl FnOnce(&[Persist<'_>]) -> Result<(), String>,
+    ) -> Result<ReadyBatch, GroupsError> {
+        let mut batch = ReadyBatch { messages: std::mem::take(&mut self.outbox), ..Default::default() };
+        let mut readies = std::mem::take(&mut self.taken);
+        for (id, ready) in &mut readies {
+            batch.send(*id, ready.take_messages());
+            batch.apply(*id, ready.take_committed_entries());
         }
         let mut to_persist: Vec<Persist<'_>> = Vec::new();
         for (id, ready) in
@@ -636,11 +692,13 @@ impl<S: GroupLog> Groups<S> {
                 Some(last) if last.index < stored_last => last.index + 1..stored_last + 1,
                 _ => 0..0,
             };
+            let stored = store.initial_state().map(|state| state.hard_state).unwrap_or_default();
             to_persist.push(Persist {
                 group: *id,
                 entries: ready.entries(),
                 stale,
                 hard_state: ready.hs(),
+                term_or_vote_changed: ready.hs().is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote),
                 conf_state: if ready.snapshot().is_empty() {
                     store.conf_state()
                 } else {
@@ -775,6 +833,13 @@ mod tests {
         let before = cluster.node(leader).committed(7).unwrap();
         cluster.node(leader).propose(7, b"again".to_vec()).unwrap();
         cluster.settle(100).unwrap();
+        assert_eq!(cluster.node(leader).committed(7), Some(before + 1));
+        // Followers learn the new commit index with the next heartbeat (no empty append of its
+        // own: `skip_bcast_commit`).
+        for _ in 0..GroupsConfig::default().heartbeat_tick {
+            cluster.tick();
+            cluster.settle(100).unwrap();
+        }
         for node in 1..=3 {
             assert_eq!(cluster.node(node).committed(7), Some(before + 1), "node {node}");
         }
@@ -808,8 +873,14 @@ mod tests {
             let leader = cluster.agreed_leader(group);
             assert!(matches!(leader, Some(2 | 3)), "group {group}: leader {leader:?}");
             let leader = leader.unwrap_or_default();
+            let before = cluster.node(leader).committed(group).unwrap_or_default();
             cluster.node(leader).propose(group, b"after failover".to_vec()).unwrap();
             cluster.settle(100).unwrap();
+            assert_eq!(cluster.node(leader).committed(group), Some(before + 1), "group {group}");
+            for _ in 0..GroupsConfig::default().heartbeat_tick {
+                cluster.tick();
+                cluster.settle(100).unwrap();
+            }
             assert_eq!(cluster.node(2).committed(group), cluster.node(3).committed(group));
         }
     }
@@ -849,6 +920,82 @@ mod tests {
         let commits: Vec<Option<u64>> = (1..=3).map(|node| cluster.node(node).committed(1)).collect();
         assert!(commits.iter().all(|c| *c == commits[0] && c.unwrap_or(0) > committed_before), "{commits:?}");
         assert!(cluster.stale_entries >= 1, "node 1's longer uncommitted tail was marked stale");
+    }
+
+    /// Only a Ready that changes a term or a vote says so (it must be fsynced before anything
+    /// leaves); one that moves the commit index alone does not (`LogStore::write` skips the
+    /// fsync for it).
+    #[test]
+    fn a_persist_says_whether_it_changes_the_term_or_the_vote() {
+        let config = GroupsConfig { quiesce: false, ..GroupsConfig::default() };
+        let mut cluster = LocalCluster::new(3, 1, config).unwrap();
+        let mut last: HashMap<NodeId, (u64, u64)> = HashMap::new();
+        let (mut changes, mut commit_only) = (0, 0);
+        let mut check = |node: NodeId, persist: &[Persist<'_>]| {
+            for part in persist {
+                let Some(hs) = part.hard_state else { continue };
+                let before = last.insert(node, (hs.term, hs.vote)).unwrap_or((0, 0));
+                assert_eq!(part.term_or_vote_changed, before != (hs.term, hs.vote), "node {node}: {hs:?}");
+                changes += usize::from(part.term_or_vote_changed);
+                commit_only += usize::from(!part.term_or_vote_changed && part.entries.is_empty());
+            }
+            Ok(())
+        };
+        cluster.node(1).campaign(1).unwrap();
+        cluster.settle_with(100, &mut check).unwrap();
+        for n in 0..5 {
+            cluster.node(1).propose(1, format!("write {n}").into_bytes()).unwrap();
+            cluster.settle_with(100, &mut check).unwrap();
+            cluster.tick();
+            cluster.settle_with(100, &mut check).unwrap();
+        }
+        assert!(changes >= 3, "every node changed its term: {changes}");
+        assert!(commit_only > 0, "some writes moved only a commit index");
+    }
+
+    /// A leader's appends leave before its own log write (they are handed out by `take_ready`);
+    /// a follower's answers only after its write (`finish_ready`).
+    #[test]
+    fn a_leaders_appends_leave_before_its_log_write_and_a_followers_answers_after() {
+        let config = GroupsConfig { quiesce: false, ..GroupsConfig::default() };
+        let mut cluster = LocalCluster::new(3, 1, config).unwrap();
+        cluster.node(1).campaign(1).unwrap();
+        cluster.settle(100).unwrap();
+        assert_eq!(cluster.agreed_leader(1), Some(1));
+        cluster.node(1).propose(1, b"early".to_vec()).unwrap();
+        let early = cluster.node(1).take_ready();
+        let appends: Vec<&Message> = early
+            .messages
+            .iter()
+            .filter_map(|envelope| match envelope {
+                Envelope::Raft { message, .. } if message.get_msg_type() == MessageType::MsgAppend => Some(message),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(appends.len(), 2, "{:?}", early.messages);
+        assert!(appends.iter().all(|m| m.entries.iter().any(|e| e.data.as_ref() == b"early")));
+        assert!(early.tells_entries());
+        let mut persisted = 0;
+        cluster
+            .node(1)
+            .finish_ready(|persist| {
+                persisted += persist.iter().map(|p| p.entries.len()).sum::<usize>();
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(persisted, 1, "the leader writes the entry it sent");
+        for envelope in early.messages {
+            cluster.node(envelope.to()).step(envelope).unwrap();
+        }
+        let follower_early = cluster.node(2).take_ready();
+        assert!(follower_early.messages.is_empty(), "{:?}", follower_early.messages);
+        let follower = cluster.node(2).finish_ready(|_| Ok(())).unwrap();
+        assert!(
+            follower.messages.iter().any(|envelope| matches!(envelope,
+                Envelope::Raft { message, .. } if message.get_msg_type() == MessageType::MsgAppendResponse)),
+            "{:?}",
+            follower.messages
+        );
     }
 
     #[test]

@@ -404,8 +404,9 @@ impl LogStore {
         Ok(())
     }
 
-    /// Writes every group's new entries and hard state in one batch and fsyncs it (unless every
-    /// group is a lone voter and the store was opened `with_lone_voters_unsynced`): the entries
+    /// Writes every group's new entries and hard state in one batch and fsyncs it (unless it
+    /// only moves commit indexes, or every group is a lone voter and the store was opened
+    /// `with_lone_voters_unsynced`): the entries
     /// of a group that replace a longer tail (a follower's log overwritten by a new leader) also
     /// delete what is left of that tail; a snapshot replaces the whole log and is marked pending.
     pub fn write(&self, persist: &[Persist<'_>]) -> Result<(), LogError> {
@@ -452,6 +453,15 @@ impl LogStore {
             self.db.write(batch).map_err(|source| LogError::Db { what: "write the log", source })?;
             self.unsynced.store(true, std::sync::atomic::Ordering::Release);
             return Ok(());
+        }
+        let commit_only = persist.iter().all(|part| {
+            part.entries.is_empty() && part.snapshot.is_none() && part.stale.is_empty() && !part.term_or_vote_changed
+        });
+        if commit_only {
+            // No fsync: a commit index lost in a crash is learned again (see
+            // `Persist::term_or_vote_changed`); the WAL keeps writes in order, so the applied
+            // index written after this never survives without it.
+            return self.db.write(batch).map_err(|source| LogError::Db { what: "write the log", source });
         }
         self.write_synced(batch, "write the log")
     }
@@ -713,6 +723,7 @@ mod tests {
             entries,
             stale,
             hard_state,
+            term_or_vote_changed: hard_state.is_some(),
             conf_state: ConfState::from((vec![1, 2, 3], vec![])),
             snapshot: None,
         }

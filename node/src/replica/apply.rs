@@ -1034,6 +1034,7 @@ mod tests {
             entries: &right_log,
             stale: 0..0,
             hard_state: None,
+            term_or_vote_changed: false,
             conf_state: ConfState::default(),
             snapshot: None,
         };

@@ -989,10 +989,26 @@ impl Driver {
         }
     }
 
-    /// One ready pass over every group: persist, send, apply, answer.
+    /// One ready pass over every group: send a leader's appends and apply what was committed
+    /// before it, persist, send what had to wait for the write, apply what it made committed
+    /// (and snapshots), answer. Sending and applying first overlap the followers' log writes
+    /// with this node's, and answer the writes a majority already holds without waiting for this
+    /// pass's fsync of newer ones.
     fn pass(&mut self) -> Result<(), GroupsError> {
+        let early = self.groups.take_ready();
         let log = &self.log;
-        let batch = self.groups.ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
+        if early.tells_entries() {
+            log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
+        }
+        self.peers.send(early.messages);
+        let mut touched: Vec<u64> = Vec::new();
+        for (range_id, entries) in early.committed {
+            touched.push(range_id);
+            self.apply(range_id, &entries);
+        }
+        self.grant_reads(early.reads, &mut touched);
+        let log = &self.log;
+        let batch = self.groups.finish_ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
         if batch.tells_entries() {
             log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
         }
@@ -1001,7 +1017,6 @@ impl Driver {
         for sent in batch.snapshots_sent {
             self.snapshots_sent.insert(sent, Instant::now());
         }
-        let mut touched: Vec<u64> = Vec::new();
         // A snapshot comes before the group's entries committed in the same pass (they follow it).
         for taken in batch.snapshots {
             self.install(taken);
@@ -1010,7 +1025,18 @@ impl Driver {
             touched.push(range_id);
             self.apply(range_id, &entries);
         }
-        for (range_id, context, index) in batch.reads {
+        self.grant_reads(batch.reads, &mut touched);
+        self.answer_reads();
+        for range_id in touched {
+            self.publish(range_id);
+        }
+        Ok(())
+    }
+
+    /// Takes the read indexes the groups granted: each extends its leader's lease and waits
+    /// until its index is applied.
+    fn grant_reads(&mut self, reads: Vec<(u64, Vec<u8>, u64)>, touched: &mut Vec<u64>) {
+        for (range_id, context, index) in reads {
             let Some(context) = context
                 .strip_prefix(&self.groups.node().to_be_bytes()[..])
                 .and_then(|c| <[u8; 8]>::try_from(c).ok())
@@ -1031,11 +1057,6 @@ impl Driver {
             }
             touched.push(range_id);
         }
-        self.answer_reads();
-        for range_id in touched {
-            self.publish(range_id);
-        }
-        Ok(())
     }
 
     /// Whether a write proposed now in `term` (its keys: `keys`) may be acknowledged before a
