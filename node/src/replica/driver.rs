@@ -1001,6 +1001,9 @@ impl Driver {
             log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
         }
         self.peers.send(early.messages);
+        for sent in early.snapshots_sent {
+            self.snapshots_sent.insert(sent, Instant::now());
+        }
         let mut touched: Vec<u64> = Vec::new();
         for (range_id, entries) in early.committed {
             touched.push(range_id);
