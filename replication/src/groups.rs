@@ -330,6 +330,10 @@ impl<S: GroupLog> Groups<S> {
         };
         let logger = self.logger.new(slog::o!("range_id" => group));
         let raw = RawNode::new(&config, storage, &logger).map_err(|source| GroupsError::Raft { group, source })?;
+        debug_assert!(
+            self.taken.iter().all(|(taken, _)| *taken != group),
+            "group {group} created over one whose Ready is not persisted yet"
+        );
         self.groups.insert(group, Group { raw, quiet: false, idle_ticks: 0 });
         self.dirty.insert(group);
         Ok(applied)

@@ -458,9 +458,9 @@ impl LogStore {
             part.entries.is_empty() && part.snapshot.is_none() && part.stale.is_empty() && !part.term_or_vote_changed
         });
         if commit_only {
-            // No fsync: a commit index lost in a crash is learned again (see
-            // `Persist::term_or_vote_changed`); the WAL keeps writes in order, so the applied
-            // index written after this never survives without it.
+            // No fsync: a commit index lost in a crash is learned again, and one found behind
+            // the applied index (written before or after this) is raised to it
+            // (`Groups::create_applied`; applied entries are in the durable log).
             return self.db.write(batch).map_err(|source| LogError::Db { what: "write the log", source });
         }
         self.write_synced(batch, "write the log")

@@ -1,8 +1,8 @@
 //! The Raft thread: it owns every group of this node. Each pass takes what arrived (proposals,
 //! reads, messages from peers, groups to open), ticks every `TICK`, asks each group with reads
-//! waiting for one read index, gathers every group's Ready into one fsynced log write, sends
-//! the messages, installs snapshots and applies what committed, and answers the requests it
-//! settled. Once a second it compacts logs that grew past twice `log_keep_entries` applied
+//! waiting for one read index, sends leaders' appends and applies what committed before the
+//! pass, gathers every group's Ready into one fsynced log write, sends the messages that waited
+//! for it, installs snapshots and applies what committed, and answers the requests it settled. Once a second it compacts logs that grew past twice `log_keep_entries` applied
 //! entries, and makes the snapshots leaders asked for (on a thread of their own).
 
 use std::collections::{HashMap, HashSet};
@@ -996,8 +996,9 @@ impl Driver {
     /// pass's fsync of newer ones.
     fn pass(&mut self) -> Result<(), GroupsError> {
         let early = self.groups.take_ready();
+        let early_told_entries = early.tells_entries();
         let log = &self.log;
-        if early.tells_entries() {
+        if early_told_entries {
             log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
         }
         self.peers.send(early.messages);
@@ -1012,7 +1013,9 @@ impl Driver {
         self.grant_reads(early.reads, &mut touched);
         let log = &self.log;
         let batch = self.groups.finish_ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
-        if batch.tells_entries() {
+        // Entries sent before the write (to a learner of a lone voter, which the early apply may
+        // have removed, so that the write went unsynced) must survive here too.
+        if early_told_entries || batch.tells_entries() {
             log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
         }
         self.ack_early();
