@@ -346,6 +346,10 @@ impl<S: GroupLog> Groups<S> {
     /// The group ticks again; `activity` (a proposal, a read, new entries: not a heartbeat)
     /// also restarts its wait before it may quiesce.
     fn wake(&mut self, group: GroupId, activity: bool) -> Result<&mut RawNode<S>, GroupsError> {
+        debug_assert!(
+            self.taken.iter().all(|(taken, _)| *taken != group),
+            "group {group} touched between take_ready and finish_ready"
+        );
         self.dirty.insert(group);
         let entry = self.groups.get_mut(&group).ok_or(GroupsError::NoGroup(group))?;
         entry.quiet = false;
@@ -634,14 +638,12 @@ impl<S: GroupLog> Groups<S> {
         Ok(batch)
     }
 
-    /// Takes the Ready of every group that may have one, and hands out what need not wait for
-    /// this pass's log write: the entries committed before it (raft-rs hands out only entries
-    /// this node has made durable; raft-rs's own example applies them before it persists), the
-    /// read indexes granted, and a leader's messages (raft-rs's `messages`, as opposed to the
-    /// `persisted_messages` of a follower). The caller sends them after `LogStore::sync_unsynced`
-    /// if they tell entries. A group whose Ready carries a snapshot keeps its committed
-    /// entries for `finish_ready` (they apply after the snapshot is installed). Until
-    /// `finish_ready`, the caller may apply what it got and propose, but not take messages in.
+    /// Takes the Ready of every group that may have one, and hands out what may leave before
+    /// this pass's log write: a leader's messages (raft-rs's `messages`, as opposed to a
+    /// follower's `persisted_messages`; Raft thesis 10.2.1: the leader counts itself toward a
+    /// commit only once its write is durable). The caller sends them (after
+    /// `LogStore::sync_unsynced` if they tell entries) and then calls `finish_ready`, touching
+    /// no group in between: raft-rs takes no new entry between a `ready` and its `advance`.
     pub fn take_ready(&mut self) -> ReadyBatch {
         let mut batch = ReadyBatch::default();
         for id in self.dirty.drain() {
@@ -653,19 +655,13 @@ impl<S: GroupLog> Groups<S> {
             if !ready.entries().is_empty() {
                 group.idle_ticks = 0;
             }
-            if ready.snapshot().is_empty() {
-                batch.apply(id, ready.take_committed_entries());
-                // A leader's appends leave before its own log write (Raft thesis 10.2.1: it
-                // counts itself toward a commit only once the write is durable), unless this
-                // Ready also changes its term or vote, which must be durable before anything
-                // it says in that term (a lone voter that lost it could win the same term again
-                // and send other entries at the same index and term).
-                let stored = group.raw.store().initial_state().map(|state| state.hard_state).unwrap_or_default();
-                if ready.hs().is_none_or(|hs| hs.term == stored.term && hs.vote == stored.vote) {
-                    batch.send(id, ready.take_messages());
-                }
+            // Not from a Ready that also changes the term or the vote, which must be durable
+            // before anything said in that term (a lone voter that lost it could win the same
+            // term again and send other entries at the same index and term).
+            let stored = group.raw.store().initial_state().map(|state| state.hard_state).unwrap_or_default();
+            if ready.hs().is_none_or(|hs| hs.term == stored.term && hs.vote == stored.vote) {
+                batch.send(id, ready.take_messages());
             }
-            batch.reads.extend(ready.take_read_states().into_iter().map(|r| (id, r.request_ctx, r.index)));
             self.taken.push((id, ready));
         }
         batch
@@ -684,6 +680,7 @@ impl<S: GroupLog> Groups<S> {
         for (id, ready) in &mut readies {
             batch.send(*id, ready.take_messages());
             batch.apply(*id, ready.take_committed_entries());
+            batch.reads.extend(ready.take_read_states().into_iter().map(|r| (*id, r.request_ctx, r.index)));
         }
         let mut to_persist: Vec<Persist<'_>> = Vec::new();
         for (id, ready) in

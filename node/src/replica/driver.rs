@@ -1,8 +1,8 @@
 //! The Raft thread: it owns every group of this node. Each pass takes what arrived (proposals,
 //! reads, messages from peers, groups to open), ticks every `TICK`, asks each group with reads
-//! waiting for one read index, sends leaders' appends and applies what committed before the
-//! pass, gathers every group's Ready into one fsynced log write, sends the messages that waited
-//! for it, installs snapshots and applies what committed, and answers the requests it settled. Once a second it compacts logs that grew past twice `log_keep_entries` applied
+//! waiting for one read index, sends leaders' appends, gathers every group's Ready into one
+//! fsynced log write, sends the messages that waited for it, installs snapshots and applies
+//! what committed, and answers the requests it settled. Once a second it compacts logs that grew past twice `log_keep_entries` applied
 //! entries, and makes the snapshots leaders asked for (on a thread of their own).
 
 use std::collections::{HashMap, HashSet};
@@ -989,33 +989,21 @@ impl Driver {
         }
     }
 
-    /// One ready pass over every group: send a leader's appends and apply what was committed
-    /// before it, persist, send what had to wait for the write, apply what it made committed
-    /// (and snapshots), answer. Sending and applying first overlap the followers' log writes
-    /// with this node's, and answer the writes a majority already holds without waiting for this
-    /// pass's fsync of newer ones.
+    /// One ready pass over every group: send leaders' appends, persist, send what had to wait
+    /// for the write, install snapshots, apply what committed, answer. Sending first overlaps
+    /// the followers' log writes with this node's.
     fn pass(&mut self) -> Result<(), GroupsError> {
         let early = self.groups.take_ready();
-        let early_told_entries = early.tells_entries();
         let log = &self.log;
-        if early_told_entries {
+        if early.tells_entries() {
             log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
         }
         self.peers.send(early.messages);
         for sent in early.snapshots_sent {
             self.snapshots_sent.insert(sent, Instant::now());
         }
-        let mut touched: Vec<u64> = Vec::new();
-        for (range_id, entries) in early.committed {
-            touched.push(range_id);
-            self.apply(range_id, &entries);
-        }
-        self.grant_reads(early.reads, &mut touched);
-        let log = &self.log;
         let batch = self.groups.finish_ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
-        // Entries sent before the write (to a learner of a lone voter, which the early apply may
-        // have removed, so that the write went unsynced) must survive here too.
-        if early_told_entries || batch.tells_entries() {
+        if batch.tells_entries() {
             log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
         }
         self.ack_early();
@@ -1023,6 +1011,7 @@ impl Driver {
         for sent in batch.snapshots_sent {
             self.snapshots_sent.insert(sent, Instant::now());
         }
+        let mut touched: Vec<u64> = Vec::new();
         // A snapshot comes before the group's entries committed in the same pass (they follow it).
         for taken in batch.snapshots {
             self.install(taken);
