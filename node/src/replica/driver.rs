@@ -2,8 +2,9 @@
 //! reads, messages from peers, groups to open), ticks every `TICK`, asks each group with reads
 //! waiting for one read index, sends leaders' appends, gathers every group's Ready into one
 //! fsynced log write, sends the messages that waited for it, installs snapshots and applies
-//! what committed, and answers the requests it settled. Once a second it compacts logs that grew past twice `log_keep_entries` applied
-//! entries, and makes the snapshots leaders asked for (on a thread of their own).
+//! what committed, and answers the requests it settled. Once a second it compacts logs that
+//! grew past twice `log_keep_entries` applied entries, and makes the snapshots leaders asked
+//! for (on a thread of their own).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
