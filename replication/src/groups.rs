@@ -259,8 +259,9 @@ pub struct Groups<S: Storage = MemStorage> {
     dirty: HashSet<GroupId>,
     /// Quiesce notices produced by `tick`, sent with the next batch.
     outbox: Vec<Envelope>,
-    /// Readies taken by `take_ready`, not persisted yet.
-    taken: Vec<(GroupId, raft::Ready)>,
+    /// Readies taken by `take_ready`, not persisted yet, each with whether it changes its
+    /// group's term or vote.
+    taken: Vec<(GroupId, raft::Ready, bool)>,
     logger: slog::Logger,
 }
 
@@ -330,10 +331,7 @@ impl<S: GroupLog> Groups<S> {
         };
         let logger = self.logger.new(slog::o!("range_id" => group));
         let raw = RawNode::new(&config, storage, &logger).map_err(|source| GroupsError::Raft { group, source })?;
-        debug_assert!(
-            self.taken.iter().all(|(taken, _)| *taken != group),
-            "group {group} created over one whose Ready is not persisted yet"
-        );
+        self.debug_assert_not_taken(group);
         self.groups.insert(group, Group { raw, quiet: false, idle_ticks: 0 });
         self.dirty.insert(group);
         Ok(applied)
@@ -343,13 +341,19 @@ impl<S: GroupLog> Groups<S> {
         self.groups.get_mut(&group).ok_or(GroupsError::NoGroup(group))
     }
 
+    /// raft-rs takes nothing into a group between its `ready` and its `advance`: nothing may
+    /// touch or replace a group between `take_ready` and `finish_ready`.
+    fn debug_assert_not_taken(&self, group: GroupId) {
+        debug_assert!(
+            self.taken.iter().all(|(taken, ..)| *taken != group),
+            "group {group} touched between take_ready and finish_ready"
+        );
+    }
+
     /// The group ticks again; `activity` (a proposal, a read, new entries: not a heartbeat)
     /// also restarts its wait before it may quiesce.
     fn wake(&mut self, group: GroupId, activity: bool) -> Result<&mut RawNode<S>, GroupsError> {
-        debug_assert!(
-            self.taken.iter().all(|(taken, _)| *taken != group),
-            "group {group} touched between take_ready and finish_ready"
-        );
+        self.debug_assert_not_taken(group);
         self.dirty.insert(group);
         let entry = self.groups.get_mut(&group).ok_or(GroupsError::NoGroup(group))?;
         entry.quiet = false;
@@ -459,7 +463,7 @@ impl<S: GroupLog> Groups<S> {
     /// deleted by the caller).
     pub fn remove(&mut self, group: GroupId) -> bool {
         self.dirty.remove(&group);
-        self.taken.retain(|(taken, _)| *taken != group);
+        self.taken.retain(|(taken, ..)| *taken != group);
         self.groups.remove(&group).is_some()
     }
 
@@ -655,14 +659,15 @@ impl<S: GroupLog> Groups<S> {
             if !ready.entries().is_empty() {
                 group.idle_ticks = 0;
             }
+            let stored = group.raw.store().initial_state().map(|state| state.hard_state).unwrap_or_default();
+            let term_or_vote_changed = ready.hs().is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote);
             // Not from a Ready that also changes the term or the vote, which must be durable
             // before anything said in that term (a lone voter that lost it could win the same
             // term again and send other entries at the same index and term).
-            let stored = group.raw.store().initial_state().map(|state| state.hard_state).unwrap_or_default();
-            if ready.hs().is_none_or(|hs| hs.term == stored.term && hs.vote == stored.vote) {
+            if !term_or_vote_changed {
                 batch.send(id, ready.take_messages());
             }
-            self.taken.push((id, ready));
+            self.taken.push((id, ready, term_or_vote_changed));
         }
         batch
     }
@@ -677,14 +682,14 @@ impl<S: GroupLog> Groups<S> {
     ) -> Result<ReadyBatch, GroupsError> {
         let mut batch = ReadyBatch { messages: std::mem::take(&mut self.outbox), ..Default::default() };
         let mut readies = std::mem::take(&mut self.taken);
-        for (id, ready) in &mut readies {
+        for (id, ready, _) in &mut readies {
             batch.send(*id, ready.take_messages());
             batch.apply(*id, ready.take_committed_entries());
             batch.reads.extend(ready.take_read_states().into_iter().map(|r| (*id, r.request_ctx, r.index)));
         }
         let mut to_persist: Vec<Persist<'_>> = Vec::new();
-        for (id, ready) in
-            readies.iter().filter(|(_, r)| !r.entries().is_empty() || r.hs().is_some() || !r.snapshot().is_empty())
+        for (id, ready, term_or_vote_changed) in
+            readies.iter().filter(|(_, r, _)| !r.entries().is_empty() || r.hs().is_some() || !r.snapshot().is_empty())
         {
             let Some(group) = self.groups.get(id) else { continue };
             let store = group.raw.store();
@@ -693,13 +698,12 @@ impl<S: GroupLog> Groups<S> {
                 Some(last) if last.index < stored_last => last.index + 1..stored_last + 1,
                 _ => 0..0,
             };
-            let stored = store.initial_state().map(|state| state.hard_state).unwrap_or_default();
             to_persist.push(Persist {
                 group: *id,
                 entries: ready.entries(),
                 stale,
                 hard_state: ready.hs(),
-                term_or_vote_changed: ready.hs().is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote),
+                term_or_vote_changed: *term_or_vote_changed,
                 conf_state: if ready.snapshot().is_empty() {
                     store.conf_state()
                 } else {
@@ -714,7 +718,7 @@ impl<S: GroupLog> Groups<S> {
             persist(&to_persist).map_err(|reason| GroupsError::Persist { groups, reason })?;
         }
         drop(to_persist);
-        for (id, mut ready) in readies {
+        for (id, mut ready, _) in readies {
             let Some(group) = self.groups.get_mut(&id) else { continue };
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot();
@@ -809,6 +813,16 @@ mod tests {
         cluster
     }
 
+    /// Three nodes, one group that never quiesces, led by node 1.
+    fn one_group_led_by_node_1() -> LocalCluster {
+        let config = GroupsConfig { quiesce: false, ..GroupsConfig::default() };
+        let mut cluster = LocalCluster::new(3, 1, config).unwrap();
+        cluster.node(1).campaign(1).unwrap();
+        cluster.settle(100).unwrap();
+        assert_eq!(cluster.agreed_leader(1), Some(1));
+        cluster
+    }
+
     #[test]
     fn groups_elect_replicate_and_quiesce_then_send_nothing() {
         let mut cluster = quiet_cluster();
@@ -891,11 +905,7 @@ mod tests {
     /// tells the log store which stored entries to delete.
     #[test]
     fn a_cut_off_leaders_uncommitted_tail_is_replaced_and_marked_stale() {
-        let config = GroupsConfig { quiesce: false, ..GroupsConfig::default() };
-        let mut cluster = LocalCluster::new(3, 1, config).unwrap();
-        cluster.node(1).campaign(1).unwrap();
-        cluster.settle(100).unwrap();
-        assert_eq!(cluster.agreed_leader(1), Some(1));
+        let mut cluster = one_group_led_by_node_1();
         cluster.down.extend([2, 3]);
         for n in 0..3 {
             cluster.node(1).propose(1, format!("lost {n}").into_bytes()).unwrap();
@@ -958,11 +968,7 @@ mod tests {
     /// a follower's answers only after its write (`finish_ready`).
     #[test]
     fn a_leaders_appends_leave_before_its_log_write_and_a_followers_answers_after() {
-        let config = GroupsConfig { quiesce: false, ..GroupsConfig::default() };
-        let mut cluster = LocalCluster::new(3, 1, config).unwrap();
-        cluster.node(1).campaign(1).unwrap();
-        cluster.settle(100).unwrap();
-        assert_eq!(cluster.agreed_leader(1), Some(1));
+        let mut cluster = one_group_led_by_node_1();
         cluster.node(1).propose(1, b"early".to_vec()).unwrap();
         let early = cluster.node(1).take_ready();
         let appends: Vec<&Message> = early

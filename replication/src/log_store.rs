@@ -406,9 +406,9 @@ impl LogStore {
 
     /// Writes every group's new entries and hard state in one batch and fsyncs it (unless it
     /// only moves commit indexes, or every group is a lone voter and the store was opened
-    /// `with_lone_voters_unsynced`): the entries
-    /// of a group that replace a longer tail (a follower's log overwritten by a new leader) also
-    /// delete what is left of that tail; a snapshot replaces the whole log and is marked pending.
+    /// `with_lone_voters_unsynced`): the entries of a group that replace a longer tail (a
+    /// follower's log overwritten by a new leader) also delete what is left of that tail; a
+    /// snapshot replaces the whole log and is marked pending.
     pub fn write(&self, persist: &[Persist<'_>]) -> Result<(), LogError> {
         let cf = self.cf()?;
         let mut batch = WriteBatch::default();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
-use kvfleet_replication::{Entry, GroupStorage, Groups, GroupsConfig, GroupsError, LogStore, SnapshotSlot};
+use kvfleet_replication::{Entry, GroupStorage, Groups, GroupsConfig, GroupsError, LogStore, ReadyBatch, SnapshotSlot};
 use parking_lot::Mutex;
 use rocksdb::DB;
 
@@ -994,19 +994,21 @@ impl Driver {
     /// for the write, install snapshots, apply what committed, answer. Sending first overlaps
     /// the followers' log writes with this node's.
     fn pass(&mut self) -> Result<(), GroupsError> {
-        let early = self.groups.take_ready();
         let log = &self.log;
-        if early.tells_entries() {
-            log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
-        }
+        let sync_before_telling = |batch: &ReadyBatch| {
+            if batch.tells_entries() {
+                log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
+            }
+            Ok::<(), GroupsError>(())
+        };
+        let early = self.groups.take_ready();
+        sync_before_telling(&early)?;
         self.peers.send(early.messages);
         for sent in early.snapshots_sent {
             self.snapshots_sent.insert(sent, Instant::now());
         }
         let batch = self.groups.finish_ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
-        if batch.tells_entries() {
-            log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
-        }
+        sync_before_telling(&batch)?;
         self.ack_early();
         self.peers.send(batch.messages);
         for sent in batch.snapshots_sent {
