@@ -7,7 +7,11 @@
 # all talk to one member, which forwards to its leader. kvfleet runs twice: with its client's
 # bundling (concurrent requests to one node share a call, the default) and without it. Prints
 # kvctl's tables.
-# Run: scripts/bench-etcd-cluster.sh   (DURATION=10 CONCURRENCY=64 RECORDS=10000 VALUE_SIZE=100)
+# With SWEEP set (e.g. SWEEP="1 8 64 256 512"), runs instead only puts, kvfleet then etcd at each
+# of those client counts, and prints one line per run: puts/s and how busy the machine's CPU was
+# (from /proc/stat, over the run). Where the target lies against each system's ceiling.
+# Run: scripts/bench-etcd-cluster.sh   (DURATION=10 CONCURRENCY=64 RECORDS=10000 VALUE_SIZE=100
+# SWEEP=)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -46,6 +50,29 @@ bench() { # label target workload extra...
   "$bin/kvctl" bench --endpoints "$kvfleet" --target "$target" --workload "$workload" --records "$records" \
     --value-size "$value_size" --concurrency "$concurrency" --duration "$duration" --quiet "$@"
 }
+
+# sweep_line <label> <concurrency> <target>: one puts-only run, as one line with the CPU it took.
+sweep_line() {
+  local label=$1 clients=$2 target=$3 busy0 total0 busy1 total1 result
+  read -r busy0 total0 <<<"$(machine_busy_ticks)"
+  result=$("$bin/kvctl" bench --endpoints "$kvfleet" --target "$target" --workload w --records "$records" \
+    --value-size "$value_size" --concurrency "$clients" --duration "$duration" --skip-load --quiet |
+    awk '/^run:/ {print $4}')
+  read -r busy1 total1 <<<"$(machine_busy_ticks)"
+  awk -v l="$label" -v c="$clients" -v r="$result" -v b=$((busy1 - busy0)) -v t=$((total1 - total0)) \
+    'BEGIN {printf "%-8s %4d clients: %7d puts/s, machine CPU %3.0f%% busy\n", l, c, r, 100 * b / t}'
+}
+# busy (user, nice, system, irq, softirq) and all ticks, from /proc/stat's first line
+machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+if [[ -n "${SWEEP:-}" ]]; then
+  echo "== puts only (workload w), ${duration}s each, kvfleet N = 3 (majority) and etcd 3 members"
+  for clients in $SWEEP; do
+    sweep_line kvfleet "$clients" kvfleet
+    sweep_line etcd "$clients" etcd://127.0.0.1:2482
+  done
+  exit 0
+fi
+
 bench "kvfleet N = 3 (majority)" kvfleet w
 bench "kvfleet N = 3 (majority), every request in its own call" kvfleet w --bundle-max-requests 1
 bench "etcd, 3 members" etcd://127.0.0.1:2482 w
