@@ -1,12 +1,14 @@
 //! Helpers for end-to-end tests on real processes: start, kill and restart `kvfleet-node`
 //! binaries on loopback, each with its own data directory, and talk to them over gRPC; a
-//! platform of nodes the test started, for running the controller in the test; and the history
-//! checker (`history`); a real Kubernetes control plane on loopback (`control_plane`) and a
-//! stand-in kubelet that runs its pods as node processes (`kubelet`).
+//! platform of nodes the test started, for running the controller in the test; the history
+//! checker (`history`); `kvctl` run as a user runs it (`kvctl`); a real Kubernetes control plane
+//! on loopback (`control_plane`) and a stand-in kubelet that runs its pods as node processes
+//! (`kubelet`).
 
 pub mod control_plane;
 pub mod history;
 pub mod kubelet;
+pub mod kvctl;
 pub mod partition;
 pub mod replicated;
 

@@ -3,30 +3,24 @@
 //! so a loop killed with -9 right after a reservation never hands the same ids out again. A loop
 //! refuses ids for a node of another fleet, and bad requests are refused naming the limit.
 
-use std::process::Command;
 use std::time::Duration;
 
-use kvfleet_e2e::{Playground, assert_one_owner_per_key, binary, wait_until};
+use kvfleet_e2e::kvctl::KvctlRun;
+use kvfleet_e2e::{Playground, assert_one_owner_per_key, wait_until};
 use kvfleet_proto::v1::ReserveRangeIdsRequest;
 use kvfleet_proto::v1::controller_client::ControllerClient;
-use serde_json::Value;
 
-/// Runs kvctl against the playground; (succeeded, stdout, stderr).
-fn kvctl(playground: &Playground, controller: &str, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(binary("kvctl"))
-        .args(["--endpoints", &playground.addresses().join(","), "--controller", controller, "--output", "json"])
-        .args(args)
-        .output()
-        .expect("kvctl runs");
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    (output.status.success(), text(&output.stdout), text(&output.stderr))
+/// Runs kvctl against the playground, asking `controller` for new range ids.
+fn kvctl(playground: &Playground, controller: &str, args: &[&str]) -> KvctlRun {
+    kvfleet_e2e::kvctl::run(
+        &playground.addresses(),
+        &[&["--controller", controller, "--output", "json"], args].concat(),
+    )
 }
 
 /// The range ids a successful kvctl split or merge printed (JSON).
 fn printed_ids(playground: &Playground, args: &[&str]) -> Vec<u64> {
-    let (ok, stdout, stderr) = kvctl(playground, &playground.control, args);
-    assert!(ok, "kvctl {args:?} failed: {stderr}");
-    let json: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let json = kvctl(playground, &playground.control, args).json(&format!("{args:?}"));
     let views = json.as_array().cloned().unwrap_or_else(|| vec![json.clone()]);
     views.iter().map(|v| v["range_id"].as_u64().unwrap_or_else(|| panic!("no range_id in {v}"))).collect()
 }
@@ -82,8 +76,8 @@ async fn hand_made_splits_and_merges_take_the_next_ids_from_the_loop() {
     assert_eq!(too_many.message(), "count must be between 1 and 16 (got 17)");
 
     // A loop named with --controller that does not answer: kvctl refuses, and nothing splits.
-    let (ok, _, stderr) = kvctl(&playground, "127.0.0.1:1", &["split", "user8"]);
-    assert!(!ok && stderr.contains("127.0.0.1:1"), "{stderr}");
+    let refused = kvctl(&playground, "127.0.0.1:1", &["split", "user8"]);
+    assert!(!refused.succeeded && refused.stderr.contains("127.0.0.1:1"), "{refused:?}");
     assert_eq!(range_ids(&playground).await, [1, 3, 6]);
     assert_eq!(playground.stop().code(), Some(0));
 }

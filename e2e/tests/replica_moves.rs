@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfleet_e2e::history::{HistoryWorkload, keys};
+use kvfleet_e2e::kvctl;
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
 use kvfleet_proto::v1::{ReadConsistency, ReplicaMembership};
 use kvfleet_resharding::observe::NodeClients;
@@ -70,15 +71,12 @@ async fn a_leaders_replica_moves_to_a_new_node_under_load_without_a_freeze_and_t
     let started = Instant::now();
     let acked_before = workload.space.acked_writes();
     let (from, to) = (fleet.nodes[source].node_id.clone(), fleet.nodes[target].node_id.clone());
-    let output = tokio::process::Command::new(kvfleet_e2e::binary("kvctl"))
-        .args(["--endpoints", &fleet.addresses().join(","), "--output", "json", "move-replica", "key010"])
-        .args(["--from", &from, "--to", &to])
-        .output()
-        .await
-        .expect("kvctl runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "kvctl move-replica: {}", String::from_utf8_lossy(&output.stderr));
-    let moved: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let moved = kvctl::run_async(
+        &fleet.addresses(),
+        &["--output", "json", "move-replica", "key010", "--from", &from, "--to", &to],
+    )
+    .await
+    .json("move-replica");
     let took = started.elapsed();
     let acked = workload.space.acked_writes() - acked_before;
     eprintln!("moved the leader's replica in {took:?}: {acked} writes acknowledged meanwhile");
@@ -87,7 +85,7 @@ async fn a_leaders_replica_moves_to_a_new_node_under_load_without_a_freeze_and_t
     replicas.sort();
     let mut expected: Vec<String> = (0..4).filter(|&i| i != source).map(|i| fleet.nodes[i].node_id.clone()).collect();
     expected.sort();
-    assert_eq!(replicas, expected, "kvctl printed {stdout}");
+    assert_eq!(replicas, expected, "kvctl printed {moved}");
     let voters: Vec<usize> = (0..4).filter(|&i| i != source).collect();
     for &index in &voters {
         wait_for_members(&fleet, index, &voters).await;
@@ -96,13 +94,8 @@ async fn a_leaders_replica_moves_to_a_new_node_under_load_without_a_freeze_and_t
 
     // `kvctl status`, given one node, lists every replica's node (not only the leader's), each
     // with the copy it holds.
-    let output = tokio::process::Command::new(kvfleet_e2e::binary("kvctl"))
-        .args(["--endpoints", &fleet.nodes[target].address, "--output", "json", "status"])
-        .output()
-        .await
-        .expect("kvctl runs");
-    assert!(output.status.success(), "kvctl status: {}", String::from_utf8_lossy(&output.stderr));
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("kvctl status prints JSON");
+    let status =
+        kvctl::run_async(&[&fleet.nodes[target].address], &["--output", "json", "status"]).await.json("status");
     let listed: Vec<(String, usize)> = status
         .as_array()
         .into_iter()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfleet_e2e::history::{HistoryWorkload, keys};
+use kvfleet_e2e::kvctl;
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
 use kvfleet_proto::v1::{RangeDescriptor, ReadConsistency, SplitRangeRequest, TransferLeaderRequest};
 
@@ -21,16 +22,11 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 
 /// `kvctl merge <key>` against every node: the merged range (id, start, end), or kvctl's error.
 fn kvctl_merge(endpoints: &[String], key: &str) -> Result<(u64, String, String), String> {
-    let output = std::process::Command::new(kvfleet_e2e::binary("kvctl"))
-        .args(["--endpoints", &endpoints.join(","), "--output", "json", "merge", key])
-        .env_remove("KVFLEET_CONTROLLER")
-        .output()
-        .expect("kvctl runs");
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    let run = kvctl::run(endpoints, &["--output", "json", "merge", key]);
+    if !run.succeeded {
+        return Err(run.stderr);
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let json: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| format!("{e}: {stdout}"))?;
+    let json = run.json("merge");
     let text = |field: &str| json[field].as_str().unwrap_or_default().to_string();
     Ok((json["range_id"].as_u64().unwrap_or(0), text("start"), text("end")))
 }

@@ -1045,13 +1045,8 @@ async fn a_freeze_past_a_node_on_an_earlier_version_is_undone_once_an_operator_s
     let old_id = fleet.nodes[old].node_id.clone();
     let endpoints: Vec<String> = fleet.nodes.iter().map(|n| n.address.clone()).collect();
     let kvctl = |flag: &str| {
-        let output = std::process::Command::new(kvfleet_e2e::binary("kvctl"))
-            .args(["--endpoints", &endpoints.join(","), "abort-merge", &right_id.to_string(), flag, &old_id])
-            .env_remove("KVFLEET_CONTROLLER")
-            .output()
-            .expect("kvctl runs");
-        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-        (output.status.success(), text(&output.stdout), text(&output.stderr))
+        let run = kvfleet_e2e::kvctl::run(&endpoints, &["abort-merge", &right_id.to_string(), flag, &old_id]);
+        (run.succeeded, run.stdout, run.stderr)
     };
 
     let started = Instant::now();

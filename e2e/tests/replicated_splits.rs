@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfleet_e2e::history::{HistoryWorkload, keys};
+use kvfleet_e2e::kvctl;
 use kvfleet_e2e::replicated::ReplicatedFleet as Fleet;
 use kvfleet_proto::v1::{GetRequest, RangeDescriptor, ReadConsistency, SplitRangeRequest};
 
@@ -19,16 +20,8 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 
 /// `kvctl split <key>` against every node: the halves it printed (id, start, end).
 fn kvctl_split(fleet: &Fleet, key: &str) -> Vec<(u64, String, String)> {
-    let endpoints: Vec<&str> = fleet.nodes.iter().map(|n| n.address.as_str()).collect();
     // No resharding loop runs (none answers at kvctl's default): the node picks the new id.
-    let output = std::process::Command::new(kvfleet_e2e::binary("kvctl"))
-        .args(["--endpoints", &endpoints.join(","), "--output", "json", "split", key])
-        .env_remove("KVFLEET_CONTROLLER")
-        .output()
-        .expect("kvctl runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "kvctl split {key}: {}", String::from_utf8_lossy(&output.stderr));
-    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let json = kvctl::run(&fleet.addresses(), &["--output", "json", "split", key]).json(&format!("split {key}"));
     let halves = json.as_array().cloned().unwrap_or_default();
     halves
         .iter()
