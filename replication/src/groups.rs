@@ -659,8 +659,10 @@ impl<S: GroupLog> Groups<S> {
             if !ready.entries().is_empty() {
                 group.idle_ticks = 0;
             }
-            let stored = group.raw.store().initial_state().map(|state| state.hard_state).unwrap_or_default();
-            let term_or_vote_changed = ready.hs().is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote);
+            let term_or_vote_changed = ready.hs().is_some_and(|hs| {
+                let stored = group.raw.store().initial_state().map(|state| state.hard_state).unwrap_or_default();
+                hs.term != stored.term || hs.vote != stored.vote
+            });
             // Not from a Ready that also changes the term or the vote, which must be durable
             // before anything said in that term (a lone voter that lost it could win the same
             // term again and send other entries at the same index and term).

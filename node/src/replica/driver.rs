@@ -994,26 +994,12 @@ impl Driver {
     /// for the write, install snapshots, apply what committed, answer. Sending first overlaps
     /// the followers' log writes with this node's.
     fn pass(&mut self) -> Result<(), GroupsError> {
+        let mut early = self.groups.take_ready();
+        self.tell(&mut early)?;
         let log = &self.log;
-        let sync_before_telling = |batch: &ReadyBatch| {
-            if batch.tells_entries() {
-                log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
-            }
-            Ok::<(), GroupsError>(())
-        };
-        let early = self.groups.take_ready();
-        sync_before_telling(&early)?;
-        self.peers.send(early.messages);
-        for sent in early.snapshots_sent {
-            self.snapshots_sent.insert(sent, Instant::now());
-        }
-        let batch = self.groups.finish_ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
-        sync_before_telling(&batch)?;
+        let mut batch = self.groups.finish_ready(|persist| log.write(persist).map_err(|e| e.to_string()))?;
+        self.tell(&mut batch)?;
         self.ack_early();
-        self.peers.send(batch.messages);
-        for sent in batch.snapshots_sent {
-            self.snapshots_sent.insert(sent, Instant::now());
-        }
         let mut touched: Vec<u64> = Vec::new();
         // A snapshot comes before the group's entries committed in the same pass (they follow it).
         for taken in batch.snapshots {
@@ -1027,6 +1013,20 @@ impl Driver {
         self.answer_reads();
         for range_id in touched {
             self.publish(range_id);
+        }
+        Ok(())
+    }
+
+    /// Sends a batch's messages to their nodes, after fsyncing any log write not yet fsynced if
+    /// they carry entries, and notes the snapshots among them as sent (a transfer not answered
+    /// in time is resent).
+    fn tell(&mut self, batch: &mut ReadyBatch) -> Result<(), GroupsError> {
+        if batch.tells_entries() {
+            self.log.sync_unsynced().map_err(|e| GroupsError::Persist { groups: 0, reason: e.to_string() })?;
+        }
+        self.peers.send(std::mem::take(&mut batch.messages));
+        for sent in batch.snapshots_sent.drain(..) {
+            self.snapshots_sent.insert(sent, Instant::now());
         }
         Ok(())
     }
